@@ -147,12 +147,7 @@ class Config:
                 kwargs[name] = sub.from_dict(value, path=fpath)
             else:
                 kwargs[name] = _coerce(value, types_[name], fpath)
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            if path and not str(e).startswith(path):
-                raise ConfigError(f"{path}.{e}") from None
-            raise
+        return cls(**kwargs)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,49 @@
+"""`moelab <verb>`: parse arguments, build configs, call the library; nothing else.
+
+Each concern registers its verbs from its own `commands.py`. A `MoelabError` (bad input) prints one line
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moelab import __version__
+from moelab.config import MoelabError
+
+# Modules whose `register(subparsers)` adds verbs, in the order `moelab --help` lists them.
+COMMAND_MODULES = [
+    "moelab.model.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab", description="Build, train and dissect Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MoelabError as e:
+        print(f"moelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

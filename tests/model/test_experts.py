@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import moelab.model.experts as experts_mod
+from moelab.model.capacity import drop_mask
+from moelab.model.experts import GatedFFN, GroupedExperts, gated_activation, naive_experts_forward
+
+
+def _setup(E, K, T=37, D=16, Fh=24, kind="swiglu", seed=0, skew=False, drop=False):
+    g = torch.Generator().manual_seed(seed)
+    ex = GroupedExperts(E, D, Fh, kind, init_std=0.2, out_std=0.2)
+    x = torch.randn(T, D, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    if skew:  # leave some experts with no tokens at all
+        logits[:, : E // 2] -= 100
+    probs = logits.softmax(-1)
+    w, ids = probs.topk(K, dim=-1)
+    keep = None
+    if drop:
+        keep = ~drop_mask(ids, w, E, 0.6, min_capacity=1)
+        assert (~keep).any()
+        w = w.masked_fill(~keep, 0.0)
+    return ex, x, ids, w, keep
+
+
+@pytest.mark.parametrize("E, K", [(4, 1), (8, 2), (16, 6)])
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("skew", [False, True])
+def test_grouped_matches_naive_loop_forward_and_grads(E, K, drop, skew):
+    ex, x, ids, w, keep = _setup(E, K, skew=skew, drop=drop)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y1 = ex(x1, ids, w1, keep)
+    grads1 = torch.autograd.grad(y1.square().sum(), [x1, w1, ex.w_in_EDX, ex.w_out_EFD])
+    y2 = naive_experts_forward(ex, x2, ids, w2, keep)
+    grads2 = torch.autograd.grad(y2.square().sum(), [x2, w2, ex.w_in_EDX, ex.w_out_EFD])
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if skew:
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        assert (counts == 0).any()
+
+
+def test_loop_fallback_equals_grouped_kernel(monkeypatch):
+    ex, x, ids, w, keep = _setup(8, 2, drop=True)
+    fast = ex(x, ids, w, keep)
+    monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda *a: False)
+    slow = ex(x, ids, w, keep)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
+
+
+def test_odd_sizes_use_the_loop_and_stay_correct():
+    ex, x, ids, w, keep = _setup(4, 2, D=6, Fh=5)
+    torch.testing.assert_close(ex(x, ids, w), naive_experts_forward(ex, x, ids, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "openmoe"])
+def test_ffn_kinds_have_the_documented_form(kind):
+    g = torch.Generator().manual_seed(0)
+    ffn = GatedFFN(8, 6, kind, 0.3, 0.3)
+    x = torch.randn(5, 8, generator=g)
+    h = x @ ffn.w_in_DX
+    if kind == "swiglu":
+        hidden = torch.nn.functional.silu(h[:, :6]) * h[:, 6:]
+    elif kind == "geglu":
+        hidden = torch.nn.functional.gelu(h[:, :6], approximate="tanh") * h[:, 6:]
+    else:
+        hidden = h[:, :6] * torch.nn.functional.silu(h[:, 6:12]) * h[:, 12:]
+    torch.testing.assert_close(ffn(x), hidden @ ffn.w_out_FD)
+    assert ffn.w_in_DX.numel() + ffn.w_out_FD.numel() == {"swiglu": 3, "geglu": 3, "openmoe": 4}[kind] * 8 * 6
+
+
+def test_matrices_are_the_neurons_of_each_expert():
+    ex = GroupedExperts(3, 8, 5, "swiglu", 0.3, 0.3)
+    m = ex.matrices()
+    x = torch.randn(4, 8)
+    gate = x @ m["w_gate_EFD"][1].t()
+    up = x @ m["w_up_EFD"][1].t()
+    y = (torch.nn.functional.silu(gate) * up) @ m["w_down_EDF"][1].t()
+    torch.testing.assert_close(y, ex.expert_output(x, 1))
+    assert gated_activation(torch.zeros(2, 10), "swiglu").shape == (2, 5)
