@@ -1,0 +1,30 @@
+"""Routing analyses: pure, streaming functions from a trace (or weights) to tables and arrays.
+
+Each analysis consumes an iterable of column batches (dicts of numpy arrays: an opened `Trace`, one
+batch, or any iterable of batches), accumulates counts, and finalises to a small result dataclass with
+`to_dict()`. Every result carries its null: uniform routing, shuffled labels or random init.
+"""
+
+from moelab.analysis.coactivation import Coactivation, coactivation, coactivation_counts, conditional_coactivation
+from moelab.analysis.drops import DropProfile, drop_profile, expert_capacity, simulate_drops
+from moelab.analysis.dynamic import DynamicResult, angular_similarity, dynamic_analysis, rank_table
+from moelab.analysis.early import EarlyRouting, early_routing, jensen_shannon, top1_agreement, topk_overlap
+from moelab.analysis.gates import GateStats, cross_layer_mi_T, gate_stats
+from moelab.analysis.load import LoadResult, expert_load
+from moelab.analysis.specialization import (
+    ShareTables, domain_specialisation, expert_label_mi, share_tables, std_score, top_tokens, vocab_specialisation,
+)
+from moelab.analysis.suite import ANALYSES, analyze_all, to_json_dict
+from moelab.analysis.weights import (
+    kendall_tau, matrix_similarity, neuron_reordering, pca_explained_variance, weight_analysis,
+)
+
+__all__ = [
+    "ANALYSES", "Coactivation", "DropProfile", "DynamicResult", "EarlyRouting", "GateStats", "LoadResult",
+    "ShareTables", "analyze_all", "angular_similarity", "coactivation", "coactivation_counts",
+    "conditional_coactivation", "cross_layer_mi_T", "domain_specialisation", "drop_profile", "dynamic_analysis",
+    "early_routing", "expert_capacity", "expert_label_mi", "expert_load", "gate_stats", "jensen_shannon",
+    "kendall_tau", "matrix_similarity", "neuron_reordering", "pca_explained_variance", "rank_table",
+    "share_tables", "simulate_drops", "std_score", "to_json_dict", "top1_agreement", "top_tokens",
+    "topk_overlap", "vocab_specialisation", "weight_analysis",
+]

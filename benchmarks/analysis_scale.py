@@ -1,0 +1,74 @@
+"""Scale benchmark of the routing analyses: a synthetic 10M-row trace, the full `analyze_all`, time and RSS.
+
+Target: 10 million rows (token x MoE layer x rank) analysed in under 60 s with under 2 GiB peak RSS.
+The trace is written with `TraceWriter` into a temporary directory (timed separately), then read back
+by streaming. Peak RSS is the process's high-water mark (resource.getrusage), so it covers writing too.
+
+    python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from moelab.analysis import analyze_all
+from moelab.analysis.synthetic import planted_batches
+from moelab.trace.io import TraceWriter, open_trace
+from moelab.trace.schema import TraceMeta
+
+TARGET_S, TARGET_GIB = 60.0, 2.0
+
+
+def peak_rss_gib() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--all-experts", action="store_true", help="also write expert_norms/cos/density")
+    args = ap.parse_args()
+    rows_per_seq = args.seq_len * args.layers * args.top_k
+    num_seqs = -(-args.rows // rows_per_seq)
+    meta = TraceMeta(num_experts=[args.experts] * args.layers, top_k=args.top_k, capacity_factor=1.25,
+                     capacity_formula="topk", drop_policy="openmoe", source="moelab", tokenizer="synthetic")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.parquet"
+        t0 = time.perf_counter()
+        with TraceWriter(path, meta) as writer:
+            for batch in planted_batches(num_seqs=num_seqs, seq_len=args.seq_len, num_layers=args.layers,
+                                         num_experts=args.experts, top_k=args.top_k, rule="uniform",
+                                         vocab=args.vocab, seqs_per_batch=32, capacity_factor=1.25,
+                                         all_experts=args.all_experts):
+                writer.write(batch)
+        write_s = time.perf_counter() - t0
+        trace = open_trace(path)
+        rss_after_write = peak_rss_gib()
+        t0 = time.perf_counter()
+        results = analyze_all(trace, simulate=dict(capacity_factor=1.0, batch_seqs=32))
+        analyse_s = time.perf_counter() - t0
+        size_mib = path.stat().st_size / 2**20
+    peak = peak_rss_gib()
+    print(f"rows {trace.num_rows:,} ({num_seqs} seqs x {args.seq_len} pos x {args.layers} layers x k={args.top_k}, "
+          f"E={args.experts}, all_experts={args.all_experts}), file {size_mib:.0f} MiB")
+    print(f"write   {write_s:6.1f} s   (peak RSS so far {rss_after_write:.2f} GiB)")
+    print(f"analyse {analyse_s:6.1f} s   target {TARGET_S:.0f} s   ratio {analyse_s / TARGET_S:.2f}")
+    print(f"peak RSS {peak:.2f} GiB   target {TARGET_GIB:.1f} GiB   ratio {peak / TARGET_GIB:.2f}")
+    print(f"results: {', '.join(sorted(results))}")
+    print(f"vocab specialisation (uniform routing, null) layer 0: {results['vocab'].rescaled[0]:.4f} "
+          f"(null {results['vocab'].null_rescaled[0]:.4f})")
+
+
+if __name__ == "__main__":
+    main()

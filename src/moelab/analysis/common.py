@@ -1,0 +1,277 @@
+"""Plumbing shared by the streaming analyses: batches, regrouping, sparse counts, per-layer views, results.
+
+A batch is a dict of numpy arrays, one per trace column, as `Trace.iter_batches` yields it: label columns
+(domain, lang) as int codes with `"<col>.names"`, list columns (probs, ...) as 2-D arrays over their
+rank-0 rows with `"<col>.rows"`. Hand-built batches may instead give strings for labels and full-height
+2-D arrays for list columns. Every accumulator has `columns`, `update(batch)` and `result()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from moelab.config import MoelabError
+
+Batch = dict[str, np.ndarray]
+SUFFIXES = (".rows", ".names")
+
+
+# ---- results ---------------------------------------------------------------------------------------
+def plain(value: Any) -> Any:
+    """numpy / dataclass values -> JSON-ready Python (NaN -> None)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Result:
+    """Mixin for result dataclasses: `to_dict()` gives plain JSON-ready values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self)
+
+
+# ---- input -----------------------------------------------------------------------------------------
+def iter_input(trace_like: Any, columns: Sequence[str], batch_rows: int) -> Iterable[Batch]:
+    """A Trace (anything with `iter_batches`), one batch dict, or an iterable of batch dicts."""
+    if hasattr(trace_like, "iter_batches"):
+        have = set(trace_like.columns)
+        return trace_like.iter_batches(columns=[c for c in columns if c in have], batch_rows=batch_rows)
+    if isinstance(trace_like, dict):
+        return [trace_like]
+    return trace_like
+
+
+def require_columns(batch: Batch, columns: Sequence[str], who: str) -> None:
+    missing = [c for c in columns if c not in batch]
+    if missing:
+        raise MoelabError(f"{who} needs the trace column {missing[0]!r}")
+
+
+def per_layer(value: int | Sequence[int], num_layers: int | None = None) -> list[int]:
+    """num_experts given as one int for all layers or one per layer."""
+    if isinstance(value, (int, np.integer)):
+        if num_layers is None:
+            raise MoelabError("num_experts as a single int needs the number of layers")
+        return [int(value)] * num_layers
+    return [int(v) for v in value]
+
+
+def check_experts(batch: Batch, num_experts_L: Sequence[int]) -> None:
+    """Expert ids within 0..E_l-1 and layers within 0..L-1, so bincounts cannot silently grow."""
+    layer = batch["layer"]
+    if len(layer) == 0:
+        return
+    if layer.min() < 0 or layer.max() >= len(num_experts_L):
+        raise MoelabError(f"trace layer {int(layer.max())} is outside 0..{len(num_experts_L) - 1} (num_experts per layer)")
+    if "expert" not in batch:
+        return
+    expert = batch["expert"]
+    bad = (expert < 0) | (expert >= np.asarray(num_experts_L)[layer])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise MoelabError(f"trace expert id {int(expert[i])} is outside 0..{num_experts_L[layer[i]] - 1} at layer {int(layer[i])}")
+
+
+# ---- slicing and regrouping ------------------------------------------------------------------------
+def _list_rows(batch: Batch, name: str) -> np.ndarray:
+    rows = batch.get(f"{name}.rows")
+    return np.arange(len(batch[name])) if rows is None else rows
+
+
+def _is_list_column(batch: Batch, name: str) -> bool:
+    return f"{name}.rows" in batch
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of a batch, list columns and their row indices included."""
+    out: Batch = {}
+    for name, value in batch.items():
+        if name.endswith(SUFFIXES):
+            continue
+        if _is_list_column(batch, name):
+            rows = batch[f"{name}.rows"]  # ascending: a contiguous range, so the values stay a view
+            lo, hi = np.searchsorted(rows, [start, stop])
+            out[name], out[f"{name}.rows"] = value[lo:hi], rows[lo:hi] - start
+        else:
+            out[name] = value[start:stop]
+        if f"{name}.names" in batch:
+            out[f"{name}.names"] = batch[f"{name}.names"]
+    return out
+
+
+def _concat_lists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.ndim == b.ndim == 2 and a.shape[1] == b.shape[1]:
+        return np.concatenate([a, b])
+    as_objects = [np.empty(len(x), dtype=object) for x in (a, b)]
+    for dst, src in zip(as_objects, (a, b)):
+        dst[:] = list(src)
+    return np.concatenate(as_objects)
+
+
+def concat_batches(a: Batch, b: Batch) -> Batch:
+    """a's rows then b's rows; label names are b's (a superset: codes are stable over an iteration)."""
+    n_a = len(next(v for k, v in a.items() if not k.endswith(SUFFIXES) and not _is_list_column(a, k)))
+    out: Batch = {}
+    for name, value in b.items():
+        if name.endswith(SUFFIXES):
+            continue
+        if _is_list_column(b, name):
+            out[name] = _concat_lists(a[name], value)
+            out[f"{name}.rows"] = np.concatenate([a[f"{name}.rows"], b[f"{name}.rows"] + n_a])
+        else:
+            out[name] = np.concatenate([a[name], value])
+        if f"{name}.names" in b:
+            out[f"{name}.names"] = b[f"{name}.names"]
+    return out
+
+
+def token_key(batch: Batch) -> np.ndarray:
+    return (batch["seq"].astype(np.int64) << 32) | batch["pos"].astype(np.int64)
+
+
+def seq_block_key(batch_seqs: int) -> Callable[[Batch], np.ndarray]:
+    return lambda batch: batch["seq"].astype(np.int64) // batch_seqs
+
+
+def regroup(batches: Iterable[Batch], key: Callable[[Batch], np.ndarray]) -> Iterator[Batch]:
+    """Re-cut a stream so that no key (a token, a block of sequences) straddles two batches.
+
+    The rows of the key that ends a batch are carried over and completed with the leading rows of the
+    next batch; the rest of each batch passes through as views, never copied. Keys must not decrease:
+    the trace's (seq, pos, layer, rank) row order guarantees it, and a violation is reported.
+    """
+    carry: Batch | None = None
+    carry_key = None
+    for batch in batches:
+        k = key(batch)
+        if len(k) == 0:
+            continue
+        if np.any(k[1:] < k[:-1]) or (carry_key is not None and k[0] < carry_key):
+            raise MoelabError("trace rows are not in (seq, pos, layer, rank) order")
+        if carry is not None:
+            j = int(np.searchsorted(k, carry_key, side="right"))  # rows continuing the carried key
+            if j:
+                carry = concat_batches(carry, slice_batch(batch, 0, j))
+            if j == len(k):
+                continue
+            yield carry
+            batch, k = slice_batch(batch, j, len(k)), k[j:]
+        cut = int(np.searchsorted(k, k[-1], side="left"))
+        if cut:
+            yield slice_batch(batch, 0, cut)
+        carry, carry_key = slice_batch(batch, cut, len(k)), k[-1]
+    if carry is not None:
+        yield carry
+
+
+# ---- per-layer views -------------------------------------------------------------------------------
+def layer_choices(batch: Batch, layer: int, top_k: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Rows of one layer as T x K arrays, tokens in (seq, pos) order; needs token-complete batches."""
+    mask = batch["layer"] == layer
+    n = int(mask.sum())
+    rank = batch["rank"][mask]
+    if n % top_k or not np.all(rank.reshape(-1, top_k) == np.arange(top_k)):
+        raise MoelabError(f"trace layer {layer}: each token needs ranks 0..{top_k - 1} in order (top_k={top_k})")
+    return {c: batch[c][mask].reshape(-1, top_k) for c in columns}
+
+
+def rank0_list(batch: Batch, name: str, rows_mask: np.ndarray) -> np.ndarray:
+    """The list column `name` on the rows picked by `rows_mask` (rank-0 rows) as an n x width array."""
+    where = np.full(len(rows_mask), -1, dtype=np.int64)
+    rows = _list_rows(batch, name)
+    where[rows] = np.arange(len(rows))
+    idx = where[rows_mask]
+    if np.any(idx < 0):
+        raise MoelabError(f"trace column {name!r} is null on some rank-0 rows")
+    values = batch[name][idx]
+    if values.dtype == object:
+        try:
+            values = np.stack(list(values)) if len(values) else np.zeros((0, 0), np.float32)
+        except ValueError:
+            raise MoelabError(f"trace column {name!r} has lists of different lengths within a layer") from None
+    return values
+
+
+# ---- counting --------------------------------------------------------------------------------------
+def count_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys and their counts; a bincount when the key range is compact (much faster than a sort)."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(keys.min()), int(keys.max())
+    if hi - lo < max(4 * len(keys), 1 << 20):
+        counts = np.bincount(keys - lo, minlength=hi - lo + 1)
+        nz = np.flatnonzero(counts)
+        return nz.astype(np.int64) + lo, counts[nz].astype(np.int64)
+    return np.unique(keys, return_counts=True)
+
+
+class KeyCounter:
+    """Counts of int64 keys over a stream, memory bounded by the number of distinct keys."""
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending = 0
+        self._merged = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        k, c = count_keys(np.asarray(keys, dtype=np.int64))
+        self._chunks.append((k, c))
+        self._pending += len(k)
+        if self._pending > max(2 * self._merged, 1 << 22):  # amortised: merge when pending dominates
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate([k for k, _ in self._chunks]) if self._chunks else np.zeros(0, np.int64)
+        counts = np.concatenate([c for _, c in self._chunks]) if self._chunks else np.zeros(0, np.int64)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        self._chunks = [(uniq, np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.int64))]
+        self._merged, self._pending = len(uniq), 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted unique keys, counts)."""
+        self._merge()
+        return self._chunks[0]
+
+
+class LabelIndex:
+    """Stable integer codes for a label column over a stream; the names behind them."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+
+    def _lut(self, names: Iterable[Any]) -> np.ndarray:
+        return np.array([self.code.setdefault(str(n), len(self.code)) for n in names], dtype=np.int64)
+
+    def encode(self, batch: Batch, column: str) -> np.ndarray:
+        values = batch[column]
+        names = batch.get(f"{column}.names")
+        if names is not None:
+            return self._lut(names)[values] if len(values) else np.zeros(0, np.int64)
+        uniq, inv = np.unique(values, return_inverse=True)
+        return self._lut(uniq)[inv] if len(values) else np.zeros(0, np.int64)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.code)
+
+
+def consume(batches: Iterable[Batch], accumulators: Sequence[Any]) -> None:
+    """Feed every batch to every accumulator (one pass over the trace)."""
+    for batch in batches:
+        for acc in accumulators:
+            acc.update(batch)

@@ -1,0 +1,119 @@
+"""A Closer Look's dynamic analyses, from an all-experts trace (every expert run on the real hidden state).
+
+- Score rank vs norm rank: per (token, layer) rank the experts by router probability and by output norm;
+  C[score_rank, norm_rank] counts experts (null: independent ranks, T/E in every cell). The share of
+  (token, layer) whose top-1 expert has the largest output norm is C[0, 0] / T (null 1/E).
+- Output similarity from `expert_cos`: mean cosine and angular similarity 1 - arccos(cos)/pi over expert
+  pairs (null: unrelated outputs, cosine 0, angular 0.5).
+- Activation sparsity from `expert_density`: mean share of |act(W_gate x)| > 1e-3 (baseline 1: dense).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from moelab.analysis.common import Batch, Result, consume, iter_input, rank0_list, require_columns
+from moelab.config import MoelabError
+
+
+def angular_similarity(cos: np.ndarray) -> np.ndarray:
+    """1 - arccos(cos) / pi: 1 for parallel, 0.5 for orthogonal, 0 for opposite vectors."""
+    return 1.0 - np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi  # float32 in, float32 out (NumPy 2 scalars)
+
+
+def rank_desc_TE(values_TE: np.ndarray) -> np.ndarray:
+    """Rank of each entry within its row, 0 = largest (ties to the lower expert index)."""
+    order = np.argsort(-values_TE, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(values_TE.shape[1])[None, :], axis=1)
+    return ranks
+
+
+def rank_table(probs_TE: np.ndarray, norms_TE: np.ndarray) -> np.ndarray:
+    """C[score_rank, norm_rank]: how many experts sit at each pair of ranks."""
+    E = probs_TE.shape[1]
+    key = rank_desc_TE(probs_TE) * E + rank_desc_TE(norms_TE)
+    return np.bincount(key.reshape(-1), minlength=E * E).reshape(E, E)
+
+
+@dataclasses.dataclass
+class DynamicResult(Result):
+    rank_counts: list[np.ndarray] | None  # per layer E x E C[score_rank, norm_rank]
+    top1_is_largest_norm: list[float] | None
+    null_top1_is_largest_norm: list[float]  # 1 / E
+    mean_cosine: list[float] | None         # mean over tokens and expert pairs i < j
+    mean_angular: list[float] | None
+    null_cosine: float                      # 0.0
+    null_angular: float                     # 0.5
+    density: list[np.ndarray] | None        # per layer, per expert: mean share of active units
+    mean_density: list[float] | None
+    dense_baseline: float                   # 1.0
+
+
+class DynamicAccumulator:
+    """Uses whichever of probs + expert_norms, expert_cos, expert_density the batches carry."""
+
+    columns = ("layer", "rank", "probs", "expert_norms", "expert_cos", "expert_density")
+
+    def __init__(self, num_experts: Sequence[int]):
+        self.num_experts = list(num_experts)
+        L = len(self.num_experts)
+        self.rank_counts = [np.zeros((E, E), np.int64) for E in self.num_experts]
+        self.cos_sum, self.ang_sum, self.cos_n = np.zeros(L), np.zeros(L), np.zeros(L, np.int64)
+        self.density_sum = [np.zeros(E) for E in self.num_experts]
+        self.density_n = np.zeros(L, np.int64)
+        self.seen: set[str] | None = None  # list columns present in every batch
+
+    def update(self, batch: Batch) -> None:
+        require_columns(batch, ("layer", "rank"), "dynamic analysis")
+        have = {c for c in ("probs", "expert_norms", "expert_cos", "expert_density") if c in batch}
+        self.seen = have if self.seen is None else self.seen & have
+        rank0 = batch["rank"] == 0
+        for l, E in enumerate(self.num_experts):
+            rows = rank0 & (batch["layer"] == l)
+            if not rows.any():
+                continue
+            if {"probs", "expert_norms"} <= have:
+                probs, norms = rank0_list(batch, "probs", rows), rank0_list(batch, "expert_norms", rows)
+                if probs.shape[1] != E or norms.shape[1] != E:
+                    raise MoelabError(f"layer {l}: probs / expert_norms have {probs.shape[1]} / {norms.shape[1]} entries, expected E={E}")
+                self.rank_counts[l] += rank_table(probs, norms)
+            if "expert_cos" in have:
+                cos = rank0_list(batch, "expert_cos", rows)  # float32: the widest column, kept narrow
+                if cos.shape[1] != E * (E - 1) // 2:
+                    raise MoelabError(f"layer {l}: expert_cos has {cos.shape[1]} entries, expected E(E-1)/2={E * (E - 1) // 2}")
+                self.cos_sum[l] += cos.sum(dtype=np.float64)
+                self.ang_sum[l] += angular_similarity(cos).sum(dtype=np.float64)
+                self.cos_n[l] += cos.size
+            if "expert_density" in have:
+                dens = rank0_list(batch, "expert_density", rows)
+                self.density_sum[l] += dens.sum(axis=0)
+                self.density_n[l] += len(dens)
+
+    def result(self) -> DynamicResult:
+        seen = self.seen or set()
+        ranked = {"probs", "expert_norms"} <= seen
+        has_cos, has_dens = "expert_cos" in seen, "expert_density" in seen
+        n_cos = np.maximum(self.cos_n, 1)
+        density = [s / max(n, 1) for s, n in zip(self.density_sum, self.density_n)]
+        return DynamicResult(
+            rank_counts=self.rank_counts if ranked else None,
+            top1_is_largest_norm=[float(c[0, 0] / max(c[0].sum(), 1)) for c in self.rank_counts] if ranked else None,
+            null_top1_is_largest_norm=[1.0 / E for E in self.num_experts],
+            mean_cosine=list(self.cos_sum / n_cos) if has_cos else None,
+            mean_angular=list(self.ang_sum / n_cos) if has_cos else None,
+            null_cosine=0.0, null_angular=0.5,
+            density=density if has_dens else None,
+            mean_density=[float(d.mean()) for d in density] if has_dens else None,
+            dense_baseline=1.0,
+        )
+
+
+def dynamic_analysis(trace_like: Any, num_experts: Sequence[int], *, batch_rows: int = 1 << 18) -> DynamicResult:
+    """Score/norm ranks, output similarity and activation density of an all-experts trace."""
+    acc = DynamicAccumulator(num_experts)
+    consume(iter_input(trace_like, acc.columns, batch_rows), [acc])
+    return acc.result()

@@ -1,0 +1,168 @@
+"""RMoE's routing-distribution analyses: cross-layer mutual information of the gate vectors, gate entropy,
+and Inner / Outer Balance.
+
+Cross-layer MI (per token): bin both layers' softmax vectors into 100 bins on [0, 1] (np.digitize on
+np.linspace(0, 1, 101)), treat the E experts as E paired samples of (bin at layer i, bin at layer j), and
+take the MI of that empirical joint (nats); average over tokens. It needs equal E in both layers (NaN
+otherwise). With E samples the estimate is biased upwards (all-distinct bins give log E whatever the
+layers), so its null matters: the same MI after shuffling the experts of layer j within each token.
+Gate entropy -sum g log g (null: log E); Inner Balance = top-1 / top-2 score (null 1); Outer Balance =
+sum of the top-k scores (null k/E). Balances use `prob`, entropy and MI need `probs`; medians over tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from moelab.analysis.common import (
+    Batch, Result, check_experts, consume, iter_input, layer_choices, rank0_list, regroup, require_columns,
+    token_key,
+)
+from moelab.analysis.null import entropy
+from moelab.config import MoelabError
+
+NULL_TOKENS = 4096  # tokens per batch whose shuffled-expert MI estimates the null
+
+
+def sample_entropy_T(codes_TE: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of the empirical distribution of each row's E values."""
+    T, E = codes_TE.shape
+    s = np.sort(codes_TE, axis=1)
+    new_TE = np.ones((T, E), dtype=bool)
+    new_TE[:, 1:] = s[:, 1:] != s[:, :-1]
+    flat = new_TE.reshape(-1)
+    counts = np.bincount(np.cumsum(flat) - 1).astype(np.float64)
+    row = np.flatnonzero(flat) // E
+    return np.log(E) - np.bincount(row, weights=counts * np.log(counts), minlength=T) / E
+
+
+def bin_gates(gates_TE: np.ndarray, bins: int = 100) -> np.ndarray:
+    """Bin index 0..bins+1 per entry; int16 keeps the joint codes ((bins+2)^2) small and sorts fast."""
+    if (bins + 2) ** 2 >= 1 << 15:
+        raise MoelabError(f"cross-layer MI supports at most 179 bins, got {bins}")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # np.digitize(g, edges) without its binary search: guess floor(g * bins) + 1, then fix the rounding
+    # at the edges so the result is exactly digitize's.
+    padded = np.concatenate([[-np.inf], edges, [np.inf]])  # padded[i] = edges[i - 1]
+    guess = np.clip(np.floor(gates_TE * bins).astype(np.int64) + 1, 0, bins + 1)
+    guess -= gates_TE < padded[guess]
+    guess += gates_TE >= padded[guess + 1]
+    return guess.astype(np.int16)
+
+
+def binned_mi_T(x_TE: np.ndarray, y_TE: np.ndarray, bins: int = 100) -> np.ndarray:
+    """Per-token MI (nats) between two binned gate vectors over the experts as samples (inputs: bins)."""
+    joint = x_TE * (bins + 2) + y_TE
+    return sample_entropy_T(x_TE) + sample_entropy_T(y_TE) - sample_entropy_T(joint)
+
+
+def cross_layer_mi_T(gates_i_TE: np.ndarray, gates_j_TE: np.ndarray, bins: int = 100) -> np.ndarray:
+    """RMoE's per-token MI between the routing distributions of two layers."""
+    return binned_mi_T(bin_gates(gates_i_TE, bins), bin_gates(gates_j_TE, bins), bins)
+
+
+@dataclasses.dataclass
+class GateStats(Result):
+    cross_layer_mi: np.ndarray | None       # L x L mean over tokens (NaN where E differs); None without probs
+    cross_layer_null: np.ndarray | None     # same with layer j's experts shuffled per token
+    gate_entropy_median: list[float] | None
+    gate_entropy_mean: list[float] | None
+    null_gate_entropy: list[float]          # log E
+    inner_balance_median: list[float]       # top-1 / top-2 prob (NaN for k = 1)
+    outer_balance_median: list[float]       # sum of top-k probs
+    null_inner_balance: float               # 1.0
+    null_outer_balance: list[float]         # k / E
+
+
+class GateStatsAccumulator:
+    """Needs token-complete batches; keeps one float per (token, layer) per statistic for the medians."""
+
+    columns = ("seq", "pos", "layer", "rank", "prob", "probs")
+
+    def __init__(self, num_experts: Sequence[int], top_k: int, *, bins: int = 100, null_seed: int = 0):
+        self.num_experts, self.top_k, self.bins = list(num_experts), top_k, bins
+        L = len(self.num_experts)
+        self.rng = np.random.default_rng(null_seed)
+        self.mi_sum, self.null_sum = np.zeros((L, L)), np.zeros((L, L))
+        self.n_tokens, self.n_null = 0, 0
+        self.entropy: list[list[np.ndarray]] = [[] for _ in range(L)]
+        self.inner: list[list[np.ndarray]] = [[] for _ in range(L)]
+        self.outer: list[list[np.ndarray]] = [[] for _ in range(L)]
+        self.has_probs = True
+
+    def update(self, batch: Batch) -> None:
+        require_columns(batch, ("seq", "pos", "layer", "rank", "prob"), "gate statistics")
+        check_experts(batch, self.num_experts)
+        self.has_probs = self.has_probs and "probs" in batch
+        binned, first = [], None
+        for l in range(len(self.num_experts)):
+            tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"))
+            p = tk["prob"].astype(np.float64)
+            self.outer[l].append(p.sum(axis=1).astype(np.float32))
+            if self.top_k > 1:
+                self.inner[l].append((p[:, 0] / np.maximum(p[:, 1], 1e-30)).astype(np.float32))
+            if not self.has_probs:
+                continue
+            rank0 = (batch["layer"] == l) & (batch["rank"] == 0)
+            probs_TE = rank0_list(batch, "probs", rank0)
+            self.entropy[l].append(entropy(probs_TE, axis=1).astype(np.float32))
+            key = (tk["seq"][:, 0], tk["pos"][:, 0])
+            first = first or key
+            if not (np.array_equal(first[0], key[0]) and np.array_equal(first[1], key[1])):
+                raise MoelabError(f"layer {l} covers different tokens than layer 0: cross-layer MI needs every layer")
+            binned.append(bin_gates(probs_TE, self.bins))
+        if self.has_probs and binned:
+            self._update_mi(binned)
+
+    def _update_mi(self, binned: list[np.ndarray]) -> None:
+        """MI(i, j) = H(i) + H(j) - H(i, j); a shuffle keeps H(j), so only joint entropies are recomputed."""
+        T = len(binned[0])
+        n_null = min(T, NULL_TOKENS)
+        h = [sample_entropy_T(x) for x in binned]
+        for i, x in enumerate(binned):
+            for j in range(i, len(binned)):
+                y = binned[j]
+                if x.shape[1] != y.shape[1]:
+                    continue
+                joint = h[i] if i == j else sample_entropy_T(x * (self.bins + 2) + y)
+                self.mi_sum[i, j] += (h[i] + h[j] - joint).sum()
+                perm = np.argsort(self.rng.random((n_null, y.shape[1])), axis=1)
+                y_shuffled = np.take_along_axis(y[:n_null], perm, axis=1)
+                joint_null = sample_entropy_T(x[:n_null] * (self.bins + 2) + y_shuffled)
+                self.null_sum[i, j] += (h[i][:n_null] + h[j][:n_null] - joint_null).sum()
+        self.n_tokens += T
+        self.n_null += n_null
+
+    def result(self) -> GateStats:
+        def med(parts: list[np.ndarray]) -> float:
+            return float(np.median(np.concatenate(parts))) if parts else float("nan")
+
+        mi = null = ent_med = ent_mean = None
+        if self.has_probs:
+            E = np.asarray(self.num_experts)
+            same = E[:, None] == E[None, :]
+            mi = np.where(same, _symmetric(self.mi_sum) / max(self.n_tokens, 1), np.nan)
+            null = np.where(same, _symmetric(self.null_sum) / max(self.n_null, 1), np.nan)
+            ent_med = [med(p) for p in self.entropy]
+            ent_mean = [float(np.concatenate(p).mean()) if p else float("nan") for p in self.entropy]
+        return GateStats(
+            cross_layer_mi=mi, cross_layer_null=null, gate_entropy_median=ent_med, gate_entropy_mean=ent_mean,
+            null_gate_entropy=[float(np.log(E)) for E in self.num_experts],
+            inner_balance_median=[med(p) for p in self.inner], outer_balance_median=[med(p) for p in self.outer],
+            null_inner_balance=1.0, null_outer_balance=[self.top_k / E for E in self.num_experts],
+        )
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    return upper + np.triu(upper, 1).T
+
+
+def gate_stats(trace_like: Any, num_experts: Sequence[int], top_k: int, *, bins: int = 100,
+               null_seed: int = 0, batch_rows: int = 1 << 20) -> GateStats:
+    """Cross-layer MI, gate entropy and balances in one streaming pass."""
+    acc = GateStatsAccumulator(num_experts, top_k, bins=bins, null_seed=null_seed)
+    consume(regroup(iter_input(trace_like, acc.columns, batch_rows), token_key), [acc])
+    return acc.result()

@@ -1,0 +1,103 @@
+"""Expert load per MoE layer: tokens per expert, imbalance, dead experts, router entropy, dropped share.
+
+Null: uniform routing. Its load is flat (max/mean -> 1 as tokens grow; the finite-sample value is
+simulated), no expert is dead, and the router's entropy is log E.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from moelab.analysis.common import Result, check_experts, consume, iter_input, rank0_list, require_columns
+from moelab.analysis.null import entropy, uniform_imbalance
+
+
+@dataclasses.dataclass
+class LoadResult(Result):
+    """Per MoE layer l (lists indexed by l; arrays of length E_l)."""
+
+    num_experts: list[int]
+    top_k: int
+    tokens: list[int]                   # (token, layer) pairs seen = rank-0 rows
+    routed: list[np.ndarray]            # choices per expert, before dropping, all ranks
+    kept: list[np.ndarray]              # choices per expert that were not dropped
+    share: list[np.ndarray]             # routed / all choices of the layer
+    max_over_mean: list[float]          # max_e routed / mean_e routed
+    null_max_over_mean: list[float]     # the same under uniform routing at this many tokens (simulated)
+    dead_experts: list[list[int]]       # experts with no choice at all
+    dropped_share: list[float]          # dropped choices / all choices
+    router_entropy: list[float] | None  # mean over tokens of H(probs), nats; None without `probs`
+    null_router_entropy: list[float]    # log E_l: the uniform router
+    uniform_share: list[float]          # 1 / E_l
+
+    @property
+    def mean_max_over_mean(self) -> float:
+        return float(np.nanmean(self.max_over_mean))
+
+
+class LoadAccumulator:
+    """Streams batches into per-layer expert counts; rows need not be grouped."""
+
+    def __init__(self, num_experts: Sequence[int], top_k: int, *, null_seed: int = 0):
+        self.num_experts = list(num_experts)
+        self.top_k = top_k
+        self.null_seed = null_seed
+        L, E = len(self.num_experts), max(self.num_experts)
+        self.routed_LE = np.zeros((L, E), np.int64)
+        self.kept_LE = np.zeros((L, E), np.int64)
+        self.entropy_sum_L = np.zeros(L)
+        self.entropy_n_L = np.zeros(L, np.int64)
+        self.has_probs = True
+
+    columns = ("layer", "rank", "expert", "dropped", "probs")
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        require_columns(batch, ("layer", "rank", "expert", "dropped"), "load")
+        check_experts(batch, self.num_experts)
+        L, E = self.routed_LE.shape
+        key = batch["layer"].astype(np.int64) * E + batch["expert"]
+        self.routed_LE += np.bincount(key, minlength=L * E).reshape(L, E)
+        self.kept_LE += np.bincount(key[~batch["dropped"]], minlength=L * E).reshape(L, E)
+        self.has_probs = self.has_probs and "probs" in batch
+        if self.has_probs:
+            self._update_entropy(batch)
+
+    def _update_entropy(self, batch: dict[str, np.ndarray]) -> None:
+        layer, rank0 = batch["layer"], batch["rank"] == 0
+        for l in np.unique(layer[rank0]):
+            probs_TE = rank0_list(batch, "probs", rank0 & (layer == l))
+            self.entropy_sum_L[l] += entropy(probs_TE, axis=1).sum()
+            self.entropy_n_L[l] += len(probs_TE)
+
+    def result(self) -> LoadResult:
+        routed, kept, tokens, mom, null_mom, dead, dropped = [], [], [], [], [], [], []
+        for l, E in enumerate(self.num_experts):
+            r, kp = self.routed_LE[l, :E], self.kept_LE[l, :E]
+            routed.append(r)
+            kept.append(kp)
+            tokens.append(int(r.sum()) // self.top_k)
+            mom.append(float(r.max() / r.mean()) if r.sum() else float("nan"))
+            null_mom.append(uniform_imbalance(tokens[-1], E, self.top_k, self.null_seed + l))
+            dead.append([int(e) for e in np.flatnonzero(r == 0)])
+            dropped.append(float(1 - kp.sum() / r.sum()) if r.sum() else float("nan"))
+        ent = None
+        if self.has_probs:
+            ent = [float(s / n) if n else float("nan") for s, n in zip(self.entropy_sum_L, self.entropy_n_L)]
+        return LoadResult(
+            num_experts=self.num_experts, top_k=self.top_k, tokens=tokens, routed=routed, kept=kept,
+            share=[r / max(r.sum(), 1) for r in routed], max_over_mean=mom, null_max_over_mean=null_mom,
+            dead_experts=dead, dropped_share=dropped, router_entropy=ent,
+            null_router_entropy=[float(np.log(E)) for E in self.num_experts],
+            uniform_share=[1.0 / E for E in self.num_experts],
+        )
+
+
+def expert_load(trace_like: Any, num_experts: Sequence[int], top_k: int, *,
+                batch_rows: int = 1 << 20, null_seed: int = 0) -> LoadResult:
+    """Load statistics of a trace (or iterable of batches) in one streaming pass."""
+    acc = LoadAccumulator(num_experts, top_k, null_seed=null_seed)
+    consume(iter_input(trace_like, LoadAccumulator.columns, batch_rows), [acc])
+    return acc.result()

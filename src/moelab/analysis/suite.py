@@ -1,0 +1,112 @@
+"""`analyze_all`: every routing analysis over one streaming pass of a trace.
+
+The accumulators all consume the same batches: regrouped so that no token (or, when re-simulating drops,
+no block of `batch_seqs` sequences) straddles two batches, which suits the row-wise ones just as well.
+Batches are sized so that the per-(token, layer) list columns stay near 64 MiB a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from moelab.analysis.coactivation import CoactivationAccumulator
+from moelab.analysis.common import consume, iter_input, plain, regroup, seq_block_key, token_key
+from moelab.analysis.drops import DropAccumulator
+from moelab.analysis.dynamic import DynamicAccumulator
+from moelab.analysis.gates import GateStatsAccumulator
+from moelab.analysis.load import LoadAccumulator
+from moelab.analysis.specialization import (
+    ShareAccumulator, domain_specialisation, expert_label_mi, std_score, top_tokens, vocab_specialisation,
+)
+from moelab.config import MoelabError
+
+ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
+LIST_BUDGET_BYTES = 64 << 20
+
+
+def _batch_rows(columns: set[str], num_experts: Sequence[int], top_k: int, cap: int = 1 << 20) -> int:
+    E = max(num_experts)
+    width = {"probs": E, "expert_norms": E, "expert_density": E, "expert_cos": E * (E - 1) // 2}
+    per_row = 4 * sum(w for c, w in width.items() if c in columns) / top_k  # lists live on rank-0 rows
+    return int(min(cap, max(4096, LIST_BUDGET_BYTES / per_row))) if per_row else cap
+
+
+def _resolve(trace_like: Any, num_experts: Any, top_k: int | None) -> tuple[list[int], int, set[str] | None]:
+    meta = getattr(trace_like, "meta", None)
+    if num_experts is None or top_k is None:
+        if meta is None:
+            raise MoelabError("analyze_all needs num_experts and top_k when given batches instead of a trace")
+        num_experts = meta.num_experts if num_experts is None else num_experts
+        top_k = meta.top_k if top_k is None else top_k
+    have = set(trace_like.columns) if hasattr(trace_like, "columns") else None
+    return list(num_experts), int(top_k), have
+
+
+def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, top_k: int | None = None,
+                analyses: Sequence[str] = ANALYSES, labels: Sequence[str] = ("domain", "lang"),
+                min_count: int = 128, vocab_min_count: int = 10, pos_bucket: int = 256,
+                mi_ranks: str = "top1", n_permutations: int = 16, simulate: dict[str, Any] | None = None,
+                seed: int = 0, batch_rows: int | None = None) -> dict[str, Any]:
+    """Run the chosen analyses in one pass; returns name -> result (each with `to_dict()`; see `to_json_dict`).
+
+    `simulate` (capacity_factor, formula, policy, group_size, batch_seqs) adds a re-simulated drop profile.
+    Analyses whose columns the trace lacks (probs, the all-experts columns) report None for those parts.
+    """
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        raise MoelabError(f"unknown analysis {unknown[0]!r} (known: {', '.join(ANALYSES)})")
+    num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
+    acc: dict[str, Any] = {}
+    if "load" in analyses:
+        acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed)
+    if "specialisation" in analyses:
+        for group in ("token", "pos", "pos_bucket") + tuple(labels):
+            acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket)
+        for group in labels if mi_ranks == "top1" else ():
+            acc[f"tables_top1:{group}"] = ShareAccumulator(group, num_experts, top_k, ranks="top1")
+    if "coactivation" in analyses:
+        acc["coactivation"] = CoactivationAccumulator(num_experts, top_k)
+    if "gates" in analyses:
+        acc["gates"] = GateStatsAccumulator(num_experts, top_k, null_seed=seed)
+    if "drops" in analyses:
+        acc["drops"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket)
+        if simulate is not None:
+            acc["drops_simulated"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, simulate=simulate)
+    if "dynamic" in analyses:
+        acc["dynamic"] = DynamicAccumulator(num_experts)
+    columns = sorted({c for a in acc.values() for c in a.columns})
+    present = set(columns) if have is None else set(columns) & have
+    rows = batch_rows or _batch_rows(present, num_experts, top_k)
+    batches = iter_input(trace_like, columns, rows)
+    if "drops_simulated" in acc:
+        batches = regroup(batches, seq_block_key(acc["drops_simulated"].simulate["batch_seqs"]))
+    elif "coactivation" in acc or "gates" in acc:
+        batches = regroup(batches, token_key)
+    consume(batches, list(acc.values()))
+    return _finalise(acc, labels, min_count, vocab_min_count, n_permutations, seed)
+
+
+def _finalise(acc: dict[str, Any], labels: Sequence[str], min_count: int, vocab_min_count: int,
+              n_permutations: int, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    tables = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables:")}
+    top1 = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables_top1:")}
+    for name, a in acc.items():
+        if not name.startswith("tables"):
+            out[name] = a.result()
+    if tables:
+        out["tables"] = tables
+        out["std_token"] = std_score(tables["token"], min_count=min_count, null_seed=seed)
+        out["std_position"] = std_score(tables["pos"], min_count=1, null_seed=seed)
+        out["vocab"] = vocab_specialisation(tables["token"], min_count=vocab_min_count, null_seed=seed)
+        out["top_tokens"] = top_tokens(tables["token"], min_count=vocab_min_count)
+        for group in labels:
+            out[f"domain_specialisation:{group}"] = domain_specialisation(tables[group])
+            mi_tables = top1.get(group, tables[group])
+            out[f"mi:{group}"] = expert_label_mi(mi_tables, n_permutations=n_permutations, seed=seed)
+    return out
+
+
+def to_json_dict(results: dict[str, Any]) -> dict[str, Any]:
+    """analyze_all's results as plain JSON-ready values."""
+    return plain(results)

@@ -1,0 +1,102 @@
+"""Planted routing traces with known answers, for testing and benchmarking the analyses.
+
+`planted_batches` yields trace batches (dicts of numpy arrays in the trace's (seq, pos, layer, rank) row
+order, list columns over the rank-0 rows) whose router follows a chosen rule:
+- "token": the experts are a function of the token ID (vocabulary specialisation 1, position ~0);
+- "position": a function of the position (the reverse);
+- "domain": a function of the sequence's domain;
+- "uniform": i.i.d. random logits (every specialisation sits at its null).
+Generation is pure (no I/O); a `TraceWriter` turns it into a file.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from moelab.analysis.drops import simulate_drops
+
+RULES = ("token", "position", "domain", "uniform")
+
+
+def _planted_logits(rule: str, tokens_SP: np.ndarray, domain_S: np.ndarray, L: int, E: int, K: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """S x P x L x E logits whose top-k is the rule's choice (ranks by a 1.0 logit gap) plus small noise."""
+    S, P = tokens_SP.shape
+    if rule == "uniform":
+        return rng.standard_normal((S, P, L, E))
+    source = {"token": tokens_SP * 7, "position": np.broadcast_to(np.arange(P), (S, P)),
+              "domain": np.broadcast_to(domain_S[:, None] * 3, (S, P))}[rule]
+    first_SPL = (source[:, :, None] + np.arange(L)) % E
+    logits = 0.05 * rng.standard_normal((S, P, L, E))
+    for r in range(K):
+        np.put_along_axis(logits, ((first_SPL + r) % E)[..., None], 8.0 - r, axis=3)
+    return logits
+
+
+def planted_batches(*, num_seqs: int, seq_len: int, num_layers: int, num_experts: int, top_k: int,
+                    rule: str = "token", vocab: int = 1000, seqs_per_batch: int = 16, seed: int = 0,
+                    domains: Sequence[str] = ("web", "code"), dead_expert: int | None = None,
+                    capacity_factor: float | None = None, all_experts: bool = False) -> Iterator[dict]:
+    """Batches of `seqs_per_batch` sequences; with `capacity_factor`, drops follow OpenMoE's rule per batch.
+
+    `all_experts` adds expert_norms (growing with the router probability), expert_cos and expert_density.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r} is not one of {RULES}")
+    rng = np.random.default_rng(seed)
+    L, E, K = num_layers, num_experts, top_k
+    for s0 in range(0, num_seqs, seqs_per_batch):
+        S, P = min(seqs_per_batch, num_seqs - s0), seq_len
+        tokens_SP = rng.integers(0, vocab, size=(S, P))
+        domain_S = (np.arange(s0, s0 + S) % len(domains))
+        logits = _planted_logits(rule, tokens_SP, domain_S, L, E, K, rng)
+        if dead_expert is not None:
+            logits[..., dead_expert] = -np.inf
+        probs = np.exp(logits - logits.max(axis=3, keepdims=True))
+        probs /= probs.sum(axis=3, keepdims=True)
+        ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]  # S x P x L x K
+        prob = np.take_along_axis(probs, ids, axis=3)
+        dropped = np.zeros(ids.shape, dtype=bool)
+        if capacity_factor is not None:
+            for l in range(L):
+                dropped[:, :, l] = simulate_drops(ids[:, :, l].reshape(-1, K), prob[:, :, l].reshape(-1, K), E,
+                                                  capacity_factor).reshape(S, P, K)
+        yield _rows(s0, tokens_SP, domain_S, domains, ids, prob, dropped, probs, all_experts, rng)
+
+
+def _rows(s0: int, tokens_SP: np.ndarray, domain_S: np.ndarray, domains: Sequence[str], ids: np.ndarray,
+          prob: np.ndarray, dropped: np.ndarray, probs: np.ndarray, all_experts: bool,
+          rng: np.random.Generator) -> dict:
+    S, P, L, K = ids.shape
+    E = probs.shape[3]
+    shape = (S, P, L, K)
+    seq = np.broadcast_to((s0 + np.arange(S))[:, None, None, None], shape).reshape(-1)
+    pos = np.broadcast_to(np.arange(P)[None, :, None, None], shape).reshape(-1)
+    layer = np.broadcast_to(np.arange(L)[None, None, :, None], shape).reshape(-1)
+    rank = np.broadcast_to(np.arange(K), shape).reshape(-1)
+    batch = {
+        "seq": seq.astype(np.int64), "pos": pos.astype(np.int32), "doc_pos": pos.astype(np.int32),
+        "token": np.broadcast_to(tokens_SP[:, :, None, None], shape).reshape(-1).astype(np.int32),
+        "doc": seq.astype(np.int64),
+        "domain": np.broadcast_to(domain_S[:, None, None, None], shape).reshape(-1).astype(np.int32),
+        "domain.names": np.asarray(domains, dtype=object),
+        "lang": np.zeros(seq.size, np.int32), "lang.names": np.asarray(["en"], dtype=object),
+        "turn": np.full(seq.size, -1, np.int16), "layer": layer.astype(np.int16),
+        "block": (2 * layer + 1).astype(np.int16), "rank": rank.astype(np.int8),
+        "expert": ids.reshape(-1).astype(np.int16),
+        "weight": np.where(dropped, 0.0, prob).reshape(-1).astype(np.float32),
+        "prob": prob.reshape(-1).astype(np.float32), "dropped": dropped.reshape(-1),
+        "probs": probs.reshape(-1, E).astype(np.float32),
+    }
+    if all_experts:
+        n = S * P * L
+        batch["expert_norms"] = (probs.reshape(n, E) + 0.01 * rng.random((n, E))).astype(np.float32)
+        batch["expert_cos"] = rng.uniform(-0.2, 0.6, size=(n, E * (E - 1) // 2)).astype(np.float32)
+        batch["expert_density"] = rng.uniform(0.4, 0.6, size=(n, E)).astype(np.float32)
+    rows0 = np.flatnonzero(rank == 0)
+    for name in ("probs", "expert_norms", "expert_cos", "expert_density"):
+        if name in batch:
+            batch[f"{name}.rows"] = rows0
+    return batch

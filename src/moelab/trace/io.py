@@ -1,0 +1,294 @@
+"""Parquet I/O for routing traces: a streaming `TraceWriter` and `open_trace` -> `Trace`.
+
+Writing appends record batches as they come and flushes a row group every ~1M rows (or 128 MiB), so
+memory stays bounded however long the trace; the file appears at its path only when the writer closes
+cleanly (it is written to `<path>.tmp` and renamed). Reading streams column-projected record batches
+as dicts of numpy arrays and never reads the whole file. docs/TRACE.md describes the format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from moelab.config import MoelabError
+from moelab.trace.schema import (
+    LABEL_COLUMNS, LIST_COLUMNS, OPTIONAL, REQUIRED, TraceMeta, field_type, trace_schema, validate_schema,
+)
+
+ROW_GROUP_ROWS = 1 << 20
+BUFFER_BYTES = 128 << 20
+# Columns a writer may leave out, and what they become (documented in docs/TRACE.md).
+COPIED_DEFAULTS = {"doc_pos": "pos", "doc": "seq", "block": "layer"}
+CONSTANT_DEFAULTS = {"turn": -1, "domain": "unknown", "lang": "unknown", "dropped": False}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _label_array(value: Any, n: int, names: Any = None) -> pa.Array:
+    if names is not None:  # int codes into `names`, as Trace.iter_batches yields them
+        return pa.DictionaryArray.from_arrays(pa.array(np.asarray(value, np.int32)),
+                                              pa.array(np.asarray(names, dtype=str)))
+    if isinstance(value, str):
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+    arr = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(value, dtype=str))
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(pa.string())
+    return pc.dictionary_encode(arr.cast(pa.string()))
+
+
+def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) -> pa.Array:
+    """Rows x n or rank0-rows x n matrix -> list<float32> filled on rank-0 rows, null elsewhere.
+
+    With `rows` (as Trace.iter_batches yields it) the values cover exactly those rows instead, and may
+    be an object array of 1-D arrays when their lengths differ (layers with different E)."""
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return value.cast(field_type(name))
+    if rows is not None:
+        rank0_R = np.zeros(len(rank0_R), dtype=bool)
+        rank0_R[np.asarray(rows)] = True
+    n_rank0 = int(rank0_R.sum())
+    if isinstance(value, np.ndarray) and value.dtype == object and len(value) == n_rank0:
+        lengths_P = np.fromiter(map(len, value), dtype=np.int64, count=len(value))
+        flat = np.concatenate(list(value)).astype(np.float32) if len(value) else np.zeros(0, np.float32)
+    else:
+        mat = np.asarray(value, dtype=np.float32)
+        if mat.ndim != 2 or mat.shape[0] not in (len(rank0_R), n_rank0):
+            raise MoelabError(f"trace column {name!r} needs shape (rows or rank-0 rows, n), got {mat.shape}")
+        if mat.shape[0] == len(rank0_R) and n_rank0 != len(rank0_R):
+            mat = mat[rank0_R]
+        lengths_P, flat = np.full(n_rank0, mat.shape[1]), mat.reshape(-1)
+    lengths = np.zeros(len(rank0_R), np.int64)
+    lengths[rank0_R] = lengths_P
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~rank0_R))
+
+
+def _plain_array(value: Any, n: int, name: str) -> pa.Array:
+    typ = field_type(name)
+    if np.isscalar(value):
+        value = np.full(n, value)
+    try:
+        arr = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(value))
+        return arr.cast(typ, safe=not pa.types.is_floating(typ))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise MoelabError(f"trace column {name!r} cannot be stored as {typ}: {e}") from None
+
+
+class TraceWriter:
+    """Context manager that streams row batches into a Parquet trace and its JSON sidecar.
+
+    `write(columns)` takes a mapping column -> numpy array / list / pyarrow array / scalar (broadcast).
+    List columns take a 2-D array over all rows or over the rank-0 rows only. The optional columns of
+    the file are those of the first batch unless `optional` names them.
+    """
+
+    def __init__(self, path: str | Path, meta: TraceMeta, *, optional: list[str] | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS, buffer_bytes: int = BUFFER_BYTES):
+        self.path = Path(path)
+        self.tmp = Path(str(path) + ".tmp")
+        self.meta = meta
+        self.optional = None if optional is None else list(optional)
+        self.row_group_rows = row_group_rows
+        self.buffer_bytes = buffer_bytes
+        self.num_rows = 0
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered_rows = self._buffered_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._closed = False
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _to_batch(self, columns: Mapping[str, Any]) -> pa.RecordBatch:
+        if "expert" not in columns:
+            raise MoelabError("trace batch lacks the required column 'expert'")
+        n = len(np.atleast_1d(columns["expert"]))
+        companions = [f"{c}.names" for c in LABEL_COLUMNS] + [f"{c}.rows" for c in LIST_COLUMNS]
+        unknown = [c for c in columns if c not in REQUIRED + OPTIONAL + tuple(companions)]
+        if unknown:
+            raise MoelabError(f"unknown trace column {unknown[0]!r}")
+        if self.optional is None:
+            self.optional = [c for c in OPTIONAL if c in columns]
+        if self._schema is None:
+            self._schema = trace_schema(self.optional)
+        cols = dict(columns)
+        for name, source in COPIED_DEFAULTS.items():
+            if name not in cols and source in cols:
+                cols[name] = cols[source]
+        for name, value in CONSTANT_DEFAULTS.items():
+            cols.setdefault(name, value)
+        rank0_R = np.asarray(_plain_array(cols.get("rank", 0), n, "rank")) == 0
+        arrays = []
+        for field in self._schema:
+            if field.name not in cols:
+                raise MoelabError(f"trace batch lacks the column {field.name!r}")
+            value = cols[field.name]
+            if field.name in LABEL_COLUMNS:
+                arrays.append(_label_array(value, n, cols.get(f"{field.name}.names")))
+            elif field.name in LIST_COLUMNS:
+                arrays.append(_list_array(value, rank0_R, field.name, cols.get(f"{field.name}.rows")))
+            else:
+                arrays.append(_plain_array(value, n, field.name))
+        lengths = {len(a) for a in arrays}
+        if lengths != {n}:
+            raise MoelabError(f"trace batch columns have different lengths: {sorted(lengths)}")
+        return pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+
+    def write(self, columns: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise MoelabError(f"trace writer for {self.path} is already closed")
+        batch = self._to_batch(columns)
+        self._buffer.append(batch)
+        self._buffered_rows += batch.num_rows
+        self._buffered_bytes += batch.nbytes
+        if self._buffered_rows >= self.row_group_rows or self._buffered_bytes >= self.buffer_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+        table = pa.Table.from_batches(self._buffer, self._schema).unify_dictionaries().combine_chunks()
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.num_rows += table.num_rows
+        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+
+    def close(self) -> None:
+        """Flush, then publish the trace and its sidecar. An empty trace is an error, not a file."""
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        if self._writer is None:
+            raise MoelabError(f"trace {self.path} would be empty: no rows were written")
+        self._writer.close()
+        tmp_meta = Path(str(sidecar_path(self.path)) + ".tmp")
+        tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
+        os.replace(tmp_meta, sidecar_path(self.path))
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop everything written so far: no partial trace is ever left at `path`."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+class _LabelCodes:
+    """Stable int32 codes for a label column across batches whose dictionaries differ (one per row group)."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+
+    def encode(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        if not pa.types.is_dictionary(arr.type):
+            arr = pc.dictionary_encode(arr)
+        lut = np.array([self.code.setdefault(s, len(self.code)) for s in arr.dictionary.to_pylist()],
+                       dtype=np.int32)
+        codes = lut[arr.indices.to_numpy(zero_copy_only=False)] if len(lut) else np.zeros(0, np.int32)
+        return codes, np.array(list(self.code), dtype=object)
+
+
+def _list_to_numpy(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, rows): a 2-D array over the non-null rows when lengths agree, else an object array of 1-D.
+
+    `flatten` skips null lists and is usually a zero-copy slice of the values buffer: wide all-experts
+    columns are not copied on the way to numpy."""
+    rows = np.flatnonzero(arr.is_valid().to_numpy(zero_copy_only=False))
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(arr).drop_null().to_numpy(zero_copy_only=False)
+    if not len(lengths):
+        return np.zeros((0, 0), np.float32), rows
+    if np.all(lengths == lengths[0]):
+        return flat.reshape(len(lengths), int(lengths[0])), rows
+    out = np.empty(len(lengths), dtype=object)
+    out[:] = np.split(flat, np.cumsum(lengths)[:-1])
+    return out, rows
+
+
+class Trace:
+    """An opened trace: `meta`, `num_rows`, `columns`, and `iter_batches` streaming numpy column dicts."""
+
+    def __init__(self, path: Path, meta: TraceMeta, file: pq.ParquetFile, optional: list[str]):
+        self.path, self.meta, self._file = path, meta, file
+        self.num_rows = file.metadata.num_rows
+        self.columns = list(REQUIRED) + optional
+        self.optional = optional
+
+    def iter_batches(self, columns: list[str] | None = None,
+                     batch_rows: int = ROW_GROUP_ROWS) -> Iterator[dict[str, np.ndarray]]:
+        """Yield dicts of numpy arrays, reading only `columns` (default: all) `batch_rows` rows at a time.
+
+        Label columns (domain, lang) come as int32 codes, stable over the whole iteration, with their
+        names so far under `"<col>.names"`. List columns come as a 2-D array over their non-null rows
+        (the rank-0 rows) with those rows' indices within the batch under `"<col>.rows"`.
+        """
+        columns = list(self.columns if columns is None else columns)
+        absent = [c for c in columns if c not in self.columns]
+        if absent:
+            raise MoelabError(f"trace {self.path} has no column {absent[0]!r} (it has: {', '.join(self.columns)})")
+        labels = {c: _LabelCodes() for c in columns if c in LABEL_COLUMNS}
+        for group in range(self._file.metadata.num_row_groups):
+            # A fresh reader per row group: a long-lived one keeps every pre-buffered row group cached,
+            # so memory would grow with the file instead of staying at one row group.
+            file = pq.ParquetFile(self.path, metadata=self._file.metadata)
+            try:
+                for rb in file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+                    yield self._to_numpy(rb, labels)
+            finally:
+                file.close()
+
+    def _to_numpy(self, rb: pa.RecordBatch, labels: dict[str, _LabelCodes]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name in rb.schema.names:
+            arr = rb.column(name)
+            if name in LIST_COLUMNS:
+                out[name], out[f"{name}.rows"] = _list_to_numpy(arr)
+                continue
+            if arr.null_count:
+                raise MoelabError(f"trace {self.path} column {name!r} has null values")
+            if name in labels:
+                out[name], out[f"{name}.names"] = labels[name].encode(arr)
+            else:
+                out[name] = arr.to_numpy(zero_copy_only=False)
+        return out
+
+
+def open_trace(path: str | Path) -> Trace:
+    """Open and validate a trace (schema, sidecar, non-empty) without reading its rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoelabError(f"trace not found: {path}")
+    meta_path = sidecar_path(path)
+    if not meta_path.is_file():
+        raise MoelabError(f"trace sidecar not found: {meta_path}")
+    meta = TraceMeta.from_json(meta_path.read_text(encoding="utf-8"))
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MoelabError(f"trace {path} is not a readable Parquet file: {e}") from None
+    optional = validate_schema(file.schema_arrow, where=f"trace {path}")
+    if file.metadata.num_rows == 0:
+        raise MoelabError(f"trace {path} is empty (0 rows)")
+    return Trace(path, meta, file, optional)

@@ -1,0 +1,188 @@
+"""The routing-trace format, schema_version 1: Parquet columns, the JSON sidecar, and their validation.
+
+One row per (token, MoE layer, rank). Rows are written in (seq, pos, layer, rank) order. Per-(token, layer)
+list columns are filled on rank-0 rows and null on the others. docs/TRACE.md is the user-facing page;
+this file is its executable form: whatever a writer produces, `validate_schema` and `TraceMeta.from_dict`
+decide whether the analyses can read it, and say why not in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from moelab.config import MoelabError
+
+SCHEMA_VERSION = 1
+
+LABEL_TYPE = pa.dictionary(pa.int32(), pa.string())
+LIST_TYPE = pa.list_(pa.float32())
+
+REQUIRED_FIELDS = (
+    pa.field("seq", pa.int64(), nullable=False),
+    pa.field("pos", pa.int32(), nullable=False),
+    pa.field("doc_pos", pa.int32(), nullable=False),
+    pa.field("token", pa.int32(), nullable=False),
+    pa.field("doc", pa.int64(), nullable=False),
+    pa.field("domain", LABEL_TYPE, nullable=False),
+    pa.field("lang", LABEL_TYPE, nullable=False),
+    pa.field("turn", pa.int16(), nullable=False),
+    pa.field("layer", pa.int16(), nullable=False),
+    pa.field("block", pa.int16(), nullable=False),
+    pa.field("rank", pa.int8(), nullable=False),
+    pa.field("expert", pa.int16(), nullable=False),
+    pa.field("weight", pa.float32(), nullable=False),
+    pa.field("prob", pa.float32(), nullable=False),
+    pa.field("dropped", pa.bool_(), nullable=False),
+)
+
+# Per-(token, layer) vectors: on rank-0 rows, null elsewhere. The last three come from an all-experts pass.
+OPTIONAL_FIELDS = (
+    pa.field("probs", LIST_TYPE),           # router probabilities, length E
+    pa.field("expert_norms", LIST_TYPE),    # ||E_n(x)|| for every expert n, length E
+    pa.field("expert_cos", LIST_TYPE),      # upper triangle (i < j, row-major) of the E x E cosine matrix
+    pa.field("expert_density", LIST_TYPE),  # share of |act(W_gate x)| > 1e-3, per expert, length E
+)
+
+REQUIRED = tuple(f.name for f in REQUIRED_FIELDS)
+OPTIONAL = tuple(f.name for f in OPTIONAL_FIELDS)
+LABEL_COLUMNS = ("domain", "lang")
+LIST_COLUMNS = OPTIONAL
+_FIELDS = {f.name: f for f in REQUIRED_FIELDS + OPTIONAL_FIELDS}
+
+
+def trace_schema(optional: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """The schema a writer produces: every required column, then the named optional ones in schema order."""
+    unknown = [name for name in optional if name not in OPTIONAL]
+    if unknown:
+        raise MoelabError(f"unknown optional trace column {unknown[0]!r} (known: {', '.join(OPTIONAL)})")
+    chosen = [f for f in OPTIONAL_FIELDS if f.name in optional]
+    return pa.schema(list(REQUIRED_FIELDS) + chosen)
+
+
+def field_type(name: str) -> pa.DataType:
+    """The canonical Arrow type of a trace column."""
+    if name not in _FIELDS:
+        raise MoelabError(f"unknown trace column {name!r}")
+    return _FIELDS[name].type
+
+
+def _type_ok(name: str, actual: pa.DataType) -> bool:
+    """Exact numeric types; labels may be plain or dictionary strings, lists plain or large."""
+    expected = _FIELDS[name].type
+    if name in LABEL_COLUMNS:
+        if pa.types.is_dictionary(actual):
+            actual = actual.value_type
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if name in LIST_COLUMNS:
+        is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
+        return is_list and actual.value_type == pa.float32()
+    return actual == expected
+
+
+def validate_schema(schema: pa.Schema, where: str = "trace") -> list[str]:
+    """Check a file's Arrow schema; return the optional columns it has. MoelabError names the problem."""
+    names = set(schema.names)
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        raise MoelabError(f"{where} lacks the required column {missing[0]!r} (schema_version {SCHEMA_VERSION})")
+    for name in REQUIRED + OPTIONAL:
+        if name in names and not _type_ok(name, schema.field(name).type):
+            raise MoelabError(
+                f"{where} column {name!r} has type {schema.field(name).type}, expected {_FIELDS[name].type}"
+            )
+    return [name for name in OPTIONAL if name in names]
+
+
+@dataclasses.dataclass(kw_only=True)
+class TraceMeta:
+    """The JSON sidecar `<trace>.json`: what produced the rows and how its router was configured.
+
+    `num_experts[l]` is E of MoE layer l (the `layer` column); capacity fields are None for a dropless model.
+    `labels` maps a label column (domain, lang, ...) to its known names, for reports that list all of them.
+    Keys this version does not know are kept in `extra` so a newer writer's additions survive a round trip.
+    """
+
+    num_experts: list[int]
+    top_k: int
+    schema_version: int = SCHEMA_VERSION
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    capacity_factor: float | None = None
+    capacity_formula: str | None = None  # "topk" | "group" | None
+    group_size: int | None = None
+    drop_policy: str | None = None  # "openmoe" | "score" | None
+    checkpoint_step: int | None = None
+    tokenizer: str | None = None
+    source: str = "moelab"  # "moelab" or "hf:<model name>"
+    labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.schema_version, int) or self.schema_version > SCHEMA_VERSION:
+            raise MoelabError(
+                f"trace schema_version {self.schema_version!r} is newer than this moelab supports "
+                f"({SCHEMA_VERSION}): upgrade moelab"
+            )
+        if not self.num_experts or any(not isinstance(e, int) or e < 1 for e in self.num_experts):
+            raise MoelabError(f"trace meta num_experts={self.num_experts!r} must be a non-empty list of ints >= 1")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= min(self.num_experts):
+            raise MoelabError(f"trace meta top_k={self.top_k!r} must be an int in 1..min(num_experts)")
+        for name, types in (("capacity_factor", (int, float)), ("group_size", int), ("checkpoint_step", int),
+                            ("tokenizer", str)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                raise MoelabError(f"trace meta {name}={value!r} has the wrong type")
+        if not isinstance(self.model_config, dict) or not isinstance(self.labels, dict):
+            raise MoelabError("trace meta model_config and labels must be JSON objects")
+        if self.capacity_formula not in (None, "topk", "group"):
+            raise MoelabError(f"trace meta capacity_formula={self.capacity_formula!r} is not topk, group or null")
+        if self.drop_policy not in (None, "openmoe", "score"):
+            raise MoelabError(f"trace meta drop_policy={self.drop_policy!r} is not openmoe, score or null")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.num_experts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TraceMeta":
+        if not isinstance(d, dict):
+            raise MoelabError("trace sidecar is not a JSON object")
+        version = d.get("schema_version", None)
+        if not isinstance(version, int):
+            raise MoelabError(f"trace sidecar schema_version={version!r} is missing or not an integer")
+        if version > SCHEMA_VERSION:  # checked first: a newer file may lack the keys this version needs
+            raise MoelabError(
+                f"trace schema_version {version} is newer than this moelab supports ({SCHEMA_VERSION}): upgrade moelab"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in ("num_experts", "top_k"):
+            if key not in d:
+                raise MoelabError(f"trace sidecar lacks the key {key!r}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as e:
+            raise MoelabError(f"trace sidecar is malformed: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TraceMeta":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MoelabError(f"trace sidecar is not valid JSON: {e}") from None
+        return cls.from_dict(d)

@@ -1,0 +1,163 @@
+"""Trace schema, sidecar and Parquet I/O: round trips, streaming, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moelab.analysis.synthetic import planted_batches
+from moelab.config import MoelabError
+from moelab.trace.io import TraceWriter, open_trace, sidecar_path
+from moelab.trace.schema import SCHEMA_VERSION, TraceMeta, trace_schema
+
+META = TraceMeta(num_experts=[8, 8], top_k=2, capacity_factor=1.25, capacity_formula="topk",
+                 drop_policy="openmoe", checkpoint_step=100, tokenizer="umt5", source="moelab",
+                 labels={"domain": ["web", "code"]}, model_config={"d_model": 64})
+
+
+def planted(**kw):
+    args = dict(num_seqs=6, seq_len=16, num_layers=2, num_experts=8, top_k=2, seqs_per_batch=2, all_experts=True)
+    return list(planted_batches(**{**args, **kw}))
+
+
+def write(path, batches, meta=META, **kw):
+    with TraceWriter(path, meta, **kw) as writer:
+        for b in batches:
+            writer.write(b)
+    return open_trace(path)
+
+
+def one_line_error(fn, match):
+    with pytest.raises(MoelabError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+def test_round_trip_streams_the_same_rows(tmp_path):
+    batches = planted()
+    trace = write(tmp_path / "t.parquet", batches, row_group_rows=200)
+    assert trace.meta == META and trace.num_rows == sum(len(b["expert"]) for b in batches)
+    assert pq.ParquetFile(trace.path).metadata.num_row_groups > 1
+    assert set(trace.optional) == {"probs", "expert_norms", "expert_cos", "expert_density"}
+    got = list(trace.iter_batches(batch_rows=97))
+    assert max(len(b["expert"]) for b in got) <= 97
+    for col in ("seq", "pos", "token", "layer", "rank", "expert", "prob", "dropped", "turn"):
+        np.testing.assert_array_equal(np.concatenate([b[col] for b in got]), np.concatenate([b[col] for b in batches]))
+        assert got[0][col].dtype == trace_schema().field(col).type.to_pandas_dtype()
+    names = got[-1]["domain.names"]
+    decoded = np.concatenate([b["domain.names"][b["domain"]] for b in got])
+    assert decoded.tolist() == np.concatenate([b["domain.names"][b["domain"]] for b in batches]).tolist()
+    assert list(names) == ["web", "code"]
+    probs = np.concatenate([b["probs"] for b in got])
+    np.testing.assert_array_equal(probs, np.concatenate([b["probs"] for b in batches]))
+    assert all(np.array_equal(b["rank"][b["probs.rows"]], np.zeros(len(b["probs.rows"]))) for b in got)
+    assert got[0]["expert_cos"].shape[1] == 8 * 7 // 2
+
+
+def test_projection_defaults_and_sidecar(tmp_path):
+    n = 4
+    minimal = {"seq": np.zeros(n), "pos": np.arange(n), "token": np.arange(n), "layer": np.zeros(n),
+               "rank": np.zeros(n), "expert": np.array([0, 1, 2, 3]), "weight": 0.5, "prob": 0.5}
+    trace = write(tmp_path / "m.parquet", [minimal], meta=TraceMeta(num_experts=[4], top_k=1))
+    (batch,) = trace.iter_batches(columns=["doc_pos", "block", "turn", "lang", "dropped"])
+    assert set(batch) == {"doc_pos", "block", "turn", "lang", "lang.names", "dropped"}
+    assert batch["doc_pos"].tolist() == [0, 1, 2, 3] and batch["turn"].tolist() == [-1] * n
+    assert batch["lang.names"][batch["lang"]].tolist() == ["unknown"] * n and not batch["dropped"].any()
+    side = json.loads(sidecar_path(trace.path).read_text())
+    assert side["schema_version"] == SCHEMA_VERSION and side["num_experts"] == [4]
+    one_line_error(lambda: next(trace.iter_batches(columns=["probs"])), "no column 'probs'")
+
+
+def test_label_codes_stay_stable_across_row_groups(tmp_path):
+    base = planted(num_seqs=1, all_experts=False)[0]
+    a = dict(base, domain=np.full(len(base["expert"]), "math"))
+    del a["domain.names"]
+    trace = write(tmp_path / "l.parquet", [a, base], row_group_rows=1)  # one row group per batch
+    got = list(trace.iter_batches(columns=["domain"], batch_rows=10_000))
+    names = got[-1]["domain.names"]
+    decoded = np.concatenate([names[b["domain"]] for b in got])
+    assert set(decoded[: len(base["expert"])]) == {"math"} and set(decoded[len(base["expert"]):]) == {"web"}
+
+
+def test_variable_list_lengths_come_as_objects(tmp_path):
+    meta = TraceMeta(num_experts=[2, 3], top_k=1)
+    batch = {"seq": [0, 0], "pos": [0, 0], "token": [5, 5], "layer": [0, 1], "rank": [0, 0], "expert": [1, 2],
+             "weight": 1.0, "prob": 1.0, "probs": pa.array([[0.1, 0.9], [0.2, 0.3, 0.5]], pa.list_(pa.float32()))}
+    (got,) = write(tmp_path / "v.parquet", [batch], meta=meta).iter_batches()
+    assert got["probs"].dtype == object and got["probs"][1].tolist() == pytest.approx([0.2, 0.3, 0.5])
+    (again,) = write(tmp_path / "w.parquet", [got], meta=meta).iter_batches()  # read batches write back
+    assert again["probs"][0].tolist() == pytest.approx([0.1, 0.9])
+
+
+def test_writer_publishes_only_on_clean_close(tmp_path):
+    path = tmp_path / "w.parquet"
+    writer = TraceWriter(path, META, row_group_rows=10)
+    writer.write(planted(num_seqs=1)[0])
+    assert writer.tmp.exists() and not path.exists()
+    writer.close()
+    assert path.exists() and sidecar_path(path).exists() and not writer.tmp.exists()
+    bad = tmp_path / "bad.parquet"
+    with pytest.raises(RuntimeError):
+        with TraceWriter(bad, META, row_group_rows=10) as w:
+            w.write(planted(num_seqs=1)[0])
+            raise RuntimeError("interrupted")
+    assert not bad.exists() and not (tmp_path / "bad.parquet.tmp").exists()
+
+
+def test_writer_errors(tmp_path):
+    row = {"seq": [0], "pos": [0], "token": [1], "layer": [0], "rank": [0], "expert": [1], "weight": 1.0, "prob": 1.0}
+    one_line_error(lambda: write(tmp_path / "a.parquet", [dict(row, expert=[40000])]), "'expert' cannot be stored")
+    one_line_error(lambda: write(tmp_path / "b.parquet", [dict(row, colour=[1])]), "unknown trace column 'colour'")
+    one_line_error(lambda: write(tmp_path / "c.parquet", []), "would be empty")
+    one_line_error(lambda: write(tmp_path / "d.parquet", [dict(row, pos=[0, 1])]), "different lengths")
+
+
+def write_raw(path, table, meta: dict | None = None):
+    pq.write_table(table, path)
+    sidecar_path(path).write_text(json.dumps(meta if meta is not None else META.to_dict()))
+
+
+def good_table(n=4):
+    b = planted(num_seqs=1, all_experts=False)[0]
+    trace_batch = {k: v[:n] for k, v in b.items() if not k.endswith((".names", ".rows")) and k != "probs"}
+    trace_batch["domain"] = np.full(n, "web")
+    trace_batch["lang"] = np.full(n, "en")
+    trace_batch["doc_pos"], trace_batch["block"], trace_batch["doc"] = b["pos"][:n], b["layer"][:n], b["seq"][:n]
+    return pa.table({f.name: pa.array(trace_batch[f.name]).cast(f.type) for f in trace_schema()})
+
+
+def test_reader_errors(tmp_path):
+    p = tmp_path / "r.parquet"
+    write_raw(p, good_table())
+    assert open_trace(p).num_rows == 4  # a file written by another tool, plain pyarrow, is accepted
+    write_raw(p, good_table().drop_columns(["expert"]))
+    one_line_error(lambda: open_trace(p), "lacks the required column 'expert'")
+    t = good_table()
+    write_raw(p, t.set_column(t.schema.get_field_index("expert"), "expert", t["expert"].cast(pa.int64())))
+    one_line_error(lambda: open_trace(p), "'expert' has type int64, expected int16")
+    write_raw(p, good_table().slice(0, 0))
+    one_line_error(lambda: open_trace(p), "is empty")
+    write_raw(p, good_table(), dict(META.to_dict(), schema_version=SCHEMA_VERSION + 1))
+    one_line_error(lambda: open_trace(p), "newer than this moelab supports")
+    sidecar_path(p).unlink()
+    one_line_error(lambda: open_trace(p), "sidecar not found")
+    one_line_error(lambda: open_trace(tmp_path / "missing.parquet"), "trace not found")
+    write_raw(tmp_path / "x.parquet", good_table())
+    (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
+    one_line_error(lambda: open_trace(tmp_path / "x.parquet"), "not a readable Parquet file")
+
+
+def test_meta_json_round_trip_and_validation():
+    assert TraceMeta.from_json(META.to_json()) == META
+    newer = dict(META.to_dict(), added_later=[1, 2])
+    meta = TraceMeta.from_dict(newer)
+    assert meta.extra == {"added_later": [1, 2]} and meta.to_dict()["added_later"] == [1, 2]
+    one_line_error(lambda: TraceMeta(num_experts=[4], top_k=5), "top_k=5")
+    one_line_error(lambda: TraceMeta(num_experts=[], top_k=1), "num_experts")
+    one_line_error(lambda: TraceMeta.from_dict({"schema_version": 1, "top_k": 1}), "lacks the key 'num_experts'")
+    one_line_error(lambda: TraceMeta.from_json("{"), "not valid JSON")
+    one_line_error(lambda: TraceMeta(num_experts=[4], top_k=1, drop_policy="random"), "drop_policy")
