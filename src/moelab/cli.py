@@ -16,6 +16,9 @@ from moelab.config import MoelabError
 # Modules whose `register(subparsers)` adds verbs, in the order `moelab --help` lists them.
 COMMAND_MODULES = [
     "moelab.model.commands",
+    "moelab.data.commands",
+    "moelab.train.commands",
+    "moelab.trace.commands",
 ]
 
 

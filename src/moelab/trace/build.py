@@ -1,0 +1,136 @@
+"""Stream a moelab model's routing over a corpus into a trace file (docs/TRACE.md), in bounded memory.
+
+Legend: B batch rows, S sequence, T = B*S tokens, L MoE layers, K experts per token, E experts.
+Rows go out in (seq, pos, layer, rank) order, one batch at a time; padding positions produce no rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from moelab.config import MoelabError
+from moelab.trace.capture import CapturedLayer, RoutingRecorder
+from moelab.trace.io import TraceWriter
+from moelab.trace.schema import TraceMeta
+
+
+def _per_layer_lists(mats: list[np.ndarray], valid_T: np.ndarray, K: int) -> Any:
+    """Per-(token, layer) vectors -> the value TraceWriter takes for a list column (rank-0 rows only).
+
+    Equal widths give a (rows, E) matrix; per-layer widths give a ListArray with nulls off rank 0."""
+    widths = {m.shape[1] for m in mats}
+    if len(widths) == 1:
+        return np.stack(mats, axis=1)[valid_T].reshape(-1, mats[0].shape[1])
+    L = len(mats)
+    n_tok = int(valid_T.sum())
+    lengths_TL = np.broadcast_to(np.array([m.shape[1] for m in mats]), (n_tok, L))
+    values = np.concatenate([m[valid_T] for m in mats], axis=1)  # (tokens, sum E): layer blocks in order
+    lengths_R = np.zeros((n_tok, L, K), np.int32)
+    lengths_R[:, :, 0] = lengths_TL
+    offsets = np.concatenate([[0], np.cumsum(lengths_R.reshape(-1))]).astype(np.int32)
+    mask = np.ones((n_tok, L, K), bool)
+    mask[:, :, 0] = False
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1).astype(np.float32)),
+                                    mask=pa.array(mask.reshape(-1)))
+
+
+def batch_rows(batch: dict[str, torch.Tensor], captured: list[CapturedLayer], seq_offset: int,
+               domains: list[str], langs: list[str], blocks: list[int], full_probs: bool) -> dict[str, Any]:
+    """One forward's captured routing -> trace columns (rows in (seq, pos, layer, rank) order)."""
+    B, S = batch["input_ids"].shape
+    L = len(captured)
+    K = captured[0].routing.expert_ids_TK.shape[1]
+    valid_T = (batch["doc"].reshape(-1) >= 0).numpy()
+
+    def per_row(a_T):  # token-level column -> one value per (token, layer, rank) row
+        return np.repeat(np.asarray(a_T)[valid_T], L * K)
+
+    def stack(get):  # (T, K) per layer -> rows
+        return np.stack([get(c).cpu().numpy() for c in captured], axis=1)[valid_T].reshape(-1)
+
+    probs_gathered = [c.routing.probs_TE.gather(1, c.routing.expert_ids_TK) for c in captured]
+    n_tok = int(valid_T.sum())
+    cols: dict[str, Any] = {
+        "seq": per_row(seq_offset + np.repeat(np.arange(B), S)),
+        "pos": per_row(np.tile(np.arange(S), B)),
+        "doc_pos": per_row(batch["pos"].reshape(-1).numpy()),
+        "token": per_row(batch["input_ids"].reshape(-1).numpy()),
+        "doc": per_row(batch["doc"].reshape(-1).numpy()),
+        "domain": per_row(batch["domain_id"].reshape(-1).numpy()), "domain.names": domains,
+        "lang": per_row(batch["lang_id"].reshape(-1).numpy()), "lang.names": langs,
+        "turn": per_row(batch["turn"].reshape(-1).numpy()),
+        "layer": np.tile(np.repeat(np.arange(L), K), n_tok),
+        "block": np.tile(np.repeat(np.array(blocks), K), n_tok),
+        "rank": np.tile(np.arange(K), n_tok * L),
+        "expert": stack(lambda c: c.routing.expert_ids_TK),
+        "weight": stack(lambda c: c.routing.weights_TK.float()),
+        "prob": np.stack([p.cpu().numpy() for p in probs_gathered], axis=1)[valid_T].reshape(-1),
+        "dropped": stack(lambda c: c.routing.dropped_TK),
+    }
+    if full_probs:
+        cols["probs"] = _per_layer_lists([c.routing.probs_TE.float().cpu().numpy() for c in captured], valid_T, K)
+    if captured[0].expert_norms_TE is not None:
+        for name, attr in (("expert_norms", "expert_norms_TE"), ("expert_cos", "expert_cos_TP"),
+                           ("expert_density", "expert_density_TE")):
+            cols[name] = _per_layer_lists([getattr(c, attr).float().cpu().numpy() for c in captured], valid_T, K)
+    return cols
+
+
+def trace_meta(model, capacity_factor, step, tokenizer: str | None, source: str,
+               domains: list[str], langs: list[str]) -> TraceMeta:
+    cfg = model.config
+    m = cfg.moe
+    return TraceMeta(
+        num_experts=cfg.experts_per_layer(), top_k=m.top_k, model_config=cfg.to_dict(),
+        capacity_factor=capacity_factor,
+        capacity_formula=m.capacity_formula if capacity_factor is not None else None,
+        group_size=m.group_size if capacity_factor is not None else None,
+        drop_policy=m.drop_policy if capacity_factor is not None else None,
+        checkpoint_step=step, tokenizer=tokenizer, source=source,
+        labels={"domain": list(domains), "lang": list(langs)},
+        extra={"min_capacity": m.min_capacity, "moe_blocks": cfg.moe_layer_ids()})
+
+
+def _clip_to(batch: dict[str, torch.Tensor], remaining: int) -> dict[str, torch.Tensor]:
+    """Mark real tokens past `remaining` as padding so they produce no rows (the forward still sees them,
+    so capacity is computed over the same batch as without the cut)."""
+    doc = batch["doc"]
+    valid = (doc >= 0).reshape(-1)
+    if int(valid.sum()) <= remaining:
+        return batch
+    keep = valid & (torch.cumsum(valid.long(), 0) <= remaining)
+    return {**batch, "doc": torch.where(keep.view_as(doc), doc, torch.full_like(doc, -1))}
+
+
+@torch.no_grad()
+def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
+                  *, max_tokens: int, capacity_factor: float | None, all_experts: bool = False,
+                  full_probs: bool = True, progress=None) -> dict[str, int]:
+    """Run the model over batches with a RoutingRecorder and write every real token's routing."""
+    model.eval()
+    device = next(model.parameters()).device
+    domains, langs = meta.labels["domain"], meta.labels["lang"]
+    blocks = model.config.moe_layer_ids()
+    optional = (["probs"] if full_probs else []) + (
+        ["expert_norms", "expert_cos", "expert_density"] if all_experts else [])
+    seen = seqs = 0
+    with TraceWriter(out_path, meta, optional=optional) as writer, \
+            RoutingRecorder(model, all_experts=all_experts) as rec:
+        for batch in batches:
+            batch = _clip_to(batch, max_tokens - seen)
+            model(batch["input_ids"].to(device), capacity_factor=capacity_factor)
+            writer.write(batch_rows(batch, rec.pop(), seqs, domains, langs, blocks, full_probs))
+            seqs += batch["input_ids"].shape[0]
+            seen += int((batch["doc"] >= 0).sum())
+            if progress:
+                progress.update(min(seen, max_tokens), seen)
+            if seen >= max_tokens:
+                break
+        if seen == 0:
+            raise MoelabError("no tokens to trace: the data gave no batches")
+    return {"tokens": seen, "sequences": seqs, "rows": writer.num_rows}

@@ -1,0 +1,56 @@
+"""TrainConfig and the RunConfig that composes model, data and training settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from moelab.config import Config, require
+from moelab.data.config import DataConfig
+from moelab.model.config import ModelConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(Config):
+    steps: int = 200
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 20
+    inverse_sqrt_floor: int = 10000  # OpenMoE: lr ~ 1/sqrt(max(step, floor)), scaled so the peak is lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast where the device supports it
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_tokens: int = 16384  # held-out tokens per domain
+    save_every: int = 0  # 0: only the final checkpoint; N keeps every N-th step
+    tensorboard: bool = True
+    freeze_router_after: int | None = None  # OpenMoE's remedy: stop training routers after this step
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+    def validate(self) -> None:
+        require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
+        require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0")
+        require(self.inverse_sqrt_floor >= 1, f"train.inverse_sqrt_floor={self.inverse_sqrt_floor} must be >= 1")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                f"train.device={self.device!r} is unknown (allowed: auto, cpu, cuda, cuda:N, mps)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig(Config):
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -1,0 +1,193 @@
+"""The training loop: batches -> loss + aux loss -> optimiser step, with logging, evaluation, checkpoints.
+
+A run directory holds `config.json` (the resolved run config), `metrics.jsonl`, `tensorboard/`, `eval.json`
+and `checkpoints/step_NNNNNN/`. Batches are a pure function of (seed, step), and the RNG and optimiser
+state travel with each checkpoint, so `--resume` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moelab.config import MoelabError
+from moelab.data.objectives import build_sampler, iter_sequential
+from moelab.data.shards import load_corpus
+from moelab.data.tokenizer import check_vocab_fits
+from moelab.model.transformer import MoETransformer, build_model
+from moelab.train.checkpoint import resume as resume_checkpoint
+from moelab.train.checkpoint import save_checkpoint
+from moelab.train.config import RunConfig
+from moelab.train.log import Progress, RunLogger
+from moelab.train.metrics import routing_metrics
+from moelab.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_checkpoint: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+    tokens_per_second: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoelabError(f"train.device={name!r} but CUDA is not available here")
+    return dev
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast where the device has bf16 units; fp32 on CPU (bf16 matmul is ~100x slower there)."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, data_path: str, seq_len: int, batch_size: int, max_tokens: int,
+             split: str = "heldout", device=None, amp=None) -> dict:
+    """Held-out loss and perplexity per domain and overall (token-weighted)."""
+    corpus = load_corpus(data_path)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    results, total_nll, total_n = {}, 0.0, 0
+    for domain in corpus.domains:
+        nll, n = 0.0, 0
+        if not len(corpus.doc_ids(split, domain)):
+            continue
+        for batch in iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split, domain=domain):
+            ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            with amp or contextlib.nullcontext():
+                logits = model(ids).logits.float()
+            tgt = labels[:, 1:]
+            lp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   tgt.reshape(-1), ignore_index=-100, reduction="sum")
+            nll += float(lp)
+            n += int((tgt != -100).sum())
+            if n >= max_tokens:
+                break
+        if n:
+            results[domain] = {"loss": nll / n, "ppl": math.exp(min(nll / n, 50)), "tokens": n}
+            total_nll, total_n = total_nll + nll, total_n + n
+    if total_n:
+        results["all"] = {"loss": total_nll / total_n, "ppl": math.exp(min(total_nll / total_n, 50)),
+                          "tokens": total_n}
+    model.train(was_training)
+    return results
+
+
+def _freeze_routers(model: MoETransformer) -> None:
+    for layer in model.moe_layers():
+        for p in layer.router.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    if model.router_core is not None:
+        for p in model.router_core.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def _step_metrics(out, loss_sum, grad_norm, lr, tokens, seconds) -> dict:
+    m = {"loss": loss_sum, "aux_loss": float(out.aux_loss.detach()),
+         "balance_loss": float(out.balance_loss.detach()),
+         "z_loss": float(out.z_loss.detach()), "lr": lr, "grad_norm": grad_norm,
+         "tokens_per_second": tokens / max(seconds, 1e-9)}
+    if out.routing:
+        m.update(routing_metrics(out.routing))
+    return m
+
+
+def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = None,
+          show_progress: bool = True, label: str = "train") -> TrainResult:
+    t = run.train
+    out = Path(out_dir)
+    device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    corpus = load_corpus(run.data.path)
+    check_vocab_fits(corpus.vocab_size, run.model.vocab_size)
+    torch.manual_seed(t.seed)
+    model = build_model(run.model, seed=t.seed).to(device)
+    model.train()
+    sampler = build_sampler(run.data, split="train")
+    opt = build_optimizer(model, t)
+    start = 0
+    if resume_from is not None:
+        start = resume_checkpoint(resume_from, model, opt, run.model.to_dict())
+        if t.freeze_router_after is not None and start >= t.freeze_router_after:
+            _freeze_routers(model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(run.to_json())
+    logger = RunLogger(out, tensorboard=t.tensorboard)
+    amp = autocast_for(device, t.dtype)
+    result = TrainResult(out, out)
+    tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
+    bar = Progress(t.steps - start, label) if show_progress else None
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            lr = lr_at(step, t)
+            set_lr(opt, lr)
+            step_t0 = time.perf_counter()
+            loss_sum = 0.0
+            for micro in range(t.grad_accum):
+                batch = sampler.batch(step * t.grad_accum + micro)
+                ids = batch["input_ids"].to(device)
+                with amp:
+                    o = model(ids, labels=batch["labels"].to(device), return_routing=True)
+                ((o.loss + o.aux_loss) / t.grad_accum).backward()
+                loss_sum += float(o.loss.detach()) / t.grad_accum
+            params = [p for p in model.parameters() if p.grad is not None]
+            gn = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_selection_biases(o.routing)
+            if t.freeze_router_after is not None and step + 1 == t.freeze_router_after:
+                _freeze_routers(model)
+            result.losses.append(loss_sum)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                logger.log(done, _step_metrics(o, loss_sum, gn, lr, tokens_per_step,
+                                               time.perf_counter() - step_t0))
+            if t.save_every and done % t.save_every == 0 and done != t.steps:
+                result.checkpoints.append(save_checkpoint(
+                    out / "checkpoints" / f"step_{done:06d}", model, run.to_dict(), done, opt))
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                logger.log(done, _flat_eval(evaluate(model, run.data.path, run.data.seq_len,
+                                                     run.data.batch_size, t.eval_tokens, amp=amp)), "eval")
+            if bar:
+                bar.update(done - start, (done - start) * tokens_per_step, f"loss {loss_sum:.3f}")
+        elapsed = time.perf_counter() - t0
+        result.tokens_per_second = (t.steps - start) * tokens_per_step / max(elapsed, 1e-9)
+        final = save_checkpoint(out / "checkpoints" / f"step_{t.steps:06d}", model, run.to_dict(), t.steps, opt)
+        result.checkpoints.append(final)
+        result.final_checkpoint = final
+        result.eval = evaluate(model, run.data.path, run.data.seq_len, run.data.batch_size, t.eval_tokens,
+                               amp=amp)
+        logger.log(t.steps, _flat_eval(result.eval), "eval")
+        (out / "eval.json").write_text(json.dumps(result.eval, indent=2))
+    finally:
+        if bar:
+            bar.close()
+        logger.close()
+    return result
+
+
+def _flat_eval(ev: dict) -> dict:
+    return {f"{dom}/{k}": v for dom, vals in ev.items() for k, v in vals.items()}

@@ -1,0 +1,129 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moelab.config import MoelabError
+from moelab.data.config import DataConfig
+from moelab.train.checkpoint import load_model, save_checkpoint
+from moelab.train.config import RunConfig, TrainConfig
+from moelab.train.loop import evaluate, train
+from moelab.train.optim import lr_at
+
+from .conftest import tiny_model
+
+
+def run_cfg(corpus_dir, steps=6, router=None, **train_kw):
+    return RunConfig(model=tiny_model(**(router or {"kind": "rmoe", "hidden": 8, "jitter": 0.1})),
+                     data=DataConfig(path=str(corpus_dir), seq_len=32, batch_size=4),
+                     train=TrainConfig(steps=steps, lr=3e-3, warmup_steps=2, log_every=1, eval_tokens=512,
+                                       tensorboard=False, **train_kw))
+
+
+def weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_resume_continues_bit_for_bit(corpus_dir, tmp_path):
+    full = train(run_cfg(corpus_dir, steps=6), tmp_path / "full", show_progress=False)
+    half = train(run_cfg(corpus_dir, steps=6, save_every=3), tmp_path / "half", show_progress=False)
+    mid = tmp_path / "half" / "checkpoints" / "step_000003"
+    assert mid.is_dir()
+    resumed = train(run_cfg(corpus_dir, steps=6), tmp_path / "resumed", resume_from=mid, show_progress=False)
+    assert resumed.losses == full.losses[3:]
+    a, b = weights(full.final_checkpoint), weights(resumed.final_checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert half.losses == full.losses
+
+
+def test_training_lowers_loss_and_logs_routing(corpus_dir, tmp_path):
+    res = train(run_cfg(corpus_dir, steps=12, router={"kind": "linear"}), tmp_path / "r", show_progress=False)
+    assert res.losses[-1] < res.losses[0] - 0.15
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 12
+    for key in ("loss", "aux_loss", "balance_loss", "z_loss", "tokens_per_second",
+                "moe0/load_max_over_mean", "moe1/dropped_share", "moe1/router_entropy"):
+        assert key in train_rows[-1]
+    assert 0 < train_rows[-1]["moe0/router_entropy"] <= math.log(4) + 1e-6
+    ev = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert set(ev) == {"code", "prose", "all"}
+    assert ev["all"]["ppl"] == pytest.approx(math.exp(ev["all"]["loss"]))
+
+
+def test_evaluate_matches_model_loss(corpus_dir, tmp_path):
+    res = train(run_cfg(corpus_dir, steps=2), tmp_path / "r", show_progress=False)
+    model = load_model(res.final_checkpoint)
+    ev = evaluate(model, str(corpus_dir), 32, 4, 10**9)
+    assert ev["all"]["tokens"] == ev["code"]["tokens"] + ev["prose"]["tokens"]
+    assert ev == res.eval or ev["all"]["tokens"] >= res.eval["all"]["tokens"]
+
+
+def test_freeze_routers_after_step(corpus_dir, tmp_path):
+    res = train(run_cfg(corpus_dir, steps=4, router={"kind": "linear"}, freeze_router_after=2),
+                tmp_path / "f", show_progress=False, )
+    train(run_cfg(corpus_dir, steps=4, router={"kind": "linear"}, freeze_router_after=2, save_every=2),
+          tmp_path / "g", show_progress=False)
+    at2 = weights(tmp_path / "g" / "checkpoints" / "step_000002")
+    end = weights(res.final_checkpoint)
+    router_keys = [k for k in end if "router.weight_ED" in k]
+    expert_keys = [k for k in end if "experts.w_in" in k]
+    assert router_keys and all(torch.equal(at2[k], end[k]) for k in router_keys)
+    assert not all(torch.equal(at2[k], end[k]) for k in expert_keys)
+
+
+def test_mixing_second_corpus_early(corpus_dir, tmp_path):
+    cfg = run_cfg(corpus_dir, steps=3, router={"kind": "linear"})
+    cfg.data = DataConfig(path=str(corpus_dir), seq_len=32, batch_size=4, mix_path=str(corpus_dir),
+                          mix_steps=2, mix_fraction=0.5)
+    res = train(cfg, tmp_path / "m", show_progress=False)
+    assert len(res.losses) == 3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt", "constant"])
+def test_lr_schedules_by_hand(schedule):
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1,
+                      inverse_sqrt_floor=20)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # warm-up: (step + 1) / warmup
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    if schedule == "cosine":
+        assert lr_at(99, cfg) == pytest.approx(0.1)
+        assert lr_at(54, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    elif schedule == "inverse_sqrt":
+        assert lr_at(19, cfg) == pytest.approx(1.0)
+        assert lr_at(79, cfg) == pytest.approx(math.sqrt(20 / 80))
+    else:
+        assert lr_at(99, cfg) == 1.0
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(MoelabError, match="checkpoint not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(MoelabError, match="not a moelab checkpoint"):
+        load_model(tmp_path / "junk")
+    from moelab.model.transformer import build_model
+    small = build_model(tiny_model(kind="linear"))
+    save_checkpoint(tmp_path / "ck", small, {"model": tiny_model(kind="linear").to_dict()}, 1)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["model"]["moe"]["num_experts"] = 8
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoelabError, match=r"tensor .*w_in_EDX has shape \(4, 32, 64\), the model expects \(8, 32, 64\)"):
+        load_model(tmp_path / "ck")
+    assert not (tmp_path / "ck.tmp").exists()
+
+
+def test_resume_refuses_another_architecture(corpus_dir, tmp_path):
+    res = train(run_cfg(corpus_dir, steps=1, router={"kind": "linear"}), tmp_path / "a", show_progress=False)
+    other = run_cfg(corpus_dir, steps=2, router={"kind": "mlp", "hidden": 8})
+    with pytest.raises(MoelabError, match=r"different architecture: model\.moe\.router\.kind"):
+        train(other, tmp_path / "b", resume_from=res.final_checkpoint, show_progress=False)
+
+
+def test_vocab_that_does_not_fit(corpus_dir, tmp_path):
+    cfg = run_cfg(corpus_dir)
+    cfg.model = tiny_model().replace(vocab_size=100)
+    with pytest.raises(MoelabError, match="tokenizer has 512 tokens"):
+        train(cfg, tmp_path / "v", show_progress=False)
