@@ -58,7 +58,9 @@ def test_analytic_counts_match_built_variants(name):
 
 def test_counts_for_more_variants():
     for kw in [dict(tie_embeddings=True), dict(qk_norm=True), dict(n_kv_heads=2), dict(ffn_kind="openmoe"),
-               dict(ffn_kind="geglu")]:
+               dict(ffn_kind="geglu"), dict(qk_norm="head"), dict(qk_norm="full", n_kv_heads=2),
+               dict(attn_bias=True), dict(attn_bias="qkv", n_kv_heads=2), dict(attn_bias="all"),
+               dict(attn_bias="all", qk_norm="full", head_dim=16)]:
         cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,
                           moe=MoEConfig(num_experts=4, moe_every=2), **kw)
         assert cfg.num_params() == build_model(cfg).num_params(), kw
@@ -265,3 +267,41 @@ def test_model_code_never_imports_torch_distributed():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.startswith("torch.distributed") for n in names), path
+
+
+def test_qk_norm_and_attn_bias_spellings():
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48)
+    assert ModelConfig(**base).qk_norm_kind == "none" and ModelConfig(**base, qk_norm=True).qk_norm_kind == "head"
+    assert ModelConfig(**base, attn_bias=True).attn_bias_kind == "qkv"
+    assert ModelConfig.from_dict({**base, "qk_norm": "full", "attn_bias": "all"}).to_dict()["qk_norm"] == "full"
+    with pytest.raises(ConfigError, match="qk_norm"):
+        ModelConfig.from_dict({**base, "qk_norm": "rows"})
+    with pytest.raises(ConfigError, match="attn_bias"):
+        ModelConfig(**base, attn_bias="out")
+    # the old bool spelling builds exactly the modules it built before
+    names = set(build_model(ModelConfig(**base, qk_norm=True)).state_dict())
+    assert names == set(build_model(ModelConfig(**base, qk_norm="head")).state_dict())
+
+
+def test_full_qk_norm_normalises_the_whole_projection():
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                      qk_norm="full", attn_bias="all")
+    attn = build_model(cfg, seed=0).blocks[0].attn
+    assert attn.q_norm.weight.shape == (32,) and attn.k_norm.weight.shape == (16,)
+    assert attn.wq.bias.shape == (32,) and attn.wo.bias.shape == (32,)
+
+
+def test_global_balance_loss_pools_layers():
+    from moelab.model.losses import load_balance_loss
+
+    cfg = small_cfg(num_shared_experts=0, balance_loss_scope="global")
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = model(ids, return_routing=True)
+    probs = torch.cat([r.probs_TE for r in out.routing])
+    expected = load_balance_loss(probs, torch.cat([r.expert_ids_TK for r in out.routing]))
+    torch.testing.assert_close(out.balance_loss, expected)
+    per_layer = build_model(small_cfg(num_shared_experts=0), seed=0)(ids).balance_loss
+    assert not torch.allclose(out.balance_loss, per_layer)  # pooling is not the mean of layer losses
+    with pytest.raises(ConfigError, match="balance_loss_scope"):
+        small_cfg(num_experts=[4, 6, 2], balance_loss_scope="global")

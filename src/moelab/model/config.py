@@ -15,6 +15,9 @@ ROUTER_KINDS = ("linear", "rmoe", "mlp", "cosine", "random", "hash")
 FFN_KINDS = ("swiglu", "geglu", "openmoe")
 # How many D x F matrices feed the hidden units of each FFN kind (plus one F x D output).
 FFN_IN_PROJECTIONS = {"swiglu": 2, "geglu": 2, "openmoe": 3}
+# The bool spellings of qk_norm and attn_bias predate their modes; both stay valid (false = "none").
+QK_NORMS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3); full: over the projection (OLMoE)
+ATTN_BIASES = ("none", "qkv", "all")  # qkv: biases on q, k, v (Qwen2); all: on the output projection too
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -64,6 +67,9 @@ class MoEConfig(Config):
     min_capacity: int = 4
     drop_policy: Literal["openmoe", "score"] = "openmoe"
     balance_coef: float = 0.01
+    # layer: the mean of per-layer balance losses; global: one loss over all layers' tokens pooled
+    # (transformers' load_balancing_loss_func, which concatenates every layer's router logits).
+    balance_loss_scope: Literal["layer", "global"] = "layer"
     z_coef: float = 1e-4
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
 
@@ -89,6 +95,9 @@ class MoEConfig(Config):
             v = getattr(self, name)
             require(v is None or v > 0, f"model.moe.{name}={v} must be > 0")
         require(self.balance_coef >= 0 and self.z_coef >= 0, "model.moe.balance_coef and model.moe.z_coef must be >= 0")
+        require(self.balance_loss_scope == "layer" or len(set(counts)) == 1,
+                f"model.moe.balance_loss_scope='global' pools all layers, so it needs one expert count "
+                f"(got num_experts={self.num_experts})")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -105,7 +114,8 @@ class ModelConfig(Config):
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | Literal["none", "head", "full"] = False  # true = "head"
+    attn_bias: bool | Literal["none", "qkv", "all"] = False  # true = "qkv"
     init_std: float = 0.02
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
@@ -120,6 +130,9 @@ class ModelConfig(Config):
                     "(or set model.head_dim)")
         require(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0,
                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        require(self.qk_norm_kind in QK_NORMS, f"model.qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
+        require(self.attn_bias_kind in ATTN_BIASES,
+                f"model.attn_bias={self.attn_bias!r} is not one of {ATTN_BIASES}")
         require(self.head_size % 2 == 0, f"model.head_dim={self.head_size} (d_model / n_heads) must be even for rotary embeddings")
         for i in self.moe.dense_layers:
             require(0 <= i < self.n_layers,
@@ -138,6 +151,18 @@ class ModelConfig(Config):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def qk_norm_kind(self) -> str:
+        """The mode (none, head or full), whichever spelling the config used."""
+        q = self.qk_norm
+        return ("head" if q else "none") if isinstance(q, bool) else q
+
+    @property
+    def attn_bias_kind(self) -> str:
+        """The mode (none, qkv or all), whichever spelling the config used."""
+        b = self.attn_bias
+        return ("qkv" if b else "none") if isinstance(b, bool) else b
 
     @property
     def is_moe(self) -> bool:
@@ -199,12 +224,19 @@ class ModelConfig(Config):
         cell = gates * (2 * p * p + 2 * p)
         return cell + (p * self.d_model if r.shared_projection else 0)
 
+    def attn_extra_params(self) -> int:
+        """One attention layer's QK-norm weights and biases."""
+        hd, H, KV, D = self.head_size, self.n_heads, self.kv_heads, self.d_model
+        norms = {"none": 0, "head": 2 * hd, "full": (H + KV) * hd}[self.qk_norm_kind]
+        biases = {"none": 0, "qkv": (H + 2 * KV) * hd, "all": (H + 2 * KV) * hd + D}[self.attn_bias_kind]
+        return norms + biases
+
     def param_counts(self) -> dict[str, dict[str, int]]:
         """Total and active parameters per part: {"part": {"total": n, "active": m}}."""
         D, L, V = self.d_model, self.n_layers, self.vocab_size
         hd, H, KV = self.head_size, self.n_heads, self.kv_heads
         emb = V * D * (1 if self.tie_embeddings else 2)
-        attn = L * (D * H * hd + 2 * D * KV * hd + H * hd * D + (2 * hd if self.qk_norm else 0))
+        attn = L * (D * H * hd + 2 * D * KV * hd + H * hd * D + self.attn_extra_params())
         moe_ids = self.moe_layer_ids()
         n_dense = L - len(moe_ids)
         dense = n_dense * self.ffn_params(self.ffn_hidden)

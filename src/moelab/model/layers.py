@@ -61,22 +61,30 @@ class Attention(nn.Module):
         super().__init__()
         D, H, G, Hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.layer, self.H, self.G, self.Hd = layer, H, G, Hd
-        self.wq = nn.Linear(D, H * Hd, bias=False)
-        self.wk = nn.Linear(D, G * Hd, bias=False)
-        self.wv = nn.Linear(D, G * Hd, bias=False)
-        self.wo = nn.Linear(H * Hd, D, bias=False)
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.normal_(lin.weight, 0.0, cfg.init_std)
-        nn.init.normal_(self.wo.weight, 0.0, out_std)
-        self.q_norm = RMSNorm(Hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(Hd, cfg.norm_eps) if cfg.qk_norm else None
+        bias = cfg.attn_bias_kind
+        self.wq = nn.Linear(D, H * Hd, bias=bias != "none")
+        self.wk = nn.Linear(D, G * Hd, bias=bias != "none")
+        self.wv = nn.Linear(D, G * Hd, bias=bias != "none")
+        self.wo = nn.Linear(H * Hd, D, bias=bias == "all")
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, 0.0, cfg.init_std if lin is not self.wo else out_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        # "head" normalises each head's Hd vector (Qwen3); "full" the whole projection (OLMoE).
+        self.qk_norm = cfg.qk_norm_kind
+        q_dim, k_dim = (H * Hd, G * Hd) if self.qk_norm == "full" else (Hd, Hd)
+        self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if self.qk_norm != "none" else None
+        self.k_norm = RMSNorm(k_dim, cfg.norm_eps) if self.qk_norm != "none" else None
 
     def forward(self, x_BSD, cos_Sh, sin_Sh, cache: KVCache | None = None, start: int = 0):
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.H, self.Hd).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.G, self.Hd).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.G, self.Hd).transpose(1, 2)
-        if self.q_norm is not None:
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.H, self.Hd).transpose(1, 2)
+        k = k.view(B, S, self.G, self.Hd).transpose(1, 2)
+        v = v.view(B, S, self.G, self.Hd).transpose(1, 2)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_Sh, sin_Sh), apply_rope(k, cos_Sh, sin_Sh)
         if cache is not None:

@@ -26,6 +26,14 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> to
     return E * (f_E * P_E).sum()
 
 
+def pooled_balance_loss(routing) -> torch.Tensor:
+    """`load_balance_loss` over every layer's tokens at once (transformers' `load_balancing_loss_func`):
+    f_e and P_e are averaged over (layer, token) pairs, so it is not the mean of the per-layer losses.
+    `routing`: records with probs_TE and expert_ids_TK, all layers with the same E."""
+    probs_NE = torch.cat([r.probs_TE for r in routing])
+    return load_balance_loss(probs_NE, torch.cat([r.expert_ids_TK for r in routing]))
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps router logits small."""
     if logits_TE.shape[0] == 0:

@@ -16,6 +16,7 @@ from moelab.config import ConfigError
 from moelab.model.config import ModelConfig
 from moelab.model.experts import GatedFFN, output_std
 from moelab.model.layers import Attention, KVCache, RMSNorm, rope_tables
+from moelab.model.losses import pooled_balance_loss
 from moelab.model.moe import LayerRouting, MoELayer
 from moelab.model.routers import RecurrentCore, build_router
 
@@ -27,7 +28,7 @@ class ModelOutput:
     logits: torch.Tensor  # [B, S, V]
     loss: torch.Tensor | None = None  # causal-LM cross-entropy (labels shifted inside, -100 ignored)
     aux_loss: torch.Tensor | None = None  # balance_coef * balance_loss + z_coef * z_loss
-    balance_loss: torch.Tensor | None = None  # mean over MoE layers
+    balance_loss: torch.Tensor | None = None  # mean over MoE layers, or pooled (balance_loss_scope)
     z_loss: torch.Tensor | None = None  # mean over MoE layers
     routing: list[LayerRouting] | None = None  # one record per MoE layer, with return_routing=True
 
@@ -141,7 +142,10 @@ class MoETransformer(nn.Module):
         out = ModelOutput(logits=logits)
         m = self.config.moe
         zero = logits.new_zeros((), dtype=torch.float32)
-        out.balance_loss = torch.stack(balance).mean() if balance else zero
+        if balance and m.balance_loss_scope == "global":
+            out.balance_loss = pooled_balance_loss(records)
+        else:
+            out.balance_loss = torch.stack(balance).mean() if balance else zero
         out.z_loss = torch.stack(z).mean() if z else zero
         out.aux_loss = m.balance_coef * out.balance_loss + m.z_coef * out.z_loss
         if labels is not None:

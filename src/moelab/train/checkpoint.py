@@ -138,7 +138,11 @@ def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Load weights, optimizer and RNG from a checkpoint of the same architecture; returns its step."""
     path = Path(path)
     saved = read_checkpoint_config(path)
-    diff = first_difference(saved["model"], model_config)
+    try:  # normalise through the dataclass so keys added by newer versions compare by their defaults
+        saved_model = ModelConfig.from_dict(saved["model"], path="model").to_dict()
+    except ConfigError as e:
+        raise MoelabError(f"--resume {path}: checkpoint has an invalid model config: {e}") from None
+    diff = first_difference(saved_model, model_config)
     if diff:
         raise MoelabError(f"--resume {path}: checkpoint is a different architecture: {diff}")
     if not (path / "optimizer.pt").is_file():

@@ -1,0 +1,8 @@
+"""Hugging Face transformers interop: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints.
+
+- `moelab.hf.convert.import_hf(path_or_name, out)`: a transformers checkpoint -> a moelab checkpoint folder.
+- `moelab.hf.convert.export_hf(checkpoint, out, family=None)`: a moelab checkpoint -> a transformers folder.
+- `moelab.hf.weights.hf_weight_layers(path)`: router and expert weights for `analysis.weights`.
+- `moelab.trace.hf.trace_hf(...)`: a routing trace of a transformers model over a moelab corpus.
+Conversions need only safetensors; loading or tracing a transformers model needs `transformers`.
+"""

@@ -1,0 +1,114 @@
+"""trace_hf: a transformers MoE model's own routing over a moelab corpus, in the moelab trace format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moelab.config import MoelabError  # noqa: E402
+from moelab.data.objectives import iter_sequential  # noqa: E402
+from moelab.data.shards import load_corpus  # noqa: E402
+from moelab.trace.hf import trace_hf  # noqa: E402
+from moelab.trace.io import open_trace  # noqa: E402
+
+VOCAB = 400
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    from moelab.data.build import build_corpus
+    from moelab.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hftrace")
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n", "The quick brown fox."] * 50, VOCAB)
+    build_corpus(root / "corpus", ["python-docs"], tokenizer=tok, max_bytes_per_source=20000)
+    return root / "corpus"
+
+
+def _model(kind, **kw):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=6,
+                                         num_experts_per_tok=2, **kw)
+        return transformers.MixtralForCausalLM(cfg).eval()
+    cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=32, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+                                      decoder_sparse_step=2, norm_topk_prob=False, **kw)
+    return transformers.Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _own_choices(model, corpus_dir, seq_len, batch_size, n_batches):
+    """The experts and weights each router module actually returned, hooked inside transformers' model."""
+    got = []
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    hooks = [r.register_forward_hook(lambda mod, a, out: got.append((out[2], out[1]))) for r in routers]
+    batches = iter_sequential(load_corpus(corpus_dir), seq_len=seq_len, batch_size=batch_size, split="heldout")
+    with torch.no_grad():
+        for _, batch in zip(range(n_batches), batches):
+            model(batch["input_ids"])
+    for h in hooks:
+        h.remove()
+    return got, len(routers)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_rows_are_the_models_own_routing(kind, corpus_dir, tmp_path):
+    torch.manual_seed(0)
+    model = _model(kind)
+    model.save_pretrained(tmp_path / "hf")
+    stats = trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "t.parquet", tokens=100, split="heldout",
+                     seq_len=16, batch_size=4, full_probs=True, progress=False)
+    trace = open_trace(tmp_path / "t.parquet")
+    L = 4 if kind == "mixtral" else 2
+    assert stats["tokens"] == 100 and stats["rows"] == 100 * L * 2
+    assert trace.meta.source == f"hf:{tmp_path / 'hf'}" and trace.meta.num_experts == [6] * L
+    assert trace.meta.extra["moe_blocks"] == ([0, 1, 2, 3] if kind == "mixtral" else [1, 3])
+    rows = next(trace.iter_batches(columns=["seq", "pos", "layer", "rank", "expert", "weight", "probs", "block"],
+                                   batch_rows=1 << 20))
+    got, n_routers = _own_choices(model, corpus_dir, 16, 4, n_batches=2)
+    # hooked (ids, weights) per (batch, layer) -> flat token-major arrays like the trace's first 100 tokens
+    ids = torch.stack([torch.cat([got[b * n_routers + l][0] for b in range(2)]) for l in range(L)], dim=1)
+    weights = torch.stack([torch.cat([got[b * n_routers + l][1] for b in range(2)]) for l in range(L)], dim=1)
+    np.testing.assert_array_equal(rows["expert"], ids[:100].reshape(-1).numpy())
+    np.testing.assert_allclose(rows["weight"], weights[:100].reshape(-1).float().numpy(), atol=1e-6)
+    if kind == "mixtral":  # Mixtral always renormalises over the k; Qwen2 here keeps raw softmax weights
+        np.testing.assert_allclose(rows["weight"].reshape(-1, 2).sum(1), 1.0, atol=1e-5)
+    assert rows["probs"].shape == (100 * L, 6)
+    assert sorted(set(rows["block"])) == trace.meta.extra["moe_blocks"]
+
+
+def test_tokenizer_must_match(corpus_dir, tmp_path):
+    from moelab.data.tokenizer import train_tokenizer
+
+    _model("mixtral").save_pretrained(tmp_path / "hf")
+    other = train_tokenizer(["completely different text about other things"] * 20, VOCAB)
+    other.save(tmp_path / "hf" / "tokenizer.json")
+    with pytest.raises(MoelabError, match="another tokenizer"):
+        trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "t.parquet", tokens=10, progress=False)
+    small = tmp_path / "small"
+    _model("mixtral").save_pretrained(small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 300
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoelabError, match="vocab_size is 300"):
+        trace_hf(small, corpus_dir, tmp_path / "t.parquet", tokens=10, progress=False)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_trace_verb_calls_trace_hf(corpus_dir, tmp_path, capsys):
+    import argparse
+
+    from moelab.trace import commands
+
+    _model("qwen2_moe").save_pretrained(tmp_path / "hf")
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["trace", "--hf", str(tmp_path / "hf"), "--data", str(corpus_dir), "--tokens", "40",
+                              "--seq-len", "16", "--batch-size", "2", "--no-probs",
+                              "--out", str(tmp_path / "t.parquet")])
+    assert args.func(args) == 0
+    assert open_trace(tmp_path / "t.parquet").num_rows == 40 * 2 * 2
