@@ -19,6 +19,9 @@ COMMAND_MODULES = [
     "moelab.data.commands",
     "moelab.train.commands",
     "moelab.trace.commands",
+    "moelab.hf.commands",
+    "moelab.report.commands",
+    "moelab.demo",
 ]
 
 

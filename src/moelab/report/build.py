@@ -1,0 +1,292 @@
+"""`build_report`: traces (and checkpoints) -> analyses -> one HTML report and metrics.json.
+
+Several traces are read one of two ways. Checkpoints of one model (the same model config, num_experts and
+row count, distinct `checkpoint_step`s) get the early-routing analysis, every checkpoint against the last
+by step, and the per-trace analyses of the final one. Anything else is a set of models compared side by
+side: a table of headline numbers, then a part per model. `early={name: [traces]}` adds early routing
+for a named model in either case (closed by the model's own trace when that is a later checkpoint of the
+same model over the same tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moelab.analysis import analyze_all, early_routing, to_json_dict, weight_analysis
+from moelab.analysis.common import plain
+from moelab.config import MoelabError
+from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
+from moelab.report.html import Section, write_report
+from moelab.report.sections import comparison_section, early_section, routing_sections, trace_table, weight_section
+from moelab.trace.io import Trace, open_trace
+
+OPTION_KEYS = ("min_count", "vocab_min_count", "pos_bucket", "n_permutations", "mi_ranks", "seed", "analyses")
+REORDER_MAX_HIDDEN = 2048  # neuron matching is a linear assignment on F x F: skip it for large experts
+
+
+@dataclasses.dataclass
+class ModelInput:
+    name: str
+    path: str
+    trace: Trace
+    checkpoints: list[tuple[str, Trace]] = dataclasses.field(default_factory=list)  # by step, final last
+    weights: str | None = None
+
+
+def traced_length(trace: Trace) -> int | None:
+    """1 + the largest position in the trace, from the Parquet statistics (no rows are read)."""
+    try:
+        md = pq.ParquetFile(trace.path).metadata
+        col = next(i for i in range(md.num_columns) if md.schema.column(i).path == "pos")
+        stats = [md.row_group(g).column(col).statistics for g in range(md.num_row_groups)]
+        return 1 + max(int(s.max) for s in stats) if all(s is not None and s.has_min_max for s in stats) else None
+    except (StopIteration, OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def analysis_options(options: Mapping[str, Any] | None, trace: Trace) -> dict[str, Any]:
+    """analyze_all keywords; the position bucket defaults to 1/16 of the traced sequence length (else of
+    the model's context, else 256) so that the drop-by-position curve has points to show."""
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTION_KEYS))
+    if unknown:
+        raise MoelabError(f"unknown analysis option {unknown[0]!r} (known: {', '.join(OPTION_KEYS)})")
+    if "pos_bucket" not in opts:
+        length = traced_length(trace) or (trace.meta.model_config or {}).get("max_seq_len")
+        opts["pos_bucket"] = -(-length // 16) if isinstance(length, int) and length > 0 else 256
+    return opts
+
+
+def _unique_names(paths: Sequence[str], names: Sequence[str] | None, count: int) -> list[str]:
+    if names is not None:
+        if len(names) != count:
+            raise MoelabError(f"--names: {len(names)} name(s) given for {count} model(s)")
+        if len(set(names)) != len(names):
+            raise MoelabError(f"--names must be distinct, got {list(names)}")
+        return list(names)
+    out: list[str] = []
+    for p in paths[:count]:
+        stem = Path(p).name.removesuffix(".parquet")
+        out.append(stem if stem not in out else f"{stem}-{len(out) + 1}")
+    return out
+
+
+def is_checkpoint_series(traces: Sequence[Trace]) -> bool:
+    """Same model (config, experts, top-k), same tokens (row count), distinct known steps."""
+    if len(traces) < 2:
+        return False
+    metas = [t.meta for t in traces]
+    steps = [m.checkpoint_step for m in metas]
+    if any(s is None for s in steps) or len(set(steps)) != len(steps):
+        return False
+    m0 = metas[0]
+    return (all(m.model_config == m0.model_config and m.num_experts == m0.num_experts and m.top_k == m0.top_k
+                for m in metas) and len({t.num_rows for t in traces}) == 1)
+
+
+def order_checkpoints(items: Sequence[tuple[str, Trace]]) -> list[tuple[str, Trace]]:
+    """Checkpoint traces of one model, ordered by step (final last); a different model is an error."""
+    if len(items) < 2:
+        raise MoelabError("early routing needs at least two checkpoint traces of one model")
+    ref_path, ref = items[-1]
+    for path, t in items:
+        if t.meta.model_config != ref.meta.model_config:
+            from moelab.train.checkpoint import first_difference
+
+            diff = first_difference(t.meta.model_config, ref.meta.model_config)
+            raise MoelabError(f"early routing compares checkpoints of one model, but {path} and {ref_path} "
+                              f"are different models ({diff})")
+    steps = [t.meta.checkpoint_step for _, t in items]
+    if all(s is None for s in steps):
+        return list(items)  # no steps recorded: the order given is the training order
+    if any(s is None for s in steps) or len(set(steps)) != len(steps):
+        raise MoelabError(f"early routing needs a distinct checkpoint_step in every trace, got {steps}")
+    return sorted(items, key=lambda item: item[1].meta.checkpoint_step)
+
+
+def plan_models(paths: Sequence[str], names: Sequence[str] | None, weights: Sequence[str] | None,
+                early: Any) -> tuple[str, list[ModelInput]]:
+    """Open the traces and decide: one model, checkpoints of one model, or several models."""
+    if not paths:
+        raise MoelabError("give at least one trace to analyse")
+    traces = [open_trace(p) for p in paths]
+    pairs = [(str(p), t) for p, t in zip(paths, traces)]
+    if is_checkpoint_series(traces):
+        ordered = order_checkpoints(pairs)
+        name = _unique_names([ordered[-1][0]], names, 1)[0]
+        models, mode = [ModelInput(name, ordered[-1][0], ordered[-1][1], checkpoints=ordered)], "checkpoints"
+    else:
+        labels = _unique_names([str(p) for p in paths], names, len(paths))
+        models = [ModelInput(n, p, t) for n, (p, t) in zip(labels, pairs)]
+        mode = "single" if len(models) == 1 else "compare"
+    if weights:
+        if len(weights) != len(models):
+            raise MoelabError(f"--weights: give one checkpoint per model ({len(models)} model(s), "
+                              f"{len(weights)} checkpoint(s))")
+        for m, w in zip(models, weights):
+            m.weights = str(w)
+    for key, early_paths in _early_items(early, models):
+        match = [m for m in models if m.name == key]
+        if not match and len(models) == 1 and names is None:
+            match, models[0].name = models, key  # one unnamed model takes the early series' name
+        if not match:
+            raise MoelabError(f"early routing for {key!r}: no model of that name (models: "
+                              f"{', '.join(m.name for m in models)})")
+        series = [(str(p), open_trace(p)) for p in early_paths]
+        match[0].checkpoints = order_checkpoints(series + _final_if_later(match[0], series))
+    return mode, models
+
+
+def _final_if_later(m: ModelInput, series: Sequence[tuple[str, Trace]]) -> list[tuple[str, Trace]]:
+    """The model's own trace closes its early series when it is a later checkpoint of the same model
+    over the same tokens: "every checkpoint against the final one" then means the model analysed."""
+    steps = [t.meta.checkpoint_step for _, t in series]
+    step = m.trace.meta.checkpoint_step
+    later = step is not None and all(s is not None and s < step for s in steps)
+    same = all(t.meta.model_config == m.trace.meta.model_config and t.num_rows == m.trace.num_rows
+               for _, t in series)
+    return [(m.path, m.trace)] if later and same and m.path not in [p for p, _ in series] else []
+
+
+def _early_items(early: Any, models: Sequence[ModelInput]) -> list[tuple[str, list[str]]]:
+    """`early` as {model name: traces} or as a list of trace lists, one per model in order."""
+    if not early:
+        return []
+    if isinstance(early, Mapping):
+        return [(str(k), [str(p) for p in v]) for k, v in early.items()]
+    if len(early) > len(models):
+        raise MoelabError(f"--early: {len(early)} checkpoint series given for {len(models)} model(s)")
+    return [(m.name, [str(p) for p in v]) for m, v in zip(models, early)]
+
+
+def token_decoder(meta: Any) -> Callable[[int], str] | None:
+    """Token ID -> quoted text when the trace names a local tokenizer; None (IDs shown) otherwise."""
+    path = meta.tokenizer
+    if not path or not Path(path).exists():
+        return None  # never a hub lookup: a report must build offline
+    try:
+        from moelab.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path)
+    except Exception:  # noqa: BLE001 - any unreadable tokenizer just means IDs instead of text
+        return None
+    return lambda t: repr(tok.decode([t]))[:24]
+
+
+def step_label(trace: Trace, index: int) -> Any:
+    """The checkpoint's step, or its place in the given order when the sidecar records no step."""
+    step = trace.meta.checkpoint_step
+    return step if step is not None else f"checkpoint {index + 1}"
+
+
+def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any] | None,
+                  options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every analysis of one model: routing of its trace, early routing, weights."""
+    opts = analysis_options(options, m.trace)
+    with _unreadable_as_error(m.path):
+        results = analyze_all(m.trace, labels=labels, simulate=simulate, **opts)
+    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": ""}
+    out["headlines"] = routing_headlines(results, labels)
+    if m.checkpoints:
+        steps = [step_label(t, i) for i, (_, t) in enumerate(m.checkpoints)]
+        with _unreadable_as_error(", ".join(p for p, _ in m.checkpoints)):
+            out["early"] = early_routing([t for _, t in m.checkpoints], steps=steps[:-1])
+        out["headlines"] += early_headlines(out["early"], m.trace.meta.top_k)
+    if m.weights:
+        out["weights"], out["note"] = _weights(m.weights)
+        out["headlines"] += weight_headlines(out["weights"], out["note"])
+    return out
+
+
+@contextlib.contextmanager
+def _unreadable_as_error(what: str) -> Iterator[None]:
+    """open_trace checks a file's footer and schema; a damaged body only fails while rows are read, as
+    pyarrow's OSError / ArrowException: that is bad input too, named by its file."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoelabError(f"trace {what} is unreadable (corrupt file?): {text}") from None
+
+
+def _weights(path: str) -> tuple[Any, str]:
+    from moelab.trace.weights import checkpoint_weight_layers
+
+    layers = checkpoint_weight_layers(path)
+    E, F = layers[0]["w_up_EFD"].shape[:2]
+    pairs = [(0, 1)] if E > 1 and F <= REORDER_MAX_HIDDEN else []
+    return weight_analysis(layers, reorder_pairs=pairs), layers[0].get("router_note", "")
+
+
+def model_sections(m: ModelInput, a: dict[str, Any], labels: Sequence[str], level: int) -> list[Section]:
+    meta = m.trace.meta
+    intro = Section("Trace", blocks=[trace_table(meta, m.path, a["results"])])
+    out = [intro] + routing_sections(a["results"], labels, a["options"]["pos_bucket"], token_decoder(meta))
+    if a["early"] is not None:
+        paths = [p for p, _ in m.checkpoints]
+        out.append(early_section(a["early"], step_label(m.checkpoints[-1][1], len(paths) - 1), paths))
+    if a["weights"] is not None:
+        out.append(weight_section(a["weights"], m.weights, a["note"]))
+    for s in out:
+        s.level = level
+    return out
+
+
+def model_metrics(m: ModelInput, a: dict[str, Any]) -> dict[str, Any]:
+    early = None
+    if a["early"] is not None:
+        early = {"traces": [p for p, _ in m.checkpoints], "result": a["early"]}
+    weights = None
+    if a["weights"] is not None:
+        weights = {"checkpoint": m.weights, "note": a["note"], "result": a["weights"]}
+    return {"trace": m.path, "meta": m.trace.meta, "options": a["options"],
+            "headline": {h.key: h for h in a["headlines"]}, "analyses": to_json_dict(a["results"]),
+            "early": early, "weights": weights}
+
+
+def _subtitle(mode: str, models: Sequence[ModelInput]) -> str:
+    if mode == "checkpoints":
+        steps = ", ".join(str(t.meta.checkpoint_step) for _, t in models[0].checkpoints)
+        return f"Checkpoints at steps {steps} of one model; routing analyses of the final one."
+    if mode == "compare":
+        return f"{len(models)} models side by side: {', '.join(m.name for m in models)}."
+    return f"Routing analyses of {models[0].path}."
+
+
+def build_report(trace_paths: Sequence[str | Path], out_dir: str | Path, *,
+                 weights: Sequence[str | Path] | None = None, labels: Sequence[str] | None = None,
+                 simulate: dict[str, Any] | None = None, title: str | None = None,
+                 names: Sequence[str] | None = None,
+                 early: Mapping[str, Sequence[str | Path]] | Sequence[Sequence[str | Path]] | None = None,
+                 options: Mapping[str, Any] | None = None, dpi: int = 100) -> dict[str, Any]:
+    """Analyse, then write `report.html` and `metrics.json` into out_dir; returns the metrics dict.
+
+    `early` is {model name: checkpoint traces} or one list of traces per model, in order. Nothing is
+    written unless every analysis succeeded. `options` go to `analyze_all` (min_count,
+    vocab_min_count, pos_bucket, n_permutations, mi_ranks, seed, analyses).
+    """
+    labels = tuple(labels) if labels is not None else ("domain", "lang")
+    mode, models = plan_models([str(p) for p in trace_paths], names, [str(w) for w in weights or []], early)
+    analysed = [analyse_model(m, labels, simulate, options) for m in models]
+    headlines: dict[str, list[Headline]] = {m.name: a["headlines"] for m, a in zip(models, analysed)}
+    several = len(models) > 1
+    summary = [f"{name}: {h.text}" if several else h.text for name, hs in headlines.items() for h in hs if h.text]
+    sections: list[Section] = [comparison_section(headlines)] if several else []
+    for m, a in zip(models, analysed):
+        if several:
+            sections.append(Section(m.name, level=2))
+        sections += model_sections(m, a, labels, level=3 if several else 2)
+    title = title or ("Routing report: " + " vs ".join(m.name for m in models))
+    metrics = plain({"title": title, "mode": mode, "labels": list(labels), "simulate": simulate,
+                     "summary": summary, "models": {m.name: model_metrics(m, a) for m, a in zip(models, analysed)}})
+    grouped = {name: [h.text for h in hs if h.text] for name, hs in headlines.items()}
+    files = write_report(out_dir, sections, title=title, summary=grouped if several else summary,
+                         subtitle=_subtitle(mode, models), metrics=metrics, dpi=dpi)
+    metrics["files"] = {k: str(v) for k, v in files.items()}
+    return metrics

@@ -1,0 +1,96 @@
+"""`moelab analyze`: traces (and checkpoints) -> one self-contained HTML report and metrics.json."""
+
+from __future__ import annotations
+
+from moelab.config import MoelabError
+
+SUMMARY_LINES = 5
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="routing analyses of traces as one HTML report + metrics.json",
+                       description="Analyse routing traces (docs/TRACE.md). Several traces are either "
+                                   "checkpoints of one model (early routing against the last step) or "
+                                   "different models, compared side by side.")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.parquet with .json sidecar)")
+    p.add_argument("--out", required=True, help="folder for report.html and metrics.json")
+    p.add_argument("--weights", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="checkpoint folders for the static weight analyses, one per model in TRACE order")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="a name per model, in TRACE order")
+    p.add_argument("--early", nargs="+", action="append", default=None, metavar="TRACE",
+                   help="traces of several checkpoints of one model (early routing); repeat the flag once "
+                        "per model, in TRACE order")
+    p.add_argument("--simulate-capacity", type=float, default=None, metavar="CF",
+                   help="also re-simulate token drops at this capacity factor")
+    p.add_argument("--simulate-formula", choices=["topk", "group"], default=None)
+    p.add_argument("--simulate-policy", choices=["openmoe", "score"], default=None)
+    p.add_argument("--simulate-batch-seqs", type=int, default=None, metavar="N",
+                   help="sequences per batch the capacity counts over (default 8, `moelab trace`'s default)")
+    p.add_argument("--simulate-group-size", type=int, default=None, metavar="G",
+                   help="tokens per group for --simulate-formula group (default 4096)")
+    p.add_argument("--labels", default="domain,lang", help="comma-separated label columns to group by")
+    p.add_argument("--min-count", type=int, default=None,
+                   help="token IDs seen fewer times are left out of the std score (default 128)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=run_analyze)
+
+
+def simulate_settings(args) -> dict | None:
+    """The drop re-simulation flags as `analyze_all`'s `simulate`, or None."""
+    extra = {"formula": args.simulate_formula, "policy": args.simulate_policy,
+             "batch_seqs": args.simulate_batch_seqs, "group_size": args.simulate_group_size}
+    if args.simulate_capacity is None:
+        given = [k for k, v in extra.items() if v is not None]
+        if given:
+            raise MoelabError(f"--simulate-{given[0].replace('_', '-')} needs --simulate-capacity CF")
+        return None
+    settings = {"capacity_factor": args.simulate_capacity, "batch_seqs": 8}
+    settings.update({k: v for k, v in extra.items() if v is not None})
+    return settings
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_analyze(args) -> int:
+    from moelab.report.build import build_report
+
+    labels = tuple(s.strip() for s in args.labels.split(",") if s.strip())
+    options = {} if args.min_count is None else {"min_count": args.min_count}
+    try:
+        metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
+                               simulate=simulate_settings(args), title=args.title, names=args.names,
+                               early=args.early, options=options)
+    except OSError as e:  # e.g. an unwritable --out (unreadable trace rows are already named by build_report)
+        raise MoelabError(f"cannot read or write a file: {_first_line(e)}") from None
+    print(f"report:  {metrics['files']['report']}")
+    print(f"metrics: {metrics['files']['metrics']}")
+    for line in short_summary(metrics):
+        print(f"  {line}")
+    return 0
+
+
+def short_summary(metrics: dict, lines: int = SUMMARY_LINES) -> list[str]:
+    """One model: its first summary sentences. Several: the first headline numbers, all models on a line."""
+    models = metrics["models"]
+    if len(models) == 1:
+        return metrics["summary"][:lines]
+    first = next(iter(models.values()))["headline"]
+    keys = [k for k, h in first.items() if h["text"] and h["value"] is not None][:lines]
+    out = []
+    for key in keys:
+        heads = {name: m["headline"].get(key, {}) for name, m in models.items()}
+        nulls = {h.get("null") for h in heads.values()}
+        shared = len(nulls) == 1  # models with different E have different nulls: each gets its own
+        values = ", ".join(f"{name} {_num(h.get('value'))}" + ("" if shared else f" (null {_num(h.get('null'))})")
+                           for name, h in heads.items())
+        null = first[key]["null"]
+        tail = f" (null {_num(null)})" if shared and null is not None else ""
+        out.append(f"{first[key]['label']}: {values}{tail}")
+    return out
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

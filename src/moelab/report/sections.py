@@ -1,0 +1,223 @@
+"""Analysis results -> report sections: each figure with one sentence on how to read it and what its null is.
+
+Sections appear only for what the trace holds: no `probs` column, no cross-layer MI; no all-experts
+columns, no output-norm analysis. A missing part is stated in a note rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from moelab.report import figures as F
+from moelab.report.headline import Headline, fmt
+from moelab.report.html import FigureBlock, Note, Section, Table
+
+LABEL_WORDS = {"domain": "domain", "lang": "language", "turn": "turn"}
+
+
+def trace_table(meta: Any, path: str, results: dict[str, Any]) -> Table:
+    """What was traced: the source, the router setting, how many tokens."""
+    load = results.get("load")
+    tokens = load.tokens[0] if load is not None and load.tokens else "n/a"
+    cf = "dropless" if meta.capacity_factor is None else (
+        f"{meta.capacity_factor} ({meta.capacity_formula}, {meta.drop_policy})")
+    router = meta.model_config.get("moe", {}).get("router", {}).get("kind", "n/a") if meta.model_config else "n/a"
+    rows = [["trace", path], ["source", meta.source], ["router", router],
+            ["experts per MoE layer", ", ".join(map(str, meta.num_experts))], ["top-k", meta.top_k],
+            ["capacity factor", cf],
+            ["checkpoint step", "n/a" if meta.checkpoint_step is None else meta.checkpoint_step],
+            ["tokens traced", tokens]]
+    return Table([], rows)
+
+
+def load_section(results: dict[str, Any]) -> Section:
+    return Section("Expert load", "How evenly the router spreads tokens over experts (all ranks, before dropping).", [
+        FigureBlock(F.load_bars(results["load"]),
+                    "Each bar is an expert's share of its layer's routed choices; the dashed line is the uniform "
+                    "share 1/E of perfectly balanced routing, and red crosses mark dead experts.")])
+
+
+def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucket: int,
+                           decode: Callable[[int], str] | None) -> Section:
+    blocks: list[Any] = [FigureBlock(
+        F.specialisation_scores(results["vocab"], results["std_token"], results["std_position"]),
+        "Left, OLMoE's vocabulary specialisation per layer (0 = random, 1 = each token ID always to the same "
+        "expert; black ticks: uniform routing at these counts); right, OpenMoE's std over experts of E_i(g) "
+        "for token IDs and positions (ticks: uniform routing, dashed: always the same experts).")]
+    tables, informative = results["tables"], []
+    for label in labels:
+        dom = results.get(f"domain_specialisation:{label}")
+        if dom is None or max((len(n) for n in dom.names), default=0) < 2:
+            blocks.append(Note(f"Only one {LABEL_WORDS.get(label, label)} in this trace: no {label} specialisation."))
+            continue
+        informative.append(label)
+        word = LABEL_WORDS.get(label, label)
+        blocks.append(FigureBlock(F.specialisation_heatmap(tables[label], what=word),
+                                  f"Each row is a {word} and each cell the share of its routed choices that went to "
+                                  "that expert, E_i(g); white is the uniform rate 1/E, red an expert the "
+                                  f"{word} prefers, blue one it avoids."))
+    blocks.append(FigureBlock(F.specialisation_heatmap(tables["pos_bucket"], what="position", bucket_size=bucket),
+                              f"E_i(g) for positions in buckets of {bucket}: rows that stay white mean routing "
+                              "does not depend on where a token sits (OpenMoE finds positions near uniform)."))
+    mis = {lab: results[f"mi:{lab}"] for lab in informative if f"mi:{lab}" in results}
+    if mis:
+        ranks = "top-1 expert" if next(iter(mis.values())).ranks == "top1" else "experts (all ranks)"
+        blocks.append(FigureBlock(F.label_mi_bars(mis),
+                                  f"Normalised mutual information between a token's {ranks} and its label, per "
+                                  "layer, beside the same after shuffling the labels (grey: the permutation null)."))
+    blocks.append(top_tokens_table(results["top_tokens"], decode))
+    return Section("Expert specialisation",
+                   "Does an expert take particular token IDs, positions, domains or languages? (OpenMoE, OLMoE)",
+                   blocks)
+
+
+def top_tokens_table(top: Any, decode: Callable[[int], str] | None, n: int = 6) -> Table:
+    """Each expert's most over-represented tokens in the first and the last MoE layer."""
+    rows = []
+    layers = sorted({0, len(top.by_lift) - 1})
+    for l in layers:
+        for e, (ids, lifts) in enumerate(zip(top.by_lift[l], top.lift[l])):
+            shown = [f"{decode(int(t)) if decode else t} ({fmt(x, '.1f')}x)"
+                     for t, x in zip(ids[:n], lifts[:n]) if int(t) >= 0]
+            rows.append([l, e, ", ".join(shown) or "none seen often enough"])
+    return Table(["layer", "expert", "tokens by lift (share in the expert over base rate; 1x = no preference)"],
+                 rows, "Top tokens per expert, first and last MoE layer.")
+
+
+def coactivation_section(results: dict[str, Any]) -> Section:
+    return Section("Co-activation", "Which experts a token picks together (OLMoE).", [FigureBlock(
+        F.coactivation_heatmap(results["coactivation"]),
+        "Cell (i, j) is P(j | i), the share of tokens routed to expert i that also chose j; white is uniform "
+        "top-k's (k - 1)/(E - 1), red pairs fire together more often than chance.")])
+
+
+def drops_section(results: dict[str, Any]) -> Section:
+    sim = results.get("drops_simulated")
+    return Section("Token drops by position", "OpenMoE's drop towards the end: choices that found their "
+                   "expert full, as a function of the position in the sequence.", [FigureBlock(
+                       F.drop_curves(results["drops"], sim),
+                       "Share of routed choices dropped by capacity in each position bucket (and each turn where "
+                       "the data has turns); the dotted line is the overall share, which a position-independent "
+                       "profile would follow.")])
+
+
+def gates_section(results: dict[str, Any]) -> Section:
+    g = results["gates"]
+    blocks: list[Any] = []
+    if g.cross_layer_mi is None:
+        blocks.append(Note("The trace has no `probs` column: no cross-layer MI or gate entropy."))
+    else:
+        blocks.append(FigureBlock(F.cross_layer_mi_heatmap(g),
+                                  "Left, RMoE's mutual information between two layers' binned routing distributions "
+                                  "per token; right, its excess over shuffling one layer's experts within each "
+                                  "token (white = no more shared information than chance)."))
+    rows = []
+    for l in range(len(g.null_gate_entropy)):
+        ent = g.gate_entropy_median[l] if g.gate_entropy_median is not None else None
+        rows.append([l, fmt(ent), fmt(g.null_gate_entropy[l]), fmt(g.inner_balance_median[l]),
+                     fmt(g.null_inner_balance), fmt(g.outer_balance_median[l]), fmt(g.null_outer_balance[l])])
+    blocks.append(Table(["layer", "gate entropy (median)", "uniform: log E", "inner balance top1/top2",
+                         "null", "outer balance sum top-k", "null k/E"], rows,
+                        "Gate statistics per layer (medians over tokens) beside their uniform-router values."))
+    return Section("Routing distributions", "How sharp the router's distribution is, and how much one layer's "
+                   "routing tells about the next (RMoE).", blocks)
+
+
+def dynamic_section(results: dict[str, Any]) -> Section | None:
+    dyn = results.get("dynamic")
+    if dyn is None or (dyn.rank_counts is None and dyn.mean_angular is None and dyn.mean_density is None):
+        return Section("Expert outputs", blocks=[Note(
+            "The trace has no all-experts columns (trace with --all-experts): no output-norm analysis.")])
+    blocks: list[Any] = []
+    if dyn.rank_counts is not None:
+        blocks.append(FigureBlock(F.rank_table_heatmap(dyn),
+                                  "Row r, column n: the share of experts at router-score rank r whose output norm "
+                                  "ranks n (0 = largest); white is 1/E, what independent ranks give, so a red "
+                                  "diagonal means the router picks the experts with the largest outputs."))
+    if dyn.mean_angular is not None or dyn.mean_density is not None:
+        blocks.append(FigureBlock(F.output_similarity(dyn),
+                                  "Mean angular similarity of two experts' outputs on the same token per layer "
+                                  "(dashed 0.5 = unrelated), and the share of active intermediate units (1 = dense)."))
+    return Section("Expert outputs", "Every expert run on the real hidden state (A Closer Look's dynamic analyses).",
+                   blocks)
+
+
+def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int,
+                     decode: Callable[[int], str] | None = None) -> list[Section]:
+    out = []
+    if "load" in results:
+        out.append(load_section(results))
+    if "tables" in results:
+        out.append(specialisation_section(results, labels, bucket, decode))
+    if "coactivation" in results:
+        out.append(coactivation_section(results))
+    if "drops" in results:
+        out.append(drops_section(results))
+    if "gates" in results:
+        out.append(gates_section(results))
+    if "dynamic" in results:
+        out.append(dynamic_section(results))
+    return out
+
+
+def early_section(early: Any, final_step: Any, paths: Sequence[str]) -> Section:
+    rows = [[s, p] for s, p in zip(list(early.steps) + [final_step], paths)]
+    return Section("Early routing learning", "Is the routing fixed early in training? Every checkpoint routes the "
+                   "same tokens and is compared with the final checkpoint (OpenMoE, OLMoE's router saturation).", [
+                       FigureBlock(F.early_routing_curves(early, final_step),
+                                   "Top-1 agreement and top-k overlap with the final checkpoint (1 = identical) and "
+                                   "the JS divergence of each token ID's expert distribution (0 = identical), per "
+                                   "layer; dashed lines are two independent uniform routings."),
+                       Table(["checkpoint step", "trace"], rows)])
+
+
+def weight_section(weights: Any, checkpoint: str, note: str = "") -> Section:
+    blocks: list[Any] = [
+        FigureBlock(F.expert_similarity_heatmap(weights, "matrix"),
+                    "Cosine between two experts' flattened up / gate / down matrices per layer (diagonal hidden); "
+                    "white is 0, what independent random initialisations give."),
+        FigureBlock(F.expert_similarity_heatmap(weights, "averaged"),
+                    "The same with each expert reduced to its mean neuron (A Closer Look's neuron averaging); "
+                    "white is 0, the random-init null.")]
+    if weights.router_r2_mean:
+        blocks.append(FigureBlock(F.router_r2_bars(weights),
+                                  "R^2 of the line relating two experts' router-row cosine to the cosine of their "
+                                  "averaged up / gate / down neurons, over expert pairs; dashed is 1/(pairs - 1), "
+                                  "what unrelated similarities give."))
+    elif note:
+        blocks.append(Note(note))
+    blocks.extend(_reorder_table(weights))
+    return Section("Expert weights", f"Static analyses of the checkpoint {checkpoint} (A Closer Look).", blocks)
+
+
+def _reorder_table(weights: Any) -> list[Table]:
+    rows = []
+    for l, lay in enumerate(weights.layers):
+        for pair, m in lay.reorder.items():
+            rows.append([l, pair, fmt(m.similarity_before, ".3f"), fmt(m.similarity_after, ".3f"),
+                         fmt(m.null_after, ".3f"), fmt(m.kendall_tau, ".3f")])
+    if not rows:
+        return []
+    return [Table(["layer", "experts", "neuron cosine, same index", "after best matching",
+                   "matching of Gaussian noise", "Kendall tau (0 = unrelated order)"], rows,
+                  "Neuron reordering: do two experts hold the same neurons in another order?")]
+
+
+def comparison_section(headlines: dict[str, list[Headline]]) -> Section:
+    """A table of the headline numbers, one column per model, with the null beside each value."""
+    keys: dict[str, str] = {}
+    for hs in headlines.values():
+        for h in hs:
+            keys.setdefault(h.key, h.label)
+    rows = []
+    for key, label in keys.items():
+        row: list[Any] = [label]
+        for hs in headlines.values():
+            h = next((h for h in hs if h.key == key), None)
+            null = "" if h is None or h.null is None else f" (null {fmt(h.null, '.3g')})"
+            row.append("n/a" if h is None else f"{fmt(h.value, '.3g')}{null}")
+        rows.append(row)
+    return Section("Comparison", "The headline numbers side by side; each value is followed by its null "
+                   "(uniform routing, shuffled labels or random init).",
+                   [Table(["metric"] + list(headlines), rows)])
+

@@ -1,0 +1,70 @@
+"""A model's expert and router weights as numpy arrays, in the layout `analysis.weights.weight_analysis` reads.
+
+Legend: E experts, F expert hidden dim, D model dim.
+
+One dict per MoE layer: `w_up_EFD`, `w_gate_EFD`, `w_down_EDF` (neuron i = row i of up and gate, column i
+of down), `w_router_ED` only when the router scores with one D-dimensional row per expert (the linear and
+frozen random routers), `w_gate2_EFD` for OpenMoE's three-projection unit, plus `block` (its transformer
+block), `router_kind` and, when the router has no such rows, `router_note` saying why the router-vs-expert
+regression is left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelab.config import MoelabError
+
+ROW_ROUTERS = ("linear", "random")  # routers whose logits are x W_r with W_r: E x D
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _router_kind(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    return cfg.moe.router.kind if cfg is not None else "unknown"
+
+
+def model_weight_layers(model: Any) -> list[dict[str, Any]]:
+    """Per MoE layer of a built moelab model: expert matrices (and router rows where they exist) as float32."""
+    from moelab.model.moe import MoELayer
+
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise MoelabError("the model is dense: it has no MoE layers whose weights could be analysed")
+    kind = _router_kind(model)
+    out = []
+    for layer in layers:
+        if layer.experts is None:
+            raise MoelabError(f"MoE layer in block {layer.layer} has no stacked expert weights to analyse")
+        mats = layer.experts.matrices()
+        # w_gate2_EFD: the third projection of OpenMoE's released unit (a * silu(gate) * up); the
+        # analyses read up / gate / down only, but the neuron is not complete without it.
+        entry: dict[str, Any] = {name: _numpy(m) for name, m in mats.items()}
+        entry.update(block=int(layer.layer), router_kind=kind)
+        weight = getattr(layer.router, "weight_ED", None)
+        if kind in ROW_ROUTERS and weight is not None:
+            entry["w_router_ED"] = _numpy(weight)
+        else:
+            entry["router_note"] = (f"the {kind} router has no D-dimensional row per expert, so its rows "
+                                    "cannot be compared with the experts' weights")
+        out.append(entry)
+    return out
+
+
+def checkpoint_weight_layers(path: str | Path) -> list[dict[str, Any]]:
+    """`model_weight_layers` of a moelab checkpoint folder (or a run folder: its last checkpoint)."""
+    from moelab.train.checkpoint import load_model
+    from moelab.train.commands import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    model = load_model(ckpt)
+    try:
+        return model_weight_layers(model)
+    except MoelabError as e:
+        raise MoelabError(f"checkpoint {ckpt}: {e}") from None

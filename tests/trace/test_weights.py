@@ -1,0 +1,92 @@
+"""Weights for the static analyses: shapes, neurons that reproduce the experts, router rows only where
+they exist, and clear errors for models without experts."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.analysis import weight_analysis
+from moelab.config import MoelabError
+from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
+from moelab.model.transformer import build_model
+from moelab.train.checkpoint import save_checkpoint
+from moelab.trace.weights import checkpoint_weight_layers, model_weight_layers
+
+E, D, FH = 4, 16, 12
+
+
+def cfg(router="linear", ffn_kind="swiglu", num_experts=E):
+    moe = MoEConfig(num_experts=num_experts, top_k=2, moe_every=1, expert_hidden=FH,
+                    router=RouterConfig(kind=router, hidden=8))
+    return ModelConfig(vocab_size=50, d_model=D, n_layers=2, n_heads=2, ffn_hidden=32, max_seq_len=16,
+                       ffn_kind=ffn_kind, moe=moe)
+
+
+def neuron_sum(layer, e, x):
+    """Expert e's output rebuilt neuron by neuron: sum_i act_i(x) * W_down[:, i]."""
+    gate, up, down = (torch.from_numpy(layer[k][e]) for k in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"))
+    g_TF, u_TF = x @ gate.T, x @ up.T
+    kind = layer["ffn_kind"]
+    if kind == "swiglu":
+        h = F.silu(g_TF) * u_TF
+    elif kind == "geglu":
+        h = F.gelu(g_TF, approximate="tanh") * u_TF
+    else:  # OpenMoE's unit: a * silu(gate) * up
+        h = (x @ torch.from_numpy(layer["w_gate2_EFD"][e]).T) * F.silu(g_TF) * u_TF
+    return h @ down.T
+
+
+def test_shapes_blocks_and_router_rows():
+    model = build_model(cfg(), seed=0)
+    layers = model_weight_layers(model)
+    assert len(layers) == 2 and [lay["block"] for lay in layers] == [0, 1]
+    for lay in layers:
+        assert lay["w_up_EFD"].shape == (E, FH, D) and lay["w_gate_EFD"].shape == (E, FH, D)
+        assert lay["w_down_EDF"].shape == (E, D, FH) and lay["w_router_ED"].shape == (E, D)
+        assert lay["w_up_EFD"].dtype == np.float32 and "router_note" not in lay
+    router = model.moe_layers()[1].router.weight_ED.detach().numpy()
+    np.testing.assert_array_equal(layers[1]["w_router_ED"], router)
+
+
+@pytest.mark.parametrize("ffn_kind", ["swiglu", "geglu", "openmoe"])
+def test_neurons_reproduce_expert_output(ffn_kind):
+    model = build_model(cfg(ffn_kind=ffn_kind), seed=1)
+    x = torch.randn(5, D)
+    for layer, moe in zip(model_weight_layers(model), model.moe_layers()):
+        layer["ffn_kind"] = ffn_kind
+        for e in range(E):
+            with torch.no_grad():
+                ref = moe.experts.expert_output(x, e)
+            torch.testing.assert_close(neuron_sum(layer, e, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_routers_without_rows_say_so():
+    layers = model_weight_layers(build_model(cfg(router="rmoe"), seed=0))
+    assert all("w_router_ED" not in lay and "rmoe" in lay["router_note"] for lay in layers)
+    result = weight_analysis(layers)
+    assert result.router_r2_mean == {} and result.layers[0].router_cos is None
+    frozen = model_weight_layers(build_model(cfg(router="random"), seed=0))
+    assert all("w_router_ED" in lay for lay in frozen)
+
+
+def test_dense_model_is_a_clear_error(tmp_path):
+    dense = build_model(cfg(num_experts=0), seed=0)
+    with pytest.raises(MoelabError, match="dense"):
+        model_weight_layers(dense)
+    path = save_checkpoint(tmp_path / "dense", dense, {"model": dense.config.to_dict()}, step=1)
+    with pytest.raises(MoelabError, match="dense"):
+        checkpoint_weight_layers(path)
+
+
+def test_checkpoint_round_trip_and_analysis(tmp_path):
+    model = build_model(cfg(), seed=2)
+    path = save_checkpoint(tmp_path / "ckpt", model, {"model": model.config.to_dict()}, step=5)
+    from_ckpt, from_model = checkpoint_weight_layers(path), model_weight_layers(model)
+    for a, b in zip(from_ckpt, from_model):
+        for key in ("w_up_EFD", "w_gate_EFD", "w_down_EDF", "w_router_ED"):
+            np.testing.assert_array_equal(a[key], b[key])
+    result = weight_analysis(from_ckpt)
+    assert set(result.router_r2_mean) == {"up", "gate", "down"}
+    with pytest.raises(MoelabError, match="not found"):
+        checkpoint_weight_layers(tmp_path / "missing")
