@@ -50,6 +50,12 @@ def run_trace(args) -> int:
     if args.hf:
         from moelab.trace.hf import trace_hf
 
+        if args.all_experts:
+            raise MoelabError("--all-experts needs the model in moelab's form: "
+                              "convert it first with `moelab convert --from-hf`, then trace the checkpoint")
+        if args.model:
+            raise MoelabError("give either a checkpoint or --hf NAME, not both")
+
         stats = trace_hf(args.hf, args.data, args.out, tokens=args.tokens, split=args.split,
                          seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
                          full_probs=not args.no_probs)
