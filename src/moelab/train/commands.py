@@ -45,9 +45,9 @@ def build_run_config(preset: str, data: str, overrides: list[str]):
     from moelab.train.config import RunConfig
 
     d = load_preset_dict(preset, overrides)
-    unknown = sorted(set(d) - {"model", "data", "train"})
+    unknown = sorted(set(d) - {"model", "data", "train", "parallel"})
     if unknown:
-        raise ConfigError(f"unknown config section {unknown[0]!r} (known: model, data, train)")
+        raise ConfigError(f"unknown config section {unknown[0]!r} (known: model, data, train, parallel)")
     d.setdefault("data", {})["path"] = data
     d["data"].setdefault("seq_len", min(256, d.get("model", {}).get("max_seq_len", 256)))
     return RunConfig.from_dict(d)
@@ -65,11 +65,18 @@ def run_train(args) -> int:
     if run.data.seq_len > run.model.max_seq_len:
         raise ConfigError(f"data.seq_len={run.data.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
     out = Path(args.out or Path("runs") / Path(args.preset).stem)
-    result = train(run, out, resume_from=args.resume)
-    print(f"trained {run.train.steps} steps at {result.tokens_per_second:,.0f} tokens/s")
-    print(format_eval(result.eval))
-    print(f"run folder: {out}\nfinal checkpoint: {result.final_checkpoint}")
+    from moelab.distributed.mesh import is_main, shutdown
+
+    try:
+        result = train(run, out, resume_from=args.resume)
+        if is_main():  # under torchrun only rank 0 reports
+            print(f"trained {run.train.steps} steps at {result.tokens_per_second:,.0f} tokens/s")
+            print(format_eval(result.eval))
+            print(f"run folder: {out}\nfinal checkpoint: {result.final_checkpoint}")
+    finally:
+        shutdown()
     return 0
+
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

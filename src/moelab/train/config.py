@@ -50,7 +50,29 @@ class TrainConfig(Config):
 
 
 @dataclasses.dataclass(kw_only=True)
+class ParallelConfig(Config):
+    """The process mesh under torchrun: dp x ep must equal the number of processes launched."""
+
+    dp: int = 1  # data-parallel degree: ranks holding the same experts, each on its own rows
+    ep: int = 1  # expert-parallel degree: ranks splitting each MoE layer's experts
+    dp_mode: Literal["ddp", "fsdp"] = "ddp"  # wrapper when ep == 1 (with ep > 1 gradients sync by hand)
+    timeout_s: float = 300.0  # a collective waiting longer than this fails instead of hanging
+
+    def validate(self) -> None:
+        require(self.dp >= 1, f"parallel.dp={self.dp} must be >= 1")
+        require(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
+        require(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")
+
+
+@dataclasses.dataclass(kw_only=True)
 class RunConfig(Config):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        world = self.parallel.dp * self.parallel.ep
+        require(self.data.batch_size % world == 0,
+                f"data.batch_size={self.data.batch_size} must be divisible by parallel.dp x parallel.ep "
+                f"= {world} (each rank takes an equal share of every batch)")

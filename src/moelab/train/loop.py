@@ -20,9 +20,9 @@ from moelab.config import MoelabError
 from moelab.data.objectives import build_sampler, iter_sequential
 from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
+from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.train.checkpoint import resume as resume_checkpoint
-from moelab.train.checkpoint import save_checkpoint
 from moelab.train.config import RunConfig
 from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
@@ -128,17 +128,21 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     sampler = build_sampler(run.data, split="train")
     opt = build_optimizer(model, t)
     start = 0
-    if resume_from is not None:
+    if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
         start = resume_checkpoint(resume_from, model, opt, run.model.to_dict())
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
             _freeze_routers(model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(run.to_json())
-    logger = RunLogger(out, tensorboard=t.tensorboard)
+    # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
+    pr, opt = ParallelRun.start(run.parallel, model, opt, lambda m: build_optimizer(m, t), device)
+    model = pr.core
+    if pr.main:  # only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(run.to_json())
+    logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     amp = autocast_for(device, t.dtype)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
-    bar = Progress(t.steps - start, label) if show_progress else None
+    bar = Progress(t.steps - start, label) if show_progress and pr.main else None
     t0 = time.perf_counter()
     try:
         for step in range(start, t.steps):
@@ -148,44 +152,51 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
             loss_sum = 0.0
             for micro in range(t.grad_accum):
                 batch = sampler.batch(step * t.grad_accum + micro)
-                ids = batch["input_ids"].to(device)
+                ids = pr.shard(batch["input_ids"]).to(device)  # this rank's rows of the global batch
                 with amp:
-                    o = model(ids, labels=batch["labels"].to(device), return_routing=True)
+                    o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True)
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / t.grad_accum
-            params = [p for p in model.parameters() if p.grad is not None]
-            gn = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+            pr.after_backward()
+            gn = pr.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            model.update_selection_biases(o.routing)
+            pr.update_biases(o.routing)
+            loss_sum = pr.mean(loss_sum)
             if t.freeze_router_after is not None and step + 1 == t.freeze_router_after:
                 _freeze_routers(model)
             result.losses.append(loss_sum)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
-                logger.log(done, _step_metrics(o, loss_sum, gn, lr, tokens_per_step,
-                                               time.perf_counter() - step_t0))
+                m = pr.reduce(_step_metrics(o, loss_sum, gn, lr, tokens_per_step // pr.par.world,
+                                            time.perf_counter() - step_t0))
+                if logger:
+                    logger.log(done, m)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
-                result.checkpoints.append(save_checkpoint(
-                    out / "checkpoints" / f"step_{done:06d}", model, run.to_dict(), done, opt))
+                result.checkpoints.append(pr.save(
+                    out / "checkpoints" / f"step_{done:06d}", run.to_dict(), done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                logger.log(done, _flat_eval(evaluate(model, run.data.path, run.data.seq_len,
-                                                     run.data.batch_size, t.eval_tokens, amp=amp)), "eval")
+                ev = _flat_eval(evaluate(pr.eval_model, run.data.path, run.data.seq_len,
+                                         run.data.batch_size, t.eval_tokens, amp=amp))
+                if logger:
+                    logger.log(done, ev, "eval")
             if bar:
                 bar.update(done - start, (done - start) * tokens_per_step, f"loss {loss_sum:.3f}")
         elapsed = time.perf_counter() - t0
         result.tokens_per_second = (t.steps - start) * tokens_per_step / max(elapsed, 1e-9)
-        final = save_checkpoint(out / "checkpoints" / f"step_{t.steps:06d}", model, run.to_dict(), t.steps, opt)
+        final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", run.to_dict(), t.steps, opt)
         result.checkpoints.append(final)
         result.final_checkpoint = final
-        result.eval = evaluate(model, run.data.path, run.data.seq_len, run.data.batch_size, t.eval_tokens,
-                               amp=amp)
-        logger.log(t.steps, _flat_eval(result.eval), "eval")
-        (out / "eval.json").write_text(json.dumps(result.eval, indent=2))
+        result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,
+                               t.eval_tokens, amp=amp)
+        if logger:
+            logger.log(t.steps, _flat_eval(result.eval), "eval")
+            (out / "eval.json").write_text(json.dumps(result.eval, indent=2))
     finally:
         if bar:
             bar.close()
-        logger.close()
+        if logger:
+            logger.close()
     return result
 
 
