@@ -50,11 +50,18 @@ def main() -> int:
     ap.add_argument("--max-bytes-per-source", type=int, default=1_000_000)
     ap.add_argument("--out", default="/tmp/moelab-quality")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated labels to (re)train; the others are read "
+                                               "from OUT/quality.json of an earlier run with the same budget")
     args = ap.parse_args()
     out = Path(args.out)
     corpus = build(out, args.max_bytes_per_source)
+    only = [o.strip() for o in args.only.split(",") if o.strip()]
+    earlier = json.loads((out / "quality.json").read_text()) if only and (out / "quality.json").is_file() else {}
     results = {}
     for label, preset, extra in VARIANTS:
+        if only and not any(label.startswith(o) for o in only) and label in earlier:
+            results[label] = earlier[label]
+            continue
         overrides = [f"train.steps={args.steps}", f"data.seq_len={args.seq_len}",
                      f"data.batch_size={args.batch_size}", "train.eval_tokens=32768", "train.tensorboard=false",
                      f"train.warmup_steps={max(1, args.steps // 20)}", *extra]

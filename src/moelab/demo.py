@@ -22,7 +22,7 @@ SOURCES = ("stdlib-code", "python-docs", "math:4000", "gettext:de", "gettext:fr"
 @dataclass
 class DemoSettings:
     out: Path
-    steps: int = 200
+    steps: int = 300
     seq_len: int = 128
     batch_size: int = 16
     max_bytes_per_source: int = 1_000_000
@@ -148,7 +148,7 @@ def run_demo(s: DemoSettings) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="corpus -> dense, MoE and RMoE tiny models -> routing report (~15 min)")
     p.add_argument("--out", default="moelab-demo", help="output folder (default ./moelab-demo)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per model (default 200)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
     p.add_argument("--max-bytes-per-source", type=int, default=1_000_000)
     p.add_argument("--trace-tokens", type=int, default=0, help="tokens to trace (default: all held-out)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny settings")
