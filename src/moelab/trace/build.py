@@ -7,7 +7,7 @@ Rows go out in (seq, pos, layer, rank) order, one batch at a time; padding posit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -107,24 +107,16 @@ def _clip_to(batch: dict[str, torch.Tensor], remaining: int) -> dict[str, torch.
     return {**batch, "doc": torch.where(keep.view_as(doc), doc, torch.full_like(doc, -1))}
 
 
-@torch.no_grad()
-def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
-                  *, max_tokens: int, capacity_factor: float | None, all_experts: bool = False,
-                  full_probs: bool = True, progress=None) -> dict[str, int]:
-    """Run the model over batches with a RoutingRecorder and write every real token's routing."""
-    model.eval()
-    device = next(model.parameters()).device
+def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
+                capture: Callable[[dict[str, torch.Tensor]], list[CapturedLayer]], *, optional: list[str],
+                blocks: list[int], max_tokens: int, full_probs: bool, progress=None) -> dict[str, int]:
+    """The loop every trace writer shares: clip to `max_tokens`, capture one batch's routing, write its rows."""
     domains, langs = meta.labels["domain"], meta.labels["lang"]
-    blocks = model.config.moe_layer_ids()
-    optional = (["probs"] if full_probs else []) + (
-        ["expert_norms", "expert_cos", "expert_density"] if all_experts else [])
     seen = seqs = 0
-    with TraceWriter(out_path, meta, optional=optional) as writer, \
-            RoutingRecorder(model, all_experts=all_experts) as rec:
+    with TraceWriter(out_path, meta, optional=optional) as writer:
         for batch in batches:
             batch = _clip_to(batch, max_tokens - seen)
-            model(batch["input_ids"].to(device), capacity_factor=capacity_factor)
-            writer.write(batch_rows(batch, rec.pop(), seqs, domains, langs, blocks, full_probs))
+            writer.write(batch_rows(batch, capture(batch), seqs, domains, langs, blocks, full_probs))
             seqs += batch["input_ids"].shape[0]
             seen += int((batch["doc"] >= 0).sum())
             if progress:
@@ -134,3 +126,23 @@ def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: s
         if seen == 0:
             raise MoelabError("no tokens to trace: the data gave no batches")
     return {"tokens": seen, "sequences": seqs, "rows": writer.num_rows}
+
+
+@torch.no_grad()
+def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
+                  *, max_tokens: int, capacity_factor: float | None, all_experts: bool = False,
+                  full_probs: bool = True, progress=None) -> dict[str, int]:
+    """Run a moelab model over batches with a RoutingRecorder and write every real token's routing."""
+    model.eval()
+    device = next(model.parameters()).device
+    optional = (["probs"] if full_probs else []) + (
+        ["expert_norms", "expert_cos", "expert_density"] if all_experts else [])
+
+    with RoutingRecorder(model, all_experts=all_experts) as rec:
+        def capture(batch):
+            model(batch["input_ids"].to(device), capacity_factor=capacity_factor)
+            return rec.pop()
+
+        return write_trace(batches, out_path, meta, capture, optional=optional,
+                           blocks=model.config.moe_layer_ids(), max_tokens=max_tokens,
+                           full_probs=full_probs, progress=progress)

@@ -20,9 +20,8 @@ from moelab.config import MoelabError
 from moelab.hf.families import HFFields, family_of, read_hf_config
 from moelab.hf.hub import resolve_hf
 from moelab.model.moe import LayerRouting
-from moelab.trace.build import _clip_to, batch_rows
+from moelab.trace.build import write_trace
 from moelab.trace.capture import CapturedLayer
-from moelab.trace.io import TraceWriter
 from moelab.trace.schema import TraceMeta
 
 
@@ -126,21 +125,10 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
 
 
 def _write(model, batches, out_path, meta, rule, max_tokens, full_probs, device, bar) -> dict[str, int]:
-    domains, langs = meta.labels["domain"], meta.labels["lang"]
-    seen = seqs = 0
-    with TraceWriter(out_path, meta, optional=["probs"] if full_probs else []) as writer:
-        for batch in batches:
-            batch = _clip_to(batch, max_tokens - seen)
-            # Padding only ever ends a row, so under the causal mask no real token sees it: no attention mask.
-            out = model(input_ids=batch["input_ids"].to(device), output_router_logits=True, use_cache=False)
-            captured = captured_layers(out.router_logits, rule)
-            writer.write(batch_rows(batch, captured, seqs, domains, langs, rule["blocks"], full_probs))
-            seqs += batch["input_ids"].shape[0]
-            seen += int((batch["doc"] >= 0).sum())
-            if bar:
-                bar.update(min(seen, max_tokens), seen)
-            if seen >= max_tokens:
-                break
-        if seen == 0:
-            raise MoelabError("no tokens to trace: the data gave no batches")
-    return {"tokens": seen, "sequences": seqs, "rows": writer.num_rows}
+    def capture(batch):
+        # Padding only ever ends a row, so under the causal mask no real token sees it: no attention mask.
+        out = model(input_ids=batch["input_ids"].to(device), output_router_logits=True, use_cache=False)
+        return captured_layers(out.router_logits, rule)
+
+    return write_trace(batches, out_path, meta, capture, optional=["probs"] if full_probs else [],
+                       blocks=rule["blocks"], max_tokens=max_tokens, full_probs=full_probs, progress=bar)
