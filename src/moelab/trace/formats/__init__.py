@@ -34,5 +34,5 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, num_experts: int
         mtp = [f"{skipped[0]} multi-token-prediction (mtp) records were left out"] if skipped[0] else []
         return notes + mtp
 
-    return write_routed(out, source, fmt=fmt_name, what_lacks=lacks, num_experts=num_experts, corpus=corpus,
+    return write_routed(out, source, fmt=fmt, name=fmt_name, what_lacks=lacks, num_experts=num_experts, corpus=corpus,
                         split=split, notes=after_scan)

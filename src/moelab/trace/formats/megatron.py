@@ -107,4 +107,4 @@ def read_megatron(path: str | Path, micro_batch: int = 1, skipped: list[int] | N
                 raise MoelabError(f"{where}: {T} tokens do not split into micro-batch rows of {micro_batch}")
             by_row = ids_TLK.reshape(T // micro_batch, micro_batch, *ids_TLK.shape[1:])
             for b in range(micro_batch):
-                yield Routed(by_row[:, b], None, f"{where} (micro-batch row {b})")
+                yield Routed(by_row[:, b], None, f"{where} (micro-batch row {b})", np.array(layers))

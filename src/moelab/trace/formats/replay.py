@@ -5,7 +5,8 @@ This is the form RL stacks exchange to replay an inference engine's routing in t
 
 - `.npy` (read with allow_pickle=False): (T, L, K) one sequence, or (B, T, L, K) a batch padded with -1;
 - `.safetensors`: `routed_experts` (N, L, K); optional `input_ids` (token ids); when N packs several
-  sequences, `routed_lens` (S,) and, with token ids, `token_lens` (S,).
+  sequences, `routed_lens` (S,) and, with token ids, `token_lens` (S,); optional `layer_blocks` (L,), the
+  transformer block of each layer (moelab writes it; without it a layer's block is its index).
 
 A sequence has as many token ids as routed rows, or one more: an engine never runs the token it sampled
 last, so its array stops one short ("without the last token"); that token then gets no rows.
@@ -73,6 +74,9 @@ def read_replay(path: str | Path) -> Iterator[Routed]:
         raise MoelabError(f"{path}: routed_experts has shape {ids.shape}, expected (tokens, layers, top_k) "
                           f"or (batch, tokens, layers, top_k)")
     routed = _lens(arrays, "routed_lens", len(ids), path)
+    blocks = arrays.get("layer_blocks")
+    if blocks is not None and np.asarray(blocks).shape != (ids.shape[1],):
+        raise MoelabError(f"{path}: layer_blocks has shape {np.asarray(blocks).shape}, expected ({ids.shape[1]},)")
     tokens = arrays.get("input_ids")
     token_lens = None
     if tokens is not None:
@@ -89,7 +93,7 @@ def read_replay(path: str | Path) -> Iterator[Routed]:
                 raise MoelabError(f"{path} sequence {s}: {n} routed rows and {m} token ids; expected {n} "
                                   f"(every token) or {n + 1} (without the last token)")
             tok, t0 = tokens[t0: t0 + n], t0 + m
-        yield Routed(ids[r0: r0 + n].astype(np.int64), tok, f"{path} sequence {s}")
+        yield Routed(ids[r0: r0 + n].astype(np.int64), tok, f"{path} sequence {s}", blocks)
         r0 += n
 
 
@@ -97,7 +101,7 @@ def trace_to_replay(trace_path: str | Path, *, drop_last: bool = False) -> dict[
     """Per sequence: ids (T, L, K) int32 with -1 where the trace has no row, and token ids when it has them."""
     trace = open_trace(trace_path)
     L, K = trace.meta.num_layers, trace.meta.top_k
-    cols = ["seq", "pos", "layer", "rank", "expert"] + (["token"] if "token" in trace.columns else [])
+    cols = ["seq", "pos", "layer", "block", "rank", "expert"] + (["token"] if "token" in trace.columns else [])
     parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
     for batch in trace.iter_batches(columns=cols):
         for c in cols:
@@ -106,7 +110,9 @@ def trace_to_replay(trace_path: str | Path, *, drop_last: bool = False) -> dict[
     seqs, starts = np.unique(data["seq"], return_index=True)
     if not np.all(np.diff(data["seq"]) >= 0):
         raise MoelabError(f"trace {trace.path} is not in seq order: rows must come in (seq, pos, layer, rank) order")
-    out: dict[str, list[np.ndarray]] = {"ids": [], "tokens": []}
+    blocks = np.zeros(L, np.int64)
+    blocks[data["layer"]] = data["block"]
+    out: dict[str, list[np.ndarray]] = {"ids": [], "tokens": [], "blocks": [blocks]}
     for a, b in zip(starts, list(starts[1:]) + [len(data["seq"])]):
         pos = data["pos"][a:b].astype(np.int64)
         T = int(pos.max()) + 1
@@ -156,7 +162,7 @@ def _save_safetensors(tmp: Path, rep: dict[str, list[np.ndarray]]) -> None:
     from safetensors.numpy import save_file
 
     tensors = {"routed_experts": np.ascontiguousarray(np.concatenate(rep["ids"])),
-               "routed_lens": np.array([len(x) for x in rep["ids"]], np.int64)}
+               "routed_lens": np.array([len(x) for x in rep["ids"]], np.int64), "layer_blocks": rep["blocks"][0]}
     if rep["tokens"]:
         tensors["input_ids"] = np.concatenate(rep["tokens"])
         tensors["token_lens"] = np.array([len(x) for x in rep["tokens"]], np.int64)

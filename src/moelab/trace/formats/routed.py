@@ -31,6 +31,7 @@ class Routed:
     ids_TLK: np.ndarray           # int, -1 = none
     tokens_T: np.ndarray | None   # token ids of the routed positions, or None
     where: str                    # "file.jsonl line 3", for messages
+    blocks_L: np.ndarray | None = None  # transformer block of each source layer, when the format says
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class Scan:
     max_expert_L: np.ndarray | None = None   # int (L,)
     has_tokens: bool = True
     sequences: int = 0
+    blocks_L: np.ndarray | None = None
 
 
 def scan(source: Callable[[], Iterator[Routed]]) -> Scan:
@@ -53,7 +55,7 @@ def scan(source: Callable[[], Iterator[Routed]]) -> Scan:
             raise MoelabError(f"{r.where}: routing of shape (tokens, {L}, {K}) after (tokens, {s.num_layers}, "
                               f"{s.top_k}): layers and top_k must not change within a file")
         if not s.sequences:
-            s.num_layers, s.top_k = L, K
+            s.num_layers, s.top_k, s.blocks_L = L, K, r.blocks_L
             s.routed_layers, s.max_expert_L = np.zeros(L, bool), np.full(L, -1, np.int64)
         s.sequences += 1
         s.has_tokens &= r.tokens_T is not None
@@ -82,7 +84,8 @@ def resolve_experts(s: Scan, num_experts: int | None) -> tuple[list[int], list[s
                f"chose is missed): give --num-experts to be exact"]
 
 
-def rows_for(r: Routed, seq: int, layers: np.ndarray, token_T: np.ndarray | None) -> dict | None:
+def rows_for(r: Routed, seq: int, layers: np.ndarray, token_T: np.ndarray | None,
+             blocks: np.ndarray | None = None) -> dict | None:
     """One sequence -> trace columns for its routed tokens (None when it has none)."""
     ids_TLK = r.ids_TLK[:, layers, :]
     T, L, K = ids_TLK.shape
@@ -106,7 +109,7 @@ def rows_for(r: Routed, seq: int, layers: np.ndarray, token_T: np.ndarray | None
         "seq": np.full(n * rep, seq, np.int64),
         "pos": np.repeat(pos_T, rep).astype(np.int32),
         "layer": np.tile(np.repeat(np.arange(L), K), n).astype(np.int16),
-        "block": np.tile(np.repeat(layers, K), n).astype(np.int16),
+        "block": np.tile(np.repeat(layers if blocks is None else blocks[layers], K), n).astype(np.int16),
         "rank": np.tile(np.arange(K), n * L).astype(np.int8),
         "expert": ids_TLK[pos_T].reshape(-1),
         "weight": None, "prob": None,
@@ -142,7 +145,7 @@ class CorpusTokens:
         return self.corpus.gather(self.starts[k] + (virtual - self.offsets[k]))
 
 
-def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt: str, what_lacks: str,
+def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt: str, name: str, what_lacks: str,
                  num_experts: int | None = None, corpus: str | Path | None = None,
                  split: str = "heldout", notes: Callable[[], list[str]] | None = None) -> dict:
     """Two passes over `source`: the first sizes the trace (layers, K, E), the second writes the rows.
@@ -155,9 +158,9 @@ def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt
     if len(layers) < s.num_layers:
         notes.append(f"source layers {np.flatnonzero(~s.routed_layers).tolist()} route no token (all -1) and "
                      f"are left out; `block` keeps each MoE layer's source index")
-    null = {"prob": f"{fmt} records no router probabilities", "weight": f"{fmt} records no combine weights"}
+    null = {"prob": f"{name} records no router probabilities", "weight": f"{name} records no combine weights"}
     if not s.has_tokens and corpus is None:
-        null["token"] = f"{fmt} {what_lacks}and no --corpus was given"
+        null["token"] = f"{name} {what_lacks}and no --corpus was given"
     tokens = CorpusTokens(corpus, split) if corpus is not None and not s.has_tokens else None
     labels = {"domain": tokens.corpus.domains, "lang": tokens.corpus.langs} if tokens else {}
     meta = TraceMeta(num_experts=E, top_k=s.top_k, source=f"import:{fmt}", null_columns=null, notes=notes,
@@ -167,7 +170,7 @@ def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt
         for seq, r in enumerate(source()):
             extra = tokens.take(len(r.ids_TLK)) if tokens is not None else None
             token_T = extra["input_ids"] if extra else (r.tokens_T if s.has_tokens else None)
-            cols = rows_for(r, seq, layers, token_T)
+            cols = rows_for(r, seq, layers, token_T, s.blocks_L)
             if cols is None:
                 continue
             if extra is not None:
