@@ -77,6 +77,8 @@ def test_each_violation_is_one_line(tmp_path):
         (with_probs(batch, short), "'probs' has a list of length 7 where the layer's E=8 needs 8"),
         (with_probs(batch, nan), "'probs' holds NaN"),
         (dict(batch, prob=np.where(np.arange(len(batch["prob"])) == 3, np.nan, batch["prob"])), "'prob' holds NaN"),
+        (dict(batch, expert=np.where(np.arange(len(batch["expert"])) == 5, -1, batch["expert"])), "holds expert -1"),
+        (dict(batch, layer=np.where(np.arange(len(batch["layer"])) == 2, 2, batch["layer"])), "holds layer 2 but declares 2"),
         (dict(batch, rank=np.where(np.arange(len(batch["rank"])) == 1, 2, batch["rank"])), "holds rank 2 but declares top_k=2"),
     ]
     for i, (bad, match) in enumerate(cases):

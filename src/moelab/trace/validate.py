@@ -52,7 +52,7 @@ class BatchValidator:
 
     def check(self, batch: dict[str, np.ndarray]) -> None:
         layer, expert, rank = batch.get("layer"), batch.get("expert"), batch.get("rank")
-        if layer is not None and len(layer) and (layer.min() < 0 or layer.max() >= len(self.E_L)):
+        if layer is not None and len(layer) and _unsigned_max(layer) >= len(self.E_L):
             bad = int(layer.min() if layer.min() < 0 else layer.max())
             self.fail(f"holds layer {bad} but declares {len(self.E_L)} MoE layers (num_experts has one per layer)")
         if expert is not None and len(expert):
@@ -72,10 +72,13 @@ class BatchValidator:
                 self._check_list(name, batch[name], batch[f"{name}.rows"], layer)
 
     def _check_experts(self, expert: np.ndarray, layer: np.ndarray | None) -> None:
+        if self.uniform_E is not None or layer is None:
+            E = self.uniform_E if self.uniform_E is not None else int(self.E_L.max())
+            if _unsigned_max(expert) < E:
+                return
         if expert.min() < 0:
             self.fail(f"holds expert {int(expert.min())}: expert ids start at 0")
         if self.uniform_E is not None or layer is None:
-            E = self.uniform_E if self.uniform_E is not None else int(self.E_L.max())
             if expert.max() >= E:
                 self.fail(f"declares num_experts={E} but holds expert {int(expert.max())}")
             return
@@ -142,6 +145,13 @@ class BatchValidator:
 
 
 WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _unsigned_max(a: np.ndarray) -> int:
+    """max over the values read as unsigned: negatives become huge, so one pass checks both ends."""
+    if a.dtype.kind == "i" and a.flags.c_contiguous:
+        return int(a.view(a.dtype.str.replace("i", "u")).max())
+    return int(a.max()) if a.min() >= 0 else np.iinfo(np.uint64).max
 
 
 def _whole_groups(rank: np.ndarray, K: int) -> bool:
