@@ -66,9 +66,10 @@ def run_cli(capsys, *argv):
 def test_replay_round_trip(tmp_path, capsys, suffix):
     trace = planted_trace(tmp_path / "t.parquet")
     original = read(trace, ROUTING + ["token"])
-    code, out, _ = run_cli(capsys, "trace", "export", trace.path, "--format", "replay", "--out", tmp_path / f"r{suffix}")
+    rep = tmp_path / f"r{suffix}"
+    code, out, _ = run_cli(capsys, "trace", "export", trace.path, "--format", "replay", "--out", rep)
     assert code == 0 and "exported 3 sequences (30 routed tokens)" in out
-    code, out, _ = run_cli(capsys, "trace", "import", "replay", tmp_path / f"r{suffix}", "--out", tmp_path / "back.parquet")
+    code, out, _ = run_cli(capsys, "trace", "import", "replay", rep, "--out", tmp_path / "back.parquet")
     assert code == 0 and "column 'prob' is null" in out
     back = open_trace(tmp_path / "back.parquet")
     assert back.meta.num_experts == [8, 8, 8] and back.meta.top_k == 2 and back.meta.source == "import:replay"
@@ -117,7 +118,8 @@ def test_olmoe_jsonl_round_trip(tmp_path):
         router_logits = [rng.normal(size=(T, E)) for _ in range(L)]  # as output_router_logits gives them
         exp_ids = np.stack([np.argsort(-lg, -1)[:, :K].tolist() for lg in router_logits], -1)  # (T, K, L)
         input_ids = rng.integers(0, 50000, T).tolist()
-        lines.append(json.dumps({"input_ids": input_ids, "predicted_token_ids": input_ids, "exp_ids": exp_ids.tolist()}))
+        lines.append(json.dumps({"input_ids": input_ids, "predicted_token_ids": input_ids,
+                                 "exp_ids": exp_ids.tolist()}))
         want_ids.append(exp_ids.transpose(0, 2, 1))
         want_tok.append(input_ids)
     (tmp_path / "c4_results.jsonl").write_text("\n".join(lines) + "\n")

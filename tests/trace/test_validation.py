@@ -62,6 +62,10 @@ def test_a_clean_trace_passes_at_any_batch_size(tmp_path):
         drain(trace, batch_rows=rows)
 
 
+def at(batch, name, i, value):
+    return dict(batch, **{name: np.where(np.arange(len(batch[name])) == i, value, batch[name])})
+
+
 def test_each_violation_is_one_line(tmp_path):
     batch = planted()
     dup = dict(batch, expert=batch["expert"].copy())
@@ -76,10 +80,10 @@ def test_each_violation_is_one_line(tmp_path):
         (nine, "declares num_experts=8 but holds expert 9"),
         (with_probs(batch, short), "'probs' has a list of length 7 where the layer's E=8 needs 8"),
         (with_probs(batch, nan), "'probs' holds NaN"),
-        (dict(batch, prob=np.where(np.arange(len(batch["prob"])) == 3, np.nan, batch["prob"])), "'prob' holds NaN"),
-        (dict(batch, expert=np.where(np.arange(len(batch["expert"])) == 5, -1, batch["expert"])), "holds expert -1"),
-        (dict(batch, layer=np.where(np.arange(len(batch["layer"])) == 2, 2, batch["layer"])), "holds layer 2 but declares 2"),
-        (dict(batch, rank=np.where(np.arange(len(batch["rank"])) == 1, 2, batch["rank"])), "holds rank 2 but declares top_k=2"),
+        (at(batch, "prob", 3, np.nan), "'prob' holds NaN"),
+        (at(batch, "expert", 5, -1), "holds expert -1"),
+        (at(batch, "layer", 2, 2), "holds layer 2 but declares 2"),
+        (at(batch, "rank", 1, 2), "holds rank 2 but declares top_k=2"),
     ]
     for i, (bad, match) in enumerate(cases):
         trace = write(tmp_path / f"bad{i}.parquet", bad)
