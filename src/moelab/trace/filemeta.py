@@ -40,6 +40,28 @@ def all_null(file: pq.ParquetFile, name: str) -> bool:
     return md.num_row_groups > 0
 
 
+def proven_in_range(file: pq.ParquetFile, meta: TraceMeta) -> frozenset[str]:
+    """The id columns whose Parquet statistics (min/max of every row group) already prove them in range,
+    so the reader need not scan them again: layer in 0..L-1, rank in 0..K-1, expert in 0..E-1 (uniform E).
+    Anything unproven, or out of range, is left to the per-batch checks, which name the offending row."""
+    limits = {"layer": len(meta.num_experts), "rank": meta.top_k}
+    if len(set(meta.num_experts)) == 1:
+        limits["expert"] = meta.num_experts[0]
+    md = file.metadata
+    if not md.num_row_groups:
+        return frozenset()
+    paths = [md.row_group(0).column(j).path_in_schema for j in range(md.num_columns)]
+    proven = set()
+    for name, limit in limits.items():
+        if name not in paths:
+            continue
+        j = paths.index(name)
+        stats = [md.row_group(g).column(j).statistics for g in range(md.num_row_groups)]
+        if all(s is not None and s.has_min_max and 0 <= s.min and s.max < limit for s in stats):
+            proven.add(name)
+    return frozenset(proven)
+
+
 def read_meta(path: Path, file: pq.ParquetFile) -> TraceMeta:
     """The sidecar if there is one, else the file's own key-value metadata, else inferred from the rows."""
     side = sidecar_path(path)

@@ -22,7 +22,7 @@ from moelab.trace.schema import (
     DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta, field_type,
     trace_schema, validate_schema,
 )
-from moelab.trace.filemeta import all_null, read_meta, sidecar_path
+from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
 from moelab.trace.validate import BatchValidator, fit_dtype
 
 ROW_GROUP_ROWS = 1 << 20
@@ -245,6 +245,7 @@ class Trace:
                              if c in meta.null_columns or all_null(file, c)}
         self.columns = [c for c in REQUIRED if c not in self.null_columns] + optional
         self.optional = optional
+        self._proven = proven_in_range(file, meta)
 
     @property
     def notes(self) -> list[str]:
@@ -274,7 +275,7 @@ class Trace:
         columns = list(self.columns if columns is None else columns)
         read = self._plan(columns)
         labels = {c: _LabelCodes() for c in columns if c in LABEL_COLUMNS}
-        checker = BatchValidator(self.meta, f"trace {self.path}") if validate else None
+        checker = BatchValidator(self.meta, f"trace {self.path}", self._proven) if validate else None
         for group in range(self._file.metadata.num_row_groups):
             # A fresh reader per row group: a long-lived one keeps every pre-buffered row group cached,
             # so memory would grow with the file instead of staying at one row group.

@@ -41,7 +41,8 @@ class BatchValidator:
     The last top_k - 1 rows of a batch are carried to the next, so a token split between batches is seen.
     """
 
-    def __init__(self, meta: TraceMeta, where: str):
+    def __init__(self, meta: TraceMeta, where: str, proven: frozenset[str] = frozenset()):
+        self.proven = proven  # columns the file's statistics already show in range (filemeta.proven_in_range)
         self.E_L = np.asarray(meta.num_experts, np.int64)
         self.uniform_E = int(self.E_L[0]) if len(set(meta.num_experts)) == 1 else None
         self.K, self.where = meta.top_k, where
@@ -52,15 +53,17 @@ class BatchValidator:
 
     def check(self, batch: dict[str, np.ndarray]) -> None:
         layer, expert, rank = batch.get("layer"), batch.get("expert"), batch.get("rank")
-        if layer is not None and len(layer) and _unsigned_max(layer) >= len(self.E_L):
+        unproven = layer is not None and len(layer) and "layer" not in self.proven
+        if unproven and _unsigned_max(layer) >= len(self.E_L):
             bad = int(layer.min() if layer.min() < 0 else layer.max())
             self.fail(f"holds layer {bad} but declares {len(self.E_L)} MoE layers (num_experts has one per layer)")
-        if expert is not None and len(expert):
+        if expert is not None and len(expert) and "expert" not in self.proven:
             self._check_experts(expert, layer)
         whole = False  # batches of whole (token, layer) groups have ranks 0..K-1 by construction
         if rank is not None and expert is not None:
             whole = self._check_distinct(expert, rank)
-        if rank is not None and len(rank) and not whole and (rank.min() < 0 or rank.max() >= self.K):
+        known = whole or "rank" in self.proven
+        if rank is not None and len(rank) and not known and (rank.min() < 0 or rank.max() >= self.K):
             self.fail(f"holds rank {int(rank.max() if rank.min() >= 0 else rank.min())} but declares "
                       f"top_k={self.K} (ranks 0..{self.K - 1})")
         for name in ("prob", "weight"):
