@@ -124,3 +124,24 @@ def test_cli_exit_2_on_a_bad_trace(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "holds expert 9" in err
     assert not (tmp_path / "r.npy").exists()
+
+
+def test_statistics_spare_only_what_they_prove(tmp_path):
+    import pyarrow.parquet as pq
+
+    from moelab.trace.filemeta import proven_in_range
+    from moelab.trace.io import sidecar_path
+
+    clean = write(tmp_path / "ok.parquet", planted())
+    assert proven_in_range(pq.ParquetFile(clean.path), META) == {"layer", "rank", "expert"}
+    batch = planted()
+    batch["expert"] = batch["expert"].copy()
+    batch["expert"][3] = 9
+    bad = write(tmp_path / "bad.parquet", batch)
+    assert proven_in_range(pq.ParquetFile(bad.path), META) == {"layer", "rank"}
+    # a file without statistics proves nothing and is checked row by row
+    pq.write_table(pq.read_table(bad.path), tmp_path / "nostats.parquet", write_statistics=False)
+    sidecar_path(tmp_path / "nostats.parquet").write_text(META.to_json())
+    nostats = open_trace(tmp_path / "nostats.parquet")
+    assert proven_in_range(pq.ParquetFile(nostats.path), META) == frozenset()
+    one_line_error(lambda: drain(nostats), "holds expert 9")
