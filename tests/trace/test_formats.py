@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from moelab.analysis.synthetic import planted_batches
 from moelab.cli import main
+from moelab.config import MoelabError
 from moelab.trace.formats import import_trace
 from moelab.trace.formats.replay import trace_to_replay
 from moelab.trace.io import TraceWriter, open_trace
@@ -206,3 +207,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, "trace", "export", tmp_path / "none.parquet", "--format", "replay",
                            "--out", tmp_path / "r.npy")
     assert code == 2 and "trace not found" in err
+
+
+def test_replay_padded_batch_with_token_ids(tmp_path):
+    rng = np.random.default_rng(3)
+    B, T, L, K, E = 2, 6, 2, 2, 5
+    ids = np.stack([np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(T)])
+                    for _ in range(B)]).astype(np.int32)
+    ids[1, 4:] = -1  # the second sequence is two tokens shorter: padding
+    tokens = rng.integers(0, 99, (B, T + 1))  # one more token than routed: without the last token
+    save_file({"routed_experts": ids, "input_ids": tokens}, str(tmp_path / "b.safetensors"))
+    import_trace("replay", tmp_path / "b.safetensors", tmp_path / "b.parquet", num_experts=E)
+    want = expected_rows([ids[0], ids[1]], [tokens[0], tokens[1]])
+    assert_rows(open_trace(tmp_path / "b.parquet"), want, with_tokens=True)
+    save_file({"routed_experts": ids, "input_ids": tokens[:, :3]}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(MoelabError, match="do not match routed_experts"):
+        import_trace("replay", tmp_path / "c.safetensors", tmp_path / "c.parquet")

@@ -4,7 +4,8 @@ This is the form RL stacks exchange to replay an inference engine's routing in t
 `routed_experts`, Megatron's RouterReplay `[num_tokens, num_layers, topk]`, verl). Files, never pickled:
 
 - `.npy` (read with allow_pickle=False): (T, L, K) one sequence, or (B, T, L, K) a batch padded with -1;
-- `.safetensors`: `routed_experts` (N, L, K); optional `input_ids` (token ids); when N packs several
+- `.safetensors`: `routed_experts` (N, L, K), or (B, T, L, K) padded with `input_ids` (B, T or T + 1);
+  optional `input_ids` (token ids); when N packs several
   sequences, `routed_lens` (S,) and, with token ids, `token_lens` (S,); optional `layer_blocks` (L,), the
   transformer block of each layer (moelab writes it; without it a layer's block is its index).
 
@@ -66,9 +67,15 @@ def read_replay(path: str | Path) -> Iterator[Routed]:
         raise MoelabError(f"{path}: routed_experts has dtype {ids.dtype}, expected integer expert ids")
     if ids.size and ids.min() < -1:
         raise MoelabError(f"{path}: routed_experts holds {int(ids.min())}; ids are >= 0, or -1 for none")
-    if ids.ndim == 4:  # a padded batch: each row is a sequence
+    if ids.ndim == 4:  # a padded batch: each row is a sequence (padding is -1 and gets no rows)
+        tokens = arrays.get("input_ids")
+        if tokens is not None and (np.ndim(tokens) != 2 or len(tokens) != len(ids)
+                                   or np.shape(tokens)[1] not in (ids.shape[1], ids.shape[1] + 1)):
+            raise MoelabError(f"{path}: input_ids of shape {np.shape(tokens)} do not match routed_experts "
+                              f"{ids.shape} (batch, tokens[+1], ...)")
         for b in range(ids.shape[0]):
-            yield Routed(ids[b].astype(np.int64), None, f"{path} sequence {b}")
+            tok = None if tokens is None else np.asarray(tokens[b][: ids.shape[1]])
+            yield Routed(ids[b].astype(np.int64), tok, f"{path} sequence {b}")
         return
     if ids.ndim != 3:
         raise MoelabError(f"{path}: routed_experts has shape {ids.shape}, expected (tokens, layers, top_k) "
