@@ -97,9 +97,9 @@ def rows_for(r: Routed, seq: int, layers: np.ndarray, token_T: np.ndarray | None
         raise MoelabError(f"{r.where}: token {t} has -1 in some of its expert slots: a trace holds exactly "
                           f"top_k={K} experts per (token, layer)")
     sorted_TLK = np.sort(ids_TLK, axis=2)
-    if (sorted_TLK[:, :, 1:] == sorted_TLK[:, :, :-1])[tok_valid_T].any():
-        t = int(np.flatnonzero(tok_valid_T & (sorted_TLK[:, :, 1:] == sorted_TLK[:, :, :-1]).any(axis=(1, 2)))[0])
-        raise MoelabError(f"{r.where}: token {t} has the same expert twice in one layer")
+    dup_T = (sorted_TLK[:, :, 1:] == sorted_TLK[:, :, :-1]).any(axis=(1, 2)) & tok_valid_T
+    if dup_T.any():
+        raise MoelabError(f"{r.where}: token {int(np.argmax(dup_T))} has the same expert twice in one layer")
     pos_T = np.flatnonzero(tok_valid_T)
     if not len(pos_T):
         return None
@@ -162,6 +162,8 @@ def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt
     if not s.has_tokens and corpus is None:
         null["token"] = f"{name} {what_lacks}and no --corpus was given"
     tokens = CorpusTokens(corpus, split) if corpus is not None and not s.has_tokens else None
+    if corpus is not None and s.has_tokens:
+        notes.append(f"token ids come from the file; --corpus {corpus} was not used")
     labels = {"domain": tokens.corpus.domains, "lang": tokens.corpus.langs} if tokens else {}
     meta = TraceMeta(num_experts=E, top_k=s.top_k, source=f"import:{fmt}", null_columns=null, notes=notes,
                      labels=labels, tokenizer=str(Path(corpus) / "tokenizer.json") if tokens else None)
