@@ -147,3 +147,5 @@ def test_null_columns_are_absent_and_analyses_that_need_them_say_so(tmp_path):
     raw = open_trace(tmp_path / "raw.parquet")
     assert list(raw.null_columns) == ["token"] and raw.null_columns["token"] == "every value is null"
     one_line_error(lambda: next(raw.iter_batches(columns=["seq", "token"])), "no 'token' values")
+    pq.write_table(table.append_column("token", pa.nulls(len(table))), tmp_path / "nulltype.parquet")  # pandas None
+    assert list(open_trace(tmp_path / "nulltype.parquet").null_columns) == ["token"]
