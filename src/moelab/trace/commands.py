@@ -1,15 +1,34 @@
-"""`moelab trace`: stream a model's routing over a corpus into a Parquet trace."""
+"""`moelab trace`: stream a model's routing over a corpus into a Parquet trace; `moelab trace import` and
+`moelab trace export` convert other tools' routing records in and out (docs/TRACE.md)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from moelab.config import MoelabError
 
 
+class _TraceParser(argparse.ArgumentParser):
+    """`moelab trace CKPT ...` records routing; `moelab trace import|export ...` converts it. The first word
+    decides, so that the recording form keeps its optional positional checkpoint and every old command line
+    parses as before."""
+
+    verbs: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args and args[0] in self.verbs:
+            return self.verbs[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
 def register(sub) -> None:
     p = sub.add_parser("trace", help="record a model's routing over a corpus (docs/TRACE.md)",
-                       description="Stream the routing of N tokens to Parquet, in bounded memory.")
+                       description="Stream the routing of N tokens to Parquet, in bounded memory. "
+                                   "Also: `moelab trace import FORMAT SRC --out T` and "
+                                   "`moelab trace export TRACE --format replay --out F` (see their --help).")
+    p.__class__ = _TraceParser  # subparsers build plain parsers; this one dispatches its first word
+    p.verbs = {"import": _import_parser(), "export": _export_parser()}
     p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder")
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="trace a Hugging Face MoE model instead (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...)")
@@ -25,6 +44,64 @@ def register(sub) -> None:
     p.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
     p.add_argument("--out", required=True, help="trace file to write (.parquet)")
     p.set_defaults(func=run_trace)
+
+
+def _import_parser() -> argparse.ArgumentParser:
+    from moelab.trace.formats import FORMATS
+
+    p = argparse.ArgumentParser(prog="moelab trace import", description=(
+        "Convert another tool's routing records into a moelab trace: megatron (Megatron-LM RouterTracer "
+        "JSONL, a file or a folder of router_trace_rank*.jsonl), replay (int (tokens, layers, top_k) expert "
+        "ids, -1 = none, from .npy or .safetensors), olmoe (OLMoE's routing-analysis JSONL). What a format "
+        "lacks (probabilities, weights, token ids) is stored null."))
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("src", help="the file (or, for megatron, folder) to import")
+    p.add_argument("--out", required=True, help="trace file to write (.parquet)")
+    p.add_argument("--num-experts", type=int, default=None,
+                   help="experts per layer; default: inferred from the ids (largest + 1), with a note")
+    p.add_argument("--corpus", default=None,
+                   help="a moelab corpus supplying token ids (in order) where the format has none")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="the corpus split")
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="megatron: micro-batch size B; a router call's token t is row t %% B, position t // B")
+    p.set_defaults(func=run_import)
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moelab trace export", description=(
+        "Write a trace's routing in another tool's form: replay = int32 (tokens, layers, top_k) expert ids, "
+        "-1 = none; .npy (one sequence, or a -1-padded batch) or .safetensors (packed, with token ids)."))
+    p.add_argument("trace", help="a moelab trace (.parquet)")
+    p.add_argument("--format", required=True, choices=["replay"])
+    p.add_argument("--out", required=True, help="file to write: .npy or .safetensors")
+    p.add_argument("--without-last-token", action="store_true",
+                   help="leave out each sequence's last token, as an inference engine's array does")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_import(args) -> int:
+    from moelab.trace.formats import import_trace
+
+    stats = import_trace(args.format, args.src, args.out, num_experts=args.num_experts, corpus=args.corpus,
+                         split=args.split, micro_batch=args.micro_batch)
+    print(f"imported {stats['tokens']:,} tokens ({stats['rows']:,} rows, {stats['sequences']:,} sequences) "
+          f"-> {args.out}")
+    for name, why in stats["meta"].null_columns.items():
+        print(f"note: column {name!r} is null: {why}")
+    for note in stats["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def run_export(args) -> int:
+    from moelab.trace.formats.replay import export_replay
+
+    stats = export_replay(args.trace, args.out, drop_last=args.without_last_token)
+    tokens = " with token ids" if stats["with_tokens"] else ""
+    print(f"exported {stats['sequences']:,} sequences ({stats['tokens']:,} routed tokens){tokens} -> {args.out}")
+    return 0
 
 
 def parse_capacity(text: str, model_cfg) -> float | None:

@@ -19,18 +19,17 @@ import pyarrow.parquet as pq
 
 from moelab.config import MoelabError
 from moelab.trace.schema import (
-    LABEL_COLUMNS, LIST_COLUMNS, OPTIONAL, REQUIRED, TraceMeta, field_type, trace_schema, validate_schema,
+    DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta, field_type,
+    trace_schema, validate_schema,
 )
+from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
+from moelab.trace.validate import BatchValidator, fit_dtype
 
 ROW_GROUP_ROWS = 1 << 20
 BUFFER_BYTES = 128 << 20
 # Columns a writer may leave out, and what they become (documented in docs/TRACE.md).
 COPIED_DEFAULTS = {"doc_pos": "pos", "doc": "seq", "block": "layer"}
 CONSTANT_DEFAULTS = {"turn": -1, "domain": "unknown", "lang": "unknown", "dropped": False}
-
-
-def sidecar_path(path: str | Path) -> Path:
-    return Path(str(path) + ".json")
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -75,6 +74,8 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
 
 def _plain_array(value: Any, n: int, name: str) -> pa.Array:
     typ = field_type(name)
+    if value is None and name in NULLABLE:  # a source that did not record it (TraceMeta.null_columns)
+        return pa.nulls(n, typ)
     if np.isscalar(value):
         value = np.full(n, value)
     try:
@@ -126,8 +127,8 @@ class TraceWriter:
             raise MoelabError(f"unknown trace column {unknown[0]!r}")
         if self.optional is None:
             self.optional = [c for c in OPTIONAL if c in columns]
-        if self._schema is None:
-            self._schema = trace_schema(self.optional)
+        if self._schema is None:  # the sidecar rides in the file too, so that one file is a whole trace
+            self._schema = trace_schema(self.optional).with_metadata({META_KEY: self.meta.to_json()})
         cols = dict(columns)
         for name, source in COPIED_DEFAULTS.items():
             if name not in cols and source in cols:
@@ -228,34 +229,64 @@ def _list_to_numpy(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Trace:
-    """An opened trace: `meta`, `num_rows`, `columns`, and `iter_batches` streaming numpy column dicts."""
+    """An opened trace: `meta`, `num_rows`, `columns`, and `iter_batches` streaming numpy column dicts.
+
+    `columns` lists what a read can ask for: the stored columns, the defaulted ones the file leaves out,
+    and not the columns whose every value is null (`null_columns`: column -> why, e.g. an imported
+    replay array has no router probabilities).
+    """
 
     def __init__(self, path: Path, meta: TraceMeta, file: pq.ParquetFile, optional: list[str]):
         self.path, self.meta, self._file = path, meta, file
         self.num_rows = file.metadata.num_rows
-        self.columns = list(REQUIRED) + optional
+        names = set(file.schema_arrow.names)
+        self.defaulted = [c for c in DEFAULTED if c not in names]
+        self.null_columns = {c: meta.null_columns.get(c, "every value is null") for c in NULLABLE
+                             if c in meta.null_columns or all_null(file, c)}
+        self.columns = [c for c in REQUIRED if c not in self.null_columns] + optional
         self.optional = optional
+        self._proven = proven_in_range(file, meta)
 
-    def iter_batches(self, columns: list[str] | None = None,
-                     batch_rows: int = ROW_GROUP_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    @property
+    def notes(self) -> list[str]:
+        return list(self.meta.notes)
+
+    def _plan(self, columns: list[str]) -> list[str]:
+        """Check a request; return the stored columns to read for it (defaults copy pos, seq or layer)."""
+        for c in columns:
+            if c in self.null_columns:
+                raise MoelabError(f"trace {self.path} has no {c!r} values ({self.null_columns[c]}): "
+                                  f"what needs them cannot run on it")
+            if c not in self.columns:
+                raise MoelabError(f"trace {self.path} has no column {c!r} (it has: {', '.join(self.columns)})")
+        wanted = set(columns) | {COPIED_DEFAULTS[c] for c in columns if c in self.defaulted and c in COPIED_DEFAULTS}
+        return [c for c in self.columns if c in wanted and c not in self.defaulted]
+
+    def iter_batches(self, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS,
+                     validate: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Yield dicts of numpy arrays, reading only `columns` (default: all) `batch_rows` rows at a time.
 
         Label columns (domain, lang) come as int32 codes, stable over the whole iteration, with their
         names so far under `"<col>.names"`. List columns come as a 2-D array over their non-null rows
-        (the rank-0 rows) with those rows' indices within the batch under `"<col>.rows"`.
+        (the rank-0 rows) with those rows' indices within the batch under `"<col>.rows"`. Numbers come in
+        the canonical dtypes whatever width the file stores. `validate` checks the documented rules on the
+        columns read (validate.BatchValidator); a violation is a MoelabError naming it.
         """
         columns = list(self.columns if columns is None else columns)
-        absent = [c for c in columns if c not in self.columns]
-        if absent:
-            raise MoelabError(f"trace {self.path} has no column {absent[0]!r} (it has: {', '.join(self.columns)})")
+        read = self._plan(columns)
         labels = {c: _LabelCodes() for c in columns if c in LABEL_COLUMNS}
+        checker = BatchValidator(self.meta, f"trace {self.path}", self._proven) if validate else None
         for group in range(self._file.metadata.num_row_groups):
             # A fresh reader per row group: a long-lived one keeps every pre-buffered row group cached,
             # so memory would grow with the file instead of staying at one row group.
             file = pq.ParquetFile(self.path, metadata=self._file.metadata)
             try:
-                for rb in file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
-                    yield self._to_numpy(rb, labels)
+                for rb in file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=read):
+                    out = self._to_numpy(rb, labels)
+                    self._fill_defaults(out, columns, rb.num_rows)
+                    if checker is not None:
+                        checker.check(out)
+                    yield {k: v for k, v in out.items() if k.split(".")[0] in columns}
             finally:
                 file.close()
 
@@ -271,19 +302,27 @@ class Trace:
             if name in labels:
                 out[name], out[f"{name}.names"] = labels[name].encode(arr)
             else:
-                out[name] = arr.to_numpy(zero_copy_only=False)
+                out[name] = fit_dtype(arr.to_numpy(zero_copy_only=False), name, f"trace {self.path}")
         return out
+
+    def _fill_defaults(self, out: dict[str, np.ndarray], columns: list[str], n: int) -> None:
+        """The writer's defaults for the columns this file leaves out (docs/TRACE.md)."""
+        for name in (c for c in columns if c in self.defaulted):
+            dtype = field_type(name)
+            if name in COPIED_DEFAULTS:
+                out[name] = out[COPIED_DEFAULTS[name]].astype(dtype.to_pandas_dtype())
+            elif name in LABEL_COLUMNS:
+                out[name] = np.zeros(n, np.int32)
+                out[f"{name}.names"] = np.array([CONSTANT_DEFAULTS[name]], dtype=object)
+            else:
+                out[name] = np.full(n, CONSTANT_DEFAULTS[name], dtype=dtype.to_pandas_dtype())
 
 
 def open_trace(path: str | Path) -> Trace:
-    """Open and validate a trace (schema, sidecar, non-empty) without reading its rows."""
+    """Open and validate a trace (schema, metadata, non-empty) without reading its rows."""
     path = Path(path)
     if not path.is_file():
         raise MoelabError(f"trace not found: {path}")
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise MoelabError(f"trace sidecar not found: {meta_path}")
-    meta = TraceMeta.from_json(meta_path.read_text(encoding="utf-8"))
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -291,4 +330,4 @@ def open_trace(path: str | Path) -> Trace:
     optional = validate_schema(file.schema_arrow, where=f"trace {path}")
     if file.metadata.num_rows == 0:
         raise MoelabError(f"trace {path} is empty (0 rows)")
-    return Trace(path, meta, file, optional)
+    return Trace(path, read_meta(path, file), file, optional)

@@ -25,7 +25,7 @@ REQUIRED_FIELDS = (
     pa.field("seq", pa.int64(), nullable=False),
     pa.field("pos", pa.int32(), nullable=False),
     pa.field("doc_pos", pa.int32(), nullable=False),
-    pa.field("token", pa.int32(), nullable=False),
+    pa.field("token", pa.int32()),  # null where the source lacks it
     pa.field("doc", pa.int64(), nullable=False),
     pa.field("domain", LABEL_TYPE, nullable=False),
     pa.field("lang", LABEL_TYPE, nullable=False),
@@ -34,8 +34,8 @@ REQUIRED_FIELDS = (
     pa.field("block", pa.int16(), nullable=False),
     pa.field("rank", pa.int8(), nullable=False),
     pa.field("expert", pa.int16(), nullable=False),
-    pa.field("weight", pa.float32(), nullable=False),
-    pa.field("prob", pa.float32(), nullable=False),
+    pa.field("weight", pa.float32()),  # null where the source lacks it
+    pa.field("prob", pa.float32()),  # null where the source lacks it
     pa.field("dropped", pa.bool_(), nullable=False),
 )
 
@@ -70,8 +70,17 @@ def field_type(name: str) -> pa.DataType:
     return _FIELDS[name].type
 
 
+# Columns a reader may find absent: it fills them with the writer's defaults (io.COPIED/CONSTANT_DEFAULTS).
+DEFAULTED = ("doc_pos", "doc", "block", "turn", "domain", "lang", "dropped")
+# Columns another tool's trace may not have (a replay array has no probabilities): stored null, never
+# guessed, so an analysis that needs one says so instead of computing on made-up numbers.
+NULLABLE = ("token", "weight", "prob")
+# Parquet key-value metadata key holding the sidecar JSON, so that one file is a whole trace.
+META_KEY = b"moelab.trace"
+
+
 def _type_ok(name: str, actual: pa.DataType) -> bool:
-    """Exact numeric types; labels may be plain or dictionary strings, lists plain or large."""
+    """Any integer or float width (the reader checks the values fit); strings plain or dictionary."""
     expected = _FIELDS[name].type
     if name in LABEL_COLUMNS:
         if pa.types.is_dictionary(actual):
@@ -79,21 +88,28 @@ def _type_ok(name: str, actual: pa.DataType) -> bool:
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
     if name in LIST_COLUMNS:
         is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
-        return is_list and actual.value_type == pa.float32()
+        return is_list and pa.types.is_floating(actual.value_type)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual) or pa.types.is_null(actual) and name in NULLABLE
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_null(actual) and name in NULLABLE
     return actual == expected
 
 
 def validate_schema(schema: pa.Schema, where: str = "trace") -> list[str]:
     """Check a file's Arrow schema; return the optional columns it has. MoelabError names the problem."""
     names = set(schema.names)
-    missing = [name for name in REQUIRED if name not in names]
+    missing = [name for name in REQUIRED if name not in names and name not in DEFAULTED]
     if missing:
         raise MoelabError(f"{where} lacks the required column {missing[0]!r} (schema_version {SCHEMA_VERSION})")
     for name in REQUIRED + OPTIONAL:
         if name in names and not _type_ok(name, schema.field(name).type):
-            raise MoelabError(
-                f"{where} column {name!r} has type {schema.field(name).type}, expected {_FIELDS[name].type}"
-            )
+            kind = "an integer" if pa.types.is_integer(_FIELDS[name].type) else "a float"
+            want = {"domain": "a string", "lang": "a string", "dropped": "bool"}.get(name, kind)
+            if name in LIST_COLUMNS:
+                want = "a list of floats"
+            raise MoelabError(f"{where} column {name!r} has type {schema.field(name).type}, expected {want} "
+                              f"(canonical: {_FIELDS[name].type})")
     return [name for name in OPTIONAL if name in names]
 
 
@@ -103,6 +119,7 @@ class TraceMeta:
 
     `num_experts[l]` is E of MoE layer l (the `layer` column); capacity fields are None for a dropless model.
     `labels` maps a label column (domain, lang, ...) to its known names, for reports that list all of them.
+    `null_columns` names the columns (token, weight, prob) a source did not record, and why.
     Keys this version does not know are kept in `extra` so a newer writer's additions survive a round trip.
     """
 
@@ -118,6 +135,8 @@ class TraceMeta:
     tokenizer: str | None = None
     source: str = "moelab"  # "moelab" or "hf:<model name>"
     labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    null_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # column -> why it holds nulls
+    notes: list[str] = dataclasses.field(default_factory=list)  # what a reader or importer assumed
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +159,10 @@ class TraceMeta:
                 raise MoelabError(f"trace meta {name}={value!r} has the wrong type")
         if not isinstance(self.model_config, dict) or not isinstance(self.labels, dict):
             raise MoelabError("trace meta model_config and labels must be JSON objects")
+        if not isinstance(self.null_columns, dict) or any(c not in NULLABLE for c in self.null_columns):
+            raise MoelabError(f"trace meta null_columns={self.null_columns!r} may only name {', '.join(NULLABLE)}")
+        if not isinstance(self.notes, list):
+            raise MoelabError("trace meta notes must be a list of strings")
         if self.capacity_formula not in (None, "topk", "group"):
             raise MoelabError(f"trace meta capacity_formula={self.capacity_formula!r} is not topk, group or null")
         if self.drop_policy not in (None, "openmoe", "score"):

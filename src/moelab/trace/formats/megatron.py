@@ -1,0 +1,110 @@
+"""Megatron-LM's RouterTracer JSONL (megatron/core/transformer/moe/router_trace.py, `--moe-routing-trace-path`).
+
+One file per rank, `router_trace_rank{r}.jsonl`, one record per (step, block, layer) router call:
+
+    {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 3, "rank": 0,
+     "num_tokens": 128, "topk": 8, "top_indices": [[12, 45, ...], ...]}
+
+`top_indices` holds num_tokens lists of topk expert ids, in the router's order. Records of the multi-token
+prediction head (`"block": "mtp"`) are left out with a note; the hidden-state and logit sidecar offsets
+(`hs_*`, `logit_*`) are ignored. The file has no token ids, probabilities or combine weights.
+
+Token order: Megatron's activations are sequence-first ([s, b, h]), so a router call sees its tokens
+flattened position-major: token t is position t // B of micro-batch row t % B, for micro-batch size B
+(`micro_batch`, default 1). Each router call group (one forward: every layer once) becomes B sequences;
+a layer seen again within a step starts the next forward, as RouterTracer itself splits steps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from moelab.config import MoelabError
+from moelab.trace.formats.routed import Routed
+
+WHAT_LACKS = "records no token ids "
+KEYS = ("step", "layer", "num_tokens", "top_indices")
+
+
+def trace_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("router_trace_rank*.jsonl"),
+                       key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        if not files:
+            raise MoelabError(f"folder {path} has no router_trace_rank*.jsonl files")
+        return files
+    if not path.is_file():
+        raise MoelabError(f"Megatron router trace not found: {path}")
+    return [path]
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
+            if not isinstance(rec, dict) or any(k not in rec for k in KEYS):
+                raise MoelabError(f"{where} is not a RouterTracer record (needs {', '.join(KEYS)})")
+            yield where, rec
+
+
+def _indices(where: str, rec: dict) -> np.ndarray:
+    try:
+        ids = np.asarray(rec["top_indices"], dtype=np.int64)
+    except (ValueError, TypeError):
+        raise MoelabError(f"{where}: top_indices is not a list of equal-length lists of ints") from None
+    if ids.ndim != 2 or len(ids) != rec["num_tokens"] or ids.shape[1] != rec.get("topk", ids.shape[1]):
+        raise MoelabError(f"{where}: top_indices has shape {ids.shape}, but num_tokens={rec['num_tokens']} "
+                          f"and topk={rec.get('topk')}")
+    return ids
+
+
+def _forwards(path: Path, skipped: list[int]) -> Iterator[tuple[str, dict[int, np.ndarray]]]:
+    """Decoder records grouped into forwards: a new step, or a layer already seen, starts the next one."""
+    group: dict[int, np.ndarray] = {}
+    step, first = None, ""
+    for where, rec in _records(path):
+        if rec.get("block", "decoder") != "decoder":
+            skipped[0] += 1
+            continue
+        layer = int(rec["layer"])
+        if group and (rec["step"] != step or layer in group):
+            yield first, group
+            group = {}
+        if not group:
+            step, first = rec["step"], where
+        group[layer] = _indices(where, rec)
+    if group:
+        yield first, group
+
+
+def read_megatron(path: str | Path, micro_batch: int = 1, skipped: list[int] | None = None) -> Iterator[Routed]:
+    if micro_batch < 1:
+        raise MoelabError(f"--micro-batch {micro_batch} must be >= 1")
+    skipped = skipped if skipped is not None else [0]
+    layers: list[int] | None = None
+    for file in trace_files(path):
+        for where, group in _forwards(file, skipped):
+            if layers is None:
+                layers = sorted(group)
+            if sorted(group) != layers:
+                raise MoelabError(f"{where}: a forward over layers {sorted(group)}, others over {layers}: "
+                                  f"import the ranks of one pipeline stage together")
+            ids_TLK = np.stack([group[l] for l in layers], axis=1)
+            T = len(ids_TLK)
+            if T % micro_batch:
+                raise MoelabError(f"{where}: {T} tokens do not split into micro-batch rows of {micro_batch}")
+            by_row = ids_TLK.reshape(T // micro_batch, micro_batch, *ids_TLK.shape[1:])
+            for b in range(micro_batch):
+                yield Routed(by_row[:, b], None, f"{where} (micro-batch row {b})", np.array(layers))
