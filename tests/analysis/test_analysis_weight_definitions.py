@@ -76,7 +76,8 @@ def test_reordering_of_independent_experts_sits_at_its_null():
     assert len(pr.pairs) == 15
     for p in ("up", "gate", "down"):
         assert abs(pr.mean_before[p]) < 4 / np.sqrt(F * D * 15)  # mean of 15 unrelated cosines
-        assert pr.mean_after[p] == pytest.approx(pr.null_after[p], abs=0.05)  # a matching of noise, ~0.4 here
+        # a matching of noise (~0.4 here); 15 pairs average to within a few of one pair's spread / sqrt(15)
+        assert abs(pr.mean_after[p] - pr.null_after[p]) < 4 * pr.null_after_sd / np.sqrt(15) + 0.01
         assert pr.null_after[p] > 0.2
         assert abs(pr.mean_tau[p]) < 4 * pr.null_tau_sd / np.sqrt(15)
         off = pr.flat_cos_after[p][~np.eye(E, dtype=bool)]
@@ -95,8 +96,9 @@ def test_kendall_tau_matches_scipy_and_its_null_spread():
 
 
 def test_reorder_null_and_pair_budget():
-    assert reorder_null(F, D, seed=0) == reorder_null(F, D, seed=0)  # a fixed seed: reproducible
-    assert 0.2 < reorder_null(64, 8) < 0.7 and reorder_null(64, 512) < reorder_null(64, 8)  # wider: closer to 0
+    assert reorder_null.__wrapped__(F, D, 0) == reorder_null(F, D, 0)  # a fixed seed: reproducible
+    (narrow, sd), (wide, _) = reorder_null(64, 8), reorder_null(64, 512)
+    assert 0.2 < narrow < 0.7 and wide < narrow and 0 < sd < 0.05  # longer neurons: noise matches worse
     assert reorder_pairs_within(4, 16) == list(itertools.combinations(range(4), 2))
     assert reorder_pairs_within(8, 4096, budget=4e7) == [(0, 1)]  # too large: one pair
     assert reorder_pairs_within(1, 16) == []

@@ -125,6 +125,7 @@ class PaperReorder(Result):
     mean_after: dict[str, float]            # ... after each pair's own matching (the paper's Table 2)
     mean_tau: dict[str, float]              # ... Kendall tau of the matchings
     null_after: dict[str, float]            # part -> the same on two Gaussian matrices of this shape
+    null_after_sd: float                    # its spread over 5 such pairs (one cell of the heatmap)
     null_tau_sd: float                      # sd of tau for an order-blind matching (its mean is 0)
 
 
@@ -140,13 +141,13 @@ def paper_reorder_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int
             before[p].append(match.flat_cos_before)
             after_pairs[p].append(match.flat_cos_after)
             taus[p].append(match.kendall_tau)
-    null = reorder_null(F, D, null_seed)  # every part is F x D: one simulation serves all three
+    null, null_sd = reorder_null(F, D, null_seed)  # every part is F x D: one simulation serves all three
     return PaperReorder(
         pairs=[tuple(p) for p in pairs], flat_cos_after=after,
         mean_before={p: float(np.mean(before[p])) for p in PARTS},
         mean_after={p: float(np.mean(after_pairs[p])) for p in PARTS},
         mean_tau={p: float(np.mean(taus[p])) for p in PARTS},
-        null_after={p: null for p in PARTS}, null_tau_sd=kendall_tau_null_sd(F))
+        null_after={p: null for p in PARTS}, null_after_sd=null_sd, null_tau_sd=kendall_tau_null_sd(F))
 
 
 @dataclasses.dataclass
