@@ -68,6 +68,10 @@ def test_each_matrix_gets_its_own_matching():
         assert abs(m.flat_cos_before) < 4 / np.sqrt(F * D)
     joint = joint_reordering(layer, 1, 0)
     assert joint.mean_neuron_cos_after < 0.75  # one permutation cannot fit three different ones
+    lay = weight_analysis([layer], reorder_pairs=[(0, 1)]).layers[0]  # the same through the layer analysis
+    assert lay.paper_reorder.mean_after == pytest.approx({p: 1.0 for p in perms})
+    assert lay.paper_reorder.mean_after["up"] > lay.paper_reorder.null_after["up"] + 10 * lay.paper_reorder.null_after_sd
+    assert abs(lay.matrix_cos["up"][0, 1]) < 4 * lay.matrix_null_sd
 
 
 def test_reordering_of_independent_experts_sits_at_its_null():
