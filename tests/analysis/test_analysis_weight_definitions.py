@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from moelab.analysis.pca import project, zscore_columns
+from moelab.analysis.pca import centred_gram, project, zscore_columns
 from moelab.analysis.reorder import (
     joint_reordering, kendall_tau, kendall_tau_null_sd, match_part, paper_reordering, reorder_null,
 )
@@ -178,6 +178,7 @@ def test_zscore_and_projection_match_a_naive_covariance_pca():
     np.testing.assert_allclose(pr.explained, lam[:2] / lam.sum())
     np.testing.assert_allclose(np.abs(pr.coords), np.abs(zz @ v[:, :2]), atol=1e-9)
     assert pr.null_explained == pytest.approx(1 / 6)
+    np.testing.assert_allclose(centred_gram(x.astype(np.float32), chunk=7), zz @ zz.T, rtol=1e-5, atol=1e-4)
 
 
 def test_pca_separates_planted_groups_and_noise_sits_at_the_null():

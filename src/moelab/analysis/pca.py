@@ -25,10 +25,11 @@ import numpy as np
 from moelab.analysis.common import Result
 
 
-def _matrix(x: Any) -> np.ndarray:
+def _matrix(x: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Rows flattened; dtype None keeps the stored precision (a block is converted when it is used)."""
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=dtype)
     return x.reshape(x.shape[0], -1)
 
 
@@ -53,12 +54,23 @@ class Projection(Result):
     null_explained: float     # 1 / (N - 1): each component's share for exchangeable random rows
 
 
+def centred_gram(x_NX: Any, *, zscore: bool = True, chunk: int = 1 << 16) -> np.ndarray:
+    """N x N Gram matrix of the z-scored (or only centred) rows, a block of columns at a time, so a large
+    flattened matrix never needs a second full-size copy."""
+    x = _matrix(x_NX, dtype=None)
+    gram = np.zeros((x.shape[0], x.shape[0]))
+    for start in range(0, x.shape[1], chunk):
+        block = x[:, start:start + chunk]
+        block = zscore_columns(block) if zscore else block - block.mean(axis=0)
+        gram += block @ block.T
+    return gram
+
+
 def project(x_NX: Any, n_components: int = 2, *, zscore: bool = True) -> Projection:
     """Rows of x on their top principal components, by the N x N Gram matrix (N is small, X is not)."""
-    z = zscore_columns(x_NX) if zscore else _matrix(x_NX) - _matrix(x_NX).mean(axis=0)
-    N = z.shape[0]
+    gram = centred_gram(x_NX, zscore=zscore)
+    N = gram.shape[0]
     C = max(0, min(n_components, N - 1))
-    gram = z @ z.T
     lam, u = np.linalg.eigh(gram)  # ascending
     lam, u = np.clip(lam[::-1], 0.0, None), u[:, ::-1]
     total = float(lam.sum())
