@@ -155,10 +155,16 @@ def test_random_init_spreads_of_the_cosines():
     assert np.std(offdiag) == pytest.approx(lays[0].gram_offdiag_null_sd, rel=0.35)
 
 
-def test_router_null_uses_each_layers_own_e():
-    res = weight_analysis([random_layer(8, E=4), random_layer(9, E=6)])
-    assert [lay.null_r2 for lay in res.layers] == pytest.approx([1 / 5, 1 / 14])
-    assert res.null_r2 == pytest.approx((1 / 5 + 1 / 14) / 2)
+def test_layers_with_their_own_e_and_a_one_expert_layer():
+    res = weight_analysis([random_layer(8, E=4), random_layer(9, E=6), random_layer(10, E=1)],
+                          reorder_pairs=[(0, 1), (3, 5)])
+    assert [lay.null_r2 for lay in res.layers[:2]] == pytest.approx([1 / 5, 1 / 14])
+    assert res.null_r2 == pytest.approx((1 / 5 + 1 / 14) / 2)  # the router null uses each layer's own E
+    one = res.layers[2]  # no expert pairs: NaN, not a number that pulls the means
+    assert np.isnan(one.rmoe_similarity) and np.isnan(one.null_r2) and one.paper_reorder is None
+    assert res.rmoe_null_mean == pytest.approx((3 / 4 + 3 / 6) / 2)
+    assert res.rmoe_similarity_mean == pytest.approx(np.mean([lay.rmoe_similarity for lay in res.layers[:2]]))
+    assert res.layers[0].paper_reorder.pairs == [(0, 1)] and res.layers[1].paper_reorder.pairs == [(0, 1), (3, 5)]
 
 
 # ---- PCA and the dense reference ------------------------------------------------------------------------

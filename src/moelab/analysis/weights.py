@@ -190,7 +190,7 @@ def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], nu
     ref = reference_parts(layer, F, D)
     flat = {p: w.reshape(E, -1) for p, w in n.items()}  # down flattened as F x D: a reordering, same cosine
     pairs_n = E * (E - 1) // 2
-    rn, rsd = rmoe_null(E, D)
+    rn, rsd = rmoe_null(E, D) if pairs_n else (float("nan"), float("nan"))  # one expert: nothing to compare
     return WeightLayer(
         matrix_cos={p: cosine_matrix(x) for p, x in flat.items()}, averaged_cos=avg_cos,
         matrix_null_sd=1 / np.sqrt(F * D), averaged_null_sd=1 / np.sqrt(D), router_cos=router,
@@ -200,7 +200,7 @@ def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], nu
         gram_mean_offdiag={p: gram_mean(a, include_diagonal=False) if E > 1 else float("nan")
                            for p, a in avg.items()},
         gram_offdiag_null_sd=1 / np.sqrt(D * pairs_n) if pairs_n else float("nan"),
-        rmoe_similarity=rmoe_similarity(avg), rmoe_null=rn, rmoe_null_sd=rsd,
+        rmoe_similarity=rmoe_similarity(avg) if pairs_n else float("nan"), rmoe_null=rn, rmoe_null_sd=rsd,
         reference=str(layer.get("ref_name", "dense reference FFN")) if ref is not None else "",
         matrix_ref_cos={p: _reference_cos(flat[p], ref[p].reshape(-1)) for p in PARTS} if ref is not None else {},
         averaged_ref_cos={p: _reference_cos(avg[p], ref[p].mean(axis=0)) for p in PARTS} if ref is not None else {},
@@ -226,12 +226,15 @@ def weight_analysis(layers: Sequence[Mapping[str, Any]], *, reorder_pairs: Seque
     `reorder_pairs` are the expert pairs matched by both neuron reorderings (each layer that has them)."""
     out = []
     for layer in layers:
-        E = as_array(layer["w_up_EFD"]).shape[0] if "w_up_EFD" in layer else 0
+        E = layer["w_up_EFD"].shape[0] if "w_up_EFD" in layer else 0
         out.append(analyse_layer(layer, [(a, b) for a, b in reorder_pairs if max(a, b) < E], null_seed))
     r2_mean = {p: float(np.nanmean([lay.router_r2[p] for lay in out])) for p in PARTS
                if out and all(p in lay.router_r2 for lay in out)}
-    nulls = [lay.null_r2 for lay in out if np.isfinite(lay.null_r2)]
-    return WeightAnalysis(layers=out, router_r2_mean=r2_mean, null_r2=float(np.mean(nulls)) if nulls else float("nan"),
-                          null_cosine=0.0, rmoe_similarity_mean=float(np.mean([l.rmoe_similarity for l in out]))
-                          if out else float("nan"), rmoe_null_mean=float(np.mean([l.rmoe_null for l in out]))
-                          if out else float("nan"))
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if np.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    return WeightAnalysis(layers=out, router_r2_mean=r2_mean, null_r2=mean([lay.null_r2 for lay in out]),
+                          null_cosine=0.0, rmoe_similarity_mean=mean([lay.rmoe_similarity for lay in out]),
+                          rmoe_null_mean=mean([lay.rmoe_null for lay in out]))
