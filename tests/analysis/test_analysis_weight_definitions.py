@@ -11,7 +11,7 @@ from scipy.stats import kendalltau
 
 from moelab.analysis.pca import centred_gram, project, zscore_columns
 from moelab.analysis.reorder import (
-    joint_reordering, kendall_tau, kendall_tau_null_sd, match_part, paper_reordering, reorder_null,
+    joint_reordering, kendall_tau, kendall_tau_null_sd, layer_neurons, match_part, paper_reordering, reorder_null,
 )
 from moelab.analysis.weights import (
     reorder_pairs_within, rmoe_null, rmoe_similarity, weight_analysis,
@@ -43,10 +43,10 @@ def test_reordering_by_hand():
     assert m.flat_cos_before == pytest.approx(2 / np.sqrt(55))
     assert m.flat_cos_after == pytest.approx(7 / np.sqrt(55))
     assert m.kendall_tau == -1.0
-    paper = paper_reordering(one_part(a, b), 0, 1)
+    paper = paper_reordering(layer_neurons(one_part(a, b)), 0, 1)
     assert {p: r.flat_cos_after for p, r in paper.items()} == pytest.approx({p: 7 / np.sqrt(55) for p in paper})
     # moelab's joint metric on the same neurons: the mean of per-neuron cosines, not the flattened cosine
-    joint = joint_reordering(one_part(a, b), 0, 1, parts=("up",), null_seed=None)
+    joint = joint_reordering(layer_neurons(one_part(a, b)), 0, 1, parts=("up",), null_seed=None)
     assert joint.mean_neuron_cos_before == pytest.approx(0.5 / np.sqrt(2))
     assert joint.mean_neuron_cos_after == pytest.approx((1 + 1 / np.sqrt(2)) / 2)
 
@@ -61,16 +61,17 @@ def test_each_matrix_gets_its_own_matching():
     layer["w_up_EFD"][1] = layer["w_up_EFD"][0][perms["up"]]
     layer["w_gate_EFD"][1] = layer["w_gate_EFD"][0][perms["gate"]]
     layer["w_down_EDF"][1] = layer["w_down_EDF"][0][:, perms["down"]]
-    paper = paper_reordering(layer, 1, 0)
+    paper = paper_reordering(layer_neurons(layer), 1, 0)
     for p, m in paper.items():
         np.testing.assert_array_equal(m.perm, perms[p])
         assert m.flat_cos_after == pytest.approx(1.0)
         assert abs(m.flat_cos_before) < 4 / np.sqrt(F * D)
-    joint = joint_reordering(layer, 1, 0)
+    joint = joint_reordering(layer_neurons(layer), 1, 0)
     assert joint.mean_neuron_cos_after < 0.75  # one permutation cannot fit three different ones
     lay = weight_analysis([layer], reorder_pairs=[(0, 1)]).layers[0]  # the same through the layer analysis
-    assert lay.paper_reorder.mean_after == pytest.approx({p: 1.0 for p in perms})
-    assert lay.paper_reorder.mean_after["up"] > lay.paper_reorder.null_after["up"] + 10 * lay.paper_reorder.null_after_sd
+    pr = lay.paper_reorder
+    assert pr.mean_after == pytest.approx({p: 1.0 for p in perms})
+    assert pr.mean_after["up"] > pr.null_after["up"] + 10 * pr.null_after_sd
     assert abs(lay.matrix_cos["up"][0, 1]) < 4 * lay.matrix_null_sd
 
 
@@ -216,3 +217,17 @@ def test_dense_reference_row_and_point():
               "ref_w_down_DF": np.ones((D, F // 2))}
     lay = weight_analysis([narrow]).layers[0]
     assert lay.reference == "" and lay.matrix_ref_cos == {} and lay.pca["up"].coords.shape == (E, 2)
+
+
+def test_joint_null_keeps_each_parts_scale():
+    """moelab initialises W_down smaller than W_up and W_gate; in the concatenated neuron it then weighs
+    less and a matching of noise reaches higher. The joint null draws each part at its own spread, so
+    independent random experts sit at it (a unit-variance null would sit clearly below them)."""
+    layer = random_layer(14, E=4, F=64, D=16)
+    layer["w_down_EDF"] *= 0.05
+    n = layer_neurons(layer)
+    matches = [joint_reordering(n, a, b) for a, b in itertools.combinations(range(4), 2)]
+    after = np.mean([m.mean_neuron_cos_after for m in matches])
+    assert after == pytest.approx(matches[0].null_after, abs=0.01)
+    unit = joint_reordering({p: n[p] / n[p].std() for p in n}, 0, 1).null_after  # all parts at one scale
+    assert unit < after - 0.02

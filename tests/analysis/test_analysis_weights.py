@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.analysis.pca import pca_explained_variance
-from moelab.analysis.reorder import joint_reordering
+from moelab.analysis.reorder import joint_reordering, layer_neurons
 from moelab.analysis.weights import averaged_neurons, gram_mean, matrix_similarity, weight_analysis
 
 E, F, D = 6, 32, 16
@@ -33,12 +33,12 @@ def test_joint_reordering_recovers_a_permuted_copy():
     layer["w_up_EFD"][1] = layer["w_up_EFD"][0][perm]
     layer["w_gate_EFD"][1] = layer["w_gate_EFD"][0][perm]
     layer["w_down_EDF"][1] = layer["w_down_EDF"][0][:, perm]  # neuron i of down is column i
-    match = joint_reordering(layer, 1, 0)
+    match = joint_reordering(layer_neurons(layer), 1, 0)
     np.testing.assert_array_equal(match.perm, perm)  # neuron f of expert 1 is neuron perm[f] of expert 0
     assert match.mean_neuron_cos_after == pytest.approx(1.0)
     assert match.mean_neuron_cos_before < 0.3
     assert 0.0 < match.null_after < 0.6  # a best matching of noise is positive, far from 1
-    same = joint_reordering(layer, 0, 0, null_seed=None)
+    same = joint_reordering(layer_neurons(layer), 0, 0, null_seed=None)
     assert same.kendall_tau == 1.0 and same.null_after is None
 
 

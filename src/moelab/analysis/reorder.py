@@ -42,9 +42,15 @@ def as_array(w: Any) -> np.ndarray:
 
 
 def neurons(w_up_EFD: Any, w_gate_EFD: Any, w_down_EDF: Any) -> dict[str, np.ndarray]:
-    """Each part as E x F x D: row f of expert e is neuron f's vector in that matrix."""
+    """Each part as E x F x D: row f of expert e is neuron f's vector in that matrix (contiguous copies,
+    so that the many matrix products of a layer's matchings run on plain memory)."""
     return {"up": as_array(w_up_EFD), "gate": as_array(w_gate_EFD),
-            "down": np.swapaxes(as_array(w_down_EDF), 1, 2)}
+            "down": np.ascontiguousarray(np.swapaxes(as_array(w_down_EDF), 1, 2))}
+
+
+def layer_neurons(layer: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`neurons` of one layer's weight dict (keys w_up_EFD, w_gate_EFD, w_down_EDF)."""
+    return neurons(layer["w_up_EFD"], layer["w_gate_EFD"], layer["w_down_EDF"])
 
 
 def count_inversions(values: np.ndarray) -> int:
@@ -118,10 +124,9 @@ def match_part(a_FX: np.ndarray, b_FX: np.ndarray) -> PartMatch:
                      flat_cos_after=flat_cosine(a_FX, b_FX[perm]), kendall_tau=kendall_tau(perm))
 
 
-def paper_reordering(layer: Mapping[str, Any], a: int, b: int,
+def paper_reordering(n: Mapping[str, np.ndarray], a: int, b: int,
                      parts: Sequence[str] = PARTS) -> dict[str, PartMatch]:
-    """The paper's reordering of experts a and b: part -> its own matching and flattened cosines."""
-    n = neurons(layer["w_up_EFD"], layer["w_gate_EFD"], layer["w_down_EDF"])
+    """The paper's reordering of experts a and b (`n` from `layer_neurons`): part -> its own matching."""
     return {p: match_part(n[p][a], n[p][b]) for p in parts}
 
 
@@ -141,21 +146,26 @@ class JointMatch(Result):
     mean_neuron_cos_before: float  # mean over f of cos(neuron f of a, neuron f of b), [up|gate|down^T]
     mean_neuron_cos_after: float   # mean over f of cos(neuron f of a, neuron perm[f] of b)
     kendall_tau: float         # of perm vs identity
-    null_after: float | None   # the same matching on Gaussian weights of the same shape
+    null_after: float | None   # the same on Gaussian weights of this shape, each part at its own scale
     null_tau: float = 0.0      # a matching unrelated to the neuron order
 
 
-def joint_reordering(layer: Mapping[str, Any], a: int, b: int, *, parts: Sequence[str] = PARTS,
+def _scaled_noise(n: Mapping[str, np.ndarray], e: int, parts: Sequence[str], rng) -> np.ndarray:
+    """Gaussian neurons of expert e's shape, each part at that part's spread: parts initialised at
+    different scales (moelab's down projection starts smaller) weigh in the concatenation as they do."""
+    return np.concatenate([rng.standard_normal(n[p][e].shape) * n[p][e].std() for p in parts], axis=1)
+
+
+def joint_reordering(n: Mapping[str, np.ndarray], a: int, b: int, *, parts: Sequence[str] = PARTS,
                      null_seed: int | None = 0) -> JointMatch:
-    """moelab's earlier metric: one matching on the concatenation of `parts`, mean per-neuron cosine."""
-    n = neurons(layer["w_up_EFD"], layer["w_gate_EFD"], layer["w_down_EDF"])
-    x_EFX = np.concatenate([n[p] for p in parts], axis=2)
-    cos_FF = neuron_cosine(x_EFX[a], x_EFX[b])
+    """moelab's earlier metric (`n` from `layer_neurons`): one matching on the concatenation of `parts`,
+    mean per-neuron cosine."""
+    cos_FF = neuron_cosine(*(np.concatenate([n[p][e] for p in parts], axis=1) for e in (a, b)))
     perm = best_matching(cos_FF)
     null = None
     if null_seed is not None:
         rng = np.random.default_rng(null_seed)
-        noise_FF = neuron_cosine(rng.standard_normal(x_EFX[a].shape), rng.standard_normal(x_EFX[b].shape))
+        noise_FF = neuron_cosine(_scaled_noise(n, a, parts, rng), _scaled_noise(n, b, parts, rng))
         null = float(noise_FF[np.arange(len(perm)), best_matching(noise_FF)].mean())
     return JointMatch(perm=perm, mean_neuron_cos_before=float(np.diag(cos_FF).mean()),
                       mean_neuron_cos_after=float(cos_FF[np.arange(len(perm)), perm].mean()),

@@ -34,8 +34,8 @@ import numpy as np
 from moelab.analysis.common import Result
 from moelab.analysis.pca import Projection, pca_explained_variance, project
 from moelab.analysis.reorder import (  # noqa: F401 - count_inversions, kendall_tau: read from here too
-    PARTS, JointMatch, as_array, count_inversions, joint_reordering, kendall_tau, kendall_tau_null_sd, neurons,
-    paper_reordering, reorder_null,
+    PARTS, JointMatch, as_array, count_inversions, joint_reordering, kendall_tau, kendall_tau_null_sd,
+    layer_neurons, neurons, paper_reordering, reorder_null,
 )
 from moelab.config import MoelabError
 
@@ -130,14 +130,16 @@ class PaperReorder(Result):
     null_tau_sd: float                      # sd of tau for an order-blind matching (its mean is 0)
 
 
-def paper_reorder_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], E: int, F: int, D: int,
-                        null_seed: int = 0) -> PaperReorder:
+def paper_reorder_layer(n: Mapping[str, np.ndarray], pairs: Sequence[tuple[int, int]], null_seed: int = 0
+                        ) -> PaperReorder:
+    """The paper's reordering of every pair in `pairs`; `n` is the layer's neurons (part -> E x F x D)."""
+    E, F, D = n["up"].shape
     after = {p: np.full((E, E), np.nan) for p in PARTS}
     for m in after.values():
         np.fill_diagonal(m, 1.0)
     before, after_pairs, taus = ({p: [] for p in PARTS} for _ in range(3))
     for a, b in pairs:
-        for p, match in paper_reordering(layer, a, b).items():
+        for p, match in paper_reordering(n, a, b).items():
             after[p][a, b] = after[p][b, a] = match.flat_cos_after
             before[p].append(match.flat_cos_before)
             after_pairs[p].append(match.flat_cos_after)
@@ -182,7 +184,7 @@ def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], nu
     missing = [k for k in ("w_up_EFD", "w_gate_EFD", "w_down_EDF") if k not in layer]
     if missing:
         raise MoelabError(f"weight analysis needs {missing[0]} for every layer")
-    n = neurons(layer["w_up_EFD"], layer["w_gate_EFD"], layer["w_down_EDF"])  # part -> E x F x D
+    n = layer_neurons(layer)  # part -> E x F x D
     E, F, D = n["up"].shape
     avg = {p: w.mean(axis=1) for p, w in n.items()}
     avg_cos = {p: cosine_matrix(a) for p, a in avg.items()}
@@ -205,8 +207,8 @@ def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], nu
         matrix_ref_cos={p: _reference_cos(flat[p], ref[p].reshape(-1)) for p in PARTS} if ref is not None else {},
         averaged_ref_cos={p: _reference_cos(avg[p], ref[p].mean(axis=0)) for p in PARTS} if ref is not None else {},
         pca={p: project(flat[p] if ref is None else np.vstack([flat[p], ref[p].reshape(1, -1)])) for p in PARTS},
-        paper_reorder=paper_reorder_layer(layer, pairs, E, F, D, null_seed or 0) if pairs else None,
-        joint_reorder={f"{a}-{b}": joint_reordering(layer, a, b, null_seed=null_seed) for a, b in pairs},
+        paper_reorder=paper_reorder_layer(n, pairs, null_seed or 0) if pairs else None,
+        joint_reorder={f"{a}-{b}": joint_reordering(n, a, b, null_seed=null_seed) for a, b in pairs},
     )
 
 
