@@ -84,10 +84,10 @@ def main() -> None:
         print(f"\n{ckpt}: {len(trained.layers)} MoE layers, E = {E}, "
               f"{len(lay.paper_reorder.pairs)} pairs matched per layer, reference: {lay.reference or 'none'}; "
               f"weight_analysis took {seconds:.2f} s")
-        print(f"{'mean over MoE layers (up / gate / down)':<42}{'trained':>34}{'fresh init':>34}")
+        print(f"{'mean over MoE layers (up / gate / down)':<42}{'trained':>46}{'fresh init':>46}")
         a, b = summary(trained), summary(init)
         for key in a:
-            print(f"{key:<42}{a[key]:>34}{b.get(key, 'n/a'):>34}")
+            print(f"{key:<42}{a[key]:>46}{b.get(key, 'n/a'):>46}")
 
 
 if __name__ == "__main__":
