@@ -81,8 +81,8 @@ def pca_scatter(weights: Any) -> Figure:
     """Per layer (rows) and part (columns): experts' z-scored flattened matrices on two principal
     components, numbered; the dense reference as a black triangle."""
     layers = weights.layers
-    shown = pick_layers(len(layers), limit=4)
-    fig = new_figure(height=2.6 * len(shown) + 0.5, width=10.0)
+    shown = pick_layers(len(layers), limit=6)  # a row per layer; deeper models: 6 evenly spaced ones
+    fig = new_figure(height=2.4 * len(shown) + 0.5, width=10.0)
     axes = fig.subplots(len(shown), len(PARTS), squeeze=False)
     for r, l in enumerate(shown):
         lay = layers[l]
