@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from moelab.analysis.weights import (
-    averaged_neurons, gram_mean, matrix_similarity, neuron_reordering, pca_explained_variance, weight_analysis,
-)
+from moelab.analysis.pca import pca_explained_variance
+from moelab.analysis.reorder import joint_reordering, layer_neurons
+from moelab.analysis.weights import averaged_neurons, gram_mean, matrix_similarity, weight_analysis
 
 E, F, D = 6, 32, 16
 
@@ -27,18 +27,18 @@ def test_matrix_similarity_of_copies_and_negations():
     assert abs(sim[3, 4]) < 0.2  # independent Gaussian matrices: ~0, the random-init null
 
 
-def test_neuron_reordering_recovers_a_permuted_copy():
+def test_joint_reordering_recovers_a_permuted_copy():
     layer = random_layer(1)
     perm = np.random.default_rng(5).permutation(F)
     layer["w_up_EFD"][1] = layer["w_up_EFD"][0][perm]
     layer["w_gate_EFD"][1] = layer["w_gate_EFD"][0][perm]
     layer["w_down_EDF"][1] = layer["w_down_EDF"][0][:, perm]  # neuron i of down is column i
-    match = neuron_reordering(layer, 1, 0)
+    match = joint_reordering(layer_neurons(layer), 1, 0)
     np.testing.assert_array_equal(match.perm, perm)  # neuron f of expert 1 is neuron perm[f] of expert 0
-    assert match.similarity_after == pytest.approx(1.0)
-    assert match.similarity_before < 0.3
+    assert match.mean_neuron_cos_after == pytest.approx(1.0)
+    assert match.mean_neuron_cos_before < 0.3
     assert 0.0 < match.null_after < 0.6  # a best matching of noise is positive, far from 1
-    same = neuron_reordering(layer, 0, 0, null_seed=None)
+    same = joint_reordering(layer_neurons(layer), 0, 0, null_seed=None)
     assert same.kendall_tau == 1.0 and same.null_after is None
 
 
@@ -50,7 +50,7 @@ def test_router_regression_finds_router_built_from_gates():
     assert res.layers[1].router_r2["gate"] < 0.6  # random layer: chance, 1 / (pairs - 1) on average
     assert res.router_r2_mean["gate"] == pytest.approx((1.0 + res.layers[1].router_r2["gate"]) / 2)
     assert res.null_r2 == pytest.approx(1 / 14)  # 15 expert pairs
-    assert set(res.layers[0].reorder) == {"0-1"}
+    assert set(res.layers[0].joint_reorder) == {"0-1"} and res.layers[0].paper_reorder.pairs == [(0, 1)]
     assert res.to_dict()["layers"][0]["matrix_cos"]["up"][0][0] == pytest.approx(1.0)
 
 

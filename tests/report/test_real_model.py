@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moelab.analysis import analyze_all, to_json_dict, weight_analysis
+from moelab.analysis.weights import reorder_pairs_within
 from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
 from moelab.model.transformer import build_model
 from moelab.report.build import build_report
@@ -62,8 +63,10 @@ def test_compare_report_has_both_models_and_their_weights(real):
     sections = html_sections(page)
     assert sections["Comparison"] == 0 and sections["tiny-moe"] == 0 and sections["tiny-rmoe"] == 0
     assert sections["Expert outputs"] == 2 and sections["Expert outputs #2"] == 0  # rmoe traced without
-    assert sections["Expert weights"] == 3  # matrix and averaged similarity, router R^2
-    assert sections["Expert weights #2"] == 2  # the rmoe router has no rows to regress on
+    # matrix and averaged similarity, router R^2, PCA, the paper's reordering over all 6 expert pairs
+    assert sections["Expert weights"] == 5
+    assert sections["Expert weights #2"] == 4  # the rmoe router has no rows to regress on
+    assert "no dense FFN of the experts" in page and "RMoE expert similarity" in page
     assert "the rmoe router has no D-dimensional row per expert" in page
     assert "<li>router rows vs averaged experts R^2" in page
     assert any(line.startswith("tiny-moe: router rows vs") for line in real["metrics"]["summary"])
@@ -77,9 +80,12 @@ def test_metrics_match_the_analyses(real):
         results = analyze_all(open_trace(real[key]), **model["options"])
         assert model["analyses"] == to_json_dict(results)
         assert model["meta"]["checkpoint_step"] == (1 if key == "moe" else 2)
-    weights = weight_analysis(checkpoint_weight_layers(real["moe_ckpt"]), reorder_pairs=[(0, 1)])
+    weights = weight_analysis(checkpoint_weight_layers(real["moe_ckpt"]), reorder_pairs=reorder_pairs_within(4, 16))
     saved_w = saved["models"]["tiny-moe"]["weights"]
     assert saved_w["result"] == json.loads(json.dumps(weights.to_dict()))
     assert saved["models"]["tiny-moe"]["headline"]["router_r2:gate"]["value"] == pytest.approx(
         weights.router_r2_mean["gate"])
     assert saved["models"]["tiny-rmoe"]["headline"]["router_r2:gate"]["value"] is None
+    rmoe = saved["models"]["tiny-moe"]["headline"]["rmoe_expert_similarity"]
+    assert rmoe["value"] == pytest.approx(weights.rmoe_similarity_mean) and rmoe["null"] == pytest.approx(3 / 4)
+    assert len(saved_w["result"]["layers"][0]["paper_reorder"]["pairs"]) == 6

@@ -90,3 +90,30 @@ def test_checkpoint_round_trip_and_analysis(tmp_path):
     assert set(result.router_r2_mean) == {"up", "gate", "down"}
     with pytest.raises(MoelabError, match="not found"):
         checkpoint_weight_layers(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("ffn_kind", ["swiglu", "openmoe"])
+def test_dense_reference_reproduces_its_ffn(ffn_kind):
+    """A dense block of the experts' width comes along as the reference, sliced like the experts."""
+    moe = MoEConfig(num_experts=E, top_k=2, dense_layers=[0], expert_hidden=32)
+    model = build_model(ModelConfig(vocab_size=50, d_model=D, n_layers=4, n_heads=2, ffn_hidden=32,
+                                    max_seq_len=16, ffn_kind=ffn_kind, moe=moe), seed=3)
+    layers = model_weight_layers(model)
+    assert [lay["ref_name"] for lay in layers] == ["dense FFN of block 0"] * 3
+    ref = {k[4:].replace("FD", "EFD").replace("DF", "EDF"): v[None] for k, v in layers[0].items()
+           if k.startswith("ref_w_")}
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        expected = model.blocks[0].ffn(x)
+    torch.testing.assert_close(neuron_sum({**ref, "ffn_kind": ffn_kind}, 0, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_prefers_the_shared_expert_and_needs_the_same_width():
+    shared = MoEConfig(num_experts=E, top_k=2, dense_layers=[0], expert_hidden=32, num_shared_experts=1)
+    model = build_model(ModelConfig(vocab_size=50, d_model=D, n_layers=3, n_heads=2, ffn_hidden=32,
+                                    max_seq_len=16, moe=shared), seed=0)
+    layers = model_weight_layers(model)
+    assert [lay["ref_name"] for lay in layers] == ["shared expert of block 1", "shared expert of block 2"]
+    np.testing.assert_array_equal(layers[0]["ref_w_down_DF"], model.blocks[1].shared.w_out_FD.detach().numpy().T)
+    narrow = build_model(cfg(), seed=0)  # experts of width 12, no dense block: nothing to compare with
+    assert all("ref_name" not in lay for lay in model_weight_layers(narrow))

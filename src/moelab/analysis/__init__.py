@@ -15,16 +15,17 @@ from moelab.analysis.specialization import (
     ShareTables, domain_specialisation, expert_label_mi, share_tables, std_score, top_tokens, vocab_specialisation,
 )
 from moelab.analysis.suite import ANALYSES, analyze_all, to_json_dict
-from moelab.analysis.weights import (
-    kendall_tau, matrix_similarity, neuron_reordering, pca_explained_variance, weight_analysis,
-)
+from moelab.analysis.pca import pca_explained_variance, project
+from moelab.analysis.reorder import joint_reordering, kendall_tau, paper_reordering
+from moelab.analysis.weights import matrix_similarity, rmoe_similarity, weight_analysis
 
 __all__ = [
     "ANALYSES", "Coactivation", "DropProfile", "DynamicResult", "EarlyRouting", "GateStats", "LoadResult",
     "ShareTables", "analyze_all", "angular_similarity", "coactivation", "coactivation_counts",
     "conditional_coactivation", "cross_layer_mi_T", "domain_specialisation", "drop_profile", "dynamic_analysis",
     "early_routing", "expert_capacity", "expert_label_mi", "expert_load", "gate_stats", "jensen_shannon",
-    "kendall_tau", "matrix_similarity", "neuron_reordering", "pca_explained_variance", "rank_table",
+    "joint_reordering", "kendall_tau", "matrix_similarity", "paper_reordering", "pca_explained_variance", "project",
+    "rank_table", "rmoe_similarity",
     "share_tables", "simulate_drops", "std_score", "to_json_dict", "top1_agreement", "top_tokens",
     "topk_overlap", "vocab_specialisation", "weight_analysis",
 ]

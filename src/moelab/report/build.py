@@ -19,11 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moelab.analysis import analyze_all, early_routing, to_json_dict, weight_analysis
+from moelab.analysis.weights import reorder_pairs_within
 from moelab.analysis.common import plain
 from moelab.config import MoelabError
 from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
 from moelab.report.html import Section, write_report
-from moelab.report.sections import comparison_section, early_section, routing_sections, trace_table, weight_section
+from moelab.report.sections import comparison_section, early_section, routing_sections, trace_table
+from moelab.report.weights_section import weight_definition_headlines, weight_section
 from moelab.trace.io import Trace, open_trace
 
 OPTION_KEYS = ("min_count", "vocab_min_count", "pos_bucket", "n_permutations", "mi_ranks", "seed", "analyses")
@@ -200,7 +202,7 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
         out["headlines"] += early_headlines(out["early"], m.trace.meta.top_k)
     if m.weights:
         out["weights"], out["note"] = _weights(m.weights)
-        out["headlines"] += weight_headlines(out["weights"], out["note"])
+        out["headlines"] += weight_headlines(out["weights"], out["note"]) + weight_definition_headlines(out["weights"])
     return out
 
 
@@ -220,7 +222,7 @@ def _weights(path: str) -> tuple[Any, str]:
 
     layers = checkpoint_weight_layers(path)
     E, F = layers[0]["w_up_EFD"].shape[:2]
-    pairs = [(0, 1)] if E > 1 and F <= REORDER_MAX_HIDDEN else []
+    pairs = reorder_pairs_within(E, F) if F <= REORDER_MAX_HIDDEN else []
     return weight_analysis(layers, reorder_pairs=pairs), layers[0].get("router_note", "")
 
 

@@ -234,28 +234,6 @@ def early_routing_curves(early: Any, final_step: Any = None) -> Figure:
     return fig
 
 
-def expert_similarity_heatmap(weights: Any, kind: str = "matrix") -> Figure:
-    """E x E cosine of experts per layer and part (up / gate / down): flattened matrices ("matrix") or
-    mean neurons ("averaged"); diagonal hidden, white = 0, the random-init null."""
-    layers = weights.layers
-    shown = pick_layers(len(layers), limit=6)
-    attr = "matrix_cos" if kind == "matrix" else "averaged_cos"
-    parts = ("up", "gate", "down")
-    data = {(p, l): mask_diagonal(getattr(layers[l], attr)[p]) for p in parts for l in shown}
-    fig = new_figure(height=2.3 * len(parts) + 0.6, width=min(3.0 * len(shown) + 1.5, 12.0))
-    axes = fig.subplots(len(parts), len(shown), squeeze=False)
-    norm = centred_norm(0.0, list(data.values()), symmetric=True)
-    im = None
-    for r, p in enumerate(parts):
-        for c, l in enumerate(shown):
-            im = heatmap(axes[r, c], data[(p, l)], norm, title=f"{p}, layer {l}",
-                         xlabel="expert" if r == len(parts) - 1 else "", ylabel="expert" if c == 0 else "")
-    what = "flattened weight matrices" if kind == "matrix" else "averaged neurons"
-    fig.suptitle(f"Expert similarity: cosine of {what}{layers_note(shown, len(layers))}", fontsize=11)
-    colorbar(fig, im, axes.reshape(-1), "cosine", {"random init": 0.0})
-    return fig
-
-
 def router_r2_bars(weights: Any) -> Figure:
     """R^2 of router-row similarity against averaged-neuron similarity, per layer and part."""
     parts = ("up", "gate", "down")

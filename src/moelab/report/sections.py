@@ -87,8 +87,9 @@ def top_tokens_table(top: Any, decode: Callable[[int], str] | None, n: int = 6) 
 def coactivation_section(results: dict[str, Any]) -> Section:
     return Section("Co-activation", "Which experts a token picks together (OLMoE).", [FigureBlock(
         F.coactivation_heatmap(results["coactivation"]),
-        "Cell (i, j) is P(j | i), the share of tokens routed to expert i that also chose j; white is uniform "
-        "top-k's (k - 1)/(E - 1), red pairs fire together more often than chance.")])
+        "Cell (i, j) is P(j | i), the share of tokens routed to expert i that also chose j, counting every pair "
+        "of experts in a token's top-k (OLMoE's paper; its released script counts only pairs at adjacent ranks); "
+        "white is uniform top-k's (k - 1)/(E - 1), red pairs fire together more often than chance.")])
 
 
 def drops_section(results: dict[str, Any]) -> Section:
@@ -169,38 +170,6 @@ def early_section(early: Any, final_step: Any, paths: Sequence[str]) -> Section:
                                    "the JS divergence of each token ID's expert distribution (0 = identical), per "
                                    "layer; dashed lines are two independent uniform routings."),
                        Table(["checkpoint step", "trace"], rows)])
-
-
-def weight_section(weights: Any, checkpoint: str, note: str = "") -> Section:
-    blocks: list[Any] = [
-        FigureBlock(F.expert_similarity_heatmap(weights, "matrix"),
-                    "Cosine between two experts' flattened up / gate / down matrices per layer (diagonal hidden); "
-                    "white is 0, what independent random initialisations give."),
-        FigureBlock(F.expert_similarity_heatmap(weights, "averaged"),
-                    "The same with each expert reduced to its mean neuron (A Closer Look's neuron averaging); "
-                    "white is 0, the random-init null.")]
-    if weights.router_r2_mean:
-        blocks.append(FigureBlock(F.router_r2_bars(weights),
-                                  "R^2 of the line relating two experts' router-row cosine to the cosine of their "
-                                  "averaged up / gate / down neurons, over expert pairs; dashed is 1/(pairs - 1), "
-                                  "what unrelated similarities give."))
-    elif note:
-        blocks.append(Note(note))
-    blocks.extend(_reorder_table(weights))
-    return Section("Expert weights", f"Static analyses of the checkpoint {checkpoint} (A Closer Look).", blocks)
-
-
-def _reorder_table(weights: Any) -> list[Table]:
-    rows = []
-    for l, lay in enumerate(weights.layers):
-        for pair, m in lay.reorder.items():
-            rows.append([l, pair, fmt(m.similarity_before, ".3f"), fmt(m.similarity_after, ".3f"),
-                         fmt(m.null_after, ".3f"), fmt(m.kendall_tau, ".3f")])
-    if not rows:
-        return []
-    return [Table(["layer", "experts", "neuron cosine, same index", "after best matching",
-                   "matching of Gaussian noise", "Kendall tau (0 = unrelated order)"], rows,
-                  "Neuron reordering: do two experts hold the same neurons in another order?")]
 
 
 def comparison_section(headlines: dict[str, list[Headline]]) -> Section:

@@ -7,6 +7,11 @@ of down), `w_router_ED` only when the router scores with one D-dimensional row p
 frozen random routers), `w_gate2_EFD` for OpenMoE's three-projection unit, plus `block` (its transformer
 block), `router_kind` and, when the router has no such rows, `router_note` saying why the router-vs-expert
 regression is left out.
+
+Where the model has a dense FFN of the experts' width F, it comes along as the reference that A Closer
+Look compares experts with (`ref_w_up_FD`, `ref_w_gate_FD`, `ref_w_down_DF`, and `ref_name` saying which):
+the layer's own shared expert when it is one FFN of width F (same block, same input), else the FFN of the
+nearest dense block of width F (the earlier one on a tie). None of the same width: no reference.
 """
 
 from __future__ import annotations
@@ -53,8 +58,37 @@ def model_weight_layers(model: Any) -> list[dict[str, Any]]:
         else:
             entry["router_note"] = (f"the {kind} router has no D-dimensional row per expert, so its rows "
                                     "cannot be compared with the experts' weights")
+        entry.update(dense_reference(model, int(layer.layer), int(mats["w_up_EFD"].shape[1])))
         out.append(entry)
     return out
+
+
+def _ffn_parts(ffn: Any) -> dict[str, np.ndarray]:
+    """A GatedFFN's W_up, W_gate as F x D and W_down as D x F (the experts' slicing of the fused input)."""
+    from moelab.model.config import FFN_IN_PROJECTIONS
+
+    P, F = FFN_IN_PROJECTIONS[ffn.kind], ffn.w_out_FD.shape[0]
+    slices = ffn.w_in_DX.detach().split(F, dim=1)
+    out = {"ref_w_gate_FD": _numpy(slices[P - 2].T), "ref_w_up_FD": _numpy(slices[P - 1].T),
+           "ref_w_down_DF": _numpy(ffn.w_out_FD.detach().T)}
+    if P == 3:
+        out["ref_w_gate2_FD"] = _numpy(slices[0].T)  # as for the experts: kept so the neuron is complete
+    return out
+
+
+def dense_reference(model: Any, block: int, F: int) -> dict[str, Any]:
+    """The reference FFN of width F for the MoE layer in `block` (see the module docstring), or {}."""
+    blocks = list(getattr(model, "blocks", []))
+    if not 0 <= block < len(blocks):
+        return {}
+    shared = getattr(blocks[block], "shared", None)
+    if shared is not None and shared.w_out_FD.shape[0] == F:
+        return {**_ffn_parts(shared), "ref_name": f"shared expert of block {block}"}
+    dense = [i for i, b in enumerate(blocks) if getattr(b, "ffn", None) is not None and b.ffn.w_out_FD.shape[0] == F]
+    if not dense:
+        return {}
+    i = min(dense, key=lambda j: (abs(j - block), j))
+    return {**_ffn_parts(blocks[i].ffn), "ref_name": f"dense FFN of block {i}"}
 
 
 def checkpoint_weight_layers(path: str | Path) -> list[dict[str, Any]]:
