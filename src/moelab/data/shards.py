@@ -191,17 +191,59 @@ def load_corpus(path: str | Path) -> Corpus:
         raise MoelabError(f"corpus folder {path} is incomplete or not a moelab corpus: no {SUMMARY}")
     try:
         info = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MoelabError(f"{path / SUMMARY} is not valid JSON: {e.msg}") from None
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoelabError(f"{path / SUMMARY} is not valid JSON: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise MoelabError(f"{path / SUMMARY} is not a version-{VERSION} {FORMAT} summary")
     needed = [TOKENS, DOCS] + ([TURNS] if info.get("has_turns") else [])
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise MoelabError(f"corpus folder {path} is incomplete: missing {', '.join(missing)}")
-    tokens = np.load(path / TOKENS, mmap_mode="r")
-    turns = np.load(path / TURNS, mmap_mode="r") if info.get("has_turns") else None
-    docs = pq.read_table(path / DOCS)
-    if len(tokens) != info["num_tokens"] or docs.num_rows != info["num_documents"]:
+    tokens = _load_array(path / TOKENS, (np.uint16, np.uint32))
+    turns = _load_array(path / TURNS, (np.int16,)) if info.get("has_turns") else None
+    try:
+        docs = pq.read_table(path / DOCS)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        raise MoelabError(f"cannot read {path / DOCS}: {_first_line(e)}") from None
+    if len(tokens) != info.get("num_tokens") or docs.num_rows != info.get("num_documents"):
         raise MoelabError(f"corpus folder {path} is incomplete: {TOKENS} or {DOCS} does not match {SUMMARY}")
-    return Corpus(path, info, tokens, turns, docs)
+    if turns is not None and len(turns) != len(tokens):
+        raise MoelabError(f"corpus folder {path} is corrupt: {TURNS} and {TOKENS} differ in length")
+    try:
+        corpus = Corpus(path, info, tokens, turns, docs)
+        _check_index(corpus)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoelabError(f"corpus folder {path} is corrupt: {SUMMARY} or {DOCS} is malformed "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+    return corpus
+
+
+def _load_array(file: Path, dtypes: tuple) -> np.ndarray:
+    """A memory-mapped 1-D array of one of `dtypes`; never unpickled (np.load's allow_pickle is off)."""
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # a truncated header or data, or a pickle: ValueError, OSError, EOFError...
+        raise MoelabError(f"cannot read {file}: {_first_line(e)}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype not in [np.dtype(d) for d in dtypes]:
+        raise MoelabError(f"{file} is not a 1-D array of {' or '.join(np.dtype(d).name for d in dtypes)}")
+    return arr
+
+
+def _check_index(c: Corpus) -> None:
+    """The document index must stay inside the token array (a flipped byte could point outside it)."""
+    n = c.num_tokens
+    if c.num_docs and (c.doc_start.min() < 0 or c.doc_length.min() < 0
+                       or int((c.doc_start + c.doc_length).max()) >= n + (n == 0)
+                       or np.any(np.diff(c.doc_start) < 0)):
+        raise ValueError(f"a document lies outside the {n} tokens of {TOKENS}")
+    if not 0 <= c.eos_id < max(c.vocab_size, 1) or c.vocab_size < 1:
+        raise ValueError(f"eos_id {c.eos_id} is not inside vocab_size {c.vocab_size}")
+    for split in SPLITS:
+        start, end = c.split_range(split)
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"split {split} [{start}, {end}) lies outside the {n} tokens")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -38,7 +38,12 @@ class TensorReader:
         self._where: dict[str, Path] = {}
         self._handles = {}
         for file in files:
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises several types for a truncated or foreign file
+                text = str(e).strip().splitlines()
+                raise MoelabError(f"cannot read {file}: not a complete safetensors file "
+                                  f"({text[0] if text else type(e).__name__})") from None
             self._handles[file] = handle
             for name in handle.keys():
                 self._where.setdefault(name, file)
