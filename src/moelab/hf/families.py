@@ -56,7 +56,7 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         raise MoelabError(f"{folder} has no config.json: not a transformers checkpoint")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
         raise MoelabError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise MoelabError(f"{path} is not a JSON object")

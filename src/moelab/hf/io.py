@@ -55,7 +55,7 @@ class TensorReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # also bytes that are not UTF-8
                 raise MoelabError(f"{index} is not a safetensors index: {e}") from None
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [f for f in files if not f.is_file()]
