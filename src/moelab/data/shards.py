@@ -195,6 +195,9 @@ def load_corpus(path: str | Path) -> Corpus:
         raise MoelabError(f"{path / SUMMARY} is not valid JSON: {e}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise MoelabError(f"{path / SUMMARY} is not a version-{VERSION} {FORMAT} summary")
+    bad = _summary_problem(info)
+    if bad:
+        raise MoelabError(f"{path / SUMMARY} is corrupt: {bad}")
     needed = [TOKENS, DOCS] + ([TURNS] if info.get("has_turns") else [])
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
@@ -216,6 +219,38 @@ def load_corpus(path: str | Path) -> Corpus:
         raise MoelabError(f"corpus folder {path} is corrupt: {SUMMARY} or {DOCS} is malformed "
                           f"({type(e).__name__}: {_first_line(e)})") from None
     return corpus
+
+
+_COUNTS = {"documents": int, "bytes": int, "tokens": int}
+_SUMMARY = {"num_tokens": int, "num_documents": int, "num_bytes": int, "dtype": str, "has_turns": bool,
+            "domains": [str], "langs": [str], "splits": {"train": {"start": int, "end": int, **_COUNTS},
+                                                         "heldout": {"start": int, "end": int, **_COUNTS}},
+            "per_domain": {str: _COUNTS}, "per_lang": {str: _COUNTS},
+            "tokenizer": {"kind": str, "file": str, "vocab_size": int, "eos_id": int, "pad_id": int,
+                          "sentinel_ids": [int], "mode_ids": {str: int}}}
+
+
+def _summary_problem(value, schema=_SUMMARY, where: str = "") -> str:
+    """"" when `value` has the shape `schema` describes (a type, [type], {key: schema} or {str: schema}),
+    else what differs; keys beyond the schema are allowed."""
+    if isinstance(schema, type):
+        ok = isinstance(value, schema) and (schema is bool or not isinstance(value, bool))
+        return "" if ok else f"{where or 'the summary'} should be {schema.__name__}, not {value!r:.40}"
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} should be a list"
+        return next((p for i, v in enumerate(value) if (p := _summary_problem(v, schema[0], f"{where}[{i}]"))), "")
+    if not isinstance(value, dict):
+        return f"{where or 'the summary'} should be a JSON object"
+    if str in schema:
+        return next((p for k, v in value.items() if (p := _summary_problem(v, schema[str], f"{where}.{k}"))), "")
+    for key, sub in schema.items():
+        if key not in value:
+            return f"{where}.{key} is missing".lstrip(".")
+        problem = _summary_problem(value[key], sub, f"{where}.{key}".lstrip("."))
+        if problem:
+            return problem
+    return ""
 
 
 def _load_array(file: Path, dtypes: tuple) -> np.ndarray:

@@ -73,6 +73,9 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     for key in ("data", "tokenizer"):
         if not isinstance(cfg.get(key, {}), dict):
             raise MoelabError(f"{cfg_file}: {key!r} should be a JSON object")
+    for key in ("file", "fingerprint"):
+        if not isinstance(cfg.get("tokenizer", {}).get(key, ""), str):
+            raise MoelabError(f"{cfg_file}: tokenizer.{key} should be a string")
     return cfg
 
 
@@ -116,6 +119,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         if tensor.shape != own[name].shape:
             raise MoelabError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, "
                               f"the model expects {tuple(own[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MoelabError(f"checkpoint {path}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
     model.load_state_dict(weights)
 
 

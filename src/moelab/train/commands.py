@@ -54,11 +54,13 @@ def build_run_config(preset: str, data: str, overrides: list[str]):
     unknown = sorted(set(d) - {"model", "data", "train", "parallel"})
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (known: model, data, train, parallel)")
-    if not isinstance(d.get("data", {}), dict):
-        raise ConfigError("data is a config section, not a value")
+    for section in ("model", "data"):
+        if not isinstance(d.setdefault(section, {}), dict):
+            raise ConfigError(f"{section} is a config section, not a value ({d[section]!r})")
     # Resolved, so a checkpoint finds its corpus (and tokenizer) from any working directory.
-    d.setdefault("data", {})["path"] = str(Path(data).expanduser().resolve())
-    d["data"].setdefault("seq_len", min(256, d.get("model", {}).get("max_seq_len", 256)))
+    d["data"]["path"] = str(Path(data).expanduser().resolve())
+    max_len = d["model"].get("max_seq_len", 256)
+    d["data"].setdefault("seq_len", min(256, max_len) if type(max_len) is int else 256)
     return RunConfig.from_dict(d)
 
 
