@@ -1,5 +1,8 @@
 """Expert and data parallelism on CPU (gloo) in 2 and 4 local processes match one process to 1e-5.
 
+The world_balance cases compare the global-batch balance loss (parallel.balance_reduce="world") with one
+forward over the whole batch; without it (the per-rank loss) they would differ (see the test below).
+
 Why these cases give bit-comparable routing: capacity decisions depend on which tokens share a forward
 pass. Dropless routing has none; the `group` formula with group_size = one sequence decides each
 sequence on its own, so a rank holding whole rows of the batch decides exactly as one process does on
@@ -26,6 +29,12 @@ CASES = {
     "group_capacity": {"model": {"capacity": 1.25, "formula": "group", "group_size": S},
                        "per_shard": False},
     "topk_capacity_balance": {"model": {"capacity": 1.0, "balance_coef": 0.01}, "per_shard": True},
+    # parallel.balance_reduce="world" (distributed/balance.py): the balance loss of the global batch, so
+    # the reference is ONE forward over it, balance loss on (per layer, and pooled over layers)
+    "world_balance": {"model": {"capacity": None, "balance_coef": 0.5}, "per_shard": False,
+                      "world_balance": True},
+    "world_balance_pooled": {"model": {"capacity": None, "balance_coef": 0.5, "balance_scope": "global"},
+                             "per_shard": False, "world_balance": True},
 }
 
 
@@ -59,3 +68,11 @@ def test_a_failed_rank_makes_the_others_exit(tmp_path, how):
     assert rank0["seconds"] < timeout_s + 10
     if how == "raise":
         assert not rank1["ok"] and "failed on purpose" in rank1["error"]
+
+
+def test_per_rank_balance_loss_does_not_match_one_process(tmp_path):
+    """The reason for balance_reduce="world": the per-rank balance loss's gradients differ from one process."""
+    case = {"rank_balance": {"model": {"capacity": None, "balance_coef": 0.5}, "per_shard": False}}
+    results = w.run_ranks(w.equivalence, 2, tmp_path, 2, 1, case)
+    assert all(r["ok"] for r in results), results
+    assert max(max(r["rank_balance"].values()) for r in results) > 1e-4
