@@ -95,6 +95,14 @@ def test_out_under_a_regular_file(tiny_run, tmp_path, capsys, verb):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("verb", ["trace", "train", "data build", "tokenizer train"])
+def test_out_in_an_unwritable_place(tiny_run, tmp_path, capsys, verb):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a file system nobody may write")
+    assert main(_out_cases(tiny_run, Path("/proc/moelab-nope"))[verb]) == 2
+    _one_line(capsys, "/proc is not writable")
+
+
 def test_trace_out_an_existing_folder_writes_nothing(tiny_run, tmp_path, capsys):
     out = tmp_path / "x"
     out.mkdir()

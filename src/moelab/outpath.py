@@ -4,6 +4,7 @@ after minutes of work (or a half-written file)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from moelab.config import MoelabError
@@ -31,6 +32,17 @@ def _check_parents(folder: Path, flag: str, target: Path | None = None) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise MoelabError(f"{flag} {target}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
+            if not _can_write_in(parent):
                 raise MoelabError(f"{flag} {target}: {parent} is not writable")
             return
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Try it: permission bits say nothing to root, nor about read-only or virtual file systems."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
