@@ -65,4 +65,4 @@ def train_args():
 
 def tiny_train_args(steps: int = 2) -> list[str]:
     return ["--steps", str(steps), "--set", "data.seq_len=16", "--set", "data.batch_size=2",
-            "--set", "train.tensorboard=false", "--set", "train.eval_tokens=64", "--set", "train.warmup_steps=1"]
+            "--set", "train.tensorboard=false", "--set", "train.eval_tokens=16", "--set", "train.warmup_steps=1"]
