@@ -73,8 +73,9 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     for key in ("data", "tokenizer"):
         if not isinstance(cfg.get(key, {}), dict):
             raise MoelabError(f"{cfg_file}: {key!r} should be a JSON object")
-    for key in ("file", "fingerprint"):
-        if not isinstance(cfg.get("tokenizer", {}).get(key, ""), str):
+    for key in ("file", "fingerprint"):  # None: not recorded (a corpus without a fingerprint)
+        value = cfg.get("tokenizer", {}).get(key)
+        if value is not None and not isinstance(value, str):
             raise MoelabError(f"{cfg_file}: tokenizer.{key} should be a string")
     return cfg
 
