@@ -20,7 +20,7 @@ import pytest
 
 from moelab.cli import main
 
-CASES = 300
+CASES = 200
 CORPUS_FILES = ["tokens.npy", "docs.parquet", "corpus.json", "tokenizer.json"]
 CKPT_FILES = ["model.safetensors", "config.json", "state.json", "optimizer.safetensors", "rng.safetensors"]
 HF_FILES = ["config.json", "model.safetensors"]
