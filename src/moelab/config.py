@@ -102,6 +102,10 @@ def _coerce(value: Any, tp, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}={value!r} should be a table")
         return dict(value)
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_scalar(value: Any, tp, path: str) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}={value!r} should be true or false")
