@@ -86,8 +86,10 @@ def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None,
                           f"--resume CHECKPOINT to continue it, or choose another --out")
     later = [p for p in list_checkpoints(out, warn=False) if int(p.name[5:]) > resume_step]
     if later:
+        inside = _inside(Path(resume_from), out)
         raise MoelabError(f"run folder {out} already holds {later[0].name}, past the resumed step "
-                          f"{resume_step}: resume into another --out (or pass --overwrite)")
+                          f"{resume_step}: resume into another --out"
+                          + ("" if inside else " (or pass --overwrite to empty it)"))
 
 
 def clear_run_dir(out: Path) -> None:
