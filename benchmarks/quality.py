@@ -67,7 +67,8 @@ def main() -> int:
                      f"train.warmup_steps={max(1, args.steps // 20)}", *extra]
         run = build_run_config(preset, str(corpus), overrides)
         t0 = time.perf_counter()
-        res = train(run, out / "runs" / label.split()[0], show_progress=False)
+        # a re-run (e.g. --only) replaces that variant's earlier run folder on purpose
+        res = train(run, out / "runs" / label.split()[0], show_progress=False, overwrite=True)
         results[label] = {"eval": res.eval, "seconds": time.perf_counter() - t0,
                           "active": run.model.num_active_params(), "total": run.model.num_params()}
         print(f"{label:<20} loss {res.eval['all']['loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -22,7 +22,8 @@ def workdir(tmp_path_factory):
 def test_train_wrote_logs_checkpoints_and_tensorboard(workdir):
     run = workdir / "run"
     assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
-    assert (run / "checkpoints" / "step_000003" / "optimizer.pt").is_file()
+    assert (run / "checkpoints" / "step_000003" / "optimizer.safetensors").is_file()
+    assert not list(run.rglob("*.pt"))  # no pickles anywhere in a run
     assert any((run / "tensorboard").iterdir())
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["optimizer"] == "adafactor" and cfg["data"]["seq_len"] == 32

@@ -26,7 +26,8 @@ def test_unknown_key_names_the_dotted_path():
     ("model.moe.router.kind=\"rmoe\"", ["model", "moe", "router", "kind"], "rmoe"),
     ("model.tie_embeddings=true", ["model", "tie_embeddings"], True),
     ("model.moe.num_experts=[4, 8]", ["model", "moe", "num_experts"], [4, 8]),
-    ("model.moe.capacity_factor_eval=none", ["model", "moe", "capacity_factor_eval"], None),
+    # the bare word stays a word; the field's type decides whether it means "empty" (test below)
+    ("model.moe.capacity_factor_eval=none", ["model", "moe", "capacity_factor_eval"], "none"),
 ])
 def test_parse_override_values(text, keys, value):
     assert parse_override(text) == (keys, value)
@@ -62,3 +63,23 @@ def test_int_accepted_where_float_expected():
 def test_config_is_keyword_only():
     assert all(f.kw_only for f in dataclasses.fields(ModelConfig))
     assert issubclass(ModelConfig, Config)
+
+
+def test_none_is_a_value_where_the_field_lists_it_and_empty_elsewhere():
+    from moelab.presets import load_preset
+
+    cfg = load_preset("tiny-moe", ["model.moe.shared_placement=none", "model.moe.capacity_factor_eval=none",
+                                   "model.moe.capacity_factor_train=null"])
+    assert cfg.moe.shared_placement == "none"
+    assert cfg.moe.capacity_factor_eval is None and cfg.moe.capacity_factor_train is None
+    with pytest.raises(ConfigError, match="model.d_model may not be empty"):
+        load_preset("tiny-moe", ["model.d_model=none"])
+
+
+@pytest.mark.parametrize("override", ["model.moe.capacity_factor_train=inf", "model.moe.capacity_factor_eval=nan",
+                                      "model.moe.balance_coef=-inf", "model.norm_eps=inf"])
+def test_non_finite_numbers_are_refused(override):
+    from moelab.presets import load_preset
+
+    with pytest.raises(ConfigError, match="should be a finite number"):
+        load_preset("tiny-moe", [override])

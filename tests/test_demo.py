@@ -18,3 +18,43 @@ def test_demo_end_to_end_smallest(tmp_path, capsys):
     assert "tiny-rmoe" in html and "data:image/png;base64" in html
     metrics = json.loads((s.out / "report" / "metrics.json").read_text())
     assert metrics
+
+
+def test_demo_refuses_an_earlier_demo_unless_overwrite(tiny_run, tmp_path, capsys):
+    import shutil
+
+    import pytest
+
+    from moelab.config import MoelabError
+    from moelab.demo import prepare_out
+
+    s = DemoSettings(out=tmp_path / "demo", vocab_size=512, max_bytes_per_source=20_000)
+    shutil.copytree(tiny_run / "corpus", s.out / "corpus")  # built with these settings: reused
+    (s.out / "runs" / "tiny-moe").mkdir(parents=True)
+    (s.out / "traces").mkdir()
+    with pytest.raises(MoelabError, match="already holds runs/, traces/ of an earlier demo.*--overwrite"):
+        prepare_out(s)
+    assert (s.out / "runs").is_dir()
+    s.overwrite = True
+    prepare_out(s)
+    assert sorted(p.name for p in s.out.iterdir()) == ["corpus"]
+    assert "replacing" in capsys.readouterr().err
+    # a corpus built with other settings is not silently reused either
+    other = DemoSettings(out=s.out, vocab_size=1024, max_bytes_per_source=20_000)
+    with pytest.raises(MoelabError, match=r"a corpus built with other settings \(vocab_size=512 \(wanted 1024\)\)"):
+        prepare_out(other)
+    other.overwrite = True
+    prepare_out(other)
+    assert not (s.out / "corpus").exists()
+
+
+def test_demo_names_the_corpus_it_reuses(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from moelab.demo import build_demo_corpus
+
+    s = DemoSettings(out=tmp_path / "demo", vocab_size=512, max_bytes_per_source=20_000)
+    shutil.copytree(tiny_run / "corpus", s.out / "corpus")
+    assert build_demo_corpus(s) == s.out / "corpus"
+    err = capsys.readouterr().err
+    assert "reusing" in err and "fingerprint" in err and "512 tokens" in err

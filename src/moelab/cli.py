@@ -25,8 +25,19 @@ COMMAND_MODULES = [
 ]
 
 
+class UsageError(Exception):
+    """A malformed command line, reported by argparse."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the verb's usage stays in `--help`)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moelab", description="Build, train and dissect Mixture-of-Experts language models.")
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -37,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"{e} (see --help)", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MoelabError as e:
         print(f"moelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the checks before could not foresee (full disk, permissions)
+        print(f"moelab {args.verb}: error: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -19,6 +20,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+NONE_WORDS = ("none", "null")
 
 
 class MoelabError(Exception):
@@ -47,8 +51,23 @@ def _allows_none(tp) -> bool:
     return tp is type(None) or type(None) in typing.get_args(tp)
 
 
+def _accepts_text(tp, text: str) -> bool:
+    """Whether a field takes this string itself (a str field, or a Literal listing it)."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is typing.Literal:
+        return text in typing.get_args(tp)
+    return any(_accepts_text(a, text) for a in typing.get_args(tp)
+               if typing.get_origin(tp) in (typing.Union, types.UnionType))
+
+
 def _coerce(value: Any, tp, path: str) -> Any:
-    """Check a plain (TOML/JSON) value against a field annotation, converting int -> float where asked."""
+    """Check a plain (TOML/JSON) value against a field annotation, converting int -> float where asked.
+
+    The word none (or null) is a value where the field lists it (model.moe.shared_placement=none),
+    and the empty value where the field may be empty (train.freeze_router_after=none)."""
+    if isinstance(value, str) and value.lower() in NONE_WORDS and not _accepts_text(tp, value):
+        value = None
     if value is None:
         if _allows_none(tp) or tp is Any:
             return None
@@ -66,6 +85,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # one real type (X | None): its own message says more
+            raise ConfigError(errors[0])
         raise ConfigError(f"{path}={value!r} has the wrong type (expected {_type_name(tp)})")
     if origin is typing.Literal:
         if value not in args:
@@ -81,6 +102,10 @@ def _coerce(value: Any, tp, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}={value!r} should be a table")
         return dict(value)
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_scalar(value: Any, tp, path: str) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}={value!r} should be true or false")
@@ -94,6 +119,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} should be a number")
+        if not math.isfinite(value):  # inf and nan pass every range check and fail later, silently
+            raise ConfigError(f"{path}={value!r} should be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -173,7 +200,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
 
@@ -187,10 +214,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if raw.lower() in ("none", "null"):
-            value = None
-        else:
-            value = raw
+        value = raw  # a bare word: none/null are resolved against the field's type (`_coerce`)
     return key.split("."), value
 
 
@@ -207,6 +231,19 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = nxt
         node[keys[-1]] = value
     return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: an integer >= 1 (0 never stands for "the default")."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def require(cond: bool, message: str) -> None:

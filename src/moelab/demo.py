@@ -7,6 +7,7 @@ chains them with settings that fit 15 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class DemoSettings:
     early_tokens: int = 0
     snapshots: int = 4  # intermediate checkpoints of tiny-moe for the early-routing analysis
     threads: int = 0
+    overwrite: bool = False  # replace an earlier demo's runs, traces and report (and a mismatched corpus)
 
 
 def say(msg: str) -> None:
@@ -43,7 +45,7 @@ def build_demo_corpus(s: DemoSettings) -> Path:
 
     corpus = s.out / "corpus"
     if (corpus / "corpus.json").is_file():
-        say(f"[1/5] corpus: reusing {corpus}")
+        say(f"[1/5] corpus: reusing {corpus} ({describe_corpus(corpus)})")
         return corpus
     specs = []
     for spec in SOURCES:
@@ -55,6 +57,49 @@ def build_demo_corpus(s: DemoSettings) -> Path:
     say(f"[1/5] corpus: {', '.join(specs)} (up to {s.max_bytes_per_source / 1e6:.1f} MB each)")
     build_corpus(corpus, specs, vocab_size=s.vocab_size, max_bytes_per_source=s.max_bytes_per_source, seed=0)
     return corpus
+
+
+def describe_corpus(corpus: Path) -> str:
+    from moelab.data.shards import load_corpus
+
+    c = load_corpus(corpus)
+    tok = c.info["tokenizer"]
+    return (f"{c.num_docs:,} documents, {c.num_tokens:,} tokens, {tok['kind']} tokenizer of {c.vocab_size} "
+            f"tokens, fingerprint {tok.get('fingerprint')}")
+
+
+OUTPUTS = ("runs", "traces", "report")
+
+
+def prepare_out(s: DemoSettings) -> None:
+    """Never mix two demos: an earlier demo's runs, traces and report are replaced only with --overwrite,
+    and its corpus is reused only when it was built with these settings."""
+    from moelab.outpath import check_writable_dir
+
+    check_writable_dir(s.out)
+    held = [name for name in OUTPUTS if (s.out / name).exists()]
+    stale_corpus = _corpus_mismatch(s)
+    if (held or stale_corpus) and not s.overwrite:
+        what = f"{', '.join(f'{h}/' for h in held)} of an earlier demo" if held else stale_corpus
+        raise MoelabError(f"{s.out} already holds {what}: pass --overwrite to replace "
+                          f"{'them' if held else 'it'}, or choose another --out")
+    for name in held + (["corpus"] if stale_corpus else []):
+        say(f"      replacing {s.out / name} (--overwrite)")
+        shutil.rmtree(s.out / name) if (s.out / name).is_dir() else (s.out / name).unlink()
+
+
+def _corpus_mismatch(s: DemoSettings) -> str:
+    """Why the corpus in the output folder does not fit these settings ("" when it fits or is absent)."""
+    summary = s.out / "corpus" / "corpus.json"
+    if not summary.is_file():
+        return ""
+    try:
+        build = json.loads(summary.read_text()).get("build", {})
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return f"a corpus whose {summary} is unreadable"
+    want = {"vocab_size": s.vocab_size, "max_bytes_per_source": s.max_bytes_per_source}
+    diff = [f"{k}={build.get(k)} (wanted {v})" for k, v in want.items() if build.get(k) != v]
+    return f"a corpus built with other settings ({', '.join(diff)})" if diff else ""
 
 
 def train_models(s: DemoSettings, corpus: Path) -> dict[str, Path]:
@@ -83,16 +128,16 @@ def trace_models(s: DemoSettings, corpus: Path, runs: dict[str, Path]) -> tuple[
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.train.checkpoint import checkpoint_step, load_model
+    from moelab.train.rundir import list_checkpoints
     from moelab.trace.build import trace_batches, trace_meta
 
     c = load_corpus(corpus)
     heldout = c.info["splits"]["heldout"]["tokens"]
     traces: dict[str, Path] = {}
     early: list[Path] = []
-    jobs = [(name, sorted((runs[name] / "checkpoints").glob("step_*"))[-1], s.trace_tokens or heldout)
+    jobs = [(name, list_checkpoints(runs[name])[-1], s.trace_tokens or heldout)
             for name in MODELS if name != "tiny-dense"]
-    jobs += [(f"tiny-moe@{p.name}", p, s.early_tokens or heldout)
-             for p in sorted((runs["tiny-moe"] / "checkpoints").glob("step_*"))]
+    jobs += [(f"tiny-moe@{p.name}", p, s.early_tokens or heldout) for p in list_checkpoints(runs["tiny-moe"])]
     (s.out / "traces").mkdir(parents=True, exist_ok=True)
     for label, ckpt, tokens in jobs:
         model = load_model(ckpt)
@@ -125,17 +170,19 @@ def run_demo(s: DemoSettings) -> int:
     import torch
 
     from moelab.report.build import build_report
+    from moelab.train.rundir import list_checkpoints
 
     t0 = time.perf_counter()
     if s.threads:
         torch.set_num_threads(s.threads)
+    prepare_out(s)
     s.out.mkdir(parents=True, exist_ok=True)
     corpus = build_demo_corpus(s)
     runs = train_models(s, corpus)
     say("[3/5] tracing routing on held-out text")
     traces, early = trace_models(s, corpus, runs)
     say("[4/5] analysing and writing the report")
-    finals = {n: sorted((runs[n] / "checkpoints").glob("step_*"))[-1] for n in traces}
+    finals = {n: list_checkpoints(runs[n])[-1] for n in traces}
     build_report(list(traces.values()), s.out / "report", weights=list(finals.values()),
                  names=list(traces), early={"tiny-moe": early}, title="moelab demo: tiny-moe vs tiny-rmoe")
     say(f"[5/5] done in {(time.perf_counter() - t0) / 60:.1f} min")
@@ -152,15 +199,20 @@ def register(sub) -> None:
     p.add_argument("--max-bytes-per-source", type=int, default=1_000_000)
     p.add_argument("--trace-tokens", type=int, default=0, help="tokens to trace (default: all held-out)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo's runs, traces and report in --out (its corpus is reused "
+                        "when built with the same settings, else rebuilt)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     s = DemoSettings(out=Path(args.out), steps=args.steps, max_bytes_per_source=args.max_bytes_per_source,
-                     trace_tokens=args.trace_tokens)
+                     trace_tokens=args.trace_tokens, overwrite=args.overwrite)
     if args.quick:
         s = DemoSettings(out=Path(args.out), steps=20, seq_len=64, batch_size=8, max_bytes_per_source=120_000,
-                         vocab_size=1024, snapshots=2)
+                         vocab_size=1024, snapshots=2, overwrite=args.overwrite)
     if s.steps < 1:
         raise MoelabError(f"--steps {s.steps} must be >= 1")
+    if s.max_bytes_per_source < 1 or s.trace_tokens < 0:
+        raise MoelabError("--max-bytes-per-source must be >= 1 and --trace-tokens >= 0")
     return run_demo(s)

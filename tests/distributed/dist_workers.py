@@ -66,14 +66,14 @@ def run_ranks(fn, world: int, out_dir: Path, *args, deadline_s: float = 55.0) ->
 # ---- per-rank bodies ---------------------------------------------------------------------------
 
 def tiny_config(capacity: float | None, formula: str = "topk", group_size: int = 4096,
-                balance_coef: float = 0.0):
+                balance_coef: float = 0.0, balance_scope: str = "layer"):
     from moelab.model.config import ModelConfig, MoEConfig
 
     return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16,
                        moe=MoEConfig(num_experts=4, top_k=2, moe_every=1, expert_hidden=24,
                                      num_shared_experts=1, capacity_factor_train=capacity,
                                      capacity_formula=formula, group_size=group_size,
-                                     balance_coef=balance_coef))
+                                     balance_coef=balance_coef, balance_loss_scope=balance_scope))
 
 
 def _loss_and_grads(model, ids_list) -> tuple[float, dict]:
@@ -111,8 +111,14 @@ def _equivalence(rank: int, par, case: dict, dp_mode: str) -> dict:
     ref_loss, ref_grads = _loss_and_grads(ref, shards if case["per_shard"] else [ids])
 
     model, manual = parallelize(build_model(cfg, seed=0).train(), par, dp_mode)
-    out = model(shards[rank], labels=shards[rank])
+    out = model(shards[rank], labels=shards[rank], return_routing=True)
     loss = out.loss + out.aux_loss
+    if case.get("world_balance"):  # parallel.balance_reduce="world": f over every rank's tokens
+        from moelab.distributed.balance import world_balance_loss
+
+        m = cfg.moe
+        loss = out.loss + m.balance_coef * world_balance_loss(out.routing, m.balance_loss_scope) \
+            + m.z_coef * out.z_loss
     loss.backward()
     if manual:
         sync_gradients(unwrap(model), par)

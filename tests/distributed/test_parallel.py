@@ -1,5 +1,8 @@
 """Expert and data parallelism on CPU (gloo) in 2 and 4 local processes match one process to 1e-5.
 
+The world_balance cases compare the global-batch balance loss (parallel.balance_reduce="world") with one
+forward over the whole batch; without it (the per-rank loss) they would differ (checked in test_dp2_by_ep2_matches_one).
+
 Why these cases give bit-comparable routing: capacity decisions depend on which tokens share a forward
 pass. Dropless routing has none; the `group` formula with group_size = one sequence decides each
 sequence on its own, so a rank holding whole rows of the batch decides exactly as one process does on
@@ -26,6 +29,12 @@ CASES = {
     "group_capacity": {"model": {"capacity": 1.25, "formula": "group", "group_size": S},
                        "per_shard": False},
     "topk_capacity_balance": {"model": {"capacity": 1.0, "balance_coef": 0.01}, "per_shard": True},
+    # parallel.balance_reduce="world" (distributed/balance.py): the balance loss of the global batch, so
+    # the reference is ONE forward over it, balance loss on (per layer, and pooled over layers)
+    "world_balance": {"model": {"capacity": None, "balance_coef": 0.5}, "per_shard": False,
+                      "world_balance": True},
+    "world_balance_pooled": {"model": {"capacity": None, "balance_coef": 0.5, "balance_scope": "global"},
+                             "per_shard": False, "world_balance": True},
 }
 
 
@@ -46,7 +55,12 @@ def test_two_processes_match_one(tmp_path, dp, ep, mode):
 
 
 def test_dp2_by_ep2_matches_one(tmp_path):
-    _check(w.run_ranks(w.equivalence, 4, tmp_path, 2, 2, CASES), CASES)
+    # The per-rank balance loss rides along (same spawn): the reason for balance_reduce="world" is that
+    # its gradients do NOT match one process on the global batch.
+    rank_balance = {"model": {"capacity": None, "balance_coef": 0.5}, "per_shard": False}
+    results = w.run_ranks(w.equivalence, 4, tmp_path, 2, 2, {**CASES, "rank_balance": rank_balance})
+    _check(results, CASES)
+    assert max(max(r["rank_balance"].values()) for r in results) > 1e-4
 
 
 @pytest.mark.parametrize("how", ["raise", "stall"])
@@ -59,3 +73,4 @@ def test_a_failed_rank_makes_the_others_exit(tmp_path, how):
     assert rank0["seconds"] < timeout_s + 10
     if how == "raise":
         assert not rank1["ok"] and "failed on purpose" in rank1["error"]
+

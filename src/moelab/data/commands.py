@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from moelab.config import positive_int
 from moelab.data.sources import SOURCE_SPECS
 
 _SOURCE_HELP = "a corpus source, repeatable: " + ", ".join(SOURCE_SPECS)
@@ -23,12 +24,12 @@ def register(subparsers) -> None:
     build = verbs.add_parser("build", help="read sources, train a tokenizer, write a token corpus")
     build.add_argument("--out", required=True, help="the corpus folder to create")
     build.add_argument("--source", action="append", required=True, metavar="SPEC", help=_SOURCE_HELP)
-    build.add_argument("--vocab-size", type=int, default=4096, help="of the tokenizer trained (default 4096)")
+    build.add_argument("--vocab-size", type=positive_int, default=4096, help="of the tokenizer trained (default 4096)")
     build.add_argument("--tokenizer-kind", choices=("bpe", "unigram"), default="bpe")
     build.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer (tokenizer.json, folder or "
                        "Hugging Face name) instead of training one")
-    build.add_argument("--max-bytes-per-source", type=int, metavar="N")
-    build.add_argument("--max-docs-per-source", type=int, metavar="N")
+    build.add_argument("--max-bytes-per-source", type=positive_int, metavar="N")
+    build.add_argument("--max-docs-per-source", type=positive_int, metavar="N")
     build.add_argument("--heldout-fraction", type=float, default=0.05)
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=run_build)
@@ -41,10 +42,10 @@ def register(subparsers) -> None:
     tverbs = tokenizer.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)
     train = tverbs.add_parser("train", help="train a byte-level BPE or unigram tokenizer on sources")
     train.add_argument("--data-source", action="append", required=True, metavar="SPEC", help=_SOURCE_HELP)
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--vocab-size", type=positive_int, required=True)
     train.add_argument("--kind", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--out", required=True, help="the tokenizer.json to write")
-    train.add_argument("--max-bytes-per-source", type=int, metavar="N")
+    train.add_argument("--max-bytes-per-source", type=positive_int, metavar="N")
     train.add_argument("--seed", type=int, default=0, help="seed of generated sources (math)")
     train.set_defaults(func=run_tokenizer_train)
 
@@ -84,6 +85,9 @@ class ProgressLine:
 
 def run_build(args: argparse.Namespace) -> int:
     from moelab.data.build import build_corpus
+    from moelab.outpath import check_writable_dir
+
+    check_writable_dir(args.out)
 
     progress = ProgressLine()
     corpus = build_corpus(args.out, args.source, args.tokenizer, vocab_size=args.vocab_size,
@@ -114,7 +118,9 @@ def run_info(args: argparse.Namespace) -> int:
 def run_tokenizer_train(args: argparse.Namespace) -> int:
     from moelab.data.sources import capped, open_source
     from moelab.data.tokenizer import train_tokenizer
+    from moelab.outpath import check_out_file
 
+    check_out_file(args.out)
     sources = [open_source(spec, seed=args.seed) for spec in args.data_source]  # fail fast on bad specs
     progress = ProgressLine()
 

@@ -191,17 +191,94 @@ def load_corpus(path: str | Path) -> Corpus:
         raise MoelabError(f"corpus folder {path} is incomplete or not a moelab corpus: no {SUMMARY}")
     try:
         info = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MoelabError(f"{path / SUMMARY} is not valid JSON: {e.msg}") from None
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoelabError(f"{path / SUMMARY} is not valid JSON: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise MoelabError(f"{path / SUMMARY} is not a version-{VERSION} {FORMAT} summary")
+    bad = _summary_problem(info)
+    if bad:
+        raise MoelabError(f"{path / SUMMARY} is corrupt: {bad}")
     needed = [TOKENS, DOCS] + ([TURNS] if info.get("has_turns") else [])
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise MoelabError(f"corpus folder {path} is incomplete: missing {', '.join(missing)}")
-    tokens = np.load(path / TOKENS, mmap_mode="r")
-    turns = np.load(path / TURNS, mmap_mode="r") if info.get("has_turns") else None
-    docs = pq.read_table(path / DOCS)
-    if len(tokens) != info["num_tokens"] or docs.num_rows != info["num_documents"]:
+    tokens = _load_array(path / TOKENS, (np.uint16, np.uint32))
+    turns = _load_array(path / TURNS, (np.int16,)) if info.get("has_turns") else None
+    try:
+        docs = pq.read_table(path / DOCS)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        raise MoelabError(f"cannot read {path / DOCS}: {_first_line(e)}") from None
+    if len(tokens) != info.get("num_tokens") or docs.num_rows != info.get("num_documents"):
         raise MoelabError(f"corpus folder {path} is incomplete: {TOKENS} or {DOCS} does not match {SUMMARY}")
-    return Corpus(path, info, tokens, turns, docs)
+    if turns is not None and len(turns) != len(tokens):
+        raise MoelabError(f"corpus folder {path} is corrupt: {TURNS} and {TOKENS} differ in length")
+    try:
+        corpus = Corpus(path, info, tokens, turns, docs)
+        _check_index(corpus)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoelabError(f"corpus folder {path} is corrupt: {SUMMARY} or {DOCS} is malformed "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+    return corpus
+
+
+_COUNTS = {"documents": int, "bytes": int, "tokens": int}
+_SUMMARY = {"num_tokens": int, "num_documents": int, "num_bytes": int, "dtype": str, "has_turns": bool,
+            "domains": [str], "langs": [str], "splits": {"train": {"start": int, "end": int, **_COUNTS},
+                                                         "heldout": {"start": int, "end": int, **_COUNTS}},
+            "per_domain": {str: _COUNTS}, "per_lang": {str: _COUNTS},
+            "tokenizer": {"kind": str, "file": str, "vocab_size": int, "eos_id": int, "pad_id": int,
+                          "sentinel_ids": [int], "mode_ids": {str: int}}}
+
+
+def _summary_problem(value, schema=_SUMMARY, where: str = "") -> str:
+    """"" when `value` has the shape `schema` describes (a type, [type], {key: schema} or {str: schema}),
+    else what differs; keys beyond the schema are allowed."""
+    if isinstance(schema, type):
+        ok = isinstance(value, schema) and (schema is bool or not isinstance(value, bool))
+        return "" if ok else f"{where or 'the summary'} should be {schema.__name__}, not {value!r:.40}"
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} should be a list"
+        return next((p for i, v in enumerate(value) if (p := _summary_problem(v, schema[0], f"{where}[{i}]"))), "")
+    if not isinstance(value, dict):
+        return f"{where or 'the summary'} should be a JSON object"
+    if str in schema:
+        return next((p for k, v in value.items() if (p := _summary_problem(v, schema[str], f"{where}.{k}"))), "")
+    for key, sub in schema.items():
+        if key not in value:
+            return f"{where}.{key} is missing".lstrip(".")
+        problem = _summary_problem(value[key], sub, f"{where}.{key}".lstrip("."))
+        if problem:
+            return problem
+    return ""
+
+
+def _load_array(file: Path, dtypes: tuple) -> np.ndarray:
+    """A memory-mapped 1-D array of one of `dtypes`; never unpickled (np.load's allow_pickle is off)."""
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # a truncated header or data, or a pickle: ValueError, OSError, EOFError...
+        raise MoelabError(f"cannot read {file}: {_first_line(e)}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype not in [np.dtype(d) for d in dtypes]:
+        raise MoelabError(f"{file} is not a 1-D array of {' or '.join(np.dtype(d).name for d in dtypes)}")
+    return arr
+
+
+def _check_index(c: Corpus) -> None:
+    """The document index must stay inside the token array (a flipped byte could point outside it)."""
+    n = c.num_tokens
+    if c.num_docs and (c.doc_start.min() < 0 or c.doc_length.min() < 0
+                       or int((c.doc_start + c.doc_length).max()) >= n + (n == 0)
+                       or np.any(np.diff(c.doc_start) < 0)):
+        raise ValueError(f"a document lies outside the {n} tokens of {TOKENS}")
+    if not 0 <= c.eos_id < max(c.vocab_size, 1) or c.vocab_size < 1:
+        raise ValueError(f"eos_id {c.eos_id} is not inside vocab_size {c.vocab_size}")
+    for split in SPLITS:
+        start, end = c.split_range(split)
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"split {split} [{start}, {end}) lies outside the {n} tokens")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -55,7 +55,10 @@ def save_dcp(path: Path, model: nn.Module, opt, par: Parallel) -> Path:
 
 
 def load_dcp(path: Path, model: nn.Module, opt, par: Parallel) -> None:
-    """Load a DCP checkpoint into this rank's pieces of an already parallelized model and optimizer."""
+    """Load a DCP checkpoint into this rank's pieces of an already parallelized model and optimizer.
+
+    DCP's `.metadata` file is a pickle, so this is for folders this user's own runs wrote; no verb calls
+    it (`--resume` reads the single-file checkpoint, which holds no pickle)."""
     sd = _state(model, opt, par)
     with collective("DCP load"):
         dcp.load(sd, checkpoint_id=str(path))

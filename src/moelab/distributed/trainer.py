@@ -7,6 +7,7 @@ each row is trained on by exactly one rank and none is skipped (data.batch_size 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moelab.distributed.balance import world_balance_loss
 from moelab.distributed.dcp import DCP_DIR, save_dcp
 from moelab.distributed.mesh import Parallel, barrier, collective, init_parallel
 from moelab.distributed.metrics import reduce_metrics
@@ -34,8 +36,9 @@ class _Frozen:
 
 
 class ParallelRun:
-    def __init__(self, par: Parallel, model: nn.Module, manual_sync: bool):
+    def __init__(self, par: Parallel, model: nn.Module, manual_sync: bool, balance_reduce: str = "world"):
         self.par, self.model, self.manual_sync = par, model, manual_sync
+        self.balance_reduce = balance_reduce
         self.core = unwrap(model)  # the MoETransformer itself (its methods, its parameter names)
         self.main = par.rank == 0
 
@@ -49,7 +52,7 @@ class ParallelRun:
             return cls(par, model, False), opt
         full_osd = opt.state_dict()
         wrapped, manual = parallelize(model, par, parallel_cfg.dp_mode)
-        run = cls(par, wrapped, manual)
+        run = cls(par, wrapped, manual, parallel_cfg.balance_reduce)
         new_opt = build_optimizer(run.core)
         if full_osd["state"]:
             shard_optimizer_state(full_osd, new_opt, par)
@@ -57,6 +60,15 @@ class ParallelRun:
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.par.world == 1 else x[self.par.rank::self.par.world]
+
+    def with_balance(self, out, moe_cfg):
+        """The forward's output with its balance and aux losses over the world's tokens where
+        `parallel.balance_reduce` is "world" (`balance.py`); as the model computed them otherwise."""
+        if self.par.world == 1 or self.balance_reduce == "rank" or not out.routing:
+            return out
+        balance = world_balance_loss(out.routing, moe_cfg.balance_loss_scope)
+        aux = moe_cfg.balance_coef * balance + moe_cfg.z_coef * out.z_loss
+        return dataclasses.replace(out, balance_loss=balance, aux_loss=aux)
 
     def after_backward(self) -> None:
         if self.manual_sync:

@@ -56,7 +56,7 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         raise MoelabError(f"{folder} has no config.json: not a transformers checkpoint")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
         raise MoelabError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise MoelabError(f"{path} is not a JSON object")
@@ -168,6 +168,15 @@ def _attention(f: HFFields) -> dict[str, Any]:
 
 def moelab_config(raw: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of a transformers config.json dict."""
+    try:
+        return _moelab_config(raw)
+    except ConfigError as e:
+        raise MoelabError(f"{raw.get('model_type')} config does not make a valid moelab model: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a value of the wrong JSON type
+        raise MoelabError(f"config.json holds a value of the wrong type ({type(e).__name__}: {e})") from None
+
+
+def _moelab_config(raw: dict[str, Any]) -> tuple[str, ModelConfig]:
     family = family_of(raw)
     f = HFFields(raw, family)
     check_common(f)
@@ -176,13 +185,10 @@ def moelab_config(raw: dict[str, Any]) -> tuple[str, ModelConfig]:
         f.refuse("num_experts", experts, "moelab converts MoE models")
     if family == "qwen2_moe" and f["shared_expert_intermediate_size"] < 0:
         f.refuse("shared_expert_intermediate_size", f["shared_expert_intermediate_size"], "must be >= 0")
-    try:
-        cfg = ModelConfig(
-            vocab_size=f["vocab_size"], d_model=f["hidden_size"], n_layers=f["num_hidden_layers"],
-            ffn_hidden=f["intermediate_size"], ffn_kind="swiglu", max_seq_len=f["max_position_embeddings"],
-            rope_base=rope_base(f), norm_eps=float(f["rms_norm_eps"]),
-            tie_embeddings=bool(f["tie_word_embeddings"]), init_std=float(f["initializer_range"]),
-            moe=_moe_config(f), **_attention(f))
-    except ConfigError as e:
-        raise MoelabError(f"{family} config does not make a valid moelab model: {e}") from None
+    cfg = ModelConfig(
+        vocab_size=f["vocab_size"], d_model=f["hidden_size"], n_layers=f["num_hidden_layers"],
+        ffn_hidden=f["intermediate_size"], ffn_kind="swiglu", max_seq_len=f["max_position_embeddings"],
+        rope_base=rope_base(f), norm_eps=float(f["rms_norm_eps"]),
+        tie_embeddings=bool(f["tie_word_embeddings"]), init_std=float(f["initializer_range"]),
+        moe=_moe_config(f), **_attention(f))
     return family, cfg

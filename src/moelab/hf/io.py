@@ -38,7 +38,12 @@ class TensorReader:
         self._where: dict[str, Path] = {}
         self._handles = {}
         for file in files:
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises several types for a truncated or foreign file
+                text = str(e).strip().splitlines()
+                raise MoelabError(f"cannot read {file}: not a complete safetensors file "
+                                  f"({text[0] if text else type(e).__name__})") from None
             self._handles[file] = handle
             for name in handle.keys():
                 self._where.setdefault(name, file)
@@ -50,7 +55,7 @@ class TensorReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # also bytes that are not UTF-8
                 raise MoelabError(f"{index} is not a safetensors index: {e}") from None
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [f for f in files if not f.is_file()]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from moelab.config import MoelabError
+import math
+
+from moelab.config import MoelabError, positive_int
 
 SUMMARY_LINES = 5
 
@@ -24,9 +26,9 @@ def register(sub) -> None:
                    help="also re-simulate token drops at this capacity factor")
     p.add_argument("--simulate-formula", choices=["topk", "group"], default=None)
     p.add_argument("--simulate-policy", choices=["openmoe", "score"], default=None)
-    p.add_argument("--simulate-batch-seqs", type=int, default=None, metavar="N",
+    p.add_argument("--simulate-batch-seqs", type=positive_int, default=None, metavar="N",
                    help="sequences per batch the capacity counts over (default 8, `moelab trace`'s default)")
-    p.add_argument("--simulate-group-size", type=int, default=None, metavar="G",
+    p.add_argument("--simulate-group-size", type=positive_int, default=None, metavar="G",
                    help="tokens per group for --simulate-formula group (default 4096)")
     p.add_argument("--labels", default="domain,lang", help="comma-separated label columns to group by")
     p.add_argument("--min-count", type=int, default=None,
@@ -44,6 +46,8 @@ def simulate_settings(args) -> dict | None:
         if given:
             raise MoelabError(f"--simulate-{given[0].replace('_', '-')} needs --simulate-capacity CF")
         return None
+    if not math.isfinite(args.simulate_capacity) or args.simulate_capacity <= 0:
+        raise MoelabError(f"--simulate-capacity {args.simulate_capacity} must be a finite number > 0")
     settings = {"capacity_factor": args.simulate_capacity, "batch_seqs": 8}
     settings.update({k: v for k, v in extra.items() if v is not None})
     return settings

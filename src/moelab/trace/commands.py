@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moelab.config import MoelabError
+from moelab.config import MoelabError, positive_int
 
 
 class _TraceParser(argparse.ArgumentParser):
@@ -33,12 +33,12 @@ def register(sub) -> None:
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="trace a Hugging Face MoE model instead (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...)")
     p.add_argument("--data", required=True, help="corpus folder (moelab data build)")
-    p.add_argument("--tokens", type=int, default=65536, help="number of tokens to trace")
+    p.add_argument("--tokens", type=positive_int, default=65536, help="number of tokens to trace")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("--capacity-factor", default="eval",
                    help="eval (the config's evaluation factor), train, none (dropless) or a number")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's training seq_len")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's batch size")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's training seq_len")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the checkpoint's batch size")
     p.add_argument("--all-experts", action="store_true",
                    help="also run every expert on each token (output norms, similarity, sparsity)")
     p.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
@@ -122,8 +122,9 @@ def parse_capacity(text: str, model_cfg) -> float | None:
 
 
 def run_trace(args) -> int:
-    if args.tokens < 1:
-        raise MoelabError(f"--tokens {args.tokens} must be >= 1")
+    from moelab.outpath import check_out_file
+
+    check_out_file(args.out)  # before any model loads: an existing folder or an unwritable place
     if args.hf:
         from moelab.trace.hf import trace_hf
 
@@ -148,8 +149,8 @@ def trace_checkpoint(args) -> dict:
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.data.tokenizer import check_vocab_fits
-    from moelab.train.checkpoint import checkpoint_step, load_model, read_checkpoint_config
-    from moelab.train.commands import resolve_checkpoint
+    from moelab.train.checkpoint import checkpoint_data, checkpoint_step, load_model
+    from moelab.train.commands import check_same_tokenizer, resolve_checkpoint
     from moelab.train.log import Progress
     from moelab.trace.build import trace_batches, trace_meta
 
@@ -159,11 +160,14 @@ def trace_checkpoint(args) -> dict:
         raise MoelabError(f"{ckpt} is a dense model: it has no routing to trace")
     if args.all_experts and any(layer.experts is None for layer in model.moe_layers()):
         raise MoelabError("--all-experts needs stacked experts that can run on every token")
-    run = read_checkpoint_config(ckpt)
+    data = checkpoint_data(ckpt)
     corpus = load_corpus(args.data)
     check_vocab_fits(corpus.vocab_size, model.config.vocab_size)
-    seq_len = args.seq_len or run.get("data", {}).get("seq_len", 256)
-    batch_size = args.batch_size or run.get("data", {}).get("batch_size", 8)
+    check_same_tokenizer(ckpt, corpus)
+    seq_len = args.seq_len or data.get("seq_len", 256)
+    batch_size = args.batch_size or data.get("batch_size", 8)
+    if seq_len > model.config.max_seq_len:
+        raise MoelabError(f"--seq-len {seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     cf = parse_capacity(args.capacity_factor, model.config)
     meta = trace_meta(model, cf, checkpoint_step(ckpt), str(Path(args.data) / "tokenizer.json"),
                       "moelab", corpus.domains, corpus.langs)

@@ -1,25 +1,27 @@
 """Checkpoints: safetensors weights + optimizer + run config + step + RNG, one directory each.
 
-A checkpoint directory holds `model.safetensors`, `config.json` (the whole run config), `state.json`
-(step, tokens seen) and, for resuming, `optimizer.pt` and `rng.pt`. It is written under a temporary name
-and renamed when complete, so a crash never leaves a half-written checkpoint.
+A checkpoint directory holds `model.safetensors`, `config.json` (the whole run config, plus the corpus
+tokenizer's fingerprint), `state.json` (step, tokens seen) and, for resuming, `optimizer.safetensors`
+and `rng.safetensors` (see `state_io.py`: nothing in a checkpoint is a pickle). It is written under a
+temporary name, fsynced and renamed when complete, so a crash never leaves a half-written checkpoint
+under a final name (`rundir.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from moelab.config import ConfigError, MoelabError
 from moelab.model.config import ModelConfig
+from moelab.train import state_io
+from moelab.train.rundir import fsync_path, fsync_tree
 
 FORMAT = "moelab-checkpoint"
 
@@ -33,24 +35,11 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
+    fsync_tree(tmp)  # the files' bytes reach the disk before the name that says they are complete
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    fsync_path(final.parent)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, run_config: dict[str, Any], step: int,
@@ -62,8 +51,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, run_config: dict[s
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **run_config}, indent=2))
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        state_io.save_optimizer_state(optimizer.state_dict(), tmp / state_io.OPTIMIZER_FILE)
+        state_io.save_rng_state(tmp / state_io.RNG_FILE)
     _commit_dir(tmp, final)
     return final
 
@@ -77,16 +66,42 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
         raise MoelabError(f"{path} is not a moelab checkpoint (needs config.json and model.safetensors)")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoelabError(f"{cfg_file} is not valid JSON: {e}") from None
-    if cfg.get("format") != FORMAT or "model" not in cfg:
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("model"), dict):
         raise MoelabError(f"{cfg_file} is not a moelab checkpoint config")
+    for key in ("data", "tokenizer"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise MoelabError(f"{cfg_file}: {key!r} should be a JSON object")
+    for key in ("file", "fingerprint"):  # None: not recorded (a corpus without a fingerprint)
+        value = cfg.get("tokenizer", {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise MoelabError(f"{cfg_file}: tokenizer.{key} should be a string")
     return cfg
+
+
+def checkpoint_data(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's data settings, validated (a foreign or edited config.json says one line)."""
+    from moelab.data.config import DataConfig
+
+    raw = read_checkpoint_config(path).get("data", {})
+    try:
+        return DataConfig.from_dict(raw, path="data").to_dict() if raw else {}
+    except ConfigError as e:
+        raise MoelabError(f"{Path(path) / 'config.json'} has invalid data settings: {e}") from None
 
 
 def checkpoint_step(path: str | Path) -> int:
     state = Path(path) / "state.json"
-    return json.loads(state.read_text())["step"] if state.is_file() else 0
+    if not state.is_file():
+        return 0
+    try:
+        step = json.loads(state.read_text()).get("step")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        step = None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise MoelabError(f"{state} is corrupt: it should hold a non-negative integer \"step\"")
+    return step
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -105,6 +120,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         if tensor.shape != own[name].shape:
             raise MoelabError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, "
                               f"the model expects {tuple(own[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MoelabError(f"checkpoint {path}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
     model.load_state_dict(weights)
 
 
@@ -145,9 +162,17 @@ def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     diff = first_difference(saved_model, model_config)
     if diff:
         raise MoelabError(f"--resume {path}: checkpoint is a different architecture: {diff}")
-    if not (path / "optimizer.pt").is_file():
+    state_io.refuse_legacy(path)
+    if not (path / state_io.OPTIMIZER_FILE).is_file():
         raise MoelabError(f"--resume {path}: no optimizer state saved there")
+    step = checkpoint_step(path)
     load_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return checkpoint_step(path)
+    osd = state_io.load_optimizer_state(path / state_io.OPTIMIZER_FILE)
+    state_io.check_fits(osd, [p for g in optimizer.param_groups for p in g["params"]],
+                        path / state_io.OPTIMIZER_FILE)
+    try:
+        optimizer.load_state_dict(osd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MoelabError(f"--resume {path}: the optimizer state does not fit this run: {e}") from None
+    state_io.load_rng_state(path / state_io.RNG_FILE)
+    return step

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from moelab.config import ConfigError, MoelabError
+from moelab.config import ConfigError, MoelabError, positive_int
 from moelab.presets import list_presets, load_preset_dict
 
 
@@ -18,26 +19,31 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/PRESET)")
     p.add_argument("--steps", type=int, default=None, help="shorthand for --set train.steps=N")
     p.add_argument("--save-every", type=int, default=None, help="keep a checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint folder")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint folder (into --out, which "
+                   "may then hold the run being continued)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty a non-empty --out first (otherwise train refuses it, so two runs never mix)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="held-out loss and perplexity per domain")
     e.add_argument("checkpoint", help="a checkpoint folder or a run folder (its last checkpoint)")
     e.add_argument("--data", required=True, help="corpus folder")
-    e.add_argument("--tokens", type=int, default=65536, help="at most this many tokens per domain")
+    e.add_argument("--tokens", type=positive_int, default=65536, help="at most this many tokens per domain")
     e.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    e.add_argument("--seq-len", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's training seq_len")
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.set_defaults(func=run_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
     g.add_argument("checkpoint", help="a checkpoint folder or a run folder")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (>= 1)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json (or folder) to use; default: the one of the corpus the model trained on")
     g.set_defaults(func=run_generate)
 
 
@@ -48,8 +54,13 @@ def build_run_config(preset: str, data: str, overrides: list[str]):
     unknown = sorted(set(d) - {"model", "data", "train", "parallel"})
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (known: model, data, train, parallel)")
-    d.setdefault("data", {})["path"] = data
-    d["data"].setdefault("seq_len", min(256, d.get("model", {}).get("max_seq_len", 256)))
+    for section in ("model", "data"):
+        if not isinstance(d.setdefault(section, {}), dict):
+            raise ConfigError(f"{section} is a config section, not a value ({d[section]!r})")
+    # Resolved, so a checkpoint finds its corpus (and tokenizer) from any working directory.
+    d["data"]["path"] = str(Path(data).expanduser().resolve())
+    max_len = d["model"].get("max_seq_len", 256)
+    d["data"].setdefault("seq_len", min(256, max_len) if type(max_len) is int else 256)
     return RunConfig.from_dict(d)
 
 
@@ -68,7 +79,7 @@ def run_train(args) -> int:
     from moelab.distributed.mesh import is_main, shutdown
 
     try:
-        result = train(run, out, resume_from=args.resume)
+        result = train(run, out, resume_from=args.resume, overwrite=args.overwrite)
         if is_main():  # under torchrun only rank 0 reports
             print(f"trained {run.train.steps} steps at {result.tokens_per_second:,.0f} tokens/s")
             print(format_eval(result.eval))
@@ -80,17 +91,29 @@ def run_train(args) -> int:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the last checkpoint of a run folder."""
+    """A checkpoint folder as given, or the last complete checkpoint of a run folder."""
+    from moelab.train.rundir import list_checkpoints
+
     p = Path(path)
     if (p / "model.safetensors").is_file():
         return p
-    steps = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
-    steps = [s for s in steps if (s / "model.safetensors").is_file()]
+    steps = list_checkpoints(p)
     if steps:
         return steps[-1]
     if not p.exists():
         raise MoelabError(f"checkpoint not found: {p}")
     raise MoelabError(f"{p} is neither a checkpoint nor a run folder with checkpoints")
+
+
+def check_same_tokenizer(ckpt: Path, corpus) -> None:
+    """Refuse a corpus tokenized by another tokenizer than the checkpoint's (sizes alone can agree)."""
+    from moelab.train.checkpoint import read_checkpoint_config
+
+    saved = read_checkpoint_config(ckpt).get("tokenizer", {}).get("fingerprint")
+    here = corpus.info["tokenizer"].get("fingerprint")
+    if saved and here and saved != here:
+        raise MoelabError(f"corpus {corpus.path} was tokenized by another tokenizer (fingerprint {here}) "
+                          f"than checkpoint {ckpt} trained with ({saved}): its numbers would mean nothing")
 
 
 def format_eval(ev: dict) -> str:
@@ -101,36 +124,58 @@ def format_eval(ev: dict) -> str:
 
 
 def run_eval(args) -> int:
-    from moelab.train.checkpoint import load_model, read_checkpoint_config
+    from moelab.data.shards import load_corpus
+    from moelab.data.tokenizer import check_vocab_fits
+    from moelab.train.checkpoint import checkpoint_data, load_model
     from moelab.train.loop import evaluate
 
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_model(ckpt)
-    from moelab.data.shards import load_corpus
-    from moelab.data.tokenizer import check_vocab_fits
-
-    check_vocab_fits(load_corpus(args.data).vocab_size, model.config.vocab_size)
-    seq = args.seq_len or read_checkpoint_config(ckpt).get("data", {}).get("seq_len", 256)
+    corpus = load_corpus(args.data)
+    check_vocab_fits(corpus.vocab_size, model.config.vocab_size)
+    check_same_tokenizer(ckpt, corpus)
+    seq = args.seq_len or checkpoint_data(ckpt).get("seq_len", 256)
+    if seq > model.config.max_seq_len:
+        raise MoelabError(f"--seq-len {seq} exceeds the model's max_seq_len={model.config.max_seq_len}")
     ev = evaluate(model, args.data, seq, args.batch_size, args.tokens, split=args.split)
     print(format_eval(ev))
     print(json.dumps(ev))
     return 0
 
 
-def run_generate(args) -> int:
+def generation_tokenizer(ckpt: Path, given: str | None):
+    """--tokenizer, or the tokenizer of the corpus the checkpoint trained on; checked against it."""
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import load_model, read_checkpoint_config
+    from moelab.train.checkpoint import checkpoint_data, read_checkpoint_config
 
+    saved = read_checkpoint_config(ckpt).get("tokenizer", {})
+    if given is None:
+        tok_file = Path(saved.get("file") or Path(checkpoint_data(ckpt).get("path", "")) / "tokenizer.json")
+        if not tok_file.exists():
+            raise MoelabError(f"the checkpoint's corpus tokenizer {tok_file} is missing: pass --tokenizer PATH")
+        given = str(tok_file)
+    tok = load_tokenizer(given)
+    if saved.get("fingerprint") and tok.fingerprint() != saved["fingerprint"]:
+        raise MoelabError(f"tokenizer {given} is not the one checkpoint {ckpt} trained with "
+                          f"(fingerprint {tok.fingerprint()} vs {saved['fingerprint']})")
+    return tok
+
+
+def run_generate(args) -> int:
+    from moelab.train.checkpoint import load_model
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise MoelabError(f"--temperature {args.temperature} must be a finite number >= 0 (0: greedy)")
+    if args.top_k < 1:
+        raise MoelabError(f"--top-k {args.top_k} must be >= 1")
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_model(ckpt)
-    data_path = read_checkpoint_config(ckpt).get("data", {}).get("path", "")
-    tok_file = Path(data_path) / "tokenizer.json"
-    if not tok_file.is_file():
-        raise MoelabError(f"the checkpoint's corpus tokenizer {tok_file} is missing")
-    tok = load_tokenizer(tok_file)
+    tok = generation_tokenizer(ckpt, args.tokenizer)
     ids = torch.tensor(tok.encode(args.prompt), dtype=torch.long)
     if ids.numel() == 0:
         raise MoelabError("the prompt encodes to no tokens")
+    if int(ids.max()) >= model.config.vocab_size:
+        raise MoelabError(f"the tokenizer gives ids up to {int(ids.max())}, beyond the model's vocab_size")
     g = torch.Generator().manual_seed(args.seed)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          generator=g)

@@ -57,6 +57,9 @@ class ParallelConfig(Config):
     ep: int = 1  # expert-parallel degree: ranks splitting each MoE layer's experts
     dp_mode: Literal["ddp", "fsdp"] = "ddp"  # wrapper when ep == 1 (with ep > 1 gradients sync by hand)
     timeout_s: float = 300.0  # a collective waiting longer than this fails instead of hanging
+    # world: the balance loss counts f over every rank's tokens, so a step matches one process on the
+    # global batch (Megatron's global aux loss); rank: each rank's own loss (distributed/balance.py)
+    balance_reduce: Literal["world", "rank"] = "world"
 
     def validate(self) -> None:
         require(self.dp >= 1, f"parallel.dp={self.dp} must be >= 1")
@@ -76,3 +79,7 @@ class RunConfig(Config):
         require(self.data.batch_size % world == 0,
                 f"data.batch_size={self.data.batch_size} must be divisible by parallel.dp x parallel.ep "
                 f"= {world} (each rank takes an equal share of every batch)")
+        counts = self.model.experts_per_layer()
+        bad = [e for e in counts if e % self.parallel.ep]
+        require(not bad, f"parallel.ep={self.parallel.ep} must divide the expert count of every MoE layer "
+                         f"(model.moe.num_experts={bad[0] if bad else 0})")

@@ -22,11 +22,13 @@ from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
 from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
+from moelab.train.checkpoint import checkpoint_step, read_checkpoint_config
 from moelab.train.checkpoint import resume as resume_checkpoint
 from moelab.train.config import RunConfig
 from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
 
 
 @dataclass
@@ -113,31 +115,75 @@ def _step_metrics(out, loss_sum, grad_norm, lr, tokens, seconds) -> dict:
     return m
 
 
+def _resume_step(resume_from: str | Path | None, steps: int) -> int:
+    """The step a resumed run starts at; it must be before train.steps."""
+    if resume_from is None:
+        return 0
+    read_checkpoint_config(resume_from)  # names a missing or foreign folder
+    start = checkpoint_step(resume_from)
+    if start >= steps:
+        raise MoelabError(f"--resume {resume_from} is at step {start}, which is not before train.steps="
+                          f"{steps}: raise --steps to continue training it")
+    return start
+
+
+def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int) -> None:
+    """Rank 0, before it writes: empty the folder when told to, drop crash leftovers and the metric
+    rows of steps the resumed run will redo, then write the run config."""
+    if overwrite:
+        clear_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
+    metrics = out / "metrics.jsonl"
+    if start and metrics.is_file():
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _row_step(line) <= start]
+        metrics.write_text("".join(rows), encoding="utf-8")
+    (out / "config.json").write_text(run.to_json())
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # an unreadable row (a write cut short) goes
+
+
+def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> MoelabError:
+    last = result.checkpoints[-1] if result.checkpoints else resume_from
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    return MoelabError(f"training diverged: the loss is {loss} at step {step}; stopped before that update, "
+                       f"{keep} (lower train.lr or raise train.warmup_steps)")
+
+
 def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = None,
-          show_progress: bool = True, label: str = "train") -> TrainResult:
+          show_progress: bool = True, label: str = "train", overwrite: bool = False) -> TrainResult:
+    """Train `run` into the run folder `out_dir`, which must be empty unless `overwrite` (which empties
+    it) or `resume_from` (which continues it); see `rundir.check_run_dir`."""
     t = run.train
     out = Path(out_dir)
+    start = _resume_step(resume_from, t.steps)
+    check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start)
     device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
     corpus = load_corpus(run.data.path)
     check_vocab_fits(corpus.vocab_size, run.model.vocab_size)
+    saved_config = {**run.to_dict(), "tokenizer": corpus_tokenizer(corpus)}
     torch.manual_seed(t.seed)
     model = build_model(run.model, seed=t.seed).to(device)
     model.train()
     sampler = build_sampler(run.data, split="train")
     opt = build_optimizer(model, t)
-    start = 0
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
-        start = resume_checkpoint(resume_from, model, opt, run.model.to_dict())
+        resume_checkpoint(resume_from, model, opt, run.model.to_dict())
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
             _freeze_routers(model)
     # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
     pr, opt = ParallelRun.start(run.parallel, model, opt, lambda m: build_optimizer(m, t), device)
     model = pr.core
     if pr.main:  # only rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(run.to_json())
+        _prepare_out(out, run, overwrite, start)
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     amp = autocast_for(device, t.dtype)
     result = TrainResult(out, out)
@@ -155,14 +201,17 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 ids = pr.shard(batch["input_ids"]).to(device)  # this rank's rows of the global batch
                 with amp:
                     o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True)
+                    o = pr.with_balance(o, run.model.moe)
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / t.grad_accum
             pr.after_backward()
             gn = pr.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
+            loss_sum = pr.mean(loss_sum)  # the same on every rank, so all stop together
+            if not math.isfinite(loss_sum):
+                raise _diverged(loss_sum, step + 1, result, resume_from)
             opt.step()
             opt.zero_grad(set_to_none=True)
             pr.update_biases(o.routing)
-            loss_sum = pr.mean(loss_sum)
             if t.freeze_router_after is not None and step + 1 == t.freeze_router_after:
                 _freeze_routers(model)
             result.losses.append(loss_sum)
@@ -174,7 +223,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                     logger.log(done, m)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
                 result.checkpoints.append(pr.save(
-                    out / "checkpoints" / f"step_{done:06d}", run.to_dict(), done, opt))
+                    out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 ev = _flat_eval(evaluate(pr.eval_model, run.data.path, run.data.seq_len,
                                          run.data.batch_size, t.eval_tokens, amp=amp))
@@ -184,7 +233,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 bar.update(done - start, (done - start) * tokens_per_step, f"loss {loss_sum:.3f}")
         elapsed = time.perf_counter() - t0
         result.tokens_per_second = (t.steps - start) * tokens_per_step / max(elapsed, 1e-9)
-        final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", run.to_dict(), t.steps, opt)
+        final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", saved_config, t.steps, opt)
         result.checkpoints.append(final)
         result.final_checkpoint = final
         result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,
@@ -198,6 +247,13 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         if logger:
             logger.close()
     return result
+
+
+def corpus_tokenizer(corpus) -> dict:
+    """What a checkpoint records of its corpus's tokenizer, so other corpora can be checked against it."""
+    tok = corpus.info["tokenizer"]
+    return {"fingerprint": tok.get("fingerprint"), "vocab_size": corpus.vocab_size,
+            "file": str((corpus.path / tok["file"]).resolve())}
 
 
 def _flat_eval(ev: dict) -> dict:
