@@ -9,10 +9,10 @@ from pathlib import Path
 from moelab.config import MoelabError, positive_int
 
 
-class _TraceParser(argparse.ArgumentParser):
+class _TraceDispatch:
     """`moelab trace CKPT ...` records routing; `moelab trace import|export ...` converts it. The first word
     decides, so that the recording form keeps its optional positional checkpoint and every old command line
-    parses as before."""
+    parses as before. A mixin over the CLI's own parser class, so usage errors stay one line."""
 
     verbs: dict[str, argparse.ArgumentParser] = {}
 
@@ -27,8 +27,9 @@ def register(sub) -> None:
                        description="Stream the routing of N tokens to Parquet, in bounded memory. "
                                    "Also: `moelab trace import FORMAT SRC --out T` and "
                                    "`moelab trace export TRACE --format replay --out F` (see their --help).")
-    p.__class__ = _TraceParser  # subparsers build plain parsers; this one dispatches its first word
-    p.verbs = {"import": _import_parser(), "export": _export_parser()}
+    parser_cls = type(p)  # the CLI's parser class (one-line usage errors), kept for the sub-verbs
+    p.__class__ = type("TraceParser", (_TraceDispatch, parser_cls), {})  # dispatches its first word
+    p.verbs = {"import": _import_parser(parser_cls), "export": _export_parser(parser_cls)}
     p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder")
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="trace a Hugging Face MoE model instead (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...)")
@@ -46,10 +47,10 @@ def register(sub) -> None:
     p.set_defaults(func=run_trace)
 
 
-def _import_parser() -> argparse.ArgumentParser:
+def _import_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     from moelab.trace.formats import FORMATS
 
-    p = argparse.ArgumentParser(prog="moelab trace import", description=(
+    p = parser_cls(prog="moelab trace import", description=(
         "Convert another tool's routing records into a moelab trace: megatron (Megatron-LM RouterTracer "
         "JSONL, a file or a folder of router_trace_rank*.jsonl), replay (int (tokens, layers, top_k) expert "
         "ids, -1 = none, from .npy or .safetensors), olmoe (OLMoE's routing-analysis JSONL). What a format "
@@ -68,8 +69,8 @@ def _import_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moelab trace export", description=(
+def _export_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_cls(prog="moelab trace export", description=(
         "Write a trace's routing in another tool's form: replay = int32 (tokens, layers, top_k) expert ids, "
         "-1 = none; .npy (one sequence, or a -1-padded batch) or .safetensors (packed, with token ids)."))
     p.add_argument("trace", help="a moelab trace (.parquet)")
