@@ -33,13 +33,16 @@ def reduce_metrics(metrics: dict[str, float], par: Parallel) -> dict[str, float]
     if par.world == 1:
         return dict(metrics)
     names = sorted(metrics)  # the same order on every rank
+    # nccl reduces only tensors on the GPU: build the values on the mesh's device type.
+    device = par.mesh.device_type if par.mesh is not None else "cpu"
     out: dict[str, float] = {}
     for kind in ("sum", "max"):
         # A mean is a sum divided by the world size afterwards (equal shards per rank).
         keys = [n for n in names if (reduction_of(n) == "max") == (kind == "max")]
         if not keys:
             continue
-        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                            device=device)
         with collective(f"metric {kind}"):
             dist.all_reduce(vals, op=dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.SUM)
         for k, v in zip(keys, vals.tolist()):
