@@ -3,9 +3,11 @@
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N kept choices,
 X = P * F, the fused input projection (P = 2 for SwiGLU/GeGLU, 3 for OpenMoE's released unit).
 
-The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies
-(`torch._grouped_mm` where this torch and device support it, a loop over contiguous per-expert slices
-otherwise). `naive_experts_forward` is the per-expert masked loop kept as the oracle for tests.
+The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies by
+one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
+torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for inference
+on CPU, `onednn` (the loop with oneDNN's matmul). `naive_experts_forward` is the per-expert masked loop
+kept as the oracle for tests; each strategy is tested against it.
 """
 
 from __future__ import annotations
@@ -117,13 +119,49 @@ def sort_choices(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, keep_TK:
     return order_N // K, weights_TK.reshape(-1).index_select(0, order_N), offs_E
 
 
+@lru_cache(maxsize=None)
+def _onednn_works() -> bool:
+    """Whether this torch exposes oneDNN's linear on dense tensors (an op inductor uses on CPU)."""
+    try:
+        x, w = torch.randn(4, 8), torch.randn(8, 16)
+        y = torch.ops.mkldnn._linear_pointwise(x, w.t(), None, "none", [], "")
+        return bool(torch.allclose(y, x @ w, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
+    """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
+
+    oneDNN only without autograd (no backward here), on CPU in fp32: this torch's fp32 `mm` calls MKL,
+    whose kernel on this AMD EPYC runs 1.3-2x slower than oneDNN's (docs/PERFORMANCE.md), most of all at
+    decode sizes, where each expert's few rows make the GEMM a read of its weights."""
+    needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
+    if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
+            and _onednn_works()):
+        return "onednn"
+    return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
+
+
+def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+    # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
+    linear = torch.ops.mkldnn._linear_pointwise
+    w_B = w_EAB.unbind(0)
+    pieces = [linear(xs, w_B[e].t(), None, "none", [], "")
+              for e, xs in enumerate(x_NA.split(counts_list)) if xs.shape[0]]
+    return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
+
+
 def _expert_mm(x_NA, w_EAB, offs_E, counts: list[list[int]]):
-    """The kernel where it takes the operands, else the loop, with per-expert counts fetched once a layer."""
-    if _kernel_ok(x_NA, w_EAB):
+    """The chosen strategy, with per-expert counts fetched once a layer (never for the kernel)."""
+    strategy = choose_strategy(x_NA, w_EAB)
+    if strategy == "grouped":
         return _grouped(x_NA, w_EAB, offs_E, None)
     if not counts:
         ends = offs_E.tolist()
         counts.append([b - a for a, b in zip([0] + ends[:-1], ends)])
+    if strategy == "onednn":
+        return _onednn_loop(x_NA, w_EAB, counts[0])
     return _grouped(x_NA, w_EAB, None, counts[0])
 
 
