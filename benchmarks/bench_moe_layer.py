@@ -75,13 +75,20 @@ def variants(case: dict, device: str, backward: bool) -> dict:
     out = {"moe": run(moe_fn), "dense": run(lambda: dense(x))}
     if backward and case["loop"]:
         out["loop"] = run(lambda: _forced("loop", moe_fn))
-    if not backward and device == "cpu" and experts_mod._onednn_works():
+    if not backward and _inference_strategy(case, moe, x) == "onednn":
         out["matmul"] = run(lambda: _forced("grouped" if experts_mod._kernel_ok(x, moe.experts.w_in_EDX)
                                             else "loop", moe_fn))
         out["dense-onednn"] = run(lambda: _onednn_ffn(dense, x))
     if case.get("dropless"):
         out["dropless"] = run(lambda: _dropless(moe, shared, x))
     return out
+
+
+def _inference_strategy(case: dict, moe: MoELayer, x: torch.Tensor) -> str:
+    """What the experts' first matmul picks in this case's forward (dropless row count)."""
+    with torch.no_grad():
+        rows = x.new_empty(case["tokens"] * case["K"], x.shape[1])
+        return experts_mod.choose_strategy(rows, moe.experts.w_in_EDX)
 
 
 def _forced(strategy: str, fn):

@@ -72,6 +72,10 @@ def test_onednn_is_chosen_only_where_no_gradient_is_needed():
         assert inference == ("onednn" if experts_mod._onednn_works() else "grouped")
         # bf16 (or any non-fp32) operands stay on torch's own kernels
         assert experts_mod.choose_strategy(x.bfloat16(), ex.w_in_EDX.bfloat16()) != "onednn"
+        # more rows per expert than a decode batch: torch's matmul
+        many = torch.zeros(8 * experts_mod.ONEDNN_MAX_ROWS + 1, 32)
+        assert experts_mod.choose_strategy(many, ex.w_in_EDX) == "grouped"
+        assert experts_mod.choose_strategy(many[:-1], ex.w_in_EDX) == inference
 
 
 def test_odd_sizes_use_the_loop_and_stay_correct():

@@ -5,8 +5,8 @@ X = P * F, the fused input projection (P = 2 for SwiGLU/GeGLU, 3 for OpenMoE's r
 
 The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies by
 one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
-torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for inference
-on CPU, `onednn` (the loop with oneDNN's matmul). `naive_experts_forward` is the per-expert masked loop
+torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for
+decode-sized inference on CPU, `onednn` (the loop with oneDNN's matmul). `naive_experts_forward` is the per-expert masked loop
 kept as the oracle for tests; each strategy is tested against it.
 """
 
@@ -130,15 +130,20 @@ def _onednn_works() -> bool:
         return False
 
 
+# Mean rows per expert up to which inference takes oneDNN. oneDNN builds a kernel for every new row
+# count (~1 ms each, then cached), which only a small range of counts amortises: decode-sized batches.
+ONEDNN_MAX_ROWS = 128
+
+
 def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
 
-    oneDNN only without autograd (no backward here), on CPU in fp32: this torch's fp32 `mm` calls MKL,
-    whose kernel on this AMD EPYC runs 1.3-2x slower than oneDNN's (docs/PERFORMANCE.md), most of all at
-    decode sizes, where each expert's few rows make the GEMM a read of its weights."""
+    oneDNN only for decode-sized inference on CPU in fp32 (no backward here): there each expert's few
+    rows make the GEMM a read of its weights, and MKL's kernel (this torch's fp32 `mm`) took 1.3-1.5x
+    oneDNN's time on the AMD EPYC of docs/PERFORMANCE.md."""
     needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
     if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
-            and _onednn_works()):
+            and x_NA.shape[0] <= ONEDNN_MAX_ROWS * w_EAB.shape[0] and _onednn_works()):
         return "onednn"
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
 
