@@ -51,11 +51,14 @@ def test_loop_fallback_equals_grouped_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "loop", "onednn"])
-@pytest.mark.parametrize("E, K, drop, skew", [(8, 2, True, False), (16, 6, False, True), (4, 1, False, False)])
-def test_every_strategy_matches_the_naive_loop_in_inference(monkeypatch, strategy, E, K, drop, skew):
+@pytest.mark.parametrize("E, K, T, drop, skew", [(8, 2, 37, True, False), (16, 6, 37, False, True),
+                                                 (4, 1, 37, False, False), (4, 2, 301, False, True),
+                                                 (5, 2, 403, True, False)])
+def test_every_strategy_matches_the_naive_loop_in_inference(monkeypatch, strategy, E, K, T, drop, skew):
+    """T 301 and 403 give experts 17-400 rows: oneDNN's bucket windows pad, past the end too."""
     if strategy == "onednn" and not experts_mod._onednn_works():
         pytest.skip("this torch has no oneDNN linear")
-    ex, x, ids, w, keep = _setup(E, K, drop=drop, skew=skew, D=32, Fh=48)
+    ex, x, ids, w, keep = _setup(E, K, T=T, drop=drop, skew=skew, D=32, Fh=48)
     with torch.no_grad():
         want = naive_experts_forward(ex, x, ids, w, keep)
         monkeypatch.setattr(experts_mod, "choose_strategy", lambda *a: strategy)
@@ -72,10 +75,14 @@ def test_onednn_is_chosen_only_where_no_gradient_is_needed():
         assert inference == ("onednn" if experts_mod._onednn_works() else "grouped")
         # bf16 (or any non-fp32) operands stay on torch's own kernels
         assert experts_mod.choose_strategy(x.bfloat16(), ex.w_in_EDX.bfloat16()) != "onednn"
-        # more rows per expert than a decode batch: torch's matmul
-        many = torch.zeros(8 * experts_mod.ONEDNN_MAX_ROWS + 1, 32)
-        assert experts_mod.choose_strategy(many, ex.w_in_EDX) == "grouped"
-        assert experts_mod.choose_strategy(many[:-1], ex.w_in_EDX) == inference
+
+
+def test_row_buckets_bound_padding_and_the_number_of_distinct_counts():
+    buckets = [experts_mod.row_bucket(m) for m in range(1, 20001)]
+    assert buckets[:16] == list(range(1, 17))
+    assert all(m <= b <= m * 1.125 for m, b in zip(range(1, 20001), buckets))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    assert len(set(buckets)) <= 16 + 8 * 11  # exact to 16, then 8 per power of two up to 2^15
 
 
 def test_odd_sizes_use_the_loop_and_stay_correct():

@@ -6,7 +6,7 @@ X = P * F, the fused input projection (P = 2 for SwiGLU/GeGLU, 3 for OpenMoE's r
 The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies by
 one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
 torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for
-decode-sized inference on CPU, `onednn` (the loop with oneDNN's matmul). `naive_experts_forward` is the per-expert masked loop
+inference on CPU in fp32, `onednn` (a loop over oneDNN matmuls of bucket-sized row windows). `naive_experts_forward` is the per-expert masked loop
 kept as the oracle for tests; each strategy is tested against it.
 """
 
@@ -130,30 +130,45 @@ def _onednn_works() -> bool:
         return False
 
 
-# Mean rows per expert up to which inference takes oneDNN. oneDNN builds a kernel for every new row
-# count (~1 ms each, then cached), which only a small range of counts amortises: decode-sized batches.
-ONEDNN_MAX_ROWS = 128
-
-
 def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
 
-    oneDNN only for decode-sized inference on CPU in fp32 (no backward here): there each expert's few
-    rows make the GEMM a read of its weights, and MKL's kernel (this torch's fp32 `mm`) took 1.3-1.5x
-    oneDNN's time on the AMD EPYC of docs/PERFORMANCE.md."""
+    oneDNN for inference on CPU in fp32 (it has no backward here): this torch's fp32 `mm` calls MKL, which
+    took 1.2-1.8x oneDNN's time on the AMD EPYC of docs/PERFORMANCE.md, decode batches included."""
     needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
     if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
-            and x_NA.shape[0] <= ONEDNN_MAX_ROWS * w_EAB.shape[0] and _onednn_works()):
+            and _onednn_works()):
         return "onednn"
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
 
 
+def row_bucket(m: int) -> int:
+    """m rounded up to one of 8 values per power of two, exact up to 16 (at most 12.5% more rows).
+
+    oneDNN builds a kernel for every new row count (~1 ms, then cached); buckets keep the counts it
+    sees to a few dozen per weight shape however the routing varies."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
 def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
-    # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
+    """Expert e multiplies the bucket-sized window of rows that starts at its own first row; the rows
+    past its count belong to the next experts (or to zero padding at the end) and their outputs are
+    dropped, which is exact because a GEMM's output rows are independent."""
     linear = torch.ops.mkldnn._linear_pointwise
     w_B = w_EAB.unbind(0)
-    pieces = [linear(xs, w_B[e].t(), None, "none", [], "")
-              for e, xs in enumerate(x_NA.split(counts_list)) if xs.shape[0]]
+    N, pieces, start = x_NA.shape[0], [], 0
+    for e, count in enumerate(counts_list):
+        if count:
+            m = row_bucket(count)
+            xs = x_NA[start:start + m]
+            if start + m > N:
+                xs = torch.cat([xs, xs.new_zeros(start + m - N, xs.shape[1])])
+            # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
+            pieces.append(linear(xs, w_B[e].t(), None, "none", [], "")[:count])
+        start += count
     return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
 
 
