@@ -68,3 +68,48 @@ def _import_script():
     import gpu_check
 
     return gpu_check
+
+
+def test_flop_count_matches_the_parameters_of_the_built_model():
+    """6 N + 12 L H Q S, N counted on the built tiny-moe: routed experts at k / E, the input embedding out."""
+    from moelab.model.transformer import build_model
+
+    parts = _import_parts()
+    model = build_model("tiny-moe", seed=0)
+    cfg = model.config
+    n = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            continue
+        routed = ".experts.w_" in name
+        n += p.numel() * (cfg.moe.top_k / cfg.moe.num_experts if routed else 1)
+    flops, formula = parts.flops_per_token(cfg, 64)
+    assert flops == pytest.approx(6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * 64, rel=1e-9)
+    assert f"{int(flops):,}" in formula
+
+
+def test_train_step_falls_back_to_the_batch_that_fits(monkeypatch):
+    import torch
+
+    from moelab.model.transformer import MoETransformer
+
+    parts = _import_parts()
+    real = MoETransformer.forward
+
+    def small_memory(self, ids, *a, **k):
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return real(self, ids, *a, **k)
+
+    monkeypatch.setattr(MoETransformer, "forward", small_memory)
+    cfg, batch, seconds, steps = parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [8, 4, 2, 1], 1)
+    assert batch == 2 and steps == 1 and seconds > 0
+    with pytest.raises(torch.OutOfMemoryError):
+        parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [8, 4], 1)
+
+
+def _import_parts():
+    _import_script()
+    import gpu_check_parts
+
+    return gpu_check_parts

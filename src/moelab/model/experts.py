@@ -123,7 +123,8 @@ def sort_choices(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, keep_TK:
 def _onednn_works() -> bool:
     """Whether this torch exposes oneDNN's linear on dense tensors (an op inductor uses on CPU)."""
     try:
-        x, w = torch.randn(4, 8), torch.randn(8, 16)
+        # Fixed numbers, not randn: a probe must not move the global random stream.
+        x, w = torch.arange(32.0).view(4, 8) / 32, torch.arange(128.0).view(8, 16) / 128
         y = torch.ops.mkldnn._linear_pointwise(x, w.t(), None, "none", [], "")
         return bool(torch.allclose(y, x @ w, atol=1e-5))
     except (AttributeError, RuntimeError, NotImplementedError):
