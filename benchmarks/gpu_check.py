@@ -100,8 +100,9 @@ def hf_trace(dev: torch.device, tiny: bool) -> list[dict]:
 
 def distributed(dev: torch.device, tiny: bool) -> list[dict]:
     out = parts.one_process_group(dev, tokens=64 if tiny else 4096)
-    return [parts.row("distributed", f"{out['backend']}: {name}", err, 1e-5, err <= 1e-5,
-                      "world 1, dp = ep = 1") for name, err in out["errors"].items()]
+    return [parts.row("distributed", f"{out['backend']}: {name}", err, 1e-5,
+                      isinstance(err, float) and err <= 1e-5, "world 1, dp = ep = 1")
+            for name, err in out["errors"].items()]
 
 
 CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "train-step": train_step,
@@ -136,6 +137,20 @@ def device_info(dev: torch.device) -> dict:
     return info
 
 
+def _argument_problem(args, dev: torch.device | None, only: list[str]) -> str | None:
+    """The first thing wrong with the command line, checked before any work so nothing is half-written."""
+    bad = [o for o in only if o not in CHECKS]
+    if dev is None:
+        return f"--device {args.device!r} is not a device name"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no CUDA device here"
+    if bad:
+        return f"--only: unknown check(s) {', '.join(bad)} (known: {', '.join(CHECKS)})"
+    if not Path(args.json).parent.is_dir():
+        return f"--json {args.json}: folder {Path(args.json).parent} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -145,14 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated checks: " + ",".join(CHECKS))
     args = ap.parse_args(argv)
     only = args.only.split(",") if args.only else []
-    bad = [o for o in only if o not in CHECKS]
     try:
         dev = torch.device(args.device)
     except RuntimeError:
         dev = None
-    problem = (f"--device {args.device!r} is not a device name" if dev is None else
-               "--device cuda, but torch sees no CUDA device here" if dev.type == "cuda" and not torch.cuda.is_available()
-               else f"--only: unknown check(s) {', '.join(bad)} (known: {', '.join(CHECKS)})" if bad else None)
+    problem = _argument_problem(args, dev, only)
     if problem:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return 2

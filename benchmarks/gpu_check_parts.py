@@ -240,12 +240,12 @@ def trace_tiny_hf(dev, tokens: int) -> tuple[int, float, int]:
 def one_process_group(dev, tokens: int) -> dict:
     """Start a world-1 group on the device's backend and compare collectives with their single-process
     meaning: all-reduce of a tensor, expert parallelism (its all-to-all) against the plain experts,
-    and the declared metric reductions."""
+    and the declared metric reductions. Each comparison gives an error or the line of its exception,
+    so one failing collective does not hide the others."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from moelab.distributed.mesh import Parallel, backend_for
-    from moelab.distributed.parallelize import ExpertParallel
 
     backend = backend_for(dev)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,20 +254,39 @@ def one_process_group(dev, tokens: int) -> dict:
         try:
             mesh = init_device_mesh(dev.type, (1, 1), mesh_dim_names=("dp", "ep"))
             par = Parallel(dp=1, ep=1, rank=0, mesh=mesh)
-            t = torch.arange(8.0, device=dev)
-            r = t.clone()
-            dist.all_reduce(r)
-            ex, x, ids, w = expert_problem(dev, E=8, K=2, D=64, F=64, T=tokens)
-            plain = experts_pass(ex, x, ids, w, torch.ones_like(x), naive=False)
-            ep = ExpertParallel(ex, 0, 1, par.group("ep"))
-            sharded = experts_pass(ep, x, ids, w, torch.ones_like(x), naive=False)
-            errors = {"all_reduce (sum) of a tensor": float((r - t).abs().max()),
+            checks = {"all_reduce (sum) of a tensor": lambda: _all_reduce_err(dev),
                       "expert-parallel all_to_all vs plain experts (output and grads)":
-                          max(rel_err(sharded[k], plain[k]) for k in plain),
-                      "reduce_metrics, called as at world 2 over this world-1 group": _metrics_err(mesh)}
+                          lambda: _expert_parallel_err(dev, par, tokens),
+                      "reduce_metrics, called as at world 2 over this world-1 group": lambda: _metrics_err(mesh)}
+            errors = {name: _error_or_message(fn) for name, fn in checks.items()}
         finally:
             dist.destroy_process_group()
     return {"backend": backend, "errors": errors}
+
+
+def _error_or_message(fn) -> float | str:
+    try:
+        return fn()
+    except Exception as e:  # reported in the table as a failed row
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _all_reduce_err(dev) -> float:
+    import torch.distributed as dist
+
+    t = torch.arange(8.0, device=dev)
+    r = t.clone()
+    dist.all_reduce(r)
+    return float((r - t).abs().max())
+
+
+def _expert_parallel_err(dev, par, tokens: int) -> float:
+    from moelab.distributed.parallelize import ExpertParallel
+
+    ex, x, ids, w = expert_problem(dev, E=8, K=2, D=64, F=64, T=tokens)
+    plain = experts_pass(ex, x, ids, w, torch.ones_like(x), naive=False)
+    sharded = experts_pass(ExpertParallel(ex, 0, 1, par.group("ep")), x, ids, w, torch.ones_like(x), naive=False)
+    return max(rel_err(sharded[k], plain[k]) for k in plain)
 
 
 def _metrics_err(mesh) -> float:

@@ -49,14 +49,15 @@ def test_a_planted_expert_error_fails_the_check(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, words", [(["--device", "cuda"], "no CUDA"),
                                          (["--device", "cpu", "--only", "nope"], "unknown check"),
-                                         (["--device", "tpu9"], "not a device name")])
+                                         (["--device", "tpu9"], "not a device name"),
+                                         (["--device", "cpu", "--json", "/nonexistent/dir/o.json"], "does not exist")])
 def test_bad_arguments_give_one_line_and_status_2(tmp_path, capsys, args, words):
     import torch
 
     if args[1] == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     gpu_check = _import_script()
-    code = gpu_check.main([*args, "--json", str(tmp_path / "o.json")])
+    code = gpu_check.main(args if "--json" in args else [*args, "--json", str(tmp_path / "o.json")])
     err = capsys.readouterr().err
     assert code == 2 and words in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
