@@ -20,7 +20,7 @@ import bench_common as bc  # noqa: E402
 from bench_moe_layer import CASES, variants  # noqa: E402
 
 
-def profile_variant(fn, rounds: int) -> str:
+def profile_variant(fn, rounds: int) -> profile:
     for _ in range(3):
         fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
