@@ -6,8 +6,9 @@ X = P * F, the fused input projection (P = 2 for SwiGLU/GeGLU, 3 for OpenMoE's r
 The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies by
 one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
 torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for
-inference on CPU in fp32, `onednn` (a loop over oneDNN matmuls of bucket-sized row windows). `naive_experts_forward` is the per-expert masked loop
-kept as the oracle for tests; each strategy is tested against it.
+inference on CPU in fp32, `onednn` (a loop over oneDNN matmuls of bucket-sized row windows).
+`naive_experts_forward` is the per-expert masked loop kept as the oracle for tests; each strategy is
+tested against it.
 """
 
 from __future__ import annotations
