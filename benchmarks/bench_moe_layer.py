@@ -30,13 +30,14 @@ D = 512
 # at 64 small experts (at 8 experts both agreed within 1.5%).
 CASES = {
     "e8": dict(label="8 experts top-2, F 2048", E=8, K=2, F=2048, shared=0, cf=None, tokens=4096,
-               target=1.2, loop=False),
+               target=(None, 1.2), loop=False),
     "e64": dict(label="64 experts top-6 + 2 shared, F 256", E=64, K=6, F=256, shared=2, cf=None,
-                tokens=4096, target=1.5, loop=True),
+                tokens=4096, target=(None, 1.15), loop=True),
     "e16-drop": dict(label="16 experts top-2, F 1024, capacity 1.25 (dropping)", E=16, K=2, F=1024,
-                     shared=0, cf=1.25, tokens=4096, target=None, loop=False),
+                     shared=0, cf=1.25, tokens=4096, target=(None, None), loop=False,
+                     dropless=True, drop_target=1.05),
     "decode": dict(label="decode batch of 64 tokens, 8 experts top-2, F 2048", E=8, K=2, F=2048,
-                   shared=0, cf=None, tokens=64, target=None, loop=False, reps=25),
+                   shared=0, cf=None, tokens=64, target=(1.5, None), loop=False, reps=25),
 }
 
 
@@ -73,18 +74,43 @@ def variants(case: dict, device: str, backward: bool) -> dict:
 
     out = {"moe": run(moe_fn), "dense": run(lambda: dense(x))}
     if backward and case["loop"]:
-        out["loop"] = run(lambda: _without_grouped_kernel(moe_fn))
+        out["loop"] = run(lambda: _forced("loop", moe_fn))
+    if not backward and _inference_strategy(case, moe, x) == "onednn":
+        out["matmul"] = run(lambda: _forced("grouped" if experts_mod._kernel_ok(x, moe.experts.w_in_EDX)
+                                            else "loop", moe_fn))
+        out["dense-onednn"] = run(lambda: _onednn_ffn(dense, x))
+    if case.get("dropless"):
+        out["dropless"] = run(lambda: _dropless(moe, shared, x))
     return out
 
 
-def _without_grouped_kernel(fn):
-    """The per-expert-slice loop fallback instead of torch._grouped_mm, for the kernel-choice row."""
-    saved = experts_mod._grouped_mm_works
-    experts_mod._grouped_mm_works = lambda *a: False
+def _inference_strategy(case: dict, moe: MoELayer, x: torch.Tensor) -> str:
+    """What the experts' first matmul picks in this case's forward (dropless row count)."""
+    with torch.no_grad():
+        rows = x.new_empty(case["tokens"] * case["K"], x.shape[1])
+        return experts_mod.choose_strategy(rows, moe.experts.w_in_EDX)
+
+
+def _forced(strategy: str, fn):
+    """fn() with every expert matmul dispatched by `strategy`, for the strategy-choice rows."""
+    saved = experts_mod.choose_strategy
+    experts_mod.choose_strategy = lambda *a: strategy
     try:
         return fn()
     finally:
-        experts_mod._grouped_mm_works = saved
+        experts_mod.choose_strategy = saved
+
+
+def _onednn_ffn(ffn: GatedFFN, x: torch.Tensor) -> torch.Tensor:
+    """The dense floor with oneDNN's matmul, the kernel the experts use in inference on CPU."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    h = linear(x, ffn.w_in_DX.t(), None, "none", [], "")
+    return linear(experts_mod.gated_activation(h, ffn.kind), ffn.w_out_FD.t(), None, "none", [], "")
+
+
+def _dropless(moe: MoELayer, shared, x: torch.Tensor) -> torch.Tensor:
+    y = moe(x, capacity_factor=None).y_TD
+    return y + shared(x) if shared is not None else y
 
 
 def run_case(key: str, device: str, reps: int) -> list[bc.Row]:
@@ -97,10 +123,19 @@ def run_case(key: str, device: str, reps: int) -> list[bc.Row]:
         kind = "fwd+bwd" if backward else "fwd"
         rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dense", "MoELayer",
                           "dense FFN (same FLOPs)",
-                          case["target"] if backward else None, device=device))
+                          case["target"][backward], device=device))
         if "loop" in t:
             rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "loop", "torch._grouped_mm",
                               "per-expert loop", note="kernel choice", device=device))
+        if "matmul" in t:
+            rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "matmul", "MoELayer (oneDNN)",
+                              "MoELayer (torch matmul)", note="strategy choice", device=device))
+            rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dense-onednn", "MoELayer",
+                              "dense FFN (oneDNN)", note="floor on the experts' kernel", device=device))
+        if "dropless" in t:
+            rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dropless", "MoELayer dropping",
+                              "MoELayer dropless", case["drop_target"] if backward else None,
+                              device=device))
     return rows
 
 

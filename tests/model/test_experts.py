@@ -50,6 +50,41 @@ def test_loop_fallback_equals_grouped_kernel(monkeypatch):
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "loop", "onednn"])
+@pytest.mark.parametrize("E, K, T, drop, skew", [(8, 2, 37, True, False), (16, 6, 37, False, True),
+                                                 (4, 1, 37, False, False), (4, 2, 301, False, True),
+                                                 (5, 2, 403, True, False)])
+def test_every_strategy_matches_the_naive_loop_in_inference(monkeypatch, strategy, E, K, T, drop, skew):
+    """T 301 and 403 give experts 17-400 rows: oneDNN's bucket windows pad, past the end too."""
+    if strategy == "onednn" and not experts_mod._onednn_works():
+        pytest.skip("this torch has no oneDNN linear")
+    ex, x, ids, w, keep = _setup(E, K, T=T, drop=drop, skew=skew, D=32, Fh=48)
+    with torch.no_grad():
+        want = naive_experts_forward(ex, x, ids, w, keep)
+        monkeypatch.setattr(experts_mod, "choose_strategy", lambda *a: strategy)
+        got = ex(x, ids, w, keep)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_is_chosen_only_where_no_gradient_is_needed():
+    ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
+    x_grad = x.clone().requires_grad_()
+    assert experts_mod.choose_strategy(x_grad, ex.w_in_EDX) in ("grouped", "loop")
+    with torch.no_grad():
+        inference = experts_mod.choose_strategy(x_grad, ex.w_in_EDX)
+        assert inference == ("onednn" if experts_mod._onednn_works() else "grouped")
+        # bf16 (or any non-fp32) operands stay on torch's own kernels
+        assert experts_mod.choose_strategy(x.bfloat16(), ex.w_in_EDX.bfloat16()) != "onednn"
+
+
+def test_row_buckets_bound_padding_and_the_number_of_distinct_counts():
+    buckets = [experts_mod.row_bucket(m) for m in range(1, 20001)]
+    assert buckets[:16] == list(range(1, 17))
+    assert all(m <= b <= m * 1.125 for m, b in zip(range(1, 20001), buckets))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    assert len(set(buckets)) <= 16 + 8 * 11  # exact to 16, then 8 per power of two up to 2^15
+
+
 def test_odd_sizes_use_the_loop_and_stay_correct():
     ex, x, ids, w, keep = _setup(4, 2, D=6, Fh=5)
     torch.testing.assert_close(ex(x, ids, w), naive_experts_forward(ex, x, ids, w), atol=1e-5, rtol=1e-5)

@@ -54,6 +54,24 @@ def test_top_k_ties_go_to_lower_index():
     assert top_k_stable(scores, 2).tolist() == [[1, 2], [0, 1]]
 
 
+def _naive_top_k(scores_TE, k):
+    """The rule spelled out: highest score first, equal scores by lower expert index."""
+    return [sorted(range(len(row)), key=lambda e: (-row[e], e))[:k] for row in scores_TE.tolist()]
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1])  # None: no ties; 3: many ties; 1: every row all equal
+@pytest.mark.parametrize("E, k", [(8, 2), (64, 6), (5, 5)])
+def test_top_k_stable_matches_the_naive_rule(levels, E, k):
+    g = torch.Generator().manual_seed(E + k)
+    scores = torch.rand(300, E, generator=g)
+    if levels is not None:  # quantised scores tie within the top k and across its boundary
+        scores = (scores * levels).floor() / max(levels, 1)
+    ids = top_k_stable(scores, k)
+    assert ids.tolist() == _naive_top_k(scores, k)
+    if levels == 1:
+        assert (ids == torch.arange(k)).all()
+
+
 def _rmoe_cfg(**router):
     r = RouterConfig(kind="rmoe", hidden=4, **router)
     return ModelConfig(d_model=6, n_heads=3, moe=MoEConfig(num_experts=5, top_k=2, router=r))

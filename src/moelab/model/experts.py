@@ -3,9 +3,12 @@
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N kept choices,
 X = P * F, the fused input projection (P = 2 for SwiGLU/GeGLU, 3 for OpenMoE's released unit).
 
-The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies
-(`torch._grouped_mm` where this torch and device support it, a loop over contiguous per-expert slices
-otherwise). `naive_experts_forward` is the per-expert masked loop kept as the oracle for tests.
+The fast path sorts the kept (token, expert) choices by expert and runs two grouped matrix multiplies by
+one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
+torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for
+inference on CPU in fp32, `onednn` (a loop over oneDNN matmuls of bucket-sized row windows).
+`naive_experts_forward` is the per-expert masked loop kept as the oracle for tests; each strategy is
+tested against it.
 """
 
 from __future__ import annotations
@@ -117,13 +120,70 @@ def sort_choices(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, keep_TK:
     return order_N // K, weights_TK.reshape(-1).index_select(0, order_N), offs_E
 
 
+@lru_cache(maxsize=None)
+def _onednn_works() -> bool:
+    """Whether this torch exposes oneDNN's linear on dense tensors (an op inductor uses on CPU)."""
+    try:
+        # Fixed numbers, not randn: a probe must not move the global random stream.
+        x, w = torch.arange(32.0).view(4, 8) / 32, torch.arange(128.0).view(8, 16) / 128
+        y = torch.ops.mkldnn._linear_pointwise(x, w.t(), None, "none", [], "")
+        return bool(torch.allclose(y, x @ w, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
+    """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
+
+    oneDNN for inference on CPU in fp32 (it has no backward here): this torch's fp32 `mm` calls MKL, which
+    took 1.2-1.8x oneDNN's time on the AMD EPYC of docs/PERFORMANCE.md, decode batches included."""
+    needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
+    if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
+            and _onednn_works()):
+        return "onednn"
+    return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
+
+
+def row_bucket(m: int) -> int:
+    """m rounded up to one of 8 values per power of two, exact up to 16 (at most 12.5% more rows).
+
+    oneDNN builds a kernel for every new row count (~1 ms, then cached); buckets keep the counts it
+    sees to a few dozen per weight shape however the routing varies."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
+def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+    """Expert e multiplies the bucket-sized window of rows that starts at its own first row; the rows
+    past its count belong to the next experts (or to zero padding at the end) and their outputs are
+    dropped, which is exact because a GEMM's output rows are independent."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    w_B = w_EAB.unbind(0)
+    N, pieces, start = x_NA.shape[0], [], 0
+    for e, count in enumerate(counts_list):
+        if count:
+            m = row_bucket(count)
+            xs = x_NA[start:start + m]
+            if start + m > N:
+                xs = torch.cat([xs, xs.new_zeros(start + m - N, xs.shape[1])])
+            # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
+            pieces.append(linear(xs, w_B[e].t(), None, "none", [], "")[:count])
+        start += count
+    return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
+
+
 def _expert_mm(x_NA, w_EAB, offs_E, counts: list[list[int]]):
-    """The kernel where it takes the operands, else the loop, with per-expert counts fetched once a layer."""
-    if _kernel_ok(x_NA, w_EAB):
+    """The chosen strategy, with per-expert counts fetched once a layer (never for the kernel)."""
+    strategy = choose_strategy(x_NA, w_EAB)
+    if strategy == "grouped":
         return _grouped(x_NA, w_EAB, offs_E, None)
     if not counts:
         ends = offs_E.tolist()
         counts.append([b - a for a, b in zip([0] + ends[:-1], ends)])
+    if strategy == "onednn":
+        return _onednn_loop(x_NA, w_EAB, counts[0])
     return _grouped(x_NA, w_EAB, None, counts[0])
 
 

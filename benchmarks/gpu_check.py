@@ -1,0 +1,181 @@
+"""GPU check: is moelab's CUDA path real? One script, one table, one JSON file.
+
+    python benchmarks/gpu_check.py [--device cuda] [--json gpu_check.json] [--peak-tflops 989]
+    python benchmarks/gpu_check.py --device cpu --tiny     # the same checks at toy sizes (the test suite)
+
+Five checks, each a group of rows (`ok` is a correctness verdict; speed rows report, never fail):
+1. experts-bf16: grouped experts in bf16 against the naive per-expert loop, forward and every gradient.
+   Error = max |fast - reference| / max |reference|, the reference being the naive loop in fp32 on the same
+   (bf16-rounded) weights and inputs. Tolerance: 3e-2 (bf16 keeps 8 significant bits, unit roundoff
+   3.9e-3, and the result goes through two matmuls and an activation), and at most twice the error of
+   the naive loop run in bf16 plus 1e-3, so the grouped kernel is no worse than the plain one. On a GPU
+   the row `strategy` must read `grouped`: that is torch._grouped_mm running.
+2. layer-bf16: `MoELayer` (+ shared experts) against its dense-FLOP floor, both in bf16, fwd and fwd+bwd.
+3. train-step: tokens/s and model FLOPs utilisation of a training step of `openmoe-base-16e` (sequence
+   2048, the largest batch of 16, 8, 4, 2, 1 that fits), bf16 autocast, AdamW. The FLOP count is printed.
+4. hf-trace: a small transformers Mixtral built from a config (no download) traced on the device, rows
+   checked against the experts its own router modules returned.
+5. distributed: a one-process group (nccl on cuda, gloo on cpu; world 1, dp = ep = 1): all-reduce,
+   expert parallelism's all-to-all against the plain experts, metric reduction.
+Exit status: 0 when every row is ok, 1 when a check failed, 2 on bad arguments (no CUDA for --device cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import bench_common as bc  # noqa: E402
+import gpu_check_parts as parts  # noqa: E402
+
+
+def experts_bf16(dev: torch.device, tiny: bool) -> list[dict]:
+    size = dict(E=8, K=2, D=32, F=48, T=96) if tiny else dict(E=64, K=6, D=1024, F=512, T=8192)
+    ex32, x, ids, w = parts.expert_problem(dev, **size)
+    g = torch.randn_like(x)
+    ref = parts.experts_pass(ex32, x, ids, w, g, naive=True)
+    ex16 = parts.copy_experts(ex32, torch.bfloat16)
+    fast = parts.experts_pass(ex16, x.bfloat16(), ids, w, g.bfloat16(), naive=False)
+    slow = parts.experts_pass(ex16, x.bfloat16(), ids, w, g.bfloat16(), naive=True)
+    strategy = parts.strategy_of(ex16, x)
+    rows = [parts.row("experts-bf16", "strategy (grouped = torch._grouped_mm)", strategy, None,
+                      strategy == "grouped" or dev.type == "cpu",
+                      f"E {size['E']} top-{size['K']}, D {size['D']}, F {size['F']}, {size['T']} tokens")]
+    for name in ref:
+        err, base = parts.rel_err(fast[name], ref[name]), parts.rel_err(slow[name], ref[name])
+        limit = min(3e-2, 2 * base + 1e-3)
+        rows.append(parts.row("experts-bf16", f"{name}: error vs fp32 naive loop", err, limit,
+                              err <= limit, f"naive loop in bf16: {base:.1e}"))
+    return rows
+
+
+def layer_bf16(dev: torch.device, tiny: bool) -> list[dict]:
+    cases = ([dict(E=8, K=2, F=64, shared=1, D=64, T=128)] if tiny else
+             [dict(E=64, K=6, F=512, shared=2, D=2048, T=16384), dict(E=8, K=2, F=4096, shared=0, D=2048, T=16384)])
+    rows = []
+    for c in cases:
+        name = f"E {c['E']} top-{c['K']}" + (f" + {c['shared']} shared" if c["shared"] else "") + \
+            f", D {c['D']}, F {c['F']}, {c['T']} tokens"
+        for backward in (False, True):
+            t = bc.interleaved(parts.layer_variants(dev, c, backward), reps=3 if tiny else 10,
+                               warmup=1 if tiny else 3, device=dev.type)
+            kind = "fwd+bwd" if backward else "fwd"
+            rows.append(parts.row("layer-bf16", f"{name}, {kind}: MoELayer / dense floor",
+                                  t.ratio("moe", "dense"), None, True,
+                                  f"{t.median('moe') * 1e3:.2f} ms vs {t.median('dense') * 1e3:.2f} ms"))
+    return rows
+
+
+def train_step(dev: torch.device, tiny: bool, peak_tflops: float | None) -> list[dict]:
+    preset, seq = ("tiny-moe", 64) if tiny else ("openmoe-base-16e", 2048)
+    cfg, batch, seconds, steps = parts.fitting_train_step(preset, seq, dev, [4, 2] if tiny else [16, 8, 4, 2, 1],
+                                                          steps=2 if tiny else 5)
+    flops_tok, formula = parts.flops_per_token(cfg, seq)
+    tok_s = batch * seq * steps / seconds
+    peak = peak_tflops or parts.peak_bf16_tflops(dev)
+    mfu = flops_tok * tok_s / (peak * 1e12) if peak else None
+    rows = [parts.row("train-step", f"{preset}, seq {seq}, batch {batch}: tokens/s", tok_s, None, True,
+                      f"{steps} timed steps, bf16 autocast, AdamW"),
+            parts.row("train-step", "model FLOPs per token (fwd+bwd)", flops_tok, None, True, formula)]
+    rows.append(parts.row("train-step", "MFU", mfu if mfu is not None else "-", None, True,
+                          f"peak {peak:g} TFLOP/s bf16 dense" if peak else "no peak known for this device "
+                          "(pass --peak-tflops)"))
+    return rows
+
+
+def hf_trace(dev: torch.device, tiny: bool) -> list[dict]:
+    n_tok, agree, rows_written = parts.trace_tiny_hf(dev, tokens=64 if tiny else 4096)
+    return [parts.row("hf-trace", "tiny Mixtral from a config: trace rows equal its own router's choices",
+                      agree, 1.0, agree == 1.0, f"{n_tok} tokens, {rows_written} rows")]
+
+
+def distributed(dev: torch.device, tiny: bool) -> list[dict]:
+    out = parts.one_process_group(dev, tokens=64 if tiny else 4096)
+    return [parts.row("distributed", f"{out['backend']}: {name}", err, 1e-5,
+                      isinstance(err, float) and err <= 1e-5, "world 1, dp = ep = 1")
+            for name, err in out["errors"].items()]
+
+
+CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "train-step": train_step,
+          "hf-trace": hf_trace, "distributed": distributed}
+
+
+def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str]) -> list[dict]:
+    rows = []
+    for name, check in CHECKS.items():
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            got = check(dev, tiny, peak_tflops) if name == "train-step" else check(dev, tiny)
+        except Exception as e:  # one failed check must not hide the others' rows
+            traceback.print_exc(file=sys.stderr)
+            got = [parts.row(name, "crashed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                             None, False)]
+        for r in got:
+            r["seconds"] = round(time.perf_counter() - t0, 2)
+        rows += got
+        print(f"{name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def device_info(dev: torch.device) -> dict:
+    info = {"device": str(dev), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if dev.type == "cuda":
+        info["card"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _argument_problem(args, dev: torch.device | None, only: list[str]) -> str | None:
+    """The first thing wrong with the command line, checked before any work so nothing is half-written."""
+    bad = [o for o in only if o not in CHECKS]
+    if dev is None:
+        return f"--device {args.device!r} is not a device name"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no CUDA device here"
+    if bad:
+        return f"--only: unknown check(s) {', '.join(bad)} (known: {', '.join(CHECKS)})"
+    if not Path(args.json).parent.is_dir():
+        return f"--json {args.json}: folder {Path(args.json).parent} does not exist"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes: seconds on a CPU (the test suite's mode)")
+    ap.add_argument("--json", default="gpu_check.json", help="where the table goes as JSON (%(default)s)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    ap.add_argument("--only", help="comma-separated checks: " + ",".join(CHECKS))
+    args = ap.parse_args(argv)
+    only = args.only.split(",") if args.only else []
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        dev = None
+    problem = _argument_problem(args, dev, only)
+    if problem:
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
+    bc.setup(threads=1 if dev.type == "cpu" else torch.get_num_threads())
+    rows = run_checks(dev, args.tiny, args.peak_tflops, only)
+    info = device_info(dev)
+    print(parts.table(rows, info))
+    Path(args.json).write_text(json.dumps({**info, "tiny": args.tiny, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""benchmarks/gpu_check.py in its --device cpu --tiny mode, so the GPU check cannot rot between GPU runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+CHECKS = {"experts-bf16", "layer-bf16", "train-step", "hf-trace", "distributed"}
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tiny_cpu_run_passes_every_check_and_writes_the_table(tmp_path):
+    pytest.importorskip("transformers")
+    done = _run("--device", "cpu", "--tiny", "--json", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["device"] == "cpu" and out["tiny"] is True
+    assert {r["check"] for r in out["rows"]} == CHECKS
+    assert all(r["ok"] for r in out["rows"])
+    rows = {(r["check"], r["what"]): r for r in out["rows"]}
+    assert rows[("hf-trace", next(w for c, w in rows if c == "hf-trace"))]["value"] == 1.0
+    flops = next(r for r in out["rows"] if r["what"].startswith("model FLOPs per token"))
+    assert flops["value"] > 0 and "6 N + 12 L H Q S" in flops["note"]
+    # the printed table has one line per row
+    assert sum(line.startswith("| ") for line in done.stdout.splitlines()) == len(out["rows"]) + 1
+
+
+def test_a_planted_expert_error_fails_the_check(tmp_path, monkeypatch):
+    gpu_check = _import_script()
+    import moelab.model.experts as experts_mod
+
+    real = experts_mod.GroupedExperts.forward
+    monkeypatch.setattr(experts_mod.GroupedExperts, "forward", lambda self, *a, **k: real(self, *a, **k) * 1.05)
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--only", "experts-bf16", "--json", str(tmp_path / "o.json")])
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert code == 1
+    assert not next(r for r in rows if r["what"].startswith("output"))["ok"]
+
+
+@pytest.mark.parametrize("args, words", [(["--device", "cuda"], "no CUDA"),
+                                         (["--device", "cpu", "--only", "nope"], "unknown check"),
+                                         (["--device", "tpu9"], "not a device name"),
+                                         (["--device", "cpu", "--json", "/nonexistent/dir/o.json"], "does not exist")])
+def test_bad_arguments_give_one_line_and_status_2(tmp_path, capsys, args, words):
+    import torch
+
+    if args[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    gpu_check = _import_script()
+    code = gpu_check.main(args if "--json" in args else [*args, "--json", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
+
+
+def _import_script():
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_flop_count_matches_the_parameters_of_the_built_model():
+    """6 N + 12 L H Q S, N counted on the built tiny-moe: routed experts at k / E, the input embedding out."""
+    from moelab.model.transformer import build_model
+
+    parts = _import_parts()
+    model = build_model("tiny-moe", seed=0)
+    cfg = model.config
+    n = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            continue
+        routed = ".experts.w_" in name
+        n += p.numel() * (cfg.moe.top_k / cfg.moe.num_experts if routed else 1)
+    flops, formula = parts.flops_per_token(cfg, 64)
+    assert flops == pytest.approx(6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * 64, rel=1e-9)
+    assert f"{int(flops):,}" in formula
+
+
+def test_train_step_falls_back_to_the_batch_that_fits(monkeypatch):
+    import torch
+
+    from moelab.model.transformer import MoETransformer
+
+    parts = _import_parts()
+    real = MoETransformer.forward
+
+    def small_memory(self, ids, *a, **k):
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return real(self, ids, *a, **k)
+
+    monkeypatch.setattr(MoETransformer, "forward", small_memory)
+    cfg, batch, seconds, steps = parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [8, 4, 2, 1], 1)
+    assert batch == 2 and steps == 1 and seconds > 0
+    with pytest.raises(torch.OutOfMemoryError):
+        parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [8, 4], 1)
+
+
+def _import_parts():
+    _import_script()
+    import gpu_check_parts
+
+    return gpu_check_parts
