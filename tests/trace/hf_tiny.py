@@ -28,7 +28,25 @@ _TINY = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, moe_int
              moe_topk=TOP_K, zero_expert_num=2, expert_ffn_hidden_size=16, ffn_hidden_size=32, num_layers=2,
              num_kv_shared_layers=0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB,
              n_shared_experts=1, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
-             linear_value_head_dim=8, moe_num_experts=EXPERTS, moe_k=TOP_K, moe_intermediate_size_shared=16)
+             linear_value_head_dim=8, moe_num_experts=EXPERTS, moe_k=TOP_K, moe_intermediate_size_shared=16,
+             index_head_dim=8, index_n_heads=2, index_topk=4)
+
+
+# What the generic shrink cannot guess: keys spelled per family, or tied to another (mamba heads, mrope).
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "bailing_hybrid": dict(num_expert_group=2, topk_group=1, num_experts_per_token=TOP_K, layer_group_size=2),
+    "deepseek_ocr2": dict(n_group=1, topk_group=1),
+    "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe"], head_dim=32, qk_rope_head_dim=4),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16], moe_num_shared_experts=1,
+                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
+                                             "mrope_section": [1, 1, 2]}),
+    "glm4v_moe": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2),
+    "step3p7": dict(share_expert_dim=16),
+}
 
 
 def transformers_dir() -> str:
@@ -47,49 +65,66 @@ def decoder_moe_families() -> dict[str, str]:
         path = f"{root}/models/{mod}/modeling_{mod}.py"
         if mod in out or mod in NOT_DECODERS or not os.path.exists(path):
             continue
+        own = next((t for t in (mod, f"{mod}_text") if t in CONFIG_MAPPING_NAMES), model_type)
+        if model_type != own:
+            continue  # the family's own model_type (or its text model's) comes up in its turn
         src = open(path).read()
         if re.search(r"^class \w+Experts\(|^class \w+(MoE|Moe|CDMoE)\(", src, re.M):
             out[mod] = model_type
     return out
 
 
-def _shrink(cfg) -> None:
-    keys = cfg.to_dict()
-    for k, v in _TINY.items():
-        if k in keys:
-            setattr(cfg, k, v)
+def _overrides(keys: dict) -> dict:
+    """Tiny values for the keys a config has (passed to its constructor so derived fields follow)."""
+    out = {k: v for k, v in _TINY.items() if k in keys}
     if "qk_rope_head_dim" in keys:  # MLA: the rotary part is the head_dim rotary embeddings see
-        cfg.head_dim = cfg.qk_rope_head_dim
+        out["head_dim"] = out["qk_rope_head_dim"]
+        out["num_key_value_heads"] = out["num_attention_heads"]  # MLA has no grouped keys
         if "qk_head_dim" in keys:
-            cfg.qk_head_dim = cfg.qk_rope_head_dim + cfg.qk_nope_head_dim
+            out["qk_head_dim"] = out["qk_rope_head_dim"] + out["qk_nope_head_dim"]
     if keys.get("pad_token_id") is not None:
-        cfg.pad_token_id = 0
+        out["pad_token_id"] = 0
     for k in ("bos_token_id", "eos_token_id"):
         if isinstance(keys.get(k), int) and keys[k] >= VOCAB:
-            setattr(cfg, k, 1)
-    n = getattr(cfg, "num_hidden_layers", 2)
+            out[k] = 1
+    n = out.get("num_hidden_layers", 2)
+    if "mlp_layer_types" in keys:
+        out["mlp_layer_types"] = ["sparse"] * n
     types = keys.get("layer_types")
     if isinstance(types, list) and types:
         attn = [t for t in types if "attention" in t and "linear" not in t] or types
-        cfg.layer_types = [types[0], attn[-1]][:n]
+        out["layer_types"] = [types[0], attn[-1]][:n]
+    return out
 
 
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(model_type)
-    for sub in {id(c): c for c in (cfg, cfg.get_text_config())}.values():
-        _shrink(sub)
-    for extra in ("attn_config", "ffn_config"):  # DBRX nests its attention and FFN settings
-        if hasattr(cfg, extra):
-            sub = getattr(cfg, extra)
-            for k, v in dict(kv_n_heads=2, rope_theta=10000.0, ffn_hidden_size=16, moe_num_experts=EXPERTS,
-                             moe_top_k=TOP_K).items():
-                if hasattr(sub, k):
+    keys = AutoConfig.for_model(model_type).to_dict()
+    kw = _overrides(keys)
+    if isinstance(keys.get("text_config"), dict):
+        kw["text_config"] = {**keys["text_config"], **_overrides(keys["text_config"])}
+    for extra, tiny in (("attn_config", dict(kv_n_heads=2, rope_theta=10000.0)),  # DBRX nests these
+                        ("ffn_config", dict(ffn_hidden_size=16, moe_num_experts=EXPERTS, moe_top_k=TOP_K))):
+        if isinstance(keys.get(extra), dict):
+            kw[extra] = {**keys[extra], **{k: v for k, v in tiny.items() if k in keys[extra]}}
+    if "d_model" in keys:
+        kw.update(d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64)
+    for k, v in FAMILY_OVERRIDES.get(model_type.removesuffix("_text"), {}).items():
+        (kw["text_config"] if "text_config" in kw and k not in keys else kw)[k] = v
+    try:
+        cfg = AutoConfig.for_model(model_type, **kw)
+        if hasattr(cfg, "attn_config") and not hasattr(cfg.attn_config, "rope_theta"):
+            cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
+            cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
+        return cfg
+    except Exception:  # a validator that checks a derived field we did not set: set fields after init
+        cfg = AutoConfig.for_model(model_type)
+        for sub, values in ((cfg, kw), (getattr(cfg, "text_config", None), kw.get("text_config", {}))):
+            for k, v in values.items():
+                if sub is not None and k != "text_config" and not isinstance(v, dict):
                     setattr(sub, k, v)
-    if hasattr(cfg, "d_model"):
-        cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.max_seq_len = HIDDEN, 4, 2, 64
-    return cfg
+        return cfg
 
 
 def tiny_model(model_type: str, seed: int = 0):
@@ -98,11 +133,25 @@ def tiny_model(model_type: str, seed: int = 0):
 
     cfg = tiny_config(model_type)
     torch.manual_seed(seed)
-    for make, c in ((AutoModelForCausalLM, cfg), (AutoModelForCausalLM, cfg.get_text_config()),
-                    (AutoModel, cfg.get_text_config())):
+    text = cfg.get_text_config()
+    for make, c in ((AutoModelForCausalLM, cfg), (AutoModelForCausalLM, text), (AutoModel, text)):
         try:
             return make.from_config(c).eval()
         except ValueError as e:
             if "Unrecognized configuration class" not in str(e):
                 raise
-    raise ValueError(f"no causal LM or text model class for {model_type}")
+    return _text_model_class(type(cfg).__module__, type(text))(text).eval()
+
+
+def _text_model_class(config_module: str, text_config_class):
+    """The modeling file's class built from the text config (its text decoder), for families the auto
+    classes reach only through a multimodal wrapper."""
+    import importlib
+    import inspect
+
+    modeling = importlib.import_module(config_module.replace(".configuration_", ".modeling_"))
+    found = [c for n, c in vars(modeling).items() if inspect.isclass(c) and n.endswith(("TextModel", "ForCausalLM"))
+             and getattr(c, "config_class", None) is text_config_class]
+    if not found:
+        raise ValueError(f"no text model class for {text_config_class.__name__}")
+    return sorted(found, key=lambda c: not c.__name__.endswith("ForCausalLM"))[0]

@@ -179,8 +179,6 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, torch.nn.Module) or _NOT_TEXT.search(name):
             continue
-        if "Shared" in type(experts).__name__:
-            continue
         layer = _layer_index(name)
         if layer is None:
             continue
