@@ -168,7 +168,7 @@ class MoEBlock:
 
 
 def _layer_index(name: str) -> int | None:
-    found = re.findall(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+    found = re.findall(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)", name)
     return int(found[-1]) if found else None
 
 
