@@ -44,7 +44,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
                                                     "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
-    "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2),
+    "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,
+                      indexer_kv_heads=1),
     "step3p7": dict(share_expert_dim=16),
 }
 
@@ -98,58 +99,55 @@ def _overrides(keys: dict) -> dict:
 
 
 def tiny_config(model_type: str):
+    """The tiny config of the family's text decoder (a multimodal family's text config alone)."""
     from transformers import AutoConfig
 
-    keys = AutoConfig.for_model(model_type).to_dict()
+    text = AutoConfig.for_model(model_type).get_text_config()
+    keys = text.to_dict()
     kw = _overrides(keys)
-    if isinstance(keys.get("text_config"), dict):
-        kw["text_config"] = {**keys["text_config"], **_overrides(keys["text_config"])}
     for extra, tiny in (("attn_config", dict(kv_n_heads=2, rope_theta=10000.0)),  # DBRX nests these
                         ("ffn_config", dict(ffn_hidden_size=16, moe_num_experts=EXPERTS, moe_top_k=TOP_K))):
         if isinstance(keys.get(extra), dict):
             kw[extra] = {**keys[extra], **{k: v for k, v in tiny.items() if k in keys[extra]}}
     if "d_model" in keys:
         kw.update(d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64)
-    for k, v in FAMILY_OVERRIDES.get(model_type.removesuffix("_text"), {}).items():
-        (kw["text_config"] if "text_config" in kw and k not in keys else kw)[k] = v
+    kw.update(FAMILY_OVERRIDES.get(model_type.removesuffix("_text"), {}))
     try:
-        cfg = AutoConfig.for_model(model_type, **kw)
-        if hasattr(cfg, "attn_config") and not hasattr(cfg.attn_config, "rope_theta"):
-            cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
-            cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
-        return cfg
+        cfg = type(text)(**kw)
     except Exception:  # a validator that checks a derived field we did not set: set fields after init
-        cfg = AutoConfig.for_model(model_type)
-        for sub, values in ((cfg, kw), (getattr(cfg, "text_config", None), kw.get("text_config", {}))):
-            for k, v in values.items():
-                if sub is not None and k != "text_config" and not isinstance(v, dict):
-                    setattr(sub, k, v)
-        return cfg
+        cfg = type(text)()
+        for k, v in kw.items():
+            if not isinstance(v, dict):
+                setattr(cfg, k, v)
+    if hasattr(cfg, "attn_config") and not hasattr(cfg.attn_config, "rope_theta"):
+        cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
+        cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
+    return cfg
 
 
 def tiny_model(model_type: str, seed: int = 0):
     """A random tiny causal LM of the family (its text model for a multimodal one), eval mode, fp32."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    cfg = tiny_config(model_type)
+    text = tiny_config(model_type)
     torch.manual_seed(seed)
-    text = cfg.get_text_config()
-    for make, c in ((AutoModelForCausalLM, cfg), (AutoModelForCausalLM, text), (AutoModel, text)):
+    for make in (AutoModelForCausalLM, None, AutoModel):
         try:
-            return make.from_config(c).eval()
+            return (make.from_config(text) if make else _text_model_class(text)(text)).eval()
         except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
+            if not str(e).startswith(("Unrecognized configuration class", "no text model class")):
                 raise
-    return _text_model_class(type(cfg).__module__, type(text))(text).eval()
+    raise ValueError(f"no causal LM or text model class for {model_type}")
 
 
-def _text_model_class(config_module: str, text_config_class):
+def _text_model_class(text_config):
     """The modeling file's class built from the text config (its text decoder), for families the auto
     classes reach only through a multimodal wrapper."""
     import importlib
     import inspect
 
-    modeling = importlib.import_module(config_module.replace(".configuration_", ".modeling_"))
+    text_config_class = type(text_config)
+    modeling = importlib.import_module(text_config_class.__module__.replace(".configuration_", ".modeling_"))
     found = [c for n, c in vars(modeling).items() if inspect.isclass(c) and n.endswith(("TextModel", "ForCausalLM"))
              and getattr(c, "config_class", None) is text_config_class]
     if not found:
