@@ -29,7 +29,8 @@ _TINY = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, moe_int
              num_kv_shared_layers=0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB,
              n_shared_experts=1, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
              linear_value_head_dim=8, moe_num_experts=EXPERTS, moe_k=TOP_K, moe_intermediate_size_shared=16,
-             index_head_dim=8, index_n_heads=2, index_topk=4)
+             index_head_dim=8, index_n_heads=2, index_topk=4, moe_hidden_size=HIDDEN,
+             linear_head_dim=8, linear_num_heads=4)
 
 
 # What the generic shrink cannot guess: keys spelled per family, or tied to another (mamba heads, mrope).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_tiny import VOCAB, decoder_moe_families, tiny_model  # noqa: E402
+from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model  # noqa: E402
 
 from moelab.config import MoelabError  # noqa: E402
 from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
@@ -63,7 +63,9 @@ def _matrix_expert(experts, x_TD, e: int) -> torch.Tensor | None:
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3):
         return None
     E, F2, D = gu.shape
+    extra_parts = [n for n, _ in experts.named_children() if n != "act_fn"]  # e.g. a per-expert norm
     plain = (down.shape == (E, D, F2 // 2) and x_TD.shape[-1] == D and not hasattr(experts, "gate_up_proj_bias")
+             and not extra_parts
              and type(getattr(experts, "act_fn", None)).__name__ == "SiLUActivation"
              and not getattr(experts, "is_transposed", False))
     if not plain:
@@ -98,6 +100,11 @@ def _one_expert_dense(experts, x_TD, e: int, E: int) -> torch.Tensor:
     slots = torch.zeros(E, *x_TD.shape, dtype=x_TD.dtype)
     slots[e] = x_TD
     return experts(slots.reshape(-1, x_TD.shape[-1])).reshape(E, *x_TD.shape)[e]
+
+
+def _rel_err(y_ref: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest deviation relative to the output's scale (tiny random models have tiny outputs)."""
+    return float((y_ref - y).abs().max().detach() / y.abs().max().detach().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("module", sorted(FAMILIES))
@@ -135,7 +142,7 @@ def test_family_traced_and_verified_or_refused(module):
             y_TD = y_out.reshape(-1, y_out.shape[-1]).float()
             if entry.weight_on_input:
                 y_TD = y_out.reshape(E, -1, y_out.shape[-1]).sum(0).float()
-            torch.testing.assert_close(y_ref, y_TD, atol=1e-5, rtol=1e-4)
+            assert _rel_err(y_ref, y_TD) < 1e-4, f"block {r.layer}: the trace does not reproduce the experts' output"
             if entry.score == "softmax":
                 torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(r.probs_TE.shape[0]))
 
@@ -161,6 +168,24 @@ def test_the_matrix_reference_is_used_where_experts_are_stacked():
         with torch.no_grad():
             torch.testing.assert_close(y, _one_expert(blocks[0].experts, x, 1, 2))
     assert all(covered)
+
+
+def test_the_reference_rejects_a_wrong_trace():
+    """The check can fail: the same trace with each token's two choices swapped no longer reproduces."""
+    model = tiny_model("mixtral")
+    seen, handles = _experts_io(model)
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=torch.arange(16).view(2, 8), use_cache=False)
+        r = rec.pop()[0].routing
+    for h in handles:
+        h.remove()
+    args, y_out, _ = seen[0]
+    experts = find_moe_blocks(model)[0].experts
+    x_TD, y_TD = args[0].reshape(-1, HIDDEN), y_out.reshape(-1, HIDDEN)
+    y_ok, _ = _reference(family_entry("mixtral"), experts, x_TD, r.expert_ids_TK, r.weights_TK, r.dropped_TK, 8)
+    y_bad, _ = _reference(family_entry("mixtral"), experts, x_TD, r.expert_ids_TK.flip(-1), r.weights_TK,
+                          r.dropped_TK, 8)
+    assert _rel_err(y_ok, y_TD) < 1e-4 and _rel_err(y_bad, y_TD) > 1e-2
 
 
 def test_a_model_without_moe_layers_is_refused():
