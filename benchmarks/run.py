@@ -36,6 +36,7 @@ BENCHES = [
     ("hf:qwen2-moe", "bench_hf_moe.py", ["--case", "qwen2-moe"], True),
     ("train", "bench_train_step.py", [], True),
     ("trace", "bench_trace.py", [], False),
+    ("hf-trace", "bench_hf_trace.py", [], False),
     ("analysis", "bench_analysis.py", [], False),
     ("generate", "bench_generate.py", [], True),
 ]
