@@ -16,7 +16,7 @@ from moelab.hf.families import ARCHITECTURES, FAMILIES
 from moelab.model.config import ModelConfig
 
 PREFERENCE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
-ALL = frozenset(FAMILIES)
+ALL = frozenset(PREFERENCE)  # FAMILIES: the DeepSeek-V3-style ones convert one way only
 
 
 def unsupported(cfg: ModelConfig) -> str | None:
@@ -69,7 +69,7 @@ def choose_family(cfg: ModelConfig, family: str | None = None) -> str:
     bad = unsupported(cfg)
     if bad:
         raise MoelabError(f"cannot export to transformers: {bad} has no counterpart there")
-    if family is not None and family not in FAMILIES:
+    if family is not None and family not in PREFERENCE:
         raise MoelabError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
     left = frozenset({family}) if family else ALL
     for what, fits in features(cfg):
