@@ -28,6 +28,7 @@ from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
 from moelab.trace.adapters import HFRoutingRecorder  # noqa: E402
 
 FAMILIES = decoder_moe_families()
+SUMS = {True: "yes", False: "no", None: "if renormalised"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "HF_SUPPORT.md"
 
 
@@ -188,6 +189,27 @@ def test_the_reference_rejects_a_wrong_trace():
     assert _rel_err(y_ok, y_TD) < 1e-4 and _rel_err(y_bad, y_TD) > 1e-2
 
 
+def test_an_unlisted_family_is_served_and_labelled_so():
+    """A family transformers adds later needs no table row: its decision still comes from the experts'
+    arguments, and the metadata says the probabilities column is a plain softmax of its logits."""
+    model = tiny_model("mixtral")
+    with torch.no_grad(), HFRoutingRecorder(model, "some_future_moe") as rec:
+        model(input_ids=torch.arange(6).view(1, 6), use_cache=False)
+        layers = rec.pop()
+    assert "not in moelab's family table" in rec.entry.rule and len(layers) == 2
+
+
+def test_a_block_run_twice_in_one_forward_is_refused():
+    model = tiny_model("mixtral")
+    block = find_moe_blocks(model)[0]
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        x = torch.randn(1, 3, HIDDEN)
+        block.module(x)
+        block.module(x)
+        with pytest.raises(MoelabError, match="ran 2 times in one forward"):
+            rec.pop()
+
+
 def test_a_model_without_moe_layers_is_refused():
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                    num_attention_heads=2)
@@ -206,16 +228,32 @@ def support_table() -> str:
             "from the traced experts and weights alone and matches the block's own (and checks the logits "
             "are unchanged by tracing). Weights sum to 1: whether a token's combine weights do (a sigmoid "
             "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
-            "not a distribution).", "",
+            "not a distribution); a trace records what it measured on its first forward.", "",
             "| family (modeling file) | model_type | status | scoring (probs column) | weights sum to 1 | "
             "routing rule / why refused |", "|---|---|---|---|---|---|"]
     rows = []
     for module, model_type in sorted(FAMILIES.items()):
         e = family_entry(model_type)
         status = "refused" if e.refuse else "traced"
-        rows.append(f"| {module} | {model_type} | {status} | {e.score} | {'yes' if e.sums_to_one else 'no'} | "
+        rows.append(f"| {module} | {model_type} | {status} | {e.score} | {SUMS[e.sums_to_one]} | "
                     f"{e.refuse or e.rule} |")
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + rows + conversion_rows()) + "\n"
+
+
+def conversion_rows() -> list[str]:
+    from moelab.hf.families import CONVERT_DSV3, FAMILIES as BOTH_WAYS, MISSING_PIECE
+
+    out = ["", "## Conversion to moelab's model (`moelab convert --from-hf`)", "",
+           "Logits parity <= 1e-4 is tested for each converted family (tests/hf/test_import_parity.py, "
+           "tests/hf/test_import_dsv3.py). The DeepSeek-V3-style ones use moelab's DeepSeek-V3 router "
+           "(`score = \"sigmoid\"`, `n_group`/`topk_group`, `routed_scaling_factor`, the correction bias as "
+           "the frozen selection bias) and convert one way only.", "",
+           "| family | conversion |", "|---|---|"]
+    out += [f"| {f} | both ways |" for f in BOTH_WAYS]
+    out += [f"| {f} | to moelab (a config moelab cannot express is refused naming the field, e.g. GLM-4.5's "
+            "partial rotary embeddings) |" for f in CONVERT_DSV3]
+    out += [f"| {f} | refused: moelab's model has no {why} |" for f, why in sorted(MISSING_PIECE.items())]
+    return out
 
 
 def test_support_table_in_docs_is_current():

@@ -67,6 +67,8 @@ def test_rows_are_the_models_own_routing(kind, corpus_dir, tmp_path):
     assert stats["tokens"] == 100 and stats["rows"] == 100 * L * 2
     assert trace.meta.source == f"hf:{tmp_path / 'hf'}" and trace.meta.num_experts == [6] * L
     assert trace.meta.extra["moe_blocks"] == ([0, 1, 2, 3] if kind == "mixtral" else [1, 3])
+    assert trace.meta.extra["family"] == kind and trace.meta.extra["scoring_function"] == "softmax"
+    assert trace.meta.extra["weights_sum_to_one"] is (kind == "mixtral")  # measured: Qwen2 here keeps raw
     rows = next(trace.iter_batches(columns=["seq", "pos", "layer", "rank", "expert", "weight", "probs", "block"],
                                    batch_rows=1 << 20))
     got, n_routers = _own_choices(model, corpus_dir, 16, 4, n_batches=2)

@@ -38,7 +38,8 @@ class Family:
       "softmax" / "sigmoid" of the logits, "given" (the router returns probabilities, not logits),
       or "attr:<name>" (the router module's own scoring function, chosen by its config).
     rule: the routing rule in words, written to the trace's metadata so analyses can label their nulls.
-    sums_to_one: whether the combine weights of a token sum to 1 (False: sigmoid gates, routed scaling).
+    sums_to_one: whether a token's combine weights sum to 1 (False: sigmoid gates, routed scaling; None:
+      when the config renormalises over the k). A trace records what it measured, not this.
     decision: "experts_args" (ids, weights are the experts module's 2nd and 3rd arguments) or
       "router_scores" (the router returns a dense [T, E] score with zeros off the choice, Llama 4).
     weight_on_input: the weight scales the expert's input, not its output (Llama 4).
@@ -48,7 +49,7 @@ class Family:
 
     score: str
     rule: str
-    sums_to_one: bool = True
+    sums_to_one: bool | None = True
     decision: str = "experts_args"
     weight_on_input: bool = False
     skip_zero: bool = False
@@ -67,8 +68,8 @@ def _f(score, rule, **kw) -> Family:
     return Family(score, rule, **kw)
 
 
-_SOFTMAX = _f("softmax", SOFTMAX_TOPK + " (renormalised over the k when the config says so)")
-_DSV3 = _f("sigmoid", DSV3, sums_to_one=False)
+_SOFTMAX = _f("softmax", SOFTMAX_TOPK + " (renormalised over the k when the config says so)", sums_to_one=None)
+_DSV3 = _f("sigmoid", DSV3, sums_to_one=False)  # unless renormalised with routed_scaling_factor = 1
 _SIGB = _f("sigmoid", SIGMOID_BIAS)
 
 FAMILIES: dict[str, Family] = {
@@ -92,7 +93,7 @@ FAMILIES: dict[str, Family] = {
     "ernie4_5_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
     "ernie4_5_vl_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
     "exaone_moe": _DSV3, "flex_olmo": _SOFTMAX,
-    "flint": _f("sigmoid", "sigmoid scores, top-k (renormalised when the config says so)", sums_to_one=False),
+    "flint": _f("sigmoid", "sigmoid scores, top-k (renormalised when the config says so)", sums_to_one=None),
     "gemma4": _f("given", "softmax over all experts (returned in place of logits), top-k, renormalised, "
                  "x per-expert scale", sums_to_one=False),
     "glm4_moe": _DSV3, "glm4_moe_lite": _DSV3, "glm4v_moe": _DSV3, "glm5_next": _DSV3, "glm_moe_dsa": _DSV3,
@@ -261,7 +262,9 @@ class HFRoutingRecorder:
     def _on_experts(self, block: int):
         def hook(module, args, kwargs):
             _, ids, weights = _experts_args(module, args, kwargs)
-            self._seen.setdefault(block, {}).update(ids=ids.detach(), weights=weights.detach())
+            seen = self._seen.setdefault(block, {})
+            seen["calls"] = seen.get("calls", 0) + 1
+            seen.update(ids=ids.detach(), weights=weights.detach())
         return hook
 
     def _on_router(self, block: int):
@@ -299,6 +302,9 @@ class HFRoutingRecorder:
         seen = self._seen.get(b.block, {})
         if "first" not in seen or ("ids" not in seen and "dense" not in seen):
             raise MoelabError(f"MoE block {b.name} did not route in this forward (router or experts not called)")
+        if seen.get("calls", 1) > 1:  # a looped model: one row per (token, layer) cannot hold both choices
+            raise MoelabError(f"MoE block {b.name} ran {seen['calls']} times in one forward: the trace holds "
+                              "one choice per token and layer")
         first = seen["first"]
         probs_TE = scores_from(self.entry, b.router, first.reshape(-1, first.shape[-1]))
         logits_TE = first.reshape(-1, first.shape[-1]).float()

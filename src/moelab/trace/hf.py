@@ -116,21 +116,24 @@ def check_tokenizer(folder: Path, data_dir: Path, corpus, model_vocab: int) -> s
 
 
 @torch.no_grad()
-def probe(model, rec: HFRoutingRecorder) -> tuple[list[int], int]:
-    """(router classes per MoE layer, K) from a one-token forward: the trace's header before any row."""
-    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=input_device(model)), use_cache=False)
+def probe(model, rec: HFRoutingRecorder) -> tuple[list[int], int, bool]:
+    """(router classes per MoE layer, K, whether combine weights sum to 1) from a four-token forward: the
+    trace's header before any row."""
+    model(input_ids=torch.arange(4, device=input_device(model)).view(1, 4), use_cache=False)
     layers = rec.pop()
-    return [c.routing.probs_TE.shape[-1] for c in layers], layers[0].routing.expert_ids_TK.shape[-1]
+    sums = torch.cat([c.routing.weights_TK.sum(-1).float().cpu() for c in layers])
+    return ([c.routing.probs_TE.shape[-1] for c in layers], layers[0].routing.expert_ids_TK.shape[-1],
+            bool(((sums - 1).abs() < 1e-2).all()))
 
 
-def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, raw: dict, source: str,
-                 tokenizer: str, corpus) -> TraceMeta:
+def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_one: bool, raw: dict,
+                 source: str, tokenizer: str, corpus) -> TraceMeta:
     e = rec.entry
     return TraceMeta(num_experts=widths, top_k=top_k, model_config=raw, source=source, tokenizer=tokenizer,
                      labels={"domain": list(corpus.domains), "lang": list(corpus.langs)},
                      extra={"moe_blocks": [b.block for b in rec.blocks], "family": rec.family,
                             "routing_rule": e.rule, "scoring_function": e.score,
-                            "weights_sum_to_one": e.sums_to_one, "capture": "hooks on router and experts"})
+                            "weights_sum_to_one": sums_to_one, "capture": "hooks on router and experts"})
 
 
 @torch.no_grad()
@@ -151,8 +154,8 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
     preflight(folder, raw.get("model_type"))
     model = load_hf_model(folder, device, dtype=dtype, device_map=device_map)
     with HFRoutingRecorder(model, raw.get("model_type")) as rec:
-        widths, top_k = probe(model, rec)
-        meta = routing_meta(rec, widths, top_k, raw, f"hf:{name_or_path}", tokenizer, corpus)
+        widths, top_k, sums_to_one = probe(model, rec)
+        meta = routing_meta(rec, widths, top_k, sums_to_one, raw, f"hf:{name_or_path}", tokenizer, corpus)
         batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split)
         bar = Progress(tokens, "trace") if progress else None
         where = input_device(model)
