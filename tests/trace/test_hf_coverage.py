@@ -137,6 +137,7 @@ def test_family_traced_and_verified_or_refused(module):
             block = next(b for b in find_moe_blocks(model) if b.block == r.layer)
             E = r.probs_TE.shape[-1]
             assert r.expert_ids_TK.shape[0] == ids.numel() and int(r.expert_ids_TK.max()) < E
+            assert (r.weights_TK[:, :-1] >= r.weights_TK[:, 1:]).all()  # rank 0 = largest weight
             x = block_in if entry.weight_on_input else args[0]  # Llama 4's experts see x already scaled
             x_TD = x.reshape(-1, x.shape[-1])
             y_ref, _ = _reference(entry, block.experts, x_TD, r.expert_ids_TK, r.weights_TK, r.dropped_TK, E)

@@ -193,12 +193,9 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
 
 def _external_router(model: torch.nn.Module, block: MoEBlock) -> torch.nn.Module | None:
     """A router that lives beside the MoE block in its decoder layer (Zaya keeps it there)."""
-    parent = block.name.rsplit(".", 1)[0]
-    for r in _ROUTER_NAMES:
-        m = model.get_submodule(parent)
-        if isinstance(getattr(m, r, None), torch.nn.Module):
-            return getattr(m, r)
-    return None
+    layer = model.get_submodule(block.name.rsplit(".", 1)[0])
+    return next((getattr(layer, r) for r in _ROUTER_NAMES if isinstance(getattr(layer, r, None), torch.nn.Module)),
+                None)
 
 
 # ---- reading the decision -----------------------------------------------------------------------------
@@ -231,6 +228,14 @@ def scores_from(entry: Family, router: torch.nn.Module | None, first_TE: torch.T
     if kind == "given":
         return x
     return torch.softmax(x, dim=-1)
+
+
+def scoring_name(entry: Family, router: torch.nn.Module | None) -> str:
+    """The scoring function in words for the trace's metadata (a config-chosen one resolved)."""
+    if not entry.score.startswith("attr:"):
+        return entry.score
+    fn = getattr(router, entry.score[5:], None)
+    return getattr(fn, "__name__", type(fn).__name__) if callable(fn) else str(fn)
 
 
 # ---- the recorder -------------------------------------------------------------------------------------
@@ -315,6 +320,9 @@ class HFRoutingRecorder:
         else:
             K = seen["ids"].shape[-1]
             ids_TK, weights_TK = seen["ids"].reshape(-1, K).long(), seen["weights"].reshape(-1, K).float()
+        # Rank 0 = the largest combine weight: several families take an unsorted top-k (sorted=False).
+        order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
+        ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
         dropped_TK = torch.zeros_like(ids_TK, dtype=torch.bool)
         if self.entry.skip_zero:  # Zaya: the skip class is the router's last class
             dropped_TK = weights_TK == 0

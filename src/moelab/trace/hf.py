@@ -20,7 +20,7 @@ import torch
 from moelab.config import MoelabError
 from moelab.hf.families import read_hf_config
 from moelab.hf.hub import resolve_hf
-from moelab.trace.adapters import HFRoutingRecorder
+from moelab.trace.adapters import HFRoutingRecorder, scoring_name
 from moelab.trace.build import write_trace
 from moelab.trace.schema import TraceMeta
 
@@ -132,7 +132,9 @@ def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_
     return TraceMeta(num_experts=widths, top_k=top_k, model_config=raw, source=source, tokenizer=tokenizer,
                      labels={"domain": list(corpus.domains), "lang": list(corpus.langs)},
                      extra={"moe_blocks": [b.block for b in rec.blocks], "family": rec.family,
-                            "routing_rule": e.rule, "scoring_function": e.score,
+                            "routing_rule": e.rule,
+                            "scoring_function": scoring_name(e, rec.blocks[0].router),
+                            "rank": "descending combine weight",
                             "weights_sum_to_one": sums_to_one, "capture": "hooks on router and experts"})
 
 
