@@ -37,6 +37,7 @@ BENCHES = [
     ("train", "bench_train_step.py", [], True),
     ("trace", "bench_trace.py", [], False),
     ("trace-read", "bench_trace_read.py", [], False),
+    ("hf-trace", "bench_hf_trace.py", [], False),
     ("analysis", "bench_analysis.py", [], False),
     ("generate", "bench_generate.py", [], True),
 ]

@@ -219,3 +219,99 @@ def test_unknown_router_kind_names_allowed_values():
     from moelab.config import ConfigError
     with pytest.raises(ConfigError, match=r"router\.kind='gshard'.*linear, rmoe"):
         RouterConfig(kind="gshard")
+
+
+# ---- DeepSeek-V3 routing: sigmoid scores, correction bias, group-limited top-k, routed scaling -------------
+def _dsv3(E=16, k=4, D=24, n_group=4, topk_group=2, scaling=2.5, renormalize=True):
+    return _router("linear", E=E, k=k, D=D, score="sigmoid", n_group=n_group, topk_group=topk_group,
+                   routed_scaling_factor=scaling, renormalize=renormalize, bias_balance=True, bias_update_rate=0.0)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("groups", [(4, 2), (1, 1), (8, 3)])
+def test_sigmoid_group_router_matches_transformers_deepseek_v3(renormalize, groups):
+    """The independent reference is transformers' own DeepseekV3TopkRouter, same weights and bias."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    n_group, topk_group = groups
+    ours = _dsv3(n_group=n_group, topk_group=topk_group, renormalize=renormalize)
+    cfg = transformers.DeepseekV3Config(hidden_size=24, n_routed_experts=16, num_experts_per_tok=4,
+                                        n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5,
+                                        norm_topk_prob=renormalize)
+    ref = DeepseekV3TopkRouter(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ours.weight_ED.normal_(0, 0.5)
+        ours.selection_bias_E.copy_(torch.randn(16) * 0.3)
+        ref.weight.copy_(ours.weight_ED)
+        ref.e_score_correction_bias.copy_(ours.selection_bias_E)
+    x = torch.randn(200, 24)
+    out = ours(x)
+    _, w_ref, ids_ref = ref(x)
+    order = ids_ref.sort(-1)  # transformers' top-k is unsorted: compare sets, weights by expert
+    mine = out.expert_ids_TK.sort(-1)
+    assert torch.equal(mine.values, order.values)
+    torch.testing.assert_close(out.weights_TK.gather(1, mine.indices), w_ref.gather(1, order.indices))
+    torch.testing.assert_close(out.probs_TE, torch.sigmoid(x @ ours.weight_ED.t()))
+
+
+def test_group_limit_hand_worked():
+    """Two groups of 3; group scores = sum of the two best: g0 = 0.9 + 0.8, g1 = 0.95 + 0.1. With
+    topk_group=1 the top-2 must come from g0 although expert 3 (0.95) is the best single score."""
+    from moelab.model.routers import group_limited
+
+    s = torch.tensor([[0.9, 0.8, 0.0, 0.95, 0.1, 0.05]])
+    masked = group_limited(s, n_group=2, topk_group=1)
+    assert torch.isinf(masked[0, 3:]).all() and torch.equal(masked[0, :3], s[0, :3])
+    assert top_k_stable(masked, 2).tolist() == [[0, 1]]
+    assert torch.equal(group_limited(s, n_group=2, topk_group=2), s)  # nothing: every group kept
+
+
+def test_correction_bias_is_the_balancing_bias_and_selects_only():
+    """One buffer: aux-loss-free balancing updates it, and it moves the choice but never the weights."""
+    r = _dsv3(n_group=1, topk_group=1, scaling=1.0, renormalize=False)
+    r.bias_update_rate = 0.5
+    x = torch.randn(50, 24)
+    before = r(x)
+    r.update_selection_bias(torch.tensor([100.0] + [0.0] * 15))  # expert 0 overloaded
+    assert r.selection_bias_E[0] < 0 and (r.selection_bias_E[1:] > 0).all()
+    after = r(x)
+    # weights are the sigmoid scores of whichever experts were chosen, bias or not
+    torch.testing.assert_close(after.weights_TK, after.probs_TE.gather(1, after.expert_ids_TK))
+    assert not torch.equal(before.expert_ids_TK, after.expert_ids_TK) or r.selection_bias_E.abs().max() == 0
+    assert "selection_bias_E" in r.state_dict()
+
+
+def test_scaling_and_renormalisation():
+    r = _dsv3(n_group=1, topk_group=1, scaling=2.5, renormalize=True)
+    out = r(torch.randn(30, 24))
+    torch.testing.assert_close(out.weights_TK.sum(-1), torch.full((30,), 2.5))
+
+
+def test_dsv3_config_is_validated():
+    from moelab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="n_group=3 must divide"):
+        MoEConfig(num_experts=16, top_k=2, router=RouterConfig(n_group=3, topk_group=1))
+    with pytest.raises(ConfigError, match="topk_group=5 must be in 1..n_group"):
+        RouterConfig(n_group=4, topk_group=5)
+    with pytest.raises(ConfigError, match="score='tanh'"):
+        RouterConfig(score="tanh")
+    with pytest.raises(ConfigError, match="exceeds the experts"):
+        MoEConfig(num_experts=16, top_k=8, router=RouterConfig(n_group=4, topk_group=1))
+
+
+def test_tiny_dsv3_preset_builds_counts_and_trains_its_bias():
+    import moelab
+
+    model = moelab.build_model("tiny-dsv3", seed=0)
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    router = model.moe_layers()[0].router
+    assert router.score_fn == "sigmoid" and router.n_group == 4 and router.use_bias
+    out = model(torch.randint(0, 4096, (2, 16)), return_routing=True)
+    assert torch.isfinite(out.logits).all()
+    w = out.routing[0].weights_TK
+    torch.testing.assert_close(w.sum(-1), torch.full((32,), 2.5))
+    model.update_selection_biases(out.routing)  # aux-loss-free balancing moves the same buffer
+    assert router.selection_bias_E.abs().sum() > 0

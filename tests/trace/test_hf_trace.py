@@ -44,7 +44,7 @@ def _model(kind, **kw):
 def _own_choices(model, corpus_dir, seq_len, batch_size, n_batches):
     """The experts and weights each router module actually returned, hooked inside transformers' model."""
     got = []
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    routers = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
     hooks = [r.register_forward_hook(lambda mod, a, out: got.append((out[2], out[1]))) for r in routers]
     batches = iter_sequential(load_corpus(corpus_dir), seq_len=seq_len, batch_size=batch_size, split="heldout")
     with torch.no_grad():
@@ -67,6 +67,8 @@ def test_rows_are_the_models_own_routing(kind, corpus_dir, tmp_path):
     assert stats["tokens"] == 100 and stats["rows"] == 100 * L * 2
     assert trace.meta.source == f"hf:{tmp_path / 'hf'}" and trace.meta.num_experts == [6] * L
     assert trace.meta.extra["moe_blocks"] == ([0, 1, 2, 3] if kind == "mixtral" else [1, 3])
+    assert trace.meta.extra["family"] == kind and trace.meta.extra["scoring_function"] == "softmax"
+    assert trace.meta.extra["weights_sum_to_one"] is (kind == "mixtral")  # measured: Qwen2 here keeps raw
     rows = next(trace.iter_batches(columns=["seq", "pos", "layer", "rank", "expert", "weight", "probs", "block"],
                                    batch_rows=1 << 20))
     got, n_routers = _own_choices(model, corpus_dir, 16, 4, n_batches=2)
@@ -112,3 +114,76 @@ def test_trace_verb_calls_trace_hf(corpus_dir, tmp_path, capsys):
                               "--out", str(tmp_path / "t.parquet")])
     assert args.func(args) == 0
     assert open_trace(tmp_path / "t.parquet").num_rows == 40 * 2 * 2
+
+
+def test_a_deepseek_v3_style_family_traces_what_its_router_returned(corpus_dir, tmp_path):
+    """GLM-4 MoE routes DeepSeek-V3's way (sigmoid, correction bias, groups, scaling): the trace holds the
+    router's own (ids, weights), and the sidecar says the weights are sigmoid gates that need not sum to 1."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64, intermediate_size=32, moe_intermediate_size=16,
+                  n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=0,
+                  routed_scaling_factor=2.5, norm_topk_prob=False)
+    torch.manual_seed(0)
+    model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**common)).eval()
+    for layer in model.model.layers:  # a visible correction bias: selection differs from plain top-k
+        layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    model.save_pretrained(tmp_path / "hf")
+    trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "t.parquet", tokens=64, seq_len=16, batch_size=4,
+             progress=False)
+    trace = open_trace(tmp_path / "t.parquet")
+    extra = trace.meta.extra
+    assert extra["family"] == "glm4_moe" and extra["scoring_function"] == "sigmoid"
+    assert extra["weights_sum_to_one"] is False and "correction bias" in extra["routing_rule"]
+    rows = next(trace.iter_batches(columns=["expert", "weight", "probs"], batch_rows=1 << 20))
+    got, n_routers = _own_choices(model, corpus_dir, 16, 4, n_batches=1)
+    ids = torch.stack([got[l][0] for l in range(2)], dim=1)[:64]
+    weights = torch.stack([got[l][1] for l in range(2)], dim=1)[:64]
+    # the router's top-k is unsorted; the trace ranks by combine weight: compare per (token, layer) sets
+    order = weights.argsort(dim=-1, descending=True, stable=True)
+    np.testing.assert_array_equal(rows["expert"], ids.gather(-1, order).reshape(-1).numpy())
+    np.testing.assert_allclose(rows["weight"], weights.gather(-1, order).reshape(-1).numpy(), rtol=1e-6)
+    assert (np.diff(rows["weight"].reshape(-1, 2), axis=1) <= 0).all()
+    assert float(rows["weight"].reshape(-1, 2).sum(1).max()) > 1.01  # scaled sigmoid gates, not a distribution
+    probs = np.stack(rows["probs"])
+    assert ((probs > 0) & (probs < 1)).all() and not np.allclose(probs.sum(1), 1.0)
+
+
+def test_dtype_and_device_flags(corpus_dir, tmp_path):
+    _model("mixtral").save_pretrained(tmp_path / "hf")
+    stats = trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "t.parquet", tokens=32, seq_len=16, batch_size=2,
+                     device="cpu", dtype="bfloat16", progress=False)
+    assert stats["tokens"] == 32
+    with pytest.raises(MoelabError, match="--dtype 'int8'"):
+        trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "u.parquet", tokens=8, dtype="int8", progress=False)
+
+
+def test_bad_input_is_one_line_exit_2(corpus_dir, tmp_path, capsys):
+    import importlib.util
+
+    from moelab.cli import main
+
+    _model("mixtral").save_pretrained(tmp_path / "hf")
+    base = ["trace", "--hf", str(tmp_path / "hf"), "--data", str(corpus_dir), "--tokens", "8",
+            "--out", str(tmp_path / "t.parquet")]
+    capsys.readouterr()  # save_pretrained's progress bars
+    if importlib.util.find_spec("accelerate") is None:
+        assert main(base + ["--device-map", "auto"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "needs accelerate" in err and "\n" not in err
+    dense = tmp_path / "dense"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2)).save_pretrained(dense)
+    capsys.readouterr()
+    assert main(["trace", "--hf", str(dense)] + base[3:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no MoE layers" in err and "\n" not in err
+    jet = tmp_path / "jet"
+    transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, kv_channels=8,
+        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(jet)
+    capsys.readouterr()
+    assert main(["trace", "--hf", str(jet)] + base[3:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot trace 'jetmoe'" in err and "\n" not in err
+    assert not (tmp_path / "t.parquet").exists()

@@ -1,4 +1,5 @@
-"""Convert between transformers checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and moelab checkpoints.
+"""Convert between transformers checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; dots1 and GLM-4 MoE into
+moelab only) and moelab checkpoints.
 
 Both directions stream: tensors are read lazily from safetensors (one expert's slice at a time for stacked
 experts) and written by a safetensors writer that holds one chunk in memory, so a model larger than RAM

@@ -16,7 +16,7 @@ from moelab.hf.families import ARCHITECTURES, FAMILIES
 from moelab.model.config import ModelConfig
 
 PREFERENCE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
-ALL = frozenset(FAMILIES)
+ALL = frozenset(PREFERENCE)  # FAMILIES: the DeepSeek-V3-style ones convert one way only
 
 
 def unsupported(cfg: ModelConfig) -> str | None:
@@ -28,6 +28,10 @@ def unsupported(cfg: ModelConfig) -> str | None:
         (cfg.ffn_kind != "swiglu", f"model.ffn_kind={cfg.ffn_kind!r} (transformers' MoE experts are SwiGLU)"),
         (r.kind != "linear", f"the {r.kind} router (model.moe.router.kind={r.kind!r})"),
         (r.bias_balance, "aux-loss-free selection biases (model.moe.router.bias_balance=true)"),
+        (r.score != "softmax", f"{r.score} router scores (model.moe.router.score={r.score!r})"),
+        (r.n_group > 1, f"group-limited routing (model.moe.router.n_group={r.n_group})"),
+        (r.routed_scaling_factor != 1.0,
+         f"a routed scaling factor (model.moe.router.routed_scaling_factor={r.routed_scaling_factor})"),
         (r.jitter > 0, f"router input jitter (model.moe.router.jitter={r.jitter})"),
         (m.capacity_factor_eval is not None,
          f"capacity-based dropping (model.moe.capacity_factor_eval={m.capacity_factor_eval})"),
@@ -65,7 +69,7 @@ def choose_family(cfg: ModelConfig, family: str | None = None) -> str:
     bad = unsupported(cfg)
     if bad:
         raise MoelabError(f"cannot export to transformers: {bad} has no counterpart there")
-    if family is not None and family not in FAMILIES:
+    if family is not None and family not in PREFERENCE:
         raise MoelabError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
     left = frozenset({family}) if family else ALL
     for what, fits in features(cfg):

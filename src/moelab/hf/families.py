@@ -7,6 +7,11 @@ RMSNorm on the whole query/key projections. All: RMSNorm pre-norm blocks, rotary
 head, SwiGLU experts, softmax router with transformers' `load_balancing_loss_func` (one loss over all
 layers' tokens: moelab's balance_loss_scope = "global") and no z-loss.
 
+DeepSeek-V3-style families whose other blocks moelab expresses (CONVERT_DSV3: dots1, GLM-4 MoE) convert
+too: sigmoid router scores, the correction bias (moelab's selection bias, frozen), group-limited top-k,
+routed scaling, `first_k_dense_replace` dense blocks and ungated shared experts. Families whose other
+blocks moelab lacks are refused naming the missing piece (MISSING_PIECE).
+
 config.json is read as plain JSON so a conversion needs no transformers install; fields it leaves out take
 the defaults of transformers' config classes (DEFAULTS, checked against those classes by the tests). A
 setting moelab cannot reproduce raises a one-line MoelabError naming it rather than converting something else.
@@ -21,9 +26,21 @@ from typing import Any
 from moelab.config import ConfigError, MoelabError
 from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # both directions, softmax routers
+CONVERT_DSV3 = ("dots1", "glm4_moe")  # transformers -> moelab only
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "dots1": "Dots1ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+_MLA = "multi-head latent attention (MLA: low-rank compressed keys/values, kv_lora_rank)"
+MISSING_PIECE = {
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA, "glm4_moe_lite": _MLA, "mistral4": _MLA, "mistral_large4": _MLA,
+    "deepseek_v32": _MLA + " and a sparse-attention indexer", "glm_moe_dsa": _MLA + " and a sparse-attention indexer",
+    "kimi_linear": "linear-attention (KDA) layers and " + _MLA, "longcat_flash": "zero-computation experts and " + _MLA,
+    "solar_open": "its attention layout", "exaone_moe": "sliding-window attention layers",
+    "mimo_v2_flash": "sliding-window attention layers with attention sinks",
+    "nemotron_h": "Mamba-2 layers and squared-ReLU experts", "bailing_hybrid": "linear-attention layers",
+    "glm4v_moe": "multimodal rotary embeddings (M-RoPE) and the vision tower",
+}
 _COMMON = {"hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": False,
            "attention_dropout": 0.0, "head_dim": None}
 _QWEN = {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "use_sliding_window": False,
@@ -42,6 +59,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {**_COMMON, **_QWEN, "intermediate_size": 6144, "num_attention_heads": 32,
                   "num_key_value_heads": 4, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
                   "num_experts": 128, "attention_bias": False},
+    "dots1": {**_COMMON, "vocab_size": 152064, "hidden_size": 4608, "intermediate_size": 10944,
+              "moe_intermediate_size": 1408, "num_hidden_layers": 62, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "n_shared_experts": None, "n_group": 1, "topk_group": 1,
+              "first_k_dense_replace": 0, "norm_topk_prob": False, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False, "routed_scaling_factor": 1.0},
+    "glm4_moe": {**_COMMON, "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+                 "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                 "attention_bias": False, "moe_intermediate_size": 1408, "num_experts_per_tok": 8,
+                 "n_shared_experts": 1, "n_routed_experts": 128, "routed_scaling_factor": 1.0, "n_group": 1,
+                 "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False},
     "olmoe": {**_COMMON, "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048,
               "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": None,
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -66,12 +94,16 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
 def family_of(raw: dict[str, Any]) -> str:
     """The family of a config.json, from model_type (or the architecture class name)."""
     kind = raw.get("model_type")
-    if kind not in FAMILIES:
+    if kind in MISSING_PIECE:
+        raise MoelabError(f"cannot convert {kind!r}: moelab's model has no {MISSING_PIECE[kind]} "
+                          "(trace it with `moelab trace --hf` instead)")
+    if kind not in FAMILIES + CONVERT_DSV3:
         by_arch = {a: f for f, a in ARCHITECTURES.items()}
         kind = next((by_arch[a] for a in raw.get("architectures") or [] if a in by_arch), None)
     if kind is None:
         what = raw.get("model_type") or (raw.get("architectures") or ["(no model_type)"])[0]
-        raise MoelabError(f"unsupported architecture {what!r}: moelab converts {', '.join(FAMILIES)}")
+        raise MoelabError(f"unsupported architecture {what!r}: moelab converts "
+                          f"{', '.join(FAMILIES + CONVERT_DSV3)}")
     return kind
 
 
@@ -89,10 +121,11 @@ class HFFields:
     @property
     def num_experts(self) -> int:
         """Configs of one family spell it num_experts or num_local_experts, by transformers version."""
-        for key in ("num_local_experts", "num_experts"):
+        for key in ("num_local_experts", "num_experts", "n_routed_experts"):
             if self.raw.get(key) is not None:
                 return self.raw[key]
-        return self.defaults.get("num_local_experts", self.defaults.get("num_experts"))
+        d = self.defaults
+        return d.get("num_local_experts", d.get("num_experts", d.get("n_routed_experts")))
 
     def refuse(self, key: str, value: Any, why: str) -> None:
         raise MoelabError(f"{self.family} config: {key}={value!r} is not supported ({why})")
@@ -106,7 +139,10 @@ def rope_base(f: HFFields) -> float:
         f.refuse("rope_scaling", scaling, "moelab's rotary embedding has no scaling")
     if params.get("rope_type", "default") != "default":
         f.refuse("rope_parameters.rope_type", params["rope_type"], "only the default rotary embedding")
-    extra = sorted(set(params) - {"rope_type", "rope_theta"})
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        f.refuse("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"],
+                 "moelab's rotary embedding turns the whole head: partial rotary embeddings are missing")
+    extra = sorted(set(params) - {"rope_type", "rope_theta", "partial_rotary_factor"})
     if extra:
         f.refuse(f"rope_parameters.{extra[0]}", params[extra[0]], "only rope_theta is mapped")
     if f.raw.get("partial_rotary_factor", 1.0) != 1.0:
@@ -137,8 +173,26 @@ def check_common(f: HFFields) -> None:
         f.refuse("clip_qkv", f["clip_qkv"], "moelab attention does not clip q, k, v")
 
 
+def _dsv3_moe_config(f: HFFields) -> MoEConfig:
+    """dots1 / GLM-4 MoE: DeepSeek-V3's router, dense first blocks, ungated shared experts."""
+    shared = f["n_shared_experts"] or 0
+    router = RouterConfig(kind="linear", score="sigmoid", renormalize=bool(f["norm_topk_prob"]),
+                          n_group=f["n_group"], topk_group=f["topk_group"],
+                          routed_scaling_factor=float(f["routed_scaling_factor"]),
+                          bias_balance=True, bias_update_rate=0.0)  # the checkpoint's correction bias, frozen
+    return MoEConfig(
+        num_experts=f.num_experts, top_k=f["num_experts_per_tok"], moe_every=1,
+        dense_layers=list(range(min(f["first_k_dense_replace"], f["num_hidden_layers"]))),
+        expert_hidden=f["moe_intermediate_size"], num_shared_experts=shared,
+        shared_hidden=f["moe_intermediate_size"] if shared else None,
+        shared_placement="parallel" if shared else "none", shared_gate=False,
+        capacity_factor_train=None, capacity_factor_eval=None, balance_coef=0.0, z_coef=0.0, router=router)
+
+
 def _moe_config(f: HFFields) -> MoEConfig:
     fam = f.family
+    if fam in CONVERT_DSV3:
+        return _dsv3_moe_config(f)
     shared = f["shared_expert_intermediate_size"] if fam == "qwen2_moe" else 0
     qwen = fam in ("qwen2_moe", "qwen3_moe")
     experts = f.num_experts
@@ -159,11 +213,13 @@ def _attention(f: HFFields) -> dict[str, Any]:
     head_dim = f["head_dim"] or D // H
     if f.family == "olmoe" and head_dim * H != D:
         f.refuse("head_dim", head_dim, "OLMoE's QK-norm spans hidden_size, so heads must tile it")
-    bias = {"mixtral": "none", "qwen2_moe": "qkv" if f["qkv_bias"] else "none"}.get(
+    bias = {"mixtral": "none", "qwen2_moe": "qkv" if f["qkv_bias"] else "none",
+            "glm4_moe": "qkv" if f["attention_bias"] else "none"}.get(  # GLM's output projection has none
         f.family, "all" if f["attention_bias"] else "none")
+    qk = {"qwen3_moe": "head", "olmoe": "full", "dots1": "head",
+          "glm4_moe": "head" if f["use_qk_norm"] else "none"}.get(f.family, "none")
     return {"n_heads": H, "n_kv_heads": f["num_key_value_heads"] or H,
-            "head_dim": head_dim if head_dim * H != D else None, "attn_bias": bias,
-            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(f.family, "none")}
+            "head_dim": head_dim if head_dim * H != D else None, "attn_bias": bias, "qk_norm": qk}
 
 
 def moelab_config(raw: dict[str, Any]) -> tuple[str, ModelConfig]:

@@ -22,6 +22,7 @@ from moelab.model.config import ModelConfig
 
 # Tensors a checkpoint may carry that no module reads (old checkpoints saved rotary caches).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DSV3_STYLE = ("dots1", "glm4_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,13 @@ def block_links(cfg: ModelConfig, family: str, i: int, keys: set[str]) -> list[L
     prefix = moe_prefix(family, i, keys)
     out.append(Link(f"blocks.{i}.moe.router.weight_ED", "copy", (prefix + "gate.weight",),
                     (cfg.moe.num_experts, D)))
+    if family in DSV3_STYLE:  # DeepSeek-V3's correction bias is moelab's selection bias
+        out.append(Link(f"blocks.{i}.moe.router.selection_bias_E", "copy",
+                        (prefix + "gate.e_score_correction_bias",), (cfg.moe.num_experts,)))
     out += expert_links(cfg, family, i, prefix, keys)
-    if cfg.num_shared:
+    if cfg.num_shared and family in DSV3_STYLE:  # ungated: shared_experts, one MLP of n_shared widths
+        out += _ffn(f"blocks.{i}.shared.", prefix + "shared_experts.", D, cfg.num_shared * cfg.shared_hidden)
+    elif cfg.num_shared:
         out += _ffn(f"blocks.{i}.shared.", prefix + "shared_expert.", D, cfg.num_shared * cfg.shared_hidden)
         out.append(Link(f"blocks.{i}.shared_gate.weight", "copy", (prefix + "shared_expert_gate.weight",), (1, D)))
     return out

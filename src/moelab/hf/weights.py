@@ -4,13 +4,17 @@ Legend: E experts, F expert hidden dim, D model dim.
 
 One dict per MoE layer in the layout `moelab.analysis.weights.weight_analysis` reads (the same keys as
 `moelab.trace.weights.model_weight_layers`): `w_up_EFD`, `w_gate_EFD`, `w_down_EDF` (neuron i = row i of
-up and gate, column i of down), `w_router_ED`, `block` and `router_kind`. Attention, embeddings and dense
-FFNs are never read, and only the chosen layers are loaded, so a large checkpoint costs one layer's
-experts at a time.
+up and gate, column i of down), `w_router_ED` (or `router_note` when no [E, D] router matrix is found),
+`block` and `router_kind`. The MoE layers are found from the checkpoint's tensor names alone, for any
+family whose experts are stored as matrices: stacked (`experts.gate_up_proj` [E, 2F, D] and
+`experts.down_proj` [E, D, F], transformers 5) or one tensor per expert (`experts.{e}.gate_proj/up_proj/
+down_proj`, or Mixtral's w1/w3/w2). Attention, embeddings and dense FFNs are never read, and tensors are
+read one expert at a time, so a large checkpoint costs one layer's experts at a time.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,58 +22,96 @@ import numpy as np
 import torch
 
 from moelab.config import MoelabError
-from moelab.hf.families import moelab_config, read_hf_config
 from moelab.hf.hub import resolve_hf
 from moelab.hf.io import TensorReader
-from moelab.hf.links import Link, moe_prefix, expert_links
+
+_LAYER = r"^(?P<p>(?:.*\.)?(?:layers|blocks|h)\.(?P<b>\d+)\.(?:.*\.)?)experts\."
+STACKED = re.compile(_LAYER + r"gate_up_proj$")
+PER_EXPERT = re.compile(_LAYER + r"(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_NOT_TEXT = re.compile(r"(^|\.)(visual|vision\w*|audio\w*|talker|mtp|\w*encoder)(\.|$)")
+ROUTER_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
+_ROLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def _expert(reader: TensorReader, w_in: Link, w_out: Link, e: int) -> tuple[torch.Tensor, ...]:
-    """(gate [F, D], up [F, D], down [D, F]) of expert e, from either expert layout."""
-    if w_in.kind == "fused_in":
-        gate_up = reader.row(w_in.hf[0], e)
-        F = gate_up.shape[0] // 2
-        return gate_up[:F], gate_up[F:], reader.row(w_out.hf[0], e)
-    E = w_in.shape[0]
-    return reader.get(w_in.hf[e]), reader.get(w_in.hf[E + e]), reader.get(w_out.hf[e])
+def moe_layers_of(keys: Sequence[str]) -> list[tuple[int, str, str]]:
+    """(block, prefix, layout) of every text MoE layer, in block order; layout is stacked or per_expert."""
+    found: dict[str, tuple[int, str]] = {}
+    for name in keys:
+        if _NOT_TEXT.search(name):
+            continue
+        m = STACKED.match(name)
+        layout = "stacked"
+        if m is None:
+            m, layout = PER_EXPERT.match(name), "per_expert"
+        if m is not None:
+            found.setdefault(m["p"], (int(m["b"]), layout))
+    return sorted(((b, p, lay) for p, (b, lay) in found.items()), key=lambda t: t[0])
 
 
-def _numpy(mats: list[torch.Tensor]) -> np.ndarray:
-    return torch.stack(mats).float().numpy()
+def _float(reader: TensorReader, name: str) -> torch.Tensor:
+    t = reader.get(name)
+    if not t.is_floating_point():
+        raise MoelabError(f"{reader.path}: {name} is stored as {t.dtype} (quantised?): "
+                          "the weight analyses need unquantised float tensors")
+    return t.float()
 
 
-def _check_present(reader: TensorReader, links: list[Link], router: str, folder: Path) -> None:
-    names = [n for link in links for n in link.hf] + [router]
-    missing = [n for n in names if n not in reader]
+def _stacked(reader: TensorReader, prefix: str) -> tuple[np.ndarray, ...]:
+    gu, down = prefix + "experts.gate_up_proj", prefix + "experts.down_proj"
+    (E, X, D), shape = reader.shape(gu), reader.shape(down) if down in reader else None
+    if shape != (E, D, X // 2):
+        raise MoelabError(f"{reader.path}: {gu} {[E, X, D]} with {down} {list(shape or [])} is not the "
+                          "[E, 2F, D] / [E, D, F] layout (gate then up) the weight analyses read")
+    gates, ups, downs = [], [], []
+    for e in range(E):
+        g_u = reader.row(gu, e).float()
+        gates.append(g_u[: X // 2])
+        ups.append(g_u[X // 2:])
+        downs.append(reader.row(down, e).float())
+    return tuple(torch.stack(m).numpy() for m in (gates, ups, downs))
+
+
+def _per_expert(reader: TensorReader, prefix: str, keys: set[str]) -> tuple[np.ndarray, ...]:
+    names = {}
+    for k in keys:
+        m = PER_EXPERT.match(k)
+        if m is not None and m["p"] == prefix:
+            names[(int(m["e"]), _ROLE.get(m["w"], m["w"]))] = k
+    E = 1 + max(e for e, _ in names)
+    missing = [(e, r) for e in range(E) for r in ("gate_proj", "up_proj", "down_proj") if (e, r) not in names]
     if missing:
-        raise MoelabError(f"transformers checkpoint {folder} lacks {missing[0]}")
-    for link in links:
-        for name, shape in link.hf_shapes().items():
-            if reader.shape(name) != shape:
-                raise MoelabError(f"transformers checkpoint {folder}: tensor {name} has shape "
-                                  f"{list(reader.shape(name))}, the config expects {list(shape)}")
+        raise MoelabError(f"{reader.path}: expert {missing[0][0]} of {prefix} has no {missing[0][1]} weight")
+    return tuple(np.stack([_float(reader, names[(e, r)]).numpy() for e in range(E)])
+                 for r in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _layer(reader: TensorReader, block: int, prefix: str, layout: str, keys: set[str]) -> dict[str, Any]:
+    gate, up, down = _stacked(reader, prefix) if layout == "stacked" else _per_expert(reader, prefix, keys)
+    out: dict[str, Any] = {"w_up_EFD": up, "w_gate_EFD": gate, "w_down_EDF": down, "block": block,
+                           "router_kind": "linear"}
+    E, _, D = up.shape
+    router = next((prefix + r for r in ROUTER_NAMES if prefix + r in keys), None)
+    if router is not None and reader.shape(router) == (E, D):
+        out["w_router_ED"] = _float(reader, router).numpy()
+    else:
+        out["router_kind"] = "unknown"
+        out["router_note"] = (f"no [E, D] router matrix next to {prefix}experts, so router rows cannot be "
+                              "compared with the experts' weights")
+    return out
 
 
 def hf_weight_layers(name_or_path: str | Path, *, layers: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Expert and router weights of each MoE layer (or of the MoE layers numbered in `layers`, 0-based
-    among MoE layers) of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint, as float32 numpy arrays."""
+    among MoE layers) of a transformers checkpoint of any family with matrix experts, as float32 arrays."""
     folder = resolve_hf(name_or_path)
-    family, cfg = moelab_config(read_hf_config(folder))
     reader = TensorReader(folder)
     keys = set(reader.keys())
-    blocks = cfg.moe_layer_ids()
-    chosen = list(range(len(blocks))) if layers is None else list(layers)
-    bad = [i for i in chosen if not 0 <= i < len(blocks)]
+    found = moe_layers_of(sorted(keys))
+    if not found:
+        raise MoelabError(f"{folder} has no MoE expert matrices (experts.gate_up_proj or experts.N.*_proj): "
+                          "nothing for the weight analyses to read")
+    chosen = list(range(len(found))) if layers is None else list(layers)
+    bad = [i for i in chosen if not 0 <= i < len(found)]
     if bad:
-        raise MoelabError(f"MoE layer {bad[0]} does not exist: the model has {len(blocks)} (0..{len(blocks) - 1})")
-    out = []
-    for i in chosen:
-        block = blocks[i]
-        prefix = moe_prefix(family, block, keys)
-        w_in, w_out = expert_links(cfg, family, block, prefix, keys)
-        _check_present(reader, [w_in, w_out], prefix + "gate.weight", folder)
-        gate, up, down = zip(*(_expert(reader, w_in, w_out, e) for e in range(cfg.moe.num_experts)))
-        out.append({"w_up_EFD": _numpy(up), "w_gate_EFD": _numpy(gate), "w_down_EDF": _numpy(down),
-                    "w_router_ED": reader.get(prefix + "gate.weight").float().numpy(),
-                    "block": block, "router_kind": "linear"})
-    return out
+        raise MoelabError(f"MoE layer {bad[0]} does not exist: the model has {len(found)} (0..{len(found) - 1})")
+    return [_layer(reader, *found[i], keys) for i in chosen]

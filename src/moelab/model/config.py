@@ -25,9 +25,16 @@ class RouterConfig(Config):
     kind: str = "linear"
     renormalize: bool = False  # False: raw softmax weights (OpenMoE); True: renormalised over the k (Mixtral)
     jitter: float = 0.0  # multiplicative input jitter in training, Switch-style; 0 disables
-    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias that shifts selection only.
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias that shifts selection only. The same buffer
+    # is DeepSeek-V3's e_score_correction_bias; a zero update rate keeps it fixed (an imported model's).
     bias_balance: bool = False
     bias_update_rate: float = 1e-3
+    # DeepSeek-V3 routing: sigmoid scores, top-k within the best topk_group of n_group expert groups, and
+    # the combine weights (renormalised or not) times routed_scaling_factor.
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     # rmoe: GRU over layers; also the projection width of the cosine router and MLP hidden width.
     hidden: int = 128
     cell: Literal["gru", "rnn", "lstm"] = "gru"
@@ -47,6 +54,13 @@ class RouterConfig(Config):
                 f"model.moe.router.cosine_temperature={self.cosine_temperature} must be > 0")
         require(self.bias_update_rate >= 0,
                 f"model.moe.router.bias_update_rate={self.bias_update_rate} must be >= 0")
+        require(self.score in ("softmax", "sigmoid"),
+                f"model.moe.router.score={self.score!r} is unknown (allowed: softmax, sigmoid)")
+        require(self.n_group >= 1, f"model.moe.router.n_group={self.n_group} must be >= 1")
+        require(1 <= self.topk_group <= self.n_group,
+                f"model.moe.router.topk_group={self.topk_group} must be in 1..n_group ({self.n_group})")
+        require(self.routed_scaling_factor > 0,
+                f"model.moe.router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -95,6 +109,11 @@ class MoEConfig(Config):
             v = getattr(self, name)
             require(v is None or v > 0, f"model.moe.{name}={v} must be > 0")
         require(self.balance_coef >= 0 and self.z_coef >= 0, "model.moe.balance_coef and model.moe.z_coef must be >= 0")
+        g = self.router.n_group
+        require(g == 1 or all(e % g == 0 for e in counts if e),
+                f"model.moe.router.n_group={g} must divide model.moe.num_experts={self.num_experts}")
+        require(g == 1 or all(self.top_k <= self.router.topk_group * (e // g) for e in counts if e),
+                f"model.moe.top_k={self.top_k} exceeds the experts of topk_group={self.router.topk_group} groups")
         require(self.balance_loss_scope == "layer" or len(set(counts)) == 1,
                 f"model.moe.balance_loss_scope='global' pools all layers, so it needs one expert count "
                 f"(got num_experts={self.num_experts})")

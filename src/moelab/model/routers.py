@@ -2,9 +2,12 @@
 
 Legend: T tokens, D model dim, E experts, K experts per token, P recurrent/projection width.
 
-Routers score in fp32 (OpenMoE keeps the router in fp32), take a softmax over all E experts and pick the
-top k. A recurrent router (RMoE) also returns the state the decoder must hand to the next MoE layer of the
-same token; stateless routers return `state=None`.
+Routers score in fp32 (OpenMoE keeps the router in fp32), turn logits into scores (a softmax over all E
+experts, or DeepSeek-V3's per-expert sigmoid) and pick the top k, optionally only within the best
+`topk_group` of `n_group` expert groups (DeepSeek-V3's group-limited routing) and with a selection-only
+bias (aux-loss-free balancing; DeepSeek-V3's e_score_correction_bias is the same buffer). A recurrent
+router (RMoE) also returns the state the decoder must hand to the next MoE layer of the same token;
+stateless routers return `state=None`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from moelab.model.config import ModelConfig, RouterConfig
 class Routing(NamedTuple):
     expert_ids_TK: torch.Tensor  # int64, experts in rank order (rank 0 = highest score)
     weights_TK: torch.Tensor  # fp32 combine weights, before any capacity dropping
-    logits_TE: torch.Tensor  # fp32 scores whose softmax is probs_TE
-    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    logits_TE: torch.Tensor  # fp32 router logits
+    probs_TE: torch.Tensor  # fp32 scores of all experts: softmax(logits), or sigmoid(logits) (score="sigmoid")
     state: Any  # recurrent state for the next MoE layer, or None
 
 
@@ -47,6 +50,17 @@ def _sorted_top_k(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def group_limited(select_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited selection scores: experts outside each token's best `topk_group` of
+    `n_group` equal groups get -inf. A group's score is the sum of its two best selection scores (its
+    best one when a group holds a single expert)."""
+    T, E = select_TE.shape
+    grouped_TGM = select_TE.view(T, n_group, E // n_group)
+    group_TG = grouped_TGM.topk(min(2, E // n_group), dim=-1).values.sum(-1)
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, top_k_stable(group_TG, topk_group), True)
+    return select_TE.masked_fill(~keep_TG.repeat_interleave(E // n_group, dim=1), float("-inf"))
+
+
 class Router(nn.Module, abc.ABC):
     """Shared selection logic: subclasses implement `score`."""
 
@@ -56,7 +70,11 @@ class Router(nn.Module, abc.ABC):
         self.renormalize, self.jitter = rcfg.renormalize, rcfg.jitter
         self.bias_update_rate = rcfg.bias_update_rate if rcfg.bias_balance else 0.0
         # Aux-loss-free balancing shifts selection only; a buffer so it is saved but never trained.
+        # With bias_balance and a zero update rate it is a fixed correction bias (an imported DeepSeek-V3's).
         self.register_buffer("selection_bias_E", torch.zeros(num_experts), persistent=rcfg.bias_balance)
+        self.use_bias = rcfg.bias_balance
+        self.score_fn, self.n_group, self.topk_group = rcfg.score, rcfg.n_group, rcfg.topk_group
+        self.scaling = rcfg.routed_scaling_factor
 
     @abc.abstractmethod
     def score(self, x_TD: torch.Tensor, state: Any, token_ids_T: torch.Tensor | None):
@@ -68,14 +86,18 @@ class Router(nn.Module, abc.ABC):
             x_TD = x_TD * noise
         logits_TE, state = self.score(x_TD, state, token_ids_T)
         logits_TE = logits_TE.float()
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = torch.sigmoid(logits_TE) if self.score_fn == "sigmoid" else torch.softmax(logits_TE, dim=-1)
         select_TE = probs_TE
-        if self.bias_update_rate > 0:
+        if self.use_bias:
             select_TE = probs_TE + self.selection_bias_E
+        if self.n_group > 1:
+            select_TE = group_limited(select_TE, self.n_group, self.topk_group)
         ids_TK = top_k_stable(select_TE.detach(), self.top_k)
         weights_TK = probs_TE.gather(-1, ids_TK)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling != 1.0:
+            weights_TK = weights_TK * self.scaling
         return Routing(ids_TK, weights_TK, logits_TE, probs_TE, state)
 
     @torch.no_grad()

@@ -32,7 +32,11 @@ def register(sub) -> None:
     p.verbs = {"import": _import_parser(parser_cls), "export": _export_parser(parser_cls)}
     p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder")
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
-                   help="trace a Hugging Face MoE model instead (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...)")
+                   help="trace a Hugging Face MoE model instead (the families of docs/HF_SUPPORT.md)")
+    p.add_argument("--device", default=None, help="--hf: device to run on (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="--hf: auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="--hf: spread a model larger than one device over all devices (needs accelerate)")
     p.add_argument("--data", required=True, help="corpus folder (moelab data build)")
     p.add_argument("--tokens", type=positive_int, default=65536, help="number of tokens to trace")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
@@ -137,7 +141,8 @@ def run_trace(args) -> int:
 
         stats = trace_hf(args.hf, args.data, args.out, tokens=args.tokens, split=args.split,
                          seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
-                         full_probs=not args.no_probs)
+                         full_probs=not args.no_probs, device=args.device, dtype=args.dtype,
+                         device_map=args.device_map)
     else:
         if not args.model:
             raise MoelabError("give a checkpoint (or --hf NAME) to trace")

@@ -1,82 +1,104 @@
-"""Trace a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a moelab corpus.
+"""Trace any transformers MoE model over a moelab corpus, by observing what each MoE block decided.
 
-Legend: T tokens of a batch, E experts, K experts per token.
+Legend: T tokens of a batch, E experts (router classes), K experts per token.
 
-The model runs as transformers built it, with `output_router_logits=True`; each MoE layer's choices are
-recomputed from its router logits with the family's own rule (softmax, `torch.topk`, then renormalised
-over the k when the family does: always for Mixtral, `norm_topk_prob` for the others), which is what the
-model's own router computes. Rows go through the same `batch_rows` and `TraceWriter` as a moelab trace,
-with nothing dropped (these models are dropless).
+The model runs as transformers built it; `HFRoutingRecorder` (trace/adapters.py) hooks each MoE block's
+router and experts module and hands over the expert ids and combine weights the block used, plus the
+router's full scores. Nothing is re-derived, so a family's rule (softmax, sigmoid with a correction bias,
+group-limited, sparsemixer, ...) cannot be misread, and `output_router_logits` is never needed. Rows go
+through the same `write_trace` loop as a moelab trace. The sidecar records the family, its routing rule
+and scoring function, and whether the combine weights sum to one, so analyses can label what they measure.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from moelab.config import MoelabError
-from moelab.hf.families import HFFields, family_of, read_hf_config
+from moelab.hf.families import read_hf_config
 from moelab.hf.hub import resolve_hf
-from moelab.model.moe import LayerRouting
+from moelab.trace.adapters import HFRoutingRecorder, scoring_name
 from moelab.trace.build import write_trace
-from moelab.trace.capture import CapturedLayer
 from moelab.trace.schema import TraceMeta
 
-
-def hf_routing_rule(raw: dict[str, Any]) -> dict[str, Any]:
-    """family, num_experts, top_k, renormalize and the MoE blocks of a transformers config.json."""
-    family = family_of(raw)
-    f = HFFields(raw, family)
-    qwen = family in ("qwen2_moe", "qwen3_moe")
-    step = f["decoder_sparse_step"] if qwen else 1
-    dense = set(f["mlp_only_layers"]) if qwen else set()
-    blocks = [i for i in range(f["num_hidden_layers"]) if (i + 1) % step == 0 and i not in dense]
-    if not f.num_experts or not blocks:
-        raise MoelabError(f"{family} model has no MoE layers to trace")
-    return {"family": family, "num_experts": f.num_experts, "top_k": f["num_experts_per_tok"],
-            "renormalize": family == "mixtral" or bool(f["norm_topk_prob"]), "blocks": blocks,
-            "vocab_size": f["vocab_size"]}
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, ...]:
-    """(expert_ids_TK, weights_TK, probs_TE): the transformers routers' selection, in fp32."""
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-    if renormalize:
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return ids_TK, weights_TK, probs_TE
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise MoelabError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
-def captured_layers(router_logits, rule: dict[str, Any]) -> list[CapturedLayer]:
-    """One CapturedLayer per MoE layer, as moelab's RoutingRecorder would have recorded it."""
-    if len(router_logits) != len(rule["blocks"]):
-        raise MoelabError(f"the model returned router logits for {len(router_logits)} layers, "
-                          f"its config has {len(rule['blocks'])} MoE layers")
-    out = []
-    for block, logits in zip(rule["blocks"], router_logits):
-        logits_TE = logits.detach().float().cpu()
-        ids, weights, probs = route(logits_TE, rule["top_k"], rule["renormalize"])
-        out.append(CapturedLayer(LayerRouting(block, ids, weights, probs, torch.zeros_like(ids, dtype=torch.bool),
-                                              logits_TE)))
-    return out
+def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dtype: str = "auto",
+                  device_map: str | None = None):
+    """The checkpoint as transformers builds it: its causal LM (a multimodal one's too), eval mode.
 
-
-def load_hf_model(folder: Path, device: str | torch.device):
+    device_map="auto" spreads a model larger than one device over the devices (accelerate decides)."""
     try:
         import transformers
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
     except ImportError:
         raise MoelabError("tracing a Hugging Face model needs transformers (pip install moelab[hf])") from None
-    # The checkpoint's own dtype (transformers 4 would upcast to fp32 unless asked); keyword renamed in 5.
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise MoelabError(f"--device-map {device_map} needs accelerate, which is not installed "
+                          "(pip install accelerate)")
+    # transformers 4 spells the dtype keyword torch_dtype (and would upcast to fp32 unless asked).
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kw = {key: _dtype(dtype), **({"device_map": device_map} if device_map else {})}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **{key: "auto"})
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            model = AutoModel.from_pretrained(str(folder), **kw)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers could not load {folder}: {text[0] if text else type(e).__name__}") from None
-    return model.to(device).eval()
+    if device_map is None:
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval()
+
+
+def preflight(folder: Path, model_type: str | None) -> None:
+    """Refuse before loading a byte of weights: build the model on the meta device and look for its MoE
+    blocks and routers (a family the adapter cannot serve, no MoE layers, a router that is not there)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise MoelabError(f"transformers cannot read {folder}/config.json: {text[0] if text else e}") from None
+    try:
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(cfg)
+            except ValueError:
+                model = AutoModel.from_config(cfg)
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise MoelabError(f"transformers cannot build the model of {folder}: {text[0] if text else e}") from None
+    HFRoutingRecorder(model, model_type)
+
+
+def input_device(model) -> torch.device:
+    """Where token ids go: the embedding's device (the first device under a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def config_vocab(raw: dict) -> int:
+    """vocab_size of a config.json (a multimodal one keeps it in its text config)."""
+    text = raw.get("text_config") or raw.get("thinker_config", {}).get("text_config") or {}
+    vocab = raw.get("vocab_size") or text.get("vocab_size")
+    if not isinstance(vocab, int):
+        raise MoelabError("the model's config.json has no vocab_size (nor a text_config.vocab_size)")
+    return vocab
 
 
 def check_tokenizer(folder: Path, data_dir: Path, corpus, model_vocab: int) -> str:
@@ -94,9 +116,33 @@ def check_tokenizer(folder: Path, data_dir: Path, corpus, model_vocab: int) -> s
 
 
 @torch.no_grad()
+def probe(model, rec: HFRoutingRecorder) -> tuple[list[int], int, bool]:
+    """(router classes per MoE layer, K, whether combine weights sum to 1) from a four-token forward: the
+    trace's header before any row."""
+    model(input_ids=torch.arange(4, device=input_device(model)).view(1, 4), use_cache=False)
+    layers = rec.pop()
+    sums = torch.cat([c.routing.weights_TK.sum(-1).float().cpu() for c in layers])
+    return ([c.routing.probs_TE.shape[-1] for c in layers], layers[0].routing.expert_ids_TK.shape[-1],
+            bool(((sums - 1).abs() < 1e-2).all()))
+
+
+def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_one: bool, raw: dict,
+                 source: str, tokenizer: str, corpus) -> TraceMeta:
+    e = rec.entry
+    return TraceMeta(num_experts=widths, top_k=top_k, model_config=raw, source=source, tokenizer=tokenizer,
+                     labels={"domain": list(corpus.domains), "lang": list(corpus.langs)},
+                     extra={"moe_blocks": [b.block for b in rec.blocks], "family": rec.family,
+                            "routing_rule": e.rule,
+                            "scoring_function": scoring_name(e, rec.blocks[0].router),
+                            "rank": "descending combine weight",
+                            "weights_sum_to_one": sums_to_one, "capture": "hooks on router and experts"})
+
+
+@torch.no_grad()
 def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Path, *, tokens: int,
              split: str = "heldout", seq_len: int = 256, batch_size: int = 8, full_probs: bool = True,
-             device: str | torch.device | None = None, progress: bool = True) -> dict[str, int]:
+             device: str | torch.device | None = None, dtype: str = "auto", device_map: str | None = None,
+             progress: bool = True) -> dict[str, int]:
     """Stream a transformers MoE model's routing of `tokens` corpus tokens into a trace (docs/TRACE.md)."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
@@ -104,31 +150,27 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
 
     folder = resolve_hf(name_or_path)
     raw = read_hf_config(folder)
-    rule = hf_routing_rule(raw)
     data_dir = Path(data_dir)
     corpus = load_corpus(data_dir)
-    tokenizer = check_tokenizer(folder, data_dir, corpus, rule["vocab_size"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_hf_model(folder, device)
-    meta = TraceMeta(num_experts=[rule["num_experts"]] * len(rule["blocks"]), top_k=rule["top_k"],
-                     model_config=raw, source=f"hf:{name_or_path}", tokenizer=tokenizer,
-                     labels={"domain": list(corpus.domains), "lang": list(corpus.langs)},
-                     extra={"moe_blocks": rule["blocks"], "family": rule["family"],
-                            "renormalize": rule["renormalize"]})
-    batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split)
-    bar = Progress(tokens, "trace") if progress else None
-    try:
-        return _write(model, batches, out_path, meta, rule, tokens, full_probs, device, bar)
-    finally:
-        if bar:
-            bar.close()
+    tokenizer = check_tokenizer(folder, data_dir, corpus, config_vocab(raw))  # before a long load
+    preflight(folder, raw.get("model_type"))
+    model = load_hf_model(folder, device, dtype=dtype, device_map=device_map)
+    with HFRoutingRecorder(model, raw.get("model_type")) as rec:
+        widths, top_k, sums_to_one = probe(model, rec)
+        meta = routing_meta(rec, widths, top_k, sums_to_one, raw, f"hf:{name_or_path}", tokenizer, corpus)
+        batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split)
+        bar = Progress(tokens, "trace") if progress else None
+        where = input_device(model)
 
+        def capture(batch):
+            # Padding only ever ends a row, so under the causal mask no real token sees it: no attention mask.
+            model(input_ids=batch["input_ids"].to(where), use_cache=False)
+            return rec.pop()
 
-def _write(model, batches, out_path, meta, rule, max_tokens, full_probs, device, bar) -> dict[str, int]:
-    def capture(batch):
-        # Padding only ever ends a row, so under the causal mask no real token sees it: no attention mask.
-        out = model(input_ids=batch["input_ids"].to(device), output_router_logits=True, use_cache=False)
-        return captured_layers(out.router_logits, rule)
-
-    return write_trace(batches, out_path, meta, capture, optional=["probs"] if full_probs else [],
-                       blocks=rule["blocks"], max_tokens=max_tokens, full_probs=full_probs, progress=bar)
+        try:
+            return write_trace(batches, out_path, meta, capture, optional=["probs"] if full_probs else [],
+                               blocks=meta.extra["moe_blocks"], max_tokens=tokens, full_probs=full_probs,
+                               progress=bar)
+        finally:
+            if bar:
+                bar.close()

@@ -91,10 +91,26 @@ def dense_reference(model: Any, block: int, F: int) -> dict[str, Any]:
     return {**_ffn_parts(blocks[i].ffn), "ref_name": f"dense FFN of block {i}"}
 
 
+def _is_transformers_folder(path: Path) -> bool:
+    import json
+
+    cfg = path / "config.json"
+    try:
+        return cfg.is_file() and "model_type" in json.loads(cfg.read_text()) and not (path / "state.json").exists()
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
 def checkpoint_weight_layers(path: str | Path) -> list[dict[str, Any]]:
-    """`model_weight_layers` of a moelab checkpoint folder (or a run folder: its last checkpoint)."""
+    """`model_weight_layers` of a moelab checkpoint folder (or a run folder: its last checkpoint); a
+    transformers checkpoint folder is read tensor by tensor instead (`moelab.hf.weights`)."""
     from moelab.train.checkpoint import load_model
     from moelab.train.commands import resolve_checkpoint
+
+    if _is_transformers_folder(Path(path)):
+        from moelab.hf.weights import hf_weight_layers
+
+        return hf_weight_layers(path)
 
     ckpt = resolve_checkpoint(path)
     model = load_model(ckpt)

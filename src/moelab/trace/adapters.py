@@ -1,0 +1,330 @@
+"""Capture a transformers MoE model's routing by observation: one adapter, a table of families.
+
+Legend: T tokens, D model dim, E experts (router classes), K experts per token.
+
+transformers (5.x) builds nearly every MoE block the same way: a router module (`gate` or `router`) returns
+`(logits, weights, ids)` and the block hands `(x, ids, weights)` to an `...Experts` module. So the adapter
+reads the decision where the block hands it over, with a forward pre-hook on the experts module (the ids
+and weights it combines with, whatever rule chose them), and the full pre-selection scores with a forward
+hook on the router (its first output). Nothing is re-derived, and nothing depends on
+`output_router_logits`. A family needs a table entry only to name its scoring function and routing rule
+(for the trace's metadata and the probabilities column), or to say where its decision lives when it is
+not in the experts' arguments. A family the adapter cannot serve has an entry saying why, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+
+import torch
+import torch.nn.functional as F
+
+from moelab.config import MoelabError
+from moelab.model.moe import LayerRouting
+from moelab.trace.capture import CapturedLayer
+
+# Modules under these path parts belong to a vision/audio tower or a speech talker, not the text decoder.
+_NOT_TEXT = re.compile(r"(^|\.)(visual|vision\w*|audio\w*|talker|code2wav|\w*encoder)(\.|$)")
+_ROUTER_NAMES = ("gate", "router")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one transformers family routes; every field but `score`/`rule` is the exception, not the rule.
+
+    score: what the probabilities column holds, computed from the router's first output:
+      "softmax" / "sigmoid" of the logits, "given" (the router returns probabilities, not logits),
+      or "attr:<name>" (the router module's own scoring function, chosen by its config).
+    rule: the routing rule in words, written to the trace's metadata so analyses can label their nulls.
+    sums_to_one: whether a token's combine weights sum to 1 (False: sigmoid gates, routed scaling; None:
+      when the config renormalises over the k). A trace records what it measured, not this.
+    decision: "experts_args" (ids, weights are the experts module's 2nd and 3rd arguments) or
+      "router_scores" (the router returns a dense [T, E] score with zeros off the choice, Llama 4).
+    weight_on_input: the weight scales the expert's input, not its output (Llama 4).
+    skip_zero: a weight of exactly 0 marks the router's skip class (Zaya): the row is marked dropped.
+    refuse: why the adapter cannot serve the family (one line), or None.
+    """
+
+    score: str
+    rule: str
+    sums_to_one: bool | None = True
+    decision: str = "experts_args"
+    weight_on_input: bool = False
+    skip_zero: bool = False
+    refuse: str | None = None
+
+
+SOFTMAX_TOPK = "softmax over all experts, top-k"
+DSV3 = ("DeepSeek-V3: sigmoid scores, top-k of scores + selection-only correction bias within the "
+        "top n_group/topk_group groups, weights = scores (optionally renormalised) x routed_scaling_factor")
+SIGMOID_BIAS = "sigmoid scores, top-k of scores + selection-only correction bias, weights renormalised"
+DSV2 = "DeepSeek-V2: softmax scores, group-limited top-k, weights x routed_scaling_factor"
+TOPK_SOFTMAX = "top-k of the logits, softmax over the k chosen logits only"
+
+
+def _f(score, rule, **kw) -> Family:
+    return Family(score, rule, **kw)
+
+
+_SOFTMAX = _f("softmax", SOFTMAX_TOPK + " (renormalised over the k when the config says so)", sums_to_one=None)
+_DSV3 = _f("sigmoid", DSV3, sums_to_one=False)  # unless renormalised with routed_scaling_factor = 1
+_SIGB = _f("sigmoid", SIGMOID_BIAS)
+
+FAMILIES: dict[str, Family] = {
+    "afmoe": _f("sigmoid", "sigmoid scores, top-k of scores + expert bias, renormalised x route_scale",
+                sums_to_one=False),
+    "aria": _SOFTMAX, "axk1": _DSV3, "axk2": _DSV3, "bailing_hybrid": _DSV3, "beam": _DSV3,
+    "cohere2_moe": _f("attr:expert_selection_fn", "top-k of the logits, then softmax or sigmoid of the k "
+                      "chosen logits (expert_selection_fn)", sums_to_one=False),
+    "dbrx": _SOFTMAX,
+    "deepseek_ocr2": _f("softmax", DSV2, sums_to_one=False),
+    "deepseek_v2": _f("softmax", DSV2, sums_to_one=False),
+    "deepseek_v3": _DSV3, "deepseek_v32": _DSV3,
+    "deepseek_v4": _f("attr:score_fn", "DeepSeek-V4: hash-routed first layers (experts fixed by token id), "
+                      "then score_fn scores, top-k of scores + correction bias, renormalised x "
+                      "routed_scaling_factor", sums_to_one=False),
+    "diffusion_gemma": _f("given", "softmax over all experts (returned in place of logits), top-k, "
+                          "renormalised, x per-expert scale", sums_to_one=False),
+    "doge": _f("none", "product-key routing", refuse="product-key routing over embedding experts "
+               "(DogeCDMoE) hands no per-token expert ids and weights to an experts module"),
+    "dots1": _DSV3, "dots3_note": _DSV3,
+    "ernie4_5_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
+    "ernie4_5_vl_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
+    "exaone_moe": _DSV3, "flex_olmo": _SOFTMAX,
+    "flint": _f("sigmoid", "sigmoid scores, top-k (renormalised when the config says so)", sums_to_one=None),
+    "gemma4": _f("given", "softmax over all experts (returned in place of logits), top-k, renormalised, "
+                 "x per-expert scale", sums_to_one=False),
+    "glm4_moe": _DSV3, "glm4_moe_lite": _DSV3, "glm4v_moe": _DSV3, "glm5_next": _DSV3, "glm_moe_dsa": _DSV3,
+    "gpt_oss": _f("softmax", TOPK_SOFTMAX + " (router has a bias)"),
+    "granitemoe": _f("softmax", TOPK_SOFTMAX), "granitemoe_swa": _f("softmax", TOPK_SOFTMAX),
+    "granitemoehybrid": _f("softmax", TOPK_SOFTMAX), "granitemoeshared": _f("softmax", TOPK_SOFTMAX),
+    "hunyuan_v1_moe": _SOFTMAX,
+    "hy_v3": _f("sigmoid", SIGMOID_BIAS + " x routed_scaling_factor", sums_to_one=False),
+    "hy_v4": _DSV3, "hy_v4_vl": _DSV3,
+    "inkling": _f("sigmoid", SIGMOID_BIAS, sums_to_one=False),
+    "inkling2": _f("attr:score_fn", "score_fn scores, top-k of scores + correction bias, renormalised x "
+                   "routed_scaling_factor", sums_to_one=False),
+    "inkling2_loop": _f("attr:score_fn", "score_fn scores, top-k of scores + correction bias, renormalised x "
+                        "routed_scaling_factor", sums_to_one=False),
+    "jamba": _SOFTMAX,
+    "jetmoe": _f("softmax", TOPK_SOFTMAX, refuse="two routers per block (attention and FFN experts) that "
+                 "hand over a sorted dispatch (batch_index, batch_gates, expert_size), not per-token ids"),
+    "kimi_linear": _DSV3,
+    "kolibri1": _f("sigmoid", SIGMOID_BIAS + " when the config says so", sums_to_one=False),
+    "laguna": _f("sigmoid", "optionally soft-capped logits, " + SIGMOID_BIAS),
+    "lara_mini": _SOFTMAX,
+    "lfm2_moe": _f("sigmoid", "sigmoid scores, top-k of scores + expert bias, renormalised x "
+                   "routed_scaling_factor", sums_to_one=False),
+    "llama4": _f("sigmoid", "top-k of the logits, sigmoid of each chosen logit scales the expert's input",
+                 sums_to_one=False, decision="router_scores", weight_on_input=True),
+    "longcat_flash": _f("softmax", "softmax over routed + zero-computation experts (+ bias), top-k, "
+                        "x routed_scaling_factor; ids >= n_routed_experts are zero experts",
+                        sums_to_one=False),
+    "mellum": _SOFTMAX,
+    "mimo_v2_flash": _DSV3,
+    "minimax": _SOFTMAX,
+    "minimax_m2": _SIGB, "minimax_m3_vl": _SIGB,
+    "mistral4": _f("softmax", DSV2 + " (renormalised when the config says so)", sums_to_one=False),
+    "mistral_large4": _f("softmax", DSV2, sums_to_one=False),
+    "mixtral": _f("softmax", SOFTMAX_TOPK + ", renormalised over the k"),
+    "muse_spark": _f("attr:scoring_function", "scoring_function scores, top-k of scores + correction bias, "
+                     "renormalised x routed_scaling_factor", sums_to_one=False),
+    "nemotron_h": _DSV3,
+    "olmoe": _SOFTMAX,
+    "openai_privacy_filter": _f("softmax", TOPK_SOFTMAX + " (router has a bias)"),
+    "phimoe": _f("softmax", "sparsemixer: masked softmax per rank with jitter thresholds (probs column: "
+                 "softmax over all logits)", sums_to_one=False),
+    "qwen2_moe": _SOFTMAX, "qwen3_5_moe": _SOFTMAX, "qwen3_moe": _SOFTMAX, "qwen3_next": _SOFTMAX,
+    "qwen3_omni_moe": _SOFTMAX, "qwen3_vl_moe": _SOFTMAX, "qwen4_exp": _SOFTMAX,
+    "solar_open": _DSV3,
+    "step3p7": _SIGB,
+    "unlimited_ocr": _f("softmax", DSV2, sums_to_one=False),
+    "zaya": _f("softmax", "MLP router with state passed between layers, softmax over experts + a skip "
+               "class, top-k of probs + balancing bias; skip choices are marked dropped",
+               sums_to_one=False, skip_zero=True),
+}
+# Used for a family transformers adds later: the decision is still read from the experts' arguments.
+UNLISTED = Family("softmax", "not in moelab's family table: the probs column is softmax(logits)",
+                  sums_to_one=False)
+
+
+def family_entry(model_type: str) -> Family:
+    """The table entry of a model_type (a multimodal model's text type maps to its family)."""
+    for key in (model_type, re.sub(r"_(text|thinker|moe_text)$", "", model_type)):
+        if key in FAMILIES:
+            return FAMILIES[key]
+    return UNLISTED
+
+
+# ---- finding the MoE blocks ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class MoEBlock:
+    block: int  # decoder layer index
+    name: str  # module path, e.g. model.layers.3.mlp
+    module: torch.nn.Module
+    experts: torch.nn.Module
+    router: torch.nn.Module | None
+
+
+def _layer_index(name: str) -> int | None:
+    found = re.findall(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)", name)
+    return int(found[-1]) if found else None
+
+
+def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
+    """Every text-decoder module that owns an `...Experts` child, with its router, in layer order."""
+    blocks = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, torch.nn.Module) or _NOT_TEXT.search(name):
+            continue
+        layer = _layer_index(name)
+        if layer is None:
+            continue
+        router = next((getattr(module, r) for r in _ROUTER_NAMES
+                       if isinstance(getattr(module, r, None), torch.nn.Module)), None)
+        blocks.append(MoEBlock(layer, name, module, experts, router))
+    if len({b.block for b in blocks}) != len(blocks):
+        raise MoelabError("more than one MoE block per decoder layer: the adapter traces one per layer")
+    return sorted(blocks, key=lambda b: b.block)
+
+
+def _external_router(model: torch.nn.Module, block: MoEBlock) -> torch.nn.Module | None:
+    """A router that lives beside the MoE block in its decoder layer (Zaya keeps it there)."""
+    layer = model.get_submodule(block.name.rsplit(".", 1)[0])
+    return next((getattr(layer, r) for r in _ROUTER_NAMES if isinstance(getattr(layer, r, None), torch.nn.Module)),
+                None)
+
+
+# ---- reading the decision -----------------------------------------------------------------------------
+def _experts_args(module, args, kwargs):
+    """(x_TD, ids_TK, weights_TK) from the experts module's call, positional or by keyword."""
+    if len(args) >= 3:
+        return args[0], args[1], args[2]
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    values = list(bound.arguments.values())
+    if len(values) < 3:
+        raise MoelabError(f"{type(module).__name__} is called without expert ids and weights")
+    return values[0], values[1], values[2]
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def scores_from(entry: Family, router: torch.nn.Module | None, first_TE: torch.Tensor) -> torch.Tensor:
+    """The probabilities column from the router's first output, by the family's scoring function."""
+    x = first_TE.detach().float()
+    kind = entry.score
+    if kind.startswith("attr:"):
+        fn = getattr(router, kind[5:], None)
+        if callable(fn):
+            return fn(x).float()
+        kind = str(fn)  # a config string such as "softmax" or "sigmoid"
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "given":
+        return x
+    return torch.softmax(x, dim=-1)
+
+
+def scoring_name(entry: Family, router: torch.nn.Module | None) -> str:
+    """The scoring function in words for the trace's metadata (a config-chosen one resolved)."""
+    if not entry.score.startswith("attr:"):
+        return entry.score
+    fn = getattr(router, entry.score[5:], None)
+    return getattr(fn, "__name__", type(fn).__name__) if callable(fn) else str(fn)
+
+
+# ---- the recorder -------------------------------------------------------------------------------------
+def text_model_type(model: torch.nn.Module) -> str:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "model_type", None) or getattr(text, "model_type", "")
+
+
+class HFRoutingRecorder:
+    """`with HFRoutingRecorder(model) as rec: model(ids)`; then `rec.pop()` gives one CapturedLayer per MoE
+    block, in layer order, for the last forward. Hooks are removed on exit, even after an error."""
+
+    def __init__(self, model: torch.nn.Module, model_type: str | None = None):
+        self.family = model_type or text_model_type(model)
+        self.entry = family_entry(self.family)
+        if self.entry.refuse:
+            raise MoelabError(f"cannot trace {self.family!r}: {self.entry.refuse}")
+        self.blocks = find_moe_blocks(model)
+        if not self.blocks:
+            raise MoelabError(f"{self.family!r} model has no MoE layers to trace (no module holds experts)")
+        for b in self.blocks:
+            b.router = b.router or _external_router(model, b)
+            if b.router is None:
+                raise MoelabError(f"cannot find the router of MoE block {b.name} (no 'gate' or 'router' module)")
+        self._handles: list = []
+        self._seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _on_experts(self, block: int):
+        def hook(module, args, kwargs):
+            _, ids, weights = _experts_args(module, args, kwargs)
+            seen = self._seen.setdefault(block, {})
+            seen["calls"] = seen.get("calls", 0) + 1
+            seen.update(ids=ids.detach(), weights=weights.detach())
+        return hook
+
+    def _on_router(self, block: int):
+        def hook(module, args, out):
+            seen = self._seen.setdefault(block, {})
+            if self.entry.decision == "router_scores":  # Llama 4: (dense scores_TE, logits_TE)
+                seen["dense"], seen["first"] = out[0].detach(), out[1].detach()
+            else:
+                seen["first"] = _first_tensor(out).detach()
+        return hook
+
+    def __enter__(self) -> "HFRoutingRecorder":
+        try:
+            for b in self.blocks:
+                self._handles.append(b.router.register_forward_hook(self._on_router(b.block)))
+                if self.entry.decision == "experts_args":
+                    self._handles.append(b.experts.register_forward_pre_hook(self._on_experts(b.block),
+                                                                             with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def pop(self) -> list[CapturedLayer]:
+        out = [self._layer(b) for b in self.blocks]
+        self._seen = {}
+        return out
+
+    def _layer(self, b: MoEBlock) -> CapturedLayer:
+        seen = self._seen.get(b.block, {})
+        if "first" not in seen or ("ids" not in seen and "dense" not in seen):
+            raise MoelabError(f"MoE block {b.name} did not route in this forward (router or experts not called)")
+        if seen.get("calls", 1) > 1:  # a looped model: one row per (token, layer) cannot hold both choices
+            raise MoelabError(f"MoE block {b.name} ran {seen['calls']} times in one forward: the trace holds "
+                              "one choice per token and layer")
+        first = seen["first"]
+        probs_TE = scores_from(self.entry, b.router, first.reshape(-1, first.shape[-1]))
+        logits_TE = first.reshape(-1, first.shape[-1]).float()
+        if self.entry.decision == "router_scores":
+            dense_TE = seen["dense"].reshape(-1, first.shape[-1]).float()
+            K = int(getattr(b.router, "top_k", 1))
+            weights_TK, ids_TK = torch.topk(dense_TE, K, dim=-1)
+        else:
+            K = seen["ids"].shape[-1]
+            ids_TK, weights_TK = seen["ids"].reshape(-1, K).long(), seen["weights"].reshape(-1, K).float()
+        # Rank 0 = the largest combine weight: several families take an unsorted top-k (sorted=False).
+        order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
+        ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
+        dropped_TK = torch.zeros_like(ids_TK, dtype=torch.bool)
+        if self.entry.skip_zero:  # Zaya: the skip class is the router's last class
+            dropped_TK = weights_TK == 0
+            ids_TK = torch.where(dropped_TK, torch.full_like(ids_TK, probs_TE.shape[-1] - 1), ids_TK)
+        return CapturedLayer(LayerRouting(b.block, ids_TK, weights_TK, probs_TE, dropped_TK, logits_TE))

@@ -1,0 +1,274 @@
+"""Every decoder MoE family of the installed transformers: traced by observation and checked, or refused.
+
+For each family a tiny random model is built from its config class (no download) and run with the
+adapter's hooks. The independent reference: per layer, the block's experts module output in the same
+forward is recomputed from the traced (expert, weight) pairs alone, as sum_k w_k * expert_{id_k}(x), where
+each expert's output comes from running that single expert on the block's input (and, for the common
+stacked layout, straight from the weight matrices). Tracing must leave the logits bit-identical.
+
+`python tests/trace/test_hf_coverage.py --write` regenerates docs/HF_SUPPORT.md from the same table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model  # noqa: E402
+
+from moelab.config import MoelabError  # noqa: E402
+from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
+from moelab.trace.adapters import HFRoutingRecorder  # noqa: E402
+
+FAMILIES = decoder_moe_families()
+SUMS = {True: "yes", False: "no", None: "if renormalised"}
+DOC = Path(__file__).resolve().parents[2] / "docs" / "HF_SUPPORT.md"
+
+
+def _output(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _experts_io(model):
+    """The experts modules' (x, ids, weights) arguments and output in one forward, hooked by the test."""
+    seen, handles = {}, []
+    for b in find_moe_blocks(model):
+        def hook(mod, args, kwargs, out, block=b.block):
+            seen[block] = (args, out, seen.pop(("in", block)))
+
+        def block_in(mod, args, kwargs, block=b.block):
+            seen[("in", block)] = args[0] if args else next(iter(kwargs.values()))
+        handles.append(b.module.register_forward_pre_hook(block_in, with_kwargs=True))
+        handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def _one_expert(experts, x_TD, e: int, K: int) -> torch.Tensor:
+    """Expert e's unweighted output on every token, computed by the experts module alone."""
+    ids = torch.full((x_TD.shape[0], K), e, dtype=torch.long)
+    w = torch.zeros(x_TD.shape[0], K, dtype=x_TD.dtype)
+    w[:, 0] = 1
+    return experts(x_TD, ids, w).reshape(x_TD.shape)
+
+
+def _matrix_expert(experts, x_TD, e: int) -> torch.Tensor | None:
+    """Expert e from its stacked weights, for the common layout gate_up [E, 2F, D], down [E, D, F], SiLU."""
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3):
+        return None
+    E, F2, D = gu.shape
+    extra_parts = [n for n, _ in experts.named_children() if n != "act_fn"]  # e.g. a per-expert norm
+    plain = (down.shape == (E, D, F2 // 2) and x_TD.shape[-1] == D and not hasattr(experts, "gate_up_proj_bias")
+             and not extra_parts
+             and type(getattr(experts, "act_fn", None)).__name__ == "SiLUActivation"
+             and not getattr(experts, "is_transposed", False))
+    if not plain:
+        return None
+    gate, up = (x_TD @ gu[e].t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down[e].t()
+
+
+def _reference(entry, experts, x_TD, ids_TK, w_TK, dropped_TK, E: int) -> tuple[torch.Tensor, bool]:
+    """sum_k w_k * expert_{id_k}(x) from the traced choices; whether every expert came from matrices."""
+    y = torch.zeros_like(x_TD, dtype=torch.float32)
+    from_matrices = True
+    for e in range(E):
+        sel = (ids_TK == e) & ~dropped_TK
+        if not sel.any():
+            continue
+        w_T = (w_TK * sel).sum(-1)
+        if entry.weight_on_input:  # Llama 4: the weight scales what the expert sees
+            y_e = _one_expert_dense(experts, x_TD * w_T[:, None].to(x_TD.dtype), e, E)
+            y += y_e.float() * sel.any(-1, keepdim=True)
+            continue
+        y_e = _matrix_expert(experts, x_TD, e)
+        from_matrices &= y_e is not None
+        if y_e is None:
+            y_e = _one_expert(experts, x_TD, e, ids_TK.shape[1])
+        y += w_T[:, None] * y_e.float()
+    return y, from_matrices
+
+
+def _one_expert_dense(experts, x_TD, e: int, E: int) -> torch.Tensor:
+    """Llama 4's experts take [E*T, D] (one slot per expert): expert e's output on x."""
+    slots = torch.zeros(E, *x_TD.shape, dtype=x_TD.dtype)
+    slots[e] = x_TD
+    return experts(slots.reshape(-1, x_TD.shape[-1])).reshape(E, *x_TD.shape)[e]
+
+
+def _rel_err(y_ref: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest deviation relative to the output's scale (tiny random models have tiny outputs)."""
+    return float((y_ref - y).abs().max().detach() / y.abs().max().detach().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("module", sorted(FAMILIES))
+def test_family_traced_and_verified_or_refused(module):
+    model_type = FAMILIES[module]
+    entry = family_entry(model_type)
+    model = tiny_model(model_type)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    if entry.refuse:
+        with pytest.raises(MoelabError, match="cannot trace") as err:
+            HFRoutingRecorder(model)
+        assert "\n" not in str(err.value)
+        return
+    with torch.no_grad():
+        plain = _output(model(input_ids=ids, use_cache=False))
+        seen, handles = _experts_io(model)
+        try:
+            with HFRoutingRecorder(model) as rec:
+                traced = _output(model(input_ids=ids, use_cache=False))
+                layers = rec.pop()
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.equal(plain, traced), "tracing changed the model's output"
+        assert layers and [c.routing.layer for c in layers] == sorted(seen)
+        for cap in layers:
+            r = cap.routing
+            args, y_out, block_in = seen[r.layer]
+            block = next(b for b in find_moe_blocks(model) if b.block == r.layer)
+            E = r.probs_TE.shape[-1]
+            assert r.expert_ids_TK.shape[0] == ids.numel() and int(r.expert_ids_TK.max()) < E
+            assert (r.weights_TK[:, :-1] >= r.weights_TK[:, 1:]).all()  # rank 0 = largest weight
+            x = block_in if entry.weight_on_input else args[0]  # Llama 4's experts see x already scaled
+            x_TD = x.reshape(-1, x.shape[-1])
+            y_ref, _ = _reference(entry, block.experts, x_TD, r.expert_ids_TK, r.weights_TK, r.dropped_TK, E)
+            y_TD = y_out.reshape(-1, y_out.shape[-1]).float()
+            if entry.weight_on_input:
+                y_TD = y_out.reshape(E, -1, y_out.shape[-1]).sum(0).float()
+            assert _rel_err(y_ref, y_TD) < 1e-4, f"block {r.layer}: the trace does not reproduce the experts' output"
+            if entry.score == "softmax":
+                torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(r.probs_TE.shape[0]))
+
+
+def test_hooks_are_removed_and_logits_flag_is_not_needed():
+    model = tiny_model("mixtral")
+    n_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), output_router_logits=False, use_cache=False)
+        assert len(rec.pop()) == 2
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_before
+
+
+def test_the_matrix_reference_is_used_where_experts_are_stacked():
+    """The module-free reference (weights alone) covers the common layout, so it is not vacuous."""
+    covered = []
+    for module in ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe"):
+        model = tiny_model(FAMILIES[module])
+        blocks = find_moe_blocks(model)
+        x = torch.randn(5, blocks[0].experts.gate_up_proj.shape[-1])
+        y = _matrix_expert(blocks[0].experts, x, 1)
+        covered.append(y is not None)
+        with torch.no_grad():
+            torch.testing.assert_close(y, _one_expert(blocks[0].experts, x, 1, 2))
+    assert all(covered)
+
+
+def test_the_reference_rejects_a_wrong_trace():
+    """The check can fail: the same trace with each token's two choices swapped no longer reproduces."""
+    model = tiny_model("mixtral")
+    seen, handles = _experts_io(model)
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=torch.arange(16).view(2, 8), use_cache=False)
+        r = rec.pop()[0].routing
+    for h in handles:
+        h.remove()
+    args, y_out, _ = seen[0]
+    experts = find_moe_blocks(model)[0].experts
+    x_TD, y_TD = args[0].reshape(-1, HIDDEN), y_out.reshape(-1, HIDDEN)
+    y_ok, _ = _reference(family_entry("mixtral"), experts, x_TD, r.expert_ids_TK, r.weights_TK, r.dropped_TK, 8)
+    y_bad, _ = _reference(family_entry("mixtral"), experts, x_TD, r.expert_ids_TK.flip(-1), r.weights_TK,
+                          r.dropped_TK, 8)
+    assert _rel_err(y_ok, y_TD) < 1e-4 and _rel_err(y_bad, y_TD) > 1e-2
+
+
+def test_an_unlisted_family_is_served_and_labelled_so():
+    """A family transformers adds later needs no table row: its decision still comes from the experts'
+    arguments, and the metadata says the probabilities column is a plain softmax of its logits."""
+    model = tiny_model("mixtral")
+    with torch.no_grad(), HFRoutingRecorder(model, "some_future_moe") as rec:
+        model(input_ids=torch.arange(6).view(1, 6), use_cache=False)
+        layers = rec.pop()
+    assert "not in moelab's family table" in rec.entry.rule and len(layers) == 2
+
+
+def test_a_block_run_twice_in_one_forward_is_refused():
+    model = tiny_model("mixtral")
+    block = find_moe_blocks(model)[0]
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        x = torch.randn(1, 3, HIDDEN)
+        block.module(x)
+        block.module(x)
+        with pytest.raises(MoelabError, match="ran 2 times in one forward"):
+            rec.pop()
+
+
+def test_a_model_without_moe_layers_is_refused():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2)
+    with pytest.raises(MoelabError, match="no MoE layers"):
+        HFRoutingRecorder(transformers.LlamaForCausalLM(cfg))
+
+
+def support_table() -> str:
+    from moelab.trace.adapters import family_entry
+
+    head = ["# Hugging Face MoE families: what `moelab trace --hf` serves", "",
+            f"Generated by `python tests/trace/test_hf_coverage.py --write` from transformers "
+            f"{transformers.__version__}'s decoder MoE families ({len(FAMILIES)} modeling files) and "
+            "`moelab.trace.adapters.FAMILIES`. \"traced\" means `tests/trace/test_hf_coverage.py` builds a "
+            "tiny random model of the family, traces it by hooks, recomputes every MoE layer's expert output "
+            "from the traced experts and weights alone and matches the block's own (and checks the logits "
+            "are unchanged by tracing). Weights sum to 1: whether a token's combine weights do (a sigmoid "
+            "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
+            "not a distribution); a trace records what it measured on its first forward.", "",
+            "A trace's sidecar (`extra`) records `family`, `routing_rule`, `scoring_function` (what its `probs` "
+            "column holds), `weights_sum_to_one` (measured) and `moe_blocks`. Flags of `moelab trace --hf`: "
+            "`--device`, `--dtype` (auto, float32, bfloat16, float16) and `--device-map auto` (needs accelerate; "
+            "without it the command says so in one line and exits 2). A refused family, a model without MoE "
+            "layers or a router that cannot be found is reported in one line before any weight is loaded.", "",
+            "| family (modeling file) | model_type | status | scoring (probs column) | weights sum to 1 | "
+            "routing rule / why refused |", "|---|---|---|---|---|---|"]
+    rows = []
+    for module, model_type in sorted(FAMILIES.items()):
+        e = family_entry(model_type)
+        status = "refused" if e.refuse else "traced"
+        rows.append(f"| {module} | {model_type} | {status} | {e.score} | {SUMS[e.sums_to_one]} | "
+                    f"{e.refuse or e.rule} |")
+    return "\n".join(head + rows + conversion_rows()) + "\n"
+
+
+def conversion_rows() -> list[str]:
+    from moelab.hf.families import CONVERT_DSV3, FAMILIES as BOTH_WAYS, MISSING_PIECE
+
+    out = ["", "## Conversion to moelab's model (`moelab convert --from-hf`)", "",
+           "Logits parity <= 1e-4 is tested for each converted family (tests/hf/test_import_parity.py, "
+           "tests/hf/test_import_dsv3.py). The DeepSeek-V3-style ones use moelab's DeepSeek-V3 router "
+           "(`score = \"sigmoid\"`, `n_group`/`topk_group`, `routed_scaling_factor`, the correction bias as "
+           "the frozen selection bias) and convert one way only.", "",
+           "| family | conversion |", "|---|---|"]
+    out += [f"| {f} | both ways |" for f in BOTH_WAYS]
+    out += [f"| {f} | to moelab (a config moelab cannot express is refused naming the field, e.g. GLM-4.5's "
+            "partial rotary embeddings) |" for f in CONVERT_DSV3]
+    out += [f"| {f} | refused: moelab's model has no {why} |" for f, why in sorted(MISSING_PIECE.items())]
+    return out
+
+
+def test_support_table_in_docs_is_current():
+    if DOC.is_file() and f"transformers {transformers.__version__}'s" not in DOC.read_text():
+        pytest.skip(f"docs/HF_SUPPORT.md describes another transformers version than {transformers.__version__}")
+    assert DOC.is_file() and DOC.read_text() == support_table(), \
+        "docs/HF_SUPPORT.md is stale: run python tests/trace/test_hf_coverage.py --write"
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    DOC.write_text(support_table())
+    print(f"wrote {DOC}")
