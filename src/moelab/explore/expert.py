@@ -1,0 +1,127 @@
+"""What one expert of one layer takes: its load by domain, language and position bucket against a null,
+its most frequent and highest-lift tokens (with contexts), and the experts chosen beside it.
+
+Counts are choices before dropping, all ranks (docs/TRACE.md's convention). The null for a group's
+share keeps the expert's load: if labels were shuffled over the layer's rows, a group of n rows would
+give the expert its overall share p = c_e / N on average, with the hypergeometric spread
+sqrt(p (1 - p) (N - n) / ((N - 1) n)); the page shows p and that 95% band beside each observed share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MIN_TOKEN_COUNT = 10  # lift is only ranked for token ids with this many rows at the layer
+TOP_TOKENS = 15
+CONTEXTS_PER_TOKEN = 2
+CONTEXT_RADIUS = 6
+# Position buckets grow by 4x: doc_pos + 1 in [4^b, 4^(b+1)).
+BUCKET_SQL = "CAST(floor(log2(doc_pos + 1) / 2) AS BIGINT)"
+
+
+def bucket_label(b: int) -> str:
+    return f"pos {4 ** b - 1}-{4 ** (b + 1) - 2}"
+
+
+def share_rows(counts: dict[Any, tuple[int, int]], total_e: int, total: int) -> list[dict[str, Any]]:
+    """Group -> (rows, rows choosing e) -> observed share, null share and its 95% band, lift = obs / null."""
+    p = total_e / total if total else 0.0
+    out = []
+    for group, (n, k) in counts.items():
+        sd = math.sqrt(p * (1 - p) * (total - n) / ((total - 1) * n)) if n and total > 1 else 0.0
+        share = k / n if n else 0.0
+        out.append({"group": group, "rows": n, "count": k, "share": share, "null": p,
+                    "null_lo": max(0.0, p - 1.96 * sd), "null_hi": min(1.0, p + 1.96 * sd),
+                    "lift": share / p if p else None, "outside": abs(share - p) > 1.96 * sd})
+    return sorted(out, key=lambda r: -r["rows"])
+
+
+def label_counts(cur, src: str, layer: int, expert: int) -> dict[str, Any]:
+    """One scan of the layer: rows and rows choosing `expert` by (domain, lang, position bucket)."""
+    cur.execute(f"""SELECT domain, lang, {BUCKET_SQL} AS bucket, count(*), count(*) FILTER (WHERE expert = ?)
+                    FROM {src} WHERE layer = ? GROUP BY ALL""", [expert, layer])
+    cells = cur.fetchall()
+    total = sum(c[3] for c in cells)
+    total_e = sum(c[4] for c in cells)
+    views = {}
+    for name, i in (("domain", 0), ("lang", 1), ("position", 2)):
+        counts: dict[Any, list[int]] = {}
+        for c in cells:
+            acc = counts.setdefault(c[i], [0, 0])
+            acc[0] += c[3]
+            acc[1] += c[4]
+        rows = share_rows({g: tuple(v) for g, v in counts.items()}, total_e, total)
+        if name == "position":
+            rows = sorted(rows, key=lambda r: r["group"])
+            for r in rows:
+                r["group"] = bucket_label(int(r["group"]))
+        views[name] = rows
+    return {"rows": total, "count": total_e, "share": total_e / total if total else 0.0, "by": views}
+
+
+def token_stats(cur, src: str, layer: int, expert: int) -> dict[str, list[dict[str, Any]]]:
+    """Most frequent token ids sent to the expert, and those with the highest lift P(e | v) / P(e)."""
+    cur.execute(f"""SELECT token, count(*) AS n, count(*) FILTER (WHERE expert = ?) AS k
+                    FROM {src} WHERE layer = ? AND token IS NOT NULL GROUP BY token""", [expert, layer])
+    rows = cur.fetchall()
+    total = sum(r[1] for r in rows)
+    total_e = sum(r[2] for r in rows)
+    p = total_e / total if total else 0.0
+    stats = [{"token": int(t), "rows": int(n), "count": int(k), "share": k / n,
+              "lift": (k / n) / p if p else None} for t, n, k in rows if k]
+    frequent = sorted(stats, key=lambda r: (-r["count"], r["token"]))[:TOP_TOKENS]
+    lifted = sorted((r for r in stats if r["rows"] >= MIN_TOKEN_COUNT),
+                    key=lambda r: (-r["lift"], -r["count"], r["token"]))[:TOP_TOKENS]
+    return {"frequent": frequent, "lift": lifted}
+
+
+def contexts(cur, src: str, layer: int, expert: int, tokens: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """A few places where each token went to the expert, with the token ids around it."""
+    if not tokens:
+        return {}
+    marks = ", ".join("?" for _ in tokens)
+    cur.execute(f"""SELECT token, seq, pos FROM {src} WHERE layer = ? AND expert = ? AND token IN ({marks})
+                    QUALIFY row_number() OVER (PARTITION BY token ORDER BY seq, pos) <= ?""",
+                [layer, expert, *tokens, CONTEXTS_PER_TOKEN])
+    hits = cur.fetchall()
+    if not hits:
+        return {}
+    where = " OR ".join("(seq = ? AND pos BETWEEN ? AND ?)" for _ in hits)
+    params = [v for _, s, p in hits for v in (s, p - CONTEXT_RADIUS, p + CONTEXT_RADIUS)]
+    lo, hi = min(h[1] for h in hits), max(h[1] for h in hits)
+    cur.execute(f"""SELECT seq, pos, token FROM {src} WHERE layer = 0 AND rank = 0 AND seq BETWEEN ? AND ?
+                    AND ({where}) ORDER BY seq, pos""", [lo, hi, *params])
+    around: dict[int, list[tuple[int, int]]] = {}
+    for s, p, t in cur.fetchall():
+        around.setdefault(s, []).append((p, t))
+    out: dict[int, list[dict[str, Any]]] = {}
+    for t, s, p in sorted(hits, key=lambda h: (h[0], h[1], h[2])):
+        window = [(q, tok) for q, tok in around.get(s, []) if abs(q - p) <= CONTEXT_RADIUS]
+        out.setdefault(int(t), []).append({"seq": s, "pos": p, "ids": [tok for _, tok in window],
+                                           "at": [q for q, _ in window].index(p)})
+    return out
+
+
+def coactivation(cur, src: str, layer: int, expert: int, top_k: int) -> list[dict[str, Any]]:
+    """Experts chosen in the same (token, layer) as `expert`, against a null that keeps every load:
+    expected = tokens choosing e x (K - 1) x c_j / (all choices - c_e)."""
+    if top_k < 2:
+        return []
+    cur.execute(f"""WITH hit AS (SELECT seq, pos FROM {src} WHERE layer = ? AND expert = ?)
+                    SELECT t.expert, count(*) FROM {src} t SEMI JOIN hit USING (seq, pos)
+                    WHERE t.layer = ? AND t.expert <> ? GROUP BY t.expert""", [layer, expert, layer, expert])
+    together = dict(cur.fetchall())
+    cur.execute(f"SELECT expert, count(*) FROM {src} WHERE layer = ? GROUP BY expert", [layer])
+    load = dict(cur.fetchall())
+    tokens_e = load.get(expert, 0)
+    others = sum(load.values()) - tokens_e
+    out = []
+    for j, c in load.items():
+        if j == expert:
+            continue
+        expected = tokens_e * (top_k - 1) * c / others if others else 0.0
+        seen = int(together.get(j, 0))
+        out.append({"expert": int(j), "count": seen, "expected": expected,
+                    "ratio": seen / expected if expected else None})
+    return sorted(out, key=lambda r: (-(r["ratio"] or 0), r["expert"]))
