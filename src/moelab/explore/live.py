@@ -32,7 +32,9 @@ class LiveModel:
     def route(self, text: str) -> dict[str, Any]:
         from moelab.trace.capture import RoutingRecorder
 
-        ids = self.tokenizer.encode(text)[:MAX_PROMPT_TOKENS]
+        ids = self.tokenizer.encode(text)
+        limit = min(MAX_PROMPT_TOKENS, self.model.config.max_seq_len)
+        truncated, ids = len(ids) > limit, ids[:limit]
         if not ids:
             raise MoelabError("the prompt encodes to no tokens")
         with self._lock, RoutingRecorder(self.model) as rec:
@@ -47,7 +49,7 @@ class LiveModel:
                    "experts": [lay[0][t] for lay in layers], "weights": [lay[1][t] for lay in layers],
                    "probs": [lay[2][t] for lay in layers], "dropped": [lay[3][t] for lay in layers]}
                   for t, tok in enumerate(ids)]
-        return {"tokens": tokens, "truncated": False, **self.info()}
+        return {"tokens": tokens, "truncated": truncated, **self.info()}
 
 
 def load_live(checkpoint: str | Path, tokenizer_path: str | None):
