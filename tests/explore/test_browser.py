@@ -141,3 +141,45 @@ def test_diff_view_highlights_planted_changes(page):
     assert page.locator("#diff-tokens .tok.changed").count() == 0
     page.hover("#diff-tokens .tok[data-i='3']")
     assert "A margin" in page.inner_text("#diff-panel")
+
+
+def test_live_view_shows_the_models_routing(browser, traces, tmp_path):
+    from moelab.data.tokenizer import train_tokenizer
+    from moelab.explore.commands import build_explorer
+    from moelab.model.config import ModelConfig, MoEConfig
+    from moelab.model.transformer import build_model
+    from moelab.train.checkpoint import save_checkpoint
+
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n", "The quick brown fox."] * 50, 400)
+    tok_file = tok.save(tmp_path / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=400, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, max_seq_len=64,
+                      moe=MoEConfig(num_experts=8, top_k=2, moe_every=1, expert_hidden=16))
+    model = build_model(cfg, seed=0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"model": cfg.to_dict()}, step=1)
+    server = bind(build_explorer([str(traces[0])], model=str(ckpt), tokenizer=str(tok_file)), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        pg.click("#tab-live")
+        pg.fill("#live-text", "def f(x): return x")
+        pg.click("#live-run")
+        pg.wait_for_selector("#live-tokens .tok")
+        ids = tok.encode("def f(x): return x")
+        assert pg.locator("#live-tokens .tok").count() == len(ids)
+        assert pg.inner_text("#live-tokens").replace("\n", "") == "".join(tok.decode([i]) for i in ids)
+        import torch
+
+        routing = model(torch.tensor([ids]), return_routing=True).routing
+        pg.hover("#live-tokens .tok[data-i='1']")
+        for layer, r in enumerate(routing):
+            cell = pg.locator(f"#live-panel tr[data-layer='{layer}'] td[data-rank='0']").first
+            assert cell.get_attribute("data-expert") == str(int(r.expert_ids_TK[1, 0]))
+    except Exception:
+        pg.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        raise
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

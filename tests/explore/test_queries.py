@@ -17,6 +17,11 @@ from moelab.trace.io import TraceWriter, open_trace
 CHANGED, SWAPPED, K, LAYERS, SEQ_LEN, SEQS = [(0, 3), (0, 5)], (1, 4), 2, 3, 24, 4  # as conftest plants them
 
 
+@pytest.fixture(scope="module", autouse=True)
+def summaries_built(explorer):
+    assert all(s.wait(60) and s.error is None for s in explorer.summaries)
+
+
 @pytest.fixture(scope="module")
 def rows(traces):
     return pq.read_table(traces[0]).to_pylist()
@@ -94,6 +99,7 @@ def test_null_case_gives_lift_one(tmp_path, traces):
     with TraceWriter(tmp_path / "same.parquet", open_trace(traces[0]).meta) as w:
         w.write(cols)
     ex = build_explorer([str(tmp_path / "same.parquet")])
+    ex.summaries[0].wait()
     for e in range(8):
         for r in ex.expert({"layer": "2", "expert": str(e)})["by"]["domain"]:
             assert r["share"] == pytest.approx(r["null"]) and not r["outside"]
@@ -140,12 +146,12 @@ def test_diff_finds_planted_changes_and_nothing_in_a_self_diff(explorer):
     changed = set()
     for doc in range(SEQS):
         d = explorer.diff({"a": "0", "b": "1", "doc": str(doc)})
+        probs = [t["probs"] for t in explorer.doc({"doc": str(doc)})["tokens"]]
         for t in d["tokens"]:
             for l, x in enumerate(t["layers"]):
                 if x["changed"]:
                     changed.add((t["seq"], t["pos"], l, x["set_changed"], x["top1_changed"]))
-                assert x["margin_a"] == pytest.approx(explorer.doc({"doc": str(doc)})["tokens"][t["pos"]]["probs"][l][0]
-                                                      - explorer.doc({"doc": str(doc)})["tokens"][t["pos"]]["probs"][l][1])
+                assert x["margin_a"] == pytest.approx(probs[t["pos"]][l][0] - probs[t["pos"]][l][1])
         same = explorer.diff({"a": "0", "b": "0", "doc": str(doc)})
         assert all(s["changed"] == 0 for s in same["summary"])
     assert changed == {(s, p, 1, True, True) for s, p in CHANGED} | {(*SWAPPED, 1, False, True)}

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from moelab.config import MoelabError
 from moelab.explore import diff, expert, queries
+from moelab.explore.summary import ExpertSummary
 from moelab.trace.io import open_trace
 
 ROUTING_COLUMNS = ["seq", "pos", "layer", "rank", "expert"]
@@ -76,6 +77,8 @@ class Explorer:
         self.sources, self.tokenizer, self.live_model = sources, tokenizer, live
         self.db = duckdb.connect(":memory:")
         self._text = lru_cache(maxsize=1 << 16)(self._decode)
+        self.summaries = [ExpertSummary(self.db, s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k).start()
+                          for s in sources]
 
     def _decode(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"#{token}"
@@ -120,16 +123,23 @@ class Explorer:
             t["text"] = self.text(t["token"])
         return out
 
-    def expert(self, params: dict[str, str]) -> dict[str, Any]:
+    def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
         src, cur = self.source(params), self.db.cursor()
         layer, e = _int(params, "layer", 0), _int(params, "expert", 0)
         if not 0 <= layer < src.num_layers or not 0 <= e < src.meta.num_experts[layer]:
             raise MoelabError(f"layer {layer} has no expert {e}")
-        out = {"layer": layer, "expert": e, **expert.label_counts(cur, src.sql, layer, e),
-               "coactivation": expert.coactivation(cur, src.sql, layer, e, src.top_k),
+        summary = self.summaries[src.index]
+        if not summary.wait(wait):
+            return {"pending": True, "progress": summary.progress}
+        if summary.error:
+            raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
+        labels, tokens = summary.tables["labels"], summary.tables["tokens"]
+        out = {"layer": layer, "expert": e, **expert.label_counts(cur, labels, layer, e),
+               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(cur, labels, layer),
+                                                   layer, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(cur, src.sql, layer, e)
+            out["tokens"] = expert.token_stats(cur, tokens, layer, e)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}

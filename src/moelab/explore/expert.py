@@ -16,8 +16,6 @@ MIN_TOKEN_COUNT = 10  # lift is only ranked for token ids with this many rows at
 TOP_TOKENS = 15
 CONTEXTS_PER_TOKEN = 2
 CONTEXT_RADIUS = 6
-# Position buckets grow by 4x: doc_pos + 1 in [4^b, 4^(b+1)).
-BUCKET_SQL = "CAST(floor(log2(doc_pos + 1) / 2) AS BIGINT)"
 
 
 def bucket_label(b: int) -> str:
@@ -37,10 +35,10 @@ def share_rows(counts: dict[Any, tuple[int, int]], total_e: int, total: int) -> 
     return sorted(out, key=lambda r: -r["rows"])
 
 
-def label_counts(cur, src: str, layer: int, expert: int) -> dict[str, Any]:
-    """One scan of the layer: rows and rows choosing `expert` by (domain, lang, position bucket)."""
-    cur.execute(f"""SELECT domain, lang, {BUCKET_SQL} AS bucket, count(*), count(*) FILTER (WHERE expert = ?)
-                    FROM {src} WHERE layer = ? GROUP BY ALL""", [expert, layer])
+def label_counts(cur, labels: str, layer: int, expert: int) -> dict[str, Any]:
+    """Rows and rows choosing `expert` by domain, lang and position bucket (from the summary table)."""
+    cur.execute(f"""SELECT domain, lang, bucket, sum(n), coalesce(sum(n) FILTER (WHERE expert = ?), 0)
+                    FROM {labels} WHERE layer = ? GROUP BY ALL""", [expert, layer])
     cells = cur.fetchall()
     total = sum(c[3] for c in cells)
     total_e = sum(c[4] for c in cells)
@@ -60,14 +58,16 @@ def label_counts(cur, src: str, layer: int, expert: int) -> dict[str, Any]:
     return {"rows": total, "count": total_e, "share": total_e / total if total else 0.0, "by": views}
 
 
-def token_stats(cur, src: str, layer: int, expert: int) -> dict[str, list[dict[str, Any]]]:
+def token_stats(cur, tokens: str, layer: int, expert: int) -> dict[str, list[dict[str, Any]]]:
     """Most frequent token ids sent to the expert, and those with the highest lift P(e | v) / P(e)."""
-    cur.execute(f"""SELECT token, count(*) AS n, count(*) FILTER (WHERE expert = ?) AS k
-                    FROM {src} WHERE layer = ? AND token IS NOT NULL GROUP BY token""", [expert, layer])
-    rows = cur.fetchall()
-    total = sum(r[1] for r in rows)
-    total_e = sum(r[2] for r in rows)
+    cur.execute(f"SELECT sum(n), coalesce(sum(n) FILTER (WHERE expert = ?), 0) FROM {tokens} WHERE layer = ?",
+                [expert, layer])
+    total, total_e = cur.fetchone()
     p = total_e / total if total else 0.0
+    cur.execute(f"""WITH hit AS (SELECT token, n AS k FROM {tokens} WHERE layer = ? AND expert = ?)
+                    SELECT hit.token, sum(t.n), any_value(hit.k) FROM hit JOIN {tokens} t
+                    ON t.token = hit.token AND t.layer = ? GROUP BY hit.token""", [layer, expert, layer])
+    rows = cur.fetchall()
     stats = [{"token": int(t), "rows": int(n), "count": int(k), "share": k / n,
               "lift": (k / n) / p if p else None} for t, n, k in rows if k]
     frequent = sorted(stats, key=lambda r: (-r["count"], r["token"]))[:TOP_TOKENS]
@@ -77,51 +77,41 @@ def token_stats(cur, src: str, layer: int, expert: int) -> dict[str, list[dict[s
 
 
 def contexts(cur, src: str, layer: int, expert: int, tokens: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """A few places where each token went to the expert, with the token ids around it."""
-    if not tokens:
-        return {}
-    marks = ", ".join("?" for _ in tokens)
-    cur.execute(f"""SELECT token, seq, pos FROM {src} WHERE layer = ? AND expert = ? AND token IN ({marks})
-                    QUALIFY row_number() OVER (PARTITION BY token ORDER BY seq, pos) <= ?""",
-                [layer, expert, *tokens, CONTEXTS_PER_TOKEN])
-    hits = cur.fetchall()
-    if not hits:
-        return {}
-    where = " OR ".join("(seq = ? AND pos BETWEEN ? AND ?)" for _ in hits)
-    params = [v for _, s, p in hits for v in (s, p - CONTEXT_RADIUS, p + CONTEXT_RADIUS)]
-    lo, hi = min(h[1] for h in hits), max(h[1] for h in hits)
-    cur.execute(f"""SELECT seq, pos, token FROM {src} WHERE layer = 0 AND rank = 0 AND seq BETWEEN ? AND ?
-                    AND ({where}) ORDER BY seq, pos""", [lo, hi, *params])
-    around: dict[int, list[tuple[int, int]]] = {}
-    for s, p, t in cur.fetchall():
-        around.setdefault(s, []).append((p, t))
+    """A few places where each token went to the expert, with the token ids around it. One query per
+    token with a LIMIT, so DuckDB stops at the first rows it finds instead of scanning the file."""
+    hits = []
+    for tok in tokens:
+        cur.execute(f"""SELECT seq, pos FROM {src} WHERE layer = ? AND expert = ? AND token = ? LIMIT ?""",
+                    [layer, expert, tok, CONTEXTS_PER_TOKEN])
+        hits += [(tok, s, p) for s, p in sorted(cur.fetchall())]
     out: dict[int, list[dict[str, Any]]] = {}
-    for t, s, p in sorted(hits, key=lambda h: (h[0], h[1], h[2])):
-        window = [(q, tok) for q, tok in around.get(s, []) if abs(q - p) <= CONTEXT_RADIUS]
+    for t, s, p in hits:
+        cur.execute(f"""SELECT pos, token FROM {src} WHERE seq = ? AND layer = 0 AND rank = 0
+                        AND pos BETWEEN ? AND ? ORDER BY pos""", [s, p - CONTEXT_RADIUS, p + CONTEXT_RADIUS])
+        window = cur.fetchall()
         out.setdefault(int(t), []).append({"seq": s, "pos": p, "ids": [tok for _, tok in window],
                                            "at": [q for q, _ in window].index(p)})
     return out
 
 
-def coactivation(cur, src: str, layer: int, expert: int, top_k: int) -> list[dict[str, Any]]:
+def coactivation(pairs_LEE, load_E: dict[int, int], layer: int, expert: int, top_k: int) -> list[dict[str, Any]]:
     """Experts chosen in the same (token, layer) as `expert`, against a null that keeps every load:
     expected = tokens choosing e x (K - 1) x c_j / (all choices - c_e)."""
     if top_k < 2:
         return []
-    cur.execute(f"""WITH hit AS (SELECT seq, pos FROM {src} WHERE layer = ? AND expert = ?)
-                    SELECT t.expert, count(*) FROM {src} t SEMI JOIN hit USING (seq, pos)
-                    WHERE t.layer = ? AND t.expert <> ? GROUP BY t.expert""", [layer, expert, layer, expert])
-    together = dict(cur.fetchall())
-    cur.execute(f"SELECT expert, count(*) FROM {src} WHERE layer = ? GROUP BY expert", [layer])
-    load = dict(cur.fetchall())
-    tokens_e = load.get(expert, 0)
-    others = sum(load.values()) - tokens_e
+    tokens_e = load_E.get(expert, 0)
+    others = sum(load_E.values()) - tokens_e
     out = []
-    for j, c in load.items():
+    for j, c in load_E.items():
         if j == expert:
             continue
         expected = tokens_e * (top_k - 1) * c / others if others else 0.0
-        seen = int(together.get(j, 0))
+        seen = int(pairs_LEE[layer, expert, j])
         out.append({"expert": int(j), "count": seen, "expected": expected,
                     "ratio": seen / expected if expected else None})
     return sorted(out, key=lambda r: (-(r["ratio"] or 0), r["expert"]))
+
+
+def expert_load(cur, labels: str, layer: int) -> dict[int, int]:
+    cur.execute(f"SELECT expert, sum(n) FROM {labels} WHERE layer = ? GROUP BY expert", [layer])
+    return {int(e): int(n) for e, n in cur.fetchall()}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from moelab.trace.io import CONSTANT_DEFAULTS, COPIED_DEFAULTS
 
 MAX_DOC_TOKENS = 4096  # a text view shows at most this many tokens of a document
@@ -72,43 +74,56 @@ def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int,
                limit: int = MAX_DOC_TOKENS) -> dict[str, Any]:
     """A document's tokens and, per token, every layer's choices: experts/weights/probs/dropped [T][L][K].
 
-    The document's sequences come from the index's first sequence onward; the seq range lets DuckDB
-    skip row groups by their statistics instead of scanning for `doc` everywhere."""
+    The seq range found first lets DuckDB skip row groups by their statistics in the main query."""
     cur.execute(f"SELECT min(seq), max(seq) FROM {src} WHERE doc = ? AND layer = 0 AND rank = 0", [doc])
     lo, hi = cur.fetchone()
     if lo is None:
         return {"doc": doc, "tokens": [], "truncated": False}
-    rows = _rows(cur, f"""
+    cur.execute(f"""
         SELECT seq, pos, doc_pos, token, turn, layer, rank, expert, weight, prob, dropped FROM {src}
-        WHERE seq BETWEEN ? AND ? AND doc = ? ORDER BY seq, pos, layer, rank""", [lo, hi, doc])
-    return {"doc": doc, **_assemble(rows, num_layers, top_k, limit)}
+        WHERE seq BETWEEN ? AND ? AND doc = ? ORDER BY seq, pos, layer, rank LIMIT ?""",
+                [lo, hi, doc, (limit + 1) * num_layers * top_k])
+    return {"doc": doc, **assemble(cur.fetchnumpy(), num_layers, top_k, limit)}
 
 
-def _assemble(rows: list[dict[str, Any]], num_layers: int, top_k: int, limit: int) -> dict[str, Any]:
-    """(token, layer, rank) rows in order -> one entry per token with [L][K] lists of its choices."""
-    tokens: list[dict[str, Any]] = []
-    index: dict[tuple[int, int], dict[str, Any]] = {}
-    truncated = False
-    for r in rows:
-        key = (r["seq"], r["pos"])
-        tok = index.get(key)
-        if tok is None:
-            if len(tokens) >= limit:
-                truncated = True
-                break
-            tok = {"seq": r["seq"], "pos": r["pos"], "doc_pos": r["doc_pos"], "token": r["token"],
-                   "turn": r["turn"], "experts": [[None] * top_k for _ in range(num_layers)],
-                   "weights": [[None] * top_k for _ in range(num_layers)],
-                   "probs": [[None] * top_k for _ in range(num_layers)],
-                   "dropped": [[False] * top_k for _ in range(num_layers)]}
-            index[key] = tok
-            tokens.append(tok)
-        l, k = r["layer"], r["rank"]
-        tok["experts"][l][k] = r["expert"]
-        tok["weights"][l][k] = r["weight"]
-        tok["probs"][l][k] = r["prob"]
-        tok["dropped"][l][k] = bool(r["dropped"])
-    return {"tokens": tokens, "truncated": truncated}
+def _values(col) -> tuple[np.ndarray, np.ndarray]:
+    """A fetched column -> (values, null mask); DuckDB gives masked arrays where a column has nulls."""
+    return np.asarray(np.ma.getdata(col)), np.ma.getmaskarray(col)
+
+
+def _grid(col, at: tuple, shape: tuple, fill) -> list:
+    """Scatter one column's rows into a (T, L, K) nested list; cells without a row, or null, are None."""
+    values, null = _values(col)
+    grid = np.full(shape, None, dtype=object)
+    grid[at] = np.where(null, None, values.astype(object))
+    return grid.tolist()
+
+
+def assemble(cols: dict[str, Any], num_layers: int, top_k: int, limit: int) -> dict[str, Any]:
+    """(token, layer, rank) rows in order -> one entry per token with [L][K] lists of its choices
+    (None where a token has no row for that layer and rank, as a trace from another writer may)."""
+    seq, pos = _values(cols["seq"])[0], _values(cols["pos"])[0]
+    new_R = np.ones(len(seq), bool)
+    new_R[1:] = (seq[1:] != seq[:-1]) | (pos[1:] != pos[:-1])
+    starts_T = np.flatnonzero(new_R)
+    truncated = len(starts_T) > limit
+    starts_T = starts_T[:limit]
+    tok_R = np.cumsum(new_R) - 1
+    keep_R = tok_R < len(starts_T)
+    at = (tok_R[keep_R], _values(cols["layer"])[0][keep_R], _values(cols["rank"])[0][keep_R])
+    shape = (len(starts_T), num_layers, top_k)
+    sub = {name: np.ma.asarray(cols[name])[keep_R] for name in ("expert", "weight", "prob", "dropped")}
+    experts, weights, probs = (_grid(sub[c], at, shape, None) for c in ("expert", "weight", "prob"))
+    dropped = np.zeros(shape, bool)
+    dropped[at] = _values(sub["dropped"])[0].astype(bool)
+    dropped = dropped.tolist()
+    token, token_null = _values(cols["token"])
+    head = {c: _values(cols[c])[0][starts_T].tolist() for c in ("seq", "pos", "doc_pos", "turn")}
+    tokens = [{"seq": head["seq"][t], "pos": head["pos"][t], "doc_pos": head["doc_pos"][t],
+               "token": None if token_null[i] else int(token[i]), "turn": head["turn"][t],
+               "experts": experts[t], "weights": weights[t], "probs": probs[t], "dropped": dropped[t]}
+              for t, i in enumerate(starts_T.tolist())]
+    return {"tokens": tokens, "truncated": bool(truncated)}
 
 
 def token_ids_max(cur, src: str) -> int | None:

@@ -204,7 +204,12 @@ async function openExpert(layer, e) {
   selectView("expert");
   $("x-layer").value = layer;
   $("x-expert").value = e;
-  const d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
+  let d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
+  while (d.pending) {  // the expert summaries are still being built by one pass over the trace
+    status(`building the expert summaries: ${pct(d.progress)}`);
+    await new Promise((r) => setTimeout(r, 1000));
+    d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
+  }
   const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${r.count}</td>` +
     `<td>${num(r.expected, 1)}</td><td>${num(r.ratio, 2)}</td></tr>`).join("");
   $("expert-body").innerHTML =
