@@ -77,8 +77,13 @@ class Explorer:
         self.sources, self.tokenizer, self.live_model = sources, tokenizer, live
         self.db = duckdb.connect(":memory:")
         self._text = lru_cache(maxsize=1 << 16)(self._decode)
-        self.summaries = [ExpertSummary(self.db, s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k).start()
-                          for s in sources]
+        by_file: dict[Path, ExpertSummary] = {}  # a trace opened twice (a self-diff) is summarised once
+        for s in sources:
+            if s.path.resolve() not in by_file:
+                by_file[s.path.resolve()] = ExpertSummary(
+                    s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k,
+                    first=lambda s=s: s.docs(self.db.cursor())).start()
+        self.summaries = [by_file[s.path.resolve()] for s in sources]
 
     def _decode(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"#{token}"
@@ -133,13 +138,13 @@ class Explorer:
             return {"pending": True, "progress": summary.progress}
         if summary.error:
             raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
-        labels, tokens = summary.tables["labels"], summary.tables["tokens"]
-        out = {"layer": layer, "expert": e, **expert.label_counts(cur, labels, layer, e),
-               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(cur, labels, layer),
+        labels, tokens, scur = summary.tables["labels"], summary.tables["tokens"], summary.db.cursor()
+        out = {"layer": layer, "expert": e, **expert.label_counts(scur, labels, layer, e),
+               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
                                                    layer, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(cur, tokens, layer, e)
+            out["tokens"] = expert.token_stats(scur, tokens, layer, e)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}

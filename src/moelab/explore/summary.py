@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import duckdb
 import numpy as np
 
 from moelab.config import MoelabError
@@ -56,10 +57,13 @@ def pair_counts(path: Path, num_experts: list[int], top_k: int, progress=None) -
 
 
 class ExpertSummary:
-    """Summaries of one trace (`tables` names its DuckDB tables), built once in a daemon thread."""
+    """Summaries of one trace (`tables` names its tables in `db`), built once in a daemon thread."""
 
-    def __init__(self, db, src_sql: str, prefix: str, path: Path, num_experts: list[int], top_k: int):
-        self.db, self.src, self.path = db, src_sql, path
+    def __init__(self, src_sql: str, prefix: str, path: Path, num_experts: list[int], top_k: int,
+                 first=None):
+        # A database of its own on one thread: the pass leaves the other core to the page's queries.
+        self.db = duckdb.connect(":memory:", config={"threads": 1})
+        self.src, self.path, self.first = src_sql, path, first
         self.num_experts, self.top_k = num_experts, top_k
         self.tables = {"labels": f"{prefix}_labels", "tokens": f"{prefix}_tokens"}
         self.pairs_LEE: np.ndarray | None = None
@@ -73,6 +77,8 @@ class ExpertSummary:
 
     def _build(self) -> None:
         try:
+            if self.first is not None:  # what the page needs first (the document index), without contention
+                self.first()
             cur = self.db.cursor()
             cur.execute(f"""CREATE OR REPLACE TABLE {self.tables['labels']} AS
                             SELECT layer, expert, domain, lang, {BUCKET_SQL} AS bucket, count(*) AS n
