@@ -144,3 +144,28 @@ def test_live_route_matches_the_models_own_routing(tmp_path, traces, tokenizer_f
             assert tok["probs"][l] == pytest.approx(r.probs_TE[t, r.expert_ids_TK[t]].tolist(), abs=1e-6)
     with pytest.raises(MoelabError, match="no tokens"):
         ex.live({"text": ""})
+
+
+def test_live_route_of_a_transformers_model(tmp_path, traces, tokenizer_file):
+    transformers = pytest.importorskip("transformers")
+    from moelab.data.tokenizer import load_tokenizer
+
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=64, intermediate_size=32,
+                                     num_local_experts=6, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    ex = build_explorer([str(traces[0])], model=str(tmp_path / "hf"), tokenizer=str(tokenizer_file))
+    ids = load_tokenizer(tokenizer_file).encode("return x + 1")
+    got = ex.live({"text": "return x + 1"})
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), output_router_logits=True).router_logits
+    assert len(logits) == 2 and got["num_experts"] == [6, 6]
+    for l, lg in enumerate(logits):
+        probs = torch.softmax(lg.float(), -1)
+        top, ids_TK = probs.topk(2, -1)
+        for t, tok in enumerate(got["tokens"]):
+            assert tok["experts"][l] == ids_TK[t].tolist()
+            assert tok["weights"][l] == pytest.approx((top[t] / top[t].sum()).tolist(), abs=1e-5)
+            assert tok["probs"][l] == pytest.approx(top[t].tolist(), abs=1e-5)

@@ -11,7 +11,8 @@ def register(sub) -> None:
                                    "expert, per-layer paths), expert view, diff of two traces, and a live "
                                    "view with --model. Traces are queried on disk, never loaded whole.")
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.parquet)")
-    p.add_argument("--model", default=None, help="a moelab checkpoint or run folder: enables the live view")
+    p.add_argument("--model", default=None,
+                   help="a moelab checkpoint or run folder, or a transformers MoE model folder: enables the live view")
     p.add_argument("--tokenizer", default=None, help="tokenizer to decode token ids (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
@@ -31,7 +32,7 @@ def build_explorer(traces: list[str], model: str | None = None, tokenizer: str |
         from moelab.explore.live import load_live
 
         live, tok = load_live(model, tokenizer)
-        vocab, what = live.model.config.vocab_size, f"model {model}"
+        vocab, what = live.vocab_size, f"model {model}"
     elif tokenizer is not None:
         from moelab.data.tokenizer import load_tokenizer
 

@@ -124,10 +124,3 @@ def assemble(cols: dict[str, Any], num_layers: int, top_k: int, limit: int) -> d
                "experts": experts[t], "weights": weights[t], "probs": probs[t], "dropped": dropped[t]}
               for t, i in enumerate(starts_T.tolist())]
     return {"tokens": tokens, "truncated": bool(truncated)}
-
-
-def token_ids_max(cur, src: str) -> int | None:
-    """The largest token id in the trace (None when it has no token ids)."""
-    cur.execute(f"SELECT max(token) FROM {src}")
-    value = cur.fetchone()[0]
-    return None if value is None else int(value)
