@@ -6,7 +6,7 @@ const S = { info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, li
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const num = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
-const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(Math.abs(x) < 0.1 ? 2 : 1) + "%");
 
 async function api(path, body) {
   status("loading…");
