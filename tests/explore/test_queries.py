@@ -85,6 +85,18 @@ def test_expert_load_by_label_and_its_null(explorer, rows, layer, e):
             assert r["share"] == pytest.approx(k[g] / n[g]) and r["null"] == pytest.approx(p)
             sd = math.sqrt(p * (1 - p) * (total - n[g]) / ((total - 1) * n[g]))
             assert r["null_lo"] == pytest.approx(max(0, p - 1.96 * sd))
+    for name, key in (("domain", lambda r: r["domain"]), ("lang", lambda r: r["lang"]), ("position", bucket)):
+        for r in got["by"][name]:  # the share's interval over sequences, from per-sequence counts
+            k_s, n_s = Counter(), Counter()
+            for row in rows:
+                if row["layer"] == layer and key(row) == r["group"]:
+                    n_s[row["seq"]] += 1
+                    k_s[row["seq"]] += row["expert"] == e
+            S, share = len(n_s), r["share"]
+            ss = sum((k_s[s] - share * n_s[s]) ** 2 for s in n_s)
+            se = math.sqrt(S / (S - 1) * ss) / sum(n_s.values())
+            assert r["share_lo"] == pytest.approx(max(0, share - 1.96 * se))
+            assert r["share_hi"] == pytest.approx(min(1, share + 1.96 * se))
     if (layer, e) == (2, 3):  # planted: every "code" token has expert 3 among its two choices
         code = next(r for r in got["by"]["domain"] if r["group"] == "code")
         assert code["share"] == 0.5 and code["outside"]

@@ -139,7 +139,7 @@ class Explorer:
         if summary.error:
             raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
         labels, tokens, scur = summary.tables["labels"], summary.tables["tokens"], summary.db.cursor()
-        out = {"layer": layer, "expert": e, **expert.label_counts(scur, labels, layer, e),
+        out = {"layer": layer, "expert": e, **expert.label_counts(scur, summary.tables, layer, e),
                "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
                                                    layer, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}}

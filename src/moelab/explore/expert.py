@@ -22,34 +22,65 @@ def bucket_label(b: int) -> str:
     return f"pos {4 ** b - 1}-{4 ** (b + 1) - 2}"
 
 
-def share_rows(counts: dict[Any, tuple[int, int]], total_e: int, total: int) -> list[dict[str, Any]]:
-    """Group -> (rows, rows choosing e) -> observed share, null share and its 95% band, lift = obs / null."""
+def share_interval(share: float, n: int, kk: float, kn: float, nn: float, seqs: int) -> tuple:
+    """95% interval of a share k/n over sequences: the ratio estimator's sequence-clustered standard error,
+    sqrt(S / (S - 1) * sum_s (k_s - share n_s)^2) / n, from the sums of k_s^2, k_s n_s and n_s^2."""
+    if seqs < 2 or not n:  # one sequence: no spread to measure
+        return None, None
+    ss = max(0.0, kk - 2 * share * kn + share * share * nn)
+    se = math.sqrt(seqs / (seqs - 1) * ss) / n
+    return max(0.0, share - 1.96 * se), min(1.0, share + 1.96 * se)
+
+
+def share_rows(counts: dict[Any, tuple[int, int]], total_e: int, total: int,
+               clusters: dict[Any, tuple] | None = None) -> list[dict[str, Any]]:
+    """Group -> (rows, rows choosing e) -> observed share with its interval over sequences (`clusters`:
+    group -> (kk, kn, nn, seqs)), null share and its 95% band, lift = obs / null."""
     p = total_e / total if total else 0.0
     out = []
     for group, (n, k) in counts.items():
         sd = math.sqrt(p * (1 - p) * (total - n) / ((total - 1) * n)) if n and total > 1 else 0.0
         share = k / n if n else 0.0
-        out.append({"group": group, "rows": n, "count": k, "share": share, "null": p,
+        lo, hi = share_interval(share, n, *clusters[group]) if clusters and group in clusters else (None, None)
+        out.append({"group": group, "rows": n, "count": k, "share": share, "share_lo": lo, "share_hi": hi,
+                    "null": p,
                     "null_lo": max(0.0, p - 1.96 * sd), "null_hi": min(1.0, p + 1.96 * sd),
                     "lift": share / p if p else None, "outside": abs(share - p) > 1.96 * sd})
     return sorted(out, key=lambda r: -r["rows"])
 
 
-def label_counts(cur, labels: str, layer: int, expert: int) -> dict[str, Any]:
-    """Rows and rows choosing `expert` by domain, lang and position bucket (from the summary table)."""
+def cluster_sums(cur, tables: dict[str, str], layer: int, expert: int) -> dict[str, dict[str, tuple]]:
+    """label -> value -> (sum k_s^2, sum k_s n_s, sum n_s^2, sequences) for this expert at this layer."""
+    from moelab.explore.summary import GROUPING_IDS
+
+    cur.execute(f"""SELECT t.gid, t.g, coalesce(c.kk, 0), coalesce(c.kn, 0), t.nn, t.seqs
+                    FROM {tables['cluster_totals']} t LEFT JOIN {tables['clusters']} c
+                    ON c.layer = t.layer AND c.gid = t.gid AND c.g = t.g AND c.expert = ?
+                    WHERE t.layer = ?""", [expert, layer])
+    out: dict[str, dict[str, tuple]] = {}
+    for gid, g, kk, kn, nn, seqs in cur.fetchall():
+        out.setdefault(GROUPING_IDS[gid], {})[g] = (float(kk), float(kn), float(nn), int(seqs))
+    return out
+
+
+def label_counts(cur, tables: dict[str, str], layer: int, expert: int) -> dict[str, Any]:
+    """Rows and rows choosing `expert` by domain, lang and position bucket (from the summary tables)."""
+    labels = tables["labels"]
     cur.execute(f"""SELECT domain, lang, bucket, sum(n), coalesce(sum(n) FILTER (WHERE expert = ?), 0)
                     FROM {labels} WHERE layer = ? GROUP BY ALL""", [expert, layer])
     cells = cur.fetchall()
     total = sum(c[3] for c in cells)
     total_e = sum(c[4] for c in cells)
     views = {}
-    for name, i in (("domain", 0), ("lang", 1), ("position", 2)):
+    sums = cluster_sums(cur, tables, layer, expert)
+    for name, i, dim in (("domain", 0, "domain"), ("lang", 1, "lang"), ("position", 2, "bucket")):
         counts: dict[Any, list[int]] = {}
         for c in cells:
             acc = counts.setdefault(c[i], [0, 0])
             acc[0] += c[3]
             acc[1] += c[4]
-        rows = share_rows({g: tuple(v) for g, v in counts.items()}, total_e, total)
+        clusters = {(int(g) if dim == "bucket" else g): v for g, v in sums.get(dim, {}).items()}
+        rows = share_rows({g: tuple(v) for g, v in counts.items()}, total_e, total, clusters)
         if name == "position":
             rows = sorted(rows, key=lambda r: r["group"])
             for r in rows:

@@ -4,7 +4,11 @@ An expert view over 100M rows cannot scan the file each time and answer in under
 trace gets three small summaries, kept in memory (DuckDB tables and a numpy array), never on disk:
 - labels: rows by (layer, expert, domain, lang, position bucket);
 - tokens: rows by (layer, expert, token);
-- pairs: for each layer, how many tokens chose both experts i and j (the co-activation counts).
+- pairs: for each layer, how many tokens chose both experts i and j (the co-activation counts);
+- clusters / cluster_totals: per (layer, expert, label value) the sums over sequences of k_s^2 and
+  k_s n_s, and per (layer, label value) of n_s^2 and the number of sequences (k_s: rows of sequence s in
+  the group choosing the expert, n_s: all its rows in the group), from which a share's interval over
+  sequences follows without keeping any per-sequence table.
 The server opens without waiting for them; an expert view asked for before they are ready says how far
 the pass has got, and the page asks again.
 """
@@ -23,6 +27,25 @@ from moelab.trace.io import open_trace
 # Position buckets grow by 4x: doc_pos + 1 in [4^b, 4^(b+1)).
 BUCKET_SQL = "CAST(floor(log2(doc_pos + 1) / 2) AS BIGINT)"
 PAIR_BATCH_ROWS = 1 << 20
+# GROUPING(domain, lang, bucket) of each grouping set -> the label it groups by
+GROUPING_IDS = {3: "domain", 5: "lang", 6: "bucket"}
+SETS = "GROUPING SETS ((layer, {x}seq, domain), (layer, {x}seq, lang), (layer, {x}seq, bucket))"
+
+
+def cluster_sql(src: str) -> tuple[str, str]:
+    """Two queries: per (layer, expert, dim, g) sums of k_s^2 and k_s n_s; per (layer, dim, g) sums of n_s^2
+    and the sequence count. One grouping-sets pass each over the rows."""
+    rows = f"(SELECT layer, expert, seq, domain, lang, {BUCKET_SQL} AS bucket FROM {src})"
+    label = "coalesce(domain, lang, CAST(bucket AS VARCHAR))"
+    k_side = f"""WITH per AS (SELECT layer, expert, seq, domain, lang, bucket, GROUPING(domain, lang, bucket) AS gid,
+                                     count(*) AS k FROM {rows} GROUP BY {SETS.format(x="expert, ")}),
+                 withn AS (SELECT *, sum(k) OVER (PARTITION BY layer, seq, gid, domain, lang, bucket) AS n FROM per)
+                 SELECT layer, expert, gid, {label} AS g, sum(k * k) AS kk, sum(k * n) AS kn
+                 FROM withn GROUP BY ALL"""
+    n_side = f"""SELECT layer, gid, {label} AS g, sum(n * n) AS nn, count(*) AS seqs FROM (
+                     SELECT layer, seq, domain, lang, bucket, GROUPING(domain, lang, bucket) AS gid, count(*) AS n
+                     FROM {rows} GROUP BY {SETS.format(x="")}) GROUP BY ALL"""
+    return k_side, n_side
 
 
 def pair_counts(path: Path, num_experts: list[int], top_k: int, progress=None) -> np.ndarray:
@@ -65,7 +88,8 @@ class ExpertSummary:
         self.db = duckdb.connect(":memory:", config={"threads": 1})
         self.src, self.path, self.first = src_sql, path, first
         self.num_experts, self.top_k = num_experts, top_k
-        self.tables = {"labels": f"{prefix}_labels", "tokens": f"{prefix}_tokens"}
+        self.tables = {"labels": f"{prefix}_labels", "tokens": f"{prefix}_tokens",
+                       "clusters": f"{prefix}_clusters", "cluster_totals": f"{prefix}_cluster_totals"}
         self.pairs_LEE: np.ndarray | None = None
         self.progress, self.error = 0.0, None
         self.ready = threading.Event()
@@ -87,9 +111,13 @@ class ExpertSummary:
             cur.execute(f"""CREATE OR REPLACE TABLE {self.tables['tokens']} AS
                             SELECT layer, expert, token, count(*) AS n FROM {self.src}
                             WHERE token IS NOT NULL GROUP BY ALL""")
-            self.progress = 0.5
+            self.progress = 0.4
+            k_side, n_side = cluster_sql(self.src)
+            cur.execute(f"CREATE OR REPLACE TABLE {self.tables['clusters']} AS {k_side}")
+            cur.execute(f"CREATE OR REPLACE TABLE {self.tables['cluster_totals']} AS {n_side}")
+            self.progress = 0.7
             self.pairs_LEE = pair_counts(self.path, self.num_experts, self.top_k,
-                                         lambda f: setattr(self, "progress", 0.5 + 0.5 * f))
+                                         lambda f: setattr(self, "progress", 0.7 + 0.3 * f))
         except Exception as e:  # shown to the page by the expert view, which cannot answer without it
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, MoelabError) else str(e)
         finally:

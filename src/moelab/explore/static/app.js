@@ -181,9 +181,9 @@ function fillLabels() {
 // ---- expert view ------------------------------------------------------------------------------------
 function shareTable(title, rows) {
   let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${r.rows}</td><td>${r.count}</td>` +
-    `<td class="${r.outside ? "out" : ""}">${pct(r.share)}</td><td>${pct(r.null)} [${pct(r.null_lo)}, ${pct(r.null_hi)}]</td>` +
+    `<td class="${r.outside ? "out" : ""}">${pct(r.share)} [${pct(r.share_lo)}, ${pct(r.share_hi)}]</td><td>${pct(r.null)} [${pct(r.null_lo)}, ${pct(r.null_hi)}]</td>` +
     `<td>${num(r.lift, 2)}</td></tr>`).join("");
-  return `<h3>${title}</h3><table><thead><tr><th>${title}</th><th>rows</th><th>to expert</th><th>share</th>` +
+  return `<h3>${title}</h3><table><thead><tr><th>${title}</th><th>rows</th><th>to expert</th><th>share (95% over seqs)</th>` +
     `<th>null (95%)</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
 }
 
@@ -216,7 +216,8 @@ async function openExpert(layer, e) {
     `<h2 id="expert-title">Layer ${d.layer}, expert ${badge(d.expert)}: ${d.count} of ${d.rows} choices (${pct(d.share)})</h2>` +
     `<p class="hint">Counts are choices before dropping, all ranks. <b>Null:</b> the expert's overall load share at this layer ` +
     `(${pct(d.share)}) &mdash; what every group would show if its label were shuffled over the layer's rows, which keeps the ` +
-    `expert's load; the bracket is that shuffle's 95% range for a group of that size. Bold shares fall outside it. ` +
+    `expert's load; its bracket is that shuffle's 95% range for a group of that size. Bold shares fall outside it. ` +
+    `A share's own bracket is its 95% interval over sequences (sequence-clustered standard error). ` +
     `Lift = share / null.</p>` +
     `<div class="grid2"><div>${shareTable("domain", d.by.domain)}</div><div>${shareTable("lang", d.by.lang)}</div>` +
     `<div>${shareTable("position", d.by.position)}</div>` +
