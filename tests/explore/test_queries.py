@@ -177,3 +177,53 @@ def test_diff_refuses_different_tokens():
     assert diff.margin([0.5, None]) is None and diff.margin([0.7]) is None
     assert diff.margin([0.6, 0.25]) == pytest.approx(0.35)
     assert LAYERS == 3
+
+
+def test_document_spanning_sequences_and_defaulted_columns(tmp_path, traces):
+    """doc = seq // 2 (two sequences per document); a file with only the required columns reads too."""
+    t = pq.read_table(traces[0]).to_pydict()
+    cols = {c: t[c] for c in ("seq", "pos", "token", "layer", "rank", "expert", "weight", "prob")}
+    cols["doc"] = [s // 2 for s in t["seq"]]
+    with TraceWriter(tmp_path / "packed.parquet", open_trace(traces[0]).meta) as w:
+        w.write(cols)
+    ex = build_explorer([str(tmp_path / "packed.parquet")])
+    assert [d["doc"] for d in ex.docs({})["docs"]] == [0, 1]
+    got = ex.doc({"doc": "1"})["tokens"]
+    assert [(x["seq"], x["pos"]) for x in got] == [(s, p) for s in (2, 3) for p in range(SEQ_LEN)]
+    assert [x["token"] for x in got] == [t["token"][i] for i in range(len(t["seq"]))
+                                         if t["seq"][i] in (2, 3) and t["layer"][i] == 0 and t["rank"][i] == 0]
+    import pyarrow as pa
+    bare = pa.table({c: t[c] for c in ("seq", "pos", "layer", "rank", "expert")} |
+                    {c: pa.nulls(len(t["seq"])) for c in ("token", "weight", "prob")})  # Arrow null type
+    pq.write_table(bare, tmp_path / "bare.parquet")
+    ex = build_explorer([str(tmp_path / "bare.parquet")])
+    doc = ex.doc({"doc": "0"})["tokens"]
+    assert doc[0]["token"] is None and doc[0]["probs"][0] == [None, None] and doc[0]["dropped"][0] == [False, False]
+    assert ex.docs({})["domains"] == ["unknown"]
+    ex.summaries[0].wait()
+    got = ex.expert({"layer": "0", "expert": "1"})
+    assert got["tokens"] == {"frequent": [], "lift": []} and got["by"]["domain"][0]["group"] == "unknown"
+
+
+def test_expert_view_says_when_its_summaries_are_pending(explorer):
+    import threading
+
+    summary = explorer.summaries[0]
+    done = summary.ready
+    summary.ready = threading.Event()
+    try:
+        assert explorer.expert({"layer": "0", "expert": "0"}, wait=0.0) == {"pending": True,
+                                                                           "progress": summary.progress}
+    finally:
+        summary.ready = done
+
+
+def test_pair_counts_refuse_rows_out_of_order(tmp_path, traces):
+    from moelab.explore.summary import pair_counts
+
+    t = pq.read_table(traces[0])
+    order = list(range(t.num_rows))
+    order[0], order[1] = order[1], order[0]  # rank 1 before rank 0 in the first (token, layer)
+    pq.write_table(t.take(order), tmp_path / "swapped.parquet")
+    with pytest.raises(MoelabError, match="in order"):
+        pair_counts(tmp_path / "swapped.parquet", [8, 8, 8], 2)

@@ -40,13 +40,22 @@ class TraceSource:
         self.num_rows = trace.num_rows
         self.max_token = _max_token(self.path) if "token" not in trace.null_columns else None
         self._docs: list[dict[str, Any]] | None = None
+        self._seq_range: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def docs(self, cur) -> list[dict[str, Any]]:
         with self._lock:
             if self._docs is None:
                 self._docs = queries.doc_index(cur, self.sql)
+                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
             return self._docs
+
+    def routes(self, cur, doc: int) -> dict[str, Any]:
+        """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
+        self.docs(cur)
+        if doc not in self._seq_range:
+            return {"doc": doc, "tokens": [], "truncated": False}
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=self._seq_range[doc])
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
@@ -123,7 +132,7 @@ class Explorer:
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
-        out = queries.doc_routes(self.db.cursor(), src.sql, _int(params, "doc", 0), src.num_layers, src.top_k)
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0))
         for t in out["tokens"]:
             t["text"] = self.text(t["token"])
         return out
@@ -158,8 +167,7 @@ class Explorer:
         if a.num_layers != b.num_layers:
             raise MoelabError(f"the traces have {a.num_layers} and {b.num_layers} MoE layers: no diff")
         doc, cur = _int(params, "doc", 0), self.db.cursor()
-        ra = queries.doc_routes(cur, a.sql, doc, a.num_layers, a.top_k)
-        rb = queries.doc_routes(cur, b.sql, doc, b.num_layers, b.top_k)
+        ra, rb = a.routes(cur, doc), b.routes(cur, doc)
         out = diff.diff_routes(ra, rb, a.num_layers)
         for t in out["tokens"]:
             t["text"] = self.text(t["token"])

@@ -45,7 +45,7 @@ def _rows(cur, sql: str, params: list | None = None) -> list[dict[str, Any]]:
 def doc_index(cur, src: str) -> list[dict[str, Any]]:
     """One entry per document: its first sequence, token count, domain, language and turns."""
     return _rows(cur, f"""
-        SELECT doc, min(seq) AS seq, count(*) AS tokens, any_value(domain) AS domain,
+        SELECT doc, min(seq) AS seq, max(seq) AS seq_end, count(*) AS tokens, any_value(domain) AS domain,
                any_value(lang) AS lang, list(DISTINCT turn ORDER BY turn) AS turns
         FROM {src} WHERE layer = 0 AND rank = 0 GROUP BY doc ORDER BY doc""")
 
@@ -70,13 +70,16 @@ def docs_with_tokens(cur, src: str, ids: list[int]) -> set[int]:
     return {int(r[0]) for r in cur.fetchall()}
 
 
-def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int,
-               limit: int = MAX_DOC_TOKENS) -> dict[str, Any]:
+def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int, limit: int = MAX_DOC_TOKENS,
+               seq_range: tuple[int, int] | None = None) -> dict[str, Any]:
     """A document's tokens and, per token, every layer's choices: experts/weights/probs/dropped [T][L][K].
 
-    The seq range found first lets DuckDB skip row groups by their statistics in the main query."""
-    cur.execute(f"SELECT min(seq), max(seq) FROM {src} WHERE doc = ? AND layer = 0 AND rank = 0", [doc])
-    lo, hi = cur.fetchone()
+    The document's seq range (from the index, or found first) lets DuckDB skip row groups by their
+    statistics in the main query."""
+    if seq_range is None:
+        cur.execute(f"SELECT min(seq), max(seq) FROM {src} WHERE doc = ? AND layer = 0 AND rank = 0", [doc])
+        seq_range = cur.fetchone()
+    lo, hi = seq_range
     if lo is None:
         return {"doc": doc, "tokens": [], "truncated": False}
     cur.execute(f"""
