@@ -113,6 +113,10 @@ def test_layer_slider_and_keys_recolour_tokens(page, traces):
     assert page.evaluate("document.activeElement.dataset.i") == "2"
     assert top1_on_page() == [ref[(p, 1, 0)]["expert"] for p in range(24)]
     assert page.locator("#legend .swatch").count() == 8
+    assert page.locator("#token-area .tok[tabindex='0']").count() == 1  # one tab stop for the text
+    page.keyboard.press("Enter")  # opens the focused token's top-1 expert at this layer
+    page.wait_for_selector("#expert-title")
+    assert page.inner_text("#expert-title").startswith(f"Layer 1, expert E{ref[(2, 1, 0)]['expert']}")
 
 
 def test_expert_view_from_legend(page):

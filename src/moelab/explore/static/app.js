@@ -55,7 +55,7 @@ function renderTokens(area, tokens, layer, onFocus, classFor) {
   tokens.forEach((t, i) => {
     const span = document.createElement("span");
     span.className = "tok";
-    span.tabIndex = 0;
+    span.tabIndex = i === 0 ? 0 : -1;  // one tab stop for the whole text; arrow keys move within it
     span.dataset.i = i;
     span.textContent = t.text;
     const e = t.experts[layer][0];
@@ -68,7 +68,11 @@ function renderTokens(area, tokens, layer, onFocus, classFor) {
     if (t.dropped && t.dropped[layer].some((d) => d)) span.classList.add("dropped");
     if (classFor) classFor(span, t, i);
     span.addEventListener("mouseenter", () => onFocus(i));
-    span.addEventListener("focus", () => onFocus(i));
+    span.addEventListener("focus", () => {
+      area.querySelectorAll('.tok[tabindex="0"]').forEach((el) => { el.tabIndex = -1; });
+      span.tabIndex = 0;
+      onFocus(i);
+    });
     area.appendChild(span);
   });
 }
