@@ -227,3 +227,11 @@ def test_pair_counts_refuse_rows_out_of_order(tmp_path, traces):
     pq.write_table(t.take(order), tmp_path / "swapped.parquet")
     with pytest.raises(MoelabError, match="in order"):
         pair_counts(tmp_path / "swapped.parquet", [8, 8, 8], 2)
+
+
+def test_one_file_opened_twice_shares_its_index_and_summaries(traces):
+    ex = build_explorer([str(traces[0]), str(traces[0])])
+    assert ex.sources[1].twin is ex.sources[0] and ex.summaries[0] is ex.summaries[1]
+    assert ex.docs({"trace": "1"})["total"] == SEQS
+    d = ex.diff({"a": "0", "b": "1", "doc": "2"})
+    assert len(d["tokens"]) == SEQ_LEN and all(s["changed"] == 0 for s in d["summary"])

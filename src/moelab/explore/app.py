@@ -39,11 +39,14 @@ class TraceSource:
         self.null_columns = dict(trace.null_columns)
         self.num_rows = trace.num_rows
         self.max_token = _max_token(self.path) if "token" not in trace.null_columns else None
+        self.twin: TraceSource | None = None
         self._docs: list[dict[str, Any]] | None = None
         self._seq_range: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def docs(self, cur) -> list[dict[str, Any]]:
+        if self.twin is not None:  # the same file opened twice (a self-diff): one index
+            return self.twin.docs(cur)
         with self._lock:
             if self._docs is None:
                 self._docs = queries.doc_index(cur, self.sql)
@@ -53,9 +56,10 @@ class TraceSource:
     def routes(self, cur, doc: int) -> dict[str, Any]:
         """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
         self.docs(cur)
-        if doc not in self._seq_range:
+        ranges = (self.twin or self)._seq_range
+        if doc not in ranges:
             return {"doc": doc, "tokens": [], "truncated": False}
-        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=self._seq_range[doc])
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc])
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
@@ -88,7 +92,9 @@ class Explorer:
         self._text = lru_cache(maxsize=1 << 16)(self._decode)
         by_file: dict[Path, ExpertSummary] = {}  # a trace opened twice (a self-diff) is summarised once
         for s in sources:
-            if s.path.resolve() not in by_file:
+            if s.path.resolve() in by_file:
+                s.twin = next(t for t in sources if t.path.resolve() == s.path.resolve())
+            else:
                 by_file[s.path.resolve()] = ExpertSummary(
                     s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k,
                     first=lambda s=s: s.docs(self.db.cursor())).start()
