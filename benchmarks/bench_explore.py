@@ -87,6 +87,10 @@ def main() -> None:
     print(f"open: {t_open:.2f} s (validate + build {t_build:.2f} s)  limit {OPEN_LIMIT_S} s  "
           f"{'OK' if t_open < OPEN_LIMIT_S else 'OVER'}")
 
+    during = [timed(ex.doc, {"doc": str(d)})[0] for d in (n_docs // 4, n_docs // 5 * 4)]
+    during += [timed(ex.docs, {"q": "#4242"})[0], timed(ex.diff, {"a": "0", "b": "1", "doc": str(n_docs // 7)})[0]]
+    print(f"while the summaries are built: doc {during[0]:.3f} s, {during[1]:.3f} s; search {during[2]:.3f} s; "
+          f"diff {during[3]:.3f} s  {'OK' if max(during) < VIEW_LIMIT_S else 'OVER'}")
     t0 = time.perf_counter()
     pending = ex.expert({"layer": "0", "expert": "0"}, wait=0.0)
     t_pending = time.perf_counter() - t0
