@@ -122,10 +122,8 @@ class Explorer:
         q = params.get("q", "").strip()
         if q:
             wanted = queries.docs_with_tokens(cur, src.sql, self._query_ids(q))
-        turn = params.get("turn", "")
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
-                                   turn=int(turn) if turn not in ("", None) else None, docs=wanted,
-                                   offset=_int(params, "offset", 0))
+                                   turn=_int(params, "turn", None), docs=wanted, offset=_int(params, "offset", 0))
 
     def _query_ids(self, q: str) -> list[int]:
         """Search text -> token ids: `#12 #40` are ids; other text goes through the tokenizer."""
@@ -188,7 +186,7 @@ class Explorer:
         return out
 
 
-def _int(params: dict[str, str], key: str, default: int) -> int:
+def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
     value = params.get(key, "")
     if value in ("", None):
         return default

@@ -287,7 +287,11 @@ function setLiveLayer(l) {
 }
 
 async function runLive() {
-  S.live = await api("/api/live", { text: $("live-text").value });
+  const text = $("live-text").value;
+  const live = await api("/api/live", { text });
+  if (text !== $("live-text").value) return;  // a newer prompt is on its way
+  S.live = live;
+  S.liveFocus = -1;
   $("live-layer").max = S.live.layers - 1;
   $("live-note").textContent = `${S.live.tokens.length} tokens routed by the model (top-${S.live.top_k}).`;
   setLiveLayer(S.liveLayer);
@@ -321,6 +325,11 @@ async function init() {
   $("d-open").addEventListener("click", openDiff);
   $("d-layer").addEventListener("input", (ev) => { S.diffLayer = +ev.target.value; $("d-layer-label").textContent = S.diffLayer; if (S.diff) renderDiff(); });
   $("live-run").addEventListener("click", runLive);
+  let typing = null;  // route as the prompt is typed: 300 ms after the last keystroke
+  $("live-text").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { if ($("live-text").value.trim()) runLive().catch(() => {}); }, 300);
+  });
   $("live-layer").addEventListener("input", (ev) => setLiveLayer(+ev.target.value));
   $("live-tokens").addEventListener("keydown", (ev) => tokenKeys(ev, S.live ? S.live.tokens.length : 0, () => S.liveFocus ?? -1,
     (i) => $("live-tokens").children[i].focus(), (d) => { setLiveLayer(S.liveLayer + d); if (S.liveFocus >= 0) $("live-tokens").children[S.liveFocus].focus(); }));
