@@ -47,13 +47,22 @@ def test_document_filters(explorer, rows):
     assert [d["doc"] for d in explorer.docs({"domain": "code", "lang": "de"})["docs"]] == [2]
     assert explorer.docs({"turn": "0"})["total"] == 0  # no turns in this trace
     assert explorer.docs({"turn": "-1"})["total"] == SEQS
-    for wanted in ([9], [9, 25], [7, 39]):
-        have = {r["seq"] for r in rows if r["token"] == wanted[0]}
-        for tok in wanted[1:]:
-            have &= {r["seq"] for r in rows if r["token"] == tok}
-        q = " ".join(f"#{t}" for t in wanted)
-        assert {d["doc"] for d in explorer.docs({"q": q})["docs"]} == have
+    by_seq = defaultdict(list)
+    for r in rows:
+        if r["layer"] == 0 and r["rank"] == 0:
+            by_seq[r["seq"]].append(r["token"])
+    searched = 0
+    for s, toks in sorted(by_seq.items()):
+        for wanted in (toks[3:4], toks[5:7], toks[10:13], [toks[2], toks[4]]):  # the last: not in a row
+            have = {q for q, ts in by_seq.items()
+                    if any(ts[i:i + len(wanted)] == wanted for i in range(len(ts)))}
+            got = {d["doc"] for d in explorer.docs({"q": " ".join(f"#{t}" for t in wanted)})["docs"]}
+            assert got == have
+            searched += len(have) < SEQS
+    assert searched  # some searches single documents out
     assert explorer.docs({"q": "#1000"})["total"] == 0
+    assert explorer.docs({"q": f"#{by_seq[0][1]} #{by_seq[0][0]}"})["total"] == len(
+        {q for q, ts in by_seq.items() if any(ts[i:i + 2] == by_seq[0][1::-1] for i in range(len(ts)))})
     with pytest.raises(MoelabError, match="tokenizer"):
         explorer.docs({"q": "def"})
 

@@ -121,7 +121,7 @@ class Explorer:
         wanted = None
         q = params.get("q", "").strip()
         if q:
-            wanted = queries.docs_with_tokens(cur, src.sql, self._query_ids(q))
+            wanted = queries.docs_with_phrase(cur, src.sql, self._query_ids(q))
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
                                    turn=_int(params, "turn", None), docs=wanted, offset=_int(params, "offset", 0))
 

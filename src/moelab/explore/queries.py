@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from moelab.config import MoelabError
+
 from moelab.trace.io import CONSTANT_DEFAULTS, COPIED_DEFAULTS
 
 MAX_DOC_TOKENS = 4096  # a text view shows at most this many tokens of a document
@@ -60,13 +62,24 @@ def filter_docs(index: list[dict[str, Any]], *, domain: str = "", lang: str = ""
             "domains": sorted({d["domain"] for d in index}), "langs": sorted({d["lang"] for d in index})}
 
 
-def docs_with_tokens(cur, src: str, ids: list[int]) -> set[int]:
-    """Documents holding every one of the token ids (a text search, after encoding the text)."""
+MAX_PHRASE = 16
+
+
+def docs_with_phrase(cur, src: str, ids: list[int]) -> set[int]:
+    """Documents holding the token ids in a row, within one sequence (a text search, after encoding).
+
+    One scan keeps the rows whose token is in the phrase; joins on (seq, pos + i) then find the runs."""
     if not ids:
         return set()
+    if len(ids) > MAX_PHRASE:
+        raise MoelabError(f"search for at most {MAX_PHRASE} tokens (this text has {len(ids)})")
     marks = ", ".join("?" for _ in set(ids))
-    cur.execute(f"""SELECT doc FROM {src} WHERE layer = 0 AND rank = 0 AND token IN ({marks})
-                    GROUP BY doc HAVING count(DISTINCT token) = ?""", [*set(ids), len(set(ids))])
+    joins = " ".join(f"JOIN hit t{i} ON t{i}.seq = t0.seq AND t{i}.pos = t0.pos + {i} AND t{i}.token = ?"
+                     for i in range(1, len(ids)))
+    cur.execute(f"""WITH hit AS (SELECT doc, seq, pos, token FROM {src}
+                                 WHERE layer = 0 AND rank = 0 AND token IN ({marks}))
+                    SELECT DISTINCT t0.doc FROM hit t0 {joins} WHERE t0.token = ?""",
+                [*set(ids), *ids[1:], ids[0]])
     return {int(r[0]) for r in cur.fetchall()}
 
 
