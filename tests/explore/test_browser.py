@@ -75,6 +75,7 @@ def rows_of(path, seq):
 
 
 def test_path_panel_matches_trace(page, traces):
+    assert page.inner_text("#doc-count") == "4 document(s)" and page.is_disabled("#doc-next")
     page.click("#doc-list button[data-doc='1']")
     page.wait_for_selector("#doc-list button.current[data-doc='1']")
     ref = rows_of(traces[0], 1)

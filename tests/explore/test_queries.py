@@ -45,6 +45,8 @@ def test_document_filters(explorer, rows):
     assert explorer.docs({})["total"] == SEQS
     assert [d["doc"] for d in explorer.docs({"domain": "code"})["docs"]] == [0, 2]
     assert [d["doc"] for d in explorer.docs({"domain": "code", "lang": "de"})["docs"]] == [2]
+    page = explorer.docs({"offset": "2"})
+    assert page["total"] == SEQS and [d["doc"] for d in page["docs"]] == [2, 3]
     assert explorer.docs({"turn": "0"})["total"] == 0  # no turns in this trace
     assert explorer.docs({"turn": "-1"})["total"] == SEQS
     by_seq = defaultdict(list)

@@ -139,11 +139,17 @@ function tokenKeys(ev, count, getFocus, moveTo, changeLayer, enter) {
   }
 }
 
-async function loadDocs() {
+async function loadDocs(offset = 0) {
   const p = new URLSearchParams({ trace: S.trace, domain: $("f-domain").value, lang: $("f-lang").value,
-                                  turn: $("f-turn").value, q: $("f-q").value });
+                                  turn: $("f-turn").value, q: $("f-q").value, offset });
   const data = await api("/api/docs?" + p);
-  $("doc-count").textContent = `${data.total} document(s)` + (data.total > data.docs.length ? `, first ${data.docs.length} shown` : "");
+  S.docOffset = data.offset;
+  S.docTotal = data.total;
+  const last = data.offset + data.docs.length;
+  $("doc-count").textContent = `${data.total} document(s)` +
+    (data.total > data.docs.length ? `, ${data.total ? data.offset + 1 : 0}-${last} shown` : "");
+  $("doc-prev").disabled = data.offset === 0;
+  $("doc-next").disabled = last >= data.total;
   for (const [names, id] of [[data.domains, "f-domain"], [data.langs, "f-lang"]]) {
     const sel = $(id);
     if (sel.length === 1) for (const name of names) sel.add(new Option(name, name));
@@ -315,8 +321,10 @@ async function init() {
   if (!S.info.live) { $("tab-live").disabled = true; $("tab-live").title = "start with --model for the live view"; }
   document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => selectView(b.dataset.view)));
   sel.addEventListener("change", () => { S.trace = +sel.value; S.doc = null; fillLabels(); loadDocs(); });
-  $("f-apply").addEventListener("click", loadDocs);
+  $("f-apply").addEventListener("click", () => loadDocs());
   $("f-q").addEventListener("keydown", (ev) => { if (ev.key === "Enter") loadDocs(); });
+  $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
+  $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
   $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
   $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
     (i) => $("token-area").children[i].focus(), (d) => { setLayer(S.layer + d); if (S.focus >= 0) $("token-area").children[S.focus].focus(); },
