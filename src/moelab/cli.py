@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "moelab.trace.commands",
     "moelab.hf.commands",
     "moelab.report.commands",
+    "moelab.explore.commands",
     "moelab.demo",
 ]
 

@@ -1,0 +1,196 @@
+"""The explorer's state and answers: the opened traces, an optional tokenizer and model, and one method
+per view returning JSON-ready values. The HTTP layer (server.py) only parses requests and calls these.
+
+Opening a trace validates it with moelab's own reader (schema, metadata; `full_check` also scans every
+row) and reads no rows; the document index is built on first use by one query and kept. Nothing here
+writes: DuckDB runs in memory and reads the Parquet files.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from moelab.config import MoelabError
+from moelab.explore import diff, expert, queries
+from moelab.explore.summary import ExpertSummary
+from moelab.trace.io import open_trace
+
+ROUTING_COLUMNS = ["seq", "pos", "layer", "rank", "expert"]
+
+
+class TraceSource:
+    """One opened trace: its metadata, its SQL source, and its document index (built once, on demand)."""
+
+    def __init__(self, index: int, path: str | Path, full_check: bool = False):
+        trace = open_trace(path)  # raises MoelabError with one line for a trace that does not validate
+        if full_check:
+            for _ in trace.iter_batches(columns=[c for c in trace.columns if c not in trace.optional]):
+                pass
+        self.index, self.path, self.meta = index, Path(path), trace.meta
+        self.num_layers, self.top_k = len(trace.meta.num_experts), trace.meta.top_k
+        stored = pq.ParquetFile(path).schema_arrow.names
+        self.sql = queries.source_sql(str(self.path.resolve()), stored, list(trace.null_columns))
+        self.null_columns = dict(trace.null_columns)
+        self.num_rows = trace.num_rows
+        self.max_token = _max_token(self.path) if "token" not in trace.null_columns else None
+        self.twin: TraceSource | None = None
+        self._docs: list[dict[str, Any]] | None = None
+        self._seq_range: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def docs(self, cur) -> list[dict[str, Any]]:
+        if self.twin is not None:  # the same file opened twice (a self-diff): one index
+            return self.twin.docs(cur)
+        with self._lock:
+            if self._docs is None:
+                self._docs = queries.doc_index(cur, self.sql)
+                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
+            return self._docs
+
+    def routes(self, cur, doc: int) -> dict[str, Any]:
+        """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
+        self.docs(cur)
+        ranges = (self.twin or self)._seq_range
+        if doc not in ranges:
+            return {"doc": doc, "tokens": [], "truncated": False}
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc])
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
+                "num_experts": self.meta.num_experts, "top_k": self.top_k, "layers": self.num_layers,
+                "labels": self.meta.labels, "null_columns": self.null_columns, "notes": self.meta.notes,
+                "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step}
+
+
+def _max_token(path: Path) -> int | None:
+    """The largest token id, from the Parquet statistics (every row group's max) without reading rows."""
+    md = pq.ParquetFile(path).metadata
+    names = [md.row_group(0).column(j).path_in_schema for j in range(md.num_columns)]
+    if "token" not in names:
+        return None
+    j, best = names.index("token"), None
+    for g in range(md.num_row_groups):
+        stats = md.row_group(g).column(j).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        best = stats.max if best is None else max(best, stats.max)
+    return None if best is None else int(best)
+
+
+class Explorer:
+    """Answers the explorer's views over `sources`, decoding token ids with `tokenizer` when given."""
+
+    def __init__(self, sources: list[TraceSource], tokenizer=None, live=None):
+        self.sources, self.tokenizer, self.live_model = sources, tokenizer, live
+        self.db = duckdb.connect(":memory:")
+        self._text = lru_cache(maxsize=1 << 16)(self._decode)
+        by_file: dict[Path, ExpertSummary] = {}  # a trace opened twice (a self-diff) is summarised once
+        for s in sources:
+            if s.path.resolve() in by_file:
+                s.twin = next(t for t in sources if t.path.resolve() == s.path.resolve())
+            else:
+                by_file[s.path.resolve()] = ExpertSummary(
+                    s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k,
+                    first=lambda s=s: s.docs(self.db.cursor())).start()
+        self.summaries = [by_file[s.path.resolve()] for s in sources]
+
+    def _decode(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else f"#{token}"
+
+    def text(self, token: int | None) -> str:
+        return "?" if token is None else self._text(int(token))
+
+    def source(self, params: dict[str, str], key: str = "trace") -> TraceSource:
+        i = _int(params, key, 0)
+        if not 0 <= i < len(self.sources):
+            raise MoelabError(f"no trace {i}: {len(self.sources)} are open")
+        return self.sources[i]
+
+    def info(self) -> dict[str, Any]:
+        return {"traces": [s.info() for s in self.sources], "tokenizer": self.tokenizer is not None,
+                "live": self.live_model is not None}
+
+    def docs(self, params: dict[str, str]) -> dict[str, Any]:
+        src, cur = self.source(params), self.db.cursor()
+        wanted = None
+        q = params.get("q", "").strip()
+        if q:
+            wanted = queries.docs_with_phrase(cur, src.sql, self._query_ids(q))
+        return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
+                                   turn=_int(params, "turn", None), docs=wanted, offset=_int(params, "offset", 0))
+
+    def _query_ids(self, q: str) -> list[int]:
+        """Search text -> token ids: `#12 #40` are ids; other text goes through the tokenizer."""
+        words = q.split()
+        if all(w.startswith("#") and w[1:].isdigit() for w in words):
+            return [int(w[1:]) for w in words]
+        if self.tokenizer is None:
+            raise MoelabError("searching text needs a tokenizer (--tokenizer or --model); search ids as #123")
+        return self.tokenizer.encode(q)
+
+    def doc(self, params: dict[str, str]) -> dict[str, Any]:
+        src = self.source(params)
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0))
+        for t in out["tokens"]:
+            t["text"] = self.text(t["token"])
+        return out
+
+    def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+        src, cur = self.source(params), self.db.cursor()
+        layer, e = _int(params, "layer", 0), _int(params, "expert", 0)
+        if not 0 <= layer < src.num_layers or not 0 <= e < src.meta.num_experts[layer]:
+            raise MoelabError(f"layer {layer} has no expert {e}")
+        summary = self.summaries[src.index]
+        if not summary.wait(wait):
+            return {"pending": True, "progress": summary.progress}
+        if summary.error:
+            raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
+        labels, tokens, scur = summary.tables["labels"], summary.tables["tokens"], summary.db.cursor()
+        out = {"layer": layer, "expert": e, **expert.label_counts(scur, summary.tables, layer, e),
+               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
+                                                   layer, e, src.top_k),
+               "tokens": {"frequent": [], "lift": []}, "contexts": {}}
+        if "token" not in src.null_columns:
+            out["tokens"] = expert.token_stats(scur, tokens, layer, e)
+            ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
+            out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
+                               for t, cs in ctx.items()}
+            for rows in out["tokens"].values():
+                for r in rows:
+                    r["text"] = self.text(r["token"])
+        return out
+
+    def diff(self, params: dict[str, str]) -> dict[str, Any]:
+        a, b = self.source(params, "a"), self.source(params, "b")
+        if a.num_layers != b.num_layers:
+            raise MoelabError(f"the traces have {a.num_layers} and {b.num_layers} MoE layers: no diff")
+        doc, cur = _int(params, "doc", 0), self.db.cursor()
+        ra, rb = a.routes(cur, doc), b.routes(cur, doc)
+        out = diff.diff_routes(ra, rb, a.num_layers)
+        for t in out["tokens"]:
+            t["text"] = self.text(t["token"])
+        return out
+
+    def live(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.live_model is None:
+            raise MoelabError("no model: start the explorer with --model for the live view")
+        out = self.live_model.route(str(body.get("text", "")))
+        for t in out["tokens"]:
+            t["text"] = self.text(t["token"])
+        return out
+
+
+def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    value = params.get(key, "")
+    if value in ("", None):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise MoelabError(f"{key}={value!r} is not an integer") from None

@@ -1,0 +1,348 @@
+// moelab explore: the page. Plain JavaScript, no framework, no network beyond this server's /api.
+"use strict";
+
+const S = { info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, live: null, liveLayer: 0,
+            diff: null, diffLayer: 0 };
+const $ = (id) => document.getElementById(id);
+const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const num = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
+const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(Math.abs(x) < 0.1 ? 2 : 1) + "%");
+
+async function api(path, body) {
+  status("loading…");
+  const opts = body === undefined ? {} : { method: "POST", body: JSON.stringify(body),
+                                          headers: { "Content-Type": "application/json" } };
+  const res = await fetch(path, opts);
+  const data = await res.json();
+  if (!res.ok) { status(data.error || res.statusText, true); throw new Error(data.error); }
+  status("");
+  return data;
+}
+
+function status(text, error = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.className = error ? "error" : "";
+}
+
+function traceInfo(i = S.trace) { return S.info.traces[i]; }
+
+// ---- text view --------------------------------------------------------------------------------------
+function badge(e) {
+  const c = expertColor(e);
+  return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${e}</span>`;
+}
+
+function renderLegend(numExperts) {
+  const el = $("legend");
+  el.innerHTML = "";
+  for (let e = 0; e < numExperts; e++) {
+    const c = expertColor(e);
+    const b = document.createElement("span");
+    b.className = "swatch";
+    b.textContent = e;
+    b.title = `expert ${e}: click to open the expert view`;
+    b.dataset.expert = e;
+    b.style.background = c.bg;
+    b.style.color = c.fg;
+    b.addEventListener("click", () => openExpert(S.layer, e));
+    el.appendChild(b);
+  }
+}
+
+function renderTokens(area, tokens, layer, onFocus, classFor) {
+  area.innerHTML = "";
+  tokens.forEach((t, i) => {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.tabIndex = i === 0 ? 0 : -1;  // one tab stop for the whole text; arrow keys move within it
+    span.dataset.i = i;
+    span.textContent = t.text;
+    const e = t.experts[layer][0];
+    if (e !== null && e !== undefined) {
+      span.dataset.expert = e;
+      const c = expertColor(e);
+      span.style.background = c.bg;
+      span.style.color = c.fg;
+    }
+    if (t.dropped && t.dropped[layer].some((d) => d)) span.classList.add("dropped");
+    if (classFor) classFor(span, t, i);
+    span.addEventListener("mouseenter", () => onFocus(i));
+    span.addEventListener("focus", () => {
+      area.querySelectorAll('.tok[tabindex="0"]').forEach((el) => { el.tabIndex = -1; });
+      span.tabIndex = 0;
+      onFocus(i);
+    });
+    area.appendChild(span);
+  });
+}
+
+function pathTable(t, layer) {
+  const K = t.experts[0].length;
+  let head = "<tr><th>layer</th>";
+  for (let k = 0; k < K; k++) head += `<th>#${k + 1}</th><th>weight</th><th>prob</th>`;
+  let rows = "";
+  t.experts.forEach((ex, l) => {
+    rows += `<tr data-layer="${l}"${l === layer ? ' class="cur"' : ""}><td>${l === layer ? "▶ " : ""}${l}</td>`;
+    ex.forEach((e, k) => {
+      const dropped = t.dropped[l][k];
+      rows += `<td data-rank="${k}" data-expert="${e}">${badge(e)}</td>` +
+              `<td data-rank="${k}" class="w${dropped ? " drop" : ""}">${dropped ? "dropped" : num(t.weights[l][k])}</td>` +
+              `<td data-rank="${k}" class="p">${num(t.probs[l][k])}</td>`;
+    });
+    rows += "</tr>";
+  });
+  return `<table class="path"><thead>${head}</tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+function showPath(panel, t, layer) {
+  panel.innerHTML = `<h2>Path of <code>${esc(JSON.stringify(t.text))}</code></h2>` +
+    `<p class="hint">token id ${t.token ?? "–"} · seq ${t.seq} · pos ${t.pos} · doc pos ${t.doc_pos}` +
+    `${t.turn >= 0 ? " · turn " + t.turn : ""}</p>` + pathTable(t, layer) +
+    `<p class="hint">#1, #2, … = the token's choices in rank order; weight = combine weight applied; prob = router ` +
+    `probability; "dropped" = the choice found its expert full (weight 0).</p>`;
+}
+
+function focusToken(i) {
+  if (i < 0 || i >= S.tokens.length) return;
+  S.focus = i;
+  document.querySelectorAll("#token-area .tok.sel").forEach((el) => el.classList.remove("sel"));
+  const span = $("token-area").children[i];
+  span.classList.add("sel");
+  showPath($("path-panel"), S.tokens[i], S.layer);
+}
+
+function setLayer(l) {
+  const L = traceInfo().layers;
+  S.layer = Math.max(0, Math.min(L - 1, l));
+  $("layer-slider").value = S.layer;
+  $("layer-label").textContent = S.layer;
+  renderLegend(traceInfo().num_experts[S.layer]);
+  renderTokens($("token-area"), S.tokens, S.layer, focusToken);
+  if (S.focus >= 0) {
+    focusToken(S.focus);
+  }
+}
+
+function tokenKeys(ev, count, getFocus, moveTo, changeLayer, enter) {
+  const i = getFocus();
+  const moves = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: count - 1 };
+  if (ev.key in moves) {
+    ev.preventDefault();
+    moveTo(Math.max(0, Math.min(count - 1, moves[ev.key])));
+  } else if (ev.key === "ArrowUp" || ev.key === "ArrowDown") {
+    ev.preventDefault();
+    changeLayer(ev.key === "ArrowUp" ? 1 : -1);
+  } else if (ev.key === "Enter" && enter) {
+    ev.preventDefault();
+    enter();
+  }
+}
+
+async function loadDocs(offset = 0) {
+  const p = new URLSearchParams({ trace: S.trace, domain: $("f-domain").value, lang: $("f-lang").value,
+                                  turn: $("f-turn").value, q: $("f-q").value, offset });
+  const data = await api("/api/docs?" + p);
+  S.docOffset = data.offset;
+  S.docTotal = data.total;
+  const last = data.offset + data.docs.length;
+  $("doc-count").textContent = `${data.total} document(s)` +
+    (data.total > data.docs.length ? `, ${data.total ? data.offset + 1 : 0}-${last} shown` : "");
+  $("doc-prev").disabled = data.offset === 0;
+  $("doc-next").disabled = last >= data.total;
+  for (const [names, id] of [[data.domains, "f-domain"], [data.langs, "f-lang"]]) {
+    const sel = $(id);
+    if (sel.length === 1) for (const name of names) sel.add(new Option(name, name));
+  }
+  const list = $("doc-list");
+  list.innerHTML = "";
+  for (const d of data.docs) {
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.textContent = `doc ${d.doc} · ${d.tokens} tok · ${d.domain}/${d.lang}`;
+    b.dataset.doc = d.doc;
+    b.addEventListener("click", () => openDoc(d.doc));
+    li.appendChild(b);
+    list.appendChild(li);
+  }
+  if (S.doc === null && data.docs.length) openDoc(data.docs[0].doc);
+}
+
+async function openDoc(doc) {
+  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}`);
+  S.doc = doc;
+  S.tokens = data.tokens;
+  S.focus = -1;
+  $("d-doc").value = doc;
+  document.querySelectorAll("#doc-list button").forEach((b) => b.classList.toggle("current", +b.dataset.doc === doc));
+  setLayer(S.layer);
+  $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.${data.truncated ? " (Document cut at its first " + data.tokens.length + " tokens.)" : ""}</p>`;
+}
+
+function fillLabels() {
+  const t = traceInfo();
+  $("f-domain").length = 1;  // refilled from the document index by loadDocs
+  $("f-lang").length = 1;
+  $("layer-slider").max = t.layers - 1;
+  $("x-layer").max = t.layers - 1;
+  $("d-layer").max = t.layers - 1;
+}
+
+// ---- expert view ------------------------------------------------------------------------------------
+function shareTable(title, rows) {
+  let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${r.rows}</td><td>${r.count}</td>` +
+    `<td class="${r.outside ? "out" : ""}">${pct(r.share)} [${pct(r.share_lo)}, ${pct(r.share_hi)}]</td><td>${pct(r.null)} [${pct(r.null_lo)}, ${pct(r.null_hi)}]</td>` +
+    `<td>${num(r.lift, 2)}</td></tr>`).join("");
+  return `<h3>${title}</h3><table><thead><tr><th>${title}</th><th>rows</th><th>to expert</th><th>share (95% over seqs)</th>` +
+    `<th>null (95%)</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
+}
+
+function tokenTable(title, rows, contexts) {
+  const body = rows.map((r) => {
+    const ctx = (contexts && contexts[r.token]) || [];
+    const sep = S.info.tokenizer ? "" : " ";
+    const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
+    const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${r.token}` : `#${r.token}`;
+    return `<tr><td>${label}${shown}</td><td>${r.count}</td><td>${r.rows}</td>` +
+           `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
+  }).join("");
+  return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>rows of token</th>` +
+    `<th>share</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
+}
+
+async function openExpert(layer, e) {
+  selectView("expert");
+  $("x-layer").value = layer;
+  $("x-expert").value = e;
+  let d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
+  while (d.pending) {  // the expert summaries are still being built by one pass over the trace
+    status(`building the expert summaries: ${pct(d.progress)}`);
+    await new Promise((r) => setTimeout(r, 1000));
+    d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
+  }
+  const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${r.count}</td>` +
+    `<td>${num(r.expected, 1)}</td><td>${num(r.ratio, 2)}</td></tr>`).join("");
+  $("expert-body").innerHTML =
+    `<h2 id="expert-title">Layer ${d.layer}, expert ${badge(d.expert)}: ${d.count} of ${d.rows} choices (${pct(d.share)})</h2>` +
+    `<p class="hint">Counts are choices before dropping, all ranks. <b>Null:</b> the expert's overall load share at this layer ` +
+    `(${pct(d.share)}) &mdash; what every group would show if its label were shuffled over the layer's rows, which keeps the ` +
+    `expert's load; its bracket is that shuffle's 95% range for a group of that size. Bold shares fall outside it. ` +
+    `A share's own bracket is its 95% interval over sequences (sequence-clustered standard error). ` +
+    `Lift = share / null.</p>` +
+    `<div class="grid2"><div>${shareTable("domain", d.by.domain)}</div><div>${shareTable("lang", d.by.lang)}</div>` +
+    `<div>${shareTable("position", d.by.position)}</div>` +
+    `<div><h3>co-activated experts</h3><p class="hint">Chosen for the same token at this layer. Expected keeps every ` +
+    `expert's load: tokens of this expert × (k−1) × the other expert's share of the remaining choices.</p>` +
+    `<table><thead><tr><th>expert</th><th>together</th><th>expected</th><th>ratio</th></tr></thead><tbody>${co}</tbody></table></div>` +
+    `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
+    `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
+    `<p class="hint">Ablation effect: not measured for this trace.</p>`;
+}
+
+// ---- diff view --------------------------------------------------------------------------------------
+function diffPanel(t) {
+  const rows = t.layers.map((x, l) => `<tr data-layer="${l}"${x.changed ? ' class="out"' : ""}><td>${l}</td>` +
+    `<td>${x.a.map(badge).join(" ")}</td><td>${num(x.margin_a)}</td><td>${x.b.map(badge).join(" ")}</td>` +
+    `<td>${num(x.margin_b)}</td><td>${x.set_changed ? "set" : x.top1_changed ? "top-1 order" : ""}</td></tr>`).join("");
+  $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${t.seq}, pos ${t.pos})</h3>` +
+    `<table><thead><tr><th>layer</th><th>A experts</th><th>A margin</th><th>B experts</th><th>B margin</th>` +
+    `<th>changed</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+function renderDiff() {
+  const d = S.diff, l = S.diffLayer;
+  const area = $("diff-tokens");
+  area.innerHTML = "";
+  d.tokens.forEach((t, i) => {
+    const span = document.createElement("span");
+    const x = t.layers[l];
+    span.className = "tok " + (x.changed ? "changed" : "same") + (x.top1_changed ? " top1" : "");
+    span.tabIndex = 0;
+    span.dataset.i = i;
+    span.textContent = t.text;
+    if (x.changed) { const c = expertColor(x.b[0]); span.style.background = c.bg; span.style.color = c.fg; }
+    span.title = `A: ${x.a.join(",")} (margin ${num(x.margin_a)})  B: ${x.b.join(",")} (margin ${num(x.margin_b)})`;
+    span.addEventListener("mouseenter", () => diffPanel(t));
+    span.addEventListener("focus", () => diffPanel(t));
+    area.appendChild(span);
+  });
+  $("diff-summary").innerHTML = "<table><thead><tr><th>layer</th><th>tokens changed</th><th>top-1 changed</th>" +
+    "<th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${s.layer}"><td>${s.layer}</td>` +
+    `<td>${s.changed}</td><td>${s.top1_changed}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+}
+
+async function openDiff() {
+  S.diff = await api(`/api/diff?a=${$("d-a").value}&b=${$("d-b").value}&doc=${$("d-doc").value}`);
+  S.diffLayer = +$("d-layer").value;
+  renderDiff();
+}
+
+// ---- live view --------------------------------------------------------------------------------------
+function focusLive(i) {
+  S.liveFocus = i;
+  document.querySelectorAll("#live-tokens .tok.sel").forEach((el) => el.classList.remove("sel"));
+  $("live-tokens").children[i].classList.add("sel");
+  showPath($("live-panel"), S.live.tokens[i], S.liveLayer);
+}
+
+function setLiveLayer(l) {
+  S.liveLayer = Math.max(0, Math.min(S.live.layers - 1, l));
+  $("live-layer").value = S.liveLayer;
+  $("live-layer-label").textContent = S.liveLayer;
+  renderTokens($("live-tokens"), S.live.tokens, S.liveLayer, focusLive);
+}
+
+async function runLive() {
+  const text = $("live-text").value;
+  const live = await api("/api/live", { text });
+  if (text !== $("live-text").value) return;  // a newer prompt is on its way
+  S.live = live;
+  S.liveFocus = -1;
+  $("live-layer").max = S.live.layers - 1;
+  $("live-note").textContent = `${S.live.tokens.length} tokens routed by the model (top-${S.live.top_k}).`;
+  setLiveLayer(S.liveLayer);
+}
+
+// ---- wiring -----------------------------------------------------------------------------------------
+function selectView(name) {
+  for (const v of ["text", "expert", "diff", "live"]) {
+    $("view-" + v).hidden = v !== name;
+    $("tab-" + v).setAttribute("aria-selected", v === name ? "true" : "false");
+  }
+}
+
+async function init() {
+  S.info = await api("/api/info");
+  const sel = $("trace-select");
+  S.info.traces.forEach((t, i) => {
+    for (const s of [sel, $("d-a"), $("d-b")]) s.add(new Option(`${i}: ${t.name}`, i));
+  });
+  if (S.info.traces.length > 1) $("d-b").value = 1;
+  if (!S.info.live) { $("tab-live").disabled = true; $("tab-live").title = "start with --model for the live view"; }
+  document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => selectView(b.dataset.view)));
+  sel.addEventListener("change", () => { S.trace = +sel.value; S.doc = null; fillLabels(); loadDocs(); });
+  $("f-apply").addEventListener("click", () => loadDocs());
+  $("f-q").addEventListener("keydown", (ev) => { if (ev.key === "Enter") loadDocs(); });
+  $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
+  $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
+  $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
+  $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
+    (i) => $("token-area").children[i].focus(), (d) => { setLayer(S.layer + d); if (S.focus >= 0) $("token-area").children[S.focus].focus(); },
+    () => openExpert(S.layer, S.tokens[S.focus].experts[S.layer][0])));
+  $("x-open").addEventListener("click", () => openExpert(+$("x-layer").value, +$("x-expert").value));
+  $("d-open").addEventListener("click", openDiff);
+  $("d-layer").addEventListener("input", (ev) => { S.diffLayer = +ev.target.value; $("d-layer-label").textContent = S.diffLayer; if (S.diff) renderDiff(); });
+  $("live-run").addEventListener("click", runLive);
+  let typing = null;  // route as the prompt is typed: 300 ms after the last keystroke
+  $("live-text").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { if ($("live-text").value.trim()) runLive().catch(() => {}); }, 300);
+  });
+  $("live-layer").addEventListener("input", (ev) => setLiveLayer(+ev.target.value));
+  $("live-tokens").addEventListener("keydown", (ev) => tokenKeys(ev, S.live ? S.live.tokens.length : 0, () => S.liveFocus ?? -1,
+    (i) => $("live-tokens").children[i].focus(), (d) => { setLiveLayer(S.liveLayer + d); if (S.liveFocus >= 0) $("live-tokens").children[S.liveFocus].focus(); }));
+  fillLabels();
+  await loadDocs();
+}
+
+init().catch((e) => status(String(e.message || e), true));

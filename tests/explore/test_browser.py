@@ -1,0 +1,190 @@
+"""The explorer in a real browser: Debian's Chromium driven by Playwright, against a server on a free port.
+
+Numbers on the page are checked against the trace as pyarrow reads it (not through the explorer's own
+queries). A failing test leaves a screenshot in its tmp dir. Without chromium or playwright these tests
+skip, except under CI=true, where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from moelab.explore.server import bind, serve_in_thread, url_of
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _need_browser():
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install playwright)"
+    else:
+        missing = None if os.path.exists(CHROMIUM) else "chromium is not installed (apt-get install chromium)"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests need a browser under CI: {missing}")
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def site(explorer):
+    server = bind(explorer, "127.0.0.1", 0)
+    serve_in_thread(server)
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def page(browser, site, tmp_path, request):
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(site)
+    pg.wait_for_selector("#token-area .tok")
+    yield pg
+    failed = getattr(request.node, "rep_call", None)
+    if failed is None or failed.failed:
+        pg.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
+        print(f"screenshot: {tmp_path / (request.node.name + '.png')}")
+    pg.close()
+    assert not errors, errors
+
+
+def rows_of(path, seq):
+    """(pos, layer, rank) -> row of the trace, read with pyarrow: the reference for the page's numbers."""
+    t = pq.read_table(path, filters=[("seq", "=", seq)]).to_pylist()
+    return {(r["pos"], r["layer"], r["rank"]): r for r in t}
+
+
+def test_path_panel_matches_trace(page, traces):
+    assert page.inner_text("#doc-count") == "4 document(s)" and page.is_disabled("#doc-next")
+    page.click("#doc-list button[data-doc='1']")
+    page.wait_for_selector("#doc-list button.current[data-doc='1']")
+    ref = rows_of(traces[0], 1)
+    page.hover("#token-area .tok[data-i='3']")
+    panel = page.locator("#path-panel")
+    for layer in range(3):
+        for rank in range(2):
+            r = ref[(3, layer, rank)]
+            cells = panel.locator(f"tr[data-layer='{layer}'] td[data-rank='{rank}']")
+            assert cells.nth(0).get_attribute("data-expert") == str(r["expert"])
+            assert cells.nth(1).inner_text() == ("dropped" if r["dropped"] else f"{r['weight']:.3f}")
+            assert cells.nth(2).inner_text() == f"{r['prob']:.3f}"
+    assert ref[(3, 0, 1)]["dropped"]  # the planted drop is the one shown
+
+
+def test_layer_slider_and_keys_recolour_tokens(page, traces):
+    ref = rows_of(traces[0], 0)
+
+    def top1_on_page():
+        return page.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)")
+
+    assert top1_on_page() == [ref[(p, 0, 0)]["expert"] for p in range(24)]
+    page.fill("#layer-slider", "2")
+    page.dispatch_event("#layer-slider", "input")
+    assert page.inner_text("#layer-label") == "2"
+    assert top1_on_page() == [ref[(p, 2, 0)]["expert"] for p in range(24)]
+    assert set(top1_on_page()) == {3}  # planted: domain "code" goes to expert 3 at layer 2
+
+    page.focus("#token-area .tok[data-i='0']")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.i") == "2"
+    assert "pos 2 " in page.inner_text("#path-panel")
+    page.keyboard.press("ArrowDown")
+    assert page.inner_text("#layer-label") == "1"
+    assert page.evaluate("document.activeElement.dataset.i") == "2"
+    assert top1_on_page() == [ref[(p, 1, 0)]["expert"] for p in range(24)]
+    assert page.locator("#legend .swatch").count() == 8
+    assert page.locator("#token-area .tok[tabindex='0']").count() == 1  # one tab stop for the text
+    page.keyboard.press("Enter")  # opens the focused token's top-1 expert at this layer
+    page.wait_for_selector("#expert-title")
+    assert page.inner_text("#expert-title").startswith(f"Layer 1, expert E{ref[(2, 1, 0)]['expert']}")
+
+
+def test_expert_view_from_legend(page):
+    page.fill("#layer-slider", "1")
+    page.dispatch_event("#layer-slider", "input")
+    page.click("#legend .swatch[data-expert='5']")
+    page.wait_for_selector("#expert-title")
+    assert page.is_visible("#view-expert")
+    assert "Layer 1, expert" in page.inner_text("#expert-title")
+    lift = page.locator("#expert-body table").nth(5)  # highest-lift tokens
+    assert "#7" in lift.locator("tbody tr").first.inner_text()  # planted: token 7 always goes to expert 5
+    assert "Null:" in page.inner_text("#expert-body")
+
+
+def test_diff_view_highlights_planted_changes(page):
+    page.click("#tab-diff")
+    page.fill("#d-doc", "0")
+    page.fill("#d-layer", "1")
+    page.dispatch_event("#d-layer", "input")
+    page.click("#d-open")
+    page.wait_for_selector("#diff-tokens .tok")
+    changed = page.eval_on_selector_all("#diff-tokens .tok.changed", "els => els.map(e => +e.dataset.i)")
+    assert changed == [3, 5]
+    page.fill("#d-layer", "0")
+    page.dispatch_event("#d-layer", "input")
+    assert page.locator("#diff-tokens .tok.changed").count() == 0
+    page.hover("#diff-tokens .tok[data-i='3']")
+    assert "A margin" in page.inner_text("#diff-panel")
+
+
+def test_live_view_shows_the_models_routing(browser, traces, tmp_path):
+    from moelab.data.tokenizer import train_tokenizer
+    from moelab.explore.commands import build_explorer
+    from moelab.model.config import ModelConfig, MoEConfig
+    from moelab.model.transformer import build_model
+    from moelab.train.checkpoint import save_checkpoint
+
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n", "The quick brown fox."] * 50, 400)
+    tok_file = tok.save(tmp_path / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=400, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, max_seq_len=64,
+                      moe=MoEConfig(num_experts=8, top_k=2, moe_every=1, expert_hidden=16))
+    model = build_model(cfg, seed=0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"model": cfg.to_dict()}, step=1)
+    server = bind(build_explorer([str(traces[0])], model=str(ckpt), tokenizer=str(tok_file)), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        pg.click("#tab-live")
+        pg.type("#live-text", "def f(x): return x", delay=5)  # routed as it is typed, no click
+        ids = tok.encode("def f(x): return x")
+        want = [tok.decode([i]) for i in ids]
+        pg.wait_for_function("want => JSON.stringify([...document.querySelectorAll('#live-tokens .tok')]"
+                             ".map(e => e.textContent)) === JSON.stringify(want)", arg=want)
+        assert pg.locator("#live-tokens .tok").count() == len(ids)
+        import torch
+
+        routing = model(torch.tensor([ids]), return_routing=True).routing
+        pg.hover("#live-tokens .tok[data-i='1']")
+        for layer, r in enumerate(routing):
+            cell = pg.locator(f"#live-panel tr[data-layer='{layer}'] td[data-rank='0']").first
+            assert cell.get_attribute("data-expert") == str(int(r.expert_ids_TK[1, 0]))
+    except Exception:
+        pg.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        raise
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()
