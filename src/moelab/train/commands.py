@@ -6,8 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from moelab.config import ConfigError, MoelabError, positive_int
 from moelab.presets import list_presets, load_preset_dict
 
@@ -162,6 +160,8 @@ def generation_tokenizer(ckpt: Path, given: str | None):
 
 
 def run_generate(args) -> int:
+    import torch  # here, not at the top: every `moelab` verb imports this module to build its parser
+
     from moelab.train.checkpoint import load_model
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
