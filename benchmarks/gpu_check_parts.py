@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import moelab.model.experts as experts_mod
@@ -200,39 +201,46 @@ def _batches(n_batches: int, B: int, S: int, vocab: int):
 
 @torch.no_grad()
 def trace_tiny_hf(dev, tokens: int) -> tuple[int, float, int]:
-    """(tokens traced, share of rows whose expert equals the hooked router's, rows written)."""
+    """(tokens traced, share of rows whose expert equals the router module's own choice, rows written)."""
+    from moelab.trace.adapters import HFRoutingRecorder
     from moelab.trace.build import write_trace
-    from moelab.trace.hf import captured_layers, hf_routing_rule
+    from moelab.trace.hf import probe
     from moelab.trace.io import open_trace
     from moelab.trace.schema import TraceMeta
 
     model, raw = _tiny_mixtral(dev)
-    rule = hf_routing_rule(raw)
-    hooked = []
+    hooked = []  # an independent reading: the ids the router module returns, in block order
     routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
     handles = [r.register_forward_hook(lambda mod, a, out: hooked.append(out[2].cpu())) for r in routers]
-    meta = TraceMeta(num_experts=[rule["num_experts"]] * len(rule["blocks"]), top_k=rule["top_k"],
-                     model_config=raw, source="hf:tiny-mixtral", labels={"domain": ["d"], "lang": ["l"]},
-                     extra={"moe_blocks": rule["blocks"]})
     S, B = 64, 4
+    try:
+        with HFRoutingRecorder(model, raw.get("model_type")) as rec:
+            widths, top_k, _ = probe(model, rec)
+            hooked.clear()  # the probe's forward is not part of the trace
+            meta = TraceMeta(num_experts=widths, top_k=top_k, model_config=raw, source="hf:tiny-mixtral",
+                             labels={"domain": ["d"], "lang": ["l"]},
+                             extra={"moe_blocks": [b.block for b in rec.blocks]})
 
-    def capture(batch):
-        out = model(input_ids=batch["input_ids"].to(dev), output_router_logits=True, use_cache=False)
-        return captured_layers(out.router_logits, rule)
+            def capture(batch):
+                model(input_ids=batch["input_ids"].to(dev), use_cache=False)
+                return rec.pop()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "t.parquet"
-        try:
-            stats = write_trace(_batches(-(-tokens // (B * S)), B, S, 512), path, meta, capture, optional=[],
-                                blocks=rule["blocks"], max_tokens=tokens, full_probs=False)
-        finally:
-            for h in handles:
-                h.remove()
-        got = next(open_trace(path).iter_batches(columns=["expert"], batch_rows=1 << 24))["expert"]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "t.parquet"
+                stats = write_trace(_batches(-(-tokens // (B * S)), B, S, 512), path, meta, capture, optional=[],
+                                    blocks=meta.extra["moe_blocks"], max_tokens=tokens, full_probs=False)
+                got = np.concatenate([b["expert"] for b in open_trace(path).iter_batches(columns=["expert"])])
+    finally:
+        for h in handles:
+            h.remove()
     L = len(routers)
     per_batch = [torch.stack(hooked[i:i + L], dim=1) for i in range(0, len(hooked), L)]  # [T, L, K] each
-    want = torch.cat(per_batch)[:tokens].reshape(-1).numpy()
-    return stats["tokens"], float((got == want).mean()) if len(got) == len(want) else 0.0, stats["rows"]
+    want_TLK = torch.cat(per_batch)[:tokens]
+    # The trace ranks a token's choices by descending weight; compare as sets per (token, layer).
+    got_sorted = np.sort(got.reshape(-1, want_TLK.shape[-1]), axis=1)
+    want_sorted = np.sort(want_TLK.reshape(-1, want_TLK.shape[-1]).numpy(), axis=1)
+    same = float((got_sorted == want_sorted).all(1).mean()) if got_sorted.shape == want_sorted.shape else 0.0
+    return stats["tokens"], same, stats["rows"]
 
 
 # ---- torch.distributed in one process ------------------------------------------------------------------

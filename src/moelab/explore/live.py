@@ -107,16 +107,20 @@ def _moelab_tokenizer(folder: Path) -> str:
 
 def _load_hf(folder: Path) -> LiveModel:
     from moelab.hf.families import read_hf_config
-    from moelab.trace.hf import captured_layers, hf_routing_rule, load_hf_model
+    from moelab.trace.adapters import HFRoutingRecorder
+    from moelab.trace.hf import config_vocab, load_hf_model, preflight, probe
 
     raw = read_hf_config(folder)
-    rule = hf_routing_rule(raw)
+    preflight(folder, raw.get("model_type"))
     model = load_hf_model(folder, "cpu")
+    recorder = HFRoutingRecorder(model, raw.get("model_type"))  # refuses a family it cannot read
+    with recorder:
+        widths, top_k, _ = probe(model, recorder)
 
-    def capture(ids_1S):  # the router logits transformers returns, routed as its routers route them
-        out = model(input_ids=ids_1S, output_router_logits=True, use_cache=False)
-        return captured_layers(out.router_logits, rule)
+    def capture(ids_1S):  # what the model's own router and experts used, read by hooks for this forward
+        with recorder:
+            model(input_ids=ids_1S, use_cache=False)
+            return recorder.pop()
 
-    return LiveModel(capture, None, vocab_size=rule["vocab_size"],
-                     num_experts=[rule["num_experts"]] * len(rule["blocks"]), top_k=rule["top_k"],
+    return LiveModel(capture, None, vocab_size=config_vocab(raw), num_experts=widths, top_k=top_k,
                      max_len=int(raw.get("max_position_embeddings") or MAX_PROMPT_TOKENS))
