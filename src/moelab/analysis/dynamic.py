@@ -93,7 +93,7 @@ class DynamicAccumulator:
                 self.density_sum[l] += dens.sum(axis=0)
                 self.density_n[l] += len(dens)
 
-    def result(self) -> DynamicResult:
+    def result(self, **_: Any) -> DynamicResult:
         seen = self.seen or set()
         ranked = {"probs", "expert_norms"} <= seen
         has_cos, has_dens = "expert_cos" in seen, "expert_density" in seen

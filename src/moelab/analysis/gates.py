@@ -136,7 +136,7 @@ class GateStatsAccumulator:
         self.n_tokens += T
         self.n_null += n_null
 
-    def result(self) -> GateStats:
+    def result(self, **_: Any) -> GateStats:
         def med(parts: list[np.ndarray]) -> float:
             return float(np.median(np.concatenate(parts))) if parts else float("nan")
 
