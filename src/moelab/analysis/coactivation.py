@@ -1,9 +1,11 @@
 """Which experts fire together: co-activation P(j | i) within a layer, and top-1 transitions from each
 MoE layer to the next for the same token.
 
-Null of P(j | i): each rank's column of expert ids shuffled across the layer's tokens (from the layer's
-pool of chosen sets), which keeps every expert's load at every rank and breaks which experts a token
-picks together; a token that draws one expert twice adds no pair. Uniform random top-k's
+Null of P(j | i): a router whose only structure is its load. Each token draws k distinct experts
+independently of every other choice, with weights fitted so that every expert's inclusion rate matches
+the layer's load (`resample.fit_load_weights`); as many tokens as the layer has (at most 2^18 per
+draw). Shuffling the rank columns across tokens would keep the load exactly but lets a token draw one
+expert twice, which under unequal load biases the null low. Uniform random top-k's
 (k - 1) / (E - 1) stays as a reference (`uniform_p`): under unequal load it is not the chance level. The
 strongest pair carries a bootstrap interval over sequences and its own permutation null (the strongest
 pair of each shuffled table). A layer with one expert or k = 1 has no pairs: NaN.
@@ -22,7 +24,7 @@ from moelab.analysis.common import (
     Batch, Result, check_experts, consume, iter_input, layer_choices, regroup, require_columns, token_key,
 )
 from moelab.analysis.null import mutual_information
-from moelab.analysis.resample import Estimate, SetPool, fold_of, layer_estimates
+from moelab.analysis.resample import Estimate, SetPool, fold_of, layer_estimates, draw_sets, fit_load_weights
 from moelab.config import MoelabError
 
 
@@ -49,16 +51,17 @@ def strongest_pair(p_EE: np.ndarray) -> float:
     return float(np.nanmax(p)) if np.isfinite(p).any() else float("nan")
 
 
-def shuffled_coactivation(sets_MK: np.ndarray, num_experts: int, rng: np.random.Generator) -> np.ndarray:
-    """P(j | i) after shuffling each rank's column across tokens; denominators are the (kept) loads."""
-    M, K = sets_MK.shape
-    E = num_experts
-    cols = np.stack([rng.permutation(sets_MK[:, r]) for r in range(K)], axis=1)
-    a, b = cols[:, :, None], cols[:, None, :]
-    pair = (a != b)  # distinct ranks, distinct experts
-    c = np.bincount((a * E + b)[pair].reshape(-1), minlength=E * E).reshape(E, E).astype(np.float64)
-    load = np.bincount(sets_MK.reshape(-1), minlength=E).astype(np.float64)[:, None]
-    return np.divide(c, load, out=np.full((E, E), np.nan), where=load > 0)
+NULL_TOKENS = 1 << 18
+
+
+def null_coactivation(load_E: np.ndarray, top_k: int, tokens: int, n_permutations: int,
+                      seed: int) -> list[np.ndarray]:
+    """P(j | i) of `n_permutations` load-matched independent routings of min(tokens, 2^18) tokens each."""
+    rng = np.random.default_rng([seed, 0xC0AC])
+    logw = fit_load_weights(load_E, top_k, rng)
+    n = min(int(tokens), NULL_TOKENS)
+    return [conditional_coactivation(coactivation_counts(draw_sets(logw, top_k, n, rng), len(load_E)))
+            for _ in range(n_permutations)]
 
 
 @dataclasses.dataclass
@@ -110,17 +113,16 @@ class CoactivationAccumulator:
     def _strongest(self, weights: np.ndarray | None, pool: SetPool | None,
                    n_permutations: int) -> tuple[list, list[np.ndarray], np.ndarray, np.ndarray]:
         values, null_mean, boots, nulls = [], [], [], []
-        rng = np.random.default_rng(0xC0AC)
         for l, E in enumerate(self.num_experts):
             co = self.co[l].sum(axis=0)
             values.append(strongest_pair(conditional_coactivation(co)))
             reps = np.einsum("rf,fij->rij", weights, self.co[l]) if weights is not None and self.folds > 1 else []
             boots.append(np.array([strongest_pair(conditional_coactivation(c)) for c in reps]))
-            if pool is None or E < 2 or self.top_k < 2:
+            if n_permutations == 0 or E < 2 or self.top_k < 2 or not np.diag(co).any():
                 null_mean.append(np.full((E, E), np.nan))
-                nulls.append(np.full(n_permutations if pool is not None else 0, np.nan))
+                nulls.append(np.full(n_permutations, np.nan))
                 continue
-            draws = [shuffled_coactivation(pool.layer(l)[0], E, rng) for _ in range(n_permutations)]
+            draws = null_coactivation(np.diag(co), self.top_k, np.diag(co).sum() // self.top_k, n_permutations, l)
             null_mean.append(np.mean(draws, axis=0) if draws else np.full((E, E), np.nan))
             nulls.append(np.array([strongest_pair(d) for d in draws]))
         width = max([len(b) for b in boots] + [0])
@@ -133,7 +135,7 @@ class CoactivationAccumulator:
                **_: Any) -> Coactivation:
         values, null_mean, boot, null = self._strongest(weights, pool, n_permutations)
         per, overall = layer_estimates(values, boot, null, interval="95% bootstrap over sequences",
-                                       null="each rank's experts shuffled across tokens (keeps per-rank load)")
+                                       null="k distinct experts per token drawn independently, weights fitted to the layer's load")
         co = [c.sum(axis=0) for c in self.co]
         tp, tn, tmi, tnull = [], [], [], []
         for m in self.trans:

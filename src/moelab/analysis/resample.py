@@ -7,7 +7,7 @@ statistic from the weighted counts: a cluster bootstrap whose clusters are rando
 sequences, so it needs one pass and no trace in memory. F (32) bounds the degrees of freedom of the
 interval: its width is itself uncertain by about 1/sqrt(2F), 12%.
 
-Nulls: a permutation that keeps each layer's expert load and each group's size. The group label (token
+Nulls (co-activation aside: see `fit_load_weights`): a permutation that keeps each layer's expert load and each group's size. The group label (token
 ID, position, domain) is shuffled across the tokens of a layer while each token's chosen set stays whole.
 The shuffled table only needs the layer's pool of chosen sets: a group of n(g) tokens gets n(g) sets
 drawn from it without replacement. A `SetPool` keeps every set while the layer has at most `size` tokens
@@ -55,7 +55,11 @@ def replicate_weights(folds: int = FOLDS, replicates: int = REPLICATES, seed: in
 @dataclasses.dataclass
 class Estimate(Result):
     """value [ci_low, ci_high] (null_mean +- null_sd); p: one-sided permutation p-value in the direction
-    of `alternative` ("greater": specialisation, "less": divergence), z: (value - null_mean) / null_sd."""
+    of `alternative` ("greater": specialisation, "less": divergence), z: (value - null_mean) / null_sd.
+
+    The interval is the bootstrap's 2.5-97.5% percentiles shifted by its bias (mean of the replicates minus
+    the value): a replicate repeats some sequences, which inflates noise-driven statistics (a std or a max
+    over few tokens); the shift keeps that bias out of the interval, `bias` reports it."""
 
     value: float
     ci_low: float
@@ -66,6 +70,7 @@ class Estimate(Result):
     z: float
     n_permutations: int
     n_bootstrap: int
+    bias: float = float("nan")  # mean of the bootstrap replicates minus the value
     null: str = ""      # what the null keeps and shuffles
     interval: str = ""  # what the interval resamples
 
@@ -81,7 +86,10 @@ def estimate(value: float, boot_R: np.ndarray | None = None, null_P: np.ndarray 
     nan = float("nan")
     b = _finite(boot_R) if boot_R is not None else np.zeros(0)
     n = _finite(null_P) if null_P is not None else np.zeros(0)
-    lo, hi = (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))) if b.size and value == value else (nan, nan)
+    lo = hi = bias = nan
+    if b.size and value == value:
+        bias = float(b.mean() - value)
+        lo, hi = float(np.percentile(b, 2.5)) - bias, float(np.percentile(b, 97.5)) - bias
     mean, sd = (float(n.mean()), float(n.std(ddof=1)) if n.size > 1 else 0.0) if n.size else (nan, nan)
     p = z = nan
     if n.size and value == value:
@@ -89,7 +97,7 @@ def estimate(value: float, boot_R: np.ndarray | None = None, null_P: np.ndarray 
         p = float((1 + beyond) / (1 + n.size))
         z = float((value - mean) / sd) if sd > 0 else (0.0 if value == mean else float(np.sign(value - mean) * np.inf))
     return Estimate(value=float(value), ci_low=lo, ci_high=hi, null_mean=mean, null_sd=sd, p=p, z=z,
-                    n_permutations=int(n.size), n_bootstrap=int(b.size), null=null, interval=interval)
+                    n_permutations=int(n.size), n_bootstrap=int(b.size), bias=bias, null=null, interval=interval)
 
 
 def layer_estimates(values_L: Sequence[float], boot_LR: np.ndarray | None, null_LP: np.ndarray | None,
@@ -219,6 +227,30 @@ class SetPoolAccumulator:
 
     def result(self) -> SetPool:
         return self.pool
+
+
+def fit_load_weights(load_E: np.ndarray, top_k: int, rng: np.random.Generator, iters: int = 30,
+                     fit_tokens: int = 1 << 14) -> np.ndarray:
+    """Log-weights whose Gumbel-top-k draws (k distinct experts, without replacement) include every
+    expert at the rate `load_E` gives it (its share of choices x k): the router whose only structure is
+    its load. A damped fixed-point iteration on simulated inclusion rates."""
+    load = np.asarray(load_E, np.float64)
+    target = np.log(np.maximum(load / max(load.sum(), 1e-300) * top_k, 1e-12))
+    logw = target.copy()
+    for _ in range(iters if top_k > 1 else 0):
+        incl = np.bincount(draw_sets(logw, top_k, fit_tokens, rng).reshape(-1), minlength=len(load)) / fit_tokens
+        logw += 0.5 * (target - np.log(np.maximum(incl, 0.5 / fit_tokens)))
+    return logw
+
+
+def draw_sets(logw_E: np.ndarray, top_k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n x k distinct experts per token, drawn without replacement in proportion to exp(logw)."""
+    out = np.empty((n, top_k), np.int64)
+    for start in range(0, n, 1 << 16):
+        m = min(n, start + (1 << 16)) - start
+        g = logw_E + rng.gumbel(size=(m, len(logw_E)))
+        out[start:start + m] = np.argpartition(-g, top_k - 1, axis=1)[:, :top_k]
+    return out
 
 
 def estimate_from_moments(value: float, boot_R: np.ndarray | None, null_mean: float, null_sd: float, *,
