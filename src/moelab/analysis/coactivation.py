@@ -115,10 +115,11 @@ class CoactivationAccumulator:
         values, null_mean, boots, nulls = [], [], [], []
         for l, E in enumerate(self.num_experts):
             co = self.co[l].sum(axis=0)
-            values.append(strongest_pair(conditional_coactivation(co)))
-            reps = np.einsum("rf,fij->rij", weights, self.co[l]) if weights is not None and self.folds > 1 else []
+            pairs = E > 1 and self.top_k > 1  # else P(j | i) = 0 off the diagonal by construction, not a finding
+            values.append(strongest_pair(conditional_coactivation(co)) if pairs else float("nan"))
+            reps = np.einsum("rf,fij->rij", weights, self.co[l]) if weights is not None and self.folds > 1 and pairs else []
             boots.append(np.array([strongest_pair(conditional_coactivation(c)) for c in reps]))
-            if n_permutations == 0 or E < 2 or self.top_k < 2 or not np.diag(co).any():
+            if n_permutations == 0 or not pairs or not np.diag(co).any():
                 null_mean.append(np.full((E, E), np.nan))
                 nulls.append(np.full(n_permutations, np.nan))
                 continue
