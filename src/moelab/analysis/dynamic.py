@@ -97,14 +97,14 @@ class DynamicAccumulator:
         seen = self.seen or set()
         ranked = {"probs", "expert_norms"} <= seen
         has_cos, has_dens = "expert_cos" in seen, "expert_density" in seen
-        n_cos = np.maximum(self.cos_n, 1)
+        n_cos = np.where(self.cos_n > 0, self.cos_n, np.nan)  # a one-expert layer has no pairs: NaN, not 0
         density = [s / max(n, 1) for s, n in zip(self.density_sum, self.density_n)]
         return DynamicResult(
             rank_counts=self.rank_counts if ranked else None,
             top1_is_largest_norm=[float(c[0, 0] / max(c[0].sum(), 1)) for c in self.rank_counts] if ranked else None,
             null_top1_is_largest_norm=[1.0 / E for E in self.num_experts],
-            mean_cosine=list(self.cos_sum / n_cos) if has_cos else None,
-            mean_angular=list(self.ang_sum / n_cos) if has_cos else None,
+            mean_cosine=[float(v) for v in self.cos_sum / n_cos] if has_cos else None,
+            mean_angular=[float(v) for v in self.ang_sum / n_cos] if has_cos else None,
             null_cosine=0.0, null_angular=0.5,
             density=density if has_dens else None,
             mean_density=[float(d.mean()) for d in density] if has_dens else None,
