@@ -3,8 +3,8 @@ MoE layer to the next for the same token.
 
 Null of P(j | i): a router whose only structure is its load. Each token draws k distinct experts
 independently of every other choice, with weights fitted so that every expert's inclusion rate matches
-the layer's load (`resample.fit_load_weights`); as many tokens as the layer has (at most 2^18 per
-draw). Shuffling the rank columns across tokens would keep the load exactly but lets a token draw one
+the layer's load (`resample.fit_load_weights`); as many tokens as the layer has, at most 2^16 per
+draw, the draws' spread then shrunk to the layer's token count (sd ~ 1/sqrt(tokens)). Shuffling the rank columns across tokens would keep the load exactly but lets a token draw one
 expert twice, which under unequal load biases the null low. Uniform random top-k's
 (k - 1) / (E - 1) stays as a reference (`uniform_p`): under unequal load it is not the chance level. The
 strongest pair carries a bootstrap interval over sequences and its own permutation null (the strongest
@@ -24,7 +24,9 @@ from moelab.analysis.common import (
     Batch, Result, check_experts, consume, iter_input, layer_choices, regroup, require_columns, token_key,
 )
 from moelab.analysis.null import mutual_information
-from moelab.analysis.resample import Estimate, SetPool, fold_of, layer_estimates, draw_sets, fit_load_weights
+from moelab.analysis.resample import (
+    Estimate, SetPool, draw_sets, fit_load_weights, fold_of, layer_estimates, subset_scale,
+)
 from moelab.config import MoelabError
 
 
@@ -51,7 +53,7 @@ def strongest_pair(p_EE: np.ndarray) -> float:
     return float(np.nanmax(p)) if np.isfinite(p).any() else float("nan")
 
 
-NULL_TOKENS = 1 << 18
+NULL_TOKENS = 1 << 16
 
 
 def null_coactivation(load_E: np.ndarray, top_k: int, tokens: int, n_permutations: int,
@@ -123,9 +125,10 @@ class CoactivationAccumulator:
                 null_mean.append(np.full((E, E), np.nan))
                 nulls.append(np.full(n_permutations, np.nan))
                 continue
-            draws = null_coactivation(np.diag(co), self.top_k, np.diag(co).sum() // self.top_k, n_permutations, l)
+            tokens = int(np.diag(co).sum() // self.top_k)
+            draws = null_coactivation(np.diag(co), self.top_k, tokens, n_permutations, l)
             null_mean.append(np.mean(draws, axis=0) if draws else np.full((E, E), np.nan))
-            nulls.append(np.array([strongest_pair(d) for d in draws]))
+            nulls.append(subset_scale(np.array([strongest_pair(d) for d in draws]), min(tokens, NULL_TOKENS), tokens))
         width = max([len(b) for b in boots] + [0])
         boot = np.array([b if len(b) == width else np.full(width, np.nan) for b in boots]) if width else None
         width = max([len(n) for n in nulls] + [0])
