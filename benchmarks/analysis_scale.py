@@ -4,7 +4,9 @@ Target: 10 million rows (token x MoE layer x rank) analysed in under 60 s with u
 The trace is written with `TraceWriter` into a temporary directory (timed separately), then read back
 by streaming. Peak RSS is the process's high-water mark (resource.getrusage), so it covers writing too.
 
-    python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts]
+    python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts] [--keep PATH] [--profile]
+    python benchmarks/analysis_scale.py --rows 100_000_000 --layers 16 --experts 64 --top-k 8 --no-probs \
+        --keep /tmp/t100m.parquet     # the issue's scale: written once, then analysed in a fresh process
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--keep", default=None, metavar="PATH",
                     help="write the trace here and reuse it when it exists (else a temporary directory)")
     ap.add_argument("--profile", action="store_true", help="print the top of a cProfile of the analysis")
+    ap.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
     args = ap.parse_args()
     rows_per_seq = args.seq_len * args.layers * args.top_k
     num_seqs = -(-args.rows // rows_per_seq)
@@ -80,6 +83,8 @@ def write(path: Path, meta: TraceMeta, args: argparse.Namespace, num_seqs: int) 
                                      num_experts=args.experts, top_k=args.top_k, rule="uniform",
                                      vocab=args.vocab, seqs_per_batch=32, capacity_factor=1.25,
                                      all_experts=args.all_experts):
+            if args.no_probs:
+                batch = {k: v for k, v in batch.items() if not k.startswith("probs")}
             writer.write(batch)
 
 
