@@ -3,7 +3,7 @@ MoE layer to the next for the same token.
 
 Null of P(j | i): a router whose only structure is its load. Each token draws k distinct experts
 independently of every other choice, with weights fitted so that every expert's inclusion rate matches
-the layer's load (`resample.fit_load_weights`); as many tokens as the layer has, at most 2^16 per
+the layer's load (`resample.fit_load_weights`); as many tokens as the layer has, at most 2^14 per
 draw, the draws' spread then shrunk to the layer's token count (sd ~ 1/sqrt(tokens)). Shuffling the rank columns across tokens would keep the load exactly but lets a token draw one
 expert twice, which under unequal load biases the null low. Uniform random top-k's
 (k - 1) / (E - 1) stays as a reference (`uniform_p`): under unequal load it is not the chance level. The
@@ -53,7 +53,7 @@ def strongest_pair(p_EE: np.ndarray) -> float:
     return float(np.nanmax(p)) if np.isfinite(p).any() else float("nan")
 
 
-NULL_TOKENS = 1 << 16
+NULL_TOKENS = 1 << 14
 
 
 def null_coactivation(load_E: np.ndarray, top_k: int, tokens: int, n_permutations: int,
@@ -96,7 +96,7 @@ class CoactivationAccumulator:
         check_experts(batch, self.num_experts)
         prev = None
         for l, E in enumerate(self.num_experts):
-            tk = layer_choices(batch, l, self.top_k, ("expert", "seq", "pos"))
+            tk = layer_choices(batch, l, self.top_k, ("expert", "seq", "pos"), len(self.num_experts))
             if self.folds > 1:
                 ids = tk["expert"].astype(np.int64)
                 key = fold_of(tk["seq"][:, 0], self.folds)[:, None, None] * E * E + ids[:, :, None] * E + ids[:, None, :]

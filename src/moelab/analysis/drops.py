@@ -199,7 +199,7 @@ class DropAccumulator:
             return
         s = self.simulate
         for l, E in enumerate(self.num_experts):
-            tk = layer_choices(batch, l, self.top_k, ("expert", "prob", "pos", "turn", "seq"))
+            tk = layer_choices(batch, l, self.top_k, ("expert", "prob", "pos", "turn", "seq"), len(self.num_experts))
             if not len(tk["expert"]):
                 continue
             ids, prob = tk["expert"], tk["prob"]

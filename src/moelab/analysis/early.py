@@ -103,7 +103,7 @@ class EarlyRoutingAccumulator:
         check_experts(batch, self.num_experts)
         names = [f"expert@{c}" for c in range(self.C)] + ["expert"]
         for l, E in enumerate(self.num_experts):
-            tk = layer_choices(batch, l, self.top_k, names + ["seq", "pos"])
+            tk = layer_choices(batch, l, self.top_k, names + ["seq", "pos"], len(self.num_experts))
             final, seq_T = tk["expert"], tk["seq"][:, 0].astype(np.int64)
             fold_T = fold_of(seq_T, self.folds)
             self.tokens_FL[:, l] += np.bincount(fold_T, minlength=self.folds)

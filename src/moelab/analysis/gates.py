@@ -99,7 +99,7 @@ class GateStatsAccumulator:
         self.has_probs = self.has_probs and "probs" in batch
         binned, first = [], None
         for l in range(len(self.num_experts)):
-            tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"))
+            tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"), len(self.num_experts))
             p = tk["prob"].astype(np.float64)
             self.outer[l].append(p.sum(axis=1).astype(np.float32))
             if self.top_k > 1:

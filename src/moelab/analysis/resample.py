@@ -220,7 +220,7 @@ class SetPoolAccumulator:
         from moelab.analysis.common import layer_choices
 
         for l in range(len(self.num_experts)):
-            tk = layer_choices(batch, l, self.top_k, ("expert", "seq", "pos"))
+            tk = layer_choices(batch, l, self.top_k, ("expert", "seq", "pos"), len(self.num_experts))
             if len(tk["expert"]):
                 key = (tk["seq"][:, 0].astype(np.int64) << 32) | tk["pos"][:, 0].astype(np.int64)
                 self.pool.add(l, key, tk["expert"])
@@ -229,8 +229,8 @@ class SetPoolAccumulator:
         return self.pool
 
 
-def fit_load_weights(load_E: np.ndarray, top_k: int, rng: np.random.Generator, iters: int = 30,
-                     fit_tokens: int = 1 << 14) -> np.ndarray:
+def fit_load_weights(load_E: np.ndarray, top_k: int, rng: np.random.Generator, iters: int = 24,
+                     fit_tokens: int = 1 << 13) -> np.ndarray:
     """Log-weights whose Gumbel-top-k draws (k distinct experts, without replacement) include every
     expert at the rate `load_E` gives it (its share of choices x k): the router whose only structure is
     its load. A damped fixed-point iteration on simulated inclusion rates."""
