@@ -143,3 +143,14 @@ def test_permutation_mi_matches_shuffling_the_labels_by_hand():
                      for _ in range(400)])
     assert fast.mean() == pytest.approx(slow.mean(), rel=0.1) and fast.std() == pytest.approx(slow.std(), rel=0.2)
     assert mutual_information(table) > fast.max()
+
+
+def test_gate_and_output_numbers_carry_intervals():
+    batches = list(planted_batches(rule="token", seed=3, all_experts=True, **dict(ARGS, num_seqs=16)))
+    res = analyze_all(batches, num_experts=[E] * L, top_k=K, analyses=("gates", "dynamic"), n_bootstrap=32)
+    g, d = res["gates"], res["dynamic"]
+    for est in (g.cross_layer_overall, g.entropy_overall, d.top1_overall, d.angular_overall):
+        assert est.n_bootstrap == 32 and est.ci_low <= est.value <= est.ci_high
+    off = ~np.eye(L, dtype=bool)
+    assert g.cross_layer_overall.value == pytest.approx(np.asarray(g.cross_layer_mi)[off].mean())
+    assert d.top1_overall.value == pytest.approx(np.mean(d.top1_is_largest_norm))

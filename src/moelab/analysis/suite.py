@@ -73,7 +73,7 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if "coactivation" in analyses:
         acc["coactivation"] = CoactivationAccumulator(num_experts, top_k, folds=folds)
     if "gates" in analyses:
-        acc["gates"] = GateStatsAccumulator(num_experts, top_k, null_seed=seed)
+        acc["gates"] = GateStatsAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
     if "drops" in analyses:
         acc["drops"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, folds=folds)
         for name, setting, shuffle in (("drops_queue", queue, True), ("drops_simulated", simulate, False),
@@ -82,7 +82,7 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                 acc[name] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, simulate=setting,
                                             shuffle_positions=shuffle, folds=folds, seed=seed)
     if "dynamic" in analyses:
-        acc["dynamic"] = DynamicAccumulator(num_experts)
+        acc["dynamic"] = DynamicAccumulator(num_experts, folds=folds)
     columns = sorted({c for a in acc.values() for c in a.columns})
     present = set(columns) if have is None else set(columns) & have
     rows = batch_rows or _batch_rows(present, num_experts, top_k)

@@ -162,12 +162,15 @@ def _gate_headlines(gates: Any) -> list[Headline]:
     out = []
     if off.any():
         v, n = layer_mean(mi[off]), layer_mean(null[off])
-        text = (f"cross-layer routing MI {fmt(v, '.3f')} nats between layers (shuffled experts {fmt(n, '.3f')})"
-                if v is not None else "cross-layer routing MI: not defined between layers with different E")
-        out.append(Headline("cross_layer_mi", "cross-layer MI (nats)", v, n, text))
+        e = gates.cross_layer_overall
+        text = (f"cross-layer routing MI {fmt_estimate(e, '.3f', null=False)} nats between layers (shuffled "
+                f"experts {fmt(n, '.3f')})" if v is not None else
+                "cross-layer routing MI: not defined between layers with different E")
+        out.append(Headline("cross_layer_mi", "cross-layer MI (nats)", v, n, text, e))
     v, n = layer_mean(gates.gate_entropy_mean), layer_mean(gates.null_gate_entropy)
     out.append(Headline("gate_entropy", "gate entropy (nats)", v, n,
-                        f"gate entropy {fmt(v)} nats (uniform router log E = {fmt(n)})"))
+                        f"gate entropy {fmt_estimate(gates.entropy_overall, '.2f', null=False)} nats (uniform router "
+                        f"log E = {fmt(n)})", gates.entropy_overall))
     return out
 
 
@@ -176,13 +179,15 @@ def _dynamic_headlines(dyn: Any) -> list[Headline]:
     if dyn is not None and dyn.top1_is_largest_norm is not None:
         v, n = layer_mean(dyn.top1_is_largest_norm), layer_mean(dyn.null_top1_is_largest_norm)
         out.append(Headline("top1_largest_norm", "top-1 has largest output norm", v, n,
-                            f"the router's top-1 expert has the largest output norm for {fmt(v, '.0%')} of "
-                            f"tokens (chance 1/E = {fmt(n, '.0%')})"))
+                            f"the router's top-1 expert has the largest output norm for "
+                            f"{fmt_estimate(dyn.top1_overall, '.0%', null=False)} of tokens (chance 1/E = {fmt(n, '.0%')})",
+                            dyn.top1_overall))
     if dyn is not None and dyn.mean_angular is not None:
         v = layer_mean(dyn.mean_angular)
         out.append(Headline("output_angular_similarity", "expert output similarity (angular)", v,
-                            dyn.null_angular, f"expert outputs' angular similarity {fmt(v, '.3f')} "
-                            f"(unrelated outputs {dyn.null_angular})"))
+                            dyn.null_angular, f"expert outputs' angular similarity "
+                            f"{fmt_estimate(dyn.angular_overall, '.3f', null=False)} (unrelated outputs {dyn.null_angular})",
+                            dyn.angular_overall))
     return out
 
 
