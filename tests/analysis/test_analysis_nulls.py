@@ -154,3 +154,23 @@ def test_gate_and_output_numbers_carry_intervals():
     off = ~np.eye(L, dtype=bool)
     assert g.cross_layer_overall.value == pytest.approx(np.asarray(g.cross_layer_mi)[off].mean())
     assert d.top1_overall.value == pytest.approx(np.mean(d.top1_is_largest_norm))
+
+
+def test_intervals_from_a_sample_of_token_ids_match_the_full_split():
+    from moelab.analysis.common import consume
+    from moelab.analysis.specialization import ShareAccumulator, vocab_specialisation
+    from moelab.analysis.suite import token_fold_sample
+
+    batches = list(planted_batches(rule="skewed", seed=4, **dict(ARGS, vocab=400, num_seqs=96)))
+    w = replicate_weights(32, 64, seed=0)
+    widths = {}
+    for sample in (1, 4):
+        acc = ShareAccumulator("token", [E] * L, K, fold_sample=sample)
+        consume(batches, [acc])
+        tables = acc.result()
+        assert sample == 1 or 0.1 < np.mean(tables.sampled[0]) < 0.45  # about a quarter of the IDs
+        est = vocab_specialisation(tables, min_count=10, weights_RF=w).overall
+        widths[sample] = est.ci_high - est.ci_low
+        assert est.ci_low <= est.value <= est.ci_high
+    assert 0.6 < widths[4] / widths[1] < 1.6
+    assert token_fold_sample(10**6) == 1 and token_fold_sample(100_000_000) == 16

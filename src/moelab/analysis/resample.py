@@ -131,14 +131,14 @@ class SetPool:
 
     def __init__(self, num_layers: int, top_k: int, size: int = POOL_SIZE, seed: int = 0):
         self.size, self.seed, self.top_k = size, seed, top_k
-        self.sets = [np.zeros((0, top_k), np.int64) for _ in range(num_layers)]
+        self.sets = [np.zeros((0, top_k), np.int16) for _ in range(num_layers)]  # expert ids < 2^15
         self.prio = [np.zeros(0, np.uint64) for _ in range(num_layers)]
         self.seen = np.zeros(num_layers, np.int64)
 
     def add(self, layer: int, token_key_T: np.ndarray, ids_TK: np.ndarray) -> None:
         self.seen[layer] += len(ids_TK)
         prio = mix64(token_key_T, self.seed + 7 * layer)
-        self.sets[layer] = np.concatenate([self.sets[layer], np.asarray(ids_TK, np.int64)])
+        self.sets[layer] = np.concatenate([self.sets[layer], np.asarray(ids_TK, np.int16)])
         self.prio[layer] = np.concatenate([self.prio[layer], prio])
         if len(self.prio[layer]) > 2 * self.size:
             self._trim(layer)
@@ -180,7 +180,7 @@ def permuted_tables(n_G: np.ndarray, pool_MK: np.ndarray, complete: bool, num_ex
             pick = rng.permutation(M)[:total]
         else:
             pick = rng.integers(0, M, size=total) if M else np.zeros(0, np.int64)
-        keys = (owner[:, None] * E + pool_MK[pick]).reshape(-1)
+        keys = (owner[:, None] * E + pool_MK[pick].astype(np.int64)).reshape(-1)
         tables.append(np.bincount(keys, minlength=len(groups) * E).reshape(len(groups), E))
     return groups, tables
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from moelab.analysis.coactivation import CoactivationAccumulator
 from moelab.analysis.common import consume, iter_input, plain, regroup, seq_block_key, token_key
 from moelab.analysis.drops import DropAccumulator, queue_comparison
@@ -23,6 +25,14 @@ from moelab.config import MoelabError
 
 ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
 LIST_BUDGET_BYTES = 64 << 20
+
+
+def token_fold_sample(num_rows: int | None, budget: int = 1 << 23) -> int:
+    """1 in how many token IDs gets fold-split counts for the intervals: all up to `budget` rows, then
+    a power of two that keeps the split rows near the budget (one key per choice, 16 bytes each)."""
+    if not num_rows or num_rows <= budget:
+        return 1
+    return 1 << int(np.ceil(np.log2(num_rows / budget)))
 
 
 def _batch_rows(columns: set[str], num_experts: Sequence[int], top_k: int, cap: int = 1 << 20) -> int:
@@ -65,9 +75,11 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if "load" in analyses:
         acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
     if "specialisation" in analyses:
+        sample = token_fold_sample(getattr(trace_like, "num_rows", None))
         for group in ("token", "pos", "pos_bucket") + tuple(labels):
             acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket,
-                                                      folds=folds if group != "pos_bucket" else 1)
+                                                      folds=folds if group != "pos_bucket" else 1,
+                                                      fold_sample=sample if group == "token" else 1)
         for group in labels if mi_ranks == "top1" else ():
             acc[f"tables_top1:{group}"] = ShareAccumulator(group, num_experts, top_k, ranks="top1", folds=folds)
     if "coactivation" in analyses:
