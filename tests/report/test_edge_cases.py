@@ -41,7 +41,7 @@ def test_one_expert_layer_top1_builds_a_report(main, tmp_path, capsys):
     ids = np.stack([np.zeros((256, 1), int), rng.integers(0, 4, size=(256, 1))])
     trace = write_rows(tmp_path / "t.parquet", ids, [1, 4])
     rc = main(["analyze", str(trace), "--out", str(tmp_path / "out"), "--labels", "domain,turn",
-               "--min-count", "5"])
+               "--min-count", "5", "--permutations", "4", "--bootstrap", "8"])
     printed = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "out" / "report.html").is_file()
     assert "co-activation" not in printed  # k = 1: no pairs, so no "strongest co-activation 0.00"
@@ -50,6 +50,8 @@ def test_one_expert_layer_top1_builds_a_report(main, tmp_path, capsys):
     assert "The trace has no turn labels" in page and "Only one turn" not in page
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "coactivation_max" not in metrics["models"]["t"]["headline"]
+    est = metrics["models"]["t"]["headline"]["std_position"]["estimate"]
+    assert est["n_permutations"] == 4 and est["n_bootstrap"] == 8
 
 
 def test_layers_without_pairs_are_nan_and_leave_the_headline_mean_alone():

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from moelab.analysis import analyze_all, early_routing, to_json_dict, weight_analysis
 from moelab.analysis.common import plain
+from moelab.analysis.resample import REPLICATES
 from moelab.config import MoelabError
 from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
 from moelab.report.html import Section, write_report
@@ -220,7 +221,8 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
         steps = [step_label(t, i) for i, (_, t) in enumerate(m.checkpoints)]
         with _unreadable_as_error(", ".join(p for p, _ in m.checkpoints)):
             out["early"] = early_routing([t for _, t in m.checkpoints], steps=steps[:-1],
-                                         n_permutations=opts.get("n_permutations", 16))
+                                         n_permutations=opts.get("n_permutations", 16),
+                                         n_bootstrap=opts.get("n_bootstrap", REPLICATES))
         out["headlines"] += early_headlines(out["early"], m.trace.meta.top_k)
     if m.weights:
         out["weights"], out["note"] = _weights(m.weights)
