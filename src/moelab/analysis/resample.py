@@ -40,9 +40,17 @@ def mix64(x: np.ndarray, seed: int = 0) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+_FOLD_CACHE: list = [None, None, None]  # (seq array, (folds, seed), folds): the last batch's, computed once
+
+
 def fold_of(seq: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
-    """The bootstrap fold (0..folds-1) of each row's sequence."""
-    return (mix64(seq, seed) % np.uint64(folds)).astype(np.int64)
+    """The bootstrap fold (0..folds-1) of each row's sequence. Every accumulator asks for the folds of the
+    same batch column in turn: the last answer is kept (the array itself, so its identity stays valid)."""
+    if _FOLD_CACHE[0] is seq and _FOLD_CACHE[1] == (folds, seed):
+        return _FOLD_CACHE[2]
+    out = (mix64(seq, seed) % np.uint64(folds)).astype(np.int64)
+    _FOLD_CACHE[:] = [seq, (folds, seed), out]
+    return out
 
 
 def replicate_weights(folds: int = FOLDS, replicates: int = REPLICATES, seed: int = 0) -> np.ndarray:

@@ -24,6 +24,7 @@ from moelab.config import MoelabError
 LABEL_GROUPS = ("domain", "lang")
 INT_GROUPS = ("token", "pos", "doc_pos", "turn", "doc", "seq")
 GROUPS = LABEL_GROUPS + INT_GROUPS + ("pos_bucket",)
+DENSE_GROUPS = 1 << 17  # group values below this count in a dense table when no fold split is needed
 
 
 @dataclasses.dataclass
@@ -95,6 +96,8 @@ class ShareAccumulator:
         if (folds + 1) * len(self.num_experts) >= 1 << 15:
             raise MoelabError(f"{folds} bootstrap folds x {len(self.num_experts)} layers is too many to count")
         self.counter = KeyCounter()
+        self.dense: np.ndarray | None = None  # layer x group value x expert, for rows not split by fold
+        self.dense_rows = 0
         self.labels = LabelIndex() if group in LABEL_GROUPS else None
         self.columns = ("seq", "layer", "rank", "expert", "pos" if group == "pos_bucket" else group)
 
@@ -114,19 +117,50 @@ class ShareAccumulator:
             keep &= batch["rank"] == 0
         if values.size and values.max() >= 1 << 32:
             raise MoelabError(f"group {self.group} value {int(values.max())} is too large to count")
-        slot = batch["layer"][keep].astype(np.int64)
+        layer, values, expert = batch["layer"][keep].astype(np.int64), values[keep], batch["expert"][keep]
+        fold = np.zeros(len(layer), np.int64)
         if self.folds > 1:
-            fold = fold_of(batch["seq"][keep], self.folds, self.seed)
+            fold = fold_of(batch["seq"], self.folds, self.seed)[keep]
             if self.fold_sample > 1:
-                fold[~self._sampled(values[keep])] = self.folds
-            slot = slot + len(self.num_experts) * fold
-        self.counter.add((slot << 48) | (values[keep] << 16) | batch["expert"][keep])
+                fold[~self._sampled(values)] = self.folds
+        split = fold < self.folds if self.folds > 1 else np.zeros(len(layer), bool)
+        dense = ~split & (values < DENSE_GROUPS)  # rows no interval needs: a dense table, not one key each
+        if dense.any():
+            self._add_dense(layer[dense], values[dense], expert[dense])
+        slot = layer + len(self.num_experts) * fold
+        self.counter.add((slot[~dense] << 48) | (values[~dense] << 16) | expert[~dense])
+
+    def _add_dense(self, layer: np.ndarray, values: np.ndarray, expert: np.ndarray) -> None:
+        V, E = int(values.max()) + 1, max(self.num_experts)
+        if self.dense is None or V > self.dense.shape[1]:
+            width = max(V, 2 * (0 if self.dense is None else self.dense.shape[1]))
+            grown = np.zeros((len(self.num_experts), width, E), np.int32)  # a cell counts at most the rows seen
+            if self.dense is not None:
+                grown[:, :self.dense.shape[1]] = self.dense
+            self.dense = grown
+        self.dense_rows += len(layer)
+        if self.dense_rows >= 1 << 31 and self.dense.dtype != np.int64:
+            self.dense = self.dense.astype(np.int64)
+        for l in np.unique(layer):
+            sel = layer == l
+            self.dense[l, :V] += np.bincount(values[sel] * E + expert[sel], minlength=V * E).reshape(V, E).astype(
+                self.dense.dtype)
+
+    def _dense_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense table as (keys, counts) in the sparse counter's layout (fold: the unsplit one)."""
+        if self.dense is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        l, v, e = np.nonzero(self.dense)
+        slot = l + len(self.num_experts) * (self.folds if self.folds > 1 else 0)
+        return (slot << 48) | (v << 16) | e, self.dense[l, v, e].astype(np.int64)
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
 
     def result(self) -> ShareTables:
         keys, counts = self.counter.result()
+        dense_keys, dense_counts = self._dense_entries()
+        keys, counts = np.concatenate([keys, dense_keys]), np.concatenate([counts, dense_counts])
         slot_N, value_N, expert_N = keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF
         layer_N, fold_N = slot_N % len(self.num_experts), slot_N // len(self.num_experts)
         groups, tables, entries = [], [], []
@@ -136,7 +170,8 @@ class ShareAccumulator:
             flat = np.bincount(inv * E + expert_N[sel], weights=counts[sel], minlength=len(g) * E)
             groups.append(g)
             tables.append(flat.astype(np.int64).reshape(len(g), E))
-            entries.append(np.stack([fold_N[sel], inv, expert_N[sel], counts[sel]]))
+            split = sel & (fold_N < self.folds) if self.folds > 1 else np.zeros(len(sel), bool)
+            entries.append(np.stack([fold_N[split], inv[split[sel]], expert_N[split], counts[split]]))
         names = self.labels.names if self.labels is not None else None
         out = ShareTables(group=self.group, ranks=self.ranks, num_experts=self.num_experts,
                           top_k=self.top_k, groups=groups, counts=tables, names=names)
