@@ -174,3 +174,24 @@ def test_intervals_from_a_sample_of_token_ids_match_the_full_split():
         assert est.ci_low <= est.value <= est.ci_high
     assert 0.6 < widths[4] / widths[1] < 1.6
     assert token_fold_sample(10**6) == 1 and token_fold_sample(100_000_000) == 16
+
+
+def test_dense_and_sparse_counting_agree(monkeypatch):
+    from moelab.analysis import specialization as S
+    from moelab.analysis.common import consume
+
+    batches = list(planted_batches(rule="skewed", seed=6, **dict(ARGS, vocab=300, num_seqs=16)))
+
+    def tables(sample):
+        acc = S.ShareAccumulator("token", [E] * L, K, fold_sample=sample)
+        consume(batches, [acc])
+        t = acc.result()
+        w = replicate_weights(32, 8, seed=0)
+        keep = t.tokens(1) >= 3
+        return t.counts, [r for r in t.replicate_tables(1, w, keep)]
+
+    dense = tables(2)
+    monkeypatch.setattr(S, "DENSE_BUDGET", 1)  # everything through the sparse counter
+    sparse = tables(2)
+    assert all((a == b).all() for a, b in zip(dense[0], sparse[0]))
+    assert all(np.allclose(a, b) for a, b in zip(dense[1], sparse[1])) and len(dense[1]) == 8

@@ -24,7 +24,8 @@ from moelab.config import MoelabError
 LABEL_GROUPS = ("domain", "lang")
 INT_GROUPS = ("token", "pos", "doc_pos", "turn", "doc", "seq")
 GROUPS = LABEL_GROUPS + INT_GROUPS + ("pos_bucket",)
-DENSE_GROUPS = 1 << 17  # group values below this count in a dense table when no fold split is needed
+DENSE_GROUPS = 1 << 17  # group values below this may count in a dense table ...
+DENSE_BUDGET = 1 << 26  # ... of at most this many cells (256 MiB of int32)
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ class ShareAccumulator:
         if (folds + 1) * len(self.num_experts) >= 1 << 15:
             raise MoelabError(f"{folds} bootstrap folds x {len(self.num_experts)} layers is too many to count")
         self.counter = KeyCounter()
-        self.dense: np.ndarray | None = None  # layer x group value x expert, for rows not split by fold
+        self.dense: dict[str, np.ndarray] = {}  # "split" / "unsplit": slot x group value x expert counts
         self.dense_rows = 0
         self.labels = LabelIndex() if group in LABEL_GROUPS else None
         self.columns = ("seq", "layer", "rank", "expert", "pos" if group == "pos_bucket" else group)
@@ -123,36 +124,50 @@ class ShareAccumulator:
             fold = fold_of(batch["seq"], self.folds, self.seed)[keep]
             if self.fold_sample > 1:
                 fold[~self._sampled(values)] = self.folds
-        split = fold < self.folds if self.folds > 1 else np.zeros(len(layer), bool)
-        dense = ~split & (values < DENSE_GROUPS)  # rows no interval needs: a dense table, not one key each
-        if dense.any():
-            self._add_dense(layer[dense], values[dense], expert[dense])
         slot = layer + len(self.num_experts) * fold
-        self.counter.add((slot[~dense] << 48) | (values[~dense] << 16) | expert[~dense])
+        sparse = np.ones(len(layer), bool)
+        for name, rows in (("unsplit", fold >= self.folds if self.folds > 1 else np.ones(len(layer), bool)),
+                           ("split", fold < self.folds if self.folds > 1 else np.zeros(len(layer), bool))):
+            rows = rows & (values < DENSE_GROUPS)
+            if rows.any() and self._add_dense(name, slot[rows] if name == "split" else layer[rows], values[rows],
+                                              expert[rows]):
+                sparse &= ~rows
+        self.counter.add((slot[sparse] << 48) | (values[sparse] << 16) | expert[sparse])
 
-    def _add_dense(self, layer: np.ndarray, values: np.ndarray, expert: np.ndarray) -> None:
+    def _add_dense(self, name: str, slot: np.ndarray, values: np.ndarray, expert: np.ndarray) -> bool:
+        """Count rows in a dense slot x group value x expert table; False (nothing counted) when the table
+        would pass DENSE_BUDGET cells: a large vocabulary split by fold stays in the sparse counter."""
+        slots = len(self.num_experts) * (self.folds if name == "split" else 1)
         V, E = int(values.max()) + 1, max(self.num_experts)
-        if self.dense is None or V > self.dense.shape[1]:
-            width = max(V, 2 * (0 if self.dense is None else self.dense.shape[1]))
-            grown = np.zeros((len(self.num_experts), width, E), np.int32)  # a cell counts at most the rows seen
-            if self.dense is not None:
-                grown[:, :self.dense.shape[1]] = self.dense
-            self.dense = grown
-        self.dense_rows += len(layer)
-        if self.dense_rows >= 1 << 31 and self.dense.dtype != np.int64:
-            self.dense = self.dense.astype(np.int64)
-        for l in np.unique(layer):
-            sel = layer == l
-            self.dense[l, :V] += np.bincount(values[sel] * E + expert[sel], minlength=V * E).reshape(V, E).astype(
-                self.dense.dtype)
+        table = self.dense.get(name)
+        if table is None or V > table.shape[1]:
+            width = max(V, 2 * (0 if table is None else table.shape[1]))
+            if slots * min(width, DENSE_GROUPS) * E > DENSE_BUDGET:
+                width = V
+            if slots * width * E > DENSE_BUDGET:
+                return False
+            grown = np.zeros((slots, width, E), np.int32)  # a cell counts at most the rows seen
+            if table is not None:
+                grown[:, :table.shape[1]] = table
+            table = self.dense[name] = grown
+        self.dense_rows += len(slot)
+        if self.dense_rows >= 1 << 31 and table.dtype != np.int64:
+            table = self.dense[name] = table.astype(np.int64)
+        cells, counts = np.unique((slot * table.shape[1] + values) * E + expert, return_counts=True)
+        table.reshape(-1)[cells] += counts.astype(table.dtype)  # cells are distinct: no lost updates
+        return True
 
     def _dense_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The dense table as (keys, counts) in the sparse counter's layout (fold: the unsplit one)."""
-        if self.dense is None:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        l, v, e = np.nonzero(self.dense)
-        slot = l + len(self.num_experts) * (self.folds if self.folds > 1 else 0)
-        return (slot << 48) | (v << 16) | e, self.dense[l, v, e].astype(np.int64)
+        """The dense tables as (keys, counts) in the sparse counter's layout."""
+        keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        L = len(self.num_experts)
+        for name, table in self.dense.items():
+            slot, v, e = np.nonzero(table)
+            if name == "unsplit":
+                slot = slot + L * (self.folds if self.folds > 1 else 0)
+            keys.append((slot.astype(np.int64) << 48) | (v.astype(np.int64) << 16) | e)
+            counts.append(table[np.nonzero(table)].astype(np.int64))
+        return np.concatenate(keys), np.concatenate(counts)
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
