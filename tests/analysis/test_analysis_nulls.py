@@ -177,7 +177,7 @@ def test_intervals_from_a_sample_of_token_ids_match_the_full_split():
 
 
 def test_dense_and_sparse_counting_agree(monkeypatch):
-    from moelab.analysis import specialization as S
+    from moelab.analysis import tables as S
     from moelab.analysis.common import consume
 
     batches = list(planted_batches(rule="skewed", seed=6, **dict(ARGS, vocab=300, num_seqs=16)))

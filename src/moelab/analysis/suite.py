@@ -71,11 +71,33 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
         raise MoelabError(f"unknown analysis {unknown[0]!r} (known: {', '.join(ANALYSES)})")
     num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
     folds = folds if n_bootstrap > 0 else 1
+    acc = _accumulators(num_experts, top_k, analyses, labels, pos_bucket, mi_ranks, simulate, queue, folds, seed,
+                        token_fold_sample(getattr(trace_like, "num_rows", None)))
+    columns = sorted({c for a in acc.values() for c in a.columns})
+    present = set(columns) if have is None else set(columns) & have
+    rows = batch_rows or _batch_rows(present, num_experts, top_k)
+    batches = iter_input(trace_like, columns, rows)
+    blocks = [a.simulate["batch_seqs"] for a in acc.values() if getattr(a, "simulate", None)]
+    if blocks:
+        if len(set(blocks)) > 1:
+            raise MoelabError(f"drop re-simulations need one batch_seqs, got {sorted(set(blocks))}")
+        batches = regroup(batches, seq_block_key(blocks[0]))
+    else:
+        batches = regroup(batches, token_key)
+    consume(batches, list(acc.values()))
+    weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 else None
+    return _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
+                                       n_permutations=n_permutations, seed=seed, weights=weights))
+
+
+def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], labels: Sequence[str],
+                  pos_bucket: int, mi_ranks: str, simulate: dict[str, Any] | None, queue: dict[str, Any] | None,
+                  folds: int, seed: int, sample: int) -> dict[str, Any]:
+    """One accumulator per analysis (and the pool of chosen sets every permutation null draws from)."""
     acc: dict[str, Any] = {"pool": SetPoolAccumulator(num_experts, top_k, seed=seed)}
     if "load" in analyses:
         acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
     if "specialisation" in analyses:
-        sample = token_fold_sample(getattr(trace_like, "num_rows", None))
         for group in ("token", "pos", "pos_bucket") + tuple(labels):
             acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket,
                                                       folds=folds if group != "pos_bucket" else 1,
@@ -95,21 +117,7 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                                             shuffle_positions=shuffle, folds=folds, seed=seed)
     if "dynamic" in analyses:
         acc["dynamic"] = DynamicAccumulator(num_experts, folds=folds)
-    columns = sorted({c for a in acc.values() for c in a.columns})
-    present = set(columns) if have is None else set(columns) & have
-    rows = batch_rows or _batch_rows(present, num_experts, top_k)
-    batches = iter_input(trace_like, columns, rows)
-    blocks = [a.simulate["batch_seqs"] for a in acc.values() if getattr(a, "simulate", None)]
-    if blocks:
-        if len(set(blocks)) > 1:
-            raise MoelabError(f"drop re-simulations need one batch_seqs, got {sorted(set(blocks))}")
-        batches = regroup(batches, seq_block_key(blocks[0]))
-    else:
-        batches = regroup(batches, token_key)
-    consume(batches, list(acc.values()))
-    weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 else None
-    return _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
-                                       n_permutations=n_permutations, seed=seed, weights=weights))
+    return acc
 
 
 def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any]) -> dict[str, Any]:
