@@ -57,6 +57,8 @@ def test_metrics_hold_analyze_all_numbers(planted_report):
     assert head["load_imbalance"]["value"] == pytest.approx(np.mean(results["load"].max_over_mean))
     assert head["drop_share"]["value"] == pytest.approx(results["drops"].overall)
     assert head["drop_share_end"]["null"] == pytest.approx(results["queue:trained"].queue_rise.value)
+    assert head["drop_share_end"]["estimate"]["value"] == pytest.approx(head["drop_share_end"]["value"])
+    assert head["drop_share_excess"]["value"] == pytest.approx(results["queue:trained"].excess.value)
     assert head["std_token"]["estimate"]["n_permutations"] == 16 and head["std_token"]["estimate"]["n_bootstrap"] > 0
     assert head["drop_share_simulated"]["value"] == pytest.approx(results["drops_simulated"].overall)
     assert saved["summary"] == metrics["summary"] and len(saved["summary"]) >= 5

@@ -137,8 +137,12 @@ def drop_headlines(profile: Any, key: str, what: str, queue: Any = None) -> list
         tail = (f"; the queue alone (positions shuffled within sequences) gives a rise of {queue.queue_rise.value:+.1%} "
                 f"against {queue.observed_rise.value:+.1%} observed, i.e. explains {queue.explained:.0%} of it "
                 f"(excess over the queue {fmt_estimate(queue.excess, '+.1%', null=False)})")
-    return out + [Headline(f"{key}_end", f"drop rise to the end ({what})", last - first, null,
-                           f"drop share ({what}) {trend}{tail}", queue.excess if queue is not None else profile.rise)]
+    out.append(Headline(f"{key}_end", f"drop rise to the end ({what})", last - first, null,
+                        f"drop share ({what}) {trend}{tail}", profile.rise))
+    if queue is not None:
+        out.append(Headline(f"{key}_excess", f"drop rise beyond the queue ({what})", queue.excess.value, 0.0, "",
+                            queue.excess))
+    return out
 
 
 def routing_headlines(results: dict[str, Any], labels: Sequence[str]) -> list[Headline]:
