@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -119,6 +120,7 @@ class DropProfile(Result):
     overall: float                  # dropped / choices over everything
     overall_L: np.ndarray
     queue_only: bool = False        # positions shuffled within each sequence before the re-simulation
+    band_B: np.ndarray | None = None  # 2 x B: 95% bootstrap interval of share_B over sequences (bias-shifted)
     first_quarter: Estimate | None = None  # dropped share in the first quarter of the position buckets
     last_quarter: Estimate | None = None   # ... in the last quarter
     rise: Estimate | None = None           # last - first
@@ -231,6 +233,12 @@ class DropAccumulator:
             d_RB = np.einsum("rf,flb->rb", weights, self.dropped_FLB)
             reps = np.array([quarter_shares(cb, db) for cb, db in zip(c_RB, d_RB)]).reshape(-1, 2)
         out.replicates = reps
+        if weights is not None and self.folds > 1:
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a bucket no replicate reaches: NaN band
+                share_RB = d_RB / c_RB
+                bias = np.nanmean(share_RB, axis=0) - out.share_B
+                out.band_B = np.nanpercentile(share_RB, [2.5, 97.5], axis=0) - bias
         first, last = quarter_shares(c.sum(axis=0), d.sum(axis=0))
         boot = "95% bootstrap over sequences"
         out.first_quarter = estimate(first, reps[:, 0], interval=boot)

@@ -192,6 +192,9 @@ def drop_curves(trained: Any, simulated: Any | None = None, queue: Any | None = 
         x = np.asarray(p.bucket_start) + p.bucket_size / 2
         ax.plot(x, 100 * np.asarray(p.share_B, float), style, color=color, marker="o" if style != ":" else None,
                 markersize=3, label=label)
+        if getattr(p, "band_B", None) is not None and style != ":":
+            band = 100 * np.asarray(p.band_B, float)
+            ax.fill_between(x, band[0], band[1], color=color, alpha=0.15, linewidth=0)
     style_axes(ax, "Dropped share by position (dotted: what the queue alone gives)", "position in sequence",
                "dropped choices (%)")
     ax.set_ylim(bottom=0)

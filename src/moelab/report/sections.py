@@ -161,7 +161,8 @@ def drops_section(results: dict[str, Any]) -> Section:
         "Share of routed choices dropped by capacity in each position bucket (and each turn where the data has "
         "turns). Dotted: the queue-only baseline, the same recorded choices re-simulated at the same capacity, "
         "formula and policy after shuffling each sequence's chosen sets across its positions; the gap between "
-        "a curve and its dotted baseline is what position-dependent routing adds.")]
+        "a curve and its dotted baseline is what position-dependent routing adds. Shaded: 95% bootstrap intervals "
+        "over sequences of the observed curves.")]
     rows = []
     for what, key in (("trained capacity", "queue:trained"), ("re-simulated", "queue:simulated")):
         q = results.get(key)
