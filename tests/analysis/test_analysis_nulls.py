@@ -195,3 +195,19 @@ def test_dense_and_sparse_counting_agree(monkeypatch):
     sparse = tables(2)
     assert all((a == b).all() for a, b in zip(dense[0], sparse[0]))
     assert all(np.allclose(a, b) for a, b in zip(dense[1], sparse[1])) and len(dense[1]) == 8
+
+
+def test_queue_baseline_by_turn():
+    def with_turns(batch):  # four turns of 32 positions per sequence
+        return dict(batch, turn=(batch["pos"] // 32).astype(np.int16))
+
+    def by_turn(rule):
+        batches = [with_turns(b) for b in planted_batches(rule=rule, seed=2, capacity_factor=1.0,
+                                                          **dict(ARGS, num_seqs=64))]
+        return analyze_all(batches, num_experts=[E] * L, top_k=K, pos_bucket=16, analyses=("drops",),
+                           queue=dict(capacity_factor=1.0, batch_seqs=ARGS["seqs_per_batch"]))["queue:trained"]
+
+    uniform, late = by_turn("uniform"), by_turn("late")
+    assert len(uniform.share_by_turn) == len(uniform.queue_share_by_turn) == 4
+    assert np.abs(uniform.share_by_turn - uniform.queue_share_by_turn).max() < 0.01  # the queue explains every turn
+    assert late.share_by_turn[3] > late.queue_share_by_turn[3] + 0.03  # the late shift lands in the last turn
