@@ -95,11 +95,14 @@ def test_permuted_tables_keep_group_sizes_and_load():
     rng = np.random.default_rng(0)
     pool = draw_sets(np.log(skewed_load(E)), K, 500, rng)
     n_G = np.array([200, 100, 150, 50])
-    used, tables = permuted_tables(n_G, pool, True, E, 5, seed=3)
+    used, n_used, tables = permuted_tables(n_G, pool, True, E, 5, seed=3)
+    assert (n_used == n_G).all()
     load = np.bincount(pool.reshape(-1), minlength=E)
     for t in tables:  # every token once: rows are the group sizes, columns the pool's load
         assert (t.sum(axis=1) == K * n_G).all() and (t.sum(axis=0) == load).all()
     assert not all((t == tables[0]).all() for t in tables[1:])
+    used, n_used, tables = permuted_tables(np.array([400, 300]), pool, True, E, 2, seed=3, max_tokens=250)
+    assert len(used) == 1 and n_used[0] == 250 and tables[0].sum() == 250 * K  # one big group, capped
 
 
 def test_fitted_load_weights_reproduce_the_load():

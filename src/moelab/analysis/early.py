@@ -180,9 +180,7 @@ class EarlyRoutingAccumulator:
         sets, complete = self.pools[c].layer(l)
         if not len(sets) or n_permutations == 0:
             return np.full(n_permutations, np.nan)
-        used, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed + 11 * l + c)
-        if not len(used):
-            return np.full(n_permutations, np.nan)
+        used, _, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed + 11 * l + c)
         draws = np.array([jensen_shannon(t, final_GE[used]).mean() for t in tables])
         return subset_scale(draws, len(used), len(n_G))
 

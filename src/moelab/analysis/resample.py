@@ -7,8 +7,9 @@ statistic from the weighted counts: a cluster bootstrap whose clusters are rando
 sequences, so it needs one pass and no trace in memory. F (32) bounds the degrees of freedom of the
 interval: its width is itself uncertain by about 1/sqrt(2F), 12%.
 
-Nulls (co-activation aside: see `fit_load_weights`): a permutation that keeps each layer's expert load and each group's size. The group label (token
-ID, position, domain) is shuffled across the tokens of a layer while each token's chosen set stays whole.
+Nulls (co-activation aside: see `fit_load_weights`): a permutation that keeps each layer's expert load
+and each group's size. The group label (token ID, position, domain) is shuffled across the tokens of a
+layer while each token's chosen set stays whole.
 The shuffled table only needs the layer's pool of chosen sets: a group of n(g) tokens gets n(g) sets
 drawn from it without replacement. A `SetPool` keeps every set while the layer has at most `size` tokens
 (the null is then exact) and otherwise the `size` sets of smallest hash (a uniform sample, drawn with
@@ -166,20 +167,25 @@ class SetPool:
 
 def permuted_tables(n_G: np.ndarray, pool_MK: np.ndarray, complete: bool, num_experts: int,
                     n_permutations: int, seed: int,
-                    max_tokens: int = MAX_NULL_TOKENS) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(groups used, one G' x E count table per permutation) with the group label shuffled across tokens.
+                    max_tokens: int = MAX_NULL_TOKENS) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(groups used, their sizes as drawn, one G' x E count table per permutation) with the group label
+    shuffled across tokens.
 
     When the groups hold more than `max_tokens` tokens a seeded random subset of groups is drawn (the
     same subset in every permutation): the null's mean per group is unchanged, its spread over the mean
-    of all groups is rescaled by the caller (`subset_scale`).
+    of all groups is rescaled by the caller (`subset_scale`). A single group larger than `max_tokens`
+    (a domain on a long trace) is drawn at `max_tokens` tokens, which overstates its null's noise by
+    sqrt(n(g) / max_tokens) at most.
     """
     rng = np.random.default_rng([seed, 0x9E11])
     n_G = np.asarray(n_G, np.int64)
     groups = np.arange(len(n_G))
     if n_G.sum() > max_tokens:
         order = rng.permutation(len(n_G))
-        groups = np.sort(order[np.cumsum(n_G[order]) <= max_tokens]) if n_G.min() <= max_tokens else groups[:0]
-    n_sub = n_G[groups]
+        groups = np.sort(order[np.cumsum(n_G[order]) <= max_tokens])
+        if len(groups) == 0:
+            groups = order[:1]
+    n_sub = np.minimum(n_G[groups], max_tokens)
     total, M, E = int(n_sub.sum()), len(pool_MK), num_experts
     owner = np.repeat(np.arange(len(groups)), n_sub)
     tables = []
@@ -190,7 +196,7 @@ def permuted_tables(n_G: np.ndarray, pool_MK: np.ndarray, complete: bool, num_ex
             pick = rng.integers(0, M, size=total) if M else np.zeros(0, np.int64)
         keys = (owner[:, None] * E + pool_MK[pick].astype(np.int64)).reshape(-1)
         tables.append(np.bincount(keys, minlength=len(groups) * E).reshape(len(groups), E))
-    return groups, tables
+    return groups, n_sub, tables
 
 
 def subset_scale(null_P: np.ndarray, used: int, total: int) -> np.ndarray:
@@ -208,10 +214,8 @@ def group_null(n_G: np.ndarray, pool: tuple[np.ndarray, bool], num_experts: int,
     """Null draws of mean over groups of stat_G(counts_GE, n_G), one per permutation."""
     if len(n_G) == 0 or n_permutations == 0 or len(pool[0]) == 0:
         return np.full(n_permutations, np.nan)
-    used, tables = permuted_tables(n_G, pool[0], pool[1], num_experts, n_permutations, seed)
-    if len(used) == 0:
-        return np.full(n_permutations, np.nan)
-    draws = np.array([float(np.mean(stat_G(t, n_G[used]))) for t in tables])
+    used, n_used, tables = permuted_tables(n_G, pool[0], pool[1], num_experts, n_permutations, seed)
+    draws = np.array([float(np.mean(stat_G(t, n_used))) for t in tables])
     return subset_scale(draws, len(used), len(n_G))
 
 
