@@ -1,16 +1,17 @@
-"""Which experts fire together: co-activation P(j | i) within a layer, and top-1 transitions from each
-MoE layer to the next for the same token.
+"""Which experts fire together: co-activation P(j | i) within a layer, and top-1 transitions from each MoE
+layer to the next for the same token.
 
 Null of P(j | i): a router whose only structure is its load. Each token draws k distinct experts
 independently of every other choice, with weights fitted so that every expert's inclusion rate matches
-the layer's load (`resample.fit_load_weights`); as many tokens as the layer has, at most 2^14 per
-draw, the draws' spread then shrunk to the layer's token count (sd ~ 1/sqrt(tokens)). Shuffling the rank columns across tokens would keep the load exactly but lets a token draw one
-expert twice, which under unequal load biases the null low. Uniform random top-k's
-(k - 1) / (E - 1) stays as a reference (`uniform_p`): under unequal load it is not the chance level. The
-strongest pair carries a bootstrap interval over sequences and its own permutation null (the strongest
-pair of each shuffled table). A layer with one expert or k = 1 has no pairs: NaN.
-Transitions: independent layers give the outer product of the two layers' top-1 marginals (and MI 0: the
-reported chance MI is the G-test's (E_a - 1)(E_b - 1) / 2N, the bias of MI estimated from N tokens).
+the layer's load (`resample.fit_load_weights`); as many tokens as the layer has, at most 2^14 per draw,
+the draws' spread then shrunk to the layer's token count (sd ~ 1/sqrt(tokens)). Shuffling the rank
+columns across tokens would keep the load exactly but lets a token draw one expert twice, which under
+unequal load biases the null low. Uniform random top-k's (k - 1) / (E - 1) stays as a reference
+(`uniform_p`): under unequal load it is not the chance level. The strongest pair carries a bootstrap
+interval over sequences and its own null draws (the strongest pair of each load-matched routing). A layer
+with one expert or k = 1 has no pairs: NaN. Transitions: independent layers give the outer product of the
+two layers' top-1 marginals (and MI 0: the reported chance MI is the G-test's (E_a - 1)(E_b - 1) / 2N,
+the bias of MI estimated from N tokens).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class CoactivationAccumulator:
             tk = layer_choices(batch, l, self.top_k, ("expert", "seq", "pos"), len(self.num_experts))
             if self.folds > 1:
                 ids = tk["expert"].astype(np.int64)
-                key = fold_of(tk["seq"][:, 0], self.folds)[:, None, None] * E * E + ids[:, :, None] * E + ids[:, None, :]
+                fold = fold_of(tk["seq"][:, 0], self.folds)[:, None, None]
+                key = fold * E * E + ids[:, :, None] * E + ids[:, None, :]
                 self.co[l] += np.bincount(key.reshape(-1), minlength=self.folds * E * E).reshape(self.folds, E, E)
             else:
                 self.co[l][0] += coactivation_counts(tk["expert"], E)
@@ -119,7 +121,8 @@ class CoactivationAccumulator:
             co = self.co[l].sum(axis=0)
             pairs = E > 1 and self.top_k > 1  # else P(j | i) = 0 off the diagonal by construction, not a finding
             values.append(strongest_pair(conditional_coactivation(co)) if pairs else float("nan"))
-            reps = np.einsum("rf,fij->rij", weights, self.co[l]) if weights is not None and self.folds > 1 and pairs else []
+            resample = weights is not None and self.folds > 1 and pairs
+            reps = np.einsum("rf,fij->rij", weights, self.co[l]) if resample else []
             boots.append(np.array([strongest_pair(conditional_coactivation(c)) for c in reps]))
             if n_permutations == 0 or not pairs or not np.diag(co).any():
                 null_mean.append(np.full((E, E), np.nan))
@@ -139,7 +142,8 @@ class CoactivationAccumulator:
                **_: Any) -> Coactivation:
         values, null_mean, boot, null = self._strongest(weights, pool, n_permutations)
         per, overall = layer_estimates(values, boot, null, interval="95% bootstrap over sequences",
-                                       null="k distinct experts per token drawn independently, weights fitted to the layer's load")
+                                       null="k distinct experts per token drawn independently, weights fitted "
+                                            "to the layer's load")
         co = [c.sum(axis=0) for c in self.co]
         tp, tn, tmi, tnull = [], [], [], []
         for m in self.trans:

@@ -130,7 +130,8 @@ class EarlyRoutingAccumulator:
         T_L = np.maximum(self.tokens_FL.sum(axis=0), 1)
         jsd, null_jsd, null_top1, null_overlap = (np.full((self.C, L), np.nan) for _ in range(4))
         sd_top1, sd_overlap = np.full((self.C, L), np.nan), np.full((self.C, L), np.nan)
-        boot = {name: np.full((L, 0 if weights is None else len(weights)), np.nan) for name in ("top1", "overlap", "jsd")}
+        R = 0 if weights is None else len(weights)
+        boot = {name: np.full((L, R), np.nan) for name in ("top1", "overlap", "jsd")}
         jsd_null_draws = np.full((L, n_permutations), np.nan)
         uniform = []
         for l, E in enumerate(self.num_experts):

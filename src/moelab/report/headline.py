@@ -71,7 +71,8 @@ def specialisation_headlines(results: dict[str, Any], labels: Sequence[str]) -> 
     if tok is not None and pos is not None:
         t, p = tok.overall, pos.overall
         ceiling = layer_mean(tok.deterministic)
-        refs = f"uniform routing {fmt(layer_mean(tok.uniform_mean), '.3f')} / {fmt(layer_mean(pos.uniform_mean), '.3f')}"
+        refs = (f"uniform routing {fmt(layer_mean(tok.uniform_mean), '.3f')} / "
+                f"{fmt(layer_mean(pos.uniform_mean), '.3f')}")
         if _value(t) is None:
             text = (f"context-independent std: no token ID seen {tok.min_count} times; positions "
                     f"{fmt_estimate(p)} (always the same experts {fmt(ceiling, '.3f')})")
@@ -134,7 +135,8 @@ def drop_headlines(profile: Any, key: str, what: str, queue: Any = None) -> list
     elif abs(queue.observed_rise.value) < 1e-3:
         tail = f"; no rise to explain (queue alone: {queue.queue_rise.value:+.1%})"
     else:
-        tail = (f"; the queue alone (positions shuffled within sequences) gives a rise of {queue.queue_rise.value:+.1%} "
+        tail = (f"; the queue alone (positions shuffled within sequences) gives a rise of "
+                f"{queue.queue_rise.value:+.1%} "
                 f"against {queue.observed_rise.value:+.1%} observed, i.e. explains {queue.explained:.0%} of it "
                 f"(excess over the queue {fmt_estimate(queue.excess, '+.1%', null=False)})")
     out.append(Headline(f"{key}_end", f"drop rise to the end ({what})", last - first, null,
@@ -184,13 +186,15 @@ def _dynamic_headlines(dyn: Any) -> list[Headline]:
         v, n = layer_mean(dyn.top1_is_largest_norm), layer_mean(dyn.null_top1_is_largest_norm)
         out.append(Headline("top1_largest_norm", "top-1 has largest output norm", v, n,
                             f"the router's top-1 expert has the largest output norm for "
-                            f"{fmt_estimate(dyn.top1_overall, '.0%', null=False)} of tokens (chance 1/E = {fmt(n, '.0%')})",
+                            f"{fmt_estimate(dyn.top1_overall, '.0%', null=False)} of tokens "
+                            f"(chance 1/E = {fmt(n, '.0%')})",
                             dyn.top1_overall))
     if dyn is not None and dyn.mean_angular is not None:
         v = layer_mean(dyn.mean_angular)
         out.append(Headline("output_angular_similarity", "expert output similarity (angular)", v,
                             dyn.null_angular, f"expert outputs' angular similarity "
-                            f"{fmt_estimate(dyn.angular_overall, '.3f', null=False)} (unrelated outputs {dyn.null_angular})",
+                            f"{fmt_estimate(dyn.angular_overall, '.3f', null=False)} "
+                            f"(unrelated outputs {dyn.null_angular})",
                             dyn.angular_overall))
     return out
 
