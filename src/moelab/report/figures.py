@@ -1,7 +1,9 @@
 """Figures of the routing analyses: each takes plain analysis results and returns a `Figure`.
 
-Every figure shows its null beside the value: a dashed line (uniform routing, shuffled labels, chance
-overlap) or the white of a diverging colour map. Layers are MoE layers, 0-based, as in the trace.
+Every figure shows its null beside the value: a tick or a line (the permutation null that keeps expert
+load, the queue-only drop curve, unrelated checkpoints; uniform routing in grey as a reference) or the
+white of a diverging colour map (E_i(g) and P(j | i) are drawn minus their null). Error bars and shaded
+bands are 95% bootstrap intervals over sequences. Layers are MoE layers, 0-based, as in the trace.
 """
 
 from __future__ import annotations
