@@ -89,3 +89,16 @@ def write_batch(ids_LTK):
             "layer": np.tile(np.repeat(np.arange(L), K), T).astype(np.int16),
             "rank": np.tile(np.arange(K), T * L).astype(np.int8),
             "expert": np.transpose(ids, (1, 0, 2)).reshape(-1).astype(np.int16)}
+
+
+def test_queue_setting_comes_from_the_sidecar():
+    from moelab.report.build import queue_setting
+
+    meta = TraceMeta(num_experts=[4], top_k=2, capacity_factor=1.25, capacity_formula="group", group_size=64,
+                     drop_policy="score", extra={"batch_seqs": 16, "min_capacity": 2})
+    assert queue_setting(meta, None) == {"capacity_factor": 1.25, "formula": "group", "policy": "score",
+                                         "batch_seqs": 16, "group_size": 64, "min_capacity": 2}
+    meta.extra = {}
+    assert queue_setting(meta, {"capacity_factor": 2.0, "batch_seqs": 4})["batch_seqs"] == 4
+    assert queue_setting(meta, None)["batch_seqs"] == 8  # `moelab trace`'s default batch
+    assert queue_setting(TraceMeta(num_experts=[4], top_k=2), None) is None  # dropless: no queue
