@@ -4,7 +4,9 @@ Target: 10 million rows (token x MoE layer x rank) analysed in under 60 s with u
 The trace is written with `TraceWriter` into a temporary directory (timed separately), then read back
 by streaming. Peak RSS is the process's high-water mark (resource.getrusage), so it covers writing too.
 
-    python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts]
+    python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts] [--keep PATH] [--profile]
+    python benchmarks/analysis_scale.py --rows 100_000_000 --layers 16 --experts 64 --top-k 8 --no-probs \
+        --keep /tmp/t100m.parquet     # the issue's scale: written once, then analysed in a fresh process
 """
 
 from __future__ import annotations
@@ -38,36 +40,69 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--all-experts", action="store_true", help="also write expert_norms/cos/density")
+    ap.add_argument("--keep", default=None, metavar="PATH",
+                    help="write the trace here and reuse it when it exists (else a temporary directory)")
+    ap.add_argument("--profile", action="store_true", help="print the top of a cProfile of the analysis")
+    ap.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
     args = ap.parse_args()
     rows_per_seq = args.seq_len * args.layers * args.top_k
     num_seqs = -(-args.rows // rows_per_seq)
     meta = TraceMeta(num_experts=[args.experts] * args.layers, top_k=args.top_k, capacity_factor=1.25,
                      capacity_formula="topk", drop_policy="openmoe", source="moelab", tokenizer="synthetic")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.parquet"
-        t0 = time.perf_counter()
-        with TraceWriter(path, meta) as writer:
-            for batch in planted_batches(num_seqs=num_seqs, seq_len=args.seq_len, num_layers=args.layers,
-                                         num_experts=args.experts, top_k=args.top_k, rule="uniform",
-                                         vocab=args.vocab, seqs_per_batch=32, capacity_factor=1.25,
-                                         all_experts=args.all_experts):
-                writer.write(batch)
-        write_s = time.perf_counter() - t0
+        path = Path(args.keep) if args.keep else Path(tmp) / "trace.parquet"
+        write_s = None
+        if not path.exists():
+            t0 = time.perf_counter()
+            write(path, meta, args, num_seqs)
+            write_s = time.perf_counter() - t0
         trace = open_trace(path)
         rss_after_write = peak_rss_gib()
-        t0 = time.perf_counter()
-        results = analyze_all(trace, simulate=dict(capacity_factor=1.0, batch_seqs=32))
-        analyse_s = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = analyse(trace, args.profile)
+        analyse_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         size_mib = path.stat().st_size / 2**20
     peak = peak_rss_gib()
-    print(f"rows {trace.num_rows:,} ({num_seqs} seqs x {args.seq_len} pos x {args.layers} layers x k={args.top_k}, "
-          f"E={args.experts}, all_experts={args.all_experts}), file {size_mib:.0f} MiB")
-    print(f"write   {write_s:6.1f} s   (peak RSS so far {rss_after_write:.2f} GiB)")
+    m = trace.meta
+    print(f"rows {trace.num_rows:,} ({len(m.num_experts)} layers x k={m.top_k}, E={m.num_experts[0]}), "
+          f"file {size_mib:.0f} MiB")
+    print(f"write   {write_s:6.1f} s   (peak RSS so far {rss_after_write:.2f} GiB)" if write_s is not None else
+          f"write   reused {path}")
     print(f"analyse {analyse_s:6.1f} s   target {TARGET_S:.0f} s   ratio {analyse_s / TARGET_S:.2f}")
+    print(f"cpu     {cpu_s:6.1f} s   (process time, all threads: what a quiet machine's wall clock would "
+          f"be near; the machine is shared)")
     print(f"peak RSS {peak:.2f} GiB   target {TARGET_GIB:.1f} GiB   ratio {peak / TARGET_GIB:.2f}")
     print(f"results: {', '.join(sorted(results))}")
-    print(f"vocab specialisation (uniform routing, null) layer 0: {results['vocab'].rescaled[0]:.4f} "
-          f"(null {results['vocab'].null_rescaled[0]:.4f})")
+    est = results["vocab"].overall
+    print(f"vocab specialisation (uniform routing): {est.value:.4f} [{est.ci_low:.4f}, {est.ci_high:.4f}] "
+          f"(null {est.null_mean:.4f} +- {est.null_sd:.4f}, {est.n_permutations} permutations, "
+          f"{est.n_bootstrap} bootstrap replicates)")
+
+
+def write(path: Path, meta: TraceMeta, args: argparse.Namespace, num_seqs: int) -> None:
+    with TraceWriter(path, meta) as writer:
+        for batch in planted_batches(num_seqs=num_seqs, seq_len=args.seq_len, num_layers=args.layers,
+                                     num_experts=args.experts, top_k=args.top_k, rule="uniform",
+                                     vocab=args.vocab, seqs_per_batch=32, capacity_factor=1.25,
+                                     all_experts=args.all_experts):
+            if args.no_probs:
+                batch = {k: v for k, v in batch.items() if not k.startswith("probs")}
+            writer.write(batch)
+
+
+def analyse(trace, profile: bool) -> dict:
+    """The report's analysis: every routing analysis, the trained drops' queue-only baseline, a
+    re-simulation and its baseline, nulls and intervals at their defaults."""
+    kw = dict(simulate=dict(capacity_factor=1.0, batch_seqs=32), queue=dict(capacity_factor=1.25, batch_seqs=32))
+    if not profile:
+        return analyze_all(trace, **kw)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    results = prof.runcall(analyze_all, trace, **kw)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return results
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def trace_models(s: DemoSettings, corpus: Path, runs: dict[str, Path]) -> tuple[
         out = s.out / "traces" / f"{label.replace('@', '-')}.parquet"
         meta = trace_meta(model, cf, checkpoint_step(ckpt), str(corpus / "tokenizer.json"), "moelab",
                           c.domains, c.langs)
+        meta.extra["batch_seqs"] = s.batch_size  # the capacity batch, for the queue-only drop baseline
         batches = iter_sequential(c, seq_len=s.seq_len, batch_size=s.batch_size, split="heldout")
         stats = trace_batches(model, batches, out, meta, max_tokens=tokens, capacity_factor=cf)
         say(f"[3/5] traced {label}: {stats['tokens']:,} tokens -> {out}")

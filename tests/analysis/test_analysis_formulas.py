@@ -38,7 +38,7 @@ def test_coactivation_and_transitions_hand_worked(make_batch):
     p = res.p_j_given_i[0]
     assert p[0, 1] == pytest.approx(2 / 3) and p[0, 2] == pytest.approx(1 / 3) and p[1, 0] == 1.0
     assert np.isnan(p[3]).all()  # expert 3 never chosen at layer 0
-    assert res.null_p[0] == pytest.approx(1 / 3)  # (k - 1) / (E - 1)
+    assert res.uniform_p[0] == pytest.approx(1 / 3)  # (k - 1) / (E - 1), the uniform-routing reference
     assert res.transitions[0][0, 2] == 2 and res.transitions[0][0, 3] == 1 and res.transitions[0].sum() == 3
     assert res.transition_p[0][0] == pytest.approx([0, 0, 2 / 3, 1 / 3])
     assert res.transition_mi[0] == pytest.approx(0.0)  # layer 0's top-1 is always 0: nothing to share

@@ -8,7 +8,7 @@ import pytest
 
 from moelab.analysis import analyze_all, early_routing, to_json_dict
 from moelab.config import MoelabError
-from moelab.report.build import build_report
+from moelab.report.build import build_report, queue_setting
 from moelab.trace.io import open_trace
 
 from .conftest import SEQ_LEN, assert_self_contained, html_sections, write_planted
@@ -38,14 +38,16 @@ def test_report_is_one_self_contained_page_with_a_figure_per_section(planted_rep
     # scores, domain heatmap, position heatmap, MI bars (one language only: a note instead of its heatmap)
     assert sections["Expert specialisation"] == 4 and "Only one language" in page
     assert page.count("<figcaption>") == page.count("<img ")
-    assert "vocabulary specialisation 1.00 (0 = random, 1 = perfect" in page
+    assert "vocabulary specialisation 1.00 [1.00, 1.00] (null 0." in page  # value [interval] (null mean ± sd)
+    assert "explains" in page and "queue alone" in page  # the trained drops beside their queue-only baseline
 
 
 def test_metrics_hold_analyze_all_numbers(planted_report):
     trace, out, metrics = planted_report
     saved = json.loads((out / "metrics.json").read_text())
     model = saved["models"]["token"]
-    results = analyze_all(open_trace(trace), simulate=SIMULATE, **model["options"])
+    trace = open_trace(trace)
+    results = analyze_all(trace, simulate=SIMULATE, queue=queue_setting(trace.meta, SIMULATE), **model["options"])
     assert model["options"]["pos_bucket"] == SEQ_LEN // 16  # 1/16 of the traced length
     assert model["analyses"] == to_json_dict(results)
     head = model["headline"]
@@ -54,7 +56,10 @@ def test_metrics_hold_analyze_all_numbers(planted_report):
     assert head["std_position"]["null"] == pytest.approx(results["std_position"].null_over_layers)
     assert head["load_imbalance"]["value"] == pytest.approx(np.mean(results["load"].max_over_mean))
     assert head["drop_share"]["value"] == pytest.approx(results["drops"].overall)
-    assert head["drop_share_end"]["null"] == pytest.approx(results["drops"].overall)
+    assert head["drop_share_end"]["null"] == pytest.approx(results["queue:trained"].queue_rise.value)
+    assert head["drop_share_end"]["estimate"]["value"] == pytest.approx(head["drop_share_end"]["value"])
+    assert head["drop_share_excess"]["value"] == pytest.approx(results["queue:trained"].excess.value)
+    assert head["std_token"]["estimate"]["n_permutations"] == 16 and head["std_token"]["estimate"]["n_bootstrap"] > 0
     assert head["drop_share_simulated"]["value"] == pytest.approx(results["drops_simulated"].overall)
     assert saved["summary"] == metrics["summary"] and len(saved["summary"]) >= 5
     assert {k: v for k, v in metrics.items() if k != "files"} == saved

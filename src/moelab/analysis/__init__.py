@@ -2,15 +2,20 @@
 
 Each analysis consumes an iterable of column batches (dicts of numpy arrays: an opened `Trace`, one
 batch, or any iterable of batches), accumulates counts, and finalises to a small result dataclass with
-`to_dict()`. Every result carries its null: uniform routing, shuffled labels or random init.
+`to_dict()`. Every number carries its null, one that keeps the layer's expert load and each group's
+size (a permutation of the label, the queue-only drop baseline; `resample`), and a 95% bootstrap interval
+over sequences, as `Estimate`s; uniform routing stays beside them as a named reference.
 """
 
 from moelab.analysis.coactivation import Coactivation, coactivation, coactivation_counts, conditional_coactivation
-from moelab.analysis.drops import DropProfile, drop_profile, expert_capacity, simulate_drops
+from moelab.analysis.drops import (
+    DropProfile, QueueComparison, drop_profile, expert_capacity, queue_comparison, simulate_drops,
+)
 from moelab.analysis.dynamic import DynamicResult, angular_similarity, dynamic_analysis, rank_table
 from moelab.analysis.early import EarlyRouting, early_routing, jensen_shannon, top1_agreement, topk_overlap
 from moelab.analysis.gates import GateStats, cross_layer_mi_T, gate_stats
 from moelab.analysis.load import LoadResult, expert_load
+from moelab.analysis.resample import Estimate
 from moelab.analysis.specialization import (
     ShareTables, domain_specialisation, expert_label_mi, share_tables, std_score, top_tokens, vocab_specialisation,
 )
@@ -20,7 +25,8 @@ from moelab.analysis.reorder import joint_reordering, kendall_tau, paper_reorder
 from moelab.analysis.weights import matrix_similarity, rmoe_similarity, weight_analysis
 
 __all__ = [
-    "ANALYSES", "Coactivation", "DropProfile", "DynamicResult", "EarlyRouting", "GateStats", "LoadResult",
+    "ANALYSES", "Coactivation", "DropProfile", "DynamicResult", "EarlyRouting", "Estimate", "GateStats",
+    "LoadResult", "QueueComparison", "queue_comparison",
     "ShareTables", "analyze_all", "angular_similarity", "coactivation", "coactivation_counts",
     "conditional_coactivation", "cross_layer_mi_T", "domain_specialisation", "drop_profile", "dynamic_analysis",
     "early_routing", "expert_capacity", "expert_label_mi", "expert_load", "gate_stats", "jensen_shannon",

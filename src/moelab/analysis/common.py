@@ -180,8 +180,33 @@ def regroup(batches: Iterable[Batch], key: Callable[[Batch], np.ndarray]) -> Ite
 
 
 # ---- per-layer views -------------------------------------------------------------------------------
-def layer_choices(batch: Batch, layer: int, top_k: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Rows of one layer as T x K arrays, tokens in (seq, pos) order; needs token-complete batches."""
+_REGULAR: list[Any] = [None, None, False]  # (layer array, (L, K), verdict) of the last batch checked
+
+
+def _regular(batch: Batch, num_layers: int, top_k: int) -> bool:
+    """Whether every token of the batch has all L layers x K ranks in order, so that a column reshapes
+    to T x L x K. Checked once per batch (a one-entry cache: every accumulator sees the same batch in turn)."""
+    layer = batch["layer"]
+    if _REGULAR[0] is layer and _REGULAR[1] == (num_layers, top_k):
+        return _REGULAR[2]
+    n = len(layer)
+    ok = n % (num_layers * top_k) == 0
+    if ok and n:
+        pattern = np.repeat(np.arange(num_layers), top_k)
+        ok = bool((layer.reshape(-1, num_layers * top_k) == pattern).all()
+                  and (batch["rank"].reshape(-1, top_k) == np.arange(top_k)).all())
+    _REGULAR[:] = [layer, (num_layers, top_k), ok]
+    return ok
+
+
+def layer_choices(batch: Batch, layer: int, top_k: int, columns: Sequence[str],
+                  num_layers: int | None = None) -> dict[str, np.ndarray]:
+    """Rows of one layer as T x K arrays, tokens in (seq, pos) order; needs token-complete batches.
+
+    With `num_layers`, a batch where every token has every layer is read as T x L x K views (no mask,
+    no copy): the common case, and the hot path of every per-token analysis."""
+    if num_layers is not None and _regular(batch, num_layers, top_k):
+        return {c: batch[c].reshape(-1, num_layers, top_k)[:, layer, :] for c in columns}
     mask = batch["layer"] == layer
     n = int(mask.sum())
     rank = batch["rank"][mask]

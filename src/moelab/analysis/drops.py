@@ -3,14 +3,23 @@
 
 `simulate_drops` is the drop rule as a pure numpy function on (T x K) ids and probabilities; it never
 builds a T x E x C tensor: each choice's place in its expert's queue is its rank within a stable sort by
-(group, expert, priority). Baseline for every profile: the overall dropped share (a flat profile means
-dropping does not depend on position).
+(group, expert, priority).
+
+Baseline: the queue-only profile. OpenMoE's queue (all rank-0 choices first, tokens in (seq, pos) order)
+drops late tokens more even when routing ignores position, so a flat overall share is no baseline. With
+`shuffle_positions` the accumulator re-simulates the recorded choices at the same capacity, formula and
+policy after shuffling each sequence's chosen sets across its positions (a hash of (seq, pos) orders
+them, so any batching gives the same shuffle), and books each drop at the position the set was moved to:
+the drop curve the queue alone produces for this load. `queue_comparison` says how much of the observed
+rise (last quarter of positions minus the first) the queue explains. Shares carry bootstrap intervals
+over sequences (the same folds for the observed and the queue-only profile, so their difference has one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +27,7 @@ import numpy as np
 from moelab.analysis.common import (
     Result, check_experts, consume, iter_input, layer_choices, regroup, require_columns, seq_block_key,
 )
+from moelab.analysis.resample import Estimate, estimate, fold_of, mix64
 from moelab.config import MoelabError
 
 FORMULAS = ("topk", "group")
@@ -107,51 +117,77 @@ class DropProfile(Result):
     share_LB: np.ndarray
     turns: np.ndarray               # turn values seen (-1 excluded)
     share_by_turn: np.ndarray
-    overall: float                  # the baseline: what a position-independent profile would show
+    overall: float                  # dropped / choices over everything
     overall_L: np.ndarray
+    queue_only: bool = False        # positions shuffled within each sequence before the re-simulation
+    band_B: np.ndarray | None = None  # 2 x B: 95% bootstrap interval of share_B over sequences (bias-shifted)
+    first_quarter: Estimate | None = None  # dropped share in the first quarter of the position buckets
+    last_quarter: Estimate | None = None   # ... in the last quarter
+    rise: Estimate | None = None           # last - first
+
+
+def quarter_shares(choices_B: np.ndarray, dropped_B: np.ndarray) -> tuple[float, float]:
+    """Dropped share in the first and the last quarter of the position buckets (choice-weighted)."""
+    choices_B, dropped_B = np.asarray(choices_B, np.float64), np.asarray(dropped_B, np.float64)
+    B = len(choices_B)
+    if B == 0 or choices_B.sum() == 0:
+        return float("nan"), float("nan")
+    q = max(1, B // 4)
+    first, last = slice(0, q), slice(B - q, B)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (float(dropped_B[first].sum() / choices_B[first].sum()),
+                float(dropped_B[last].sum() / choices_B[last].sum()))
 
 
 class DropAccumulator:
-    """Counts choices and dropped choices per (layer, position bucket) and per turn.
+    """Counts choices and dropped choices per (fold, layer, position bucket) and per turn.
 
     Without `simulate` it reads the trained `dropped` column and rows need no grouping. With
     `simulate=dict(capacity_factor=..., formula=..., policy=..., group_size=..., batch_seqs=...)` it
     re-runs the drop rule per layer over batches of `batch_seqs` consecutive sequences (seq // batch_seqs):
-    feed it batches regrouped by that key (`drop_profile` does).
+    feed it batches regrouped by that key (`drop_profile` does). `shuffle_positions` makes it the
+    queue-only baseline (see the module note).
     """
 
     def __init__(self, num_experts: Sequence[int], top_k: int, *, bucket_size: int = 256,
-                 simulate: dict[str, Any] | None = None):
+                 simulate: dict[str, Any] | None = None, shuffle_positions: bool = False, folds: int = 1,
+                 seed: int = 0):
         self.num_experts, self.top_k, self.bucket_size = list(num_experts), top_k, bucket_size
         self.simulate = None if simulate is None else dict(simulate)
         if self.simulate is not None:
             _check_simulate(self.simulate)
+        if shuffle_positions and self.simulate is None:
+            raise MoelabError("the queue-only drop baseline needs a capacity setting to re-simulate")
+        self.shuffle, self.folds, self.seed = shuffle_positions, folds, seed
         self.columns = ("seq", "pos", "layer", "rank", "expert", "turn") + (
             ("prob",) if self.simulate else ("dropped",))
         L = len(self.num_experts)
-        self.choices_LB = np.zeros((L, 0), np.int64)
-        self.dropped_LB = np.zeros((L, 0), np.int64)
+        self.choices_FLB = np.zeros((folds, L, 0), np.int64)
+        self.dropped_FLB = np.zeros((folds, L, 0), np.int64)
         self.turn_choices = np.zeros(0, np.int64)
         self.turn_dropped = np.zeros(0, np.int64)
 
     def _grow(self, buckets: int, turns: int) -> None:
-        L = len(self.num_experts)
-        if buckets > self.choices_LB.shape[1]:
-            pad = buckets - self.choices_LB.shape[1]
-            self.choices_LB = np.concatenate([self.choices_LB, np.zeros((L, pad), np.int64)], axis=1)
-            self.dropped_LB = np.concatenate([self.dropped_LB, np.zeros((L, pad), np.int64)], axis=1)
+        F, L, B = self.choices_FLB.shape
+        if buckets > B:
+            pad = np.zeros((F, L, buckets - B), np.int64)
+            self.choices_FLB = np.concatenate([self.choices_FLB, pad], axis=2)
+            self.dropped_FLB = np.concatenate([self.dropped_FLB, pad], axis=2)
         if turns > len(self.turn_choices):
             pad = np.zeros(turns - len(self.turn_choices), np.int64)
             self.turn_choices, self.turn_dropped = np.r_[self.turn_choices, pad], np.r_[self.turn_dropped, pad]
 
-    def _add(self, layer_N: np.ndarray, pos_N: np.ndarray, turn_N: np.ndarray, dropped_N: np.ndarray) -> None:
+    def _add(self, seq_N: np.ndarray, layer_N: np.ndarray, pos_N: np.ndarray, turn_N: np.ndarray,
+             dropped_N: np.ndarray) -> None:
         bucket_N = pos_N.astype(np.int64) // self.bucket_size
         turn_N = turn_N.astype(np.int64)
         self._grow(int(bucket_N.max()) + 1 if len(bucket_N) else 0, int(turn_N.max()) + 1 if len(turn_N) else 0)
-        L, B = self.choices_LB.shape
+        F, L, B = self.choices_FLB.shape
         key = layer_N.astype(np.int64) * B + bucket_N
-        self.choices_LB += np.bincount(key, minlength=L * B).reshape(L, B)
-        self.dropped_LB += np.bincount(key[dropped_N], minlength=L * B).reshape(L, B)
+        if F > 1:
+            key = key + L * B * fold_of(seq_N, F)
+        self.choices_FLB += np.bincount(key, minlength=F * L * B).reshape(F, L, B)
+        self.dropped_FLB += np.bincount(key[dropped_N], minlength=F * L * B).reshape(F, L, B)
         has_turn = turn_N >= 0
         n_turns = len(self.turn_choices)
         self.turn_choices += np.bincount(turn_N[has_turn], minlength=n_turns)
@@ -161,30 +197,87 @@ class DropAccumulator:
         require_columns(batch, self.columns, "drop profile")
         check_experts(batch, self.num_experts)
         if self.simulate is None:
-            self._add(batch["layer"], batch["pos"], batch["turn"], batch["dropped"].astype(bool))
+            self._add(batch["seq"], batch["layer"], batch["pos"], batch["turn"], batch["dropped"].astype(bool))
             return
         s = self.simulate
         for l, E in enumerate(self.num_experts):
-            tk = layer_choices(batch, l, self.top_k, ("expert", "prob", "pos", "turn", "seq"))
+            tk = layer_choices(batch, l, self.top_k, ("expert", "prob", "pos", "turn", "seq"), len(self.num_experts))
             if not len(tk["expert"]):
                 continue
-            dropped_TK = simulate_drops(tk["expert"], tk["prob"], E, s["capacity_factor"],
-                                        formula=s["formula"], group_size=s["group_size"],
-                                        policy=s["policy"], min_capacity=s["min_capacity"],
-                                        batch_T=tk["seq"][:, 0] // s["batch_seqs"])
-            self._add(np.full(dropped_TK.size, l), tk["pos"].reshape(-1), tk["turn"].reshape(-1),
-                      dropped_TK.reshape(-1))
+            ids, prob = tk["expert"], tk["prob"]
+            if self.shuffle:  # each sequence's sets in a random order over its own positions
+                seq_T = tk["seq"][:, 0].astype(np.int64)
+                order = np.lexsort((mix64((seq_T << 32) | tk["pos"][:, 0], self.seed + l), seq_T))
+                ids, prob = ids[order], prob[order]
+            dropped_TK = simulate_drops(ids, prob, E, s["capacity_factor"], formula=s["formula"],
+                                        group_size=s["group_size"], policy=s["policy"],
+                                        min_capacity=s["min_capacity"], batch_T=tk["seq"][:, 0] // s["batch_seqs"])
+            self._add(tk["seq"].reshape(-1), np.full(dropped_TK.size, l), tk["pos"].reshape(-1),
+                      tk["turn"].reshape(-1), dropped_TK.reshape(-1))
 
-    def result(self) -> DropProfile:
-        c, d = self.choices_LB, self.dropped_LB
+    def result(self, weights: np.ndarray | None = None, **_: Any) -> DropProfile:
+        c, d = self.choices_FLB.sum(axis=0), self.dropped_FLB.sum(axis=0)
         turns = np.flatnonzero(self.turn_choices)
         setting = {"trained": True} if self.simulate is None else dict(self.simulate, trained=False)
-        return DropProfile(
+        out = DropProfile(
             setting=setting, bucket_size=self.bucket_size, bucket_start=np.arange(c.shape[1]) * self.bucket_size,
             choices_LB=c, dropped_LB=d, share_B=_ratio(d.sum(axis=0), c.sum(axis=0)), share_LB=_ratio(d, c),
             turns=turns, share_by_turn=_ratio(self.turn_dropped[turns], self.turn_choices[turns]),
             overall=float(_ratio(d.sum(), c.sum())), overall_L=_ratio(d.sum(axis=1), c.sum(axis=1)),
+            queue_only=self.shuffle,
         )
+        # Replicates of (first, last) quarter shares, kept off the dataclass fields (not for metrics.json).
+        reps = np.zeros((0, 2))
+        if weights is not None and self.folds > 1:
+            c_RB = np.einsum("rf,flb->rb", weights, self.choices_FLB)
+            d_RB = np.einsum("rf,flb->rb", weights, self.dropped_FLB)
+            reps = np.array([quarter_shares(cb, db) for cb, db in zip(c_RB, d_RB)]).reshape(-1, 2)
+        out.replicates = reps
+        if weights is not None and self.folds > 1:
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a bucket no replicate reaches: NaN band
+                share_RB = d_RB / c_RB
+                bias = np.nanmean(share_RB, axis=0) - out.share_B
+                out.band_B = np.nanpercentile(share_RB, [2.5, 97.5], axis=0) - bias
+        first, last = quarter_shares(c.sum(axis=0), d.sum(axis=0))
+        boot = "95% bootstrap over sequences"
+        out.first_quarter = estimate(first, reps[:, 0], interval=boot)
+        out.last_quarter = estimate(last, reps[:, 1], interval=boot)
+        out.rise = estimate(last - first, reps[:, 1] - reps[:, 0], interval=boot)
+        return out
+
+
+@dataclasses.dataclass
+class QueueComparison(Result):
+    """Observed drop rise towards the end vs the rise the queue alone produces (positions shuffled)."""
+
+    observed_rise: Estimate   # last-quarter minus first-quarter dropped share, observed
+    queue_rise: Estimate      # the same for the queue-only baseline
+    excess: Estimate          # observed - queue-only: the part of the rise that depends on what late tokens route to
+    explained: float          # queue_rise / observed_rise (NaN when there is no rise)
+    share_B: np.ndarray       # observed by position bucket
+    queue_share_B: np.ndarray  # queue-only by position bucket
+    share_by_turn: np.ndarray
+    queue_share_by_turn: np.ndarray
+
+
+def queue_comparison(observed: DropProfile, queue: DropProfile) -> QueueComparison:
+    """How much of the late-position excess of drops the queue explains (same folds, paired replicates)."""
+    a, b = getattr(observed, "replicates", np.zeros((0, 2))), getattr(queue, "replicates", np.zeros((0, 2)))
+    paired = a[:, 1] - a[:, 0] - (b[:, 1] - b[:, 0]) if len(a) == len(b) and len(a) else None
+    obs, q = observed.rise.value, queue.rise.value
+    excess = estimate(obs - q, paired, interval="95% bootstrap over sequences (paired)")
+    explained = q / obs if obs == obs and abs(obs) > 1e-12 else float("nan")
+    turns_q = dict(zip(np.asarray(queue.turns).tolist(), np.asarray(queue.share_by_turn).tolist()))
+    return QueueComparison(observed_rise=observed.rise, queue_rise=queue.rise, excess=excess, explained=explained,
+                           share_B=observed.share_B, queue_share_B=_pad(queue.share_B, len(observed.share_B)),
+                           share_by_turn=observed.share_by_turn,
+                           queue_share_by_turn=np.array([turns_q.get(t, np.nan) for t in np.asarray(observed.turns)]))
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return np.r_[a, np.full(max(0, n - len(a)), np.nan)][:n]
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -209,9 +302,12 @@ def _check_simulate(s: dict[str, Any]) -> None:
 
 
 def drop_profile(trace_like: Any, num_experts: Sequence[int], top_k: int, *, bucket_size: int = 256,
-                 simulate: dict[str, Any] | None = None, batch_rows: int = 1 << 20) -> DropProfile:
-    """Dropped share by position bucket and turn, trained (`dropped`) or re-simulated (`simulate`)."""
-    acc = DropAccumulator(num_experts, top_k, bucket_size=bucket_size, simulate=simulate)
+                 simulate: dict[str, Any] | None = None, shuffle_positions: bool = False,
+                 batch_rows: int = 1 << 20) -> DropProfile:
+    """Dropped share by position bucket and turn, trained (`dropped`) or re-simulated (`simulate`, with
+    `shuffle_positions` the queue-only baseline)."""
+    acc = DropAccumulator(num_experts, top_k, bucket_size=bucket_size, simulate=simulate,
+                          shuffle_positions=shuffle_positions)
     batches = iter_input(trace_like, acc.columns, batch_rows)
     if acc.simulate is not None:
         batches = regroup(batches, seq_block_key(acc.simulate["batch_seqs"]))

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.analysis.common import Batch, Result, consume, iter_input, rank0_list, require_columns
+from moelab.analysis.resample import Estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
 
@@ -51,16 +52,22 @@ class DynamicResult(Result):
     density: list[np.ndarray] | None        # per layer, per expert: mean share of active units
     mean_density: list[float] | None
     dense_baseline: float                   # 1.0
+    top1_estimates: list[Estimate] | None = None   # per layer, 95% bootstrap interval
+    top1_overall: Estimate | None = None
+    angular_estimates: list[Estimate] | None = None
+    angular_overall: Estimate | None = None
 
 
 class DynamicAccumulator:
     """Uses whichever of probs + expert_norms, expert_cos, expert_density the batches carry."""
 
-    columns = ("layer", "rank", "probs", "expert_norms", "expert_cos", "expert_density")
+    columns = ("seq", "layer", "rank", "probs", "expert_norms", "expert_cos", "expert_density")
 
-    def __init__(self, num_experts: Sequence[int]):
-        self.num_experts = list(num_experts)
+    def __init__(self, num_experts: Sequence[int], folds: int = 1):
+        self.num_experts, self.folds = list(num_experts), folds
         L = len(self.num_experts)
+        self.top1_FL, self.tok_FL = np.zeros((folds, L)), np.zeros((folds, L))  # for the intervals
+        self.ang_FL, self.pairs_FL = np.zeros((folds, L)), np.zeros((folds, L))
         self.rank_counts = [np.zeros((E, E), np.int64) for E in self.num_experts]
         self.cos_sum, self.ang_sum, self.cos_n = np.zeros(L), np.zeros(L), np.zeros(L, np.int64)
         self.density_sum = [np.zeros(E) for E in self.num_experts]
@@ -76,40 +83,60 @@ class DynamicAccumulator:
             rows = rank0 & (batch["layer"] == l)
             if not rows.any():
                 continue
+            fold = fold_of(batch["seq"][rows], self.folds) if "seq" in batch else np.zeros(int(rows.sum()), np.int64)
             if {"probs", "expert_norms"} <= have:
                 probs, norms = rank0_list(batch, "probs", rows), rank0_list(batch, "expert_norms", rows)
                 if probs.shape[1] != E or norms.shape[1] != E:
                     raise MoelabError(f"layer {l}: probs / expert_norms have {probs.shape[1]} / {norms.shape[1]} entries, expected E={E}")
                 self.rank_counts[l] += rank_table(probs, norms)
+                same = np.argmax(probs, axis=1) == np.argmax(norms, axis=1)  # first maximum, as rank_desc_TE
+                self.top1_FL[:, l] += np.bincount(fold, weights=same, minlength=self.folds)
+                self.tok_FL[:, l] += np.bincount(fold, minlength=self.folds)
             if "expert_cos" in have:
                 cos = rank0_list(batch, "expert_cos", rows)  # float32: the widest column, kept narrow
                 if cos.shape[1] != E * (E - 1) // 2:
                     raise MoelabError(f"layer {l}: expert_cos has {cos.shape[1]} entries, expected E(E-1)/2={E * (E - 1) // 2}")
                 self.cos_sum[l] += cos.sum(dtype=np.float64)
-                self.ang_sum[l] += angular_similarity(cos).sum(dtype=np.float64)
+                ang_T = angular_similarity(cos).sum(axis=1, dtype=np.float64)
+                self.ang_sum[l] += ang_T.sum()
                 self.cos_n[l] += cos.size
+                self.ang_FL[:, l] += np.bincount(fold, weights=ang_T, minlength=self.folds)
+                self.pairs_FL[:, l] += np.bincount(fold, minlength=self.folds) * cos.shape[1]
             if "expert_density" in have:
                 dens = rank0_list(batch, "expert_density", rows)
                 self.density_sum[l] += dens.sum(axis=0)
                 self.density_n[l] += len(dens)
 
-    def result(self) -> DynamicResult:
+    def _intervals(self, out: DynamicResult, weights: np.ndarray | None) -> None:
+        boot = "95% bootstrap over sequences"
+        ok = weights is not None and self.folds > 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top1 = ((weights @ self.top1_FL) / (weights @ self.tok_FL)).T if ok else None
+            ang = ((weights @ self.ang_FL) / (weights @ self.pairs_FL)).T if ok else None
+        if out.top1_is_largest_norm is not None:
+            out.top1_estimates, out.top1_overall = layer_estimates(out.top1_is_largest_norm, top1, None, interval=boot)
+        if out.mean_angular is not None:
+            out.angular_estimates, out.angular_overall = layer_estimates(out.mean_angular, ang, None, interval=boot)
+
+    def result(self, weights: np.ndarray | None = None, **_: Any) -> DynamicResult:
         seen = self.seen or set()
         ranked = {"probs", "expert_norms"} <= seen
         has_cos, has_dens = "expert_cos" in seen, "expert_density" in seen
-        n_cos = np.maximum(self.cos_n, 1)
+        n_cos = np.where(self.cos_n > 0, self.cos_n, np.nan)  # a one-expert layer has no pairs: NaN, not 0
         density = [s / max(n, 1) for s, n in zip(self.density_sum, self.density_n)]
-        return DynamicResult(
+        out = DynamicResult(
             rank_counts=self.rank_counts if ranked else None,
             top1_is_largest_norm=[float(c[0, 0] / max(c[0].sum(), 1)) for c in self.rank_counts] if ranked else None,
             null_top1_is_largest_norm=[1.0 / E for E in self.num_experts],
-            mean_cosine=list(self.cos_sum / n_cos) if has_cos else None,
-            mean_angular=list(self.ang_sum / n_cos) if has_cos else None,
+            mean_cosine=[float(v) for v in self.cos_sum / n_cos] if has_cos else None,
+            mean_angular=[float(v) for v in self.ang_sum / n_cos] if has_cos else None,
             null_cosine=0.0, null_angular=0.5,
             density=density if has_dens else None,
             mean_density=[float(d.mean()) for d in density] if has_dens else None,
             dense_baseline=1.0,
         )
+        self._intervals(out, weights)
+        return out
 
 
 def dynamic_analysis(trace_like: Any, num_experts: Sequence[int], *, batch_rows: int = 1 << 18) -> DynamicResult:

@@ -1,7 +1,16 @@
 """Early routing learning: how close each checkpoint's routing already is to the final one's, on the same
 tokens. Per MoE layer and checkpoint t vs final: top-1 agreement, top-k overlap |TopK_t & TopK_final| / k
 (OLMoE's router saturation), and the Jensen-Shannon divergence (nats) between per-token-ID expert
-distributions E_i(token). Nulls: independent uniform routing gives 1/E, k/E, and a simulated JSD.
+distributions E_i(token).
+
+Nulls: unrelated checkpoints with their own loads, i.e. the token identity shuffled between the
+checkpoint and the final one. Agreement then has mean sum_e a_e b_e (a, b: the two rank-0 load shares)
+and overlap sum_e a_e b_e / k (a, b: share of tokens with e in their top-k), with the variance from each
+checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null gives each token ID of the
+checkpoint n(v) chosen sets drawn from the checkpoint's own pool (permutation, like the specialisation
+nulls). Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a reference:
+it is the noise floor of identical routers, not the chance level of unrelated ones. Intervals: bootstrap
+over sequences.
 """
 
 from __future__ import annotations
@@ -14,7 +23,12 @@ import numpy as np
 from moelab.analysis.common import (
     Batch, Result, check_experts, iter_input, layer_choices, regroup, slice_batch, token_key,
 )
+from moelab.analysis.coactivation import coactivation_counts
 from moelab.analysis.null import random_topk_counts
+from moelab.analysis.resample import (
+    FOLDS, REPLICATES, Estimate, SetPool, estimate_from_moments, fold_of, layer_estimates,
+    permuted_tables, replicate_weights, subset_scale,
+)
 from moelab.analysis.specialization import ShareAccumulator
 from moelab.config import MoelabError
 
@@ -40,8 +54,9 @@ def jensen_shannon(p_GE: np.ndarray, q_GE: np.ndarray) -> np.ndarray:
     """JS divergence (natural log, in [0, log 2]) between matching rows of two count/probability tables."""
     p = np.asarray(p_GE, np.float64)
     q = np.asarray(q_GE, np.float64)
-    p = p / p.sum(axis=-1, keepdims=True)
-    q = q / q.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty row (a bootstrap replicate) gives NaN
+        p = p / p.sum(axis=-1, keepdims=True)
+        q = q / q.sum(axis=-1, keepdims=True)
     m = (p + q) / 2
 
     def kl(a: np.ndarray) -> np.ndarray:
@@ -59,57 +74,131 @@ class EarlyRouting(Result):
     top1_agreement: np.ndarray
     topk_overlap: np.ndarray
     jsd: np.ndarray              # mean over token IDs with n(v) >= min_count
-    null_top1: list[float]       # 1/E per layer
-    null_overlap: list[float]    # k/E per layer
-    null_jsd: list[float]        # two independent uniform routings at the same n(v) (simulated)
+    null_top1: np.ndarray        # [c, l] shuffled token identity: sum_e a_e b_e
+    null_overlap: np.ndarray     # [c, l] shuffled token identity: sum_e a_e b_e / k
+    null_jsd: np.ndarray         # [c, l] the checkpoint's token IDs shuffled across its tokens
+    uniform_top1: list[float]    # reference: 1/E
+    uniform_overlap: list[float]  # reference: k/E
+    uniform_jsd: list[float]     # reference: two independent uniform routings at the same n(v)
     min_count: int
+    first: dict[str, Estimate]   # the first checkpoint, mean over layers: top1 / overlap / jsd with
+    #                              interval and null
 
 
 class EarlyRoutingAccumulator:
     """Consumes merged, token-complete batches: `expert` of the final trace and `expert@c` of checkpoint c."""
 
-    def __init__(self, num_checkpoints: int, num_experts: Sequence[int], top_k: int):
-        self.C, self.num_experts, self.top_k = num_checkpoints, list(num_experts), top_k
+    def __init__(self, num_checkpoints: int, num_experts: Sequence[int], top_k: int, folds: int = FOLDS):
+        self.C, self.num_experts, self.top_k, self.folds = num_checkpoints, list(num_experts), top_k, folds
         L = len(self.num_experts)
-        self.tokens_L = np.zeros(L, np.int64)
-        self.agree_CL = np.zeros((self.C, L), np.int64)
-        self.overlap_CL = np.zeros((self.C, L))
-        self.tables = [ShareAccumulator("token", num_experts, top_k) for _ in range(self.C + 1)]
+        self.tokens_FL = np.zeros((folds, L), np.int64)
+        self.agree_CFL = np.zeros((self.C, folds, L), np.int64)
+        self.overlap_CFL = np.zeros((self.C, folds, L))
+        self.top1_CLE = [np.zeros((self.C + 1, E), np.int64) for E in self.num_experts]  # index C: final
+        self.pairs_CLEE = [np.zeros((self.C + 1, E, E), np.int64) for E in self.num_experts]
+        self.tables = [ShareAccumulator("token", num_experts, top_k, folds=folds) for _ in range(self.C + 1)]
+        self.pools = [SetPool(L, top_k) for _ in range(self.C)]
 
     def update(self, batch: Batch) -> None:
         check_experts(batch, self.num_experts)
-        names = [f"expert@{c}" for c in range(self.C)]
-        for l in range(len(self.num_experts)):
-            tk = layer_choices(batch, l, self.top_k, ["expert"] + names)
-            final = tk["expert"]
-            self.tokens_L[l] += len(final)
+        names = [f"expert@{c}" for c in range(self.C)] + ["expert"]
+        for l, E in enumerate(self.num_experts):
+            tk = layer_choices(batch, l, self.top_k, names + ["seq", "pos"], len(self.num_experts))
+            final, seq_T = tk["expert"], tk["seq"][:, 0].astype(np.int64)
+            fold_T = fold_of(seq_T, self.folds)
+            self.tokens_FL[:, l] += np.bincount(fold_T, minlength=self.folds)
             for c, name in enumerate(names):
-                self.agree_CL[c, l] += int(np.sum(tk[name][:, 0] == final[:, 0]))
-                self.overlap_CL[c, l] += topk_overlap_T(tk[name], final).sum()
+                self.top1_CLE[l][c] += np.bincount(tk[name][:, 0], minlength=E)
+                self.pairs_CLEE[l][c] += coactivation_counts(tk[name], E)
+                if c == self.C:
+                    continue
+                self.agree_CFL[c, :, l] += np.bincount(fold_T, weights=tk[name][:, 0] == final[:, 0],
+                                                       minlength=self.folds).astype(np.int64)
+                self.overlap_CFL[c, :, l] += np.bincount(fold_T, weights=topk_overlap_T(tk[name], final),
+                                                         minlength=self.folds)
+                self.pools[c].add(l, (seq_T << 32) | tk["pos"][:, 0].astype(np.int64), tk[name])
         self.tables[-1].update(batch)
-        for c, name in enumerate(names):
+        for c, name in enumerate(names[:-1]):
             self.tables[c].update(dict(batch, expert=batch[name]))
 
-    def result(self, steps: list[Any], min_count: int, null_seed: int) -> EarlyRouting:
+    def result(self, steps: list[Any], min_count: int, null_seed: int, n_permutations: int = 16,
+               n_bootstrap: int = REPLICATES) -> EarlyRouting:
+        weights = replicate_weights(self.folds, n_bootstrap, null_seed) if self.folds > 1 and n_bootstrap else None
         final = self.tables[-1].result()
         ckpts = [t.result() for t in self.tables[:-1]]
-        L = len(self.num_experts)
-        jsd, null = np.full((self.C, L), np.nan), []
+        L, k = len(self.num_experts), self.top_k
+        T_L = np.maximum(self.tokens_FL.sum(axis=0), 1)
+        jsd, null_jsd, null_top1, null_overlap = (np.full((self.C, L), np.nan) for _ in range(4))
+        sd_top1, sd_overlap = np.full((self.C, L), np.nan), np.full((self.C, L), np.nan)
+        R = 0 if weights is None else len(weights)
+        boot = {name: np.full((L, R), np.nan) for name in ("top1", "overlap", "jsd")}
+        jsd_null_draws = np.full((L, n_permutations), np.nan)
+        uniform = []
         for l, E in enumerate(self.num_experts):
             keep = final.tokens(l) >= min_count
-            for c, tab in enumerate(ckpts):
-                if keep.any():
-                    jsd[c, l] = jensen_shannon(tab.counts[l][keep], final.counts[l][keep]).mean()
             n_G = final.tokens(l)[keep]
-            a = random_topk_counts(n_G, E, self.top_k, null_seed + 2 * l)
-            b = random_topk_counts(n_G, E, self.top_k, null_seed + 2 * l + 1)
-            null.append(float(jensen_shannon(a, b).mean()) if keep.any() else float("nan"))
-        tokens = np.maximum(self.tokens_L, 1)
-        return EarlyRouting(steps=steps, top1_agreement=self.agree_CL / tokens,
-                            topk_overlap=self.overlap_CL / tokens, jsd=jsd,
-                            null_top1=[1 / E for E in self.num_experts],
-                            null_overlap=[self.top_k / E for E in self.num_experts], null_jsd=null,
-                            min_count=min_count)
+            for c, tab in enumerate(ckpts):
+                null_top1[c, l], sd_top1[c, l], null_overlap[c, l], sd_overlap[c, l] = self._moments(c, l, T_L[l])
+                if not keep.any():
+                    continue
+                jsd[c, l] = jensen_shannon(tab.counts[l][keep], final.counts[l][keep]).mean()
+                draws = self._jsd_null(c, l, n_G, final.counts[l][keep], n_permutations, null_seed)
+                null_jsd[c, l] = np.nanmean(draws) if np.isfinite(draws).any() else np.nan
+                if c == 0:
+                    jsd_null_draws[l] = draws
+                    if weights is not None:
+                        pairs = zip(tab.replicate_tables(l, weights, keep), final.replicate_tables(l, weights, keep))
+                        boot["jsd"][l] = [np.nanmean(jensen_shannon(a, b)) for a, b in pairs]
+            a = random_topk_counts(n_G, E, k, null_seed + 2 * l)
+            b = random_topk_counts(n_G, E, k, null_seed + 2 * l + 1)
+            uniform.append(float(jensen_shannon(a, b).mean()) if keep.any() else float("nan"))
+        if weights is not None:
+            tok_RL = weights @ self.tokens_FL
+            boot["top1"] = ((weights @ self.agree_CFL[0]) / np.maximum(tok_RL, 1)).T
+            boot["overlap"] = ((weights @ self.overlap_CFL[0]) / np.maximum(tok_RL, 1)).T
+        top1 = self.agree_CFL.sum(axis=1) / T_L
+        overlap = self.overlap_CFL.sum(axis=1) / T_L
+        first = self._first(top1[0], overlap[0], jsd[0], boot, (null_top1[0], sd_top1[0]),
+                            (null_overlap[0], sd_overlap[0]), jsd_null_draws)
+        return EarlyRouting(steps=steps, top1_agreement=top1, topk_overlap=overlap, jsd=jsd, null_top1=null_top1,
+                            null_overlap=null_overlap, null_jsd=null_jsd,
+                            uniform_top1=[1 / E for E in self.num_experts],
+                            uniform_overlap=[k / E for E in self.num_experts], uniform_jsd=uniform,
+                            min_count=min_count, first=first)
+
+    def _moments(self, c: int, l: int, T: int) -> tuple[float, float, float, float]:
+        """Mean and sd (of the mean over T tokens) of agreement and overlap under shuffled token identity."""
+        a1, b1 = self.top1_CLE[l][c] / T, self.top1_CLE[l][self.C] / T
+        q1 = float(a1 @ b1)
+        pa, pb = self.pairs_CLEE[l][c] / T, self.pairs_CLEE[l][self.C] / T  # P(e and f both chosen)
+        mean_x = float(np.diag(pa) @ np.diag(pb))  # E|A & B| for independent tokens
+        var_x = max(float((pa * pb).sum()) - mean_x**2, 0.0)
+        k = self.top_k
+        return q1, float(np.sqrt(q1 * (1 - q1) / T)), mean_x / k, float(np.sqrt(var_x / T)) / k
+
+    def _jsd_null(self, c: int, l: int, n_G: np.ndarray, final_GE: np.ndarray, n_permutations: int,
+                  seed: int) -> np.ndarray:
+        sets, complete = self.pools[c].layer(l)
+        if not len(sets) or n_permutations == 0:
+            return np.full(n_permutations, np.nan)
+        used, _, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed + 11 * l + c)
+        draws = np.array([jensen_shannon(t, final_GE[used]).mean() for t in tables])
+        return subset_scale(draws, len(used), len(n_G))
+
+    def _first(self, top1_L, overlap_L, jsd_L, boot, m_top1, m_overlap, jsd_null_LP) -> dict[str, Estimate]:
+        out = {}
+        for name, values, moments in (("top1", top1_L, m_top1), ("overlap", overlap_L, m_overlap)):
+            ok = np.isfinite(values)
+            mean_boot = np.nanmean(boot[name][ok], axis=0) if ok.any() and boot[name].shape[1] else None
+            sd = float(np.sqrt(np.sum(moments[1][ok] ** 2)) / max(ok.sum(), 1))  # mean of independent layers
+            out[name] = estimate_from_moments(float(np.mean(values[ok])) if ok.any() else np.nan, mean_boot,
+                                              float(np.mean(moments[0][ok])) if ok.any() else np.nan, sd,
+                                              null="token identity shuffled between checkpoints (keeps both loads)",
+                                              interval="95% bootstrap over sequences")
+        _, out["jsd"] = layer_estimates(jsd_L, boot["jsd"] if boot["jsd"].shape[1] else None, jsd_null_LP,
+                                        alternative="less", interval="95% bootstrap over sequences",
+                                        null="the checkpoint's token IDs shuffled across its tokens (keeps its load)")
+        return out
 
 
 def _zip_aligned(streams: Sequence[Any], batch_rows: int) -> Iterator[list[Batch]]:
@@ -157,7 +246,8 @@ def _check_metas(streams: Sequence[Any]) -> None:
 
 def early_routing(traces: Sequence[Any], *, num_experts: Sequence[int] | None = None,
                   top_k: int | None = None, steps: list[Any] | None = None, min_count: int = 10,
-                  null_seed: int = 0, batch_rows: int = 1 << 20) -> EarlyRouting:
+                  null_seed: int = 0, n_permutations: int = 16, n_bootstrap: int = REPLICATES,
+                  batch_rows: int = 1 << 20) -> EarlyRouting:
     """Compare every trace in `traces` to the last one (the final checkpoint), layer by layer.
 
     Traces are opened `Trace`s (num_experts / top_k / steps then come from their sidecars) or iterables
@@ -171,7 +261,7 @@ def early_routing(traces: Sequence[Any], *, num_experts: Sequence[int] | None = 
     top_k = top_k if top_k is not None else meta.top_k
     if steps is None:
         steps = [getattr(getattr(t, "meta", None), "checkpoint_step", i) for i, t in enumerate(traces[:-1])]
-    acc = EarlyRoutingAccumulator(len(traces) - 1, num_experts, top_k)
+    acc = EarlyRoutingAccumulator(len(traces) - 1, num_experts, top_k, folds=FOLDS if n_bootstrap else 1)
     for batch in regroup(merge_checkpoints(traces, batch_rows), token_key):
         acc.update(batch)
-    return acc.result(steps, min_count, null_seed)
+    return acc.result(steps, min_count, null_seed, n_permutations, n_bootstrap)

@@ -22,6 +22,7 @@ from moelab.analysis.common import (
     token_key,
 )
 from moelab.analysis.null import entropy
+from moelab.analysis.resample import Estimate, estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
 NULL_TOKENS = 4096  # tokens per batch whose shuffled-expert MI estimates the null
@@ -75,6 +76,9 @@ class GateStats(Result):
     outer_balance_median: list[float]       # sum of top-k probs
     null_inner_balance: float               # 1.0
     null_outer_balance: list[float]         # k / E
+    cross_layer_overall: Estimate | None = None  # mean over pairs i != j, 95% bootstrap interval
+    entropy_estimates: list[Estimate] | None = None  # mean gate entropy per layer, 95% bootstrap interval
+    entropy_overall: Estimate | None = None
 
 
 class GateStatsAccumulator:
@@ -82,9 +86,13 @@ class GateStatsAccumulator:
 
     columns = ("seq", "pos", "layer", "rank", "prob", "probs")
 
-    def __init__(self, num_experts: Sequence[int], top_k: int, *, bins: int = 100, null_seed: int = 0):
-        self.num_experts, self.top_k, self.bins = list(num_experts), top_k, bins
+    def __init__(self, num_experts: Sequence[int], top_k: int, *, bins: int = 100, null_seed: int = 0,
+                 folds: int = 1):
+        self.num_experts, self.top_k, self.bins, self.folds = list(num_experts), top_k, bins, folds
         L = len(self.num_experts)
+        self.mi_FLL = np.zeros((folds, L, L))
+        self.tokens_F = np.zeros(folds)
+        self.entropy_FL = np.zeros((folds, L))
         self.rng = np.random.default_rng(null_seed)
         self.mi_sum, self.null_sum = np.zeros((L, L)), np.zeros((L, L))
         self.n_tokens, self.n_null = 0, 0
@@ -97,9 +105,9 @@ class GateStatsAccumulator:
         require_columns(batch, ("seq", "pos", "layer", "rank", "prob"), "gate statistics")
         check_experts(batch, self.num_experts)
         self.has_probs = self.has_probs and "probs" in batch
-        binned, first = [], None
+        binned, first, fold_T = [], None, None
         for l in range(len(self.num_experts)):
-            tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"))
+            tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"), len(self.num_experts))
             p = tk["prob"].astype(np.float64)
             self.outer[l].append(p.sum(axis=1).astype(np.float32))
             if self.top_k > 1:
@@ -108,16 +116,19 @@ class GateStatsAccumulator:
                 continue
             rank0 = (batch["layer"] == l) & (batch["rank"] == 0)
             probs_TE = rank0_list(batch, "probs", rank0)
-            self.entropy[l].append(entropy(probs_TE, axis=1).astype(np.float32))
+            ent_T = entropy(probs_TE, axis=1)
+            self.entropy[l].append(ent_T.astype(np.float32))
+            fold_T = fold_of(tk["seq"][:, 0], self.folds) if fold_T is None else fold_T
+            self.entropy_FL[:, l] += np.bincount(fold_T, weights=ent_T, minlength=self.folds)
             key = (tk["seq"][:, 0], tk["pos"][:, 0])
             first = first or key
             if not (np.array_equal(first[0], key[0]) and np.array_equal(first[1], key[1])):
                 raise MoelabError(f"layer {l} covers different tokens than layer 0: cross-layer MI needs every layer")
             binned.append(bin_gates(probs_TE, self.bins))
         if self.has_probs and binned:
-            self._update_mi(binned)
+            self._update_mi(binned, fold_T)
 
-    def _update_mi(self, binned: list[np.ndarray]) -> None:
+    def _update_mi(self, binned: list[np.ndarray], fold_T: np.ndarray) -> None:
         """MI(i, j) = H(i) + H(j) - H(i, j); a shuffle keeps H(j), so only joint entropies are recomputed."""
         T = len(binned[0])
         n_null = min(T, NULL_TOKENS)
@@ -128,15 +139,36 @@ class GateStatsAccumulator:
                 if x.shape[1] != y.shape[1]:
                     continue
                 joint = h[i] if i == j else sample_entropy_T(x * (self.bins + 2) + y)
-                self.mi_sum[i, j] += (h[i] + h[j] - joint).sum()
+                mi_T = h[i] + h[j] - joint
+                self.mi_sum[i, j] += mi_T.sum()
+                self.mi_FLL[:, i, j] += np.bincount(fold_T, weights=mi_T, minlength=self.folds)
                 perm = np.argsort(self.rng.random((n_null, y.shape[1])), axis=1)
                 y_shuffled = np.take_along_axis(y[:n_null], perm, axis=1)
                 joint_null = sample_entropy_T(x[:n_null] * (self.bins + 2) + y_shuffled)
                 self.null_sum[i, j] += (h[i][:n_null] + h[j][:n_null] - joint_null).sum()
         self.n_tokens += T
         self.n_null += n_null
+        self.tokens_F += np.bincount(fold_T, minlength=self.folds)
 
-    def result(self) -> GateStats:
+    def _intervals(self, out: GateStats, weights: np.ndarray | None) -> None:
+        boot = "95% bootstrap over sequences"
+        L = len(self.num_experts)
+        off = ~np.eye(L, dtype=bool) & np.isfinite(out.cross_layer_mi)
+        reps = None
+        if weights is not None and self.folds > 1:
+            tok_R = np.maximum(weights @ self.tokens_F, 1)
+            mi_RLL = np.einsum("rf,fij->rij", weights, self.mi_FLL) / tok_R[:, None, None]
+            mi_RLL = mi_RLL + np.triu(mi_RLL, 1).transpose(0, 2, 1)
+            reps = mi_RLL[:, off].mean(axis=1) if off.any() else None
+            ent_LR = (weights @ self.entropy_FL / tok_R[:, None]).T
+        else:
+            ent_LR = None
+        value = float(out.cross_layer_mi[off].mean()) if off.any() else float("nan")
+        out.cross_layer_overall = estimate(value, reps, interval=boot)
+        out.entropy_estimates, out.entropy_overall = layer_estimates(out.gate_entropy_mean, ent_LR, None,
+                                                                     interval=boot)
+
+    def result(self, weights: np.ndarray | None = None, **_: Any) -> GateStats:
         def med(parts: list[np.ndarray]) -> float:
             return float(np.median(np.concatenate(parts))) if parts else float("nan")
 
@@ -148,12 +180,15 @@ class GateStatsAccumulator:
             null = np.where(same, _symmetric(self.null_sum) / max(self.n_null, 1), np.nan)
             ent_med = [med(p) for p in self.entropy]
             ent_mean = [float(np.concatenate(p).mean()) if p else float("nan") for p in self.entropy]
-        return GateStats(
+        out = GateStats(
             cross_layer_mi=mi, cross_layer_null=null, gate_entropy_median=ent_med, gate_entropy_mean=ent_mean,
             null_gate_entropy=[float(np.log(E)) for E in self.num_experts],
             inner_balance_median=[med(p) for p in self.inner], outer_balance_median=[med(p) for p in self.outer],
             null_inner_balance=1.0, null_outer_balance=[self.top_k / E for E in self.num_experts],
         )
+        if self.has_probs and self.n_tokens:
+            self._intervals(out, weights)
+        return out
 
 
 def _symmetric(upper: np.ndarray) -> np.ndarray:

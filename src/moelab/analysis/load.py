@@ -13,6 +13,9 @@ import numpy as np
 
 from moelab.analysis.common import Result, check_experts, consume, iter_input, rank0_list, require_columns
 from moelab.analysis.null import entropy, uniform_imbalance
+from moelab.analysis.resample import Estimate, fold_of, layer_estimates
+
+BOOT = "95% bootstrap over sequences"
 
 
 @dataclasses.dataclass
@@ -32,6 +35,10 @@ class LoadResult(Result):
     router_entropy: list[float] | None  # mean over tokens of H(probs), nats; None without `probs`
     null_router_entropy: list[float]    # log E_l: the uniform router
     uniform_share: list[float]          # 1 / E_l
+    imbalance: list[Estimate] | None = None      # max/mean per layer with interval (null: uniform routing)
+    imbalance_overall: Estimate | None = None
+    dropped: list[Estimate] | None = None        # dropped share per layer with interval
+    dropped_overall: Estimate | None = None
 
     @property
     def mean_max_over_mean(self) -> float:
@@ -41,26 +48,29 @@ class LoadResult(Result):
 class LoadAccumulator:
     """Streams batches into per-layer expert counts; rows need not be grouped."""
 
-    def __init__(self, num_experts: Sequence[int], top_k: int, *, null_seed: int = 0):
+    def __init__(self, num_experts: Sequence[int], top_k: int, *, null_seed: int = 0, folds: int = 1):
         self.num_experts = list(num_experts)
         self.top_k = top_k
         self.null_seed = null_seed
+        self.folds = folds
         L, E = len(self.num_experts), max(self.num_experts)
-        self.routed_LE = np.zeros((L, E), np.int64)
-        self.kept_LE = np.zeros((L, E), np.int64)
+        self.routed_FLE = np.zeros((folds, L, E), np.int64)
+        self.kept_FLE = np.zeros((folds, L, E), np.int64)
         self.entropy_sum_L = np.zeros(L)
         self.entropy_n_L = np.zeros(L, np.int64)
         self.has_probs = True
 
-    columns = ("layer", "rank", "expert", "dropped", "probs")
+    columns = ("seq", "layer", "rank", "expert", "dropped", "probs")
 
     def update(self, batch: dict[str, np.ndarray]) -> None:
         require_columns(batch, ("layer", "rank", "expert", "dropped"), "load")
         check_experts(batch, self.num_experts)
-        L, E = self.routed_LE.shape
+        F, L, E = self.routed_FLE.shape
         key = batch["layer"].astype(np.int64) * E + batch["expert"]
-        self.routed_LE += np.bincount(key, minlength=L * E).reshape(L, E)
-        self.kept_LE += np.bincount(key[~batch["dropped"]], minlength=L * E).reshape(L, E)
+        if F > 1:
+            key = key + L * E * fold_of(batch["seq"], F)
+        self.routed_FLE += np.bincount(key, minlength=F * L * E).reshape(F, L, E)
+        self.kept_FLE += np.bincount(key[~batch["dropped"]], minlength=F * L * E).reshape(F, L, E)
         self.has_probs = self.has_probs and "probs" in batch
         if self.has_probs:
             self._update_entropy(batch)
@@ -72,10 +82,11 @@ class LoadAccumulator:
             self.entropy_sum_L[l] += entropy(probs_TE, axis=1).sum()
             self.entropy_n_L[l] += len(probs_TE)
 
-    def result(self) -> LoadResult:
+    def result(self, weights: np.ndarray | None = None, **_: Any) -> LoadResult:
         routed, kept, tokens, mom, null_mom, dead, dropped = [], [], [], [], [], [], []
+        routed_LE, kept_LE = self.routed_FLE.sum(axis=0), self.kept_FLE.sum(axis=0)
         for l, E in enumerate(self.num_experts):
-            r, kp = self.routed_LE[l, :E], self.kept_LE[l, :E]
+            r, kp = routed_LE[l, :E], kept_LE[l, :E]
             routed.append(r)
             kept.append(kp)
             tokens.append(int(r.sum()) // self.top_k)
@@ -86,13 +97,30 @@ class LoadAccumulator:
         ent = None
         if self.has_probs:
             ent = [float(s / n) if n else float("nan") for s, n in zip(self.entropy_sum_L, self.entropy_n_L)]
-        return LoadResult(
+        out = LoadResult(
             num_experts=self.num_experts, top_k=self.top_k, tokens=tokens, routed=routed, kept=kept,
             share=[r / max(r.sum(), 1) for r in routed], max_over_mean=mom, null_max_over_mean=null_mom,
             dead_experts=dead, dropped_share=dropped, router_entropy=ent,
             null_router_entropy=[float(np.log(E)) for E in self.num_experts],
             uniform_share=[1.0 / E for E in self.num_experts],
         )
+        self._intervals(out, weights)
+        return out
+
+    def _intervals(self, out: LoadResult, weights: np.ndarray | None) -> None:
+        """Bootstrap replicates of max/mean and the dropped share from the fold-weighted counts."""
+        boot_mom = boot_drop = None
+        if weights is not None and self.folds > 1:
+            routed_RLE = np.einsum("rf,fle->rle", weights, self.routed_FLE)
+            kept_RLE = np.einsum("rf,fle->rle", weights, self.kept_FLE)
+            boot_mom, boot_drop = [], []
+            for l, E in enumerate(self.num_experts):
+                r, kp = routed_RLE[:, l, :E], kept_RLE[:, l, :E]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    boot_mom.append(r.max(axis=1) / r.mean(axis=1))
+                    boot_drop.append(1 - kp.sum(axis=1) / r.sum(axis=1))
+        out.imbalance, out.imbalance_overall = layer_estimates(out.max_over_mean, boot_mom, None, interval=BOOT)
+        out.dropped, out.dropped_overall = layer_estimates(out.dropped_share, boot_drop, None, interval=BOOT)
 
 
 def expert_load(trace_like: Any, num_experts: Sequence[int], top_k: int, *,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from moelab.analysis.coactivation import CoactivationAccumulator
 from moelab.analysis.common import consume, iter_input, plain, regroup, seq_block_key, token_key
-from moelab.analysis.drops import DropAccumulator
+from moelab.analysis.drops import DropAccumulator, queue_comparison
 from moelab.analysis.dynamic import DynamicAccumulator
 from moelab.analysis.gates import GateStatsAccumulator
 from moelab.analysis.load import LoadAccumulator
+from moelab.analysis.resample import FOLDS, REPLICATES, SetPoolAccumulator, replicate_weights
 from moelab.analysis.specialization import (
     ShareAccumulator, domain_specialisation, expert_label_mi, std_score, top_tokens, vocab_specialisation,
 )
@@ -22,6 +25,14 @@ from moelab.config import MoelabError
 
 ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
 LIST_BUDGET_BYTES = 64 << 20
+
+
+def token_fold_sample(num_rows: int | None, budget: int = 1 << 23) -> int:
+    """1 in how many token IDs gets fold-split counts for the intervals: all up to `budget` rows, then
+    a power of two that keeps the split rows near the budget (one key per choice, 16 bytes each)."""
+    if not num_rows or num_rows <= budget:
+        return 1
+    return 1 << int(np.ceil(np.log2(num_rows / budget)))
 
 
 def _batch_rows(columns: set[str], num_experts: Sequence[int], top_k: int, cap: int = 1 << 20) -> int:
@@ -46,64 +57,93 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                 analyses: Sequence[str] = ANALYSES, labels: Sequence[str] = ("domain", "lang"),
                 min_count: int = 128, vocab_min_count: int = 10, pos_bucket: int = 256,
                 mi_ranks: str = "top1", n_permutations: int = 16, simulate: dict[str, Any] | None = None,
+                queue: dict[str, Any] | None = None, n_bootstrap: int = REPLICATES, folds: int = FOLDS,
                 seed: int = 0, batch_rows: int | None = None) -> dict[str, Any]:
     """Run the chosen analyses in one pass; returns name -> result (each with `to_dict()`; see `to_json_dict`).
 
-    `simulate` (capacity_factor, formula, policy, group_size, batch_seqs) adds a re-simulated drop profile.
+    `simulate` (capacity_factor, formula, policy, group_size, batch_seqs) adds a re-simulated drop profile
+    and its queue-only baseline; `queue` (the same keys: the trained capacity setting) adds the queue-only
+    baseline of the trained drops. Intervals: `n_bootstrap` replicates over `folds` sequence folds (0: none).
     Analyses whose columns the trace lacks (probs, the all-experts columns) report None for those parts.
     """
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
         raise MoelabError(f"unknown analysis {unknown[0]!r} (known: {', '.join(ANALYSES)})")
     num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
-    acc: dict[str, Any] = {}
-    if "load" in analyses:
-        acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed)
-    if "specialisation" in analyses:
-        for group in ("token", "pos", "pos_bucket") + tuple(labels):
-            acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket)
-        for group in labels if mi_ranks == "top1" else ():
-            acc[f"tables_top1:{group}"] = ShareAccumulator(group, num_experts, top_k, ranks="top1")
-    if "coactivation" in analyses:
-        acc["coactivation"] = CoactivationAccumulator(num_experts, top_k)
-    if "gates" in analyses:
-        acc["gates"] = GateStatsAccumulator(num_experts, top_k, null_seed=seed)
-    if "drops" in analyses:
-        acc["drops"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket)
-        if simulate is not None:
-            acc["drops_simulated"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, simulate=simulate)
-    if "dynamic" in analyses:
-        acc["dynamic"] = DynamicAccumulator(num_experts)
+    folds = folds if n_bootstrap > 0 else 1
+    acc = _accumulators(num_experts, top_k, analyses, labels, pos_bucket, mi_ranks, simulate, queue, folds, seed,
+                        token_fold_sample(getattr(trace_like, "num_rows", None)))
     columns = sorted({c for a in acc.values() for c in a.columns})
     present = set(columns) if have is None else set(columns) & have
     rows = batch_rows or _batch_rows(present, num_experts, top_k)
     batches = iter_input(trace_like, columns, rows)
-    if "drops_simulated" in acc:
-        batches = regroup(batches, seq_block_key(acc["drops_simulated"].simulate["batch_seqs"]))
-    elif "coactivation" in acc or "gates" in acc:
+    blocks = [a.simulate["batch_seqs"] for a in acc.values() if getattr(a, "simulate", None)]
+    if blocks:
+        if len(set(blocks)) > 1:
+            raise MoelabError(f"drop re-simulations need one batch_seqs, got {sorted(set(blocks))}")
+        batches = regroup(batches, seq_block_key(blocks[0]))
+    else:
         batches = regroup(batches, token_key)
     consume(batches, list(acc.values()))
-    return _finalise(acc, labels, min_count, vocab_min_count, n_permutations, seed)
+    weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 else None
+    return _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
+                                       n_permutations=n_permutations, seed=seed, weights=weights))
 
 
-def _finalise(acc: dict[str, Any], labels: Sequence[str], min_count: int, vocab_min_count: int,
-              n_permutations: int, seed: int) -> dict[str, Any]:
+def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], labels: Sequence[str],
+                  pos_bucket: int, mi_ranks: str, simulate: dict[str, Any] | None, queue: dict[str, Any] | None,
+                  folds: int, seed: int, sample: int) -> dict[str, Any]:
+    """One accumulator per analysis (and the pool of chosen sets every permutation null draws from)."""
+    acc: dict[str, Any] = {"pool": SetPoolAccumulator(num_experts, top_k, seed=seed)}
+    if "load" in analyses:
+        acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
+    if "specialisation" in analyses:
+        for group in ("token", "pos", "pos_bucket") + tuple(labels):
+            acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket,
+                                                      folds=folds if group != "pos_bucket" else 1,
+                                                      fold_sample=sample if group == "token" else 1)
+        for group in labels if mi_ranks == "top1" else ():
+            acc[f"tables_top1:{group}"] = ShareAccumulator(group, num_experts, top_k, ranks="top1", folds=folds)
+    if "coactivation" in analyses:
+        acc["coactivation"] = CoactivationAccumulator(num_experts, top_k, folds=folds)
+    if "gates" in analyses:
+        acc["gates"] = GateStatsAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
+    if "drops" in analyses:
+        acc["drops"] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, folds=folds)
+        for name, setting, shuffle in (("drops_queue", queue, True), ("drops_simulated", simulate, False),
+                                       ("drops_simulated_queue", simulate, True)):
+            if setting is not None:
+                acc[name] = DropAccumulator(num_experts, top_k, bucket_size=pos_bucket, simulate=setting,
+                                            shuffle_positions=shuffle, folds=folds, seed=seed)
+    if "dynamic" in analyses:
+        acc["dynamic"] = DynamicAccumulator(num_experts, folds=folds)
+    return acc
+
+
+def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tables = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables:")}
     top1 = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables_top1:")}
+    pool = acc.pop("pool").result()
+    seed, weights, n_perm = opts["seed"], opts["weights"], opts["n_permutations"]
     for name, a in acc.items():
         if not name.startswith("tables"):
-            out[name] = a.result()
+            out[name] = a.result(weights=weights, pool=pool, n_permutations=n_perm)
+    for name, observed in (("queue:trained", "drops"), ("queue:simulated", "drops_simulated")):
+        queue = out.get("drops_queue" if observed == "drops" else "drops_simulated_queue")
+        if queue is not None and observed in out:
+            out[name] = queue_comparison(out[observed], queue)
     if tables:
+        kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
         out["tables"] = tables
-        out["std_token"] = std_score(tables["token"], min_count=min_count, null_seed=seed)
-        out["std_position"] = std_score(tables["pos"], min_count=1, null_seed=seed)
-        out["vocab"] = vocab_specialisation(tables["token"], min_count=vocab_min_count, null_seed=seed)
-        out["top_tokens"] = top_tokens(tables["token"], min_count=vocab_min_count)
+        out["std_token"] = std_score(tables["token"], min_count=opts["min_count"], **kw)
+        out["std_position"] = std_score(tables["pos"], min_count=1, **kw)
+        out["vocab"] = vocab_specialisation(tables["token"], min_count=opts["vocab_min_count"], **kw)
+        out["top_tokens"] = top_tokens(tables["token"], min_count=opts["vocab_min_count"])
         for group in labels:
-            out[f"domain_specialisation:{group}"] = domain_specialisation(tables[group])
+            out[f"domain_specialisation:{group}"] = domain_specialisation(tables[group], **kw)
             mi_tables = top1.get(group, tables[group])
-            out[f"mi:{group}"] = expert_label_mi(mi_tables, n_permutations=n_permutations, seed=seed)
+            out[f"mi:{group}"] = expert_label_mi(mi_tables, n_permutations=n_perm, seed=seed, weights_RF=weights)
     return out
 
 

@@ -5,7 +5,12 @@ order, list columns over the rank-0 rows) whose router follows a chosen rule:
 - "token": the experts are a function of the token ID (vocabulary specialisation 1, position ~0);
 - "position": a function of the position (the reverse);
 - "domain": a function of the sequence's domain;
-- "uniform": i.i.d. random logits (every specialisation sits at its null).
+- "uniform": i.i.d. random logits (every specialisation sits at its null);
+- "skewed": i.i.d. draws from an unequal expert load (`load`, default [.35 .25 .1 .1 .05 .05 .05 .05]
+  for E = 8, else a geometric load), independent of token, position and domain: the case where
+  uniform-routing nulls call load imbalance specialisation;
+- "late": skewed routing whose last quarter of positions also favours expert 0 (log-odds +`late_shift`):
+  a real late-position routing shift, for the drop baseline.
 Generation is pure (no I/O); a `TraceWriter` turns it into a file.
 """
 
@@ -17,15 +22,30 @@ import numpy as np
 
 from moelab.analysis.drops import simulate_drops
 
-RULES = ("token", "position", "domain", "uniform")
+RULES = ("token", "position", "domain", "uniform", "skewed", "late")
+SKEWED_LOAD = (0.35, 0.25, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05)
+
+
+def skewed_load(num_experts: int) -> np.ndarray:
+    """The default unequal load: the issue's eight-expert load, or a geometric one (ratio 0.7)."""
+    if num_experts == len(SKEWED_LOAD):
+        return np.asarray(SKEWED_LOAD)
+    w = 0.7 ** np.arange(num_experts)
+    return w / w.sum()
 
 
 def _planted_logits(rule: str, tokens_SP: np.ndarray, domain_S: np.ndarray, L: int, E: int, K: int,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator, late_shift: float = 2.0) -> np.ndarray:
     """S x P x L x E logits whose top-k is the rule's choice (ranks by a 1.0 logit gap) plus small noise."""
     S, P = tokens_SP.shape
     if rule == "uniform":
         return rng.standard_normal((S, P, L, E))
+    if rule in ("skewed", "late"):
+        # log-load plus Gumbel noise: the top-k is a draw without replacement proportional to the load
+        logits = np.log(skewed_load(E)) + rng.gumbel(size=(S, P, L, E))
+        if rule == "late":
+            logits[:, (3 * P) // 4:, :, 0] += late_shift
+        return logits
     source = {"token": tokens_SP * 7, "position": np.broadcast_to(np.arange(P), (S, P)),
               "domain": np.broadcast_to(domain_S[:, None] * 3, (S, P))}[rule]
     first_SPL = (source[:, :, None] + np.arange(L)) % E

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from moelab.analysis import analyze_all, early_routing, to_json_dict, weight_analysis
 from moelab.analysis.weights import reorder_pairs_within
 from moelab.analysis.common import plain
+from moelab.analysis.resample import REPLICATES
 from moelab.config import MoelabError
 from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
 from moelab.report.html import Section, write_report
@@ -28,7 +29,8 @@ from moelab.report.sections import comparison_section, early_section, routing_se
 from moelab.report.weights_section import weight_definition_headlines, weight_section
 from moelab.trace.io import Trace, open_trace
 
-OPTION_KEYS = ("min_count", "vocab_min_count", "pos_bucket", "n_permutations", "mi_ranks", "seed", "analyses")
+OPTION_KEYS = ("min_count", "vocab_min_count", "pos_bucket", "n_permutations", "mi_ranks", "seed", "analyses",
+               "n_bootstrap")
 REORDER_MAX_HIDDEN = 2048  # neuron matching is a linear assignment on F x F: skip it for large experts
 
 
@@ -187,18 +189,42 @@ def step_label(trace: Trace, index: int) -> Any:
     return step if step is not None else f"checkpoint {index + 1}"
 
 
+def queue_setting(meta: Any, simulate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trained capacity setting of a trace, for its queue-only drop baseline; None when dropless.
+
+    The sidecar does not record how many sequences shared a capacity batch: `batch_seqs` comes from the
+    sidecar's extra keys when a writer put it there, else from the re-simulation flags, else 8 (`moelab
+    trace`'s default batch)."""
+    if meta.capacity_factor is None:
+        return None
+    extra = meta.extra or {}
+    out = {"capacity_factor": meta.capacity_factor, "formula": meta.capacity_formula or "topk",
+           "policy": meta.drop_policy or "openmoe",
+           "batch_seqs": int(extra.get("batch_seqs") or (simulate or {}).get("batch_seqs") or 8)}
+    if meta.group_size:
+        out["group_size"] = meta.group_size
+    if extra.get("min_capacity") is not None:
+        out["min_capacity"] = int(extra["min_capacity"])
+    return out
+
+
 def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any] | None,
                   options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Every analysis of one model: routing of its trace, early routing, weights."""
     opts = analysis_options(options, m.trace)
+    queue = queue_setting(m.trace.meta, simulate)
+    if simulate is not None and queue is not None and queue["batch_seqs"] != simulate.get("batch_seqs", 8):
+        queue["batch_seqs"] = simulate.get("batch_seqs", 8)  # one pass regroups rows by one batch size
     with _unreadable_as_error(m.path):
-        results = analyze_all(m.trace, labels=labels, simulate=simulate, **opts)
+        results = analyze_all(m.trace, labels=labels, simulate=simulate, queue=queue, **opts)
     out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": ""}
     out["headlines"] = routing_headlines(results, labels)
     if m.checkpoints:
         steps = [step_label(t, i) for i, (_, t) in enumerate(m.checkpoints)]
         with _unreadable_as_error(", ".join(p for p, _ in m.checkpoints)):
-            out["early"] = early_routing([t for _, t in m.checkpoints], steps=steps[:-1])
+            out["early"] = early_routing([t for _, t in m.checkpoints], steps=steps[:-1],
+                                         n_permutations=opts.get("n_permutations", 16),
+                                         n_bootstrap=opts.get("n_bootstrap", REPLICATES))
         out["headlines"] += early_headlines(out["early"], m.trace.meta.top_k)
     if m.weights:
         out["weights"], out["note"] = _weights(m.weights)

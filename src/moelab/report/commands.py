@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--labels", default="domain,lang", help="comma-separated label columns to group by")
     p.add_argument("--min-count", type=int, default=None,
                    help="token IDs seen fewer times are left out of the std score (default 128)")
+    p.add_argument("--permutations", type=int, default=None, metavar="N",
+                   help="permutations of each null (default 16)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                   help="bootstrap replicates over sequences for the 95%% intervals (default 64; 0: none)")
     p.add_argument("--title", default=None)
     p.set_defaults(func=run_analyze)
 
@@ -62,7 +66,11 @@ def run_analyze(args) -> int:
     from moelab.report.build import build_report
 
     labels = tuple(s.strip() for s in args.labels.split(",") if s.strip())
-    options = {} if args.min_count is None else {"min_count": args.min_count}
+    options = {key: value for key, value in (("min_count", args.min_count), ("n_permutations", args.permutations),
+                                             ("n_bootstrap", args.bootstrap)) if value is not None}
+    for flag, value in (("--permutations", args.permutations), ("--bootstrap", args.bootstrap)):
+        if value is not None and value < 0:
+            raise MoelabError(f"{flag} must be >= 0, got {value}")
     try:
         metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
                                simulate=simulate_settings(args), title=args.title, names=args.names,

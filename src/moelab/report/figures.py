@@ -1,7 +1,9 @@
 """Figures of the routing analyses: each takes plain analysis results and returns a `Figure`.
 
-Every figure shows its null beside the value: a dashed line (uniform routing, shuffled labels, chance
-overlap) or the white of a diverging colour map. Layers are MoE layers, 0-based, as in the trace.
+Every figure shows its null beside the value: a tick or a line (the permutation null that keeps expert
+load, the queue-only drop curve, unrelated checkpoints; uniform routing in grey as a reference) or the
+white of a diverging colour map (E_i(g) and P(j | i) are drawn minus their null). Error bars and shaded
+bands are 95% bootstrap intervals over sequences. Layers are MoE layers, 0-based, as in the trace.
 """
 
 from __future__ import annotations
@@ -22,23 +24,29 @@ MAX_GROUPS = 32  # rows of a specialisation heatmap: the most frequent groups
 
 def specialisation_heatmap(tables: Any, *, what: str = "", bucket_size: int | None = None,
                            max_groups: int = MAX_GROUPS) -> Figure:
-    """E_i(g) per layer (groups x experts) from `ShareTables`; white is the uniform rate 1/E."""
+    """E_i(g) minus the layer's load share per layer (groups x experts) from `ShareTables`; white is the
+    permutation null's expectation: a group whose choices spread like the whole layer's."""
     shown = pick_layers(len(tables.num_experts))
     data, labels = [], []
     for l in shown:
         share, n = tables.share(l), tables.tokens(l)
+        load = tables.counts[l].sum(axis=0) / max(tables.counts[l].sum(), 1)
         keep = np.sort(np.argsort(-n, kind="stable")[:max_groups])
         names = tables.group_names(l)
         if bucket_size:
             names = [f"{int(v) * bucket_size}-{(int(v) + 1) * bucket_size - 1}" for v in tables.groups[l]]
-        data.append(share[keep])
+        data.append(share[keep] - load[None, :])
         labels.append([names[i] for i in keep])
     rows = max(len(d) for d in data) if data else 1
     fig = new_figure(height=min(2.0 + 0.22 * rows, 7.5) * (1 + (len(shown) > 4)))
-    layer_heatmaps(fig, data, [tables.uniform[l] for l in shown], [f"layer {l}" for l in shown],
-                   xlabel="expert", ylabel=what or tables.group, yticks=labels, label="E_i(g)",
-                   null_name="uniform 1/E")
-    fig.suptitle(f"Share of each {what or tables.group}'s routed choices per expert, E_i(g)"
+    axes = grid(fig, len(shown))
+    norm = centred_norm(0.0, data, symmetric=True)
+    im = None
+    for i, (ax, d, l) in enumerate(zip(axes, data, shown)):
+        im = heatmap(ax, d, norm, title=f"layer {l}", xlabel="expert", ylabel=(what or tables.group) if i == 0 else "",
+                     yticks=labels[i])
+    colorbar(fig, im, axes, "E_i(g) minus load share", {"null (the layer's load)": 0.0})
+    fig.suptitle(f"Share of each {what or tables.group}'s routed choices per expert over the layer's load"
                  f"{layers_note(shown, len(tables.num_experts))}", fontsize=11)
     return fig
 
@@ -48,15 +56,23 @@ def specialisation_scores(vocab: Any, std_token: Any, std_position: Any) -> Figu
     fig = new_figure(height=3.2)
     ax1, ax2 = grid(fig, 2)
     L = np.arange(len(vocab.rescaled))
-    ax1.bar(L, _nan0(vocab.rescaled), color="tab:blue", label="measured")
-    ax1.plot(L, vocab.null_rescaled, "k_", markersize=18, markeredgewidth=2, label="uniform routing")
+    ax1.bar(L, _nan0(vocab.rescaled), color="tab:blue", yerr=_err(vocab.estimates), capsize=3,
+            label="measured (95% interval)")
+    ax1.plot(L, vocab.null_rescaled, "k_", markersize=18, markeredgewidth=2, label="null: IDs shuffled")
+    ax1.plot(L, vocab.uniform_rescaled, "_", color="grey", markersize=18, markeredgewidth=1.5,
+             label="uniform routing (reference)")
     ax1.set_ylim(min(0.0, np.nanmin(_nan0(vocab.null_rescaled))), 1.0)
     style_axes(ax1, "Vocabulary specialisation (0 = random, 1 = perfect)", "layer", "rescaled max_e share")
     w = 0.38
-    ax2.bar(L - w / 2, _nan0(std_token.mean), w, color="tab:orange", label="token IDs")
-    ax2.bar(L + w / 2, _nan0(std_position.mean), w, color="tab:green", label="positions")
-    ax2.plot(L - w / 2, std_token.null_mean, "k_", markersize=10, markeredgewidth=2, label="uniform routing")
+    ax2.bar(L - w / 2, _nan0(std_token.mean), w, color="tab:orange", yerr=_err(std_token.estimates), capsize=2,
+            label="token IDs")
+    ax2.bar(L + w / 2, _nan0(std_position.mean), w, color="tab:green", yerr=_err(std_position.estimates),
+            capsize=2, label="positions")
+    ax2.plot(L - w / 2, std_token.null_mean, "k_", markersize=10, markeredgewidth=2, label="null: label shuffled")
     ax2.plot(L + w / 2, std_position.null_mean, "k_", markersize=10, markeredgewidth=2)
+    ax2.plot(L - w / 2, std_token.uniform_mean, "_", color="grey", markersize=10, markeredgewidth=1.5,
+             label="uniform routing (reference)")
+    ax2.plot(L + w / 2, std_position.uniform_mean, "_", color="grey", markersize=10, markeredgewidth=1.5)
     null_line(ax2, float(np.nanmean(std_token.deterministic)), "always the same experts")
     if not np.isfinite(np.asarray(std_token.mean, float)).any():
         ax2.text(0.5, 0.5, f"no token ID seen {std_token.min_count} times:\nno token-ID score",
@@ -78,7 +94,7 @@ def label_mi_bars(mis: Mapping[str, Any]) -> Figure:
     for i, name in enumerate(names):
         r = mis[name]
         x = L - 0.4 + w * (2 * i + 0.5)
-        ax.bar(x, _nan0(r.normalised), w, label=f"{name}")
+        ax.bar(x, _nan0(r.normalised), w, yerr=_err(r.estimates), capsize=2, label=f"{name}")
         ax.bar(x + w, _nan0(r.null_normalised), w, color="lightgrey", hatch="//",
                label="shuffled labels" if i == 0 else None)
     ax.set_xticks(L)
@@ -106,14 +122,31 @@ def load_bars(load: Any) -> Figure:
     return fig
 
 
-def coactivation_heatmap(co: Any) -> Figure:
-    """P(j | i) per layer, diagonal hidden; white is uniform top-k's (k - 1) / (E - 1)."""
-    shown = pick_layers(len(co.p_j_given_i))
-    data = [mask_diagonal(co.p_j_given_i[l]) for l in shown]
+def coactivation_layers(co: Any) -> list[int]:
+    """Layers that have expert pairs to show (E > 1, k > 1, a null to compare with)."""
+    return [l for l, (p, n) in enumerate(zip(co.p_j_given_i, co.null_p))
+            if len(p) > 1 and np.isfinite(np.asarray(n, float)).any()]
+
+
+def coactivation_heatmap(co: Any) -> Figure | None:
+    """P(j | i) minus its null per layer (diagonal hidden); white is the null, independent draws at the
+    layer's load. None when no layer has pairs (one expert, or k = 1)."""
+    layers = coactivation_layers(co)
+    if not layers:
+        return None
+    shown = [layers[i] for i in pick_layers(len(layers))]
+    data = [mask_diagonal(np.asarray(co.p_j_given_i[l], float) - np.asarray(co.null_p[l], float)) for l in shown]
     fig = new_figure(height=3.0 * (1 + (len(shown) > 4)))
-    layer_heatmaps(fig, data, [co.null_p[l] for l in shown], [f"layer {l}" for l in shown], xlabel="expert j",
-                   ylabel="expert i", label="P(j | i)", null_name="uniform")
-    fig.suptitle(f"Co-activation P(j | i){layers_note(shown, len(co.p_j_given_i))}", fontsize=11)
+    axes = grid(fig, len(shown))
+    norm = centred_norm(0.0, data, symmetric=True)
+    im = None
+    for i, (ax, d, l) in enumerate(zip(axes, data, shown)):
+        e = co.strongest[l]
+        im = heatmap(ax, d, norm, title=f"layer {l}: max P(j|i) {e.value:.2f}", xlabel="expert j",
+                     ylabel="expert i" if i == 0 else "")
+    colorbar(fig, im, axes, "P(j | i) minus null", {"null": 0.0})
+    fig.suptitle(f"Co-activation P(j | i) over its load-matched null{layers_note(shown, len(co.p_j_given_i))}",
+                 fontsize=11)
     return fig
 
 
@@ -140,24 +173,31 @@ def cross_layer_mi_heatmap(gates: Any) -> Figure:
     return fig
 
 
-def drop_curves(trained: Any, simulated: Any | None = None) -> Figure:
-    """Dropped share of choices by position (and by turn where the trace has turns), with the overall share."""
+def drop_curves(trained: Any, simulated: Any | None = None, queue: Any | None = None,
+                simulated_queue: Any | None = None) -> Figure:
+    """Dropped share of choices by position (and by turn where the trace has turns), each beside its
+    queue-only baseline (the same choices re-simulated with positions shuffled within sequences)."""
     profiles = [("trained capacity", trained, "tab:red", "-")]
+    if queue is not None:
+        profiles.append(("queue only (trained setting)", queue, "tab:red", ":"))
     if simulated is not None:
         s = simulated.setting
         label = f"re-simulated cf {s.get('capacity_factor')} ({s.get('formula')}, {s.get('policy')})"
         profiles.append((label, simulated, "tab:purple", "--"))
+    if simulated_queue is not None:
+        profiles.append(("queue only (re-simulated setting)", simulated_queue, "tab:purple", ":"))
     has_turns = any(len(p.turns) for _, p, _, _ in profiles)
     fig = new_figure(height=3.2)
     axes = grid(fig, 2 if has_turns else 1)
     ax = axes[0]
     for label, p, color, style in profiles:
         x = np.asarray(p.bucket_start) + p.bucket_size / 2
-        ax.plot(x, 100 * np.asarray(p.share_B, float), style, color=color, marker="o", markersize=3,
-                label=label)
-        ax.axhline(100 * (p.overall or 0.0), color=color, linestyle=":", linewidth=1,
-                   label=f"overall {100 * (p.overall or 0.0):.1f}%")
-    style_axes(ax, "Dropped share by position (flat = position-independent)", "position in sequence",
+        ax.plot(x, 100 * np.asarray(p.share_B, float), style, color=color, marker="o" if style != ":" else None,
+                markersize=3, label=label)
+        if getattr(p, "band_B", None) is not None and style != ":":
+            band = 100 * np.asarray(p.band_B, float)
+            ax.fill_between(x, band[0], band[1], color=color, alpha=0.15, linewidth=0)
+    style_axes(ax, "Dropped share by position (dotted: what the queue alone gives)", "position in sequence",
                "dropped choices (%)")
     ax.set_ylim(bottom=0)
     legend(ax, ncol=1)
@@ -211,20 +251,26 @@ def early_routing_curves(early: Any, final_step: Any = None) -> Figure:
     steps = list(early.steps)
     numeric = all(isinstance(s, (int, float)) for s in steps + ([] if final_step is None else [final_step]))
     x = np.asarray(steps, float) if numeric else np.arange(len(steps), dtype=float)
-    panels = [(early.top1_agreement, early.null_top1, "Top-1 agreement", 1.0),
-              (early.topk_overlap, early.null_overlap, "Top-k overlap (router saturation)", 1.0),
-              (early.jsd, early.null_jsd, "JS divergence of E_i(token)", 0.0)]
+    panels = [(early.top1_agreement, early.null_top1, early.uniform_top1, "Top-1 agreement", 1.0),
+              (early.topk_overlap, early.null_overlap, early.uniform_overlap, "Top-k overlap (router saturation)", 1.0),
+              (early.jsd, early.null_jsd, early.uniform_jsd, "JS divergence of E_i(token)", 0.0)]
     fig = new_figure(height=3.2)
     L = np.asarray(early.top1_agreement).shape[1]
     colors = [f"C{l % 10}" for l in range(L)]
-    for ax, (values, null, title, at_final) in zip(grid(fig, 3), panels):
+    for ax, (values, null, uniform, title, at_final) in zip(grid(fig, 3), panels):
         values = np.asarray(values, float)
         for l in range(L):
             xs, ys = list(x), list(values[:, l])
             if numeric and final_step is not None:
                 xs, ys = xs + [float(final_step)], ys + [at_final]
             ax.plot(xs, ys, "o-", color=colors[l], markersize=3, label=f"layer {l}")
-        null_line(ax, float(np.nanmean(np.asarray(null, float))), "independent routing")
+        null_C = np.nanmean(np.asarray(null, float), axis=1) if np.isfinite(np.asarray(null, float)).any() else None
+        if null_C is not None:
+            ax.plot(x, null_C, "k--", linewidth=1.0, label="null: unrelated checkpoints")
+        ref = np.asarray(uniform, float)
+        if np.isfinite(ref).any():
+            ax.axhline(float(np.nanmean(ref)), color="grey", linestyle=":", linewidth=1.0,
+                       label="uniform routing (reference)")
         style_axes(ax, title, "checkpoint step" if numeric else "checkpoint", "vs final" if at_final else "nats")
         if not numeric:
             ax.set_xticks(x)
@@ -254,6 +300,15 @@ def router_r2_bars(weights: Any) -> Figure:
         [v for lay in weights.layers for v in lay.router_r2.values()] + [weights.null_r2 or 0])))) * 1.15)
     legend(ax)
     return fig
+
+
+def _err(estimates: Sequence[Any]) -> np.ndarray | None:
+    """2 x L error-bar lengths (below, above) of 95% intervals; 0 where a layer has none."""
+    if not estimates:
+        return None
+    v = np.array([e.value for e in estimates], float)
+    lo, hi = np.array([e.ci_low for e in estimates], float), np.array([e.ci_high for e in estimates], float)
+    return np.nan_to_num(np.clip(np.stack([v - lo, hi - v]), 0, None))
 
 
 def _nan0(values: Sequence[Any]) -> np.ndarray:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from moelab.report import figures as F
-from moelab.report.headline import Headline, fmt
+from moelab.report.headline import Headline, fmt, fmt_estimate
 from moelab.report.html import FigureBlock, Note, Section, Table
 
 LABEL_WORDS = {"domain": "domain", "lang": "language", "turn": "turn"}
@@ -31,10 +33,44 @@ def trace_table(meta: Any, path: str, results: dict[str, Any]) -> Table:
 
 
 def load_section(results: dict[str, Any]) -> Section:
+    load = results["load"]
+    rows = [[l, fmt_estimate(e, ".3f", null=False), fmt(load.null_max_over_mean[l], ".3f"),
+             fmt_estimate(d, ".4f", null=False)] for l, (e, d) in enumerate(zip(load.imbalance, load.dropped))]
     return Section("Expert load", "How evenly the router spreads tokens over experts (all ranks, before dropping).", [
-        FigureBlock(F.load_bars(results["load"]),
+        FigureBlock(F.load_bars(load),
                     "Each bar is an expert's share of its layer's routed choices; the dashed line is the uniform "
-                    "share 1/E of perfectly balanced routing, and red crosses mark dead experts.")])
+                    "share 1/E of perfectly balanced routing (the null of load imbalance, which is what is under "
+                    "test here), and red crosses mark dead experts."),
+        Table(["layer", "max/mean [95% interval]", "uniform routing", "dropped share [95% interval]"], rows,
+              "Intervals: bootstrap over sequences.")])
+
+
+def estimates_table(results: dict[str, Any]) -> Table:
+    """Every specialisation number per layer: value [interval] (null ± sd), p."""
+    named = [("vocabulary specialisation", results["vocab"]), ("std, token IDs", results["std_token"]),
+             ("std, positions", results["std_position"])]
+    named += [(f"{k.split(':', 1)[1]}: top expert's share", v) for k, v in results.items()
+              if k.startswith("domain_specialisation:") and v.estimates and np.isfinite(v.overall.value)]
+    named += [(f"{k.split(':', 1)[1]}: normalised MI", v) for k, v in results.items()
+              if k.startswith("mi:") and np.isfinite(v.overall.null_mean)]
+    rows = []
+    for name, r in named:
+        for l, e in enumerate(r.estimates):
+            rows.append([name, l, fmt_estimate(e), fmt(e.p, ".3f"), fmt(e.z, ".1f")])
+        rows.append([name, "mean", fmt_estimate(r.overall), fmt(r.overall.p, ".3f"), fmt(r.overall.z, ".1f")])
+    return Table(["number", "layer", "value [95% interval] (null mean ± sd)", "p (one-sided)", "z"], rows,
+                 "Intervals: bootstrap over sequences; nulls: the label, token ID or position shuffled across "
+                 "each layer's tokens (MI: over the choices); p = (1 + permutations at or above the value) / "
+                 "(1 + permutations).")
+
+
+def early_table(early: Any) -> Table:
+    rows = [[name, fmt_estimate(e), fmt(e.p, ".3g"), fmt(e.z, ".1f")]
+            for name, e in (("top-1 agreement", early.first["top1"]), ("top-k overlap", early.first["overlap"]),
+                            ("JSD of E_i(token)", early.first["jsd"]))]
+    return Table([f"step {early.steps[0]} vs final, mean over layers", "value [95% interval] (null mean ± sd)",
+                  "p", "z"], rows, "Agreement and overlap nulls are closed-form (normal p); the JSD null is "
+                 "a permutation (one-sided: a smaller divergence than unrelated checkpoints).")
 
 
 def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucket: int,
@@ -42,29 +78,41 @@ def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucke
     blocks: list[Any] = [FigureBlock(
         F.specialisation_scores(results["vocab"], results["std_token"], results["std_position"]),
         "Left, OLMoE's vocabulary specialisation per layer (0 = random, 1 = each token ID always to the same "
-        "expert; black ticks: uniform routing at these counts); right, OpenMoE's std over experts of E_i(g) "
-        "for token IDs and positions (ticks: uniform routing, dashed: always the same experts).")]
+        "expert); right, OpenMoE's std over experts of E_i(g) for token IDs and positions (dashed: always the "
+        "same experts). Error bars: 95% bootstrap intervals over sequences "
+        f"({_n(results['vocab'].estimates, 'n_bootstrap')} replicates). Black ticks: the null, the token ID or "
+        "position shuffled across each layer's tokens (keeps expert load and group sizes; "
+        f"{_n(results['vocab'].estimates, 'n_permutations')} permutations). Grey ticks: uniform routing, a "
+        "reference only: unequal load alone lifts every bar above it."),
+        estimates_table(results)]
     tables, informative = results["tables"], []
     for label in labels:
         dom = results.get(f"domain_specialisation:{label}")
-        if dom is None or max((len(n) for n in dom.names), default=0) < 2:
-            blocks.append(Note(f"Only one {LABEL_WORDS.get(label, label)} in this trace: no {label} specialisation."))
+        groups = max((len(n) for n in dom.names), default=0) if dom is not None else 0
+        if groups < 2:
+            word = LABEL_WORDS.get(label, label)
+            blocks.append(Note(f"Only one {word} in this trace: no {label} specialisation." if groups else
+                               f"The trace has no {word} labels: no {label} specialisation."))
             continue
         informative.append(label)
         word = LABEL_WORDS.get(label, label)
         blocks.append(FigureBlock(F.specialisation_heatmap(tables[label], what=word),
                                   f"Each row is a {word} and each cell the share of its routed choices that went to "
-                                  "that expert, E_i(g); white is the uniform rate 1/E, red an expert the "
-                                  f"{word} prefers, blue one it avoids."))
+                                  "that expert, E_i(g), minus the expert's share of the whole layer; white is that "
+                                  f"null (what shuffling the {word} across tokens gives on average), red an expert "
+                                  f"the {word} prefers beyond its load, blue one it avoids."))
     blocks.append(FigureBlock(F.specialisation_heatmap(tables["pos_bucket"], what="position", bucket_size=bucket),
-                              f"E_i(g) for positions in buckets of {bucket}: rows that stay white mean routing "
-                              "does not depend on where a token sits (OpenMoE finds positions near uniform)."))
+                              f"E_i(g) minus the layer's load share for positions in buckets of {bucket}: rows that "
+                              "stay white mean routing does not depend on where a token sits (OpenMoE finds "
+                              "positions near uniform)."))
     mis = {lab: results[f"mi:{lab}"] for lab in informative if f"mi:{lab}" in results}
     if mis:
         ranks = "top-1 expert" if next(iter(mis.values())).ranks == "top1" else "experts (all ranks)"
         blocks.append(FigureBlock(F.label_mi_bars(mis),
                                   f"Normalised mutual information between a token's {ranks} and its label, per "
-                                  "layer, beside the same after shuffling the labels (grey: the permutation null)."))
+                                  "layer (error bars: 95% bootstrap intervals over sequences), beside the same after "
+                                  "shuffling the labels over the choices (grey: the permutation null, which keeps "
+                                  "both margins)."))
     blocks.append(top_tokens_table(results["top_tokens"], decode))
     return Section("Expert specialisation",
                    "Does an expert take particular token IDs, positions, domains or languages? (OpenMoE, OLMoE)",
@@ -85,21 +133,52 @@ def top_tokens_table(top: Any, decode: Callable[[int], str] | None, n: int = 6) 
 
 
 def coactivation_section(results: dict[str, Any]) -> Section:
-    return Section("Co-activation", "Which experts a token picks together (OLMoE).", [FigureBlock(
-        F.coactivation_heatmap(results["coactivation"]),
-        "Cell (i, j) is P(j | i), the share of tokens routed to expert i that also chose j, counting every pair "
-        "of experts in a token's top-k (OLMoE's paper; its released script counts only pairs at adjacent ranks); "
-        "white is uniform top-k's (k - 1)/(E - 1), red pairs fire together more often than chance.")])
+    co = results["coactivation"]
+    fig = F.coactivation_heatmap(co)
+    if fig is None:
+        return Section("Co-activation", "Which experts a token picks together (OLMoE).", [Note(
+            "No layer has expert pairs (one expert, or top-1 routing): no co-activation.")])
+    rows = [[l, fmt_estimate(e, ".3f"), fmt(e.p, ".3f"), fmt(co.uniform_p[l], ".3f")]
+            for l, e in enumerate(co.strongest) if e.value == e.value]
+    return Section("Co-activation", "Which experts a token picks together (OLMoE).", [
+        FigureBlock(fig, "Cell (i, j) is P(j | i), the share of tokens routed to expert i that also chose j, minus "
+                    "its null: every token drawing k distinct experts independently, at weights fitted to the "
+                    "layer's load (white = the null; red pairs fire together more often than load alone gives). "
+                    "All pairs of a token's top-k are counted (OLMoE's paper), not only adjacent ranks (its code)."),
+        Table(["layer", "strongest P(j | i) [95% interval] (null ± sd)", "p", "uniform top-k (reference)"], rows,
+              f"Intervals: bootstrap over sequences ({_n(co.strongest, 'n_bootstrap')} replicates); null: "
+              f"{_n(co.strongest, 'n_permutations')} load-matched draws.")])
+
+
+def _n(estimates: Sequence[Any], what: str) -> int:
+    return max((getattr(e, what) for e in estimates), default=0)
 
 
 def drops_section(results: dict[str, Any]) -> Section:
     sim = results.get("drops_simulated")
+    blocks: list[Any] = [FigureBlock(
+        F.drop_curves(results["drops"], sim, results.get("drops_queue"), results.get("drops_simulated_queue")),
+        "Share of routed choices dropped by capacity in each position bucket (and each turn where the data has "
+        "turns). Dotted: the queue-only baseline, the same recorded choices re-simulated at the same capacity, "
+        "formula and policy after shuffling each sequence's chosen sets across its positions; the gap between "
+        "a curve and its dotted baseline is what position-dependent routing adds. Shaded: 95% bootstrap intervals "
+        "over sequences of the observed curves.")]
+    rows = []
+    for what, key in (("trained capacity", "queue:trained"), ("re-simulated", "queue:simulated")):
+        q = results.get(key)
+        if q is not None:
+            rows.append([what, fmt_estimate(q.observed_rise, "+.4f", null=False),
+                         fmt_estimate(q.queue_rise, "+.4f", null=False), fmt(q.explained, ".0%"),
+                         fmt_estimate(q.excess, "+.4f", null=False)])
+    if rows:
+        blocks.append(Table(["drops", "rise: last minus first quarter of positions", "queue-only rise",
+                             "explained by the queue", "excess over the queue"], rows,
+                            "Rises with 95% bootstrap intervals over sequences (the excess pairs each replicate's "
+                            "observed and queue-only profile)."))
+    else:
+        blocks.append(Note("No queue-only baseline: the trace records no capacity setting and none was simulated."))
     return Section("Token drops by position", "OpenMoE's drop towards the end: choices that found their "
-                   "expert full, as a function of the position in the sequence.", [FigureBlock(
-                       F.drop_curves(results["drops"], sim),
-                       "Share of routed choices dropped by capacity in each position bucket (and each turn where "
-                       "the data has turns); the dotted line is the overall share, which a position-independent "
-                       "profile would follow.")])
+                   "expert full, as a function of the position in the sequence.", blocks)
 
 
 def gates_section(results: dict[str, Any]) -> Section:
@@ -168,7 +247,11 @@ def early_section(early: Any, final_step: Any, paths: Sequence[str]) -> Section:
                        FigureBlock(F.early_routing_curves(early, final_step),
                                    "Top-1 agreement and top-k overlap with the final checkpoint (1 = identical) and "
                                    "the JS divergence of each token ID's expert distribution (0 = identical), per "
-                                   "layer; dashed lines are two independent uniform routings."),
+                                   "layer. Dashed black: the null, unrelated checkpoints with their own loads "
+                                   "(token identity shuffled between the checkpoint and the final one), mean over "
+                                   "layers; dotted grey: two independent uniform routings, the noise floor of "
+                                   "identical routers, not a chance level."),
+                       early_table(early),
                        Table(["checkpoint step", "trace"], rows)])
 
 

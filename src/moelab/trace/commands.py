@@ -177,6 +177,7 @@ def trace_checkpoint(args) -> dict:
     cf = parse_capacity(args.capacity_factor, model.config)
     meta = trace_meta(model, cf, checkpoint_step(ckpt), str(Path(args.data) / "tokenizer.json"),
                       "moelab", corpus.domains, corpus.langs)
+    meta.extra["batch_seqs"] = batch_size  # sequences per capacity batch: the queue-only drop baseline needs it
     batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=args.split)
     bar = Progress(args.tokens, "trace")
     try:

@@ -1,0 +1,201 @@
+"""E_i(g) count tables: routed choices per (layer, group, expert) for one grouping, streamed.
+
+A `ShareAccumulator` counts choices for a label (domain, lang), the token ID, the position (or a position
+bucket), the turn: before dropping, all ranks (or rank 0 only with `ranks="top1"`). For the bootstrap it
+keeps the counts split by sequence fold (`resample.fold_of`); small group ranges count in dense tables,
+large ones (a vocabulary split by fold) in a sparse counter. `specialisation.py` scores the tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from moelab.analysis.common import (
+    KeyCounter, LabelIndex, Result, check_experts, consume, iter_input, require_columns,
+)
+from moelab.analysis.resample import FOLDS, fold_of, mix64
+from moelab.config import MoelabError
+
+LABEL_GROUPS = ("domain", "lang")
+INT_GROUPS = ("token", "pos", "doc_pos", "turn", "doc", "seq")
+GROUPS = LABEL_GROUPS + INT_GROUPS + ("pos_bucket",)
+DENSE_GROUPS = 1 << 17  # group values below this may count in a dense table ...
+DENSE_BUDGET = 1 << 26  # ... of at most this many cells (256 MiB of int32)
+
+
+@dataclasses.dataclass
+class ShareTables(Result):
+    """Per MoE layer l: the group values seen, and counts[l][g, e] = choices of group g routed to e."""
+
+    group: str
+    ranks: str  # "all" or "top1"
+    num_experts: list[int]
+    top_k: int
+    groups: list[np.ndarray]
+    counts: list[np.ndarray]
+    names: list[str] | None = None  # label groups: groups[l] are codes into names
+    uniform: list[float] = dataclasses.field(default_factory=list)  # E_i(g) under uniform routing: 1/E
+
+    def __post_init__(self) -> None:
+        self.uniform = [1.0 / E for E in self.num_experts]
+
+    @property
+    def choices_per_token(self) -> int:
+        return self.top_k if self.ranks == "all" else 1
+
+    def tokens(self, layer: int) -> np.ndarray:
+        """n(g): (token, layer) pairs of each group (every token contributes k choices, or 1 for top1)."""
+        return self.counts[layer].sum(axis=1) // self.choices_per_token
+
+    def share(self, layer: int) -> np.ndarray:
+        """E_i(g): share of g's choices that went to expert i (rows sum to 1)."""
+        c = self.counts[layer].astype(np.float64)
+        return c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+
+    def replicate_tables(self, layer: int, weights_RF: np.ndarray | None, keep_G: np.ndarray) -> Iterator[np.ndarray]:
+        """Bootstrap replicates of counts[layer][keep_G]: one fold-weighted G' x E table per row of weights."""
+        if weights_RF is None or getattr(self, "folds", 1) <= 1:
+            return
+        fold, g, e, c = self.fold_entries[layer]
+        keep_G = keep_G & self.sampled[layer]
+        index_G = np.full(len(self.groups[layer]), -1)
+        index_G[np.flatnonzero(keep_G)] = np.arange(int(np.sum(keep_G)))
+        m = index_G[g] >= 0
+        E, G = self.num_experts[layer], int(np.sum(keep_G))
+        key, fold, c = index_G[g[m]] * E + e[m], fold[m], c[m].astype(np.float64)
+        for w_F in weights_RF:
+            yield np.bincount(key, weights=w_F[fold] * c, minlength=G * E).reshape(G, E)
+
+    def group_names(self, layer: int) -> list[str]:
+        g = self.groups[layer]
+        return [self.names[i] for i in g] if self.names is not None else [str(v) for v in g]
+
+
+class ShareAccumulator:
+    """Counts (fold, layer, group, expert) over a stream in a sparse counter: memory ~ distinct keys.
+
+    The fold (a hash of the row's sequence, `resample.fold_of`) keeps the counts split for the bootstrap;
+    `folds=1` counts without it. With `fold_sample` n > 1 only the groups whose hash is 0 mod n are split
+    (the others count under one extra fold): split counts of a large vocabulary take one key per choice,
+    which a 100M-row trace cannot afford, so the intervals come from that sample of groups (see
+    `_resampled`)."""
+
+    def __init__(self, group: str, num_experts: Sequence[int], top_k: int, *, ranks: str = "all",
+                 pos_bucket: int = 256, folds: int = FOLDS, seed: int = 0, fold_sample: int = 1):
+        if group not in GROUPS:
+            raise MoelabError(f"unknown grouping {group!r} (known: {', '.join(GROUPS)})")
+        if ranks not in ("all", "top1"):
+            raise MoelabError(f"ranks={ranks!r} must be 'all' or 'top1'")
+        self.group, self.ranks, self.top_k, self.pos_bucket = group, ranks, top_k, pos_bucket
+        self.num_experts = list(num_experts)
+        self.folds, self.seed, self.fold_sample = folds, seed, max(1, fold_sample)
+        if (folds + 1) * len(self.num_experts) >= 1 << 15:
+            raise MoelabError(f"{folds} bootstrap folds x {len(self.num_experts)} layers is too many to count")
+        self.counter = KeyCounter()
+        self.dense: dict[str, np.ndarray] = {}  # "split" / "unsplit": slot x group value x expert counts
+        self.dense_rows = 0
+        self.labels = LabelIndex() if group in LABEL_GROUPS else None
+        self.columns = ("seq", "layer", "rank", "expert", "pos" if group == "pos_bucket" else group)
+
+    def _values(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        if self.labels is not None:
+            return self.labels.encode(batch, self.group)
+        if self.group == "pos_bucket":
+            return batch["pos"].astype(np.int64) // self.pos_bucket
+        return batch[self.group].astype(np.int64)
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        require_columns(batch, self.columns, f"specialisation by {self.group}")
+        check_experts(batch, self.num_experts)
+        values = self._values(batch)
+        keep = values >= 0  # turn -1 = no turn: not a group
+        if self.ranks == "top1":
+            keep &= batch["rank"] == 0
+        if values.size and values.max() >= 1 << 32:
+            raise MoelabError(f"group {self.group} value {int(values.max())} is too large to count")
+        layer, values, expert = batch["layer"][keep].astype(np.int64), values[keep], batch["expert"][keep]
+        fold = np.zeros(len(layer), np.int64)
+        if self.folds > 1:
+            fold = fold_of(batch["seq"], self.folds, self.seed)[keep]
+            if self.fold_sample > 1:
+                fold[~self._sampled(values)] = self.folds
+        slot = layer + len(self.num_experts) * fold
+        sparse = np.ones(len(layer), bool)
+        for name, rows in (("unsplit", fold >= self.folds if self.folds > 1 else np.ones(len(layer), bool)),
+                           ("split", fold < self.folds if self.folds > 1 else np.zeros(len(layer), bool))):
+            rows = rows & (values < DENSE_GROUPS)
+            if rows.any() and self._add_dense(name, slot[rows] if name == "split" else layer[rows], values[rows],
+                                              expert[rows]):
+                sparse &= ~rows
+        self.counter.add((slot[sparse] << 48) | (values[sparse] << 16) | expert[sparse])
+
+    def _add_dense(self, name: str, slot: np.ndarray, values: np.ndarray, expert: np.ndarray) -> bool:
+        """Count rows in a dense slot x group value x expert table; False (nothing counted) when the table
+        would pass DENSE_BUDGET cells: a large vocabulary split by fold stays in the sparse counter."""
+        slots = len(self.num_experts) * (self.folds if name == "split" else 1)
+        V, E = int(values.max()) + 1, max(self.num_experts)
+        table = self.dense.get(name)
+        if table is None or V > table.shape[1]:
+            width = max(V, 2 * (0 if table is None else table.shape[1]))
+            if slots * min(width, DENSE_GROUPS) * E > DENSE_BUDGET:
+                width = V
+            if slots * width * E > DENSE_BUDGET:
+                return False
+            grown = np.zeros((slots, width, E), np.int32)  # a cell counts at most the rows seen
+            if table is not None:
+                grown[:, :table.shape[1]] = table
+            table = self.dense[name] = grown
+        self.dense_rows += len(slot)
+        if self.dense_rows >= 1 << 31 and table.dtype != np.int64:
+            table = self.dense[name] = table.astype(np.int64)
+        cells, counts = np.unique((slot * table.shape[1] + values) * E + expert, return_counts=True)
+        table.reshape(-1)[cells] += counts.astype(table.dtype)  # cells are distinct: no lost updates
+        return True
+
+    def _dense_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense tables as (keys, counts) in the sparse counter's layout."""
+        keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        L = len(self.num_experts)
+        for name, table in self.dense.items():
+            slot, v, e = np.nonzero(table)
+            if name == "unsplit":
+                slot = slot + L * (self.folds if self.folds > 1 else 0)
+            keys.append((slot.astype(np.int64) << 48) | (v.astype(np.int64) << 16) | e)
+            counts.append(table[np.nonzero(table)].astype(np.int64))
+        return np.concatenate(keys), np.concatenate(counts)
+
+    def _sampled(self, values: np.ndarray) -> np.ndarray:
+        return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
+
+    def result(self) -> ShareTables:
+        keys, counts = self.counter.result()
+        dense_keys, dense_counts = self._dense_entries()
+        keys, counts = np.concatenate([keys, dense_keys]), np.concatenate([counts, dense_counts])
+        slot_N, value_N, expert_N = keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF
+        layer_N, fold_N = slot_N % len(self.num_experts), slot_N // len(self.num_experts)
+        groups, tables, entries = [], [], []
+        for l, E in enumerate(self.num_experts):
+            sel = layer_N == l
+            g, inv = np.unique(value_N[sel], return_inverse=True)
+            flat = np.bincount(inv * E + expert_N[sel], weights=counts[sel], minlength=len(g) * E)
+            groups.append(g)
+            tables.append(flat.astype(np.int64).reshape(len(g), E))
+            split = sel & (fold_N < self.folds) if self.folds > 1 else np.zeros(len(sel), bool)
+            entries.append(np.stack([fold_N[split], inv[split[sel]], expert_N[split], counts[split]]))
+        names = self.labels.names if self.labels is not None else None
+        out = ShareTables(group=self.group, ranks=self.ranks, num_experts=self.num_experts,
+                          top_k=self.top_k, groups=groups, counts=tables, names=names)
+        out.fold_entries, out.folds = entries, self.folds  # not fields: they stay out of metrics.json
+        out.sampled = [self._sampled(g) if self.fold_sample > 1 else np.ones(len(g), bool) for g in groups]
+        return out
+
+
+def share_tables(trace_like: Any, group: str, num_experts: Sequence[int], top_k: int, *,
+                 ranks: str = "all", pos_bucket: int = 256, batch_rows: int = 1 << 20) -> ShareTables:
+    """E_i(g) count tables of a trace for one grouping, in one streaming pass."""
+    acc = ShareAccumulator(group, num_experts, top_k, ranks=ranks, pos_bucket=pos_bucket)
+    consume(iter_input(trace_like, acc.columns, batch_rows), [acc])
+    return acc.result()
