@@ -64,4 +64,4 @@ def test_coactivation_caption_says_all_pairs():
              "rank": np.tile([0, 1], 50), "expert": ids.reshape(-1)}
     section = coactivation_section({"coactivation": coactivation(batch, [E], 2)})
     caption = section.blocks[0].caption
-    assert "every pair" in caption and "adjacent ranks" in caption
+    assert "all pairs" in caption.lower() and "adjacent ranks" in caption
