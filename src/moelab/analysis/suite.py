@@ -70,9 +70,11 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if unknown:
         raise MoelabError(f"unknown analysis {unknown[0]!r} (known: {', '.join(ANALYSES)})")
     num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
+    skipped = unanswerable(have, analyses, getattr(getattr(trace_like, "meta", None), "null_columns", None) or {})
+    analyses = [a for a in analyses if a not in skipped]
     folds = folds if n_bootstrap > 0 else 1
     acc = _accumulators(num_experts, top_k, analyses, labels, pos_bucket, mi_ranks, simulate, queue, folds, seed,
-                        token_fold_sample(getattr(trace_like, "num_rows", None)))
+                        token_fold_sample(getattr(trace_like, "num_rows", None)), with_tokens="token" not in skipped)
     columns = sorted({c for a in acc.values() for c in a.columns})
     present = set(columns) if have is None else set(columns) & have
     rows = batch_rows or _batch_rows(present, num_experts, top_k)
@@ -86,19 +88,39 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
         batches = regroup(batches, token_key)
     consume(batches, list(acc.values()))
     weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 else None
-    return _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
-                                       n_permutations=n_permutations, seed=seed, weights=weights))
+    out = _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
+                                      n_permutations=n_permutations, seed=seed, weights=weights))
+    if skipped:
+        out["skipped"] = skipped
+    return out
+
+
+def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, str]) -> dict[str, str]:
+    """What a trace without token ids or router probabilities (an imported replay array, Megatron's
+    records) cannot answer: name -> the sentence a report shows. "token" drops only the token-ID parts
+    of specialisation; "gates" the whole gate analysis, which is built on the chosen experts' probabilities."""
+    if have is None:
+        return {}
+    out = {}
+    if "specialisation" in analyses and "token" not in have:
+        reason = why.get("token", "the trace has no token ids")
+        out["token"] = (f"No vocabulary specialisation, token-ID std score or top tokens: {reason}. Position and "
+                        "label specialisation are computed.")
+    if "gates" in analyses and "prob" not in have:
+        reason = why.get("prob", "the trace has no router probabilities")
+        out["gates"] = f"No gate entropy, inner/outer balance or cross-layer MI: {reason}."
+    return out
 
 
 def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], labels: Sequence[str],
                   pos_bucket: int, mi_ranks: str, simulate: dict[str, Any] | None, queue: dict[str, Any] | None,
-                  folds: int, seed: int, sample: int) -> dict[str, Any]:
+                  folds: int, seed: int, sample: int, with_tokens: bool = True) -> dict[str, Any]:
     """One accumulator per analysis (and the pool of chosen sets every permutation null draws from)."""
     acc: dict[str, Any] = {"pool": SetPoolAccumulator(num_experts, top_k, seed=seed)}
     if "load" in analyses:
         acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
     if "specialisation" in analyses:
-        for group in ("token", "pos", "pos_bucket") + tuple(labels):
+        for group in ("token",) * with_tokens + ("pos", "pos_bucket") + tuple(labels):
             acc[f"tables:{group}"] = ShareAccumulator(group, num_experts, top_k, pos_bucket=pos_bucket,
                                                       folds=folds if group != "pos_bucket" else 1,
                                                       fold_sample=sample if group == "token" else 1)
@@ -136,10 +158,11 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any]) 
     if tables:
         kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
         out["tables"] = tables
-        out["std_token"] = std_score(tables["token"], min_count=opts["min_count"], **kw)
         out["std_position"] = std_score(tables["pos"], min_count=1, **kw)
-        out["vocab"] = vocab_specialisation(tables["token"], min_count=opts["vocab_min_count"], **kw)
-        out["top_tokens"] = top_tokens(tables["token"], min_count=opts["vocab_min_count"])
+        if "token" in tables:
+            out["std_token"] = std_score(tables["token"], min_count=opts["min_count"], **kw)
+            out["vocab"] = vocab_specialisation(tables["token"], min_count=opts["vocab_min_count"], **kw)
+            out["top_tokens"] = top_tokens(tables["token"], min_count=opts["vocab_min_count"])
         for group in labels:
             out[f"domain_specialisation:{group}"] = domain_specialisation(tables[group], **kw)
             mi_tables = top1.get(group, tables[group])

@@ -82,6 +82,11 @@ def specialisation_headlines(results: dict[str, Any], labels: Sequence[str]) -> 
                     f"always the same experts {fmt(ceiling, '.3f')})")
         out.append(Headline("std_token", "std score, token IDs", _value(t), _finite(t.null_mean), text, t))
         out.append(Headline("std_position", "std score, positions", _value(p), _finite(p.null_mean), "", p))
+    elif pos is not None:  # a trace without token ids: positions alone
+        p = pos.overall
+        out.append(Headline("std_position", "std score, positions", _value(p), _finite(p.null_mean),
+                            f"std score for positions {fmt_estimate(p)} (null: positions shuffled across tokens; "
+                            "no token ids in this trace)", p))
     for label in labels:
         mi, dom = results.get(f"mi:{label}"), results.get(f"domain_specialisation:{label}")
         if mi is None or dom is None or max((len(n) for n in dom.names), default=0) < 2:

@@ -47,8 +47,9 @@ def load_section(results: dict[str, Any]) -> Section:
 
 def estimates_table(results: dict[str, Any]) -> Table:
     """Every specialisation number per layer: value [interval] (null ± sd), p."""
-    named = [("vocabulary specialisation", results["vocab"]), ("std, token IDs", results["std_token"]),
-             ("std, positions", results["std_position"])]
+    named = [(name, results[key]) for name, key in (("vocabulary specialisation", "vocab"),
+                                                    ("std, token IDs", "std_token"), ("std, positions", "std_position"))
+             if key in results]
     named += [(f"{k.split(':', 1)[1]}: top expert's share", v) for k, v in results.items()
               if k.startswith("domain_specialisation:") and v.estimates and np.isfinite(v.overall.value)]
     named += [(f"{k.split(':', 1)[1]}: normalised MI", v) for k, v in results.items()
@@ -73,9 +74,11 @@ def early_table(early: Any) -> Table:
                  "a permutation (one-sided: a smaller divergence than unrelated checkpoints).")
 
 
-def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucket: int,
-                           decode: Callable[[int], str] | None) -> Section:
-    blocks: list[Any] = [FigureBlock(
+def _scores_block(results: dict[str, Any]) -> Any:
+    """The per-layer specialisation scores, or the note saying why a trace without token ids has none."""
+    if "vocab" not in results:  # see analysis.suite.unanswerable
+        return Note(results.get("skipped", {}).get("token", "The trace has no token ids."))
+    return FigureBlock(
         F.specialisation_scores(results["vocab"], results["std_token"], results["std_position"]),
         "Left, OLMoE's vocabulary specialisation per layer (0 = random, 1 = each token ID always to the same "
         "expert); right, OpenMoE's std over experts of E_i(g) for token IDs and positions (dashed: always the "
@@ -83,8 +86,12 @@ def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucke
         f"({_n(results['vocab'].estimates, 'n_bootstrap')} replicates). Black ticks: the null, the token ID or "
         "position shuffled across each layer's tokens (keeps expert load and group sizes; "
         f"{_n(results['vocab'].estimates, 'n_permutations')} permutations). Grey ticks: uniform routing, a "
-        "reference only: unequal load alone lifts every bar above it."),
-        estimates_table(results)]
+        "reference only: unequal load alone lifts every bar above it.")
+
+
+def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucket: int,
+                           decode: Callable[[int], str] | None) -> Section:
+    blocks: list[Any] = [_scores_block(results), estimates_table(results)]
     tables, informative = results["tables"], []
     for label in labels:
         dom = results.get(f"domain_specialisation:{label}")
@@ -113,7 +120,8 @@ def specialisation_section(results: dict[str, Any], labels: Sequence[str], bucke
                                   "layer (error bars: 95% bootstrap intervals over sequences), beside the same after "
                                   "shuffling the labels over the choices (grey: the permutation null, which keeps "
                                   "both margins)."))
-    blocks.append(top_tokens_table(results["top_tokens"], decode))
+    if "top_tokens" in results:
+        blocks.append(top_tokens_table(results["top_tokens"], decode))
     return Section("Expert specialisation",
                    "Does an expert take particular token IDs, positions, domains or languages? (OpenMoE, OLMoE)",
                    blocks)
@@ -235,6 +243,8 @@ def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int
         out.append(drops_section(results))
     if "gates" in results:
         out.append(gates_section(results))
+    elif "gates" in results.get("skipped", {}):
+        out.append(Section("Routing distributions", blocks=[Note(results["skipped"]["gates"])]))
     if "dynamic" in results:
         out.append(dynamic_section(results))
     return out

@@ -1,0 +1,42 @@
+"""A trace imported from a tool that records neither token ids nor router probabilities (a router-replay
+array) still gets every analysis it can answer, and the report says which ones it cannot and why."""
+
+import json
+
+import numpy as np
+
+from moelab.analysis.suite import analyze_all
+from moelab.cli import main
+from moelab.trace.io import open_trace
+
+
+def _replay(tmp_path, tokens=3000, layers=3, E=8, k=2):
+    rng = np.random.default_rng(0)
+    ids = np.stack([[rng.choice(E, k, replace=False) for _ in range(layers)] for _ in range(tokens)]).astype(np.int32)
+    src = tmp_path / "replay.npy"
+    np.save(src, ids)
+    out = tmp_path / "t.parquet"
+    assert main(["trace", "import", "replay", str(src), "--out", str(out), "--num-experts", str(E)]) == 0
+    return out
+
+
+def test_analyses_without_tokens_or_probs_skip_only_what_needs_them(tmp_path):
+    trace = open_trace(_replay(tmp_path))
+    assert "token" not in trace.columns and "prob" not in trace.columns
+    results = analyze_all(trace, n_permutations=2, n_bootstrap=4)
+    assert set(results["skipped"]) == {"token", "gates"}
+    assert "router-replay" in results["skipped"]["gates"]  # the importer's reason is carried through
+    for gone in ("vocab", "std_token", "top_tokens", "gates"):
+        assert gone not in results
+    for kept in ("load", "std_position", "coactivation", "drops"):
+        assert kept in results
+
+
+def test_analyze_verb_reports_an_imported_trace(tmp_path, capsys):
+    trace = _replay(tmp_path)
+    out = tmp_path / "report"
+    assert main(["analyze", str(trace), "--out", str(out), "--permutations", "2", "--bootstrap", "4"]) == 0
+    html = (out / "report.html").read_text()
+    assert "No gate entropy" in html and "No vocabulary specialisation" in html
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "std_position" in json.dumps(metrics)
