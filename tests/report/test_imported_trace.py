@@ -40,3 +40,21 @@ def test_analyze_verb_reports_an_imported_trace(tmp_path, capsys):
     assert "No gate entropy" in html and "No vocabulary specialisation" in html
     metrics = json.loads((out / "metrics.json").read_text())
     assert "std_position" in json.dumps(metrics)
+
+
+def test_gate_table_says_what_sigmoid_scores_measure():
+    from moelab.analysis.gates import gate_stats
+    from moelab.report.sections import gates_section
+
+    # One layer, two tokens, top-2 of 4, sigmoid scores: each in (0, 1), not summing to 1 over the experts.
+    scores_TE = np.array([[0.9, 0.8, 0.2, 0.1], [0.7, 0.6, 0.5, 0.4]], np.float32)
+    batch = {"seq": np.zeros(4, np.int64), "pos": np.repeat([0, 1], 2).astype(np.int32),
+             "layer": np.zeros(4, np.int16), "rank": np.tile([0, 1], 2).astype(np.int8),
+             "expert": np.tile([0, 1], 2).astype(np.int16), "prob": scores_TE[:, :2].reshape(-1),
+             "probs": scores_TE, "probs.rows": np.array([0, 2])}
+    results = {"gates": gate_stats(batch, [4], 2)}
+    softmax, sigmoid = gates_section(results), gates_section(results, "sigmoid")
+    assert not any("sigmoid" in getattr(b, "text", "") for b in softmax.blocks)
+    assert "sigmoid" in sigmoid.blocks[0].text and "normalised to sum to 1" in sigmoid.blocks[0].text
+    table = sigmoid.blocks[-1]
+    assert table.rows[0][-1] == "n/a" and softmax.blocks[-1].rows[0][-1] == "0.50"  # k/E only for softmax

@@ -255,7 +255,8 @@ def _weights(path: str) -> tuple[Any, str]:
 def model_sections(m: ModelInput, a: dict[str, Any], labels: Sequence[str], level: int) -> list[Section]:
     meta = m.trace.meta
     intro = Section("Trace", blocks=[trace_table(meta, m.path, a["results"])])
-    out = [intro] + routing_sections(a["results"], labels, a["options"]["pos_bucket"], token_decoder(meta))
+    scoring = str(meta.extra.get("scoring_function") or "softmax")  # written by `trace --hf`
+    out = [intro] + routing_sections(a["results"], labels, a["options"]["pos_bucket"], token_decoder(meta), scoring)
     if a["early"] is not None:
         paths = [p for p, _ in m.checkpoints]
         out.append(early_section(a["early"], step_label(m.checkpoints[-1][1], len(paths) - 1), paths))

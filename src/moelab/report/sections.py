@@ -29,6 +29,9 @@ def trace_table(meta: Any, path: str, results: dict[str, Any]) -> Table:
             ["capacity factor", cf],
             ["checkpoint step", "n/a" if meta.checkpoint_step is None else meta.checkpoint_step],
             ["tokens traced", tokens]]
+    extra = getattr(meta, "extra", {}) or {}
+    rows += [[name, extra[key]] for name, key in (("model family", "family"), ("routing rule", "routing_rule"),
+                                                  ("scoring function", "scoring_function")) if extra.get(key)]
     return Table([], rows)
 
 
@@ -189,9 +192,17 @@ def drops_section(results: dict[str, Any]) -> Section:
                    "expert full, as a function of the position in the sequence.", blocks)
 
 
-def gates_section(results: dict[str, Any]) -> Section:
+def gates_section(results: dict[str, Any], scoring: str = "softmax") -> Section:
+    """`scoring`: how the router turns logits into scores (a trace's `scoring_function`; moelab's own
+    routers and traces without the key: softmax). Other scores do not sum to 1, and the table says what
+    each statistic then measures."""
     g = results["gates"]
-    blocks: list[Any] = []
+    softmax = scoring == "softmax"
+    blocks: list[Any] = [] if softmax else [Note(
+        f"This router scores experts with {scoring}, whose scores do not sum to 1 over the experts: gate "
+        "entropy here is the entropy of each token's scores normalised to sum to 1 (still against log E), inner "
+        "balance the ratio of the two largest raw scores, and outer balance the sum of the top-k raw scores, "
+        "which is not a share of probability mass, so it has no uniform-router value.")]
     if g.cross_layer_mi is None:
         blocks.append(Note("The trace has no `probs` column: no cross-layer MI or gate entropy."))
     else:
@@ -203,7 +214,8 @@ def gates_section(results: dict[str, Any]) -> Section:
     for l in range(len(g.null_gate_entropy)):
         ent = g.gate_entropy_median[l] if g.gate_entropy_median is not None else None
         rows.append([l, fmt(ent), fmt(g.null_gate_entropy[l]), fmt(g.inner_balance_median[l]),
-                     fmt(g.null_inner_balance), fmt(g.outer_balance_median[l]), fmt(g.null_outer_balance[l])])
+                     fmt(g.null_inner_balance), fmt(g.outer_balance_median[l]),
+                     fmt(g.null_outer_balance[l] if softmax else None)])
     blocks.append(Table(["layer", "gate entropy (median)", "uniform: log E", "inner balance top1/top2",
                          "null", "outer balance sum top-k", "null k/E"], rows,
                         "Gate statistics per layer (medians over tokens) beside their uniform-router values."))
@@ -231,7 +243,7 @@ def dynamic_section(results: dict[str, Any]) -> Section | None:
 
 
 def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int,
-                     decode: Callable[[int], str] | None = None) -> list[Section]:
+                     decode: Callable[[int], str] | None = None, scoring: str = "softmax") -> list[Section]:
     out = []
     if "load" in results:
         out.append(load_section(results))
@@ -242,7 +254,7 @@ def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int
     if "drops" in results:
         out.append(drops_section(results))
     if "gates" in results:
-        out.append(gates_section(results))
+        out.append(gates_section(results, scoring))
     elif "gates" in results.get("skipped", {}):
         out.append(Section("Routing distributions", blocks=[Note(results["skipped"]["gates"])]))
     if "dynamic" in results:
