@@ -140,7 +140,8 @@ def test_null_columns_are_absent_and_analyses_that_need_them_say_so(tmp_path):
     one_line_error(lambda: next(trace.iter_batches(columns=["prob"])), "no 'prob' values .*no probabilities")
     load = analyze_all(trace, analyses=["load"])["load"]  # what needs only the experts still runs
     assert load is not None
-    one_line_error(lambda: analyze_all(trace, analyses=["gates"]), "needs the trace column 'prob'")
+    gates = analyze_all(trace, analyses=["gates"])  # skipped, with the source's reason, not guessed
+    assert "gates" not in gates and "records no probabilities" in gates["skipped"]["gates"]
     # another writer's all-null column, with no metadata at all: found from the Parquet statistics
     table = pa.table({k: pa.array(v) for k, v in batch.items() if k != "token"})
     pq.write_table(table.append_column("token", pa.nulls(len(table), pa.int64())), tmp_path / "raw.parquet")
