@@ -39,7 +39,7 @@ def main(monkeypatch):
 def test_one_expert_layer_top1_builds_a_report(main, tmp_path, capsys):
     rng = np.random.default_rng(0)
     ids = np.stack([np.zeros((256, 1), int), rng.integers(0, 4, size=(256, 1))])
-    trace = write_rows(tmp_path / "t.parquet", ids, [1, 4])
+    trace = write_rows(tmp_path / "t.parquet", ids, [1, 4], seqs=16)  # 16: enough sequences for intervals
     rc = main(["analyze", str(trace), "--out", str(tmp_path / "out"), "--labels", "domain,turn",
                "--min-count", "5", "--permutations", "4", "--bootstrap", "8"])
     printed = capsys.readouterr().out

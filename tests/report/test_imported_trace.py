@@ -24,7 +24,9 @@ def test_analyses_without_tokens_or_probs_skip_only_what_needs_them(tmp_path):
     trace = open_trace(_replay(tmp_path))
     assert "token" not in trace.columns and "prob" not in trace.columns
     results = analyze_all(trace, n_permutations=2, n_bootstrap=4)
-    assert set(results["skipped"]) == {"token", "gates"}
+    assert set(results["skipped"]) == {"token", "gates", "intervals"}  # one replay array = one sequence
+    assert "1 sequence" in results["skipped"]["intervals"]
+    assert np.isnan(results["std_position"].overall.ci_low)  # withheld, not a zero-width interval
     assert "router-replay" in results["skipped"]["gates"]  # the importer's reason is carried through
     for gone in ("vocab", "std_token", "top_tokens", "gates"):
         assert gone not in results
@@ -37,7 +39,7 @@ def test_analyze_verb_reports_an_imported_trace(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["analyze", str(trace), "--out", str(out), "--permutations", "2", "--bootstrap", "4"]) == 0
     html = (out / "report.html").read_text()
-    assert "No gate entropy" in html and "No vocabulary specialisation" in html
+    assert "No gate entropy" in html and "No vocabulary specialisation" in html and "No intervals" in html
     metrics = json.loads((out / "metrics.json").read_text())
     assert "std_position" in json.dumps(metrics)
 
@@ -58,3 +60,12 @@ def test_gate_table_says_what_sigmoid_scores_measure():
     assert "sigmoid" in sigmoid.blocks[0].text and "normalised to sum to 1" in sigmoid.blocks[0].text
     table = sigmoid.blocks[-1]
     assert table.rows[0][-1] == "n/a" and softmax.blocks[-1].rows[0][-1] == "0.50"  # k/E only for softmax
+
+
+def test_sequences_are_counted_across_batch_cuts():
+    from moelab.analysis.suite import SequenceCounter
+
+    counter = SequenceCounter()
+    for seq in ([0, 0, 1], [1, 1, 2], [2], [5, 5]):  # sequence 1 and 2 straddle a cut
+        counter.update({"seq": np.array(seq)})
+    assert counter.count == 4

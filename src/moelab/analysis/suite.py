@@ -24,6 +24,7 @@ from moelab.analysis.specialization import (
 from moelab.config import MoelabError
 
 ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
+MIN_INTERVAL_SEQUENCES = 16  # below this a bootstrap over sequences has too few units to say anything
 LIST_BUDGET_BYTES = 64 << 20
 
 
@@ -86,13 +87,33 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
         batches = regroup(batches, seq_block_key(blocks[0]))
     else:
         batches = regroup(batches, token_key)
-    consume(batches, list(acc.values()))
-    weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 else None
+    sequences = SequenceCounter()
+    consume(batches, list(acc.values()) + [sequences])
+    if folds > 1 and sequences.count < MIN_INTERVAL_SEQUENCES:
+        skipped["intervals"] = (f"No intervals: the trace holds {sequences.count} sequence(s), and a bootstrap over "
+                                f"sequences needs at least {MIN_INTERVAL_SEQUENCES}; values and nulls only.")
+    weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 and "intervals" not in skipped else None
     out = _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
                                       n_permutations=n_permutations, seed=seed, weights=weights))
     if skipped:
         out["skipped"] = skipped
     return out
+
+
+class SequenceCounter:
+    """How many sequences the pass saw: rows come in (seq, pos) order, so a sequence starts wherever `seq`
+    changes (one comparison a row; a sequence cut across two batches counts once)."""
+
+    columns = ("seq",)
+
+    def __init__(self) -> None:
+        self.count, self._last = 0, None
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        seq = batch["seq"]
+        if len(seq):
+            self.count += int(np.count_nonzero(seq[1:] != seq[:-1])) + int(self._last is None or seq[0] != self._last)
+            self._last = seq[-1]
 
 
 def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, str]) -> dict[str, str]:

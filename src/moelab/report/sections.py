@@ -245,6 +245,8 @@ def dynamic_section(results: dict[str, Any]) -> Section | None:
 def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int,
                      decode: Callable[[int], str] | None = None, scoring: str = "softmax") -> list[Section]:
     out = []
+    if "intervals" in results.get("skipped", {}):
+        out.append(Section("Intervals", blocks=[Note(results["skipped"]["intervals"])]))
     if "load" in results:
         out.append(load_section(results))
     if "tables" in results:
