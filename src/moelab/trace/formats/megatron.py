@@ -17,7 +17,6 @@ a layer seen again within a step starts the next forward, as RouterTracer itself
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from moelab.config import MoelabError
-from moelab.trace.formats.routed import Routed
+from moelab.trace.formats.routed import Routed, jsonl_records
 
 WHAT_LACKS = "records no token ids "
 KEYS = ("step", "layer", "num_tokens", "top_indices")
@@ -45,18 +44,7 @@ def trace_files(path: str | Path) -> list[Path]:
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
-            if not isinstance(rec, dict) or any(k not in rec for k in KEYS):
-                raise MoelabError(f"{where} is not a RouterTracer record (needs {', '.join(KEYS)})")
-            yield where, rec
+    return jsonl_records(path, KEYS, "a RouterTracer record")
 
 
 def _indices(where: str, rec: dict) -> np.ndarray:

@@ -7,14 +7,13 @@ the token ids; it has no probabilities or combine weights, and does not record E
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from moelab.config import MoelabError
-from moelab.trace.formats.routed import Routed
+from moelab.trace.formats.routed import Routed, jsonl_records
 
 WHAT_LACKS = "lines without input_ids carry no token ids "
 
@@ -23,24 +22,14 @@ def read_olmoe(path: str | Path) -> Iterator[Routed]:
     path = Path(path)
     if not path.is_file():
         raise MoelabError(f"OLMoE routing file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
-            if not isinstance(rec, dict) or "exp_ids" not in rec:
-                raise MoelabError(f"{where} has no 'exp_ids' (an OLMoE routing line holds input_ids and exp_ids)")
-            try:
-                ids_TKL = np.asarray(rec["exp_ids"], dtype=np.int64)
-                tokens = None if rec.get("input_ids") is None else np.asarray(rec["input_ids"], dtype=np.int64)
-            except (ValueError, TypeError):
-                raise MoelabError(f"{where}: exp_ids or input_ids is not a regular array of ints") from None
-            if ids_TKL.ndim != 3:
-                raise MoelabError(f"{where}: exp_ids has shape {ids_TKL.shape}, expected (tokens, top_k, layers)")
-            if tokens is not None and tokens.shape != (len(ids_TKL),):
-                raise MoelabError(f"{where}: {len(ids_TKL)} tokens in exp_ids but input_ids has shape {tokens.shape}")
-            yield Routed(ids_TKL.transpose(0, 2, 1), tokens, where)
+    for where, rec in jsonl_records(path, ("exp_ids",), "an OLMoE routing line (it holds input_ids and exp_ids)"):
+        try:
+            ids_TKL = np.asarray(rec["exp_ids"], dtype=np.int64)
+            tokens = None if rec.get("input_ids") is None else np.asarray(rec["input_ids"], dtype=np.int64)
+        except (ValueError, TypeError):
+            raise MoelabError(f"{where}: exp_ids or input_ids is not a regular array of ints") from None
+        if ids_TKL.ndim != 3:
+            raise MoelabError(f"{where}: exp_ids has shape {ids_TKL.shape}, expected (tokens, top_k, layers)")
+        if tokens is not None and tokens.shape != (len(ids_TKL),):
+            raise MoelabError(f"{where}: {len(ids_TKL)} tokens in exp_ids but input_ids has shape {tokens.shape}")
+        yield Routed(ids_TKL.transpose(0, 2, 1), tokens, where)

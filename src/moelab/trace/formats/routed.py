@@ -16,8 +16,9 @@ a token's slots is refused, since a trace holds exactly K distinct experts per (
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -190,3 +191,20 @@ def _add_labels(cols: dict, extra: dict, tokens: CorpusTokens, rep: int) -> None
     cols["turn"] = np.repeat(extra["turn"][at_T], rep)
     cols["domain"], cols["domain.names"] = np.repeat(extra["domain_id"][at_T], rep), tokens.corpus.domains
     cols["lang"], cols["lang.names"] = np.repeat(extra["lang_id"][at_T], rep), tokens.corpus.langs
+
+
+def jsonl_records(path: Path, required: Sequence[str], what: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line of a JSONL file: one line naming the file and line when a
+    line is not JSON or not an object holding every `required` key (`what` says what such a record is)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
+            if not isinstance(rec, dict) or any(k not in rec for k in required):
+                raise MoelabError(f"{where} is not {what} (needs {', '.join(required)})")
+            yield where, rec
