@@ -25,30 +25,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from moelab.config import MoelabError
+from moelab.data import installed
+from moelab.data.document import Document, conversation  # noqa: F401  (the names callers import from here)
 
 SOURCE_SPECS = ("stdlib-code", "python-docs", "math[:COUNT]", "manpages:LANG[,LANG]",
                 "gettext:LANG[,LANG]", "dir:PATH[:DOMAIN]", "jsonl:PATH", "hf:NAME[:CONFIG]")
 DEFAULT_MATH_COUNT = 2000
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-
-
-@dataclasses.dataclass(kw_only=True)
-class Document:
-    """One document. A conversation keeps its turns; its `text` is the turns joined by newlines."""
-
-    text: str
-    domain: str
-    lang: str
-    turns: list[str] | None = None
-    name: str = ""  # where it came from (a path, a topic), for people reading traces
-
-    @property
-    def num_bytes(self) -> int:
-        return len(self.text.encode("utf-8"))
-
-
-def conversation(turns: list[str], *, domain: str, lang: str, name: str = "") -> Document:
-    return Document(text="\n".join(turns), domain=domain, lang=lang, turns=list(turns), name=name)
 
 
 def open_source(spec: str, *, seed: int = 0) -> Iterator[Document]:
@@ -61,7 +44,6 @@ def open_source(spec: str, *, seed: int = 0) -> Iterator[Document]:
     if kind == "math":
         return _math(arg, seed)
     if kind in ("manpages", "gettext") and arg:
-        from moelab.data import installed  # here, because installed imports Document from this module
 
         langs = [lang.strip() for lang in arg.split(",") if lang.strip()]
         opener = installed.man_pages if kind == "manpages" else installed.gettext_messages

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moelab.config import MoelabError
-from moelab.data.objectives import BATCH_KEYS, IGNORE_INDEX, META_KEYS, _check_shape, empty_batch, to_torch
+from moelab.data.batch import BATCH_KEYS, IGNORE_INDEX, META_KEYS, check_shape, empty_batch, to_torch
 from moelab.data.shards import Corpus
 
 MIN_EXAMPLE_TOKENS = 16  # room left in a row below which the row is padded rather than filled
@@ -152,7 +152,7 @@ class UL2Sampler:
 
     def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train",
                  mixture: tuple[Denoiser, ...] = UL2_MIXTURE):
-        _check_shape(seq_len, batch_size)
+        check_shape(seq_len, batch_size)
         missing = [d.mode for d in mixture if d.mode not in corpus.mode_ids]
         if missing or not corpus.sentinel_ids:
             modes = ", ".join(sorted({d.mode for d in mixture}))
