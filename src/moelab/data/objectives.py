@@ -30,6 +30,7 @@ from moelab.data.batch import (BATCH_KEYS, IGNORE_INDEX, META_KEYS, check_shape,
                                empty_batch, to_torch)
 from moelab.data.shards import Corpus, load_corpus
 from moelab.data.ul2 import UL2Sampler
+from moelab.data.windows import DomainWindows
 
 class CorpusSampler:
     """Causal LM: each row is a window of seq_len consecutive tokens at a uniformly random start.
@@ -38,7 +39,8 @@ class CorpusSampler:
     unless the whole split is shorter than seq_len.
     """
 
-    def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train"):
+    def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train",
+                 weights: dict[str, float] | None = None):
         check_shape(seq_len, batch_size)
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.split = seed, split
@@ -46,12 +48,17 @@ class CorpusSampler:
         if self.hi <= self.lo:
             raise MoelabError(f"split {split!r} of corpus {corpus.path} has no tokens")
         self.domains, self.langs = corpus.domains, corpus.langs
+        self.windows = DomainWindows(corpus, split, weights) if weights else None  # None: the corpus's own mix
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])
-        n = min(self.seq_len, self.hi - self.lo)
-        starts = self.lo + rng.integers(0, self.hi - self.lo - n + 1, size=self.batch_size)
-        found = self.corpus.gather(starts[:, None] + np.arange(n))
+        if self.windows is not None:
+            n = min(self.seq_len, self.windows.max_len)
+            found = self.corpus.gather(np.stack([self.windows.draw(rng, n) for _ in range(self.batch_size)]))
+        else:
+            n = min(self.seq_len, self.hi - self.lo)
+            starts = self.lo + rng.integers(0, self.hi - self.lo - n + 1, size=self.batch_size)
+            found = self.corpus.gather(starts[:, None] + np.arange(n))
         out = empty_batch(self.batch_size, self.seq_len, self.corpus.pad_id)
         for key, value in found.items():
             out[key][:, :n] = value
@@ -146,13 +153,15 @@ def _remap(ids: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     return torch.where(ids >= 0, mapping[ids.clamp(min=0).long()], ids)
 
 
-def build_sampler(cfg, *, split: str = "train"):
-    """The sampler a run's DataConfig asks for: causal or UL2, mixed with `mix_path` when set."""
+def build_sampler(cfg, *, split: str = "train", objective: str | None = None,
+                  weights: dict[str, float] | None = None):
+    """The sampler a run's DataConfig asks for: causal or UL2 (`objective` overrides the config's, as a
+    training phase does), rows drawn by domain `weights` when given, mixed with `mix_path` when set."""
     if not cfg.path:
         raise ConfigError("data.path is not set: point it at a corpus built by `moelab data build`")
-    make = UL2Sampler if cfg.objective == "ul2" else CorpusSampler
+    make = UL2Sampler if (objective or cfg.objective) == "ul2" else CorpusSampler
     sampler = make(load_corpus(cfg.path), seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                   split=split)
+                   split=split, weights=weights)
     if cfg.mix_path and cfg.mix_steps > 0 and split == "train":
         # A different seed, so both corpora do not draw the same window offsets.
         second = make(load_corpus(cfg.mix_path), seq_len=cfg.seq_len, batch_size=cfg.batch_size,

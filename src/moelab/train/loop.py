@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moelab.config import MoelabError
-from moelab.data.objectives import build_sampler, iter_sequential
+from moelab.data.objectives import iter_sequential
 from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
 from moelab.distributed.trainer import ParallelRun
@@ -29,6 +29,7 @@ from moelab.train.config import RunConfig
 from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.phases import build_train_sampler
 from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
 from moelab.train.upcycle import step0_change
 
@@ -197,7 +198,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if init_from is not None:
         _init_weights(model, init_from, run.model.to_dict())
     model.train()
-    sampler = build_sampler(run.data, split="train")
+    sampler = build_train_sampler(run.data, t.phases)
     opt = build_optimizer(model, t)
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
         resume_checkpoint(resume_from, model, opt, run.model.to_dict())
