@@ -6,6 +6,8 @@ Specs:
   math[:COUNT]              generated math problems with worked answers (domain math, lang en)
   manpages:LANG[,LANG]      installed man pages, rendered to text (domain prose)
   gettext:LANG[,LANG]       translated program messages from .mo catalogs (domain prose)
+  turns:doctest             interpreter sessions of the stdlib's docstrings and pydoc topics as
+                            conversations, input / reply turns (domain dialogue, lang py; data/turns.py)
   dir:PATH[:DOMAIN]         every text file under PATH (domain defaults to the folder name, lang und)
   jsonl:PATH                one JSON object a line: text or turns, optional domain and lang
   hf:NAME[:CONFIG]          a Hugging Face dataset's train split (needs `datasets` and the network)
@@ -25,11 +27,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from moelab.config import MoelabError
-from moelab.data import installed
+from moelab.data import installed, turns
 from moelab.data.document import Document, conversation  # noqa: F401  (the names callers import from here)
 
 SOURCE_SPECS = ("stdlib-code", "python-docs", "math[:COUNT]", "manpages:LANG[,LANG]",
-                "gettext:LANG[,LANG]", "dir:PATH[:DOMAIN]", "jsonl:PATH", "hf:NAME[:CONFIG]")
+                "gettext:LANG[,LANG]", "turns:doctest", "dir:PATH[:DOMAIN]", "jsonl:PATH", "hf:NAME[:CONFIG]")
 DEFAULT_MATH_COUNT = 2000
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -48,6 +50,8 @@ def open_source(spec: str, *, seed: int = 0) -> Iterator[Document]:
         langs = [lang.strip() for lang in arg.split(",") if lang.strip()]
         opener = installed.man_pages if kind == "manpages" else installed.gettext_messages
         return opener(langs)
+    if kind == "turns":
+        return _turns(arg)
     if kind == "dir" and arg:
         return _directory(arg)
     if kind == "jsonl" and arg:
@@ -85,7 +89,8 @@ def _cut(doc: Document, budget: int) -> Document | None:
 
 
 # ---- built-in sources ------------------------------------------------------------------------
-def _stdlib_code() -> Iterator[Document]:
+def _stdlib_paths() -> list[tuple[str, Path]]:
+    """(path relative to the stdlib, path) of every stdlib .py file outside tests, in path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -95,8 +100,20 @@ def _stdlib_code() -> Iterator[Document]:
     files.sort()
     if not files:
         raise MoelabError(f"no .py files found in the standard library at {root}")
+    return [(str(p.relative_to(root)), p) for p in files]
+
+
+def _stdlib_code() -> Iterator[Document]:
     return (Document(text=p.read_text(encoding="utf-8", errors="replace"), domain="code", lang="py",
-                     name=str(p.relative_to(root))) for p in files)
+                     name=name) for name, p in _stdlib_paths())
+
+
+def _turns(arg: str) -> Iterator[Document]:
+    from pydoc_data.topics import topics
+
+    if arg != "doctest":
+        raise MoelabError(f"unknown multi-turn source turns:{arg} (known: turns:doctest)")
+    return turns.doctest_sessions(_stdlib_paths(), topics)
 
 
 def _python_docs() -> Iterator[Document]:
