@@ -116,7 +116,7 @@ def _experts(w_in_DX, w_out_FD, E: int, cfg: ModelConfig, opts: UpcycleConfig, g
     return torch.stack(ins), torch.stack(outs)
 
 
-def _router_value(name: str, fresh: torch.Tensor, cfg: ModelConfig, opts: UpcycleConfig,
+def _router_value(fresh: torch.Tensor, cfg: ModelConfig, opts: UpcycleConfig,
                   g: torch.Generator) -> torch.Tensor:
     """Matrices of a trainable router start at N(0, std) or zero; scalars and buffers stay as built."""
     if cfg.moe.router.kind in FIXED_ROUTERS or fresh.dim() < 2 or not fresh.is_floating_point():
@@ -138,7 +138,7 @@ def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], dense_cfg: ModelConfig
         if name in dense_sd and dense_sd[name].shape == fresh.shape:
             out[name] = dense_sd[name].clone()  # attention, norms, embeddings, head, dense blocks
         elif ".moe.router." in name or name.startswith("router_core."):
-            out[name] = _router_value(name, fresh, moe_cfg, opts, g)
+            out[name] = _router_value(fresh, moe_cfg, opts, g)
         elif ".shared." in name and parts[-1] in ("w_in_DX", "w_out_FD"):
             out[name] = dense_sd[f"blocks.{parts[1]}.ffn.{parts[-1]}"].clone()
         elif ".moe.experts." in name:

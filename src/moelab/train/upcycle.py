@@ -49,8 +49,8 @@ def _options(preset: str, overrides: list[str]) -> tuple[dict, UpcycleConfig]:
 def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
                        overrides: list[str] = ()) -> Path:
     """Write the upcycled checkpoint (weights, the dense run config with the MoE model, step 0)."""
-    from moelab.train.checkpoint import load_model, read_checkpoint_config, save_checkpoint
     from moelab.model.transformer import build_model
+    from moelab.train.checkpoint import load_model, read_checkpoint_config, save_checkpoint
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
