@@ -97,3 +97,20 @@ def test_missing_or_moe_source_and_taken_out(dense_ckpt, moe_preset, tmp_path, c
     assert "already an MoE" in capsys.readouterr().err
     assert main(["upcycle", str(dense_ckpt), "--preset", str(moe_preset), "--out", str(up)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_init_refusals_are_one_line(dense_ckpt, moe_preset, corpus_dir, tmp_path, capsys):
+    base = ["train", "--preset", str(moe_preset), "--data", str(corpus_dir), "--steps", "1", *TRAIN_SETS]
+    assert main([*base, "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "r1")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main([*base, "--init", str(dense_ckpt), "--resume", str(dense_ckpt), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init and --resume exclude each other" in err and len(err.splitlines()) == 1
+    up = tmp_path / "up"
+    assert main(["upcycle", str(dense_ckpt), "--preset", str(moe_preset), "--out", str(up)]) == 0
+    # an upcycled checkpoint has no optimizer state: --resume says to use --init
+    model_sets = ["--set", "model.vocab_size=512", "--set", "model.d_model=32", "--set", "model.n_layers=2",
+                  "--set", "model.n_heads=2", "--set", "model.ffn_hidden=64", "--set", "model.max_seq_len=64",
+                  "--set", "model.moe.expert_hidden=64", "--set", "model.moe.num_shared_experts=0"]
+    assert main([*base, *model_sets, "--resume", str(up), "--out", str(tmp_path / "r3")]) == 2
+    assert "use --init" in capsys.readouterr().err
