@@ -163,9 +163,10 @@ def _init_weights(model: MoETransformer, init_from, model_config: dict) -> None:
     load_weights(model, init_from)
 
 
-def _eval_row(model, ev: dict) -> dict:
-    """The flat eval row, plus each MoE layer's mean pairwise expert cosine (copies diverging)."""
-    return {**_flat_eval(ev), **expert_cosine(model)}
+def _eval_row(model, ev: dict, world: int) -> dict:
+    """The flat eval row, plus each MoE layer's mean pairwise expert cosine (copies diverging). Single
+    process only: sharded or expert-parallel weights are not whole on any one rank."""
+    return {**_flat_eval(ev), **(expert_cosine(model) if world == 1 else {})}
 
 
 def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> MoelabError:
@@ -200,6 +201,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     model.train()
     sampler = build_train_sampler(run.data, t.phases)
     opt = build_optimizer(model, t)
+    # Before any parallel wrapping, so the comparison runs on the whole model (the same on every rank).
+    change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device)) if init_from else None
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
         resume_checkpoint(resume_from, model, opt, run.model.to_dict())
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
@@ -210,10 +213,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if pr.main:  # only rank 0 writes
         _prepare_out(out, run, overwrite, start)
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
-    if init_from is not None and logger:
-        change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device))
-        if change is not None:
-            logger.log(0, change, "upcycle")
+    if change is not None and logger:
+        logger.log(0, change, "upcycle")
     amp = autocast_for(device, t.dtype)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
@@ -255,7 +256,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                     out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 ev = _eval_row(model, evaluate(pr.eval_model, run.data.path, run.data.seq_len,
-                                         run.data.batch_size, t.eval_tokens, amp=amp))
+                                               run.data.batch_size, t.eval_tokens, amp=amp), pr.par.world)
                 if logger:
                     logger.log(done, ev, "eval")
             if bar:
@@ -268,7 +269,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,
                                t.eval_tokens, amp=amp)
         if logger:
-            logger.log(t.steps, _eval_row(model, result.eval), "eval")
+            logger.log(t.steps, _eval_row(model, result.eval, pr.par.world), "eval")
             (out / "eval.json").write_text(json.dumps(result.eval, indent=2))
     finally:
         if bar:

@@ -104,7 +104,8 @@ def step0_change(ckpt: str | Path, model, ids_BS: torch.Tensor) -> dict | None:
         out["rel_output_change"] = None  # the dense checkpoint has moved: nothing to compare with
         return out
     device = next(model.parameters()).device
-    dense = load_model(record["dense"], device)
+    with torch.random.fork_rng(devices=[]):  # building the dense model draws an init: leave the run's RNG be
+        dense = load_model(record["dense"], device)
     was_training = model.training
     model.eval()
     out["rel_output_change"] = relative_output_change(dense(ids_BS).logits, model(ids_BS).logits)
