@@ -77,6 +77,9 @@ def test_noise_touches_the_asked_share_and_reinit_the_asked_neurons():
     for e in range(4):
         same_neuron = [bool(torch.equal(ex.w_out_EFD[e, f], ffn.w_out_FD[f])) for f in range(F_)]
         assert sum(same_neuron) == F_ - 12  # round(0.25 * 48) neurons redrawn per expert
+        for p in range(P):  # a kept neuron keeps its input column in every projection; a redrawn one loses it
+            cols = [bool(torch.equal(ex.w_in_EDX[e, :, p * F_ + f], ffn.w_in_DX[:, p * F_ + f])) for f in range(F_)]
+            assert cols == same_neuron
     assert all(v < 0.999 for v in expert_cosine(moe).values())
 
 

@@ -87,17 +87,19 @@ def _noised(w: torch.Tensor, ref_std: float, opts: UpcycleConfig, g: torch.Gener
 
 
 def _reinit(w_in_DX, w_out_FD, ref_in, ref_out, P: int, ratio: float, g: torch.Generator):
-    """Drop-Upcycling: redraw a share of hidden neurons (their input columns and output row) from the
-    dense matrices' mean and std, so experts start partly different while keeping most of the FFN."""
-    Fe = w_out_FD.shape[0]
+    """Drop-Upcycling: redraw a share of hidden neurons (their input columns and output row) from each
+    dense matrix's own mean and std (gate, up, down), so experts start partly different while keeping
+    most of the FFN."""
+    Fe, F_ = w_out_FD.shape[0], ref_out.shape[0]
     n = round(ratio * Fe)
     if n == 0:
         return w_in_DX, w_out_FD
     idx = torch.randperm(Fe, generator=g)[:n]
     w_in_DX, w_out_FD = w_in_DX.clone(), w_out_FD.clone()
-    m_in, s_in = float(ref_in.mean()), float(ref_in.std())
     for p in range(P):
-        w_in_DX[:, p * Fe + idx] = torch.randn(w_in_DX.shape[0], n, generator=g) * s_in + m_in
+        ref = ref_in[:, p * F_:(p + 1) * F_]
+        fresh_Dn = torch.randn(w_in_DX.shape[0], n, generator=g)
+        w_in_DX[:, p * Fe + idx] = fresh_Dn * float(ref.std()) + float(ref.mean())
     w_out_FD[idx] = torch.randn(n, w_out_FD.shape[1], generator=g) * float(ref_out.std()) + float(ref_out.mean())
     return w_in_DX, w_out_FD
 
@@ -174,8 +176,9 @@ def relative_output_change(dense_logits: torch.Tensor, moe_logits: torch.Tensor)
 
 @torch.no_grad()
 def expert_cosine(model) -> dict[str, float]:
-    """Per MoE layer (moe0, moe1, ... as in the routing metrics), the mean pairwise cosine between experts' flattened weights (1 for exact copies):
-    how far the copies have diverged, OpenMoE's symmetry-breaking worry."""
+    """Per MoE layer (moe0, moe1, ... as in the routing metrics), the mean pairwise cosine between the
+    experts' flattened weights (1 for exact copies): how far upcycled copies have diverged, OpenMoE's
+    symmetry-breaking worry. With granularity G > 1 only experts e and e + G start as copies."""
     out = {}
     for i, layer in enumerate(model.moe_layers()):
         ex = layer.experts
