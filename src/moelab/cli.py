@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "moelab.model.commands",
     "moelab.data.commands",
     "moelab.train.commands",
+    "moelab.train.upcycle",
     "moelab.trace.commands",
     "moelab.hf.commands",
     "moelab.report.commands",

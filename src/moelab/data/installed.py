@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from moelab.config import MoelabError
-from moelab.data.sources import Document
+from moelab.data.document import Document
 
 MAN_ROOT = Path("/usr/share/man")
 LOCALE_ROOT = Path("/usr/share/locale")

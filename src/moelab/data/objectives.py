@@ -26,31 +26,11 @@ import numpy as np
 import torch
 
 from moelab.config import ConfigError, MoelabError
+from moelab.data.batch import (BATCH_KEYS, IGNORE_INDEX, META_KEYS, check_shape,  # noqa: F401  (re-exported)
+                               empty_batch, to_torch)
 from moelab.data.shards import Corpus, load_corpus
-
-IGNORE_INDEX = -100
-META_KEYS = ("doc", "pos", "domain_id", "lang_id", "turn")
-BATCH_KEYS = ("input_ids", "labels", *META_KEYS)
-_DTYPES = {"input_ids": np.int64, "labels": np.int64, "doc": np.int64, "pos": np.int64,
-           "domain_id": np.int16, "lang_id": np.int16, "turn": np.int16, "denoiser": np.int16}
-
-
-def empty_batch(rows: int, seq_len: int, pad_id: int, keys=BATCH_KEYS) -> dict[str, np.ndarray]:
-    """An all-padding batch: pad_id inputs, ignored labels, -1 metadata."""
-    out = {k: np.full((rows, seq_len), -1, _DTYPES[k]) for k in keys}
-    out["input_ids"][:] = pad_id
-    out["labels"][:] = IGNORE_INDEX
-    return out
-
-
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-
-
-def _check_shape(seq_len: int, batch_size: int) -> None:
-    if seq_len < 2 or batch_size < 1:
-        raise MoelabError(f"seq_len={seq_len} must be >= 2 and batch_size={batch_size} >= 1")
-
+from moelab.data.ul2 import UL2Sampler
+from moelab.data.windows import DomainWindows
 
 class CorpusSampler:
     """Causal LM: each row is a window of seq_len consecutive tokens at a uniformly random start.
@@ -59,20 +39,26 @@ class CorpusSampler:
     unless the whole split is shorter than seq_len.
     """
 
-    def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train"):
-        _check_shape(seq_len, batch_size)
+    def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train",
+                 weights: dict[str, float] | None = None):
+        check_shape(seq_len, batch_size)
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.split = seed, split
         self.lo, self.hi = corpus.split_range(split)
         if self.hi <= self.lo:
             raise MoelabError(f"split {split!r} of corpus {corpus.path} has no tokens")
         self.domains, self.langs = corpus.domains, corpus.langs
+        self.windows = DomainWindows(corpus, split, weights) if weights else None  # None: the corpus's own mix
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])
-        n = min(self.seq_len, self.hi - self.lo)
-        starts = self.lo + rng.integers(0, self.hi - self.lo - n + 1, size=self.batch_size)
-        found = self.corpus.gather(starts[:, None] + np.arange(n))
+        if self.windows is not None:
+            n = min(self.seq_len, self.windows.max_len)
+            found = self.corpus.gather(np.stack([self.windows.draw(rng, n) for _ in range(self.batch_size)]))
+        else:
+            n = min(self.seq_len, self.hi - self.lo)
+            starts = self.lo + rng.integers(0, self.hi - self.lo - n + 1, size=self.batch_size)
+            found = self.corpus.gather(starts[:, None] + np.arange(n))
         out = empty_batch(self.batch_size, self.seq_len, self.corpus.pad_id)
         for key, value in found.items():
             out[key][:, :n] = value
@@ -91,7 +77,7 @@ def iter_sequential(corpus: Corpus, *, seq_len: int, batch_size: int, split: str
     The selected documents (each with its EOS) are concatenated and cut into rows of seq_len; the last
     row is padded and the last batch may have fewer rows.
     """
-    _check_shape(seq_len, batch_size)
+    check_shape(seq_len, batch_size)
     docs = corpus.doc_ids(split, domain)
     if not len(docs):
         what = f"split {split!r}" + (f", domain {domain!r}" if domain else "")
@@ -167,15 +153,15 @@ def _remap(ids: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     return torch.where(ids >= 0, mapping[ids.clamp(min=0).long()], ids)
 
 
-def build_sampler(cfg, *, split: str = "train"):
-    """The sampler a run's DataConfig asks for: causal or UL2, mixed with `mix_path` when set."""
-    from moelab.data.ul2 import UL2Sampler
-
+def build_sampler(cfg, *, split: str = "train", objective: str | None = None,
+                  weights: dict[str, float] | None = None):
+    """The sampler a run's DataConfig asks for: causal or UL2 (`objective` overrides the config's, as a
+    training phase does), rows drawn by domain `weights` when given, mixed with `mix_path` when set."""
     if not cfg.path:
         raise ConfigError("data.path is not set: point it at a corpus built by `moelab data build`")
-    make = UL2Sampler if cfg.objective == "ul2" else CorpusSampler
+    make = UL2Sampler if (objective or cfg.objective) == "ul2" else CorpusSampler
     sampler = make(load_corpus(cfg.path), seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                   split=split)
+                   split=split, weights=weights)
     if cfg.mix_path and cfg.mix_steps > 0 and split == "train":
         # A different seed, so both corpora do not draw the same window offsets.
         second = make(load_corpus(cfg.mix_path), seq_len=cfg.seq_len, batch_size=cfg.batch_size,

@@ -6,6 +6,8 @@ Specs:
   math[:COUNT]              generated math problems with worked answers (domain math, lang en)
   manpages:LANG[,LANG]      installed man pages, rendered to text (domain prose)
   gettext:LANG[,LANG]       translated program messages from .mo catalogs (domain prose)
+  turns:doctest             interpreter sessions of the stdlib's docstrings and pydoc topics as
+                            conversations, input / reply turns (domain dialogue, lang py; data/turns.py)
   dir:PATH[:DOMAIN]         every text file under PATH (domain defaults to the folder name, lang und)
   jsonl:PATH                one JSON object a line: text or turns, optional domain and lang
   hf:NAME[:CONFIG]          a Hugging Face dataset's train split (needs `datasets` and the network)
@@ -25,30 +27,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from moelab.config import MoelabError
+from moelab.data import installed, turns
+from moelab.data.document import Document, conversation  # noqa: F401  (the names callers import from here)
 
 SOURCE_SPECS = ("stdlib-code", "python-docs", "math[:COUNT]", "manpages:LANG[,LANG]",
-                "gettext:LANG[,LANG]", "dir:PATH[:DOMAIN]", "jsonl:PATH", "hf:NAME[:CONFIG]")
+                "gettext:LANG[,LANG]", "turns:doctest", "dir:PATH[:DOMAIN]", "jsonl:PATH", "hf:NAME[:CONFIG]")
 DEFAULT_MATH_COUNT = 2000
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-
-
-@dataclasses.dataclass(kw_only=True)
-class Document:
-    """One document. A conversation keeps its turns; its `text` is the turns joined by newlines."""
-
-    text: str
-    domain: str
-    lang: str
-    turns: list[str] | None = None
-    name: str = ""  # where it came from (a path, a topic), for people reading traces
-
-    @property
-    def num_bytes(self) -> int:
-        return len(self.text.encode("utf-8"))
-
-
-def conversation(turns: list[str], *, domain: str, lang: str, name: str = "") -> Document:
-    return Document(text="\n".join(turns), domain=domain, lang=lang, turns=list(turns), name=name)
 
 
 def open_source(spec: str, *, seed: int = 0) -> Iterator[Document]:
@@ -61,11 +46,12 @@ def open_source(spec: str, *, seed: int = 0) -> Iterator[Document]:
     if kind == "math":
         return _math(arg, seed)
     if kind in ("manpages", "gettext") and arg:
-        from moelab.data import installed  # here, because installed imports Document from this module
 
         langs = [lang.strip() for lang in arg.split(",") if lang.strip()]
         opener = installed.man_pages if kind == "manpages" else installed.gettext_messages
         return opener(langs)
+    if kind == "turns":
+        return _turns(arg)
     if kind == "dir" and arg:
         return _directory(arg)
     if kind == "jsonl" and arg:
@@ -103,7 +89,8 @@ def _cut(doc: Document, budget: int) -> Document | None:
 
 
 # ---- built-in sources ------------------------------------------------------------------------
-def _stdlib_code() -> Iterator[Document]:
+def _stdlib_paths() -> list[tuple[str, Path]]:
+    """(path relative to the stdlib, path) of every stdlib .py file outside tests, in path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -113,8 +100,20 @@ def _stdlib_code() -> Iterator[Document]:
     files.sort()
     if not files:
         raise MoelabError(f"no .py files found in the standard library at {root}")
+    return [(str(p.relative_to(root)), p) for p in files]
+
+
+def _stdlib_code() -> Iterator[Document]:
     return (Document(text=p.read_text(encoding="utf-8", errors="replace"), domain="code", lang="py",
-                     name=str(p.relative_to(root))) for p in files)
+                     name=name) for name, p in _stdlib_paths())
+
+
+def _turns(arg: str) -> Iterator[Document]:
+    from pydoc_data.topics import topics
+
+    if arg != "doctest":
+        raise MoelabError(f"unknown multi-turn source turns:{arg} (known: turns:doctest)")
+    return turns.doctest_sessions(_stdlib_paths(), topics)
 
 
 def _python_docs() -> Iterator[Document]:

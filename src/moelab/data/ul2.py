@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from moelab.config import MoelabError
-from moelab.data.objectives import BATCH_KEYS, IGNORE_INDEX, META_KEYS, _check_shape, empty_batch, to_torch
+from moelab.data.batch import BATCH_KEYS, IGNORE_INDEX, META_KEYS, check_shape, empty_batch, to_torch
 from moelab.data.shards import Corpus
+from moelab.data.windows import DomainWindows
 
 MIN_EXAMPLE_TOKENS = 16  # room left in a row below which the row is padded rather than filled
 
@@ -151,8 +152,8 @@ class UL2Sampler:
     """Rows packed with UL2 examples of random segments of the split (denoiser drawn per example)."""
 
     def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0, split: str = "train",
-                 mixture: tuple[Denoiser, ...] = UL2_MIXTURE):
-        _check_shape(seq_len, batch_size)
+                 mixture: tuple[Denoiser, ...] = UL2_MIXTURE, weights: dict[str, float] | None = None):
+        check_shape(seq_len, batch_size)
         missing = [d.mode for d in mixture if d.mode not in corpus.mode_ids]
         if missing or not corpus.sentinel_ids:
             modes = ", ".join(sorted({d.mode for d in mixture}))
@@ -166,6 +167,7 @@ class UL2Sampler:
         if self.hi - self.lo < 2:
             raise MoelabError(f"split {split!r} of corpus {corpus.path} has fewer than 2 tokens")
         self.domains, self.langs = corpus.domains, corpus.langs
+        self.windows = DomainWindows(corpus, split, weights) if weights else None  # None: the corpus's own mix
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])
@@ -177,17 +179,22 @@ class UL2Sampler:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return (self.batch(step) for step in itertools.count())
 
+    def _window(self, rng, n: int) -> np.ndarray:
+        if self.windows is not None:
+            return self.windows.draw(rng, n)
+        start = self.lo + int(rng.integers(0, self.hi - self.lo - n + 1))
+        return np.arange(start, start + n)
+
     def _fill_row(self, out: dict[str, np.ndarray], row: int, rng) -> None:
         at = 0
         while at == 0 or self.seq_len - at >= MIN_EXAMPLE_TOKENS:
             which = int(rng.choice(len(self.mixture), p=self.weights))
             denoiser = self.mixture[which]
             n = max_segment_length(self.seq_len - at, denoiser, len(self.corpus.sentinel_ids))
-            n = min(n, self.hi - self.lo)
+            n = min(n, self.hi - self.lo if self.windows is None else self.windows.max_len)
             if n < 2:
                 return
-            start = self.lo + int(rng.integers(0, self.hi - self.lo - n + 1))
-            found = self.corpus.gather(np.arange(start, start + n))
+            found = self.corpus.gather(self._window(rng, n))
             ex = make_example(found["input_ids"], denoiser, rng, self.corpus.mode_ids[denoiser.mode],
                               self.corpus.sentinel_ids)
             end = at + len(ex.ids)

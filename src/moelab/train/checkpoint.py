@@ -164,7 +164,8 @@ def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         raise MoelabError(f"--resume {path}: checkpoint is a different architecture: {diff}")
     state_io.refuse_legacy(path)
     if not (path / state_io.OPTIMIZER_FILE).is_file():
-        raise MoelabError(f"--resume {path}: no optimizer state saved there")
+        raise MoelabError(f"--resume {path}: no optimizer state saved there "
+                          "(to start a run from its weights, use --init)")
     step = checkpoint_step(path)
     load_weights(model, path)
     osd = state_io.load_optimizer_state(path / state_io.OPTIMIZER_FILE)

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--save-every", type=int, default=None, help="keep a checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint folder (into --out, which "
                    "may then hold the run being continued)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start at step 0 from this checkpoint's weights and model config (e.g. one written "
+                        "by `moelab upcycle`); the preset gives the train and data settings")
     p.add_argument("--overwrite", action="store_true",
                    help="empty a non-empty --out first (otherwise train refuses it, so two runs never mix)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -45,10 +48,16 @@ def register(sub) -> None:
     g.set_defaults(func=run_generate)
 
 
-def build_run_config(preset: str, data: str, overrides: list[str]):
+def build_run_config(preset: str, data: str, overrides: list[str], model: dict | None = None):
+    """The run config: preset, then (for --init) the checkpoint's model table, then the overrides."""
+    from moelab.config import apply_overrides
     from moelab.train.config import RunConfig
 
-    d = load_preset_dict(preset, overrides)
+    d = load_preset_dict(preset)
+    d.pop("upcycle", None)  # `moelab upcycle`'s options may share the MoE preset
+    if model is not None:
+        d["model"] = model
+    d = apply_overrides(d, overrides)
     unknown = sorted(set(d) - {"model", "data", "train", "parallel"})
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (known: model, data, train, parallel)")
@@ -70,14 +79,20 @@ def run_train(args) -> int:
         overrides.append(f"train.steps={args.steps}")
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
-    run = build_run_config(args.preset, args.data, overrides)
+    init_model = None
+    if args.init is not None:
+        from moelab.train.checkpoint import read_checkpoint_config
+
+        args.init = resolve_checkpoint(args.init)
+        init_model = read_checkpoint_config(args.init)["model"]
+    run = build_run_config(args.preset, args.data, overrides, model=init_model)
     if run.data.seq_len > run.model.max_seq_len:
         raise ConfigError(f"data.seq_len={run.data.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
     out = Path(args.out or Path("runs") / Path(args.preset).stem)
     from moelab.distributed.mesh import is_main, shutdown
 
     try:
-        result = train(run, out, resume_from=args.resume, overwrite=args.overwrite)
+        result = train(run, out, resume_from=args.resume, overwrite=args.overwrite, init_from=args.init)
         if is_main():  # under torchrun only rank 0 reports
             print(f"trained {run.train.steps} steps at {result.tokens_per_second:,.0f} tokens/s")
             print(format_eval(result.eval))

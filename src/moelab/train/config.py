@@ -34,6 +34,9 @@ class TrainConfig(Config):
     tensorboard: bool = True
     freeze_router_after: int | None = None  # OpenMoE's remedy: stop training routers after this step
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    # Mid-run switch: [{start, objective, weights}, ...] tables (train/phases.py); empty: one phase, the
+    # data config's objective and the corpus's own mix.
+    phases: list[dict] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -45,6 +48,9 @@ class TrainConfig(Config):
         require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0")
         require(self.inverse_sqrt_floor >= 1, f"train.inverse_sqrt_floor={self.inverse_sqrt_floor} must be >= 1")
+        from moelab.train.phases import parse_phases
+
+        parse_phases(self.phases)
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"train.device={self.device!r} is unknown (allowed: auto, cpu, cuda, cuda:N, mps)")
 

@@ -17,18 +17,21 @@ from pathlib import Path
 import torch
 
 from moelab.config import MoelabError
-from moelab.data.objectives import build_sampler, iter_sequential
+from moelab.data.objectives import iter_sequential
 from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
 from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
-from moelab.train.checkpoint import checkpoint_step, read_checkpoint_config
+from moelab.model.upcycle import expert_cosine
+from moelab.train.checkpoint import checkpoint_step, first_difference, load_weights, read_checkpoint_config
 from moelab.train.checkpoint import resume as resume_checkpoint
 from moelab.train.config import RunConfig
 from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.phases import build_train_sampler
 from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
+from moelab.train.upcycle import step0_change
 
 
 @dataclass
@@ -149,6 +152,23 @@ def _row_step(line: str) -> float:
         return float("inf")  # an unreadable row (a write cut short) goes
 
 
+def _init_weights(model: MoETransformer, init_from, model_config: dict) -> None:
+    """`--init`: another run's weights (an upcycled checkpoint, say) at step 0, with a fresh optimizer."""
+    from moelab.model.config import ModelConfig
+
+    saved = read_checkpoint_config(init_from)
+    diff = first_difference(ModelConfig.from_dict(saved["model"], path="model").to_dict(), model_config)
+    if diff:
+        raise MoelabError(f"--init {init_from}: checkpoint is a different architecture: {diff}")
+    load_weights(model, init_from)
+
+
+def _eval_row(model, ev: dict, world: int) -> dict:
+    """The flat eval row, plus each MoE layer's mean pairwise expert cosine (copies diverging). Single
+    process only: sharded or expert-parallel weights are not whole on any one rank."""
+    return {**_flat_eval(ev), **(expert_cosine(model) if world == 1 else {})}
+
+
 def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> MoelabError:
     last = result.checkpoints[-1] if result.checkpoints else resume_from
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
@@ -157,10 +177,14 @@ def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> Moela
 
 
 def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = None,
-          show_progress: bool = True, label: str = "train", overwrite: bool = False) -> TrainResult:
+          show_progress: bool = True, label: str = "train", overwrite: bool = False,
+          init_from: str | Path | None = None) -> TrainResult:
     """Train `run` into the run folder `out_dir`, which must be empty unless `overwrite` (which empties
-    it) or `resume_from` (which continues it); see `rundir.check_run_dir`."""
+    it) or `resume_from` (which continues it); see `rundir.check_run_dir`. `init_from` starts from a
+    checkpoint's weights at step 0 with a fresh optimizer."""
     t = run.train
+    if init_from is not None and resume_from is not None:
+        raise MoelabError("--init and --resume exclude each other (--resume continues a run, --init starts one)")
     out = Path(out_dir)
     start = _resume_step(resume_from, t.steps)
     check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start)
@@ -172,9 +196,13 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     saved_config = {**run.to_dict(), "tokenizer": corpus_tokenizer(corpus)}
     torch.manual_seed(t.seed)
     model = build_model(run.model, seed=t.seed).to(device)
+    if init_from is not None:
+        _init_weights(model, init_from, run.model.to_dict())
     model.train()
-    sampler = build_sampler(run.data, split="train")
+    sampler = build_train_sampler(run.data, t.phases)
     opt = build_optimizer(model, t)
+    # Before any parallel wrapping, so the comparison runs on the whole model (the same on every rank).
+    change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device)) if init_from else None
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
         resume_checkpoint(resume_from, model, opt, run.model.to_dict())
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
@@ -185,6 +213,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if pr.main:  # only rank 0 writes
         _prepare_out(out, run, overwrite, start)
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
+    if change is not None and logger:
+        logger.log(0, change, "upcycle")
     amp = autocast_for(device, t.dtype)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
@@ -225,8 +255,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 result.checkpoints.append(pr.save(
                     out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                ev = _flat_eval(evaluate(pr.eval_model, run.data.path, run.data.seq_len,
-                                         run.data.batch_size, t.eval_tokens, amp=amp))
+                ev = _eval_row(model, evaluate(pr.eval_model, run.data.path, run.data.seq_len,
+                                               run.data.batch_size, t.eval_tokens, amp=amp), pr.par.world)
                 if logger:
                     logger.log(done, ev, "eval")
             if bar:
@@ -239,7 +269,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,
                                t.eval_tokens, amp=amp)
         if logger:
-            logger.log(t.steps, _flat_eval(result.eval), "eval")
+            logger.log(t.steps, _eval_row(model, result.eval, pr.par.world), "eval")
             (out / "eval.json").write_text(json.dumps(result.eval, indent=2))
     finally:
         if bar:

@@ -1,0 +1,113 @@
+"""`moelab upcycle`: write an MoE checkpoint initialised from a trained dense checkpoint, and the
+diagnostic the trainer logs when a run starts from it (`train --init`).
+
+The transform itself is `model/upcycle.py` (a pure function on state dicts); this file reads and writes
+checkpoints. The MoE preset contributes its [model.moe] table only: every other model field comes from
+the dense checkpoint, so attention, norms and embeddings fit by construction. Options come from an
+[upcycle] table or `--set upcycle.FIELD=VALUE`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moelab.config import ConfigError, MoelabError
+from moelab.model.upcycle import (UpcycleConfig, breaks_function, relative_output_change,
+                                  upcycle_state_dict, upcycled_config)
+
+STATE_KEY = "upcycle"  # the state.json entry that marks an upcycled checkpoint
+
+
+def register(sub) -> None:
+    p = sub.add_parser("upcycle", help="initialise an MoE checkpoint from a trained dense checkpoint")
+    p.add_argument("checkpoint", help="the dense checkpoint folder (or a run folder: its last checkpoint)")
+    p.add_argument("--preset", required=True, help="MoE preset (or .toml): its [model.moe] table is used")
+    p.add_argument("--out", required=True, help="folder for the upcycled checkpoint (must not exist or be empty)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="model.moe.* or upcycle.* (granularity, noise_std, noise_share, reinit_ratio, "
+                        "shared_expert, router_init, router_std, seed)")
+    p.set_defaults(func=run_upcycle)
+
+
+def _options(preset: str, overrides: list[str]) -> tuple[dict, UpcycleConfig]:
+    from moelab.presets import load_preset_dict
+
+    for text in overrides:
+        if not text.split("=", 1)[0].strip().startswith(("model.moe.", "upcycle.")):
+            raise ConfigError(f"--set {text!r}: upcycle takes model.moe.* and upcycle.* settings only "
+                              "(the other model fields are the dense checkpoint's)")
+    d = load_preset_dict(preset, overrides)
+    moe = d.get("model", {}).get("moe")
+    if not isinstance(moe, dict):
+        raise ConfigError(f"preset {preset!r} has no [model.moe] table to upcycle into")
+    return moe, UpcycleConfig.from_dict(d.get("upcycle", {}), path="upcycle")
+
+
+def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
+                       overrides: list[str] = ()) -> Path:
+    """Write the upcycled checkpoint (weights, the dense run config with the MoE model, step 0)."""
+    from moelab.model.transformer import build_model
+    from moelab.train.checkpoint import load_model, read_checkpoint_config, save_checkpoint
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoelabError(f"--out {out} already exists and is not an empty folder: choose another")
+    moe_table, opts = _options(preset, list(overrides))
+    dense = load_model(dense_path)
+    cfg = upcycled_config(dense.config, moe_table, opts)
+    model = build_model(cfg, seed=opts.seed)
+    model.load_state_dict(upcycle_state_dict(dense.state_dict(), dense.config, cfg, opts, model.state_dict()))
+    run_config = {k: v for k, v in read_checkpoint_config(dense_path).items() if k != "format"}
+    run_config["model"] = cfg.to_dict()
+    record = {"dense": str(Path(dense_path).resolve()), "options": opts.to_dict(),
+              "breaks_function": breaks_function(cfg, opts)}
+    return save_checkpoint(out, model, run_config, 0, extra={STATE_KEY: record})
+
+
+def run_upcycle(args) -> int:
+    from moelab.train.commands import resolve_checkpoint
+
+    dense = resolve_checkpoint(args.checkpoint)
+    out = upcycle_checkpoint(dense, args.preset, args.out, args.set)
+    record = upcycle_record(out)
+    why = ", ".join(record["breaks_function"]) or "none: the MoE computes the dense model's function"
+    print(f"upcycled {dense} -> {out}\noptions that change the function: {why}")
+    return 0
+
+
+def upcycle_record(ckpt: str | Path) -> dict | None:
+    """The upcycling record of a checkpoint written by `upcycle_checkpoint`, or None."""
+    state = Path(ckpt) / "state.json"
+    try:
+        record = json.loads(state.read_text()).get(STATE_KEY) if state.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise MoelabError(f"{state} is corrupt (not a JSON object)") from None
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("dense"), str)):
+        raise MoelabError(f"{state}: {STATE_KEY!r} should be an object naming its dense checkpoint")
+    return record
+
+
+@torch.no_grad()
+def step0_change(ckpt: str | Path, model, ids_BS: torch.Tensor) -> dict | None:
+    """For a run started from an upcycled checkpoint: how far its logits on the first batch are from
+    the dense model's (eval mode: no jitter, the eval capacity). None for other checkpoints."""
+    from moelab.train.checkpoint import load_model
+
+    record = upcycle_record(ckpt)
+    if record is None:
+        return None
+    out = {"breaks_function": ", ".join(record.get("breaks_function", [])) or "none"}
+    if not (Path(record["dense"]) / "model.safetensors").is_file():
+        out["rel_output_change"] = None  # the dense checkpoint has moved: nothing to compare with
+        return out
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):  # building the dense model draws an init: leave the run's RNG be
+        dense = load_model(record["dense"], device)
+    was_training = model.training
+    model.eval()
+    out["rel_output_change"] = relative_output_change(dense(ids_BS).logits, model(ids_BS).logits)
+    model.train(was_training)
+    return out
