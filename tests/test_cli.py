@@ -39,3 +39,14 @@ def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "moelab", "params", "openmoe-34b-32e"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "34.00B total" in r.stdout
+
+
+def test_building_the_parser_imports_no_torch():
+    """Every verb's module is imported to build the parser; torch there costs every command (the
+    explorer's start included) seconds before it does anything."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None\nimport moelab.cli as c; c.build_parser()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from moelab.config import ConfigError, MoelabError
-from moelab.model.upcycle import (UpcycleConfig, breaks_function, relative_output_change,
-                                  upcycle_state_dict, upcycled_config)
+
+# torch and the transform are imported where they are used: every `moelab` verb imports this module to
+# build its parser, and parsing must not pay for torch.
 
 STATE_KEY = "upcycle"  # the state.json entry that marks an upcycled checkpoint
 
@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.set_defaults(func=run_upcycle)
 
 
-def _options(preset: str, overrides: list[str]) -> tuple[dict, UpcycleConfig]:
+def _options(preset: str, overrides: list[str]) -> tuple[dict, Any]:
+    from moelab.model.upcycle import UpcycleConfig
     from moelab.presets import load_preset_dict
 
     for text in overrides:
@@ -50,6 +51,7 @@ def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
                        overrides: list[str] = ()) -> Path:
     """Write the upcycled checkpoint (weights, the dense run config with the MoE model, step 0)."""
     from moelab.model.transformer import build_model
+    from moelab.model.upcycle import breaks_function, upcycle_state_dict, upcycled_config
     from moelab.train.checkpoint import load_model, read_checkpoint_config, save_checkpoint
 
     out = Path(out)
@@ -90,10 +92,12 @@ def upcycle_record(ckpt: str | Path) -> dict | None:
     return record
 
 
-@torch.no_grad()
-def step0_change(ckpt: str | Path, model, ids_BS: torch.Tensor) -> dict | None:
+def step0_change(ckpt: str | Path, model, ids_BS: Any) -> dict | None:
     """For a run started from an upcycled checkpoint: how far its logits on the first batch are from
     the dense model's (eval mode: no jitter, the eval capacity). None for other checkpoints."""
+    import torch
+
+    from moelab.model.upcycle import relative_output_change
     from moelab.train.checkpoint import load_model
 
     record = upcycle_record(ckpt)
@@ -108,6 +112,7 @@ def step0_change(ckpt: str | Path, model, ids_BS: torch.Tensor) -> dict | None:
         dense = load_model(record["dense"], device)
     was_training = model.training
     model.eval()
-    out["rel_output_change"] = relative_output_change(dense(ids_BS).logits, model(ids_BS).logits)
+    with torch.no_grad():
+        out["rel_output_change"] = relative_output_change(dense(ids_BS).logits, model(ids_BS).logits)
     model.train(was_training)
     return out
