@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "moelab.trace.commands",
     "moelab.hf.commands",
     "moelab.report.commands",
+    "moelab.intervene.commands",
     "moelab.demo",
 ]
 
