@@ -121,6 +121,10 @@ def run_intervene(args) -> int:
         raise MoelabError("nothing to do: give --ablate, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []
     policies = [p.strip() for p in args.policies.split(",")]
+    from moelab.model.capacity import POLICIES
+
+    if any(p not in POLICIES for p in policies):
+        raise MoelabError(f"--policies {args.policies!r}: allowed are {', '.join(POLICIES)}")
     ckpt, model, batches, cf, names = _load(args)
     targets = parse_ablate(args.ablate, {b: m.num_experts for b, m in moe_blocks(model).items()})
     result = {"checkpoint": str(ckpt), "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}

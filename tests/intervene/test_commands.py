@@ -1,0 +1,58 @@
+"""`moelab intervene` on a trained tiny run: files, tables, and one-line refusals."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from moelab.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return tiny_run
+
+
+def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
+    out = tmp_path / "iv"
+    rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
+               "--ablate", "0:all", "--ablate", "1:0,1", "--topk-sweep", "--capacity-sweep", "1,none",
+               "--tokens", "200", "--bootstrap", "100"])
+    assert rc == 0
+    res = json.loads((out / "intervene.json").read_text())
+    assert [(r["block"], r["experts"]) for r in res["ablation"]] == [(0, [0]), (0, [1]), (0, [2]), (0, [3]),
+                                                                    (1, [0, 1])]
+    assert res["tokens"] == 200
+    assert all(r["all"]["p_holm"] >= r["all"]["p"] for r in res["ablation"])
+    assert res["topk"]["k=2"]["delta"]["all"]["mean"] == 0.0  # the model's own k
+    assert set(res["topk"]) == {"none", "k=1", "k=2", "k=3", "k=4"}
+    assert set(res["capacity"]) == {"none", "cf=1.0,openmoe", "cf=1.0,score", "cf=none,openmoe", "cf=none,score"}
+    assert set(res["k1_cosine"]) == {"0", "1"}
+    deltas = pq.read_table(out / "ablation_deltas.parquet")
+    assert deltas.num_rows == 5 * 200
+    first = deltas.slice(0, 200).column("delta").to_numpy()
+    assert abs(first.mean() - res["ablation"][0]["all"]["mean"]) < 1e-5
+    printed = capsys.readouterr().out
+    assert "top-k sweep" in printed and "capacity sweep" in printed and "p_holm" in printed
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--ablate", "0:9"], "expert 9 is out of range"),
+    (["--ablate", "5:0"], "block 5 is not an MoE layer"),
+    (["--ablate", "zero"], "is not BLOCK:E"),
+    (["--capacity-sweep", "1,x"], "is not a number or none"),
+    (["--capacity-sweep", "1", "--policies", "fifo"], "--policies 'fifo'"),
+    ([], "nothing to do"),
+])
+def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, extra, msg):
+    rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "o"),
+               "--tokens", "50", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and "\n" not in err
+    assert not (tmp_path / "o" / "intervene.json").exists()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["intervene", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--ablate", "0:0"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
