@@ -32,12 +32,17 @@ def prefix(model, input_ids_BS: torch.Tensor, first: int, cf) -> Prefix:
     S = input_ids_BS.shape[1]
     input_ids_BS = input_ids_BS.long()
     rope = (model.rope_cos[:S], model.rope_sin[:S])
-    x_BSD = model.embed(input_ids_BS)
-    token_ids_T = input_ids_BS.reshape(-1)
-    state = None
-    for block in model.blocks[:first]:
-        x_BSD, _, state = block(x_BSD, rope, None, 0, state, token_ids_T, cf)
-    return Prefix(x_BSD, state, token_ids_T, rope, first)
+    start = Prefix(model.embed(input_ids_BS), None, input_ids_BS.reshape(-1), rope, 0)
+    return advance(model, start, first, cf)
+
+
+@torch.no_grad()
+def advance(model, pre: Prefix, first: int, cf) -> Prefix:
+    """Run blocks pre.first..first-1 on top of a prefix."""
+    x_BSD, state = pre.x_BSD, pre.state
+    for block in model.blocks[pre.first:first]:
+        x_BSD, _, state = block(x_BSD, pre.rope, None, 0, state, pre.token_ids_T, cf)
+    return pre._replace(x_BSD=x_BSD, state=state, first=first)
 
 
 @torch.no_grad()
@@ -64,14 +69,15 @@ def ablation_losses(model, input_ids_BS, labels_BS, targets: list[tuple[int, tup
                     reuse: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Base per-token loss [B, S-1] and one per target (block, experts masked). `reuse=False` runs the whole
     model per target (the reference the benchmark compares against)."""
-    base = token_loss(suffix(model, prefix(model, input_ids_BS, 0, cf), cf), labels_BS)
-    out, cached = [], {}
+    pre = prefix(model, input_ids_BS, targets[0][0] if reuse and targets else 0, cf)
+    base = token_loss(suffix(model, pre, cf), labels_BS)  # the unedited forward, split where edits begin
+    out = []
     for block, experts in targets:
-        first = block if reuse else 0
-        if first not in cached:
-            cached = {first: prefix(model, input_ids_BS, first, cf)}  # targets come grouped by block
+        if reuse and block != pre.first:  # sorted by block, the shared activations only move forward
+            pre = advance(model, pre, block, cf) if block > pre.first else prefix(model, input_ids_BS, block, cf)
+        cached = pre if reuse else prefix(model, input_ids_BS, 0, cf)
         with edit_routing(model, {block: RoutingEdit(mask=tuple(experts))}):
-            out.append(token_loss(suffix(model, cached[first], cf), labels_BS))
+            out.append(token_loss(suffix(model, cached, cf), labels_BS))
     return base, out
 
 
