@@ -17,7 +17,7 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     out = tmp_path / "iv"
     rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
                "--ablate", "0:all", "--ablate", "1:0,1", "--topk-sweep", "--capacity-sweep", "1,none",
-               "--tokens", "200", "--bootstrap", "100"])
+               "--tokens", "200", "--bootstrap", "100", "--prune-by", "reap"])
     assert rc == 0
     res = json.loads((out / "intervene.json").read_text())
     assert [(r["block"], r["experts"]) for r in res["ablation"]] == [(0, [0]), (0, [1]), (0, [2]), (0, [3]),
@@ -28,6 +28,11 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     assert set(res["topk"]) == {"none", "k=1", "k=2", "k=3", "k=4"}
     assert set(res["capacity"]) == {"none", "cf=1.0,openmoe", "cf=1.0,score", "cf=none,openmoe", "cf=none,score"}
     assert set(res["k1_cosine"]) == {"0", "1"}
+    ovc = res["observational_vs_causal"]
+    assert set(ovc) == {"0"} and set(ovc["0"]["scores"]) == {"frequency", "gate_weighted", "activation_norm", "reap"}
+    assert [r["all"]["mean"] for r in res["ablation"][:4]] == pytest.approx(ovc["0"]["causal_effect"], abs=1e-6)
+    assert [c["removed_per_layer"] for c in res["pruning"]["curve"]] == [0, 1, 2]
+    assert res["pruning"]["curve"][0]["loss"] == pytest.approx(res["topk"]["none"]["loss"]["all"]["mean"], abs=1e-5)
     deltas = pq.read_table(out / "ablation_deltas.parquet")
     assert deltas.num_rows == 5 * 200
     first = deltas.slice(0, 200).column("delta").to_numpy()

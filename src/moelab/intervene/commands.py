@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from moelab.config import MoelabError, positive_int
 
 ABLATE_HELP = ("BLOCK:E (one expert), BLOCK:E,E,... (those experts removed together) or BLOCK:all (every "
@@ -21,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="corpus folder (moelab data build)")
     p.add_argument("--out", required=True, help="folder for intervene.json (and ablation_deltas.parquet)")
     p.add_argument("--ablate", action="append", default=[], metavar="SPEC", help=ABLATE_HELP)
+    p.add_argument("--prune-by", default=None, choices=["frequency", "gate_weighted", "activation_norm", "reap",
+                                                        "causal"],
+                   help="with BLOCK:all ablations: loss when the m lowest-scoring experts of those blocks go")
     p.add_argument("--topk-sweep", action="store_true", help="loss for k = 1..E; k=1 vs full-k output cosines")
     p.add_argument("--capacity-sweep", default=None, metavar="CF,...",
                    help="capacity factors to try, e.g. 0.5,1,1.25,2,none (none = dropless)")
@@ -138,10 +143,38 @@ def run_intervene(args) -> int:
         result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed)
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
         print(format_ablation(result["ablation"]))
+        result.update(_observational(args, model, batches, cf, tokens, deltas, targets))
     result.update(_sweeps(args, model, batches, cf, names, factors, policies))
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")
     return 0
+
+
+def _observational(args, model, batches, cf, tokens, deltas, targets) -> dict:
+    """Blocks whose every expert was ablated alone: observational vs causal ranks, and the pruning curve."""
+    from moelab.intervene.observe import obs_vs_causal, observe, pruning_curve, scores_from
+    from moelab.intervene.tables import format_observational
+
+    E = {b: model.blocks[b].moe.num_experts for b, _ in targets}
+    rows = {b: {e[0]: i for i, (bb, e) in enumerate(targets) if bb == b and len(e) == 1} for b in E}
+    full = [b for b in E if len(rows[b]) == E[b]]
+    if not full:
+        return {}
+    sums = observe(model, batches, cf)
+    result = {"observational_vs_causal": {}}
+    order = {}
+    for b in full:
+        d_EN = deltas[[rows[b][e] for e in range(E[b])]]
+        r = obs_vs_causal(sums[b], tokens.seq, d_EN, args.bootstrap, args.seed)
+        result["observational_vs_causal"][str(b)] = r
+        score = r["causal_effect"] if args.prune_by in (None, "causal") else scores_from(sums[b])[args.prune_by]
+        order[b] = [int(e) for e in np.argsort(np.asarray(score), kind="stable")]
+    print(format_observational(result["observational_vs_causal"]))
+    if args.prune_by:
+        result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": pruning_curve(model, batches, order, cf)}
+        print("pruning by " + args.prune_by + ": " + "  ".join(
+            f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
+    return result
 
 
 def _sweeps(args, model, batches, cf, names, factors, policies) -> dict:

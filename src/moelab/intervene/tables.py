@@ -34,6 +34,15 @@ def format_sweep(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def format_observational(per_block: dict) -> str:
+    lines = ["observational score vs causal effect (Spearman over experts, 95% CI)"]
+    for block, r in per_block.items():
+        cells = "  ".join(f"{name}: {v['rho']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]" for name, v in r.items()
+                          if isinstance(v, dict) and "rho" in v)
+        lines.append(f"block {block}: {cells}")
+    return "\n".join(lines)
+
+
 def write_deltas(path: Path, tokens, base_N: np.ndarray, deltas_MN: np.ndarray, targets, names) -> None:
     """Long form: one row per (ablation, predicted token), published only when complete."""
     M, N = deltas_MN.shape
