@@ -72,6 +72,7 @@ def test_rank_correlation_planted():
     assert r["activation_norm"]["lo"] < 0 < r["activation_norm"]["hi"] or abs(r["activation_norm"]["rho"]) < 0.9
 
 
+@torch.no_grad()
 def test_pruning_curve_starts_at_the_models_loss():
     model = tiny()
     data = take_batches(batches(n=2), 10_000)
