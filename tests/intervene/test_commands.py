@@ -61,3 +61,20 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["intervene", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--ablate", "0:0"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_replay_of_own_trace_changes_nothing_and_another_corpus_is_refused(run, tmp_path, capsys):
+    ckpt, corpus = str(run / "run"), str(run / "corpus")
+    trace = tmp_path / "t.parquet"
+    assert main(["trace", ckpt, "--data", corpus, "--tokens", "300", "--out", str(trace)]) == 0
+    assert main(["intervene", ckpt, "--data", corpus, "--out", str(tmp_path / "iv"), "--replay", str(trace),
+                 "--tokens", "200", "--bootstrap", "50"]) == 0
+    rep = json.loads((tmp_path / "iv" / "intervene.json").read_text())["replay"]
+    assert rep["routes_changed"] == 0.0 and rep["delta"]["all"]["mean"] == 0.0
+    other = tmp_path / "o.parquet"
+    assert main(["trace", ckpt, "--data", corpus, "--split", "train", "--tokens", "100", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["intervene", ckpt, "--data", corpus, "--out", str(tmp_path / "iv2"), "--replay", str(other),
+                 "--tokens", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other tokens than the corpus row" in err and "\n" not in err

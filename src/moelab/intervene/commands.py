@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--prune-by", default=None, choices=["frequency", "gate_weighted", "activation_norm", "reap",
                                                         "causal"],
                    help="with BLOCK:all ablations: loss when the m lowest-scoring experts of those blocks go")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="re-run with routing from a trace (.parquet) or replay array (.npy/.safetensors); "
+                        "sequence i replays corpus row i; -1 or a missing last token routes normally")
     p.add_argument("--topk-sweep", action="store_true", help="loss for k = 1..E; k=1 vs full-k output cosines")
     p.add_argument("--capacity-sweep", default=None, metavar="CF,...",
                    help="capacity factors to try, e.g. 0.5,1,1.25,2,none (none = dropless)")
@@ -122,8 +125,8 @@ def run_intervene(args) -> int:
     from moelab.outpath import check_writable_dir
 
     check_writable_dir(args.out)
-    if not (args.ablate or args.topk_sweep or args.capacity_sweep):
-        raise MoelabError("nothing to do: give --ablate, --topk-sweep and/or --capacity-sweep")
+    if not (args.ablate or args.topk_sweep or args.capacity_sweep or args.replay):
+        raise MoelabError("nothing to do: give --ablate, --replay, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []
     policies = [p.strip() for p in args.policies.split(",")]
     from moelab.model.capacity import POLICIES
@@ -144,6 +147,13 @@ def run_intervene(args) -> int:
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
         print(format_ablation(result["ablation"]))
         result.update(_observational(args, model, batches, cf, tokens, deltas, targets))
+    if args.replay:
+        from moelab.intervene.study import run_replay
+
+        result["replay"] = rep = run_replay(model, batches, args.replay, cf, names, args.bootstrap, args.seed)
+        print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
+              f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
+              f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
     result.update(_sweeps(args, model, batches, cf, names, factors, policies))
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")

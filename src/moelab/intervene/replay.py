@@ -19,16 +19,37 @@ from moelab.intervene.edit import RoutingEdit, moe_blocks
 
 def read_replay_ids(path: str | Path) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Per sequence ids (T, L, K) with -1 = none, and the block of each layer when the file says."""
+    seqs, blocks, _ = read_replay_file(path)
+    return seqs, blocks
+
+
+def read_replay_file(path: str | Path):
+    """(ids per sequence, blocks or None, token ids per sequence or None)."""
     path = Path(path)
     if path.suffix == ".parquet":
         from moelab.trace.formats.replay import trace_to_replay
 
         out = trace_to_replay(path)
-        return out["ids"], out["blocks"][0]
+        return out["ids"], out["blocks"][0], out["tokens"] or None
     from moelab.trace.formats.replay import read_replay
 
     seqs = list(read_replay(path))
-    return [s.ids_TLK for s in seqs], (None if not seqs or seqs[0].blocks_L is None else np.asarray(seqs[0].blocks_L))
+    blocks = None if not seqs or seqs[0].blocks_L is None else np.asarray(seqs[0].blocks_L)
+    tokens = [s.tokens_T for s in seqs] if seqs and all(s.tokens_T is not None for s in seqs) else None
+    return [s.ids_TLK for s in seqs], blocks, tokens
+
+
+def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torch.Tensor, where: str) -> None:
+    """A replay of other tokens than the batch would force routes onto the wrong tokens: refuse it."""
+    if tokens is None:
+        return
+    for r, row in enumerate(input_ids_BS.cpu().numpy()):
+        if first + r < len(tokens):
+            t = np.asarray(tokens[first + r])
+            t = t[t >= 0][: len(row)]
+            if not np.array_equal(t, row[: len(t)]):
+                raise MoelabError(f"{where} sequence {first + r} holds other tokens than the corpus row it "
+                                  f"replays (same --seq-len, --split and corpus as the trace?)")
 
 
 def fit_to_model(seqs: list[np.ndarray], blocks_L, model, where: str) -> tuple[list[np.ndarray], list[int]]:

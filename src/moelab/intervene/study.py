@@ -153,3 +153,38 @@ def cosine_study(model, batches, cf) -> dict[int, dict[str, float]]:
         n += w
     return {b: {k: v / n for k, v in d.items()} for b, d in total.items()}
 
+
+
+@torch.no_grad()
+def run_replay(model, batches, path, cf, names, n_boot=1000, seed=0) -> dict:
+    """Loss with routing replayed from `path` (sequence i = corpus row i) beside the model's own, and the
+    share of (token, layer) routes the replay changed."""
+    from moelab.intervene.edit import edit_routing
+    from moelab.intervene.replay import batch_edits, check_tokens, fit_to_model, read_replay_file
+    from moelab.intervene.runner import token_loss
+
+    seqs, blocks_L, tokens = read_replay_file(path)
+    seqs, blocks = fit_to_model(seqs, blocks_L, model, str(path))
+    device = next(model.parameters()).device
+    toks, own, replayed, changed, routes, offset = [], [], [], 0, 0, 0
+    for batch in batches:
+        B, S = batch["input_ids"].shape
+        check_tokens(tokens, offset, batch["input_ids"], str(path))
+        valid_BS, t = batch_tokens(batch, offset)
+        ids = batch["input_ids"].to(device)
+        base = model(ids, capacity_factor=cf, return_routing=True)
+        edits = batch_edits(seqs, offset, B, S, blocks)
+        with edit_routing(model, edits):
+            out = model(ids, capacity_factor=cf, return_routing=True)
+        for r0, r1 in zip(base.routing, out.routing):
+            changed += int((r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1).sum())
+            routes += r0.expert_ids_TK.shape[0]
+        keep = valid_BS.to(device)
+        own.append(token_loss(base.logits, batch["labels"])[keep].cpu().numpy())
+        replayed.append(token_loss(out.logits, batch["labels"])[keep].cpu().numpy())
+        toks.append(t)
+        offset += B
+    tokens_all, own_N, rep_N = _cat_tokens(toks), np.concatenate(own), np.concatenate(replayed)
+    return {"file": str(path), "routes_changed": changed / max(routes, 1),
+            "loss": effect_summary(tokens_all, rep_N, names, n_boot, seed, test=False),
+            "delta": effect_summary(tokens_all, rep_N - own_N, names, n_boot, seed)}
