@@ -78,3 +78,14 @@ def test_replay_of_own_trace_changes_nothing_and_another_corpus_is_refused(run, 
                  "--tokens", "100"]) == 2
     err = capsys.readouterr().err.strip()
     assert "other tokens than the corpus row" in err and "\n" not in err
+
+
+def test_result_figures_draw(run, tmp_path):
+    from moelab.report.intervene_section import ablation_effects, pruning_and_topk
+
+    out = tmp_path / "iv"
+    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
+                 "--ablate", "1:all", "--prune-by", "frequency", "--tokens", "100", "--bootstrap", "50"]) == 0
+    res = json.loads((out / "intervene.json").read_text())
+    assert len(ablation_effects(res).axes[0].get_xticklabels()) == 4
+    assert len(pruning_and_topk(res).axes) == 1  # no top-k sweep asked

@@ -97,3 +97,15 @@ def test_refuses_other_tokens_or_layer_counts(tmp_path, capsys):
     assert main(["diff", str(a), str(tmp_path / "missing.parquet")]) == 2
     assert main(["diff", str(a), str(a), "--out", str(tmp_path / "d.json")]) == 0
     assert (tmp_path / "d.json").is_file()
+
+
+def test_flips_vs_margin_figure_draws_one_line_per_layer(tmp_path):
+    from moelab.report.intervene_section import flips_vs_margin
+
+    ids, probs = random_routes(np.random.default_rng(5), 160)
+    path = write(tmp_path / "a.parquet", ids, probs)
+    fig = flips_vs_margin(diff_traces(path, path))
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == L and all(set(line.get_ydata()) == {0.0} for line in lines)
+    no_probs = write(tmp_path / "b.parquet", ids)
+    assert flips_vs_margin(diff_traces(no_probs, no_probs)) is None
