@@ -1,7 +1,6 @@
 """Replay from files: a model's own trace (and its engine-style array) reproduces its logits exactly;
 a replay from another model is refused in one line."""
 
-import numpy as np
 import pytest
 import torch
 
