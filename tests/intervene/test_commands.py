@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -89,3 +90,17 @@ def test_result_figures_draw(run, tmp_path):
     res = json.loads((out / "intervene.json").read_text())
     assert len(ablation_effects(res).axes[0].get_xticklabels()) == 4
     assert len(pruning_and_topk(res).axes) == 1  # no top-k sweep asked
+
+
+def test_naee_keep_three_of_four_finds_the_cheapest_single_removal(run, tmp_path, capsys):
+    out = tmp_path / "iv"
+    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
+                 "--ablate", "1:all", "--naee-keep", "3", "--tokens", "100", "--bootstrap", "50"]) == 0
+    res = json.loads((out / "intervene.json").read_text())
+    single = [r["all"]["mean"] for r in res["ablation"]]
+    naee = res["naee"]["1"]
+    assert len(naee["subsets"]) == 4 and naee["removed"] == [int(np.argmin(single))]
+    assert sorted(s["delta"] for s in naee["subsets"]) == pytest.approx(sorted(single), abs=1e-6)
+    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "x"),
+                 "--ablate", "1:0", "--naee-keep", "1", "--tokens", "50"]) == 2
+    assert "top_k <= N < E" in capsys.readouterr().err

@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--prune-by", default=None, choices=["frequency", "gate_weighted", "activation_norm", "reap",
                                                         "causal"],
                    help="with BLOCK:all ablations: loss when the m lowest-scoring experts of those blocks go")
+    p.add_argument("--naee-keep", type=positive_int, default=None, metavar="N",
+                   help="for each block named in --ablate (<= 8 experts): try every set of N experts to keep (NAEE)")
     p.add_argument("--replay", default=None, metavar="FILE",
                    help="re-run with routing from a trace (.parquet) or replay array (.npy/.safetensors); "
                         "sequence i replays corpus row i; -1 or a missing last token routes normally")
@@ -135,6 +137,7 @@ def run_intervene(args) -> int:
         raise MoelabError(f"--policies {args.policies!r}: allowed are {', '.join(POLICIES)}")
     ckpt, model, batches, cf, names = _load(args)
     targets = parse_ablate(args.ablate, {b: m.num_experts for b, m in moe_blocks(model).items()})
+    _check_naee(args, model, targets)
     result = {"checkpoint": str(ckpt), "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +150,8 @@ def run_intervene(args) -> int:
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
         print(format_ablation(result["ablation"]))
         result.update(_observational(args, model, batches, cf, tokens, deltas, targets))
+        if args.naee_keep:
+            result["naee"] = _naee(args, model, batches, cf, names, targets)
     if args.replay:
         from moelab.intervene.study import run_replay
 
@@ -185,6 +190,29 @@ def _observational(args, model, batches, cf, tokens, deltas, targets) -> dict:
         print("pruning by " + args.prune_by + ": " + "  ".join(
             f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
     return result
+
+
+def _check_naee(args, model, targets) -> None:
+    for block in {b for b, _ in targets} if args.naee_keep else ():
+        E, k = model.blocks[block].moe.num_experts, model.blocks[block].moe.router.top_k
+        if E > 8 or not k <= args.naee_keep < E:
+            raise MoelabError(f"--naee-keep {args.naee_keep}: block {block} has {E} experts, top-{k} (the search "
+                              f"needs E <= 8 and top_k <= N < E)")
+
+
+def _naee(args, model, batches, cf, names, targets) -> dict:
+    from moelab.intervene.study import naee_best, naee_targets, run_ablation
+
+    out = {}
+    for block in sorted({b for b, _ in targets}):
+        E = model.blocks[block].moe.num_experts
+        subsets = naee_targets(block, E, args.naee_keep)
+        tokens, _, deltas = run_ablation(model, batches, subsets, cf)
+        out[str(block)] = best = naee_best(tokens, deltas, subsets, names, args.bootstrap, args.seed)
+        print(f"NAEE block {block}: keep {args.naee_keep} of {E}, best removes {best['removed']}: "
+              f"{best['effect']['all']['mean']:+.4f} [{best['effect']['all']['lo']:+.4f}, "
+              f"{best['effect']['all']['hi']:+.4f}] over {len(subsets)} subsets")
+    return out
 
 
 def _sweeps(args, model, batches, cf, names, factors, policies) -> dict:

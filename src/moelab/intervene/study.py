@@ -76,6 +76,22 @@ def run_ablation(model, batches, targets, cf, reuse: bool = True):
     return _cat_tokens(toks), np.concatenate(base), np.stack([np.concatenate(d) for d in deltas])
 
 
+def naee_targets(block: int, num_experts: int, keep: int) -> list[tuple[int, tuple[int, ...]]]:
+    """NAEE's exhaustive search: every way to keep `keep` of a block's experts, as the experts removed."""
+    from itertools import combinations
+
+    return [(block, tuple(e for e in range(num_experts) if e not in kept))
+            for kept in combinations(range(num_experts), keep)]
+
+
+def naee_best(tokens: Tokens, deltas_MN: np.ndarray, targets, names, n_boot=1000, seed=0) -> dict:
+    """The kept set whose removal of the others costs the least loss, with every subset's mean change."""
+    means = deltas_MN.mean(1)
+    best = int(np.argmin(means))
+    return {"removed": list(targets[best][1]), "effect": effect_summary(tokens, deltas_MN[best], names, n_boot, seed),
+            "subsets": [{"removed": list(e), "delta": float(m)} for (_, e), m in zip(targets, means)]}
+
+
 def effect_summary(tokens: Tokens, values_N: np.ndarray, names: dict[str, list[str]], n_boot: int,
                    seed: int, test: bool = True) -> dict:
     """Mean with a 95% bootstrap interval over sequences: overall, per domain, per language (+ p overall)."""
