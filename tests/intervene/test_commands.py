@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moelab.cli import main
+from moelab.report.intervene_section import ablation_effects, pruning_and_topk
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     out = tmp_path / "iv"
     rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
                "--ablate", "0:all", "--ablate", "1:0,1", "--topk-sweep", "--capacity-sweep", "1,none",
-               "--tokens", "200", "--bootstrap", "100", "--prune-by", "reap"])
+               "--tokens", "200", "--bootstrap", "100", "--prune-by", "reap", "--naee-keep", "3"])
     assert rc == 0
     res = json.loads((out / "intervene.json").read_text())
     assert [(r["block"], r["experts"]) for r in res["ablation"]] == [(0, [0]), (0, [1]), (0, [2]), (0, [3]),
@@ -34,6 +35,12 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     assert [r["all"]["mean"] for r in res["ablation"][:4]] == pytest.approx(ovc["0"]["causal_effect"], abs=1e-6)
     assert [c["removed_per_layer"] for c in res["pruning"]["curve"]] == [0, 1, 2]
     assert res["pruning"]["curve"][0]["loss"] == pytest.approx(res["topk"]["none"]["loss"]["all"]["mean"], abs=1e-5)
+    single = [r["all"]["mean"] for r in res["ablation"][:4]]
+    naee = res["naee"]["0"]  # keep 3 of 4 = remove one: the cheapest single ablation
+    assert len(naee["subsets"]) == 4 and naee["removed"] == [int(np.argmin(single))]
+    assert sorted(s["delta"] for s in naee["subsets"]) == pytest.approx(sorted(single), abs=1e-6)
+    assert len(ablation_effects(res).axes[0].get_xticklabels()) == 5
+    assert len(pruning_and_topk(res).axes) == 2
     deltas = pq.read_table(out / "ablation_deltas.parquet")
     assert deltas.num_rows == 5 * 200
     first = deltas.slice(0, 200).column("delta").to_numpy()
@@ -49,6 +56,7 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     (["--capacity-sweep", "1,x"], "is not a number or none"),
     (["--capacity-sweep", "1", "--policies", "fifo"], "--policies 'fifo'"),
     ([], "nothing to do"),
+    (["--ablate", "1:0", "--naee-keep", "1"], "top_k <= N < E"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, extra, msg):
     rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "o"),
@@ -80,27 +88,3 @@ def test_replay_of_own_trace_changes_nothing_and_another_corpus_is_refused(run, 
     err = capsys.readouterr().err.strip()
     assert "other tokens than the corpus row" in err and "\n" not in err
 
-
-def test_result_figures_draw(run, tmp_path):
-    from moelab.report.intervene_section import ablation_effects, pruning_and_topk
-
-    out = tmp_path / "iv"
-    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
-                 "--ablate", "1:all", "--prune-by", "frequency", "--tokens", "100", "--bootstrap", "50"]) == 0
-    res = json.loads((out / "intervene.json").read_text())
-    assert len(ablation_effects(res).axes[0].get_xticklabels()) == 4
-    assert len(pruning_and_topk(res).axes) == 1  # no top-k sweep asked
-
-
-def test_naee_keep_three_of_four_finds_the_cheapest_single_removal(run, tmp_path, capsys):
-    out = tmp_path / "iv"
-    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out),
-                 "--ablate", "1:all", "--naee-keep", "3", "--tokens", "100", "--bootstrap", "50"]) == 0
-    res = json.loads((out / "intervene.json").read_text())
-    single = [r["all"]["mean"] for r in res["ablation"]]
-    naee = res["naee"]["1"]
-    assert len(naee["subsets"]) == 4 and naee["removed"] == [int(np.argmin(single))]
-    assert sorted(s["delta"] for s in naee["subsets"]) == pytest.approx(sorted(single), abs=1e-6)
-    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "x"),
-                 "--ablate", "1:0", "--naee-keep", "1", "--tokens", "50"]) == 2
-    assert "top_k <= N < E" in capsys.readouterr().err
