@@ -88,3 +88,25 @@ def test_replay_of_own_trace_changes_nothing_and_another_corpus_is_refused(run, 
     err = capsys.readouterr().err.strip()
     assert "other tokens than the corpus row" in err and "\n" not in err
 
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_pickled_replay_and_corrupt_traces_run_nothing(run, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    bad_npy = tmp_path / "r.npy"
+    np.save(bad_npy, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    assert main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "o"),
+                 "--replay", str(bad_npy), "--tokens", "50"]) == 2
+    corrupt = tmp_path / "t.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    assert main(["diff", str(corrupt), str(corrupt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "pickled" in err[0] and "not a readable Parquet" in err[1]
+    assert not marker.exists()
