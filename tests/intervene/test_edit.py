@@ -49,9 +49,13 @@ def deleted_expert_reference(model, block, e):
     ("linear", {"router_kw": {"score": "sigmoid", "renormalize": True}}),
     ("rmoe", {}),
     ("linear", {"capacity_factor_eval": 1.0}),
+    ("linear", {"router_kw": {"score": "sigmoid", "renormalize": True, "bias_balance": True, "n_group": 2,
+                              "topk_group": 1, "routed_scaling_factor": 2.5}}),  # DeepSeek-V3's router
 ])
 def test_ablation_equals_deleted_expert(router, moe):
     model = tiny(router, **moe)
+    for m in model.moe_layers():  # a selection bias that matters (zero at initialisation)
+        m.router.selection_bias_E.copy_(torch.linspace(-0.05, 0.05, 6))
     base = model(IDS).logits
     ref = deleted_expert_reference(model, 1, 3)(IDS).logits
     with edit_routing(model, {1: RoutingEdit(mask=(3,))}):
