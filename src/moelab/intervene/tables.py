@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _ci(s: dict) -> str:
-    return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}]"
+def _ci(s: dict, sign: str = "+") -> str:
+    return f"{s['mean']:{sign}.4f} [{s['lo']:{sign}.4f}, {s['hi']:{sign}.4f}]"
 
 
 def format_ablation(rows: list[dict]) -> str:
@@ -29,7 +29,7 @@ def format_sweep(result: dict, title: str) -> str:
     lines = [title, f"{'setting':<22}{'loss (95% CI)':<32}{'d loss':>9}{'dropped':>9}  per domain"]
     for name, r in result.items():
         doms = "  ".join(f"{d}: {s['mean']:.4f}" for d, s in r["loss"]["domain"].items())
-        lines.append(f"{name:<22}{_ci(r['loss']['all']):<32}{r['delta']['all']['mean']:>+9.4f}"
+        lines.append(f"{name:<22}{_ci(r['loss']['all'], ''):<32}{r['delta']['all']['mean']:>+9.4f}"
                      f"{r['dropped']:>9.3f}  {doms}")
     return "\n".join(lines)
 
