@@ -57,13 +57,14 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     (["--capacity-sweep", "1", "--policies", "fifo"], "--policies 'fifo'"),
     ([], "nothing to do"),
     (["--ablate", "1:0", "--naee-keep", "1"], "top_k <= N < E"),
+    (["--ablate", "1:0,1", "--prune-by", "reap"], "--prune-by needs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, extra, msg):
     rc = main(["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(tmp_path / "o"),
                "--tokens", "50", *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and "\n" not in err
-    assert not (tmp_path / "o" / "intervene.json").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
@@ -87,6 +88,7 @@ def test_replay_of_own_trace_changes_nothing_and_another_corpus_is_refused(run, 
                  "--tokens", "100"]) == 2
     err = capsys.readouterr().err.strip()
     assert "other tokens than the corpus row" in err and "\n" not in err
+    assert not (tmp_path / "iv2").exists()
 
 
 

@@ -138,16 +138,21 @@ def run_intervene(args) -> int:
     ckpt, model, batches, cf, names = _load(args)
     targets = parse_ablate(args.ablate, {b: m.num_experts for b, m in moe_blocks(model).items()})
     _check_naee(args, model, targets)
+    if args.prune_by and not any(len(e) == 1 for _, e in targets):
+        raise MoelabError("--prune-by needs the experts of a block ablated one at a time (--ablate BLOCK:all)")
+    replay = None
+    if args.replay:  # checked before any work or output: another model's or other tokens' routing
+        from moelab.intervene.study import prepare_replay
+
+        replay = prepare_replay(model, batches, args.replay)
     result = {"checkpoint": str(ckpt), "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if targets:
         from moelab.intervene.study import ablation_results, run_ablation
 
         tokens, base, deltas = run_ablation(model, batches, targets, cf)
         result["tokens"] = len(base)
         result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed)
-        write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
         print(format_ablation(result["ablation"]))
         result.update(_observational(args, model, batches, cf, tokens, deltas, targets))
         if args.naee_keep:
@@ -155,11 +160,14 @@ def run_intervene(args) -> int:
     if args.replay:
         from moelab.intervene.study import run_replay
 
-        result["replay"] = rep = run_replay(model, batches, args.replay, cf, names, args.bootstrap, args.seed)
+        result["replay"] = rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed)
         print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
               f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
               f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
     result.update(_sweeps(args, model, batches, cf, names, factors, policies))
+    out.mkdir(parents=True, exist_ok=True)  # outputs only once every number is in
+    if targets:
+        write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")
     return 0

@@ -171,21 +171,32 @@ def cosine_study(model, batches, cf) -> dict[int, dict[str, float]]:
 
 
 
-@torch.no_grad()
-def run_replay(model, batches, path, cf, names, n_boot=1000, seed=0) -> dict:
-    """Loss with routing replayed from `path` (sequence i = corpus row i) beside the model's own, and the
-    share of (token, layer) routes the replay changed."""
-    from moelab.intervene.edit import edit_routing
-    from moelab.intervene.replay import batch_edits, check_tokens, fit_to_model, read_replay_file
-    from moelab.intervene.runner import token_loss
+def prepare_replay(model, batches, path):
+    """Read a replay file and check it against the model and the corpus rows it will replay."""
+    from moelab.intervene.replay import check_tokens, fit_to_model, read_replay_file
 
     seqs, blocks_L, tokens = read_replay_file(path)
     seqs, blocks = fit_to_model(seqs, blocks_L, model, str(path))
+    offset = 0
+    for batch in batches:
+        check_tokens(tokens, offset, batch["input_ids"], str(path))
+        offset += batch["input_ids"].shape[0]
+    return {"path": str(path), "seqs": seqs, "blocks": blocks}
+
+
+@torch.no_grad()
+def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0) -> dict:
+    """Loss with routing replayed (`prepare_replay`; sequence i = corpus row i) beside the model's own, and
+    the share of (token, layer) routes the replay changed."""
+    from moelab.intervene.edit import edit_routing
+    from moelab.intervene.replay import batch_edits
+    from moelab.intervene.runner import token_loss
+
+    seqs, blocks = replay["seqs"], replay["blocks"]
     device = next(model.parameters()).device
     toks, own, replayed, changed, routes, offset = [], [], [], 0, 0, 0
     for batch in batches:
         B, S = batch["input_ids"].shape
-        check_tokens(tokens, offset, batch["input_ids"], str(path))
         valid_BS, t = batch_tokens(batch, offset)
         ids = batch["input_ids"].to(device)
         base = model(ids, capacity_factor=cf, return_routing=True)
@@ -201,6 +212,6 @@ def run_replay(model, batches, path, cf, names, n_boot=1000, seed=0) -> dict:
         toks.append(t)
         offset += B
     tokens_all, own_N, rep_N = _cat_tokens(toks), np.concatenate(own), np.concatenate(replayed)
-    return {"file": str(path), "routes_changed": changed / max(routes, 1),
+    return {"file": replay["path"], "routes_changed": changed / max(routes, 1),
             "loss": effect_summary(tokens_all, rep_N, names, n_boot, seed, test=False),
             "delta": effect_summary(tokens_all, rep_N - own_N, names, n_boot, seed)}
