@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "moelab.hf.commands",
     "moelab.report.commands",
     "moelab.explore.commands",
+    "moelab.intervene.commands",
     "moelab.demo",
 ]
 
