@@ -293,14 +293,20 @@ def build_report(trace_paths: Sequence[str | Path], out_dir: str | Path, *,
                  simulate: dict[str, Any] | None = None, title: str | None = None,
                  names: Sequence[str] | None = None,
                  early: Mapping[str, Sequence[str | Path]] | Sequence[Sequence[str | Path]] | None = None,
-                 options: Mapping[str, Any] | None = None, dpi: int = 100) -> dict[str, Any]:
+                 options: Mapping[str, Any] | None = None, dpi: int = 100,
+                 interventions: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Analyse, then write `report.html` and `metrics.json` into out_dir; returns the metrics dict.
 
+    `interventions`: `moelab intervene` / `moelab diff` result files, one section each (read before any
+    analysis, so a bad file fails fast).
     `early` is {model name: checkpoint traces} or one list of traces per model, in order. Nothing is
     written unless every analysis succeeded. `options` go to `analyze_all` (min_count,
     vocab_min_count, pos_bucket, n_permutations, mi_ranks, seed, analyses).
     """
+    from moelab.report.intervene_section import intervention_sections
+
     labels = tuple(labels) if labels is not None else ("domain", "lang")
+    extra_sections, intervention_metrics = intervention_sections([str(p) for p in interventions])
     mode, models = plan_models([str(p) for p in trace_paths], names, [str(w) for w in weights or []], early)
     analysed = [analyse_model(m, labels, simulate, options) for m in models]
     headlines: dict[str, list[Headline]] = {m.name: a["headlines"] for m, a in zip(models, analysed)}
@@ -311,9 +317,11 @@ def build_report(trace_paths: Sequence[str | Path], out_dir: str | Path, *,
         if several:
             sections.append(Section(m.name, level=2))
         sections += model_sections(m, a, labels, level=3 if several else 2)
+    sections += extra_sections
     title = title or ("Routing report: " + " vs ".join(m.name for m in models))
     metrics = plain({"title": title, "mode": mode, "labels": list(labels), "simulate": simulate,
-                     "summary": summary, "models": {m.name: model_metrics(m, a) for m, a in zip(models, analysed)}})
+                     "summary": summary, "models": {m.name: model_metrics(m, a) for m, a in zip(models, analysed)},
+                     **({"interventions": intervention_metrics} if intervention_metrics else {})})
     grouped = {name: [h.text for h in hs if h.text] for name, hs in headlines.items()}
     files = write_report(out_dir, sections, title=title, summary=grouped if several else summary,
                          subtitle=_subtitle(mode, models), metrics=metrics, dpi=dpi)

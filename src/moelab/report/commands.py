@@ -37,6 +37,8 @@ def register(sub) -> None:
                    help="permutations of each null (default 16)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
                    help="bootstrap replicates over sequences for the 95%% intervals (default 64; 0: none)")
+    p.add_argument("--interventions", nargs="+", default=[], metavar="JSON",
+                   help="`moelab intervene` (intervene.json) or `moelab diff` result files: one report section each")
     p.add_argument("--title", default=None)
     p.set_defaults(func=run_analyze)
 
@@ -74,7 +76,7 @@ def run_analyze(args) -> int:
     try:
         metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
                                simulate=simulate_settings(args), title=args.title, names=args.names,
-                               early=args.early, options=options)
+                               early=args.early, options=options, interventions=args.interventions)
     except OSError as e:  # e.g. an unwritable --out (unreadable trace rows are already named by build_report)
         raise MoelabError(f"cannot read or write a file: {_first_line(e)}") from None
     print(f"report:  {metrics['files']['report']}")

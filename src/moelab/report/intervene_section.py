@@ -1,4 +1,5 @@
-"""Figures for the intervention results (`moelab intervene` JSON, `moelab diff` JSON), for the report to hook in.
+"""The intervention results (`moelab intervene` JSON, `moelab diff` JSON) as report sections
+(`moelab analyze ... --interventions FILE`).
 
 Each function takes the result dict as written and returns a matplotlib Figure on its own Agg canvas (no
 pyplot), or None when the result holds nothing to draw. No statistics are computed here.
@@ -6,8 +7,12 @@ pyplot), or None when the result holds nothing to draw. No statistics are comput
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from moelab.report.html import FigureBlock, Note, Section, Table
 
 
 def _figure(width: float = 10.0, height: float = 3.2) -> Figure:
@@ -73,3 +78,78 @@ def pruning_and_topk(result: dict) -> Figure | None:
         ax.set_xlabel("experts per token k")
         ax.set_ylabel("loss")
     return fig
+
+
+# ---- the report's sections --------------------------------------------------------------------------
+
+def read_intervention(path: str) -> tuple[str, dict]:
+    """("intervene" | "diff", the JSON) of a `moelab intervene` or `moelab diff` result file; one line
+    naming the file when it is neither."""
+    import json
+
+    from moelab.config import MoelabError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except FileNotFoundError:
+        raise MoelabError(f"intervention results not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoelabError(f"{path} is not a JSON file: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("layers"), list) and "any_layer_differs" in data:
+        return "diff", data
+    if isinstance(data, dict) and any(k in data for k in ("ablation", "topk", "capacity", "replay", "pruning")):
+        return "intervene", data
+    raise MoelabError(f"{path} is neither a `moelab intervene` result (intervene.json) nor a `moelab diff` result")
+
+
+def _num(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def diff_section(path: str, diff: dict) -> Section:
+    rows = [[x["layer"], _num(x["top1_agreement"]), _num(x["jaccard"]), _num(x.get("jaccard_chance")),
+             _num(x["jaccard_permuted"]), _num(x["set_differs"])] for x in diff["layers"]]
+    blocks: list[Any] = [Table(
+        ["layer", "top-1 agreement", "top-k Jaccard", "chance (n^2/E)/(2n - n^2/E)", "tokens paired at random",
+         "tokens whose set differs"], rows,
+        f"{diff['trace_a']} vs {diff['trace_b']}, {diff['tokens']} tokens; "
+        f"{diff['any_layer_differs']:.1%} of tokens are routed differently in at least one layer. Two baselines: "
+        "the formula for n of E chosen uniformly, and the same Jaccard after pairing tokens at random (keeps "
+        "each trace's expert load).")]
+    fig = flips_vs_margin(diff)
+    if fig is not None:
+        blocks.append(FigureBlock(fig, "Share of tokens whose top-k set differs, by trace A's router margin "
+                                       "p_k - p_k+1: flips concentrated at small margins are near-ties, not a "
+                                       "different routing rule."))
+    elif diff.get("margin_note"):
+        blocks.append(Note(diff["margin_note"]))
+    return Section(f"Trace diff: {path}", "Do two traces of the same tokens route them the same way?", blocks)
+
+
+def intervene_section(path: str, result: dict) -> Section:
+    blocks: list[Any] = []
+    fig = ablation_effects(result)
+    if fig is not None:
+        blocks.append(FigureBlock(fig, "Loss change (nats per token) from removing each expert set from "
+                                       "selection, with its 95% bootstrap interval over sequences; the null is "
+                                       "no change (sign-flip test on per-sequence means), and filled markers pass "
+                                       "Holm's correction at 0.05 across every ablation of the run."))
+    fig = pruning_and_topk(result)
+    if fig is not None:
+        blocks.append(FigureBlock(fig, "Left: held-out loss as the lowest-scoring experts of each layer are "
+                                       "removed; right: loss for k experts per token (the model's own k gives "
+                                       "its own loss exactly)."))
+    if not blocks:
+        blocks.append(Note("This result holds no ablation, pruning or top-k sweep to draw (see the JSON)."))
+    return Section(f"Interventions: {path}", "What removing or re-routing experts does to the loss "
+                   "(`moelab intervene`, docs/INTERVENE.md).", blocks)
+
+
+def intervention_sections(paths: Sequence[str]) -> tuple[list[Section], dict[str, Any]]:
+    """The report sections and the metrics.json entry ({path: result}) of intervention result files."""
+    sections, metrics = [], {}
+    for path in paths:
+        kind, data = read_intervention(str(path))
+        sections.append(diff_section(str(path), data) if kind == "diff" else intervene_section(str(path), data))
+        metrics[str(path)] = {"kind": kind, **data}
+    return sections, metrics
