@@ -86,8 +86,9 @@ def _max_token(path: Path) -> int | None:
 class Explorer:
     """Answers the explorer's views over `sources`, decoding token ids with `tokenizer` when given."""
 
-    def __init__(self, sources: list[TraceSource], tokenizer=None, live=None):
+    def __init__(self, sources: list[TraceSource], tokenizer=None, live=None, ablations: list[dict] = ()):
         self.sources, self.tokenizer, self.live_model = sources, tokenizer, live
+        self.ablations = list(ablations)  # rows of `moelab intervene` results, each naming its file
         self.db = duckdb.connect(":memory:")
         self._text = lru_cache(maxsize=1 << 16)(self._decode)
         by_file: dict[Path, ExpertSummary] = {}  # a trace opened twice (a self-diff) is summarised once
@@ -155,7 +156,7 @@ class Explorer:
         out = {"layer": layer, "expert": e, **expert.label_counts(scur, summary.tables, layer, e),
                "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
                                                    layer, e, src.top_k),
-               "tokens": {"frequent": [], "lift": []}, "contexts": {}}
+               "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
             out["tokens"] = expert.token_stats(scur, tokens, layer, e)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
@@ -165,6 +166,15 @@ class Explorer:
                 for r in rows:
                     r["text"] = self.text(r["token"])
         return out
+
+    def ablation_of(self, src: TraceSource, layer: int, e: int) -> list[dict[str, Any]]:
+        """The measured effect of removing expert e of this MoE layer alone: intervene names blocks, the
+        trace names MoE layers, and the trace's `moe_blocks` maps one to the other (none: nothing shown)."""
+        blocks = src.meta.extra.get("moe_blocks")
+        if not isinstance(blocks, list) or layer >= len(blocks):
+            return []
+        return [{"file": r["file"], "block": r["block"], **r["all"]} for r in self.ablations
+                if r.get("block") == blocks[layer] and r.get("experts") == [e] and isinstance(r.get("all"), dict)]
 
     def diff(self, params: dict[str, str]) -> dict[str, Any]:
         a, b = self.source(params, "a"), self.source(params, "b")

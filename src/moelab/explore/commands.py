@@ -18,13 +18,23 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     p.add_argument("--full-check", action="store_true",
                    help="also check every row of each trace before serving (slow on large traces)")
+    p.add_argument("--interventions", nargs="+", default=[], metavar="JSON",
+                   help="`moelab intervene` results (intervene.json): the expert view shows each expert's ablation effect")
     p.set_defaults(func=run_explore)
 
 
 def build_explorer(traces: list[str], model: str | None = None, tokenizer: str | None = None,
-                   full_check: bool = False):
+                   full_check: bool = False, interventions: list[str] = ()):
     """Open and validate the traces, load the tokenizer/model, and check that their vocabularies agree."""
     from moelab.explore.app import Explorer, TraceSource
+    from moelab.report.intervene_section import read_intervention
+
+    ablations = []
+    for path in interventions:  # read first: a wrong file fails before the traces are opened
+        kind, result = read_intervention(str(path))
+        if kind != "intervene":
+            raise MoelabError(f"{path} is a `moelab diff` result: --interventions takes intervene.json files")
+        ablations += [{**row, "file": str(path)} for row in result.get("ablation") or []]
 
     sources = [TraceSource(i, path, full_check) for i, path in enumerate(traces)]
     live = tok = None
@@ -42,7 +52,7 @@ def build_explorer(traces: list[str], model: str | None = None, tokenizer: str |
         if tok is not None and s.max_token is not None and s.max_token >= vocab:
             raise MoelabError(f"{what} has a vocabulary of {vocab} but trace {s.path} holds token id "
                               f"{s.max_token}: not the model/tokenizer of this trace")
-    return Explorer(sources, tokenizer=tok, live=live)
+    return Explorer(sources, tokenizer=tok, live=live, ablations=ablations)
 
 
 def run_explore(args) -> int:
@@ -50,7 +60,7 @@ def run_explore(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise MoelabError(f"--port {args.port} is not a port number (0-65535)")
-    app = build_explorer(args.traces, args.model, args.tokenizer, args.full_check)
+    app = build_explorer(args.traces, args.model, args.tokenizer, args.full_check, args.interventions)
     server = bind(app, args.host, args.port)
     print(f"moelab explore: serving {len(app.sources)} trace(s) at {url_of(server)}  (Ctrl-C stops)",
           flush=True)

@@ -236,7 +236,16 @@ async function openExpert(layer, e) {
     `<table><thead><tr><th>expert</th><th>together</th><th>expected</th><th>ratio</th></tr></thead><tbody>${co}</tbody></table></div>` +
     `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
     `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
-    `<p class="hint">Ablation effect: not measured for this trace.</p>`;
+    ablationText(d.ablation);
+}
+
+function ablationText(rows) {
+  if (!rows || !rows.length) return `<p class="hint">Ablation effect: not measured for this trace (moelab intervene, then --interventions).</p>`;
+  const items = rows.map((a) => `<li id="ablation">removing it from block ${a.block}'s selection changes the loss by ` +
+    `<b>${num(a.mean, 4)}</b> nats/token [${num(a.lo, 4)}, ${num(a.hi, 4)}], p ${num(a.p, 3)}, Holm p ${num(a.p_holm, 3)} ` +
+    `<span class="hint">(${esc(a.file)})</span></li>`).join("");
+  return `<h3>ablation effect</h3><p class="hint">95% bootstrap interval over sequences; null: no change ` +
+    `(sign-flip test on per-sequence means); Holm across every ablation of that run.</p><ul>${items}</ul>`;
 }
 
 // ---- diff view --------------------------------------------------------------------------------------
