@@ -187,3 +187,18 @@ def test_bad_input_is_one_line_exit_2(corpus_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "cannot trace 'jetmoe'" in err and "\n" not in err
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_device_map_auto_traces_the_same_routing(corpus_dir, tmp_path):
+    """accelerate places the model (here all on the CPU); the hooks still see every block's choices."""
+    pytest.importorskip("accelerate")
+    from moelab.trace.io import open_trace
+
+    _model("mixtral").save_pretrained(tmp_path / "hf")
+    kw = dict(tokens=64, seq_len=16, batch_size=2, progress=False)
+    trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "plain.parquet", device="cpu", **kw)
+    trace_hf(tmp_path / "hf", corpus_dir, tmp_path / "auto.parquet", device_map="auto", **kw)
+    plain, auto = (next(open_trace(tmp_path / f"{n}.parquet").iter_batches(columns=["expert", "weight"]))
+                   for n in ("plain", "auto"))
+    assert np.array_equal(plain["expert"], auto["expert"])
+    assert np.allclose(plain["weight"], auto["weight"], atol=1e-6)
