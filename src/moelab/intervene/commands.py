@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moelab.analysis.common import plain
 from moelab.config import MoelabError, positive_int
 
 ABLATE_HELP = ("BLOCK:E (one expert), BLOCK:E,E,... (those experts removed together) or BLOCK:all (every "
@@ -242,19 +243,9 @@ def _sweeps(args, model, batches, cf, names, factors, policies) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n")
+    # plain(): NaN (an interval with no sequences behind it) as JSON null, which every reader accepts
+    tmp.write_text(json.dumps(plain(obj), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
-
-
-def _finite(obj):
-    """NaN (an interval with no sequences behind it) as JSON null, which every reader accepts."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def run_diff(args) -> int:

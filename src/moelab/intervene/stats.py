@@ -1,4 +1,4 @@
-"""Intervals and tests for per-token effects: pure numpy, sequences as the unit of resampling.
+"""Intervals and tests for per-token effects: pure numpy (scipy's ranks), sequences as the unit of resampling.
 
 Tokens of one sequence are not independent (they share a context), so every interval resamples whole
 sequences and every test flips the sign of whole sequences' mean effects.
@@ -7,6 +7,7 @@ sequences and every test flips the sign of whole sequences' mean effects.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def seq_totals(seq_N: np.ndarray, values_N: np.ndarray, num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,20 +61,9 @@ def holm(p_M: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions)."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation; nan when either side is constant (no order to correlate)."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    ra, rb = rankdata(np.asarray(a, float)), rankdata(np.asarray(b, float))  # ties share their mean rank
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
