@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moelab.report.headline import fmt
 from moelab.report.html import FigureBlock, Note, Section, Table
 
 
@@ -102,13 +103,9 @@ def read_intervention(path: str) -> tuple[str, dict]:
     raise MoelabError(f"{path} is neither a `moelab intervene` result (intervene.json) nor a `moelab diff` result")
 
 
-def _num(v: Any, spec: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def diff_section(path: str, diff: dict) -> Section:
-    rows = [[x["layer"], _num(x["top1_agreement"]), _num(x["jaccard"]), _num(x.get("jaccard_chance")),
-             _num(x["jaccard_permuted"]), _num(x["set_differs"])] for x in diff["layers"]]
+    rows = [[x["layer"], fmt(x["top1_agreement"], ".3f"), fmt(x["jaccard"], ".3f"), fmt(x.get("jaccard_chance"), ".3f"),
+             fmt(x["jaccard_permuted"], ".3f"), fmt(x["set_differs"], ".3f")] for x in diff["layers"]]
     blocks: list[Any] = [Table(
         ["layer", "top-1 agreement", "top-k Jaccard", "chance (n^2/E)/(2n - n^2/E)", "tokens paired at random",
          "tokens whose set differs"], rows,
