@@ -104,8 +104,8 @@ def read_intervention(path: str) -> tuple[str, dict]:
 
 
 def diff_section(path: str, diff: dict) -> Section:
-    rows = [[x["layer"], fmt(x["top1_agreement"], ".3f"), fmt(x["jaccard"], ".3f"), fmt(x.get("jaccard_chance"), ".3f"),
-             fmt(x["jaccard_permuted"], ".3f"), fmt(x["set_differs"], ".3f")] for x in diff["layers"]]
+    keys = ("top1_agreement", "jaccard", "jaccard_chance", "jaccard_permuted", "set_differs")
+    rows = [[x["layer"], *(fmt(x.get(k), ".3f") for k in keys)] for x in diff["layers"]]
     blocks: list[Any] = [Table(
         ["layer", "top-1 agreement", "top-k Jaccard", "chance (n^2/E)/(2n - n^2/E)", "tokens paired at random",
          "tokens whose set differs"], rows,
