@@ -1,0 +1,103 @@
+"""One row's result as JSON: what the paper says, what moelab measured, the verdict and how to re-run it.
+
+The verdict is recomputed from the stored measure and claim when a result is read, so a table can never
+show a verdict its numbers do not support.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from moelab.claims.verdict import Claim, Measure, verdict
+from moelab.config import MoelabError
+
+SCHEMA = 1
+
+
+@dataclasses.dataclass
+class ClaimResult:
+    row: str  # the runner's name for the row, also the file name
+    paper: str  # OpenMoE, RMoE, A Closer Look, OLMoE, Sparse upcycling, Interventions
+    claim: str  # the paper's statement in our words
+    paper_number: str  # what the paper reports (a number where it gives one)
+    measured: str  # what moelab computes, as a caption: the statistic, the null and the interval
+    measure: Measure
+    test: Claim
+    setup: str  # models, steps, tokens, seeds
+    seeds: int = 1
+    unit: str = ""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-layer, per-seed numbers
+    note: str = ""  # why the verdict, at this scale
+    seconds: float = float("nan")  # wall time of the row, cached models excluded
+    command: str = ""
+    verdict: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.verdict, self.reason = verdict(self.measure, self.test)
+        if not self.command:
+            self.command = f"python benchmarks/claims.py --only {self.row}"
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["schema"] = SCHEMA
+        return _finite_or_none(d)
+
+
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def from_json(d: dict[str, Any], where: str = "result") -> ClaimResult:
+    try:
+        if d.get("schema") != SCHEMA:
+            raise MoelabError(f"{where}: schema {d.get('schema')!r}, expected {SCHEMA}")
+        m = d["measure"]
+        measure = Measure(_num(m["value"]), _num(m["ci_low"]), _num(m["ci_high"]), _num(m["null"]),
+                          None if m.get("null_sd") is None else float(m["null_sd"]))
+        fields = {f.name for f in dataclasses.fields(ClaimResult)} - {"measure", "test", "verdict", "reason"}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["seconds"] = _num(kw.get("seconds"))
+        return ClaimResult(measure=measure, test=Claim(**d["test"]), **kw)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoelabError(f"{where} is not a claims result ({type(e).__name__}: {e})") from None
+
+
+def write_result(result: ClaimResult, folder: str | Path) -> Path:
+    """Write atomically: a row that fails half-way leaves the previous result in place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{result.row}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(folder: str | Path) -> dict[str, ClaimResult]:
+    out = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoelabError(f"{path} is not readable JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise MoelabError(f"{path} is not a claims result (a JSON object)")
+        r = from_json(d, str(path))
+        out[r.row] = r
+    return out

@@ -1,0 +1,77 @@
+"""docs/CLAIMS.md from the rows' results: a summary table grouped by paper, then one paragraph per row."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from moelab.claims.record import ClaimResult
+
+PAPERS = ("OpenMoE", "RMoE", "A Closer Look", "OLMoE", "Sparse upcycling", "Interventions")
+
+HEADER = """# The papers' claims, measured
+
+Each row states a claim of OpenMoE, RMoE, A Closer Look or OLMoE (or a question the interventions answer),
+what the paper reports, moelab's measurement on models trained on this machine, and a verdict that follows
+mechanically from the 95% interval, the null and the claim's margin (`src/moelab/claims/verdict.py`):
+**reproduced** when the whole interval lies beyond the null in the claimed direction and the value clears
+the margin, **not reproduced** when the interval rules out an effect of the margin's size (or lies on the
+wrong side), **inconclusive** otherwise. The models are tiny (a few million parameters, minutes of training
+on 2 CPU cores), so a verdict is about this scale; each row's note says what that does.
+
+Written by `python benchmarks/claims.py` from the JSON results in `docs/claims/`; re-run one row with the
+command in its last column (cached models are reused; `--fresh` retrains).
+"""
+
+
+def fmt(v: float, unit: str = "") -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    a = abs(v)
+    s = f"{v:.0f}" if a >= 1000 else f"{v:.3g}" if a >= 0.01 or a == 0 else f"{v:.2e}"
+    return s + unit
+
+
+def cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def summary_line(r: ClaimResult) -> str:
+    m, u = r.measure, r.unit
+    value = f"{fmt(m.value)} [{fmt(m.ci_low)}, {fmt(m.ci_high)}]{u}"
+    null = fmt(m.null) + (f" ± {fmt(m.null_sd)}" if m.null_sd is not None and math.isfinite(m.null_sd) else "")
+    sign = ">" if r.test.direction == "greater" else "<"
+    need = f"{sign} null" + (f" by {fmt(r.test.margin, u)}" if r.test.margin else "")
+    return (f"| [{r.row}](#{r.row}) | {cell(r.claim)} | {cell(r.paper_number)} | {value} | {null} | {need} | "
+            f"**{r.verdict}** | {r.seeds} |")
+
+
+def details(r: ClaimResult) -> str:
+    secs = ("" if not math.isfinite(r.seconds) else
+            f" Wall time of its last run: {r.seconds / 60:.1f} min (training it found cached not repeated).")
+    lines = [f"### {r.row}", "", f"**Claim ({r.paper}).** {r.claim} Paper: {r.paper_number}", "",
+             f"**Measured.** {r.measured}", "", f"**Setup.** {r.setup} Seeds: {r.seeds}.{secs}", "",
+             f"**Verdict: {r.verdict}**: {r.reason}." + (f" {r.note}" if r.note else ""), "",
+             f"Re-run: `{r.command}`", ""]
+    return "\n".join(lines)
+
+
+def render(results: Mapping[str, ClaimResult], order: Sequence[str]) -> str:
+    """Rows in registry order, then any result whose row is no longer registered (marked as such)."""
+    rows = [results[n] for n in order if n in results]
+    rows += [r for n, r in sorted(results.items()) if n not in order]
+    missing = [n for n in order if n not in results]
+    out = [HEADER]
+    counts = {v: sum(r.verdict == v for r in rows) for v in ("reproduced", "not reproduced", "inconclusive")}
+    out.append(f"{len(rows)} rows: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."
+               + (f" Not yet run: {', '.join(missing)}." if missing else "") + "\n")
+    for paper in PAPERS + tuple(sorted({r.paper for r in rows} - set(PAPERS))):
+        group = [r for r in rows if r.paper == paper]
+        if not group:
+            continue
+        out += [f"## {paper}", "",
+                "| row | claim | paper | moelab: value [95% CI] | null | needs | verdict | seeds |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [summary_line(r) for r in group] + [""]
+    out += ["## Rows in detail", ""] + [details(r) for r in rows]
+    return "\n".join(out).rstrip() + "\n"

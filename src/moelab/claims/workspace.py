@@ -1,0 +1,181 @@
+"""A cache of what rows share: corpora, trained runs, traces and analyses, each made once per settings.
+
+Every artefact lives in its own folder with a `claims-settings.json` stamp; a folder whose stamp differs
+from the settings asked for (or that never finished: no stamp) is rebuilt, so a changed row never reads a
+stale model. `Scale` holds the sizes every row derives its runs from; `Scale.smoke()` makes each row run
+in seconds for the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+STAMP = "claims-settings.json"
+# Code, English prose, math, and the same UI strings in three more languages (as the demo).
+SOURCES = ("stdlib-code", "python-docs", "math:4000", "gettext:de", "gettext:fr", "gettext:ja")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    steps: int = 400
+    seq_len: int = 128
+    batch_size: int = 16
+    vocab_size: int = 4096
+    max_bytes_per_source: int = 1_000_000
+    eval_tokens: int = 16384
+    trace_tokens: int = 0  # 0: the whole held-out split
+    seeds: int = 3
+    threads: int = 0
+
+    @classmethod
+    def smoke(cls) -> "Scale":
+        return cls(steps=6, seq_len=32, batch_size=4, vocab_size=512, max_bytes_per_source=40_000,
+                   eval_tokens=512, trace_tokens=2048, seeds=2)
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps x {self.batch_size} x {self.seq_len} tokens "
+                f"({self.steps * self.batch_size * self.seq_len:,} training tokens) per model")
+
+
+def _key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Workspace:
+    def __init__(self, root: str | Path, scale: Scale = Scale(), *, fresh: bool = False,
+                 log: Callable[[str], None] = say):
+        self.root, self.scale, self.fresh, self.log = Path(root), scale, fresh, log
+        self._fresh_done: set[Path] = set()
+
+    # ---- the cache mechanism --------------------------------------------------------------------------
+    def _cached(self, folder: Path, settings: dict[str, Any], make: Callable[[Path], None]) -> Path:
+        stamp = folder / STAMP
+        want = {"settings": settings, "key": _key(settings)}
+        redo = self.fresh and folder not in self._fresh_done
+        if not redo and stamp.is_file():
+            try:
+                if json.loads(stamp.read_text()) == json.loads(json.dumps(want, default=str)):
+                    return folder
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        make(folder)
+        stamp.write_text(json.dumps(want, indent=1, default=str))
+        self._fresh_done.add(folder)
+        return folder
+
+    # ---- corpora ----------------------------------------------------------------------------------------
+    def corpus(self, name: str = "main", sources: Sequence[str] = SOURCES, vocab_size: int | None = None) -> Path:
+        from moelab.data.build import build_corpus
+
+        s = self.scale
+        vocab = vocab_size or s.vocab_size
+        settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source}
+
+        def make(folder: Path) -> None:
+            self.log(f"[claims] corpus {name}: {', '.join(sources)}")
+            build_corpus(folder / "corpus", list(sources), vocab_size=vocab,
+                         max_bytes_per_source=s.max_bytes_per_source, seed=0)
+
+        return self._cached(self.root / "corpora" / name, settings, make) / "corpus"
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def run(self, name: str, preset: str, overrides: Sequence[str] = (), *, corpus: Path | None = None,
+            seed: int = 0, snapshots: int = 0, init_from: Path | None = None, model: dict | None = None,
+            steps: int | None = None) -> Path:
+        """Train `preset` (+ overrides) once; `snapshots` intermediate checkpoints evenly spaced (the
+        early-routing rows); `init_from` an upcycled checkpoint; `model` a full model table instead of
+        the preset's. Returns the run folder."""
+        from moelab.train.commands import build_run_config
+        from moelab.train.loop import train
+
+        s = self.scale
+        corpus = corpus or self.corpus()
+        steps = steps or s.steps
+        sets = [f"train.steps={steps}", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
+                f"model.vocab_size={_corpus_vocab(corpus)}", f"train.seed={seed}", "train.log_every=10",
+                f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_tokens={s.eval_tokens}",
+                "train.tensorboard=false", f"train.threads={s.threads}",
+                f"train.save_every={max(1, steps // (snapshots + 1)) if snapshots else steps}", *overrides]
+        settings = {"preset": preset, "sets": sets, "corpus": str(corpus), "init_from": str(init_from or ""),
+                    "model": model}
+
+        def make(folder: Path) -> None:
+            run = build_run_config(preset, str(corpus), sets, model=model)
+            self.log(f"[claims] training {name}: {run.model.num_active_params():,} active of "
+                     f"{run.model.num_params():,} parameters, {steps} steps")
+            train(run, folder, init_from=init_from, show_progress=False, overwrite=True)
+
+        return self._cached(self.root / "runs" / name, settings, make)
+
+    # ---- tracing and analysis ---------------------------------------------------------------------------
+    def trace(self, checkpoint: Path, name: str, *, corpus: Path | None = None, all_experts: bool = False,
+              tokens: int | None = None, capacity: str = "trained") -> Path:
+        """A trace of the held-out split at the trained capacity ("trained") or dropless ("none")."""
+        corpus = corpus or _run_corpus(checkpoint)
+        tokens = tokens or self.scale.trace_tokens
+        settings = {"checkpoint": str(checkpoint), "corpus": str(corpus), "all_experts": all_experts,
+                    "tokens": tokens, "capacity": capacity, "seq_len": self.scale.seq_len,
+                    "batch_size": self.scale.batch_size}
+
+        def make(folder: Path) -> None:
+            _write_trace(checkpoint, corpus, folder / "trace.parquet", self.scale, all_experts, tokens, capacity)
+
+        return self._cached(self.root / "traces" / name, settings, make) / "trace.parquet"
+
+    def analyze(self, name: str, traces: Sequence[Path], *, names: Sequence[str] | None = None,
+                weights: Sequence[Path] | None = None, early: dict[str, Sequence[Path]] | None = None,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`moelab analyze` over the traces once; returns metrics.json as a dict."""
+        from moelab.report.build import build_report
+
+        settings = {"traces": [str(t) for t in traces], "names": list(names or []),
+                    "weights": [str(w) for w in weights or []],
+                    "early": {k: [str(p) for p in v] for k, v in (early or {}).items()}, "options": options}
+
+        def make(folder: Path) -> None:
+            self.log(f"[claims] analysing {name}")
+            build_report(list(traces), folder, weights=weights, names=names, early=early, options=options)
+
+        folder = self._cached(self.root / "reports" / name, settings, make)
+        return json.loads((folder / "metrics.json").read_text())
+
+
+def _corpus_vocab(corpus: Path) -> int:
+    return int(json.loads((corpus / "corpus.json").read_text())["tokenizer"]["vocab_size"])
+
+
+def _run_corpus(checkpoint: Path) -> Path:
+    from moelab.train.checkpoint import read_checkpoint_config
+
+    return Path(read_checkpoint_config(checkpoint)["data"]["path"])
+
+
+def _write_trace(checkpoint: Path, corpus: Path, out: Path, s: Scale, all_experts: bool, tokens: int,
+                 capacity: str) -> None:
+    from moelab.data.objectives import iter_sequential
+    from moelab.data.shards import load_corpus
+    from moelab.trace.build import trace_batches, trace_meta
+    from moelab.train.checkpoint import checkpoint_step, load_model
+
+    c = load_corpus(corpus)
+    model = load_model(checkpoint)
+    cf = model.config.moe.capacity_factor_train if capacity == "trained" else None
+    meta = trace_meta(model, cf, checkpoint_step(checkpoint), str(corpus / "tokenizer.json"), "moelab",
+                      c.domains, c.langs)
+    meta.extra["batch_seqs"] = s.batch_size  # the capacity batch, for the queue-only drop baseline
+    batches = iter_sequential(c, seq_len=s.seq_len, batch_size=s.batch_size, split="heldout")
+    trace_batches(model, batches, out, meta, max_tokens=tokens or c.info["splits"]["heldout"]["tokens"],
+                  capacity_factor=cf, all_experts=all_experts)

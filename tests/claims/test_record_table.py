@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from moelab.claims.heldout import two_level_bootstrap
+from moelab.claims.record import ClaimResult, read_results, write_result
+from moelab.claims.table import render
+from moelab.claims.verdict import Claim, Measure
+from moelab.config import MoelabError
+
+
+def result(row="r1", value=0.3, paper="OpenMoE"):
+    return ClaimResult(row=row, paper=paper, claim="c", paper_number="p", measured="m",
+                       measure=Measure(value, value - 0.1, value + 0.1, 0.0, 0.01), test=Claim("greater", 0.05),
+                       setup="s", seeds=2, details={"x": [float("nan"), 1.0]})
+
+
+def test_roundtrip_recomputes_the_verdict(tmp_path):
+    write_result(result(), tmp_path)
+    d = json.loads((tmp_path / "r1.json").read_text())
+    assert d["verdict"] == "reproduced" and d["details"]["x"] == [None, 1.0]
+    d["verdict"], d["measure"]["ci_low"] = "reproduced", -1.0  # a hand-edited result cannot keep its verdict
+    (tmp_path / "r1.json").write_text(json.dumps(d))
+    assert read_results(tmp_path)["r1"].verdict == "inconclusive"
+
+
+def test_corrupt_result_is_one_error(tmp_path):
+    (tmp_path / "bad.json").write_text('{"schema": 1, "row": "x"}')
+    with pytest.raises(MoelabError, match="bad.json is not a claims result"):
+        read_results(tmp_path)
+    (tmp_path / "bad.json").write_text("[1")
+    with pytest.raises(MoelabError, match="not readable JSON"):
+        read_results(tmp_path)
+
+
+def test_render_orders_by_paper_and_lists_missing_rows():
+    md = render({"b": result("b", paper="RMoE"), "a": result("a", -0.5)}, ["a", "b", "c"])
+    assert md.index("## OpenMoE") < md.index("## RMoE") < md.index("### a") < md.index("### b")
+    assert "Not yet run: c" in md and "1 reproduced, 1 not reproduced, 0 inconclusive" in md
+
+
+def test_two_level_bootstrap_planted_effect_and_nothing():
+    rng = np.random.default_rng(0)
+    counts_S = rng.integers(50, 100, 300).astype(float)
+    noise_NS = rng.normal(0, 0.5, (3, 300)) * np.sqrt(counts_S)
+    v, lo, hi = two_level_bootstrap(noise_NS, counts_S)  # nothing: the interval holds 0
+    assert lo < 0 < hi
+    v, lo, hi = two_level_bootstrap(noise_NS + 0.2 * counts_S, counts_S)  # 0.2 per token planted
+    assert lo < 0.2 < hi and lo > 0.1
+    # A seed effect: seeds disagree by far more than the sequences' noise, so the interval must widen.
+    seeded_NS = noise_NS + np.array([[0.0], [0.4], [0.8]]) * counts_S
+    _, lo2, hi2 = two_level_bootstrap(seeded_NS, counts_S)
+    _, lo1, hi1 = two_level_bootstrap(seeded_NS[:1], counts_S)
+    assert hi2 - lo2 > 5 * (hi1 - lo1)
