@@ -52,20 +52,31 @@ def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torc
                                   f"replays (same --seq-len, --split and corpus as the trace?)")
 
 
+def model_layout(model) -> tuple[dict[int, tuple[int, int]], int]:
+    """({MoE block: (experts, top_k)}, number of blocks) of a moelab decoder or a transformers MoE model."""
+    layers = moe_blocks(model)
+    if layers:
+        return {b: (m.num_experts, m.router.top_k) for b, m in layers.items()}, len(model.blocks)
+    from moelab.intervene.hf_edit import hf_moe
+
+    moe = hf_moe(model)
+    return moe.layout(), moe.num_layers
+
+
 def fit_to_model(seqs: list[np.ndarray], blocks_L, model, where: str) -> tuple[list[np.ndarray], list[int]]:
     """Check the replay came from this model's shape; keep its MoE layers. One line naming what differs."""
-    layers = moe_blocks(model)
-    moe = sorted(layers)
+    layout, n_blocks = model_layout(model)
+    moe = sorted(layout)
     if not seqs:
         raise MoelabError(f"{where} holds no sequences")
     L, K = seqs[0].shape[1:]
-    if L == len(model.blocks) and L != len(moe):  # an array over every layer: dense layers must be all -1
-        dense = [b for b in range(L) if b not in layers]
+    if L == n_blocks and L != len(moe):  # an array over every layer: dense layers must be all -1
+        dense = [b for b in range(L) if b not in layout]
         if any((s[:, dense] >= 0).any() for s in seqs):
             raise MoelabError(f"{where} routes tokens in dense blocks {dense}: it comes from another model")
         seqs, L = [s[:, moe] for s in seqs], len(moe)
         blocks_L = None
-    K_model = layers[moe[0]].router.top_k
+    K_model = layout[moe[0]][1]
     if L != len(moe) or K != K_model:
         raise MoelabError(f"{where} has {L} layers x top-{K}, this model has {len(moe)} MoE layers x top-{K_model}: "
                           f"it comes from another model")
@@ -74,8 +85,8 @@ def fit_to_model(seqs: list[np.ndarray], blocks_L, model, where: str) -> tuple[l
                           f"it comes from another model")
     for i, b in enumerate(moe):
         top = max(int(s[:, i].max(initial=-1)) for s in seqs)
-        if top >= layers[b].num_experts:
-            raise MoelabError(f"{where} uses expert {top} in block {b}, which has {layers[b].num_experts}: "
+        if top >= layout[b][0]:
+            raise MoelabError(f"{where} uses expert {top} in block {b}, which has {layout[b][0]}: "
                               f"it comes from another model")
     return seqs, moe
 
