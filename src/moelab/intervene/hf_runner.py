@@ -31,6 +31,12 @@ def layout(model) -> dict[int, tuple[int, int]]:
     return _moe(model).layout()
 
 
+def max_top_k(model) -> int:
+    """The largest k a top-k sweep can set on every MoE block: a group limit leaves topk_group groups."""
+    rules = _moe(model).rules.values()
+    return min(r.num_experts // r.n_group * r.topk_group if r.n_group else r.num_experts for r in rules)
+
+
 def logits(model, input_ids_BS: torch.Tensor, edits: dict[int, RoutingEdit]) -> torch.Tensor:
     with edit_hf_routing(model, edits, _moe(model)):
         return model(input_ids=input_ids_BS.long(), use_cache=False).logits

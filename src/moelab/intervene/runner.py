@@ -120,6 +120,11 @@ def layout(model) -> dict[int, tuple[int, int]]:
     return {b: (m.num_experts, m.router.top_k) for b, m in moe_blocks(model).items()}
 
 
+def max_top_k(model) -> int:
+    """The largest k a top-k sweep can set on every MoE block."""
+    return min(m.num_experts for m in moe_blocks(model).values())
+
+
 @torch.no_grad()
 def edited_loss(model, input_ids_BS, labels_BS, edits: dict[int, RoutingEdit], cf) -> tuple[torch.Tensor, float]:
     """Per-token loss [B, S-1] under `edits`, and the share of choices dropped."""
