@@ -104,13 +104,14 @@ def parse_factors(text: str) -> list[float | None]:
     return out
 
 
-def _load(args):
-    """(source, model, batches, cf, label names, runner module) of a moelab checkpoint or, with --hf, a
-    transformers model."""
+def _open(args):
+    """(source, model, batches, cf, label names, runner module, load) of a moelab checkpoint or, with --hf, a
+    transformers model. With --hf the model is first built without weights (enough for every check) and
+    `load()` reads them; for a checkpoint `load()` returns the model."""
     if args.hf:
         if args.model:
             raise MoelabError("give either a checkpoint or --hf NAME, not both")
-        return _load_hf(args)
+        return _open_hf(args)
     if not args.model:
         raise MoelabError("give a checkpoint (or --hf NAME) to intervene on")
     from moelab.data.objectives import iter_sequential
@@ -137,12 +138,11 @@ def _load(args):
                               split=args.split)
     cf = parse_capacity(args.capacity_factor, model.config)
     names = {"domain": list(corpus.domains), "lang": list(corpus.langs)}
-    return str(ckpt), model, take_batches(batches, args.tokens), cf, names, runner
+    return str(ckpt), model, take_batches(batches, args.tokens), cf, names, runner, lambda: model
 
 
-def _load_hf(args):
-    """As `trace --hf` loads: the tokenizer checked against the corpus and the family checked on a weightless
-    build before any weight is read."""
+def _open_hf(args):
+    """As `trace --hf` loads: the family checked on a weightless build, the tokenizer against the corpus."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.hf.families import read_hf_config
@@ -157,14 +157,26 @@ def _load_hf(args):
                           "sweep); convert the model with `moelab convert --from-hf` to sweep capacity")
     folder = resolve_hf(args.hf)
     raw = read_hf_config(folder)
+    meta = preflight(folder, raw.get("model_type"))
+    hf_moe(meta, raw.get("model_type"))  # a family moelab cannot edit
     corpus = load_corpus(args.data)
     check_tokenizer(folder, Path(args.data), corpus, config_vocab(raw))
-    hf_moe(preflight(folder, raw.get("model_type")), raw.get("model_type"))  # a family moelab cannot edit
-    model = load_hf_model(folder, args.device, dtype=args.dtype)
     batches = iter_sequential(corpus, seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
                               split=args.split)
     names = {"domain": list(corpus.domains), "lang": list(corpus.langs)}
-    return f"hf:{args.hf}", model, take_batches(batches, args.tokens), None, names, hf_runner
+
+    def load():
+        from transformers.utils import logging
+
+        shown = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # a refusal after loading stays one line
+        try:
+            return load_hf_model(folder, args.device, dtype=args.dtype)
+        finally:
+            if shown:
+                logging.enable_progress_bar()
+
+    return f"hf:{args.hf}", meta, take_batches(batches, args.tokens), None, names, hf_runner, load
 
 
 def run_intervene(args) -> int:
@@ -180,7 +192,7 @@ def run_intervene(args) -> int:
 
     if any(p not in POLICIES for p in policies):
         raise MoelabError(f"--policies {args.policies!r}: allowed are {', '.join(POLICIES)}")
-    source, model, batches, cf, names, ops = _load(args)
+    source, model, batches, cf, names, ops, load = _open(args)
     layout = ops.layout(model)  # MoE block -> (experts, top_k)
     targets = parse_ablate(args.ablate, {b: E for b, (E, _) in layout.items()})
     _check_naee(args, layout, targets)
@@ -191,6 +203,7 @@ def run_intervene(args) -> int:
         from moelab.intervene.study import prepare_replay
 
         replay = prepare_replay(model, batches, args.replay)
+    model = load()
     result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
     out = Path(args.out)
     if targets:

@@ -110,7 +110,7 @@ def k_cosines(model, input_ids_BS, valid_T: torch.Tensor, cf=None) -> dict[int, 
 
 
 @torch.no_grad()
-def expert_calls(model, input_ids_BS):
+def expert_calls(model, input_ids_BS, cf=None):
     """Per MoE block: (E, x_TD, ids_TK, weights_TK, dropped_TK, expert_output(x_RD, e) -> y_RD)."""
     moe, out = _moe(model), {}
     for b, call in _block_calls(model, input_ids_BS).items():

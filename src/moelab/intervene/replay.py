@@ -39,6 +39,20 @@ def read_replay_file(path: str | Path):
     return [s.ids_TLK for s in seqs], blocks, tokens
 
 
+def check_family(path: str | Path, model) -> None:
+    """A trace records the config of the model it came from: a transformers trace of another family (same
+    shape or not) is another model's routing. Checkpoints of one family may replay each other's routing."""
+    if Path(path).suffix != ".parquet":
+        return
+    from moelab.trace.io import open_trace
+
+    theirs = (open_trace(path).meta.model_config or {}).get("model_type")
+    ours = getattr(getattr(model, "config", None), "model_type", None)
+    if theirs and ours and theirs != ours:
+        raise MoelabError(f"{path} is a trace of a {theirs!r} model, this model is {ours!r}: "
+                          f"it comes from another model")
+
+
 def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torch.Tensor, where: str) -> None:
     """A replay of other tokens than the batch would force routes onto the wrong tokens: refuse it."""
     if tokens is None:
