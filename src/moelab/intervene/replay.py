@@ -39,18 +39,24 @@ def read_replay_file(path: str | Path):
     return [s.ids_TLK for s in seqs], blocks, tokens
 
 
-def check_family(path: str | Path, model) -> None:
-    """A trace records the config of the model it came from: a transformers trace of another family (same
-    shape or not) is another model's routing. Checkpoints of one family may replay each other's routing."""
+def check_trace_model(path: str | Path, model) -> None:
+    """A trace records the model it came from: another transformers family (same shape or not), or other
+    expert counts per layer, is another model's routing. Checkpoints of one architecture may replay each
+    other's routing (the point of replay), so weights are not compared."""
     if Path(path).suffix != ".parquet":
         return
     from moelab.trace.io import open_trace
 
-    theirs = (open_trace(path).meta.model_config or {}).get("model_type")
+    meta = open_trace(path).meta
+    theirs = (meta.model_config or {}).get("model_type")
     ours = getattr(getattr(model, "config", None), "model_type", None)
     if theirs and ours and theirs != ours:
         raise MoelabError(f"{path} is a trace of a {theirs!r} model, this model is {ours!r}: "
                           f"it comes from another model")
+    experts = [E for _, (E, _) in sorted(model_layout(model)[0].items())]
+    if len(meta.num_experts) == len(experts) and list(meta.num_experts) != experts:
+        raise MoelabError(f"{path} records {list(meta.num_experts)} experts per MoE layer, this model has "
+                          f"{experts}: it comes from another model")
 
 
 def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torch.Tensor, where: str) -> None:

@@ -174,10 +174,10 @@ def cosine_study(model, batches, cf, ops=runner) -> dict[int, dict[str, float]]:
 
 def prepare_replay(model, batches, path):
     """Read a replay file and check it against the model and the corpus rows it will replay."""
-    from moelab.intervene.replay import check_family, check_tokens, fit_to_model, read_replay_file
+    from moelab.intervene.replay import check_trace_model, check_tokens, fit_to_model, read_replay_file
 
     seqs, blocks_L, tokens = read_replay_file(path)
-    check_family(path, model)
+    check_trace_model(path, model)
     seqs, blocks = fit_to_model(seqs, blocks_L, model, str(path))
     offset = 0
     for batch in batches:
