@@ -1,4 +1,4 @@
-"""`moelab intervene CKPT --data DIR --out DIR`: expert ablation, top-k and capacity sweeps over a corpus;
+"""`moelab intervene CKPT|--hf MODEL --data DIR --out DIR`: expert ablation, top-k and capacity sweeps over a corpus;
 `moelab diff T1 T2`: how two traces of the same tokens route differently. Results: JSON (+ Parquet deltas)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ABLATE_HELP = ("BLOCK:E (one expert), BLOCK:E,E,... (those experts removed toget
 def register(sub) -> None:
     p = sub.add_parser("intervene", help="causal tests: ablate experts, sweep top-k and capacity",
                        description="Change routing from outside and measure the loss per domain and language, "
-                                   "with 95%% bootstrap intervals over sequences.")
+                                   "with 95% bootstrap intervals over sequences. Works on a moelab checkpoint "
+                                   "or, with --hf, on a transformers MoE model edited by hooks (no conversion).")
     p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder (or give --hf)")
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="a transformers MoE model (folder or hub name), edited by hooks without converting it; "

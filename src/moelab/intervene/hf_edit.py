@@ -58,7 +58,13 @@ def hf_rule(family: str, router: torch.nn.Module) -> HFRule:
         raise MoelabError(f"cannot edit the routing of {family!r}: its router ({type(router).__name__}) is not "
                           f"one linear map with an (experts, hidden) weight whose logits moelab can reselect from")
     E, K = int(weight.shape[0]), int(getattr(router, "top_k", 0))
-    if entry.rule == DSV3 and hasattr(router, "e_score_correction_bias"):
+    dsv3 = ("e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
+    if entry.rule == DSV3:
+        missing = [name for name in dsv3 if not hasattr(router, name)]
+        if missing:
+            raise MoelabError(f"cannot edit the routing of {family!r}: its DeepSeek-V3-style router "
+                              f"({type(router).__name__}) lacks {', '.join(missing)}, so its rule is not the one "
+                              f"moelab recomputes")
         return HFRule("sigmoid", E, K, bool(router.norm_topk_prob), float(router.routed_scaling_factor),
                       router.e_score_correction_bias, int(router.num_group), int(router.topk_group), 1e-20)
     if entry.score == "softmax" and entry.rule.startswith(SOFTMAX_TOPK) and "bias" not in entry.rule:
