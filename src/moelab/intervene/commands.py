@@ -153,9 +153,10 @@ def _open_hf(args):
     from moelab.intervene.study import take_batches
     from moelab.trace.hf import check_tokenizer, config_vocab, load_hf_model, preflight
 
-    if args.capacity_sweep:
-        raise MoelabError("--capacity-sweep with --hf: transformers MoE blocks are dropless (no capacity to "
-                          "sweep); convert the model with `moelab convert --from-hf` to sweep capacity")
+    if args.capacity_sweep or args.capacity_factor != "eval":
+        flag = "--capacity-sweep" if args.capacity_sweep else "--capacity-factor"
+        raise MoelabError(f"{flag} with --hf: transformers MoE blocks are dropless (no capacity to set or "
+                          "sweep); convert the model with `moelab convert --from-hf` for capacity studies")
     folder = resolve_hf(args.hf)
     raw = read_hf_config(folder)
     meta = preflight(folder, raw.get("model_type"))
@@ -218,12 +219,7 @@ def run_intervene(args) -> int:
         if args.naee_keep:
             result["naee"] = _naee(args, model, batches, cf, names, targets, ops)
     if args.replay:
-        from moelab.intervene.study import run_replay
-
-        result["replay"] = rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed, ops)
-        print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
-              f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
-              f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
+        result["replay"] = _replay(args, model, batches, replay, cf, names, ops)
     result.update(_sweeps(args, model, batches, cf, names, factors, policies, ops))
     out.mkdir(parents=True, exist_ok=True)  # outputs only once every number is in
     if targets:
@@ -231,6 +227,16 @@ def run_intervene(args) -> int:
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")
     return 0
+
+
+def _replay(args, model, batches, replay, cf, names, ops) -> dict:
+    from moelab.intervene.study import run_replay
+
+    rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed, ops)
+    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
+          f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
+          f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
+    return rep
 
 
 def _observational(args, model, batches, cf, tokens, deltas, targets, ops) -> dict:
