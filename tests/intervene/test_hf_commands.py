@@ -116,7 +116,7 @@ def test_replay_of_the_own_trace_is_exact_and_one_changed_layer_acts_from_its_bl
     ("mixtral", ["--ablate", "1:6"], "expert 6 is out of range"),
     ("mixtral", ["--ablate", "7:0"], "block 7 is not an MoE layer"),
     ("mixtral", ["--capacity-sweep", "1"], "dropless"),
-    ("mixtral", ["--capacity-factor", "1.0"], "dropless"),
+    ("mixtral", ["--capacity-factor", "1.0", "--ablate", "1:0"], "dropless"),
     ("mixtral5", ["--replay", "trace.parquet"], "it comes from another model"),
     ("olmoe", ["--replay", "trace.parquet"], "a trace of a 'mixtral' model, this model is 'olmoe'"),
     ("mixtral", ["--replay", "trace.parquet", "--split", "train"], "other tokens than the corpus row"),
