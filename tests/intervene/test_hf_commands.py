@@ -134,3 +134,14 @@ def test_checkpoint_and_hf_together_is_refused(setup, tmp_path, capsys):
     assert main(["intervene", str(setup / "converted"), "--hf", str(setup / "mixtral"), "--data",
                  str(setup / "corpus"), "--out", str(tmp_path / "o"), "--ablate", "1:0"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_replay_array_exported_from_the_hf_trace_changes_nothing(setup, tmp_path):
+    """The RL contract: the trace exported as an int32 (tokens, layers, top_k) array, without the last token."""
+    arr = tmp_path / "r.safetensors"
+    assert main(["trace", "export", str(setup / "trace.parquet"), "--format", "replay", "--out", str(arr),
+                 "--without-last-token"]) == 0
+    assert main(["intervene", "--hf", str(setup / "mixtral"), "--data", str(setup / "corpus"), "--out",
+                 str(tmp_path / "iv"), "--replay", str(arr), *RUN]) == 0
+    rep = _json(tmp_path / "iv")["replay"]
+    assert rep["routes_changed"] == 0.0 and rep["delta"]["all"]["mean"] == 0.0
