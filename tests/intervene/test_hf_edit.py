@@ -85,9 +85,11 @@ def without_expert(model, block, e):
     return ref
 
 
-@pytest.mark.parametrize("family", [*SPECS, "deepseek_v3"])
-def test_own_k_is_the_model_itself(family):
-    model = dsv3() if family == "deepseek_v3" else build(family)
+@pytest.mark.parametrize("family,dtype", [*((f, torch.float32) for f in SPECS), ("deepseek_v3", torch.float32),
+                                          ("olmoe", torch.bfloat16), ("deepseek_v3", torch.bfloat16)])
+def test_own_k_is_the_model_itself(family, dtype):
+    """bf16 too: OLMoE hands the experts bf16 weights, DeepSeek-V3 routes in fp32 whatever the dtype."""
+    model = (dsv3() if family == "deepseek_v3" else build(family)).to(dtype)
     moe = hf_moe(model)
     base = run(model)
     assert torch.equal(run(model, {b: RoutingEdit() for b in moe.rules}), base)

@@ -187,7 +187,8 @@ class _Hooks:
             raise MoelabError(f"block {self.block}: the experts ran before the router in this forward")
         logits_TE, self.logits_TE = self.logits_TE, None
         K = own_ids.shape[-1]
-        ids_TK, w_TK = select(self.rule, logits_TE, RoutingEdit())
+        with torch.no_grad():
+            ids_TK, w_TK = select(self.rule, logits_TE, RoutingEdit())
         same = torch.equal(ids_TK.sort(-1).values, own_ids.reshape(-1, K).long().sort(-1).values) and torch.allclose(
             w_TK.sort(-1).values.to(own_weights.dtype), own_weights.reshape(-1, K).sort(-1).values,
             rtol=1e-3, atol=1e-6)
