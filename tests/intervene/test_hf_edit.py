@@ -192,3 +192,5 @@ def test_a_rule_that_misreads_the_router_is_caught_not_used():
     with pytest.raises(MoelabError, match="recomputation of block 0's routing differs from the model's own"):
         with torch.no_grad(), edit_hf_routing(model, {0: RoutingEdit(mask=(1,))}, moe):
             model(input_ids=IDS)
+    blk = moe.blocks[0]
+    assert not blk.router._forward_hooks and not blk.experts._forward_pre_hooks  # removed after the error
