@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trace"))
 from hf_tiny import tiny_config  # noqa: E402
 
 from moelab.cli import main  # noqa: E402
-from moelab.intervene.edit import RoutingEdit  # noqa: E402
 from moelab.intervene.hf_edit import edit_hf_routing  # noqa: E402
 
 VOCAB = 400

@@ -260,7 +260,8 @@ def _observational(args, model, batches, cf, tokens, deltas, targets, ops) -> di
         order[b] = [int(e) for e in np.argsort(np.asarray(score), kind="stable")]
     print(format_observational(result["observational_vs_causal"]))
     if args.prune_by:
-        result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": pruning_curve(model, batches, order, cf, ops)}
+        curve = pruning_curve(model, batches, order, cf, ops)
+        result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": curve}
         print("pruning by " + args.prune_by + ": " + "  ".join(
             f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
     return result
