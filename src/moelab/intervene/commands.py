@@ -1,4 +1,4 @@
-"""`moelab intervene CKPT --data DIR --out DIR`: expert ablation, top-k and capacity sweeps over a corpus;
+"""`moelab intervene CKPT|--hf MODEL --data DIR --out DIR`: expert ablation, top-k and capacity sweeps over a corpus;
 `moelab diff T1 T2`: how two traces of the same tokens route differently. Results: JSON (+ Parquet deltas)."""
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ ABLATE_HELP = ("BLOCK:E (one expert), BLOCK:E,E,... (those experts removed toget
 def register(sub) -> None:
     p = sub.add_parser("intervene", help="causal tests: ablate experts, sweep top-k and capacity",
                        description="Change routing from outside and measure the loss per domain and language, "
-                                   "with 95%% bootstrap intervals over sequences.")
-    p.add_argument("model", help="a moelab checkpoint or run folder")
+                                   "with 95% bootstrap intervals over sequences. Works on a moelab checkpoint "
+                                   "or, with --hf, on a transformers MoE model edited by hooks (no conversion).")
+    p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder (or give --hf)")
+    p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
+                   help="a transformers MoE model (folder or hub name), edited by hooks without converting it; "
+                        "the corpus must be built with its tokenizer")
+    p.add_argument("--device", default=None, help="--hf: device to run on (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="--hf: auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--data", required=True, help="corpus folder (moelab data build)")
     p.add_argument("--out", required=True, help="folder for intervene.json (and ablation_deltas.parquet)")
     p.add_argument("--ablate", action="append", default=[], metavar="SPEC", help=ABLATE_HELP)
@@ -34,14 +40,18 @@ def register(sub) -> None:
                         "sequence i replays corpus row i; -1 or a missing last token routes normally")
     p.add_argument("--topk-sweep", action="store_true", help="loss for k = 1..E; k=1 vs full-k output cosines")
     p.add_argument("--capacity-sweep", default=None, metavar="CF,...",
-                   help="capacity factors to try, e.g. 0.5,1,1.25,2,none (none = dropless)")
+                   help="capacity factors to try, e.g. 0.5,1,1.25,2,none (none = dropless); not with --hf "
+                        "(transformers MoE blocks are dropless)")
     p.add_argument("--policies", default="openmoe,score", help="drop policies for --capacity-sweep")
     p.add_argument("--tokens", type=positive_int, default=65536, help="predicted tokens to use")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("--capacity-factor", default="eval",
-                   help="the run's capacity: eval (the config's), train, none (dropless) or a number")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's training seq_len")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the checkpoint's batch size")
+                   help="the run's capacity: eval (the config's), train, none (dropless) or a number "
+                        "(moelab checkpoints only)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="default: the checkpoint's training seq_len (--hf: 256)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="default: the checkpoint's batch size (--hf: 8)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_intervene)
@@ -95,10 +105,20 @@ def parse_factors(text: str) -> list[float | None]:
     return out
 
 
-def _load(args):
+def _open(args):
+    """(source, model, batches, cf, label names, runner module, load) of a moelab checkpoint or, with --hf, a
+    transformers model. With --hf the model is first built without weights (enough for every check) and
+    `load()` reads them; for a checkpoint `load()` returns the model."""
+    if args.hf:
+        if args.model:
+            raise MoelabError("give either a checkpoint or --hf NAME, not both")
+        return _open_hf(args)
+    if not args.model:
+        raise MoelabError("give a checkpoint (or --hf NAME) to intervene on")
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.data.tokenizer import check_vocab_fits
+    from moelab.intervene import runner
     from moelab.intervene.study import take_batches
     from moelab.trace.commands import parse_capacity
     from moelab.train.checkpoint import checkpoint_data, load_model
@@ -119,11 +139,49 @@ def _load(args):
                               split=args.split)
     cf = parse_capacity(args.capacity_factor, model.config)
     names = {"domain": list(corpus.domains), "lang": list(corpus.langs)}
-    return ckpt, model, take_batches(batches, args.tokens), cf, names
+    return str(ckpt), model, take_batches(batches, args.tokens), cf, names, runner, lambda: model
+
+
+def _open_hf(args):
+    """As `trace --hf` loads: the family checked on a weightless build, the tokenizer against the corpus."""
+    from moelab.data.objectives import iter_sequential
+    from moelab.data.shards import load_corpus
+    from moelab.hf.families import read_hf_config
+    from moelab.hf.hub import resolve_hf
+    from moelab.intervene import hf_runner
+    from moelab.intervene.hf_edit import hf_moe
+    from moelab.intervene.study import take_batches
+    from moelab.trace.hf import check_tokenizer, config_vocab, load_hf_model, preflight
+
+    if args.capacity_sweep or args.capacity_factor != "eval":
+        flag = "--capacity-sweep" if args.capacity_sweep else "--capacity-factor"
+        raise MoelabError(f"{flag} with --hf: transformers MoE blocks are dropless (no capacity to set or "
+                          "sweep); convert the model with `moelab convert --from-hf` for capacity studies")
+    folder = resolve_hf(args.hf)
+    raw = read_hf_config(folder)
+    meta = preflight(folder, raw.get("model_type"))
+    hf_moe(meta, raw.get("model_type"))  # a family moelab cannot edit
+    corpus = load_corpus(args.data)
+    check_tokenizer(folder, Path(args.data), corpus, config_vocab(raw))
+    batches = iter_sequential(corpus, seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
+                              split=args.split)
+    names = {"domain": list(corpus.domains), "lang": list(corpus.langs)}
+
+    def load():
+        from transformers.utils import logging
+
+        shown = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # a refusal after loading stays one line
+        try:
+            return load_hf_model(folder, args.device, dtype=args.dtype)
+        finally:
+            if shown:
+                logging.enable_progress_bar()
+
+    return f"hf:{args.hf}", meta, take_batches(batches, args.tokens), None, names, hf_runner, load
 
 
 def run_intervene(args) -> int:
-    from moelab.intervene.edit import moe_blocks
     from moelab.intervene.tables import format_ablation, write_deltas
     from moelab.outpath import check_writable_dir
 
@@ -136,9 +194,10 @@ def run_intervene(args) -> int:
 
     if any(p not in POLICIES for p in policies):
         raise MoelabError(f"--policies {args.policies!r}: allowed are {', '.join(POLICIES)}")
-    ckpt, model, batches, cf, names = _load(args)
-    targets = parse_ablate(args.ablate, {b: m.num_experts for b, m in moe_blocks(model).items()})
-    _check_naee(args, model, targets)
+    source, model, batches, cf, names, ops, load = _open(args)
+    layout = ops.layout(model)  # MoE block -> (experts, top_k)
+    targets = parse_ablate(args.ablate, {b: E for b, (E, _) in layout.items()})
+    _check_naee(args, layout, targets)
     if args.prune_by and not any(len(e) == 1 for _, e in targets):
         raise MoelabError("--prune-by needs the experts of a block ablated one at a time (--ablate BLOCK:all)")
     replay = None
@@ -146,26 +205,22 @@ def run_intervene(args) -> int:
         from moelab.intervene.study import prepare_replay
 
         replay = prepare_replay(model, batches, args.replay)
-    result = {"checkpoint": str(ckpt), "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
+    model = load()
+    result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
     out = Path(args.out)
     if targets:
         from moelab.intervene.study import ablation_results, run_ablation
 
-        tokens, base, deltas = run_ablation(model, batches, targets, cf)
+        tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops)
         result["tokens"] = len(base)
         result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed)
         print(format_ablation(result["ablation"]))
-        result.update(_observational(args, model, batches, cf, tokens, deltas, targets))
+        result.update(_observational(args, model, batches, cf, tokens, deltas, targets, ops))
         if args.naee_keep:
-            result["naee"] = _naee(args, model, batches, cf, names, targets)
+            result["naee"] = _naee(args, model, batches, cf, names, targets, ops)
     if args.replay:
-        from moelab.intervene.study import run_replay
-
-        result["replay"] = rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed)
-        print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
-              f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
-              f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
-    result.update(_sweeps(args, model, batches, cf, names, factors, policies))
+        result["replay"] = _replay(args, model, batches, replay, cf, names, ops)
+    result.update(_sweeps(args, model, batches, cf, names, factors, policies, ops))
     out.mkdir(parents=True, exist_ok=True)  # outputs only once every number is in
     if targets:
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
@@ -174,17 +229,27 @@ def run_intervene(args) -> int:
     return 0
 
 
-def _observational(args, model, batches, cf, tokens, deltas, targets) -> dict:
+def _replay(args, model, batches, replay, cf, names, ops) -> dict:
+    from moelab.intervene.study import run_replay
+
+    rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed, ops)
+    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
+          f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
+          f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
+    return rep
+
+
+def _observational(args, model, batches, cf, tokens, deltas, targets, ops) -> dict:
     """Blocks whose every expert was ablated alone: observational vs causal ranks, and the pruning curve."""
     from moelab.intervene.observe import obs_vs_causal, observe, pruning_curve, scores_from
     from moelab.intervene.tables import format_observational
 
-    E = {b: model.blocks[b].moe.num_experts for b, _ in targets}
+    E = {b: ops.layout(model)[b][0] for b, _ in targets}
     rows = {b: {e[0]: i for i, (bb, e) in enumerate(targets) if bb == b and len(e) == 1} for b in E}
     full = [b for b in E if len(rows[b]) == E[b]]
     if not full:
         return {}
-    sums = observe(model, batches, cf)
+    sums = observe(model, batches, cf, ops)
     result = {"observational_vs_causal": {}}
     order = {}
     for b in full:
@@ -195,28 +260,29 @@ def _observational(args, model, batches, cf, tokens, deltas, targets) -> dict:
         order[b] = [int(e) for e in np.argsort(np.asarray(score), kind="stable")]
     print(format_observational(result["observational_vs_causal"]))
     if args.prune_by:
-        result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": pruning_curve(model, batches, order, cf)}
+        curve = pruning_curve(model, batches, order, cf, ops)
+        result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": curve}
         print("pruning by " + args.prune_by + ": " + "  ".join(
             f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
     return result
 
 
-def _check_naee(args, model, targets) -> None:
+def _check_naee(args, layout, targets) -> None:
     for block in {b for b, _ in targets} if args.naee_keep else ():
-        E, k = model.blocks[block].moe.num_experts, model.blocks[block].moe.router.top_k
+        E, k = layout[block]
         if E > 8 or not k <= args.naee_keep < E:
             raise MoelabError(f"--naee-keep {args.naee_keep}: block {block} has {E} experts, top-{k} (the search "
                               f"needs E <= 8 and top_k <= N < E)")
 
 
-def _naee(args, model, batches, cf, names, targets) -> dict:
+def _naee(args, model, batches, cf, names, targets, ops) -> dict:
     from moelab.intervene.study import naee_best, naee_targets, run_ablation
 
     out = {}
     for block in sorted({b for b, _ in targets}):
-        E = model.blocks[block].moe.num_experts
+        E = ops.layout(model)[block][0]
         subsets = naee_targets(block, E, args.naee_keep)
-        tokens, _, deltas = run_ablation(model, batches, subsets, cf)
+        tokens, _, deltas = run_ablation(model, batches, subsets, cf, ops=ops)
         out[str(block)] = best = naee_best(tokens, deltas, subsets, names, args.bootstrap, args.seed)
         print(f"NAEE block {block}: keep {args.naee_keep} of {E}, best removes {best['removed']}: "
               f"{best['effect']['all']['mean']:+.4f} [{best['effect']['all']['lo']:+.4f}, "
@@ -224,19 +290,19 @@ def _naee(args, model, batches, cf, names, targets) -> dict:
     return out
 
 
-def _sweeps(args, model, batches, cf, names, factors, policies) -> dict:
+def _sweeps(args, model, batches, cf, names, factors, policies, ops) -> dict:
     from moelab.intervene.study import capacity_edits, cosine_study, run_sweep, topk_edits
     from moelab.intervene.tables import format_sweep
 
     result = {}
     if args.topk_sweep:
-        E = min(m.num_experts for m in model.moe_layers())
-        result["topk"] = run_sweep(model, batches, topk_edits(E), cf, names, args.bootstrap, args.seed)
-        result["k1_cosine"] = {str(b): v for b, v in cosine_study(model, batches, cf).items()}
+        result["topk"] = run_sweep(model, batches, topk_edits(ops.max_top_k(model)), cf, names, args.bootstrap,
+                                   args.seed, ops)
+        result["k1_cosine"] = {str(b): v for b, v in cosine_study(model, batches, cf, ops).items()}
         print(format_sweep(result["topk"], "top-k sweep"))
     if factors:
         edits = capacity_edits(factors, policies)  # policies checked by edit_routing
-        result["capacity"] = run_sweep(model, batches, edits, cf, names, args.bootstrap, args.seed)
+        result["capacity"] = run_sweep(model, batches, edits, cf, names, args.bootstrap, args.seed, ops)
         print(format_sweep(result["capacity"], "capacity sweep"))
     return result
 

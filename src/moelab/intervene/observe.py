@@ -15,23 +15,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moelab.intervene.edit import RoutingEdit, edit_routing, moe_blocks
+from moelab.intervene.edit import RoutingEdit
 from moelab.intervene.stats import seq_totals, spearman
 
 SCORES = ("frequency", "gate_weighted", "activation_norm", "reap")
 
 
-def _layer_sums(layer, x_TD, routing, seq_T, valid_T, S: int) -> np.ndarray:
+def _layer_sums(call, seq_T, valid_T, S: int) -> np.ndarray:
     """[4, S, E] per-sequence sums: routed count, weight sum, output-norm sum, weight x norm sum."""
-    E = layer.num_experts
+    E, x_TD, ids_TK, weights_TK, dropped_TK, expert_output = call
     out = np.zeros((4, S, E))
-    routed_TK = (~routing.dropped_TK) & valid_T[:, None]
+    routed_TK = (~dropped_TK) & valid_T[:, None]
     for e in range(E):
-        t_R, k_R = ((routing.expert_ids_TK == e) & routed_TK).nonzero(as_tuple=True)
+        t_R, k_R = ((ids_TK == e) & routed_TK).nonzero(as_tuple=True)
         if not len(t_R):
             continue
-        norm_R = layer.experts.expert_output(x_TD[t_R], e).float().norm(dim=-1)
-        w_R = routing.weights_TK[t_R, k_R].float()
+        norm_R = expert_output(x_TD[t_R], e).float().norm(dim=-1)
+        w_R = weights_TK[t_R, k_R].float()
         seq_R = seq_T[t_R.cpu()].numpy()
         for i, v in enumerate((torch.ones_like(w_R), w_R, norm_R, w_R * norm_R)):
             out[i, :, e] += np.bincount(seq_R, weights=v.cpu().double().numpy(), minlength=S)
@@ -39,31 +39,23 @@ def _layer_sums(layer, x_TD, routing, seq_T, valid_T, S: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def observe(model, batches, cf) -> dict[int, np.ndarray]:
-    """Per MoE block: [4, S, E] per-sequence sums behind the four observational scores."""
-    layers = moe_blocks(model)
+def observe(model, batches, cf, ops=None) -> dict[int, np.ndarray]:
+    """Per MoE block: [4, S, E] per-sequence sums behind the four observational scores. `ops`: the
+    runner module of the model's kind (runner.py for moelab, hf_runner.py for transformers)."""
+    from moelab.intervene import runner
+
+    ops = ops or runner
     S = sum(b["input_ids"].shape[0] for b in batches)
-    sums = {b: np.zeros((4, S, layers[b].num_experts)) for b in layers}
-    seen: dict[int, tuple] = {}
-
-    def grab(module, args, output):
-        seen[module.layer] = (args[0], output.routing)
-
+    sums = {b: np.zeros((4, S, E)) for b, (E, _) in ops.layout(model).items()}
     device = next(model.parameters()).device
-    handles = [m.register_forward_hook(grab) for m in layers.values()]
-    try:
-        offset = 0
-        for batch in batches:
-            B, L = batch["input_ids"].shape
-            model(batch["input_ids"].to(device), capacity_factor=cf)
-            seq_T = torch.arange(offset, offset + B).repeat_interleave(L)
-            valid_T = (batch["labels"] != -100).reshape(-1).to(device)
-            for b, (x_TD, routing) in seen.items():
-                sums[b] += _layer_sums(layers[b], x_TD, routing, seq_T, valid_T, S)
-            offset += B
-    finally:
-        for h in handles:
-            h.remove()
+    offset = 0
+    for batch in batches:
+        B, L = batch["input_ids"].shape
+        seq_T = torch.arange(offset, offset + B).repeat_interleave(L)
+        valid_T = (batch["labels"] != -100).reshape(-1).to(device)
+        for b, call in ops.expert_calls(model, batch["input_ids"].to(device), cf).items():
+            sums[b] += _layer_sums(call, seq_T, valid_T, S)
+        offset += B
     return sums
 
 
@@ -101,22 +93,22 @@ def obs_vs_causal(sums_4SE, seq_N, deltas_EN, n_boot=1000, seed=0) -> dict:
 
 
 @torch.no_grad()
-def pruning_curve(model, batches, order: dict[int, list[int]], cf) -> list[dict]:
+def pruning_curve(model, batches, order: dict[int, list[int]], cf, ops=None) -> list[dict]:
     """Loss when the m first experts of each block's `order` (least important first) are removed from
     every listed block at once, for m = 0 .. E - top_k."""
-    from moelab.intervene.runner import token_loss
+    from moelab.intervene import runner
 
+    ops = ops or runner
     device = next(model.parameters()).device
-    layers = moe_blocks(model)
-    m_max = min(layers[b].num_experts - layers[b].router.top_k for b in order)
+    shape = ops.layout(model)
+    m_max = min(shape[b][0] - shape[b][1] for b in order)
     out = []
     for m in range(m_max + 1):
         edits = {b: RoutingEdit(mask=tuple(order[b][:m])) for b in order}
         total = count = 0.0
-        with edit_routing(model, edits):
-            for batch in batches:
-                loss = token_loss(model(batch["input_ids"].to(device), capacity_factor=cf).logits, batch["labels"])
-                total += float(torch.nansum(loss))
-                count += int((~torch.isnan(loss)).sum())
+        for batch in batches:
+            loss, _ = ops.edited_loss(model, batch["input_ids"].to(device), batch["labels"], edits, cf)
+            total += float(torch.nansum(loss))
+            count += int((~torch.isnan(loss)).sum())
         out.append({"removed_per_layer": m, "loss": total / count})
     return out

@@ -39,6 +39,26 @@ def read_replay_file(path: str | Path):
     return [s.ids_TLK for s in seqs], blocks, tokens
 
 
+def check_trace_model(path: str | Path, model) -> None:
+    """A trace records the model it came from: another transformers family (same shape or not), or other
+    expert counts per layer, is another model's routing. Checkpoints of one architecture may replay each
+    other's routing (the point of replay), so weights are not compared."""
+    if Path(path).suffix != ".parquet":
+        return
+    from moelab.trace.io import open_trace
+
+    meta = open_trace(path).meta
+    theirs = (meta.model_config or {}).get("model_type")
+    ours = getattr(getattr(model, "config", None), "model_type", None)
+    if theirs and ours and theirs != ours:
+        raise MoelabError(f"{path} is a trace of a {theirs!r} model, this model is {ours!r}: "
+                          f"it comes from another model")
+    experts = [E for _, (E, _) in sorted(model_layout(model)[0].items())]
+    if len(meta.num_experts) == len(experts) and list(meta.num_experts) != experts:
+        raise MoelabError(f"{path} records {list(meta.num_experts)} experts per MoE layer, this model has "
+                          f"{experts}: it comes from another model")
+
+
 def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torch.Tensor, where: str) -> None:
     """A replay of other tokens than the batch would force routes onto the wrong tokens: refuse it."""
     if tokens is None:
@@ -52,20 +72,31 @@ def check_tokens(tokens: list[np.ndarray] | None, first: int, input_ids_BS: torc
                                   f"replays (same --seq-len, --split and corpus as the trace?)")
 
 
+def model_layout(model) -> tuple[dict[int, tuple[int, int]], int]:
+    """({MoE block: (experts, top_k)}, number of blocks) of a moelab decoder or a transformers MoE model."""
+    layers = moe_blocks(model)
+    if layers:
+        return {b: (m.num_experts, m.router.top_k) for b, m in layers.items()}, len(model.blocks)
+    from moelab.intervene.hf_edit import hf_moe
+
+    moe = hf_moe(model)
+    return moe.layout(), moe.num_layers
+
+
 def fit_to_model(seqs: list[np.ndarray], blocks_L, model, where: str) -> tuple[list[np.ndarray], list[int]]:
     """Check the replay came from this model's shape; keep its MoE layers. One line naming what differs."""
-    layers = moe_blocks(model)
-    moe = sorted(layers)
+    layout, n_blocks = model_layout(model)
+    moe = sorted(layout)
     if not seqs:
         raise MoelabError(f"{where} holds no sequences")
     L, K = seqs[0].shape[1:]
-    if L == len(model.blocks) and L != len(moe):  # an array over every layer: dense layers must be all -1
-        dense = [b for b in range(L) if b not in layers]
+    if L == n_blocks and L != len(moe):  # an array over every layer: dense layers must be all -1
+        dense = [b for b in range(L) if b not in layout]
         if any((s[:, dense] >= 0).any() for s in seqs):
             raise MoelabError(f"{where} routes tokens in dense blocks {dense}: it comes from another model")
         seqs, L = [s[:, moe] for s in seqs], len(moe)
         blocks_L = None
-    K_model = layers[moe[0]].router.top_k
+    K_model = layout[moe[0]][1]
     if L != len(moe) or K != K_model:
         raise MoelabError(f"{where} has {L} layers x top-{K}, this model has {len(moe)} MoE layers x top-{K_model}: "
                           f"it comes from another model")
@@ -74,8 +105,8 @@ def fit_to_model(seqs: list[np.ndarray], blocks_L, model, where: str) -> tuple[l
                           f"it comes from another model")
     for i, b in enumerate(moe):
         top = max(int(s[:, i].max(initial=-1)) for s in seqs)
-        if top >= layers[b].num_experts:
-            raise MoelabError(f"{where} uses expert {top} in block {b}, which has {layers[b].num_experts}: "
+        if top >= layout[b][0]:
+            raise MoelabError(f"{where} uses expert {top} in block {b}, which has {layout[b][0]}: "
                               f"it comes from another model")
     return seqs, moe
 

@@ -115,10 +115,58 @@ def k_cosines(model, input_ids_BS, valid_T: torch.Tensor, cf) -> dict[int, dict[
     return out
 
 
+def layout(model) -> dict[int, tuple[int, int]]:
+    """MoE block -> (experts, top_k)."""
+    return {b: (m.num_experts, m.router.top_k) for b, m in moe_blocks(model).items()}
+
+
+def max_top_k(model) -> int:
+    """The largest k a top-k sweep can set on every MoE block."""
+    return min(m.num_experts for m in moe_blocks(model).values())
+
+
 @torch.no_grad()
-def sweep_loss(model, input_ids_BS, labels_BS, edit: RoutingEdit, cf) -> tuple[torch.Tensor, float]:
-    """Per-token loss [B, S-1] with `edit` on every MoE block, and the share of choices dropped."""
-    with edit_routing(model, {b: edit for b in moe_blocks(model)}):
+def edited_loss(model, input_ids_BS, labels_BS, edits: dict[int, RoutingEdit], cf) -> tuple[torch.Tensor, float]:
+    """Per-token loss [B, S-1] under `edits`, and the share of choices dropped."""
+    with edit_routing(model, edits):
         out = model(input_ids_BS, capacity_factor=cf, return_routing=True)
     dropped = torch.stack([r.dropped_TK.float().mean() for r in out.routing]).mean()
     return token_loss(out.logits, labels_BS), float(dropped)
+
+
+def sweep_loss(model, input_ids_BS, labels_BS, edit: RoutingEdit, cf) -> tuple[torch.Tensor, float]:
+    """Per-token loss [B, S-1] with `edit` on every MoE block, and the share of choices dropped."""
+    return edited_loss(model, input_ids_BS, labels_BS, {b: edit for b in moe_blocks(model)}, cf)
+
+
+@torch.no_grad()
+def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf):
+    """(own logits, replayed logits, routes changed, routes) of one batch."""
+    base = model(input_ids_BS, capacity_factor=cf, return_routing=True)
+    with edit_routing(model, edits):
+        out = model(input_ids_BS, capacity_factor=cf, return_routing=True)
+    changed = routes = 0
+    for r0, r1 in zip(base.routing, out.routing):
+        changed += int((r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1).sum())
+        routes += r0.expert_ids_TK.shape[0]
+    return base.logits, out.logits, changed, routes
+
+
+@torch.no_grad()
+def expert_calls(model, input_ids_BS, cf):
+    """Per MoE block: (E, x_TD, ids_TK, weights_TK, dropped_TK, expert_output(x_RD, e) -> y_RD)."""
+    seen: dict[int, tuple] = {}
+    layers = moe_blocks(model)
+
+    def grab(module, args, output):
+        r = output.routing
+        seen[module.layer] = (module.num_experts, args[0], r.expert_ids_TK, r.weights_TK, r.dropped_TK,
+                              module.experts.expert_output)
+
+    handles = [m.register_forward_hook(grab) for m in layers.values()]
+    try:
+        model(input_ids_BS, capacity_factor=cf)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moelab.intervene.edit import RoutingEdit
-from moelab.intervene.runner import ablation_losses, k_cosines, sweep_loss
+from moelab.intervene import runner
 from moelab.intervene.stats import bootstrap_mean, holm, seq_totals, sign_flip_p
 
 
@@ -60,14 +60,15 @@ def _cat_tokens(parts: list[Tokens]) -> Tokens:
     return Tokens(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Tokens)))
 
 
-def run_ablation(model, batches, targets, cf, reuse: bool = True):
-    """(tokens, base loss [N], deltas [M, N]) of masking each target's experts."""
+def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner):
+    """(tokens, base loss [N], deltas [M, N]) of masking each target's experts. `ops`: the runner module of
+    the model's kind (runner.py for moelab, hf_runner.py for transformers), here and below."""
     device = next(model.parameters()).device
     toks, base, deltas, offset = [], [], [[] for _ in targets], 0
     for batch in batches:
         valid_BS, t = batch_tokens(batch, offset)
         offset += batch["input_ids"].shape[0]
-        b, losses = ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse)
+        b, losses = ops.ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse)
         keep = valid_BS.to(b.device)
         toks.append(t)
         base.append(b[keep].cpu().numpy())
@@ -119,7 +120,7 @@ def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0) -> 
     return rows
 
 
-def run_sweep(model, batches, edits: dict[str, RoutingEdit], cf, names, n_boot=1000, seed=0) -> dict:
+def run_sweep(model, batches, edits: dict[str, RoutingEdit], cf, names, n_boot=1000, seed=0, ops=runner) -> dict:
     """Loss per named edit (applied to every MoE block): intervals per domain, its delta vs no edit, drops."""
     device = next(model.parameters()).device
     losses = {name: [] for name in ["none", *edits]}
@@ -131,7 +132,7 @@ def run_sweep(model, batches, edits: dict[str, RoutingEdit], cf, names, n_boot=1
         toks.append(t)
         ids = batch["input_ids"].to(device)
         for name, edit in [("none", RoutingEdit()), *edits.items()]:
-            loss, dropped = sweep_loss(model, ids, batch["labels"], edit, cf)
+            loss, dropped = ops.sweep_loss(model, ids, batch["labels"], edit, cf)
             losses[name].append(loss[valid_BS.to(loss.device)].cpu().numpy())
             drops[name].append(dropped)
     tokens = _cat_tokens(toks)
@@ -154,7 +155,7 @@ def capacity_edits(factors: list[float | None], policies: list[str]) -> dict[str
             for f in factors for p in policies}
 
 
-def cosine_study(model, batches, cf) -> dict[int, dict[str, float]]:
+def cosine_study(model, batches, cf, ops=runner) -> dict[int, dict[str, float]]:
     """k=1 vs own-k / all-experts output cosines per MoE block, token-weighted over batches."""
     device = next(model.parameters()).device
     total: dict[int, dict[str, float]] = {}
@@ -162,7 +163,7 @@ def cosine_study(model, batches, cf) -> dict[int, dict[str, float]]:
     for batch in batches:
         valid_T = (batch["doc"] >= 0).reshape(-1).to(device)
         w = int(valid_T.sum())
-        for block, cos in k_cosines(model, batch["input_ids"].to(device), valid_T, cf).items():
+        for block, cos in ops.k_cosines(model, batch["input_ids"].to(device), valid_T, cf).items():
             acc = total.setdefault(block, {k: 0.0 for k in cos})
             for k, v in cos.items():
                 acc[k] += v * w
@@ -173,9 +174,10 @@ def cosine_study(model, batches, cf) -> dict[int, dict[str, float]]:
 
 def prepare_replay(model, batches, path):
     """Read a replay file and check it against the model and the corpus rows it will replay."""
-    from moelab.intervene.replay import check_tokens, fit_to_model, read_replay_file
+    from moelab.intervene.replay import check_trace_model, check_tokens, fit_to_model, read_replay_file
 
     seqs, blocks_L, tokens = read_replay_file(path)
+    check_trace_model(path, model)
     seqs, blocks = fit_to_model(seqs, blocks_L, model, str(path))
     offset = 0
     for batch in batches:
@@ -185,10 +187,9 @@ def prepare_replay(model, batches, path):
 
 
 @torch.no_grad()
-def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0) -> dict:
+def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0, ops=runner) -> dict:
     """Loss with routing replayed (`prepare_replay`; sequence i = corpus row i) beside the model's own, and
     the share of (token, layer) routes the replay changed."""
-    from moelab.intervene.edit import edit_routing
     from moelab.intervene.replay import batch_edits
     from moelab.intervene.runner import token_loss
 
@@ -198,17 +199,12 @@ def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0) -> 
     for batch in batches:
         B, S = batch["input_ids"].shape
         valid_BS, t = batch_tokens(batch, offset)
-        ids = batch["input_ids"].to(device)
-        base = model(ids, capacity_factor=cf, return_routing=True)
         edits = batch_edits(seqs, offset, B, S, blocks)
-        with edit_routing(model, edits):
-            out = model(ids, capacity_factor=cf, return_routing=True)
-        for r0, r1 in zip(base.routing, out.routing):
-            changed += int((r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1).sum())
-            routes += r0.expert_ids_TK.shape[0]
+        base, out, c, r = ops.replay_pass(model, batch["input_ids"].to(device), edits, cf)
+        changed, routes = changed + c, routes + r
         keep = valid_BS.to(device)
-        own.append(token_loss(base.logits, batch["labels"])[keep].cpu().numpy())
-        replayed.append(token_loss(out.logits, batch["labels"])[keep].cpu().numpy())
+        own.append(token_loss(base, batch["labels"])[keep].cpu().numpy())
+        replayed.append(token_loss(out, batch["labels"])[keep].cpu().numpy())
         toks.append(t)
         offset += B
     tokens_all, own_N, rep_N = _cat_tokens(toks), np.concatenate(own), np.concatenate(replayed)

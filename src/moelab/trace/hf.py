@@ -65,7 +65,7 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     return model.eval()
 
 
-def preflight(folder: Path, model_type: str | None) -> None:
+def preflight(folder: Path, model_type: str | None):
     """Refuse before loading a byte of weights: build the model on the meta device and look for its MoE
     blocks and routers (a family the adapter cannot serve, no MoE layers, a router that is not there)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -85,6 +85,7 @@ def preflight(folder: Path, model_type: str | None) -> None:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers cannot build the model of {folder}: {text[0] if text else e}") from None
     HFRoutingRecorder(model, model_type)
+    return model  # weightless (meta), for further checks
 
 
 def input_device(model) -> torch.device:

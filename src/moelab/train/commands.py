@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="empty a non-empty --out first (otherwise train refuses it, so two runs never mix)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="train under router replay: batches are the sequences of this trace (.parquet) or "
+                        "replay array (.npy/.safetensors) in order, sequence i = row i of --replay-split at "
+                        "data.seq_len, repeated as epochs; their routing is forced, weights from the router")
+    p.add_argument("--replay-split", default="heldout", choices=["heldout", "train"],
+                   help="the corpus split the replay was recorded over (trace's --split)")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="held-out loss and perplexity per domain")
@@ -92,7 +98,8 @@ def run_train(args) -> int:
     from moelab.distributed.mesh import is_main, shutdown
 
     try:
-        result = train(run, out, resume_from=args.resume, overwrite=args.overwrite, init_from=args.init)
+        result = train(run, out, resume_from=args.resume, overwrite=args.overwrite, init_from=args.init,
+                       replay=args.replay, replay_split=args.replay_split)
         if is_main():  # under torchrun only rank 0 reports
             print(f"trained {run.train.steps} steps at {result.tokens_per_second:,.0f} tokens/s")
             print(format_eval(result.eval))

@@ -30,6 +30,7 @@ from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.phases import build_train_sampler
+from moelab.train.replay import ReplaySampler, replay_routing
 from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
 from moelab.train.upcycle import step0_change
 
@@ -178,10 +179,12 @@ def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> Moela
 
 def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = None,
           show_progress: bool = True, label: str = "train", overwrite: bool = False,
-          init_from: str | Path | None = None) -> TrainResult:
+          init_from: str | Path | None = None, replay: str | Path | None = None,
+          replay_split: str = "heldout") -> TrainResult:
     """Train `run` into the run folder `out_dir`, which must be empty unless `overwrite` (which empties
     it) or `resume_from` (which continues it); see `rundir.check_run_dir`. `init_from` starts from a
-    checkpoint's weights at step 0 with a fresh optimizer."""
+    checkpoint's weights at step 0 with a fresh optimizer. `replay`: train on a routing replay's sequences
+    (rows of `replay_split`) with its routing forced (train/replay.py)."""
     t = run.train
     if init_from is not None and resume_from is not None:
         raise MoelabError("--init and --resume exclude each other (--resume continues a run, --init starts one)")
@@ -199,7 +202,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if init_from is not None:
         _init_weights(model, init_from, run.model.to_dict())
     model.train()
-    sampler = build_train_sampler(run.data, t.phases)
+    sampler = _sampler(run, corpus, model, replay, replay_split)
     opt = build_optimizer(model, t)
     # Before any parallel wrapping, so the comparison runs on the whole model (the same on every rank).
     change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device)) if init_from else None
@@ -210,6 +213,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
     pr, opt = ParallelRun.start(run.parallel, model, opt, lambda m: build_optimizer(m, t), device)
     model = pr.core
+    if replay is not None and pr.par.world > 1:
+        raise MoelabError("--replay trains in one process: its forced routing is not sharded across ranks")
     if pr.main:  # only rank 0 writes
         _prepare_out(out, run, overwrite, start)
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
@@ -229,7 +234,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
             for micro in range(t.grad_accum):
                 batch = sampler.batch(step * t.grad_accum + micro)
                 ids = pr.shard(batch["input_ids"]).to(device)  # this rank's rows of the global batch
-                with amp:
+                with amp, replay_routing(model, sampler, batch):
                     o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True)
                     o = pr.with_balance(o, run.model.moe)
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
@@ -277,6 +282,16 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         if logger:
             logger.close()
     return result
+
+
+def _sampler(run: RunConfig, corpus, model, replay, split: str):
+    """The data config's sampler (phased or not), or the replay's sequences in order."""
+    if replay is None:
+        return build_train_sampler(run.data, run.train.phases)
+    if run.train.phases:
+        raise MoelabError("--replay and train.phases exclude each other (the replay fixes the batches)")
+    return ReplaySampler(corpus, seq_len=run.data.seq_len, batch_size=run.data.batch_size, split=split,
+                         path=replay, model=model)
 
 
 def corpus_tokenizer(corpus) -> dict:
