@@ -1,0 +1,51 @@
+"""The OpenMoE routing rows at smoke scale, through the registry: sane fields, details of the right shape,
+and the value recomputed from the details it reports."""
+
+import math
+
+import pytest
+
+from moelab.claims.registry import all_rows, run_row
+from moelab.claims.verdict import VERDICTS
+from moelab.claims.workspace import Scale, Workspace
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
+    return Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", Scale.smoke(), log=lambda m: None)
+
+
+def sane(r, name, paper):
+    assert r.row == name and r.paper == paper and r.verdict in VERDICTS and r.seconds > 0
+    m = r.measure
+    assert all(math.isfinite(v) for v in (m.value, m.ci_low, m.ci_high, m.null))
+    assert m.ci_low <= m.value <= m.ci_high
+    assert "tiny-moe" in r.setup and r.claim and r.paper_number and r.measured and r.note
+
+
+def test_context_independent(ws):
+    r = run_row(all_rows()["openmoe-context-independent"], ws)
+    sane(r, "openmoe-context-independent", "OpenMoE")
+    d = r.details
+    assert len(d["per_layer"]) == 2 and r.measure.null == 0.0  # tiny-moe: MoE at blocks 1 and 3
+    tok, pos = d["token_std"], d["position_std"]
+    want = ((tok["value"] - tok["null"]) - (pos["value"] - pos["null"])) / d["ceiling"]
+    assert r.measure.value == pytest.approx(want)
+    assert 0 < d["ceiling"] < 1
+
+
+def test_early_routing(ws):
+    r = run_row(all_rows()["openmoe-early-routing"], ws)
+    sane(r, "openmoe-early-routing", "OpenMoE")
+    d = r.details
+    assert set(d["at"]) == {"10%", "20%"}
+    steps = [c["step"] for c in d["curve"]]
+    assert steps == sorted(steps) and len(steps) == Scale.smoke().steps - 1  # a snapshot each step, final apart
+    at20 = d["at"]["20%"]
+    curve = {c["step"]: c for c in d["curve"]}[at20["step"]]
+    # The pairwise analysis and the whole series agree on the same checkpoint.
+    assert r.measure.value == pytest.approx(curve["top1_agreement_mean"])
+    assert r.measure.null == pytest.approx(curve["null_top1_mean"], rel=1e-6)
+    assert all(0 <= v <= 1 for c in d["curve"] for v in c["top1_agreement"] + c["topk_overlap"])
+    assert r.test.margin == pytest.approx((1 - r.measure.null) / 2)
