@@ -49,3 +49,13 @@ def test_early_routing(ws):
     assert r.measure.null == pytest.approx(curve["null_top1_mean"], rel=1e-6)
     assert all(0 <= v <= 1 for c in d["curve"] for v in c["top1_agreement"] + c["topk_overlap"])
     assert r.test.margin == pytest.approx((1 - r.measure.null) / 2)
+
+
+def test_halfway_step_planted_and_never():
+    from moelab.claims.rows_openmoe import halfway_step
+
+    def curve(values, null=0.2):
+        return [{"step": 10 * (i + 1), "top1_agreement_mean": v, "null_top1_mean": null} for i, v in enumerate(values)]
+
+    assert halfway_step(curve([0.3, 0.59, 0.61, 0.9]), "top1_agreement") == 30  # half way from 0.2 to 1 is 0.6
+    assert halfway_step(curve([0.2, 0.3, 0.5]), "top1_agreement") is None

@@ -8,8 +8,6 @@ reproduced when the whole 95% interval lies below the bound, not reproduced when
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from moelab.claims.heldout import two_level_bootstrap
@@ -122,7 +120,8 @@ SCORES = {"frequency": ("count", None), "gate_weighted": ("weight", None),
 
 @row("intervene-observational-vs-causal", "Interventions")
 def observational_vs_causal(ws: Workspace) -> ClaimResult:
-    from moelab.intervene.edit import moe_blocks
+    from moelab.model.config import ModelConfig
+    from moelab.train.checkpoint import read_checkpoint_config
 
     seeds = [_ablate_and_observe(*_held_out(ws, seed)) for seed in range(ws.scale.seeds)]
     stack = {k: np.stack([s[k] for s in seeds]) for k in seeds[0]}  # [N, S, L, E]
@@ -134,7 +133,7 @@ def observational_vs_causal(ws: Workspace) -> ClaimResult:
     best = max(scores, key=lambda n: scores[n]["rho"] if np.isfinite(scores[n]["rho"]) else -np.inf)
     b = scores[best]
     effect_NLE = stack["effect_sum"].sum(1) / np.maximum(stack["effect_cnt"].sum(1), 1)
-    model = _held_out(ws, 0)[0]
+    blocks = ModelConfig.from_dict(read_checkpoint_config(final(base_run(ws, "tiny-moe")))["model"]).moe_layer_ids()
     N, S, L, E = stack["count"].shape
     return ClaimResult(
         row="intervene-observational-vs-causal", paper="Interventions",
@@ -149,7 +148,7 @@ def observational_vs_causal(ws: Workspace) -> ClaimResult:
                  f"recomputed per draw. Null column: the bound {RHO_BOUND} that a usable predictor would exceed "
                  "(chance is 0).",
         measure=Measure(b["rho"], b["ci_low"], b["ci_high"], RHO_BOUND), test=Claim("less", margin=0.0),
-        setup=f"{describe_run(ws)}; every expert of the {L} MoE blocks {sorted(moe_blocks(model))} removed alone "
+        setup=f"{describe_run(ws)}; every expert of the {L} MoE blocks {blocks} removed alone "
               f"({L * E} ablations per seed) over the first {int(stack['effect_cnt'][0, :, 0, 0].sum()):,} "
               f"held-out tokens ({S} sequences) at the eval capacity.",
         seeds=N,

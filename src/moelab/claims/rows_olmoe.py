@@ -10,7 +10,7 @@ import numpy as np
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.routing import checkpoint_traces, describe_run, measure_of, routing_metrics
-from moelab.claims.rows_openmoe import agreement_at, early_curve, nearest_snapshot
+from moelab.claims.rows_openmoe import agreement_at, early_curve, halfway_step, halfway_text, nearest_snapshot
 from moelab.claims.verdict import Claim
 from moelab.claims.workspace import Workspace
 
@@ -44,11 +44,13 @@ def saturation(ws: Workspace) -> ClaimResult:
         seeds=1,
         details={"step": step, "top1": dataclasses.asdict(at["top1"]), "curve": curve,
                  "rise_first_to_last_snapshot": curve[-1]["topk_overlap_mean"] - curve[0]["topk_overlap_mean"],
-                 "rises_every_snapshot": bool(np.all(np.diff([c["topk_overlap_mean"] for c in curve]) > 0))},
+                 "rises_every_snapshot": bool(np.all(np.diff([c["topk_overlap_mean"] for c in curve]) > 0)),
+                 "halfway_step": halfway_step(curve, "topk_overlap")},
         note=f"Margin (1 - null) / 2 = {margin:.3f}: OLMoE's 60% with top-8 of 64 (chance 12.5%) is about half of "
              f"the way from chance to the final routing, so the claim needs half the way here. Our earliest "
              f"snapshot is {step / ws.scale.steps:.0%} of a {ws.scale.steps}-step run, not 1% of trillions of "
-             "tokens: at this scale the row asks whether routing settles within the first tenth of training.")
+             "tokens: at this scale the row asks whether routing settles within the first tenth of training; "
+             f"{halfway_text(halfway_step(curve, 'topk_overlap'), ws.scale.steps)}.")
 
 
 @row("olmoe-vocab-specialisation", "OLMoE")

@@ -39,7 +39,8 @@ def spearman_rows(x_AE: np.ndarray, y_AE: np.ndarray) -> np.ndarray:
 
 
 def pooled_rho(score_num_NSLE: np.ndarray, score_den_NSLE: np.ndarray | None, effect_sum_NSLE: np.ndarray,
-               effect_cnt_NSLE: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float, np.ndarray]:
+               effect_cnt_NSLE: np.ndarray, n_boot: int = 1000,
+               seed: int = 0) -> tuple[float, float, float, np.ndarray]:
     """Mean over seeds N and layers L of Spearman(score, causal effect) over a layer's E experts.
 
     Inputs are per-sequence (S) sums, so that a redraw of sequences recomputes both sides: the score is
