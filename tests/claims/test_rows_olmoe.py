@@ -1,8 +1,10 @@
 """The OLMoE rows at smoke scale, through the registry."""
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.verdict import VERDICTS
@@ -11,7 +13,13 @@ from moelab.claims.workspace import Scale, Workspace
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", Scale.smoke(), log=lambda m: None)
+    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
+    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
+                    log=lambda m: None)
+    torch.set_num_threads(threads)
 
 
 def sane(r, name, paper):

@@ -1,9 +1,11 @@
 """The OpenMoE routing rows at smoke scale, through the registry: sane fields, details of the right shape,
 and the value recomputed from the details it reports."""
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.verdict import VERDICTS
@@ -13,7 +15,12 @@ from moelab.claims.workspace import Scale, Workspace
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     # One folder for the session: the row test modules share the smoke runs and traces through the cache.
-    return Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", Scale.smoke(), log=lambda m: None)
+    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
+                    log=lambda m: None)
+    torch.set_num_threads(threads)
 
 
 def sane(r, name, paper):
