@@ -56,8 +56,9 @@ def training_fraction(ws: Workspace, checkpoint: Path) -> float:
     return step_of(checkpoint) / ws.scale.steps
 
 
-def describe_run(ws: Workspace, preset: str = "tiny-moe", seed: int = 0) -> str:
-    """The run's model and training, from its saved config (never typed by hand)."""
+def describe_run(ws: Workspace, preset: str = "tiny-moe", seed: int = 0, seeds: int = 1) -> str:
+    """The run's model and training, from its saved config (never typed by hand); `seeds` > 1: the runs of
+    seeds 0 .. seeds - 1, which share that config."""
     from moelab.claims.models import final, millions, param_counts
     from moelab.model.config import ModelConfig
     from moelab.train.checkpoint import read_checkpoint_config
@@ -66,6 +67,7 @@ def describe_run(ws: Workspace, preset: str = "tiny-moe", seed: int = 0) -> str:
     cfg = ModelConfig.from_dict(read_checkpoint_config(final(run))["model"])
     active, total = param_counts(run)
     moe = cfg.moe
-    return (f"{preset} seed {seed} ({millions(active)} active of {millions(total)} parameters; "
+    which = f"seed {seed}" if seeds == 1 else f"seeds 0-{seeds - 1}"
+    return (f"{preset} {which} ({millions(active)} active of {millions(total)} parameters; "
             f"{len(cfg.moe_layer_ids())} MoE of {cfg.n_layers} blocks, top-{moe.top_k} of {moe.num_experts} "
             f"experts), {ws.scale.describe()}, main corpus")
