@@ -56,3 +56,11 @@ def test_observational_vs_causal(ws):
         assert np.asarray(s["per_seed_layer"]).shape == (2, 2)  # seeds x MoE blocks
         assert s["rho"] == pytest.approx(np.nanmean(s["per_seed_layer"]))
     assert np.asarray(d["causal_effect_by_seed_layer"]).shape == (2, 2, 8)
+    # The pooled statistic's per-(seed, block) rho equals `moelab intervene`'s own per-block rho.
+    for n, blocks in enumerate(d["per_seed_block"]):
+        assert sorted(blocks) == ["1", "3"]
+        for l, block in enumerate(("1", "3")):
+            for name, s in d["scores"].items():
+                lib = blocks[block][name]
+                assert s["per_seed_layer"][n][l] == pytest.approx(lib["rho"], nan_ok=True)
+                assert lib["lo"] <= lib["hi"]
