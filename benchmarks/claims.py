@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tempfile.mkdtemp(prefix="claims_smoke_"))
             args.results, args.table, args.cache = str(tmp / "results"), str(tmp / "CLAIMS.md"), str(tmp / "cache")
         if not args.table_only:
+            if args.threads:  # tracing, analyses and interventions too, not only training
+                import torch
+
+                torch.set_num_threads(args.threads)
             scale = Scale.smoke() if args.smoke else Scale(threads=args.threads)
             ws = Workspace(args.cache, scale, fresh=args.fresh)
             for spec in rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from moelab.claims.heldout import seq_losses, two_level_bootstrap
@@ -40,3 +42,134 @@ def moe_beats_dense(ws: Workspace) -> ClaimResult:
               f"{int(counts_S.sum()):,} held-out tokens.",
         seeds=s.seeds, details={"per_seed": per_seed},
         note="Margin 0.01 nats: a gain below 1% perplexity is not what the paper's comparison is about.")
+
+
+# ---- routing of the trained tiny-moe: context-independent specialisation, early routing ------------------
+CONTEXT_MARGIN = 0.25  # of the ceiling (always the same k experts): a quarter of the way from chance
+
+
+@row("openmoe-context-independent", "OpenMoE")
+def context_independent(ws: Workspace) -> ClaimResult:
+    from moelab.claims.routing import describe_run, measure_of, min_count, routing_metrics
+    from moelab.claims.stats import excess_gap
+
+    m = routing_metrics(ws)
+    heads, analyses = m["headline"], m["analyses"]
+    tok, pos = measure_of(heads["std_token"]["estimate"]), measure_of(heads["std_position"]["estimate"])
+    ceilings = analyses["std_token"]["deterministic"]
+    ceiling = float(np.mean(ceilings))
+    gap = excess_gap(tok, pos, scale=ceiling)
+    per_layer = [{"layer": i, "token_std": t["value"], "token_null": t["null_mean"], "position_std": p["value"],
+                  "position_null": p["null_mean"], "ceiling": c}
+                 for i, (t, p, c) in enumerate(zip(analyses["std_token"]["estimates"],
+                                                   analyses["std_position"]["estimates"], ceilings))]
+    return ClaimResult(
+        row="openmoe-context-independent", paper="OpenMoE",
+        claim="Routing is context-independent: experts specialise on token IDs, well above any specialisation "
+              "on positions.",
+        paper_number="OpenMoE-8B: std score about 0.085 for token IDs vs about 0.01 for position IDs "
+                     "(deterministic top-2 of 32 would give about 0.12).",
+        measured="OpenMoE's std score (std over experts of a group's routing shares; token IDs seen >= "
+                 f"{min_count(ws)} times, all positions), mean over MoE layers. Value: the token-ID score's "
+                 "excess over its load-keeping null minus the position score's excess over its own null (the "
+                 "label shuffled across a layer's tokens), divided by the ceiling of a router that always picks "
+                 "the same k experts, so 1 is the whole way from chance to deterministic. Null 0: token IDs no "
+                 "more specialised than positions. 95% interval: the two sequence-bootstrap intervals combined in "
+                 "quadrature with the nulls' spread.",
+        measure=gap, test=Claim("greater", margin=CONTEXT_MARGIN), unit="",
+        setup=f"{describe_run(ws)}; every held-out token of the final checkpoint traced at the trained capacity.",
+        seeds=1,
+        details={"token_std": dataclasses.asdict(tok), "position_std": dataclasses.asdict(pos), "ceiling": ceiling,
+                 "per_layer": per_layer},
+        note=f"Margin {CONTEXT_MARGIN} of the ceiling: the paper's gap (0.085 - 0.01) is about 0.6 of its ceiling "
+             "0.12; 'well above' is read as at least a quarter of the way. One seed: the interval holds the "
+             "sequences' spread, not a seed-to-seed one.")
+
+
+EARLY_FRACTIONS = (0.1, 0.2)
+
+
+def nearest_snapshot(ws: Workspace, traces: list, fraction: float):
+    """The snapshot trace (the final one excluded) whose step is closest to `fraction` of training."""
+    from moelab.trace.io import open_trace
+
+    snaps = traces[:-1]
+    steps = [open_trace(t).meta.checkpoint_step for t in snaps]
+    i = int(np.argmin([abs(s / ws.scale.steps - fraction) for s in steps]))
+    return snaps[i], steps[i]
+
+
+def agreement_at(traces: list, snapshot) -> dict[str, Measure]:
+    """Top-1 agreement and top-k overlap of one snapshot with the final checkpoint (interval and null)."""
+    from moelab.analysis import early_routing
+    from moelab.trace.io import open_trace
+
+    first = early_routing([open_trace(snapshot), open_trace(traces[-1])]).first
+    return {k: Measure(float(e.value), float(e.ci_low), float(e.ci_high), float(e.null_mean), float(e.null_sd))
+            for k, e in first.items() if k in ("top1", "overlap")}
+
+
+def early_curve(early: dict) -> list[dict]:
+    """Per snapshot: step, top-1 agreement / top-k overlap per layer and their nulls (means over layers too)."""
+    out = []
+    for c, step in enumerate(early["steps"]):
+        row_ = {"step": step}
+        for key in ("top1_agreement", "null_top1", "topk_overlap", "null_overlap"):
+            per_layer = early[key][c]
+            row_[key] = per_layer
+            row_[f"{key}_mean"] = float(np.nanmean(np.asarray(per_layer, float)))
+        out.append(row_)
+    return out
+
+
+def halfway_step(curve: list[dict], key: str) -> int | None:
+    """The first snapshot whose mean `key` is at least half of the way from its null to 1 (None: none is)."""
+    null = {"top1_agreement": "null_top1", "topk_overlap": "null_overlap"}[key]
+    for c in curve:
+        if c[f"{key}_mean"] >= c[f"{null}_mean"] + (1 - c[f"{null}_mean"]) / 2:
+            return c["step"]
+    return None
+
+
+def halfway_text(step: int | None, total: int) -> str:
+    if step is None:
+        return "no snapshot before the final one gets half of the way"
+    return f"the first snapshot half of the way there is step {step} ({step / total:.0%} of training)"
+
+
+@row("openmoe-early-routing", "OpenMoE")
+def early_routing_row(ws: Workspace) -> ClaimResult:
+    from moelab.claims.routing import checkpoint_traces, describe_run, routing_metrics
+
+    m = routing_metrics(ws)
+    traces = checkpoint_traces(ws)
+    at = {}
+    for f in EARLY_FRACTIONS:
+        snap, step = nearest_snapshot(ws, traces, f)
+        at[f] = {"step": step, **agreement_at(traces, snap)}
+    top1 = at[EARLY_FRACTIONS[-1]]["top1"]
+    margin = (1 - top1.null) / 2
+    curve = early_curve(m["early"]["result"])
+    half = halfway_step(curve, "top1_agreement")
+    return ClaimResult(
+        row="openmoe-early-routing", paper="OpenMoE",
+        claim="Routing is learned early: at 10-20% of training the token-to-expert assignment already "
+              "(almost) coincides with the final one.",
+        paper_number="OpenMoE-8B: E_i(token) at 200B tokens almost coincides with 1T tokens (a figure; no scalar).",
+        measured=f"Top-1 agreement (share of held-out tokens whose first expert is the same) between the "
+                 f"checkpoint at step {at[EARLY_FRACTIONS[-1]]['step']} ({EARLY_FRACTIONS[-1]:.0%} of training) "
+                 "and the final one, mean over MoE layers. Null: unrelated checkpoints with their own loads "
+                 "(token identity shuffled between the two: sum_e a_e b_e). 95% interval: bootstrap over "
+                 "sequences. Details: the same at 10%, top-k overlap, and the whole curve over the snapshots.",
+        measure=top1, test=Claim("greater", margin=margin),
+        setup=f"{describe_run(ws)}; {len(traces) - 1} snapshots every {ws.scale.steps // (len(traces))} steps "
+              "and the final checkpoint, each traced over the same held-out tokens.",
+        seeds=1,
+        details={"at": {f"{f:.0%}": {"step": v["step"], "top1": dataclasses.asdict(v["top1"]),
+                                     "topk_overlap": dataclasses.asdict(v["overlap"])} for f, v in at.items()},
+                 "curve": curve, "halfway_step": half},
+        note=f"Margin (1 - null) / 2 = {margin:.3f}: 'already high' is read as at least half of the way from an "
+             f"unrelated router to the final one; {halfway_text(half, ws.scale.steps)}. OpenMoE's checkpoints are "
+             "hundreds of billions of tokens apart, ours a few hundred steps of a run whose learning rate is "
+             "still high: routing here keeps moving through most of training. One seed (the sequence interval "
+             "is narrow next to the margin).")

@@ -1,0 +1,68 @@
+"""The OpenMoE routing rows at smoke scale, through the registry: sane fields, details of the right shape,
+and the value recomputed from the details it reports."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from moelab.claims.registry import all_rows, run_row
+from moelab.claims.verdict import VERDICTS
+from moelab.claims.workspace import Scale, Workspace
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
+    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
+                    log=lambda m: None)
+    torch.set_num_threads(threads)
+
+
+def sane(r, name, paper):
+    assert r.row == name and r.paper == paper and r.verdict in VERDICTS and r.seconds > 0
+    m = r.measure
+    assert all(math.isfinite(v) for v in (m.value, m.ci_low, m.ci_high, m.null))
+    assert m.ci_low <= m.value <= m.ci_high
+    assert "tiny-moe" in r.setup and r.claim and r.paper_number and r.measured and r.note
+
+
+def test_context_independent(ws):
+    r = run_row(all_rows()["openmoe-context-independent"], ws)
+    sane(r, "openmoe-context-independent", "OpenMoE")
+    d = r.details
+    assert len(d["per_layer"]) == 2 and r.measure.null == 0.0  # tiny-moe: MoE at blocks 1 and 3
+    tok, pos = d["token_std"], d["position_std"]
+    want = ((tok["value"] - tok["null"]) - (pos["value"] - pos["null"])) / d["ceiling"]
+    assert r.measure.value == pytest.approx(want)
+    assert 0 < d["ceiling"] < 1
+
+
+def test_early_routing(ws):
+    r = run_row(all_rows()["openmoe-early-routing"], ws)
+    sane(r, "openmoe-early-routing", "OpenMoE")
+    d = r.details
+    assert set(d["at"]) == {"10%", "20%"}
+    steps = [c["step"] for c in d["curve"]]
+    assert steps == sorted(steps) and len(steps) == Scale.smoke().steps - 1  # a snapshot each step, final apart
+    at20 = d["at"]["20%"]
+    curve = {c["step"]: c for c in d["curve"]}[at20["step"]]
+    # The pairwise analysis and the whole series agree on the same checkpoint.
+    assert r.measure.value == pytest.approx(curve["top1_agreement_mean"])
+    assert r.measure.null == pytest.approx(curve["null_top1_mean"], rel=1e-6)
+    assert all(0 <= v <= 1 for c in d["curve"] for v in c["top1_agreement"] + c["topk_overlap"])
+    assert r.test.margin == pytest.approx((1 - r.measure.null) / 2)
+
+
+def test_halfway_step_planted_and_never():
+    from moelab.claims.rows_openmoe import halfway_step
+
+    def curve(values, null=0.2):
+        return [{"step": 10 * (i + 1), "top1_agreement_mean": v, "null_top1_mean": null} for i, v in enumerate(values)]
+
+    assert halfway_step(curve([0.3, 0.59, 0.61, 0.9]), "top1_agreement") == 30  # half way from 0.2 to 1 is 0.6
+    assert halfway_step(curve([0.2, 0.3, 0.5]), "top1_agreement") is None
