@@ -13,6 +13,7 @@ temporary results folder (a check of the pipeline, never written to docs/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            scale = Scale.smoke() if args.smoke else Scale(threads=args.threads)
+            scale = dataclasses.replace(Scale.smoke() if args.smoke else Scale(), threads=args.threads)
             ws = Workspace(args.cache, scale, fresh=args.fresh)
             for spec in rows:
                 print(f"[claims] row {spec.name}", file=sys.stderr, flush=True)
