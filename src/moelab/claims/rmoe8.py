@@ -2,8 +2,9 @@
 
 RMoE's small setup (PAPERS.md section 2): 8 blocks, every block MoE, top-2 of 16 experts, renormalised
 top-k weights, no shared expert, no token dropping (its baselines are dropless SMoEs), D = 352, a GRU of
-width p = 128. Here D = 64, expert hidden 64 and p = 32 (p about D / 2.75 as in the paper) so that one run takes a few minutes on one CPU thread; every variant
-differs from the linear-router model in the router alone, so a loss difference is the router's.
+width p = 128. Here D = 64, expert hidden 64 and p = 32 (p about D / 2.75, as in the paper), so that one
+run takes a few minutes on one CPU thread while others share the machine; every variant differs from the
+linear-router model in the router alone, so a loss difference is the router's.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def rmoe_cross_layer_mi(ws: Workspace) -> ClaimResult:
     value, lo, hi = two_level_bootstrap(gru_NS - lin_NS, counts_S)
     each = {v: dict(zip(("excess", "ci_low", "ci_high"), two_level_bootstrap(x, counts_S)))
             for v, x in (("gru", gru_NS), ("linear", lin_NS))}
-    per_seed = [{"seed": i, "gru_excess": float(g.sum() / counts_S.sum()), "linear_excess": float(l.sum() / counts_S.sum())}
+    tokens = counts_S.sum()
+    per_seed = [{"seed": i, "gru_excess": float(g.sum() / tokens), "linear_excess": float(l.sum() / tokens)}
                 for i, (g, l) in enumerate(zip(gru_NS, lin_NS))]
     return ClaimResult(
         row="rmoe-cross-layer-mi", paper="RMoE",
