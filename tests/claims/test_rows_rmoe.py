@@ -48,3 +48,5 @@ def test_cross_layer_mi_row(ws):
     assert set(each) == {"gru", "linear"}
     assert result.measure.value == pytest.approx(each["gru"]["excess"] - each["linear"]["excess"], abs=1e-9)
     assert len(result.details["per_seed"]) == 2
+    check = result.details["analysis_seed0"]
+    assert set(check["gru"]) == {"mi", "null"} and all(math.isfinite(v) for v in check["linear"].values())
