@@ -57,3 +57,23 @@ def test_a_copied_layer_is_far_above_the_null(make_batch):
 
     assert abs(mi - sample_entropy_T(bin_gates(p0)).mean()) < 1e-9
     assert mi - null > 0.2, (mi, null)
+
+
+def test_null_is_token_weighted_across_batches_of_unequal_size(make_batch):
+    # Two token-complete batches, larger and smaller than the null's subsample, with different gate
+    # distributions (like two domains at the ends of a held-out split); independent layers in both, so
+    # the token-weighted null must match the token-weighted MI whatever the batch sizes.
+    from moelab.analysis.gates import NULL_TOKENS, GateStatsAccumulator
+
+    rng = np.random.default_rng(2)
+    sizes, out = (NULL_TOKENS + 4000, 500), []
+    for s, (n, scale) in enumerate(zip(sizes, (1.0, 4.0))):
+        p_LTE = np.stack([softmax(scale * rng.normal(0, 1.0, (n, E))) for _ in range(2)])
+        ids_LTK = np.argsort(-p_LTE, axis=2, kind="stable")[..., :K]
+        out.append(make_batch(ids_LTK, prob_LTK=np.take_along_axis(p_LTE, ids_LTK, axis=2), probs_LTE=p_LTE,
+                              seq_T=np.full(n, s)))
+    acc = GateStatsAccumulator([E, E], K)
+    for batch in out:
+        acc.update(batch)
+    g = acc.result()
+    assert abs(g.cross_layer_mi[0, 1] - g.cross_layer_null[0, 1]) < 0.02, (g.cross_layer_mi, g.cross_layer_null)

@@ -141,7 +141,9 @@ class GateStatsAccumulator:
     def _update_mi(self, binned: list[np.ndarray], fold_T: np.ndarray) -> None:
         """MI(i, j) = H(i) + H(j) - H(i, j); the null pairs token a's layer i with token b's layer j."""
         T = len(binned[0])
-        n_null = min(T, NULL_TOKENS)
+        # A subsample of each batch stands for the whole batch (weight T / n_null), so that the null is
+        # token-weighted like the MI; a batch of one token has no other token to pair with.
+        n_null = min(T, NULL_TOKENS) if T > 1 else 0
         h = [sample_entropy_T(x) for x in binned]
         for i, x in enumerate(binned):
             for j in range(i, len(binned)):
@@ -152,11 +154,12 @@ class GateStatsAccumulator:
                 mi_T = h[i] + h[j] - joint
                 self.mi_sum[i, j] += mi_T.sum()
                 self.mi_FLL[:, i, j] += np.bincount(fold_T, weights=mi_T, minlength=self.folds)
-                a, b = token_pairs(T, n_null, self.rng)
-                joint_null = sample_entropy_T(x[a] * (self.bins + 2) + y[b])
-                self.null_sum[i, j] += (h[i][a] + h[j][b] - joint_null).sum()
+                if n_null:
+                    a, b = token_pairs(T, n_null, self.rng)
+                    joint_null = sample_entropy_T(x[a] * (self.bins + 2) + y[b])
+                    self.null_sum[i, j] += (h[i][a] + h[j][b] - joint_null).sum() * (T / n_null)
         self.n_tokens += T
-        self.n_null += n_null
+        self.n_null += T if n_null else 0
         self.tokens_F += np.bincount(fold_T, minlength=self.folds)
 
     def _intervals(self, out: GateStats, weights: np.ndarray | None) -> None:
