@@ -37,6 +37,7 @@ def test_loss_rows(ws, name):
     assert len(d["per_seed"]) == 2 and d["sequences"] > 1 and d["gru_loss"] > 0
     assert result.test.margin > 0 and result.unit == " nats"
     worse = "linear" if name == "rmoe-beats-linear" else name.split("-")[1]
+    assert [g["step"] for g in d["train_loss_gap"]] == [1, 3, 4, 6]  # quarters of the 6 toy steps
     per_seed_gap = sum(s[worse] - s["gru"] for s in d["per_seed"]) / 2
     assert per_seed_gap == pytest.approx(result.measure.value, rel=1e-6, abs=1e-9)
 
