@@ -5,7 +5,11 @@ Cross-layer MI (per token): bin both layers' softmax vectors into 100 bins on [0
 np.linspace(0, 1, 101)), treat the E experts as E paired samples of (bin at layer i, bin at layer j), and
 take the MI of that empirical joint (nats); average over tokens. It needs equal E in both layers (NaN
 otherwise). With E samples the estimate is biased upwards (all-distinct bins give log E whatever the
-layers), so its null matters: the same MI after shuffling the experts of layer j within each token.
+layers), so its null matters: the same MI with each token's layer-i gates paired with ANOTHER token's
+layer-j gates. That keeps what is not under test, each layer's gate distribution per expert (its load),
+and breaks only the token-level link between the layers. (Shuffling the experts within a token, the
+earlier null, also broke the load: with a skewed load, independent layers sat above it, and a router
+whose layers favour different experts sat below it.)
 Gate entropy -sum g log g (null: log E); Inner Balance = top-1 / top-2 score (null 1); Outer Balance =
 sum of the top-k scores (null k/E). Balances use `prob`, entropy and MI need `probs`; medians over tokens.
 """
@@ -25,7 +29,7 @@ from moelab.analysis.null import entropy
 from moelab.analysis.resample import Estimate, estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
-NULL_TOKENS = 4096  # tokens per batch whose shuffled-expert MI estimates the null
+NULL_TOKENS = 4096  # tokens per batch whose token-shuffled MI estimates the null
 
 
 def sample_entropy_T(codes_TE: np.ndarray) -> np.ndarray:
@@ -60,6 +64,12 @@ def binned_mi_T(x_TE: np.ndarray, y_TE: np.ndarray, bins: int = 100) -> np.ndarr
     return sample_entropy_T(x_TE) + sample_entropy_T(y_TE) - sample_entropy_T(joint)
 
 
+def token_pairs(T: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n tokens of T and, for each, a partner that is always a different token (a rotated permutation)."""
+    order = rng.permutation(T)[: max(min(n, T), 0)]
+    return order, np.roll(order, 1)
+
+
 def cross_layer_mi_T(gates_i_TE: np.ndarray, gates_j_TE: np.ndarray, bins: int = 100) -> np.ndarray:
     """RMoE's per-token MI between the routing distributions of two layers."""
     return binned_mi_T(bin_gates(gates_i_TE, bins), bin_gates(gates_j_TE, bins), bins)
@@ -68,7 +78,7 @@ def cross_layer_mi_T(gates_i_TE: np.ndarray, gates_j_TE: np.ndarray, bins: int =
 @dataclasses.dataclass
 class GateStats(Result):
     cross_layer_mi: np.ndarray | None       # L x L mean over tokens (NaN where E differs); None without probs
-    cross_layer_null: np.ndarray | None     # same with layer j's experts shuffled per token
+    cross_layer_null: np.ndarray | None     # same with layer j's gates taken from another token
     gate_entropy_median: list[float] | None
     gate_entropy_mean: list[float] | None
     null_gate_entropy: list[float]          # log E
@@ -129,9 +139,11 @@ class GateStatsAccumulator:
             self._update_mi(binned, fold_T)
 
     def _update_mi(self, binned: list[np.ndarray], fold_T: np.ndarray) -> None:
-        """MI(i, j) = H(i) + H(j) - H(i, j); a shuffle keeps H(j), so only joint entropies are recomputed."""
+        """MI(i, j) = H(i) + H(j) - H(i, j); the null pairs token a's layer i with token b's layer j."""
         T = len(binned[0])
-        n_null = min(T, NULL_TOKENS)
+        # A subsample of each batch stands for the whole batch (weight T / n_null), so that the null is
+        # token-weighted like the MI; a batch of one token has no other token to pair with.
+        n_null = min(T, NULL_TOKENS) if T > 1 else 0
         h = [sample_entropy_T(x) for x in binned]
         for i, x in enumerate(binned):
             for j in range(i, len(binned)):
@@ -142,12 +154,12 @@ class GateStatsAccumulator:
                 mi_T = h[i] + h[j] - joint
                 self.mi_sum[i, j] += mi_T.sum()
                 self.mi_FLL[:, i, j] += np.bincount(fold_T, weights=mi_T, minlength=self.folds)
-                perm = np.argsort(self.rng.random((n_null, y.shape[1])), axis=1)
-                y_shuffled = np.take_along_axis(y[:n_null], perm, axis=1)
-                joint_null = sample_entropy_T(x[:n_null] * (self.bins + 2) + y_shuffled)
-                self.null_sum[i, j] += (h[i][:n_null] + h[j][:n_null] - joint_null).sum()
+                if n_null:
+                    a, b = token_pairs(T, n_null, self.rng)
+                    joint_null = sample_entropy_T(x[a] * (self.bins + 2) + y[b])
+                    self.null_sum[i, j] += (h[i][a] + h[j][b] - joint_null).sum() * (T / n_null)
         self.n_tokens += T
-        self.n_null += n_null
+        self.n_null += T if n_null else 0
         self.tokens_F += np.bincount(fold_T, minlength=self.folds)
 
     def _intervals(self, out: GateStats, weights: np.ndarray | None) -> None:

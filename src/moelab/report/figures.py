@@ -151,7 +151,7 @@ def coactivation_heatmap(co: Any) -> Figure | None:
 
 
 def cross_layer_mi_heatmap(gates: Any) -> Figure:
-    """RMoE's L x L cross-layer MI of the gate vectors, and its excess over the shuffled-expert null."""
+    """RMoE's L x L cross-layer MI of the gate vectors, and its excess over the token-shuffled null."""
     mi, null = np.asarray(gates.cross_layer_mi, float), np.asarray(gates.cross_layer_null, float)
     fig = new_figure(height=3.6)
     ax1, ax2 = grid(fig, 2)
@@ -162,7 +162,7 @@ def cross_layer_mi_heatmap(gates: Any) -> Figure:
     fig.colorbar(im1, ax=ax1, shrink=0.9).set_label("MI (nats)", fontsize=9)
     excess = mask_diagonal(mi - null)
     im2 = heatmap(ax2, excess, centred_norm(0.0, [excess], symmetric=True),
-                  title="MI minus shuffled-expert null (white = chance)", xlabel="layer j", ylabel="layer i")
+                  title="MI minus token-shuffled null (white = chance)", xlabel="layer j", ylabel="layer i")
     fig.colorbar(im2, ax=ax2, shrink=0.9).set_label("excess MI (nats)", fontsize=9)
     if len(mi) <= 8:
         for (i, j), v in np.ndenumerate(mi):

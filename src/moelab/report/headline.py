@@ -174,8 +174,8 @@ def _gate_headlines(gates: Any) -> list[Headline]:
     if off.any():
         v, n = layer_mean(mi[off]), layer_mean(null[off])
         e = gates.cross_layer_overall
-        text = (f"cross-layer routing MI {fmt_estimate(e, '.3f', null=False)} nats between layers (shuffled "
-                f"experts {fmt(n, '.3f')})" if v is not None else
+        text = (f"cross-layer routing MI {fmt_estimate(e, '.3f', null=False)} nats between layers (token-shuffled "
+                f"null {fmt(n, '.3f')})" if v is not None else
                 "cross-layer routing MI: not defined between layers with different E")
         out.append(Headline("cross_layer_mi", "cross-layer MI (nats)", v, n, text, e))
     v, n = layer_mean(gates.gate_entropy_mean), layer_mean(gates.null_gate_entropy)
