@@ -26,6 +26,7 @@ from moelab.config import MoelabError
 from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
 from moelab.report.html import Section, write_report
 from moelab.report.sections import comparison_section, early_section, routing_sections, trace_table
+from moelab.report.upcycle_section import checkpoint_expert_cosine, cosine_metrics, upcycle_section
 from moelab.report.weights_section import weight_definition_headlines, weight_section
 from moelab.trace.io import Trace, open_trace
 
@@ -229,6 +230,7 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
     if m.weights:
         out["weights"], out["note"] = _weights(m.weights)
         out["headlines"] += weight_headlines(out["weights"], out["note"]) + weight_definition_headlines(out["weights"])
+    out["cosine"] = checkpoint_expert_cosine(m.weights) if m.weights else None  # the run's logged symmetry
     return out
 
 
@@ -262,6 +264,8 @@ def model_sections(m: ModelInput, a: dict[str, Any], labels: Sequence[str], leve
         out.append(early_section(a["early"], step_label(m.checkpoints[-1][1], len(paths) - 1), paths))
     if a["weights"] is not None:
         out.append(weight_section(a["weights"], m.weights, a["note"]))
+    if a["cosine"] is not None:
+        out.append(upcycle_section(a["cosine"]))
     for s in out:
         s.level = level
     return out
@@ -276,7 +280,7 @@ def model_metrics(m: ModelInput, a: dict[str, Any]) -> dict[str, Any]:
         weights = {"checkpoint": m.weights, "note": a["note"], "result": a["weights"]}
     return {"trace": m.path, "meta": m.trace.meta, "options": a["options"],
             "headline": {h.key: h for h in a["headlines"]}, "analyses": to_json_dict(a["results"]),
-            "early": early, "weights": weights}
+            "early": early, "weights": weights, "expert_cosine": cosine_metrics(a["cosine"])}
 
 
 def _subtitle(mode: str, models: Sequence[ModelInput]) -> str:
