@@ -93,49 +93,55 @@ def _turn_gap(per_seed: list[dict], key: str) -> float | None:
     return float(np.mean(gaps)) if gaps else None
 
 
+CLAIM = ("On multi-turn chat, tokens late in the sequence (later turns) lose more routed choices to full experts "
+         "than early ones.")
+PAPER_NUMBER = ("OpenMoE-8B on MT-Bench (read off the figure): 1-2% of choices dropped below position 750, 5-10% at "
+                "750-1500, 15-33% beyond 1500; about 2-3% at every position on pretraining-like data.")
+MEASURED = ("Rise of the dropped share of routed choices from the first to the last quarter of positions, minus the "
+            "rise the queue alone gives (each sequence's chosen sets shuffled across its positions and re-simulated "
+            "at the trained capacity, batch and queue order): null 0 (the queue explains the rise). Interval: seeds "
+            "redrawn, each seed's paired bootstrap over sequences as a normal (claims/seeds.py).")
+NOTE = ("Margin 0.02 (2 points of dropped share beyond the queue): the paper's figure rises by 4-30 points. "
+        "Conversations are packed into short rows, so a row's late positions are not a chat's late turns; the turn "
+        "gap in details (turns >= 2 minus turn 0, no interval) describes turns directly. Part of this text (pydoc "
+        "topics, the first stdlib files) is also in the main corpus the model was trained on.")
+
+
+def describe(ws: Workspace, run: Path, num_docs: int, held: int, traced: int) -> str:
+    from moelab.train.checkpoint import read_checkpoint_config
+
+    s = ws.scale
+    moe = read_checkpoint_config(final(run))["model"]["moe"]
+    active, total = param_counts(run)
+    return (f"base tiny-moe ({millions(active)} active of {millions(total)}; top-{moe['top_k']} of "
+            f"{moe['num_experts']}, capacity factor {moe['capacity_factor_train']} ({moe['capacity_formula']}, "
+            f"{moe['drop_policy']} queue) over each batch of {s.batch_size} x {s.seq_len} tokens), "
+            f"{s.describe()} on the main corpus, traced at the trained capacity on multi-turn text: "
+            f"{num_docs} conversations built by data/turns.py from the interpreter sessions in the stdlib's "
+            f"docstrings and pydoc's topics ('>>>' input turn, then the interpreter's reply turn; sessions "
+            f"with >= 2 replies), tokenized with the main corpus's tokenizer, packed into {s.seq_len}-token "
+            f"rows; {traced:,} tokens traced (of the {held:,} in the held-out {HELDOUT:.0%} of the conversations).")
+
+
 @row("openmoe-drop-towards-end", "OpenMoE")
 def drop_towards_end(ws: Workspace) -> ClaimResult:
     from moelab.data.shards import load_corpus
-    from moelab.train.checkpoint import read_checkpoint_config
 
     s, corpus = ws.scale, turns_corpus(ws)
     runs = [base_run(ws, "tiny-moe", seed) for seed in range(s.seeds)]
     traces = [ws.trace(final(run), f"turns-doctest-tiny-moe-s{seed}", corpus=corpus) for seed, run in enumerate(runs)]
     names = [f"seed{seed}" for seed in range(s.seeds)]
+    # Final checkpoints of one preset share a step, so the report compares them (never a checkpoint series).
     metrics = ws.analyze("turns-drops-tiny-moe", traces, names=names, options={"analyses": ["drops"]})
     per_seed = [_per_seed(metrics["models"][n]) for n in names]
     value, lo, hi = seed_bootstrap([_excess(p) for p in per_seed])
-    moe = read_checkpoint_config(final(runs[0]))["model"]["moe"]
-    active, total = param_counts(runs[0])
     c = load_corpus(corpus)
     held = c.info["splits"]["heldout"]["tokens"]
     traced = min(held, s.trace_tokens) if s.trace_tokens else held
+    details = {"per_seed": per_seed, "turn_gap_observed": _turn_gap(per_seed, "share_by_turn"),
+               "turn_gap_queue_only": _turn_gap(per_seed, "queue_share_by_turn"),
+               "conversations": c.num_docs, "traced_tokens": traced}
     return ClaimResult(
-        row="openmoe-drop-towards-end", paper="OpenMoE",
-        claim="On multi-turn chat, tokens late in the sequence (later turns) lose more routed choices to full "
-              "experts than early ones.",
-        paper_number="OpenMoE-8B on MT-Bench (read off the figure): 1-2% of choices dropped below position 750, "
-                     "5-10% at 750-1500, 15-33% beyond 1500; about 2-3% at every position on pretraining-like data.",
-        measured="Rise of the dropped share of routed choices from the first to the last quarter of positions, "
-                 "minus the rise the queue alone gives (each sequence's chosen sets shuffled across its "
-                 "positions and re-simulated at the trained capacity, batch and queue order): null 0 (the "
-                 "queue explains the rise). Interval: seeds redrawn, each seed's paired bootstrap over "
-                 "sequences as a normal (claims/seeds.py).",
+        row="openmoe-drop-towards-end", paper="OpenMoE", claim=CLAIM, paper_number=PAPER_NUMBER, measured=MEASURED,
         measure=Measure(value, lo, hi, 0.0), test=Claim("greater", margin=0.02), unit="",
-        setup=f"base tiny-moe ({millions(active)} active of {millions(total)}; top-{moe['top_k']} of "
-              f"{moe['num_experts']}, capacity factor {moe['capacity_factor_train']} ({moe['capacity_formula']}, "
-              f"{moe['drop_policy']} queue) over each batch of {s.batch_size} x {s.seq_len} tokens), "
-              f"{s.describe()} on the main corpus, traced at the trained capacity on multi-turn text: "
-              f"{c.num_docs} conversations built by data/turns.py from the interpreter sessions in the stdlib's "
-              f"docstrings and pydoc's topics ('>>>' input turn, then the interpreter's reply turn; sessions "
-              f"with >= 2 replies), tokenized with the main corpus's tokenizer, packed into {s.seq_len}-token "
-              f"rows; {traced:,} tokens traced (of the {held:,} in the held-out {HELDOUT:.0%} of the conversations).",
-        seeds=s.seeds,
-        details={"per_seed": per_seed, "turn_gap_observed": _turn_gap(per_seed, "share_by_turn"),
-                 "turn_gap_queue_only": _turn_gap(per_seed, "queue_share_by_turn"),
-                 "conversations": c.num_docs, "traced_tokens": traced},
-        note="Margin 0.02 (2 points of dropped share beyond the queue): the paper's figure rises by 4-30 points. "
-             "Conversations are packed into short rows, so a row's late positions are not a chat's late turns; "
-             "the turn gap in details (turns >= 2 minus turn 0, no interval) describes turns directly. "
-             "Part of this text (pydoc topics, the first stdlib files) is also in the main corpus the model "
-             "was trained on.")
+        setup=describe(ws, runs[0], c.num_docs, held, traced), seeds=s.seeds, details=details, note=NOTE)

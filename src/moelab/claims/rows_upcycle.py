@@ -110,11 +110,22 @@ def _per_seed(metrics: dict, seed: int) -> dict:
     return out
 
 
-@row("upcycle-specialises-less", "Sparse upcycling")
-def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
-    s = ws.scale
-    seeds = min(s.seeds, SEEDS)
-    pairs = [trained_pair(ws, seed) for seed in range(seeds)]
+CLAIM = "An MoE upcycled from a dense model specialises less than the same MoE trained from scratch."
+PAPER_NUMBER = ("OpenMoE (its discussion of Mixtral, upcycled from Mistral, vs DeepSeekMoE, from scratch): the "
+                "upcycled model's routing is less specialised; the paper gives no number.")
+MEASURED = ("Vocabulary specialisation (OLMoE's, rescaled: 0 random, 1 each token ID always to one expert) of the "
+            "upcycled MoE minus that of the from-scratch MoE, each as its excess over its permutation null (token "
+            "IDs shuffled across tokens, load kept); null 0. Interval: seeds redrawn, each seed's difference drawn "
+            "from a normal with the two bootstrap intervals over held-out sequences added in quadrature "
+            "(claims/seeds.py). Token-ID std score and expert-domain MI in details.")
+NOTE = ("Margin 0.02 on the 0-1 scale: about the width of one model's interval, so a smaller gap would not be told "
+        "from sequence noise. Expert cosine (details) shows whether the copies diverged: copies that stay near 1 "
+        "cannot specialise, the mechanism OpenMoE suspects. At this scale the MoE phase is short (half the steps) "
+        "and restarts the learning-rate schedule.")
+
+
+def specialisation(ws: Workspace, pairs: list[dict[str, Path]]) -> dict:
+    """metrics.json-shaped {"models": {name: ...}} over the final upcycled and scratch models."""
     metrics: dict = {"models": {}}
     for seed, p in enumerate(pairs):
         for kind in ("upcycled", "scratch"):
@@ -124,44 +135,40 @@ def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
             report = ws.analyze(f"up-specialisation-{name}", [trace], names=[name],
                                 options={"analyses": ["specialisation"]})
             metrics["models"][name] = report["models"][name]
+    return metrics
+
+
+def describe(ws: Workspace, pair: dict[str, Path]) -> str:
+    s = ws.scale
+    half = max(1, s.steps // 2)
+    (d_act, _), (m_act, m_tot) = param_counts(pair["dense"]), param_counts(pair["upcycled"])
+    cfg = json.loads((final(pair["upcycled"]) / "config.json").read_text())["model"]["moe"]
+    return (f"{DENSE_PRESET} ({millions(d_act)}) trained {half} steps, upcycled into top-{cfg['top_k']} of "
+            f"{cfg['num_experts']} experts of hidden {cfg['expert_hidden']} (copies of the dense FFN, MoE every "
+            f"{cfg['moe_every']} blocks, no shared expert, router N(0, 0.02); {millions(m_act)} active of "
+            f"{millions(m_tot)}), trained {s.steps - half} more steps on other batches, vs the same MoE from a "
+            f"random init trained {s.steps} steps: {s.steps * s.batch_size * s.seq_len:,} training tokens each "
+            f"({s.steps} x {s.batch_size} x {s.seq_len}; the upcycled model's split {half} dense + "
+            f"{s.steps - half} MoE steps), main corpus; specialisation on its held-out split.")
+
+
+@row("upcycle-specialises-less", "Sparse upcycling")
+def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
+    seeds = min(ws.scale.seeds, SEEDS)
+    pairs = [trained_pair(ws, seed) for seed in range(seeds)]
+    metrics = specialisation(ws, pairs)
     per_seed = [_per_seed(metrics, seed) for seed in range(seeds)]
     combined = {}
     for key in STATS:
         diffs = [SeedValue.of(p[key]["difference"]) for p in per_seed if key in p]
         combined[key] = dict(zip(("value", "ci_low", "ci_high"), seed_bootstrap(diffs)))
     main = combined["vocab_specialisation"]
-    half = max(1, s.steps // 2)
-    moe = pairs[0]["upcycled"]
-    (d_act, _), (m_act, m_tot) = param_counts(pairs[0]["dense"]), param_counts(moe)
-    cfg = json.loads((final(moe) / "config.json").read_text())["model"]["moe"]
-    tokens = s.steps * s.batch_size * s.seq_len
+    cosine = {f"upcycled-s{i}": cosine_trajectory(p["init"], p["upcycled"]) for i, p in enumerate(pairs)}
+    cosine |= {f"scratch-s{i}": cosine_trajectory(None, p["scratch"]) for i, p in enumerate(pairs)}
+    losses = {f"{kind}-s{i}": final_loss(p[kind]) for i, p in enumerate(pairs) for kind in ("upcycled", "scratch")}
     return ClaimResult(
-        row="upcycle-specialises-less", paper="Sparse upcycling",
-        claim="An MoE upcycled from a dense model specialises less than the same MoE trained from scratch.",
-        paper_number="OpenMoE (its discussion of Mixtral, upcycled from Mistral, vs DeepSeekMoE, from scratch): "
-                     "the upcycled model's routing is less specialised; the paper gives no number.",
-        measured="Vocabulary specialisation (OLMoE's, rescaled: 0 random, 1 each token ID always to one expert) "
-                 "of the upcycled MoE minus that of the from-scratch MoE, each as its excess over its "
-                 "permutation null (token IDs shuffled across tokens, load kept); null 0. Interval: seeds "
-                 "redrawn, each seed's difference drawn from a normal with the two bootstrap intervals over "
-                 "held-out sequences added in quadrature (claims/seeds.py). Token-ID std score and expert-domain "
-                 "MI in details.",
-        measure=Measure(main["value"], main["ci_low"], main["ci_high"], 0.0), test=Claim("less", margin=0.02),
-        setup=f"{DENSE_PRESET} ({millions(d_act)}) trained {half} steps, upcycled into top-{cfg['top_k']} of "
-              f"{cfg['num_experts']} experts of hidden {cfg['expert_hidden']} (copies of the dense FFN, "
-              f"MoE every {cfg['moe_every']} blocks, no shared expert, router N(0, 0.02); {millions(m_act)} "
-              f"active of {millions(m_tot)}), trained {s.steps - half} more steps on other batches, vs the "
-              f"same MoE from a random init trained {s.steps} steps: {tokens:,} training tokens each "
-              f"({s.steps} x {s.batch_size} x {s.seq_len}; the upcycled model's split {half} dense + "
-              f"{s.steps - half} MoE steps), main corpus; specialisation on its held-out split.",
-        seeds=seeds,
-        details={"per_seed": per_seed, "combined": combined,
-                 "expert_cosine": {f"upcycled-s{i}": cosine_trajectory(p["init"], p["upcycled"])
-                                   for i, p in enumerate(pairs)}
-                 | {f"scratch-s{i}": cosine_trajectory(None, p["scratch"]) for i, p in enumerate(pairs)},
-                 "final_loss": {f"{kind}-s{i}": final_loss(p[kind]) for i, p in enumerate(pairs)
-                                for kind in ("upcycled", "scratch")}},
-        note="Margin 0.02 on the 0-1 scale: about the width of one model's interval, so a smaller gap would "
-             "not be told from sequence noise. Expert cosine (details) shows whether the copies diverged: "
-             "copies that stay near 1 cannot specialise, the mechanism OpenMoE suspects. At this scale the "
-             "MoE phase is short (half the steps) and restarts the learning-rate schedule.")
+        row="upcycle-specialises-less", paper="Sparse upcycling", claim=CLAIM, paper_number=PAPER_NUMBER,
+        measured=MEASURED, measure=Measure(main["value"], main["ci_low"], main["ci_high"], 0.0),
+        test=Claim("less", margin=0.02), setup=describe(ws, pairs[0]), seeds=seeds,
+        details={"per_seed": per_seed, "combined": combined, "expert_cosine": cosine, "final_loss": losses},
+        note=NOTE)
