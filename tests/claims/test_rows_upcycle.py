@@ -29,6 +29,8 @@ def test_row_runs_and_reports_its_parts(result):
         assert d["upcycled"]["null_mean"] is not None and d["scratch"]["null_mean"] is not None
     assert result.measure.value == pytest.approx(result.details["combined"]["vocab_specialisation"]["value"])
     assert set(result.details["final_loss"]) == {"upcycled-s0", "scratch-s0"}
+    change = result.details["step0_change"]["upcycled-s0"]  # raw top-2 weights and drops break the function
+    assert change["rel_output_change"] > 0 and "not renormalised" in change["breaks_function"]
 
 
 def test_cosine_starts_at_one_for_copies_and_near_zero_from_scratch(result):

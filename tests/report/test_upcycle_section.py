@@ -79,3 +79,12 @@ def test_no_section_without_logged_cosine(moe_run, tmp_path):
     metrics = build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
     assert next(iter(metrics["models"].values()))["expert_cosine"] is None
     assert "Expert symmetry over training" not in html_sections((tmp_path / "out" / "report.html").read_text())
+
+
+def test_corrupt_run_metrics_fail_before_anything_is_written(moe_run, tmp_path):
+    ckpt, _ = moe_run
+    (ckpt.parent.parent / "metrics.jsonl").write_text('{"step": 3, "moe0/expert_cosine": 0.\n')
+    trace = write_planted(tmp_path / "t.parquet")
+    with pytest.raises(MoelabError, match="metrics.jsonl: line 1"):
+        build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
+    assert not (tmp_path / "out").exists()

@@ -2,9 +2,10 @@
 
 OpenMoE contrasts Mixtral (upcycled from a dense model) with DeepSeekMoE (from scratch): the upcycled
 experts specialise less. Here, per seed: tiny-dense trains for half the steps, `upcycle_checkpoint` copies
-its FFN into every expert of tiny-moe's MoE table (plain copies, router N(0, 0.02), no shared expert: the
-function of the dense model at step 0), and the MoE trains for the other half on fresh batches (another
-data seed). The from-scratch MoE has the same config (read from the upcycled checkpoint) and trains for
+its FFN into every expert of tiny-moe's MoE table (plain copies, router N(0, 0.02), no shared expert; not
+exactly the dense function at step 0, since tiny-moe combines with raw top-2 probabilities and drops at
+capacity 1.25: the trainer's logged relative output change is in the details), and the MoE trains for the
+other half on fresh batches (another data seed). The from-scratch MoE has the same config (read from the upcycled checkpoint) and trains for
 all the steps. Both therefore see steps x batch x seq_len training tokens: the upcycled model's are split
 between its dense and MoE phases. Specialisation is measured on the held-out split of the main corpus.
 """
@@ -89,10 +90,20 @@ def cosine_trajectory(init: Path | None, run: Path) -> dict:
     return out
 
 
-def final_loss(run: Path) -> float | None:
+def _rows(run: Path, kind: str) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if r.get("kind") == "eval" and "all/loss" in r]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def final_loss(run: Path) -> float | None:
+    evals = [r for r in _rows(run, "eval") if "all/loss" in r]
     return evals[-1]["all/loss"] if evals else None
+
+
+def step0_change(run: Path) -> dict | None:
+    """The trainer's step-0 row of a run started from an upcycled checkpoint (relative output change)."""
+    rows = _rows(run, "upcycle")
+    return {k: rows[0].get(k) for k in ("rel_output_change", "breaks_function")} if rows else None
 
 
 def _per_seed(metrics: dict, seed: int) -> dict:
@@ -170,5 +181,6 @@ def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
         row="upcycle-specialises-less", paper="Sparse upcycling", claim=CLAIM, paper_number=PAPER_NUMBER,
         measured=MEASURED, measure=Measure(main["value"], main["ci_low"], main["ci_high"], 0.0),
         test=Claim("less", margin=0.02), setup=describe(ws, pairs[0]), seeds=seeds,
-        details={"per_seed": per_seed, "combined": combined, "expert_cosine": cosine, "final_loss": losses},
+        details={"per_seed": per_seed, "combined": combined, "expert_cosine": cosine, "final_loss": losses,
+                 "step0_change": {f"upcycled-s{i}": step0_change(p["upcycled"]) for i, p in enumerate(pairs)}},
         note=NOTE)

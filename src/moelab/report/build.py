@@ -213,12 +213,14 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
                   options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Every analysis of one model: routing of its trace, early routing, weights."""
     opts = analysis_options(options, m.trace)
+    cosine = checkpoint_expert_cosine(m.weights) if m.weights else None  # first: a corrupt file fails fast
     queue = queue_setting(m.trace.meta, simulate)
     if simulate is not None and queue is not None and queue["batch_seqs"] != simulate.get("batch_seqs", 8):
         queue["batch_seqs"] = simulate.get("batch_seqs", 8)  # one pass regroups rows by one batch size
     with _unreadable_as_error(m.path):
         results = analyze_all(m.trace, labels=labels, simulate=simulate, queue=queue, **opts)
-    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": ""}
+    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": "",
+                           "cosine": cosine}
     out["headlines"] = routing_headlines(results, labels)
     if m.checkpoints:
         steps = [step_label(t, i) for i, (_, t) in enumerate(m.checkpoints)]
@@ -230,7 +232,6 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
     if m.weights:
         out["weights"], out["note"] = _weights(m.weights)
         out["headlines"] += weight_headlines(out["weights"], out["note"]) + weight_definition_headlines(out["weights"])
-    out["cosine"] = checkpoint_expert_cosine(m.weights) if m.weights else None  # the run's logged symmetry
     return out
 
 
