@@ -132,7 +132,8 @@ MEASURED = ("Vocabulary specialisation (OLMoE's, rescaled: 0 random, 1 each toke
 NOTE = ("Margin 0.02 on the 0-1 scale: about the width of one model's interval, so a smaller gap would not be told "
         "from sequence noise. Expert cosine (details) shows whether the copies diverged: copies that stay near 1 "
         "cannot specialise, the mechanism OpenMoE suspects. At this scale the MoE phase is short (half the steps) "
-        "and restarts the learning-rate schedule.")
+        "and restarts the learning-rate schedule. Seeds: at most rows_upcycle.SEEDS = 2 (each is three "
+        "trainings), whatever the scale asks.")
 
 
 def specialisation(ws: Workspace, pairs: list[dict[str, Path]]) -> dict:
