@@ -1,7 +1,10 @@
 """The drop-towards-the-end row at toy scale on the doctest conversations, and its small helpers on
 planted numbers (a model that drops nothing has no excess)."""
 
+import dataclasses
+
 import pytest
+import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.rows_turns import _excess, _turn_gap
@@ -11,8 +14,14 @@ from moelab.claims.workspace import Scale, Workspace
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("claims"), Scale.smoke(), log=lambda _: None)
-    return run_row(all_rows()["openmoe-drop-towards-end"], ws)
+    ws = Workspace(tmp_path_factory.mktemp("claims"), dataclasses.replace(Scale.smoke(), threads=1),
+                   log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for a busy core (tests run side by side)
+    try:
+        return run_row(all_rows()["openmoe-drop-towards-end"], ws)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_row_runs_on_real_conversations(result):
