@@ -11,7 +11,7 @@ from moelab.claims.workspace import Workspace
 from moelab.config import MoelabError
 
 # Modules holding rows, in table order; each registers its rows with @row when imported.
-MODULES = ("rows_openmoe", "rows_rmoe", "rows_closer", "rows_olmoe", "rows_upcycle", "rows_intervene")
+MODULES = ("rows_openmoe", "rows_turns", "rows_rmoe", "rows_closer", "rows_olmoe", "rows_upcycle", "rows_intervene")
 
 
 @dataclasses.dataclass(frozen=True)

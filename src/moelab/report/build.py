@@ -26,6 +26,7 @@ from moelab.config import MoelabError
 from moelab.report.headline import Headline, early_headlines, routing_headlines, weight_headlines
 from moelab.report.html import Section, write_report
 from moelab.report.sections import comparison_section, early_section, routing_sections, trace_table
+from moelab.report.upcycle_section import checkpoint_expert_cosine, cosine_metrics, upcycle_section
 from moelab.report.weights_section import weight_definition_headlines, weight_section
 from moelab.trace.io import Trace, open_trace
 
@@ -212,12 +213,14 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
                   options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Every analysis of one model: routing of its trace, early routing, weights."""
     opts = analysis_options(options, m.trace)
+    cosine = checkpoint_expert_cosine(m.weights) if m.weights else None  # first: a corrupt file fails fast
     queue = queue_setting(m.trace.meta, simulate)
     if simulate is not None and queue is not None and queue["batch_seqs"] != simulate.get("batch_seqs", 8):
         queue["batch_seqs"] = simulate.get("batch_seqs", 8)  # one pass regroups rows by one batch size
     with _unreadable_as_error(m.path):
         results = analyze_all(m.trace, labels=labels, simulate=simulate, queue=queue, **opts)
-    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": ""}
+    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": "",
+                           "cosine": cosine}
     out["headlines"] = routing_headlines(results, labels)
     if m.checkpoints:
         steps = [step_label(t, i) for i, (_, t) in enumerate(m.checkpoints)]
@@ -262,6 +265,8 @@ def model_sections(m: ModelInput, a: dict[str, Any], labels: Sequence[str], leve
         out.append(early_section(a["early"], step_label(m.checkpoints[-1][1], len(paths) - 1), paths))
     if a["weights"] is not None:
         out.append(weight_section(a["weights"], m.weights, a["note"]))
+    if a["cosine"] is not None:
+        out.append(upcycle_section(a["cosine"]))
     for s in out:
         s.level = level
     return out
@@ -276,7 +281,7 @@ def model_metrics(m: ModelInput, a: dict[str, Any]) -> dict[str, Any]:
         weights = {"checkpoint": m.weights, "note": a["note"], "result": a["weights"]}
     return {"trace": m.path, "meta": m.trace.meta, "options": a["options"],
             "headline": {h.key: h for h in a["headlines"]}, "analyses": to_json_dict(a["results"]),
-            "early": early, "weights": weights}
+            "early": early, "weights": weights, "expert_cosine": cosine_metrics(a["cosine"])}
 
 
 def _subtitle(mode: str, models: Sequence[ModelInput]) -> str:

@@ -1,0 +1,66 @@
+"""Intervals over seeds for statistics that the analyses give one bootstrap interval per trace.
+
+A row that measures a statistic on several independently trained models (seeds) has, per seed, a value
+and a 95% interval over held-out sequences (from `ws.analyze`'s headline estimates). The interval for the
+mean over seeds must hold both the spread between training runs and the sequence noise within each, so
+it comes from a two-level bootstrap: redraw the seeds with replacement, then redraw each drawn seed's
+value from a normal with the spread its own interval implies ((hi - lo) / (2 * 1.96)). With one seed it
+reduces to that seed's interval. The sequence level is parametric because the analyses keep no
+per-sequence replicates in metrics.json; the seed level is non-parametric as in `heldout.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedValue:
+    """One seed's value and 95% interval (the sequence-level uncertainty)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def sd(self) -> float:
+        """The standard error the interval implies (0 when there is no interval)."""
+        width = self.ci_high - self.ci_low
+        return width / (2 * Z95) if math.isfinite(width) and width > 0 else 0.0
+
+    @classmethod
+    def of(cls, estimate: Mapping[str, Any]) -> "SeedValue":
+        """From a metrics.json estimate dict (value, ci_low, ci_high; None read as NaN)."""
+        get = lambda k: float("nan") if estimate.get(k) is None else float(estimate[k])  # noqa: E731
+        return cls(get("value"), get("ci_low"), get("ci_high"))
+
+
+def minus(a: SeedValue, b: SeedValue, shift: float = 0.0) -> SeedValue:
+    """a - b - shift, with the two intervals' spreads added in quadrature (the models are trained apart;
+    sharing the held-out sequences could only correlate them, which would narrow the true interval)."""
+    value = a.value - b.value - shift
+    sd = math.hypot(a.sd, b.sd)
+    return SeedValue(value, value - Z95 * sd, value + Z95 * sd)
+
+
+def seed_bootstrap(per_seed: Sequence[SeedValue], n_boot: int = 4000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """(mean over seeds, interval low, interval high): seeds redrawn, then each value redrawn within its
+    own interval. Seeds without a finite value are left out; none left gives NaNs."""
+    ok = [s for s in per_seed if math.isfinite(s.value)]
+    if not ok:
+        return float("nan"), float("nan"), float("nan")
+    values_N = np.array([s.value for s in ok])
+    sd_N = np.array([s.sd for s in ok])
+    rng = np.random.default_rng(seed)
+    pick_BN = rng.integers(0, len(ok), (n_boot, len(ok)))
+    draws_BN = values_N[pick_BN] + sd_N[pick_BN] * rng.standard_normal(pick_BN.shape)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(draws_BN.mean(axis=1), [tail, 100 - tail])
+    return float(values_N.mean()), float(lo), float(hi)

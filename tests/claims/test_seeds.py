@@ -1,0 +1,47 @@
+"""The seed-level interval: hand-worked spreads, the one-seed case, a naive bootstrap, and "no effect"."""
+
+import math
+
+import numpy as np
+import pytest
+
+from moelab.claims.seeds import Z95, SeedValue, minus, seed_bootstrap
+
+
+def test_minus_adds_spreads_in_quadrature():
+    a = SeedValue(1.0, 1.0 - 0.2 * Z95, 1.0 + 0.2 * Z95)  # sd 0.2
+    b = SeedValue(0.5, 0.5 - 0.15 * Z95, 0.5 + 0.15 * Z95)  # sd 0.15
+    d = minus(a, b)
+    assert d.value == pytest.approx(0.5) and d.sd == pytest.approx(0.25)  # sqrt(0.2^2 + 0.15^2)
+    assert minus(a, a, shift=1.0).value == pytest.approx(-1.0)
+    assert SeedValue.of({"value": 0.3, "ci_low": None, "ci_high": 0.4}).sd == 0.0  # no interval: no spread
+
+
+def test_one_seed_gives_back_its_own_interval():
+    value, lo, hi = seed_bootstrap([SeedValue(0.1, 0.05, 0.15)], n_boot=20000)
+    assert value == 0.1 and lo == pytest.approx(0.05, abs=0.003) and hi == pytest.approx(0.15, abs=0.003)
+
+
+def test_many_exact_seeds_match_a_naive_bootstrap_of_the_mean():
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.4, 0.1, 40)
+    value, lo, hi = seed_bootstrap([SeedValue(v, v, v) for v in values], n_boot=20000)
+    naive = [np.mean(rng.choice(values, len(values))) for _ in range(20000)]  # an independent loop
+    assert value == pytest.approx(values.mean())
+    assert lo == pytest.approx(np.percentile(naive, 2.5), abs=0.004)
+    assert hi == pytest.approx(np.percentile(naive, 97.5), abs=0.004)
+
+
+def test_no_effect_holds_zero_and_a_planted_effect_excludes_it():
+    nothing = [SeedValue(v, v - 0.02, v + 0.02) for v in (0.01, -0.012, 0.002)]
+    _, lo, hi = seed_bootstrap(nothing)
+    assert lo < 0 < hi
+    planted = [SeedValue(v, v - 0.02, v + 0.02) for v in (0.10, 0.12, 0.11)]
+    value, lo, hi = seed_bootstrap(planted)
+    assert value == pytest.approx(0.11) and 0.05 < lo < value < hi < 0.17
+
+
+def test_seeds_without_a_value_are_left_out():
+    nan = float("nan")
+    assert seed_bootstrap([SeedValue(nan, nan, nan), SeedValue(0.2, 0.2, 0.2)]) == (0.2, 0.2, 0.2)
+    assert all(math.isnan(x) for x in seed_bootstrap([SeedValue(nan, nan, nan)]))
