@@ -36,6 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--table", default=str(ROOT / "docs" / "CLAIMS.md"), help="the table to rewrite")
     ap.add_argument("--fresh", action="store_true", help="retrain and re-trace what the chosen rows use")
     ap.add_argument("--table-only", action="store_true", help="only re-render the table from the results")
+    ap.add_argument("--replica", default=str(ROOT / "docs" / "claims-replica"),
+                    help="folder of a second full run's results, compared in the table when present")
     ap.add_argument("--smoke", action="store_true", help="toy scale into a temporary folder (pipeline check)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     return ap.parse_args(argv)
@@ -65,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[claims] {spec.name}: {result.verdict} ({result.reason}); {result.seconds / 60:.1f} min",
                       file=sys.stderr, flush=True)
         results = read_results(args.results) if Path(args.results).is_dir() else {}
-        Path(args.table).write_text(render(results, list(all_rows())))
+        replica, about = {}, ""
+        if not args.smoke and (Path(args.replica) / "ABOUT.txt").is_file():
+            replica, about = read_results(args.replica), (Path(args.replica) / "ABOUT.txt").read_text().strip()
+        Path(args.table).write_text(render(results, list(all_rows()), replica, about))
         print(f"[claims] wrote {args.table} ({len(results)} rows)", file=sys.stderr)
         return 0
     except MoelabError as e:

@@ -53,3 +53,12 @@ def test_two_level_bootstrap_planted_effect_and_nothing():
     _, lo2, hi2 = two_level_bootstrap(seeded_NS, counts_S)
     _, lo1, hi1 = two_level_bootstrap(seeded_NS[:1], counts_S)
     assert hi2 - lo2 > 5 * (hi1 - lo1)
+
+
+def test_render_compares_a_second_run_and_names_moved_verdicts():
+    first = {"a": result("a", 0.3), "b": result("b", 0.3)}
+    second = {"a": result("a", 0.31), "b": result("b", 0.0)}  # b: reproduced -> inconclusive
+    md = render(first, ["a", "b"], second, "Re-run at 2 threads.")
+    assert "Re-run at 2 threads. 1 of 2 verdicts held; these moved: b." in md
+    assert "| b | reproduced | 0.3 [0.2, 0.4] | **inconclusive** |" in md
+    assert "## A second run" not in render(first, ["a", "b"])

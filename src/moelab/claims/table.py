@@ -56,8 +56,26 @@ def details(r: ClaimResult) -> str:
     return "\n".join(lines)
 
 
-def render(results: Mapping[str, ClaimResult], order: Sequence[str]) -> str:
-    """Rows in registry order, then any result whose row is no longer registered (marked as such)."""
+def replica_section(rows: Sequence[ClaimResult], replica: Mapping[str, ClaimResult], about: str) -> list[str]:
+    """A second full run beside the first: which verdicts held, which moved (seed and thread sensitivity)."""
+    both = [r for r in rows if r.row in replica]
+    moved = [r for r in both if replica[r.row].verdict != r.verdict]
+    out = ["## A second run", "", f"{about} {len(both) - len(moved)} of {len(both)} verdicts held"
+           + (f"; these moved: {', '.join(r.row for r in moved)}." if moved else ".")
+           + " A verdict that moves rests on an interval too close to its null or margin for this many seeds.", "",
+           "| row | verdict | value [95% CI] | second run: verdict | value [95% CI] |", "|---|---|---|---|---|"]
+    for r in both:
+        a, b = r.measure, replica[r.row].measure
+        flag = "**" if r.row in {m.row for m in moved} else ""
+        out.append(f"| {r.row} | {r.verdict} | {fmt(a.value)} [{fmt(a.ci_low)}, {fmt(a.ci_high)}] | "
+                   f"{flag}{replica[r.row].verdict}{flag} | {fmt(b.value)} [{fmt(b.ci_low)}, {fmt(b.ci_high)}] |")
+    return out + [""]
+
+
+def render(results: Mapping[str, ClaimResult], order: Sequence[str],
+           replica: Mapping[str, ClaimResult] | None = None, replica_about: str = "") -> str:
+    """Rows in registry order, then any result whose row is no longer registered (marked as such);
+    with `replica` (the same rows from a second full run) a section comparing the two runs' verdicts."""
     rows = [results[n] for n in order if n in results]
     rows += [r for n, r in sorted(results.items()) if n not in order]
     missing = [n for n in order if n not in results]
@@ -73,5 +91,7 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str]) -> str:
                 "| row | claim | paper | moelab: value [95% CI] | null | needs | verdict | seeds |",
                 "|---|---|---|---|---|---|---|---|"]
         out += [summary_line(r) for r in group] + [""]
+    if replica:
+        out += replica_section(rows, replica, replica_about)
     out += ["## Rows in detail", ""] + [details(r) for r in rows]
     return "\n".join(out).rstrip() + "\n"
