@@ -152,7 +152,8 @@ UNLISTED = Family("softmax", "not in moelab's family table: the probs column is 
 
 def family_entry(model_type: str) -> Family:
     """The table entry of a model_type (a multimodal model's text type maps to its family)."""
-    for key in (model_type, re.sub(r"_(text|thinker|moe_text)$", "", model_type)):
+    # "_text" before "_moe_text": qwen3_vl_moe_text is qwen3_vl_moe's text model, not a family "qwen3_vl".
+    for key in (model_type, re.sub(r"_(text|thinker)$", "", model_type), re.sub(r"_moe_text$", "", model_type)):
         if key in FAMILIES:
             return FAMILIES[key]
     return UNLISTED
