@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_intervene import batches  # the same random batches as the moelab-side benchmark
+
 from moelab.intervene import hf_runner
 from moelab.intervene.study import run_ablation
 
@@ -39,16 +41,6 @@ def tiny(family: str):
             if type(m).__name__.endswith("TopKRouter"):
                 m.weight.normal_(0, 0.5)
     return model
-
-
-def batches(tokens: int, seq_len: int, batch: int, vocab: int):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(max(1, tokens // (seq_len * batch))):
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
-        out.append({"input_ids": ids, "labels": ids, "domain_id": torch.zeros_like(ids, dtype=torch.int16),
-                    "lang_id": torch.zeros_like(ids, dtype=torch.int16)})
-    return out
 
 
 def timed(model, data, targets, ops) -> tuple[float, np.ndarray]:
