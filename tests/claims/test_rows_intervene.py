@@ -1,27 +1,14 @@
 """The intervention rows at smoke scale, through the registry: fields, per-seed details, and the value
 recomputed from what the details report."""
 
-import dataclasses
 import math
 
 import numpy as np
 import pytest
-import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.verdict import VERDICTS
-from moelab.claims.workspace import Scale, Workspace
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
-    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
-                    log=lambda m: None)
-    torch.set_num_threads(threads)
+from moelab.claims.workspace import Scale
 
 
 def sane(r, name):

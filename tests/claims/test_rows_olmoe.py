@@ -1,36 +1,11 @@
 """The OLMoE rows at smoke scale, through the registry."""
 
-import dataclasses
-import math
-
 import pytest
-import torch
 
 from moelab.claims.registry import all_rows, run_row
-from moelab.claims.verdict import VERDICTS
-from moelab.claims.workspace import Scale, Workspace
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
-    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
-                    log=lambda m: None)
-    torch.set_num_threads(threads)
-
-
-def sane(r, name, paper):
-    assert r.row == name and r.paper == paper and r.verdict in VERDICTS and r.seconds > 0
-    m = r.measure
-    assert all(math.isfinite(v) for v in (m.value, m.ci_low, m.ci_high, m.null))
-    assert m.ci_low <= m.value <= m.ci_high
-    assert "tiny-moe" in r.setup and r.claim and r.paper_number and r.measured and r.note
-
-
-def test_saturation(ws):
+def test_saturation(ws, sane):
     r = run_row(all_rows()["olmoe-saturation"], ws)
     sane(r, "olmoe-saturation", "OLMoE")
     d = r.details
@@ -41,7 +16,7 @@ def test_saturation(ws):
                                                              - first["topk_overlap_mean"])
 
 
-def test_vocab_and_domain(ws):
+def test_vocab_and_domain(ws, sane):
     v = run_row(all_rows()["olmoe-vocab-specialisation"], ws)
     sane(v, "olmoe-vocab-specialisation", "OLMoE")
     assert len(v.details["per_layer"]) == 2 and v.measure.value <= 1

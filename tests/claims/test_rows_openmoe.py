@@ -1,37 +1,13 @@
 """The OpenMoE routing rows at smoke scale, through the registry: sane fields, details of the right shape,
 and the value recomputed from the details it reports."""
 
-import dataclasses
-import math
-
 import pytest
-import torch
 
 from moelab.claims.registry import all_rows, run_row
-from moelab.claims.verdict import VERDICTS
-from moelab.claims.workspace import Scale, Workspace
+from moelab.claims.workspace import Scale
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    # One folder for the session: the row test modules share the smoke runs and traces through the cache.
-    # One torch thread: on a shared machine a second one mostly spins (20x the CPU time for these models).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Workspace(tmp_path_factory.getbasetemp() / "claims-smoke-rows", dataclasses.replace(Scale.smoke(), threads=1),
-                    log=lambda m: None)
-    torch.set_num_threads(threads)
-
-
-def sane(r, name, paper):
-    assert r.row == name and r.paper == paper and r.verdict in VERDICTS and r.seconds > 0
-    m = r.measure
-    assert all(math.isfinite(v) for v in (m.value, m.ci_low, m.ci_high, m.null))
-    assert m.ci_low <= m.value <= m.ci_high
-    assert "tiny-moe" in r.setup and r.claim and r.paper_number and r.measured and r.note
-
-
-def test_context_independent(ws):
+def test_context_independent(ws, sane):
     r = run_row(all_rows()["openmoe-context-independent"], ws)
     sane(r, "openmoe-context-independent", "OpenMoE")
     d = r.details
@@ -42,7 +18,7 @@ def test_context_independent(ws):
     assert 0 < d["ceiling"] < 1
 
 
-def test_early_routing(ws):
+def test_early_routing(ws, sane):
     r = run_row(all_rows()["openmoe-early-routing"], ws)
     sane(r, "openmoe-early-routing", "OpenMoE")
     d = r.details

@@ -4,7 +4,6 @@ planted numbers (a model that drops nothing has no excess)."""
 import dataclasses
 
 import pytest
-import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.rows_turns import _excess, _turn_gap
@@ -13,15 +12,10 @@ from moelab.claims.workspace import Scale, Workspace
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, one_torch_thread):
     ws = Workspace(tmp_path_factory.mktemp("claims"), dataclasses.replace(Scale.smoke(), threads=1),
                    log=lambda _: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for a busy core (tests run side by side)
-    try:
-        return run_row(all_rows()["openmoe-drop-towards-end"], ws)
-    finally:
-        torch.set_num_threads(threads)
+    return run_row(all_rows()["openmoe-drop-towards-end"], ws)
 
 
 def test_row_runs_on_real_conversations(result):

@@ -4,7 +4,6 @@ apart, and the per-seed difference is an excess over each model's own null."""
 import dataclasses
 
 import pytest
-import torch
 
 from moelab.claims.registry import all_rows, run_row
 from moelab.claims.rows_upcycle import _per_seed, excess
@@ -13,15 +12,10 @@ from moelab.claims.workspace import Scale, Workspace
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, one_torch_thread):
     scale = dataclasses.replace(Scale.smoke(), threads=1)
     ws = Workspace(tmp_path_factory.mktemp("claims"), scale, log=lambda _: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for a busy core (tests run side by side)
-    try:
-        return run_row(all_rows()["upcycle-specialises-less"], ws)
-    finally:
-        torch.set_num_threads(threads)
+    return run_row(all_rows()["upcycle-specialises-less"], ws)
 
 
 def test_row_runs_and_reports_its_parts(result):
