@@ -7,6 +7,22 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_sessionstart(session):
+    """The versions every result depends on, first in the log even under -q (.ci/run installs the newest
+    transformers, so a failure must say which one it met)."""
+    import importlib.metadata as md
+
+    found = []
+    for name in ("torch", "transformers", "accelerate"):
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("moelab under test with " + ", ".join(found))
+
+
 @pytest.fixture(scope="session")
 def vectors():
     path = SHARED / "reference" / "vectors.json"

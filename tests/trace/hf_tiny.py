@@ -44,6 +44,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "glm4v_moe": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                     "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
+    # Kolibri 1.1 rounds keys in blocks of 16 along head_dim; its indexer scores with <= heads per key head.
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,
                       indexer_kv_heads=1),
@@ -124,6 +126,18 @@ def tiny_config(model_type: str):
         cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
         cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
     return cfg
+
+
+def unshrunk_fields(model_type: str) -> list[str]:
+    """The family's integer config fields the tiny builder left at their full-size defaults: the usual
+    suspects when a new family's tiny build fails (head counts, head or block sizes that must divide
+    another). Named in the failure so the fix is a FAMILY_OVERRIDES row."""
+    from transformers import AutoConfig
+
+    tiny = tiny_config(model_type).to_dict()
+    full = AutoConfig.for_model(model_type).get_text_config().to_dict()
+    return sorted(f"{k}={v}" for k, v in tiny.items() if type(v) is int and v > 1 and v == full.get(k)
+                  and not k.endswith("_token_id") and k != "max_position_embeddings")
 
 
 def tiny_model(model_type: str, seed: int = 0):

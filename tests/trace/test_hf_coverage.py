@@ -21,7 +21,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model  # noqa: E402
+from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model, unshrunk_fields  # noqa: E402
 
 from moelab.config import MoelabError  # noqa: E402
 from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
@@ -108,19 +108,33 @@ def _rel_err(y_ref: torch.Tensor, y: torch.Tensor) -> float:
     return float((y_ref - y).abs().max().detach() / y.abs().max().detach().clamp_min(1e-30))
 
 
+def _tiny_or_fail(module: str, model_type: str, ids: torch.Tensor):
+    """The family's tiny model and its untraced output; a family the builder cannot shrink (one new in a
+    later transformers) fails here naming itself and the fields left at full size, not deep inside
+    transformers' forward."""
+    try:
+        model = tiny_model(model_type)
+        with torch.no_grad():
+            return model, _output(model(input_ids=ids, use_cache=False))
+    except Exception as e:  # noqa: BLE001 - any error of the build is the same finding
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        pytest.fail(f"{module} ({model_type}): the tiny model cannot be built or run ({type(e).__name__}: "
+                    f"{first[:200]}); fields left at full size: {', '.join(unshrunk_fields(model_type)) or 'none'}"
+                    f"; add the family's sizes to FAMILY_OVERRIDES in tests/trace/hf_tiny.py", pytrace=False)
+
+
 @pytest.mark.parametrize("module", sorted(FAMILIES))
 def test_family_traced_and_verified_or_refused(module):
     model_type = FAMILIES[module]
     entry = family_entry(model_type)
-    model = tiny_model(model_type)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    model, plain = _tiny_or_fail(module, model_type, ids)
     if entry.refuse:
         with pytest.raises(MoelabError, match="cannot trace") as err:
             HFRoutingRecorder(model)
         assert "\n" not in str(err.value)
         return
     with torch.no_grad():
-        plain = _output(model(input_ids=ids, use_cache=False))
         seen, handles = _experts_io(model)
         try:
             with HFRoutingRecorder(model) as rec:
@@ -147,6 +161,27 @@ def test_family_traced_and_verified_or_refused(module):
             assert _rel_err(y_ref, y_TD) < 1e-4, f"block {r.layer}: the trace does not reproduce the experts' output"
             if entry.score == "softmax":
                 torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(r.probs_TE.shape[0]))
+
+
+def test_a_family_the_builder_cannot_shrink_fails_in_one_line(monkeypatch):
+    """A new family whose tiny build breaks inside transformers is a failure that names it and the fields
+    left at full size, not a raw traceback: kolibri1_1 (transformers 5.25) without its override row."""
+    import hf_tiny
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    monkeypatch.setitem(globals(), "tiny_model", lambda t: (_ for _ in ()).throw(RuntimeError("boom\ndeep")))
+    with pytest.raises(pytest.fail.Exception) as err:
+        _tiny_or_fail("mixtral", "mixtral", ids)
+    assert "mixtral (mixtral)" in str(err.value) and "RuntimeError: boom" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    if "kolibri1_1" not in FAMILIES:
+        return
+    monkeypatch.delitem(hf_tiny.FAMILY_OVERRIDES, "kolibri1_1")
+    with pytest.raises(pytest.fail.Exception) as err:
+        _tiny_or_fail("kolibri1_1", "kolibri1_1", ids)
+    assert "index_num_heads=12" in str(err.value) and "FAMILY_OVERRIDES" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_hooks_are_removed_and_logits_flag_is_not_needed():

@@ -71,6 +71,7 @@ def _f(score, rule, **kw) -> Family:
 _SOFTMAX = _f("softmax", SOFTMAX_TOPK + " (renormalised over the k when the config says so)", sums_to_one=None)
 _DSV3 = _f("sigmoid", DSV3, sums_to_one=False)  # unless renormalised with routed_scaling_factor = 1
 _SIGB = _f("sigmoid", SIGMOID_BIAS)
+_KOLIBRI = _f("sigmoid", SIGMOID_BIAS + " when the config says so", sums_to_one=False)
 
 FAMILIES: dict[str, Family] = {
     "afmoe": _f("sigmoid", "sigmoid scores, top-k of scores + expert bias, renormalised x route_scale",
@@ -90,6 +91,7 @@ FAMILIES: dict[str, Family] = {
     "doge": _f("none", "product-key routing", refuse="product-key routing over embedding experts "
                "(DogeCDMoE) hands no per-token expert ids and weights to an experts module"),
     "dots1": _DSV3, "dots3_note": _DSV3,
+    "ergo": _f("sigmoid", SIGMOID_BIAS + " x routed_scaling_factor", sums_to_one=False),
     "ernie4_5_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
     "ernie4_5_vl_moe": _f("softmax", SOFTMAX_TOPK + ", with a selection-only correction bias, renormalised"),
     "exaone_moe": _DSV3, "flex_olmo": _SOFTMAX,
@@ -112,7 +114,7 @@ FAMILIES: dict[str, Family] = {
     "jetmoe": _f("softmax", TOPK_SOFTMAX, refuse="two routers per block (attention and FFN experts) that "
                  "hand over a sorted dispatch (batch_index, batch_gates, expert_size), not per-token ids"),
     "kimi_linear": _DSV3,
-    "kolibri1": _f("sigmoid", SIGMOID_BIAS + " when the config says so", sums_to_one=False),
+    "kolibri1": _KOLIBRI, "kolibri1_1": _KOLIBRI,  # 1.1 changed attention only: the same router class
     "laguna": _f("sigmoid", "optionally soft-capped logits, " + SIGMOID_BIAS),
     "lara_mini": _SOFTMAX,
     "lfm2_moe": _f("sigmoid", "sigmoid scores, top-k of scores + expert bias, renormalised x "
@@ -125,6 +127,7 @@ FAMILIES: dict[str, Family] = {
     "mellum": _SOFTMAX,
     "mimo_v2_flash": _DSV3,
     "minimax": _SOFTMAX,
+    "minicpm5_moe": _DSV3,
     "minimax_m2": _SIGB, "minimax_m3_vl": _SIGB,
     "mistral4": _f("softmax", DSV2 + " (renormalised when the config says so)", sums_to_one=False),
     "mistral_large4": _f("softmax", DSV2, sums_to_one=False),
