@@ -13,8 +13,13 @@ FORMATS = ("megatron", "replay", "olmoe")
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, num_experts: int | None = None,
                  corpus: str | Path | None = None, split: str = "heldout", micro_batch: int = 1) -> dict:
     """Read `src` in format `fmt` and write a moelab trace at `out`; returns counts and the notes."""
+    from moelab.outpath import check_out_file
     from moelab.trace.formats import megatron, olmoe, replay
     from moelab.trace.formats.routed import write_routed
+    from moelab.trace.formats.values import MAX_COUNT, check_count
+
+    check_out_file(out)  # before reading anything: an existing folder would leave X.tmp and X.json behind
+    check_count(micro_batch, "--micro-batch", 1, MAX_COUNT)
 
     notes: list[str] = []
     skipped = [0]
@@ -34,5 +39,6 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, num_experts: int
         mtp = [f"{skipped[0]} multi-token-prediction (mtp) records were left out"] if skipped[0] else []
         return notes + mtp
 
+    # RouterTracer lists each token's experts in routing_map.nonzero() order (ascending id), not by score
     return write_routed(out, source, fmt=fmt, name=fmt_name, what_lacks=lacks, num_experts=num_experts, corpus=corpus,
-                        split=split, notes=after_scan)
+                        split=split, notes=after_scan, rank_order="unknown" if fmt == "megatron" else "logits")

@@ -5,7 +5,9 @@ One file per rank, `router_trace_rank{r}.jsonl`, one record per (step, block, la
     {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 3, "rank": 0,
      "num_tokens": 128, "topk": 8, "top_indices": [[12, 45, ...], ...]}
 
-`top_indices` holds num_tokens lists of topk expert ids, in the router's order. Records of the multi-token
+`top_indices` holds num_tokens lists of topk expert ids, in `routing_map.nonzero()` order: ascending expert
+id, not the router's ranking. So rank 0 of an import is the lowest chosen id, and the trace's metadata says
+`extra["rank_order"] = "unknown"`; rank-dependent analyses refuse or say so. Records of the multi-token
 prediction head (`"block": "mtp"`) are left out with a note; the hidden-state and logit sidecar offsets
 (`hs_*`, `logit_*`) are ignored. The file has no token ids, probabilities or combine weights.
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from moelab.config import MoelabError
 from moelab.trace.formats.routed import Routed, jsonl_records
+from moelab.trace.formats.values import MAX_COUNT, MAX_EXPERTS, MAX_LAYER, MAX_TOP_K, int_array, int_field
 
 WHAT_LACKS = "records no token ids "
 KEYS = ("step", "layer", "num_tokens", "top_indices")
@@ -48,13 +51,13 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _indices(where: str, rec: dict) -> np.ndarray:
-    try:
-        ids = np.asarray(rec["top_indices"], dtype=np.int64)
-    except (ValueError, TypeError):
-        raise MoelabError(f"{where}: top_indices is not a list of equal-length lists of ints") from None
-    if ids.ndim != 2 or len(ids) != rec["num_tokens"] or ids.shape[1] != rec.get("topk", ids.shape[1]):
-        raise MoelabError(f"{where}: top_indices has shape {ids.shape}, but num_tokens={rec['num_tokens']} "
-                          f"and topk={rec.get('topk')}")
+    T = int_field(rec, "num_tokens", where, 0, MAX_COUNT)
+    K = int_field(rec, "topk", where, 1, MAX_TOP_K) if "topk" in rec else None
+    ids = int_array(rec["top_indices"], 2, where, "top_indices", 0, MAX_EXPERTS - 1)
+    if not T and K:  # an empty call: its lists say nothing of K
+        ids = ids.reshape(0, K)
+    if len(ids) != T or (K is not None and ids.shape[1] != K) or not ids.shape[1]:
+        raise MoelabError(f"{where}: top_indices has shape {ids.shape}, but num_tokens={T} and topk={K}")
     return ids
 
 
@@ -66,7 +69,8 @@ def _forwards(path: Path, skipped: list[int]) -> Iterator[tuple[str, dict[int, n
         if rec.get("block", "decoder") != "decoder":
             skipped[0] += 1
             continue
-        layer = int(rec["layer"])
+        layer = int_field(rec, "layer", where, 0, MAX_LAYER)
+        int_field(rec, "step", where, 0, MAX_COUNT)
         if group and (rec["step"] != step or layer in group):
             yield first, group
             group = {}
@@ -89,6 +93,10 @@ def read_megatron(path: str | Path, micro_batch: int = 1, skipped: list[int] | N
             if sorted(group) != layers:
                 raise MoelabError(f"{where}: a forward over layers {sorted(group)}, others over {layers}: "
                                   f"import the ranks of one pipeline stage together")
+            shapes = {group[l].shape for l in layers}
+            if len(shapes) > 1:
+                raise MoelabError(f"{where}: the layers of one forward route (tokens, top_k) = {sorted(shapes)}: "
+                                  f"every layer of a forward must see the same tokens with the same top_k")
             ids_TLK = np.stack([group[l] for l in layers], axis=1)
             T = len(ids_TLK)
             if T % micro_batch:

@@ -14,6 +14,7 @@ import numpy as np
 
 from moelab.config import MoelabError
 from moelab.trace.formats.routed import Routed, jsonl_records
+from moelab.trace.formats.values import MAX_EXPERTS, MAX_TOKEN, int_array
 
 WHAT_LACKS = "lines without input_ids carry no token ids "
 
@@ -23,13 +24,11 @@ def read_olmoe(path: str | Path) -> Iterator[Routed]:
     if not path.is_file():
         raise MoelabError(f"OLMoE routing file not found: {path}")
     for where, rec in jsonl_records(path, ("exp_ids",), "an OLMoE routing line (it holds input_ids and exp_ids)"):
-        try:
-            ids_TKL = np.asarray(rec["exp_ids"], dtype=np.int64)
-            tokens = None if rec.get("input_ids") is None else np.asarray(rec["input_ids"], dtype=np.int64)
-        except (ValueError, TypeError):
-            raise MoelabError(f"{where}: exp_ids or input_ids is not a regular array of ints") from None
-        if ids_TKL.ndim != 3:
-            raise MoelabError(f"{where}: exp_ids has shape {ids_TKL.shape}, expected (tokens, top_k, layers)")
+        ids_TKL = int_array(rec["exp_ids"], 3, where, "exp_ids (tokens, top_k, layers)", 0, MAX_EXPERTS - 1)
+        tokens = None if rec.get("input_ids") is None else int_array(rec["input_ids"], 1, where, "input_ids",
+                                                                      0, MAX_TOKEN)
+        if not ids_TKL.size:
+            raise MoelabError(f"{where}: exp_ids has shape {ids_TKL.shape}: no tokens, experts or layers")
         if tokens is not None and tokens.shape != (len(ids_TKL),):
             raise MoelabError(f"{where}: {len(ids_TKL)} tokens in exp_ids but input_ids has shape {tokens.shape}")
         yield Routed(ids_TKL.transpose(0, 2, 1), tokens, where)

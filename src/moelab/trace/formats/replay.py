@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from moelab.config import MoelabError
+from moelab.outpath import check_out_file
 from moelab.trace.formats.routed import Routed
 from moelab.trace.io import open_trace
 
@@ -138,6 +139,7 @@ def export_replay(trace_path: str | Path, out: str | Path, *, drop_last: bool = 
     out = Path(out)
     if out.suffix not in (".npy", ".safetensors"):
         raise MoelabError(f"--out {out} must end in .npy or .safetensors")
+    check_out_file(out)
     rep = trace_to_replay(trace_path, drop_last=drop_last)
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)

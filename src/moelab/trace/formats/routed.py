@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from moelab.config import MoelabError
+from moelab.trace.formats.values import MAX_EXPERTS, MAX_LAYER, MAX_TOKEN, MAX_TOP_K, check_count
 from moelab.trace.io import TraceWriter
 from moelab.trace.schema import TraceMeta
 
@@ -52,6 +53,9 @@ def scan(source: Callable[[], Iterator[Routed]]) -> Scan:
     s = Scan()
     for r in source():
         T, L, K = r.ids_TLK.shape
+        if not 1 <= K <= MAX_TOP_K or not L:
+            raise MoelabError(f"{r.where}: routing of shape (tokens, {L}, {K}): a trace needs at least one layer "
+                              f"and top_k in 1..{MAX_TOP_K}")
         if s.sequences and (L, K) != (s.num_layers, s.top_k):
             raise MoelabError(f"{r.where}: routing of shape (tokens, {L}, {K}) after (tokens, {s.num_layers}, "
                               f"{s.top_k}): layers and top_k must not change within a file")
@@ -62,6 +66,10 @@ def scan(source: Callable[[], Iterator[Routed]]) -> Scan:
         s.has_tokens &= r.tokens_T is not None
         if T and r.ids_TLK.min() < -1:
             raise MoelabError(f"{r.where}: expert id {int(r.ids_TLK.min())}; ids are >= 0, or -1 for none")
+        if T and r.ids_TLK.max() >= MAX_EXPERTS:
+            raise MoelabError(f"{r.where}: expert id {int(r.ids_TLK.max())}; a trace holds ids up to {MAX_EXPERTS - 1}")
+        _check_ints(r.tokens_T, f"{r.where}: token id", 0, MAX_TOKEN)
+        _check_ints(r.blocks_L, f"{r.where}: layer block", 0, MAX_LAYER)
         if T:
             s.routed_layers |= (r.ids_TLK >= 0).any(axis=(0, 2))
             s.max_expert_L = np.maximum(s.max_expert_L, r.ids_TLK.max(axis=(0, 2)))
@@ -70,9 +78,20 @@ def scan(source: Callable[[], Iterator[Routed]]) -> Scan:
     return s
 
 
+def _check_ints(values: np.ndarray | None, what: str, lo: int, hi: int) -> None:
+    if values is None or not np.size(values):
+        return
+    values = np.asarray(values)
+    if values.dtype.kind not in "iu":
+        raise MoelabError(f"{what}s have dtype {values.dtype}, expected integers")
+    if values.min() < lo or values.max() > hi:
+        raise MoelabError(f"{what} {int(values.min() if values.min() < lo else values.max())} is outside {lo}..{hi}")
+
+
 def resolve_experts(s: Scan, num_experts: int | None) -> tuple[list[int], list[str]]:
     """E per kept layer: given (checked against the ids), or inferred as the largest id + 1, with a note."""
     kept = s.max_expert_L[s.routed_layers]
+    check_count(num_experts, "--num-experts", 1, MAX_EXPERTS)
     if num_experts is not None:
         if num_experts < s.top_k or kept.max() >= num_experts:
             raise MoelabError(f"--num-experts {num_experts} does not hold the source's expert {int(kept.max())} "
@@ -148,10 +167,13 @@ class CorpusTokens:
 
 def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt: str, name: str, what_lacks: str,
                  num_experts: int | None = None, corpus: str | Path | None = None,
-                 split: str = "heldout", notes: Callable[[], list[str]] | None = None) -> dict:
+                 split: str = "heldout", notes: Callable[[], list[str]] | None = None,
+                 rank_order: str = "logits") -> dict:
     """Two passes over `source`: the first sizes the trace (layers, K, E), the second writes the rows.
 
-    `notes` is called after the first pass, so a reader can report what it skipped."""
+    `notes` is called after the first pass, so a reader can report what it skipped. `rank_order` goes to
+    the metadata's extra: "logits" (rank r is the router's r-th highest score) or "unknown" (the source
+    lists a token's experts in another order, so rank 0 is not the top-1 choice)."""
     s = scan(source)
     layers = np.flatnonzero(s.routed_layers)
     E, inferred = resolve_experts(s, num_experts)
@@ -167,7 +189,11 @@ def write_routed(out: str | Path, source: Callable[[], Iterator[Routed]], *, fmt
         notes.append(f"token ids come from the file; --corpus {corpus} was not used")
     labels = {"domain": tokens.corpus.domains, "lang": tokens.corpus.langs} if tokens else {}
     meta = TraceMeta(num_experts=E, top_k=s.top_k, source=f"import:{fmt}", null_columns=null, notes=notes,
-                     labels=labels, tokenizer=str(Path(corpus) / "tokenizer.json") if tokens else None)
+                     labels=labels, tokenizer=str(Path(corpus) / "tokenizer.json") if tokens else None,
+                     extra={"rank_order": rank_order})
+    if rank_order == "unknown":
+        notes.append(f"{name} does not keep the router's ranking (rank 0 is not the top-1 choice): rank-dependent "
+                     f"analyses (top-1 agreement, top-1 transitions, top-1 label MI, queue order) refuse this trace")
     n_tokens = 0
     with TraceWriter(out, meta) as w:
         for seq, r in enumerate(source()):
@@ -205,6 +231,8 @@ def jsonl_records(path: Path, required: Sequence[str], what: str) -> Iterator[tu
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
+            except RecursionError:
+                raise MoelabError(f"{where} nests arrays or objects too deeply to be {what}") from None
             if not isinstance(rec, dict) or any(k not in rec for k in required):
                 raise MoelabError(f"{where} is not {what} (needs {', '.join(required)})")
             yield where, rec
