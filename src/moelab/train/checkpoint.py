@@ -80,6 +80,15 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def check_same_tokenizer(ckpt: str | Path, corpus) -> None:
+    """Refuse a corpus tokenized by another tokenizer than the checkpoint's (sizes alone can agree)."""
+    saved = read_checkpoint_config(ckpt).get("tokenizer", {}).get("fingerprint")
+    here = corpus.info["tokenizer"].get("fingerprint")
+    if saved and here and saved != here:
+        raise MoelabError(f"corpus {corpus.path} was tokenized by another tokenizer (fingerprint {here}) "
+                          f"than checkpoint {ckpt} trained with ({saved}): its numbers would mean nothing")
+
+
 def checkpoint_data(path: str | Path) -> dict[str, Any]:
     """The checkpoint's data settings, validated (a foreign or edited config.json says one line)."""
     from moelab.data.config import DataConfig

@@ -8,6 +8,17 @@ from pathlib import Path
 
 from moelab.config import ConfigError, MoelabError, positive_int
 from moelab.presets import list_presets, load_preset_dict
+# Lives below train, upcycle and every verb that reads checkpoints (no import circle through this file);
+# kept importable from here, where other verbs have always found it.
+from moelab.train.rundir import resolve_checkpoint  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name == "check_same_tokenizer":  # lazily: checkpoint.py imports torch, and every verb imports this file
+        from moelab.train.checkpoint import check_same_tokenizer
+
+        return check_same_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register(sub) -> None:
@@ -109,33 +120,6 @@ def run_train(args) -> int:
     return 0
 
 
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the last complete checkpoint of a run folder."""
-    from moelab.train.rundir import list_checkpoints
-
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        return p
-    steps = list_checkpoints(p)
-    if steps:
-        return steps[-1]
-    if not p.exists():
-        raise MoelabError(f"checkpoint not found: {p}")
-    raise MoelabError(f"{p} is neither a checkpoint nor a run folder with checkpoints")
-
-
-def check_same_tokenizer(ckpt: Path, corpus) -> None:
-    """Refuse a corpus tokenized by another tokenizer than the checkpoint's (sizes alone can agree)."""
-    from moelab.train.checkpoint import read_checkpoint_config
-
-    saved = read_checkpoint_config(ckpt).get("tokenizer", {}).get("fingerprint")
-    here = corpus.info["tokenizer"].get("fingerprint")
-    if saved and here and saved != here:
-        raise MoelabError(f"corpus {corpus.path} was tokenized by another tokenizer (fingerprint {here}) "
-                          f"than checkpoint {ckpt} trained with ({saved}): its numbers would mean nothing")
-
-
 def format_eval(ev: dict) -> str:
     lines = [f"{'domain':<12}{'loss':>8}{'ppl':>10}{'tokens':>10}"]
     for dom, v in ev.items():
@@ -146,7 +130,7 @@ def format_eval(ev: dict) -> str:
 def run_eval(args) -> int:
     from moelab.data.shards import load_corpus
     from moelab.data.tokenizer import check_vocab_fits
-    from moelab.train.checkpoint import checkpoint_data, load_model
+    from moelab.train.checkpoint import check_same_tokenizer, checkpoint_data, load_model
     from moelab.train.loop import evaluate
 
     ckpt = resolve_checkpoint(args.checkpoint)

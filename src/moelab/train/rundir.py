@@ -56,6 +56,19 @@ def list_checkpoints(run_dir: str | Path, warn: bool = True) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the last complete checkpoint of a run folder."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p
+    steps = list_checkpoints(p)
+    if steps:
+        return steps[-1]
+    if not p.exists():
+        raise MoelabError(f"checkpoint not found: {p}")
+    raise MoelabError(f"{p} is neither a checkpoint nor a run folder with checkpoints")
+
+
 def leftovers(run_dir: str | Path) -> list[Path]:
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():

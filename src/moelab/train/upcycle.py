@@ -70,7 +70,7 @@ def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
 
 
 def run_upcycle(args) -> int:
-    from moelab.train.commands import resolve_checkpoint
+    from moelab.train.rundir import resolve_checkpoint
 
     dense = resolve_checkpoint(args.checkpoint)
     out = upcycle_checkpoint(dense, args.preset, args.out, args.set)
