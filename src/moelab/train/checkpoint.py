@@ -44,7 +44,36 @@ def _commit_dir(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, run_config: dict[str, Any], step: int,
                     optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint under a temporary name and rename it when complete. A write that fails (a full
+    disk) removes the temporary folder and says in one line where and how much space is free; every
+    earlier checkpoint is left as it was."""
+    from safetensors import SafetensorError
+
     final = Path(path)
+    try:
+        return _write_checkpoint(final, model, run_config, step, optimizer, extra)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+        raise MoelabError(f"could not write checkpoint {final}: {_reason(e)} ({_free_space(final.parent)} free "
+                          f"in {final.parent}); earlier checkpoints are intact") from None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return "no space left on device" if "StorageFull" in text or "No space left" in text else text[:200]
+
+
+def _free_space(folder: Path) -> str:
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            free = shutil.disk_usage(p).free
+            return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+    return "unknown space"
+
+
+def _write_checkpoint(final: Path, model, run_config, step, optimizer, extra) -> Path:
     tmp = _atomic_dir(final)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})

@@ -23,7 +23,9 @@ from moelab.data.tokenizer import check_vocab_fits
 from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
-from moelab.train.checkpoint import checkpoint_step, first_difference, load_weights, read_checkpoint_config
+from moelab.train.checkpoint import (
+    check_same_tokenizer, checkpoint_step, first_difference, load_weights, read_checkpoint_config,
+)
 from moelab.train.checkpoint import resume as resume_checkpoint
 from moelab.train.config import RunConfig
 from moelab.train.log import Progress, RunLogger
@@ -31,7 +33,7 @@ from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.phases import build_train_sampler
 from moelab.train.replay import ReplaySampler, replay_routing
-from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
+from moelab.train.rundir import check_run_dir, clear_run_dir, lock_run_dir, remove_leftovers
 from moelab.train.upcycle import step0_change
 
 
@@ -131,12 +133,18 @@ def _resume_step(resume_from: str | Path | None, steps: int) -> int:
     return start
 
 
-def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int) -> None:
-    """Rank 0, before it writes: empty the folder when told to, drop crash leftovers and the metric
-    rows of steps the resumed run will redo, then write the run config."""
+def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int, resume_from):
+    """Rank 0, before it writes: lock the folder (another run writing it is refused) and check it again
+    under the lock, empty it when told to, drop crash leftovers and the metric rows of steps the resumed
+    run will redo, then write the run config. Returns the lock, held until the run ends."""
+    lock = lock_run_dir(out)
+    try:  # a run that finished since the first check has filled the folder
+        check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, locked=True)
+    except MoelabError:
+        lock.release()
+        raise
     if overwrite:
         clear_run_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     metrics = out / "metrics.jsonl"
     if start and metrics.is_file():
@@ -144,6 +152,7 @@ def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int) -> None
                 if _row_step(line) <= start]
         metrics.write_text("".join(rows), encoding="utf-8")
     (out / "config.json").write_text(run.to_json())
+    return lock
 
 
 def _row_step(line: str) -> float:
@@ -170,10 +179,13 @@ def _eval_row(model, ev: dict, world: int) -> dict:
     return {**_flat_eval(ev), **(expert_cosine(model) if world == 1 else {})}
 
 
-def _diverged(loss: float, step: int, result: TrainResult, resume_from) -> MoelabError:
+def _diverged(loss: float, grad_norm: float, step: int, result: TrainResult, resume_from) -> MoelabError:
+    """A non-finite loss, or a non-finite gradient at a finite loss (one update would make every weight NaN)."""
     last = result.checkpoints[-1] if result.checkpoints else resume_from
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-    return MoelabError(f"training diverged: the loss is {loss} at step {step}; stopped before that update, "
+    what = (f"the loss is {loss}" if not math.isfinite(loss)
+            else f"the gradient norm is {grad_norm} (at a finite loss {loss:.4g})")
+    return MoelabError(f"training diverged: {what} at step {step}; stopped before that update, "
                        f"{keep} (lower train.lr or raise train.warmup_steps)")
 
 
@@ -196,6 +208,9 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         torch.set_num_threads(t.threads)
     corpus = load_corpus(run.data.path)
     check_vocab_fits(corpus.vocab_size, run.model.vocab_size)
+    for ckpt in (init_from, resume_from):  # their token ids must mean the same tokens as the corpus's
+        if ckpt is not None:
+            check_same_tokenizer(ckpt, corpus)
     saved_config = {**run.to_dict(), "tokenizer": corpus_tokenizer(corpus)}
     torch.manual_seed(t.seed)
     model = build_model(run.model, seed=t.seed).to(device)
@@ -215,8 +230,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     model = pr.core
     if replay is not None and pr.par.world > 1:
         raise MoelabError("--replay trains in one process: its forced routing is not sharded across ranks")
-    if pr.main:  # only rank 0 writes
-        _prepare_out(out, run, overwrite, start)
+    lock = _prepare_out(out, run, overwrite, start, resume_from) if pr.main else None  # only rank 0 writes
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     if change is not None and logger:
         logger.log(0, change, "upcycle")
@@ -242,8 +256,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
             pr.after_backward()
             gn = pr.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
             loss_sum = pr.mean(loss_sum)  # the same on every rank, so all stop together
-            if not math.isfinite(loss_sum):
-                raise _diverged(loss_sum, step + 1, result, resume_from)
+            if not (math.isfinite(loss_sum) and math.isfinite(gn)):  # gn: the global norm, equal on every rank
+                raise _diverged(loss_sum, gn, step + 1, result, resume_from)
             opt.step()
             opt.zero_grad(set_to_none=True)
             pr.update_biases(o.routing)
@@ -281,6 +295,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
             bar.close()
         if logger:
             logger.close()
+        if lock:
+            lock.release()
     return result
 
 

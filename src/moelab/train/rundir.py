@@ -18,6 +18,7 @@ from moelab.config import MoelabError
 from moelab.outpath import check_writable_dir
 
 STEP_NAME = re.compile(r"step_(\d+)")
+LOCK_NAME = ".moelab.lock"  # held by the run writing the folder (lockfile.HeldLock); not part of the run
 
 
 def fsync_path(path: Path) -> None:
@@ -82,11 +83,18 @@ def remove_leftovers(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None, resume_step: int) -> None:
+def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None, resume_step: int,
+                  locked: bool = False) -> None:
     """Refuse to mix two runs in one folder. A fresh run needs an empty (or absent) folder unless
-    `overwrite`; a resumed run may continue its folder but not past checkpoints it would contradict."""
+    `overwrite`; a resumed run may continue its folder but not past checkpoints it would contradict; a
+    folder another run holds (`lock_run_dir`) is refused whatever it holds. `locked`: we hold it."""
+    from moelab.lockfile import holder
+
     check_writable_dir(out, "--out")
-    if not out.exists() or not any(out.iterdir()):
+    busy = None if locked else holder(out / LOCK_NAME)
+    if busy:
+        raise MoelabError(f"run folder {out} is in use by {busy}: wait for it to finish, or choose another folder")
+    if not out.exists() or not _contents(out):
         return
     if overwrite:
         if resume_from is not None and _inside(Path(resume_from), out):
@@ -94,7 +102,7 @@ def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None,
                               f"{resume_from} continues from")
         return
     if resume_from is None:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        held = ", ".join(sorted(p.name for p in _contents(out))[:4])
         raise MoelabError(f"run folder {out} is not empty (holds {held}): pass --overwrite to replace it, "
                           f"--resume CHECKPOINT to continue it, or choose another --out")
     later = [p for p in list_checkpoints(out, warn=False) if int(p.name[5:]) > resume_step]
@@ -105,10 +113,23 @@ def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None,
                           + ("" if inside else " (or pass --overwrite to empty it)"))
 
 
+def lock_run_dir(out: Path):
+    """Take the run folder for this process, or refuse in one line when another run writes it (two runs
+    into one folder would leave one's config beside the other's checkpoints). Creates the folder."""
+    from moelab.lockfile import HeldLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    return HeldLock(out / LOCK_NAME, f"run folder {out}")
+
+
+def _contents(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK_NAME]
+
+
 def clear_run_dir(out: Path) -> None:
-    """Empty a run folder before a fresh run that was told to overwrite it."""
+    """Empty a run folder before a fresh run that was told to overwrite it (its lock stays: it is ours)."""
     if out.is_dir():
-        for child in out.iterdir():
+        for child in _contents(out):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
