@@ -114,3 +114,34 @@ def test_init_refusals_are_one_line(dense_ckpt, moe_preset, corpus_dir, tmp_path
                   "--set", "model.moe.expert_hidden=64", "--set", "model.moe.num_shared_experts=0"]
     assert main([*base, *model_sets, "--resume", str(up), "--out", str(tmp_path / "r3")]) == 2
     assert "use --init" in capsys.readouterr().err
+
+
+def test_an_upcycle_that_cannot_fit_in_memory_is_refused_before_allocating(dense_ckpt, moe_preset, tmp_path,
+                                                                            capsys):
+    """10 million experts of a 32-wide model: 1.2e11 parameters, ~1.4 TiB at the peak; refused in one line
+    from the analytic size, before any allocation (main tried to allocate it)."""
+    out = tmp_path / "up"
+    assert main(["upcycle", str(dense_ckpt), "--preset", str(moe_preset), "--out", str(out),
+                 "--set", "model.moe.num_experts=10000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "10000000 experts) needs about" in err and "GiB is available: use fewer experts" in err, err
+    assert not out.exists()
+
+
+def test_the_memory_check_counts_what_upcycling_holds(dense_ckpt):
+    """The estimate is 4 bytes x (dense + 2 x MoE parameters), the MoE count being the built model's own
+    (numel summed, not the analytic formula); one byte less available is refused, exactly that is not."""
+    from moelab.config import MoelabError
+    from moelab.model.transformer import build_model
+    from moelab.model.upcycle import UpcycleConfig, upcycled_config
+    from moelab.train.upcycle import check_fits_in_memory
+
+    dense = load_model(dense_ckpt)
+    cfg = upcycled_config(dense.config, {"num_experts": 8, "top_k": 2}, UpcycleConfig())
+    moe_n = sum(p.numel() for p in build_model(cfg).parameters())
+    dense_n = sum(p.numel() for p in dense.parameters())
+    need = 4 * (dense_n + 2 * moe_n)
+    check_fits_in_memory(cfg, dense.config.num_params(), available=need)
+    with pytest.raises(MoelabError, match=f"upcycling into {moe_n:,} parameters \\(8 experts\\)"):
+        check_fits_in_memory(cfg, dense.config.num_params(), available=need - 1)

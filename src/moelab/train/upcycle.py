@@ -60,6 +60,7 @@ def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
     moe_table, opts = _options(preset, list(overrides))
     dense = load_model(dense_path)
     cfg = upcycled_config(dense.config, moe_table, opts)
+    check_fits_in_memory(cfg, dense.config.num_params())  # before the MoE's weights are allocated
     model = build_model(cfg, seed=opts.seed)
     model.load_state_dict(upcycle_state_dict(dense.state_dict(), dense.config, cfg, opts, model.state_dict()))
     run_config = {k: v for k, v in read_checkpoint_config(dense_path).items() if k != "format"}
@@ -67,6 +68,41 @@ def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
     record = {"dense": str(Path(dense_path).resolve()), "options": opts.to_dict(),
               "breaks_function": breaks_function(cfg, opts)}
     return save_checkpoint(out, model, run_config, 0, extra={STATE_KEY: record})
+
+
+def upcycle_bytes(moe_params: int, dense_params: int) -> int:
+    """Peak memory of `upcycle_checkpoint`, fp32: the dense model, the MoE model, and a second MoE-sized
+    copy (the transformed state dict before it is loaded, then safetensors' serialised bytes)."""
+    return 4 * (dense_params + 2 * moe_params)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit (a container's);
+    None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits_in_memory(cfg, dense_params: int, available: int | None = None) -> None:
+    """Refuse in one line an upcycle whose analytic size cannot fit in the memory available now."""
+    need = upcycle_bytes(cfg.num_params(), dense_params)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise MoelabError(f"upcycling into {cfg.num_params():,} parameters ({cfg.moe.num_experts} experts) needs "
+                          f"about {need / 2**30:.1f} GiB of memory (the dense and MoE models and one more MoE-sized "
+                          f"copy, fp32), but {available / 2**30:.1f} GiB is available: use fewer experts")
 
 
 def run_upcycle(args) -> int:
