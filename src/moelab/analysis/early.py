@@ -25,6 +25,7 @@ from moelab.analysis.common import (
 )
 from moelab.analysis.coactivation import coactivation_counts
 from moelab.analysis.null import random_topk_counts
+from moelab.analysis.rankorder import require_rank_order
 from moelab.analysis.resample import (
     FOLDS, REPLICATES, Estimate, SetPool, estimate_from_moments, fold_of, layer_estimates,
     permuted_tables, replicate_weights, subset_scale,
@@ -256,6 +257,8 @@ def early_routing(traces: Sequence[Any], *, num_experts: Sequence[int] | None = 
     if len(traces) < 2:
         raise MoelabError("early routing needs at least two traces (checkpoints and the final one)")
     _check_metas(traces)
+    for t in traces:
+        require_rank_order(t, "early routing (top-1 agreement)")
     meta = getattr(traces[-1], "meta", None)
     num_experts = list(num_experts if num_experts is not None else meta.num_experts)
     top_k = top_k if top_k is not None else meta.top_k

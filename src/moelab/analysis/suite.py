@@ -17,6 +17,7 @@ from moelab.analysis.drops import DropAccumulator, queue_comparison
 from moelab.analysis.dynamic import DynamicAccumulator
 from moelab.analysis.gates import GateStatsAccumulator
 from moelab.analysis.load import LoadAccumulator
+from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranked_note
 from moelab.analysis.resample import FOLDS, REPLICATES, SetPoolAccumulator, replicate_weights
 from moelab.analysis.specialization import (
     ShareAccumulator, domain_specialisation, expert_label_mi, std_score, top_tokens, vocab_specialisation,
@@ -73,6 +74,10 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
     skipped = unanswerable(have, analyses, getattr(getattr(trace_like, "meta", None), "null_columns", None) or {})
     analyses = [a for a in analyses if a not in skipped]
+    ranked = rank_order_known(getattr(trace_like, "meta", None))
+    if not ranked:  # rank 0 is not the top-1 choice (analysis/rankorder.py): leave out what reads it so
+        skipped["rank"] = unranked_note()
+        mi_ranks, simulate, queue = "all", None, None
     folds = folds if n_bootstrap > 0 else 1
     acc = _accumulators(num_experts, top_k, analyses, labels, pos_bucket, mi_ranks, simulate, queue, folds, seed,
                         token_fold_sample(getattr(trace_like, "num_rows", None)), with_tokens="token" not in skipped)
@@ -95,6 +100,8 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 and "intervals" not in skipped else None
     out = _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
                                       n_permutations=n_permutations, seed=seed, weights=weights))
+    if not ranked:
+        drop_top1_parts(out)
     if skipped:
         out["skipped"] = skipped
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moelab.analysis.rankorder import WHY, rank_order_known
 from moelab.config import MoelabError
 from moelab.trace.io import open_trace
 
@@ -39,7 +40,8 @@ def read_routes(path) -> dict:
     out = {"path": str(path), "L": L, "K": K, "E": trace.meta.num_experts, "names": list(names),
            "ids": data["expert"].reshape(-1, L, K).astype(np.int64), "seq": data["seq"][first],
            "pos": data["pos"][first], "domain": data["domain"][first],
-           "token": data["token"][first] if "token" in data else None, "probs": None}
+           "token": data["token"][first] if "token" in data else None, "probs": None,
+           "ranked": rank_order_known(trace.meta)}
     if "probs" in data and len({*out["E"]}) == 1:
         out["probs"] = data["probs"].reshape(-1, L, out["E"][0])
     return out
@@ -105,7 +107,8 @@ def diff_routes(a: dict, b: dict, seed: int = 0) -> dict:
         perm_inter, perm_union = set_overlap(ids_a, ids_b[rng.permutation(len(ids_b))], E)
         flips = inter < union
         differs_NL.append(flips)
-        row = {"layer": l, "top1_agreement": float(np.mean(ids_a[:, 0] == ids_b[:, 0])),
+        ranked = a.get("ranked", True) and b.get("ranked", True)  # rank 0 is each trace's top-1 choice
+        row = {"layer": l, "top1_agreement": float(np.mean(ids_a[:, 0] == ids_b[:, 0])) if ranked else None,
                "jaccard": float(inter.sum() / union.sum()),
                "jaccard_chance": chance_jaccard(K, E) if a["K"] == b["K"] else None,
                "jaccard_permuted": float(perm_inter.sum() / perm_union.sum()),
@@ -121,7 +124,8 @@ def diff_routes(a: dict, b: dict, seed: int = 0) -> dict:
             "any_layer_differs": float(any_N.mean()),
             "by_domain": _rates(a["domain"], flips_NL.mean(1), a["names"]),
             "by_position": _rates(pos_bucket, flips_NL.mean(1), _bucket_labels(POS_EDGES)),
-            "margin_note": None if a["probs"] is not None else "trace A has no router probabilities: no margins"}
+            "margin_note": None if a["probs"] is not None else "trace A has no router probabilities: no margins",
+            "rank_note": None if a.get("ranked", True) and b.get("ranked", True) else f"top-1 agreement left out: a trace's {WHY[4:]}"}
 
 
 def diff_traces(path_a, path_b) -> dict:
@@ -133,10 +137,13 @@ def format_diff(r: dict) -> str:
              f"{'layer':>5}{'top1 agree':>12}{'jaccard':>9}{'chance':>8}{'permuted':>10}{'differs':>9}"]
     for x in r["layers"]:
         chance = "-" if x["jaccard_chance"] is None else f"{x['jaccard_chance']:.4f}"
-        lines.append(f"{x['layer']:>5}{x['top1_agreement']:>12.4f}{x['jaccard']:>9.4f}{chance:>8}"
+        top1 = "-" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
+        lines.append(f"{x['layer']:>5}{top1:>12}{x['jaccard']:>9.4f}{chance:>8}"
                      f"{x['jaccard_permuted']:>10.4f}{x['set_differs']:>9.4f}")
     for x in r["layers"]:
         if "flips_by_margin" in x:
             cells = "  ".join(f"{k}: {v['flip_rate']:.3f} (n={v['tokens']})" for k, v in x["flips_by_margin"].items())
             lines.append(f"layer {x['layer']} flips by margin p_k - p_k+1: {cells}")
+    if r.get("rank_note"):
+        lines.append(r["rank_note"])
     return "\n".join(lines)

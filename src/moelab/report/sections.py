@@ -247,6 +247,8 @@ def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int
     out = []
     if "intervals" in results.get("skipped", {}):
         out.append(Section("Intervals", blocks=[Note(results["skipped"]["intervals"])]))
+    if "rank" in results.get("skipped", {}):  # analysis/rankorder.py: rank 0 is not the top-1 choice
+        out.append(Section("Rank order", blocks=[Note(results["skipped"]["rank"])]))
     if "load" in results:
         out.append(load_section(results))
     if "tables" in results:
