@@ -6,7 +6,11 @@ replaced by one of another type) and runs one reader verb on it. A verb may succ
 inside a weight is a valid file with another number in it), but otherwise it must exit 2 with exactly
 one error line, raise nothing, and leave no half-written output: no trace, no converted folder, no
 `.tmp` / `.partial` staging left behind. Truncations and type changes of required values must fail.
-Traces are not fuzzed here: their reader (`trace/io.py`) validates them and has its own tests.
+Traces are not fuzzed here: their reader (`trace/io.py`) validates them and has its own tests. Other
+tools' routing files are: `trace import` of Megatron and OLMoE JSONL with random JSON shapes and values
+spliced in (floats, booleans, huge and negative ints, NaN, strings, nesting 200,000 deep, cut lines), and
+of replay arrays of random dtype, shape and companions; each exits 0 with a readable trace or 2 with one
+line, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -154,3 +158,141 @@ def test_corrupted_inputs_give_one_line_and_exit_2(inputs, tmp_path, capsys, tra
             pytest.fail(f"{what}: a truncated file was accepted")
         shutil.rmtree(work)
     assert outcomes[2] > CASES // 2, outcomes
+
+
+# ---- trace import: random JSON shapes and values (issue 24) -------------------------------------------
+JSON_VALUES = [0, 1, 3, -1, -(2**15), 2**15 - 1, 2**15, 2**31, 10**30, 1.5, 2.0, float("nan"), float("inf"),
+               True, False, None, "", "7", "zero", [], [[]], [0, 1], [[0, 1]], [[0.5, 1]], {}, {"a": 1}]
+
+
+def _megatron_records(rng: random.Random) -> list:
+    """A valid RouterTracer forward or two: the starting point each case damages."""
+    T, K, layers = rng.randint(1, 4), rng.randint(1, 3), sorted(rng.sample(range(6), rng.randint(1, 3)))
+    return [{"step": s, "stage": "pre_dispatch", "block": "decoder", "layer": l, "rank": 0, "num_tokens": T,
+             "topk": K, "top_indices": [rng.sample(range(8), K) for _ in range(T)]}
+            for s in range(rng.randint(1, 2)) for l in layers]
+
+
+def _olmoe_records(rng: random.Random) -> list:
+    T, K, L = rng.randint(1, 4), rng.randint(1, 3), rng.randint(1, 3)
+    return [{"input_ids": [rng.randrange(1000) for _ in range(T)],
+             "exp_ids": [[[rng.randrange(8) for _ in range(L)] for _ in range(K)] for _ in range(T)]}
+            for _ in range(rng.randint(1, 3))]
+
+
+def _damage(node, rng: random.Random):
+    """Replace one value somewhere inside `node` (a dict or list tree) by a value of any JSON shape."""
+    if isinstance(node, (dict, list)) and node and rng.random() < 0.75:
+        key = rng.choice(sorted(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        node[key] = _damage(node[key], rng)
+        return node
+    pick = rng.random()
+    if pick < 0.08:
+        depth = rng.choice([50, 5000, 200_000])
+        return json.loads("[" * min(depth, 900) + "]" * min(depth, 900)) if depth < 1000 else ("DEEP", depth)
+    return json.loads(json.dumps(rng.choice(JSON_VALUES)))
+
+
+def _lines(records: list, rng: random.Random) -> str:
+    out = []
+    for rec in records:
+        text = json.dumps(rec)
+        if '["DEEP", ' in text:  # a nesting deeper than json.dumps would write: spliced in as text
+            depth = int(text.split('["DEEP", ')[1].split("]")[0])
+            text = text.replace(f'["DEEP", {depth}]', "[" * depth + "]" * depth)
+        out.append(text)
+    if rng.random() < 0.1:
+        out.insert(rng.randrange(len(out) + 1), rng.choice(["[1, 2]", "null", "{oops", "7", '"text"']))
+    if rng.random() < 0.1:
+        out[-1] = out[-1][: rng.randrange(len(out[-1]))]  # a line cut short
+    return "\n".join(out) + "\n"
+
+
+def test_import_formats_fuzz_exit_0_or_2_and_nothing_left(tmp_path, capsys):
+    from moelab.trace.io import open_trace
+
+    rng = random.Random(24)
+    outcomes = {0: 0, 2: 0}
+    for case in range(300):
+        fmt = rng.choice(["megatron", "olmoe"])
+        records = _megatron_records(rng) if fmt == "megatron" else _olmoe_records(rng)
+        for _ in range(rng.randint(0, 2)):
+            _damage(records, rng)
+        work = tmp_path / f"case{case}"
+        work.mkdir()
+        src = work / "router_trace_rank0.jsonl"
+        src.write_text(_lines(records, rng))
+        out = work / "t.parquet"
+        argv = ["trace", "import", fmt, str(src), "--out", str(out)]
+        if rng.random() < 0.3:
+            argv += ["--num-experts", str(rng.choice([0, 1, 8, 64, 2**15, 2**15 + 1, 10**9, -3]))]
+        if fmt == "megatron" and rng.random() < 0.2:
+            argv += ["--micro-batch", str(rng.choice([0, 1, 2, 3, 10**12]))]
+        what = f"case {case}: {fmt} {src.read_text()[:300]!r} {argv[5:]}"
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code in (0, 2) and "Traceback" not in err, f"{what}: {err}"
+        outcomes[code] += 1
+        left = sorted(p.name for p in work.iterdir() if p != src)
+        if code == 2:
+            assert len([line for line in err.splitlines() if "error" in line]) == 1, f"{what}: {err}"
+            assert not left, f"{what}: left {left}"
+        else:
+            assert left == ["t.parquet", "t.parquet.json"], f"{what}: left {left}"
+            trace = open_trace(out)  # what was written is a valid trace, ids within its own metadata
+            for batch in trace.iter_batches(columns=["layer", "rank", "expert"]):
+                assert batch["expert"].min() >= 0 and batch["rank"].max() < trace.meta.top_k
+        shutil.rmtree(work)
+    print("import fuzz outcomes", outcomes)
+    assert outcomes[0] > 30 and outcomes[2] > 100, outcomes
+
+
+def _replay_arrays(rng: random.Random):
+    """Replay arrays of random dtype, shape and values, with random companions in .safetensors."""
+    import numpy as np
+
+    nrng = np.random.default_rng(rng.randrange(2**32))
+    shape = tuple(rng.randint(0, 4) for _ in range(rng.choice([1, 2, 3, 3, 3, 4, 5])))
+    dtype = rng.choice(["int8", "int16", "int32", "int64", "uint8", "uint32", "float32", "bool"])
+    hi = rng.choice([2, 8, 2**15 + 2, 2**40])
+    ids = nrng.integers(-2, hi, size=shape).astype(dtype)
+    arrays = {"routed_experts": ids}
+    for name in ("input_ids", "routed_lens", "token_lens", "layer_blocks"):
+        if rng.random() < 0.3:
+            n = rng.randint(0, 5)
+            arrays[name] = nrng.integers(rng.choice([-5, 0]), rng.choice([3, 2**31 + 5]), size=n).astype(
+                rng.choice(["int32", "int64", "float32"]))
+    return arrays
+
+
+def test_replay_import_fuzz_exit_0_or_2_and_nothing_left(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = random.Random(25)
+    outcomes = {0: 0, 2: 0}
+    for case in range(150):
+        arrays = _replay_arrays(rng)
+        work = tmp_path / f"case{case}"
+        work.mkdir()
+        if rng.random() < 0.5:
+            src = work / "r.npy"
+            np.save(src, arrays["routed_experts"], allow_pickle=False)
+        else:
+            src = work / "r.safetensors"
+            save_file(arrays, str(src))
+        out = work / "t.parquet"
+        code = main(["trace", "import", "replay", str(src), "--out", str(out)])
+        err = capsys.readouterr().err
+        what = f"case {case}: {src.name} { {k: (v.dtype, v.shape) for k, v in arrays.items()} }"
+        assert code in (0, 2) and "Traceback" not in err, f"{what}: {err}"
+        outcomes[code] += 1
+        left = sorted(p.name for p in work.iterdir() if p != src)
+        if code == 2:
+            assert len([line for line in err.splitlines() if "error" in line]) == 1, f"{what}: {err}"
+            assert not left, f"{what}: left {left}"
+        else:
+            assert left == ["t.parquet", "t.parquet.json"], f"{what}: left {left}"
+        shutil.rmtree(work)
+    print("replay fuzz outcomes", outcomes)
+    assert outcomes[0] > 5 and outcomes[2] > 50, outcomes
