@@ -8,15 +8,15 @@ in seconds for the tests.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from moelab.lockfile import locked
 
 STAMP = "claims-settings.json"
 # Code, English prose, math, and the same UI strings in three more languages (as the demo).
@@ -62,7 +62,7 @@ class Workspace:
     # ---- the cache mechanism --------------------------------------------------------------------------
     def _cached(self, folder: Path, settings: dict[str, Any], make: Callable[[Path], None]) -> Path:
         # Two runners sharing a cache (rows run side by side) wait for each other's artefact, not redo it.
-        with _locked(folder.parent / f".{folder.name}.lock"):
+        with locked(folder.parent / f".{folder.name}.lock"):
             return self._cached_unlocked(folder, settings, make)
 
     def _cached_unlocked(self, folder: Path, settings: dict[str, Any], make: Callable[[Path], None]) -> Path:
@@ -158,17 +158,6 @@ class Workspace:
 
         folder = self._cached(self.root / "reports" / name, settings, make)
         return json.loads((folder / "metrics.json").read_text())
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _corpus_vocab(corpus: Path) -> int:
