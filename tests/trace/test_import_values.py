@@ -46,6 +46,7 @@ BAD = {
     "megatron num_tokens string": ("megatron", [megatron(num_tokens="2")], "num_tokens='2' must be an integer >= 0"),
     "megatron step bool": ("megatron", [megatron(step=True)], "step=True must be"),
     "megatron deeply nested": ("megatron", [DEEP], "nests arrays or objects too deeply"),
+    "megatron block a list": ("megatron", [megatron(block=["decoder"])], "block=['decoder'] is neither"),
     "megatron ids not nested": ("megatron", [megatron(top_indices=[0, 1])], "not an array nested 2 deep"),
     "olmoe negative token": ("olmoe", [olmoe(input_ids=[-1, 6])], "input_ids holds -1, outside 0..2147483647"),
     "olmoe float token": ("olmoe", [olmoe(input_ids=[5.9, 6])], "input_ids holds 5.9, not an integer"),

@@ -27,7 +27,7 @@ import numpy as np
 
 from moelab.config import MoelabError
 from moelab.trace.formats.routed import Routed, jsonl_records
-from moelab.trace.formats.values import MAX_COUNT, MAX_EXPERTS, MAX_LAYER, MAX_TOP_K, int_array, int_field
+from moelab.trace.formats.values import MAX_COUNT, MAX_EXPERTS, MAX_LAYER, MAX_TOP_K, int_array, int_field, show
 
 WHAT_LACKS = "records no token ids "
 KEYS = ("step", "layer", "num_tokens", "top_indices")
@@ -66,7 +66,10 @@ def _forwards(path: Path, skipped: list[int]) -> Iterator[tuple[str, dict[int, n
     group: dict[int, np.ndarray] = {}
     step, first = None, ""
     for where, rec in _records(path):
-        if rec.get("block", "decoder") != "decoder":
+        block = rec.get("block", "decoder")
+        if block not in ("decoder", "mtp"):
+            raise MoelabError(f"{where}: block={show(block)} is neither 'decoder' nor 'mtp'")
+        if block == "mtp":
             skipped[0] += 1
             continue
         layer = int_field(rec, "layer", where, 0, MAX_LAYER)
