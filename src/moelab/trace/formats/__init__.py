@@ -16,10 +16,11 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, num_experts: int
     from moelab.outpath import check_out_file
     from moelab.trace.formats import megatron, olmoe, replay
     from moelab.trace.formats.routed import write_routed
-    from moelab.trace.formats.values import MAX_COUNT, check_count
+    from moelab.trace.formats.values import MAX_COUNT, MAX_EXPERTS, check_count
 
     check_out_file(out)  # before reading anything: an existing folder would leave X.tmp and X.json behind
     check_count(micro_batch, "--micro-batch", 1, MAX_COUNT)
+    check_count(num_experts, "--num-experts", 1, MAX_EXPERTS)
 
     notes: list[str] = []
     skipped = [0]
