@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.model.config import FFN_IN_PROJECTIONS
+from moelab.model.dispatch import Dispatch, combine, permutation
 
 
 def gated_activation(h_NX: torch.Tensor, kind: str) -> torch.Tensor:
@@ -197,10 +198,17 @@ class GroupedExperts(nn.Module):
         P = FFN_IN_PROJECTIONS[kind]
         self.w_in_EDX = nn.Parameter(torch.randn(num_experts, d_model, P * hidden) * init_std)
         self.w_out_EFD = nn.Parameter(torch.randn(num_experts, hidden, d_model) * out_std)
+        # "gather": dispatch.py, no atomics (deterministic, fp32 sum); "index_add": the scatter-add combine,
+        # kept on CPU where it measured faster (docs/PERFORMANCE.md); "auto" picks by device.
+        self.combine = "auto"
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over kept choices of weight * expert(x). Dropped choices contribute nothing."""
+        combine = self.combine if self.combine != "auto" else (
+            "index_add" if x_TD.device.type == "cpu" else "gather")
+        if combine == "gather":
+            return self._forward_gather(x_TD, expert_ids_TK, weights_TK, keep_TK)
         T, D = x_TD.shape
         tok_N, w_N, offs_E = sort_choices(expert_ids_TK, weights_TK, keep_TK, self.num_experts)
         counts: list[list[int]] = []  # filled on the loop's first use: one host sync, never for the kernel
@@ -217,6 +225,14 @@ class GroupedExperts(nn.Module):
         if not scale_act:
             y_ND = y_ND * w_N1
         return x_TD.new_zeros(T, D).index_add_(0, tok_N, y_ND.to(x_TD.dtype))
+
+    def _forward_gather(self, x_TD, expert_ids_TK, weights_TK, keep_TK):
+        order_N, inv_TK, offs_E = permutation(expert_ids_TK, keep_TK, self.num_experts)
+        tok_N = order_N // expert_ids_TK.shape[1]
+        counts: list[list[int]] = []
+        h_NX = _expert_mm(Dispatch.apply(x_TD, tok_N, inv_TK), self.w_in_EDX, offs_E, counts)
+        y_ND = _expert_mm(gated_activation(h_NX, self.kind), self.w_out_EFD, offs_E, counts)
+        return combine(y_ND, order_N, inv_TK, weights_TK).to(x_TD.dtype)
 
     def expert_output(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's unweighted output on every token (A Closer Look's all-experts pass)."""
