@@ -14,6 +14,7 @@ tested against it.
 from __future__ import annotations
 
 import math
+import time
 from functools import lru_cache
 
 import torch
@@ -156,12 +157,53 @@ def row_bucket(m: int) -> int:
     return -(-m // step) * step
 
 
+@lru_cache(maxsize=None)
+def _packing_pays(A: int, B: int) -> bool:
+    """Measured once per weight shape at first use: whether oneDNN's prepacked [B, A] weight beats its
+    strided view for a decode-sized window. It took 0.5-0.7x the time on one AMD EPYC (docs/PERFORMANCE.md)
+    and a previous session saw it lose on another x86, hence a measurement, not a rule."""
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        # Fixed numbers, not randn: the probe must not move the global random stream.
+        x = torch.arange(16.0 * A).view(16, A).remainder(7) / 7
+        w = torch.arange(float(A * B)).view(A, B).remainder(5) / 5
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 16)
+        if not torch.allclose(linear(x, packed, None, "none", [], ""), x @ w, rtol=1e-4, atol=1e-3):
+            return False
+        times = {}
+        for name, wt in (("packed", packed), ("view", w.t())):
+            runs = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                linear(x, wt, None, "none", [], "")
+                runs.append(time.perf_counter() - t0)
+            times[name] = sorted(runs)[3]
+        return times["packed"] < 0.9 * times["view"]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _onednn_weights(w_EAB: torch.Tensor) -> list:
+    """Per-expert weights for oneDNN: prepacked where that measured faster, cached until the parameter
+    changes in place (its version counter) or is replaced (a new tensor, a new cache key)."""
+    w_B = w_EAB.unbind(0)
+    if not _packing_pays(w_EAB.shape[1], w_EAB.shape[2]):
+        return [w.t() for w in w_B]  # a strided view: oneDNN reads the [B, A] weight in place
+    # Kept on the tensor itself: it dies with it, and a .to() or load makes a new tensor without it.
+    hit = getattr(w_EAB, "_onednn_packed", None)
+    if hit is None or hit[0] != w_EAB._version:
+        hit = (w_EAB._version, [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 16)
+                                for w in w_B])
+        w_EAB._onednn_packed = hit
+    return hit[1]
+
+
 def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
     """Expert e multiplies the bucket-sized window of rows that starts at its own first row; the rows
     past its count belong to the next experts (or to zero padding at the end) and their outputs are
     dropped, which is exact because a GEMM's output rows are independent."""
     linear = torch.ops.mkldnn._linear_pointwise
-    w_B = w_EAB.unbind(0)
+    w_B = _onednn_weights(w_EAB)
     N, pieces, start = x_NA.shape[0], [], 0
     for e, count in enumerate(counts_list):
         if count:
@@ -169,8 +211,7 @@ def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]
             xs = x_NA[start:start + m]
             if start + m > N:
                 xs = torch.cat([xs, xs.new_zeros(start + m - N, xs.shape[1])])
-            # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
-            pieces.append(linear(xs, w_B[e].t(), None, "none", [], "")[:count])
+            pieces.append(linear(xs, w_B[e], None, "none", [], "")[:count])
         start += count
     return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
 
