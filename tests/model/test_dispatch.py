@@ -138,3 +138,17 @@ def test_model_with_shared_experts_and_capacity_same_loss_and_gradients_either_c
     assert runs[0][1].keys() == runs[1][1].keys()
     for n in runs[0][1]:
         torch.testing.assert_close(runs[0][1][n], runs[1][1][n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_gather_path_under_bf16_autocast_backpropagates_in_the_input_dtypes():
+    """The GPU default runs under autocast: gradients come back in each leaf's dtype and near the fp32 ones."""
+    ex, x, ids, w, keep = _setup(8, 2, drop=True, D=32, Fh=48)
+    x32 = x.clone().requires_grad_()
+    ref = torch.autograd.grad(ex(x32, ids, w, keep).sum(), [x32, ex.w_in_EDX])
+    xa = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ex(xa, ids, w, keep)
+    got = torch.autograd.grad(y.float().sum(), [xa, ex.w_in_EDX])
+    assert [g.dtype for g in got] == [torch.float32, torch.float32]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
