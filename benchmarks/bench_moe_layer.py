@@ -81,7 +81,18 @@ def variants(case: dict, device: str, backward: bool) -> dict:
         out["dense-onednn"] = run(lambda: _onednn_ffn(dense, x))
     if case.get("dropless"):
         out["dropless"] = run(lambda: _dropless(moe, shared, x))
+    if moe.experts.combine == "auto" and x.device.type == "cpu":
+        out["gather"] = run(lambda: _combine("gather", moe, moe_fn))
     return out
+
+
+def _combine(mode: str, moe: MoELayer, fn):
+    """fn() with the experts' combine forced to `mode` (dispatch.py's gathers vs the scatter-add)."""
+    moe.experts.combine = mode
+    try:
+        return fn()
+    finally:
+        moe.experts.combine = "auto"
 
 
 def _inference_strategy(case: dict, moe: MoELayer, x: torch.Tensor) -> str:
@@ -132,6 +143,9 @@ def run_case(key: str, device: str, reps: int) -> list[bc.Row]:
                               "MoELayer (torch matmul)", note="strategy choice", device=device))
             rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dense-onednn", "MoELayer",
                               "dense FFN (oneDNN)", note="floor on the experts' kernel", device=device))
+        if "gather" in t:
+            rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "gather", "MoELayer (CPU: index_add)",
+                              "MoELayer (gather combine)", note="combine choice", device=device))
         if "dropless" in t:
             rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dropless", "MoELayer dropping",
                               "MoELayer dropless", case["drop_target"] if backward else None,

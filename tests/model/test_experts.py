@@ -115,3 +115,23 @@ def test_matrices_are_the_neurons_of_each_expert():
     y = (torch.nn.functional.silu(gate) * up) @ m["w_down_EDF"][1].t()
     torch.testing.assert_close(y, ex.expert_output(x, 1))
     assert gated_activation(torch.zeros(2, 10), "swiglu").shape == (2, 5)
+
+
+@pytest.mark.parametrize("E, K, T, drop", [(8, 2, 37, True), (4, 2, 301, False), (5, 2, 403, True)])
+def test_prepacked_onednn_weights_match_the_naive_loop_and_follow_weight_updates(monkeypatch, E, K, T, drop):
+    """Packed for a 16-row window, used for windows of 1-400 rows; an in-place update must repack."""
+    if not experts_mod._onednn_works():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(experts_mod, "_packing_pays", lambda *a: True)
+    monkeypatch.setattr(experts_mod, "choose_strategy", lambda *a: "onednn")
+    ex, x, ids, w, keep = _setup(E, K, T=T, drop=drop, D=32, Fh=48)
+    with torch.no_grad():
+        for _ in range(2):
+            got = ex(x, ids, w, keep)
+            monkeypatch.undo()
+            want = naive_experts_forward(ex, x, ids, w, keep)
+            monkeypatch.setattr(experts_mod, "_packing_pays", lambda *a: True)
+            monkeypatch.setattr(experts_mod, "choose_strategy", lambda *a: "onednn")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert ex.w_in_EDX._onednn_packed[0] == ex.w_in_EDX._version
+            ex.w_in_EDX.mul_(-0.5)  # the second pass must see the new weights, not the cached packing

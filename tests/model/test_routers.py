@@ -315,3 +315,28 @@ def test_tiny_dsv3_preset_builds_counts_and_trains_its_bias():
     torch.testing.assert_close(w.sum(-1), torch.full((32,), 2.5))
     model.update_selection_biases(out.routing)  # aux-loss-free balancing moves the same buffer
     assert router.selection_bias_E.abs().sum() > 0
+
+
+_AUTOCAST_KINDS = [("linear", {}), ("mlp", {}), ("cosine", {}), ("random", {}), ("hash", {}), ("rmoe", {}),
+                   ("rmoe", {"head": "cosine", "cell": "lstm"}),
+                   ("linear", {"score": "sigmoid", "n_group": 4, "topk_group": 2, "bias_balance": True})]
+
+
+@pytest.mark.parametrize("kind,kw", _AUTOCAST_KINDS)
+def test_router_scores_in_fp32_under_bf16_autocast(kind, kw):
+    """bf16 autocast must not reach the router: logits, scores and choices equal the fp32 run bit for bit."""
+    torch.manual_seed(0)
+    r = _router(kind, E=16, k=4, D=64, **kw)
+    x, ids = torch.randn(32, 64), torch.randint(0, 50, (32,))
+    state = None
+    if kind == "rmoe":  # a carried state from an earlier layer goes through the cell too
+        state = r(torch.randn(32, 64), None, ids).state
+    ref = r(x, state, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(x, state, ids)
+        # The check has teeth: the same product outside the router does round to bf16 here.
+        assert (x @ x.t()).dtype == torch.bfloat16
+    assert out.logits_TE.dtype == torch.float32
+    assert torch.equal(out.logits_TE, ref.logits_TE)
+    assert torch.equal(out.probs_TE, ref.probs_TE)
+    assert torch.equal(out.expert_ids_TK, ref.expert_ids_TK)

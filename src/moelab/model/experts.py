@@ -7,13 +7,15 @@ The fast path sorts the kept (token, expert) choices by expert and runs two grou
 one of three strategies, picked per call by `choose_strategy`: `grouped` (`torch._grouped_mm`, where this
 torch and device take the operands), `loop` (a loop over contiguous per-expert slices) and, for
 inference on CPU in fp32, `onednn` (a loop over oneDNN matmuls of bucket-sized row windows).
-`naive_experts_forward` is the per-expert masked loop kept as the oracle for tests; each strategy is
+The combine is dispatch.py's gathers and fp32 rank-order sum (no atomics) off CPU, and the scatter-add
+`index_add_` on CPU, where it measured faster. `naive_experts_forward` is the per-expert masked loop kept as the oracle for tests; each strategy is
 tested against it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from functools import lru_cache
 
 import torch
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.model.config import FFN_IN_PROJECTIONS
+from moelab.model.dispatch import Dispatch, combine, permutation
 
 
 def gated_activation(h_NX: torch.Tensor, kind: str) -> torch.Tensor:
@@ -155,12 +158,53 @@ def row_bucket(m: int) -> int:
     return -(-m // step) * step
 
 
+@lru_cache(maxsize=None)
+def _packing_pays(A: int, B: int) -> bool:
+    """Measured once per weight shape at first use: whether oneDNN's prepacked [B, A] weight beats its
+    strided view for a decode-sized window. It took 0.5-0.7x the time on one AMD EPYC (docs/PERFORMANCE.md)
+    and a previous session saw it lose on another x86, hence a measurement, not a rule."""
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        # Fixed numbers, not randn: the probe must not move the global random stream.
+        x = torch.arange(16.0 * A).view(16, A).remainder(7) / 7
+        w = torch.arange(float(A * B)).view(A, B).remainder(5) / 5
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 16)
+        if not torch.allclose(linear(x, packed, None, "none", [], ""), x @ w, rtol=1e-4, atol=1e-3):
+            return False
+        times = {}
+        for name, wt in (("packed", packed), ("view", w.t())):
+            runs = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                linear(x, wt, None, "none", [], "")
+                runs.append(time.perf_counter() - t0)
+            times[name] = sorted(runs)[3]
+        return times["packed"] < 0.9 * times["view"]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _onednn_weights(w_EAB: torch.Tensor) -> list:
+    """Per-expert weights for oneDNN: prepacked where that measured faster, cached until the parameter
+    changes in place (its version counter) or is replaced (a new tensor, a new cache key)."""
+    w_B = w_EAB.unbind(0)
+    if not _packing_pays(w_EAB.shape[1], w_EAB.shape[2]):
+        return [w.t() for w in w_B]  # a strided view: oneDNN reads the [B, A] weight in place
+    # Kept on the tensor itself: it dies with it, and a .to() or load makes a new tensor without it.
+    hit = getattr(w_EAB, "_onednn_packed", None)
+    if hit is None or hit[0] != w_EAB._version:
+        hit = (w_EAB._version, [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 16)
+                                for w in w_B])
+        w_EAB._onednn_packed = hit
+    return hit[1]
+
+
 def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
     """Expert e multiplies the bucket-sized window of rows that starts at its own first row; the rows
     past its count belong to the next experts (or to zero padding at the end) and their outputs are
     dropped, which is exact because a GEMM's output rows are independent."""
     linear = torch.ops.mkldnn._linear_pointwise
-    w_B = w_EAB.unbind(0)
+    w_B = _onednn_weights(w_EAB)
     N, pieces, start = x_NA.shape[0], [], 0
     for e, count in enumerate(counts_list):
         if count:
@@ -168,8 +212,7 @@ def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]
             xs = x_NA[start:start + m]
             if start + m > N:
                 xs = torch.cat([xs, xs.new_zeros(start + m - N, xs.shape[1])])
-            # w[e].t() is a strided view: oneDNN reads the [B, A] weight in place, no transposed copy.
-            pieces.append(linear(xs, w_B[e].t(), None, "none", [], "")[:count])
+            pieces.append(linear(xs, w_B[e], None, "none", [], "")[:count])
         start += count
     return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
 
@@ -197,10 +240,17 @@ class GroupedExperts(nn.Module):
         P = FFN_IN_PROJECTIONS[kind]
         self.w_in_EDX = nn.Parameter(torch.randn(num_experts, d_model, P * hidden) * init_std)
         self.w_out_EFD = nn.Parameter(torch.randn(num_experts, hidden, d_model) * out_std)
+        # "gather": dispatch.py, no atomics (deterministic, fp32 sum); "index_add": the scatter-add combine,
+        # kept on CPU where it measured faster (docs/PERFORMANCE.md); "auto" picks by device.
+        self.combine = "auto"
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over kept choices of weight * expert(x). Dropped choices contribute nothing."""
+        combine = self.combine if self.combine != "auto" else (
+            "index_add" if x_TD.device.type == "cpu" else "gather")
+        if combine == "gather":
+            return self._forward_gather(x_TD, expert_ids_TK, weights_TK, keep_TK)
         T, D = x_TD.shape
         tok_N, w_N, offs_E = sort_choices(expert_ids_TK, weights_TK, keep_TK, self.num_experts)
         counts: list[list[int]] = []  # filled on the loop's first use: one host sync, never for the kernel
@@ -217,6 +267,14 @@ class GroupedExperts(nn.Module):
         if not scale_act:
             y_ND = y_ND * w_N1
         return x_TD.new_zeros(T, D).index_add_(0, tok_N, y_ND.to(x_TD.dtype))
+
+    def _forward_gather(self, x_TD, expert_ids_TK, weights_TK, keep_TK):
+        order_N, inv_TK, offs_E = permutation(expert_ids_TK, keep_TK, self.num_experts)
+        tok_N = order_N // expert_ids_TK.shape[1]
+        counts: list[list[int]] = []
+        h_NX = _expert_mm(Dispatch.apply(x_TD, tok_N, inv_TK), self.w_in_EDX, offs_E, counts)
+        y_ND = _expert_mm(gated_activation(h_NX, self.kind), self.w_out_EFD, offs_E, counts)
+        return combine(y_ND, order_N, inv_TK, weights_TK).to(x_TD.dtype)
 
     def expert_output(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's unweighted output on every token (A Closer Look's all-experts pass)."""

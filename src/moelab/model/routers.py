@@ -84,7 +84,10 @@ class Router(nn.Module, abc.ABC):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
-        logits_TE, state = self.score(x_TD, state, token_ids_T)
+        # Autocast casts matmul inputs even after .float(): bf16 scores flip choices on near ties, so
+        # scoring runs with autocast off (Megatron-Core's fp32 router dtype).
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE, state = self.score(x_TD, state, token_ids_T)
         logits_TE = logits_TE.float()
         probs_TE = torch.sigmoid(logits_TE) if self.score_fn == "sigmoid" else torch.softmax(logits_TE, dim=-1)
         select_TE = probs_TE
@@ -229,7 +232,10 @@ class RecurrentRouter(Router):
             state = tuple(s.to(cell_dtype) for s in state) if isinstance(state, tuple) else state.to(cell_dtype)
         new_state = core.cell(xp_TP.to(cell_dtype), state)
         h_TP = new_state[0] if isinstance(new_state, tuple) else new_state
-        return self.head(h_TP.float()), new_state
+        head = self.head
+        if isinstance(head, nn.Linear):  # fp32 even when the parameters are kept in bf16
+            return F.linear(h_TP.float(), head.weight.float()), new_state
+        return head(h_TP.float()), new_state
 
 
 def build_router(cfg: ModelConfig, num_experts: int, core: RecurrentCore | None = None) -> Router:
