@@ -235,7 +235,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 batch = sampler.batch(step * t.grad_accum + micro)
                 ids = pr.shard(batch["input_ids"]).to(device)  # this rank's rows of the global batch
                 with amp, replay_routing(model, sampler, batch):
-                    o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True)
+                    o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True,
+                                   return_logits=False)
                     o = pr.with_balance(o, run.model.moe)
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / t.grad_accum
