@@ -30,8 +30,10 @@ from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.phases import build_train_sampler
+from moelab.train.precision import maybe_master_weights
 from moelab.train.replay import ReplaySampler, replay_routing
 from moelab.train.rundir import check_run_dir, clear_run_dir, remove_leftovers
+from moelab.train.step_options import apply_step_options
 from moelab.train.upcycle import step0_change
 
 
@@ -221,6 +223,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if change is not None and logger:
         logger.log(0, change, "upcycle")
     amp = autocast_for(device, t.dtype)
+    mw = maybe_master_weights(model, t.param_dtype, not isinstance(amp, contextlib.nullcontext))
+    apply_step_options(model, t.compile, t.activation_checkpointing)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
     bar = Progress(t.steps - start, label) if show_progress and pr.main else None
@@ -241,11 +245,15 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / t.grad_accum
             pr.after_backward()
-            gn = pr.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if mw:  # bf16 params: the fp32 masters take the grads, clipping and the update
+                mw.grads_to_master()
+            gn = (mw or pr).clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
             loss_sum = pr.mean(loss_sum)  # the same on every rank, so all stop together
             if not math.isfinite(loss_sum):
                 raise _diverged(loss_sum, step + 1, result, resume_from)
             opt.step()
+            if mw:
+                mw.master_to_model()
             opt.zero_grad(set_to_none=True)
             pr.update_biases(o.routing)
             if t.freeze_router_after is not None and step + 1 == t.freeze_router_after:
@@ -258,8 +266,9 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 if logger:
                     logger.log(done, m)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
-                result.checkpoints.append(pr.save(
-                    out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
+                with mw.fp32_in_model() if mw else contextlib.nullcontext():
+                    result.checkpoints.append(pr.save(
+                        out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 ev = _eval_row(model, evaluate(pr.eval_model, run.data.path, run.data.seq_len,
                                                run.data.batch_size, t.eval_tokens, amp=amp), pr.par.world)
@@ -269,7 +278,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 bar.update(done - start, (done - start) * tokens_per_step, f"loss {loss_sum:.3f}")
         elapsed = time.perf_counter() - t0
         result.tokens_per_second = (t.steps - start) * tokens_per_step / max(elapsed, 1e-9)
-        final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", saved_config, t.steps, opt)
+        with mw.fp32_in_model() if mw else contextlib.nullcontext():
+            final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", saved_config, t.steps, opt)
         result.checkpoints.append(final)
         result.final_checkpoint = final
         result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,
