@@ -110,7 +110,7 @@ class NoCompiler(torch._dynamo.exc.TorchDynamoException):
 
 
 def test_compile_failure_is_one_line(monkeypatch):
-    def broken(fn, *a, **k):
+    def broken(fn, *a, **k):  # noqa: ARG001
         def run(*args, **kwargs):
             raise NoCompiler("inductor: no C++ compiler\nmore detail")
         return run

@@ -32,8 +32,8 @@ def compile_supported() -> str | None:
     return None
 
 
-def _compiled(forward):
-    compiled = torch.compile(forward)
+def _compiled(forward, backend: str):
+    compiled = torch.compile(forward, backend=backend)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -58,8 +58,10 @@ def _checkpointed(forward):
     return run
 
 
-def apply_step_options(model, compile_blocks: bool, activation_checkpointing: bool) -> None:
-    """Patch each transformer block's forward: compiled, then checkpointed (recompute runs compiled)."""
+def apply_step_options(model, compile_blocks: bool, activation_checkpointing: bool,
+                       backend: str = "inductor") -> None:
+    """Patch each transformer block's forward: compiled, then checkpointed (recompute runs compiled).
+    `backend`: torch.compile's (benchmarks use aot_eager on a CPU, which needs no C++ toolchain)."""
     if compile_blocks:
         why = compile_supported()
         if why:
@@ -67,7 +69,7 @@ def apply_step_options(model, compile_blocks: bool, activation_checkpointing: bo
     for block in model.blocks:
         forward = block.forward
         if compile_blocks:
-            forward = _compiled(forward)
+            forward = _compiled(forward, backend)
         if activation_checkpointing:
             forward = _checkpointed(forward)
         if forward is not block.forward:
