@@ -257,7 +257,12 @@ def peer_block(family: str, c: dict, impl: str, dev):
         cfg = Qwen3MoeConfig(hidden_size=c["D"], moe_intermediate_size=c["F"], num_experts=c["E"],
                              num_experts_per_tok=c["K"], norm_topk_prob=True)
     cfg._experts_implementation = impl
-    return Block(cfg).to(dev, torch.bfloat16)
+    with torch.device(dev):  # built on the device: a Mixtral-sized block initialised on a CPU takes seconds
+        block = Block(cfg)
+    with torch.no_grad():  # transformers leaves expert weights to _init_weights, which a bare block skips
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block.to(torch.bfloat16)
 
 
 def peer_variants(dev, family: str, c: dict, backward: bool) -> tuple[dict, dict]:
@@ -268,7 +273,8 @@ def peer_variants(dev, family: str, c: dict, backward: bool) -> tuple[dict, dict
     cfg = ModelConfig(d_model=c["D"], n_heads=8, ffn_hidden=c["F"],
                       moe=MoEConfig(num_experts=c["E"], top_k=c["K"],
                                     router=RouterConfig(renormalize=family != "mixtral")))
-    mods = {"moelab": MoELayer(cfg, 0, c["E"], build_router(cfg, c["E"], None)).to(dev, bf)}
+    with torch.device(dev):
+        mods = {"moelab": MoELayer(cfg, 0, c["E"], build_router(cfg, c["E"], None)).to(bf)}
     x = torch.randn(1, c["T"], c["D"], device=dev, dtype=bf, requires_grad=backward)
     g = torch.randn_like(x)
 

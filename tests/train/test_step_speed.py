@@ -36,7 +36,7 @@ def test_bf16_params_track_the_autocast_step(corpus_dir, tmp_path):
     assert len(got.losses) == len(ref.losses) == 20
     assert got.losses[-1] < got.losses[0] - 0.5  # it learns
     for a, b in zip(ref.losses, got.losses):
-        assert abs(a - b) <= 2e-2 * abs(a), (ref.losses, got.losses)
+        assert abs(a - b) <= 5e-3 * abs(a), (ref.losses, got.losses)  # measured: 6.5e-4 at most
     wa, wb = load_file(str(ref.final_checkpoint / "model.safetensors")), load_file(
         str(got.final_checkpoint / "model.safetensors"))
     assert wa.keys() == wb.keys()
