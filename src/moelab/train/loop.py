@@ -217,6 +217,9 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     model = pr.core
     if replay is not None and pr.par.world > 1:
         raise MoelabError("--replay trains in one process: its forced routing is not sharded across ranks")
+    if replay is not None and t.activation_checkpointing:  # the recompute runs after the replay's hooks are gone
+        raise MoelabError("--replay and train.activation_checkpointing=true exclude each other (the backward's "
+                          "recompute would route without the replayed routing)")
     if pr.main:  # only rank 0 writes
         _prepare_out(out, run, overwrite, start)
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
