@@ -112,7 +112,10 @@ class NoCompiler(torch._dynamo.exc.TorchDynamoException):
 def test_compile_failure_is_one_line(monkeypatch):
     def broken(fn, *a, **k):  # noqa: ARG001
         def run(*args, **kwargs):
-            raise NoCompiler("inductor: no C++ compiler\nmore detail")
+            try:
+                raise RuntimeError("Expected inputs of BF16 type\nmore detail")
+            except RuntimeError as inner:
+                raise NoCompiler("RuntimeError when making fake tensor call") from inner
         return run
     monkeypatch.setattr(torch, "compile", broken)
     model = build_model(tiny_model(), seed=0)
@@ -121,6 +124,7 @@ def test_compile_failure_is_one_line(monkeypatch):
     with pytest.raises(MoelabError) as e:
         model(ids)
     assert "train.compile=false" in str(e.value) and "\n" not in str(e.value)
+    assert "Expected inputs of BF16 type" in str(e.value)  # the root cause, not dynamo's wrapper
     monkeypatch.setattr(step_options, "compile_supported", lambda: "torch.compile does not support this build")
     with pytest.raises(MoelabError, match="does not support"):
         step_options.apply_step_options(build_model(tiny_model(), seed=0), True, False)

@@ -93,10 +93,11 @@ class _ChunkedCE(torch.autograd.Function):
 
 
 def chunked_lm_loss(h_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Tensor,
-                    chunk_tokens: int = 4096) -> torch.Tensor:
+                    chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean causal-LM cross-entropy of logits = h @ W^T against labels shifted by one (-100 ignored),
     equal to `cross_entropy(logits[:, :-1], labels[:, 1:])` without materialising the (B*S, V) logits:
-    chunks of `chunk_tokens` in the forward, recomputed in the backward. Under autocast the matmuls run in
+    chunks of `chunk_tokens` in the forward, recomputed in the backward (default: as many tokens as keep a
+    chunk's fp32 logits near 1 GiB, 1024 for a 256k vocabulary). Under autocast the matmuls run in
     the autocast dtype (as the model's own head would) and the softmax in fp32."""
     if torch.is_autocast_enabled(h_BSD.device.type):
         dt = torch.get_autocast_dtype(h_BSD.device.type)
@@ -104,6 +105,8 @@ def chunked_lm_loss(h_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Te
     elif h_BSD.dtype != w_VD.dtype:
         h_BSD = h_BSD.to(w_VD.dtype)
     y_N = shifted_labels(labels_BS.to(h_BSD.device)).reshape(-1)
+    if chunk_tokens is None:
+        chunk_tokens = max(64, (1 << 28) // w_VD.shape[0])
     with torch.autocast(h_BSD.device.type, enabled=False):
         total = _ChunkedCE.apply(h_BSD.reshape(-1, h_BSD.shape[-1]), w_VD, y_N, max(1, int(chunk_tokens)))
     # 0 / 0 = nan when every label is ignored, as F.cross_entropy gives.

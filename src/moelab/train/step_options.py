@@ -7,6 +7,7 @@ wrapped), so checkpoints written with an option on load with it off and the othe
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,16 +35,30 @@ def compile_supported() -> str | None:
 
 def _compiled(forward, backend: str):
     compiled = torch.compile(forward, backend=backend)
+    # Dynamo logs a failing fake-tensor call as a traceback before raising; the one line below says it.
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:  # BackendCompilerFailed, Unsupported, ...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise MoelabError(f"train.compile=true: torch.compile failed on this machine ({first}); "
+            raise MoelabError(f"train.compile=true: torch.compile failed on this machine ({_root_cause(e)}); "
                               f"set train.compile=false") from None
+        finally:
+            quiet.setLevel(level)
     return run
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line: the reason, not dynamo's wrapper."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _checkpointed(forward):
