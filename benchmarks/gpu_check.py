@@ -11,8 +11,15 @@ Five checks, each a group of rows (`ok` is a correctness verdict; speed rows rep
    the naive loop run in bf16 plus 1e-3, so the grouped kernel is no worse than the plain one. On a GPU
    the row `strategy` must read `grouped`: that is torch._grouped_mm running.
 2. layer-bf16: `MoELayer` (+ shared experts) against its dense-FLOP floor, both in bf16, fwd and fwd+bwd.
-3. train-step: tokens/s and model FLOPs utilisation of a training step of `openmoe-base-16e` (sequence
-   2048, the largest batch of 16, 8, 4, 2, 1 that fits), bf16 autocast, AdamW. The FLOP count is printed.
+3. train-step: tokens/s, model FLOPs utilisation and peak memory of each batch tried for a training step
+   of `openmoe-base-16e` (sequence 2048, the largest batch that fits) in four variants: fp32 parameters
+   under bf16 autocast; bf16 parameters + fp32 masters + the chunked loss + fused AdamW; the same with
+   activation checkpointing; the same with compiled blocks. The FLOP count is printed, and torch.profiler's
+   operator table of the bf16-parameter step is written beside the JSON (<json>.profile_train_step.txt).
+   peers: moelab's MoELayer against transformers' Mixtral and Qwen3-MoE sparse blocks at their shapes,
+   with every experts implementation the installed transformers registers (one that cannot run here is a
+   row saying why). profile: torch.profiler's operator table of the E64 layer's fwd+bwd
+   (<json>.profile_e64_layer.txt).
 4. hf-trace: a small transformers Mixtral built from a config (no download) traced on the device, rows
    checked against the experts its own router modules returned.
 5. distributed: a one-process group (nccl on cuda, gloo on cpu; world 1, dp = ep = 1): all-reduce,
@@ -75,21 +82,85 @@ def layer_bf16(dev: torch.device, tiny: bool) -> list[dict]:
     return rows
 
 
-def train_step(dev: torch.device, tiny: bool, peak_tflops: float | None) -> list[dict]:
+# (label, options of parts.fitting_train_step, batches tried, timed steps): sized so the four variants of
+# openmoe-base-16e at seq 2048 stay within about two minutes of an H200.
+STEP_VARIANTS = [
+    ("autocast fp32 params (the loop before issue 20)", {}, [16, 8, 4, 2, 1], 3),
+    ("bf16 params + chunked loss + AdamW (fused on CUDA)", dict(bf16_params=True, chunked_loss=True), [16, 8, 4, 2, 1], 3),
+    ("... + activation checkpointing", dict(bf16_params=True, chunked_loss=True, activation_checkpointing=True),
+     [16, 8], 3),
+    ("... + compile (blocks)", dict(bf16_params=True, chunked_loss=True, compile_backend="inductor"), [8, 4, 2, 1], 3),
+]
+
+
+def train_step(dev: torch.device, tiny: bool, peak_tflops: float | None, out_json: Path) -> list[dict]:
     preset, seq = ("tiny-moe", 64) if tiny else ("openmoe-base-16e", 2048)
-    cfg, batch, seconds, steps = parts.fitting_train_step(preset, seq, dev, [4, 2] if tiny else [16, 8, 4, 2, 1],
-                                                          steps=2 if tiny else 5)
-    flops_tok, formula = parts.flops_per_token(cfg, seq)
-    tok_s = batch * seq * steps / seconds
     peak = peak_tflops or parts.peak_bf16_tflops(dev)
-    mfu = flops_tok * tok_s / (peak * 1e12) if peak else None
-    rows = [parts.row("train-step", f"{preset}, seq {seq}, batch {batch}: tokens/s", tok_s, None, True,
-                      f"{steps} timed steps, bf16 autocast, AdamW"),
-            parts.row("train-step", "model FLOPs per token (fwd+bwd)", flops_tok, None, True, formula)]
-    rows.append(parts.row("train-step", "MFU", mfu if mfu is not None else "-", None, True,
-                          f"peak {peak:g} TFLOP/s bf16 dense" if peak else "no peak known for this device "
-                          "(pass --peak-tflops)"))
+    rows, profiled = [], False
+    for label, opts, batches, steps in STEP_VARIANTS:
+        if tiny:  # a CPU has no C++-free inductor: aot_eager still runs dynamo and AOT autograd
+            batches, steps = [4, 2], 2
+            if "compile_backend" in opts:
+                opts = {**opts, "compile_backend": "aot_eager"}
+        info = {}
+        cfg, batch, seconds, steps = parts.fitting_train_step(preset, seq, dev, batches, steps=steps, info=info,
+                                                              **opts)
+        flops_tok, formula = parts.flops_per_token(cfg, seq)
+        tok_s = batch * seq * steps / seconds
+        mfu = flops_tok * tok_s / (peak * 1e12) if peak else None
+        mem = ", ".join(f"batch {b}: {v if v == 'OOM' else f'{v} GiB'}" for b, v in info["peak_gib"].items())
+        backend = f", compile backend {opts['compile_backend']}" if "compile_backend" in opts else ""
+        rows.append(parts.row("train-step", f"{preset}, seq {seq}, {label}: batch {batch}, tokens/s", tok_s,
+                              None, True, f"{steps} timed steps, bf16 autocast{backend}"))
+        rows.append(parts.row("train-step", f"{label}: MFU", mfu if mfu is not None else "-", None, True,
+                              f"peak {peak:g} TFLOP/s bf16 dense" if peak else "no peak known for this device "
+                              "(pass --peak-tflops)"))
+        rows.append(parts.row("train-step", f"{label}: peak memory per batch tried", mem or "-", None, True,
+                              "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "CUDA only"))
+        if not profiled and opts.get("bf16_params"):
+            path = out_json.with_suffix(".profile_train_step.txt")
+            op, share = parts.profile_ops(info["step"], dev, path, f"{preset}, seq {seq}, batch {batch}, {label}")
+            rows.append(parts.row("train-step", f"{label}: per-operator profile", str(path.name), None, True,
+                                  f"top self time: {op} ({share:.0%})"))
+            profiled = True
+        del info
+    rows.insert(1, parts.row("train-step", "model FLOPs per token (fwd+bwd)", flops_tok, None, True, formula))
     return rows
+
+
+# Peer shapes: Mixtral-8x7B's and Qwen3-30B-A3B's MoE blocks, as issue 20 measured them.
+PEER_SHAPES = {"mixtral": dict(D=4096, F=14336, E=8, K=2, T=8192),
+               "qwen3-moe": dict(D=2048, F=768, E=128, K=8, T=16384)}
+
+
+def peers(dev: torch.device, tiny: bool) -> list[dict]:
+    rows = []
+    for family, c in PEER_SHAPES.items():
+        if tiny:
+            c = dict(D=64, F=96, E=8, K=2, T=128)
+        shape = f"{family} shape (D {c['D']}, F {c['F']}, E {c['E']} top-{c['K']}, {c['T']} tokens)"
+        for backward in (False, True):
+            kind = "fwd+bwd" if backward else "fwd"
+            fns, skipped = parts.peer_variants(dev, family, c, backward)
+            t = bc.interleaved(fns, reps=3 if tiny else 5, warmup=1, device=dev.type)
+            for name in [n for n in fns if n != "moelab"]:
+                rows.append(parts.row("peers", f"{shape}, {kind}: moelab / {name}", t.ratio("moelab", name),
+                                      None, True, f"{t.median('moelab') * 1e3:.2f} ms vs "
+                                                  f"{t.median(name) * 1e3:.2f} ms, bf16"))
+            for name, why in skipped.items():
+                rows.append(parts.row("peers", f"{shape}, {kind}: moelab / {name}", "did not run", None, True, why))
+            del fns
+    return rows
+
+
+def profile(dev: torch.device, tiny: bool, out_json: Path) -> list[dict]:
+    c = dict(E=8, K=2, F=64, shared=1, D=64, T=128) if tiny else dict(E=64, K=6, F=512, shared=2, D=2048, T=16384)
+    fn = parts.layer_variants(dev, c, backward=True)["moe"]
+    path = out_json.with_suffix(".profile_e64_layer.txt")
+    title = f"MoELayer E {c['E']} top-{c['K']} + {c['shared']} shared, D {c['D']}, F {c['F']}, {c['T']} tokens, fwd+bwd, bf16"
+    op, share = parts.profile_ops(fn, dev, path, title)
+    return [parts.row("profile", f"{title}: per-operator profile", path.name, None, True,
+                      f"top self time: {op} ({share:.0%})")]
 
 
 def hf_trace(dev: torch.device, tiny: bool) -> list[dict]:
@@ -105,18 +176,22 @@ def distributed(dev: torch.device, tiny: bool) -> list[dict]:
             for name, err in out["errors"].items()]
 
 
-CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "train-step": train_step,
-          "hf-trace": hf_trace, "distributed": distributed}
+CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "peers": peers, "profile": profile,
+          "train-step": train_step, "hf-trace": hf_trace, "distributed": distributed}
 
 
-def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str]) -> list[dict]:
+def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str],
+               out_json: Path = Path("gpu_check.json")) -> list[dict]:
     rows = []
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
         t0 = time.perf_counter()
         try:
-            got = check(dev, tiny, peak_tflops) if name == "train-step" else check(dev, tiny)
+            if name == "train-step":
+                got = check(dev, tiny, peak_tflops, out_json)
+            else:
+                got = check(dev, tiny, out_json) if name == "profile" else check(dev, tiny)
         except Exception as e:  # one failed check must not hide the others' rows
             traceback.print_exc(file=sys.stderr)
             got = [parts.row(name, "crashed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
@@ -169,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return 2
     bc.setup(threads=1 if dev.type == "cpu" else torch.get_num_threads())
-    rows = run_checks(dev, args.tiny, args.peak_tflops, only)
+    rows = run_checks(dev, args.tiny, args.peak_tflops, only, Path(args.json))
     info = device_info(dev)
     print(parts.table(rows, info))
     Path(args.json).write_text(json.dumps({**info, "tiny": args.tiny, "rows": rows}, indent=1))

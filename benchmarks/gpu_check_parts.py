@@ -136,42 +136,177 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def fitting_train_step(preset: str, seq: int, dev, batches: list[int], steps: int):
-    """(config, batch, seconds of `steps` timed steps) for the largest batch in `batches` that fits."""
+def fitting_train_step(preset: str, seq: int, dev, batches: list[int], steps: int, info: dict | None = None,
+                       bf16_params: bool = False, chunked_loss: bool = False, compile_backend: str | None = None,
+                       activation_checkpointing: bool = False):
+    """(config, batch, seconds of `steps` timed steps) for the largest batch in `batches` that fits.
+
+    The options are the training loop's (train.param_dtype=bf16, the chunked loss, train.compile,
+    train.activation_checkpointing); AdamW is fused on CUDA as build_optimizer chooses. `info`, if given,
+    receives "peak_gib" ({batch: peak GiB allocated, or "OOM"}; CUDA only) and "step" (the fitting step)."""
     from moelab.model.transformer import build_model
     from moelab.train.config import TrainConfig
     from moelab.train.loop import autocast_for
     from moelab.train.optim import build_optimizer
+    from moelab.train.precision import MasterWeights
+    from moelab.train.step_options import apply_step_options
 
     model = build_model(preset, seed=0).to(dev).train()
     opt = build_optimizer(model, TrainConfig())
+    mw = MasterWeights(model) if bf16_params else None
+    apply_step_options(model, compile_backend is not None, activation_checkpointing,
+                       backend=compile_backend or "inductor")
     amp = autocast_for(dev, "bf16")
+    peaks = {}
     for batch in batches:
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
 
         def step():
             with amp:
-                o = model(ids, labels=ids)
+                o = model(ids, labels=ids, return_logits=not chunked_loss)
             (o.loss + o.aux_loss).backward()
+            if mw:
+                mw.grads_to_master()
             opt.step()
+            if mw:
+                mw.master_to_model()
             opt.zero_grad(set_to_none=True)
 
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         try:
-            step()  # warm-up; the first step also allocates the optimizer state
+            step()  # warm-up; the first step also allocates the optimizer state (and compiles)
             _sync(dev)
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
             _sync(dev)
-            return model.config, batch, time.perf_counter() - t0, steps
+            seconds = time.perf_counter() - t0
+            if dev.type == "cuda":
+                peaks[batch] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2)
+            if info is not None:
+                info.update(peak_gib=peaks, step=step)
+            return model.config, batch, seconds, steps
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e) or batch == batches[-1]:
                 raise
+            peaks[batch] = "OOM"
         # Out here the exception and the activations its traceback held are gone.
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     raise AssertionError("unreachable")
+
+
+# ---- per-operator profiles ------------------------------------------------------------------------
+
+def profile_ops(fn, dev, path: Path, title: str, rows: int = 30) -> tuple[str, float]:
+    """Profile two calls of `fn` (after one warm-up) and write torch.profiler's operator table to `path`.
+    Returns (the operator with most self time, its share of all self time): device time on CUDA, CPU
+    time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            fn()
+        _sync(dev)
+    avgs = prof.key_averages()
+    if dev.type == "cuda":
+        key = "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total"
+        sort = "self_cuda_time_total" if key == "self_cuda_time_total" else "self_device_time_total"
+    else:
+        key, sort = "self_cpu_time_total", "self_cpu_time_total"
+    total = sum(getattr(a, key) for a in avgs) or 1.0
+    top = max(avgs, key=lambda a: getattr(a, key))
+    path.write_text(f"{title}\n{device_line(dev)}\n\n" + avgs.table(sort_by=sort, row_limit=rows) + "\n")
+    return top.key, getattr(top, key) / total
+
+
+def device_line(dev) -> str:
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return f"{name}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+# ---- moelab's MoE layer against transformers' sparse MoE blocks ------------------------------------
+
+def experts_implementations() -> list[str]:
+    """'eager' and every experts implementation the installed transformers registers."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return ["eager"]
+    return ["eager"] + list(getattr(ALL_EXPERTS_FUNCTIONS, "_global_mapping", {}))
+
+
+def peer_block(family: str, c: dict, impl: str, dev):
+    """transformers' own sparse MoE block (router, top-k, experts) at the shape `c`, in bf16."""
+    torch.manual_seed(0)
+    if family == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+
+        cfg = MixtralConfig(hidden_size=c["D"], intermediate_size=c["F"], num_local_experts=c["E"],
+                            num_experts_per_tok=c["K"])
+    else:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+        cfg = Qwen3MoeConfig(hidden_size=c["D"], moe_intermediate_size=c["F"], num_experts=c["E"],
+                             num_experts_per_tok=c["K"], norm_topk_prob=True)
+    cfg._experts_implementation = impl
+    with torch.device(dev):  # built on the device: a Mixtral-sized block initialised on a CPU takes seconds
+        block = Block(cfg)
+    with torch.no_grad():  # transformers leaves expert weights to _init_weights, which a bare block skips
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block.to(torch.bfloat16)
+
+
+def peer_variants(dev, family: str, c: dict, backward: bool) -> tuple[dict, dict]:
+    """({name: step}, {name: why it cannot run}) for moelab's MoELayer and each transformers block."""
+    from moelab.model.config import RouterConfig
+
+    bf = torch.bfloat16
+    cfg = ModelConfig(d_model=c["D"], n_heads=8, ffn_hidden=c["F"],
+                      moe=MoEConfig(num_experts=c["E"], top_k=c["K"],
+                                    router=RouterConfig(renormalize=family != "mixtral")))
+    with torch.device(dev):
+        mods = {"moelab": MoELayer(cfg, 0, c["E"], build_router(cfg, c["E"], None)).to(bf)}
+    x = torch.randn(1, c["T"], c["D"], device=dev, dtype=bf, requires_grad=backward)
+    g = torch.randn_like(x)
+
+    def call(name):
+        out = mods[name](x[0]).y_TD if name == "moelab" else mods[name](x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(x.shape)
+
+    def run(name):
+        def go():
+            if not backward:
+                with torch.no_grad():
+                    return call(name)
+            mods[name].zero_grad(set_to_none=True)
+            x.grad = None
+            call(name).backward(g)
+        return go
+
+    fns, skipped = {"moelab": run("moelab")}, {}
+    for impl in experts_implementations():
+        name = f"transformers {impl}"
+        try:
+            mods[name] = peer_block(family, c, impl, dev)
+            run(name)()  # a dry run: a kernel this machine lacks, or memory, shows here
+            _sync(dev)
+            fns[name] = run(name)
+        except Exception as e:  # noqa: BLE001  (any failure is reported as the row's value)
+            mods.pop(name, None)
+            skipped[name] = ("OOM" if _is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return fns, skipped
 
 
 def _sync(dev) -> None:

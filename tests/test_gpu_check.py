@@ -10,13 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CHECKS = {"experts-bf16", "layer-bf16", "train-step", "hf-trace", "distributed"}
+CHECKS = {"experts-bf16", "layer-bf16", "peers", "profile", "train-step", "hf-trace", "distributed"}
 
 
 def _run(*args, cwd):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=240)
 
 
 def test_tiny_cpu_run_passes_every_check_and_writes_the_table(tmp_path):
@@ -31,6 +31,20 @@ def test_tiny_cpu_run_passes_every_check_and_writes_the_table(tmp_path):
     assert rows[("hf-trace", next(w for c, w in rows if c == "hf-trace"))]["value"] == 1.0
     flops = next(r for r in out["rows"] if r["what"].startswith("model FLOPs per token"))
     assert flops["value"] > 0 and "6 N + 12 L H Q S" in flops["note"]
+    # peers: moelab against transformers' eager and grouped_mm blocks at both shapes, fwd and fwd+bwd
+    peer = [r for r in out["rows"] if r["check"] == "peers"]
+    for family in ("mixtral", "qwen3-moe"):
+        for impl in ("eager", "grouped_mm"):
+            got = [r for r in peer if r["what"].startswith(family) and r["what"].endswith(f"transformers {impl}")]
+            assert len(got) == 2 and all(isinstance(r["value"], float) and r["value"] > 0 for r in got), got
+    # four step variants, each with tokens/s, MFU and memory rows; the profiles lie beside the JSON
+    steps = [r["what"] for r in out["rows"] if r["check"] == "train-step"]
+    assert sum(w.endswith("tokens/s") for w in steps) == 4 and sum(w.endswith("MFU") for w in steps) == 4
+    assert sum("peak memory per batch tried" in w for w in steps) == 4
+    assert any("compile" in w for w in steps) and any("checkpointing" in w for w in steps)
+    for name in ("out.profile_e64_layer.txt", "out.profile_train_step.txt"):
+        text = (tmp_path / name).read_text()
+        assert "Self CPU" in text and "aten::" in text, name
     # the printed table has one line per row
     assert sum(line.startswith("| ") for line in done.stdout.splitlines()) == len(out["rows"]) + 1
 

@@ -70,6 +70,7 @@ def test_train_replay_trains_on_the_replayed_rows(tiny_run, traced, tmp_path, tr
     (["--set", "model.moe.top_k=1"], "it comes from another model"),
     (["--replay-split", "train"], "other tokens than the corpus row"),
     (["--set", "data.seq_len=12"], "other tokens than the corpus row"),
+    (["--set", "train.activation_checkpointing=true"], "exclude each other"),
 ])
 def test_bad_replay_is_one_line_and_exit_2(tiny_run, traced, tmp_path, capsys, train_args, extra, msg):
     rc = main(["train", "--preset", str(tiny_run / "tiny.toml"), "--data", str(tiny_run / "corpus"), "--out",

@@ -16,7 +16,7 @@ from moelab.config import ConfigError
 from moelab.model.config import ModelConfig
 from moelab.model.experts import GatedFFN, output_std
 from moelab.model.layers import Attention, KVCache, RMSNorm, rope_tables
-from moelab.model.losses import pooled_balance_loss
+from moelab.model.losses import chunked_lm_loss, pooled_balance_loss
 from moelab.model.moe import LayerRouting, MoELayer
 from moelab.model.routers import RecurrentCore, build_router
 
@@ -25,7 +25,7 @@ AUTO = "auto"  # capacity_factor sentinel: the config's train or eval factor, by
 
 @dataclasses.dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None with return_logits=False (the loss came in chunks)
     loss: torch.Tensor | None = None  # causal-LM cross-entropy (labels shifted inside, -100 ignored)
     aux_loss: torch.Tensor | None = None  # balance_coef * balance_loss + z_coef * z_loss
     balance_loss: torch.Tensor | None = None  # mean over MoE layers, or pooled (balance_loss_scope)
@@ -117,7 +117,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_routing: bool = False, capacity_factor: Any = AUTO,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, return_logits: bool = True) -> ModelOutput:
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         B, S = input_ids.shape
@@ -138,10 +138,13 @@ class MoETransformer(nn.Module):
         if cache is not None:
             cache.length = start + S
         h_BSD = self.norm(x_BSD)
-        logits = h_BSD @ self.embed.weight.t() if self.head is None else self.head(h_BSD)
+        w_VD = self.embed.weight if self.head is None else self.head.weight
+        # Training needs only the loss: chunked, so the (B, S, V) logits never exist (losses.py).
+        chunked = labels is not None and not return_logits
+        logits = None if chunked else h_BSD @ w_VD.t()
         out = ModelOutput(logits=logits)
         m = self.config.moe
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = h_BSD.new_zeros((), dtype=torch.float32)
         if balance and m.balance_loss_scope == "global":
             out.balance_loss = pooled_balance_loss(records)
         else:
@@ -149,7 +152,7 @@ class MoETransformer(nn.Module):
         out.z_loss = torch.stack(z).mean() if z else zero
         out.aux_loss = m.balance_coef * out.balance_loss + m.z_coef * out.z_loss
         if labels is not None:
-            out.loss = causal_lm_loss(logits, labels)
+            out.loss = chunked_lm_loss(h_BSD, w_VD, labels) if chunked else causal_lm_loss(logits, labels)
         if return_routing:
             out.routing = records
         return out

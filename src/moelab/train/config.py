@@ -34,6 +34,11 @@ class TrainConfig(Config):
     tensorboard: bool = True
     freeze_router_after: int | None = None  # OpenMoE's remedy: stop training routers after this step
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    # Step speed (train/precision.py, train/step_options.py). bf16: bf16 parameters under bf16 autocast,
+    # fp32 masters in the optimizer and in checkpoints.
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
     # Mid-run switch: [{start, objective, weights}, ...] tables (train/phases.py); empty: one phase, the
     # data config's objective and the corpus's own mix.
     phases: list[dict] = dataclasses.field(default_factory=list)
@@ -86,6 +91,12 @@ class RunConfig(Config):
                 f"data.batch_size={self.data.batch_size} must be divisible by parallel.dp x parallel.ep "
                 f"= {world} (each rank takes an equal share of every batch)")
         counts = self.model.experts_per_layer()
+        on = [k for k, v in (("param_dtype=bf16", self.train.param_dtype == "bf16"),
+                             ("compile=true", self.train.compile),
+                             ("activation_checkpointing=true", self.train.activation_checkpointing)) if v]
+        require(world == 1 or not on, f"train.{on[0] if on else ''} runs in one process only (the parallel "
+                                      f"mesh's wrappers and optimizer sharding do not handle it yet); "
+                                      f"parallel.dp x parallel.ep = {world}")
         bad = [e for e in counts if e % self.parallel.ep]
         require(not bad, f"parallel.ep={self.parallel.ep} must divide the expert count of every MoE layer "
                          f"(model.moe.num_experts={bad[0] if bad else 0})")

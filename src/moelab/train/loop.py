@@ -32,8 +32,10 @@ from moelab.train.log import Progress, RunLogger
 from moelab.train.metrics import routing_metrics
 from moelab.train.optim import build_optimizer, lr_at, set_lr
 from moelab.train.phases import build_train_sampler
+from moelab.train.precision import maybe_master_weights
 from moelab.train.replay import ReplaySampler, replay_routing
 from moelab.train.rundir import check_run_dir, clear_run_dir, lock_run_dir, remove_leftovers
+from moelab.train.step_options import apply_step_options
 from moelab.train.upcycle import step0_change
 
 
@@ -230,11 +232,16 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     model = pr.core
     if replay is not None and pr.par.world > 1:
         raise MoelabError("--replay trains in one process: its forced routing is not sharded across ranks")
+    if replay is not None and t.activation_checkpointing:  # the recompute runs after the replay's hooks are gone
+        raise MoelabError("--replay and train.activation_checkpointing=true exclude each other (the backward's "
+                          "recompute would route without the replayed routing)")
     lock = _prepare_out(out, run, overwrite, start, resume_from) if pr.main else None  # only rank 0 writes
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     if change is not None and logger:
         logger.log(0, change, "upcycle")
     amp = autocast_for(device, t.dtype)
+    mw = maybe_master_weights(model, t.param_dtype, not isinstance(amp, contextlib.nullcontext))
+    apply_step_options(model, t.compile, t.activation_checkpointing)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
     bar = Progress(t.steps - start, label) if show_progress and pr.main else None
@@ -249,16 +256,21 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 batch = sampler.batch(step * t.grad_accum + micro)
                 ids = pr.shard(batch["input_ids"]).to(device)  # this rank's rows of the global batch
                 with amp, replay_routing(model, sampler, batch):
-                    o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True)
+                    o = pr.model(ids, labels=pr.shard(batch["labels"]).to(device), return_routing=True,
+                                   return_logits=False)
                     o = pr.with_balance(o, run.model.moe)
                 ((o.loss + o.aux_loss) / t.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / t.grad_accum
             pr.after_backward()
-            gn = pr.clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if mw:  # bf16 params: the fp32 masters take the grads, clipping and the update
+                mw.grads_to_master()
+            gn = (mw or pr).clip(t.grad_clip if t.grad_clip > 0 else float("inf"))
             loss_sum = pr.mean(loss_sum)  # the same on every rank, so all stop together
             if not (math.isfinite(loss_sum) and math.isfinite(gn)):  # gn: the global norm, equal on every rank
                 raise _diverged(loss_sum, gn, step + 1, result, resume_from)
             opt.step()
+            if mw:
+                mw.master_to_model()
             opt.zero_grad(set_to_none=True)
             pr.update_biases(o.routing)
             if t.freeze_router_after is not None and step + 1 == t.freeze_router_after:
@@ -271,8 +283,9 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 if logger:
                     logger.log(done, m)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
-                result.checkpoints.append(pr.save(
-                    out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
+                with mw.fp32_in_model() if mw else contextlib.nullcontext():
+                    result.checkpoints.append(pr.save(
+                        out / "checkpoints" / f"step_{done:06d}", saved_config, done, opt))
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 ev = _eval_row(model, evaluate(pr.eval_model, run.data.path, run.data.seq_len,
                                                run.data.batch_size, t.eval_tokens, amp=amp), pr.par.world)
@@ -282,7 +295,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
                 bar.update(done - start, (done - start) * tokens_per_step, f"loss {loss_sum:.3f}")
         elapsed = time.perf_counter() - t0
         result.tokens_per_second = (t.steps - start) * tokens_per_step / max(elapsed, 1e-9)
-        final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", saved_config, t.steps, opt)
+        with mw.fp32_in_model() if mw else contextlib.nullcontext():
+            final = pr.save(out / "checkpoints" / f"step_{t.steps:06d}", saved_config, t.steps, opt)
         result.checkpoints.append(final)
         result.final_checkpoint = final
         result.eval = evaluate(pr.eval_model, run.data.path, run.data.seq_len, run.data.batch_size,

@@ -8,6 +8,7 @@ import torch
 
 from moelab.config import ConfigError
 from moelab.train.config import TrainConfig
+from moelab.train.step_options import fused_adamw_ok
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -18,7 +19,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        # Fused (one kernel) on CUDA only; torch's default elsewhere (step_options.fused_adamw_ok).
+        fused = True if fused_adamw_ok(params) else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if not hasattr(torch.optim, "Adafactor"):
         raise ConfigError("train.optimizer=adafactor needs torch >= 2.5")
     return torch.optim.Adafactor(groups, lr=cfg.lr)
