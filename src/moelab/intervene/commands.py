@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def register(sub) -> None:
                    help="default: the checkpoint's batch size (--hf: 8)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in a non-empty --out (otherwise intervene refuses it, "
+                        "as train, demo and upcycle do)")
     p.set_defaults(func=run_intervene)
 
     d = sub.add_parser("diff", help="compare the routing of two traces of the same tokens",
@@ -99,10 +103,26 @@ def parse_factors(text: str) -> list[float | None]:
             cf = float(part)
         except ValueError:
             raise MoelabError(f"--capacity-sweep {part!r} is not a number or none") from None
-        if cf <= 0:
-            raise MoelabError(f"--capacity-sweep {cf} must be > 0")
+        if not math.isfinite(cf) or cf <= 0:  # nan passes `<= 0`; inf is dropless spelled wrong: say none
+            raise MoelabError(f"--capacity-sweep {part.strip()!r} must be a finite number > 0 or none")
         out.append(cf)
     return out
+
+
+def _check_out_empty(out: Path, overwrite: bool) -> None:
+    """The rule of train, demo and upcycle: an earlier result is never replaced silently."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MoelabError(f"--out {out} is not empty (an earlier result?): pass --overwrite to replace it")
+
+
+def _check_capacity_text(text: str) -> None:
+    """--capacity-factor nan/inf would pass parse_capacity's `<= 0` and fail deep in the model."""
+    try:
+        cf = float(text)
+    except ValueError:
+        return  # eval, train, none and typos: parse_capacity names them
+    if not math.isfinite(cf):
+        raise MoelabError(f"--capacity-factor {text!r} must be a finite number > 0 (or none for dropless)")
 
 
 def _open(args):
@@ -186,6 +206,8 @@ def run_intervene(args) -> int:
     from moelab.outpath import check_writable_dir
 
     check_writable_dir(args.out)
+    _check_out_empty(Path(args.out), args.overwrite)
+    _check_capacity_text(args.capacity_factor)
     if not (args.ablate or args.topk_sweep or args.capacity_sweep or args.replay):
         raise MoelabError("nothing to do: give --ablate, --replay, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []
@@ -224,6 +246,8 @@ def run_intervene(args) -> int:
     out.mkdir(parents=True, exist_ok=True)  # outputs only once every number is in
     if targets:
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
+    else:  # --overwrite: an earlier run's deltas must not sit beside a result they do not belong to
+        (out / "ablation_deltas.parquet").unlink(missing_ok=True)
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")
     return 0
