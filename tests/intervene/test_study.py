@@ -1,6 +1,7 @@
 """Ablation and sweeps over batches: cached halves equal the whole forward; planted 'nothing' and 'something'."""
 
 import numpy as np
+import pytest
 import torch
 
 from moelab.intervene.edit import RoutingEdit, edit_routing
@@ -89,3 +90,25 @@ def test_sweeps_hold_the_models_own_setting_at_zero_delta():
     b = data[0]
     cos = k_cosines(model, b["input_ids"], (b["doc"] >= 0).reshape(-1), 2.0)
     assert set(cos) == {0, 1, 2} and all(-1 <= v["k1_vs_own"] < 1 for v in cos.values())
+
+
+def test_p_value_and_interval_are_for_the_same_token_weighted_mean():
+    """Long sequences gain, short ones lose: the token-weighted mean is positive while the mean of
+    per-sequence means is negative. The interval is for the token-weighted mean, so the test must be too."""
+    import itertools
+
+    from moelab.intervene.study import Tokens, effect_summary
+
+    lengths = [40, 35, 30, 1, 1, 1, 1, 2, 1, 1]  # 10 sequences: 1024 sign patterns, an exact test
+    effects = [0.5, 0.5, 0.5, -3.0, -2.0, -2.5, -1.5, -2.0, -3.0, -1.0]
+    seq = np.repeat(np.arange(10), lengths)
+    values = np.repeat(effects, lengths)
+    z = np.zeros(len(seq), np.int64)
+    out = effect_summary(Tokens(seq, z, z, z), values, {"domain": ["d"], "lang": ["l"]}, 500, 0)["all"]
+    assert out["mean"] == pytest.approx(values.sum() / len(values), abs=1e-12) and out["mean"] > 0
+    assert np.mean(effects) < 0  # the other estimand has the other sign
+    sums = [e * n for e, n in zip(effects, lengths)]
+    obs = abs(sum(sums))
+    pats = list(itertools.product((-1.0, 1.0), repeat=10))
+    exact = sum(abs(sum(s * v for s, v in zip(p, sums))) >= obs * (1 - 1e-12) for p in pats) / len(pats)
+    assert out["p"] == pytest.approx(exact, abs=1e-12)

@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: the checkpoint's batch size (--hf: 8)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
+    p.add_argument("--flips", type=positive_int, default=None, metavar="N",
+                   help="sign flips per ablation p-value (default: 20 x ablations / 0.05, at least 2000, so "
+                        "Holm's floor sits at 0.0025; with 2^sequences <= N the test is exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in a non-empty --out (otherwise intervene refuses it, "
@@ -231,11 +234,14 @@ def run_intervene(args) -> int:
     result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
     out = Path(args.out)
     if targets:
+        from moelab.intervene.stats import flips_for_family
         from moelab.intervene.study import ablation_results, run_ablation
 
         tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops)
         result["tokens"] = len(base)
-        result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed)
+        result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed,
+                                              args.flips)
+        result["flips"] = args.flips or flips_for_family(len(targets))
         print(format_ablation(result["ablation"]))
         result.update(_observational(args, model, batches, cf, tokens, deltas, targets, ops))
         if args.naee_keep:

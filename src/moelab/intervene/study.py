@@ -15,7 +15,7 @@ import torch
 
 from moelab.intervene.edit import RoutingEdit
 from moelab.intervene import runner
-from moelab.intervene.stats import bootstrap_mean, holm, seq_totals, sign_flip_p
+from moelab.intervene.stats import bootstrap_mean, flips_for_family, holm, seq_totals, sign_flip_p
 
 
 @dataclasses.dataclass
@@ -94,8 +94,10 @@ def naee_best(tokens: Tokens, deltas_MN: np.ndarray, targets, names, n_boot=1000
 
 
 def effect_summary(tokens: Tokens, values_N: np.ndarray, names: dict[str, list[str]], n_boot: int,
-                   seed: int, test: bool = True) -> dict:
-    """Mean with a 95% bootstrap interval over sequences: overall, per domain, per language (+ p overall)."""
+                   seed: int, test: bool = True, flips: int = 2000) -> dict:
+    """Token-weighted mean with a 95% bootstrap interval over sequences: overall, per domain, per language
+    (+ p overall). The p-value tests the same token-weighted mean (sign flips of per-sequence sums), so
+    interval and test never disagree about which mean they are for."""
     def one(mask_N):
         sums, counts = seq_totals(tokens.seq[mask_N], values_N[mask_N], tokens.num_seqs)
         mean, lo, hi = bootstrap_mean(sums, counts, n_boot, seed)
@@ -104,15 +106,18 @@ def effect_summary(tokens: Tokens, values_N: np.ndarray, names: dict[str, list[s
     out = {"all": one(np.ones(len(values_N), bool))}
     if test:
         sums, counts = seq_totals(tokens.seq, values_N, tokens.num_seqs)
-        out["all"]["p"] = sign_flip_p(sums[counts > 0] / counts[counts > 0], seed=seed)
+        out["all"]["p"] = sign_flip_p(sums[counts > 0], n_perm=flips, seed=seed)
     for label in ("domain", "lang"):
         codes = getattr(tokens, label)
         out[label] = {names[label][c]: one(codes == c) for c in np.unique(codes)}
     return out
 
 
-def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0) -> list[dict]:
-    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed)}
+def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0, flips=None) -> list[dict]:
+    """Per target: effect_summary, with Holm over all targets. `flips` None: sized for the family
+    (flips_for_family), so the Holm floor M/(flips+1) never hides an effect."""
+    flips = flips or flips_for_family(len(targets))
+    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed, flips=flips)}
             for (b, e), d in zip(targets, deltas_MN)]
     adjusted = holm(np.array([r["all"]["p"] for r in rows]))
     for r, p in zip(rows, adjusted):
