@@ -112,3 +112,37 @@ def test_p_value_and_interval_are_for_the_same_token_weighted_mean():
     pats = list(itertools.product((-1.0, 1.0), repeat=10))
     exact = sum(abs(sum(s * v for s, v in zip(p, sums))) >= obs * (1 - 1e-12) for p in pats) / len(pats)
     assert out["p"] == pytest.approx(exact, abs=1e-12)
+
+
+def test_replay_counts_only_covered_routes_inside_the_cut_and_reports_coverage():
+    """Rows 0-1 replayed on their first 6 positions (experts {0, 1} everywhere), the rest not covered, and a
+    --tokens cut inside the second batch: the share changed is over covered, kept routes only (a plain
+    loop over the model's own routing is the reference)."""
+    from moelab.intervene.study import run_replay
+
+    model = tiny()
+    data = take_batches(batches(n=3), 70)  # cut inside batch 2
+    forced = np.zeros((6, 3, 2), np.int64)
+    forced[..., 1] = 1
+    replay = {"path": "planted", "seqs": [forced, forced], "blocks": [0, 1, 2]}
+    rep = run_replay(model, data, replay, None, NAMES, n_boot=20)
+    changed = routes = run = 0
+    row = 0
+    for batch in data:
+        with torch.no_grad():
+            own = model(batch["input_ids"], return_routing=True).routing
+        B, S = batch["input_ids"].shape
+        for r in range(B):
+            for t in range(S - 1):
+                if batch["labels"][r, t + 1] == -100:
+                    continue  # the route feeds no kept prediction
+                run += 3
+                if row + r >= 2 or t >= 6:
+                    continue  # not covered by the replay
+                for layer in own:
+                    routes += 1
+                    changed += sorted(layer.expert_ids_TK[r * S + t].tolist()) != [0, 1]
+        row += B
+    assert routes == 2 * 6 * 3 and run == 70 * 3
+    assert rep["coverage"] == {"routes": routes, "of": run, "share": routes / run}
+    assert rep["routes_changed"] == changed / routes and 0 < changed < routes

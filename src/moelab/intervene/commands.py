@@ -263,7 +263,9 @@ def _replay(args, model, batches, replay, cf, names, ops) -> dict:
     from moelab.intervene.study import run_replay
 
     rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed, ops)
-    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
+    cov = rep["coverage"]
+    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of the {cov['routes']} (token, layer) routes it "
+          f"covers changed (coverage {cov['share']:.3f} of {cov['of']} in the run); loss "
           f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
           f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
     return rep

@@ -140,15 +140,20 @@ def sweep_loss(model, input_ids_BS, labels_BS, edit: RoutingEdit, cf) -> tuple[t
 
 
 @torch.no_grad()
-def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf):
-    """(own logits, replayed logits, routes changed, routes) of one batch."""
+def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf, keep_T: torch.Tensor):
+    """(own logits, replayed logits, routes changed, routes counted) of one batch: only (token, layer)
+    routes the replay covers at positions `keep_T` (inside the --tokens cut) are counted."""
+    from moelab.intervene.replay import covered_routes
+
     base = model(input_ids_BS, capacity_factor=cf, return_routing=True)
     with edit_routing(model, edits):
         out = model(input_ids_BS, capacity_factor=cf, return_routing=True)
     changed = routes = 0
-    for r0, r1 in zip(base.routing, out.routing):
-        changed += int((r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1).sum())
-        routes += r0.expert_ids_TK.shape[0]
+    for block, r0, r1 in zip(moe_blocks(model), base.routing, out.routing):
+        m_T = covered_routes(edits.get(block), keep_T.to(r0.expert_ids_TK.device))
+        differs_T = (r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1)
+        changed += int((differs_T & m_T).sum())
+        routes += int(m_T.sum())
     return base.logits, out.logits, changed, routes
 
 

@@ -194,25 +194,31 @@ def prepare_replay(model, batches, path):
 @torch.no_grad()
 def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0, ops=runner) -> dict:
     """Loss with routing replayed (`prepare_replay`; sequence i = corpus row i) beside the model's own, and
-    the share of (token, layer) routes the replay changed."""
+    the share of (token, layer) routes the replay changed among those it covers inside the --tokens cut
+    (`coverage`: how many that is of the routes run there)."""
     from moelab.intervene.replay import batch_edits
     from moelab.intervene.runner import token_loss
 
     seqs, blocks = replay["seqs"], replay["blocks"]
     device = next(model.parameters()).device
-    toks, own, replayed, changed, routes, offset = [], [], [], 0, 0, 0
+    toks, own, replayed, changed, routes, run, offset = [], [], [], 0, 0, 0, 0
     for batch in batches:
         B, S = batch["input_ids"].shape
         valid_BS, t = batch_tokens(batch, offset)
         edits = batch_edits(seqs, offset, B, S, blocks)
-        base, out, c, r = ops.replay_pass(model, batch["input_ids"].to(device), edits, cf)
-        changed, routes = changed + c, routes + r
+        # a route counts when it feeds a kept prediction: position s predicts s + 1 (the --tokens cut)
+        keep_T = torch.cat([valid_BS, torch.zeros(B, 1, dtype=torch.bool)], 1).reshape(-1)
+        base, out, c, r = ops.replay_pass(model, batch["input_ids"].to(device), edits, cf, keep_T)
+        changed, routes, run = changed + c, routes + r, run + int(keep_T.sum()) * len(blocks)
         keep = valid_BS.to(device)
         own.append(token_loss(base, batch["labels"])[keep].cpu().numpy())
         replayed.append(token_loss(out, batch["labels"])[keep].cpu().numpy())
         toks.append(t)
         offset += B
     tokens_all, own_N, rep_N = _cat_tokens(toks), np.concatenate(own), np.concatenate(replayed)
-    return {"file": replay["path"], "routes_changed": changed / max(routes, 1),
+    return {"file": replay["path"],
+            # of the routes the replay covers inside the cut; nan when it covers none (nothing to compare)
+            "routes_changed": changed / routes if routes else float("nan"),
+            "coverage": {"routes": routes, "of": run, "share": routes / run if run else float("nan")},
             "loss": effect_summary(tokens_all, rep_N, names, n_boot, seed, test=False),
             "delta": effect_summary(tokens_all, rep_N - own_N, names, n_boot, seed)}
