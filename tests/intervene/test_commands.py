@@ -77,6 +77,7 @@ def test_out_holding_a_result_is_refused_unless_overwrite(run, tmp_path, capsys)
               "--bootstrap", "20"]
     assert main([*common, "--ablate", "0:0"]) == 0
     before = (out / "intervene.json").read_text()
+    assert json.loads(before)["ablate_capacity"] == "recompute"  # the default, named in the result
     capsys.readouterr()
     assert main([*common, "--ablate", "0:1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -49,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--capacity-factor", default="eval",
                    help="the run's capacity: eval (the config's), train, none (dropless) or a number "
                         "(moelab checkpoints only)")
+    p.add_argument("--ablate-capacity", default="recompute", choices=["recompute", "keep"],
+                   help="capacity of an ablated layer: recompute (default; slots from the experts left, as a "
+                        "model built without them) or keep (slots from all E experts, the mask alone)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="default: the checkpoint's training seq_len (--hf: 256)")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -231,13 +234,16 @@ def run_intervene(args) -> int:
 
         replay = prepare_replay(model, batches, args.replay)
     model = load()
-    result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
+    result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap,
+              # dropless (--hf, or capacity none) makes the two the same model
+              "ablate_capacity": args.ablate_capacity}
     out = Path(args.out)
     if targets:
         from moelab.intervene.stats import flips_for_family
         from moelab.intervene.study import ablation_results, run_ablation
 
-        tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops)
+        tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops,
+                                            ablate_capacity=args.ablate_capacity)
         result["tokens"] = len(base)
         result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed,
                                               args.flips)
@@ -292,7 +298,7 @@ def _observational(args, model, batches, cf, tokens, deltas, targets, ops) -> di
         order[b] = [int(e) for e in np.argsort(np.asarray(score), kind="stable")]
     print(format_observational(result["observational_vs_causal"]))
     if args.prune_by:
-        curve = pruning_curve(model, batches, order, cf, ops)
+        curve = pruning_curve(model, batches, order, cf, ops, args.ablate_capacity)
         result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": curve}
         print("pruning by " + args.prune_by + ": " + "  ".join(
             f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
@@ -314,7 +320,8 @@ def _naee(args, model, batches, cf, names, targets, ops) -> dict:
     for block in sorted({b for b, _ in targets}):
         E = ops.layout(model)[block][0]
         subsets = naee_targets(block, E, args.naee_keep)
-        tokens, _, deltas = run_ablation(model, batches, subsets, cf, ops=ops)
+        tokens, _, deltas = run_ablation(model, batches, subsets, cf, ops=ops,
+                                        ablate_capacity=args.ablate_capacity)
         out[str(block)] = best = naee_best(tokens, deltas, subsets, names, args.bootstrap, args.seed)
         print(f"NAEE block {block}: keep {args.naee_keep} of {E}, best removes {best['removed']}: "
               f"{best['effect']['all']['mean']:+.4f} [{best['effect']['all']['lo']:+.4f}, "

@@ -43,7 +43,8 @@ def logits(model, input_ids_BS: torch.Tensor, edits: dict[int, RoutingEdit]) -> 
 
 
 @torch.no_grad()
-def ablation_losses(model, input_ids_BS, labels_BS, targets, cf=None, reuse: bool = True):
+def ablation_losses(model, input_ids_BS, labels_BS, targets, cf=None, reuse: bool = True,
+                    ablate_capacity: str = "recompute"):  # dropless: both capacity modes are the mask
     """Base per-token loss [B, S-1] and one per target (block, experts masked), a whole forward each."""
     base = token_loss(logits(model, input_ids_BS, {}), labels_BS)
     return base, [token_loss(logits(model, input_ids_BS, {b: RoutingEdit(mask=tuple(e))}), labels_BS)

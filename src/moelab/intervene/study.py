@@ -60,7 +60,7 @@ def _cat_tokens(parts: list[Tokens]) -> Tokens:
     return Tokens(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Tokens)))
 
 
-def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner):
+def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner, ablate_capacity="recompute"):
     """(tokens, base loss [N], deltas [M, N]) of masking each target's experts. `ops`: the runner module of
     the model's kind (runner.py for moelab, hf_runner.py for transformers), here and below."""
     device = next(model.parameters()).device
@@ -68,7 +68,8 @@ def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner):
     for batch in batches:
         valid_BS, t = batch_tokens(batch, offset)
         offset += batch["input_ids"].shape[0]
-        b, losses = ops.ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse)
+        b, losses = ops.ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse,
+                                           ablate_capacity)
         keep = valid_BS.to(b.device)
         toks.append(t)
         base.append(b[keep].cpu().numpy())
