@@ -55,6 +55,10 @@ def test_ablation_and_sweeps_write_json_and_deltas(run, tmp_path, capsys):
     (["--ablate", "zero"], "is not BLOCK:E"),
     (["--capacity-sweep", "1,x"], "is not a number or none"),
     (["--capacity-sweep", "1", "--policies", "fifo"], "--policies 'fifo'"),
+    (["--capacity-sweep", "nan"], "--capacity-sweep 'nan' must be a finite number"),
+    (["--capacity-sweep", "1,inf"], "--capacity-sweep 'inf' must be a finite number"),
+    (["--capacity-factor", "nan", "--ablate", "0:0"], "--capacity-factor 'nan' must be a finite number"),
+    (["--capacity-factor", "inf", "--ablate", "0:0"], "--capacity-factor 'inf' must be a finite number"),
     ([], "nothing to do"),
     (["--ablate", "1:0", "--naee-keep", "1"], "top_k <= N < E"),
     (["--ablate", "1:0,1", "--prune-by", "reap"], "--prune-by needs"),
@@ -65,6 +69,24 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_out_holding_a_result_is_refused_unless_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "iv"
+    common = ["intervene", str(run / "run"), "--data", str(run / "corpus"), "--out", str(out), "--tokens", "50",
+              "--bootstrap", "20"]
+    assert main([*common, "--ablate", "0:0"]) == 0
+    before = (out / "intervene.json").read_text()
+    assert json.loads(before)["ablate_capacity"] == "recompute"  # the default, named in the result
+    capsys.readouterr()
+    assert main([*common, "--ablate", "0:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "intervene.json").read_text() == before  # the earlier result untouched
+    assert main([*common, "--topk-sweep", "--overwrite"]) == 0
+    res = json.loads((out / "intervene.json").read_text())
+    assert "topk" in res and "ablation" not in res
+    assert not (out / "ablation_deltas.parquet").exists()  # the earlier run's deltas do not stay behind
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):

@@ -151,3 +151,51 @@ def test_bad_edits_are_one_line_errors(edits, msg):
     with pytest.raises(MoelabError, match=msg):
         with edit_routing(model, edits):
             pass
+
+
+def physically_removed(model, block, e):
+    """The same model with expert e of `block` gone: a layer built with E-1 experts (and E-1 router rows),
+    so capacity is computed from E-1 experts as such a model computes it."""
+    from moelab.model.moe import MoELayer
+    from moelab.model.routers import build_router
+
+    ref = copy.deepcopy(model)
+    old = moe_blocks(ref)[block]
+    E = old.num_experts
+    keep = [i for i in range(E) if i != e]
+    new = MoELayer(ref.config, block, E - 1, build_router(ref.config, E - 1))
+    state = {k: (v[keep] if v.shape[:1] == (E,) else v) for k, v in old.state_dict().items()}
+    new.load_state_dict(state)
+    for mod in ref.modules():
+        for name, child in mod.named_children():
+            if child is old:
+                setattr(mod, name, new.eval())
+    assert moe_blocks(ref)[block].num_experts == E - 1
+    return ref
+
+
+@pytest.mark.parametrize("formula", ["topk", "group"])
+def test_ablation_under_capacity_keep_and_recompute_each_equal_their_reference(formula):
+    """26-37% drops in the issue: at a finite capacity the mask alone (keep) is the E-expert capacity,
+    while the model without the expert (recompute) has more slots per expert."""
+    from moelab.intervene.edit import removal
+    from moelab.intervene.runner import ablation_losses
+
+    model = tiny(capacity_factor_eval=1.0, capacity_formula=formula, group_size=8, min_capacity=1)
+    ids = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(2))
+    kept_ref = deleted_expert_reference(model, 1, 3)(ids, return_routing=True)
+    removed_ref = physically_removed(model, 1, 3)(ids, return_routing=True)
+    assert kept_ref.routing[1].dropped_TK.any()  # capacity binds, so the two can differ
+    assert not torch.allclose(kept_ref.logits, removed_ref.logits, atol=1e-4)
+    for mode, ref in (("keep", kept_ref), ("recompute", removed_ref)):
+        with edit_routing(model, {1: removal(6, (3,), mode)}):
+            out = model(ids, return_routing=True)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+        assert torch.equal(out.routing[1].dropped_TK.sum(), ref.routing[1].dropped_TK.sum())
+        # the CLI's path (cached prefix, the rest re-run) gives the same losses
+        labels = ids.clone()
+        _, (loss,) = ablation_losses(model, ids, labels, [(1, (3,))], 1.0, ablate_capacity=mode)
+        from moelab.intervene.runner import token_loss
+        torch.testing.assert_close(loss, token_loss(ref.logits, labels), rtol=0, atol=1e-5)
+    with pytest.raises(MoelabError, match="--ablate-capacity 'both'"):
+        removal(6, (3,), "both")

@@ -1,6 +1,7 @@
 """Ablation and sweeps over batches: cached halves equal the whole forward; planted 'nothing' and 'something'."""
 
 import numpy as np
+import pytest
 import torch
 
 from moelab.intervene.edit import RoutingEdit, edit_routing
@@ -89,3 +90,59 @@ def test_sweeps_hold_the_models_own_setting_at_zero_delta():
     b = data[0]
     cos = k_cosines(model, b["input_ids"], (b["doc"] >= 0).reshape(-1), 2.0)
     assert set(cos) == {0, 1, 2} and all(-1 <= v["k1_vs_own"] < 1 for v in cos.values())
+
+
+def test_p_value_and_interval_are_for_the_same_token_weighted_mean():
+    """Long sequences gain, short ones lose: the token-weighted mean is positive while the mean of
+    per-sequence means is negative. The interval is for the token-weighted mean, so the test must be too."""
+    import itertools
+
+    from moelab.intervene.study import Tokens, effect_summary
+
+    lengths = [40, 35, 30, 1, 1, 1, 1, 2, 1, 1]  # 10 sequences: 1024 sign patterns, an exact test
+    effects = [0.5, 0.5, 0.5, -3.0, -2.0, -2.5, -1.5, -2.0, -3.0, -1.0]
+    seq = np.repeat(np.arange(10), lengths)
+    values = np.repeat(effects, lengths)
+    z = np.zeros(len(seq), np.int64)
+    out = effect_summary(Tokens(seq, z, z, z), values, {"domain": ["d"], "lang": ["l"]}, 500, 0)["all"]
+    assert out["mean"] == pytest.approx(values.sum() / len(values), abs=1e-12) and out["mean"] > 0
+    assert np.mean(effects) < 0  # the other estimand has the other sign
+    sums = [e * n for e, n in zip(effects, lengths)]
+    obs = abs(sum(sums))
+    pats = list(itertools.product((-1.0, 1.0), repeat=10))
+    exact = sum(abs(sum(s * v for s, v in zip(p, sums))) >= obs * (1 - 1e-12) for p in pats) / len(pats)
+    assert out["p"] == pytest.approx(exact, abs=1e-12)
+
+
+def test_replay_counts_only_covered_routes_inside_the_cut_and_reports_coverage():
+    """Rows 0-1 replayed on their first 6 positions (experts {0, 1} everywhere), the rest not covered, and a
+    --tokens cut inside the second batch: the share changed is over covered, kept routes only (a plain
+    loop over the model's own routing is the reference)."""
+    from moelab.intervene.study import run_replay
+
+    model = tiny()
+    data = take_batches(batches(n=3), 70)  # cut inside batch 2
+    forced = np.zeros((6, 3, 2), np.int64)
+    forced[..., 1] = 1
+    replay = {"path": "planted", "seqs": [forced, forced], "blocks": [0, 1, 2]}
+    rep = run_replay(model, data, replay, None, NAMES, n_boot=20)
+    changed = routes = run = 0
+    row = 0
+    for batch in data:
+        with torch.no_grad():
+            own = model(batch["input_ids"], return_routing=True).routing
+        B, S = batch["input_ids"].shape
+        for r in range(B):
+            for t in range(S - 1):
+                if batch["labels"][r, t + 1] == -100:
+                    continue  # the route feeds no kept prediction
+                run += 3
+                if row + r >= 2 or t >= 6:
+                    continue  # not covered by the replay
+                for layer in own:
+                    routes += 1
+                    changed += sorted(layer.expert_ids_TK[r * S + t].tolist()) != [0, 1]
+        row += B
+    assert routes == 2 * 6 * 3 and run == 70 * 3
+    assert rep["coverage"] == {"routes": routes, "of": run, "share": routes / run}
+    assert rep["routes_changed"] == changed / routes and 0 < changed < routes

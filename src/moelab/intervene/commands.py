@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -48,12 +49,21 @@ def register(sub) -> None:
     p.add_argument("--capacity-factor", default="eval",
                    help="the run's capacity: eval (the config's), train, none (dropless) or a number "
                         "(moelab checkpoints only)")
+    p.add_argument("--ablate-capacity", default="recompute", choices=["recompute", "keep"],
+                   help="capacity of an ablated layer: recompute (default; slots from the experts left, as a "
+                        "model built without them) or keep (slots from all E experts, the mask alone)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="default: the checkpoint's training seq_len (--hf: 256)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: the checkpoint's batch size (--hf: 8)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples per interval")
+    p.add_argument("--flips", type=positive_int, default=None, metavar="N",
+                   help="sign flips per ablation p-value (default: 20 x ablations / 0.05, at least 2000, so "
+                        "Holm's floor sits at 0.0025; with 2^sequences <= N the test is exact)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in a non-empty --out (otherwise intervene refuses it, "
+                        "as train, demo and upcycle do)")
     p.set_defaults(func=run_intervene)
 
     d = sub.add_parser("diff", help="compare the routing of two traces of the same tokens",
@@ -99,10 +109,26 @@ def parse_factors(text: str) -> list[float | None]:
             cf = float(part)
         except ValueError:
             raise MoelabError(f"--capacity-sweep {part!r} is not a number or none") from None
-        if cf <= 0:
-            raise MoelabError(f"--capacity-sweep {cf} must be > 0")
+        if not math.isfinite(cf) or cf <= 0:  # nan passes `<= 0`; inf is dropless spelled wrong: say none
+            raise MoelabError(f"--capacity-sweep {part.strip()!r} must be a finite number > 0 or none")
         out.append(cf)
     return out
+
+
+def _check_out_empty(out: Path, overwrite: bool) -> None:
+    """The rule of train, demo and upcycle: an earlier result is never replaced silently."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MoelabError(f"--out {out} is not empty (an earlier result?): pass --overwrite to replace it")
+
+
+def _check_capacity_text(text: str) -> None:
+    """--capacity-factor nan/inf would pass parse_capacity's `<= 0` and fail deep in the model."""
+    try:
+        cf = float(text)
+    except ValueError:
+        return  # eval, train, none and typos: parse_capacity names them
+    if not math.isfinite(cf):
+        raise MoelabError(f"--capacity-factor {text!r} must be a finite number > 0 (or none for dropless)")
 
 
 def _open(args):
@@ -186,6 +212,8 @@ def run_intervene(args) -> int:
     from moelab.outpath import check_writable_dir
 
     check_writable_dir(args.out)
+    _check_out_empty(Path(args.out), args.overwrite)
+    _check_capacity_text(args.capacity_factor)
     if not (args.ablate or args.topk_sweep or args.capacity_sweep or args.replay):
         raise MoelabError("nothing to do: give --ablate, --replay, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []
@@ -206,14 +234,20 @@ def run_intervene(args) -> int:
 
         replay = prepare_replay(model, batches, args.replay)
     model = load()
-    result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap}
+    result = {"checkpoint": source, "capacity_factor": cf, "split": args.split, "bootstrap": args.bootstrap,
+              # dropless (--hf, or capacity none) makes the two the same model
+              "ablate_capacity": args.ablate_capacity}
     out = Path(args.out)
     if targets:
+        from moelab.intervene.stats import flips_for_family
         from moelab.intervene.study import ablation_results, run_ablation
 
-        tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops)
+        tokens, base, deltas = run_ablation(model, batches, targets, cf, ops=ops,
+                                            ablate_capacity=args.ablate_capacity)
         result["tokens"] = len(base)
-        result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed)
+        result["ablation"] = ablation_results(tokens, deltas, targets, names, args.bootstrap, args.seed,
+                                              args.flips)
+        result["flips"] = args.flips or flips_for_family(len(targets))
         print(format_ablation(result["ablation"]))
         result.update(_observational(args, model, batches, cf, tokens, deltas, targets, ops))
         if args.naee_keep:
@@ -224,6 +258,8 @@ def run_intervene(args) -> int:
     out.mkdir(parents=True, exist_ok=True)  # outputs only once every number is in
     if targets:
         write_deltas(out / "ablation_deltas.parquet", tokens, base, deltas, targets, names)
+    else:  # --overwrite: an earlier run's deltas must not sit beside a result they do not belong to
+        (out / "ablation_deltas.parquet").unlink(missing_ok=True)
     _write_json(out / "intervene.json", result)
     print(f"-> {out / 'intervene.json'}")
     return 0
@@ -233,7 +269,9 @@ def _replay(args, model, batches, replay, cf, names, ops) -> dict:
     from moelab.intervene.study import run_replay
 
     rep = run_replay(model, batches, replay, cf, names, args.bootstrap, args.seed, ops)
-    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of (token, layer) routes changed; loss "
+    cov = rep["coverage"]
+    print(f"replay of {args.replay}: {rep['routes_changed']:.4f} of the {cov['routes']} (token, layer) routes it "
+          f"covers changed (coverage {cov['share']:.3f} of {cov['of']} in the run); loss "
           f"{rep['loss']['all']['mean']:.4f}, change {rep['delta']['all']['mean']:+.4f} "
           f"[{rep['delta']['all']['lo']:+.4f}, {rep['delta']['all']['hi']:+.4f}]")
     return rep
@@ -260,7 +298,7 @@ def _observational(args, model, batches, cf, tokens, deltas, targets, ops) -> di
         order[b] = [int(e) for e in np.argsort(np.asarray(score), kind="stable")]
     print(format_observational(result["observational_vs_causal"]))
     if args.prune_by:
-        curve = pruning_curve(model, batches, order, cf, ops)
+        curve = pruning_curve(model, batches, order, cf, ops, args.ablate_capacity)
         result["pruning"] = {"by": args.prune_by, "blocks": full, "curve": curve}
         print("pruning by " + args.prune_by + ": " + "  ".join(
             f"m={c['removed_per_layer']}: {c['loss']:.4f}" for c in result["pruning"]["curve"]))
@@ -282,7 +320,8 @@ def _naee(args, model, batches, cf, names, targets, ops) -> dict:
     for block in sorted({b for b, _ in targets}):
         E = ops.layout(model)[block][0]
         subsets = naee_targets(block, E, args.naee_keep)
-        tokens, _, deltas = run_ablation(model, batches, subsets, cf, ops=ops)
+        tokens, _, deltas = run_ablation(model, batches, subsets, cf, ops=ops,
+                                        ablate_capacity=args.ablate_capacity)
         out[str(block)] = best = naee_best(tokens, deltas, subsets, names, args.bootstrap, args.seed)
         print(f"NAEE block {block}: keep {args.naee_keep} of {E}, best removes {best['removed']}: "
               f"{best['effect']['all']['mean']:+.4f} [{best['effect']['all']['lo']:+.4f}, "

@@ -16,12 +16,16 @@ on exit even after an error.
   routes normally. The weights are gathered from the router's own full probabilities, so a backward pass
   still reaches the router.
 - `capacity_factor` / `drop_policy`: capacity at inference (`NONE_CF` = dropless).
+- `capacity_experts`: slots per expert computed as a layer with this many experts computes them (a model
+  built without the masked experts has more slots for each remaining one). `removal(...)` builds the mask
+  edit of `--ablate-capacity recompute` (the default) or `keep` (the E-expert capacity).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Iterator, Mapping
 
 import torch
@@ -42,6 +46,19 @@ class RoutingEdit:
     force_ids_TK: torch.Tensor | None = None
     capacity_factor: float | str | None = KEEP
     drop_policy: str | None = None
+    capacity_experts: int | None = None
+
+
+ABLATE_CAPACITY = ("recompute", "keep")
+
+
+def removal(layer_experts: int, experts, mode: str = "recompute") -> RoutingEdit:
+    """The edit that removes `experts`: `recompute` = the model built without them (its capacity from the
+    experts left), `keep` = the mask alone, capacity still computed from all of them."""
+    if mode not in ABLATE_CAPACITY:
+        raise MoelabError(f"--ablate-capacity {mode!r}: allowed are {', '.join(ABLATE_CAPACITY)}")
+    mask = tuple(sorted(set(experts)))
+    return RoutingEdit(mask=mask, capacity_experts=layer_experts - len(mask) if mode == "recompute" else None)
 
 
 def moe_blocks(model: torch.nn.Module) -> dict[int, MoELayer]:
@@ -115,6 +132,26 @@ def _capacity_hook(cf):
     return hook
 
 
+def _capacity_experts_hook(num_experts: int, top_k: int):
+    """Rewrites the call's capacity factor to the one that, in the layer's own E-expert formula, yields
+    the slots a `num_experts`-expert layer has at this token count. The target sits mid-way between
+    integers before floor/round, so float rounding cannot move it by one slot."""
+    def hook(module, args, kwargs):
+        args = tuple(args) + (None,) * (4 - len(args))
+        cf = kwargs.get("capacity_factor", args[3])
+        if cf is None:
+            return None  # dropless: no capacity to recompute
+        E, T = module.num_experts, args[0].shape[0]
+        if module.formula == "group":
+            cf_new = (round(cf * module.group_size / num_experts) + 0.25) * E / module.group_size
+        else:
+            cf_new = (math.floor(top_k * cf * T / num_experts) + 0.5) * E / (top_k * T)
+        if "capacity_factor" in kwargs:
+            return args[:4], {**kwargs, "capacity_factor": cf_new}
+        return args[:3] + (cf_new,), kwargs
+    return hook
+
+
 @contextlib.contextmanager
 def edit_routing(model: torch.nn.Module, edits: Mapping[int, RoutingEdit]) -> Iterator[None]:
     """Within the block, the MoE layer of each block index in `edits` routes as its edit says."""
@@ -132,6 +169,11 @@ def edit_routing(model: torch.nn.Module, edits: Mapping[int, RoutingEdit]) -> It
             if edit.capacity_factor != KEEP:
                 handles.append(layer.register_forward_pre_hook(_capacity_hook(edit.capacity_factor),
                                                                with_kwargs=True))
+            # after a capacity_factor edit: it recomputes from the factor that edit set
+            if edit.capacity_experts is not None:
+                k = edit.top_k if edit.top_k is not None else layer.router.top_k
+                handles.append(layer.register_forward_pre_hook(
+                    _capacity_experts_hook(edit.capacity_experts, k), with_kwargs=True))
             if edit.drop_policy is not None:
                 policies[block] = layer.policy
                 layer.policy = edit.drop_policy

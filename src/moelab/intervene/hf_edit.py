@@ -50,7 +50,7 @@ def hf_rule(family: str, router: torch.nn.Module) -> HFRule:
     entry = family_entry(family)
     if entry.refuse:
         raise MoelabError(f"cannot edit the routing of {family!r}: {entry.refuse}")
-    if entry.decision != "experts_args":
+    if entry.decision == "router_scores":
         raise MoelabError(f"cannot edit the routing of {family!r}: its router hands the experts dense scores, "
                           f"not (ids, weights) that a hook can replace ({entry.rule})")
     weight = getattr(router, "weight", None)

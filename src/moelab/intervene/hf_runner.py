@@ -43,7 +43,8 @@ def logits(model, input_ids_BS: torch.Tensor, edits: dict[int, RoutingEdit]) -> 
 
 
 @torch.no_grad()
-def ablation_losses(model, input_ids_BS, labels_BS, targets, cf=None, reuse: bool = True):
+def ablation_losses(model, input_ids_BS, labels_BS, targets, cf=None, reuse: bool = True,
+                    ablate_capacity: str = "recompute"):  # dropless: both capacity modes are the mask
     """Base per-token loss [B, S-1] and one per target (block, experts masked), a whole forward each."""
     base = token_loss(logits(model, input_ids_BS, {}), labels_BS)
     return base, [token_loss(logits(model, input_ids_BS, {b: RoutingEdit(mask=tuple(e))}), labels_BS)
@@ -61,14 +62,20 @@ def sweep_loss(model, input_ids_BS, labels_BS, edit: RoutingEdit, cf=None) -> tu
 
 
 @torch.no_grad()
-def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf=None):
-    """(own logits, replayed logits, routes changed, routes) of one batch."""
+def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf, keep_T: torch.Tensor):
+    """(own logits, replayed logits, routes changed, routes counted) of one batch: only (token, layer)
+    routes the replay covers at positions `keep_T` (inside the --tokens cut) are counted."""
+    from moelab.intervene.replay import covered_routes
+
     moe = _moe(model)
     base = model(input_ids=input_ids_BS.long(), use_cache=False).logits
     with edit_hf_routing(model, edits, moe) as log:
         out = model(input_ids=input_ids_BS.long(), use_cache=False).logits
-    changed = sum(int((own.sort(-1).values != new.sort(-1).values).any(-1).sum()) for own, new in log.values())
-    routes = input_ids_BS.numel() * len(moe.rules)
+    changed = routes = 0
+    for block, (own, new) in log.items():
+        m_T = covered_routes(edits.get(block), keep_T.to(own.device))
+        changed += int(((own.sort(-1).values != new.sort(-1).values).any(-1) & m_T).sum())
+        routes += int(m_T.sum())
     return base, out, changed, routes
 
 

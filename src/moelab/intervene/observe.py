@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moelab.intervene.edit import RoutingEdit
+from moelab.intervene.edit import RoutingEdit, removal
 from moelab.intervene.stats import seq_totals, spearman
 
 SCORES = ("frequency", "gate_weighted", "activation_norm", "reap")
@@ -93,7 +93,8 @@ def obs_vs_causal(sums_4SE, seq_N, deltas_EN, n_boot=1000, seed=0) -> dict:
 
 
 @torch.no_grad()
-def pruning_curve(model, batches, order: dict[int, list[int]], cf, ops=None) -> list[dict]:
+def pruning_curve(model, batches, order: dict[int, list[int]], cf, ops=None,
+                  ablate_capacity: str = "recompute") -> list[dict]:
     """Loss when the m first experts of each block's `order` (least important first) are removed from
     every listed block at once, for m = 0 .. E - top_k."""
     from moelab.intervene import runner
@@ -104,7 +105,7 @@ def pruning_curve(model, batches, order: dict[int, list[int]], cf, ops=None) -> 
     m_max = min(shape[b][0] - shape[b][1] for b in order)
     out = []
     for m in range(m_max + 1):
-        edits = {b: RoutingEdit(mask=tuple(order[b][:m])) for b in order}
+        edits = {b: removal(shape[b][0], order[b][:m], ablate_capacity) for b in order}
         total = count = 0.0
         for batch in batches:
             loss, _ = ops.edited_loss(model, batch["input_ids"].to(device), batch["labels"], edits, cf)

@@ -121,3 +121,11 @@ def batch_edits(seqs: list[np.ndarray], first: int, B: int, S: int, blocks: list
             ids_BSLK[r, : len(s)] = s
     ids_TLK = torch.from_numpy(ids_BSLK.reshape(B * S, L, K))
     return {b: RoutingEdit(force_ids_TK=ids_TLK[:, i]) for i, b in enumerate(blocks)}
+
+
+def covered_routes(edit, keep_T: torch.Tensor) -> torch.Tensor:
+    """Positions whose route a replay sets (no -1 in the row) among `keep_T`: the only routes a
+    'routes changed' share may count (a position the trace lacks routes normally and says nothing)."""
+    if edit is None or edit.force_ids_TK is None:
+        return torch.zeros_like(keep_T)
+    return keep_T & (edit.force_ids_TK.to(keep_T.device) >= 0).all(-1)

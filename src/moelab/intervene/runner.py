@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moelab.intervene.edit import RoutingEdit, edit_routing, moe_blocks
+from moelab.intervene.edit import RoutingEdit, edit_routing, moe_blocks, removal
 from moelab.model.moe import MoELayer
 
 
@@ -66,9 +66,11 @@ def token_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def ablation_losses(model, input_ids_BS, labels_BS, targets: list[tuple[int, tuple[int, ...]]], cf,
-                    reuse: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Base per-token loss [B, S-1] and one per target (block, experts masked). `reuse=False` runs the whole
-    model per target (the reference the benchmark compares against)."""
+                    reuse: bool = True, ablate_capacity: str = "recompute") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base per-token loss [B, S-1] and one per target (block, experts removed; `ablate_capacity` as in
+    edit.removal). `reuse=False` runs the whole model per target (the reference the benchmark compares
+    against)."""
+    layers = moe_blocks(model)
     pre = prefix(model, input_ids_BS, targets[0][0] if reuse and targets else 0, cf)
     base = token_loss(suffix(model, pre, cf), labels_BS)  # the unedited forward, split where edits begin
     out = []
@@ -76,7 +78,7 @@ def ablation_losses(model, input_ids_BS, labels_BS, targets: list[tuple[int, tup
         if reuse and block != pre.first:  # sorted by block, the shared activations only move forward
             pre = advance(model, pre, block, cf) if block > pre.first else prefix(model, input_ids_BS, block, cf)
         cached = pre if reuse else prefix(model, input_ids_BS, 0, cf)
-        with edit_routing(model, {block: RoutingEdit(mask=tuple(experts))}):
+        with edit_routing(model, {block: removal(layers[block].num_experts, experts, ablate_capacity)}):
             out.append(token_loss(suffix(model, cached, cf), labels_BS))
     return base, out
 
@@ -140,15 +142,20 @@ def sweep_loss(model, input_ids_BS, labels_BS, edit: RoutingEdit, cf) -> tuple[t
 
 
 @torch.no_grad()
-def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf):
-    """(own logits, replayed logits, routes changed, routes) of one batch."""
+def replay_pass(model, input_ids_BS, edits: dict[int, RoutingEdit], cf, keep_T: torch.Tensor):
+    """(own logits, replayed logits, routes changed, routes counted) of one batch: only (token, layer)
+    routes the replay covers at positions `keep_T` (inside the --tokens cut) are counted."""
+    from moelab.intervene.replay import covered_routes
+
     base = model(input_ids_BS, capacity_factor=cf, return_routing=True)
     with edit_routing(model, edits):
         out = model(input_ids_BS, capacity_factor=cf, return_routing=True)
     changed = routes = 0
-    for r0, r1 in zip(base.routing, out.routing):
-        changed += int((r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1).sum())
-        routes += r0.expert_ids_TK.shape[0]
+    for block, r0, r1 in zip(moe_blocks(model), base.routing, out.routing):
+        m_T = covered_routes(edits.get(block), keep_T.to(r0.expert_ids_TK.device))
+        differs_T = (r0.expert_ids_TK.sort(-1).values != r1.expert_ids_TK.sort(-1).values).any(-1)
+        changed += int((differs_T & m_T).sum())
+        routes += int(m_T.sum())
     return base.logits, out.logits, changed, routes
 
 

@@ -34,19 +34,38 @@ def bootstrap_mean(sums_S: np.ndarray, counts_S: np.ndarray, n_boot: int = 1000,
     return mean, float(lo), float(hi)
 
 
-def sign_flip_p(means_S: np.ndarray, n_perm: int = 2000, seed: int = 0) -> float:
-    """Two-sided p of 'the mean effect is zero': under that null each sequence's mean effect is as likely
-    to carry either sign, so the observed |mean| is compared with sign-flipped ones. All zeros: p = 1."""
-    means_S = means_S[np.isfinite(means_S)]
-    if not len(means_S) or not np.any(means_S):
+def flips_for_family(num_tests: int, alpha: float = 0.05, floor: int = 2000) -> int:
+    """Sign flips enough for Holm over `num_tests`: the smallest Monte-Carlo p is 1/(n+1), so the smallest
+    Holm p is num_tests/(n+1); n = 20 * num_tests / alpha puts that floor at alpha/20, well below alpha."""
+    return max(floor, int(np.ceil(20 * num_tests / alpha)))
+
+
+def sign_flip_p(values_S: np.ndarray, n_perm: int = 2000, seed: int = 0) -> float:
+    """Two-sided p of 'the per-sequence values sum to zero in expectation': under that null each sequence's
+    value is as likely to carry either sign, so the observed |sum| is compared with sign-flipped ones. Pass
+    per-sequence sums of token effects to test the token-weighted mean (the mean the bootstrap intervals
+    are for: the token count is fixed under flips). With 2^S <= n_perm every sign pattern is enumerated and
+    p is exact; otherwise n_perm random patterns, p = (hits + 1) / (n_perm + 1). All zeros: p = 1."""
+    values_S = np.asarray(values_S, np.float64)
+    values_S = values_S[np.isfinite(values_S)]
+    S = len(values_S)
+    if not S or not np.any(values_S):
         return 1.0
-    observed = abs(means_S.mean())
+    observed = abs(values_S.sum())
+    exact = S <= 30 and 2 ** S <= n_perm
+    total = 2 ** S if exact else n_perm
     rng = np.random.default_rng(seed)
-    signs_PS = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, len(means_S)))
-    flipped_P = np.abs((signs_PS * means_S).mean(1))
-    # An exceedance within rounding of the observed value counts: ties must not make p too small.
-    hits = int(np.sum(flipped_P >= observed * (1 - 1e-12)))
-    return (hits + 1) / (n_perm + 1)
+    hits, chunk = 0, max(1, 2 ** 22 // S)  # bounded memory for large families of flips
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        if exact:  # pattern i: bit s of i set = sequence s flipped
+            bits_PS = (np.arange(start, start + n)[:, None] >> np.arange(S)[None, :]) & 1
+            signs_PS = 1.0 - 2.0 * bits_PS
+        else:
+            signs_PS = rng.choice(np.array([-1.0, 1.0]), size=(n, S))
+        # An exceedance within rounding of the observed value counts: ties must not make p too small.
+        hits += int(np.sum(np.abs(signs_PS @ values_S) >= observed * (1 - 1e-12)))
+    return hits / total if exact else (hits + 1) / (n_perm + 1)
 
 
 def holm(p_M: np.ndarray) -> np.ndarray:

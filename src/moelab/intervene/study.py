@@ -15,7 +15,7 @@ import torch
 
 from moelab.intervene.edit import RoutingEdit
 from moelab.intervene import runner
-from moelab.intervene.stats import bootstrap_mean, holm, seq_totals, sign_flip_p
+from moelab.intervene.stats import bootstrap_mean, flips_for_family, holm, seq_totals, sign_flip_p
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ def _cat_tokens(parts: list[Tokens]) -> Tokens:
     return Tokens(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Tokens)))
 
 
-def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner):
+def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner, ablate_capacity="recompute"):
     """(tokens, base loss [N], deltas [M, N]) of masking each target's experts. `ops`: the runner module of
     the model's kind (runner.py for moelab, hf_runner.py for transformers), here and below."""
     device = next(model.parameters()).device
@@ -68,7 +68,8 @@ def run_ablation(model, batches, targets, cf, reuse: bool = True, ops=runner):
     for batch in batches:
         valid_BS, t = batch_tokens(batch, offset)
         offset += batch["input_ids"].shape[0]
-        b, losses = ops.ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse)
+        b, losses = ops.ablation_losses(model, batch["input_ids"].to(device), batch["labels"], targets, cf, reuse,
+                                           ablate_capacity)
         keep = valid_BS.to(b.device)
         toks.append(t)
         base.append(b[keep].cpu().numpy())
@@ -94,8 +95,10 @@ def naee_best(tokens: Tokens, deltas_MN: np.ndarray, targets, names, n_boot=1000
 
 
 def effect_summary(tokens: Tokens, values_N: np.ndarray, names: dict[str, list[str]], n_boot: int,
-                   seed: int, test: bool = True) -> dict:
-    """Mean with a 95% bootstrap interval over sequences: overall, per domain, per language (+ p overall)."""
+                   seed: int, test: bool = True, flips: int = 2000) -> dict:
+    """Token-weighted mean with a 95% bootstrap interval over sequences: overall, per domain, per language
+    (+ p overall). The p-value tests the same token-weighted mean (sign flips of per-sequence sums), so
+    interval and test never disagree about which mean they are for."""
     def one(mask_N):
         sums, counts = seq_totals(tokens.seq[mask_N], values_N[mask_N], tokens.num_seqs)
         mean, lo, hi = bootstrap_mean(sums, counts, n_boot, seed)
@@ -104,15 +107,18 @@ def effect_summary(tokens: Tokens, values_N: np.ndarray, names: dict[str, list[s
     out = {"all": one(np.ones(len(values_N), bool))}
     if test:
         sums, counts = seq_totals(tokens.seq, values_N, tokens.num_seqs)
-        out["all"]["p"] = sign_flip_p(sums[counts > 0] / counts[counts > 0], seed=seed)
+        out["all"]["p"] = sign_flip_p(sums[counts > 0], n_perm=flips, seed=seed)
     for label in ("domain", "lang"):
         codes = getattr(tokens, label)
         out[label] = {names[label][c]: one(codes == c) for c in np.unique(codes)}
     return out
 
 
-def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0) -> list[dict]:
-    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed)}
+def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0, flips=None) -> list[dict]:
+    """Per target: effect_summary, with Holm over all targets. `flips` None: sized for the family
+    (flips_for_family), so the Holm floor M/(flips+1) never hides an effect."""
+    flips = flips or flips_for_family(len(targets))
+    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed, flips=flips)}
             for (b, e), d in zip(targets, deltas_MN)]
     adjusted = holm(np.array([r["all"]["p"] for r in rows]))
     for r, p in zip(rows, adjusted):
@@ -189,25 +195,31 @@ def prepare_replay(model, batches, path):
 @torch.no_grad()
 def run_replay(model, batches, replay: dict, cf, names, n_boot=1000, seed=0, ops=runner) -> dict:
     """Loss with routing replayed (`prepare_replay`; sequence i = corpus row i) beside the model's own, and
-    the share of (token, layer) routes the replay changed."""
+    the share of (token, layer) routes the replay changed among those it covers inside the --tokens cut
+    (`coverage`: how many that is of the routes run there)."""
     from moelab.intervene.replay import batch_edits
     from moelab.intervene.runner import token_loss
 
     seqs, blocks = replay["seqs"], replay["blocks"]
     device = next(model.parameters()).device
-    toks, own, replayed, changed, routes, offset = [], [], [], 0, 0, 0
+    toks, own, replayed, changed, routes, run, offset = [], [], [], 0, 0, 0, 0
     for batch in batches:
         B, S = batch["input_ids"].shape
         valid_BS, t = batch_tokens(batch, offset)
         edits = batch_edits(seqs, offset, B, S, blocks)
-        base, out, c, r = ops.replay_pass(model, batch["input_ids"].to(device), edits, cf)
-        changed, routes = changed + c, routes + r
+        # a route counts when it feeds a kept prediction: position s predicts s + 1 (the --tokens cut)
+        keep_T = torch.cat([valid_BS, torch.zeros(B, 1, dtype=torch.bool)], 1).reshape(-1)
+        base, out, c, r = ops.replay_pass(model, batch["input_ids"].to(device), edits, cf, keep_T)
+        changed, routes, run = changed + c, routes + r, run + int(keep_T.sum()) * len(blocks)
         keep = valid_BS.to(device)
         own.append(token_loss(base, batch["labels"])[keep].cpu().numpy())
         replayed.append(token_loss(out, batch["labels"])[keep].cpu().numpy())
         toks.append(t)
         offset += B
     tokens_all, own_N, rep_N = _cat_tokens(toks), np.concatenate(own), np.concatenate(replayed)
-    return {"file": replay["path"], "routes_changed": changed / max(routes, 1),
+    return {"file": replay["path"],
+            # of the routes the replay covers inside the cut; nan when it covers none (nothing to compare)
+            "routes_changed": changed / routes if routes else float("nan"),
+            "coverage": {"routes": routes, "of": run, "share": routes / run if run else float("nan")},
             "loss": effect_summary(tokens_all, rep_N, names, n_boot, seed, test=False),
             "delta": effect_summary(tokens_all, rep_N - own_N, names, n_boot, seed)}

@@ -40,8 +40,10 @@ class Family:
     rule: the routing rule in words, written to the trace's metadata so analyses can label their nulls.
     sums_to_one: whether a token's combine weights sum to 1 (False: sigmoid gates, routed scaling; None:
       when the config renormalises over the k). A trace records what it measured, not this.
-    decision: "experts_args" (ids, weights are the experts module's 2nd and 3rd arguments) or
-      "router_scores" (the router returns a dense [T, E] score with zeros off the choice, Llama 4).
+    decision: "experts_args" (ids, weights are the experts module's 2nd and 3rd arguments),
+      "router_scores" (the router returns a dense [T, E] score with zeros off the choice, Llama 4) or
+      "router_output" (the router's own (logits, weights, ids): the block rewrites some choices before
+      the experts see them, LongCat-Flash's zero experts become a real id with weight 0).
     weight_on_input: the weight scales the expert's input, not its output (Llama 4).
     skip_zero: a weight of exactly 0 marks the router's skip class (Zaya): the row is marked dropped.
     refuse: why the adapter cannot serve the family (one line), or None.
@@ -123,7 +125,7 @@ FAMILIES: dict[str, Family] = {
                  sums_to_one=False, decision="router_scores", weight_on_input=True),
     "longcat_flash": _f("softmax", "softmax over routed + zero-computation experts (+ bias), top-k, "
                         "x routed_scaling_factor; ids >= n_routed_experts are zero experts",
-                        sums_to_one=False),
+                        sums_to_one=False, decision="router_output"),
     "mellum": _SOFTMAX,
     "mimo_v2_flash": _DSV3,
     "minimax": _SOFTMAX,
@@ -281,6 +283,9 @@ class HFRoutingRecorder:
             seen = self._seen.setdefault(block, {})
             if self.entry.decision == "router_scores":  # Llama 4: (dense scores_TE, logits_TE)
                 seen["dense"], seen["first"] = out[0].detach(), out[1].detach()
+            elif self.entry.decision == "router_output":  # (logits, weights, ids), before the block edits them
+                seen["first"], seen["weights"], seen["ids"] = (t.detach() for t in out[:3])
+                seen["calls"] = seen.get("calls", 0) + 1
             else:
                 seen["first"] = _first_tensor(out).detach()
         return hook

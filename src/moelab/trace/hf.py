@@ -56,13 +56,34 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
         except ValueError as e:
             if "Unrecognized configuration class" not in str(e):
                 raise
-            model = AutoModel.from_pretrained(str(folder), **kw)
+            try:
+                model = AutoModel.from_pretrained(str(folder), **kw)
+            except ValueError as e2:
+                arch = _named_class(folder)
+                if arch is None or "Unrecognized configuration class" not in str(e2):
+                    raise
+                model = arch.from_pretrained(str(folder), **kw)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers could not load {folder}: {text[0] if text else type(e).__name__}") from None
     if device_map is None:
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval()
+
+
+def _named_class(folder: Path):
+    """The class config.json's `architectures` names, for a model no auto class maps (a multimodal model's
+    text decoder saved alone, e.g. Qwen3OmniMoeThinkerTextModel): what transformers saved it as."""
+    import json
+
+    import transformers
+
+    try:
+        names = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
+    return next((c for c in found if isinstance(c, type) and hasattr(c, "from_pretrained")), None)
 
 
 def preflight(folder: Path, model_type: str | None):
@@ -80,7 +101,13 @@ def preflight(folder: Path, model_type: str | None):
             try:
                 model = AutoModelForCausalLM.from_config(cfg)
             except ValueError:
-                model = AutoModel.from_config(cfg)
+                try:
+                    model = AutoModel.from_config(cfg)
+                except ValueError:
+                    arch = _named_class(folder)
+                    if arch is None:
+                        raise
+                    model = arch(cfg)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers cannot build the model of {folder}: {text[0] if text else e}") from None
