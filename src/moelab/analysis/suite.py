@@ -139,6 +139,10 @@ def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, 
     if "gates" in analyses and "prob" not in have:
         reason = why.get("prob", "the trace has no router probabilities")
         out["gates"] = f"No gate entropy, inner/outer balance or cross-layer MI: {reason}."
+    elif "probs" not in have and {"gates", "load"} & set(analyses):
+        reason = why.get("probs", "the trace has no full router probabilities (traced with --no-probs)")
+        out["probs"] = (f"No router entropy, gate entropy or cross-layer gate MI: {reason}. The chosen experts' "
+                        "probabilities (inner/outer balance) and everything built on the chosen experts are computed.")
     return out
 
 
