@@ -131,18 +131,21 @@ def model_rows(args, tmp: Path) -> dict:
             model(input_ids=b["input_ids"].to(args.device), use_cache=False)
             return rec.pop()
 
-        for probs in ("none", "full"):
-            path = tmp / f"trace_{probs}.parquet"
+        for name in ("none", "full", "full_sync"):  # full_sync: no writer thread (the loop before issue 22)
+            probs = name.split("_")[0]
+            path = tmp / f"trace_{name}.parquet"
             t0 = time.perf_counter()
             stats = write_trace(_batches(n, batch, seq, shape["vocab_size"]), path, meta, capture,
                                 optional=["probs"] if probs == "full" else [], blocks=meta.extra["moe_blocks"],
-                                max_tokens=tokens, full_probs=probs == "full")
+                                max_tokens=tokens, full_probs=probs == "full", overlap=name != "full_sync")
+            _sync(args.device)
             rate = stats["tokens"] / (time.perf_counter() - t0)
-            out["trace"][probs] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
+            out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
                                    "mib": path.stat().st_size / 2**20}
-            out["trace_path"] = str(path)
+            if name == "full":
+                out["trace_path"] = str(path)
     for probs, r in out["trace"].items():
-        print(f"trace --probs {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
+        print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
               f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.1f} MiB")
     return out
 

@@ -24,7 +24,7 @@ def test_bench_real_size_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
     rows = r["tokens"] * 2 * 2  # --tiny: 2 MoE layers, top-2
-    assert {k: v["rows"] for k, v in r["trace"].items()} == {"none": rows, "full": rows}
+    assert {k: v["rows"] for k, v in r["trace"].items()} == {"none": rows, "full": rows, "full_sync": rows}
     assert r["trace"]["full"]["mib"] > r["trace"]["none"]["mib"]  # 8 probabilities more per (token, layer)
     assert [(a["workers"], a["rows"]) for a in r["analysis"]] == [(1, rows), (2, rows)]
     assert all(v["tok_s"] > 0 and v["ratio"] > 0 for v in r["trace"].values()) and r["forward_tok_s"] > 0
