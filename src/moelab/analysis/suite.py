@@ -60,13 +60,15 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                 min_count: int = 128, vocab_min_count: int = 10, pos_bucket: int = 256,
                 mi_ranks: str = "top1", n_permutations: int = 16, simulate: dict[str, Any] | None = None,
                 queue: dict[str, Any] | None = None, n_bootstrap: int = REPLICATES, folds: int = FOLDS,
-                seed: int = 0, batch_rows: int | None = None) -> dict[str, Any]:
+                seed: int = 0, batch_rows: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Run the chosen analyses in one pass; returns name -> result (each with `to_dict()`; see `to_json_dict`).
 
     `simulate` (capacity_factor, formula, policy, group_size, batch_seqs) adds a re-simulated drop profile
     and its queue-only baseline; `queue` (the same keys: the trained capacity setting) adds the queue-only
     baseline of the trained drops. Intervals: `n_bootstrap` replicates over `folds` sequence folds (0: none).
     Analyses whose columns the trace lacks (probs, the all-experts columns) report None for those parts.
+    `workers` > 1 splits the accumulators over that many processes (a trace file only; `parallel.py`):
+    the results are bit for bit those of one worker.
     """
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
@@ -84,16 +86,23 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     columns = sorted({c for a in acc.values() for c in a.columns})
     present = set(columns) if have is None else set(columns) & have
     rows = batch_rows or _batch_rows(present, num_experts, top_k)
-    batches = iter_input(trace_like, columns, rows)
-    blocks = [a.simulate["batch_seqs"] for a in acc.values() if getattr(a, "simulate", None)]
-    if blocks:
-        if len(set(blocks)) > 1:
-            raise MoelabError(f"drop re-simulations need one batch_seqs, got {sorted(set(blocks))}")
-        batches = regroup(batches, seq_block_key(blocks[0]))
-    else:
-        batches = regroup(batches, token_key)
+    blocks = sorted({a.simulate["batch_seqs"] for a in acc.values() if getattr(a, "simulate", None)})
+    if len(blocks) > 1:
+        raise MoelabError(f"drop re-simulations need one batch_seqs, got {blocks}")
+    key = seq_block_key(blocks[0]) if blocks else token_key
+
+    def batches(cols: list[str], source: Any = trace_like) -> Any:
+        return regroup(iter_input(source, cols, rows), key)
+
     sequences = SequenceCounter()
-    consume(batches, list(acc.values()) + [sequences])
+    if workers > 1 and getattr(trace_like, "path", None) is not None:
+        from moelab.analysis.parallel import consume_parallel
+        from moelab.trace.io import open_trace
+
+        path = trace_like.path  # each worker reopens the file rather than share the parent's reader
+        consume_parallel(acc, sequences, lambda cols: batches(cols, open_trace(path)), workers)
+    else:
+        consume(batches(columns), list(acc.values()) + [sequences])
     if folds > 1 and sequences.count < MIN_INTERVAL_SEQUENCES:
         skipped["intervals"] = (f"No intervals: the trace holds {sequences.count} sequence(s), and a bootstrap over "
                                 f"sequences needs at least {MIN_INTERVAL_SEQUENCES}; values and nulls only.")
@@ -137,6 +146,10 @@ def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, 
     if "gates" in analyses and "prob" not in have:
         reason = why.get("prob", "the trace has no router probabilities")
         out["gates"] = f"No gate entropy, inner/outer balance or cross-layer MI: {reason}."
+    elif "probs" not in have and {"gates", "load"} & set(analyses):
+        reason = why.get("probs", "the trace has no full router probabilities (traced with --no-probs)")
+        out["probs"] = (f"No router entropy, gate entropy or cross-layer gate MI: {reason}. The chosen experts' "
+                        "probabilities (inner/outer balance) and everything built on the chosen experts are computed.")
     return out
 
 

@@ -13,6 +13,7 @@ def register(sub) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.parquet)")
     p.add_argument("--model", default=None,
                    help="a moelab checkpoint or run folder, or a transformers MoE model folder: enables the live view")
+    p.add_argument("--revision", default=None, metavar="REV", help="--model (transformers): a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
     p.add_argument("--tokenizer", default=None, help="tokenizer to decode token ids (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
@@ -60,7 +61,14 @@ def run_explore(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise MoelabError(f"--port {args.port} is not a port number (0-65535)")
-    app = build_explorer(args.traces, args.model, args.tokenizer, args.full_check, args.interventions)
+    model = args.model
+    if args.revision:
+        if model is None:
+            raise MoelabError("--revision applies to --model")
+        from moelab.hf.hub import resolve_hf
+
+        model = str(resolve_hf(model, args.revision))
+    app = build_explorer(args.traces, model, args.tokenizer, args.full_check, args.interventions)
     server = bind(app, args.host, args.port)
     print(f"moelab explore: serving {len(app.sources)} trace(s) at {url_of(server)}  (Ctrl-C stops)",
           flush=True)

@@ -15,6 +15,7 @@ def register(sub) -> None:
     src.add_argument("--from-hf", metavar="PATH_OR_NAME", help="a transformers checkpoint folder or hub name")
     src.add_argument("--to-hf", metavar="CHECKPOINT", help="a moelab checkpoint or run folder")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--revision", default=None, metavar="REV", help="--from-hf: a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
     p.add_argument("--family", choices=FAMILIES, default=None,
                    help="with --to-hf: the transformers family to write (default: the first that fits)")
     p.add_argument("--max-shard-gb", type=float, default=2.0,
@@ -30,9 +31,11 @@ def run_convert(args) -> int:
     if args.from_hf:
         if args.family:
             raise MoelabError("--family applies to --to-hf; --from-hf reads the family from config.json")
-        out = import_hf(args.from_hf, args.out)
+        out = import_hf(args.from_hf, args.out, revision=args.revision)
         print(f"converted {args.from_hf} -> moelab checkpoint {out}")
         return 0
+    if args.revision:
+        raise MoelabError("--revision applies to --from-hf")
     out = export_hf(args.to_hf, args.out, family=args.family, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
     print(f"converted {args.to_hf} -> transformers checkpoint {out}")
     return 0

@@ -85,10 +85,10 @@ def import_producer(link: Link, r: TensorReader) -> Callable[[], Iterable[torch.
     return lambda: (r.row(hf[0], e).t() for e in range(E))  # fused_in / fused_out: [E, X, D] -> [E, D, X]
 
 
-def import_hf(name_or_path: str | Path, out: str | Path) -> Path:
+def import_hf(name_or_path: str | Path, out: str | Path, *, revision: str | None = None) -> Path:
     """Write a moelab checkpoint folder (model.safetensors, config.json, state.json) for a transformers
     Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint; `moelab.train.checkpoint.load_model` reads it."""
-    folder = resolve_hf(name_or_path)
+    folder = resolve_hf(name_or_path, revision)
     family, cfg = moelab_config(read_hf_config(folder))
     reader = TensorReader(folder)
     links = model_links(cfg, family, set(reader.keys()))

@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="a transformers MoE model (folder or hub name), edited by hooks without converting it; "
                         "the corpus must be built with its tokenizer")
+    p.add_argument("--revision", default=None, metavar="REV", help="--hf: a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
     p.add_argument("--device", default=None, help="--hf: device to run on (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="--hf: auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--data", required=True, help="corpus folder (moelab data build)")
@@ -139,6 +140,8 @@ def _open(args):
         if args.model:
             raise MoelabError("give either a checkpoint or --hf NAME, not both")
         return _open_hf(args)
+    if args.revision:
+        raise MoelabError("--revision applies to --hf models")
     if not args.model:
         raise MoelabError("give a checkpoint (or --hf NAME) to intervene on")
     from moelab.data.objectives import iter_sequential
@@ -183,7 +186,7 @@ def _open_hf(args):
         flag = "--capacity-sweep" if args.capacity_sweep else "--capacity-factor"
         raise MoelabError(f"{flag} with --hf: transformers MoE blocks are dropless (no capacity to set or "
                           "sweep); convert the model with `moelab convert --from-hf` for capacity studies")
-    folder = resolve_hf(args.hf)
+    folder = resolve_hf(args.hf, args.revision)
     raw = read_hf_config(folder)
     meta = preflight(folder, raw.get("model_type"))
     hf_moe(meta, raw.get("model_type"))  # a family moelab cannot edit

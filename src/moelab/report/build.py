@@ -31,7 +31,7 @@ from moelab.report.weights_section import weight_definition_headlines, weight_se
 from moelab.trace.io import Trace, open_trace
 
 OPTION_KEYS = ("min_count", "vocab_min_count", "pos_bucket", "n_permutations", "mi_ranks", "seed", "analyses",
-               "n_bootstrap")
+               "n_bootstrap", "workers")
 REORDER_MAX_HIDDEN = 2048  # neuron matching is a linear assignment on F x F: skip it for large experts
 
 
@@ -219,7 +219,8 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
         queue["batch_seqs"] = simulate.get("batch_seqs", 8)  # one pass regroups rows by one batch size
     with _unreadable_as_error(m.path):
         results = analyze_all(m.trace, labels=labels, simulate=simulate, queue=queue, **opts)
-    out: dict[str, Any] = {"results": results, "options": opts, "early": None, "weights": None, "note": "",
+    shown = {k: v for k, v in opts.items() if k != "workers"}  # how many processes never changes a result
+    out: dict[str, Any] = {"results": results, "options": shown, "early": None, "weights": None, "note": "",
                            "cosine": cosine}
     out["headlines"] = routing_headlines(results, labels)
     if m.checkpoints:

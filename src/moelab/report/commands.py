@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--interventions", nargs="+", default=[], metavar="JSON",
                    help="`moelab intervene` (intervene.json) or `moelab diff` result files: one report section each")
     p.add_argument("--title", default=None)
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for the streaming pass (default: the cores available); results are "
+                        "identical whatever N")
     p.set_defaults(func=run_analyze)
 
 
@@ -73,6 +76,11 @@ def run_analyze(args) -> int:
     for flag, value in (("--permutations", args.permutations), ("--bootstrap", args.bootstrap)):
         if value is not None and value < 0:
             raise MoelabError(f"{flag} must be >= 0, got {value}")
+    if args.workers is not None and args.workers < 1:
+        raise MoelabError(f"--workers must be >= 1, got {args.workers}")
+    from moelab.analysis.parallel import available_cores
+
+    options["workers"] = args.workers or available_cores()
     try:
         metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
                                simulate=simulate_settings(args), title=args.title, names=args.names,

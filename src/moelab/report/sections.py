@@ -261,6 +261,8 @@ def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int
         out.append(gates_section(results, scoring))
     elif "gates" in results.get("skipped", {}):
         out.append(Section("Routing distributions", blocks=[Note(results["skipped"]["gates"])]))
+    if "probs" in results.get("skipped", {}):
+        out.append(Section("Without full probabilities", blocks=[Note(results["skipped"]["probs"])]))
     if "dynamic" in results:
         out.append(dynamic_section(results))
     return out

@@ -6,6 +6,8 @@ Rows go out in (seq, pos, layer, rank) order, one batch at a time; padding posit
 
 from __future__ import annotations
 
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -107,22 +109,66 @@ def _clip_to(batch: dict[str, torch.Tensor], remaining: int) -> dict[str, torch.
     return {**batch, "doc": torch.where(keep.view_as(doc), doc, torch.full_like(doc, -1))}
 
 
+def _host_copy(captured: list[CapturedLayer]) -> tuple[list[CapturedLayer], Any]:
+    """Start every captured tensor's copy into pinned host memory without waiting; returns the host copies
+    and a CUDA event marking their end (None off CUDA, where the tensors already are on the host or the
+    copy is synchronous). The forward of the next batch is queued behind the copies, not behind a sync."""
+    event = None
+
+    def host(t):
+        nonlocal event
+        if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
+            return t
+        if t.device.type != "cuda":
+            return t.cpu()
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        event = event or torch.cuda.Event()
+        return buf
+
+    out = [dataclasses.replace(c, routing=c.routing._replace(**{k: host(v) for k, v in c.routing._asdict().items()}),
+                               **{f.name: host(getattr(c, f.name)) for f in dataclasses.fields(c) if f.name != "routing"})
+           for c in captured]
+    if event is not None:
+        event.record()  # one sync per batch, waited on by the writer thread
+    return out, event
+
+
 def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
                 capture: Callable[[dict[str, torch.Tensor]], list[CapturedLayer]], *, optional: list[str],
-                blocks: list[int], max_tokens: int, full_probs: bool, progress=None) -> dict[str, int]:
-    """The loop every trace writer shares: clip to `max_tokens`, capture one batch's routing, write its rows."""
+                blocks: list[int], max_tokens: int, full_probs: bool, progress=None,
+                overlap: bool = True) -> dict[str, int]:
+    """The loop every trace writer shares: clip to `max_tokens`, capture one batch's routing, write its rows.
+
+    `overlap`: rows of batch n are built and written on a worker thread while batch n+1 runs forward (one
+    batch in flight, so memory stays at two batches); the file is the one the synchronous loop writes."""
     domains, langs = meta.labels["domain"], meta.labels["lang"]
     seen = seqs = 0
-    with TraceWriter(out_path, meta, optional=optional) as writer:
+
+    def write_one(batch, captured, event, offset):
+        if event is not None:
+            event.synchronize()
+        writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, full_probs))
+
+    with TraceWriter(out_path, meta, optional=optional) as writer, ThreadPoolExecutor(1) as pool:
+        pending = None
         for batch in batches:
             batch = _clip_to(batch, max_tokens - seen)
-            writer.write(batch_rows(batch, capture(batch), seqs, domains, langs, blocks, full_probs))
+            captured, event = _host_copy(capture(batch))
+            if pending is not None:
+                pending.result()  # also re-raises the worker's error here
+            if overlap:
+                pending = pool.submit(write_one, batch, captured, event, seqs)
+            else:
+                write_one(batch, captured, event, seqs)
             seqs += batch["input_ids"].shape[0]
             seen += int((batch["doc"] >= 0).sum())
             if progress:
                 progress.update(min(seen, max_tokens), seen)
             if seen >= max_tokens:
                 break
+        if pending is not None:
+            pending.result()
         if seen == 0:
             raise MoelabError("no tokens to trace: the data gave no batches")
     return {"tokens": seen, "sequences": seqs, "rows": writer.num_rows}
@@ -131,7 +177,7 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
 @torch.no_grad()
 def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
                   *, max_tokens: int, capacity_factor: float | None, all_experts: bool = False,
-                  full_probs: bool = True, progress=None) -> dict[str, int]:
+                  full_probs: bool = True, progress=None, overlap: bool = True) -> dict[str, int]:
     """Run a moelab model over batches with a RoutingRecorder and write every real token's routing."""
     model.eval()
     device = next(model.parameters()).device
@@ -145,4 +191,4 @@ def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: s
 
         return write_trace(batches, out_path, meta, capture, optional=optional,
                            blocks=model.config.moe_layer_ids(), max_tokens=max_tokens,
-                           full_probs=full_probs, progress=progress)
+                           full_probs=full_probs, progress=progress, overlap=overlap)

@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="a moelab checkpoint or run folder")
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="trace a Hugging Face MoE model instead (the families of docs/HF_SUPPORT.md)")
+    p.add_argument("--revision", default=None, metavar="REV", help="--hf: a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
     p.add_argument("--device", default=None, help="--hf: device to run on (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="--hf: auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, choices=["auto"],
@@ -142,8 +143,10 @@ def run_trace(args) -> int:
         stats = trace_hf(args.hf, args.data, args.out, tokens=args.tokens, split=args.split,
                          seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
                          full_probs=not args.no_probs, device=args.device, dtype=args.dtype,
-                         device_map=args.device_map)
+                         device_map=args.device_map, revision=args.revision)
     else:
+        if args.revision:
+            raise MoelabError("--revision applies to --hf models")
         if not args.model:
             raise MoelabError("give a checkpoint (or --hf NAME) to trace")
         stats = trace_checkpoint(args)

@@ -170,13 +170,13 @@ def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_
 def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Path, *, tokens: int,
              split: str = "heldout", seq_len: int = 256, batch_size: int = 8, full_probs: bool = True,
              device: str | torch.device | None = None, dtype: str = "auto", device_map: str | None = None,
-             progress: bool = True) -> dict[str, int]:
+             progress: bool = True, revision: str | None = None) -> dict[str, int]:
     """Stream a transformers MoE model's routing of `tokens` corpus tokens into a trace (docs/TRACE.md)."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.train.log import Progress
 
-    folder = resolve_hf(name_or_path)
+    folder = resolve_hf(name_or_path, revision)
     raw = read_hf_config(folder)
     data_dir = Path(data_dir)
     corpus = load_corpus(data_dir)

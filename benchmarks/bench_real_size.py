@@ -1,0 +1,186 @@
+"""Real-size MoE end to end: plain forward vs `trace --hf`, and the analysis at 1 and N workers.
+
+A model of any transformers MoE config class by name (default OLMoE-1B-7B's shape), random weights:
+    python benchmarks/bench_real_size.py [--config OlmoeConfig] [--device cuda|cpu] [--tiny] [--workers N]
+`--tiny` shrinks the config (2 layers, d 64, 8 experts top-2) for the test suite and CPU rows.
+`--analysis-only TRACE` times only the analysis of an existing trace (e.g. one from analysis_scale.py).
+
+Measured: forward tokens/s (the reference), trace tokens/s without and with probabilities, each as a
+ratio to the forward in the same process; analysis rows/s at 1 and N workers, each in a fresh process
+so that its peak RSS (parent + largest child) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OLMOE_1B_7B = dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=1024, num_experts=64,
+                   num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304)
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            num_attention_heads=4, num_key_value_heads=4, vocab_size=256, eos_token_id=None, pad_token_id=None)
+
+
+def _peak_gib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 2**20  # KiB on Linux; the largest child, not their sum (an upper bound for 2)
+
+
+def analysis_once(trace_path: str, workers: int) -> dict:
+    """One analysis of the trace, in this process: wall, rows/s, peak RSS."""
+    import torch
+
+    from moelab.analysis import analyze_all
+    from moelab.trace.io import open_trace
+
+    torch.set_num_threads(1)
+    trace = open_trace(trace_path)
+    t0 = time.perf_counter()
+    analyze_all(trace, workers=workers)
+    wall = time.perf_counter() - t0
+    return {"workers": workers, "rows": trace.num_rows, "wall_s": wall, "rows_per_s": trace.num_rows / wall,
+            "peak_gib": _peak_gib()}
+
+
+def analysis_rows(trace_path: str, workers: list[int]) -> list[dict]:
+    """Each worker count in a fresh interpreter (its own peak RSS), in turn."""
+    out = []
+    for n in workers:
+        cmd = [sys.executable, __file__, "--analysis-once", trace_path, "--workers", str(n)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if res.returncode:
+            raise SystemExit(f"analysis with {n} worker(s) failed: {res.stderr.strip().splitlines()[-1:]}")
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def print_analysis(rows: list[dict]) -> None:
+    base = rows[0]["rows_per_s"]
+    for r in rows:
+        print(f"analysis  {r['workers']:2d} worker(s): {r['rows']:,} rows in {r['wall_s']:.1f} s = "
+              f"{r['rows_per_s']:,.0f} rows/s ({r['rows_per_s'] / base:.2f}x 1 worker), peak {r['peak_gib']:.2f} GiB")
+
+
+def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
+    """Random token batches in the shape the trace loop takes (one document per row, no padding)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        zeros = torch.zeros_like(ids)
+        yield {"input_ids": ids, "doc": zeros, "pos": torch.arange(seq).expand(batch, seq).clone(),
+               "domain_id": zeros, "lang_id": zeros, "turn": zeros}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_rows(args, tmp: Path) -> dict:
+    """Forward vs trace tokens/s of a random-weight model of the named config class."""
+    import torch
+    import transformers
+
+    from moelab.trace.adapters import HFRoutingRecorder
+    from moelab.trace.build import write_trace
+    from moelab.trace.hf import probe
+    from moelab.trace.schema import TraceMeta
+
+    torch.set_num_threads(1)
+    shape = dict(TINY if args.tiny else OLMOE_1B_7B)
+    shape["num_local_experts"] = shape["num_experts"]  # Mixtral's spelling; unused keys stay inert
+    cls = getattr(transformers, args.config, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PretrainedConfig):
+        raise SystemExit(f"--config {args.config!r} is not a transformers config class")
+    torch.manual_seed(0)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = transformers.AutoModelForCausalLM.from_config(cls(**shape), dtype=dtype).to(args.device).eval()
+    batch, seq = (2, 64) if args.tiny else (8, 2048)
+    n = args.batches
+    tokens = n * batch * seq
+
+    @torch.no_grad()
+    def forward() -> float:
+        t0 = time.perf_counter()
+        for b in _batches(n, batch, seq, shape["vocab_size"]):
+            model(input_ids=b["input_ids"].to(args.device), use_cache=False)
+        _sync(args.device)
+        return tokens / (time.perf_counter() - t0)
+
+    out: dict = {"config": args.config, "device": args.device, "tiny": args.tiny, "tokens": tokens, "trace": {}}
+    forward()  # warm-up, outside the recorder: the plain forward is the reference
+    out["forward_tok_s"] = forward()
+    with torch.no_grad(), HFRoutingRecorder(model, model.config.model_type) as rec:
+        widths, top_k, _ = probe(model, rec)
+        meta = TraceMeta(num_experts=widths, top_k=top_k, labels={"domain": ["d"], "lang": ["l"]},
+                         extra={"moe_blocks": list(range(len(widths)))})
+
+        def capture(b):
+            model(input_ids=b["input_ids"].to(args.device), use_cache=False)
+            return rec.pop()
+
+        for name in ("none", "full", "full_sync"):  # full_sync: no writer thread (the loop before issue 22)
+            probs = name.split("_")[0]
+            path = tmp / f"trace_{name}.parquet"
+            t0 = time.perf_counter()
+            stats = write_trace(_batches(n, batch, seq, shape["vocab_size"]), path, meta, capture,
+                                optional=["probs"] if probs == "full" else [], blocks=meta.extra["moe_blocks"],
+                                max_tokens=tokens, full_probs=probs == "full", overlap=name != "full_sync")
+            _sync(args.device)
+            rate = stats["tokens"] / (time.perf_counter() - t0)
+            out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
+                                   "mib": path.stat().st_size / 2**20}
+            if name == "full":
+                out["trace_path"] = str(path)
+    for probs, r in out["trace"].items():
+        print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
+              f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.1f} MiB")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="OlmoeConfig", help="a transformers MoE config class name")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batches", type=int, default=4, help="forward batches per measurement")
+    ap.add_argument("--workers", type=int, default=None, help="N for the analysis rows (default: cores)")
+    ap.add_argument("--analysis-only", default=None, metavar="TRACE")
+    ap.add_argument("--analysis-once", default=None, metavar="TRACE", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args()
+    if args.analysis_once:
+        print(json.dumps(analysis_once(args.analysis_once, args.workers or 1)))
+        return
+    from moelab.analysis.parallel import available_cores
+
+    n = args.workers or available_cores()
+    counts = [1] + ([n] if n > 1 else [])
+    if args.analysis_only:
+        rows = analysis_rows(args.analysis_only, counts)
+        print_analysis(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"analysis": rows}, indent=1))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        result = model_rows(args, Path(tmp))
+        result["analysis"] = analysis_rows(result.pop("trace_path"), counts)
+    print_analysis(result["analysis"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
