@@ -116,7 +116,8 @@ def test_http_answers_and_read_only(tmp_path, traces):
         assert get(url + "api/doc?doc=x")[0] == 400
         assert get(url + "static/../server.py")[0] == 404
         assert get(url + "static/%2e%2e/server.py")[0] == 404
-        req = urllib.request.Request(url + "api/live", data=b"{}", method="POST")
+        req = urllib.request.Request(url + "api/live", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json", "Origin": url.rstrip("/")})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req)
         assert "--model" in json.loads(e.value.read())["error"]

@@ -8,6 +8,7 @@ writes: DuckDB runs in memory and reads the Parquet files.
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -124,12 +125,17 @@ class Explorer:
         if q:
             wanted = queries.docs_with_phrase(cur, src.sql, self._query_ids(q))
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
-                                   turn=_int(params, "turn", None), docs=wanted, offset=_int(params, "offset", 0))
+                                   turn=_int(params, "turn", None, minimum=-1), docs=wanted, offset=_int(params, "offset", 0))
 
     def _query_ids(self, q: str) -> list[int]:
         """Search text -> token ids: `#12 #40` are ids; other text goes through the tokenizer."""
+        if len(q) > MAX_QUERY:
+            raise MoelabError(f"the search is {len(q)} characters long: at most {MAX_QUERY}")
         words = q.split()
-        if all(w.startswith("#") and w[1:].isdigit() for w in words):
+        if all(w.startswith("#") for w in words):
+            bad = [w for w in words if not _ID.fullmatch(w[1:])]
+            if bad:
+                raise MoelabError(f"{bad[0][:20]!r} is not a token id (#0 to #{MAX_ID})")
             return [int(w[1:]) for w in words]
         if self.tokenizer is None:
             raise MoelabError("searching text needs a tokenizer (--tokenizer or --model); search ids as #123")
@@ -190,17 +196,27 @@ class Explorer:
     def live(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.live_model is None:
             raise MoelabError("no model: start the explorer with --model for the live view")
-        out = self.live_model.route(str(body.get("text", "")))
+        text = body.get("text", "")
+        if not isinstance(text, str):
+            raise MoelabError(f"text must be a string, not {type(text).__name__}")
+        out = self.live_model.route(text)
         for t in out["tokens"]:
             t["text"] = self.text(t["token"])
         return out
 
 
-def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
+MAX_QUERY = 1000
+MAX_ID = (1 << 31) - 1
+_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '٣', '+5', ' 5', '1_0'
+
+
+def _int(params: dict[str, str], key: str, default: int | None, minimum: int = 0) -> int | None:
+    """Every number in a query is an index or a count: an ASCII integer from `minimum` (0, or -1 for the
+    trace's 'no turn') to 2^31 - 1, strictly (offset=-5 would otherwise index from the end of a list)."""
     value = params.get(key, "")
     if value in ("", None):
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise MoelabError(f"{key}={value!r} is not an integer") from None
+    digits = value[1:] if minimum < 0 and value.startswith("-") else value
+    if not _ID.fullmatch(digits) or not minimum <= int(value) <= MAX_ID:
+        raise MoelabError(f"{key}={value[:20]!r} is not an integer from {minimum} to {MAX_ID}")
+    return int(value)

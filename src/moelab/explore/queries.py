@@ -34,8 +34,14 @@ def source_sql(path: str, stored: list[str], null_columns: list[str]) -> str:
     exprs.append("CAST(dropped AS BOOLEAN) AS dropped" if "dropped" in stored else "false AS dropped")
     for c, typ in (("token", "BIGINT"), ("weight", "DOUBLE"), ("prob", "DOUBLE")):
         exprs.append(f"CAST(NULL AS {typ}) AS {c}" if c in null_columns else f"CAST({c} AS {typ}) AS {c}")
-    quoted = path.replace("'", "''")
+    quoted = literal_path(path).replace("'", "''")
     return f"(SELECT {', '.join(exprs)} FROM read_parquet('{quoted}'))"
+
+
+def literal_path(path: str) -> str:
+    """DuckDB reads every file name as a glob ('a*.parquet' would also read ab.parquet): each pattern
+    character is put in a one-character class, which matches exactly that character."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def _rows(cur, sql: str, params: list | None = None) -> list[dict[str, Any]]:
