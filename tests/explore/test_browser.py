@@ -188,3 +188,47 @@ def test_live_view_shows_the_models_routing(browser, traces, tmp_path):
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+MARKUP = ["<img src=x onerror=\"document.title='X';window.__pwned=1\">", "<script>window.__pwned=2</script>",
+          "\"><svg onload=\"window.__pwned=3\">", "'><b id=injected>bold</b>", "<iframe src=javascript:1>"]
+
+
+def test_markup_in_an_interventions_file_is_shown_as_text(browser, traces, tmp_path):
+    """Issue 24.1: every value read from a file (block, numbers, the file's own name, the trace's block map)
+    holds markup; the expert view must show it as text and create no element from it."""
+    import json
+
+    from moelab.explore.commands import build_explorer
+
+    mark = "".join(MARKUP)
+    iv = tmp_path / "<img id=fromname src=x onerror=window.__pwned=4>.json"
+    iv.write_text(json.dumps({"tokens": 10, "ablation": [
+        {"block": mark, "experts": [5], "all": {"block": mark, "mean": mark, "lo": mark, "hi": mark, "p": mark,
+                                                 "p_holm": mark}}]}))
+    app = build_explorer([str(traces[0])], interventions=[str(iv)])
+    app.sources[0].meta.extra["moe_blocks"] = [mark, 3, 5]
+    server = bind(app, "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        before = pg.evaluate("document.querySelectorAll('*').length - document.querySelectorAll('#expert-body *').length")
+        pg.evaluate("openExpert(0, 5)")
+        pg.wait_for_selector("#ablation", timeout=60_000)
+        body = pg.locator("#expert-body")
+        assert pg.evaluate("window.__pwned") is None and pg.title() != "X"
+        for tag in ("img", "script", "svg", "iframe", "#injected", "#fromname"):
+            assert body.locator(tag).count() == 0, tag
+        text = pg.locator("#ablation").inner_text()
+        assert "<img src=x onerror=" in text and "<img id=fromname src=x onerror=window.__pwned=4>.json" in text, text
+        after = pg.evaluate("document.querySelectorAll('*').length - document.querySelectorAll('#expert-body *').length")
+        assert after == before
+        assert not errors, errors
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

@@ -29,8 +29,8 @@ function traceInfo(i = S.trace) { return S.info.traces[i]; }
 
 // ---- text view --------------------------------------------------------------------------------------
 function badge(e) {
-  const c = expertColor(e);
-  return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${e}</span>`;
+  const c = expertColor(Number(e));
+  return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${esc(e)}</span>`;
 }
 
 function renderLegend(numExperts) {
@@ -86,7 +86,7 @@ function pathTable(t, layer) {
     rows += `<tr data-layer="${l}"${l === layer ? ' class="cur"' : ""}><td>${l === layer ? "▶ " : ""}${l}</td>`;
     ex.forEach((e, k) => {
       const dropped = t.dropped[l][k];
-      rows += `<td data-rank="${k}" data-expert="${e}">${badge(e)}</td>` +
+      rows += `<td data-rank="${k}" data-expert="${esc(e)}">${badge(e)}</td>` +
               `<td data-rank="${k}" class="w${dropped ? " drop" : ""}">${dropped ? "dropped" : num(t.weights[l][k])}</td>` +
               `<td data-rank="${k}" class="p">${num(t.probs[l][k])}</td>`;
     });
@@ -97,8 +97,8 @@ function pathTable(t, layer) {
 
 function showPath(panel, t, layer) {
   panel.innerHTML = `<h2>Path of <code>${esc(JSON.stringify(t.text))}</code></h2>` +
-    `<p class="hint">token id ${t.token ?? "–"} · seq ${t.seq} · pos ${t.pos} · doc pos ${t.doc_pos}` +
-    `${t.turn >= 0 ? " · turn " + t.turn : ""}</p>` + pathTable(t, layer) +
+    `<p class="hint">token id ${esc(t.token ?? "–")} · seq ${esc(t.seq)} · pos ${esc(t.pos)} · doc pos ${esc(t.doc_pos)}` +
+    `${t.turn >= 0 ? " · turn " + esc(t.turn) : ""}</p>` + pathTable(t, layer) +
     `<p class="hint">#1, #2, … = the token's choices in rank order; weight = combine weight applied; prob = router ` +
     `probability; "dropped" = the choice found its expert full (weight 0).</p>`;
 }
@@ -190,7 +190,7 @@ function fillLabels() {
 
 // ---- expert view ------------------------------------------------------------------------------------
 function shareTable(title, rows) {
-  let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${r.rows}</td><td>${r.count}</td>` +
+  let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${esc(r.rows)}</td><td>${esc(r.count)}</td>` +
     `<td class="${r.outside ? "out" : ""}">${pct(r.share)} [${pct(r.share_lo)}, ${pct(r.share_hi)}]</td><td>${pct(r.null)} [${pct(r.null_lo)}, ${pct(r.null_hi)}]</td>` +
     `<td>${num(r.lift, 2)}</td></tr>`).join("");
   return `<h3>${title}</h3><table><thead><tr><th>${title}</th><th>rows</th><th>to expert</th><th>share (95% over seqs)</th>` +
@@ -202,8 +202,8 @@ function tokenTable(title, rows, contexts) {
     const ctx = (contexts && contexts[r.token]) || [];
     const sep = S.info.tokenizer ? "" : " ";
     const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
-    const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${r.token}` : `#${r.token}`;
-    return `<tr><td>${label}${shown}</td><td>${r.count}</td><td>${r.rows}</td>` +
+    const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${esc(r.token)}` : `#${esc(r.token)}`;
+    return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.rows)}</td>` +
            `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
   }).join("");
   return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>rows of token</th>` +
@@ -220,10 +220,10 @@ async function openExpert(layer, e) {
     await new Promise((r) => setTimeout(r, 1000));
     d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
   }
-  const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${r.count}</td>` +
+  const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${esc(r.count)}</td>` +
     `<td>${num(r.expected, 1)}</td><td>${num(r.ratio, 2)}</td></tr>`).join("");
   $("expert-body").innerHTML =
-    `<h2 id="expert-title">Layer ${d.layer}, expert ${badge(d.expert)}: ${d.count} of ${d.rows} choices (${pct(d.share)})</h2>` +
+    `<h2 id="expert-title">Layer ${esc(d.layer)}, expert ${badge(d.expert)}: ${esc(d.count)} of ${esc(d.rows)} choices (${pct(d.share)})</h2>` +
     `<p class="hint">Counts are choices before dropping, all ranks. <b>Null:</b> the expert's overall load share at this layer ` +
     `(${pct(d.share)}) &mdash; what every group would show if its label were shuffled over the layer's rows, which keeps the ` +
     `expert's load; its bracket is that shuffle's 95% range for a group of that size. Bold shares fall outside it. ` +
@@ -241,7 +241,7 @@ async function openExpert(layer, e) {
 
 function ablationText(rows) {
   if (!rows || !rows.length) return `<p class="hint">Ablation effect: not measured for this trace (moelab intervene, then --interventions).</p>`;
-  const items = rows.map((a) => `<li id="ablation">removing it from block ${a.block}'s selection changes the loss by ` +
+  const items = rows.map((a) => `<li id="ablation">removing it from block ${esc(a.block)}'s selection changes the loss by ` +
     `<b>${num(a.mean, 4)}</b> nats/token [${num(a.lo, 4)}, ${num(a.hi, 4)}], p ${num(a.p, 3)}, Holm p ${num(a.p_holm, 3)} ` +
     `<span class="hint">(${esc(a.file)})</span></li>`).join("");
   return `<h3>ablation effect</h3><p class="hint">95% bootstrap interval over sequences; null: no change ` +
@@ -253,7 +253,7 @@ function diffPanel(t) {
   const rows = t.layers.map((x, l) => `<tr data-layer="${l}"${x.changed ? ' class="out"' : ""}><td>${l}</td>` +
     `<td>${x.a.map(badge).join(" ")}</td><td>${num(x.margin_a)}</td><td>${x.b.map(badge).join(" ")}</td>` +
     `<td>${num(x.margin_b)}</td><td>${x.set_changed ? "set" : x.top1_changed ? "top-1 order" : ""}</td></tr>`).join("");
-  $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${t.seq}, pos ${t.pos})</h3>` +
+  $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${esc(t.seq)}, pos ${esc(t.pos)})</h3>` +
     `<table><thead><tr><th>layer</th><th>A experts</th><th>A margin</th><th>B experts</th><th>B margin</th>` +
     `<th>changed</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
@@ -276,8 +276,8 @@ function renderDiff() {
     area.appendChild(span);
   });
   $("diff-summary").innerHTML = "<table><thead><tr><th>layer</th><th>tokens changed</th><th>top-1 changed</th>" +
-    "<th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${s.layer}"><td>${s.layer}</td>` +
-    `<td>${s.changed}</td><td>${s.top1_changed}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+    "<th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${esc(s.layer)}"><td>${esc(s.layer)}</td>` +
+    `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
 }
 
 async function openDiff() {
