@@ -232,3 +232,29 @@ def test_markup_in_an_interventions_file_is_shown_as_text(browser, traces, tmp_p
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_rank_order_unknown_gets_no_rank0_colouring(browser, traces):
+    """Issue 23.3: a trace whose metadata says rank order unknown (Megatron imports) colours no token by
+    its first stored expert and says why; the same file without the flag is coloured (the reference)."""
+    from moelab.explore.commands import build_explorer
+
+    app = build_explorer([str(traces[0]), str(traces[1])])
+    app.sources[1].meta.extra["rank_order"] = "unknown"
+    server = bind(app, "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page()
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        coloured = "els => els.filter(e => e.style.background !== '').length"
+        assert pg.eval_on_selector_all("#token-area .tok", coloured) == 24 and pg.is_hidden("#rank-note")
+        pg.select_option("#trace-select", "1")
+        pg.click("#doc-list button[data-doc='0']")
+        pg.wait_for_function("!document.getElementById('rank-note').hidden")
+        assert pg.eval_on_selector_all("#token-area .tok", coloured) == 0
+        assert "rank order is unknown" in pg.inner_text("#rank-note")
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

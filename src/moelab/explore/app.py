@@ -66,7 +66,9 @@ class TraceSource:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
                 "num_experts": self.meta.num_experts, "top_k": self.top_k, "layers": self.num_layers,
                 "labels": self.meta.labels, "null_columns": self.null_columns, "notes": self.meta.notes,
-                "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step}
+                "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step,
+                # Megatron's routing dumps keep each token's experts as a set (issue 23.3): no rank 0 to colour by
+                "rank_order": "unknown" if self.meta.extra.get("rank_order") == "unknown" else "known"}
 
 
 def _max_token(path: Path) -> int | None:

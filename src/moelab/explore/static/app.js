@@ -50,7 +50,7 @@ function renderLegend(numExperts) {
   }
 }
 
-function renderTokens(area, tokens, layer, onFocus, classFor) {
+function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) {
   area.innerHTML = "";
   tokens.forEach((t, i) => {
     const span = document.createElement("span");
@@ -59,7 +59,7 @@ function renderTokens(area, tokens, layer, onFocus, classFor) {
     span.dataset.i = i;
     span.textContent = t.text;
     const e = t.experts[layer][0];
-    if (e !== null && e !== undefined) {
+    if (e !== null && e !== undefined && rankKnown) {
       span.dataset.expert = e;
       const c = expertColor(e);
       span.style.background = c.bg;
@@ -118,7 +118,12 @@ function setLayer(l) {
   $("layer-slider").value = S.layer;
   $("layer-label").textContent = S.layer;
   renderLegend(traceInfo().num_experts[S.layer]);
-  renderTokens($("token-area"), S.tokens, S.layer, focusToken);
+  const known = traceInfo().rank_order !== "unknown";
+  renderTokens($("token-area"), S.tokens, S.layer, focusToken, null, known);
+  $("rank-note").hidden = known;
+  $("rank-note").textContent = known ? "" : "This trace's rank order is unknown (its source stores each token's " +
+    "experts as a set, e.g. a Megatron import): tokens are not coloured by a top-1 expert, and #1, #2, … in the " +
+    "path are storage order, not rank.";
   if (S.focus >= 0) {
     focusToken(S.focus);
   }
