@@ -128,7 +128,9 @@ def test_expert_view_from_legend(page):
     assert page.is_visible("#view-expert")
     assert "Layer 1, expert" in page.inner_text("#expert-title")
     lift = page.locator("#expert-body table").nth(5)  # highest-lift tokens
-    assert "#7" in lift.locator("tbody tr").first.inner_text()  # planted: token 7 always goes to expert 5
+    first = lift.locator("tbody tr").first
+    assert "#7" in first.inner_text()  # planted: token 7 always goes to expert 5
+    assert first.locator("td").nth(3).inner_text() == "100.0%"  # issue 23.8: it read 50.0% (1/K)
     assert "Null:" in page.inner_text("#expert-body")
 
 

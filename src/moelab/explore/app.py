@@ -166,7 +166,7 @@ class Explorer:
                                                    layer, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(scur, tokens, layer, e)
+            out["tokens"] = expert.token_stats(scur, tokens, layer, e, src.top_k)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}

@@ -208,11 +208,11 @@ function tokenTable(title, rows, contexts) {
     const sep = S.info.tokenizer ? "" : " ";
     const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
     const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${esc(r.token)}` : `#${esc(r.token)}`;
-    return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.rows)}</td>` +
+    return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.occurrences)}</td>` +
            `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
   }).join("");
-  return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>rows of token</th>` +
-    `<th>share</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
+  return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>occurrences</th>` +
+    `<th title="occurrences whose top-k holds this expert">share of occurrences</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
 }
 
 async function openExpert(layer, e) {
