@@ -260,3 +260,44 @@ def test_rank_order_unknown_gets_no_rank0_colouring(browser, traces):
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_diff_view_shows_changed_drops(browser, traces, tmp_path):
+    """Issue 23.8: two traces that differ only in which choices were dropped (capacity 2.0 vs 1.0) showed
+    nothing. Trace c is trace a with one more drop planted at (seq 0, pos 7, layer 1, rank 1)."""
+    import pyarrow as pa
+
+    from moelab.explore.commands import build_explorer
+
+    t = pq.read_table(traces[0]).to_pylist()
+    for r in t:
+        if (r["seq"], r["pos"], r["layer"], r["rank"]) == (0, 7, 1, 1):
+            r["dropped"], r["weight"] = True, 0.0
+    c = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(t, schema=pq.read_schema(traces[0])), c)
+    app = build_explorer([str(traces[0]), str(c)])
+    server = bind(app, "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        pg.click("#tab-diff")
+        pg.fill("#d-doc", "0")
+        pg.fill("#d-layer", "1")
+        pg.dispatch_event("#d-layer", "input")
+        pg.click("#d-open")
+        pg.wait_for_selector("#diff-tokens .tok")
+        changed = pg.eval_on_selector_all("#diff-tokens .tok.changed", "els => els.map(e => +e.dataset.i)")
+        assert changed == [7]
+        assert pg.eval_on_selector_all("#diff-tokens .tok.dropdiff", "els => els.map(e => +e.dataset.i)") == [7]
+        assert pg.locator("#diff-summary tr[data-layer='1'] td").nth(3).inner_text() == "1"
+        pg.hover("#diff-tokens .tok[data-i='7']")
+        assert "drops (A: none; B: " in pg.inner_text("#diff-panel")
+        pg.fill("#d-layer", "0")
+        pg.dispatch_event("#d-layer", "input")
+        assert pg.locator("#diff-tokens .tok.changed").count() == 0  # the nothing case: other layers same
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

@@ -254,10 +254,16 @@ function ablationText(rows) {
 }
 
 // ---- diff view --------------------------------------------------------------------------------------
+function diffWhat(x) {
+  const drops = (d) => (d.length ? d.map(esc).join(",") : "none");
+  return [x.set_changed && "set", x.top1_changed && "top-1",
+          x.drop_changed && `drops (A: ${drops(x.dropped_a)}; B: ${drops(x.dropped_b)})`].filter(Boolean).join(", ");
+}
+
 function diffPanel(t) {
   const rows = t.layers.map((x, l) => `<tr data-layer="${l}"${x.changed ? ' class="out"' : ""}><td>${l}</td>` +
     `<td>${x.a.map(badge).join(" ")}</td><td>${num(x.margin_a)}</td><td>${x.b.map(badge).join(" ")}</td>` +
-    `<td>${num(x.margin_b)}</td><td>${x.set_changed ? "set" : x.top1_changed ? "top-1 order" : ""}</td></tr>`).join("");
+    `<td>${num(x.margin_b)}</td><td>${diffWhat(x)}</td></tr>`).join("");
   $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${esc(t.seq)}, pos ${esc(t.pos)})</h3>` +
     `<table><thead><tr><th>layer</th><th>A experts</th><th>A margin</th><th>B experts</th><th>B margin</th>` +
     `<th>changed</th></tr></thead><tbody>${rows}</tbody></table>`;
@@ -270,7 +276,8 @@ function renderDiff() {
   d.tokens.forEach((t, i) => {
     const span = document.createElement("span");
     const x = t.layers[l];
-    span.className = "tok " + (x.changed ? "changed" : "same") + (x.top1_changed ? " top1" : "");
+    span.className = "tok " + (x.changed ? "changed" : "same") + (x.top1_changed ? " top1" : "") +
+      (x.drop_changed ? " dropdiff" : "");
     span.tabIndex = 0;
     span.dataset.i = i;
     span.textContent = t.text;
@@ -281,8 +288,8 @@ function renderDiff() {
     area.appendChild(span);
   });
   $("diff-summary").innerHTML = "<table><thead><tr><th>layer</th><th>tokens changed</th><th>top-1 changed</th>" +
-    "<th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${esc(s.layer)}"><td>${esc(s.layer)}</td>` +
-    `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+    "<th>drops changed</th><th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${esc(s.layer)}"><td>${esc(s.layer)}</td>` +
+    `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${esc(s.drop_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
 }
 
 async function openDiff() {
