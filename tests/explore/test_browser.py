@@ -120,6 +120,27 @@ def test_layer_slider_and_keys_recolour_tokens(page, traces):
     assert page.inner_text("#expert-title").startswith(f"Layer 1, expert E{ref[(2, 1, 0)]['expert']}")
 
 
+def test_keyboard_focus_ignores_a_resting_pointer(page, traces):
+    """Issue 23.8: with the pointer resting on a token, a layer change re-drew the text under it and the
+    path panel (and Enter) jumped to the token under the pointer."""
+    ref = rows_of(traces[0], 0)
+    page.hover("#token-area .tok[data-i='10']")
+    page.focus("#token-area .tok[data-i='0']")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowUp")
+    assert page.inner_text("#layer-label") == "1"
+    page.wait_for_timeout(100)
+    assert page.evaluate("document.activeElement.dataset.i") == "1"
+    assert "pos 1 " in page.inner_text("#path-panel")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#expert-title")
+    assert page.inner_text("#expert-title").startswith(f"Layer 1, expert E{ref[(1, 1, 0)]['expert']}")
+    page.click("#tab-text")
+    page.mouse.move(5, 5)
+    page.hover("#token-area .tok[data-i='10']")  # a real pointer move still shows the token under it
+    assert "pos 10 " in page.inner_text("#path-panel")
+
+
 def test_expert_view_from_legend(page):
     page.fill("#layer-slider", "1")
     page.dispatch_event("#layer-slider", "input")

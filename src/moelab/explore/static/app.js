@@ -1,7 +1,7 @@
 // moelab explore: the page. Plain JavaScript, no framework, no network beyond this server's /api.
 "use strict";
 
-const S = { info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, live: null, liveLayer: 0,
+const S = { keyboard: false, info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, live: null, liveLayer: 0,
             diff: null, diffLayer: 0 };
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -67,7 +67,9 @@ function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) 
     }
     if (t.dropped && t.dropped[layer].some((d) => d)) span.classList.add("dropped");
     if (classFor) classFor(span, t, i);
-    span.addEventListener("mouseenter", () => onFocus(i));
+    // Re-drawing the text under a resting pointer fires mouseenter without any movement: only a pointer
+    // that really moved since the last key may take over the path panel.
+    span.addEventListener("mouseenter", () => { if (!S.keyboard) onFocus(i); });
     span.addEventListener("focus", () => {
       area.querySelectorAll('.tok[tabindex="0"]').forEach((el) => { el.tabIndex = -1; });
       span.tabIndex = 0;
@@ -130,6 +132,7 @@ function setLayer(l) {
 }
 
 function tokenKeys(ev, count, getFocus, moveTo, changeLayer, enter) {
+  S.keyboard = true;
   const i = getFocus();
   const moves = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: count - 1 };
   if (ev.key in moves) {
@@ -333,6 +336,7 @@ function selectView(name) {
 }
 
 async function init() {
+  document.addEventListener("mousemove", (ev) => { if (ev.movementX || ev.movementY) S.keyboard = false; });
   S.info = await api("/api/info");
   const sel = $("trace-select");
   S.info.traces.forEach((t, i) => {
