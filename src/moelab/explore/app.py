@@ -125,12 +125,14 @@ class Explorer:
         wanted = None
         q = params.get("q", "").strip()
         if q:
-            wanted = queries.docs_with_phrase(cur, src.sql, self._query_ids(q))
+            wanted = set().union(*(queries.docs_with_phrase(cur, src.sql, ids) for ids in self._query_ids(q)))
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
                                    turn=_int(params, "turn", None, minimum=-1), docs=wanted, offset=_int(params, "offset", 0))
 
-    def _query_ids(self, q: str) -> list[int]:
-        """Search text -> token ids: `#12 #40` are ids; other text goes through the tokenizer."""
+    def _query_ids(self, q: str) -> list[list[int]]:
+        """Search text -> the token-id phrases to look for: `#12 #40` are ids; other text goes through the
+        tokenizer twice, as typed and after a space, since a byte-level BPE spells a word inside a line
+        (" return") with other ids than at its start ("return")."""
         if len(q) > MAX_QUERY:
             raise MoelabError(f"the search is {len(q)} characters long: at most {MAX_QUERY}")
         words = q.split()
@@ -138,10 +140,11 @@ class Explorer:
             bad = [w for w in words if not _ID.fullmatch(w[1:])]
             if bad:
                 raise MoelabError(f"{bad[0][:20]!r} is not a token id (#0 to #{MAX_ID})")
-            return [int(w[1:]) for w in words]
+            return [[int(w[1:]) for w in words]]
         if self.tokenizer is None:
             raise MoelabError("searching text needs a tokenizer (--tokenizer or --model); search ids as #123")
-        return self.tokenizer.encode(q)
+        phrases = [self.tokenizer.encode(q), self.tokenizer.encode(" " + q)]
+        return [p for i, p in enumerate(phrases) if p and p not in phrases[:i]]
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
