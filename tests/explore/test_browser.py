@@ -322,3 +322,51 @@ def test_diff_view_shows_changed_drops(browser, traces, tmp_path):
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_drop_strike_through_is_a_toggle(page):
+    """Issue 23.8: the strike-through of dropped choices covered much of a capacity-limited text, always."""
+    page.click("#doc-list button[data-doc='1']")
+    page.wait_for_selector("#doc-list button.current[data-doc='1']")
+    dropped = page.eval_on_selector_all("#token-area .tok.dropped", "els => els.map(e => +e.dataset.i)")
+    assert dropped == [2, 3, 4, 5]  # planted: (seq 1, pos 2-5, layer 0, rank 1)
+    line = "els => els.map(e => getComputedStyle(e).textDecorationLine)"
+    assert set(page.eval_on_selector_all("#token-area .tok.dropped", line)) == {"none"}
+    page.check("#show-drops")
+    assert set(page.eval_on_selector_all("#token-area .tok.dropped", line)) == {"line-through"}
+    assert set(page.eval_on_selector_all("#token-area .tok:not(.dropped)", line)) == {"none"}
+
+
+def test_newline_tokens_are_visible_and_one_line_tall(browser, traces, tmp_path):
+    """Issue 23.8: newline tokens rendered as slivers or empty blocks up to 84 px tall."""
+    import pyarrow as pa
+
+    from moelab.data.tokenizer import train_tokenizer
+    from moelab.explore.commands import build_explorer
+
+    tok = train_tokenizer(["def f(x):\n    return x\n\nclass A:\n    pass\n"] * 50, 400)
+    tok_file = tok.save(tmp_path / "tokenizer.json")
+    ids = (tok.encode("def f(x):\n    return x\n\nclass A:\n    pass\n") * 4)[:24]
+    newline_at = [i for i, t in enumerate(ids) if "\n" in tok.decode([t])]
+    assert newline_at
+    t = pq.read_table(traces[0])
+    col = [ids[p] for p in t["pos"].to_pylist()]
+    pq.write_table(t.set_column(t.schema.get_field_index("token"), "token", pa.array(col, pa.int32())),
+                   tmp_path / "nl.parquet")
+    server = bind(build_explorer([str(tmp_path / "nl.parquet")], tokenizer=str(tok_file)), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        plain_h = pg.evaluate("document.querySelector('#token-area .tok:not(.nl)').getBoundingClientRect().height")
+        for i in newline_at:
+            rects = pg.evaluate(f"[...document.querySelector(\"#token-area .tok[data-i='{i}']\").getClientRects()]"
+                                ".map(r => [r.width, r.height])")
+            assert all(h <= plain_h + 1 for _, h in rects), (i, rects, plain_h)
+            assert max(w for w, _ in rects) >= 6, (i, rects)  # the ↵ is there to see and to point at
+            assert "↵" in pg.inner_text(f"#token-area .tok[data-i='{i}']")
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

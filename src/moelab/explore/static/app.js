@@ -50,6 +50,18 @@ function renderLegend(numExperts) {
   }
 }
 
+// A newline token in an inline-block is an empty box two lines tall (or a sliver): it is shown as ↵ and
+// breaks the line as an inline box, so the text keeps its shape and the token stays visible and clickable.
+function setTokenText(span, text) {
+  const s = String(text);
+  if (s.includes("\n")) {
+    span.classList.add("nl");
+    span.textContent = s.replace(/\n/g, "↵\n");
+  } else {
+    span.textContent = s;
+  }
+}
+
 function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) {
   area.innerHTML = "";
   tokens.forEach((t, i) => {
@@ -57,7 +69,7 @@ function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) 
     span.className = "tok";
     span.tabIndex = i === 0 ? 0 : -1;  // one tab stop for the whole text; arrow keys move within it
     span.dataset.i = i;
-    span.textContent = t.text;
+    setTokenText(span, t.text);
     const e = t.experts[layer][0];
     if (e !== null && e !== undefined && rankKnown) {
       span.dataset.expert = e;
@@ -283,7 +295,7 @@ function renderDiff() {
       (x.drop_changed ? " dropdiff" : "");
     span.tabIndex = 0;
     span.dataset.i = i;
-    span.textContent = t.text;
+    setTokenText(span, t.text);
     if (x.changed) { const c = expertColor(x.b[0]); span.style.background = c.bg; span.style.color = c.fg; }
     span.title = `A: ${x.a.join(",")} (margin ${num(x.margin_a)})  B: ${x.b.join(",")} (margin ${num(x.margin_b)})`;
     span.addEventListener("mouseenter", () => diffPanel(t));
@@ -351,6 +363,7 @@ async function init() {
   $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
   $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
   $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
+  $("show-drops").addEventListener("change", (ev) => $("token-area").classList.toggle("show-drops", ev.target.checked));
   $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
     (i) => $("token-area").children[i].focus(), (d) => { setLayer(S.layer + d); if (S.focus >= 0) $("token-area").children[S.focus].focus(); },
     () => openExpert(S.layer, S.tokens[S.focus].experts[S.layer][0])));
