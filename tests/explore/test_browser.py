@@ -274,7 +274,7 @@ def test_rank_order_unknown_gets_no_rank0_colouring(browser, traces):
         assert pg.eval_on_selector_all("#token-area .tok", coloured) == 24 and pg.is_hidden("#rank-note")
         pg.select_option("#trace-select", "1")
         pg.click("#doc-list button[data-doc='0']")
-        pg.wait_for_function("!document.getElementById('rank-note').hidden")
+        pg.wait_for_selector("#rank-note:not([hidden])")
         assert pg.eval_on_selector_all("#token-area .tok", coloured) == 0
         assert "rank order is unknown" in pg.inner_text("#rank-note")
     finally:
@@ -370,3 +370,26 @@ def test_newline_tokens_are_visible_and_one_line_tall(browser, traces, tmp_path)
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_failed_or_loading_view_does_not_show_the_previous_answer(page):
+    """Issue 23.8: after an error (or while loading) the previous expert's tables stayed on screen."""
+    page.fill("#layer-slider", "1")
+    page.dispatch_event("#layer-slider", "input")
+    page.click("#legend .swatch[data-expert='5']")
+    page.wait_for_selector("#expert-title")
+    release = []
+    page.route("**/api/expert*", lambda route: release.append(route))  # hold the next answer
+    page.fill("#x-expert", "6")
+    page.click("#x-open")
+    page.locator("#expert-body", has_text="loading").wait_for()
+    assert page.locator("#expert-title").count() == 0
+    release[0].continue_()
+    page.unroute("**/api/expert*")
+    page.wait_for_selector("#expert-title")
+    assert "expert E6" in page.inner_text("#expert-title")
+    page.fill("#x-layer", "9")
+    page.click("#x-open")
+    page.locator("#expert-body", has_text="error").wait_for()
+    assert page.locator("#expert-title").count() == 0
+    assert "layer 9 has no expert 6" in page.inner_text("#expert-body")

@@ -230,10 +230,33 @@ function tokenTable(title, rows, contexts) {
     `<th title="occurrences whose top-k holds this expert">share of occurrences</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
 }
 
-async function openExpert(layer, e) {
+// A view being loaded or that failed shows that, never the previous answer under the new request's controls.
+function placeholder(ids, text, error = false) {
+  for (const id of ids) {
+    const p = document.createElement("p");
+    p.className = error ? "hint error" : "hint";
+    p.textContent = text;
+    $(id).replaceChildren(p);
+  }
+}
+
+async function guarded(ids, load) {
+  placeholder(ids, "loading…");
+  try {
+    await load();
+  } catch (err) {
+    placeholder(ids, "error: " + (err.message || err), true);  // the status bar says it too
+  }
+}
+
+function openExpert(layer, e) {
   selectView("expert");
   $("x-layer").value = layer;
   $("x-expert").value = e;
+  return guarded(["expert-body"], () => loadExpert(layer, e));
+}
+
+async function loadExpert(layer, e) {
   let d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
   while (d.pending) {  // the expert summaries are still being built by one pass over the trace
     status(`building the expert summaries: ${pct(d.progress)}`);
@@ -307,7 +330,12 @@ function renderDiff() {
     `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${esc(s.drop_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
 }
 
-async function openDiff() {
+function openDiff() {
+  S.diff = null;
+  return guarded(["diff-tokens", "diff-summary", "diff-panel"], loadDiff);
+}
+
+async function loadDiff() {
   S.diff = await api(`/api/diff?a=${$("d-a").value}&b=${$("d-b").value}&doc=${$("d-doc").value}`);
   S.diffLayer = +$("d-layer").value;
   renderDiff();
