@@ -393,3 +393,22 @@ def test_a_failed_or_loading_view_does_not_show_the_previous_answer(page):
     page.locator("#expert-body", has_text="error").wait_for()
     assert page.locator("#expert-title").count() == 0
     assert "layer 9 has no expert 6" in page.inner_text("#expert-body")
+
+
+def test_the_first_16_expert_colours_are_distinguishable(page):
+    """Issue 23.8: 3 of 16 expert colours were closer than CIEDE2000 5. The metric is checked on Sharma et
+    al.'s published pairs first; the swatches' computed backgrounds are what is measured."""
+    import itertools
+    import re
+
+    from tests.explore.ciede2000 import ciede2000, srgb_to_lab
+
+    assert round(ciede2000((50, 2.6772, -79.7751), (50, 0, -82.7485)), 4) == 2.0425
+    assert round(ciede2000((50, 2.5, 0), (73, 25, -18)), 4) == 27.1492
+    colours = page.evaluate("[...Array(16).keys()].map(e => expertColor(e))")
+    labs = [srgb_to_lab(c["bg"]) for c in colours]
+    worst = min(ciede2000(a, b) for a, b in itertools.combinations(labs, 2))
+    assert worst >= 10, worst
+    shown = page.eval_on_selector_all("#legend .swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+    as_hex = ["#%02X%02X%02X" % tuple(map(int, re.findall(r"\d+", s)[:3])) for s in shown]
+    assert as_hex == [c["bg"] for c in colours[:len(shown)]]
