@@ -191,3 +191,25 @@ def test_text_search_finds_words_inside_a_line(tmp_path, traces, tokenizer_file)
     assert found("quick brown") == {1, 3} and found("The") == {1, 3}
     assert found("jumps. The") == {1, 3}
     assert found("zebra") == set()  # the nothing case
+
+
+def test_multibyte_characters_are_decoded_in_spans(tmp_path, traces):
+    """Issue 23.8: a byte-level BPE splits 日 or é over tokens that alone decode to U+FFFD; the page showed
+    the replacement character. The reference is the tokenizer's decode of the whole document."""
+    from moelab.data.tokenizer import train_tokenizer
+
+    text = "Grüße aus Köln. 日本語のテキストです。Très bien! "
+    tok = train_tokenizer(["hello world, the quick fox. " * 40], 380)  # little merged: é, 日 stay split
+    tok_file = tok.save(tmp_path / "tokenizer.json")
+    ids = (tok.encode(text) * 3)[:24]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the planted problem is present
+    t = pq.read_table(traces[0])
+    col = [ids[p] for p in t["pos"].to_pylist()]
+    pq.write_table(t.set_column(t.schema.get_field_index("token"), "token", pa.array(col, pa.int32())),
+                   tmp_path / "mb.parquet")
+    app = build_explorer([str(tmp_path / "mb.parquet")], tokenizer=str(tok_file))
+    got = app.doc({"doc": "0"})["tokens"]
+    whole = tok.decode(ids)
+    cut = whole.rstrip("\ufffd")  # the document may end inside a character
+    assert "".join(g["text"] for g in got).startswith(cut) and "\ufffd" not in "".join(g["text"] for g in got)[:len(cut)]
+    assert any(g.get("part") for g in got) and all(g["text"] == "" for g in got if g.get("part"))

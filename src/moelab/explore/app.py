@@ -110,6 +110,30 @@ class Explorer:
     def text(self, token: int | None) -> str:
         return "?" if token is None else self._text(int(token))
 
+    def label_tokens(self, tokens: list[dict[str, Any]]) -> None:
+        """Each token's text, decoded in spans: a byte-level tokenizer splits one multi-byte character
+        (é, 日) over tokens that decode alone to U+FFFD. The character goes to the token that completes
+        it; the tokens before it get "" and `part: True` (the page shows them as a thin mark)."""
+        pending: list[dict[str, Any]] = []
+        for t in tokens:
+            if self.tokenizer is None or t["token"] is None:
+                t["text"] = self.text(t["token"])
+                continue
+            pending.append(t)
+            text = self.tokenizer.decode([int(p["token"]) for p in pending])
+            if "\ufffd" in text and len(pending) < MAX_CHAR_TOKENS:
+                continue
+            if "\ufffd" in text:  # not a character after 4 bytes' worth of tokens: show each alone
+                for p in pending:
+                    p["text"] = self.text(p["token"])
+            else:
+                for p in pending[:-1]:
+                    p["text"], p["part"] = "", True
+                pending[-1]["text"] = text
+            pending = []
+        for p in pending:  # a character cut by the end of the document
+            p["text"] = self.text(p["token"])
+
     def source(self, params: dict[str, str], key: str = "trace") -> TraceSource:
         i = _int(params, key, 0)
         if not 0 <= i < len(self.sources):
@@ -149,8 +173,7 @@ class Explorer:
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
         out = src.routes(self.db.cursor(), _int(params, "doc", 0))
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        self.label_tokens(out["tokens"])
         return out
 
     def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
@@ -194,8 +217,7 @@ class Explorer:
         doc, cur = _int(params, "doc", 0), self.db.cursor()
         ra, rb = a.routes(cur, doc), b.routes(cur, doc)
         out = diff.diff_routes(ra, rb, a.num_layers)
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        self.label_tokens(out["tokens"])
         return out
 
     def live(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +227,12 @@ class Explorer:
         if not isinstance(text, str):
             raise MoelabError(f"text must be a string, not {type(text).__name__}")
         out = self.live_model.route(text)
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        self.label_tokens(out["tokens"])
         return out
 
 
 MAX_QUERY = 1000
+MAX_CHAR_TOKENS = 4  # UTF-8 spells a character in at most 4 bytes
 MAX_ID = (1 << 31) - 1
 _ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '٣', '+5', ' 5', '1_0'
 

@@ -78,6 +78,7 @@ function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) 
       span.style.color = c.fg;
     }
     if (t.dropped && t.dropped[layer].some((d) => d)) span.classList.add("dropped");
+    if (t.part) { span.classList.add("part"); span.title = "first byte(s) of the character in the next token"; }
     if (classFor) classFor(span, t, i);
     // Re-drawing the text under a resting pointer fires mouseenter without any movement: only a pointer
     // that really moved since the last key may take over the path panel.
