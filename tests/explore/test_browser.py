@@ -412,3 +412,31 @@ def test_the_first_16_expert_colours_are_distinguishable(page):
     shown = page.eval_on_selector_all("#legend .swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)")
     as_hex = ["#%02X%02X%02X" % tuple(map(int, re.findall(r"\d+", s)[:3])) for s in shown]
     assert as_hex == [c["bg"] for c in colours[:len(shown)]]
+
+
+def test_url_state_round_trip(page, browser, traces):
+    """Issue 23.9: a view can be bookmarked: the address after choosing doc 2 at layer 2 (and then an
+    expert) opens the same view in a fresh page; the colours checked against the trace."""
+    ref = rows_of(traces[0], 2)
+    page.click("#doc-list button[data-doc='2']")
+    page.wait_for_selector("#doc-list button.current[data-doc='2']")
+    page.fill("#layer-slider", "2")
+    page.dispatch_event("#layer-slider", "input")
+    text_url = page.url
+    assert "doc=2" in text_url and "layer=2" in text_url
+    page.click("#legend .swatch[data-expert='3']")
+    page.wait_for_selector("#expert-title")
+    expert_url = page.url
+    fresh = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        fresh.goto(text_url)
+        fresh.wait_for_selector("#doc-list button.current[data-doc='2']")
+        assert fresh.inner_text("#layer-label") == "2"
+        top1 = fresh.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)")
+        assert top1 == [ref[(p, 2, 0)]["expert"] for p in range(24)]
+        fresh.goto("about:blank")
+        fresh.goto(expert_url)
+        fresh.wait_for_selector("#expert-title")
+        assert fresh.inner_text("#expert-title").startswith("Layer 2, expert E3") and fresh.is_visible("#view-expert")
+    finally:
+        fresh.close()

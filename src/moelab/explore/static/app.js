@@ -132,6 +132,7 @@ function setLayer(l) {
   S.layer = Math.max(0, Math.min(L - 1, l));
   $("layer-slider").value = S.layer;
   $("layer-label").textContent = S.layer;
+  saveState();
   renderLegend(traceInfo().num_experts[S.layer]);
   const known = traceInfo().rank_order !== "unknown";
   renderTokens($("token-area"), S.tokens, S.layer, focusToken, null, known);
@@ -251,9 +252,9 @@ async function guarded(ids, load) {
 }
 
 function openExpert(layer, e) {
-  selectView("expert");
   $("x-layer").value = layer;
   $("x-expert").value = e;
+  selectView("expert");
   return guarded(["expert-body"], () => loadExpert(layer, e));
 }
 
@@ -374,6 +375,42 @@ function selectView(name) {
     $("view-" + v).hidden = v !== name;
     $("tab-" + v).setAttribute("aria-selected", v === name ? "true" : "false");
   }
+  S.view = name;
+  saveState();
+}
+
+// ---- URL state: the view, trace, document, layer and expert live in the address's #fragment, so a view
+// can be bookmarked and shared (the fragment never reaches the server) ----------------------------------
+function saveState() {
+  if (S.restoring || !S.info) return;
+  const st = { view: S.view || "text", trace: S.trace, layer: S.layer };
+  if (S.doc !== null) st.doc = S.doc;
+  if (S.view === "expert") { st.xl = $("x-layer").value; st.xe = $("x-expert").value; }
+  history.replaceState(null, "", "#" + new URLSearchParams(st));
+}
+
+function readState() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  const int = (k) => (/^[0-9]{1,9}$/.test(p.get(k) || "") ? +p.get(k) : null);  // anything else: ignored
+  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe") };
+}
+
+async function restoreState() {
+  const st = readState();
+  S.restoring = true;
+  try {
+    if (st.trace !== null && st.trace < S.info.traces.length) { S.trace = st.trace; $("trace-select").value = st.trace; }
+    fillLabels();
+    if (st.layer !== null) S.layer = Math.min(st.layer, traceInfo().layers - 1);
+    if (st.doc !== null) S.doc = st.doc;
+    await loadDocs();
+    if (st.doc !== null) await openDoc(st.doc);
+  } finally {
+    S.restoring = false;
+  }
+  if (st.view === "expert" && st.xl !== null && st.xe !== null) await openExpert(st.xl, st.xe);
+  else if (["diff", "live"].includes(st.view)) selectView(st.view);
+  saveState();
 }
 
 async function init() {
@@ -408,8 +445,7 @@ async function init() {
   $("live-layer").addEventListener("input", (ev) => setLiveLayer(+ev.target.value));
   $("live-tokens").addEventListener("keydown", (ev) => tokenKeys(ev, S.live ? S.live.tokens.length : 0, () => S.liveFocus ?? -1,
     (i) => $("live-tokens").children[i].focus(), (d) => { setLiveLayer(S.liveLayer + d); if (S.liveFocus >= 0) $("live-tokens").children[S.liveFocus].focus(); }));
-  fillLabels();
-  await loadDocs();
+  await restoreState();
 }
 
 init().catch((e) => status(String(e.message || e), true));
