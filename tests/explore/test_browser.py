@@ -440,3 +440,22 @@ def test_url_state_round_trip(page, browser, traces):
         assert fresh.inner_text("#expert-title").startswith("Layer 2, expert E3") and fresh.is_visible("#view-expert")
     finally:
         fresh.close()
+
+
+def test_csv_export_equals_the_table(page):
+    """Issue 23.9: each table of the expert view downloads as CSV holding exactly the cells shown."""
+    import csv
+    import io
+
+    page.fill("#layer-slider", "1")
+    page.dispatch_event("#layer-slider", "input")
+    page.click("#legend .swatch[data-expert='5']")
+    page.wait_for_selector("#expert-title")
+    tables = page.locator("#expert-body table")
+    assert page.locator("#expert-body button.csv").count() == tables.count() >= 6
+    for i in (0, 3, 5):  # domain shares, co-activation, highest-lift tokens (contexts hold commas, quotes)
+        with page.expect_download() as info:
+            page.locator("#expert-body button.csv").nth(i).click()
+        got = list(csv.reader(io.StringIO(open(info.value.path(), encoding="utf-8").read())))
+        shown = tables.nth(i).evaluate("t => [...t.rows].map(r => [...r.cells].map(c => c.innerText.trim()))")
+        assert got == shown and len(got) > 1, (i, got[:3], shown[:3])

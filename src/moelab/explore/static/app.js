@@ -282,6 +282,7 @@ async function loadExpert(layer, e) {
     `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
     `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
     ablationText(d.ablation);
+  addCsvButtons($("expert-body"), `layer${layer}-expert${e}`);
 }
 
 function ablationText(rows) {
@@ -330,6 +331,7 @@ function renderDiff() {
   $("diff-summary").innerHTML = "<table><thead><tr><th>layer</th><th>tokens changed</th><th>top-1 changed</th>" +
     "<th>drops changed</th><th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${esc(s.layer)}"><td>${esc(s.layer)}</td>` +
     `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${esc(s.drop_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+  addCsvButtons($("diff-summary"), "diff-summary");
 }
 
 function openDiff() {
@@ -377,6 +379,29 @@ function selectView(name) {
   }
   S.view = name;
   saveState();
+}
+
+// ---- export: each table of the expert and diff views downloads as CSV, cell for cell as shown -------------
+function tableCSV(table) {
+  const cell = (c) => { const t = c.innerText.trim(); return /[",\n]/.test(t) ? '"' + t.replace(/"/g, '""') + '"' : t; };
+  return [...table.rows].map((r) => [...r.cells].map(cell).join(",")).join("\n") + "\n";
+}
+
+function addCsvButtons(container, name) {
+  container.querySelectorAll("table").forEach((table, i) => {
+    const b = document.createElement("button");
+    b.className = "csv";
+    b.textContent = "CSV";
+    b.title = "download this table as CSV";
+    b.addEventListener("click", () => {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([tableCSV(table)], { type: "text/csv" }));
+      a.download = `${name}-${i}.csv`;
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+    });
+    table.before(b);
+  });
 }
 
 // ---- URL state: the view, trace, document, layer and expert live in the address's #fragment, so a view
