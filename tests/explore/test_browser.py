@@ -459,3 +459,44 @@ def test_csv_export_equals_the_table(page):
         got = list(csv.reader(io.StringIO(open(info.value.path(), encoding="utf-8").read())))
         shown = tables.nth(i).evaluate("t => [...t.rows].map(r => [...r.cells].map(c => c.innerText.trim()))")
         assert got == shown and len(got) > 1, (i, got[:3], shown[:3])
+
+
+def test_paging_past_4096_tokens(browser, tmp_path):
+    """Issue 23.9: a document longer than a page (4096 tokens) could not be read past its first page.
+    One 5000-token sequence, one layer, top-1, expert = pos % 8 (planted)."""
+    import numpy as np
+
+    from moelab.explore.commands import build_explorer
+    from moelab.explore.queries import MAX_DOC_TOKENS
+    from moelab.trace.io import TraceWriter
+    from moelab.trace.schema import TraceMeta
+
+    T = 5000
+    pos = np.arange(T)
+    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % 40 + 1, "layer": np.zeros(T, np.int64),
+            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
+            "dropped": np.zeros(T, bool)}
+    with TraceWriter(tmp_path / "long.parquet", TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
+        w.write(cols)
+    server = bind(build_explorer([str(tmp_path / "long.parquet")]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    top1 = "els => els.map(e => +e.dataset.expert)"
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        assert pg.locator("#token-area .tok").count() == MAX_DOC_TOKENS and pg.is_visible("#tok-pager")
+        assert pg.is_disabled("#tok-prev") and pg.is_enabled("#tok-next")
+        pg.click("#tok-next")
+        pg.wait_for_selector("#tok-prev:enabled")
+        assert pg.locator("#token-area .tok").count() == T - MAX_DOC_TOKENS and pg.is_disabled("#tok-next")
+        assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS, T)]
+        pg.hover("#token-area .tok[data-i='3']")
+        assert f"doc pos {MAX_DOC_TOKENS + 3}" in pg.inner_text("#path-panel")
+        pg.click("#tok-prev")
+        pg.wait_for_selector("#tok-prev:disabled")
+        assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS)]
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

@@ -54,13 +54,14 @@ class TraceSource:
                 self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
             return self._docs
 
-    def routes(self, cur, doc: int) -> dict[str, Any]:
+    def routes(self, cur, doc: int, start: int = 0) -> dict[str, Any]:
         """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
         self.docs(cur)
         ranges = (self.twin or self)._seq_range
         if doc not in ranges:
             return {"doc": doc, "tokens": [], "truncated": False}
-        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc])
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc],
+                                  start=start)
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
@@ -172,7 +173,7 @@ class Explorer:
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
-        out = src.routes(self.db.cursor(), _int(params, "doc", 0))
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0))
         self.label_tokens(out["tokens"])
         return out
 

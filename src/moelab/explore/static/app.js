@@ -190,15 +190,24 @@ async function loadDocs(offset = 0) {
   if (S.doc === null && data.docs.length) openDoc(data.docs[0].doc);
 }
 
-async function openDoc(doc) {
-  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}`);
+async function openDoc(doc, start = 0) {
+  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}&start=${start}`);
   S.doc = doc;
+  S.start = start;
+  // a long document comes in pages of data.limit tokens
+  $("tok-pager").hidden = !(data.truncated || start > 0);
+  $("tok-prev").disabled = start === 0;
+  $("tok-next").disabled = !data.truncated;
+  $("tok-range").textContent = data.tokens.length ?
+    `tokens ${data.tokens[0].doc_pos}–${data.tokens[data.tokens.length - 1].doc_pos}` : "";
+  $("tok-prev").onclick = () => openDoc(doc, Math.max(0, start - data.limit));
+  $("tok-next").onclick = () => openDoc(doc, data.tokens[data.tokens.length - 1].doc_pos + 1);
   S.tokens = data.tokens;
   S.focus = -1;
   $("d-doc").value = doc;
   document.querySelectorAll("#doc-list button").forEach((b) => b.classList.toggle("current", +b.dataset.doc === doc));
   setLayer(S.layer);
-  $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.${data.truncated ? " (Document cut at its first " + data.tokens.length + " tokens.)" : ""}</p>`;
+  $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.</p>`;
 }
 
 function fillLabels() {
