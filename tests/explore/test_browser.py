@@ -197,6 +197,7 @@ def test_live_view_shows_the_models_routing(browser, traces, tmp_path):
         pg.wait_for_function("want => JSON.stringify([...document.querySelectorAll('#live-tokens .tok')]"
                              ".map(e => e.textContent)) === JSON.stringify(want)", arg=want)
         assert pg.locator("#live-tokens .tok").count() == len(ids)
+        assert pg.locator("#live-legend .swatch").count() == 8  # issue 23.9: a legend in the live view
         import torch
 
         routing = model(torch.tensor([ids]), return_routing=True).routing
@@ -312,6 +313,11 @@ def test_diff_view_shows_changed_drops(browser, traces, tmp_path):
         changed = pg.eval_on_selector_all("#diff-tokens .tok.changed", "els => els.map(e => +e.dataset.i)")
         assert changed == [7]
         assert pg.eval_on_selector_all("#diff-tokens .tok.dropdiff", "els => els.map(e => +e.dataset.i)") == [7]
+        # issue 23.9: a legend in the diff view, whose swatches are the colours the changed tokens wear
+        swatch = pg.eval_on_selector_all("#diff-legend .swatch", "els => els.map(e => e.style.background)")
+        assert len(swatch) == 8
+        b_top1 = int(pg.get_attribute("#diff-tokens .tok[data-i='7']", "title").split("B: ")[1].split(",")[0])
+        assert pg.eval_on_selector("#diff-tokens .tok[data-i='7']", "e => e.style.background") == swatch[b_top1]
         assert pg.locator("#diff-summary tr[data-layer='1'] td").nth(3).inner_text() == "1"
         pg.hover("#diff-tokens .tok[data-i='7']")
         assert "drops (A: none; B: " in pg.inner_text("#diff-panel")
@@ -487,6 +493,12 @@ def test_paging_past_4096_tokens(browser, tmp_path):
         pg.wait_for_selector("#token-area .tok")
         assert pg.locator("#token-area .tok").count() == MAX_DOC_TOKENS and pg.is_visible("#tok-pager")
         assert pg.is_disabled("#tok-prev") and pg.is_enabled("#tok-next")
+        # issue 23.9: the path panel stays in view while the long text scrolls under it
+        pg.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        pg.hover("#token-area .tok[data-i='4000']")
+        box = pg.evaluate("(() => { const r = document.getElementById('path-panel').getBoundingClientRect();"
+                          " return [r.top, r.bottom, innerHeight]; })()")
+        assert 0 <= box[0] < box[2] and "doc pos 4000" in pg.inner_text("#path-panel"), box
         pg.click("#tok-next")
         pg.wait_for_selector("#tok-prev:enabled")
         assert pg.locator("#token-area .tok").count() == T - MAX_DOC_TOKENS and pg.is_disabled("#tok-next")

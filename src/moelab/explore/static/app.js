@@ -33,8 +33,7 @@ function badge(e) {
   return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${esc(e)}</span>`;
 }
 
-function renderLegend(numExperts) {
-  const el = $("legend");
+function renderLegend(numExperts, el = $("legend"), layer = () => S.layer, trace = () => S.trace) {
   el.innerHTML = "";
   for (let e = 0; e < numExperts; e++) {
     const c = expertColor(e);
@@ -45,7 +44,8 @@ function renderLegend(numExperts) {
     b.dataset.expert = e;
     b.style.background = c.bg;
     b.style.color = c.fg;
-    b.addEventListener("click", () => openExpert(S.layer, e));
+    if (trace === null) { b.title = `expert ${e}`; el.appendChild(b); continue; }  // the live model has no trace
+    b.addEventListener("click", () => { S.trace = trace(); $("trace-select").value = S.trace; openExpert(layer(), e); });
     el.appendChild(b);
   }
 }
@@ -321,6 +321,8 @@ function diffPanel(t) {
 
 function renderDiff() {
   const d = S.diff, l = S.diffLayer;
+  const b = S.info.traces[+$("d-b").value];
+  renderLegend(b.num_experts[l], $("diff-legend"), () => S.diffLayer, () => +$("d-b").value);
   const area = $("diff-tokens");
   area.innerHTML = "";
   d.tokens.forEach((t, i) => {
@@ -367,6 +369,7 @@ function setLiveLayer(l) {
   $("live-layer").value = S.liveLayer;
   $("live-layer-label").textContent = S.liveLayer;
   renderTokens($("live-tokens"), S.live.tokens, S.liveLayer, focusLive);
+  renderLegend(S.live.num_experts[S.liveLayer], $("live-legend"), () => S.liveLayer, null);
 }
 
 async function runLive() {
