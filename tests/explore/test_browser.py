@@ -512,3 +512,44 @@ def test_paging_past_4096_tokens(browser, tmp_path):
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_load_overview_flags_dead_experts(browser, tmp_path):
+    """Issue 23.9: the per-layer load overview, shares checked against counts from the planted routing;
+    expert 7 of layer 0 is never chosen (dead), layer 1 is balanced (the nothing case: no dead expert)."""
+    import numpy as np
+
+    from moelab.explore.commands import build_explorer
+    from moelab.trace.io import TraceWriter
+    from moelab.trace.schema import TraceMeta
+
+    T = 400
+    pos = np.arange(T)
+    e0, e1 = np.where(pos % 8 == 7, 6, pos % 8), pos % 8
+    cols = {"seq": np.repeat(np.zeros(T, np.int64), 2), "pos": np.repeat(pos, 2), "token": np.repeat(pos % 40 + 1, 2),
+            "layer": np.tile([0, 1], T), "rank": np.zeros(2 * T, np.int64),
+            "expert": np.stack([e0, e1], 1).reshape(-1), "weight": np.ones(2 * T), "prob": np.full(2 * T, 0.5),
+            "dropped": np.zeros(2 * T, bool)}
+    with TraceWriter(tmp_path / "dead.parquet", TraceMeta(num_experts=[8, 8], top_k=1, source="moelab")) as w:
+        w.write(cols)
+    server = bind(build_explorer([str(tmp_path / "dead.parquet")]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        pg.click("#legend .swatch[data-expert='0']")
+        pg.wait_for_selector("table.load td.dead")
+        for layer, experts in ((0, e0), (1, e1)):
+            cells = pg.eval_on_selector_all(f"table.load tr[data-layer='{layer}'] td",
+                                            "els => els.map(e => e.textContent)")
+            want = ["dead" if (experts == e).sum() == 0 else f"{100 * (experts == e).sum() / T:.1f}%" for e in range(8)]
+            assert cells == want, (layer, cells, want)
+        assert pg.locator("table.load tr[data-layer='1'] td.dead").count() == 0
+        pg.click("table.load tr[data-layer='1'] td[data-expert='4']")
+        pg.wait_for_selector("#expert-title")
+        pg.locator("#expert-title", has_text="Layer 1, expert E4").wait_for()
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

@@ -202,6 +202,25 @@ class Explorer:
                     r["text"] = self.text(r["token"])
         return out
 
+    def load(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+        """Per layer, each expert's choices (all ranks, before dropping) and share; an expert chosen by no
+        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives."""
+        src = self.source(params)
+        summary = self.summaries[src.index]
+        if not summary.wait(wait):
+            return {"pending": True, "progress": summary.progress}
+        if summary.error:
+            raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
+        scur, layers = summary.db.cursor(), []
+        for l, E in enumerate(src.meta.num_experts):
+            counts = expert.expert_load(scur, summary.tables["labels"], l)
+            total = sum(counts.values())
+            layers.append({"layer": l, "uniform": 1 / E, "total": total,
+                           "experts": [{"expert": e, "count": counts.get(e, 0),
+                                        "share": counts.get(e, 0) / total if total else 0.0,
+                                        "dead": counts.get(e, 0) == 0} for e in range(E)]})
+        return {"layers": layers}
+
     def ablation_of(self, src: TraceSource, layer: int, e: int) -> list[dict[str, Any]]:
         """The measured effect of removing expert e of this MoE layer alone: intervene names blocks, the
         trace names MoE layers, and the trace's `moe_blocks` maps one to the other (none: nothing shown)."""

@@ -260,10 +260,39 @@ async function guarded(ids, load) {
   }
 }
 
+async function loadOverview(trace) {
+  if (S.loadFor === trace) return;
+  let d = await api(`/api/load?trace=${trace}`);
+  while (d.pending) {
+    await new Promise((r) => setTimeout(r, 1000));
+    d = await api(`/api/load?trace=${trace}`);
+  }
+  S.loadFor = trace;
+  const table = document.createElement("table");
+  table.className = "load";
+  for (const row of d.layers) {
+    const tr = table.insertRow();
+    tr.dataset.layer = row.layer;
+    const th = document.createElement("th");
+    th.textContent = `layer ${row.layer}`;
+    tr.appendChild(th);
+    for (const x of row.experts) {
+      const td = tr.insertCell();
+      td.dataset.expert = x.expert;
+      td.textContent = x.dead ? "dead" : pct(x.share);
+      td.title = `expert ${x.expert}: ${x.count} choices, ${pct(x.share)} (uniform ${pct(row.uniform)})`;
+      td.className = x.dead ? "dead" : x.share > 2 * row.uniform ? "hot" : x.share < row.uniform / 2 ? "cold" : "";
+      td.addEventListener("click", () => openExpert(row.layer, x.expert));
+    }
+  }
+  $("load-overview").replaceChildren(table);
+}
+
 function openExpert(layer, e) {
   $("x-layer").value = layer;
   $("x-expert").value = e;
   selectView("expert");
+  loadOverview(S.trace).catch(() => {});
   return guarded(["expert-body"], () => loadExpert(layer, e));
 }
 
