@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -553,3 +554,18 @@ def test_load_overview_flags_dead_experts(browser, tmp_path):
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def test_margin_colouring(page, traces):
+    """Issue 23.9: colour by the router's margin (top-1 minus second probability), from the trace's probs."""
+    ref = rows_of(traces[0], 0)
+    page.select_option("#colour-by", "margin")
+    margins = page.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.margin)")
+    want = [ref[(p, 0, 0)]["prob"] - ref[(p, 0, 1)]["prob"] for p in range(24)]
+    assert margins == pytest.approx(want, abs=1e-4)
+    light = page.eval_on_selector_all("#token-area .tok", "els => els.map(e => e.style.background)")
+    lo, hi = int(np.argmin(want)), int(np.argmax(want))
+    assert light[lo] != light[hi]  # a near tie and a clear choice look different
+    page.select_option("#colour-by", "expert")
+    assert page.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)") == \
+        [ref[(p, 0, 0)]["expert"] for p in range(24)]

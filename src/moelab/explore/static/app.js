@@ -62,6 +62,19 @@ function setTokenText(span, text) {
   }
 }
 
+// The router's margin at a layer: probability of the first choice minus the second (top-1: the first's).
+// Only the top-k probabilities are stored, so the full distribution's entropy is not available from a trace.
+function marginOf(t, layer) {
+  const p = t.probs && t.probs[layer];
+  if (!p || p[0] === null || p[0] === undefined) return null;
+  return p.length > 1 && p[1] !== null ? p[0] - p[1] : p[0];
+}
+
+function marginColor(m) {  // 0 (a near tie): saturated orange; 1 (certain): white
+  const c = Math.max(0, Math.min(1, m));
+  return `hsl(30 95% ${(55 + 45 * c).toFixed(1)}%)`;
+}
+
 function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) {
   area.innerHTML = "";
   tokens.forEach((t, i) => {
@@ -71,7 +84,11 @@ function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) 
     span.dataset.i = i;
     setTokenText(span, t.text);
     const e = t.experts[layer][0];
-    if (e !== null && e !== undefined && rankKnown) {
+    const m = marginOf(t, layer);
+    if (S.colourBy === "margin" && area.id === "token-area") {
+      span.dataset.margin = m === null ? "" : m.toFixed(4);
+      if (m !== null) { span.style.background = marginColor(m); span.style.color = "#000"; }
+    } else if (e !== null && e !== undefined && rankKnown) {
       span.dataset.expert = e;
       const c = expertColor(e);
       span.style.background = c.bg;
@@ -495,6 +512,7 @@ async function init() {
   $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
   $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
   $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
+  $("colour-by").addEventListener("change", (ev) => { S.colourBy = ev.target.value; setLayer(S.layer); });
   $("show-drops").addEventListener("change", (ev) => $("token-area").classList.toggle("show-drops", ev.target.checked));
   $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
     (i) => $("token-area").children[i].focus(), (d) => { setLayer(S.layer + d); if (S.focus >= 0) $("token-area").children[S.focus].focus(); },
