@@ -569,3 +569,26 @@ def test_margin_colouring(page, traces):
     page.select_option("#colour-by", "expert")
     assert page.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)") == \
         [ref[(p, 0, 0)]["expert"] for p in range(24)]
+
+
+def test_svg_and_png_export_of_the_text_view(page):
+    """Issue 23.9: the text view as a picture: the SVG holds one box per token, in the page's colours and
+    with the page's text; the PNG is a PNG of the text area's size."""
+    import struct
+    import xml.etree.ElementTree as ET
+
+    with page.expect_download() as info:
+        page.click("#export-svg")
+    svg = ET.parse(info.value.path()).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = svg.findall(f"{ns}g")
+    shown = page.eval_on_selector_all("#token-area .tok", "els => els.map(e => [e.textContent, getComputedStyle(e).backgroundColor])")
+    assert len(groups) == len(shown) == 24
+    assert [(g.find(f"{ns}text").text or "", g.find(f"{ns}rect").get("fill")) for g in groups] == [tuple(x) for x in shown]
+    with page.expect_download() as info:
+        page.click("#export-png")
+    data = open(info.value.path(), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    box = page.eval_on_selector("#token-area", "e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height]")
+    assert (w, h) == (int(-(-box[0] // 1)), int(-(-box[1] // 1)))

@@ -462,6 +462,65 @@ function addCsvButtons(container, name) {
   });
 }
 
+// ---- export of the text view as a picture: one box and one label per token, where the page draws them ----
+function tokenBoxes(area) {
+  const origin = area.getBoundingClientRect();
+  return [...area.querySelectorAll(".tok")].map((el) => {
+    const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+    return { x: r.left - origin.left, y: r.top - origin.top, w: r.width, h: r.height, text: el.textContent.replace(/\n/g, ""),
+             bg: cs.backgroundColor, fg: cs.color };
+  });
+}
+
+function download(blob, name) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function exportSVG(area, name) {
+  const NS = "http://www.w3.org/2000/svg", box = area.getBoundingClientRect();
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("xmlns", NS);
+  svg.setAttribute("width", Math.ceil(box.width));
+  svg.setAttribute("height", Math.ceil(box.height));
+  svg.setAttribute("font-family", "monospace");
+  svg.setAttribute("font-size", "14");
+  for (const t of tokenBoxes(area)) {
+    const g = document.createElementNS(NS, "g");
+    const rect = document.createElementNS(NS, "rect");
+    for (const [k, v] of [["x", t.x], ["y", t.y], ["width", t.w], ["height", t.h], ["fill", t.bg]]) rect.setAttribute(k, v);
+    const text = document.createElementNS(NS, "text");
+    for (const [k, v] of [["x", t.x + 1], ["y", t.y + t.h * 0.75], ["fill", t.fg]]) text.setAttribute(k, v);
+    text.setAttribute("xml:space", "preserve");
+    text.textContent = t.text;  // as text: the serializer escapes it
+    g.append(rect, text);
+    svg.appendChild(g);
+  }
+  download(new Blob([new XMLSerializer().serializeToString(svg)], { type: "image/svg+xml" }), name + ".svg");
+}
+
+function exportPNG(area, name) {
+  const box = area.getBoundingClientRect(), scale = window.devicePixelRatio || 1;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.ceil(box.width * scale);
+  canvas.height = Math.ceil(box.height * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.scale(scale, scale);
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, box.width, box.height);
+  ctx.font = "14px monospace";
+  for (const t of tokenBoxes(area)) {
+    ctx.fillStyle = t.bg;
+    ctx.fillRect(t.x, t.y, t.w, t.h);
+    ctx.fillStyle = t.fg;
+    ctx.fillText(t.text, t.x + 1, t.y + t.h * 0.75);
+  }
+  canvas.toBlob((blob) => download(blob, name + ".png"), "image/png");
+}
+
 // ---- URL state: the view, trace, document, layer and expert live in the address's #fragment, so a view
 // can be bookmarked and shared (the fragment never reaches the server) ----------------------------------
 function saveState() {
@@ -512,6 +571,8 @@ async function init() {
   $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
   $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
   $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
+  $("export-svg").addEventListener("click", () => exportSVG($("token-area"), `doc${S.doc}-layer${S.layer}`));
+  $("export-png").addEventListener("click", () => exportPNG($("token-area"), `doc${S.doc}-layer${S.layer}`));
   $("colour-by").addEventListener("change", (ev) => { S.colourBy = ev.target.value; setLayer(S.layer); });
   $("show-drops").addEventListener("change", (ev) => $("token-area").classList.toggle("show-drops", ev.target.checked));
   $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
