@@ -152,7 +152,8 @@ class Explorer:
         if q:
             wanted = set().union(*(queries.docs_with_phrase(cur, src.sql, ids) for ids in self._query_ids(q)))
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
-                                   turn=_int(params, "turn", None, minimum=-1), docs=wanted, offset=_int(params, "offset", 0))
+                                   turn=_int(params, "turn", None, minimum=-1), docs=wanted,
+                                   offset=_int(params, "offset", 0))
 
     def _query_ids(self, q: str) -> list[list[int]]:
         """Search text -> the token-id phrases to look for: `#12 #40` are ids; other text goes through the

@@ -3,7 +3,8 @@
 Per token and layer: the top-1 expert and the top-k set in each trace, and each trace's router margin
 (probability of its top-1 minus that of its second choice; how near the router was to choosing
 otherwise). A token's route "changed" at a layer when its top-k set, its first choice, or which of its
-choices were dropped (capacity) differs; `set_changed`, `top1_changed` and `drop_changed` say which. Pure functions over `queries.doc_routes` results.
+choices were dropped (capacity) differs; `set_changed`, `top1_changed` and `drop_changed` say which.
+Pure functions over `queries.doc_routes` results.
 """
 
 from __future__ import annotations
