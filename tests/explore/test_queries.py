@@ -140,6 +140,10 @@ def test_token_stats_and_contexts(explorer, rows):
     for r in got["tokens"]["frequent"] + got["tokens"]["lift"]:
         assert (r["rows"], r["count"]) == (n[r["token"]], k[r["token"]])
         assert r["lift"] == pytest.approx(k[r["token"]] / n[r["token"]] / p)
+        occurrences = len({(x["seq"], x["pos"]) for x in rows if x["layer"] == 1 and x["token"] == r["token"]})
+        assert r["occurrences"] == occurrences and r["share"] == pytest.approx(k[r["token"]] / occurrences)
+    seven = next(r for r in got["tokens"]["lift"] if r["token"] == 7)
+    assert seven["share"] == 1.0  # planted: token 7 always goes to expert 5 at layer 1 (issue 23.8: read 1/K)
     assert max(k.values()) == got["tokens"]["frequent"][0]["count"]
     eligible = [v for v in n if n[v] >= expert.MIN_TOKEN_COUNT and k[v]]
     assert got["tokens"]["lift"][0]["token"] == 7 == max(eligible, key=lambda v: k[v] / n[v])

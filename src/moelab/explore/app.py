@@ -8,6 +8,7 @@ writes: DuckDB runs in memory and reads the Parquet files.
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -53,19 +54,22 @@ class TraceSource:
                 self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
             return self._docs
 
-    def routes(self, cur, doc: int) -> dict[str, Any]:
+    def routes(self, cur, doc: int, start: int = 0) -> dict[str, Any]:
         """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
         self.docs(cur)
         ranges = (self.twin or self)._seq_range
         if doc not in ranges:
             return {"doc": doc, "tokens": [], "truncated": False}
-        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc])
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc],
+                                  start=start)
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
                 "num_experts": self.meta.num_experts, "top_k": self.top_k, "layers": self.num_layers,
                 "labels": self.meta.labels, "null_columns": self.null_columns, "notes": self.meta.notes,
-                "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step}
+                "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step,
+                # Megatron's routing dumps keep each token's experts as a set (issue 23.3): no rank 0 to colour by
+                "rank_order": "unknown" if self.meta.extra.get("rank_order") == "unknown" else "known"}
 
 
 def _max_token(path: Path) -> int | None:
@@ -107,6 +111,30 @@ class Explorer:
     def text(self, token: int | None) -> str:
         return "?" if token is None else self._text(int(token))
 
+    def label_tokens(self, tokens: list[dict[str, Any]]) -> None:
+        """Each token's text, decoded in spans: a byte-level tokenizer splits one multi-byte character
+        (é, 日) over tokens that decode alone to U+FFFD. The character goes to the token that completes
+        it; the tokens before it get "" and `part: True` (the page shows them as a thin mark)."""
+        pending: list[dict[str, Any]] = []
+        for t in tokens:
+            if self.tokenizer is None or t["token"] is None:
+                t["text"] = self.text(t["token"])
+                continue
+            pending.append(t)
+            text = self.tokenizer.decode([int(p["token"]) for p in pending])
+            if "\ufffd" in text and len(pending) < MAX_CHAR_TOKENS:
+                continue
+            if "\ufffd" in text:  # not a character after 4 bytes' worth of tokens: show each alone
+                for p in pending:
+                    p["text"] = self.text(p["token"])
+            else:
+                for p in pending[:-1]:
+                    p["text"], p["part"] = "", True
+                pending[-1]["text"] = text
+            pending = []
+        for p in pending:  # a character cut by the end of the document
+            p["text"] = self.text(p["token"])
+
     def source(self, params: dict[str, str], key: str = "trace") -> TraceSource:
         i = _int(params, key, 0)
         if not 0 <= i < len(self.sources):
@@ -122,24 +150,32 @@ class Explorer:
         wanted = None
         q = params.get("q", "").strip()
         if q:
-            wanted = queries.docs_with_phrase(cur, src.sql, self._query_ids(q))
+            wanted = set().union(*(queries.docs_with_phrase(cur, src.sql, ids) for ids in self._query_ids(q)))
         return queries.filter_docs(src.docs(cur), domain=params.get("domain", ""), lang=params.get("lang", ""),
-                                   turn=_int(params, "turn", None), docs=wanted, offset=_int(params, "offset", 0))
+                                   turn=_int(params, "turn", None, minimum=-1), docs=wanted,
+                                   offset=_int(params, "offset", 0))
 
-    def _query_ids(self, q: str) -> list[int]:
-        """Search text -> token ids: `#12 #40` are ids; other text goes through the tokenizer."""
+    def _query_ids(self, q: str) -> list[list[int]]:
+        """Search text -> the token-id phrases to look for: `#12 #40` are ids; other text goes through the
+        tokenizer twice, as typed and after a space, since a byte-level BPE spells a word inside a line
+        (" return") with other ids than at its start ("return")."""
+        if len(q) > MAX_QUERY:
+            raise MoelabError(f"the search is {len(q)} characters long: at most {MAX_QUERY}")
         words = q.split()
-        if all(w.startswith("#") and w[1:].isdigit() for w in words):
-            return [int(w[1:]) for w in words]
+        if all(w.startswith("#") for w in words):
+            bad = [w for w in words if not _ID.fullmatch(w[1:])]
+            if bad:
+                raise MoelabError(f"{bad[0][:20]!r} is not a token id (#0 to #{MAX_ID})")
+            return [[int(w[1:]) for w in words]]
         if self.tokenizer is None:
             raise MoelabError("searching text needs a tokenizer (--tokenizer or --model); search ids as #123")
-        return self.tokenizer.encode(q)
+        phrases = [self.tokenizer.encode(q), self.tokenizer.encode(" " + q)]
+        return [p for i, p in enumerate(phrases) if p and p not in phrases[:i]]
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
-        out = src.routes(self.db.cursor(), _int(params, "doc", 0))
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0))
+        self.label_tokens(out["tokens"])
         return out
 
     def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
@@ -158,7 +194,7 @@ class Explorer:
                                                    layer, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(scur, tokens, layer, e)
+            out["tokens"] = expert.token_stats(scur, tokens, layer, e, src.top_k)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}
@@ -166,6 +202,25 @@ class Explorer:
                 for r in rows:
                     r["text"] = self.text(r["token"])
         return out
+
+    def load(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+        """Per layer, each expert's choices (all ranks, before dropping) and share; an expert chosen by no
+        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives."""
+        src = self.source(params)
+        summary = self.summaries[src.index]
+        if not summary.wait(wait):
+            return {"pending": True, "progress": summary.progress}
+        if summary.error:
+            raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
+        scur, layers = summary.db.cursor(), []
+        for l, E in enumerate(src.meta.num_experts):
+            counts = expert.expert_load(scur, summary.tables["labels"], l)
+            total = sum(counts.values())
+            layers.append({"layer": l, "uniform": 1 / E, "total": total,
+                           "experts": [{"expert": e, "count": counts.get(e, 0),
+                                        "share": counts.get(e, 0) / total if total else 0.0,
+                                        "dead": counts.get(e, 0) == 0} for e in range(E)]})
+        return {"layers": layers}
 
     def ablation_of(self, src: TraceSource, layer: int, e: int) -> list[dict[str, Any]]:
         """The measured effect of removing expert e of this MoE layer alone: intervene names blocks, the
@@ -183,24 +238,33 @@ class Explorer:
         doc, cur = _int(params, "doc", 0), self.db.cursor()
         ra, rb = a.routes(cur, doc), b.routes(cur, doc)
         out = diff.diff_routes(ra, rb, a.num_layers)
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        self.label_tokens(out["tokens"])
         return out
 
     def live(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.live_model is None:
             raise MoelabError("no model: start the explorer with --model for the live view")
-        out = self.live_model.route(str(body.get("text", "")))
-        for t in out["tokens"]:
-            t["text"] = self.text(t["token"])
+        text = body.get("text", "")
+        if not isinstance(text, str):
+            raise MoelabError(f"text must be a string, not {type(text).__name__}")
+        out = self.live_model.route(text)
+        self.label_tokens(out["tokens"])
         return out
 
 
-def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
+MAX_QUERY = 1000
+MAX_CHAR_TOKENS = 4  # UTF-8 spells a character in at most 4 bytes
+MAX_ID = (1 << 31) - 1
+_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '٣', '+5', ' 5', '1_0'
+
+
+def _int(params: dict[str, str], key: str, default: int | None, minimum: int = 0) -> int | None:
+    """Every number in a query is an index or a count: an ASCII integer from `minimum` (0, or -1 for the
+    trace's 'no turn') to 2^31 - 1, strictly (offset=-5 would otherwise index from the end of a list)."""
     value = params.get(key, "")
     if value in ("", None):
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise MoelabError(f"{key}={value!r} is not an integer") from None
+    digits = value[1:] if minimum < 0 and value.startswith("-") else value
+    if not _ID.fullmatch(digits) or not minimum <= int(value) <= MAX_ID:
+        raise MoelabError(f"{key}={value[:20]!r} is not an integer from {minimum} to {MAX_ID}")
+    return int(value)

@@ -57,7 +57,13 @@ def build_explorer(traces: list[str], model: str | None = None, tokenizer: str |
 
 
 def run_explore(args) -> int:
-    from moelab.explore.server import bind, url_of
+    """The port is taken before the traces open: the background summary passes run DuckDB in native
+    threads, and an interpreter that exits while they run aborts ('terminate called...', exit 134). For
+    the same reason Ctrl-C leaves through os._exit once they may have started."""
+    import os
+    import sys
+
+    from moelab.explore.server import ANY_HOST, bind, make_handler, url_of
 
     if not 0 <= args.port < 65536:
         raise MoelabError(f"--port {args.port} is not a port number (0-65535)")
@@ -68,12 +74,23 @@ def run_explore(args) -> int:
         from moelab.hf.hub import resolve_hf
 
         model = str(resolve_hf(model, args.revision))
-    app = build_explorer(args.traces, model, args.tokenizer, args.full_check, args.interventions)
-    server = bind(app, args.host, args.port)
-    print(f"moelab explore: serving {len(app.sources)} trace(s) at {url_of(server)}  (Ctrl-C stops)",
-          flush=True)
+    server = bind(None, args.host, args.port)
+    if args.host in ANY_HOST:
+        print(f"moelab explore: warning: --host {args.host!r} serves the traces and their paths (and the live "
+              "model) to every machine that can reach this one, with no password", file=sys.stderr, flush=True)
     try:
+        app = build_explorer(args.traces, model, args.tokenizer, args.full_check, args.interventions)
+        server.RequestHandlerClass = make_handler(app)
+        print(f"moelab explore: serving {len(app.sources)} trace(s) at {url_of(server)}  (Ctrl-C stops)",
+              flush=True)
         server.serve_forever()
-    finally:
+    except KeyboardInterrupt:
         server.server_close()
+        print("moelab explore: stopped", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+    except BaseException:
+        server.server_close()
+        raise
+    server.server_close()
     return 0

@@ -89,8 +89,12 @@ def label_counts(cur, tables: dict[str, str], layer: int, expert: int) -> dict[s
     return {"rows": total, "count": total_e, "share": total_e / total if total else 0.0, "by": views}
 
 
-def token_stats(cur, tokens: str, layer: int, expert: int) -> dict[str, list[dict[str, Any]]]:
-    """Most frequent token ids sent to the expert, and those with the highest lift P(e | v) / P(e)."""
+def token_stats(cur, tokens: str, layer: int, expert: int, top_k: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Most frequent token ids sent to the expert, and those with the highest lift P(e | v) / P(e).
+
+    `share` is the fraction of the token's occurrences whose top-k holds the expert: each occurrence has
+    top_k rows and picks an expert at most once, so it is count / (rows / top_k), 1.0 for a token always
+    sent there (count / rows would read 1/K)."""
     cur.execute(f"SELECT sum(n), coalesce(sum(n) FILTER (WHERE expert = ?), 0) FROM {tokens} WHERE layer = ?",
                 [expert, layer])
     total, total_e = cur.fetchone()
@@ -99,7 +103,8 @@ def token_stats(cur, tokens: str, layer: int, expert: int) -> dict[str, list[dic
                     SELECT hit.token, sum(t.n), any_value(hit.k) FROM hit JOIN {tokens} t
                     ON t.token = hit.token AND t.layer = ? GROUP BY hit.token""", [layer, expert, layer])
     rows = cur.fetchall()
-    stats = [{"token": int(t), "rows": int(n), "count": int(k), "share": k / n,
+    stats = [{"token": int(t), "rows": int(n), "count": int(k), "occurrences": int(n) // top_k,
+              "share": k * top_k / n,
               "lift": (k / n) / p if p else None} for t, n, k in rows if k]
     frequent = sorted(stats, key=lambda r: (-r["count"], r["token"]))[:TOP_TOKENS]
     lifted = sorted((r for r in stats if r["rows"] >= MIN_TOKEN_COUNT),

@@ -34,8 +34,14 @@ def source_sql(path: str, stored: list[str], null_columns: list[str]) -> str:
     exprs.append("CAST(dropped AS BOOLEAN) AS dropped" if "dropped" in stored else "false AS dropped")
     for c, typ in (("token", "BIGINT"), ("weight", "DOUBLE"), ("prob", "DOUBLE")):
         exprs.append(f"CAST(NULL AS {typ}) AS {c}" if c in null_columns else f"CAST({c} AS {typ}) AS {c}")
-    quoted = path.replace("'", "''")
+    quoted = literal_path(path).replace("'", "''")
     return f"(SELECT {', '.join(exprs)} FROM read_parquet('{quoted}'))"
+
+
+def literal_path(path: str) -> str:
+    """DuckDB reads every file name as a glob ('a*.parquet' would also read ab.parquet): each pattern
+    character is put in a one-character class, which matches exactly that character."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def _rows(cur, sql: str, params: list | None = None) -> list[dict[str, Any]]:
@@ -84,11 +90,11 @@ def docs_with_phrase(cur, src: str, ids: list[int]) -> set[int]:
 
 
 def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int, limit: int = MAX_DOC_TOKENS,
-               seq_range: tuple[int, int] | None = None) -> dict[str, Any]:
+               seq_range: tuple[int, int] | None = None, start: int = 0) -> dict[str, Any]:
     """A document's tokens and, per token, every layer's choices: experts/weights/probs/dropped [T][L][K].
 
     The document's seq range (from the index, or found first) lets DuckDB skip row groups by their
-    statistics in the main query."""
+    statistics in the main query. `start` pages: the tokens from that document position on."""
     if seq_range is None:
         cur.execute(f"SELECT min(seq), max(seq) FROM {src} WHERE doc = ? AND layer = 0 AND rank = 0", [doc])
         seq_range = cur.fetchone()
@@ -97,9 +103,9 @@ def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int, limit: int 
         return {"doc": doc, "tokens": [], "truncated": False}
     cur.execute(f"""
         SELECT seq, pos, doc_pos, token, turn, layer, rank, expert, weight, prob, dropped FROM {src}
-        WHERE seq BETWEEN ? AND ? AND doc = ? ORDER BY seq, pos, layer, rank LIMIT ?""",
-                [lo, hi, doc, (limit + 1) * num_layers * top_k])
-    return {"doc": doc, **assemble(cur.fetchnumpy(), num_layers, top_k, limit)}
+        WHERE seq BETWEEN ? AND ? AND doc = ? AND doc_pos >= ? ORDER BY seq, pos, layer, rank LIMIT ?""",
+                [lo, hi, doc, start, (limit + 1) * num_layers * top_k])
+    return {"doc": doc, "start": start, "limit": limit, **assemble(cur.fetchnumpy(), num_layers, top_k, limit)}
 
 
 def _values(col) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,11 @@
 Each request runs in its own thread (ThreadingHTTPServer); a MoelabError from a view becomes a 400 with
 its one line, anything else a 500 with the exception's type and message, so the page can show it. The
 server binds 127.0.0.1 unless told otherwise and serves nothing outside `static/`.
+
+Trust boundary: any web page the user visits can make the browser talk to this port. So a request whose
+Host is not this server's own name is refused (DNS rebinding would otherwise read /api/info's paths), a POST
+must be JSON from this origin (a cross-site form or text/plain fetch cannot run the model), every body is
+bounded before it is read, and the CSP lets the page run only its own scripts.
 """
 
 from __future__ import annotations
@@ -21,8 +26,27 @@ STATIC = Path(__file__).parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 GET_VIEWS = {"/api/info": "info", "/api/docs": "docs", "/api/doc": "doc", "/api/expert": "expert",
-             "/api/diff": "diff"}
+             "/api/diff": "diff", "/api/load": "load"}
 MAX_BODY = 1 << 16
+BACKLOG = 128  # the stdlib's 5 reset a third of 300 parallel requests
+HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                      "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; "
+                                      "form-action 'none'; frame-ancestors 'none'"}
+ANY_HOST = ("0.0.0.0", "::", "")
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    daemon_threads = True
+    allowed_hosts: frozenset[str] | None = None  # None: bound to every interface, any Host answered
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
+    if host in ANY_HOST:
+        return None
+    names = {host, "127.0.0.1", "localhost"} if host in ("127.0.0.1", "localhost") else {host}
+    return frozenset(f"[{n}]:{port}" if ":" in n else f"{n.lower()}:{port}" for n in names)
 
 
 def make_handler(app: Explorer, quiet: bool = True) -> type[BaseHTTPRequestHandler]:
@@ -33,7 +57,18 @@ def make_handler(app: Explorer, quiet: bool = True) -> type[BaseHTTPRequestHandl
             if not quiet:
                 super().log_message(fmt, *args)
 
+        def _host_ok(self) -> bool:
+            allowed = getattr(self.server, "allowed_hosts", None)
+            if allowed is None or (self.headers.get("Host") or "").lower() in allowed:
+                return True
+            self.close_connection = True
+            self._json(HTTPStatus.MISDIRECTED_REQUEST, {"error": "unknown Host header: this server answers "
+                                                               "only to its own address"})
+            return False
+
         def do_GET(self):
+            if not self._host_ok():
+                return
             url = urlsplit(self.path)
             if url.path in GET_VIEWS:
                 params = dict(parse_qsl(url.query))
@@ -46,16 +81,38 @@ def make_handler(app: Explorer, quiet: bool = True) -> type[BaseHTTPRequestHandl
             self._send(HTTPStatus.OK, file.read_bytes(), TYPES[file.suffix])
 
         def do_POST(self):
-            if urlsplit(self.path).path != "/api/live":
-                return self._send(HTTPStatus.NOT_FOUND, b"not found", TYPES[".txt"])
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "prompt too long"})
+            # The body is never read unless every check passes, so a refused request costs no memory;
+            # the connection closes after a refusal because its unread body would be parsed as a request.
+            if not self._host_ok():
+                return
+            problem = self._post_problem()
+            if problem is not None:
+                self.close_connection = True
+                return self._json(problem[0], {"error": problem[1]})
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-            except json.JSONDecodeError:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": "the request body is not JSON"})
-            self._answer(lambda: app.live(body if isinstance(body, dict) else {}))
+            if not isinstance(body, dict):
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": "the request body is not a JSON object"})
+            self._answer(lambda: app.live(body))
+
+        def _post_problem(self) -> tuple[HTTPStatus, str] | None:
+            if urlsplit(self.path).path != "/api/live":
+                return HTTPStatus.NOT_FOUND, "not found"
+            if self.headers.get("Transfer-Encoding"):
+                return HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not accepted: send a Content-Length"
+            lengths = self.headers.get_all("Content-Length") or []
+            if len(lengths) != 1 or not lengths[0].strip().isdigit() or not lengths[0].strip().isascii():
+                return HTTPStatus.BAD_REQUEST, "a POST needs one non-negative integer Content-Length"
+            if int(lengths[0]) > MAX_BODY:
+                return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY} bytes"
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a POST must be application/json"
+            if self.headers.get("Origin") != f"http://{self.headers.get('Host')}":
+                return HTTPStatus.FORBIDDEN, "a POST must come from the explorer's own page (Origin)"
+            return None
 
         def _answer(self, compute):
             try:
@@ -72,7 +129,8 @@ def make_handler(app: Explorer, quiet: bool = True) -> type[BaseHTTPRequestHandl
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
+            for k, v in HEADERS.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
 
@@ -85,13 +143,13 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def bind(app: Explorer, host: str = "127.0.0.1", port: int = 0, quiet: bool = True) -> ThreadingHTTPServer:
+def bind(app: Explorer | None, host: str = "127.0.0.1", port: int = 0, quiet: bool = True) -> ThreadingHTTPServer:
     """A bound server (port 0 picks a free one); a port in use is one line, not a traceback."""
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(app, quiet))
-    except OSError as e:
-        raise MoelabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server.daemon_threads = True
+        server = Server((host, port), make_handler(app, quiet))
+    except (OSError, OverflowError) as e:
+        raise MoelabError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    server.allowed_hosts = allowed_hosts(host, server.server_address[1])
     return server
 
 

@@ -1,7 +1,7 @@
 // moelab explore: the page. Plain JavaScript, no framework, no network beyond this server's /api.
 "use strict";
 
-const S = { info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, live: null, liveLayer: 0,
+const S = { keyboard: false, info: null, trace: 0, layer: 0, doc: null, tokens: [], focus: -1, live: null, liveLayer: 0,
             diff: null, diffLayer: 0 };
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -29,12 +29,11 @@ function traceInfo(i = S.trace) { return S.info.traces[i]; }
 
 // ---- text view --------------------------------------------------------------------------------------
 function badge(e) {
-  const c = expertColor(e);
-  return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${e}</span>`;
+  const c = expertColor(Number(e));
+  return `<span class="ebadge" style="background:${c.bg};color:${c.fg}">E${esc(e)}</span>`;
 }
 
-function renderLegend(numExperts) {
-  const el = $("legend");
+function renderLegend(numExperts, el = $("legend"), layer = () => S.layer, trace = () => S.trace) {
   el.innerHTML = "";
   for (let e = 0; e < numExperts; e++) {
     const c = expertColor(e);
@@ -45,29 +44,62 @@ function renderLegend(numExperts) {
     b.dataset.expert = e;
     b.style.background = c.bg;
     b.style.color = c.fg;
-    b.addEventListener("click", () => openExpert(S.layer, e));
+    if (trace === null) { b.title = `expert ${e}`; el.appendChild(b); continue; }  // the live model has no trace
+    b.addEventListener("click", () => { S.trace = trace(); $("trace-select").value = S.trace; openExpert(layer(), e); });
     el.appendChild(b);
   }
 }
 
-function renderTokens(area, tokens, layer, onFocus, classFor) {
+// A newline token in an inline-block is an empty box two lines tall (or a sliver): it is shown as ↵ and
+// breaks the line as an inline box, so the text keeps its shape and the token stays visible and clickable.
+function setTokenText(span, text) {
+  const s = String(text);
+  if (s.includes("\n")) {
+    span.classList.add("nl");
+    span.textContent = s.replace(/\n/g, "↵\n");
+  } else {
+    span.textContent = s;
+  }
+}
+
+// The router's margin at a layer: probability of the first choice minus the second (top-1: the first's).
+// Only the top-k probabilities are stored, so the full distribution's entropy is not available from a trace.
+function marginOf(t, layer) {
+  const p = t.probs && t.probs[layer];
+  if (!p || p[0] === null || p[0] === undefined) return null;
+  return p.length > 1 && p[1] !== null ? p[0] - p[1] : p[0];
+}
+
+function marginColor(m) {  // 0 (a near tie): saturated orange; 1 (certain): white
+  const c = Math.max(0, Math.min(1, m));
+  return `hsl(30 95% ${(55 + 45 * c).toFixed(1)}%)`;
+}
+
+function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) {
   area.innerHTML = "";
   tokens.forEach((t, i) => {
     const span = document.createElement("span");
     span.className = "tok";
     span.tabIndex = i === 0 ? 0 : -1;  // one tab stop for the whole text; arrow keys move within it
     span.dataset.i = i;
-    span.textContent = t.text;
+    setTokenText(span, t.text);
     const e = t.experts[layer][0];
-    if (e !== null && e !== undefined) {
+    const m = marginOf(t, layer);
+    if (S.colourBy === "margin" && area.id === "token-area") {
+      span.dataset.margin = m === null ? "" : m.toFixed(4);
+      if (m !== null) { span.style.background = marginColor(m); span.style.color = "#000"; }
+    } else if (e !== null && e !== undefined && rankKnown) {
       span.dataset.expert = e;
       const c = expertColor(e);
       span.style.background = c.bg;
       span.style.color = c.fg;
     }
     if (t.dropped && t.dropped[layer].some((d) => d)) span.classList.add("dropped");
+    if (t.part) { span.classList.add("part"); span.title = "first byte(s) of the character in the next token"; }
     if (classFor) classFor(span, t, i);
-    span.addEventListener("mouseenter", () => onFocus(i));
+    // Re-drawing the text under a resting pointer fires mouseenter without any movement: only a pointer
+    // that really moved since the last key may take over the path panel.
+    span.addEventListener("mouseenter", () => { if (!S.keyboard) onFocus(i); });
     span.addEventListener("focus", () => {
       area.querySelectorAll('.tok[tabindex="0"]').forEach((el) => { el.tabIndex = -1; });
       span.tabIndex = 0;
@@ -86,7 +118,7 @@ function pathTable(t, layer) {
     rows += `<tr data-layer="${l}"${l === layer ? ' class="cur"' : ""}><td>${l === layer ? "▶ " : ""}${l}</td>`;
     ex.forEach((e, k) => {
       const dropped = t.dropped[l][k];
-      rows += `<td data-rank="${k}" data-expert="${e}">${badge(e)}</td>` +
+      rows += `<td data-rank="${k}" data-expert="${esc(e)}">${badge(e)}</td>` +
               `<td data-rank="${k}" class="w${dropped ? " drop" : ""}">${dropped ? "dropped" : num(t.weights[l][k])}</td>` +
               `<td data-rank="${k}" class="p">${num(t.probs[l][k])}</td>`;
     });
@@ -97,8 +129,8 @@ function pathTable(t, layer) {
 
 function showPath(panel, t, layer) {
   panel.innerHTML = `<h2>Path of <code>${esc(JSON.stringify(t.text))}</code></h2>` +
-    `<p class="hint">token id ${t.token ?? "–"} · seq ${t.seq} · pos ${t.pos} · doc pos ${t.doc_pos}` +
-    `${t.turn >= 0 ? " · turn " + t.turn : ""}</p>` + pathTable(t, layer) +
+    `<p class="hint">token id ${esc(t.token ?? "–")} · seq ${esc(t.seq)} · pos ${esc(t.pos)} · doc pos ${esc(t.doc_pos)}` +
+    `${t.turn >= 0 ? " · turn " + esc(t.turn) : ""}</p>` + pathTable(t, layer) +
     `<p class="hint">#1, #2, … = the token's choices in rank order; weight = combine weight applied; prob = router ` +
     `probability; "dropped" = the choice found its expert full (weight 0).</p>`;
 }
@@ -117,14 +149,21 @@ function setLayer(l) {
   S.layer = Math.max(0, Math.min(L - 1, l));
   $("layer-slider").value = S.layer;
   $("layer-label").textContent = S.layer;
+  saveState();
   renderLegend(traceInfo().num_experts[S.layer]);
-  renderTokens($("token-area"), S.tokens, S.layer, focusToken);
+  const known = traceInfo().rank_order !== "unknown";
+  renderTokens($("token-area"), S.tokens, S.layer, focusToken, null, known);
+  $("rank-note").hidden = known;
+  $("rank-note").textContent = known ? "" : "This trace's rank order is unknown (its source stores each token's " +
+    "experts as a set, e.g. a Megatron import): tokens are not coloured by a top-1 expert, and #1, #2, … in the " +
+    "path are storage order, not rank.";
   if (S.focus >= 0) {
     focusToken(S.focus);
   }
 }
 
 function tokenKeys(ev, count, getFocus, moveTo, changeLayer, enter) {
+  S.keyboard = true;
   const i = getFocus();
   const moves = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: count - 1 };
   if (ev.key in moves) {
@@ -168,15 +207,24 @@ async function loadDocs(offset = 0) {
   if (S.doc === null && data.docs.length) openDoc(data.docs[0].doc);
 }
 
-async function openDoc(doc) {
-  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}`);
+async function openDoc(doc, start = 0) {
+  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}&start=${start}`);
   S.doc = doc;
+  S.start = start;
+  // a long document comes in pages of data.limit tokens
+  $("tok-pager").hidden = !(data.truncated || start > 0);
+  $("tok-prev").disabled = start === 0;
+  $("tok-next").disabled = !data.truncated;
+  $("tok-range").textContent = data.tokens.length ?
+    `tokens ${data.tokens[0].doc_pos}–${data.tokens[data.tokens.length - 1].doc_pos}` : "";
+  $("tok-prev").onclick = () => openDoc(doc, Math.max(0, start - data.limit));
+  $("tok-next").onclick = () => openDoc(doc, data.tokens[data.tokens.length - 1].doc_pos + 1);
   S.tokens = data.tokens;
   S.focus = -1;
   $("d-doc").value = doc;
   document.querySelectorAll("#doc-list button").forEach((b) => b.classList.toggle("current", +b.dataset.doc === doc));
   setLayer(S.layer);
-  $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.${data.truncated ? " (Document cut at its first " + data.tokens.length + " tokens.)" : ""}</p>`;
+  $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.</p>`;
 }
 
 function fillLabels() {
@@ -190,7 +238,7 @@ function fillLabels() {
 
 // ---- expert view ------------------------------------------------------------------------------------
 function shareTable(title, rows) {
-  let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${r.rows}</td><td>${r.count}</td>` +
+  let body = rows.map((r) => `<tr><td>${esc(r.group)}</td><td>${esc(r.rows)}</td><td>${esc(r.count)}</td>` +
     `<td class="${r.outside ? "out" : ""}">${pct(r.share)} [${pct(r.share_lo)}, ${pct(r.share_hi)}]</td><td>${pct(r.null)} [${pct(r.null_lo)}, ${pct(r.null_hi)}]</td>` +
     `<td>${num(r.lift, 2)}</td></tr>`).join("");
   return `<h3>${title}</h3><table><thead><tr><th>${title}</th><th>rows</th><th>to expert</th><th>share (95% over seqs)</th>` +
@@ -202,28 +250,80 @@ function tokenTable(title, rows, contexts) {
     const ctx = (contexts && contexts[r.token]) || [];
     const sep = S.info.tokenizer ? "" : " ";
     const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
-    const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${r.token}` : `#${r.token}`;
-    return `<tr><td>${label}${shown}</td><td>${r.count}</td><td>${r.rows}</td>` +
+    const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${esc(r.token)}` : `#${esc(r.token)}`;
+    return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.occurrences)}</td>` +
            `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
   }).join("");
-  return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>rows of token</th>` +
-    `<th>share</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
+  return `<h3>${title}</h3><table><thead><tr><th>token</th><th>to expert</th><th>occurrences</th>` +
+    `<th title="occurrences whose top-k holds this expert">share of occurrences</th><th>lift</th></tr></thead><tbody>${body}</tbody></table>`;
 }
 
-async function openExpert(layer, e) {
-  selectView("expert");
+// A view being loaded or that failed shows that, never the previous answer under the new request's controls.
+function placeholder(ids, text, error = false) {
+  for (const id of ids) {
+    const p = document.createElement("p");
+    p.className = error ? "hint error" : "hint";
+    p.textContent = text;
+    $(id).replaceChildren(p);
+  }
+}
+
+async function guarded(ids, load) {
+  placeholder(ids, "loading…");
+  try {
+    await load();
+  } catch (err) {
+    placeholder(ids, "error: " + (err.message || err), true);  // the status bar says it too
+  }
+}
+
+async function loadOverview(trace) {
+  if (S.loadFor === trace) return;
+  let d = await api(`/api/load?trace=${trace}`);
+  while (d.pending) {
+    await new Promise((r) => setTimeout(r, 1000));
+    d = await api(`/api/load?trace=${trace}`);
+  }
+  S.loadFor = trace;
+  const table = document.createElement("table");
+  table.className = "load";
+  for (const row of d.layers) {
+    const tr = table.insertRow();
+    tr.dataset.layer = row.layer;
+    const th = document.createElement("th");
+    th.textContent = `layer ${row.layer}`;
+    tr.appendChild(th);
+    for (const x of row.experts) {
+      const td = tr.insertCell();
+      td.dataset.expert = x.expert;
+      td.textContent = x.dead ? "dead" : pct(x.share);
+      td.title = `expert ${x.expert}: ${x.count} choices, ${pct(x.share)} (uniform ${pct(row.uniform)})`;
+      td.className = x.dead ? "dead" : x.share > 2 * row.uniform ? "hot" : x.share < row.uniform / 2 ? "cold" : "";
+      td.addEventListener("click", () => openExpert(row.layer, x.expert));
+    }
+  }
+  $("load-overview").replaceChildren(table);
+}
+
+function openExpert(layer, e) {
   $("x-layer").value = layer;
   $("x-expert").value = e;
+  selectView("expert");
+  loadOverview(S.trace).catch(() => {});
+  return guarded(["expert-body"], () => loadExpert(layer, e));
+}
+
+async function loadExpert(layer, e) {
   let d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
   while (d.pending) {  // the expert summaries are still being built by one pass over the trace
     status(`building the expert summaries: ${pct(d.progress)}`);
     await new Promise((r) => setTimeout(r, 1000));
     d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
   }
-  const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${r.count}</td>` +
+  const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${esc(r.count)}</td>` +
     `<td>${num(r.expected, 1)}</td><td>${num(r.ratio, 2)}</td></tr>`).join("");
   $("expert-body").innerHTML =
-    `<h2 id="expert-title">Layer ${d.layer}, expert ${badge(d.expert)}: ${d.count} of ${d.rows} choices (${pct(d.share)})</h2>` +
+    `<h2 id="expert-title">Layer ${esc(d.layer)}, expert ${badge(d.expert)}: ${esc(d.count)} of ${esc(d.rows)} choices (${pct(d.share)})</h2>` +
     `<p class="hint">Counts are choices before dropping, all ranks. <b>Null:</b> the expert's overall load share at this layer ` +
     `(${pct(d.share)}) &mdash; what every group would show if its label were shuffled over the layer's rows, which keeps the ` +
     `expert's load; its bracket is that shuffle's 95% range for a group of that size. Bold shares fall outside it. ` +
@@ -237,11 +337,12 @@ async function openExpert(layer, e) {
     `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
     `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
     ablationText(d.ablation);
+  addCsvButtons($("expert-body"), `layer${layer}-expert${e}`);
 }
 
 function ablationText(rows) {
   if (!rows || !rows.length) return `<p class="hint">Ablation effect: not measured for this trace (moelab intervene, then --interventions).</p>`;
-  const items = rows.map((a) => `<li id="ablation">removing it from block ${a.block}'s selection changes the loss by ` +
+  const items = rows.map((a) => `<li id="ablation">removing it from block ${esc(a.block)}'s selection changes the loss by ` +
     `<b>${num(a.mean, 4)}</b> nats/token [${num(a.lo, 4)}, ${num(a.hi, 4)}], p ${num(a.p, 3)}, Holm p ${num(a.p_holm, 3)} ` +
     `<span class="hint">(${esc(a.file)})</span></li>`).join("");
   return `<h3>ablation effect</h3><p class="hint">95% bootstrap interval over sequences; null: no change ` +
@@ -249,26 +350,35 @@ function ablationText(rows) {
 }
 
 // ---- diff view --------------------------------------------------------------------------------------
+function diffWhat(x) {
+  const drops = (d) => (d.length ? d.map(esc).join(",") : "none");
+  return [x.set_changed && "set", x.top1_changed && "top-1",
+          x.drop_changed && `drops (A: ${drops(x.dropped_a)}; B: ${drops(x.dropped_b)})`].filter(Boolean).join(", ");
+}
+
 function diffPanel(t) {
   const rows = t.layers.map((x, l) => `<tr data-layer="${l}"${x.changed ? ' class="out"' : ""}><td>${l}</td>` +
     `<td>${x.a.map(badge).join(" ")}</td><td>${num(x.margin_a)}</td><td>${x.b.map(badge).join(" ")}</td>` +
-    `<td>${num(x.margin_b)}</td><td>${x.set_changed ? "set" : x.top1_changed ? "top-1 order" : ""}</td></tr>`).join("");
-  $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${t.seq}, pos ${t.pos})</h3>` +
+    `<td>${num(x.margin_b)}</td><td>${diffWhat(x)}</td></tr>`).join("");
+  $("diff-panel").innerHTML = `<h3>Token <code>${esc(JSON.stringify(t.text))}</code> (seq ${esc(t.seq)}, pos ${esc(t.pos)})</h3>` +
     `<table><thead><tr><th>layer</th><th>A experts</th><th>A margin</th><th>B experts</th><th>B margin</th>` +
     `<th>changed</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
 
 function renderDiff() {
   const d = S.diff, l = S.diffLayer;
+  const b = S.info.traces[+$("d-b").value];
+  renderLegend(b.num_experts[l], $("diff-legend"), () => S.diffLayer, () => +$("d-b").value);
   const area = $("diff-tokens");
   area.innerHTML = "";
   d.tokens.forEach((t, i) => {
     const span = document.createElement("span");
     const x = t.layers[l];
-    span.className = "tok " + (x.changed ? "changed" : "same") + (x.top1_changed ? " top1" : "");
+    span.className = "tok " + (x.changed ? "changed" : "same") + (x.top1_changed ? " top1" : "") +
+      (x.drop_changed ? " dropdiff" : "");
     span.tabIndex = 0;
     span.dataset.i = i;
-    span.textContent = t.text;
+    setTokenText(span, t.text);
     if (x.changed) { const c = expertColor(x.b[0]); span.style.background = c.bg; span.style.color = c.fg; }
     span.title = `A: ${x.a.join(",")} (margin ${num(x.margin_a)})  B: ${x.b.join(",")} (margin ${num(x.margin_b)})`;
     span.addEventListener("mouseenter", () => diffPanel(t));
@@ -276,11 +386,17 @@ function renderDiff() {
     area.appendChild(span);
   });
   $("diff-summary").innerHTML = "<table><thead><tr><th>layer</th><th>tokens changed</th><th>top-1 changed</th>" +
-    "<th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${s.layer}"><td>${s.layer}</td>` +
-    `<td>${s.changed}</td><td>${s.top1_changed}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+    "<th>drops changed</th><th>share</th></tr></thead><tbody>" + d.summary.map((s) => `<tr data-layer="${esc(s.layer)}"><td>${esc(s.layer)}</td>` +
+    `<td>${esc(s.changed)}</td><td>${esc(s.top1_changed)}</td><td>${esc(s.drop_changed)}</td><td>${pct(s.share)}</td></tr>`).join("") + "</tbody></table>";
+  addCsvButtons($("diff-summary"), "diff-summary");
 }
 
-async function openDiff() {
+function openDiff() {
+  S.diff = null;
+  return guarded(["diff-tokens", "diff-summary", "diff-panel"], loadDiff);
+}
+
+async function loadDiff() {
   S.diff = await api(`/api/diff?a=${$("d-a").value}&b=${$("d-b").value}&doc=${$("d-doc").value}`);
   S.diffLayer = +$("d-layer").value;
   renderDiff();
@@ -299,6 +415,7 @@ function setLiveLayer(l) {
   $("live-layer").value = S.liveLayer;
   $("live-layer-label").textContent = S.liveLayer;
   renderTokens($("live-tokens"), S.live.tokens, S.liveLayer, focusLive);
+  renderLegend(S.live.num_experts[S.liveLayer], $("live-legend"), () => S.liveLayer, null);
 }
 
 async function runLive() {
@@ -318,9 +435,128 @@ function selectView(name) {
     $("view-" + v).hidden = v !== name;
     $("tab-" + v).setAttribute("aria-selected", v === name ? "true" : "false");
   }
+  S.view = name;
+  saveState();
+}
+
+// ---- export: each table of the expert and diff views downloads as CSV, cell for cell as shown -------------
+function tableCSV(table) {
+  const cell = (c) => { const t = c.innerText.trim(); return /[",\n]/.test(t) ? '"' + t.replace(/"/g, '""') + '"' : t; };
+  return [...table.rows].map((r) => [...r.cells].map(cell).join(",")).join("\n") + "\n";
+}
+
+function addCsvButtons(container, name) {
+  container.querySelectorAll("table").forEach((table, i) => {
+    const b = document.createElement("button");
+    b.className = "csv";
+    b.textContent = "CSV";
+    b.title = "download this table as CSV";
+    b.addEventListener("click", () => {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([tableCSV(table)], { type: "text/csv" }));
+      a.download = `${name}-${i}.csv`;
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+    });
+    table.before(b);
+  });
+}
+
+// ---- export of the text view as a picture: one box and one label per token, where the page draws them ----
+function tokenBoxes(area) {
+  const origin = area.getBoundingClientRect();
+  return [...area.querySelectorAll(".tok")].map((el) => {
+    const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+    return { x: r.left - origin.left, y: r.top - origin.top, w: r.width, h: r.height, text: el.textContent.replace(/\n/g, ""),
+             bg: cs.backgroundColor, fg: cs.color };
+  });
+}
+
+function download(blob, name) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function exportSVG(area, name) {
+  const NS = "http://www.w3.org/2000/svg", box = area.getBoundingClientRect();
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("xmlns", NS);
+  svg.setAttribute("width", Math.ceil(box.width));
+  svg.setAttribute("height", Math.ceil(box.height));
+  svg.setAttribute("font-family", "monospace");
+  svg.setAttribute("font-size", "14");
+  for (const t of tokenBoxes(area)) {
+    const g = document.createElementNS(NS, "g");
+    const rect = document.createElementNS(NS, "rect");
+    for (const [k, v] of [["x", t.x], ["y", t.y], ["width", t.w], ["height", t.h], ["fill", t.bg]]) rect.setAttribute(k, v);
+    const text = document.createElementNS(NS, "text");
+    for (const [k, v] of [["x", t.x + 1], ["y", t.y + t.h * 0.75], ["fill", t.fg]]) text.setAttribute(k, v);
+    text.setAttribute("xml:space", "preserve");
+    text.textContent = t.text;  // as text: the serializer escapes it
+    g.append(rect, text);
+    svg.appendChild(g);
+  }
+  download(new Blob([new XMLSerializer().serializeToString(svg)], { type: "image/svg+xml" }), name + ".svg");
+}
+
+function exportPNG(area, name) {
+  const box = area.getBoundingClientRect(), scale = window.devicePixelRatio || 1;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.ceil(box.width * scale);
+  canvas.height = Math.ceil(box.height * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.scale(scale, scale);
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, box.width, box.height);
+  ctx.font = "14px monospace";
+  for (const t of tokenBoxes(area)) {
+    ctx.fillStyle = t.bg;
+    ctx.fillRect(t.x, t.y, t.w, t.h);
+    ctx.fillStyle = t.fg;
+    ctx.fillText(t.text, t.x + 1, t.y + t.h * 0.75);
+  }
+  canvas.toBlob((blob) => download(blob, name + ".png"), "image/png");
+}
+
+// ---- URL state: the view, trace, document, layer and expert live in the address's #fragment, so a view
+// can be bookmarked and shared (the fragment never reaches the server) ----------------------------------
+function saveState() {
+  if (S.restoring || !S.info) return;
+  const st = { view: S.view || "text", trace: S.trace, layer: S.layer };
+  if (S.doc !== null) st.doc = S.doc;
+  if (S.view === "expert") { st.xl = $("x-layer").value; st.xe = $("x-expert").value; }
+  history.replaceState(null, "", "#" + new URLSearchParams(st));
+}
+
+function readState() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  const int = (k) => (/^[0-9]{1,9}$/.test(p.get(k) || "") ? +p.get(k) : null);  // anything else: ignored
+  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe") };
+}
+
+async function restoreState() {
+  const st = readState();
+  S.restoring = true;
+  try {
+    if (st.trace !== null && st.trace < S.info.traces.length) { S.trace = st.trace; $("trace-select").value = st.trace; }
+    fillLabels();
+    if (st.layer !== null) S.layer = Math.min(st.layer, traceInfo().layers - 1);
+    if (st.doc !== null) S.doc = st.doc;
+    await loadDocs();
+    if (st.doc !== null) await openDoc(st.doc);
+  } finally {
+    S.restoring = false;
+  }
+  if (st.view === "expert" && st.xl !== null && st.xe !== null) await openExpert(st.xl, st.xe);
+  else if (["diff", "live"].includes(st.view)) selectView(st.view);
+  saveState();
 }
 
 async function init() {
+  document.addEventListener("mousemove", (ev) => { if (ev.movementX || ev.movementY) S.keyboard = false; });
   S.info = await api("/api/info");
   const sel = $("trace-select");
   S.info.traces.forEach((t, i) => {
@@ -335,6 +571,10 @@ async function init() {
   $("doc-prev").addEventListener("click", () => loadDocs(Math.max(0, S.docOffset - 200)));
   $("doc-next").addEventListener("click", () => loadDocs(S.docOffset + 200));
   $("layer-slider").addEventListener("input", (ev) => setLayer(+ev.target.value));
+  $("export-svg").addEventListener("click", () => exportSVG($("token-area"), `doc${S.doc}-layer${S.layer}`));
+  $("export-png").addEventListener("click", () => exportPNG($("token-area"), `doc${S.doc}-layer${S.layer}`));
+  $("colour-by").addEventListener("change", (ev) => { S.colourBy = ev.target.value; setLayer(S.layer); });
+  $("show-drops").addEventListener("change", (ev) => $("token-area").classList.toggle("show-drops", ev.target.checked));
   $("token-area").addEventListener("keydown", (ev) => tokenKeys(ev, S.tokens.length, () => S.focus,
     (i) => $("token-area").children[i].focus(), (d) => { setLayer(S.layer + d); if (S.focus >= 0) $("token-area").children[S.focus].focus(); },
     () => openExpert(S.layer, S.tokens[S.focus].experts[S.layer][0])));
@@ -350,8 +590,7 @@ async function init() {
   $("live-layer").addEventListener("input", (ev) => setLiveLayer(+ev.target.value));
   $("live-tokens").addEventListener("keydown", (ev) => tokenKeys(ev, S.live ? S.live.tokens.length : 0, () => S.liveFocus ?? -1,
     (i) => $("live-tokens").children[i].focus(), (d) => { setLiveLayer(S.liveLayer + d); if (S.liveFocus >= 0) $("live-tokens").children[S.liveFocus].focus(); }));
-  fillLabels();
-  await loadDocs();
+  await restoreState();
 }
 
 init().catch((e) => status(String(e.message || e), true));
