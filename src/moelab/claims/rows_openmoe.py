@@ -151,8 +151,13 @@ def early_routing_row(ws: Workspace) -> ClaimResult:
     margin = (1 - top1.null) / 2
     curve = early_curve(m["early"]["result"])
     half = halfway_step(curve, "top1_agreement")
+    from moelab.claims.models import base_run
+    from moelab.claims.preconditions import snapshot_regime
+    from moelab.claims.rows_rmoe import _train_curve
+
+    regime = snapshot_regime(_train_curve(base_run(ws, "tiny-moe")), at[EARLY_FRACTIONS[-1]]["step"], ws.scale.steps)
     return ClaimResult(
-        row="openmoe-early-routing", paper="OpenMoE",
+        row="openmoe-early-routing", paper="OpenMoE", precondition=regime,
         claim="Routing is learned early: at 10-20% of training the token-to-expert assignment already "
               "(almost) coincides with the final one.",
         paper_number="OpenMoE-8B: E_i(token) at 200B tokens almost coincides with 1T tokens (a figure; no scalar).",
