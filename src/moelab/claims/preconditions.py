@@ -14,6 +14,14 @@ import numpy as np
 
 from moelab.claims.verdict import Measure, Precondition
 
+# Rows that measure a precondition, and what it is; a stored result without one predates the check.
+DECLARED = {
+    "rmoe-beats-linear": "the training-loss gap settled (last-20% slope interval holding 0)",
+    "rmoe-np-ablation": "the training-loss gap settled (last-20% slope interval holding 0)",
+    "rmoe-detach-ablation": "the training-loss gap settled (last-20% slope interval holding 0)",
+    "openmoe-early-routing": "the snapshot's training loss has made >= 90% of the run's drop",
+}
+
 
 def late_slope(curve_T2: np.ndarray, frac: float = 0.2, level: float = 0.95) -> tuple[float, float, float]:
     """(slope, low, high) of a (step, value) curve over its last `frac` of steps, per 1000 steps: least
