@@ -6,7 +6,6 @@ import math
 from typing import Mapping, Sequence
 
 from moelab.claims.record import ClaimResult
-from moelab.claims.preconditions import DECLARED
 from moelab.claims.verdict import VERDICTS
 
 PAPERS = ("OpenMoE", "RMoE", "A Closer Look", "OLMoE", "Sparse upcycling", "Interventions")
@@ -60,10 +59,7 @@ def details(r: ClaimResult) -> str:
     lines = [f"### {r.row}", "", f"**Claim ({r.paper}).** {r.claim} Paper: {r.paper_number}", "",
              f"**Measured.** {r.measured}", "", f"**Setup.** {r.setup} Seeds: {r.seeds}.{secs}", "",
              *([f"**Precondition.** Needs {r.precondition.needs}; measured {r.precondition.measured} "
-                f"({'met' if r.precondition.met else 'unmet'}).", ""] if r.precondition else
-               [f"**Precondition.** Needs {DECLARED[r.row]}; not measured in this stored result (it predates "
-                "the check; a rerun measures it, and an unmet one makes the row 'not testable here').", ""]
-               if r.row in DECLARED else []),
+                f"({'met' if r.precondition.met else 'unmet'}).", ""] if r.precondition else []),
              f"**Per-seed values.** {', '.join(fmt(v) for v in r.seed_values) or 'none stored'}.", "",
              f"**Verdict: {r.verdict}**: {r.reason}." + (f" {r.note}" if r.note else ""), "",
              f"Re-run: `{r.command}`", ""]
@@ -93,7 +89,9 @@ def changed_section(rows: Sequence[ClaimResult]) -> list[str]:
         return []
     out = ["## Verdicts changed by the current rule", "",
            "The stored results were decided by an older rule (a percentile bootstrap over seeds and sequences; "
-           "one- and two-seed rows signed). Re-decided from the same per-seed values:", "",
+           "one- and two-seed rows signed, no precondition). Re-decided from the same stored numbers: a t-interval "
+           "over seeds, at least 3 seeds, and a declared precondition that a stored result predating it cannot "
+           "meet:", "",
            "| row | stored verdict | now | why |", "|---|---|---|---|"]
     out += [f"| {r.row} | {r.previous_verdict} | **{r.verdict}** | {cell(r.reason)} |" for r in moved]
     return out + [""]
