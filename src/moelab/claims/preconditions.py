@@ -20,6 +20,7 @@ DECLARED = {
     "rmoe-np-ablation": "the training-loss gap settled (last-20% slope interval holding 0)",
     "rmoe-detach-ablation": "the training-loss gap settled (last-20% slope interval holding 0)",
     "openmoe-early-routing": "the snapshot's training loss has made >= 90% of the run's drop",
+    "openmoe-drop-towards-end": "sequences of >= 2048 tokens (the paper's rise starts near position 750)",
     "intervene-one-expert-suffices": "the loss cost of removing every routed expert (shared kept) beyond its null",
 }
 
