@@ -18,7 +18,7 @@ from typing import Any
 from moelab.claims.preconditions import unmeasured
 from moelab.claims.seeds import t_interval
 from moelab.claims.seedvals import seed_values
-from moelab.claims.verdict import Claim, Measure, Precondition, decide
+from moelab.claims.verdict import MIN_SEEDS, Claim, Measure, Precondition, decide
 from moelab.config import MoelabError
 
 SCHEMA = 1
@@ -57,7 +57,12 @@ class ClaimResult:
             self.details["sequence_level_measure"] = own
             mean, lo, hi = t_interval(finite)
             self.measure = Measure(mean, lo, hi, self.measure.null, self.measure.null_sd)
+        elif len(finite) == 1 and self.seeds > 1:  # one seed's value of several: no interval over seeds
+            self.measure = Measure(finite[0], float("nan"), float("nan"), self.measure.null, self.measure.null_sd)
         self.verdict, self.reason = decide(self.measure, self.test, len(finite), self.precondition)
+        if self.verdict == "too few seeds" and 0 < len(finite) < self.seeds:
+            self.reason = (f"the row's statistic is stored for {len(finite)} of the {self.seeds} seeds; an interval "
+                           f"over seeds needs at least {MIN_SEEDS}")
         if not self.command:
             self.command = f"python benchmarks/claims.py --only {self.row}"
 
