@@ -14,7 +14,9 @@ def test_context_independent(ws, sane):
     assert len(d["per_layer"]) == 2 and r.measure.null == 0.0  # tiny-moe: MoE at blocks 1 and 3
     tok, pos = d["token_std"], d["position_std"]
     want = ((tok["value"] - tok["null"]) - (pos["value"] - pos["null"])) / d["ceiling"]
-    assert r.measure.value == pytest.approx(want)
+    assert d["per_seed"][0]["value"] == pytest.approx(want)  # seed 0's gap from its own estimates
+    assert r.seed_values == [g["value"] for g in d["per_seed"]] and len(r.seed_values) == 2
+    assert r.measure.value == pytest.approx(sum(r.seed_values) / 2) and r.verdict == "too few seeds"
     assert 0 < d["ceiling"] < 1
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
-from moelab.claims.routing import (checkpoint_traces, describe_run, final_headlines, measure_of, over_seeds,
+from moelab.claims.routing import (checkpoint_traces, describe_run, final_models, measure_of, over_seeds,
                                    routing_metrics)
 from moelab.claims.rows_openmoe import agreement_at, early_curve, halfway_step, halfway_text, nearest_snapshot
 from moelab.claims.verdict import Claim
@@ -58,7 +58,7 @@ def saturation(ws: Workspace) -> ClaimResult:
 def vocab_specialisation(ws: Workspace) -> ClaimResult:
     m = routing_metrics(ws)
     heads, analyses = m["headline"], m["analyses"]
-    vocab, vocab_seeds, vocab_each = over_seeds(final_headlines(ws), "vocab_specialisation")
+    vocab, vocab_seeds, vocab_each = over_seeds(final_models(ws), "vocab_specialisation")
     v = analyses["vocab"]
     per_layer = [{"layer": i, "rescaled": e["value"], "ci": [e["ci_low"], e["ci_high"]], "null": e["null_mean"],
                   "uniform": u} for i, (e, u) in enumerate(zip(v["estimates"], v["uniform_rescaled"]))]
@@ -86,7 +86,7 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
 def domain_specialisation(ws: Workspace) -> ClaimResult:
     m = routing_metrics(ws)
     heads, analyses = m["headline"], m["analyses"]
-    dom, dom_seeds, dom_each = over_seeds(final_headlines(ws), "max_share:domain")
+    dom, dom_seeds, dom_each = over_seeds(final_models(ws), "max_share:domain")
     d = analyses["domain_specialisation:domain"]
     names = d["names"][0]
     per_domain = {name: [float(np.max(layer[g])) for layer in d["share"]] for g, name in enumerate(names)}
