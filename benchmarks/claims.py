@@ -1,13 +1,18 @@
 """Re-run the claims table: train what each row needs (cached across rows), measure, write docs/CLAIMS.md.
 
-    python benchmarks/claims.py                  # every row (under 2 h on 2 CPU cores from an empty cache)
-    python benchmarks/claims.py --only ROW[,ROW] # some rows; the table keeps the other rows' last results
+    python benchmarks/claims.py                  # every row into ./claims-scratch/ (under 2 h on 2 CPU cores)
+    python benchmarks/claims.py --only ROW[,ROW] # some rows, into ./claims-scratch/
+    python benchmarks/claims.py --write-docs     # into docs/claims/ and docs/CLAIMS.md (the committed numbers)
     python benchmarks/claims.py --list           # the rows
-    python benchmarks/claims.py --table-only     # re-render docs/CLAIMS.md from docs/claims/*.json
+    python benchmarks/claims.py --table-only --write-docs  # re-decide and re-render docs/CLAIMS.md
+
+A rerun writes to a scratch folder unless --write-docs: another machine's numbers are not bit-identical,
+and must not silently replace the committed ones.
 
 Models, traces and analyses are cached under --cache (default ./claims-cache) and reused when their
 settings match; --fresh retrains what the chosen rows use. --smoke runs every row at a toy scale into a
-temporary results folder (a check of the pipeline, never written to docs/).
+temporary results folder (a check of the pipeline, never written to docs/); at 6 steps a verdict means
+nothing, so it prints none.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated rows to run (default: all)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--cache", default="claims-cache", help="folder for corpora, runs, traces, analyses")
-    ap.add_argument("--results", default=str(ROOT / "docs" / "claims"), help="folder of row results (JSON)")
-    ap.add_argument("--table", default=str(ROOT / "docs" / "CLAIMS.md"), help="the table to rewrite")
+    ap.add_argument("--results", default="", help="folder of row results (JSON); default claims-scratch/results, "
+                    "or docs/claims with --write-docs (--table-only reads docs/claims)")
+    ap.add_argument("--table", default="", help="the table to write; default claims-scratch/CLAIMS.md, or "
+                    "docs/CLAIMS.md with --write-docs")
+    ap.add_argument("--write-docs", action="store_true", help="write the results and table into docs/")
     ap.add_argument("--fresh", action="store_true", help="retrain and re-trace what the chosen rows use")
     ap.add_argument("--table-only", action="store_true", help="only re-render the table from the results")
     ap.add_argument("--replica", default=str(ROOT / "docs" / "claims-replica"),
@@ -51,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{r.name:32s} {r.paper}" for r in rows))
             return 0
         if args.smoke:
+            if args.write_docs:
+                raise MoelabError("--smoke results are a pipeline check and are never written to docs/ "
+                                  "(drop --write-docs)")
             tmp = Path(tempfile.mkdtemp(prefix="claims_smoke_"))
             args.results, args.table, args.cache = str(tmp / "results"), str(tmp / "CLAIMS.md"), str(tmp / "cache")
+        docs, scratch = ROOT / "docs", Path("claims-scratch")
+        if not args.results:
+            args.results = str(docs / "claims" if args.write_docs or args.table_only else scratch / "results")
+        if not args.table:
+            args.table = str(docs / "CLAIMS.md" if args.write_docs else scratch / "CLAIMS.md")
         if not args.table_only:
             if args.threads:  # tracing, analyses and interventions too, not only training
                 import torch
@@ -64,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[claims] row {spec.name}", file=sys.stderr, flush=True)
                 result = run_row(spec, ws)
                 write_result(result, args.results)
-                print(f"[claims] {spec.name}: {result.verdict} ({result.reason}); {result.seconds / 60:.1f} min",
-                      file=sys.stderr, flush=True)
+                said = ("measured at smoke scale (no verdict)" if args.smoke
+                        else f"{result.verdict} ({result.reason})")
+                print(f"[claims] {spec.name}: {said}; {result.seconds / 60:.1f} min", file=sys.stderr, flush=True)
         results = read_results(args.results) if Path(args.results).is_dir() else {}
         replica, about = {}, ""
         if not args.smoke and (Path(args.replica) / "ABOUT.txt").is_file():
             replica, about = read_results(args.replica), (Path(args.replica) / "ABOUT.txt").read_text().strip()
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(render(results, list(all_rows()), replica, about))
         print(f"[claims] wrote {args.table} ({len(results)} rows)", file=sys.stderr)
         return 0

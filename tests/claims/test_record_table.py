@@ -13,14 +13,15 @@ from moelab.config import MoelabError
 def result(row="r1", value=0.3, paper="OpenMoE"):
     return ClaimResult(row=row, paper=paper, claim="c", paper_number="p", measured="m",
                        measure=Measure(value, value - 0.1, value + 0.1, 0.0, 0.01), test=Claim("greater", 0.05),
-                       setup="s", seeds=2, details={"x": [float("nan"), 1.0]})
+                       setup="s", seeds=3, details={"x": [float("nan"), 1.0]},
+                       seed_values=[value - 0.05, value, value + 0.05])  # t-interval: value +- 0.124
 
 
 def test_roundtrip_recomputes_the_verdict(tmp_path):
     write_result(result(), tmp_path)
     d = json.loads((tmp_path / "r1.json").read_text())
     assert d["verdict"] == "reproduced" and d["details"]["x"] == [None, 1.0]
-    d["verdict"], d["measure"]["ci_low"] = "reproduced", -1.0  # a hand-edited result cannot keep its verdict
+    d["verdict"], d["seed_values"] = "reproduced", [-1.0, 0.3, 0.3]  # a hand-edited result cannot keep its verdict
     (tmp_path / "r1.json").write_text(json.dumps(d))
     assert read_results(tmp_path)["r1"].verdict == "inconclusive"
 
@@ -37,7 +38,7 @@ def test_corrupt_result_is_one_error(tmp_path):
 def test_render_orders_by_paper_and_lists_missing_rows():
     md = render({"b": result("b", paper="RMoE"), "a": result("a", -0.5)}, ["a", "b", "c"])
     assert md.index("## OpenMoE") < md.index("## RMoE") < md.index("### a") < md.index("### b")
-    assert "Not yet run: c" in md and "1 reproduced, 1 not reproduced, 0 inconclusive" in md
+    assert "Not yet run: c" in md and "1 reproduced, 1 not reproduced, 0 inconclusive, 0 too few seeds, 0 not testable here" in md
 
 
 def test_two_level_bootstrap_planted_effect_and_nothing():
@@ -60,5 +61,33 @@ def test_render_compares_a_second_run_and_names_moved_verdicts():
     second = {"a": result("a", 0.31), "b": result("b", 0.0)}  # b: reproduced -> inconclusive
     md = render(first, ["a", "b"], second, "Re-run at 2 threads.")
     assert "Re-run at 2 threads. 1 of 2 verdicts held; these moved: b." in md
-    assert "| b | reproduced | 0.3 [0.2, 0.4] | **inconclusive** |" in md
+    assert "| b | reproduced | 0.3 [0.176, 0.424] | **inconclusive** |" in md
     assert "## A second run" not in render(first, ["a", "b"])
+
+
+def test_fewer_than_three_seeds_signs_nothing_and_the_change_is_named(tmp_path):
+    two = ClaimResult(row="two", paper="RMoE", claim="c", paper_number="p", measured="m",
+                      measure=Measure(0.3, 0.29, 0.31, 0.0), test=Claim("greater"), setup="s", seeds=2,
+                      seed_values=[0.3, 0.3001])  # two seeds that agree: still no verdict
+    assert two.verdict == "too few seeds"
+    one = ClaimResult(row="one", paper="OLMoE", claim="c", paper_number="p", measured="m",
+                      measure=Measure(0.9, 0.89, 0.91, 0.2), test=Claim("greater", 0.1), setup="s", seeds=1)
+    assert one.seed_values == [0.9] and one.verdict == "too few seeds"
+    write_result(one, tmp_path)
+    d = json.loads((tmp_path / "one.json").read_text())
+    d["verdict"], d["seed_values"], d["previous_verdict"] = "reproduced", [], ""  # as stored by the old rule
+    (tmp_path / "one.json").write_text(json.dumps(d))
+    back = read_results(tmp_path)["one"]
+    assert back.previous_verdict == "reproduced" and back.verdict == "too few seeds"
+    md = render({"one": back}, ["one"])
+    assert "## Verdicts changed by the current rule" in md and "| one | reproduced | **too few seeds** |" in md
+
+
+def test_committed_per_seed_values_give_the_audits_interval():
+    # rmoe-np-ablation's two committed seeds: the audit's t-interval [-0.30, +0.21] (2 seeds: no verdict).
+    r = ClaimResult(row="rmoe-np-ablation", paper="RMoE", claim="c", paper_number="p", measured="m",
+                    measure=Measure(-0.046, -0.07, -0.022, 0.0), test=Claim("greater", 0.0155), setup="s", seeds=2,
+                    details={"per_seed": [{"np": 4.841273091149445, "gru": 4.907409160378942},
+                                          {"np": 4.934028077387638, "gru": 4.960494960518745}]})
+    assert r.measure.ci_low == pytest.approx(-0.298, abs=0.001) and r.measure.ci_high == pytest.approx(0.206, abs=0.001)
+    assert r.verdict == "too few seeds" and r.details["sequence_level_measure"]["ci_low"] == -0.07

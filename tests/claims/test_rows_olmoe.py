@@ -20,9 +20,14 @@ def test_vocab_and_domain(ws, sane):
     v = run_row(all_rows()["olmoe-vocab-specialisation"], ws)
     sane(v, "olmoe-vocab-specialisation", "OLMoE")
     assert len(v.details["per_layer"]) == 2 and v.measure.value <= 1
+    # Every seed's final checkpoint: the per-seed values are the seeds' own estimates; 2 smoke seeds decide nothing.
+    assert v.seed_values == [e["value"] for e in v.details["per_seed"]] and len(v.seed_values) == 2
+    assert v.verdict == "too few seeds" and v.measure.value == pytest.approx(sum(v.seed_values) / 2)
     d = run_row(all_rows()["olmoe-domain-specialisation"], ws)
     sane(d, "olmoe-domain-specialisation", "OLMoE")
     shares = d.details["per_domain_max_share_by_layer"]
     assert set(shares) == {"code", "math", "prose"} and all(len(s) == 2 for s in shares.values())
-    assert d.measure.value == pytest.approx(sum(sum(s) for s in shares.values()) / 6)  # mean over domains, layers
-    assert d.details["vocab_specialisation"]["value"] == pytest.approx(v.measure.value)
+    # Seed 0's value is the mean over its domains and layers.
+    assert d.details["per_seed"][0]["value"] == pytest.approx(sum(sum(s) for s in shares.values()) / 6)
+    assert d.details["vocab_specialisation"]["value"] == pytest.approx(v.details["per_seed"][0]["value"])
+    assert len(d.seed_values) == 2 and d.verdict == "too few seeds"

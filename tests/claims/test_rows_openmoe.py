@@ -14,7 +14,9 @@ def test_context_independent(ws, sane):
     assert len(d["per_layer"]) == 2 and r.measure.null == 0.0  # tiny-moe: MoE at blocks 1 and 3
     tok, pos = d["token_std"], d["position_std"]
     want = ((tok["value"] - tok["null"]) - (pos["value"] - pos["null"])) / d["ceiling"]
-    assert r.measure.value == pytest.approx(want)
+    assert d["per_seed"][0]["value"] == pytest.approx(want)  # seed 0's gap from its own estimates
+    assert r.seed_values == [g["value"] for g in d["per_seed"]] and len(r.seed_values) == 2
+    assert r.measure.value == pytest.approx(sum(r.seed_values) / 2) and r.verdict == "too few seeds"
     assert 0 < d["ceiling"] < 1
 
 
@@ -30,6 +32,7 @@ def test_early_routing(ws, sane):
     # The pairwise analysis and the whole series agree on the same checkpoint.
     assert r.measure.value == pytest.approx(curve["top1_agreement_mean"])
     assert r.measure.null == pytest.approx(curve["null_top1_mean"], rel=1e-6)
+    assert r.precondition is not None and "drop" in r.precondition.measured  # the snapshot's regime, measured
     assert all(0 <= v <= 1 for c in d["curve"] for v in c["top1_agreement"] + c["topk_overlap"])
     assert r.test.margin == pytest.approx((1 - r.measure.null) / 2)
 

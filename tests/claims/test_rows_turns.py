@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from moelab.claims.registry import all_rows, run_row
-from moelab.claims.rows_turns import _excess, _turn_gap
+from moelab.claims.rows_turns import MIN_SEQ_LEN, _turn_gap, reach
 from moelab.claims.verdict import VERDICTS
 from moelab.claims.workspace import Scale, Workspace
 
@@ -29,13 +29,13 @@ def test_row_runs_on_real_conversations(result):
         if seed["excess"] is not None:
             assert seed["excess"]["value"] == pytest.approx(seed["rise"]["value"] - seed["queue_rise"])
     assert result.measure.ci_low <= result.measure.value <= result.measure.ci_high
+    # The paper's statistic: the raw rise per seed, the queue's part a detail; 32-token rows cannot reach it.
+    assert result.seed_values == [s["rise"]["value"] for s in d["per_seed"]]
+    assert not result.precondition.met and "32-token" in result.precondition.measured
 
 
-def test_no_drops_is_no_excess():
-    quiet = {"excess": None, "overall": 0.0}
-    assert (_excess(quiet).value, _excess(quiet).ci_low, _excess(quiet).ci_high) == (0.0, 0.0, 0.0)
-    unknown = _excess({"excess": None, "overall": 0.1})  # drops, but no baseline: no value
-    assert unknown.value != unknown.value
+def test_reach_needs_the_papers_positions():
+    assert not reach(128).met and reach(MIN_SEQ_LEN).met and not reach(MIN_SEQ_LEN - 1).met
 
 
 def test_turn_gap_by_hand():

@@ -1,6 +1,9 @@
+import dataclasses
+
 import pytest
 
-from moelab.claims.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, Measure, verdict
+from moelab.claims.verdict import (INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, TOO_FEW_SEEDS, Claim,
+                                   Measure, Precondition, decide, verdict)
 
 
 @pytest.mark.parametrize("lo, value, hi, direction, margin, want", [
@@ -28,3 +31,13 @@ def test_nan_is_inconclusive_and_bad_claims_refused():
         Claim("bigger")
     with pytest.raises(ValueError):
         Claim("greater", -0.1)
+
+
+def test_decide_seeds_then_precondition_then_interval():
+    m, c = Measure(0.3, 0.2, 0.4, 0.0), Claim("greater", 0.1)
+    assert decide(m, c, 2)[0] == TOO_FEW_SEEDS and decide(m, c, 0)[0] == TOO_FEW_SEEDS
+    assert decide(m, c, 3) == verdict(m, c)
+    unmet = Precondition("loss within 0.1 nats of the final", "5.93 vs 4.41 (1.52 away)", False)
+    v, reason = decide(m, c, 3, unmet)
+    assert v == NOT_TESTABLE and "5.93 vs 4.41" in reason
+    assert decide(m, c, 3, dataclasses.replace(unmet, met=True))[0] == REPRODUCED

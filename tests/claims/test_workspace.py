@@ -1,3 +1,5 @@
+import dataclasses
+
 from moelab.claims.workspace import Scale, Workspace
 
 
@@ -20,3 +22,39 @@ def test_cache_rebuilds_only_on_changed_settings_or_unfinished(tmp_path):
     fresh._cached(tmp_path / "a", {"k": 2}, make)
     fresh._cached(tmp_path / "a", {"k": 2}, make)  # --fresh: once per folder per run
     assert made == ["a"] * 4
+
+
+def test_retrain_with_other_settings_at_the_same_path_rebuilds_the_trace(tmp_path, one_torch_thread):
+    # The audit's reproduction: a run retrained with 4 experts at the path of an 8-expert run was served the
+    # old 8-expert trace, because the trace keyed on the checkpoint's path.
+    from moelab.claims.models import final
+    from moelab.trace.io import open_trace
+
+    ws = Workspace(tmp_path, dataclasses.replace(Scale.smoke(), threads=1, steps=2), log=lambda m: None)
+    run = ws.run("r", "tiny-moe", ["model.moe.num_experts=8"])
+    assert set(open_trace(ws.trace(final(run), "t")).meta.num_experts) == {8}
+    again = ws.run("r", "tiny-moe", ["model.moe.num_experts=4"])  # same folder, other settings: retrained
+    assert again == run
+    assert set(open_trace(ws.trace(final(run), "t")).meta.num_experts) == {4}
+
+
+def test_keys_follow_content_preset_and_code(tmp_path, monkeypatch):
+    from moelab.claims import fingerprint
+
+    f = tmp_path / "ckpt"
+    f.mkdir()
+    (f / "model.safetensors").write_bytes(b"abc")
+    h = fingerprint.tree_hash(f)
+    (f / "claims-settings.json").write_text("{}")  # the stamp is not content
+    assert fingerprint.tree_hash(f) == h
+    (f / "model.safetensors").write_bytes(b"abd")  # same size, other bytes
+    assert fingerprint.tree_hash(f) != h
+    assert fingerprint.preset_contents("tiny-moe")["model"] != fingerprint.preset_contents("tiny-dense")["model"]
+    code = fingerprint.code_version("analysis")
+    src = tmp_path / "src"
+    (src / "analysis").mkdir(parents=True)
+    (src / "analysis" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(fingerprint, "SRC", src)
+    one = fingerprint.code_version("analysis")
+    (src / "analysis" / "a.py").write_text("x = 2\n")
+    assert fingerprint.code_version("analysis") != one and one != code

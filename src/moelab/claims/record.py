@@ -1,7 +1,9 @@
 """One row's result as JSON: what the paper says, what moelab measured, the verdict and how to re-run it.
 
-The verdict is recomputed from the stored measure and claim when a result is read, so a table can never
-show a verdict its numbers do not support.
+The verdict is recomputed from the stored per-seed values, measure, claim and precondition when a result
+is read, so a table can never show a verdict its numbers do not support. With two or more per-seed values
+the measure's interval is the t-interval over them (`seeds.t_interval`): the row's own interval (often a
+bootstrap over held-out sequences) is kept in details as `sequence_level_measure`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moelab.claims.verdict import Claim, Measure, verdict
+from moelab.claims.preconditions import unmeasured
+from moelab.claims.seeds import t_interval
+from moelab.claims.seedvals import seed_values
+from moelab.claims.verdict import MIN_SEEDS, Claim, Measure, Precondition, decide
 from moelab.config import MoelabError
 
 SCHEMA = 1
@@ -35,11 +40,29 @@ class ClaimResult:
     note: str = ""  # why the verdict, at this scale
     seconds: float = float("nan")  # wall time of the row, cached models excluded
     command: str = ""
+    seed_values: list[float] = dataclasses.field(default_factory=list)  # the statistic per trained model
+    precondition: Precondition | None = None  # the regime the claim needs, measured
+    previous_verdict: str = ""  # the verdict stored in the JSON this result was read from (old rule)
     verdict: str = ""
     reason: str = ""
 
     def __post_init__(self) -> None:
-        self.verdict, self.reason = verdict(self.measure, self.test)
+        if self.precondition is None:
+            self.precondition = unmeasured(self.row)
+        if not self.seed_values:
+            self.seed_values = seed_values(self.row, self.details, self.seeds, self.measure.value)
+        finite = [v for v in self.seed_values if math.isfinite(v)]
+        if len(finite) >= 2:
+            own = self.details.get("sequence_level_measure") or dataclasses.asdict(self.measure)
+            self.details["sequence_level_measure"] = own
+            mean, lo, hi = t_interval(finite)
+            self.measure = Measure(mean, lo, hi, self.measure.null, self.measure.null_sd)
+        elif len(finite) == 1 and self.seeds > 1:  # one seed's value of several: no interval over seeds
+            self.measure = Measure(finite[0], float("nan"), float("nan"), self.measure.null, self.measure.null_sd)
+        self.verdict, self.reason = decide(self.measure, self.test, len(finite), self.precondition)
+        if self.verdict == "too few seeds" and 0 < len(finite) < self.seeds:
+            self.reason = (f"the row's statistic is stored for {len(finite)} of the {self.seeds} seeds; an interval "
+                           f"over seeds needs at least {MIN_SEEDS}")
         if not self.command:
             self.command = f"python benchmarks/claims.py --only {self.row}"
 
@@ -70,10 +93,15 @@ def from_json(d: dict[str, Any], where: str = "result") -> ClaimResult:
         m = d["measure"]
         measure = Measure(_num(m["value"]), _num(m["ci_low"]), _num(m["ci_high"]), _num(m["null"]),
                           None if m.get("null_sd") is None else float(m["null_sd"]))
-        fields = {f.name for f in dataclasses.fields(ClaimResult)} - {"measure", "test", "verdict", "reason"}
+        fields = {f.name for f in dataclasses.fields(ClaimResult)} - {
+            "measure", "test", "verdict", "reason", "precondition", "previous_verdict"}
         kw = {k: v for k, v in d.items() if k in fields}
         kw["seconds"] = _num(kw.get("seconds"))
-        return ClaimResult(measure=measure, test=Claim(**d["test"]), **kw)
+        kw["seed_values"] = [_num(v) for v in kw.get("seed_values") or []]
+        pre = d.get("precondition")
+        return ClaimResult(measure=measure, test=Claim(**d["test"]), precondition=None if pre is None else
+                           Precondition(str(pre["needs"]), str(pre["measured"]), bool(pre["met"])),
+                           previous_verdict=str(d.get("previous_verdict") or d.get("verdict") or ""), **kw)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MoelabError(f"{where} is not a claims result ({type(e).__name__}: {e})") from None
 

@@ -71,3 +71,25 @@ def describe_run(ws: Workspace, preset: str = "tiny-moe", seed: int = 0, seeds: 
     return (f"{preset} {which} ({millions(active)} active of {millions(total)} parameters; "
             f"{len(cfg.moe_layer_ids())} MoE of {cfg.n_layers} blocks, top-{moe.top_k} of {moe.num_experts} "
             f"experts), {ws.scale.describe()}, main corpus")
+
+
+def final_models(ws: Workspace, preset: str = "tiny-moe") -> list[dict[str, Any]]:
+    """Each seed's metrics.json entry (headline, analyses) of its final checkpoint (seed 0 from `routing_metrics`, the others
+    from an analysis of their final trace alone): the per-seed values of the single-checkpoint rows."""
+    from moelab.claims.models import final
+
+    out = [routing_metrics(ws, preset, 0)]
+    for seed in range(1, ws.scale.seeds):
+        trace = ws.trace(final(base_run(ws, preset, seed)), f"final-{preset}-s{seed}")
+        m = ws.analyze(f"final-{preset}-s{seed}", [trace], names=[preset], options={"min_count": min_count(ws)})
+        out.append(m["models"][preset])
+    return out
+
+
+def over_seeds(models: list[dict[str, Any]], key: str) -> tuple[Measure, list[float], list[dict]]:
+    """(seed 0's measure with the nulls' mean over seeds, the per-seed values, per-seed estimates)."""
+    import dataclasses
+
+    each = [measure_of(m["headline"][key]["estimate"]) for m in models]
+    null = sum(m.null for m in each) / len(each)
+    return (dataclasses.replace(each[0], null=null), [m.value for m in each], [dataclasses.asdict(m) for m in each])

@@ -9,7 +9,8 @@ import numpy as np
 
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
-from moelab.claims.routing import checkpoint_traces, describe_run, measure_of, routing_metrics
+from moelab.claims.routing import (checkpoint_traces, describe_run, final_models, measure_of, over_seeds,
+                                   routing_metrics)
 from moelab.claims.rows_openmoe import agreement_at, early_curve, halfway_step, halfway_text, nearest_snapshot
 from moelab.claims.verdict import Claim
 from moelab.claims.workspace import Workspace
@@ -57,7 +58,7 @@ def saturation(ws: Workspace) -> ClaimResult:
 def vocab_specialisation(ws: Workspace) -> ClaimResult:
     m = routing_metrics(ws)
     heads, analyses = m["headline"], m["analyses"]
-    vocab = measure_of(heads["vocab_specialisation"]["estimate"])
+    vocab, vocab_seeds, vocab_each = over_seeds(final_models(ws), "vocab_specialisation")
     v = analyses["vocab"]
     per_layer = [{"layer": i, "rescaled": e["value"], "ci": [e["ci_low"], e["ci_high"]], "null": e["null_mean"],
                   "uniform": u} for i, (e, u) in enumerate(zip(v["estimates"], v["uniform_rescaled"]))]
@@ -69,11 +70,13 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
         measured="Vocabulary specialisation, OLMoE's definition: per token ID seen >= 10 times, max_e count(v, e) / "
                  "n(v) over its top-k choices, averaged over token IDs, rescaled (p - k/E) / (1 - k/E) so 0 is "
                  "random and 1 perfect; mean over MoE layers. Null: token IDs shuffled across a layer's tokens "
-                 "(keeps expert load and each ID's count). 95% interval: bootstrap over sequences.",
-        measure=vocab, test=Claim("greater", margin=VOCAB_MARGIN),
-        setup=f"{describe_run(ws)}; every held-out token of the final checkpoint traced at the trained capacity.",
-        seeds=1,
-        details={"per_layer": per_layer,
+                 "(keeps expert load and each ID's count), mean over seeds. 95% interval: t over seeds (each "
+                 "seed's bootstrap over sequences in details).",
+        measure=vocab, test=Claim("greater", margin=VOCAB_MARGIN), seed_values=vocab_seeds,
+        setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; every held-out token of each final checkpoint traced at "
+              "the trained capacity.",
+        seeds=ws.scale.seeds,
+        details={"per_layer": per_layer, "per_seed": vocab_each,
                  "domain_max_share": dataclasses.asdict(measure_of(heads["max_share:domain"]["estimate"]))},
         note=f"Margin {VOCAB_MARGIN} (rescaled): a tenth of the way from random to perfect beyond the null. The null "
              "sits above uniform routing because an ID seen few times shows a max share above k/E by chance.")
@@ -83,7 +86,7 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
 def domain_specialisation(ws: Workspace) -> ClaimResult:
     m = routing_metrics(ws)
     heads, analyses = m["headline"], m["analyses"]
-    dom = measure_of(heads["max_share:domain"]["estimate"])
+    dom, dom_seeds, dom_each = over_seeds(final_models(ws), "max_share:domain")
     d = analyses["domain_specialisation:domain"]
     names = d["names"][0]
     per_domain = {name: [float(np.max(layer[g])) for layer in d["share"]] for g, name in enumerate(names)}
@@ -95,12 +98,13 @@ def domain_specialisation(ws: Workspace) -> ClaimResult:
         measured="Domain specialisation, OLMoE's definition: per domain and expert the share of the domain's tokens "
                  "with the expert in their top-k; value: per domain the largest share over experts, averaged over "
                  "domains and MoE layers. Null: the domain label shuffled across a layer's tokens (keeps expert "
-                 "load and domain sizes). 95% interval: bootstrap over sequences. The expert-domain mutual "
-                 "information is in details.",
-        measure=dom, test=Claim("greater", margin=DOMAIN_MARGIN),
-        setup=f"{describe_run(ws)}; domains {', '.join(names)}; every held-out token of the final checkpoint.",
-        seeds=1,
-        details={"per_domain_max_share_by_layer": per_domain, "uniform_k_over_E": d["uniform"],
+                 "load and domain sizes), mean over seeds. 95% interval: t over seeds (each seed's bootstrap over "
+                 "sequences in details). The expert-domain mutual information is in details (seed 0).",
+        measure=dom, test=Claim("greater", margin=DOMAIN_MARGIN), seed_values=dom_seeds,
+        setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; domains {', '.join(names)}; every held-out token of each "
+              "final checkpoint.",
+        seeds=ws.scale.seeds,
+        details={"per_domain_max_share_by_layer": per_domain, "per_seed": dom_each, "uniform_k_over_E": d["uniform"],
                  "mi_domain": dataclasses.asdict(measure_of(heads["mi:domain"]["estimate"])),
                  "vocab_specialisation": dataclasses.asdict(measure_of(heads["vocab_specialisation"]["estimate"]))},
         note=f"Margin {DOMAIN_MARGIN}: a domain's favourite expert must take 5 points more of its tokens than under a "

@@ -6,6 +6,7 @@ import math
 from typing import Mapping, Sequence
 
 from moelab.claims.record import ClaimResult
+from moelab.claims.verdict import VERDICTS
 
 PAPERS = ("OpenMoE", "RMoE", "A Closer Look", "OLMoE", "Sparse upcycling", "Interventions")
 
@@ -13,14 +14,20 @@ HEADER = """# The papers' claims, measured
 
 Each row states a claim of OpenMoE, RMoE, A Closer Look or OLMoE (or a question the interventions answer),
 what the paper reports, moelab's measurement on models trained on this machine, and a verdict that follows
-mechanically from the 95% interval, the null and the claim's margin (`src/moelab/claims/verdict.py`):
-**reproduced** when the whole interval lies beyond the null in the claimed direction and the value clears
-the margin, **not reproduced** when the interval rules out an effect of the margin's size (or lies on the
-wrong side), **inconclusive** otherwise. The models are tiny (a few million parameters, minutes of training
-on 2 CPU cores), so a verdict is about this scale; each row's note says what that does.
+mechanically from the 95% interval, the null and the claim's margin (`src/moelab/claims/verdict.py`).
+Every claim here is about trained models, so the interval is a Student t interval over the per-seed values
+(one value per independently trained model; `seeds.t_interval`, whose coverage is simulated in
+tests/claims/test_seed_coverage.py): a row with fewer than 3 seeds says **too few seeds** and signs
+nothing (one run's interval covers held-out text, not training runs). A row whose declared precondition
+(the regime its claim is about) is measured and unmet says **not testable here**, with the numbers.
+Otherwise: **reproduced** when the whole interval lies beyond the null in the claimed direction and the
+value clears the margin, **not reproduced** when the interval rules out an effect of the margin's size (or
+lies on the wrong side), **inconclusive** otherwise. The models are tiny (a few million parameters, minutes
+of training on 2 CPU cores), so a verdict is about this scale; each row's note says what that does.
 
-Written by `python benchmarks/claims.py` from the JSON results in `docs/claims/`; re-run one row with the
-command in its last column (cached models are reused; `--fresh` retrains).
+Written by `python benchmarks/claims.py --table-only --write-docs` from the JSON results in `docs/claims/`
+(the verdicts are recomputed from the stored per-seed values on every render); re-run one row with the
+command in its detail (results go to a scratch folder unless `--write-docs`).
 """
 
 
@@ -51,6 +58,9 @@ def details(r: ClaimResult) -> str:
             f" Wall time of its last run: {r.seconds / 60:.1f} min (training it found cached not repeated).")
     lines = [f"### {r.row}", "", f"**Claim ({r.paper}).** {r.claim} Paper: {r.paper_number}", "",
              f"**Measured.** {r.measured}", "", f"**Setup.** {r.setup} Seeds: {r.seeds}.{secs}", "",
+             *([f"**Precondition.** Needs {r.precondition.needs}; measured {r.precondition.measured} "
+                f"({'met' if r.precondition.met else 'unmet'}).", ""] if r.precondition else []),
+             f"**Per-seed values.** {', '.join(fmt(v) for v in r.seed_values) or 'none stored'}.", "",
              f"**Verdict: {r.verdict}**: {r.reason}." + (f" {r.note}" if r.note else ""), "",
              f"Re-run: `{r.command}`", ""]
     return "\n".join(lines)
@@ -72,6 +82,21 @@ def replica_section(rows: Sequence[ClaimResult], replica: Mapping[str, ClaimResu
     return out + [""]
 
 
+def changed_section(rows: Sequence[ClaimResult]) -> list[str]:
+    """The rows whose verdict differs from the one stored with their result (decided under an older rule)."""
+    moved = [r for r in rows if r.previous_verdict and r.previous_verdict != r.verdict]
+    if not moved:
+        return []
+    out = ["## Verdicts changed by the current rule", "",
+           "The stored results were decided by an older rule (a percentile bootstrap over seeds and sequences; "
+           "one- and two-seed rows signed, no precondition). Re-decided from the same stored numbers: a t-interval "
+           "over seeds, at least 3 seeds, and a declared precondition that a stored result predating it cannot "
+           "meet:", "",
+           "| row | stored verdict | now | why |", "|---|---|---|---|"]
+    out += [f"| {r.row} | {r.previous_verdict} | **{r.verdict}** | {cell(r.reason)} |" for r in moved]
+    return out + [""]
+
+
 def render(results: Mapping[str, ClaimResult], order: Sequence[str],
            replica: Mapping[str, ClaimResult] | None = None, replica_about: str = "") -> str:
     """Rows in registry order, then any result whose row is no longer registered (marked as such);
@@ -80,7 +105,7 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str],
     rows += [r for n, r in sorted(results.items()) if n not in order]
     missing = [n for n in order if n not in results]
     out = [HEADER]
-    counts = {v: sum(r.verdict == v for r in rows) for v in ("reproduced", "not reproduced", "inconclusive")}
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
     out.append(f"{len(rows)} rows: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."
                + (f" Not yet run: {', '.join(missing)}." if missing else "") + "\n")
     for paper in PAPERS + tuple(sorted({r.paper for r in rows} - set(PAPERS))):
@@ -91,6 +116,7 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str],
                 "| row | claim | paper | moelab: value [95% CI] | null | needs | verdict | seeds |",
                 "|---|---|---|---|---|---|---|---|"]
         out += [summary_line(r) for r in group] + [""]
+    out += changed_section(rows)
     if replica:
         out += replica_section(rows, replica, replica_about)
     out += ["## Rows in detail", ""] + [details(r) for r in rows]

@@ -12,6 +12,14 @@ paper's statement needs (e.g. "well above", or a loss gain worth reporting). Wit
 
 An interval that excludes the null but stays below the margin is "not reproduced": the effect exists
 but is smaller than what the claim needs; the reason says so.
+
+Two states come before the interval is read (`decide`):
+
+- too few seeds: the claim is about trained models, and fewer than MIN_SEEDS of them were trained. One
+  run's interval covers held-out text, not training runs, and a t-interval over 2 seeds is too wide to
+  rule anything out (t at 1 degree of freedom is 12.7), so neither verdict is signed;
+- not testable here: the row's declared precondition (the regime the claim is about: a converged run,
+  routing beyond its null, ...) was measured and is unmet; the reason gives the numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import dataclasses
 import math
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+TOO_FEW_SEEDS, NOT_TESTABLE = "too few seeds", "not testable here"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, TOO_FEW_SEEDS, NOT_TESTABLE)
+MIN_SEEDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +82,25 @@ def verdict(m: Measure, claim: Claim) -> tuple[str, str]:
     if near > 0:
         return INCONCLUSIVE, f"{side} the null, but the value falls short of the margin {claim.margin:g}"
     return INCONCLUSIVE, "the interval holds both the null and an effect of the margin's size"
+
+
+@dataclasses.dataclass(frozen=True)
+class Precondition:
+    """The regime a claim needs, stated before measuring (`needs`), and what the run shows (`measured`)."""
+
+    needs: str
+    measured: str
+    met: bool
+
+
+def decide(m: Measure, claim: Claim, n_seeds: int, precondition: Precondition | None = None) -> tuple[str, str]:
+    """The verdict of a row over `n_seeds` trained models: too few seeds, then an unmet precondition, then
+    `verdict` on the interval."""
+    if n_seeds == 0:
+        return TOO_FEW_SEEDS, "no per-seed values stored to put an interval over"
+    if n_seeds < MIN_SEEDS:
+        return TOO_FEW_SEEDS, (f"{n_seeds} trained model{'s' if n_seeds != 1 else ''} (seed{'s' if n_seeds != 1 else ''}); "
+                               f"a claim about trained models needs an interval over at least {MIN_SEEDS}")
+    if precondition is not None and not precondition.met:
+        return NOT_TESTABLE, f"needs {precondition.needs}; measured {precondition.measured}"
+    return verdict(m, claim)

@@ -2,7 +2,9 @@
 
 Every artefact lives in its own folder with a `claims-settings.json` stamp; a folder whose stamp differs
 from the settings asked for (or that never finished: no stamp) is rebuilt, so a changed row never reads a
-stale model. `Scale` holds the sizes every row derives its runs from; `Scale.smoke()` makes each row run
+stale model. The settings hold contents, not names (`fingerprint.py`): the checkpoint's and corpus's
+files, the preset's resolved table, and the source of the packages that make the artefact; a model
+retrained at the same path changes its traces' key. `Scale` holds the sizes every row derives its runs from; `Scale.smoke()` makes each row run
 in seconds for the tests.
 """
 
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from moelab.claims.fingerprint import code_version, preset_contents, tree_hash
 from moelab.lockfile import locked
 
 STAMP = "claims-settings.json"
@@ -89,7 +92,8 @@ class Workspace:
 
         s = self.scale
         vocab = vocab_size or s.vocab_size
-        settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source}
+        settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source,
+                    "code": code_version("data")}
 
         def make(folder: Path) -> None:
             self.log(f"[claims] corpus {name}: {', '.join(sources)}")
@@ -116,8 +120,10 @@ class Workspace:
                 f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_tokens={s.eval_tokens}",
                 "train.tensorboard=false", f"train.threads={s.threads}",
                 f"train.save_every={max(1, steps // (snapshots + 1)) if snapshots else steps}", *overrides]
-        settings = {"preset": preset, "sets": sets, "corpus": str(corpus), "init_from": str(init_from or ""),
-                    "model": model}
+        settings = {"preset": preset, "preset_contents": preset_contents(preset), "sets": sets,
+                    "corpus": str(corpus), "corpus_content": tree_hash(corpus),
+                    "init_from": str(init_from or ""), "init_content": tree_hash(init_from) if init_from else "",
+                    "model": model, "code": code_version("model", "train", "data")}
 
         def make(folder: Path) -> None:
             run = build_run_config(preset, str(corpus), sets, model=model)
@@ -133,7 +139,9 @@ class Workspace:
         """A trace of the held-out split at the trained capacity ("trained") or dropless ("none")."""
         corpus = corpus or _run_corpus(checkpoint)
         tokens = tokens or self.scale.trace_tokens
-        settings = {"checkpoint": str(checkpoint), "corpus": str(corpus), "all_experts": all_experts,
+        settings = {"checkpoint": str(checkpoint), "checkpoint_content": tree_hash(checkpoint),
+                    "corpus": str(corpus), "corpus_content": tree_hash(corpus), "all_experts": all_experts,
+                    "code": code_version("model", "trace", "data"),
                     "tokens": tokens, "capacity": capacity, "seq_len": self.scale.seq_len,
                     "batch_size": self.scale.batch_size}
 
@@ -149,7 +157,10 @@ class Workspace:
         from moelab.report.build import build_report
 
         settings = {"traces": [str(t) for t in traces], "names": list(names or []),
-                    "weights": [str(w) for w in weights or []],
+                    "trace_contents": [tree_hash(t) for t in traces],
+                    "weights": [str(w) for w in weights or []], "weight_contents": [tree_hash(w) for w in weights or []],
+                    "early_contents": {k: [tree_hash(p) for p in v] for k, v in (early or {}).items()},
+                    "code": code_version("analysis", "report", "trace"),
                     "early": {k: [str(p) for p in v] for k, v in (early or {}).items()}, "options": options}
 
         def make(folder: Path) -> None:

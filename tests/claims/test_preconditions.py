@@ -1,0 +1,53 @@
+"""The 'not testable here' state: planted learning curves with a known regime, checked against scipy."""
+
+import numpy as np
+import pytest
+from scipy.stats import linregress
+
+from moelab.claims.preconditions import beyond_null, gap_settled, late_slope, snapshot_near_final
+from moelab.claims.record import ClaimResult
+from moelab.claims.verdict import Claim, Measure
+
+STEPS = np.arange(10, 410, 10.0)
+
+
+def _curve(rng, floor, scale, tau, noise=0.01):
+    return np.column_stack([STEPS, floor + scale * np.exp(-STEPS / tau) + noise * rng.standard_normal(len(STEPS))])
+
+
+def test_late_slope_matches_linregress_and_finds_nothing_in_a_flat_curve():
+    rng = np.random.default_rng(0)
+    flat = np.column_stack([STEPS, 4.0 + 0.01 * rng.standard_normal(len(STEPS))])
+    slope, lo, hi = late_slope(flat)
+    ref = linregress(flat[STEPS >= 330, 0] / 1000, flat[STEPS >= 330, 1])
+    assert slope == pytest.approx(ref.slope) and hi - slope == pytest.approx(ref.stderr * 2.446912, rel=1e-5)  # 8 points, t(6)
+    assert lo <= 0 <= hi
+    assert np.isnan(late_slope(flat[:2])[0])
+
+
+def test_planted_under_trained_pair_is_not_testable():
+    rng = np.random.default_rng(1)
+    # The GRU model learns slower: its deficit is still shrinking at the last step (the audit's RMoE case).
+    slow = [_curve(rng, 4.4, 3.0, 400) for _ in range(3)]
+    fast = [_curve(rng, 4.4, 3.0, 60) for _ in range(3)]
+    pre = gap_settled(slow, fast)
+    assert not pre.met and "slope" in pre.measured
+    # The same pair after both have converged (taus far below the run): the gap is flat.
+    done_a = [_curve(rng, 4.4, 3.0, 30) for _ in range(3)]
+    done_b = [_curve(rng, 4.5, 3.0, 20) for _ in range(3)]
+    assert gap_settled(done_a, done_b).met
+    r = ClaimResult(row="planted", paper="RMoE", claim="c", paper_number="p", measured="m",
+                    measure=Measure(-0.2, -0.3, -0.1, 0.0), test=Claim("greater", 0.02), setup="s", seeds=3,
+                    seed_values=[-0.25, -0.2, -0.15], precondition=pre)
+    assert r.verdict == "not testable here" and pre.measured in r.reason
+    assert ClaimResult(**{**r.__dict__, "precondition": gap_settled(done_a, done_b), "verdict": "",
+                          "reason": ""}).verdict == "not reproduced"
+
+
+def test_snapshot_and_null_preconditions_with_hand_numbers():
+    # The audit's numbers: 5.93 at step 80 against 4.41 at the end, from 8.3 at the start: 61% of the drop.
+    pre = snapshot_near_final(5.93, 4.41, 8.3)
+    assert not pre.met and "61% of the drop" in pre.measured
+    assert snapshot_near_final(4.5, 4.41, 8.3).met
+    assert beyond_null(Measure(0.3, 0.25, 0.35, 0.2), "routing").met
+    assert not beyond_null(Measure(0.21, 0.19, 0.23, 0.2), "routing").met
