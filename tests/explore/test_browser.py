@@ -592,3 +592,42 @@ def test_svg_and_png_export_of_the_text_view(page):
     w, h = struct.unpack(">II", data[16:24])
     box = page.eval_on_selector("#token-area", "e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height]")
     assert (w, h) == (int(-(-box[0] // 1)), int(-(-box[1] // 1)))
+
+
+def test_a_late_answer_for_an_earlier_expert_does_not_replace_the_later_one(browser, tmp_path):
+    """Issue 23.8 (stale results): open expert 0, then expert 4 while expert 0's answer is held back; when
+    it arrives late the page must keep showing expert 4 (it used to show whichever answer came last)."""
+    import numpy as np
+
+    from moelab.explore.commands import build_explorer
+    from moelab.trace.io import TraceWriter
+    from moelab.trace.schema import TraceMeta
+
+    T = 64
+    pos = np.arange(T)
+    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % 20 + 1, "layer": np.zeros(T, np.int64),
+            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
+            "dropped": np.zeros(T, bool)}
+    with TraceWriter(tmp_path / "t.parquet", TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
+        w.write(cols)
+    server = bind(build_explorer([str(tmp_path / "t.parquet")]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    held = []
+    pg.route("**/api/expert?*expert=0*", lambda route: held.append(route))
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        pg.click("#legend .swatch[data-expert='0']")
+        pg.wait_for_timeout(300)
+        assert held, "the request for expert 0 was not made"
+        pg.click("table.load tr[data-layer='0'] td[data-expert='4']")
+        pg.locator("#expert-title", has_text="expert E4").wait_for()
+        for route in held:
+            route.continue_()
+        pg.wait_for_timeout(1500)
+        assert "expert E4" in pg.inner_text("#expert-title")
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

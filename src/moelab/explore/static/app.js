@@ -310,16 +310,20 @@ function openExpert(layer, e) {
   $("x-expert").value = e;
   selectView("expert");
   loadOverview(S.trace).catch(() => {});
-  return guarded(["expert-body"], () => loadExpert(layer, e));
+  // A ticket per request: an earlier expert's answer that arrives late must not replace the later one's.
+  const ticket = (S.expertTicket = (S.expertTicket || 0) + 1);
+  return guarded(["expert-body"], () => loadExpert(layer, e, ticket));
 }
 
-async function loadExpert(layer, e) {
+async function loadExpert(layer, e, ticket) {
+  const stale = () => ticket !== S.expertTicket;
   let d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
-  while (d.pending) {  // the expert summaries are still being built by one pass over the trace
+  while (d.pending && !stale()) {  // the expert summaries are still being built by one pass over the trace
     status(`building the expert summaries: ${pct(d.progress)}`);
     await new Promise((r) => setTimeout(r, 1000));
     d = await api(`/api/expert?trace=${S.trace}&layer=${layer}&expert=${e}`);
   }
+  if (stale()) return;
   const co = d.coactivation.slice(0, 12).map((r) => `<tr><td>${badge(r.expert)}</td><td>${esc(r.count)}</td>` +
     `<td>${num(r.expected, 1)}</td><td>${num(r.ratio, 2)}</td></tr>`).join("");
   $("expert-body").innerHTML =
