@@ -225,7 +225,7 @@ def test_longcat_zero_experts_are_the_routers_own_choice():
         assert torch.equal(r.expert_ids_TK.sort(-1).values, choice.sort(-1).values)
         w = scores.gather(1, r.expert_ids_TK) * router.routed_scaling_factor
         torch.testing.assert_close(r.weights_TK, w)
-        n_real = b.experts.num_experts
+        n_real = model.config.n_routed_experts  # the real experts; zero experts follow them
         zero_seen |= bool((r.expert_ids_TK >= n_real).any())
         assert r.probs_TE.shape[-1] == n_real + model.config.zero_expert_num
     assert zero_seen  # the rewritten case is exercised, so the test can fail
