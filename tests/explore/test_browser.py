@@ -471,21 +471,11 @@ def test_csv_export_equals_the_table(page):
 def test_paging_past_4096_tokens(browser, tmp_path):
     """Issue 23.9: a document longer than a page (4096 tokens) could not be read past its first page.
     One 5000-token sequence, one layer, top-1, expert = pos % 8 (planted)."""
-    import numpy as np
-
     from moelab.explore.commands import build_explorer
     from moelab.explore.queries import MAX_DOC_TOKENS
-    from moelab.trace.io import TraceWriter
-    from moelab.trace.schema import TraceMeta
 
     T = 5000
-    pos = np.arange(T)
-    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % 40 + 1, "layer": np.zeros(T, np.int64),
-            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
-            "dropped": np.zeros(T, bool)}
-    with TraceWriter(tmp_path / "long.parquet", TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
-        w.write(cols)
-    server = bind(build_explorer([str(tmp_path / "long.parquet")]), "127.0.0.1", 0)
+    server = bind(build_explorer([str(_one_layer_trace(tmp_path / "long.parquet", T, vocab=40))]), "127.0.0.1", 0)
     serve_in_thread(server)
     pg = browser.new_page(viewport={"width": 1400, "height": 900})
     top1 = "els => els.map(e => +e.dataset.expert)"
@@ -597,20 +587,9 @@ def test_svg_and_png_export_of_the_text_view(page):
 def test_a_late_answer_for_an_earlier_expert_does_not_replace_the_later_one(browser, tmp_path):
     """Issue 23.8 (stale results): open expert 0, then expert 4 while expert 0's answer is held back; when
     it arrives late the page must keep showing expert 4 (it used to show whichever answer came last)."""
-    import numpy as np
-
     from moelab.explore.commands import build_explorer
-    from moelab.trace.io import TraceWriter
-    from moelab.trace.schema import TraceMeta
 
-    T = 64
-    pos = np.arange(T)
-    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % 20 + 1, "layer": np.zeros(T, np.int64),
-            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
-            "dropped": np.zeros(T, bool)}
-    with TraceWriter(tmp_path / "t.parquet", TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
-        w.write(cols)
-    server = bind(build_explorer([str(tmp_path / "t.parquet")]), "127.0.0.1", 0)
+    server = bind(build_explorer([str(_one_layer_trace(tmp_path / "t.parquet", 64, vocab=20))]), "127.0.0.1", 0)
     serve_in_thread(server)
     pg = browser.new_page(viewport={"width": 1400, "height": 900})
     held = []
@@ -631,3 +610,17 @@ def test_a_late_answer_for_an_earlier_expert_does_not_replace_the_later_one(brow
         pg.close()
         server.shutdown()
         server.server_close()
+
+
+def _one_layer_trace(path, T, vocab):
+    """One sequence of T tokens, one layer of 8 experts, top-1 cycling through the experts."""
+    from moelab.trace.io import TraceWriter
+    from moelab.trace.schema import TraceMeta
+
+    pos = np.arange(T)
+    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1, "layer": np.zeros(T, np.int64),
+            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
+            "dropped": np.zeros(T, bool)}
+    with TraceWriter(path, TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
+        w.write(cols)
+    return path
