@@ -3,53 +3,17 @@ commands.py -> loop.py -> upcycle.py used to come back to commands.py for resolv
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
+
 import moelab.train
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for the shared import_graph helper
+from import_graph import find_cycle, package_graph  # noqa: E402
+
 TRAIN = Path(moelab.train.__file__).parent
-
-
-def train_imports(path: Path) -> set[str]:
-    """Modules of moelab.train that `path` imports anywhere (top level or inside a function)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "moelab.train":
-                out |= {f"moelab.train.{a.name}" for a in node.names}
-            elif node.module.startswith("moelab.train."):
-                out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("moelab.train.")}
-    return out
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle as a path that returns to its start, or None (depth-first, iterative)."""
-    done: set[str] = set()
-    for root in sorted(graph):
-        stack, path = [(root, iter(sorted(graph[root])))], [root]
-        while stack:
-            node, children = stack[-1]
-            child = next(children, None)
-            if child is None:
-                done.add(node)
-                stack.pop()
-                path.pop()
-            elif child in path:
-                return path[path.index(child):] + [child]
-            elif child not in done and child in graph:
-                stack.append((child, iter(sorted(graph[child]))))
-                path.append(child)
-    return None
-
-
-def graph() -> dict[str, set[str]]:
-    mods = {f"moelab.train.{p.stem}": p for p in TRAIN.glob("*.py") if p.stem != "__init__"}
-    return {m: train_imports(p) & set(mods) for m, p in mods.items()}
 
 
 def test_the_checker_finds_a_planted_circle():
@@ -58,7 +22,7 @@ def test_the_checker_finds_a_planted_circle():
 
 
 def test_train_modules_import_one_way():
-    g = graph()
+    g = package_graph(moelab.train)
     assert "moelab.train.upcycle" in g["moelab.train.loop"] and "moelab.train.loop" in g["moelab.train.commands"]
     cycle = find_cycle(g)
     assert cycle is None, f"import circle: {' -> '.join(cycle)}"
