@@ -22,6 +22,13 @@ _COST = {"pool": 1.0, "load": 0.5, "coactivation": 1.5, "gates": 2.0, "dynamic":
 _FORK_STATE: dict[str, Any] = {}
 
 
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def split(keys: list[str], workers: int) -> list[list[str]]:
     """Greedy longest-first split of accumulator names into at most `workers` parts of similar cost."""
     parts: list[list[str]] = [[] for _ in range(min(workers, len(keys)))]
