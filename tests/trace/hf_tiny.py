@@ -41,6 +41,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16], moe_num_shared_experts=1,
                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
                                              "mrope_section": [1, 1, 2]}),
+    # GLM-5-Next's sparse attention is NoPE and pools index keys in blocks that must divide index_topk.
+    "glm5_next": dict(qk_rope_head_dim=0, index_kpool=2),
     "glm4v_moe": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                     "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
