@@ -47,6 +47,9 @@ FAMILY_OVERRIDES: dict[str, dict] = {
                                                     "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
     # Kolibri 1.1 rounds keys in blocks of 16 along head_dim; its indexer scores with <= heads per key head.
+    # HY-V4-VL's mrope sections (time, height, width) must sum to half its rotary dims.
+    "hy_v4_vl": dict(qk_rope_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [2, 1, 1]}),
     "kolibri1_1": dict(head_dim=16, index_num_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,
