@@ -55,6 +55,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,
                       indexer_kv_heads=1),
     "step3p7": dict(share_expert_dim=16),
+    "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert (its validator says so)
 }
 
 
