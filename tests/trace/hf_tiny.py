@@ -50,6 +50,10 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     # HY-V4-VL's mrope sections (time, height, width) must sum to half its rotary dims.
     "hy_v4_vl": dict(qk_rope_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                           "mrope_section": [2, 1, 1]}),
+    # Inkling2 checkpoints pad the unembedding to vocab_size; save pads it back from unpadded_vocab_size
+    # (200058 by default, more rows than the tiny vocab). 8 padded rows, so the round trip does work.
+    "inkling2": dict(unpadded_vocab_size=VOCAB - 8),
+    "inkling2_loop": dict(unpadded_vocab_size=VOCAB - 8),
     "kolibri1_1": dict(head_dim=16, index_num_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,

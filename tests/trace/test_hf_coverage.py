@@ -130,11 +130,6 @@ def _tiny_or_fail(module: str, model_type: str, ids: torch.Tensor):
                     f"; add the family's sizes to FAMILY_OVERRIDES in tests/trace/hf_tiny.py", pytrace=False)
 
 
-# Tiny configs that transformers' own validators reject when read back from config.json (a limit of the
-# tiny builder, not of the family): traced from the model built in memory, named here so the gap is visible.
-NOT_FROM_DISK = {"inkling2", "inkling2_loop"}
-
-
 def _from_disk(model, folder: Path, ids: torch.Tensor, plain: torch.Tensor):
     """The tiny model saved and read back as users load one (`trace --hf FOLDER`: moelab's loader after
     its weightless preflight) and its untraced output; the same numbers as the model built in memory
@@ -159,7 +154,7 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
     entry = family_entry(model_type)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     model, plain = _tiny_or_fail(module, model_type, ids)
-    if not entry.refuse and module not in NOT_FROM_DISK:
+    if not entry.refuse:
         model, plain = _from_disk(model, tmp_path / "model", ids, plain)
     if entry.refuse:
         with pytest.raises(MoelabError, match="cannot trace") as err:
@@ -329,8 +324,7 @@ def support_table() -> str:
             f"{transformers.__version__}'s decoder MoE families ({len(FAMILIES)} modeling files) and "
             "`moelab.trace.adapters.FAMILIES`. \"traced\" means `tests/trace/test_hf_coverage.py` builds a "
             "tiny random model of the family, saves it to a folder and loads it with moelab's loader as `trace "
-            f"--hf FOLDER` does (in memory for {', '.join(sorted(NOT_FROM_DISK))}: transformers' validators "
-            "reject their tiny configs on reload), traces it by hooks, recomputes every MoE layer's expert "
+            "--hf FOLDER` does, traces it by hooks, recomputes every MoE layer's expert "
             "output from the traced experts and weights alone and matches the block's own, checks the traced "
             "ids equal the router's own selection wherever the router returns ids (LongCat-Flash's zero "
             "experts, ids >= n_routed_experts, are read from its router: its block rewrites them before the "
