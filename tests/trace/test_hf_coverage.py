@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model, unshrunk_fields  # noqa: E402
 
 from moelab.config import MoelabError  # noqa: E402
-from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
+from moelab.trace.adapters import family_entry, find_moe_blocks, router_of  # noqa: E402
 from moelab.trace.adapters import HFRoutingRecorder  # noqa: E402
 
 FAMILIES = decoder_moe_families()
@@ -36,16 +36,18 @@ def _output(out) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _experts_io(model):
+def _experts_io(model, entry):
     """The experts modules' (x, ids, weights) arguments and output in one forward, and each router's own
-    output (its ids where it returns (logits, weights, ids)), hooked by the test."""
+    selection (`_own_choice`), hooked by the test."""
     seen, handles = {}, []
     for b in find_moe_blocks(model):
-        def on_router(mod, args, out, block=b.block):
-            if isinstance(out, (tuple, list)) and len(out) == 3 and not out[2].is_floating_point():
-                seen[("router", block)] = out[2].detach().reshape(-1, out[2].shape[-1])
-        if b.router is not None:
-            handles.append(b.router.register_forward_hook(on_router))
+        router = router_of(model, b)
+
+        def on_router(mod, args, out, block=b.block, owner=b.module):
+            seen[("router", block)] = _own_choice(entry, owner, mod, out)
+        if router is not None:
+            handles.append(router.register_forward_hook(on_router))
+
         def hook(mod, args, kwargs, out, block=b.block):
             seen[block] = (args, out, seen.pop(("in", block)))
 
@@ -54,6 +56,26 @@ def _experts_io(model):
         handles.append(b.module.register_forward_pre_hook(block_in, with_kwargs=True))
         handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
     return seen, handles
+
+
+@torch.no_grad()
+def _own_choice(entry, block, router, out) -> torch.Tensor | None:
+    """The expert ids [T, K] the router's own output selects, read as the family's code reads it; None for
+    an output form this test does not know (the family test then fails, naming it)."""
+    if isinstance(out, (tuple, list)) and len(out) >= 3 and not out[2].is_floating_point():
+        K = out[2].shape[-1]
+        if entry.skip_zero:  # Zaya's router returns its skip class as expert 0: redo its top-k from its logits
+            biased = torch.softmax(out[0].float(), dim=-1) + router.balancing_biases
+            return biased.reshape(-1, biased.shape[-1]).topk(K, dim=-1).indices
+        return out[2].reshape(-1, K)  # (logits, weights, ids[, ...]), LongCat-Flash's zero experts included
+    if entry.decision == "router_scores":  # Llama 4: dense sigmoid scores, exactly 0 off the choice
+        dense_TE = out[0].reshape(-1, out[0].shape[-1])
+        K = int(router.top_k)
+        assert ((dense_TE != 0).sum(-1) == K).all()
+        return dense_TE.ne(0).nonzero()[:, 1].view(-1, K)
+    if isinstance(out, torch.Tensor) and hasattr(block, "route_tokens_to_experts"):  # DBRX: the block routes
+        return block.route_tokens_to_experts(out)[1]  # the router's logits
+    return None
 
 
 def _one_expert(experts, x_TD, e: int, K: int) -> torch.Tensor:
@@ -161,7 +183,7 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
         assert "\n" not in str(err.value)
         return
     with torch.no_grad():
-        seen, handles = _experts_io(model)
+        seen, handles = _experts_io(model, entry)
         try:
             with HFRoutingRecorder(model) as rec:
                 traced = _output(model(input_ids=ids, use_cache=False))
@@ -186,9 +208,10 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
                 y_TD = y_out.reshape(E, -1, y_out.shape[-1]).sum(0).float()
             assert _rel_err(y_ref, y_TD) < 1e-4, f"block {r.layer}: the trace does not reproduce the experts' output"
             own = seen.get(("router", r.layer))
-            if own is not None and not entry.skip_zero:  # the router's own choice is what the trace holds
-                assert torch.equal(r.expert_ids_TK.sort(-1).values, own.long().sort(-1).values), \
-                    f"block {r.layer}: the traced ids are not the router's own selection"
+            assert own is not None, f"{module}: the test cannot read its router's own selection (add the " \
+                "router's output form to _own_choice)"
+            assert torch.equal(r.expert_ids_TK.sort(-1).values, own.long().sort(-1).values), \
+                f"block {r.layer}: the traced ids are not the router's own selection"
             if entry.score == "softmax":
                 torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(r.probs_TE.shape[0]))
 
@@ -223,6 +246,37 @@ def test_longcat_zero_experts_are_the_routers_own_choice():
         zero_seen |= bool((r.expert_ids_TK >= n_real).any())
         assert r.probs_TE.shape[-1] == n_real + model.config.zero_expert_num
     assert zero_seen  # the rewritten case is exercised, so the test can fail
+
+
+def test_zaya_skip_class_is_the_routers_own_choice():
+    """Zaya's router returns a skip-class choice (id num_experts, no compute) as expert 0 with weight 0; the
+    trace holds the skip class, marked dropped. Reference: the router's rule redone from its own logits:
+    top-k of softmax(logits) + balancing biases, weights = the chosen probabilities, 0 on the skip class."""
+    if "zaya" not in FAMILIES.values():
+        pytest.skip("this transformers has no Zaya")
+    model = tiny_model("zaya")
+    blocks = find_moe_blocks(model)
+    logits = {}
+    for b in blocks:
+        router = router_of(model, b)
+        with torch.no_grad():  # the skip class level with the experts (its default -1 keeps it unchosen)
+            router.balancing_biases.zero_()
+        router.register_forward_hook(lambda m, a, out, block=b.block: logits.__setitem__(block, out[0]))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=ids, use_cache=False)
+        layers = rec.pop()
+    E = model.config.num_experts
+    skipped = kept = 0
+    for cap in layers:
+        r = cap.routing
+        probs = torch.softmax(logits[r.layer].float(), dim=-1)
+        choice = probs.topk(model.config.num_experts_per_tok, dim=-1).indices
+        assert torch.equal(r.expert_ids_TK.sort(-1).values, choice.sort(-1).values)
+        assert torch.equal(r.dropped_TK, r.expert_ids_TK == E)
+        torch.testing.assert_close(r.weights_TK, probs.gather(1, r.expert_ids_TK) * ~r.dropped_TK)
+        skipped, kept = skipped + int(r.dropped_TK.sum()), kept + int((~r.dropped_TK).sum())
+    assert skipped and kept  # both cases exercised, so the test can fail
 
 
 def test_a_family_the_builder_cannot_shrink_fails_in_one_line(monkeypatch):
@@ -272,7 +326,7 @@ def test_the_matrix_reference_is_used_where_experts_are_stacked():
 def test_the_reference_rejects_a_wrong_trace():
     """The check can fail: the same trace with each token's two choices swapped no longer reproduces."""
     model = tiny_model("mixtral")
-    seen, handles = _experts_io(model)
+    seen, handles = _experts_io(model, family_entry("mixtral"))
     with torch.no_grad(), HFRoutingRecorder(model) as rec:
         model(input_ids=torch.arange(16).view(2, 8), use_cache=False)
         r = rec.pop()[0].routing
@@ -323,11 +377,13 @@ def support_table() -> str:
             f"{transformers.__version__}'s decoder MoE families ({len(FAMILIES)} modeling files) and "
             "`moelab.trace.adapters.FAMILIES`. \"traced\" means `tests/trace/test_hf_coverage.py` builds a "
             "tiny random model of the family, saves it to a folder and loads it with moelab's loader as `trace "
-            "--hf FOLDER` does, traces it by hooks, recomputes every MoE layer's expert "
+            "--hf FOLDER` does (as the class built in memory: the causal LM, else the head class config.json "
+            "names, `moelab.hf.model_class`), traces it by hooks, recomputes every MoE layer's expert "
             "output from the traced experts and weights alone and matches the block's own, checks the traced "
-            "ids equal the router's own selection wherever the router returns ids (LongCat-Flash's zero "
-            "experts, ids >= n_routed_experts, are read from its router: its block rewrites them before the "
-            "experts run), and checks the logits are unchanged by tracing. Weights sum to 1: whether a token's combine weights do (a sigmoid "
+            "ids equal the router's own selection in every family (its returned ids; Llama 4's non-zero dense "
+            "scores; DBRX's block routing of its logits; LongCat-Flash's zero experts, ids >= "
+            "n_routed_experts, and Zaya's skip class, id num_experts, read before the block or router rewrites "
+            "them to a real expert with weight 0), and checks the logits are unchanged by tracing. Weights sum to 1: whether a token's combine weights do (a sigmoid "
             "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
             "not a distribution); a trace records what it measured on its first forward.", "",
             "A trace's sidecar (`extra`) records `family`, `routing_rule`, `scoring_function` (what its `probs` "
