@@ -383,7 +383,8 @@ def support_table() -> str:
             "ids equal the router's own selection in every family (its returned ids; Llama 4's non-zero dense "
             "scores; DBRX's block routing of its logits; LongCat-Flash's zero experts, ids >= "
             "n_routed_experts, and Zaya's skip class, id num_experts, read before the block or router rewrites "
-            "them to a real expert with weight 0), and checks the logits are unchanged by tracing. Weights sum to 1: whether a token's combine weights do (a sigmoid "
+            "them to a real expert with weight 0), and checks the logits are unchanged by tracing. "
+            "Weights sum to 1: whether a token's combine weights do (a sigmoid "
             "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
             "not a distribution); a trace records what it measured on its first forward.", "",
             "A trace's sidecar (`extra`) records `family`, `routing_rule`, `scoring_function` (what its `probs` "

@@ -37,7 +37,8 @@ def model_class(folder: Path, config) -> type:
     if type(config) in AutoModelForCausalLM._model_mapping:
         return AutoModelForCausalLM
     named = named_classes(folder)
-    head = next((c for c in named if c.__name__.endswith(HEADS) and getattr(c, "config_class", None) is type(config)), None)
+    head = next((c for c in named
+                 if c.__name__.endswith(HEADS) and getattr(c, "config_class", None) is type(config)), None)
     if head is not None:
         return head
     if type(config) in AutoModel._model_mapping:

@@ -19,7 +19,6 @@ import inspect
 import re
 
 import torch
-import torch.nn.functional as F
 
 from moelab.config import MoelabError
 from moelab.model.moe import LayerRouting
