@@ -111,8 +111,8 @@ def _overrides(keys: dict) -> dict:
     return out
 
 
-def tiny_config(model_type: str):
-    """The tiny config of the family's text decoder (a multimodal family's text config alone)."""
+def _tiny_kwargs(model_type: str):
+    """(the family's full-size text config, the tiny values its constructor gets)."""
     from transformers import AutoConfig
 
     text = AutoConfig.for_model(model_type).get_text_config()
@@ -125,13 +125,15 @@ def tiny_config(model_type: str):
     if "d_model" in keys:
         kw.update(d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64)
     kw.update(FAMILY_OVERRIDES.get(model_type.removesuffix("_text"), {}))
-    try:
-        cfg = type(text)(**kw)
-    except Exception:  # a validator that checks a derived field we did not set: set fields after init
-        cfg = type(text)()
-        for k, v in kw.items():
-            if not isinstance(v, dict):
-                setattr(cfg, k, v)
+    return text, kw
+
+
+def tiny_config(model_type: str):
+    """The tiny config of the family's text decoder (a multimodal family's text config alone). Built by its
+    constructor, so its validators run: a tiny config they reject could not be saved and read back, as
+    users load a model, and fails here (the fix is a FAMILY_OVERRIDES row)."""
+    text, kw = _tiny_kwargs(model_type)
+    cfg = type(text)(**kw)
     if hasattr(cfg, "attn_config") and not hasattr(cfg.attn_config, "rope_theta"):
         cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
         cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
@@ -144,8 +146,11 @@ def unshrunk_fields(model_type: str) -> list[str]:
     another). Named in the failure so the fix is a FAMILY_OVERRIDES row."""
     from transformers import AutoConfig
 
-    tiny = tiny_config(model_type).to_dict()
     full = AutoConfig.for_model(model_type).get_text_config().to_dict()
+    try:
+        tiny = tiny_config(model_type).to_dict()
+    except Exception:  # noqa: BLE001 - a config its validators reject: the values it was given
+        tiny = {**full, **_tiny_kwargs(model_type)[1]}
     return sorted(f"{k}={v}" for k, v in tiny.items() if type(v) is int and v > 1 and v == full.get(k)
                   and not k.endswith("_token_id") and k != "max_position_embeddings")
 
