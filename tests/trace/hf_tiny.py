@@ -41,15 +41,25 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16], moe_num_shared_experts=1,
                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
                                              "mrope_section": [1, 1, 2]}),
+    # GLM-5-Next's sparse attention is NoPE and pools index keys in blocks that must divide index_topk.
+    "glm5_next": dict(qk_rope_head_dim=0, index_kpool=2),
     "glm4v_moe": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                     "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
     # Kolibri 1.1 rounds keys in blocks of 16 along head_dim; its indexer scores with <= heads per key head.
+    # HY-V4-VL's mrope sections (time, height, width) must sum to half its rotary dims.
+    "hy_v4_vl": dict(qk_rope_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [2, 1, 1]}),
+    # Inkling2 checkpoints pad the unembedding to vocab_size; save pads it back from unpadded_vocab_size
+    # (200058 by default, more rows than the tiny vocab). 8 padded rows, so the round trip does work.
+    "inkling2": dict(unpadded_vocab_size=VOCAB - 8),
+    "inkling2_loop": dict(unpadded_vocab_size=VOCAB - 8),
     "kolibri1_1": dict(head_dim=16, index_num_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "qwen4_exp": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_head_dim=8, indexer_n_heads=2,
                       indexer_kv_heads=1),
     "step3p7": dict(share_expert_dim=16),
+    "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert (its validator says so)
 }
 
 
@@ -101,8 +111,8 @@ def _overrides(keys: dict) -> dict:
     return out
 
 
-def tiny_config(model_type: str):
-    """The tiny config of the family's text decoder (a multimodal family's text config alone)."""
+def _tiny_kwargs(model_type: str):
+    """(the family's full-size text config, the tiny values its constructor gets)."""
     from transformers import AutoConfig
 
     text = AutoConfig.for_model(model_type).get_text_config()
@@ -115,13 +125,15 @@ def tiny_config(model_type: str):
     if "d_model" in keys:
         kw.update(d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64)
     kw.update(FAMILY_OVERRIDES.get(model_type.removesuffix("_text"), {}))
-    try:
-        cfg = type(text)(**kw)
-    except Exception:  # a validator that checks a derived field we did not set: set fields after init
-        cfg = type(text)()
-        for k, v in kw.items():
-            if not isinstance(v, dict):
-                setattr(cfg, k, v)
+    return text, kw
+
+
+def tiny_config(model_type: str):
+    """The tiny config of the family's text decoder (a multimodal family's text config alone). Built by its
+    constructor, so its validators run: a tiny config they reject could not be saved and read back, as
+    users load a model, and fails here (the fix is a FAMILY_OVERRIDES row)."""
+    text, kw = _tiny_kwargs(model_type)
+    cfg = type(text)(**kw)
     if hasattr(cfg, "attn_config") and not hasattr(cfg.attn_config, "rope_theta"):
         cfg.attn_config.rope_theta = 10000.0  # DBRX's model reads keys its 5.x config lost
         cfg.attn_config.clip_qkv = getattr(cfg.attn_config, "clip_qkv", None) or 8.0
@@ -134,8 +146,11 @@ def unshrunk_fields(model_type: str) -> list[str]:
     another). Named in the failure so the fix is a FAMILY_OVERRIDES row."""
     from transformers import AutoConfig
 
-    tiny = tiny_config(model_type).to_dict()
     full = AutoConfig.for_model(model_type).get_text_config().to_dict()
+    try:
+        tiny = tiny_config(model_type).to_dict()
+    except Exception:  # noqa: BLE001 - a config its validators reject: the values it was given
+        tiny = {**full, **_tiny_kwargs(model_type)[1]}
     return sorted(f"{k}={v}" for k, v in tiny.items() if type(v) is int and v > 1 and v == full.get(k)
                   and not k.endswith("_token_id") and k != "max_position_embeddings")
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model, unshrunk_fields  # noqa: E402
 
 from moelab.config import MoelabError  # noqa: E402
-from moelab.trace.adapters import family_entry, find_moe_blocks  # noqa: E402
+from moelab.trace.adapters import family_entry, find_moe_blocks, router_of  # noqa: E402
 from moelab.trace.adapters import HFRoutingRecorder  # noqa: E402
 
 FAMILIES = decoder_moe_families()
@@ -36,16 +36,18 @@ def _output(out) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _experts_io(model):
+def _experts_io(model, entry):
     """The experts modules' (x, ids, weights) arguments and output in one forward, and each router's own
-    output (its ids where it returns (logits, weights, ids)), hooked by the test."""
+    selection (`_own_choice`), hooked by the test."""
     seen, handles = {}, []
     for b in find_moe_blocks(model):
-        def on_router(mod, args, out, block=b.block):
-            if isinstance(out, (tuple, list)) and len(out) == 3 and not out[2].is_floating_point():
-                seen[("router", block)] = out[2].detach().reshape(-1, out[2].shape[-1])
-        if b.router is not None:
-            handles.append(b.router.register_forward_hook(on_router))
+        router = router_of(model, b)
+
+        def on_router(mod, args, out, block=b.block, owner=b.module):
+            seen[("router", block)] = _own_choice(entry, owner, mod, out)
+        if router is not None:
+            handles.append(router.register_forward_hook(on_router))
+
         def hook(mod, args, kwargs, out, block=b.block):
             seen[block] = (args, out, seen.pop(("in", block)))
 
@@ -54,6 +56,26 @@ def _experts_io(model):
         handles.append(b.module.register_forward_pre_hook(block_in, with_kwargs=True))
         handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
     return seen, handles
+
+
+@torch.no_grad()
+def _own_choice(entry, block, router, out) -> torch.Tensor | None:
+    """The expert ids [T, K] the router's own output selects, read as the family's code reads it; None for
+    an output form this test does not know (the family test then fails, naming it)."""
+    if isinstance(out, (tuple, list)) and len(out) >= 3 and not out[2].is_floating_point():
+        K = out[2].shape[-1]
+        if entry.skip_zero:  # Zaya's router returns its skip class as expert 0: redo its top-k from its logits
+            biased = torch.softmax(out[0].float(), dim=-1) + router.balancing_biases
+            return biased.reshape(-1, biased.shape[-1]).topk(K, dim=-1).indices
+        return out[2].reshape(-1, K)  # (logits, weights, ids[, ...]), LongCat-Flash's zero experts included
+    if entry.decision == "router_scores":  # Llama 4: dense sigmoid scores, exactly 0 off the choice
+        dense_TE = out[0].reshape(-1, out[0].shape[-1])
+        K = int(router.top_k)
+        assert ((dense_TE != 0).sum(-1) == K).all()
+        return dense_TE.ne(0).nonzero()[:, 1].view(-1, K)
+    if isinstance(out, torch.Tensor) and hasattr(block, "route_tokens_to_experts"):  # DBRX: the block routes
+        return block.route_tokens_to_experts(out)[1]  # the router's logits
+    return None
 
 
 def _one_expert(experts, x_TD, e: int, K: int) -> torch.Tensor:
@@ -124,31 +146,25 @@ def _tiny_or_fail(module: str, model_type: str, ids: torch.Tensor):
         with torch.no_grad():
             return model, _output(model(input_ids=ids, use_cache=False))
     except Exception as e:  # noqa: BLE001 - any error of the build is the same finding
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        said = " ".join(str(e).split())  # a validator's reason is on its error's second line
         pytest.fail(f"{module} ({model_type}): the tiny model cannot be built or run ({type(e).__name__}: "
-                    f"{first[:200]}); fields left at full size: {', '.join(unshrunk_fields(model_type)) or 'none'}"
+                    f"{said[:240]}); fields left at full size: {', '.join(unshrunk_fields(model_type)) or 'none'}"
                     f"; add the family's sizes to FAMILY_OVERRIDES in tests/trace/hf_tiny.py", pytrace=False)
-
-
-# Tiny configs that transformers' own validators reject when read back from config.json (a limit of the
-# tiny builder, not of the family): traced from the model built in memory, named here so the gap is visible.
-NOT_FROM_DISK = {"glm5_next", "hy_v4_vl", "zaya", "inkling2", "inkling2_loop"}
 
 
 def _from_disk(model, folder: Path, ids: torch.Tensor, plain: torch.Tensor):
     """The tiny model saved and read back as users load one (`trace --hf FOLDER`: moelab's loader after
-    its weightless preflight) and its untraced output; the same numbers as the model built in memory
-    (a base model where the folder's class is one: same decoder, its hidden states)."""
+    its weightless preflight) and its untraced output: the same class, built on the meta device by the
+    preflight too, and the same numbers as the model built in memory."""
     from moelab.trace.hf import load_hf_model, preflight
 
     model.save_pretrained(folder)
-    preflight(folder, getattr(model.config, "model_type", None))
+    meta = preflight(folder, getattr(model.config, "model_type", None))
     loaded = load_hf_model(folder, "cpu", dtype="float32")
+    assert type(loaded) is type(model) and type(meta) is type(model), \
+        f"built {type(model).__name__}, loaded {type(loaded).__name__}, preflight {type(meta).__name__}"
     with torch.no_grad():
         out = _output(loaded(input_ids=ids, use_cache=False))
-        if out.shape != plain.shape:
-            inner = getattr(model, "model", model)
-            plain = _output(inner(input_ids=ids, use_cache=False))
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6, msg="saved and loaded differ")
     return loaded, out
 
@@ -159,7 +175,7 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
     entry = family_entry(model_type)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     model, plain = _tiny_or_fail(module, model_type, ids)
-    if not entry.refuse and module not in NOT_FROM_DISK:
+    if not entry.refuse:
         model, plain = _from_disk(model, tmp_path / "model", ids, plain)
     if entry.refuse:
         with pytest.raises(MoelabError, match="cannot trace") as err:
@@ -167,7 +183,7 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
         assert "\n" not in str(err.value)
         return
     with torch.no_grad():
-        seen, handles = _experts_io(model)
+        seen, handles = _experts_io(model, entry)
         try:
             with HFRoutingRecorder(model) as rec:
                 traced = _output(model(input_ids=ids, use_cache=False))
@@ -192,9 +208,10 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
                 y_TD = y_out.reshape(E, -1, y_out.shape[-1]).sum(0).float()
             assert _rel_err(y_ref, y_TD) < 1e-4, f"block {r.layer}: the trace does not reproduce the experts' output"
             own = seen.get(("router", r.layer))
-            if own is not None and not entry.skip_zero:  # the router's own choice is what the trace holds
-                assert torch.equal(r.expert_ids_TK.sort(-1).values, own.long().sort(-1).values), \
-                    f"block {r.layer}: the traced ids are not the router's own selection"
+            assert own is not None, f"{module}: the test cannot read its router's own selection (add the " \
+                "router's output form to _own_choice)"
+            assert torch.equal(r.expert_ids_TK.sort(-1).values, own.long().sort(-1).values), \
+                f"block {r.layer}: the traced ids are not the router's own selection"
             if entry.score == "softmax":
                 torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(r.probs_TE.shape[0]))
 
@@ -231,6 +248,37 @@ def test_longcat_zero_experts_are_the_routers_own_choice():
     assert zero_seen  # the rewritten case is exercised, so the test can fail
 
 
+def test_zaya_skip_class_is_the_routers_own_choice():
+    """Zaya's router returns a skip-class choice (id num_experts, no compute) as expert 0 with weight 0; the
+    trace holds the skip class, marked dropped. Reference: the router's rule redone from its own logits:
+    top-k of softmax(logits) + balancing biases, weights = the chosen probabilities, 0 on the skip class."""
+    if "zaya" not in FAMILIES.values():
+        pytest.skip("this transformers has no Zaya")
+    model = tiny_model("zaya")
+    blocks = find_moe_blocks(model)
+    logits = {}
+    for b in blocks:
+        router = router_of(model, b)
+        with torch.no_grad():  # the skip class level with the experts (its default -1 keeps it unchosen)
+            router.balancing_biases.zero_()
+        router.register_forward_hook(lambda m, a, out, block=b.block: logits.__setitem__(block, out[0]))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=ids, use_cache=False)
+        layers = rec.pop()
+    E = model.config.num_experts
+    skipped = kept = 0
+    for cap in layers:
+        r = cap.routing
+        probs = torch.softmax(logits[r.layer].float(), dim=-1)
+        choice = probs.topk(model.config.num_experts_per_tok, dim=-1).indices
+        assert torch.equal(r.expert_ids_TK.sort(-1).values, choice.sort(-1).values)
+        assert torch.equal(r.dropped_TK, r.expert_ids_TK == E)
+        torch.testing.assert_close(r.weights_TK, probs.gather(1, r.expert_ids_TK) * ~r.dropped_TK)
+        skipped, kept = skipped + int(r.dropped_TK.sum()), kept + int((~r.dropped_TK).sum())
+    assert skipped and kept  # both cases exercised, so the test can fail
+
+
 def test_a_family_the_builder_cannot_shrink_fails_in_one_line(monkeypatch):
     """A new family whose tiny build breaks inside transformers is a failure that names it and the fields
     left at full size, not a raw traceback: kolibri1_1 (transformers 5.25) without its override row."""
@@ -249,6 +297,20 @@ def test_a_family_the_builder_cannot_shrink_fails_in_one_line(monkeypatch):
     with pytest.raises(pytest.fail.Exception) as err:
         _tiny_or_fail("kolibri1_1", "kolibri1_1", ids)
     assert "index_num_heads=12" in str(err.value) and "FAMILY_OVERRIDES" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_tiny_config_its_validators_reject_fails_in_one_line(monkeypatch):
+    """A tiny config transformers' validators reject could not be saved and read back, so it fails at the
+    build with the validator's reason: Zaya without its override row (it routes to one expert only)."""
+    import hf_tiny
+
+    if "zaya" not in FAMILIES:
+        pytest.skip("this transformers has no Zaya")
+    monkeypatch.delitem(hf_tiny.FAMILY_OVERRIDES, "zaya")
+    with pytest.raises(pytest.fail.Exception) as err:
+        _tiny_or_fail("zaya", "zaya", torch.zeros(1, 8, dtype=torch.long))
+    assert "num_experts_per_tok=1" in str(err.value) and "FAMILY_OVERRIDES" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -278,7 +340,7 @@ def test_the_matrix_reference_is_used_where_experts_are_stacked():
 def test_the_reference_rejects_a_wrong_trace():
     """The check can fail: the same trace with each token's two choices swapped no longer reproduces."""
     model = tiny_model("mixtral")
-    seen, handles = _experts_io(model)
+    seen, handles = _experts_io(model, family_entry("mixtral"))
     with torch.no_grad(), HFRoutingRecorder(model) as rec:
         model(input_ids=torch.arange(16).view(2, 8), use_cache=False)
         r = rec.pop()[0].routing
@@ -329,12 +391,14 @@ def support_table() -> str:
             f"{transformers.__version__}'s decoder MoE families ({len(FAMILIES)} modeling files) and "
             "`moelab.trace.adapters.FAMILIES`. \"traced\" means `tests/trace/test_hf_coverage.py` builds a "
             "tiny random model of the family, saves it to a folder and loads it with moelab's loader as `trace "
-            f"--hf FOLDER` does (in memory for {', '.join(sorted(NOT_FROM_DISK))}: transformers' validators "
-            "reject their tiny configs on reload), traces it by hooks, recomputes every MoE layer's expert "
+            "--hf FOLDER` does (as the class built in memory: the causal LM, else the head class config.json "
+            "names, `moelab.hf.model_class`), traces it by hooks, recomputes every MoE layer's expert "
             "output from the traced experts and weights alone and matches the block's own, checks the traced "
-            "ids equal the router's own selection wherever the router returns ids (LongCat-Flash's zero "
-            "experts, ids >= n_routed_experts, are read from its router: its block rewrites them before the "
-            "experts run), and checks the logits are unchanged by tracing. Weights sum to 1: whether a token's combine weights do (a sigmoid "
+            "ids equal the router's own selection in every family (its returned ids; Llama 4's non-zero dense "
+            "scores; DBRX's block routing of its logits; LongCat-Flash's zero experts, ids >= "
+            "n_routed_experts, and Zaya's skip class, id num_experts, read before the block or router rewrites "
+            "them to a real expert with weight 0), and checks the logits are unchanged by tracing. "
+            "Weights sum to 1: whether a token's combine weights do (a sigmoid "
             "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
             "not a distribution); a trace records what it measured on its first forward.", "",
             "A trace's sidecar (`extra`) records `family`, `routing_rule`, `scoring_function` (what its `probs` "

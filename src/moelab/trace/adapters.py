@@ -19,7 +19,6 @@ import inspect
 import re
 
 import torch
-import torch.nn.functional as F
 
 from moelab.config import MoelabError
 from moelab.model.moe import LayerRouting
@@ -197,8 +196,10 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
     return sorted(blocks, key=lambda b: b.block)
 
 
-def _external_router(model: torch.nn.Module, block: MoEBlock) -> torch.nn.Module | None:
-    """A router that lives beside the MoE block in its decoder layer (Zaya keeps it there)."""
+def router_of(model: torch.nn.Module, block: MoEBlock) -> torch.nn.Module | None:
+    """The block's router: its own child, else one beside it in its decoder layer (Zaya keeps it there)."""
+    if block.router is not None:
+        return block.router
     layer = model.get_submodule(block.name.rsplit(".", 1)[0])
     return next((getattr(layer, r) for r in _ROUTER_NAMES if isinstance(getattr(layer, r, None), torch.nn.Module)),
                 None)
@@ -264,7 +265,7 @@ class HFRoutingRecorder:
         if not self.blocks:
             raise MoelabError(f"{self.family!r} model has no MoE layers to trace (no module holds experts)")
         for b in self.blocks:
-            b.router = b.router or _external_router(model, b)
+            b.router = router_of(model, b)
             if b.router is None:
                 raise MoelabError(f"cannot find the router of MoE block {b.name} (no 'gate' or 'router' module)")
         self._handles: list = []

@@ -20,6 +20,7 @@ import torch
 from moelab.config import MoelabError
 from moelab.hf.families import read_hf_config
 from moelab.hf.hub import resolve_hf
+from moelab.hf.model_class import build, model_class
 from moelab.trace.adapters import HFRoutingRecorder, scoring_name
 from moelab.trace.build import write_trace
 from moelab.trace.schema import TraceMeta
@@ -36,12 +37,12 @@ def _dtype(name: str):
 
 def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dtype: str = "auto",
                   device_map: str | None = None):
-    """The checkpoint as transformers builds it: its causal LM (a multimodal one's too), eval mode.
+    """The checkpoint as transformers builds it, as the class `moelab.hf.model_class` picks (its causal LM,
+    else the head class it was saved as), eval mode.
 
     device_map="auto" spreads a model larger than one device over the devices (accelerate decides)."""
     try:
         import transformers
-        from transformers import AutoModel, AutoModelForCausalLM
     except ImportError:
         raise MoelabError("tracing a Hugging Face model needs transformers (pip install moelab[hf])") from None
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
@@ -51,18 +52,8 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kw = {key: _dtype(dtype), **({"device_map": device_map} if device_map else {})}
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
-        except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
-                raise
-            try:
-                model = AutoModel.from_pretrained(str(folder), **kw)
-            except ValueError as e2:
-                arch = _named_class(folder)
-                if arch is None or "Unrecognized configuration class" not in str(e2):
-                    raise
-                model = arch.from_pretrained(str(folder), **kw)
+        cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
+        model = cls.from_pretrained(str(folder), **kw)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers could not load {folder}: {text[0] if text else type(e).__name__}") from None
@@ -71,25 +62,10 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     return model.eval()
 
 
-def _named_class(folder: Path):
-    """The class config.json's `architectures` names, for a model no auto class maps (a multimodal model's
-    text decoder saved alone, e.g. Qwen3OmniMoeThinkerTextModel): what transformers saved it as."""
-    import json
-
-    import transformers
-
-    try:
-        names = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return None
-    found = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
-    return next((c for c in found if isinstance(c, type) and hasattr(c, "from_pretrained")), None)
-
-
 def preflight(folder: Path, model_type: str | None):
     """Refuse before loading a byte of weights: build the model on the meta device and look for its MoE
     blocks and routers (a family the adapter cannot serve, no MoE layers, a router that is not there)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
@@ -98,16 +74,9 @@ def preflight(folder: Path, model_type: str | None):
         raise MoelabError(f"transformers cannot read {folder}/config.json: {text[0] if text else e}") from None
     try:
         with torch.device("meta"):
-            try:
-                model = AutoModelForCausalLM.from_config(cfg)
-            except ValueError:
-                try:
-                    model = AutoModel.from_config(cfg)
-                except ValueError:
-                    arch = _named_class(folder)
-                    if arch is None:
-                        raise
-                    model = arch(cfg)
+            model = build(model_class(folder, cfg), cfg)
+    except MoelabError:
+        raise
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers cannot build the model of {folder}: {text[0] if text else e}") from None
