@@ -154,18 +154,6 @@ def check_probs(mode: str, num_experts: list[int], top_k: int) -> str:
     return mode
 
 
-def probs_why(meta: "TraceMeta | None") -> dict[str, str]:
-    """Why a trace has no full distribution, when its sidecar says (for analysis/suite.unanswerable)."""
-    mode = getattr(meta, "probs_mode", None)
-    n = probs_topn(mode)
-    if n is not None:
-        return {"probs": f"the trace keeps only the {n} largest router probabilities per token and layer "
-                         f"(--probs {mode}), and these statistics need all E of them"}
-    if mode == "none":
-        return {"probs": "the trace was written without router probabilities (--probs none)"}
-    return {}
-
-
 @dataclasses.dataclass(kw_only=True)
 class TraceMeta:
     """The JSON sidecar `<trace>.json`: what produced the rows and how its router was configured.
