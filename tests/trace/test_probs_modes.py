@@ -180,7 +180,7 @@ def test_a_top_n_trace_needs_both_columns(tmp_path):
 
 
 # What needs every expert's probability, by result field: a top:N trace leaves exactly these out.
-NEEDS_FULL = {"load": {"router_entropy", "router_entropy_estimates"},
+NEEDS_FULL = {"load": {"router_entropy"},
               "gates": {"cross_layer_mi", "cross_layer_null", "gate_entropy_median", "gate_entropy_mean",
                         "cross_layer_overall", "entropy_estimates", "entropy_overall"},
               "dynamic": {"rank_counts", "top1_is_largest_norm", "top1_estimates", "top1_overall"}}
@@ -203,7 +203,7 @@ def test_a_top_n_trace_runs_every_analysis_that_can_run_and_the_report_names_the
         a, b = full[name], top[name]
         if isinstance(a, dict) and name in NEEDS_FULL:
             missing = {k for k in a if b.get(k) is None and a[k] is not None}
-            assert missing <= NEEDS_FULL[name] and missing, (name, missing)
+            assert missing == NEEDS_FULL[name], (name, missing)
             a = {k: v for k, v in a.items() if k not in missing}
             b = {k: v for k, v in b.items() if k not in missing}
         assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True), name
