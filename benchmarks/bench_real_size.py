@@ -5,9 +5,12 @@ A model of any transformers MoE config class by name (default OLMoE-1B-7B's shap
 `--tiny` shrinks the config (2 layers, d 64, 8 experts top-2) for the test suite and CPU rows.
 `--analysis-only TRACE` times only the analysis of an existing trace (e.g. one from analysis_scale.py).
 
-Measured: forward tokens/s (the reference), trace tokens/s without and with probabilities, each as a
-ratio to the forward in the same process; analysis rows/s at 1 and N workers, each in a fresh process
-so that its peak RSS (parent + largest child) is its own.
+Measured: forward tokens/s (the reference); trace tokens/s for `--probs none`, `top:N` and `full` (and
+`full` without the writer thread), each as a ratio to the forward in the same process, with its file size
+(and the full trace's size had `probs` stayed float32, re-encoded the same way); intervene seconds per
+single-expert ablation (`intervene --hf`'s run_ablation) beside the plain forward over the same tokens;
+analysis rows/s at 1 and N workers, each in a fresh process so that its peak RSS (parent + largest child)
+is its own.
 """
 
 from __future__ import annotations
@@ -77,8 +80,50 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
     for _ in range(n):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         zeros = torch.zeros_like(ids)
-        yield {"input_ids": ids, "doc": zeros, "pos": torch.arange(seq).expand(batch, seq).clone(),
+        yield {"input_ids": ids, "labels": ids, "doc": zeros, "pos": torch.arange(seq).expand(batch, seq).clone(),
                "domain_id": zeros, "lang_id": zeros, "turn": zeros}
+
+
+def float32_mib(path: Path) -> float:
+    """Size of the same trace with `probs` as float32 (the format before float16), re-encoded with the
+    writer's compression and row groups: what float16 storage saves."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    out = path.with_suffix(".f32.parquet")
+    schema = file.schema_arrow
+    wide = schema.set(schema.get_field_index("probs"), pa.field("probs", pa.list_(pa.float32())))
+    with pq.ParquetWriter(out, wide, compression="zstd") as w:
+        for g in range(file.metadata.num_row_groups):
+            w.write_table(file.read_row_group(g).cast(wide), row_group_size=file.metadata.row_group(g).num_rows)
+    mib = out.stat().st_size / 2**20
+    out.unlink()
+    return mib
+
+
+def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int, forward_s: float) -> dict:
+    """`intervene --hf`'s ablation loop (one whole forward per ablated expert) over the forward's tokens:
+    seconds per ablation, and the loop's time over (ablations + 1) plain forwards (1.0: no overhead)."""
+    import torch
+
+    from moelab.intervene import hf_runner
+    from moelab.intervene.hf_edit import hf_moe
+    from moelab.intervene.study import run_ablation
+
+    block = max(hf_moe(model).blocks)
+    m = args.ablations
+    targets = [(block, (e,)) for e in range(m)]
+    data = list(_batches(n, batch, seq, vocab))
+    with torch.no_grad():
+        run_ablation(model, data[:1], targets[:1], None, ops=hf_runner)  # warm-up
+        _sync(args.device)
+        t0 = time.perf_counter()
+        run_ablation(model, data, targets, None, ops=hf_runner)
+        _sync(args.device)
+    wall = time.perf_counter() - t0
+    return {"block": block, "ablations": m, "wall_s": wall, "s_per_ablation": wall / m,
+            "vs_forwards": wall / ((m + 1) * forward_s)}
 
 
 def _sync(device: str) -> None:
@@ -122,31 +167,43 @@ def model_rows(args, tmp: Path) -> dict:
     out: dict = {"config": args.config, "device": args.device, "tiny": args.tiny, "tokens": tokens, "trace": {}}
     forward()  # warm-up, outside the recorder: the plain forward is the reference
     out["forward_tok_s"] = forward()
+    top_n = args.top_n or min(8, max(shape["num_experts_per_tok"], shape["num_experts"] // 2))
     with torch.no_grad(), HFRoutingRecorder(model, model.config.model_type) as rec:
         widths, top_k, _ = probe(model, rec)
-        meta = TraceMeta(num_experts=widths, top_k=top_k, labels={"domain": ["d"], "lang": ["l"]},
-                         extra={"moe_blocks": list(range(len(widths)))})
 
         def capture(b):
             model(input_ids=b["input_ids"].to(args.device), use_cache=False)
             return rec.pop()
 
-        for name in ("none", "full", "full_sync"):  # full_sync: no writer thread (the loop before issue 22)
-            probs = name.split("_")[0]
-            path = tmp / f"trace_{name}.parquet"
+        warm = TraceMeta(num_experts=widths, top_k=top_k, labels={"domain": ["d"], "lang": ["l"]},
+                         extra={"moe_blocks": list(range(len(widths)))})
+        write_trace(_batches(1, batch, seq, shape["vocab_size"]), tmp / "warm.parquet", warm, capture, optional=[],
+                    blocks=warm.extra["moe_blocks"], max_tokens=batch * seq, probs="full")  # first-use costs
+        # full_sync: no writer thread (the loop before issue 22)
+        for name in ("none", f"top:{top_n}", "full", "full_sync"):
+            meta = TraceMeta(num_experts=widths, top_k=top_k, labels={"domain": ["d"], "lang": ["l"]},
+                             extra={"moe_blocks": list(range(len(widths)))})
+            path = tmp / f"trace_{name.replace(':', '')}.parquet"
             t0 = time.perf_counter()
-            stats = write_trace(_batches(n, batch, seq, shape["vocab_size"]), path, meta, capture,
-                                optional=["probs"] if probs == "full" else [], blocks=meta.extra["moe_blocks"],
-                                max_tokens=tokens, full_probs=probs == "full", overlap=name != "full_sync")
+            stats = write_trace(_batches(n, batch, seq, shape["vocab_size"]), path, meta, capture, optional=[],
+                                blocks=meta.extra["moe_blocks"], max_tokens=tokens, probs=name.split("_")[0],
+                                overlap=name != "full_sync")
             _sync(args.device)
             rate = stats["tokens"] / (time.perf_counter() - t0)
             out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
                                    "mib": path.stat().st_size / 2**20}
             if name == "full":
+                out["trace"][name]["mib_if_float32"] = float32_mib(path)
                 out["trace_path"] = str(path)
+    out["intervene"] = intervene_rows(model, args, n, batch, seq, shape["vocab_size"], tokens / out["forward_tok_s"])
     for probs, r in out["trace"].items():
+        f32 = f" (float32 probs: {r['mib_if_float32']:.3f} MiB)" if "mib_if_float32" in r else ""
         print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
-              f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.1f} MiB")
+              f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.3f} MiB{f32}")
+    iv = out["intervene"]
+    print(f"intervene --hf: {iv['ablations']} single-expert ablations of block {iv['block']} over {tokens:,} tokens "
+          f"in {iv['wall_s']:.2f} s = {iv['s_per_ablation']:.3f} s per ablation, {iv['vs_forwards']:.2f}x the time "
+          f"of {iv['ablations'] + 1} plain forwards")
     return out
 
 
@@ -156,6 +213,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batches", type=int, default=4, help="forward batches per measurement")
+    ap.add_argument("--top-n", type=int, default=None, help="N of the top:N trace (default: min(8, max(k, E/2)))")
+    ap.add_argument("--ablations", type=int, default=None, help="experts ablated one at a time (default 8, --tiny 2)")
     ap.add_argument("--workers", type=int, default=None, help="N for the analysis rows (default: cores)")
     ap.add_argument("--analysis-only", default=None, metavar="TRACE")
     ap.add_argument("--analysis-once", default=None, metavar="TRACE", help=argparse.SUPPRESS)
@@ -174,6 +233,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"analysis": rows}, indent=1))
         return
+    args.ablations = args.ablations or (2 if args.tiny else 8)
     with tempfile.TemporaryDirectory() as tmp:
         result = model_rows(args, Path(tmp))
         result["analysis"] = analysis_rows(result.pop("trace_path"), counts)
