@@ -2,7 +2,8 @@
 
 A model of any transformers MoE config class by name (default OLMoE-1B-7B's shape), random weights:
     python benchmarks/bench_real_size.py [--config OlmoeConfig] [--device cuda|cpu] [--tiny] [--workers N]
-`--tiny` shrinks the config (2 layers, d 64, 8 experts top-2) for the test suite and CPU rows.
+`--tiny` shrinks the config (2 layers, d 64, 8 experts top-2) for the test suite and CPU rows; `--narrow`
+keeps OLMoE's routing shape (16 layers, top-8 of 64) with d 128, batches of 4 x 256.
 `--analysis-only TRACE` times only the analysis of an existing trace (e.g. one from analysis_scale.py).
 
 Measured: forward tokens/s (the reference); trace tokens/s for `--probs none`, `top:N` and `full` (and
@@ -27,6 +28,10 @@ from pathlib import Path
 
 OLMOE_1B_7B = dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=1024, num_experts=64,
                    num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304)
+# OLMoE-1B-7B's routing (16 layers, top-8 of 64) with narrow layers: a real trace's rows and columns per token
+# at a cost a CPU can run.
+NARROW = dict(OLMOE_1B_7B, hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+              vocab_size=1024)
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
             num_attention_heads=4, num_key_value_heads=4, vocab_size=256, eos_token_id=None, pad_token_id=None)
 
@@ -84,22 +89,28 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
                "domain_id": zeros, "lang_id": zeros, "turn": zeros}
 
 
-def float32_mib(path: Path) -> float:
-    """Size of the same trace with `probs` as float32 (the format before float16), re-encoded with the
-    writer's compression and row groups: what float16 storage saves."""
+def probs_widths(path: Path) -> dict:
+    """The full trace re-encoded twice from memory with the writer's compression and row groups, `probs` as
+    float16 (as written) and as float32 (the format before): file sizes and Parquet write seconds."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    out = path.with_suffix(".f32.parquet")
-    schema = file.schema_arrow
-    wide = schema.set(schema.get_field_index("probs"), pa.field("probs", pa.list_(pa.float32())))
-    with pq.ParquetWriter(out, wide, compression="zstd") as w:
-        for g in range(file.metadata.num_row_groups):
-            w.write_table(file.read_row_group(g).cast(wide), row_group_size=file.metadata.row_group(g).num_rows)
-    mib = out.stat().st_size / 2**20
-    out.unlink()
-    return mib
+    groups = [file.read_row_group(g) for g in range(file.metadata.num_row_groups)]
+    out = {}
+    for name, typ in (("f16", pa.float16()), ("f32", pa.float32())):
+        schema = file.schema_arrow
+        schema = schema.set(schema.get_field_index("probs"), pa.field("probs", pa.list_(typ)))
+        tables = [g.cast(schema) for g in groups]
+        dest = path.with_suffix(f".{name}.parquet")
+        t0 = time.perf_counter()
+        with pq.ParquetWriter(dest, schema, compression="zstd") as w:
+            for t in tables:
+                w.write_table(t, row_group_size=t.num_rows)
+        out[f"write_s_{name}"] = time.perf_counter() - t0
+        out[f"mib_{name}"] = dest.stat().st_size / 2**20
+        dest.unlink()
+    return out
 
 
 def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int, forward_s: float) -> dict:
@@ -144,15 +155,16 @@ def model_rows(args, tmp: Path) -> dict:
     from moelab.trace.schema import TraceMeta
 
     torch.set_num_threads(1)
-    shape = dict(TINY if args.tiny else OLMOE_1B_7B)
+    shape = dict(TINY if args.tiny else NARROW if args.narrow else OLMOE_1B_7B)
     shape["num_local_experts"] = shape["num_experts"]  # Mixtral's spelling; unused keys stay inert
     cls = getattr(transformers, args.config, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PretrainedConfig):
         raise SystemExit(f"--config {args.config!r} is not a transformers config class")
     torch.manual_seed(0)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = transformers.AutoModelForCausalLM.from_config(cls(**shape), dtype=dtype).to(args.device).eval()
-    batch, seq = (2, 64) if args.tiny else (8, 2048)
+    with torch.device(args.device):  # random weights drawn where they run: a 7B model's CPU init takes minutes
+        model = transformers.AutoModelForCausalLM.from_config(cls(**shape), dtype=dtype).eval()
+    batch, seq = (2, 64) if args.tiny else (4, 256) if args.narrow else (8, 2048)
     n = args.batches
     tokens = n * batch * seq
 
@@ -164,7 +176,8 @@ def model_rows(args, tmp: Path) -> dict:
         _sync(args.device)
         return tokens / (time.perf_counter() - t0)
 
-    out: dict = {"config": args.config, "device": args.device, "tiny": args.tiny, "tokens": tokens, "trace": {}}
+    out: dict = {"config": args.config, "device": args.device, "tiny": args.tiny, "narrow": args.narrow,
+                 "tokens": tokens, "trace": {}}
     forward()  # warm-up, outside the recorder: the plain forward is the reference
     out["forward_tok_s"] = forward()
     top_n = args.top_n or min(8, max(shape["num_experts_per_tok"], shape["num_experts"] // 2))
@@ -193,11 +206,13 @@ def model_rows(args, tmp: Path) -> dict:
             out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
                                    "mib": path.stat().st_size / 2**20}
             if name == "full":
-                out["trace"][name]["mib_if_float32"] = float32_mib(path)
+                out["trace"][name]["probs_widths"] = probs_widths(path)
                 out["trace_path"] = str(path)
     out["intervene"] = intervene_rows(model, args, n, batch, seq, shape["vocab_size"], tokens / out["forward_tok_s"])
     for probs, r in out["trace"].items():
-        f32 = f" (float32 probs: {r['mib_if_float32']:.3f} MiB)" if "mib_if_float32" in r else ""
+        w = r.get("probs_widths")
+        f32 = (f"; re-encoded with float16 / float32 probs: {w['mib_f16']:.3f} / {w['mib_f32']:.3f} MiB, written in "
+               f"{w['write_s_f16']:.2f} / {w['write_s_f32']:.2f} s") if w else ""
         print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
               f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.3f} MiB{f32}")
     iv = out["intervene"]
@@ -212,6 +227,8 @@ def main() -> None:
     ap.add_argument("--config", default="OlmoeConfig", help="a transformers MoE config class name")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--narrow", action="store_true", help="OLMoE-1B-7B's routing shape (16 layers, top-8 of 64) "
+                                                          "with d 128: a real trace's row shape on a CPU")
     ap.add_argument("--batches", type=int, default=4, help="forward batches per measurement")
     ap.add_argument("--top-n", type=int, default=None, help="N of the top:N trace (default: min(8, max(k, E/2)))")
     ap.add_argument("--ablations", type=int, default=None, help="experts ablated one at a time (default 8, --tiny 2)")

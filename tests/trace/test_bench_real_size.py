@@ -29,7 +29,8 @@ def test_bench_real_size_tiny(tmp_path):
     t = r["trace"]
     # 8 float16 probabilities, or 4 float32 ones and their int16 ids, more per (token, layer)
     assert min(t["full"]["mib"], t["top:4"]["mib"]) > t["none"]["mib"]
-    assert t["full"]["mib_if_float32"] > t["full"]["mib"]  # float16 probs are the smaller file
+    w = t["full"]["probs_widths"]
+    assert w["mib_f32"] > w["mib_f16"] and w["write_s_f16"] > 0 and w["write_s_f32"] > 0  # float16: smaller file
     iv = r["intervene"]
     assert iv["ablations"] == 2 and iv["block"] == 1 and iv["s_per_ablation"] > 0 and iv["vs_forwards"] > 0
     assert [(a["workers"], a["rows"]) for a in r["analysis"]] == [(1, rows), (2, rows)]

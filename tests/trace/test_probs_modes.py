@@ -46,7 +46,8 @@ def router_inputs(m, n):
     """Each router's input x_TD per layer, hooked on the router module: [L] lists of [T, D], all batches."""
     xs = [[] for _ in range(L)]
     routers = [layer.router for layer in m.moe_layers()]
-    hooks = [r.register_forward_pre_hook(lambda mod, a, l=l: xs[l].append(a[0].detach())) for l, r in enumerate(routers)]
+    hooks = [r.register_forward_pre_hook(lambda mod, a, l=l: xs[l].append(a[0].detach()))
+             for l, r in enumerate(routers)]
     with torch.no_grad():
         for b in batches(n):
             m(b["input_ids"])
