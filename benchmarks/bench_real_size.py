@@ -89,33 +89,56 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
                "domain_id": zeros, "lang_id": zeros, "turn": zeros}
 
 
-def probs_widths(path: Path) -> dict:
-    """The full trace re-encoded twice from memory with the writer's compression and row groups, `probs` as
-    float16 (as written) and as float32 (the format before): file sizes and Parquet write seconds."""
+def probs_widths(path: Path, probs_TLE) -> dict:
+    """The full trace re-encoded from memory with the writer's compression and row groups, `probs` as float16
+    (the file's own values) and as float32 (the router's values `probs_TLE`, [T, L, E], the format before):
+    file sizes and Parquet write seconds. The float16 column must be the float32 one rounded."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    groups = [file.read_row_group(g) for g in range(file.metadata.num_row_groups)]
+    table = file.read()
+    rank0 = table.column("rank").to_numpy() == 0
+    flat = probs_TLE.reshape(-1).numpy()
+    E = probs_TLE.shape[-1]
+    offsets = np.concatenate([[0], np.cumsum(np.where(rank0, E, 0))]).astype(np.int32)
+    wide = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~rank0))
+    stored = table.column("probs").combine_chunks()
+    if not np.array_equal(stored.flatten().to_numpy(zero_copy_only=False), flat.astype(np.float16)):
+        raise SystemExit("the full trace's probs are not the router's float32 values rounded to float16")
     out = {}
-    for name, typ in (("f16", pa.float16()), ("f32", pa.float32())):
-        schema = file.schema_arrow
-        schema = schema.set(schema.get_field_index("probs"), pa.field("probs", pa.list_(typ)))
-        tables = [g.cast(schema) for g in groups]
+    rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    for name, column in (("f16", stored), ("f32", wide)):
+        t = table.set_column(table.schema.get_field_index("probs"), pa.field("probs", column.type), column)
         dest = path.with_suffix(f".{name}.parquet")
         t0 = time.perf_counter()
-        with pq.ParquetWriter(dest, schema, compression="zstd") as w:
-            for t in tables:
-                w.write_table(t, row_group_size=t.num_rows)
+        with pq.ParquetWriter(dest, t.schema, compression="zstd") as w:
+            start = 0
+            for r in rows:
+                w.write_table(t.slice(start, r), row_group_size=r)
+                start += r
         out[f"write_s_{name}"] = time.perf_counter() - t0
         out[f"mib_{name}"] = dest.stat().st_size / 2**20
         dest.unlink()
     return out
 
 
-def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int, forward_s: float) -> dict:
+def router_probs_TLE(model, rec, batches, device: str):
+    """The router's float32 distributions over the batches (no padding, so token order is the trace's)."""
+    import torch
+
+    out = []
+    for b in batches:
+        model(input_ids=b["input_ids"].to(device), use_cache=False)
+        out.append(torch.stack([c.routing.probs_TE.float() for c in rec.pop()], dim=1).cpu())
+    return torch.cat(out)
+
+
+def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int) -> dict:
     """`intervene --hf`'s ablation loop (one whole forward per ablated expert) over the forward's tokens:
-    seconds per ablation, and the loop's time over (ablations + 1) plain forwards (1.0: no overhead)."""
+    seconds per ablation, and the loop's time over (ablations + 1) plain forwards (1.0: no overhead), the
+    plain pass timed just before and just after the loop (mean), so that both see the same machine load."""
     import torch
 
     from moelab.intervene import hf_runner
@@ -126,22 +149,24 @@ def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int, forwar
     m = args.ablations
     targets = [(block, (e,)) for e in range(m)]
     data = list(_batches(n, batch, seq, vocab))
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        for b in data:
+            model(input_ids=b["input_ids"].to(args.device), use_cache=False)
+        _sync(args.device)
+        return time.perf_counter() - t0
+
     with torch.no_grad():
         run_ablation(model, data[:1], targets[:1], None, ops=hf_runner)  # warm-up
-        _sync(args.device)
+        before = plain()
         t0 = time.perf_counter()
         run_ablation(model, data, targets, None, ops=hf_runner)
         _sync(args.device)
-    wall = time.perf_counter() - t0
-    return {"block": block, "ablations": m, "wall_s": wall, "s_per_ablation": wall / m,
+        wall = time.perf_counter() - t0
+        forward_s = (before + plain()) / 2
+    return {"block": block, "ablations": m, "wall_s": wall, "s_per_ablation": wall / m, "forward_s": forward_s,
             "vs_forwards": wall / ((m + 1) * forward_s)}
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def model_rows(args, tmp: Path) -> dict:
@@ -164,6 +189,11 @@ def model_rows(args, tmp: Path) -> dict:
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     with torch.device(args.device):  # random weights drawn where they run: a 7B model's CPU init takes minutes
         model = transformers.AutoModelForCausalLM.from_config(cls(**shape), dtype=dtype).eval()
+    if args.narrow:  # the router logits' spread of d 2048 (std ~0.9 on unit-RMS inputs), not of d 128's
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__.endswith(("TopKRouter", "Router")) and hasattr(m, "weight"):
+                    m.weight.mul_((OLMOE_1B_7B["hidden_size"] / shape["hidden_size"]) ** 0.5)
     batch, seq = (2, 64) if args.tiny else (4, 256) if args.narrow else (8, 2048)
     n = args.batches
     tokens = n * batch * seq
@@ -206,13 +236,14 @@ def model_rows(args, tmp: Path) -> dict:
             out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],
                                    "mib": path.stat().st_size / 2**20}
             if name == "full":
-                out["trace"][name]["probs_widths"] = probs_widths(path)
+                probs_TLE = router_probs_TLE(model, rec, _batches(n, batch, seq, shape["vocab_size"]), args.device)
+                out["trace"][name]["probs_widths"] = probs_widths(path, probs_TLE)
                 out["trace_path"] = str(path)
-    out["intervene"] = intervene_rows(model, args, n, batch, seq, shape["vocab_size"], tokens / out["forward_tok_s"])
+    out["intervene"] = intervene_rows(model, args, n, batch, seq, shape["vocab_size"])
     for probs, r in out["trace"].items():
         w = r.get("probs_widths")
-        f32 = (f"; re-encoded with float16 / float32 probs: {w['mib_f16']:.3f} / {w['mib_f32']:.3f} MiB, written in "
-               f"{w['write_s_f16']:.2f} / {w['write_s_f32']:.2f} s") if w else ""
+        f32 = (f"; re-encoded with float16 / router float32 probs: {w['mib_f16']:.3f} / {w['mib_f32']:.3f} MiB, "
+               f"written in {w['write_s_f16']:.2f} / {w['write_s_f32']:.2f} s") if w else ""
         print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
               f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.3f} MiB{f32}")
     iv = out["intervene"]
