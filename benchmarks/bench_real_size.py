@@ -169,6 +169,13 @@ def intervene_rows(model, args, n: int, batch: int, seq: int, vocab: int) -> dic
             "vs_forwards": wall / ((m + 1) * forward_s)}
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def model_rows(args, tmp: Path) -> dict:
     """Forward vs trace tokens/s of a random-weight model of the named config class."""
     import torch
