@@ -91,8 +91,9 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
 
 def probs_widths(path: Path, probs_TLE) -> dict:
     """The full trace re-encoded from memory with the writer's compression and row groups, `probs` as float16
-    (the file's own values) and as float32 (the router's values `probs_TLE`, [T, L, E], the format before):
-    file sizes and Parquet write seconds. The float16 column must be the float32 one rounded."""
+    (the file's own values) and as float32 (the router's values `probs_TLE`, [T, L, E]), both with the writer's
+    encoding, and float32 as the writer before issue 22 encoded it (`f32_before`: dictionary attempted, plain
+    floats): file sizes and Parquet write seconds. The float16 column must be the float32 one rounded."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -109,11 +110,14 @@ def probs_widths(path: Path, probs_TLE) -> dict:
         raise SystemExit("the full trace's probs are not the router's float32 values rounded to float16")
     out = {}
     rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-    for name, column in (("f16", stored), ("f32", wide)):
+    plain = [c for c in table.column_names if c != "probs"]
+    ours = dict(use_dictionary=plain)  # TraceWriter's encoding; float32 lists get byte-stream-split too
+    split = dict(ours, use_byte_stream_split=["probs.list.element"])
+    for name, column, opts in (("f16", stored, ours), ("f32", wide, split), ("f32_before", wide, {})):
         t = table.set_column(table.schema.get_field_index("probs"), pa.field("probs", column.type), column)
         dest = path.with_suffix(f".{name}.parquet")
         t0 = time.perf_counter()
-        with pq.ParquetWriter(dest, t.schema, compression="zstd") as w:
+        with pq.ParquetWriter(dest, t.schema, compression="zstd", **opts) as w:
             start = 0
             for r in rows:
                 w.write_table(t.slice(start, r), row_group_size=r)
@@ -249,8 +253,9 @@ def model_rows(args, tmp: Path) -> dict:
     out["intervene"] = intervene_rows(model, args, n, batch, seq, shape["vocab_size"])
     for probs, r in out["trace"].items():
         w = r.get("probs_widths")
-        f32 = (f"; re-encoded with float16 / router float32 probs: {w['mib_f16']:.3f} / {w['mib_f32']:.3f} MiB, "
-               f"written in {w['write_s_f16']:.2f} / {w['write_s_f32']:.2f} s") if w else ""
+        f32 = (f"; re-encoded with probs float16 / float32 / float32 as before: {w['mib_f16']:.3f} / "
+               f"{w['mib_f32']:.3f} / {w['mib_f32_before']:.3f} MiB, written in {w['write_s_f16']:.2f} / "
+               f"{w['write_s_f32']:.2f} / {w['write_s_f32_before']:.2f} s") if w else ""
         print(f"trace {probs}: {r['tok_s']:,.0f} tok/s = {r['ratio']:.2f}x the forward "
               f"({out['forward_tok_s']:,.0f} tok/s), {r['rows']:,} rows, {r['mib']:.3f} MiB{f32}")
     iv = out["intervene"]

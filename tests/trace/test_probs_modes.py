@@ -212,3 +212,15 @@ def test_a_top_n_trace_runs_every_analysis_that_can_run_and_the_report_names_the
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Without full probabilities" in page and "keeps only the 3 largest router probabilities" in page
     assert "top:3: the 3 largest per token and layer" in page
+
+
+@pytest.mark.parametrize("probs", ["full", "top:3"])
+def test_every_column_reads_in_duckdb(tmp_path, probs):
+    """SQL over a trace (the explorer's way in) sees the same list values as open_trace."""
+    duckdb = pytest.importorskip("duckdb")
+    t = trace(model(), tmp_path / "t.parquet", 1, probs, all_experts=True)
+    column = "probs" if probs == "full" else "topn_probs"
+    got = duckdb.sql(f"SELECT {column}, expert_norms FROM read_parquet('{t.path}') WHERE rank = 0").fetchall()
+    want = next(t.iter_batches(columns=[column, "expert_norms"], batch_rows=1 << 20))
+    np.testing.assert_array_equal(np.array([r[0] for r in got], np.float32), want[column])
+    np.testing.assert_array_equal(np.array([r[1] for r in got], np.float32), want["expert_norms"])

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from moelab.config import MoelabError
 from moelab.trace.schema import (
-    DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta, field_type,
-    trace_schema, validate_schema,
+    DEFAULTED, INT_LIST_COLUMNS, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta,
+    field_type, trace_schema, validate_schema,
 )
 from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
 from moelab.trace.validate import BatchValidator, fit_dtype
@@ -175,7 +175,15 @@ class TraceWriter:
             return
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+            # Float lists (probabilities, norms) repeat few values: a dictionary is built only to be dropped
+            # (4.2M float16 softmax values: written in 1.08 s instead of 1.19 s, read in 0.30 s instead of
+            # 0.75 s). float32 lists also get byte-stream-split, which zstd compresses better; float16 does
+            # not, because DuckDB (2.0) cannot read byte-stream-split float16 and SQL over a trace must work.
+            floats = [f.name for f in self._schema if f.name in LIST_COLUMNS and f.name not in INT_LIST_COLUMNS]
+            split = [f"{f.name}.list.element" for f in self._schema
+                     if f.name in floats and f.type.value_type == pa.float32()]
+            self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd", use_byte_stream_split=split,
+                                            use_dictionary=[f.name for f in self._schema if f.name not in floats])
         table = pa.Table.from_batches(self._buffer, self._schema).unify_dictionaries().combine_chunks()
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self.num_rows += table.num_rows
