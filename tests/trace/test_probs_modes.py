@@ -224,3 +224,18 @@ def test_every_column_reads_in_duckdb(tmp_path, probs):
     want = next(t.iter_batches(columns=[column, "expert_norms"], batch_rows=1 << 20))
     np.testing.assert_array_equal(np.array([r[0] for r in got], np.float32), want[column])
     np.testing.assert_array_equal(np.array([r[1] for r in got], np.float32), want["expert_norms"])
+
+
+def test_a_damaged_probs_page_is_a_one_line_error(tmp_path):
+    """Damaged float bytes decode to plausible numbers: the writer's page checksums catch them on read."""
+    t = trace(model(), tmp_path / "t.parquet", 1, "full")
+    md = pq.ParquetFile(t.path).metadata.row_group(0)
+    chunk = next(md.column(j) for j in range(md.num_columns) if md.column(j).path_in_schema == "probs.list.element")
+    data = bytearray(t.path.read_bytes())
+    at = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[at: at + 8] = bytes(8)
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    (tmp_path / "bad.parquet.json").write_text((tmp_path / "t.parquet.json").read_text())
+    with pytest.raises(MoelabError, match="row group 0 is unreadable: .*CRC") as e:
+        list(open_trace(tmp_path / "bad.parquet").iter_batches(columns=["probs"]))
+    assert "\n" not in str(e.value)

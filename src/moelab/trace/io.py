@@ -182,8 +182,10 @@ class TraceWriter:
             floats = [f.name for f in self._schema if f.name in LIST_COLUMNS and f.name not in INT_LIST_COLUMNS]
             split = [f"{f.name}.list.element" for f in self._schema
                      if f.name in floats and f.type.value_type == pa.float32()]
+            # Page checksums: a damaged float page decodes to plausible numbers, so the reader checks the CRC.
             self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd", use_byte_stream_split=split,
-                                            use_dictionary=[f.name for f in self._schema if f.name not in floats])
+                                            use_dictionary=[f.name for f in self._schema if f.name not in floats],
+                                            write_page_checksum=True)
         table = pa.Table.from_batches(self._buffer, self._schema).unify_dictionaries().combine_chunks()
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self.num_rows += table.num_rows
@@ -310,9 +312,10 @@ class Trace:
         for group in range(self._file.metadata.num_row_groups):
             # A fresh reader per row group: a long-lived one keeps every pre-buffered row group cached,
             # so memory would grow with the file instead of staying at one row group.
-            file = pq.ParquetFile(self.path, metadata=self._file.metadata)
+            file = pq.ParquetFile(self.path, metadata=self._file.metadata, page_checksum_verification=True)
             try:
-                for rb in file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=read):
+                for rb in _checked(file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=read),
+                                   f"trace {self.path} row group {group}"):
                     out = self._to_numpy(rb, labels)
                     self._fill_defaults(out, columns, rb.num_rows)
                     if checker is not None:
@@ -347,6 +350,18 @@ class Trace:
                 out[f"{name}.names"] = np.array([CONSTANT_DEFAULTS[name]], dtype=object)
             else:
                 out[name] = np.full(n, CONSTANT_DEFAULTS[name], dtype=dtype.to_pandas_dtype())
+
+
+def _checked(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
+    """Record batches, a damaged page (failed checksum, undecodable data) becoming one MoelabError line."""
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowInvalid) as e:
+            raise MoelabError(f"{where} is unreadable: {str(e).strip().splitlines()[0]}") from None
+        yield rb
 
 
 def open_trace(path: str | Path) -> Trace:
