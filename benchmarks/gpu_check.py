@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--device cuda] [--json gpu_check.json] [--peak-tflops 989]
     python benchmarks/gpu_check.py --device cpu --tiny     # the same checks at toy sizes (the test suite)
 
-Five checks, each a group of rows (`ok` is a correctness verdict; speed rows report, never fail):
+Six checks, each a group of rows (`ok` is a correctness verdict; speed rows report, never fail):
 1. experts-bf16: grouped experts in bf16 against the naive per-expert loop, forward and every gradient.
    Error = max |fast - reference| / max |reference|, the reference being the naive loop in fp32 on the same
    (bf16-rounded) weights and inputs. Tolerance: 3e-2 (bf16 keeps 8 significant bits, unit roundoff
@@ -24,6 +24,9 @@ Five checks, each a group of rows (`ok` is a correctness verdict; speed rows rep
    checked against the experts its own router modules returned.
 5. distributed: a one-process group (nccl on cuda, gloo on cpu; world 1, dp = ep = 1): all-reduce,
    expert parallelism's all-to-all against the plain experts, metric reduction.
+6. real-size: bench_real_size.py's model rows on the device (OLMoE-1B-7B's shape, random weights, bf16;
+   --tiny: its tiny shape): trace tokens/s with --probs none / top:N / full as ratios to the plain forward,
+   beside issue 22's targets (0.8x without probabilities, 0.5x with full), and intervene s per ablation.
 Exit status: 0 when every row is ok, 1 when a check failed, 2 on bad arguments (no CUDA for --device cuda).
 """
 
@@ -176,8 +179,33 @@ def distributed(dev: torch.device, tiny: bool) -> list[dict]:
             for name, err in out["errors"].items()]
 
 
+def real_size(dev: torch.device, tiny: bool) -> list[dict]:
+    import tempfile
+    from types import SimpleNamespace
+
+    import bench_real_size as brs
+
+    args = SimpleNamespace(config="OlmoeConfig", device=dev.type, tiny=tiny, narrow=False, batches=2 if tiny else 4,
+                           top_n=None, ablations=2 if tiny else 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = brs.model_rows(args, Path(tmp))
+    shape = "tiny OLMoE" if tiny else "OLMoE-1B-7B shape, bf16"
+    targets = {"none": 0.8, "full": 0.5}
+    rows = [parts.row("real-size", f"{shape}: trace --probs {name.split('_')[0]}"
+                      f"{' (no writer thread)' if name.endswith('_sync') else ''} / plain forward", r["ratio"],
+                      targets.get(name), True, f"{r['tok_s']:,.0f} tok/s, {r['mib']:.1f} MiB; forward "
+                      f"{out['forward_tok_s']:,.0f} tok/s, {out['tokens']:,} tokens"
+                      f"{'; a target, not a verdict' if name in targets else ''}")
+            for name, r in out["trace"].items()]
+    iv = out["intervene"]
+    return rows + [parts.row("real-size", f"{shape}: intervene s per single-expert ablation", iv["s_per_ablation"],
+                             None, True, f"{iv['vs_forwards']:.2f}x the time of {iv['ablations'] + 1} plain "
+                             f"forwards over {out['tokens']:,} tokens")]
+
+
 CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "peers": peers, "profile": profile,
-          "train-step": train_step, "hf-trace": hf_trace, "distributed": distributed}
+          "train-step": train_step, "hf-trace": hf_trace, "distributed": distributed,
+          "real-size": real_size}
 
 
 def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str],

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CHECKS = {"experts-bf16", "layer-bf16", "peers", "profile", "train-step", "hf-trace", "distributed"}
+CHECKS = {"experts-bf16", "layer-bf16", "peers", "profile", "train-step", "hf-trace", "distributed", "real-size"}
 
 
 def _run(*args, cwd):

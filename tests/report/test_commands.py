@@ -46,7 +46,10 @@ def test_analyze_writes_the_report_and_prints_a_summary(main, trace, tmp_path, c
 def test_corrupt_trace_is_one_line_and_exit_2(main, trace, tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     data = bytearray(trace.read_bytes())
-    data[len(data) // 3: len(data) // 3 + 300] = b"\x07" * 300  # the footer survives: open_trace passes
+    chunk = next(c for c in (pq.ParquetFile(trace).metadata.row_group(0).column(j) for j in range(20))
+                 if c.path_in_schema == "expert")  # a column every analysis reads
+    at = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[at: at + 8] = b"\x07" * 8  # inside its data page; the footer survives, so open_trace passes
     bad.write_bytes(bytes(data))
     shutil.copy(f"{trace}.json", f"{bad}.json")
     rc = main(["analyze", str(bad), "--out", str(tmp_path / "out")])

@@ -74,7 +74,8 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if unknown:
         raise MoelabError(f"unknown analysis {unknown[0]!r} (known: {', '.join(ANALYSES)})")
     num_experts, top_k, have = _resolve(trace_like, num_experts, top_k)
-    skipped = unanswerable(have, analyses, getattr(getattr(trace_like, "meta", None), "null_columns", None) or {})
+    meta = getattr(trace_like, "meta", None)
+    skipped = unanswerable(have, analyses, {**(getattr(meta, "null_columns", None) or {}), **probs_why(meta)})
     analyses = [a for a in analyses if a not in skipped]
     ranked = rank_order_known(getattr(trace_like, "meta", None))
     if not ranked:  # rank 0 is not the top-1 choice (analysis/rankorder.py): leave out what reads it so
@@ -147,10 +148,20 @@ def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, 
         reason = why.get("prob", "the trace has no router probabilities")
         out["gates"] = f"No gate entropy, inner/outer balance or cross-layer MI: {reason}."
     elif "probs" not in have and {"gates", "load"} & set(analyses):
-        reason = why.get("probs", "the trace has no full router probabilities (traced with --no-probs)")
-        out["probs"] = (f"No router entropy, gate entropy or cross-layer gate MI: {reason}. The chosen experts' "
+        reason = why.get("probs", "the trace has no full router probabilities (traced with --probs none)")
+        ranks = " or router-rank vs output-norm-rank table" if "dynamic" in analyses and "expert_norms" in have else ""
+        out["probs"] = (f"No router entropy, gate entropy, cross-layer gate MI{ranks}: {reason}. The chosen experts' "
                         "probabilities (inner/outer balance) and everything built on the chosen experts are computed.")
     return out
+
+
+def probs_why(meta: Any) -> dict[str, str]:
+    """Why a trace has no full distribution, where its sidecar records what it kept (TraceMeta.probs_mode)."""
+    mode = getattr(meta, "probs_mode", None) or ""
+    if mode.startswith("top:"):
+        return {"probs": f"the trace keeps only the {mode[4:]} largest router probabilities per token and layer "
+                         f"(--probs {mode}), and these statistics need all E of them"}
+    return {"probs": "the trace was written with --probs none"} if mode == "none" else {}
 
 
 def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], labels: Sequence[str],

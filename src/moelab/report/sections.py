@@ -28,11 +28,19 @@ def trace_table(meta: Any, path: str, results: dict[str, Any]) -> Table:
             ["experts per MoE layer", ", ".join(map(str, meta.num_experts))], ["top-k", meta.top_k],
             ["capacity factor", cf],
             ["checkpoint step", "n/a" if meta.checkpoint_step is None else meta.checkpoint_step],
-            ["tokens traced", tokens]]
+            ["tokens traced", tokens], ["router probabilities kept", probs_kept(getattr(meta, "probs_mode", None))]]
     extra = getattr(meta, "extra", {}) or {}
     rows += [[name, extra[key]] for name, key in (("model family", "family"), ("routing rule", "routing_rule"),
                                                   ("scoring function", "scoring_function")) if extra.get(key)]
     return Table([], rows)
+
+
+def probs_kept(mode: str | None) -> str:
+    """The trace's `--probs` mode in words (TraceMeta.probs_mode; None for a trace written before it)."""
+    if mode and mode.startswith("top:"):
+        return f"{mode}: the {mode[4:]} largest per token and layer, with their experts"
+    return {"full": "full: all E per token and layer (stored as float16)",
+            "none": "none: only the chosen experts' probabilities"}.get(mode, "not recorded (an older or imported trace)")
 
 
 def load_section(results: dict[str, Any]) -> Section:
@@ -262,7 +270,8 @@ def routing_sections(results: dict[str, Any], labels: Sequence[str], bucket: int
     elif "gates" in results.get("skipped", {}):
         out.append(Section("Routing distributions", blocks=[Note(results["skipped"]["gates"])]))
     if "probs" in results.get("skipped", {}):
-        out.append(Section("Without full probabilities", blocks=[Note(results["skipped"]["probs"])]))
+        out.append(Section("Without full probabilities", "What this trace cannot answer, and why.",
+                           [Note(results["skipped"]["probs"])]))
     if "dynamic" in results:
         out.append(dynamic_section(results))
     return out

@@ -1,6 +1,7 @@
 """Stream a moelab model's routing over a corpus into a trace file (docs/TRACE.md), in bounded memory.
 
-Legend: B batch rows, S sequence, T = B*S tokens, L MoE layers, K experts per token, E experts.
+Legend: B batch rows, S sequence, T = B*S tokens, L MoE layers, K experts per token, E experts,
+N probabilities kept per (token, layer) by `--probs top:N`.
 Rows go out in (seq, pos, layer, rank) order, one batch at a time; padding positions produce no rows.
 """
 
@@ -18,7 +19,31 @@ import torch
 from moelab.config import MoelabError
 from moelab.trace.capture import CapturedLayer, RoutingRecorder
 from moelab.trace.io import TraceWriter
-from moelab.trace.schema import TraceMeta
+from moelab.trace.schema import TraceMeta, check_probs, parse_probs, probs_topn
+
+PROBS_COLUMNS = ("probs", "topn_experts", "topn_probs")
+
+
+def probs_columns(mode: str) -> list[str]:
+    """The optional columns a `--probs` mode writes."""
+    return {"full": ["probs"], "none": []}.get(mode, ["topn_experts", "topn_probs"])
+
+
+def keep_probs(captured: list[CapturedLayer], mode: str) -> list[CapturedLayer]:
+    """Reduce each layer's scores to what the trace keeps, on the capture's device, so that only that crosses
+    to the host: the chosen experts' probabilities always; all E as float16 (full), the N largest with their
+    experts (top:N), or nothing more (none). The logits never cross."""
+    n = probs_topn(mode)
+    out = []
+    for c in captured:
+        r = c.routing
+        top = torch.topk(r.probs_TE, n, dim=1, sorted=True) if n else None
+        out.append(dataclasses.replace(
+            c, routing=r._replace(probs_TE=r.probs_TE.half() if mode == "full" else None, logits_TE=None),
+            prob_TK=r.probs_TE.gather(1, r.expert_ids_TK).float(),
+            topn_ids_TN=None if top is None else top.indices.short(),
+            topn_probs_TN=None if top is None else top.values.float()))
+    return out
 
 
 def _per_layer_lists(mats: list[np.ndarray], valid_T: np.ndarray, K: int) -> Any:
@@ -37,13 +62,19 @@ def _per_layer_lists(mats: list[np.ndarray], valid_T: np.ndarray, K: int) -> Any
     offsets = np.concatenate([[0], np.cumsum(lengths_R.reshape(-1))]).astype(np.int32)
     mask = np.ones((n_tok, L, K), bool)
     mask[:, :, 0] = False
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1).astype(np.float32)),
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values.reshape(-1))),
                                     mask=pa.array(mask.reshape(-1)))
 
 
 def batch_rows(batch: dict[str, torch.Tensor], captured: list[CapturedLayer], seq_offset: int,
-               domains: list[str], langs: list[str], blocks: list[int], full_probs: bool) -> dict[str, Any]:
-    """One forward's captured routing -> trace columns (rows in (seq, pos, layer, rank) order)."""
+               domains: list[str], langs: list[str], blocks: list[int], full_probs: bool = True, *,
+               probs: str | None = None) -> dict[str, Any]:
+    """One forward's captured routing -> trace columns (rows in (seq, pos, layer, rank) order).
+
+    `probs` ("full", "none", "top:N"; `full_probs` is the older switch between the first two) applies to
+    layers that `keep_probs` has not reduced yet."""
+    if captured[0].prob_TK is None:
+        captured = keep_probs(captured, probs or ("full" if full_probs else "none"))
     B, S = batch["input_ids"].shape
     L = len(captured)
     K = captured[0].routing.expert_ids_TK.shape[1]
@@ -55,7 +86,6 @@ def batch_rows(batch: dict[str, torch.Tensor], captured: list[CapturedLayer], se
     def stack(get):  # (T, K) per layer -> rows
         return np.stack([get(c).cpu().numpy() for c in captured], axis=1)[valid_T].reshape(-1)
 
-    probs_gathered = [c.routing.probs_TE.gather(1, c.routing.expert_ids_TK) for c in captured]
     n_tok = int(valid_T.sum())
     cols: dict[str, Any] = {
         "seq": per_row(seq_offset + np.repeat(np.arange(B), S)),
@@ -71,11 +101,14 @@ def batch_rows(batch: dict[str, torch.Tensor], captured: list[CapturedLayer], se
         "rank": np.tile(np.arange(K), n_tok * L),
         "expert": stack(lambda c: c.routing.expert_ids_TK),
         "weight": stack(lambda c: c.routing.weights_TK.float()),
-        "prob": np.stack([p.cpu().numpy() for p in probs_gathered], axis=1)[valid_T].reshape(-1),
+        "prob": stack(lambda c: c.prob_TK),
         "dropped": stack(lambda c: c.routing.dropped_TK),
     }
-    if full_probs:
-        cols["probs"] = _per_layer_lists([c.routing.probs_TE.float().cpu().numpy() for c in captured], valid_T, K)
+    if captured[0].routing.probs_TE is not None:  # float16 already: stored as is (schema.PROBS_TYPE)
+        cols["probs"] = _per_layer_lists([c.routing.probs_TE.cpu().numpy() for c in captured], valid_T, K)
+    if captured[0].topn_ids_TN is not None:
+        cols["topn_experts"] = _per_layer_lists([c.topn_ids_TN.cpu().numpy() for c in captured], valid_T, K)
+        cols["topn_probs"] = _per_layer_lists([c.topn_probs_TN.cpu().numpy() for c in captured], valid_T, K)
     if captured[0].expert_norms_TE is not None:
         for name, attr in (("expert_norms", "expert_norms_TE"), ("expert_cos", "expert_cos_TP"),
                            ("expert_density", "expert_density_TE")):
@@ -136,25 +169,30 @@ def _host_copy(captured: list[CapturedLayer]) -> tuple[list[CapturedLayer], Any]
 
 def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
                 capture: Callable[[dict[str, torch.Tensor]], list[CapturedLayer]], *, optional: list[str],
-                blocks: list[int], max_tokens: int, full_probs: bool, progress=None,
-                overlap: bool = True) -> dict[str, int]:
+                blocks: list[int], max_tokens: int, full_probs: bool = True, probs: str | None = None,
+                progress=None, overlap: bool = True) -> dict[str, int]:
     """The loop every trace writer shares: clip to `max_tokens`, capture one batch's routing, write its rows.
 
+    `probs`: "full", "none" or "top:N" (`full_probs` is the older switch between the first two); its
+    columns join `optional`, and the sidecar records it (TraceMeta.probs_mode).
     `overlap`: rows of batch n are built and written on a worker thread while batch n+1 runs forward (one
     batch in flight, so memory stays at two batches); the file is the one the synchronous loop writes."""
+    mode = check_probs(parse_probs(probs or ("full" if full_probs else "none")), meta.num_experts, meta.top_k)
+    meta.probs_mode = mode
+    optional = [c for c in optional if c not in PROBS_COLUMNS] + probs_columns(mode)
     domains, langs = meta.labels["domain"], meta.labels["lang"]
     seen = seqs = 0
 
     def write_one(batch, captured, event, offset):
         if event is not None:
             event.synchronize()
-        writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, full_probs))
+        writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, probs=mode))
 
     with TraceWriter(out_path, meta, optional=optional) as writer, ThreadPoolExecutor(1) as pool:
         pending = None
         for batch in batches:
             batch = _clip_to(batch, max_tokens - seen)
-            captured, event = _host_copy(capture(batch))
+            captured, event = _host_copy(keep_probs(capture(batch), mode))
             if pending is not None:
                 pending.result()  # also re-raises the worker's error here
             if overlap:
@@ -177,12 +215,12 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
 @torch.no_grad()
 def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
                   *, max_tokens: int, capacity_factor: float | None, all_experts: bool = False,
-                  full_probs: bool = True, progress=None, overlap: bool = True) -> dict[str, int]:
+                  full_probs: bool = True, probs: str | None = None, progress=None,
+                  overlap: bool = True) -> dict[str, int]:
     """Run a moelab model over batches with a RoutingRecorder and write every real token's routing."""
     model.eval()
     device = next(model.parameters()).device
-    optional = (["probs"] if full_probs else []) + (
-        ["expert_norms", "expert_cos", "expert_density"] if all_experts else [])
+    optional = ["expert_norms", "expert_cos", "expert_density"] if all_experts else []
 
     with RoutingRecorder(model, all_experts=all_experts) as rec:
         def capture(batch):
@@ -191,4 +229,4 @@ def trace_batches(model, batches: Iterable[dict[str, torch.Tensor]], out_path: s
 
         return write_trace(batches, out_path, meta, capture, optional=optional,
                            blocks=model.config.moe_layer_ids(), max_tokens=max_tokens,
-                           full_probs=full_probs, progress=progress, overlap=overlap)
+                           full_probs=full_probs, probs=probs, progress=progress, overlap=overlap)

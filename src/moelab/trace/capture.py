@@ -27,6 +27,10 @@ class CapturedLayer:
     expert_norms_TE: torch.Tensor | None = None
     expert_cos_TP: torch.Tensor | None = None  # P = E(E-1)/2, upper triangle row-major
     expert_density_TE: torch.Tensor | None = None
+    # What the trace keeps of the router's scores (trace/build.keep_probs fills these on the capture's device)
+    prob_TK: torch.Tensor | None = None        # the chosen experts' probabilities
+    topn_ids_TN: torch.Tensor | None = None    # --probs top:N: the N experts of largest probability, descending
+    topn_probs_TN: torch.Tensor | None = None  # ... and those probabilities
 
 
 @torch.no_grad()

@@ -47,9 +47,30 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the checkpoint's batch size")
     p.add_argument("--all-experts", action="store_true",
                    help="also run every expert on each token (output norms, similarity, sparsity)")
-    p.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
+    p.add_argument("--probs", type=probs_arg, default=None, metavar="full|top:N|none",
+                   help="what to keep of each token's router distribution: full (all E, float16; the default), "
+                        "top:N (the N largest with their experts, top_k <= N <= E) or none (only the chosen "
+                        "experts' `prob`)")
+    p.add_argument("--no-probs", action="store_true", help="the same as --probs none")
     p.add_argument("--out", required=True, help="trace file to write (.parquet)")
     p.set_defaults(func=run_trace)
+
+
+def probs_arg(text: str) -> str:
+    """argparse type for --probs: a bad value is a one-line usage error (exit 2)."""
+    from moelab.trace.schema import parse_probs
+
+    try:
+        return parse_probs(text)
+    except MoelabError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--probs {text!r} ")) from None
+
+
+def probs_mode(args) -> str:
+    """--probs, with --no-probs as its older spelling of none."""
+    if args.no_probs and args.probs not in (None, "none"):
+        raise MoelabError(f"give --probs {args.probs} or --no-probs, not both")
+    return "none" if args.no_probs else (args.probs or "full")
 
 
 def _import_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -142,7 +163,7 @@ def run_trace(args) -> int:
 
         stats = trace_hf(args.hf, args.data, args.out, tokens=args.tokens, split=args.split,
                          seq_len=args.seq_len or 256, batch_size=args.batch_size or 8,
-                         full_probs=not args.no_probs, device=args.device, dtype=args.dtype,
+                         probs=probs_mode(args), device=args.device, dtype=args.dtype,
                          device_map=args.device_map, revision=args.revision)
     else:
         if args.revision:
@@ -185,6 +206,6 @@ def trace_checkpoint(args) -> dict:
     bar = Progress(args.tokens, "trace")
     try:
         return trace_batches(model, batches, args.out, meta, max_tokens=args.tokens, capacity_factor=cf,
-                             all_experts=args.all_experts, full_probs=not args.no_probs, progress=bar)
+                             all_experts=args.all_experts, probs=probs_mode(args), progress=bar)
     finally:
         bar.close()

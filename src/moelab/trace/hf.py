@@ -23,7 +23,7 @@ from moelab.hf.hub import resolve_hf
 from moelab.hf.model_class import build, model_class
 from moelab.trace.adapters import HFRoutingRecorder, scoring_name
 from moelab.trace.build import write_trace
-from moelab.trace.schema import TraceMeta
+from moelab.trace.schema import TraceMeta, check_probs, parse_probs
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -139,12 +139,15 @@ def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_
 def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Path, *, tokens: int,
              split: str = "heldout", seq_len: int = 256, batch_size: int = 8, full_probs: bool = True,
              device: str | torch.device | None = None, dtype: str = "auto", device_map: str | None = None,
-             progress: bool = True, revision: str | None = None) -> dict[str, int]:
-    """Stream a transformers MoE model's routing of `tokens` corpus tokens into a trace (docs/TRACE.md)."""
+             progress: bool = True, revision: str | None = None, probs: str | None = None) -> dict[str, int]:
+    """Stream a transformers MoE model's routing of `tokens` corpus tokens into a trace (docs/TRACE.md).
+
+    `probs`: "full", "top:N" or "none" (`full_probs` is the older switch between full and none)."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.train.log import Progress
 
+    mode = parse_probs(probs or ("full" if full_probs else "none"))
     folder = resolve_hf(name_or_path, revision)
     raw = read_hf_config(folder)
     data_dir = Path(data_dir)
@@ -154,6 +157,7 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
     model = load_hf_model(folder, device, dtype=dtype, device_map=device_map)
     with HFRoutingRecorder(model, raw.get("model_type")) as rec:
         widths, top_k, sums_to_one = probe(model, rec)
+        check_probs(mode, widths, top_k)  # N against the model's E and k, before a row is written
         meta = routing_meta(rec, widths, top_k, sums_to_one, raw, f"hf:{name_or_path}", tokenizer, corpus)
         batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split)
         bar = Progress(tokens, "trace") if progress else None
@@ -165,9 +169,8 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
             return rec.pop()
 
         try:
-            return write_trace(batches, out_path, meta, capture, optional=["probs"] if full_probs else [],
-                               blocks=meta.extra["moe_blocks"], max_tokens=tokens, full_probs=full_probs,
-                               progress=bar)
+            return write_trace(batches, out_path, meta, capture, optional=[], blocks=meta.extra["moe_blocks"],
+                               max_tokens=tokens, probs=mode, progress=bar)
         finally:
             if bar:
                 bar.close()

@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 
 LABEL_TYPE = pa.dictionary(pa.int32(), pa.string())
 LIST_TYPE = pa.list_(pa.float32())
+# The full router distribution is E numbers per (token, layer), the widest column of a trace: stored as
+# float16 (relative rounding <= 2^-11, values below 6e-8 flush to 0) and widened to float32 on read.
+PROBS_TYPE = pa.list_(pa.float16())
 
 REQUIRED_FIELDS = (
     pa.field("seq", pa.int64(), nullable=False),
@@ -41,7 +44,9 @@ REQUIRED_FIELDS = (
 
 # Per-(token, layer) vectors: on rank-0 rows, null elsewhere. The last three come from an all-experts pass.
 OPTIONAL_FIELDS = (
-    pa.field("probs", LIST_TYPE),           # router probabilities, length E
+    pa.field("probs", PROBS_TYPE),          # router probabilities, length E (--probs full)
+    pa.field("topn_experts", pa.list_(pa.int16())),  # the N experts of largest probability, descending
+    pa.field("topn_probs", LIST_TYPE),      # their probabilities, length N (--probs top:N)
     pa.field("expert_norms", LIST_TYPE),    # ||E_n(x)|| for every expert n, length E
     pa.field("expert_cos", LIST_TYPE),      # upper triangle (i < j, row-major) of the E x E cosine matrix
     pa.field("expert_density", LIST_TYPE),  # share of |act(W_gate x)| > 1e-3, per expert, length E
@@ -51,6 +56,7 @@ REQUIRED = tuple(f.name for f in REQUIRED_FIELDS)
 OPTIONAL = tuple(f.name for f in OPTIONAL_FIELDS)
 LABEL_COLUMNS = ("domain", "lang")
 LIST_COLUMNS = OPTIONAL
+INT_LIST_COLUMNS = ("topn_experts",)
 _FIELDS = {f.name: f for f in REQUIRED_FIELDS + OPTIONAL_FIELDS}
 
 
@@ -88,7 +94,8 @@ def _type_ok(name: str, actual: pa.DataType) -> bool:
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
     if name in LIST_COLUMNS:
         is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
-        return is_list and pa.types.is_floating(actual.value_type)
+        kind = pa.types.is_integer if name in INT_LIST_COLUMNS else pa.types.is_floating
+        return is_list and kind(actual.value_type)
     if pa.types.is_integer(expected):
         return pa.types.is_integer(actual) or pa.types.is_null(actual) and name in NULLABLE
     if pa.types.is_floating(expected):
@@ -107,10 +114,44 @@ def validate_schema(schema: pa.Schema, where: str = "trace") -> list[str]:
             kind = "an integer" if pa.types.is_integer(_FIELDS[name].type) else "a float"
             want = {"domain": "a string", "lang": "a string", "dropped": "bool"}.get(name, kind)
             if name in LIST_COLUMNS:
-                want = "a list of floats"
+                want = "a list of integers" if name in INT_LIST_COLUMNS else "a list of floats"
             raise MoelabError(f"{where} column {name!r} has type {schema.field(name).type}, expected {want} "
                               f"(canonical: {_FIELDS[name].type})")
-    return [name for name in OPTIONAL if name in names]
+    optional = [name for name in OPTIONAL if name in names]
+    if ("topn_experts" in names) != ("topn_probs" in names):
+        raise MoelabError(f"{where} has only one of 'topn_experts' and 'topn_probs': a top-N trace needs both")
+    return optional
+
+
+PROBS_MODES = "full, none or top:N (N >= 1)"
+
+
+def parse_probs(text: str) -> str:
+    """`--probs` -> its canonical form: "full", "none" or "top:N". MoelabError names a bad value."""
+    value = str(text).strip().lower()
+    if value in ("full", "none"):
+        return value
+    head, _, tail = value.partition(":")
+    if head == "top" and tail.isdigit() and int(tail) >= 1:
+        return f"top:{int(tail)}"
+    raise MoelabError(f"--probs {text!r} is not {PROBS_MODES}")
+
+
+def probs_topn(mode: str | None) -> int | None:
+    """N of a "top:N" mode, else None."""
+    return int(mode.split(":", 1)[1]) if mode and mode.startswith("top:") else None
+
+
+def check_probs(mode: str, num_experts: list[int], top_k: int) -> str:
+    """A parsed mode against the model: top:N needs top_k <= N <= E (the smallest layer's E). N below top_k
+    would keep less than the `prob` column already holds; N = top_k + 1 also keeps the k / k+1 margin."""
+    n = probs_topn(mode)
+    if n is not None and n > min(num_experts):
+        raise MoelabError(f"--probs {mode}: N={n} exceeds the model's {min(num_experts)} experts per layer")
+    if n is not None and n < top_k:
+        raise MoelabError(f"--probs {mode}: N={n} is below the model's top_k={top_k} (the routed experts' "
+                          f"probabilities are already in `prob`); use N >= {top_k}")
+    return mode
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -137,6 +178,7 @@ class TraceMeta:
     labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     null_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # column -> why it holds nulls
     notes: list[str] = dataclasses.field(default_factory=list)  # what a reader or importer assumed
+    probs_mode: str | None = None  # "full" | "none" | "top:N"; None: not recorded (older writers, imports)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,6 +207,14 @@ class TraceMeta:
             raise MoelabError("trace meta notes must be a list of strings")
         if self.capacity_formula not in (None, "topk", "group"):
             raise MoelabError(f"trace meta capacity_formula={self.capacity_formula!r} is not topk, group or null")
+        if self.probs_mode is not None:
+            try:
+                mode = parse_probs(self.probs_mode)
+            except MoelabError:
+                raise MoelabError(f"trace meta probs_mode={self.probs_mode!r} is not {PROBS_MODES}") from None
+            if (probs_topn(mode) or 0) > min(self.num_experts):
+                raise MoelabError(f"trace meta probs_mode={mode!r} keeps more than the {min(self.num_experts)} "
+                                  f"experts of a layer")
         if self.drop_policy not in (None, "openmoe", "score"):
             raise MoelabError(f"trace meta drop_policy={self.drop_policy!r} is not openmoe, score or null")
 

@@ -4,7 +4,8 @@ A file from another writer may store `expert` as int64 or `probs` as doubles: va
 canonical dtype only after checking they fit (never wrapped). The rules the analyses rely on are checked on
 every batch, vectorised, so that a bad file stops with one line instead of a silently wrong number:
 expert ids within 0..E_l-1, layers within 0..L-1, ranks within 0..top_k-1, distinct experts within one
-(token, layer), list columns of the declared length, no NaN in probabilities or weights.
+(token, layer), list columns of the declared length, no NaN in probabilities or weights; a top-N trace's
+`topn_experts` within 0..E_l-1 and as long as its `topn_probs` (N, when the sidecar records `top:N`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from moelab.config import MoelabError
-from moelab.trace.schema import TraceMeta, field_type
+from moelab.trace.schema import TraceMeta, field_type, probs_topn
 
 
 def fit_dtype(values: np.ndarray, name: str, where: str) -> np.ndarray:
@@ -46,6 +47,7 @@ class BatchValidator:
         self.E_L = np.asarray(meta.num_experts, np.int64)
         self.uniform_E = int(self.E_L[0]) if len(set(meta.num_experts)) == 1 else None
         self.K, self.where = meta.top_k, where
+        self.N = probs_topn(meta.probs_mode)
         self.tail: tuple[np.ndarray, np.ndarray] | None = None
 
     def fail(self, message: str) -> None:
@@ -70,9 +72,11 @@ class BatchValidator:
             if name in batch and len(batch[name]) and not np.isfinite(batch[name].sum()):
                 if np.isnan(batch[name]).any():
                     self.fail(f"column {name!r} holds NaN")
-        for name in ("probs", "expert_norms", "expert_density", "expert_cos"):
+        for name in ("probs", "expert_norms", "expert_density", "expert_cos", "topn_probs", "topn_experts"):
             if name in batch:
                 self._check_list(name, batch[name], batch[f"{name}.rows"], layer)
+        if "topn_experts" in batch:
+            self._check_topn(batch, layer)
 
     def _check_experts(self, expert: np.ndarray, layer: np.ndarray | None) -> None:
         if self.uniform_E is not None or layer is None:
@@ -136,15 +140,40 @@ class BatchValidator:
             E_R = np.full(len(rows), self.uniform_E)
         else:
             E_R = None
+        if name.startswith("topn_"):
+            E_R = None if self.N is None else np.full(len(rows), self.N)  # N, not E, values per list
         if E_R is not None and len(E_R):
             want = E_R * (E_R - 1) // 2 if name == "expert_cos" else E_R
             wrong = lengths != want
             if wrong.any():
                 i = int(np.argmax(wrong))
-                self.fail(f"column {name!r} has a list of length {int(lengths[i])} where the layer's "
-                          f"E={int(E_R[i])} needs {int(want[i])}")
+                need = f"top:{self.N}" if name.startswith("topn_") else f"the layer's E={int(E_R[i])}"
+                self.fail(f"column {name!r} has a list of length {int(lengths[i])} where {need} needs {int(want[i])}")
         if flat.size and not np.isfinite(flat.sum()) and np.isnan(flat).any():
             self.fail(f"column {name!r} holds NaN")
+
+
+    def _check_topn(self, batch: dict[str, np.ndarray], layer: np.ndarray | None) -> None:
+        """Top-N ids: one per stored probability, each an expert of its layer."""
+        ids, probs = batch["topn_experts"], batch.get("topn_probs")
+        if probs is not None and not np.array_equal(batch["topn_experts.rows"], batch["topn_probs.rows"]):
+            self.fail("columns 'topn_experts' and 'topn_probs' are filled on different rows")
+        if ids.dtype == object or (probs is not None and (probs.dtype == object or probs.shape != ids.shape)):
+            same = probs is None or all(len(a) == len(b) for a, b in zip(ids, probs))
+            if not same:
+                self.fail("columns 'topn_experts' and 'topn_probs' have lists of different lengths")
+            flat = [np.asarray(a) for a in ids]
+            E_P = np.repeat(self.E_L[layer[batch["topn_experts.rows"]]] if layer is not None
+                            else np.full(len(ids), int(self.E_L.max())), [len(a) for a in flat])
+            ids_flat = np.concatenate(flat) if flat else np.zeros(0, np.int16)
+        else:
+            E_R = (self.E_L[layer[batch["topn_experts.rows"]]] if layer is not None
+                   else np.full(len(ids), int(self.E_L.max())))
+            E_P, ids_flat = np.repeat(E_R, ids.shape[1] if ids.ndim == 2 else 0), ids.reshape(-1)
+        bad = (ids_flat < 0) | (ids_flat >= E_P)
+        if bad.any():
+            i = int(np.argmax(bad))
+            self.fail(f"column 'topn_experts' holds expert {int(ids_flat[i])} in a layer of {int(E_P[i])} experts")
 
 
 WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
