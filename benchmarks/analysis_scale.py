@@ -44,6 +44,7 @@ def main() -> None:
                     help="write the trace here and reuse it when it exists (else a temporary directory)")
     ap.add_argument("--profile", action="store_true", help="print the top of a cProfile of the analysis")
     ap.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
+    ap.add_argument("--write-only", action="store_true", help="write the trace (--keep) and stop")
     args = ap.parse_args()
     rows_per_seq = args.seq_len * args.layers * args.top_k
     num_seqs = -(-args.rows // rows_per_seq)
@@ -56,6 +57,9 @@ def main() -> None:
             t0 = time.perf_counter()
             write(path, meta, args, num_seqs)
             write_s = time.perf_counter() - t0
+        if args.write_only:
+            print(f"wrote {path} in {write_s} s")
+            return
         trace = open_trace(path)
         rss_after_write = peak_rss_gib()
         t0, c0 = time.perf_counter(), time.process_time()

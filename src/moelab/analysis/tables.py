@@ -167,6 +167,35 @@ class ShareAccumulator:
             counts.append(table[np.nonzero(table)].astype(np.int64))
         return np.concatenate(keys), np.concatenate(counts)
 
+    def merge(self, other: "ShareAccumulator") -> None:
+        """Add the counts of a later part of the stream (parallel.py). Label codes are per pass: the other
+        pass's codes are mapped to ours, new names numbered after ours in its order, as one pass would."""
+        lut = self.labels.merge(other.labels) if self.labels is not None else None
+
+        def remap(keys: np.ndarray) -> np.ndarray:
+            value = lut[(keys >> 16) & 0xFFFFFFFF]
+            return (keys & ~np.int64(0xFFFFFFFF << 16)) | (value << 16)
+
+        self.counter.merge(other.counter, remap if lut is not None else None)
+        self.dense_rows += other.dense_rows
+        for name, table in other.dense.items():
+            if lut is not None:
+                used = min(table.shape[1], len(lut))
+                table, width = table[:, :used], int(lut[:used].max()) + 1 if used else 0
+            else:
+                width = table.shape[1]
+            mine = self.dense.get(name)
+            wide = max(width, 0 if mine is None else mine.shape[1])
+            dtype = np.int64 if self.dense_rows >= 1 << 31 or table.dtype == np.int64 else np.int32
+            grown = np.zeros((table.shape[0], wide, table.shape[2]), dtype)
+            if mine is not None:
+                grown[:, :mine.shape[1]] = mine
+            if lut is not None:
+                grown[:, lut[:table.shape[1]]] += table  # lut is one to one: no index repeats
+            else:
+                grown[:, :table.shape[1]] += table
+            self.dense[name] = grown
+
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
 
