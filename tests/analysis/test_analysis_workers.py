@@ -179,3 +179,20 @@ def test_bad_workers_is_one_line(write_trace, capsys):
     assert main(["analyze", str(trace.path), "--out", str(trace.path.parent / "o"), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--workers must be >= 1" in err and len(err.splitlines()) == 1
+
+
+def test_a_worker_error_is_the_one_worker_error(write_trace):
+    """A fault in a late row group (a sequence that comes back): each worker count reports the same one
+    error, raised in the parent, not a traceback from a child or a hang."""
+    from moelab.config import MoelabError
+
+    batches = list(planted_batches(rule="token", **dict(ARGS, seqs_per_batch=2)))
+    batches[-1]["seq"] = batches[-1]["seq"] - 2  # repeats the sequences of the batch before it
+    trace = write_trace(batches, [E] * L, K, row_group_rows=200)  # one row group per batch
+    assert len(plan_units(trace.path)) - 1 >= 3
+    messages = set()
+    for n in (1, 3):
+        with pytest.raises(MoelabError) as err:
+            analyze_all(trace, workers=n, n_permutations=2)
+        messages.add(str(err.value))
+    assert len(messages) == 1 and "order" in messages.pop()

@@ -232,6 +232,36 @@ def rank0_list(batch: Batch, name: str, rows_mask: np.ndarray) -> np.ndarray:
     return values
 
 
+def layer_list(batch: Batch, name: str, layer: int, num_layers: int, top_k: int) -> np.ndarray:
+    """The list column `name` on one layer's rank-0 rows as T x width, tokens in order.
+
+    When every token has every layer and rank and the column is set on every rank-0 row (a trace as
+    written), that is a strided view of the column: no mask over the batch, no gather. Else the rows are
+    picked by mask (`rank0_list`)."""
+    values, rows = batch[name], batch.get(f"{name}.rows")
+    n = len(batch["layer"])
+    if (rows is not None and values.ndim == 2 and len(rows) * top_k == n and len(rows)
+            and rows[0] == 0 and rows[-1] == n - top_k and _regular(batch, num_layers, top_k)):
+        return values.reshape(-1, num_layers, values.shape[1])[:, layer]  # rows are 0, K, 2K, ...
+    return rank0_list(batch, name, (batch["layer"] == layer) & (batch["rank"] == 0))
+
+
+_ENTROPY: list[Any] = [None, {}]  # (the last batch's probs array, layer -> entropy of its rank-0 rows)
+
+
+def layer_entropy(batch: Batch, layer: int, num_layers: int, top_k: int) -> np.ndarray:
+    """H(probs) (nats) of each of the layer's tokens; computed once per batch and layer (load's router
+    entropy and the gate entropy read the same values)."""
+    from moelab.analysis.null import entropy
+
+    if _ENTROPY[0] is not batch["probs"]:
+        _ENTROPY[:] = [batch["probs"], {}]
+    cache = _ENTROPY[1]
+    if layer not in cache:
+        cache[layer] = entropy(layer_list(batch, "probs", layer, num_layers, top_k), axis=1)
+    return cache[layer]
+
+
 # ---- counting --------------------------------------------------------------------------------------
 def count_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique keys and their counts; a bincount when the key range is compact (much faster than a sort)."""

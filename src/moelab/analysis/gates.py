@@ -22,10 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    Batch, OrderedSum, Result, check_experts, consume, iter_input, layer_choices, rank0_list, regroup,
-    require_columns, token_key,
+    Batch, OrderedSum, Result, check_experts, consume, iter_input, layer_choices, layer_entropy, layer_list,
+    regroup, require_columns, token_key,
 )
-from moelab.analysis.null import entropy
 from moelab.analysis.resample import Estimate, estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
@@ -33,15 +32,19 @@ NULL_TOKENS = 4096  # tokens per batch whose token-shuffled MI estimates the nul
 
 
 def sample_entropy_T(codes_TE: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of the empirical distribution of each row's E values."""
+    """Entropy (nats) of the empirical distribution of each row's E values: log E - sum_v n_v log n_v / E
+    over the runs of equal values in the sorted row (n log n from a table: runs are at most E long)."""
     T, E = codes_TE.shape
+    if T == 0 or E == 0:
+        return np.zeros(T)
     s = np.sort(codes_TE, axis=1)
     new_TE = np.ones((T, E), dtype=bool)
-    new_TE[:, 1:] = s[:, 1:] != s[:, :-1]
-    flat = new_TE.reshape(-1)
-    counts = np.bincount(np.cumsum(flat) - 1).astype(np.float64)
-    row = np.flatnonzero(flat) // E
-    return np.log(E) - np.bincount(row, weights=counts * np.log(counts), minlength=T) / E
+    np.not_equal(s[:, 1:], s[:, :-1], out=new_TE[:, 1:])
+    start = np.flatnonzero(new_TE)
+    n = np.arange(E + 1, dtype=np.float64)
+    nlogn = n * np.log(np.maximum(n, 1))
+    first_run = np.r_[0, np.cumsum(new_TE.sum(axis=1))[:-1]]
+    return np.log(E) - np.add.reduceat(nlogn[np.diff(start, append=T * E)], first_run) / E
 
 
 def bin_gates(gates_TE: np.ndarray, bins: int = 100) -> np.ndarray:
@@ -125,9 +128,9 @@ class GateStatsAccumulator:
                 self.inner[l].append((p[:, 0] / np.maximum(p[:, 1], 1e-30)).astype(np.float32))
             if not self.has_probs:
                 continue
-            rank0 = (batch["layer"] == l) & (batch["rank"] == 0)
-            probs_TE = rank0_list(batch, "probs", rank0)
-            ent_T = entropy(probs_TE, axis=1)
+            L = len(self.num_experts)
+            probs_TE = layer_list(batch, "probs", l, L, self.top_k)
+            ent_T = layer_entropy(batch, l, L, self.top_k)
             self.entropy[l].append(ent_T.astype(np.float32))
             fold_T = fold_of(tk["seq"][:, 0], self.folds) if fold_T is None else fold_T
             entropy_FL[:, l] = np.bincount(fold_T, weights=ent_T, minlength=self.folds)

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    OrderedSum, Result, check_experts, consume, iter_input, rank0_list, require_columns,
+    OrderedSum, Result, check_experts, consume, iter_input, layer_entropy, require_columns,
 )
-from moelab.analysis.null import entropy, uniform_imbalance
+from moelab.analysis.null import uniform_imbalance
 from moelab.analysis.resample import Estimate, fold_of, layer_estimates
 
 BOOT = "95% bootstrap over sequences"
@@ -78,12 +78,12 @@ class LoadAccumulator:
             self._update_entropy(batch)
 
     def _update_entropy(self, batch: dict[str, np.ndarray]) -> None:
-        layer, rank0 = batch["layer"], batch["rank"] == 0
-        sum_L = np.zeros(len(self.num_experts))
-        for l in np.unique(layer[rank0]):
-            probs_TE = rank0_list(batch, "probs", rank0 & (layer == l))
-            sum_L[l] = entropy(probs_TE, axis=1).sum()
-            self.entropy_n_L[l] += len(probs_TE)
+        L = len(self.num_experts)
+        sum_L = np.zeros(L)
+        for l in range(L):
+            ent_T = layer_entropy(batch, l, L, self.top_k)
+            sum_L[l] = ent_T.sum()
+            self.entropy_n_L[l] += len(ent_T)
         self.entropy_sum_L.add(sum_L)
 
     def merge(self, other: "LoadAccumulator") -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moelab.analysis.common import Batch, regroup, seal, slice_batch
+from moelab.config import MoelabError
 
 _FORK_STATE: dict[str, Any] = {}
 
@@ -128,15 +129,24 @@ def consume_units(trace: Any, columns: list[str], batch_rows: int, key: Callable
 
 
 # ---- workers ---------------------------------------------------------------------------------------
-def _run_part(index: int) -> dict[str, Any]:
+def _run_part(index: int, conn: Any) -> None:
+    """A forked worker: fill fresh accumulators from its units, then send them one by one (so no process
+    ever holds a pickled copy of all of them), then None; or ("error", exception)."""
     from moelab.trace.io import open_trace
 
     st = _FORK_STATE
-    lo, hi = st["parts"][index]
-    accs = copy.deepcopy(st["acc"])  # a worker may run two parts: each starts from empty accumulators
-    trace = open_trace(st["path"])  # each worker opens the file rather than share the parent's reader
-    consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
-    return accs
+    try:
+        lo, hi = st["parts"][index]
+        accs = copy.deepcopy(st["acc"])  # empty here; deep-copied so nothing is shared with the parent's
+        trace = open_trace(st["path"])  # each worker opens the file rather than share the parent's reader
+        consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
+        for name in list(accs):
+            conn.send((name, accs.pop(name)))
+        conn.send(None)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", e))
+    finally:
+        conn.close()
 
 
 def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_rows: int,
@@ -150,11 +160,38 @@ def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_
         return
     _FORK_STATE.update(acc=acc, path=trace.path, columns=columns, batch_rows=batch_rows, key=key,
                        bounds=bounds, parts=parts)
+    ctx = mp.get_context("fork")
+    procs, conns = [], []
     try:
-        with mp.get_context("fork").Pool(len(parts)) as pool:
-            for part in pool.imap(_run_part, range(len(parts))):  # in part order: merge order is fixed
-                for name, filled in part.items():
-                    acc[name].merge(filled)
-                del part
+        for i in range(len(parts)):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_run_part, args=(i, send), daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(recv)
+        for i, (proc, conn) in enumerate(zip(procs, conns)):  # in part order: the merge order is fixed
+            _merge_part(acc, conn, proc, i)
     finally:
         _FORK_STATE.clear()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            proc.join()
+            raise MoelabError(f"analysis worker {index} stopped without its results (exit code {proc.exitcode}; "
+                              "out of memory? try fewer --workers)") from None
+        if msg is None:
+            return
+        name, filled = msg
+        if name == "error":
+            raise filled
+        acc[name].merge(filled)
+        del filled, msg
