@@ -272,12 +272,14 @@ def draw_sets(logw_E: np.ndarray, top_k: int, n: int, rng: np.random.Generator) 
     """n x k distinct experts per token, drawn without replacement in proportion to exp(logw): the k
     smallest of Exp(1) / w_e, an exponential race. It is the Gumbel-top-k draw (-log Exp(1) is a Gumbel)
     without the two logarithms per entry, which made the co-activation null the slowest part of the
-    finalisation (4x slower draws)."""
-    inv_w = np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E)))  # a common scale leaves the race as it is
+    finalisation. In float32 (twice as fast to draw and to partition): a tie between two experts' times,
+    about one token in 10^4 at E = 64, is broken by position instead of by chance."""
+    # Divided by the largest weight: a common scale leaves the race as it is and keeps float32 in range.
+    inv_w = np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E))).astype(np.float32)
     out = np.empty((n, top_k), np.int64)
     for start in range(0, n, 1 << 16):
         m = min(n, start + (1 << 16)) - start
-        race = rng.standard_exponential(size=(m, len(inv_w))) * inv_w
+        race = rng.standard_exponential(size=(m, len(inv_w)), dtype=np.float32) * inv_w
         out[start:start + m] = np.argpartition(race, top_k - 1, axis=1)[:, :top_k]
     return out
 
