@@ -275,7 +275,9 @@ def draw_sets(logw_E: np.ndarray, top_k: int, n: int, rng: np.random.Generator) 
     finalisation. In float32 (twice as fast to draw and to partition): a tie between two experts' times,
     about one token in 10^4 at E = 64, is broken by position instead of by chance."""
     # Divided by the largest weight: a common scale leaves the race as it is and keeps float32 in range.
-    inv_w = np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E))).astype(np.float32)
+    # An expert of weight ~0 gets the largest float32 time (last, as with weight 0), not an overflow to inf.
+    inv_w = np.minimum(np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E))), np.finfo(np.float32).max)
+    inv_w = inv_w.astype(np.float32)
     out = np.empty((n, top_k), np.int64)
     for start in range(0, n, 1 << 16):
         m = min(n, start + (1 << 16)) - start
