@@ -275,8 +275,9 @@ def draw_sets(logw_E: np.ndarray, top_k: int, n: int, rng: np.random.Generator) 
     finalisation. In float32 (twice as fast to draw and to partition): a tie between two experts' times,
     about one token in 10^4 at E = 64, is broken by position instead of by chance."""
     # Divided by the largest weight: a common scale leaves the race as it is and keeps float32 in range.
-    # An expert of weight ~0 gets the largest float32 time (last, as with weight 0), not an overflow to inf.
-    inv_w = np.minimum(np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E))), np.finfo(np.float32).max)
+    # An expert of weight ~0 is as good as last (its time x 1e30) without overflowing float32
+    # (exponential times stay below ~1e2).
+    inv_w = np.minimum(np.exp(-(np.asarray(logw_E, np.float64) - np.max(logw_E))), 1e30)
     inv_w = inv_w.astype(np.float32)
     out = np.empty((n, top_k), np.int64)
     for start in range(0, n, 1 << 16):
