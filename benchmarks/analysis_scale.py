@@ -7,6 +7,8 @@ by streaming. Peak RSS is the process's high-water mark (resource.getrusage), so
     python benchmarks/analysis_scale.py [--rows 10_000_000] [--all-experts] [--keep PATH] [--profile]
     python benchmarks/analysis_scale.py --rows 100_000_000 --layers 16 --experts 64 --top-k 8 --no-probs \
         --keep /tmp/t100m.parquet     # the issue's scale: written once, then analysed in a fresh process
+    python benchmarks/analysis_scale.py --keep /tmp/t100m.parquet --workers 1,2 --rounds 2
+                                      # 1 vs 2 workers, fresh processes, interleaved; RSS of parent + workers
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ def main() -> None:
                     help="write the trace here and reuse it when it exists (else a temporary directory)")
     ap.add_argument("--profile", action="store_true", help="print the top of a cProfile of the analysis")
     ap.add_argument("--no-probs", action="store_true", help="leave out the full router probabilities")
+    ap.add_argument("--write-only", action="store_true", help="write the trace (--keep) and stop")
+    ap.add_argument("--workers", default=None, metavar="N,M,...",
+                    help="with --keep: analyse the trace at each worker count, each in a fresh process, "
+                         "interleaved over --rounds; prints wall, CPU and peak RSS of parent + workers")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--analyse-once", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.analyse_once is not None:
+        return analyse_once(Path(args.keep), args.analyse_once)
+    if args.workers is not None:
+        return compare_workers(args)
     rows_per_seq = args.seq_len * args.layers * args.top_k
     num_seqs = -(-args.rows // rows_per_seq)
     meta = TraceMeta(num_experts=[args.experts] * args.layers, top_k=args.top_k, capacity_factor=1.25,
@@ -56,6 +68,9 @@ def main() -> None:
             t0 = time.perf_counter()
             write(path, meta, args, num_seqs)
             write_s = time.perf_counter() - t0
+        if args.write_only:
+            print(f"wrote {path} in {write_s} s")
+            return
         trace = open_trace(path)
         rss_after_write = peak_rss_gib()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -77,6 +92,67 @@ def main() -> None:
     print(f"vocab specialisation (uniform routing): {est.value:.4f} [{est.ci_low:.4f}, {est.ci_high:.4f}] "
           f"(null {est.null_mean:.4f} +- {est.null_sd:.4f}, {est.n_permutations} permutations, "
           f"{est.n_bootstrap} bootstrap replicates)")
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc), 0 for one that is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except (OSError, StopIteration):
+        return 0
+    return rss + sum(tree_rss_bytes(k) for k in kids)
+
+
+def analyse_once(path: Path, workers: int) -> None:
+    """One analysis in this process at `workers`: JSON with wall, CPU (this process and its reaped
+    workers) and the peak of the summed RSS of this process and its workers (sampled every 0.1 s)."""
+    import json
+    import os
+    import threading
+
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
+            done.wait(0.1)
+
+    threading.Thread(target=sample, daemon=True).start()
+    trace = open_trace(path)
+    t0, c0 = time.perf_counter(), os.times()
+    analyze_all(trace, workers=workers, simulate=dict(capacity_factor=1.0, batch_seqs=32),
+                queue=dict(capacity_factor=1.25, batch_seqs=32))
+    wall, c1 = time.perf_counter() - t0, os.times()
+    done.set()
+    cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
+    print(json.dumps({"workers": workers, "rows": trace.num_rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                      "peak_gib": round(max(peak[0], 1) / 2**30, 3), "load_avg": os.getloadavg()[0]}))
+
+
+def compare_workers(args: argparse.Namespace) -> None:
+    """Fresh processes, worker counts interleaved round by round (the machine's load drifts)."""
+    import json
+    import os
+    import subprocess
+
+    counts = [int(n) for n in args.workers.split(",")]
+    rows: dict[int, list[dict]] = {n: [] for n in counts}
+    for _ in range(args.rounds):
+        for n in counts:
+            cmd = [sys.executable, __file__, "--keep", args.keep, "--analyse-once", str(n)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if res.returncode:
+                raise SystemExit(f"{n} worker(s) failed: {res.stderr.strip().splitlines()[-1:]}")
+            rows[n].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[n][-1]), flush=True)
+    base = counts[0]
+    for n in counts[1:]:
+        ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(rows[base], rows[n])]
+        print(f"{n} workers vs {base}: wall ratio per round {', '.join(f'{r:.2f}' for r in ratios)} "
+              f"(> 1: {n} faster)")
 
 
 def write(path: Path, meta: TraceMeta, args: argparse.Namespace, num_seqs: int) -> None:

@@ -1,18 +1,22 @@
-"""`--workers N`: the streaming pass over N processes gives bit for bit the one-worker results."""
+"""`--workers N`: the streaming pass split by rows over N processes gives bit for bit the one-worker results."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 
 from moelab.analysis import analyze_all, to_json_dict
-from moelab.analysis.parallel import split
+from moelab.analysis.common import OrderedSum, concat_batches, slice_batch
+from moelab.analysis.parallel import plan_units, split_units
 from moelab.analysis.synthetic import planted_batches
 from moelab.cli import main
 
 E, K, L = 6, 2, 3
 ARGS = dict(num_seqs=20, seq_len=24, num_layers=L, num_experts=E, top_k=K, vocab=30, seqs_per_batch=4)
+DOMAINS = ["web", "code", "math", "law", "chat"]
 
 
 def _same(a, b, path="result"):
@@ -31,27 +35,137 @@ def _same(a, b, path="result"):
         assert a == b, path
 
 
-def test_workers_give_the_one_worker_results_bit_for_bit(write_trace):
-    batches = list(planted_batches(rule="token", capacity_factor=1.0, all_experts=True, **ARGS))
-    trace = write_trace(batches, [E] * L, K, row_group_rows=500)
-    # Small batches: GateStats' null generator advances once per batch, so a split that changed the
-    # batches any worker sees would show here.
-    kw = dict(simulate=dict(capacity_factor=1.0, batch_seqs=4), queue=dict(capacity_factor=1.5, batch_seqs=4),
-              min_count=5, n_permutations=4, batch_rows=97)
-    one = to_json_dict(analyze_all(trace, workers=1, **kw))
-    assert one["gates"] is not None and one["drops_simulated"] is not None
-    for n in (2, 3, 16):
-        _same(to_json_dict(analyze_all(trace, workers=n, **kw)), one)
+def _relabelled(batches):
+    """Domains that change every 3 sequences and come back, each batch naming only its own domains, in
+    reverse order of appearance: workers meet the names in another order than one pass does."""
+    for batch in batches:
+        domain = np.array(DOMAINS)[(batch["seq"] // 3 * 2) % len(DOMAINS)]
+        names = list(dict.fromkeys(domain))[::-1]
+        batch["domain"] = np.array([names.index(d) for d in domain], np.int32)
+        batch["domain.names"] = np.asarray(names, dtype=object)
+        yield batch
 
 
-def test_analyze_metrics_json_equal_for_1_2_3_workers(write_trace, tmp_path):
-    batches = list(planted_batches(rule="token", capacity_factor=1.0, all_experts=True, **ARGS))
-    trace = write_trace(batches, [E] * L, K, row_group_rows=500)
+def _recut(batches, rows):
+    """The same rows in writes of `rows` rows (the last shorter): one row group each."""
+    carry = None
+    for batch in batches:
+        carry = batch if carry is None else concat_batches(carry, batch)
+        n = len(carry["seq"])
+        for start in range(0, n - n % rows, rows):
+            yield slice_batch(carry, start, start + rows)
+        carry = slice_batch(carry, n - n % rows, n)
+    if carry is not None and len(carry["seq"]):
+        yield carry
+
+
+@pytest.fixture
+def planted(write_trace):
+    """Row groups of 331 rows (cut inside tokens and sequences), dropped tokens, five domains."""
+    args = dict(ARGS, num_seqs=40, seq_len=12)  # 10 blocks of 4 sequences for the drop re-simulation
+    batches = _relabelled(planted_batches(rule="token", capacity_factor=1.0, all_experts=True, **args))
+    return write_trace(_recut(batches, 331), [E] * L, K, row_group_rows=331)
+
+
+def test_units_start_at_a_new_key_after_each_row_group_start(planted):
+    """Against a scan of every row: a unit starts at the first row at or after a row group's start
+    whose key (seq // block) differs from the previous row's."""
+    seq = pq.read_table(planted.path, columns=["seq"]).column(0).to_numpy()
+    md = pq.ParquetFile(planted.path).metadata
+    starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])[:-1]
+    assert md.num_row_groups == -(-len(seq) // 331)
+    for block in (1, 4, 7):
+        expect = {0, len(seq)}
+        for s in starts[1:]:
+            for r in range(s, len(seq)):
+                if seq[r] // block != seq[r - 1] // block:
+                    expect.add(r)
+                    break
+        assert plan_units(planted.path, block).tolist() == sorted(expect)
+    assert len(plan_units(planted.path, 4)) - 1 >= 8  # enough units for N = 2, 3, 5 to cut in odd places
+
+
+def test_split_units_is_contiguous_and_covers_every_unit():
+    bounds = np.array([0, 10, 35, 36, 80, 81, 100])
+    for n in (1, 2, 3, 5, 6, 50):
+        parts = split_units(bounds, n)
+        assert parts[0][0] == 0 and parts[-1][1] == 6 and len(parts) <= min(n, 6)
+        assert all(a < b for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+
+
+def test_ordered_sum_merge_is_the_one_pass_sum():
+    """Partials that would round differently in another order (1e16 + 1 - 1e16): the merged total adds
+    them in the one pass's order."""
+    values = [1e16, 1.0, 1.0, -1e16, 3.0, 1e-3]
+    one, a, b = OrderedSum(), OrderedSum(), OrderedSum()
+    for i, v in enumerate(values):
+        one.add(v)
+        one.seal()
+        (a if i < 3 else b).add(v)
+        (a if i < 3 else b).seal()
+    assert float(a.total()) + float(b.total()) != 3.001  # adding the two parts' totals would not do
+    a.merge(b)
+    expected = 0.0
+    for v in values:
+        expected = expected + v
+    assert float(one.total()) == float(a.total()) == expected == 3.001
+
+
+@pytest.mark.parametrize("simulate", [True, False])
+def test_workers_give_the_one_worker_results_bit_for_bit(planted, simulate):
+    kw = dict(min_count=5, n_permutations=4, batch_rows=97)  # small reader batches: many per unit
+    if simulate:
+        kw.update(simulate=dict(capacity_factor=1.0, batch_seqs=4), queue=dict(capacity_factor=1.5, batch_seqs=4))
+    one = to_json_dict(analyze_all(planted, workers=1, **kw))
+    assert one["gates"]["cross_layer_null"] is not None and one["drops"]["overall"] > 0
+    assert len(one["tables"]["domain"]["names"]) == len(DOMAINS)
+    if simulate:
+        assert one["drops_simulated"] is not None and one["queue:trained"] is not None
+    for n in (2, 3, 5, 64):  # 64: more workers than units
+        _same(to_json_dict(analyze_all(planted, workers=n, **kw)), one)
+
+
+def test_one_worker_matches_a_plain_stream_of_the_same_rows(planted):
+    """The unit-by-unit pass against the whole trace fed as one in-memory batch (no units, no seals): the
+    same counts, float sums within 1e-12; the gates' token-paired null is drawn per batch, so it differs."""
+    kw = dict(min_count=5, n_permutations=4)
+    one = to_json_dict(analyze_all(planted, workers=1, batch_rows=97, **kw))
+    whole = list(planted.iter_batches(batch_rows=1 << 20))
+    assert len(whole) > 1
+    batch = whole[0]
+    for b in whole[1:]:
+        batch = concat_batches(batch, b)
+    plain = to_json_dict(analyze_all(batch, num_experts=[E] * L, top_k=K, **kw))
+    for name in ("load", "coactivation", "drops", "dynamic", "tables", "std_position", "vocab"):
+        np.testing.assert_allclose(_numbers(one[name]), _numbers(plain[name]), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(_numbers(one["gates"]["cross_layer_mi"]), _numbers(plain["gates"]["cross_layer_mi"]),
+                               rtol=1e-12)
+
+
+def _numbers(value) -> np.ndarray:
+    out = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for k in sorted(v):
+                walk(v[k])
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, bool) or v is None:
+            out.append(np.nan if v is None else float(v))
+        elif isinstance(v, (int, float)):
+            out.append(float(v))
+    walk(value)
+    return np.array(out)
+
+
+def test_analyze_metrics_json_equal_for_1_2_3_workers(planted, tmp_path):
     texts = {}
     for n in (1, 2, 3):
         out = tmp_path / f"out{n}"
-        assert main(["analyze", str(trace.path), "--out", str(out), "--workers", str(n),
-                     "--permutations", "4", "--simulate-capacity", "1.0"]) == 0
+        assert main(["analyze", str(planted.path), "--out", str(out), "--workers", str(n),
+                     "--permutations", "4", "--simulate-capacity", "1.0", "--simulate-batch-seqs", "4"]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         metrics.pop("files", None)  # the output folder differs by construction
         texts[n] = json.dumps(metrics, sort_keys=True)
@@ -67,9 +181,18 @@ def test_bad_workers_is_one_line(write_trace, capsys):
     assert "--workers must be >= 1" in err and len(err.splitlines()) == 1
 
 
-def test_split_balances_and_keeps_every_accumulator():
-    keys = ["pool", "load", "tables:token", "tables:pos", "coactivation", "gates", "dynamic", "drops"]
-    parts = split(keys, 3)
-    assert len(parts) == 3 and sorted(k for p in parts for k in p) == sorted(keys)
-    assert len(split(keys, 1)) == 1 and sorted(split(keys, 1)[0]) == sorted(keys)
-    assert len(split(keys[:2], 8)) == 2  # never more workers than accumulators
+def test_a_worker_error_is_the_one_worker_error(write_trace):
+    """A fault in a late row group (a sequence that comes back): each worker count reports the same one
+    error, raised in the parent, not a traceback from a child or a hang."""
+    from moelab.config import MoelabError
+
+    batches = list(planted_batches(rule="token", **dict(ARGS, seqs_per_batch=2)))
+    batches[-1]["seq"] = batches[-1]["seq"] - 2  # repeats the sequences of the batch before it
+    trace = write_trace(batches, [E] * L, K, row_group_rows=200)  # one row group per batch
+    assert len(plan_units(trace.path)) - 1 >= 3
+    messages = set()
+    for n in (1, 3):
+        with pytest.raises(MoelabError) as err:
+            analyze_all(trace, workers=n, n_permutations=2)
+        messages.add(str(err.value))
+    assert len(messages) == 1 and "order" in messages.pop()

@@ -114,6 +114,10 @@ class CoactivationAccumulator:
                                                  minlength=self.trans[l - 1].size).reshape(self.trans[l - 1].shape)
             prev = cur
 
+    def merge(self, other: "CoactivationAccumulator") -> None:
+        for mine, theirs in zip(self.co + self.trans, other.co + other.trans):
+            mine += theirs
+
     def _strongest(self, weights: np.ndarray | None, pool: SetPool | None,
                    n_permutations: int) -> tuple[list, list[np.ndarray], np.ndarray, np.ndarray]:
         values, null_mean, boots, nulls = [], [], [], []

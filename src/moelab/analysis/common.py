@@ -232,6 +232,36 @@ def rank0_list(batch: Batch, name: str, rows_mask: np.ndarray) -> np.ndarray:
     return values
 
 
+def layer_list(batch: Batch, name: str, layer: int, num_layers: int, top_k: int) -> np.ndarray:
+    """The list column `name` on one layer's rank-0 rows as T x width, tokens in order.
+
+    When every token has every layer and rank and the column is set on every rank-0 row (a trace as
+    written), that is a strided view of the column: no mask over the batch, no gather. Else the rows are
+    picked by mask (`rank0_list`)."""
+    values, rows = batch[name], batch.get(f"{name}.rows")
+    n = len(batch["layer"])
+    if (rows is not None and values.ndim == 2 and len(rows) * top_k == n and len(rows)
+            and rows[0] == 0 and rows[-1] == n - top_k and _regular(batch, num_layers, top_k)):
+        return values.reshape(-1, num_layers, values.shape[1])[:, layer]  # rows are 0, K, 2K, ...
+    return rank0_list(batch, name, (batch["layer"] == layer) & (batch["rank"] == 0))
+
+
+_ENTROPY: list[Any] = [None, {}]  # (the last batch's probs array, layer -> entropy of its rank-0 rows)
+
+
+def layer_entropy(batch: Batch, layer: int, num_layers: int, top_k: int) -> np.ndarray:
+    """H(probs) (nats) of each of the layer's tokens; computed once per batch and layer (load's router
+    entropy and the gate entropy read the same values)."""
+    from moelab.analysis.null import entropy
+
+    if _ENTROPY[0] is not batch["probs"]:
+        _ENTROPY[:] = [batch["probs"], {}]
+    cache = _ENTROPY[1]
+    if layer not in cache:
+        cache[layer] = entropy(layer_list(batch, "probs", layer, num_layers, top_k), axis=1)
+    return cache[layer]
+
+
 # ---- counting --------------------------------------------------------------------------------------
 def count_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique keys and their counts; a bincount when the key range is compact (much faster than a sort)."""
@@ -272,6 +302,14 @@ class KeyCounter:
         self._merge()
         return self._chunks[0]
 
+    def merge(self, other: "KeyCounter", remap: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """Add another counter's counts (its keys passed through `remap` first)."""
+        for k, c in other._chunks:
+            self._chunks.append((k if remap is None else remap(k), c))
+            self._pending += len(k)
+        if self._pending > max(2 * self._merged, 1 << 22):
+            self._merge()
+
 
 class LabelIndex:
     """Stable integer codes for a label column over a stream; the names behind them."""
@@ -293,6 +331,53 @@ class LabelIndex:
     @property
     def names(self) -> list[str]:
         return list(self.code)
+
+    def merge(self, other: "LabelIndex") -> np.ndarray:
+        """Take in another index's names (new ones get the next codes, in the other's order); returns the
+        other's code -> this index's code. Merged in stream order this gives the codes one pass would."""
+        return self._lut(other.code)
+
+
+class OrderedSum:
+    """A float64 sum over a stream that a split pass reproduces bit for bit.
+
+    Batches add into an open partial, in stream order. `seal()` (called at the end of each unit of the
+    trace, `parallel.py`) closes it; `merge` appends another pass's closed partials after this one's, and
+    `total()` adds the partials in order. One pass over units a, b and two passes (a; b) merged then sum
+    the same numbers in the same order. Without seals (a plain stream) it is the running sum it replaces."""
+
+    def __init__(self, shape: int | tuple[int, ...] = ()):
+        self.open = np.zeros(shape)
+        self.closed: list[np.ndarray] = []
+        self._dirty = False
+
+    def add(self, value: Any) -> None:
+        self.open += value
+        self._dirty = True
+
+    def seal(self) -> None:
+        if self._dirty:
+            self.closed.append(self.open)
+            self.open, self._dirty = np.zeros_like(self.open), False
+
+    def merge(self, other: "OrderedSum") -> None:
+        self.seal()
+        other.seal()
+        self.closed.extend(other.closed)
+
+    def total(self) -> np.ndarray:
+        out = np.zeros_like(self.open)
+        for part in self.closed + [self.open]:
+            out = out + part
+        return out
+
+
+def seal(accumulator: Any) -> None:
+    """Seal every OrderedSum an accumulator holds (directly or in a list): the end of a unit."""
+    for value in vars(accumulator).values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, OrderedSum):
+                v.seal()
 
 
 def consume(batches: Iterable[Batch], accumulators: Sequence[Any]) -> None:

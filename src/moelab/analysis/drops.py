@@ -215,6 +215,13 @@ class DropAccumulator:
             self._add(tk["seq"].reshape(-1), np.full(dropped_TK.size, l), tk["pos"].reshape(-1),
                       tk["turn"].reshape(-1), dropped_TK.reshape(-1))
 
+    def merge(self, other: "DropAccumulator") -> None:
+        """Add the counts of a later part of the stream (parallel.py)."""
+        self._grow(other.choices_FLB.shape[2], len(other.turn_choices))
+        other._grow(self.choices_FLB.shape[2], len(self.turn_choices))
+        for name in ("choices_FLB", "dropped_FLB", "turn_choices", "turn_dropped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def result(self, weights: np.ndarray | None = None, **_: Any) -> DropProfile:
         c, d = self.choices_FLB.sum(axis=0), self.dropped_FLB.sum(axis=0)
         turns = np.flatnonzero(self.turn_choices)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moelab.analysis.common import Batch, Result, consume, iter_input, rank0_list, require_columns
+from moelab.analysis.common import Batch, OrderedSum, Result, consume, iter_input, rank0_list, require_columns
 from moelab.analysis.resample import Estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
@@ -66,11 +66,12 @@ class DynamicAccumulator:
     def __init__(self, num_experts: Sequence[int], folds: int = 1):
         self.num_experts, self.folds = list(num_experts), folds
         L = len(self.num_experts)
+        # Counts (whole numbers, exact in float64) add; float sums keep their order (OrderedSum).
         self.top1_FL, self.tok_FL = np.zeros((folds, L)), np.zeros((folds, L))  # for the intervals
-        self.ang_FL, self.pairs_FL = np.zeros((folds, L)), np.zeros((folds, L))
+        self.ang_FL, self.pairs_FL = OrderedSum((folds, L)), np.zeros((folds, L))
         self.rank_counts = [np.zeros((E, E), np.int64) for E in self.num_experts]
-        self.cos_sum, self.ang_sum, self.cos_n = np.zeros(L), np.zeros(L), np.zeros(L, np.int64)
-        self.density_sum = [np.zeros(E) for E in self.num_experts]
+        self.cos_sum, self.ang_sum, self.cos_n = OrderedSum(L), OrderedSum(L), np.zeros(L, np.int64)
+        self.density_sum = OrderedSum((L, max(self.num_experts)))
         self.density_n = np.zeros(L, np.int64)
         self.seen: set[str] | None = None  # list columns present in every batch
 
@@ -79,6 +80,9 @@ class DynamicAccumulator:
         have = {c for c in ("probs", "expert_norms", "expert_cos", "expert_density") if c in batch}
         self.seen = have if self.seen is None else self.seen & have
         rank0 = batch["rank"] == 0
+        L = len(self.num_experts)
+        ang_FL, cos_L, ang_L = np.zeros((self.folds, L)), np.zeros(L), np.zeros(L)
+        density_LE = np.zeros(self.density_sum.open.shape)
         for l, E in enumerate(self.num_experts):
             rows = rank0 & (batch["layer"] == l)
             if not rows.any():
@@ -96,23 +100,36 @@ class DynamicAccumulator:
                 cos = rank0_list(batch, "expert_cos", rows)  # float32: the widest column, kept narrow
                 if cos.shape[1] != E * (E - 1) // 2:
                     raise MoelabError(f"layer {l}: expert_cos has {cos.shape[1]} entries, expected E(E-1)/2={E * (E - 1) // 2}")
-                self.cos_sum[l] += cos.sum(dtype=np.float64)
+                cos_L[l] = cos.sum(dtype=np.float64)
                 ang_T = angular_similarity(cos).sum(axis=1, dtype=np.float64)
-                self.ang_sum[l] += ang_T.sum()
+                ang_L[l] = ang_T.sum()
                 self.cos_n[l] += cos.size
-                self.ang_FL[:, l] += np.bincount(fold, weights=ang_T, minlength=self.folds)
+                ang_FL[:, l] = np.bincount(fold, weights=ang_T, minlength=self.folds)
                 self.pairs_FL[:, l] += np.bincount(fold, minlength=self.folds) * cos.shape[1]
             if "expert_density" in have:
                 dens = rank0_list(batch, "expert_density", rows)
-                self.density_sum[l] += dens.sum(axis=0)
+                density_LE[l, :E] = dens.sum(axis=0, dtype=np.float64)  # float32 sums would depend on the batch
                 self.density_n[l] += len(dens)
+        for total, part in ((self.ang_FL, ang_FL), (self.cos_sum, cos_L), (self.ang_sum, ang_L),
+                            (self.density_sum, density_LE)):
+            total.add(part)
+
+    def merge(self, other: "DynamicAccumulator") -> None:
+        """Append a later part of the stream (parallel.py)."""
+        for name in ("top1_FL", "tok_FL", "pairs_FL", "cos_n", "density_n"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("ang_FL", "cos_sum", "ang_sum", "density_sum"):
+            getattr(self, name).merge(getattr(other, name))
+        for mine, theirs in zip(self.rank_counts, other.rank_counts):
+            mine += theirs
+        self.seen = other.seen if self.seen is None else self.seen if other.seen is None else self.seen & other.seen
 
     def _intervals(self, out: DynamicResult, weights: np.ndarray | None) -> None:
         boot = "95% bootstrap over sequences"
         ok = weights is not None and self.folds > 1
         with np.errstate(invalid="ignore", divide="ignore"):
             top1 = ((weights @ self.top1_FL) / (weights @ self.tok_FL)).T if ok else None
-            ang = ((weights @ self.ang_FL) / (weights @ self.pairs_FL)).T if ok else None
+            ang = ((weights @ self.ang_FL.total()) / (weights @ self.pairs_FL)).T if ok else None
         if out.top1_is_largest_norm is not None:
             out.top1_estimates, out.top1_overall = layer_estimates(out.top1_is_largest_norm, top1, None, interval=boot)
         if out.mean_angular is not None:
@@ -123,13 +140,13 @@ class DynamicAccumulator:
         ranked = {"probs", "expert_norms"} <= seen
         has_cos, has_dens = "expert_cos" in seen, "expert_density" in seen
         n_cos = np.where(self.cos_n > 0, self.cos_n, np.nan)  # a one-expert layer has no pairs: NaN, not 0
-        density = [s / max(n, 1) for s, n in zip(self.density_sum, self.density_n)]
+        density = [s[:E] / max(n, 1) for s, n, E in zip(self.density_sum.total(), self.density_n, self.num_experts)]
         out = DynamicResult(
             rank_counts=self.rank_counts if ranked else None,
             top1_is_largest_norm=[float(c[0, 0] / max(c[0].sum(), 1)) for c in self.rank_counts] if ranked else None,
             null_top1_is_largest_norm=[1.0 / E for E in self.num_experts],
-            mean_cosine=[float(v) for v in self.cos_sum / n_cos] if has_cos else None,
-            mean_angular=[float(v) for v in self.ang_sum / n_cos] if has_cos else None,
+            mean_cosine=[float(v) for v in self.cos_sum.total() / n_cos] if has_cos else None,
+            mean_angular=[float(v) for v in self.ang_sum.total() / n_cos] if has_cos else None,
             null_cosine=0.0, null_angular=0.5,
             density=density if has_dens else None,
             mean_density=[float(d.mean()) for d in density] if has_dens else None,

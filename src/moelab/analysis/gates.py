@@ -22,10 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    Batch, Result, check_experts, consume, iter_input, layer_choices, rank0_list, regroup, require_columns,
-    token_key,
+    Batch, OrderedSum, Result, check_experts, consume, iter_input, layer_choices, layer_entropy, layer_list,
+    regroup, require_columns, token_key,
 )
-from moelab.analysis.null import entropy
 from moelab.analysis.resample import Estimate, estimate, fold_of, layer_estimates
 from moelab.config import MoelabError
 
@@ -33,15 +32,19 @@ NULL_TOKENS = 4096  # tokens per batch whose token-shuffled MI estimates the nul
 
 
 def sample_entropy_T(codes_TE: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of the empirical distribution of each row's E values."""
+    """Entropy (nats) of the empirical distribution of each row's E values: log E - sum_v n_v log n_v / E
+    over the runs of equal values in the sorted row (n log n from a table: runs are at most E long)."""
     T, E = codes_TE.shape
+    if T == 0 or E == 0:
+        return np.zeros(T)
     s = np.sort(codes_TE, axis=1)
     new_TE = np.ones((T, E), dtype=bool)
-    new_TE[:, 1:] = s[:, 1:] != s[:, :-1]
-    flat = new_TE.reshape(-1)
-    counts = np.bincount(np.cumsum(flat) - 1).astype(np.float64)
-    row = np.flatnonzero(flat) // E
-    return np.log(E) - np.bincount(row, weights=counts * np.log(counts), minlength=T) / E
+    np.not_equal(s[:, 1:], s[:, :-1], out=new_TE[:, 1:])
+    start = np.flatnonzero(new_TE)
+    n = np.arange(E + 1, dtype=np.float64)
+    nlogn = n * np.log(np.maximum(n, 1))
+    first_run = np.r_[0, np.cumsum(new_TE.sum(axis=1))[:-1]]
+    return np.log(E) - np.add.reduceat(nlogn[np.diff(start, append=T * E)], first_run) / E
 
 
 def bin_gates(gates_TE: np.ndarray, bins: int = 100) -> np.ndarray:
@@ -100,11 +103,11 @@ class GateStatsAccumulator:
                  folds: int = 1):
         self.num_experts, self.top_k, self.bins, self.folds = list(num_experts), top_k, bins, folds
         L = len(self.num_experts)
-        self.mi_FLL = np.zeros((folds, L, L))
-        self.tokens_F = np.zeros(folds)
-        self.entropy_FL = np.zeros((folds, L))
-        self.rng = np.random.default_rng(null_seed)
-        self.mi_sum, self.null_sum = np.zeros((L, L)), np.zeros((L, L))
+        self.mi_FLL = OrderedSum((folds, L, L))
+        self.tokens_F = np.zeros(folds, np.int64)
+        self.entropy_FL = OrderedSum((folds, L))
+        self.null_seed = null_seed
+        self.mi_sum, self.null_sum = OrderedSum((L, L)), OrderedSum((L, L))
         self.n_tokens, self.n_null = 0, 0
         self.entropy: list[list[np.ndarray]] = [[] for _ in range(L)]
         self.inner: list[list[np.ndarray]] = [[] for _ in range(L)]
@@ -116,6 +119,7 @@ class GateStatsAccumulator:
         check_experts(batch, self.num_experts)
         self.has_probs = self.has_probs and "probs" in batch
         binned, first, fold_T = [], None, None
+        entropy_FL = np.zeros(self.entropy_FL.open.shape)
         for l in range(len(self.num_experts)):
             tk = layer_choices(batch, l, self.top_k, ("prob", "seq", "pos"), len(self.num_experts))
             p = tk["prob"].astype(np.float64)
@@ -124,26 +128,34 @@ class GateStatsAccumulator:
                 self.inner[l].append((p[:, 0] / np.maximum(p[:, 1], 1e-30)).astype(np.float32))
             if not self.has_probs:
                 continue
-            rank0 = (batch["layer"] == l) & (batch["rank"] == 0)
-            probs_TE = rank0_list(batch, "probs", rank0)
-            ent_T = entropy(probs_TE, axis=1)
+            L = len(self.num_experts)
+            probs_TE = layer_list(batch, "probs", l, L, self.top_k)
+            ent_T = layer_entropy(batch, l, L, self.top_k)
             self.entropy[l].append(ent_T.astype(np.float32))
             fold_T = fold_of(tk["seq"][:, 0], self.folds) if fold_T is None else fold_T
-            self.entropy_FL[:, l] += np.bincount(fold_T, weights=ent_T, minlength=self.folds)
+            entropy_FL[:, l] = np.bincount(fold_T, weights=ent_T, minlength=self.folds)
             key = (tk["seq"][:, 0], tk["pos"][:, 0])
             first = first or key
             if not (np.array_equal(first[0], key[0]) and np.array_equal(first[1], key[1])):
                 raise MoelabError(f"layer {l} covers different tokens than layer 0: cross-layer MI needs every layer")
             binned.append(bin_gates(probs_TE, self.bins))
         if self.has_probs and binned:
-            self._update_mi(binned, fold_T)
+            self.entropy_FL.add(entropy_FL)
+            self._update_mi(binned, fold_T, first)
 
-    def _update_mi(self, binned: list[np.ndarray], fold_T: np.ndarray) -> None:
+    def _update_mi(self, binned: list[np.ndarray], fold_T: np.ndarray, key: tuple[np.ndarray, np.ndarray]) -> None:
         """MI(i, j) = H(i) + H(j) - H(i, j); the null pairs token a's layer i with token b's layer j."""
         T = len(binned[0])
+        if T == 0:
+            return
         # A subsample of each batch stands for the whole batch (weight T / n_null), so that the null is
-        # token-weighted like the MI; a batch of one token has no other token to pair with.
+        # token-weighted like the MI; a batch of one token has no other token to pair with. The pairs'
+        # generator is seeded by the batch's first token, not advanced from batch to batch, so a pass split
+        # over processes draws the pairs one pass would.
         n_null = min(T, NULL_TOKENS) if T > 1 else 0
+        rng = np.random.default_rng([self.null_seed, 0x6A7E, int(key[0][0]), int(key[1][0])])
+        L = len(self.num_experts)
+        mi_LL, null_LL, mi_FLL = np.zeros((L, L)), np.zeros((L, L)), np.zeros((self.folds, L, L))
         h = [sample_entropy_T(x) for x in binned]
         for i, x in enumerate(binned):
             for j in range(i, len(binned)):
@@ -152,12 +164,15 @@ class GateStatsAccumulator:
                     continue
                 joint = h[i] if i == j else sample_entropy_T(x * (self.bins + 2) + y)
                 mi_T = h[i] + h[j] - joint
-                self.mi_sum[i, j] += mi_T.sum()
-                self.mi_FLL[:, i, j] += np.bincount(fold_T, weights=mi_T, minlength=self.folds)
+                mi_LL[i, j] = mi_T.sum()
+                mi_FLL[:, i, j] = np.bincount(fold_T, weights=mi_T, minlength=self.folds)
                 if n_null:
-                    a, b = token_pairs(T, n_null, self.rng)
+                    a, b = token_pairs(T, n_null, rng)
                     joint_null = sample_entropy_T(x[a] * (self.bins + 2) + y[b])
-                    self.null_sum[i, j] += (h[i][a] + h[j][b] - joint_null).sum() * (T / n_null)
+                    null_LL[i, j] = (h[i][a] + h[j][b] - joint_null).sum() * (T / n_null)
+        self.mi_sum.add(mi_LL)
+        self.null_sum.add(null_LL)
+        self.mi_FLL.add(mi_FLL)
         self.n_tokens += T
         self.n_null += T if n_null else 0
         self.tokens_F += np.bincount(fold_T, minlength=self.folds)
@@ -169,16 +184,27 @@ class GateStatsAccumulator:
         reps = None
         if weights is not None and self.folds > 1:
             tok_R = np.maximum(weights @ self.tokens_F, 1)
-            mi_RLL = np.einsum("rf,fij->rij", weights, self.mi_FLL) / tok_R[:, None, None]
+            mi_RLL = np.einsum("rf,fij->rij", weights, self.mi_FLL.total()) / tok_R[:, None, None]
             mi_RLL = mi_RLL + np.triu(mi_RLL, 1).transpose(0, 2, 1)
             reps = mi_RLL[:, off].mean(axis=1) if off.any() else None
-            ent_LR = (weights @ self.entropy_FL / tok_R[:, None]).T
+            ent_LR = (weights @ self.entropy_FL.total() / tok_R[:, None]).T
         else:
             ent_LR = None
         value = float(out.cross_layer_mi[off].mean()) if off.any() else float("nan")
         out.cross_layer_overall = estimate(value, reps, interval=boot)
         out.entropy_estimates, out.entropy_overall = layer_estimates(out.gate_entropy_mean, ent_LR, None,
                                                                      interval=boot)
+
+    def merge(self, other: "GateStatsAccumulator") -> None:
+        """Append a later part of the stream: sums in order (OrderedSum), per-token values after ours."""
+        for name in ("mi_FLL", "entropy_FL", "mi_sum", "null_sum"):
+            getattr(self, name).merge(getattr(other, name))
+        self.tokens_F += other.tokens_F
+        self.n_tokens += other.n_tokens
+        self.n_null += other.n_null
+        for mine, theirs in zip(self.entropy + self.inner + self.outer, other.entropy + other.inner + other.outer):
+            mine.extend(theirs)
+        self.has_probs = self.has_probs and other.has_probs
 
     def result(self, weights: np.ndarray | None = None, **_: Any) -> GateStats:
         def med(parts: list[np.ndarray]) -> float:
@@ -188,8 +214,8 @@ class GateStatsAccumulator:
         if self.has_probs:
             E = np.asarray(self.num_experts)
             same = E[:, None] == E[None, :]
-            mi = np.where(same, _symmetric(self.mi_sum) / max(self.n_tokens, 1), np.nan)
-            null = np.where(same, _symmetric(self.null_sum) / max(self.n_null, 1), np.nan)
+            mi = np.where(same, _symmetric(self.mi_sum.total()) / max(self.n_tokens, 1), np.nan)
+            null = np.where(same, _symmetric(self.null_sum.total()) / max(self.n_null, 1), np.nan)
             ent_med = [med(p) for p in self.entropy]
             ent_mean = [float(np.concatenate(p).mean()) if p else float("nan") for p in self.entropy]
         out = GateStats(

@@ -11,8 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moelab.analysis.common import Result, check_experts, consume, iter_input, rank0_list, require_columns
-from moelab.analysis.null import entropy, uniform_imbalance
+from moelab.analysis.common import (
+    OrderedSum, Result, check_experts, consume, iter_input, layer_entropy, require_columns,
+)
+from moelab.analysis.null import uniform_imbalance
 from moelab.analysis.resample import Estimate, fold_of, layer_estimates
 
 BOOT = "95% bootstrap over sequences"
@@ -56,7 +58,7 @@ class LoadAccumulator:
         L, E = len(self.num_experts), max(self.num_experts)
         self.routed_FLE = np.zeros((folds, L, E), np.int64)
         self.kept_FLE = np.zeros((folds, L, E), np.int64)
-        self.entropy_sum_L = np.zeros(L)
+        self.entropy_sum_L = OrderedSum(L)
         self.entropy_n_L = np.zeros(L, np.int64)
         self.has_probs = True
 
@@ -76,11 +78,21 @@ class LoadAccumulator:
             self._update_entropy(batch)
 
     def _update_entropy(self, batch: dict[str, np.ndarray]) -> None:
-        layer, rank0 = batch["layer"], batch["rank"] == 0
-        for l in np.unique(layer[rank0]):
-            probs_TE = rank0_list(batch, "probs", rank0 & (layer == l))
-            self.entropy_sum_L[l] += entropy(probs_TE, axis=1).sum()
-            self.entropy_n_L[l] += len(probs_TE)
+        L = len(self.num_experts)
+        sum_L = np.zeros(L)
+        for l in range(L):
+            ent_T = layer_entropy(batch, l, L, self.top_k)
+            sum_L[l] = ent_T.sum()
+            self.entropy_n_L[l] += len(ent_T)
+        self.entropy_sum_L.add(sum_L)
+
+    def merge(self, other: "LoadAccumulator") -> None:
+        """Add the counts of a later part of the stream (parallel.py)."""
+        self.routed_FLE += other.routed_FLE
+        self.kept_FLE += other.kept_FLE
+        self.entropy_sum_L.merge(other.entropy_sum_L)
+        self.entropy_n_L += other.entropy_n_L
+        self.has_probs = self.has_probs and other.has_probs
 
     def result(self, weights: np.ndarray | None = None, **_: Any) -> LoadResult:
         routed, kept, tokens, mom, null_mom, dead, dropped = [], [], [], [], [], [], []
@@ -96,7 +108,7 @@ class LoadAccumulator:
             dropped.append(float(1 - kp.sum() / r.sum()) if r.sum() else float("nan"))
         ent = None
         if self.has_probs:
-            ent = [float(s / n) if n else float("nan") for s, n in zip(self.entropy_sum_L, self.entropy_n_L)]
+            ent = [float(s / n) if n else float("nan") for s, n in zip(self.entropy_sum_L.total(), self.entropy_n_L)]
         out = LoadResult(
             num_experts=self.num_experts, top_k=self.top_k, tokens=tokens, routed=routed, kept=kept,
             share=[r / max(r.sum(), 1) for r in routed], max_over_mean=mom, null_max_over_mean=null_mom,

@@ -1,24 +1,33 @@
-"""`analyze_all` over several worker processes: the accumulators are split between them.
+"""`analyze_all`'s streaming pass over a trace file, split by rows over N worker processes.
 
-Every worker streams the whole trace in the same batches (same `batch_rows`, same regrouping) and feeds
-only its share of the accumulators; the parent gets the filled accumulators back and finalises them as
-one process would. Each accumulator therefore sees exactly the batches, in the order, of the one-worker
-pass, so its state (seeded nulls included: GateStats' generator advances batch by batch) and the
-finalised results are bit for bit those of one worker. The cost: each worker decodes the columns its
-accumulators need, so the speed-up is bounded by the heaviest accumulator (specialisation by token).
+The trace is cut into units: one per Parquet row group, each starting at its row group's first row moved
+forward to the first row of a new key (a sequence, or a block of `batch_seqs` sequences when drops are
+re-simulated), so no token, sequence or capacity block straddles two units. Every pass, on one worker
+or N, reads a unit in the same batches (the reader's batches of its row groups, cut at the unit's ends and
+regrouped within it) and seals the accumulators' float sums at its end (`common.OrderedSum`).
+
+N workers (forked) each take a contiguous run of units, read only those rows (plus the part of a
+shared row group before their first unit) and fill their own accumulators. The parent merges them in
+unit order (part 0, 1, ...) and `analyze_all` finalises once. Counts add exactly, float sums add the
+same per-unit partials in the same order, label codes are renumbered in stream order, and the seeded
+draws depend on the batch's tokens, not on the stream's history: the results are bit for bit those of
+one worker (tests/analysis/test_analysis_workers.py).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import multiprocessing as mp
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator, Sequence
 
-from moelab.analysis.common import consume
+import numpy as np
+import pyarrow.parquet as pq
 
-# Relative cost of one accumulator per row (measured on a 16-layer top-8-of-64 trace; only the split uses it).
-_COST = {"pool": 1.0, "load": 0.5, "coactivation": 1.5, "gates": 2.0, "dynamic": 1.0, "drops": 1.5,
-         "tables:token": 3.0}
+from moelab.analysis.common import Batch, regroup, seal, slice_batch
+from moelab.config import MoelabError
+
 _FORK_STATE: dict[str, Any] = {}
 
 
@@ -29,42 +38,160 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def split(keys: list[str], workers: int) -> list[list[str]]:
-    """Greedy longest-first split of accumulator names into at most `workers` parts of similar cost."""
-    parts: list[list[str]] = [[] for _ in range(min(workers, len(keys)))]
-    load = [0.0] * len(parts)
-    for k in sorted(keys, key=lambda k: -_COST.get(k, 1.0)):
-        i = load.index(min(load))
-        parts[i].append(k)
-        load[i] += _COST.get(k, 1.0)
-    return [p for p in parts if p]
+# ---- units -----------------------------------------------------------------------------------------
+def _seq_ends(file: pq.ParquetFile, group: int, col: int) -> tuple[int, int] | None:
+    """(first, last) `seq` of a row group from its statistics (rows are in seq order), None without them."""
+    stats = file.metadata.row_group(group).column(col).statistics
+    return (int(stats.min), int(stats.max)) if stats is not None and stats.has_min_max else None
 
 
-def _run_part(index: int) -> dict[str, Any]:
+def plan_units(path: Any, block: int = 1) -> np.ndarray:
+    """Unit boundaries (U + 1 row numbers, 0 first, num_rows last): each row group's first row, moved
+    forward to where `seq // block` changes; a row group inside one key adds no boundary. Row group
+    statistics answer most groups; the others read their `seq` column."""
+    file = pq.ParquetFile(path)
+    md = file.metadata
+    col = file.schema_arrow.names.index("seq")
+
+    def seq_of(g: int) -> np.ndarray:
+        return file.read_row_group(g, columns=["seq"]).column(0).to_numpy() // block
+
+    bounds, start, prev_last = [0], 0, None  # prev_last: the key of the previous group's last row
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        ends = _seq_ends(file, g, col)
+        last = None if ends is None else ends[1] // block
+        if g and prev_last is not None and ends is not None and ends[0] // block > prev_last:
+            bounds.append(start)  # the key changes exactly at the row group's start
+        elif g and n:
+            keys = seq_of(g)
+            prev_last = int(seq_of(g - 1)[-1]) if prev_last is None else prev_last
+            i = int(np.searchsorted(keys, prev_last, side="right"))
+            if i < n:
+                bounds.append(start + i)
+            last = int(keys[-1])
+        prev_last = last if n else prev_last
+        start += n
+    bounds.append(start)
+    return np.unique(bounds)
+
+
+def split_units(bounds: np.ndarray, workers: int) -> list[tuple[int, int]]:
+    """Contiguous runs of units [lo, hi), at most `workers`, of about equal rows: each cut at the unit
+    boundary nearest to an equal share."""
+    U = len(bounds) - 1
+    cuts = [0, U]
+    if U > 1 and workers > 1:
+        target = bounds[-1] * np.arange(1, workers) / workers
+        cuts += list(np.abs(bounds[None, 1:-1] - target[:, None]).argmin(axis=1) + 1)
+    cuts = sorted(set(int(c) for c in cuts))
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _row_groups(path: Any, start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups holding rows [start, stop) and the first row of the first of them."""
+    md = pq.ParquetFile(path).metadata
+    starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+    first = int(np.searchsorted(starts, start, side="right")) - 1
+    last = int(np.searchsorted(starts, stop, side="left"))
+    return list(range(first, last)), int(starts[first])
+
+
+def _pieces(trace: Any, columns: list[str], batch_rows: int, bounds: np.ndarray, lo: int,
+            hi: int) -> Iterator[tuple[int, Batch]]:
+    """(unit, rows of a reader batch within that unit) for units lo..hi-1, in row order."""
+    groups, row = _row_groups(trace.path, int(bounds[lo]), int(bounds[hi]))
+    u, stop = lo, int(bounds[hi])
+    for batch in trace.iter_batches(columns, batch_rows=batch_rows, row_groups=groups):
+        n = len(batch["seq"])
+        a, z = row, row + n
+        row = z
+        if a >= stop:
+            break
+        pos = max(a, int(bounds[lo]))
+        while pos < min(z, stop):
+            end = min(z, int(bounds[u + 1]))
+            yield u, slice_batch(batch, pos - a, end - a)
+            pos = end
+            if end == bounds[u + 1]:
+                u += 1
+
+
+def consume_units(trace: Any, columns: list[str], batch_rows: int, key: Callable[[Batch], np.ndarray],
+                  bounds: np.ndarray, lo: int, hi: int, accumulators: Sequence[Any]) -> None:
+    """Feed units lo..hi-1 to the accumulators, each unit regrouped on its own and sealed at its end."""
+    for _, unit in itertools.groupby(_pieces(trace, columns, batch_rows, bounds, lo, hi), key=lambda p: p[0]):
+        for batch in regroup((piece for _, piece in unit), key):
+            for acc in accumulators:
+                acc.update(batch)
+        for acc in accumulators:
+            seal(acc)
+
+
+# ---- workers ---------------------------------------------------------------------------------------
+def _run_part(index: int, conn: Any) -> None:
+    """A forked worker: fill fresh accumulators from its units, then send them one by one (so no process
+    ever holds a pickled copy of all of them), then None; or ("error", exception)."""
+    from moelab.trace.io import open_trace
+
     st = _FORK_STATE
-    keys = st["parts"][index]
-    accs = [st["acc"][k] for k in keys] + ([st["sequences"]] if index == 0 else [])
-    consume(st["batches"](sorted({c for a in accs for c in a.columns})), accs)
-    return {k: st["acc"][k] for k in keys} | ({"__sequences__": st["sequences"]} if index == 0 else {})
-
-
-def consume_parallel(acc: dict[str, Any], sequences: Any, batches: Callable[[list[str]], Iterable[Any]],
-                     workers: int) -> None:
-    """Fill `acc` (and `sequences`) in place over `workers` forked processes; `batches(columns)` opens
-    the stream of those columns. Falls back to one pass here when fork is unavailable."""
-    parts = split(list(acc), workers)
-    if len(parts) < 2 or "fork" not in mp.get_all_start_methods():
-        columns = sorted({c for a in list(acc.values()) + [sequences] for c in a.columns})
-        consume(batches(columns), list(acc.values()) + [sequences])
-        return
-    _FORK_STATE.update(acc=acc, sequences=sequences, batches=batches, parts=parts)
     try:
-        with mp.get_context("fork").Pool(len(parts)) as pool:
-            filled = pool.map(_run_part, range(len(parts)))
+        lo, hi = st["parts"][index]
+        accs = copy.deepcopy(st["acc"])  # empty here; deep-copied so nothing is shared with the parent's
+        trace = open_trace(st["path"])  # each worker opens the file rather than share the parent's reader
+        consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
+        for name in list(accs):
+            conn.send((name, accs.pop(name)))
+        conn.send(None)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", e))
+    finally:
+        conn.close()
+
+
+def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_rows: int,
+                     key: Callable[[Batch], np.ndarray], block: int, workers: int) -> None:
+    """Fill the accumulators `acc` (name -> accumulator) from a trace file over `workers` forked
+    processes, or in this one for a single worker, a single unit, or where fork is unavailable."""
+    bounds = plan_units(trace.path, block)
+    parts = split_units(bounds, workers)
+    if len(parts) < 2 or "fork" not in mp.get_all_start_methods():
+        consume_units(trace, columns, batch_rows, key, bounds, 0, len(bounds) - 1, list(acc.values()))
+        return
+    _FORK_STATE.update(acc=acc, path=trace.path, columns=columns, batch_rows=batch_rows, key=key,
+                       bounds=bounds, parts=parts)
+    ctx = mp.get_context("fork")
+    procs, conns = [], []
+    try:
+        for i in range(len(parts)):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_run_part, args=(i, send), daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(recv)
+        for i, (proc, conn) in enumerate(zip(procs, conns)):  # in part order: the merge order is fixed
+            _merge_part(acc, conn, proc, i)
     finally:
         _FORK_STATE.clear()
-    for part in filled:
-        seq = part.pop("__sequences__", None)
-        if seq is not None:
-            sequences.__dict__.update(seq.__dict__)
-        acc.update(part)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            proc.join()
+            raise MoelabError(f"analysis worker {index} stopped without its results (exit code {proc.exitcode}; "
+                              "out of memory? try fewer --workers)") from None
+        if msg is None:
+            return
+        name, filled = msg
+        if name == "error":
+            raise filled
+        acc[name].merge(filled)
+        del filled, msg

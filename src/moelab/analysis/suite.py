@@ -67,8 +67,9 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     and its queue-only baseline; `queue` (the same keys: the trained capacity setting) adds the queue-only
     baseline of the trained drops. Intervals: `n_bootstrap` replicates over `folds` sequence folds (0: none).
     Analyses whose columns the trace lacks (probs, the all-experts columns) report None for those parts.
-    `workers` > 1 splits the accumulators over that many processes (a trace file only; `parallel.py`):
-    the results are bit for bit those of one worker.
+    A trace file is read unit by unit (its row groups cut at sequence starts); `workers` > 1 splits the
+    units over that many processes and merges their accumulators (`parallel.py`): the results are bit
+    for bit those of one worker.
     """
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
@@ -91,19 +92,15 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if len(blocks) > 1:
         raise MoelabError(f"drop re-simulations need one batch_seqs, got {blocks}")
     key = seq_block_key(blocks[0]) if blocks else token_key
-
-    def batches(cols: list[str], source: Any = trace_like) -> Any:
-        return regroup(iter_input(source, cols, rows), key)
-
     sequences = SequenceCounter()
-    if workers > 1 and getattr(trace_like, "path", None) is not None:
+    if getattr(trace_like, "path", None) is not None and hasattr(trace_like, "iter_batches"):
         from moelab.analysis.parallel import consume_parallel
-        from moelab.trace.io import open_trace
 
-        path = trace_like.path  # each worker reopens the file rather than share the parent's reader
-        consume_parallel(acc, sequences, lambda cols: batches(cols, open_trace(path)), workers)
+        read = sorted(present | {"seq"})
+        consume_parallel(dict(acc, __sequences__=sequences), trace_like, read, rows, key,
+                         blocks[0] if blocks else 1, workers)
     else:
-        consume(batches(columns), list(acc.values()) + [sequences])
+        consume(regroup(iter_input(trace_like, columns, rows), key), list(acc.values()) + [sequences])
     if folds > 1 and sequences.count < MIN_INTERVAL_SEQUENCES:
         skipped["intervals"] = (f"No intervals: the trace holds {sequences.count} sequence(s), and a bootstrap over "
                                 f"sequences needs at least {MIN_INTERVAL_SEQUENCES}; values and nulls only.")
@@ -124,13 +121,22 @@ class SequenceCounter:
     columns = ("seq",)
 
     def __init__(self) -> None:
-        self.count, self._last = 0, None
+        self.count, self._first, self._last = 0, None, None
 
     def update(self, batch: dict[str, np.ndarray]) -> None:
         seq = batch["seq"]
         if len(seq):
             self.count += int(np.count_nonzero(seq[1:] != seq[:-1])) + int(self._last is None or seq[0] != self._last)
+            self._first = seq[0] if self._first is None else self._first
             self._last = seq[-1]
+
+    def merge(self, other: "SequenceCounter") -> None:
+        """Add a later part of the stream; a sequence cut between the two counts once."""
+        if other._first is None:
+            return
+        self.count += other.count - int(self._last is not None and other._first == self._last)
+        self._first = other._first if self._first is None else self._first
+        self._last = other._last
 
 
 def unanswerable(have: set[str] | None, analyses: Sequence[str], why: dict[str, str]) -> dict[str, str]:

@@ -155,36 +155,72 @@ class ShareAccumulator:
         table.reshape(-1)[cells] += counts.astype(table.dtype)  # cells are distinct: no lost updates
         return True
 
-    def _dense_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The dense tables as (keys, counts) in the sparse counter's layout."""
-        keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        L = len(self.num_experts)
-        for name, table in self.dense.items():
-            slot, v, e = np.nonzero(table)
-            if name == "unsplit":
-                slot = slot + L * (self.folds if self.folds > 1 else 0)
-            keys.append((slot.astype(np.int64) << 48) | (v.astype(np.int64) << 16) | e)
-            counts.append(table[np.nonzero(table)].astype(np.int64))
-        return np.concatenate(keys), np.concatenate(counts)
+    def merge(self, other: "ShareAccumulator") -> None:
+        """Add the counts of a later part of the stream (parallel.py). Label codes are per pass: the other
+        pass's codes are mapped to ours, new names numbered after ours in its order, as one pass would."""
+        lut = self.labels.merge(other.labels) if self.labels is not None else None
+
+        def remap(keys: np.ndarray) -> np.ndarray:
+            value = lut[(keys >> 16) & 0xFFFFFFFF]
+            return (keys & ~np.int64(0xFFFFFFFF << 16)) | (value << 16)
+
+        self.counter.merge(other.counter, remap if lut is not None else None)
+        self.dense_rows += other.dense_rows
+        for name, table in other.dense.items():
+            if lut is not None:
+                used = min(table.shape[1], len(lut))
+                table, width = table[:, :used], int(lut[:used].max()) + 1 if used else 0
+            else:
+                width = table.shape[1]
+            mine = self.dense.get(name)
+            wide = max(width, 0 if mine is None else mine.shape[1])
+            dtype = np.int64 if self.dense_rows >= 1 << 31 or table.dtype == np.int64 else np.int32
+            grown = np.zeros((table.shape[0], wide, table.shape[2]), dtype)
+            if mine is not None:
+                grown[:, :mine.shape[1]] = mine
+            if lut is not None:
+                grown[:, lut[:table.shape[1]]] += table  # lut is one to one: no index repeats
+            else:
+                grown[:, :table.shape[1]] += table
+            self.dense[name] = grown
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
 
+    def _layer_entries(self, layer: int, sparse: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """(fold, group value, expert, count) of one layer's nonzero cells, sparse and dense counts together.
+        One layer at a time: the entries of every layer's dense cells at once (a position table split by
+        fold has 2^26 cells) took more memory than the whole pass."""
+        L = len(self.num_experts)
+        slot_N, value_N, expert_N, count_N = sparse
+        sel = slot_N % L == layer
+        parts = [(slot_N[sel] // L, value_N[sel], expert_N[sel], count_N[sel])]
+        for name, table in self.dense.items():
+            if name == "split":  # slot = layer + L * fold
+                t = table.reshape(self.folds, L, table.shape[1], table.shape[2])[:, layer]
+                f, v, e = np.nonzero(t)
+                parts.append((f, v, e, t[f, v, e]))
+            else:
+                v, e = np.nonzero(table[layer])
+                parts.append((np.full(len(v), self.folds if self.folds > 1 else 0), v, e, table[layer][v, e]))
+        return tuple(np.concatenate([p[i].astype(np.int64) for p in parts]) for i in range(4))
+
     def result(self) -> ShareTables:
         keys, counts = self.counter.result()
-        dense_keys, dense_counts = self._dense_entries()
-        keys, counts = np.concatenate([keys, dense_keys]), np.concatenate([counts, dense_counts])
-        slot_N, value_N, expert_N = keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF
-        layer_N, fold_N = slot_N % len(self.num_experts), slot_N // len(self.num_experts)
+        sparse = (keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF, counts)
         groups, tables, entries = [], [], []
         for l, E in enumerate(self.num_experts):
-            sel = layer_N == l
-            g, inv = np.unique(value_N[sel], return_inverse=True)
-            flat = np.bincount(inv * E + expert_N[sel], weights=counts[sel], minlength=len(g) * E)
+            fold_N, value_N, expert_N, count_N = self._layer_entries(l, sparse)
+            g, inv = np.unique(value_N, return_inverse=True)
+            flat = np.bincount(inv * E + expert_N, weights=count_N, minlength=len(g) * E)
             groups.append(g)
             tables.append(flat.astype(np.int64).reshape(len(g), E))
-            split = sel & (fold_N < self.folds) if self.folds > 1 else np.zeros(len(sel), bool)
-            entries.append(np.stack([fold_N[split], inv[split[sel]], expert_N[split], counts[split]]))
+            split = fold_N < self.folds if self.folds > 1 else np.zeros(len(fold_N), bool)
+            # Narrow types: these stay alive for the bootstrap (folds < 2^15 and expert ids < 2^16 by construction).
+            wide = len(g) >= 1 << 31 or (len(count_N) and count_N.max() >= 1 << 31)
+            entries.append((fold_N[split].astype(np.int16), inv[split].astype(np.int64 if wide else np.int32),
+                            expert_N[split].astype(np.int32), count_N[split].astype(np.int64 if wide else np.int32)))
+            del fold_N, value_N, expert_N, count_N, inv, split
         names = self.labels.names if self.labels is not None else None
         out = ShareTables(group=self.group, ranks=self.ranks, num_experts=self.num_experts,
                           top_k=self.top_k, groups=groups, counts=tables, names=names)

@@ -41,9 +41,8 @@ def register(sub) -> None:
                    help="`moelab intervene` (intervene.json) or `moelab diff` result files: one report section each")
     p.add_argument("--title", default=None)
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes for the streaming pass (default 1: each worker decodes the whole trace, "
-                        "so more workers cost memory and measured slower on 2 cores); results are identical "
-                        "whatever N")
+                   help="processes for the streaming pass, each reading its own share of the trace's row "
+                        "groups (default: the cores available); results are identical whatever N")
     p.set_defaults(func=run_analyze)
 
 
@@ -80,7 +79,11 @@ def run_analyze(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise MoelabError(f"--workers must be >= 1, got {args.workers}")
 
-    options["workers"] = args.workers or 1
+    if args.workers is None:
+        from moelab.analysis.parallel import available_cores
+
+        args.workers = available_cores()
+    options["workers"] = args.workers
     try:
         metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
                                simulate=simulate_settings(args), title=args.title, names=args.names,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -296,20 +296,21 @@ class Trace:
         return [c for c in self.columns if c in wanted and c not in self.defaulted]
 
     def iter_batches(self, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS,
-                     validate: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                     validate: bool = True, row_groups: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yield dicts of numpy arrays, reading only `columns` (default: all) `batch_rows` rows at a time.
 
         Label columns (domain, lang) come as int32 codes, stable over the whole iteration, with their
         names so far under `"<col>.names"`. List columns come as a 2-D array over their non-null rows
         (the rank-0 rows) with those rows' indices within the batch under `"<col>.rows"`. Numbers come in
         the canonical dtypes whatever width the file stores. `validate` checks the documented rules on the
-        columns read (validate.BatchValidator); a violation is a MoelabError naming it.
+        columns read (validate.BatchValidator); a violation is a MoelabError naming it. `row_groups`
+        reads only those Parquet row groups (ascending; default all): a worker's share of the file.
         """
         columns = list(self.columns if columns is None else columns)
         read = self._plan(columns)
         labels = {c: _LabelCodes() for c in columns if c in LABEL_COLUMNS}
         checker = BatchValidator(self.meta, f"trace {self.path}", self._proven) if validate else None
-        for group in range(self._file.metadata.num_row_groups):
+        for group in range(self._file.metadata.num_row_groups) if row_groups is None else row_groups:
             # A fresh reader per row group: a long-lived one keeps every pre-buffered row group cached,
             # so memory would grow with the file instead of staying at one row group.
             file = pq.ParquetFile(self.path, metadata=self._file.metadata, page_checksum_verification=True)
