@@ -102,7 +102,7 @@ class Explorer:
             else:
                 by_file[s.path.resolve()] = ExpertSummary(
                     s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k,
-                    first=lambda s=s: s.docs(self.db.cursor())).start()
+                    first=lambda s=s: s.docs(self.db.cursor()), with_token="token" not in s.null_columns).start()
         self.summaries = [by_file[s.path.resolve()] for s in sources]
 
     def _decode(self, token: int) -> str:
@@ -178,23 +178,37 @@ class Explorer:
         self.label_tokens(out["tokens"])
         return out
 
-    def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+    def expert(self, params: dict[str, str], wait: float = 0.0) -> dict[str, Any]:
+        """One expert's view. From the whole-trace summaries once built (`wait`: seconds to wait for
+        them); until then from the in-memory routing index (index.py), built just before them, and
+        where a trace's layout allows none, from the layer's rows directly (expert.direct). The same
+        numbers whichever: `basis` says which."""
         src, cur = self.source(params), self.db.cursor()
         layer, e = _int(params, "layer", 0), _int(params, "expert", 0)
         if not 0 <= layer < src.num_layers or not 0 <= e < src.meta.num_experts[layer]:
             raise MoelabError(f"layer {layer} has no expert {e}")
         summary = self.summaries[src.index]
-        if not summary.wait(wait):
-            return {"pending": True, "progress": summary.progress}
-        if summary.error:
-            raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
-        labels, tokens, scur = summary.tables["labels"], summary.tables["tokens"], summary.db.cursor()
-        out = {"layer": layer, "expert": e, **expert.label_counts(scur, summary.tables, layer, e),
-               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
-                                                   layer, e, src.top_k),
+        if summary.wait(wait):
+            if summary.error:
+                raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
+            scur = summary.db.cursor()
+            counts = expert.from_summary(scur, summary.tables, summary.pairs_LEE, layer, e)
+            return self._expert(src, cur, counts, layer, e) | {"basis": "summary"}
+        index = summary.index
+        if index.ready.wait(INDEX_WAIT) and index.error is None and not summary.ready.is_set():
+            return self._expert(src, cur, index.counts(layer, e), layer, e) | {
+                "basis": "index", "progress": summary.progress}
+        if summary.ready.is_set():  # finished while this request waited for the index
+            return self.expert(params, wait=0)
+        return self._expert(src, cur, expert.direct(cur, src.sql, layer, e), layer, e) | {
+            "basis": "direct", "progress": summary.progress}
+
+    def _expert(self, src: TraceSource, cur, counts: expert.LayerCounts, layer: int, e: int) -> dict[str, Any]:
+        out = {"layer": layer, "expert": e, **expert.label_counts(counts),
+               "coactivation": expert.coactivation(counts, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(scur, tokens, layer, e, src.top_k)
+            out["tokens"] = expert.token_stats(counts, src.top_k)
             ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}
@@ -203,18 +217,28 @@ class Explorer:
                     r["text"] = self.text(r["token"])
         return out
 
-    def load(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+    def load(self, params: dict[str, str], wait: float = 0.0) -> dict[str, Any]:
         """Per layer, each expert's choices (all ranks, before dropping) and share; an expert chosen by no
-        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives."""
+        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives.
+        Until the summaries are built, counted from the trace by one query."""
         src = self.source(params)
         summary = self.summaries[src.index]
-        if not summary.wait(wait):
-            return {"pending": True, "progress": summary.progress}
-        if summary.error:
-            raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
-        scur, layers = summary.db.cursor(), []
+        if summary.wait(wait):
+            if summary.error:
+                raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
+            scur = summary.db.cursor()
+            load = [expert.expert_load(scur, summary.tables["labels"], l) for l in range(src.num_layers)]
+        elif summary.index.ready.wait(INDEX_WAIT) and summary.index.error is None:
+            load = [summary.index.load(l) for l in range(src.num_layers)]
+        else:
+            cur = self.db.cursor()
+            cur.execute(f"SELECT layer, expert, count(*) FROM {src.sql} GROUP BY ALL")
+            load = [{} for _ in range(src.num_layers)]
+            for l, e, n in cur.fetchall():
+                load[int(l)][int(e)] = int(n)
+        layers = []
         for l, E in enumerate(src.meta.num_experts):
-            counts = expert.expert_load(scur, summary.tables["labels"], l)
+            counts = load[l]
             total = sum(counts.values())
             layers.append({"layer": l, "uniform": 1 / E, "total": total,
                            "experts": [{"expert": e, "count": counts.get(e, 0),
@@ -253,6 +277,7 @@ class Explorer:
 
 
 MAX_QUERY = 1000
+INDEX_WAIT = 10.0  # seconds an expert view waits for the routing index before scanning the trace itself
 MAX_CHAR_TOKENS = 4  # UTF-8 spells a character in at most 4 bytes
 MAX_ID = (1 << 31) - 1
 _ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '٣', '+5', ' 5', '1_0'
