@@ -612,15 +612,79 @@ def test_a_late_answer_for_an_earlier_expert_does_not_replace_the_later_one(brow
         server.server_close()
 
 
-def _one_layer_trace(path, T, vocab):
-    """One sequence of T tokens, one layer of 8 experts, top-1 cycling through the experts."""
+def _one_layer_trace(path, T, vocab, token=None, expert=None):
+    """One sequence of T tokens, one layer of 8 experts, top-1 cycling through the experts (or as given)."""
     from moelab.trace.io import TraceWriter
     from moelab.trace.schema import TraceMeta
 
     pos = np.arange(T)
-    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1, "layer": np.zeros(T, np.int64),
-            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
-            "dropped": np.zeros(T, bool)}
+    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1 if token is None else token,
+            "layer": np.zeros(T, np.int64), "rank": np.zeros(T, np.int64), "expert": pos % 8 if expert is None else expert,
+            "weight": np.ones(T), "prob": np.full(T, 0.5), "dropped": np.zeros(T, bool)}
     with TraceWriter(path, TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
         w.write(cols)
     return path
+
+
+def test_contexts_open_their_place_in_the_text_view(page, browser, traces):
+    """Issue 23.9: an example context in the expert view opens that place in the text view: its document,
+    the token focused (its path shown), the expert's layer; the address holds it (a fresh page opens it)."""
+    rows = pq.read_table(traces[0]).to_pylist()
+    first = sorted((r["seq"], r["pos"]) for r in rows if r["layer"] == 1 and r["expert"] == 5 and r["token"] == 7)
+    page.fill("#layer-slider", "1")
+    page.dispatch_event("#layer-slider", "input")
+    page.click("#legend .swatch[data-expert='5']")
+    page.wait_for_selector("#expert-title")
+    links = page.locator("#expert-body a.ctx")
+    assert links.count() >= 2
+    places = links.evaluate_all("as => as.map(a => [+a.dataset.doc, +a.dataset.docPos])")
+    assert places[:2] == [list(p) for p in first[:2]]  # token 7 (highest lift) comes first: doc = seq here
+    for i in (0, 1):
+        page.click("#tab-expert")
+        links.nth(i).click()
+        doc, at = places[i]
+        page.wait_for_selector(f"#doc-list button.current[data-doc='{doc}']")
+        assert page.is_visible("#view-text") and page.inner_text("#layer-label") == "1"
+        assert page.evaluate("+document.activeElement.dataset.i") == at  # one page: index = doc_pos
+        assert f"seq {doc} · pos {at} " in page.inner_text("#path-panel") and "token id 7 " in page.inner_text("#path-panel")
+        assert f"doc={doc}" in page.url and f"at={at}" in page.url and "layer=1" in page.url
+    fresh = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        fresh.goto(page.url)
+        fresh.wait_for_selector(f"#doc-list button.current[data-doc='{places[1][0]}']")
+        assert fresh.evaluate("+document.activeElement.dataset.i") == places[1][1]
+        assert f"pos {places[1][1]} " in fresh.inner_text("#path-panel")
+    finally:
+        fresh.close()
+
+
+def test_a_context_past_the_first_page_opens_its_page(browser, tmp_path):
+    """A context at position 4200 of a 5000-token document opens the page from 4096 with that token
+    focused. Planted: token 99 only at positions 4200-4219, always expert 3 (the highest lift); the
+    other tokens cycle over 41 ids against 8 experts (lift near 1)."""
+    from moelab.explore.commands import build_explorer
+    from moelab.explore.queries import MAX_DOC_TOKENS
+
+    T = 5000
+    pos = np.arange(T)
+    token, expert = pos % 41 + 1, pos % 8
+    token[4200:4220], expert[4200:4220] = 99, 3
+    path = _one_layer_trace(tmp_path / "late.parquet", T, vocab=41, token=token, expert=expert)
+    server = bind(build_explorer([str(path)]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server) + "#view=expert&xl=0&xe=3")
+        pg.wait_for_selector("#expert-title")
+        link = pg.locator("#expert-body a.ctx").first
+        assert (link.get_attribute("data-doc"), link.get_attribute("data-doc-pos")) == ("0", "4200")
+        link.click()
+        pg.wait_for_selector("#tok-prev:enabled")
+        assert pg.inner_text("#tok-range") == f"tokens {MAX_DOC_TOKENS}–{T - 1}"
+        assert pg.evaluate("+document.activeElement.dataset.i") == 4200 - MAX_DOC_TOKENS
+        assert "doc pos 4200" in pg.inner_text("#path-panel") and "token id 99 " in pg.inner_text("#path-panel")
+        assert f"start={MAX_DOC_TOKENS}" in pg.url and "at=4200" in pg.url
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

@@ -142,6 +142,7 @@ function focusToken(i) {
   const span = $("token-area").children[i];
   span.classList.add("sel");
   showPath($("path-panel"), S.tokens[i], S.layer);
+  saveState();
 }
 
 function setLayer(l) {
@@ -207,10 +208,11 @@ async function loadDocs(offset = 0) {
   if (S.doc === null && data.docs.length) openDoc(data.docs[0].doc);
 }
 
-async function openDoc(doc, start = 0) {
+async function openDoc(doc, start = 0, focusPos = null) {
   const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}&start=${start}`);
   S.doc = doc;
   S.start = start;
+  S.pageSize = data.limit;
   // a long document comes in pages of data.limit tokens
   $("tok-pager").hidden = !(data.truncated || start > 0);
   $("tok-prev").disabled = start === 0;
@@ -225,6 +227,20 @@ async function openDoc(doc, start = 0) {
   document.querySelectorAll("#doc-list button").forEach((b) => b.classList.toggle("current", +b.dataset.doc === doc));
   setLayer(S.layer);
   $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.</p>`;
+  const at = focusPos === null ? -1 : S.tokens.findIndex((t) => t.doc_pos === focusPos);
+  if (at >= 0) {
+    $("token-area").children[at].focus();
+    $("token-area").children[at].scrollIntoView({ block: "center" });
+  }
+  saveState();
+}
+
+// The text view at one place: the page of the document holding doc_pos, that token focused, the layer set.
+async function openPlace(doc, docPos, layer) {
+  selectView("text");
+  S.layer = layer;
+  const page = S.pageSize || 4096;
+  await openDoc(doc, docPos - (docPos % page), docPos);
 }
 
 function fillLabels() {
@@ -249,7 +265,10 @@ function tokenTable(title, rows, contexts) {
   const body = rows.map((r) => {
     const ctx = (contexts && contexts[r.token]) || [];
     const sep = S.info.tokenizer ? "" : " ";
-    const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
+    // each context opens its place in the text view: the document, the page holding it, the token focused
+    const shown = ctx.map((c) => `<a class="ctx" href="#" data-doc="${esc(c.doc)}" data-doc-pos="${esc(c.doc_pos)}" ` +
+      `title="open doc ${esc(c.doc)} at position ${esc(c.doc_pos)} (seq ${esc(c.seq)}, pos ${esc(c.pos)})">` +
+      `${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</a>`).join("");
     const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${esc(r.token)}` : `#${esc(r.token)}`;
     return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.occurrences)}</td>` +
            `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
@@ -340,8 +359,14 @@ async function loadExpert(layer, e, ticket) {
     `<table><thead><tr><th>expert</th><th>together</th><th>expected</th><th>ratio</th></tr></thead><tbody>${co}</tbody></table></div>` +
     `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
     `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
-    ablationText(d.ablation);
+    ablationText(d.ablation) +
+    (d.basis === "summary" ? "" : `<p class="hint" id="expert-basis">Counted from the ${d.basis === "index" ? "in-memory routing index" :
+      "trace's rows"} while the summaries are built (${pct(d.progress)}): the same numbers.</p>`);
   addCsvButtons($("expert-body"), `layer${layer}-expert${e}`);
+  $("expert-body").querySelectorAll("a.ctx").forEach((a) => a.addEventListener("click", (ev) => {
+    ev.preventDefault();
+    openPlace(+a.dataset.doc, +a.dataset.docPos, layer);
+  }));
 }
 
 function ablationText(rows) {
@@ -531,6 +556,8 @@ function saveState() {
   if (S.restoring || !S.info) return;
   const st = { view: S.view || "text", trace: S.trace, layer: S.layer };
   if (S.doc !== null) st.doc = S.doc;
+  if (S.doc !== null && S.start) st.start = S.start;
+  if (S.focus >= 0 && S.tokens[S.focus]) st.at = S.tokens[S.focus].doc_pos;
   if (S.view === "expert") { st.xl = $("x-layer").value; st.xe = $("x-expert").value; }
   history.replaceState(null, "", "#" + new URLSearchParams(st));
 }
@@ -538,7 +565,8 @@ function saveState() {
 function readState() {
   const p = new URLSearchParams(location.hash.slice(1));
   const int = (k) => (/^[0-9]{1,9}$/.test(p.get(k) || "") ? +p.get(k) : null);  // anything else: ignored
-  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe") };
+  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe"),
+           start: int("start"), at: int("at") };
 }
 
 async function restoreState() {
@@ -550,7 +578,7 @@ async function restoreState() {
     if (st.layer !== null) S.layer = Math.min(st.layer, traceInfo().layers - 1);
     if (st.doc !== null) S.doc = st.doc;
     await loadDocs();
-    if (st.doc !== null) await openDoc(st.doc);
+    if (st.doc !== null) await openDoc(st.doc, st.start || 0, st.at);
   } finally {
     S.restoring = false;
   }
