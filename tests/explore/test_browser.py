@@ -8,40 +8,12 @@ skip, except under CI=true, where a missing browser is a failure.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from moelab.explore.server import bind, serve_in_thread, url_of
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _need_browser():
-    try:
-        from playwright.sync_api import sync_playwright  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install playwright)"
-    else:
-        missing = None if os.path.exists(CHROMIUM) else "chromium is not installed (apt-get install chromium)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests need a browser under CI: {missing}")
-        pytest.skip(missing)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -482,6 +454,8 @@ def test_paging_past_4096_tokens(browser, tmp_path):
     try:
         pg.goto(url_of(server))
         pg.wait_for_selector("#token-area .tok")
+        # the first 256 tokens are painted first, the rest of the page follows
+        pg.locator(f"#token-area .tok[data-i='{MAX_DOC_TOKENS - 1}']").wait_for()
         assert pg.locator("#token-area .tok").count() == MAX_DOC_TOKENS and pg.is_visible("#tok-pager")
         assert pg.is_disabled("#tok-prev") and pg.is_enabled("#tok-next")
         # issue 23.9: the path panel stays in view while the long text scrolls under it
@@ -492,12 +466,14 @@ def test_paging_past_4096_tokens(browser, tmp_path):
         assert 0 <= box[0] < box[2] and "doc pos 4000" in pg.inner_text("#path-panel"), box
         pg.click("#tok-next")
         pg.wait_for_selector("#tok-prev:enabled")
+        pg.locator("#tok-range", has_text=f"tokens {MAX_DOC_TOKENS}–{T - 1}").wait_for()
         assert pg.locator("#token-area .tok").count() == T - MAX_DOC_TOKENS and pg.is_disabled("#tok-next")
         assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS, T)]
         pg.hover("#token-area .tok[data-i='3']")
         assert f"doc pos {MAX_DOC_TOKENS + 3}" in pg.inner_text("#path-panel")
         pg.click("#tok-prev")
         pg.wait_for_selector("#tok-prev:disabled")
+        pg.locator("#tok-range", has_text=f"tokens 0–{MAX_DOC_TOKENS - 1}").wait_for()
         assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS)]
     finally:
         pg.close()
@@ -680,10 +656,36 @@ def test_a_context_past_the_first_page_opens_its_page(browser, tmp_path):
         assert (link.get_attribute("data-doc"), link.get_attribute("data-doc-pos")) == ("0", "4200")
         link.click()
         pg.wait_for_selector("#tok-prev:enabled")
-        assert pg.inner_text("#tok-range") == f"tokens {MAX_DOC_TOKENS}–{T - 1}"
+        pg.locator("#tok-range", has_text=f"tokens {MAX_DOC_TOKENS}–{T - 1}").wait_for()
         assert pg.evaluate("+document.activeElement.dataset.i") == 4200 - MAX_DOC_TOKENS
         assert "doc pos 4200" in pg.inner_text("#path-panel") and "token id 99 " in pg.inner_text("#path-panel")
         assert f"start={MAX_DOC_TOKENS}" in pg.url and "at=4200" in pg.url
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_first_page_of_text_does_not_wait_for_the_document_list(browser, traces):
+    """Issue 23.9 (first paint): the text of the first document is asked for beside the document list,
+    not after it: with /api/docs held back, the tokens are painted (and match the trace)."""
+    from moelab.explore.commands import build_explorer
+
+    server = bind(build_explorer([str(traces[0])]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    held = []
+    pg.route("**/api/docs?*", lambda route: held.append(route))
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        assert held and pg.locator("#doc-list button").count() == 0  # the list is still on its way
+        ref = rows_of(traces[0], 0)
+        top1 = pg.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)")
+        assert top1 == [ref[(p, 0, 0)]["expert"] for p in range(24)]
+        for route in held:
+            route.continue_()
+        pg.wait_for_selector("#doc-list button.current[data-doc='0']")
     finally:
         pg.close()
         server.shutdown()

@@ -304,3 +304,36 @@ def test_one_file_opened_twice_shares_its_index_and_summaries(traces):
     assert ex.docs({"trace": "1"})["total"] == SEQS
     d = ex.diff({"a": "0", "b": "1", "doc": "2"})
     assert len(d["tokens"]) == SEQ_LEN and all(s["changed"] == 0 for s in d["summary"])
+
+
+def test_a_page_of_text_before_the_document_index_and_in_parts(traces):
+    """Issue 23.9 (first paint): a document's routes are served before the document index is built (its
+    sequences found by a query on `doc`), equal to those served after; `limit` gives a page in parts."""
+    ex = build_explorer([str(traces[0])])
+    src = ex.sources[0]
+    with src._lock:  # the background pass cannot build the index meanwhile
+        src._docs, src._seq_range = None, {}
+        early = [ex.doc({"doc": str(d)}) for d in range(SEQS)]
+        parts = [ex.doc({"doc": "2", "limit": "10"}), ex.doc({"doc": "2", "start": "10", "limit": "100"})]
+    assert ex.docs({})["total"] == SEQS
+    late = [ex.doc({"doc": str(d)}) for d in range(SEQS)]
+    assert src._docs is not None and early == late
+    assert ex.info()["traces"][0]["first_doc"] == 0
+    assert parts[0]["truncated"] and not parts[1]["truncated"]
+    assert parts[0]["tokens"] + parts[1]["tokens"] == late[2]["tokens"]
+    for bad in ("0", "4097", "-1", "x"):
+        with pytest.raises(MoelabError, match="limit"):
+            ex.doc({"doc": "0", "limit": bad})
+
+
+def test_load_overview_is_the_same_before_the_summaries(explorer, rows):
+    """The load overview from the routing index and from one SQL count equals the summaries' and a count
+    over the rows."""
+    answers = {}
+    for how in BASES:
+        with basis(explorer, how):
+            answers[how] = explorer.load({})
+    assert answers["summary"] == answers["index"] == answers["direct"]
+    for layer in answers["summary"]["layers"]:
+        want = Counter(r["expert"] for r in rows if r["layer"] == layer["layer"])
+        assert [x["count"] for x in layer["experts"]] == [want[e] for e in range(E)]

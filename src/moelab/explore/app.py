@@ -40,6 +40,12 @@ class TraceSource:
         self.null_columns = dict(trace.null_columns)
         self.num_rows = trace.num_rows
         self.max_token = _max_token(self.path) if "token" not in trace.null_columns else None
+        # the document the page opens first (the index lists documents by id): from the statistics
+        self.first_doc = _stat(self.path, "doc" if "doc" in stored else "seq", min)
+        # the router distribution the trace stores: all E probabilities, only the top N, or none
+        self.distribution = ("full" if "probs" in stored else
+                             "topn" if {"topn_experts", "topn_probs"} <= set(stored) else "none")
+        self.topn = _list_length(self.sql, "topn_probs") if self.distribution == "topn" else None
         self.twin: TraceSource | None = None
         self._docs: list[dict[str, Any]] | None = None
         self._seq_range: dict[int, tuple[int, int]] = {}
@@ -50,21 +56,25 @@ class TraceSource:
             return self.twin.docs(cur)
         with self._lock:
             if self._docs is None:
-                self._docs = queries.doc_index(cur, self.sql)
-                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
+                docs = queries.doc_index(cur, self.sql)
+                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in docs}
+                self._docs = docs  # last: routes() reads _seq_range once _docs is set, without the lock
             return self._docs
 
-    def routes(self, cur, doc: int, start: int = 0) -> dict[str, Any]:
-        """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
-        self.docs(cur)
-        ranges = (self.twin or self)._seq_range
-        if doc not in ranges:
+    def routes(self, cur, doc: int, start: int = 0, limit: int = queries.MAX_DOC_TOKENS) -> dict[str, Any]:
+        """A document's routes (queries.doc_routes), its sequences looked up in the document index, or
+        while that is being built, found by a query the row groups' statistics on `doc` keep short: the
+        first page of text does not wait for the index (issue 23.9, first paint)."""
+        owner = self.twin or self
+        if owner._docs is not None and doc not in owner._seq_range:
             return {"doc": doc, "tokens": [], "truncated": False}
-        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc],
-                                  start=start)
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k,
+                                  seq_range=owner._seq_range.get(doc), start=start, limit=limit,
+                                  with_entropy=self.distribution == "full")
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
+                "first_doc": self.first_doc, "distribution": self.distribution, "topn": self.topn,
                 "num_experts": self.meta.num_experts, "top_k": self.top_k, "layers": self.num_layers,
                 "labels": self.meta.labels, "null_columns": self.null_columns, "notes": self.meta.notes,
                 "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step,
@@ -74,16 +84,29 @@ class TraceSource:
 
 def _max_token(path: Path) -> int | None:
     """The largest token id, from the Parquet statistics (every row group's max) without reading rows."""
+    return _stat(path, "token", max)
+
+
+def _list_length(sql: str, column: str) -> int | None:
+    """The length of a per-(token, layer) list column, from its first stored value."""
+    with duckdb.connect(":memory:") as db:
+        row = db.execute(f"SELECT len({column}) FROM {sql} WHERE {column} IS NOT NULL LIMIT 1").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _stat(path: Path, column: str, pick) -> int | None:
+    """min or max (`pick`) of a column over the row groups' statistics; None where one has none."""
     md = pq.ParquetFile(path).metadata
     names = [md.row_group(0).column(j).path_in_schema for j in range(md.num_columns)]
-    if "token" not in names:
+    if column not in names:
         return None
-    j, best = names.index("token"), None
+    j, best = names.index(column), None
     for g in range(md.num_row_groups):
         stats = md.row_group(g).column(j).statistics
         if stats is None or not stats.has_min_max:
             return None
-        best = stats.max if best is None else max(best, stats.max)
+        v = stats.max if pick is max else stats.min
+        best = v if best is None else pick(best, v)
     return None if best is None else int(best)
 
 
@@ -143,7 +166,7 @@ class Explorer:
 
     def info(self) -> dict[str, Any]:
         return {"traces": [s.info() for s in self.sources], "tokenizer": self.tokenizer is not None,
-                "live": self.live_model is not None}
+                "live": self.live_model is not None, "page_tokens": queries.MAX_DOC_TOKENS}
 
     def docs(self, params: dict[str, str]) -> dict[str, Any]:
         src, cur = self.source(params), self.db.cursor()
@@ -174,9 +197,20 @@ class Explorer:
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
-        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0))
+        limit = _int(params, "limit", queries.MAX_DOC_TOKENS)
+        if not 1 <= limit <= queries.MAX_DOC_TOKENS:
+            raise MoelabError(f"limit={limit} is not from 1 to {queries.MAX_DOC_TOKENS}")
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0), limit)
         self.label_tokens(out["tokens"])
         return out
+
+    def token(self, params: dict[str, str]) -> dict[str, Any]:
+        """One token's router distribution per layer (the path panel's bars), with what the trace stores."""
+        src = self.source(params)
+        seq, pos = _int(params, "seq", 0), _int(params, "pos", 0)
+        layers = queries.token_distribution(self.db.cursor(), src.sql, seq, pos) if src.distribution != "none" else []
+        return {"seq": seq, "pos": pos, "distribution": src.distribution, "topn": src.topn,
+                "num_experts": src.meta.num_experts, "layers": layers}
 
     def expert(self, params: dict[str, str], wait: float = 0.0) -> dict[str, Any]:
         """One expert's view. From the whole-trace summaries once built (`wait`: seconds to wait for
