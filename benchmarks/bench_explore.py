@@ -206,6 +206,15 @@ def main() -> None:
     print(f"  per expert while the summaries are built: index {', '.join(f'{t:.3f}' for t in index_t)} s, "
           f"direct SQL {', '.join(f'{t:.3f}' for t in direct_t)} s; summaries (one background pass) ready "
           f"{t_ready:.1f} s after start")
+    # the index alone, with the summaries done: wall and CPU seconds (CPU: what a busy machine cannot inflate)
+    from moelab.explore.index import RoutingIndex
+
+    alone = RoutingIndex(path, ex.sources[0].meta.num_experts, ex.sources[0].top_k, True)
+    w, c = time.perf_counter(), time.process_time()
+    alone.build()
+    print(f"  routing index alone: {time.perf_counter() - w:.3f} s wall, {time.process_time() - c:.3f} s CPU "
+          f"({alone.ids_TLK.nbytes / 2**20:.0f} MiB); one expert's counts from it: "
+          f"{timed(alone.counts, 2, 5)[0]:.3f} s")
     picks = [n_docs // 3, n_docs - 1, n_docs // 2]
     views = {
         "docs domain=code": lambda i: ex.docs({"domain": "code", "offset": str(i % 50)}),

@@ -243,7 +243,9 @@ class Explorer:
                "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
             out["tokens"] = expert.token_stats(counts, src.top_k)
-            ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
+            index, wanted = self.summaries[src.index].index, [r["token"] for r in out["tokens"]["lift"][:5]]
+            ctx = (index.contexts(layer, e, wanted) if index.ready.is_set() and index.error is None
+                   else expert.contexts(cur, src.sql, layer, e, wanted))
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}
             for rows in out["tokens"].values():

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from moelab.config import MoelabError
-from moelab.explore.expert import LayerCounts
+from moelab.explore.expert import CONTEXT_RADIUS, CONTEXTS_PER_TOKEN, LayerCounts
 from moelab.trace.io import open_trace
 
-TOKEN_COLUMNS = ("seq", "pos", "token", "domain", "lang", "doc_pos")
+TOKEN_COLUMNS = ("seq", "pos", "token", "domain", "lang", "doc", "doc_pos")
 MAX_ROWS = 1 << 28  # 512 MB of expert ids: past that the summaries alone serve the expert view
 
 
@@ -81,6 +81,8 @@ class RoutingIndex:
         if len(key) > 1 and not np.all(key[1:] > key[:-1]):
             raise MoelabError("tokens are not in (seq, pos) order")
         self.ids_TLK = ids.reshape(-1, self.L, self.K)
+        self.key_T, self.pos_T, self.doc_T, self.doc_pos_T = key, tok["pos"], tok["doc"], tok["doc_pos"]
+        self.seqid_T = tok["seq"]
         self.seq_T = np.unique(tok["seq"], return_inverse=True)[1]
         self.domain_T, self.lang_T = tok["domain"], tok["lang"]
         self.domain_names, self.lang_names = list(names["domain"]), list(names["lang"])
@@ -136,3 +138,19 @@ class RoutingIndex:
     def load(self, layer: int) -> dict[int, int]:
         load_E = np.bincount(self.ids_TLK[:, layer, :].ravel().astype(np.int64), minlength=self.E)
         return {int(e): int(load_E[e]) for e in np.flatnonzero(load_E)}
+
+    def contexts(self, layer: int, expert: int, tokens: list[int]) -> dict[int, list[dict]]:
+        """expert.contexts from the index: the first places (trace order) where each token went to the
+        expert, each with the token ids within CONTEXT_RADIUS positions in its sequence. No scan."""
+        hit_T = (self.ids_TLK[:, layer, :] == expert).any(1)
+        out: dict[int, list[dict]] = {}
+        for v in tokens:
+            for t in np.flatnonzero(hit_T & (self.token_T == v))[:CONTEXTS_PER_TOKEN]:
+                s, p = int(self.seqid_T[t]), int(self.pos_T[t])
+                base = s * (1 << 32)
+                lo = int(np.searchsorted(self.key_T, base + max(p - CONTEXT_RADIUS, 0), side="left"))
+                hi = int(np.searchsorted(self.key_T, base + p + CONTEXT_RADIUS, side="right"))
+                out.setdefault(int(v), []).append({"seq": s, "pos": p, "doc": int(self.doc_T[t]),
+                                                   "doc_pos": int(self.doc_pos_T[t]),
+                                                   "ids": [int(x) for x in self.token_T[lo:hi]], "at": int(t - lo)})
+        return out
