@@ -337,3 +337,16 @@ def test_load_overview_is_the_same_before_the_summaries(explorer, rows):
     for layer in answers["summary"]["layers"]:
         want = Counter(r["expert"] for r in rows if r["layer"] == layer["layer"])
         assert [x["count"] for x in layer["experts"]] == [want[e] for e in range(E)]
+
+
+def test_routing_index_refuses_past_its_memory_bound(traces, monkeypatch):
+    """No index past MAX_BYTES of estimated memory (a top-1 trace of 100M rows would need 4 GiB): the
+    expert view then answers by SQL."""
+    import moelab.explore.index as index
+
+    monkeypatch.setattr(index, "MAX_BYTES", 1000)
+    ex = build_explorer([str(traces[0])])
+    ex.summaries[0].index.ready.wait(60)
+    assert "GiB" in ex.summaries[0].index.error
+    with basis(ex, "index"):
+        assert ex.expert({"layer": "1", "expert": "5"})["basis"] == "direct"

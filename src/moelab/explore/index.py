@@ -20,7 +20,8 @@ from moelab.explore.expert import CONTEXT_RADIUS, CONTEXTS_PER_TOKEN, LayerCount
 from moelab.trace.io import open_trace
 
 TOKEN_COLUMNS = ("seq", "pos", "token", "domain", "lang", "doc", "doc_pos")
-MAX_ROWS = 1 << 28  # 512 MB of expert ids: past that the summaries alone serve the expert view
+MAX_BYTES = 1 << 30  # past this estimate of the index's memory the summaries alone serve the expert view
+TOKEN_BYTES = 40  # per token: (seq, pos) key 8, doc 8, doc_pos 4, token 4, labels 2 x 4, bucket 1, seq id 4
 
 
 class RoutingIndex:
@@ -43,8 +44,9 @@ class RoutingIndex:
     def _build(self) -> None:
         trace = open_trace(self.path)
         G = self.L * self.K  # rows per token
-        if trace.num_rows > MAX_ROWS:
-            raise MoelabError(f"{trace.num_rows:,} rows: no in-memory index past {MAX_ROWS:,}")
+        need = 2 * trace.num_rows + TOKEN_BYTES * (trace.num_rows // G)
+        if need > MAX_BYTES:
+            raise MoelabError(f"the index would take {need / 2**30:.1f} GiB (over {MAX_BYTES / 2**30:.0f} GiB)")
         if trace.num_rows % G:
             raise MoelabError(f"{trace.num_rows} rows is not a whole number of tokens of {G} rows")
         cols = ["layer", "rank", "expert", *[c for c in TOKEN_COLUMNS if c != "token" or self.with_token]]
@@ -81,13 +83,12 @@ class RoutingIndex:
         if len(key) > 1 and not np.all(key[1:] > key[:-1]):
             raise MoelabError("tokens are not in (seq, pos) order")
         self.ids_TLK = ids.reshape(-1, self.L, self.K)
-        self.key_T, self.pos_T, self.doc_T, self.doc_pos_T = key, tok["pos"], tok["doc"], tok["doc_pos"]
-        self.seqid_T = tok["seq"]
-        self.seq_T = np.unique(tok["seq"], return_inverse=True)[1]
+        self.key_T, self.doc_T, self.doc_pos_T = key, tok["doc"], tok["doc_pos"]
+        self.seq_T = np.unique(tok["seq"], return_inverse=True)[1].astype(np.int32)
         self.domain_T, self.lang_T = tok["domain"], tok["lang"]
         self.domain_names, self.lang_names = list(names["domain"]), list(names["lang"])
         # as summary.BUCKET_SQL: floor(log2(doc_pos + 1) / 2)
-        self.bucket_T = np.floor(np.log2(tok["doc_pos"].astype(np.float64) + 1) / 2).astype(np.int64)
+        self.bucket_T = np.floor(np.log2(tok["doc_pos"].astype(np.float64) + 1) / 2).astype(np.int8)
         self.token_T = tok.get("token")
 
     def counts(self, layer: int, expert: int) -> LayerCounts:
@@ -146,7 +147,7 @@ class RoutingIndex:
         out: dict[int, list[dict]] = {}
         for v in tokens:
             for t in np.flatnonzero(hit_T & (self.token_T == v))[:CONTEXTS_PER_TOKEN]:
-                s, p = int(self.seqid_T[t]), int(self.pos_T[t])
+                s, p = int(self.key_T[t]) >> 32, int(self.key_T[t]) & 0xFFFFFFFF
                 base = s * (1 << 32)
                 lo = int(np.searchsorted(self.key_T, base + max(p - CONTEXT_RADIUS, 0), side="left"))
                 hi = int(np.searchsorted(self.key_T, base + p + CONTEXT_RADIUS, side="right"))
