@@ -7,8 +7,6 @@ skip, except under CI=true, where a missing browser is a failure.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -595,7 +593,8 @@ def _one_layer_trace(path, T, vocab, token=None, expert=None):
 
     pos = np.arange(T)
     cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1 if token is None else token,
-            "layer": np.zeros(T, np.int64), "rank": np.zeros(T, np.int64), "expert": pos % 8 if expert is None else expert,
+            "layer": np.zeros(T, np.int64), "rank": np.zeros(T, np.int64),
+            "expert": pos % 8 if expert is None else expert,
             "weight": np.ones(T), "prob": np.full(T, 0.5), "dropped": np.zeros(T, bool)}
     with TraceWriter(path, TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
         w.write(cols)
@@ -622,7 +621,8 @@ def test_contexts_open_their_place_in_the_text_view(page, browser, traces):
         page.wait_for_selector(f"#doc-list button.current[data-doc='{doc}']")
         assert page.is_visible("#view-text") and page.inner_text("#layer-label") == "1"
         assert page.evaluate("+document.activeElement.dataset.i") == at  # one page: index = doc_pos
-        assert f"seq {doc} · pos {at} " in page.inner_text("#path-panel") and "token id 7 " in page.inner_text("#path-panel")
+        panel = page.inner_text("#path-panel")
+        assert f"seq {doc} · pos {at} " in panel and "token id 7 " in panel
         assert f"doc={doc}" in page.url and f"at={at}" in page.url and "layer=1" in page.url
     fresh = browser.new_page(viewport={"width": 1400, "height": 900})
     try:

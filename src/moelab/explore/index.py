@@ -65,8 +65,9 @@ class RoutingIndex:
             carry = {c: v[whole:] for c, v in b.items()}
             if not whole:
                 continue
-            if not (np.array_equal(b["layer"][:whole].reshape(-1, G), np.broadcast_to(pattern_layer, (whole // G, G)))
-                    and np.array_equal(b["rank"][:whole].reshape(-1, G), np.broadcast_to(pattern_rank, (whole // G, G)))):
+            shape = (whole // G, G)
+            if not (np.array_equal(b["layer"][:whole].reshape(shape), np.broadcast_to(pattern_layer, shape))
+                    and np.array_equal(b["rank"][:whole].reshape(shape), np.broadcast_to(pattern_rank, shape))):
                 raise MoelabError("rows are not every token's layers and ranks in order")
             for c in cols[3:]:
                 v = b[c][:whole].reshape(-1, G)
