@@ -10,6 +10,9 @@ of (seq 1, pos 4) swapped (same set, new top-1): the diff's answer.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -82,6 +85,34 @@ def explorer(traces):
     from moelab.explore.commands import build_explorer
 
     return build_explorer([str(p) for p in traces])
+
+
+# ---- the browser tests' Chromium (test_browser*.py) ----
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _need_browser():
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install playwright)"
+    else:
+        missing = None if os.path.exists(CHROMIUM) else "chromium is not installed (apt-get install chromium)"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests need a browser under CI: {missing}")
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

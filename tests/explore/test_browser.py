@@ -7,41 +7,11 @@ skip, except under CI=true, where a missing browser is a failure.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from moelab.explore.server import bind, serve_in_thread, url_of
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _need_browser():
-    try:
-        from playwright.sync_api import sync_playwright  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install playwright)"
-    else:
-        missing = None if os.path.exists(CHROMIUM) else "chromium is not installed (apt-get install chromium)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests need a browser under CI: {missing}")
-        pytest.skip(missing)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -482,6 +452,8 @@ def test_paging_past_4096_tokens(browser, tmp_path):
     try:
         pg.goto(url_of(server))
         pg.wait_for_selector("#token-area .tok")
+        # the first 256 tokens are painted first, the rest of the page follows
+        pg.locator(f"#token-area .tok[data-i='{MAX_DOC_TOKENS - 1}']").wait_for()
         assert pg.locator("#token-area .tok").count() == MAX_DOC_TOKENS and pg.is_visible("#tok-pager")
         assert pg.is_disabled("#tok-prev") and pg.is_enabled("#tok-next")
         # issue 23.9: the path panel stays in view while the long text scrolls under it
@@ -492,12 +464,14 @@ def test_paging_past_4096_tokens(browser, tmp_path):
         assert 0 <= box[0] < box[2] and "doc pos 4000" in pg.inner_text("#path-panel"), box
         pg.click("#tok-next")
         pg.wait_for_selector("#tok-prev:enabled")
+        pg.locator("#tok-range", has_text=f"tokens {MAX_DOC_TOKENS}–{T - 1}").wait_for()
         assert pg.locator("#token-area .tok").count() == T - MAX_DOC_TOKENS and pg.is_disabled("#tok-next")
         assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS, T)]
         pg.hover("#token-area .tok[data-i='3']")
         assert f"doc pos {MAX_DOC_TOKENS + 3}" in pg.inner_text("#path-panel")
         pg.click("#tok-prev")
         pg.wait_for_selector("#tok-prev:disabled")
+        pg.locator("#tok-range", has_text=f"tokens 0–{MAX_DOC_TOKENS - 1}").wait_for()
         assert pg.eval_on_selector_all("#token-area .tok", top1) == [p % 8 for p in range(MAX_DOC_TOKENS)]
     finally:
         pg.close()
@@ -612,15 +586,107 @@ def test_a_late_answer_for_an_earlier_expert_does_not_replace_the_later_one(brow
         server.server_close()
 
 
-def _one_layer_trace(path, T, vocab):
-    """One sequence of T tokens, one layer of 8 experts, top-1 cycling through the experts."""
+def _one_layer_trace(path, T, vocab, token=None, expert=None):
+    """One sequence of T tokens, one layer of 8 experts, top-1 cycling through the experts (or as given)."""
     from moelab.trace.io import TraceWriter
     from moelab.trace.schema import TraceMeta
 
     pos = np.arange(T)
-    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1, "layer": np.zeros(T, np.int64),
-            "rank": np.zeros(T, np.int64), "expert": pos % 8, "weight": np.ones(T), "prob": np.full(T, 0.5),
-            "dropped": np.zeros(T, bool)}
+    cols = {"seq": np.zeros(T, np.int64), "pos": pos, "token": pos % vocab + 1 if token is None else token,
+            "layer": np.zeros(T, np.int64), "rank": np.zeros(T, np.int64),
+            "expert": pos % 8 if expert is None else expert,
+            "weight": np.ones(T), "prob": np.full(T, 0.5), "dropped": np.zeros(T, bool)}
     with TraceWriter(path, TraceMeta(num_experts=[8], top_k=1, source="moelab")) as w:
         w.write(cols)
     return path
+
+
+def test_contexts_open_their_place_in_the_text_view(page, browser, traces):
+    """Issue 23.9: an example context in the expert view opens that place in the text view: its document,
+    the token focused (its path shown), the expert's layer; the address holds it (a fresh page opens it)."""
+    rows = pq.read_table(traces[0]).to_pylist()
+    first = sorted((r["seq"], r["pos"]) for r in rows if r["layer"] == 1 and r["expert"] == 5 and r["token"] == 7)
+    page.fill("#layer-slider", "1")
+    page.dispatch_event("#layer-slider", "input")
+    page.click("#legend .swatch[data-expert='5']")
+    page.wait_for_selector("#expert-title")
+    links = page.locator("#expert-body a.ctx")
+    assert links.count() >= 2
+    places = links.evaluate_all("as => as.map(a => [+a.dataset.doc, +a.dataset.docPos])")
+    assert places[:2] == [list(p) for p in first[:2]]  # token 7 (highest lift) comes first: doc = seq here
+    for i in (0, 1):
+        page.click("#tab-expert")
+        links.nth(i).click()
+        doc, at = places[i]
+        page.wait_for_selector(f"#doc-list button.current[data-doc='{doc}']")
+        assert page.is_visible("#view-text") and page.inner_text("#layer-label") == "1"
+        assert page.evaluate("+document.activeElement.dataset.i") == at  # one page: index = doc_pos
+        panel = page.inner_text("#path-panel")
+        assert f"seq {doc} · pos {at} " in panel and "token id 7 " in panel
+        assert f"doc={doc}" in page.url and f"at={at}" in page.url and "layer=1" in page.url
+    fresh = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        fresh.goto(page.url)
+        fresh.wait_for_selector(f"#doc-list button.current[data-doc='{places[1][0]}']")
+        assert fresh.evaluate("+document.activeElement.dataset.i") == places[1][1]
+        assert f"pos {places[1][1]} " in fresh.inner_text("#path-panel")
+    finally:
+        fresh.close()
+
+
+def test_a_context_past_the_first_page_opens_its_page(browser, tmp_path):
+    """A context at position 4200 of a 5000-token document opens the page from 4096 with that token
+    focused. Planted: token 99 only at positions 4200-4219, always expert 3 (the highest lift); the
+    other tokens cycle over 41 ids against 8 experts (lift near 1)."""
+    from moelab.explore.commands import build_explorer
+    from moelab.explore.queries import MAX_DOC_TOKENS
+
+    T = 5000
+    pos = np.arange(T)
+    token, expert = pos % 41 + 1, pos % 8
+    token[4200:4220], expert[4200:4220] = 99, 3
+    path = _one_layer_trace(tmp_path / "late.parquet", T, vocab=41, token=token, expert=expert)
+    server = bind(build_explorer([str(path)]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        pg.goto(url_of(server) + "#view=expert&xl=0&xe=3")
+        pg.wait_for_selector("#expert-title")
+        link = pg.locator("#expert-body a.ctx").first
+        assert (link.get_attribute("data-doc"), link.get_attribute("data-doc-pos")) == ("0", "4200")
+        link.click()
+        pg.wait_for_selector("#tok-prev:enabled")
+        pg.locator("#tok-range", has_text=f"tokens {MAX_DOC_TOKENS}–{T - 1}").wait_for()
+        assert pg.evaluate("+document.activeElement.dataset.i") == 4200 - MAX_DOC_TOKENS
+        assert "doc pos 4200" in pg.inner_text("#path-panel") and "token id 99 " in pg.inner_text("#path-panel")
+        assert f"start={MAX_DOC_TOKENS}" in pg.url and "at=4200" in pg.url
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_first_page_of_text_does_not_wait_for_the_document_list(browser, traces):
+    """Issue 23.9 (first paint): the text of the first document is asked for beside the document list,
+    not after it: with /api/docs held back, the tokens are painted (and match the trace)."""
+    from moelab.explore.commands import build_explorer
+
+    server = bind(build_explorer([str(traces[0])]), "127.0.0.1", 0)
+    serve_in_thread(server)
+    pg = browser.new_page(viewport={"width": 1400, "height": 900})
+    held = []
+    pg.route("**/api/docs?*", lambda route: held.append(route))
+    try:
+        pg.goto(url_of(server))
+        pg.wait_for_selector("#token-area .tok")
+        assert held and pg.locator("#doc-list button").count() == 0  # the list is still on its way
+        ref = rows_of(traces[0], 0)
+        top1 = pg.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)")
+        assert top1 == [ref[(p, 0, 0)]["expert"] for p in range(24)]
+        for route in held:
+            route.continue_()
+        pg.wait_for_selector("#doc-list button.current[data-doc='0']")
+    finally:
+        pg.close()
+        server.shutdown()
+        server.server_close()

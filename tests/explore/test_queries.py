@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
@@ -11,15 +13,37 @@ import pytest
 from moelab.config import MoelabError
 from moelab.explore import diff, expert
 from moelab.explore.commands import build_explorer
+from moelab.explore.index import RoutingIndex
 from moelab.trace.io import TraceWriter, open_trace
 
 
-CHANGED, SWAPPED, K, LAYERS, SEQ_LEN, SEQS = [(0, 3), (0, 5)], (1, 4), 2, 3, 24, 4  # as conftest plants them
+CHANGED, SWAPPED, K, LAYERS, SEQ_LEN, SEQS, E = [(0, 3), (0, 5)], (1, 4), 2, 3, 24, 4, 8  # as conftest plants them
 
 
 @pytest.fixture(scope="module", autouse=True)
 def summaries_built(explorer):
     assert all(s.wait(60) and s.error is None for s in explorer.summaries)
+
+
+@contextlib.contextmanager
+def basis(ex, how: str):
+    """The explorer answering as it does before its summaries are built: from the routing index
+    ("index"), or where a trace allows none, from the trace's rows by SQL ("direct")."""
+    summary = ex.summaries[0]
+    ready, index = summary.ready, summary.index
+    if how != "summary":
+        summary.ready = threading.Event()
+    if how == "direct":
+        summary.index = RoutingIndex(index.path, [E] * LAYERS, K, True)
+        summary.index.error = "refused for this test"
+        summary.index.ready.set()
+    try:
+        yield
+    finally:
+        summary.ready, summary.index = ready, index
+
+
+BASES = ["summary", "index", "direct"]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +103,12 @@ def naive_shares(rows, layer, e, key):
     return n, k
 
 
+@pytest.mark.parametrize("how", BASES)
 @pytest.mark.parametrize("layer,e", [(2, 3), (1, 5), (0, 0)])
-def test_expert_load_by_label_and_its_null(explorer, rows, layer, e):
-    got = explorer.expert({"layer": str(layer), "expert": str(e)})
+def test_expert_load_by_label_and_its_null(explorer, rows, layer, e, how):
+    with basis(explorer, how):
+        got = explorer.expert({"layer": str(layer), "expert": str(e)})
+    assert got["basis"] == how
     total = sum(1 for r in rows if r["layer"] == layer)
     count = sum(1 for r in rows if r["layer"] == layer and r["expert"] == e)
     assert (got["rows"], got["count"]) == (total, count)
@@ -129,8 +156,11 @@ def test_null_case_gives_lift_one(tmp_path, traces):
             assert r["lift"] in (None, pytest.approx(1.0))
 
 
-def test_token_stats_and_contexts(explorer, rows):
-    got = explorer.expert({"layer": "1", "expert": "5"})
+@pytest.mark.parametrize("how", BASES)
+def test_token_stats_and_contexts(explorer, rows, how):
+    with basis(explorer, how):
+        got = explorer.expert({"layer": "1", "expert": "5"})
+    assert got["basis"] == how
     n, k = Counter(), Counter()
     for r in rows:
         if r["layer"] == 1:
@@ -148,13 +178,17 @@ def test_token_stats_and_contexts(explorer, rows):
     eligible = [v for v in n if n[v] >= expert.MIN_TOKEN_COUNT and k[v]]
     assert got["tokens"]["lift"][0]["token"] == 7 == max(eligible, key=lambda v: k[v] / n[v])
     by_pos = {(r["seq"], r["pos"]): r["token"] for r in rows}
+    first = sorted((r["seq"], r["pos"]) for r in rows if r["layer"] == 1 and r["expert"] == 5 and r["token"] == 7)
+    assert [(c["seq"], c["pos"]) for c in got["contexts"]["7"]] == first[:expert.CONTEXTS_PER_TOKEN]
     for c in got["contexts"]["7"]:
         assert c["ids"][c["at"]] == 7
+        assert (c["doc"], c["doc_pos"]) == (c["seq"], c["pos"])  # conftest: doc = seq, doc_pos = pos
         lo = c["pos"] - c["at"]
         assert c["ids"] == [by_pos[(c["seq"], q)] for q in range(lo, lo + len(c["ids"]))]
 
 
-def test_coactivation_matches_loop(explorer, rows):
+@pytest.mark.parametrize("how", BASES)
+def test_coactivation_matches_loop(explorer, rows, how):
     for layer, e in ((1, 5), (0, 2)):
         sets = defaultdict(set)
         for r in rows:
@@ -162,7 +196,8 @@ def test_coactivation_matches_loop(explorer, rows):
                 sets[(r["seq"], r["pos"])].add(r["expert"])
         together = Counter(j for s in sets.values() if e in s for j in s if j != e)
         load = Counter(r["expert"] for r in rows if r["layer"] == layer)
-        got = {r["expert"]: r for r in explorer.expert({"layer": str(layer), "expert": str(e)})["coactivation"]}
+        with basis(explorer, how):
+            got = {r["expert"]: r for r in explorer.expert({"layer": str(layer), "expert": str(e)})["coactivation"]}
         for j, r in got.items():
             assert r["count"] == together[j]
             want = load[e] * (K - 1) * load[j] / (sum(load.values()) - load[e])
@@ -220,17 +255,36 @@ def test_document_spanning_sequences_and_defaulted_columns(tmp_path, traces):
     assert got["tokens"] == {"frequent": [], "lift": []} and got["by"]["domain"][0]["group"] == "unknown"
 
 
-def test_expert_view_says_when_its_summaries_are_pending(explorer):
-    import threading
+def test_expert_view_before_the_summaries_equals_the_summaries(explorer):
+    """Issue 23.9: the first expert view no longer waits for the summary pass; its answer from the routing
+    index, or from the trace's rows, is the summaries' answer, number for number, for every expert."""
+    for layer in range(LAYERS):
+        for e in range(E):
+            answers = {}
+            for how in BASES:
+                with basis(explorer, how):
+                    got = explorer.expert({"layer": str(layer), "expert": str(e)})
+                assert got.pop("basis") == how
+                got.pop("progress", None)
+                answers[how] = got
+            assert answers["index"] == answers["summary"] == answers["direct"]
 
-    summary = explorer.summaries[0]
-    done = summary.ready
-    summary.ready = threading.Event()
-    try:
-        assert explorer.expert({"layer": "0", "expert": "0"}, wait=0.0) == {"pending": True,
-                                                                           "progress": summary.progress}
-    finally:
-        summary.ready = done
+
+def test_routing_index_refuses_a_trace_laid_out_otherwise(tmp_path, traces):
+    """A trace whose rows are not every token's layers and ranks in order gets no index: the view then
+    answers from the trace's rows (the direct SQL), still equal to a count over the rows."""
+    t = pq.read_table(traces[0])
+    keep = [i for i, (l, s) in enumerate(zip(t["layer"].to_pylist(), t["seq"].to_pylist())) if not (s == 3 and l == 2)]
+    pq.write_table(t.take(keep), tmp_path / "gap.parquet")  # sequence 3 lacks layer 2
+    ex = build_explorer([str(tmp_path / "gap.parquet")])
+    ex.summaries[0].index.ready.wait(60)
+    assert "in order" in ex.summaries[0].index.error
+    with basis(ex, "index"):  # the index failed: the view falls back to the direct SQL
+        got = ex.expert({"layer": "2", "expert": "3"})
+    assert got["basis"] == "direct"
+    rows = t.take(keep).to_pylist()
+    assert got["rows"] == sum(r["layer"] == 2 for r in rows) == (SEQS - 1) * SEQ_LEN * K
+    assert got["count"] == sum(r["layer"] == 2 and r["expert"] == 3 for r in rows)
 
 
 def test_pair_counts_refuse_rows_out_of_order(tmp_path, traces):
@@ -250,3 +304,49 @@ def test_one_file_opened_twice_shares_its_index_and_summaries(traces):
     assert ex.docs({"trace": "1"})["total"] == SEQS
     d = ex.diff({"a": "0", "b": "1", "doc": "2"})
     assert len(d["tokens"]) == SEQ_LEN and all(s["changed"] == 0 for s in d["summary"])
+
+
+def test_a_page_of_text_before_the_document_index_and_in_parts(traces):
+    """Issue 23.9 (first paint): a document's routes are served before the document index is built (its
+    sequences found by a query on `doc`), equal to those served after; `limit` gives a page in parts."""
+    ex = build_explorer([str(traces[0])])
+    src = ex.sources[0]
+    with src._lock:  # the background pass cannot build the index meanwhile
+        src._docs, src._seq_range = None, {}
+        early = [ex.doc({"doc": str(d)}) for d in range(SEQS)]
+        parts = [ex.doc({"doc": "2", "limit": "10"}), ex.doc({"doc": "2", "start": "10", "limit": "100"})]
+    assert ex.docs({})["total"] == SEQS
+    late = [ex.doc({"doc": str(d)}) for d in range(SEQS)]
+    assert src._docs is not None and early == late
+    assert ex.info()["traces"][0]["first_doc"] == 0
+    assert parts[0]["truncated"] and not parts[1]["truncated"]
+    assert parts[0]["tokens"] + parts[1]["tokens"] == late[2]["tokens"]
+    for bad in ("0", "4097", "-1", "x"):
+        with pytest.raises(MoelabError, match="limit"):
+            ex.doc({"doc": "0", "limit": bad})
+
+
+def test_load_overview_is_the_same_before_the_summaries(explorer, rows):
+    """The load overview from the routing index and from one SQL count equals the summaries' and a count
+    over the rows."""
+    answers = {}
+    for how in BASES:
+        with basis(explorer, how):
+            answers[how] = explorer.load({})
+    assert answers["summary"] == answers["index"] == answers["direct"]
+    for layer in answers["summary"]["layers"]:
+        want = Counter(r["expert"] for r in rows if r["layer"] == layer["layer"])
+        assert [x["count"] for x in layer["experts"]] == [want[e] for e in range(E)]
+
+
+def test_routing_index_refuses_past_its_memory_bound(traces, monkeypatch):
+    """No index past MAX_BYTES of estimated memory (a top-1 trace of 100M rows would need 4 GiB): the
+    expert view then answers by SQL."""
+    import moelab.explore.index as index
+
+    monkeypatch.setattr(index, "MAX_BYTES", 1000)
+    ex = build_explorer([str(traces[0])])
+    ex.summaries[0].index.ready.wait(60)
+    assert "GiB" in ex.summaries[0].index.error
+    with basis(ex, "index"):
+        assert ex.expert({"layer": "1", "expert": "5"})["basis"] == "direct"

@@ -40,6 +40,12 @@ class TraceSource:
         self.null_columns = dict(trace.null_columns)
         self.num_rows = trace.num_rows
         self.max_token = _max_token(self.path) if "token" not in trace.null_columns else None
+        # the document the page opens first (the index lists documents by id): from the statistics
+        self.first_doc = _stat(self.path, "doc" if "doc" in stored else "seq", min)
+        # the router distribution the trace stores: all E probabilities, only the top N, or none
+        self.distribution = ("full" if "probs" in stored else
+                             "topn" if {"topn_experts", "topn_probs"} <= set(stored) else "none")
+        self.topn = _list_length(self.sql, "topn_probs") if self.distribution == "topn" else None
         self.twin: TraceSource | None = None
         self._docs: list[dict[str, Any]] | None = None
         self._seq_range: dict[int, tuple[int, int]] = {}
@@ -50,21 +56,25 @@ class TraceSource:
             return self.twin.docs(cur)
         with self._lock:
             if self._docs is None:
-                self._docs = queries.doc_index(cur, self.sql)
-                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in self._docs}
+                docs = queries.doc_index(cur, self.sql)
+                self._seq_range = {d["doc"]: (d["seq"], d["seq_end"]) for d in docs}
+                self._docs = docs  # last: routes() reads _seq_range once _docs is set, without the lock
             return self._docs
 
-    def routes(self, cur, doc: int, start: int = 0) -> dict[str, Any]:
-        """A document's routes (queries.doc_routes), its sequences looked up in the document index."""
-        self.docs(cur)
-        ranges = (self.twin or self)._seq_range
-        if doc not in ranges:
+    def routes(self, cur, doc: int, start: int = 0, limit: int = queries.MAX_DOC_TOKENS) -> dict[str, Any]:
+        """A document's routes (queries.doc_routes), its sequences looked up in the document index, or
+        while that is being built, found by a query the row groups' statistics on `doc` keep short: the
+        first page of text does not wait for the index (issue 23.9, first paint)."""
+        owner = self.twin or self
+        if owner._docs is not None and doc not in owner._seq_range:
             return {"doc": doc, "tokens": [], "truncated": False}
-        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k, seq_range=ranges[doc],
-                                  start=start)
+        return queries.doc_routes(cur, self.sql, doc, self.num_layers, self.top_k,
+                                  seq_range=owner._seq_range.get(doc), start=start, limit=limit,
+                                  with_entropy=self.distribution == "full")
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.path.name, "path": str(self.path), "rows": self.num_rows,
+                "first_doc": self.first_doc, "distribution": self.distribution, "topn": self.topn,
                 "num_experts": self.meta.num_experts, "top_k": self.top_k, "layers": self.num_layers,
                 "labels": self.meta.labels, "null_columns": self.null_columns, "notes": self.meta.notes,
                 "source": self.meta.source, "checkpoint_step": self.meta.checkpoint_step,
@@ -74,16 +84,29 @@ class TraceSource:
 
 def _max_token(path: Path) -> int | None:
     """The largest token id, from the Parquet statistics (every row group's max) without reading rows."""
+    return _stat(path, "token", max)
+
+
+def _list_length(sql: str, column: str) -> int | None:
+    """The length of a per-(token, layer) list column, from its first stored value."""
+    with duckdb.connect(":memory:") as db:
+        row = db.execute(f"SELECT len({column}) FROM {sql} WHERE {column} IS NOT NULL LIMIT 1").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _stat(path: Path, column: str, pick) -> int | None:
+    """min or max (`pick`) of a column over the row groups' statistics; None where one has none."""
     md = pq.ParquetFile(path).metadata
     names = [md.row_group(0).column(j).path_in_schema for j in range(md.num_columns)]
-    if "token" not in names:
+    if column not in names:
         return None
-    j, best = names.index("token"), None
+    j, best = names.index(column), None
     for g in range(md.num_row_groups):
         stats = md.row_group(g).column(j).statistics
         if stats is None or not stats.has_min_max:
             return None
-        best = stats.max if best is None else max(best, stats.max)
+        v = stats.max if pick is max else stats.min
+        best = v if best is None else pick(best, v)
     return None if best is None else int(best)
 
 
@@ -102,7 +125,7 @@ class Explorer:
             else:
                 by_file[s.path.resolve()] = ExpertSummary(
                     s.sql, f"t{s.index}", s.path, s.meta.num_experts, s.top_k,
-                    first=lambda s=s: s.docs(self.db.cursor())).start()
+                    first=lambda s=s: s.docs(self.db.cursor()), with_token="token" not in s.null_columns).start()
         self.summaries = [by_file[s.path.resolve()] for s in sources]
 
     def _decode(self, token: int) -> str:
@@ -143,7 +166,7 @@ class Explorer:
 
     def info(self) -> dict[str, Any]:
         return {"traces": [s.info() for s in self.sources], "tokenizer": self.tokenizer is not None,
-                "live": self.live_model is not None}
+                "live": self.live_model is not None, "page_tokens": queries.MAX_DOC_TOKENS}
 
     def docs(self, params: dict[str, str]) -> dict[str, Any]:
         src, cur = self.source(params), self.db.cursor()
@@ -174,28 +197,55 @@ class Explorer:
 
     def doc(self, params: dict[str, str]) -> dict[str, Any]:
         src = self.source(params)
-        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0))
+        limit = _int(params, "limit", queries.MAX_DOC_TOKENS)
+        if not 1 <= limit <= queries.MAX_DOC_TOKENS:
+            raise MoelabError(f"limit={limit} is not from 1 to {queries.MAX_DOC_TOKENS}")
+        out = src.routes(self.db.cursor(), _int(params, "doc", 0), _int(params, "start", 0), limit)
         self.label_tokens(out["tokens"])
         return out
 
-    def expert(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+    def token(self, params: dict[str, str]) -> dict[str, Any]:
+        """One token's router distribution per layer (the path panel's bars), with what the trace stores."""
+        src = self.source(params)
+        seq, pos = _int(params, "seq", 0), _int(params, "pos", 0)
+        layers = queries.token_distribution(self.db.cursor(), src.sql, seq, pos) if src.distribution != "none" else []
+        return {"seq": seq, "pos": pos, "distribution": src.distribution, "topn": src.topn,
+                "num_experts": src.meta.num_experts, "layers": layers}
+
+    def expert(self, params: dict[str, str], wait: float = 0.0) -> dict[str, Any]:
+        """One expert's view. From the whole-trace summaries once built (`wait`: seconds to wait for
+        them); until then from the in-memory routing index (index.py), built just before them, and
+        where a trace's layout allows none, from the layer's rows directly (expert.direct). The same
+        numbers whichever: `basis` says which."""
         src, cur = self.source(params), self.db.cursor()
         layer, e = _int(params, "layer", 0), _int(params, "expert", 0)
         if not 0 <= layer < src.num_layers or not 0 <= e < src.meta.num_experts[layer]:
             raise MoelabError(f"layer {layer} has no expert {e}")
         summary = self.summaries[src.index]
-        if not summary.wait(wait):
-            return {"pending": True, "progress": summary.progress}
-        if summary.error:
-            raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
-        labels, tokens, scur = summary.tables["labels"], summary.tables["tokens"], summary.db.cursor()
-        out = {"layer": layer, "expert": e, **expert.label_counts(scur, summary.tables, layer, e),
-               "coactivation": expert.coactivation(summary.pairs_LEE, expert.expert_load(scur, labels, layer),
-                                                   layer, e, src.top_k),
+        if summary.wait(wait):
+            if summary.error:
+                raise MoelabError(f"the expert view cannot be built for {src.path}: {summary.error}")
+            scur = summary.db.cursor()
+            counts = expert.from_summary(scur, summary.tables, summary.pairs_LEE, layer, e)
+            return self._expert(src, cur, counts, layer, e) | {"basis": "summary"}
+        index = summary.index
+        if index.ready.wait(INDEX_WAIT) and index.error is None and not summary.ready.is_set():
+            return self._expert(src, cur, index.counts(layer, e), layer, e) | {
+                "basis": "index", "progress": summary.progress}
+        if summary.ready.is_set():  # finished while this request waited for the index
+            return self.expert(params, wait=0)
+        return self._expert(src, cur, expert.direct(cur, src.sql, layer, e), layer, e) | {
+            "basis": "direct", "progress": summary.progress}
+
+    def _expert(self, src: TraceSource, cur, counts: expert.LayerCounts, layer: int, e: int) -> dict[str, Any]:
+        out = {"layer": layer, "expert": e, **expert.label_counts(counts),
+               "coactivation": expert.coactivation(counts, e, src.top_k),
                "tokens": {"frequent": [], "lift": []}, "contexts": {}, "ablation": self.ablation_of(src, layer, e)}
         if "token" not in src.null_columns:
-            out["tokens"] = expert.token_stats(scur, tokens, layer, e, src.top_k)
-            ctx = expert.contexts(cur, src.sql, layer, e, [r["token"] for r in out["tokens"]["lift"][:5]])
+            out["tokens"] = expert.token_stats(counts, src.top_k)
+            index, wanted = self.summaries[src.index].index, [r["token"] for r in out["tokens"]["lift"][:5]]
+            ctx = (index.contexts(layer, e, wanted) if index.ready.is_set() and index.error is None
+                   else expert.contexts(cur, src.sql, layer, e, wanted))
             out["contexts"] = {str(t): [{**c, "text": [self.text(i) for i in c["ids"]]} for c in cs]
                                for t, cs in ctx.items()}
             for rows in out["tokens"].values():
@@ -203,18 +253,28 @@ class Explorer:
                     r["text"] = self.text(r["token"])
         return out
 
-    def load(self, params: dict[str, str], wait: float = 0.5) -> dict[str, Any]:
+    def load(self, params: dict[str, str], wait: float = 0.0) -> dict[str, Any]:
         """Per layer, each expert's choices (all ranks, before dropping) and share; an expert chosen by no
-        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives."""
+        token of the trace is dead. Null: the uniform share 1/E, what a perfectly balanced router gives.
+        Until the summaries are built, counted from the trace by one query."""
         src = self.source(params)
         summary = self.summaries[src.index]
-        if not summary.wait(wait):
-            return {"pending": True, "progress": summary.progress}
-        if summary.error:
-            raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
-        scur, layers = summary.db.cursor(), []
+        if summary.wait(wait):
+            if summary.error:
+                raise MoelabError(f"the load overview cannot be built for {src.path}: {summary.error}")
+            scur = summary.db.cursor()
+            load = [expert.expert_load(scur, summary.tables["labels"], l) for l in range(src.num_layers)]
+        elif summary.index.ready.wait(INDEX_WAIT) and summary.index.error is None:
+            load = [summary.index.load(l) for l in range(src.num_layers)]
+        else:
+            cur = self.db.cursor()
+            cur.execute(f"SELECT layer, expert, count(*) FROM {src.sql} GROUP BY ALL")
+            load = [{} for _ in range(src.num_layers)]
+            for l, e, n in cur.fetchall():
+                load[int(l)][int(e)] = int(n)
+        layers = []
         for l, E in enumerate(src.meta.num_experts):
-            counts = expert.expert_load(scur, summary.tables["labels"], l)
+            counts = load[l]
             total = sum(counts.values())
             layers.append({"layer": l, "uniform": 1 / E, "total": total,
                            "experts": [{"expert": e, "count": counts.get(e, 0),
@@ -253,6 +313,7 @@ class Explorer:
 
 
 MAX_QUERY = 1000
+INDEX_WAIT = 10.0  # seconds an expert view waits for the routing index before scanning the trace itself
 MAX_CHAR_TOKENS = 4  # UTF-8 spells a character in at most 4 bytes
 MAX_ID = (1 << 31) - 1
 _ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '٣', '+5', ' 5', '1_0'

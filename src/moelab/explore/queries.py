@@ -34,6 +34,10 @@ def source_sql(path: str, stored: list[str], null_columns: list[str]) -> str:
     exprs.append("CAST(dropped AS BOOLEAN) AS dropped" if "dropped" in stored else "false AS dropped")
     for c, typ in (("token", "BIGINT"), ("weight", "DOUBLE"), ("prob", "DOUBLE")):
         exprs.append(f"CAST(NULL AS {typ}) AS {c}" if c in null_columns else f"CAST({c} AS {typ}) AS {c}")
+    # Per-(token, layer) distributions on rank-0 rows: all E router probabilities (`probs`), or only the
+    # top N (`topn_experts`, `topn_probs`); a writer may store them as float16 or float32 lists.
+    for c, typ in (("probs", "DOUBLE[]"), ("topn_experts", "BIGINT[]"), ("topn_probs", "DOUBLE[]")):
+        exprs.append(f"CAST({c} AS {typ}) AS {c}" if c in stored else f"CAST(NULL AS {typ}) AS {c}")
     quoted = literal_path(path).replace("'", "''")
     return f"(SELECT {', '.join(exprs)} FROM read_parquet('{quoted}'))"
 
@@ -90,7 +94,7 @@ def docs_with_phrase(cur, src: str, ids: list[int]) -> set[int]:
 
 
 def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int, limit: int = MAX_DOC_TOKENS,
-               seq_range: tuple[int, int] | None = None, start: int = 0) -> dict[str, Any]:
+               seq_range: tuple[int, int] | None = None, start: int = 0, with_entropy: bool = False) -> dict[str, Any]:
     """A document's tokens and, per token, every layer's choices: experts/weights/probs/dropped [T][L][K].
 
     The document's seq range (from the index, or found first) lets DuckDB skip row groups by their
@@ -105,7 +109,49 @@ def doc_routes(cur, src: str, doc: int, num_layers: int, top_k: int, limit: int 
         SELECT seq, pos, doc_pos, token, turn, layer, rank, expert, weight, prob, dropped FROM {src}
         WHERE seq BETWEEN ? AND ? AND doc = ? AND doc_pos >= ? ORDER BY seq, pos, layer, rank LIMIT ?""",
                 [lo, hi, doc, start, (limit + 1) * num_layers * top_k])
-    return {"doc": doc, "start": start, "limit": limit, **assemble(cur.fetchnumpy(), num_layers, top_k, limit)}
+    out = assemble(cur.fetchnumpy(), num_layers, top_k, limit)
+    if with_entropy and out["tokens"]:
+        first, last = out["tokens"][0], out["tokens"][-1]
+        at = {(t["seq"], t["pos"]): i for i, t in enumerate(out["tokens"])}
+        for t in out["tokens"]:
+            t["entropy"] = [None] * num_layers
+        for seq, pos, layer, h in entropies(cur, src, (first["seq"], first["pos"]), (last["seq"], last["pos"])):
+            if (seq, pos) in at:
+                out["tokens"][at[(seq, pos)]]["entropy"][layer] = h
+    return {"doc": doc, "start": start, "limit": limit, **out}
+
+
+def entropies(cur, src: str, lo: tuple[int, int], hi: tuple[int, int]) -> list[tuple]:
+    """(seq, pos, layer, H) for the tokens from lo to hi (seq, pos): the entropy in nats of the router's
+    probabilities over all E experts, normalised to sum 1 (a softmax router's already do; float16
+    storage leaves them a little off), H = ln s - sum p ln p / s with s = sum p. By unnest, not a list
+    lambda, so any DuckDB from 1.0 runs it."""
+    cur.execute(f"""SELECT seq, pos, layer, ln(sum(p)) + sum(CASE WHEN p > 0 THEN -p * ln(p) ELSE 0 END) / sum(p)
+                    FROM (SELECT seq, pos, layer, unnest(probs) AS p FROM {src}
+                          WHERE rank = 0 AND probs IS NOT NULL AND seq BETWEEN ? AND ?
+                          AND (seq > ? OR pos >= ?) AND (seq < ? OR pos <= ?))
+                    GROUP BY seq, pos, layer HAVING sum(p) > 0""", [lo[0], hi[0], lo[0], lo[1], hi[0], hi[1]])
+    return [(int(s), int(p), int(l), float(h)) for s, p, l, h in cur.fetchall()]
+
+
+def token_distribution(cur, src: str, seq: int, pos: int) -> list[dict[str, Any]]:
+    """One token's stored router distribution per layer: all E probabilities, or the top N with their
+    experts; empty where the trace stores neither."""
+    cur.execute(f"""SELECT layer, probs, topn_experts, topn_probs FROM {src}
+                    WHERE seq = ? AND pos = ? AND rank = 0 ORDER BY layer""", [seq, pos])
+    out = []
+    for layer, probs, top_e, top_p in cur.fetchall():
+        row: dict[str, Any] = {"layer": int(layer)}
+        if probs is not None:
+            p = np.asarray(probs, np.float64)
+            row["probs"] = _short(p).tolist()
+            s = p.sum()
+            q = p[p > 0] / s if s > 0 else p[:0]
+            row["entropy"] = float(-(q * np.log(q)).sum()) if s > 0 else None
+        if top_e is not None and top_p is not None:
+            row["topn"] = {"experts": [int(e) for e in top_e], "probs": _short(np.asarray(top_p, np.float64)).tolist()}
+        out.append(row)
+    return out
 
 
 def _values(col) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +163,20 @@ def _grid(col, at: tuple, shape: tuple, fill) -> list:
     """Scatter one column's rows into a (T, L, K) nested list; cells without a row, or null, are None."""
     values, null = _values(col)
     grid = np.full(shape, None, dtype=object)
-    grid[at] = np.where(null, None, values.astype(object))
+    grid[at] = np.where(null, None, _short(values).astype(object))
     return grid.tolist()
+
+
+def _short(values: np.ndarray) -> np.ndarray:
+    """Floats rounded to 7 significant digits, float32's precision (the trace stores float32): JSON gets
+    '0.6248393', not '0.6248392462730408', a page half as long, and nothing shown changes."""
+    if values.dtype.kind != "f":
+        return values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        digits = 6 - np.floor(np.log10(np.abs(values)))
+        scale = np.where(np.isfinite(digits), 10.0 ** np.clip(digits, -300, 300), 1.0)
+        # k / 10^d is the double nearest that decimal, which repr prints as written
+        return np.where(np.isfinite(digits), np.round(values * scale) / scale, values)
 
 
 def assemble(cols: dict[str, Any], num_layers: int, top_k: int, limit: int) -> dict[str, Any]:

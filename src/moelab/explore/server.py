@@ -26,7 +26,7 @@ STATIC = Path(__file__).parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 GET_VIEWS = {"/api/info": "info", "/api/docs": "docs", "/api/doc": "doc", "/api/expert": "expert",
-             "/api/diff": "diff", "/api/load": "load"}
+             "/api/diff": "diff", "/api/load": "load", "/api/token": "token"}
 MAX_BODY = 1 << 16
 BACKLOG = 128  # the stdlib's 5 reset a third of 300 parallel requests
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",

@@ -79,11 +79,31 @@ def pair_counts(path: Path, num_experts: list[int], top_k: int, progress=None) -
     return pairs_LEE + pairs_LEE.transpose(0, 2, 1)
 
 
+def build_tables(cur, src: str, tables: dict[str, str], progress=None) -> None:
+    """The summary tables (labels, tokens, clusters, cluster_totals) over `src`: the whole trace for the
+    background pass, one layer's rows for the direct expert view (expert.direct_view), by the same SQL."""
+    cur.execute(f"""CREATE OR REPLACE TABLE {tables['labels']} AS
+                    SELECT layer, expert, domain, lang, {BUCKET_SQL} AS bucket, count(*) AS n
+                    FROM {src} GROUP BY ALL""")
+    if progress:
+        progress(0.25)
+    cur.execute(f"""CREATE OR REPLACE TABLE {tables['tokens']} AS
+                    SELECT layer, expert, token, count(*) AS n FROM {src}
+                    WHERE token IS NOT NULL GROUP BY ALL""")
+    if progress:
+        progress(0.4)
+    k_side, n_side = cluster_sql(src)
+    cur.execute(f"CREATE OR REPLACE TABLE {tables['clusters']} AS {k_side}")
+    cur.execute(f"CREATE OR REPLACE TABLE {tables['cluster_totals']} AS {n_side}")
+    if progress:
+        progress(0.7)
+
+
 class ExpertSummary:
     """Summaries of one trace (`tables` names its tables in `db`), built once in a daemon thread."""
 
     def __init__(self, src_sql: str, prefix: str, path: Path, num_experts: list[int], top_k: int,
-                 first=None):
+                 first=None, with_token: bool = True):
         # A database of its own on one thread: the pass leaves the other core to the page's queries.
         self.db = duckdb.connect(":memory:", config={"threads": 1})
         self.src, self.path, self.first = src_sql, path, first
@@ -91,6 +111,9 @@ class ExpertSummary:
         self.tables = {"labels": f"{prefix}_labels", "tokens": f"{prefix}_tokens",
                        "clusters": f"{prefix}_clusters", "cluster_totals": f"{prefix}_cluster_totals"}
         self.pairs_LEE: np.ndarray | None = None
+        from moelab.explore.index import RoutingIndex  # expert -> index -> summary: imported late
+
+        self.index = RoutingIndex(path, num_experts, top_k, with_token)
         self.progress, self.error = 0.0, None
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._build, daemon=True)
@@ -103,24 +126,14 @@ class ExpertSummary:
         try:
             if self.first is not None:  # what the page needs first (the document index), without contention
                 self.first()
-            cur = self.db.cursor()
-            cur.execute(f"""CREATE OR REPLACE TABLE {self.tables['labels']} AS
-                            SELECT layer, expert, domain, lang, {BUCKET_SQL} AS bucket, count(*) AS n
-                            FROM {self.src} GROUP BY ALL""")
-            self.progress = 0.25
-            cur.execute(f"""CREATE OR REPLACE TABLE {self.tables['tokens']} AS
-                            SELECT layer, expert, token, count(*) AS n FROM {self.src}
-                            WHERE token IS NOT NULL GROUP BY ALL""")
-            self.progress = 0.4
-            k_side, n_side = cluster_sql(self.src)
-            cur.execute(f"CREATE OR REPLACE TABLE {self.tables['clusters']} AS {k_side}")
-            cur.execute(f"CREATE OR REPLACE TABLE {self.tables['cluster_totals']} AS {n_side}")
-            self.progress = 0.7
+            self.index.build()  # then what the expert view needs until the summaries below are built
+            build_tables(self.db.cursor(), self.src, self.tables, lambda f: setattr(self, "progress", f))
             self.pairs_LEE = pair_counts(self.path, self.num_experts, self.top_k,
                                          lambda f: setattr(self, "progress", 0.7 + 0.3 * f))
         except Exception as e:  # shown to the page by the expert view, which cannot answer without it
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, MoelabError) else str(e)
         finally:
+            self.index.ready.set()  # also when the document index failed: nobody waits for nothing
             self.ready.set()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -75,19 +75,67 @@ function marginColor(m) {  // 0 (a near tie): saturated orange; 1 (certain): whi
   return `hsl(30 95% ${(55 + 45 * c).toFixed(1)}%)`;
 }
 
+// The router's entropy at a layer, H = -sum p ln p over all E experts (nats): white at 0 (one expert takes
+// everything), deep blue at ln E (uniform). Only a trace with the full distribution (`probs`) has it.
+function entropyColor(h, E) {
+  const c = Math.max(0, Math.min(1, h / Math.log(E)));
+  return `hsl(215 85% ${(98 - 48 * c).toFixed(1)}%)`;
+}
+
+// Why the entropy colouring is not offered for a trace; null when it is.
+function entropyUnavailable(info) {
+  if (info.distribution === "full") return null;
+  if (info.distribution === "topn") return `this trace stores only the top ${info.topn} router probabilities of each ` +
+    "token, not the full distribution the entropy needs; trace with --probs full";
+  return "this trace stores no full router distribution; trace with --probs full";
+}
+
+function colourControls() {
+  const info = traceInfo(), why = entropyUnavailable(info);
+  const opt = $("colour-by").querySelector("option[value='entropy']");
+  opt.disabled = why !== null;
+  opt.title = why || "";
+  if (why !== null && S.colourBy === "entropy") { S.colourBy = "expert"; $("colour-by").value = "expert"; }
+  $("colour-note").hidden = why === null;
+  $("colour-note").textContent = why === null ? "" : `Entropy colouring: ${why}.`;
+}
+
+function colourLegend() {
+  const el = $("colour-legend"), E = traceInfo().num_experts[S.layer];
+  el.hidden = S.colourBy !== "margin" && S.colourBy !== "entropy";
+  $("legend").hidden = !el.hidden;
+  if (S.colourBy === "margin") {
+    el.innerHTML = `router margin p1 − p2 at this layer: <span class="swatch" style="background:${marginColor(0)}">0</span> ` +
+      `near tie … <span class="swatch" style="background:${marginColor(1)}">1</span> certain`;
+  } else if (S.colourBy === "entropy") {
+    el.innerHTML = `router entropy at this layer, H = −Σ p ln p over all ${esc(E)} experts, in nats: ` +
+      `<span class="swatch" style="background:${entropyColor(0, E)}">0</span> one expert … ` +
+      `<span class="swatch" style="background:${entropyColor(Math.log(E), E)}">${Math.log(E).toFixed(2)}</span> ` +
+      `= ln ${esc(E)}, uniform (probabilities normalised to sum 1)`;
+  }
+}
+
 function renderTokens(area, tokens, layer, onFocus, classFor, rankKnown = true) {
   area.innerHTML = "";
   tokens.forEach((t, i) => {
     const span = document.createElement("span");
     span.className = "tok";
     span.tabIndex = i === 0 ? 0 : -1;  // one tab stop for the whole text; arrow keys move within it
+    if (i === 0) span.setAttribute("elementtiming", area.id + "-first");  // when its text is painted (bench --browser)
     span.dataset.i = i;
     setTokenText(span, t.text);
     const e = t.experts[layer][0];
     const m = marginOf(t, layer);
+    const h = t.entropy ? t.entropy[layer] : null;
     if (S.colourBy === "margin" && area.id === "token-area") {
       span.dataset.margin = m === null ? "" : m.toFixed(4);
       if (m !== null) { span.style.background = marginColor(m); span.style.color = "#000"; }
+    } else if (S.colourBy === "entropy" && area.id === "token-area") {
+      span.dataset.entropy = h === null || h === undefined ? "" : h.toFixed(4);
+      if (h !== null && h !== undefined) {
+        span.style.background = entropyColor(h, traceInfo().num_experts[layer]);
+        span.style.color = "#000";
+      }
     } else if (e !== null && e !== undefined && rankKnown) {
       span.dataset.expert = e;
       const c = expertColor(e);
@@ -127,12 +175,74 @@ function pathTable(t, layer) {
   return `<table class="path"><thead>${head}</tr></thead><tbody>${rows}</tbody></table>`;
 }
 
-function showPath(panel, t, layer) {
+// ---- the path panel's router distribution: fetched per token (all E probabilities are too many to send
+// with every token of a page), kept for the tokens already seen ------------------------------------------
+async function tokenDistribution(trace, t) {
+  const key = `${trace}:${t.seq}:${t.pos}`;
+  S.dists = S.dists || new Map();
+  if (!S.dists.has(key)) {
+    if (S.dists.size > 2000) S.dists.clear();
+    const res = await fetch(`/api/token?trace=${trace}&seq=${t.seq}&pos=${t.pos}`);
+    const data = await res.json();
+    if (!res.ok) throw new Error(data.error || res.statusText);
+    S.dists.set(key, data);
+  }
+  return S.dists.get(key);
+}
+
+function bars(values, experts, chosen, width) {
+  const top = Math.max(...values, 1e-9);
+  return values.map((p, i) => {
+    const e = experts[i], c = expertColor(e);
+    return `<span class="bar${chosen.includes(e) ? " chosen" : ""}" data-expert="${esc(e)}" data-p="${esc(p)}" ` +
+      `title="expert ${esc(e)}: ${num(p, 4)}" style="width:${width}px;height:${Math.max(1, Math.round(40 * p / top))}px;` +
+      `background:${c.bg}"></span>`;
+  }).join("");
+}
+
+function distributionHTML(d, t, layer) {
+  if (d.distribution === "none") return `<p class="hint" id="dist-none">Router distribution: ${esc(entropyUnavailable(d))}.</p>`;
+  const rows = d.layers.map((x) => {
+    const E = d.num_experts[x.layer], chosen = t.experts[x.layer] || [];
+    let body, label;
+    if (x.probs) {
+      body = bars(x.probs, x.probs.map((_, e) => e), chosen, Math.max(1, Math.min(6, Math.floor(300 / E))));
+      label = `H = ${num(x.entropy, 3)} nats`;
+    } else {
+      body = bars(x.topn.probs, x.topn.experts, chosen, 8);
+      label = `top ${x.topn.probs.length} of ${E}`;
+    }
+    return `<div class="dist${x.layer === layer ? " cur" : ""}" data-layer="${esc(x.layer)}"><span class="dl">layer ${esc(x.layer)} · ` +
+      `<span class="h" data-entropy="${x.entropy ?? ""}">${label}</span></span><span class="bars">${body}</span></div>`;
+  }).join("");
+  const note = d.distribution === "topn" ?
+    `Only the top ${esc(d.topn)} probabilities are stored (traced with --probs top:${esc(d.topn)}); the rest of the ` +
+    "distribution is not stored, so no entropy is given." :
+    "All E router probabilities per layer (bar height ∝ p, outlined: the token's chosen experts); H = −Σ p ln p in " +
+    "nats, the probabilities normalised to sum 1.";
+  return `<h3>Router distribution</h3>${rows}<p class="hint" id="dist-note">${note}</p>`;
+}
+
+async function showDistribution(panel, trace, t, layer) {
+  const box = document.createElement("div");
+  box.id = "dist-box";
+  panel.appendChild(box);
+  if (traceInfo(trace).distribution === "none") { box.innerHTML = distributionHTML({ distribution: "none" }); return; }
+  try {
+    const d = await tokenDistribution(trace, t);
+    if (box.isConnected) box.innerHTML = distributionHTML(d, t, layer);  // the panel may show another token by now
+  } catch (err) {
+    if (box.isConnected) box.innerHTML = `<p class="hint error">router distribution: ${esc(err.message || err)}</p>`;
+  }
+}
+
+function showPath(panel, t, layer, trace = null) {
   panel.innerHTML = `<h2>Path of <code>${esc(JSON.stringify(t.text))}</code></h2>` +
     `<p class="hint">token id ${esc(t.token ?? "–")} · seq ${esc(t.seq)} · pos ${esc(t.pos)} · doc pos ${esc(t.doc_pos)}` +
     `${t.turn >= 0 ? " · turn " + esc(t.turn) : ""}</p>` + pathTable(t, layer) +
     `<p class="hint">#1, #2, … = the token's choices in rank order; weight = combine weight applied; prob = router ` +
     `probability; "dropped" = the choice found its expert full (weight 0).</p>`;
+  if (trace !== null) showDistribution(panel, trace, t, layer);
 }
 
 function focusToken(i) {
@@ -141,7 +251,8 @@ function focusToken(i) {
   document.querySelectorAll("#token-area .tok.sel").forEach((el) => el.classList.remove("sel"));
   const span = $("token-area").children[i];
   span.classList.add("sel");
-  showPath($("path-panel"), S.tokens[i], S.layer);
+  showPath($("path-panel"), S.tokens[i], S.layer, S.trace);
+  saveState();
 }
 
 function setLayer(l) {
@@ -151,6 +262,8 @@ function setLayer(l) {
   $("layer-label").textContent = S.layer;
   saveState();
   renderLegend(traceInfo().num_experts[S.layer]);
+  colourControls();
+  colourLegend();
   const known = traceInfo().rank_order !== "unknown";
   renderTokens($("token-area"), S.tokens, S.layer, focusToken, null, known);
   $("rank-note").hidden = known;
@@ -200,6 +313,7 @@ async function loadDocs(offset = 0) {
     const b = document.createElement("button");
     b.textContent = `doc ${d.doc} · ${d.tokens} tok · ${d.domain}/${d.lang}`;
     b.dataset.doc = d.doc;
+    b.classList.toggle("current", d.doc === S.doc);  // the text may have come first
     b.addEventListener("click", () => openDoc(d.doc));
     li.appendChild(b);
     list.appendChild(li);
@@ -207,24 +321,57 @@ async function loadDocs(offset = 0) {
   if (S.doc === null && data.docs.length) openDoc(data.docs[0].doc);
 }
 
-async function openDoc(doc, start = 0) {
-  const data = await api(`/api/doc?trace=${S.trace}&doc=${doc}&start=${start}`);
+// A page of a document is asked for in two parts: its first FIRST_TOKENS tokens, painted at once, then
+// the rest of the page (up to info.page_tokens in all), which re-draws the text when it comes.
+const FIRST_TOKENS = 256;
+
+async function openDoc(doc, start = 0, focusPos = null) {
+  const ticket = (S.docTicket = (S.docTicket || 0) + 1);
+  const pageSize = S.info.page_tokens;
+  const url = (from, limit) => `/api/doc?trace=${S.trace}&doc=${doc}&start=${from}&limit=${limit}`;
+  const data = await api(url(start, Math.min(FIRST_TOKENS, pageSize)));
+  if (ticket !== S.docTicket) return;  // a later document was asked for meanwhile
   S.doc = doc;
   S.start = start;
-  // a long document comes in pages of data.limit tokens
-  $("tok-pager").hidden = !(data.truncated || start > 0);
+  S.pageSize = pageSize;
+  showPage(doc, start, data.tokens, data.truncated && FIRST_TOKENS >= pageSize, focusPos);
+  if (data.truncated && FIRST_TOKENS < pageSize) {
+    const rest = await api(url(data.tokens[data.tokens.length - 1].doc_pos + 1, pageSize - data.tokens.length));
+    if (ticket !== S.docTicket) return;
+    const user = S.focus >= 0 && S.tokens[S.focus] && document.activeElement === $("token-area").children[S.focus];
+    showPage(doc, start, data.tokens.concat(rest.tokens), rest.truncated, user ? S.tokens[S.focus].doc_pos : focusPos, !user);
+  }
+}
+
+function showPage(doc, start, tokens, truncated, focusPos, scroll = true) {
+  const pageSize = S.pageSize;
+  // a long document comes in pages of pageSize tokens
+  $("tok-pager").hidden = !(truncated || start > 0);
   $("tok-prev").disabled = start === 0;
-  $("tok-next").disabled = !data.truncated;
-  $("tok-range").textContent = data.tokens.length ?
-    `tokens ${data.tokens[0].doc_pos}–${data.tokens[data.tokens.length - 1].doc_pos}` : "";
-  $("tok-prev").onclick = () => openDoc(doc, Math.max(0, start - data.limit));
-  $("tok-next").onclick = () => openDoc(doc, data.tokens[data.tokens.length - 1].doc_pos + 1);
-  S.tokens = data.tokens;
+  $("tok-next").disabled = !truncated;
+  $("tok-range").textContent = tokens.length ? `tokens ${tokens[0].doc_pos}–${tokens[tokens.length - 1].doc_pos}` : "";
+  $("tok-prev").onclick = () => openDoc(doc, Math.max(0, start - pageSize));
+  $("tok-next").onclick = () => openDoc(doc, tokens[tokens.length - 1].doc_pos + 1);
+  S.tokens = tokens;
   S.focus = -1;
   $("d-doc").value = doc;
   document.querySelectorAll("#doc-list button").forEach((b) => b.classList.toggle("current", +b.dataset.doc === doc));
   setLayer(S.layer);
   $("path-panel").innerHTML = `<h2>Path</h2><p class="hint">Hover or focus a token.</p>`;
+  const at = focusPos === null || focusPos === undefined ? -1 : S.tokens.findIndex((t) => t.doc_pos === focusPos);
+  if (at >= 0) {
+    $("token-area").children[at].focus({ preventScroll: true });
+    if (scroll) $("token-area").children[at].scrollIntoView({ block: "center" });
+  }
+  saveState();
+}
+
+// The text view at one place: the page of the document holding doc_pos, that token focused, the layer set.
+async function openPlace(doc, docPos, layer) {
+  selectView("text");
+  S.layer = layer;
+  const page = S.pageSize || 4096;
+  await openDoc(doc, docPos - (docPos % page), docPos);
 }
 
 function fillLabels() {
@@ -249,7 +396,10 @@ function tokenTable(title, rows, contexts) {
   const body = rows.map((r) => {
     const ctx = (contexts && contexts[r.token]) || [];
     const sep = S.info.tokenizer ? "" : " ";
-    const shown = ctx.map((c) => `<div class="ctx">${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</div>`).join("");
+    // each context opens its place in the text view: the document, the page holding it, the token focused
+    const shown = ctx.map((c) => `<a class="ctx" href="#" data-doc="${esc(c.doc)}" data-doc-pos="${esc(c.doc_pos)}" ` +
+      `title="open doc ${esc(c.doc)} at position ${esc(c.doc_pos)} (seq ${esc(c.seq)}, pos ${esc(c.pos)})">` +
+      `${c.text.map((s, i) => (i === c.at ? `<mark>${esc(s)}</mark>` : esc(s))).join(sep)}</a>`).join("");
     const label = S.info.tokenizer ? `<code>${esc(JSON.stringify(r.text))}</code> #${esc(r.token)}` : `#${esc(r.token)}`;
     return `<tr><td>${label}${shown}</td><td>${esc(r.count)}</td><td>${esc(r.occurrences)}</td>` +
            `<td>${pct(r.share)}</td><td>${num(r.lift, 2)}</td></tr>`;
@@ -340,8 +490,14 @@ async function loadExpert(layer, e, ticket) {
     `<table><thead><tr><th>expert</th><th>together</th><th>expected</th><th>ratio</th></tr></thead><tbody>${co}</tbody></table></div>` +
     `<div>${tokenTable("most frequent tokens", d.tokens.frequent)}</div>` +
     `<div>${tokenTable("highest-lift tokens (≥ 10 rows)", d.tokens.lift, d.contexts)}</div></div>` +
-    ablationText(d.ablation);
+    ablationText(d.ablation) +
+    (d.basis === "summary" ? "" : `<p class="hint" id="expert-basis">Counted from the ${d.basis === "index" ? "in-memory routing index" :
+      "trace's rows"} while the summaries are built (${pct(d.progress)}): the same numbers.</p>`);
   addCsvButtons($("expert-body"), `layer${layer}-expert${e}`);
+  $("expert-body").querySelectorAll("a.ctx").forEach((a) => a.addEventListener("click", (ev) => {
+    ev.preventDefault();
+    openPlace(+a.dataset.doc, +a.dataset.docPos, layer);
+  }));
 }
 
 function ablationText(rows) {
@@ -531,6 +687,8 @@ function saveState() {
   if (S.restoring || !S.info) return;
   const st = { view: S.view || "text", trace: S.trace, layer: S.layer };
   if (S.doc !== null) st.doc = S.doc;
+  if (S.doc !== null && S.start) st.start = S.start;
+  if (S.focus >= 0 && S.tokens[S.focus]) st.at = S.tokens[S.focus].doc_pos;
   if (S.view === "expert") { st.xl = $("x-layer").value; st.xe = $("x-expert").value; }
   history.replaceState(null, "", "#" + new URLSearchParams(st));
 }
@@ -538,7 +696,8 @@ function saveState() {
 function readState() {
   const p = new URLSearchParams(location.hash.slice(1));
   const int = (k) => (/^[0-9]{1,9}$/.test(p.get(k) || "") ? +p.get(k) : null);  // anything else: ignored
-  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe") };
+  return { view: p.get("view"), trace: int("trace"), doc: int("doc"), layer: int("layer"), xl: int("xl"), xe: int("xe"),
+           start: int("start"), at: int("at") };
 }
 
 async function restoreState() {
@@ -548,9 +707,11 @@ async function restoreState() {
     if (st.trace !== null && st.trace < S.info.traces.length) { S.trace = st.trace; $("trace-select").value = st.trace; }
     fillLabels();
     if (st.layer !== null) S.layer = Math.min(st.layer, traceInfo().layers - 1);
-    if (st.doc !== null) S.doc = st.doc;
-    await loadDocs();
-    if (st.doc !== null) await openDoc(st.doc);
+    // The first page of text is asked for at once, beside the document list (whose index takes a scan
+    // of the trace): the first paint does not wait for it.
+    const doc = st.doc ?? traceInfo().first_doc;
+    if (doc !== null && doc !== undefined) S.doc = doc;
+    await Promise.all([loadDocs(), S.doc === null ? null : openDoc(S.doc, st.start || 0, st.at)]);
   } finally {
     S.restoring = false;
   }
