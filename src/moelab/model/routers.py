@@ -32,8 +32,9 @@ class Routing(NamedTuple):
 
 def top_k_stable(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k ids in rank order; exact ties go to the lower expert index (torch.topk does not promise that)."""
-    if scores_TE.device.type != "cpu" or k >= scores_TE.shape[-1]:
-        # Finding the tied rows needs a host sync, which a GPU pays more for than for the sort itself.
+    if scores_TE.device.type != "cpu" or k >= scores_TE.shape[-1] or torch.compiler.is_compiling():
+        # Finding the tied rows needs a host sync, which a GPU pays more for than for the sort itself
+        # (and a compiled graph cannot branch on data).
         return _sorted_top_k(scores_TE, k)
     # torch.topk is ~3x faster than a full stable sort of 64 scores; only a row with two equal values
     # among its k + 1 largest can come out in a different order, so those rows alone are sorted.
@@ -81,9 +82,18 @@ class Router(nn.Module, abc.ABC):
         """(logits_TE, new_state) for the tokens x_TD."""
 
     def forward(self, x_TD, state=None, token_ids_T=None) -> Routing:
+        return self.decide(self.jittered(x_TD), state, token_ids_T)
+
+    def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The input the router scores: x times Switch's multiplicative noise in training, else x."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
+        return x_TD
+
+    def decide(self, x_TD, state=None, token_ids_T=None) -> Routing:
+        """Scoring and selection without the jitter: no randomness and no host sync, so torch.compile
+        traces it whole (model/route_plan.py) and it gives what the eager call gives."""
         # Autocast casts matmul inputs even after .float(): bf16 scores flip choices on near ties, so
         # scoring runs with autocast off (Megatron-Core's fp32 router dtype).
         with torch.autocast(x_TD.device.type, enabled=False):
