@@ -19,7 +19,7 @@ from moelab.intervene.edit import RoutingEdit, edit_routing
 from moelab.model.capacity import DropRule
 from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
 from moelab.model.dispatch import trimmed
-from moelab.model.routers import RecurrentCore, build_router
+from moelab.model.routers import RecurrentCore, build_router, keyed_top_k
 
 E, T, D = 8, 24, 16
 ROUTERS = {
@@ -88,6 +88,17 @@ def _naive_drops(ids_TK, scores_TK, cap, policy):
         dropped[t, k] = used[e] >= cap
         used[e] += used[e] < cap
     return dropped
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1])  # no ties, many ties, every row all equal
+def test_the_compiled_top_k_follows_the_rule(levels):
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(200, 16, generator=g)
+    if levels is not None:
+        scores = (scores * levels).floor() / levels
+    scores[0, 3], scores[0, 4], scores[1], scores[2, 5] = -0.0, 0.0, float("-inf"), float("-inf")
+    for k in (1, 2, 6, 16):
+        assert keyed_top_k(scores, k).tolist() == _naive_top_k(scores, k), (levels, k)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +196,7 @@ def test_auto_compiles_only_where_a_measurement_was_recorded(tmp_path, monkeypat
     minor = rp.torch_minor()
     cases = [(None, False), ("not json", False), ({"cpu": {"torch": minor, "compile": True}}, True),
              ({"cpu": {"torch": minor, "compile": False}}, False), ({"cpu": {"torch": "1.0", "compile": True}}, False),
-             ({"NVIDIA H200": {"torch": minor, "compile": True}}, False)]
+             ({"NVIDIA H200": {"torch": minor, "compile": True}}, False), ({"cpu": "yes"}, False)]
     for devices, want in cases:
         rp.recorded_choice.cache_clear()
         if devices is not None:

@@ -104,13 +104,14 @@ def torch_minor() -> str:
 
 
 @lru_cache(maxsize=None)
-def recorded_choice(key: str, torch_version: str) -> bool:
-    """`auto`: compile only where gpu_check recorded it faster for this device and torch minor version."""
+def recorded_choice(device_type: str, index: int | None) -> bool:
+    """`auto`: compile only where gpu_check recorded it faster for this device and torch minor version
+    (read once per device and process)."""
     try:
-        entry = json.loads(RECORD.read_text()).get("devices", {}).get(key)
-    except (OSError, ValueError):
+        entry = json.loads(RECORD.read_text()).get("devices", {}).get(device_key(torch.device(device_type, index)))
+    except (OSError, ValueError, AttributeError):
         return False
-    return bool(entry and entry.get("torch") == torch_version and entry.get("compile") is True)
+    return bool(isinstance(entry, dict) and entry.get("torch") == torch_minor() and entry.get("compile") is True)
 
 
 def use_compiled(mode: str, x_TD: torch.Tensor) -> bool:
@@ -118,4 +119,4 @@ def use_compiled(mode: str, x_TD: torch.Tensor) -> bool:
     which traces the eager code itself, nor for an empty batch)."""
     if mode == "off" or x_TD.shape[0] == 0 or torch.compiler.is_compiling():
         return False
-    return mode == "on" or recorded_choice(device_key(x_TD.device), torch_minor())
+    return mode == "on" or recorded_choice(x_TD.device.type, x_TD.device.index)
