@@ -27,6 +27,9 @@ Five checks, each a group of rows (`ok` is a correctness verdict; speed rows rep
    checked against the experts its own router modules returned.
 5. distributed: a one-process group (nccl on cuda, gloo on cpu; world 1, dp = ep = 1): all-reduce,
    expert parallelism's all-to-all against the plain experts, metric reduction.
+They run cheap verdicts first (experts-bf16, hf-trace, distributed), then the speed rows, the training step
+last; no check starts after --budget-s seconds (360: the script's six minutes), one that would is a failed
+"not run" row. `--record` files routing-compile's decision where `model.compile_routing=auto` reads it.
 Exit status: 0 when every row is ok, 1 when a check failed, 2 on bad arguments (no CUDA for --device cuda).
 """
 
@@ -193,9 +196,11 @@ def distributed(dev: torch.device, tiny: bool) -> list[dict]:
             for name, err in out["errors"].items()]
 
 
-CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "routing-compile": routing_compile,
-          "peers": peers, "profile": profile, "train-step": train_step, "hf-trace": hf_trace,
-          "distributed": distributed}
+# Cheap correctness checks first, the training step (the longest) last: under --budget-s the checks that
+# do not start are the speed rows, not the verdicts.
+CHECKS = {"experts-bf16": experts_bf16, "hf-trace": hf_trace, "distributed": distributed,
+          "layer-bf16": layer_bf16, "routing-compile": routing_compile, "peers": peers, "profile": profile,
+          "train-step": train_step}
 
 
 def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str],

@@ -97,6 +97,12 @@ def layer_pair(dev, c: dict, dtype, backend: str, backward: bool) -> dict:
     return {"eager routing": run(eager), "compiled routing": run(on)}
 
 
+def spread(t, a: str, b: str) -> str:
+    """The range of the per-round ratios a / b: the interval beside the median."""
+    r = [x / y for x, y in zip(t[a], t[b])]
+    return f"rounds {min(r):.3f}-{max(r):.3f}"
+
+
 def agreement_ok(agree: dict) -> bool:
     return agree["ids"] >= 0.999 and agree["drops"] >= 0.999 and agree["weights"] <= 1e-5
 
@@ -108,7 +114,8 @@ def rows_and_record(dev, c: dict, dtype, backend: str, reps: int, warmup: int) -
     t = bc.interleaved(fns, reps=reps, warmup=warmup, device=dev.type)
     call = t.ratio("compiled", "eager")
     rows = [_row(f"routing path ({shape}, capacity 1.25), fwd: compiled / eager", call, None, True,
-                 f"{t.median('compiled') * 1e3:.3f} ms vs {t.median('eager') * 1e3:.3f} ms, backend {backend}"),
+                 f"{t.median('compiled') * 1e3:.3f} ms vs {t.median('eager') * 1e3:.3f} ms, "
+                 f"{spread(t, 'compiled', 'eager')}, backend {backend}"),
             _row("routing compiled vs eager: same ids (share of tokens), same drops (share of choices)",
                  f"{agree['ids']:.6f}, {agree['drops']:.6f}", ">= 0.999", agreement_ok(agree),
                  f"largest combine-weight difference {agree['weights']:.1e} (limit 1e-5)")]
@@ -120,7 +127,9 @@ def rows_and_record(dev, c: dict, dtype, backend: str, reps: int, warmup: int) -
         layer[kind] = t.ratio("compiled routing", "eager routing")
         rows.append(_row(f"MoELayer {shape} + {c['shared']} shared, {kind}: compiled routing / eager routing",
                          layer[kind], None, True, f"{t.median('compiled routing') * 1e3:.2f} ms vs "
-                                                  f"{t.median('eager routing') * 1e3:.2f} ms, {dtype}".replace("torch.", "")))
+                                                  f"{t.median('eager routing') * 1e3:.2f} ms, "
+                                                  f"{spread(t, 'compiled routing', 'eager routing')}, "
+                                                  f"{str(dtype).replace('torch.', '')}"))
     decide = layer["fwd+bwd"] <= FASTER and agreement_ok(agree)
     rows.append(_row("decision: model.compile_routing=auto compiles here", decide, None, True,
                      f"layer fwd+bwd <= {FASTER} of eager and agreement ok; gpu_check.py --record files it"))
