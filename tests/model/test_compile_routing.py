@@ -223,3 +223,17 @@ def test_a_compiler_that_cannot_run_is_one_line(monkeypatch):
         model(torch.zeros(1, 4, dtype=torch.long))
     assert str(e.value) == ("model.compile_routing=on: torch.compile does not support this build; "
                             "set model.compile_routing=off")
+
+
+def test_capacity_counts_the_k_an_intervention_returns():
+    """A hook that changes top_k changes the slots: capacity is computed from the ids the router returned."""
+    from moelab.model.capacity import drop_mask
+
+    model = _model("off", min_capacity=1)  # 4 slots at k = 2, 2 at k = 1 (24 tokens, factor 0.75)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with edit_routing(model, {b: RoutingEdit(top_k=1) for b in (0, 1)}):
+        out = model(ids, return_routing=True)
+    for rec in out.routing:
+        assert rec.expert_ids_TK.shape[1] == 1
+        want = drop_mask(rec.expert_ids_TK, rec.probs_TE.gather(1, rec.expert_ids_TK), E, 0.75, min_capacity=1)
+        assert torch.equal(rec.dropped_TK, want) and want.any()

@@ -56,14 +56,15 @@ class MoELayer(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, state: Any = None, token_ids_T: torch.Tensor | None = None,
                 capacity_factor: float | None = None) -> MoEOutput:
-        rule = drop_rule(x_TD.shape[0], self.num_experts, self.router.top_k, capacity_factor,
-                         formula=self.formula, group_size=self.group_size, min_capacity=self.min_capacity,
-                         policy=self.policy)
         if use_compiled(self.compile_routing, x_TD) and not has_hooks(self.router):
+            rule = self._drop_rule(x_TD.shape[0], self.router.top_k, capacity_factor)
             p = compiled_plan(self.compile_backend)(self.router, self.router.jittered(x_TD), state,
                                                     token_ids_T, rule, self.num_experts)
         else:
-            p = plan_from(self.router(x_TD, state, token_ids_T), rule, self.num_experts)
+            r = self.router(x_TD, state, token_ids_T)
+            # K from the returned ids: a hook may have changed it (an intervention's top_k)
+            rule = self._drop_rule(x_TD.shape[0], r.expert_ids_TK.shape[1], capacity_factor)
+            p = plan_from(r, rule, self.num_experts)
         r = p.routing
         perm = trimmed(p.order_M, p.inv_TK, p.offs_E, dropping=rule is not None)
         keep_TK = None if rule is None else ~p.dropped_TK
@@ -74,3 +75,7 @@ class MoELayer(nn.Module):
         routing = LayerRouting(self.layer, r.expert_ids_TK, p.weights_TK, r.probs_TE, p.dropped_TK,
                                r.logits_TE)
         return MoEOutput(y_TD, routing, p.balance_loss, p.z_loss, r.state)
+
+    def _drop_rule(self, num_tokens: int, top_k: int, capacity_factor: float | None):
+        return drop_rule(num_tokens, self.num_experts, top_k, capacity_factor, formula=self.formula,
+                         group_size=self.group_size, min_capacity=self.min_capacity, policy=self.policy)
