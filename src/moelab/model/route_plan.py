@@ -87,9 +87,10 @@ def has_hooks(module: torch.nn.Module) -> bool:
     """Hooks on the router (an intervention, a probe) run only through its __call__: such a call stays
     eager, outside the compiled function."""
     m = torch.nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
-                or m._global_backward_hooks or m._global_backward_pre_hooks)
+    local = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    glob = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")
+    return any(getattr(module, a, None) for a in local) or any(getattr(m, a, None) for a in glob)
 
 
 def device_key(device: torch.device) -> str:
