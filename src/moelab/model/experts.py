@@ -90,7 +90,8 @@ def _grouped_mm_traceable(dtype: torch.dtype) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result
+# torch.compiler has had it since 2.1; the fallback keeps an unusual build importing (the probes then trace).
+@getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
 def _grouped_mm_ok(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
     """The two probes, run eagerly even while dynamo traces the caller (a constant in the graph)."""
     return _grouped_mm_works(device_type, dtype) and (not compiling or _grouped_mm_traceable(dtype))
