@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--device cuda] [--json gpu_check.json] [--peak-tflops 989]
     python benchmarks/gpu_check.py --device cpu --tiny     # the same checks at toy sizes (the test suite)
 
-Six checks, each a group of rows (`ok` is a correctness verdict; speed rows report, never fail):
+Seven check groups, each a group of rows (`ok` is a correctness verdict; speed rows report, never fail):
 1. experts-bf16: grouped experts in bf16 against the naive per-expert loop, forward and every gradient.
    Error = max |fast - reference| / max |reference|, the reference being the naive loop in fp32 on the same
    (bf16-rounded) weights and inputs. Tolerance: 3e-2 (bf16 keeps 8 significant bits, unit roundoff
@@ -20,6 +20,9 @@ Six checks, each a group of rows (`ok` is a correctness verdict; speed rows repo
    with every experts implementation the installed transformers registers (one that cannot run here is a
    row saying why). profile: torch.profiler's operator table of the E64 layer's fwd+bwd
    (<json>.profile_e64_layer.txt).
+   routing-compile: the routing path (model/route_plan.py) compiled / eager: the call, whether both route
+   alike, the E64 layer fwd and fwd+bwd with compiled routing, and the decision `model.compile_routing=auto`
+   follows once `--record` files it (gpu_check_routing.py).
 4. hf-trace: a small transformers Mixtral built from a config (no download) traced on the device, rows
    checked against the experts its own router modules returned.
 5. distributed: a one-process group (nccl on cuda, gloo on cpu; world 1, dp = ep = 1): all-reduce,
@@ -27,6 +30,9 @@ Six checks, each a group of rows (`ok` is a correctness verdict; speed rows repo
 6. real-size: bench_real_size.py's model rows on the device (OLMoE-1B-7B's shape, random weights, bf16;
    --tiny: its tiny shape): trace tokens/s with --probs none / top:N / full as ratios to the plain forward,
    beside issue 22's targets (0.8x without probabilities, 0.5x with full), and intervene s per ablation.
+They run cheap verdicts first (experts-bf16, hf-trace, distributed), then the speed rows, the training step
+last; no check starts after --budget-s seconds (360: the script's six minutes), one that would is a failed
+"not run" row. `--record` files routing-compile's decision where `model.compile_routing=auto` reads it.
 Exit status: 0 when every row is ok, 1 when a check failed, 2 on bad arguments (no CUDA for --device cuda).
 """
 
@@ -46,6 +52,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import bench_common as bc  # noqa: E402
 import gpu_check_parts as parts  # noqa: E402
+import gpu_check_routing as routing  # noqa: E402
 
 
 def experts_bf16(dev: torch.device, tiny: bool) -> list[dict]:
@@ -82,6 +89,19 @@ def layer_bf16(dev: torch.device, tiny: bool) -> list[dict]:
             rows.append(parts.row("layer-bf16", f"{name}, {kind}: MoELayer / dense floor",
                                   t.ratio("moe", "dense"), None, True,
                                   f"{t.median('moe') * 1e3:.2f} ms vs {t.median('dense') * 1e3:.2f} ms"))
+    return rows
+
+
+RECORDS: dict = {}  # what a check leaves for the JSON beside its rows (routing-compile's decision)
+
+
+def routing_compile(dev: torch.device, tiny: bool) -> list[dict]:
+    """Compiled / eager routing: the call, its agreement, the E64 layer fwd and fwd+bwd, the decision."""
+    backend = "aot_eager" if tiny and dev.type == "cpu" else "inductor"  # a CPU has no C++-free inductor
+    c = routing.CASES["tiny" if tiny else "gpu"]
+    rows, rec = routing.rows_and_record(dev, c, torch.bfloat16, backend, reps=3 if tiny else 10,
+                                        warmup=1 if tiny else 3)
+    RECORDS["routing_compile"] = {"device_key": routing.rp.device_key(dev), **rec}
     return rows
 
 
@@ -203,18 +223,26 @@ def real_size(dev: torch.device, tiny: bool) -> list[dict]:
                              f"forwards over {out['tokens']:,} tokens")]
 
 
-CHECKS = {"experts-bf16": experts_bf16, "layer-bf16": layer_bf16, "peers": peers, "profile": profile,
-          "train-step": train_step, "hf-trace": hf_trace, "distributed": distributed,
-          "real-size": real_size}
+# Cheap correctness checks first, the training step (the longest) last: under --budget-s the checks that
+# do not start are the speed rows, not the verdicts.
+CHECKS = {"experts-bf16": experts_bf16, "hf-trace": hf_trace, "distributed": distributed,
+          "layer-bf16": layer_bf16, "routing-compile": routing_compile, "peers": peers, "profile": profile,
+          "real-size": real_size, "train-step": train_step}
 
 
 def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str],
-               out_json: Path = Path("gpu_check.json")) -> list[dict]:
-    rows = []
+               out_json: Path = Path("gpu_check.json"), budget_s: float = float("inf")) -> list[dict]:
+    """Each check in order; one that would start after `budget_s` seconds is a failed row saying so,
+    so a slow machine still ends in time with the table of what ran."""
+    rows, start = [], time.perf_counter()
     for name, check in CHECKS.items():
         if only and name not in only:
             continue
         t0 = time.perf_counter()
+        if t0 - start > budget_s:
+            rows.append(parts.row(name, "not run", f"the {budget_s:g} s budget was spent after {t0 - start:.0f} s",
+                                  None, False, "rerun with --only " + name))
+            continue
         try:
             if name == "train-step":
                 got = check(dev, tiny, peak_tflops, out_json)
@@ -249,6 +277,8 @@ def _argument_problem(args, dev: torch.device | None, only: list[str]) -> str | 
         return "--device cuda, but torch sees no CUDA device here"
     if bad:
         return f"--only: unknown check(s) {', '.join(bad)} (known: {', '.join(CHECKS)})"
+    if args.record and (args.tiny or (only and "routing-compile" not in only)):
+        return "--record files the routing-compile decision of a full-size run: drop --tiny, keep that check"
     if not Path(args.json).parent.is_dir():
         return f"--json {args.json}: folder {Path(args.json).parent} does not exist"
     return None
@@ -261,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="gpu_check.json", help="where the table goes as JSON (%(default)s)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     ap.add_argument("--only", help="comma-separated checks: " + ",".join(CHECKS))
+    ap.add_argument("--budget-s", type=float, default=360.0,
+                    help="no check starts after this many seconds (%(default)s: the script's 6 minutes)")
+    ap.add_argument("--record", action="store_true",
+                    help="file the routing-compile decision in src/moelab/model/routing_compile.json")
     args = ap.parse_args(argv)
     only = args.only.split(",") if args.only else []
     try:
@@ -272,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return 2
     bc.setup(threads=1 if dev.type == "cpu" else torch.get_num_threads())
-    rows = run_checks(dev, args.tiny, args.peak_tflops, only, Path(args.json))
+    RECORDS.clear()
+    rows = run_checks(dev, args.tiny, args.peak_tflops, only, Path(args.json), args.budget_s)
     info = device_info(dev)
     print(parts.table(rows, info))
-    Path(args.json).write_text(json.dumps({**info, "tiny": args.tiny, "rows": rows}, indent=1))
+    Path(args.json).write_text(json.dumps({**info, "tiny": args.tiny, "rows": rows, **RECORDS}, indent=1))
     print(f"wrote {args.json}")
+    if args.record and "routing_compile" in RECORDS:
+        rec = dict(RECORDS["routing_compile"])
+        routing.record(rec.pop("device_key"), {**rec, "date": info["date"]})
+        print(f"recorded the routing-compile decision in {routing.rp.RECORD}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CHECKS = {"experts-bf16", "layer-bf16", "peers", "profile", "train-step", "hf-trace", "distributed", "real-size"}
+CHECKS = {"experts-bf16", "layer-bf16", "routing-compile", "peers", "profile", "train-step", "hf-trace",
+          "distributed", "real-size"}
 
 
 def _run(*args, cwd):
@@ -45,6 +46,15 @@ def test_tiny_cpu_run_passes_every_check_and_writes_the_table(tmp_path):
     for name in ("out.profile_e64_layer.txt", "out.profile_train_step.txt"):
         text = (tmp_path / name).read_text()
         assert "Self CPU" in text and "aten::" in text, name
+    # routing-compile: the call and the layer (fwd, fwd+bwd) timed, agreement exact under aot_eager, the decision
+    rc = {r["what"].split(":")[0]: r for r in out["rows"] if r["check"] == "routing-compile"}
+    assert len(rc) == 5, list(rc)
+    timed = [r for r in rc.values() if "compiled / eager" in r["what"] or "compiled routing / eager" in r["what"]]
+    assert len(timed) == 3 and all(isinstance(r["value"], float) and r["value"] > 0 for r in timed)
+    assert rc["routing compiled vs eager"]["value"] == "1.000000, 1.000000"
+    rec = out["routing_compile"]
+    assert rec["device_key"] == "cpu" and rec["agreement"] == {"ids": 1.0, "drops": 1.0, "weights": 0.0}
+    assert rec["compile"] == (rec["layer_fwd_bwd"] <= 0.97) == rc["decision"]["value"]
     # the printed table has one line per row
     assert sum(line.startswith("| ") for line in done.stdout.splitlines()) == len(out["rows"]) + 1
 
@@ -64,7 +74,8 @@ def test_a_planted_expert_error_fails_the_check(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, words", [(["--device", "cuda"], "no CUDA"),
                                          (["--device", "cpu", "--only", "nope"], "unknown check"),
                                          (["--device", "tpu9"], "not a device name"),
-                                         (["--device", "cpu", "--json", "/nonexistent/dir/o.json"], "does not exist")])
+                                         (["--device", "cpu", "--json", "/nonexistent/dir/o.json"], "does not exist"),
+                                         (["--device", "cpu", "--tiny", "--record"], "full-size run")])
 def test_bad_arguments_give_one_line_and_status_2(tmp_path, capsys, args, words):
     import torch
 
@@ -128,3 +139,25 @@ def _import_parts():
     import gpu_check_parts
 
     return gpu_check_parts
+
+
+def test_a_check_past_the_budget_is_a_failed_row_and_runs_nothing(tmp_path):
+    gpu_check = _import_script()
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--only", "hf-trace,distributed", "--budget-s", "-1",
+                           "--json", str(tmp_path / "o.json")])
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert code == 1 and [(r["check"], r["what"], r["ok"]) for r in rows] == [
+        ("hf-trace", "not run", False), ("distributed", "not run", False)]
+    assert "budget" in rows[0]["value"]
+
+
+def test_record_keeps_the_other_devices_entries(tmp_path):
+    _import_script()
+    import gpu_check_routing as routing
+
+    path = tmp_path / "routing_compile.json"
+    path.write_text(json.dumps({"about": "x", "devices": {"NVIDIA H200": {"torch": "2.11", "compile": True}}}))
+    routing.record("cpu", {"torch": "2.13", "compile": False}, path)
+    routing.record("NVIDIA H200", {"torch": "2.11", "compile": False}, path)
+    assert json.loads(path.read_text()) == {"about": "x", "devices": {
+        "NVIDIA H200": {"torch": "2.11", "compile": False}, "cpu": {"torch": "2.13", "compile": False}}}

@@ -8,6 +8,7 @@ Tokens are in (sequence, position) order, as the decoder flattens its batch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -62,9 +63,10 @@ def slot_positions(expert_ids_TK: torch.Tensor, order: torch.Tensor, num_experts
         key = group * num_experts + flat
     key_ordered = key[order]
     sort = torch.sort(key_ordered, stable=True)
-    counts = torch.bincount(sort.values, minlength=int(key.max().item()) + 1 if key.numel() else 1)
-    starts = torch.cumsum(counts, 0) - counts
-    pos_sorted = torch.arange(key.numel(), device=flat.device) - starts[sort.values]
+    # Each run's first index by a search of the sorted keys: no bincount sized by key.max(), which is a
+    # host sync (and a graph break under torch.compile).
+    starts = torch.searchsorted(sort.values, sort.values)
+    pos_sorted = torch.arange(key.numel(), device=flat.device) - starts
     pos_ordered = torch.empty_like(pos_sorted)
     pos_ordered[sort.indices] = pos_sorted
     pos_flat = torch.empty_like(pos_ordered)
@@ -77,11 +79,35 @@ def drop_mask(expert_ids_TK: torch.Tensor, scores_TK: torch.Tensor, num_experts:
               min_capacity: int = 4, policy: str = "openmoe") -> torch.Tensor:
     """Bool (T x K): True where a choice lost its place to capacity. None capacity: nothing drops."""
     T, K = expert_ids_TK.shape
-    if capacity_factor is None or T == 0:
+    rule = drop_rule(T, num_experts, K, capacity_factor, formula=formula, group_size=group_size,
+                     min_capacity=min_capacity, policy=policy)
+    if rule is None:
         return torch.zeros(T, K, dtype=torch.bool, device=expert_ids_TK.device)
-    cap = expert_capacity(T, num_experts, K, capacity_factor, formula, group_size, min_capacity)
-    order = priority_order(scores_TK, policy)
-    pos_TK = slot_positions(expert_ids_TK, order, num_experts,
-                            group_size if formula == "group" else None)
-    return pos_TK >= cap
+    return drop_mask_at(expert_ids_TK, scores_TK, num_experts, rule)
+
+
+class DropRule(NamedTuple):
+    """A capacity already computed for the call's token count: plain values, so a compiled routing
+    function specialises on them instead of recomputing them from a traced shape."""
+
+    capacity: int  # slots per expert (per group when group_size is set)
+    policy: str
+    group_size: int | None  # None: one queue per expert over the whole batch (the `topk` formula)
+
+
+def drop_rule(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, *,
+              formula: str = "topk", group_size: int = 4096, min_capacity: int = 4,
+              policy: str = "openmoe") -> DropRule | None:
+    """The rule `drop_mask` applies to a call of `num_tokens` tokens; None: nothing drops."""
+    if capacity_factor is None or num_tokens == 0:
+        return None
+    cap = expert_capacity(num_tokens, num_experts, top_k, capacity_factor, formula, group_size, min_capacity)
+    return DropRule(cap, policy, group_size if formula == "group" else None)
+
+
+def drop_mask_at(expert_ids_TK: torch.Tensor, scores_TK: torch.Tensor, num_experts: int,
+                 rule: DropRule) -> torch.Tensor:
+    """Bool (T x K): True where a choice finds its expert's `rule.capacity` slots taken."""
+    order = priority_order(scores_TK, rule.policy)
+    return slot_positions(expert_ids_TK, order, num_experts, rule.group_size) >= rule.capacity
 

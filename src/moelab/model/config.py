@@ -136,11 +136,16 @@ class ModelConfig(Config):
     qk_norm: bool | Literal["none", "head", "full"] = False  # true = "head"
     attn_bias: bool | Literal["none", "qkv", "all"] = False  # true = "qkv"
     init_std: float = 0.02
+    # The routing path through torch.compile (model/route_plan.py): auto = where a recorded measurement
+    # found it faster on this device (routing_compile.json), on, off.
+    compile_routing: Literal["auto", "on", "off"] = "auto"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        require(self.compile_routing in ("auto", "on", "off"),
+                f"model.compile_routing={self.compile_routing!r} is unknown (allowed: auto, on, off)")
         require(self.ffn_kind in FFN_KINDS,
                 f"model.ffn_kind={self.ffn_kind!r} is unknown (allowed: {', '.join(FFN_KINDS)})")
         if self.head_dim is None:

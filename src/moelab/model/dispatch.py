@@ -19,6 +19,12 @@ import torch
 def permutation(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int):
     """(order_N: flat choice t * K + k of each sorted row, inv_TK: sorted row of each choice or N where
     dropped, offs_E: int32 end of each expert's rows). Token order within an expert (stable sort)."""
+    return trimmed(*full_permutation(expert_ids_TK, keep_TK, num_experts), dropping=keep_TK is not None)
+
+
+def full_permutation(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int):
+    """`permutation` before the one host sync: order_M still lists all T * K choices, the dropped ones
+    last (M - N of them), and inv_TK already points dropped choices at the pad row N = offs_E[-1]."""
     T, K = expert_ids_TK.shape
     ids_M = expert_ids_TK.reshape(-1)
     if keep_TK is not None:
@@ -29,9 +35,16 @@ def permutation(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_e
     # A permutation's inverse: collision-free, so this scatter is deterministic (and it is of ints).
     inv_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(T * K, device=ids_M.device))
     if keep_TK is not None:
-        n = int(offs_E[-1])  # the kept count sizes every tensor after this
-        order_M, inv_M = order_M[:n], inv_M.clamp_max(n)
+        inv_M = torch.minimum(inv_M, offs_E[-1:].to(inv_M.dtype))
     return order_M, inv_M.view(T, K), offs_E
+
+
+def trimmed(order_M: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor, dropping: bool):
+    """A full permutation cut to its N kept rows: the kept count sizes every tensor after this (a host
+    sync, the one the routing path needs; none when nothing can drop)."""
+    if dropping:
+        order_M = order_M[: int(offs_E[-1])]
+    return order_M, inv_TK, offs_E
 
 
 def _pad_row(v_ND: torch.Tensor) -> torch.Tensor:

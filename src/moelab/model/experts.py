@@ -14,6 +14,7 @@ tested against it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import lru_cache
@@ -67,6 +68,35 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@lru_cache(maxsize=None)
+def _grouped_mm_traceable(dtype: torch.dtype) -> bool:
+    """Whether torch.compile can trace torch._grouped_mm in this dtype: its fake (meta) kernel, which
+    compiled graphs run instead of the real one, accepts only bf16 in torch 2.9-2.13 even where the real
+    CPU/CUDA kernel takes fp32, so an fp32 block would fail to compile."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")  # a refusal is logged as a traceback
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            with FakeTensorMode():
+                x, w = torch.empty(8, 16, dtype=dtype), torch.empty(2, 16, 16, dtype=dtype)
+                torch._grouped_mm(x, w, offs=torch.empty(2, dtype=torch.int32))
+        finally:
+            quiet.setLevel(level)
+        return True
+    except Exception:  # noqa: BLE001  (any refusal, whatever its type, means "not traceable")
+        return False
+
+
+# torch.compiler has had it since 2.1; the fallback keeps an unusual build importing (the probes then trace).
+@getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+def _grouped_mm_ok(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
+    """The two probes, run eagerly even while dynamo traces the caller (a constant in the graph)."""
+    return _grouped_mm_works(device_type, dtype) and (not compiling or _grouped_mm_traceable(dtype))
+
+
 def _contiguous_grad(g: torch.Tensor) -> torch.Tensor:
     return g.contiguous()
 
@@ -75,8 +105,8 @@ def _kernel_ok(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands. On CPU fp32 it measured 2-4% faster than the slice
     loop below (it skips the loop's cat/split/stack copies in backward); see docs/PERFORMANCE.md."""
     align = 16 // x_NA.element_size()  # the kernel wants 16-byte aligned strides
-    return (_grouped_mm_works(x_NA.device.type, x_NA.dtype) and x_NA.dtype == w_EAB.dtype
-            and x_NA.shape[1] % align == 0 and w_EAB.shape[2] % align == 0)
+    return (x_NA.dtype == w_EAB.dtype and x_NA.shape[1] % align == 0 and w_EAB.shape[2] % align == 0
+            and _grouped_mm_ok(x_NA.device.type, x_NA.dtype, torch.compiler.is_compiling()))
 
 
 def grouped_mm(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_E: torch.Tensor,
@@ -245,14 +275,19 @@ class GroupedExperts(nn.Module):
         self.combine = "auto"
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum over kept choices of weight * expert(x). Dropped choices contribute nothing."""
+                keep_TK: torch.Tensor | None = None, perm=None) -> torch.Tensor:
+        """Sum over kept choices of weight * expert(x). Dropped choices contribute nothing.
+        `perm`: dispatch.permutation of these choices when the caller already sorted them."""
         combine = self.combine if self.combine != "auto" else (
             "index_add" if x_TD.device.type == "cpu" else "gather")
         if combine == "gather":
-            return self._forward_gather(x_TD, expert_ids_TK, weights_TK, keep_TK)
+            return self._forward_gather(x_TD, expert_ids_TK, weights_TK, keep_TK, perm)
         T, D = x_TD.shape
-        tok_N, w_N, offs_E = sort_choices(expert_ids_TK, weights_TK, keep_TK, self.num_experts)
+        if perm is None:
+            tok_N, w_N, offs_E = sort_choices(expert_ids_TK, weights_TK, keep_TK, self.num_experts)
+        else:  # the same stable sort by expert, so the same rows as sort_choices
+            order_N, _, offs_E = perm
+            tok_N, w_N = order_N // expert_ids_TK.shape[1], weights_TK.reshape(-1).index_select(0, order_N)
         counts: list[list[int]] = []  # filled on the loop's first use: one host sync, never for the kernel
         # index_select, not x[tok]: ~3x faster forward, and its backward is an index_add rather than
         # an accumulating index_put.
@@ -268,8 +303,8 @@ class GroupedExperts(nn.Module):
             y_ND = y_ND * w_N1
         return x_TD.new_zeros(T, D).index_add_(0, tok_N, y_ND.to(x_TD.dtype))
 
-    def _forward_gather(self, x_TD, expert_ids_TK, weights_TK, keep_TK):
-        order_N, inv_TK, offs_E = permutation(expert_ids_TK, keep_TK, self.num_experts)
+    def _forward_gather(self, x_TD, expert_ids_TK, weights_TK, keep_TK, perm):
+        order_N, inv_TK, offs_E = perm if perm is not None else permutation(expert_ids_TK, keep_TK, self.num_experts)
         tok_N = order_N // expert_ids_TK.shape[1]
         counts: list[list[int]] = []
         h_NX = _expert_mm(Dispatch.apply(x_TD, tok_N, inv_TK), self.w_in_EDX, offs_E, counts)

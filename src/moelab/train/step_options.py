@@ -7,12 +7,12 @@ wrapped), so checkpoints written with an option on load with it off and the othe
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from moelab.config import MoelabError
+from moelab.model.compiling import compile_supported, compiled
 
 
 def fused_adamw_ok(params) -> bool:
@@ -22,43 +22,8 @@ def fused_adamw_ok(params) -> bool:
     return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
-def compile_supported() -> str | None:
-    """None when torch.compile can run here, else why not (one line)."""
-    try:
-        import torch._dynamo as dynamo
-    except Exception as e:  # a torch build without dynamo
-        return f"torch.compile is unavailable ({type(e).__name__})"
-    if not dynamo.is_dynamo_supported():
-        return "torch.compile does not support this Python/torch build"
-    return None
-
-
 def _compiled(forward, backend: str):
-    compiled = torch.compile(forward, backend=backend)
-    # Dynamo logs a failing fake-tensor call as a traceback before raising; the one line below says it.
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            return compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:  # BackendCompilerFailed, Unsupported, ...
-            raise MoelabError(f"train.compile=true: torch.compile failed on this machine ({_root_cause(e)}); "
-                              f"set train.compile=false") from None
-        finally:
-            quiet.setLevel(level)
-    return run
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception's first line: the reason, not dynamo's wrapper."""
-    seen = {id(e)}
-    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
-        seen.add(id(nxt))
-        e = nxt
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return compiled(forward, backend, "train.compile", "true", "false")
 
 
 def _checkpointed(forward):
