@@ -156,3 +156,11 @@ def test_group_keeps_a_files_documents_together(tmp_path):
         splits.setdefault(name, set()).add(split)
     assert len(splits) == 40 and all(len(s) == 1 for s in splits.values())
     assert 0 < sum(s == {"heldout"} for s in splits.values()) < 40
+
+
+def test_parallel_split_equals_serial():
+    # The installed `packaging` (dozens of files): spawned workers give the documents a loop gives.
+    kept, _ = cl.plan(cl.Recipe(packages=("packaging",), stdlib=False))
+    assert len(kept) >= 16
+    serial = [d for f in kept for d in cl.file_documents(f)]
+    assert list(cl._all_documents(kept * 4, 2)) == serial * 4

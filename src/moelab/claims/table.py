@@ -98,10 +98,11 @@ def changed_section(rows: Sequence[ClaimResult]) -> list[str]:
 
 
 GPU_COMMAND = "python benchmarks/claims.py --scale gpu --only GROUP --device cuda --write-docs"
-GPU_WAITING = ("**GPU scale: waits for a GPU.** The `gpu` profile (tens of millions of training tokens per model, "
-               "`src/moelab/claims/scale.py`) has not run on one yet; when a GPU is lent, one row group per "
-               f"run: `{GPU_COMMAND}` (GROUP: base, rmoe8 or upcycle; `--plan` prints each group's tokens and "
-               "estimated minutes first). Its results go to `docs/claims-gpu/`.\n")
+GPU_WAITING = ("**GPU scale: waits for a GPU.** The `gpu` profile trains every model on 5-19x the tokens above "
+               "(15.7M per tiny model) from `python-large`, a corpus of about 55M tokens built offline from the "
+               "installed stdlib and 18 named packages (deduplicated, docstrings as prose, held-out split by file, "
+               "a content fingerprint); method, measured sizes and the time plan in `docs/claims-gpu/README.md`. "
+               f"When a GPU is lent, one row group per run: `{GPU_COMMAND}` (GROUP: base, rmoe8 or upcycle).\n")
 
 
 def _value(r: ClaimResult) -> str:

@@ -32,6 +32,7 @@ import hashlib
 import importlib.metadata as md
 import inspect
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -214,7 +215,9 @@ def _all_documents(files: list[SourceFile], workers: int) -> Iterator[dict]:
         for f in files:
             yield from file_documents(f)
         return
-    with ProcessPoolExecutor(workers) as pool:  # ast.parse runs at a few MB/s: spread over the cores
+    # ast.parse runs at a few MB/s: spread over the cores. Spawned, not forked: the parent may hold CUDA
+    # and torch's threads, which a forked child inherits in an unknown state.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for docs in pool.map(file_documents, files, chunksize=32):
             yield from docs
 
