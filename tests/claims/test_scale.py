@@ -152,3 +152,6 @@ def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, mon
     trace = ws.trace(final(run), "t")
     assert json.loads((trace.parent / "claims-settings.json").read_text())["settings"]["device"] == "cpu"
     assert Workspace(tmp_path, s, log=lambda m: None).corpus() == corpus  # cached: same recipe and versions
+    about = json.loads(sc.write_about(tmp_path / "res", {"base": ws}, "cpu")[0].read_text())
+    assert about["device"] == "CPU (cpu)" and about["corpus"]["fingerprint"] == cl.read_manifest(corpus)["fingerprint"]
+    assert about["scale"]["corpus"] == "python-large" and about["plan"].startswith("base: 6 tiny runs")
