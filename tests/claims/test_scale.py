@@ -155,3 +155,19 @@ def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, mon
     about = json.loads(sc.write_about(tmp_path / "res", {"base": ws}, "cpu")[0].read_text())
     assert about["device"] == "CPU (cpu)" and about["corpus"]["fingerprint"] == cl.read_manifest(corpus)["fingerprint"]
     assert about["scale"]["corpus"] == "python-large" and about["plan"].startswith("base: 6 tiny runs")
+
+
+def test_cli_renders_gpu_results_beside_the_committed_cpu_ones(tmp_path):
+    from moelab.claims.record import read_results, write_result
+
+    committed = read_results(ROOT / "docs" / "claims")
+    name = "openmoe-moe-beats-dense"
+    planted = dataclasses.replace(committed[name], seed_values=[0.31, 0.33, 0.32], details={}, previous_verdict="")
+    write_result(planted, tmp_path / "gpu")
+    before = (ROOT / "docs" / "CLAIMS.md").read_bytes()
+    assert runner().main(["--scale", "gpu", "--table-only", "--results", str(tmp_path / "gpu"),
+                          "--table", str(tmp_path / "T.md")]) == 0
+    md = (tmp_path / "T.md").read_text()
+    line = next(l for l in md.split("## Both scales")[1].splitlines() if l.startswith(f"| {name} "))
+    assert "0.32 [" in line and committed[name].verdict in line  # the GPU value beside the CPU verdict
+    assert "GPU scale: waits" not in md and (ROOT / "docs" / "CLAIMS.md").read_bytes() == before
