@@ -42,7 +42,7 @@ ASSUMED = {
     "analysis_rows_per_s": 200_000,  # measured: 10M trace rows in 44.6 s on one core here (PERFORMANCE.md)
 }
 # python-large's held-out split: 0.2% of ~55M tokens (extrapolated from a 10% sample built on this machine,
-# docs/CLAIMS.md "GPU scale"); the plan uses it before the corpus exists.
+# docs/claims-gpu/README.md); the plan uses it before the corpus exists.
 HELDOUT_TOKENS = 110_000
 
 _GPU_COMMON = dict(seq_len=256, batch_size=128, vocab_size=4096, eval_tokens=32768, trace_tokens=0, seeds=3,
