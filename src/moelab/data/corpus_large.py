@@ -292,7 +292,9 @@ def build_large_corpus(out_dir: str | Path, recipe: Recipe = Recipe(), *, stdlib
     try:
         docs = work / "docs.jsonl"
         with open(docs, "w", encoding="utf-8") as fh:
-            for rec in _all_documents(kept, workers or os.cpu_count() or 1):
+            # Files in content-hash order: any prefix of a split (a trace's or an evaluation's first N
+            # tokens) is a sample spread over packages, not the stdlib's first files.
+            for rec in _all_documents(sorted(kept, key=lambda f: f.sha256), workers or os.cpu_count() or 1):
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             for rec in extra_documents(recipe):
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
