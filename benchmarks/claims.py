@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             args.results = str(docs / ("claims-gpu" if gpu else "claims") if args.write_docs or args.table_only
                                else scratch / ("gpu/results" if gpu else "results"))
         if not args.table:
-            args.table = str(docs / "CLAIMS.md" if args.write_docs else scratch / ("gpu/CLAIMS.md" if gpu else "CLAIMS.md"))
+            args.table = str(docs / "CLAIMS.md" if args.write_docs
+                             else scratch / ("gpu/CLAIMS.md" if gpu else "CLAIMS.md"))
         if not args.table_only:
             if args.threads:  # tracing, analyses and interventions too, not only training
                 import torch

@@ -124,7 +124,8 @@ def gpu_section(rows: Sequence[ClaimResult], gpu: Mapping[str, ClaimResult], abo
         moved = a is not None and b is not None and a.verdict != b.verdict
         mark = "**" if moved else ""
         out.append(f"| {n} | {_value(a) if a else 'not run'} | {a.verdict if a else '-'} | "
-                   f"{_value(b) if b else 'not run'} | {mark}{b.verdict if b else '-'}{mark} | {b.seeds if b else '-'} |")
+                   f"{_value(b) if b else 'not run'} | {mark}{b.verdict if b else '-'}{mark} | "
+                   f"{b.seeds if b else '-'} |")
     return out + [""]
 
 
