@@ -89,8 +89,9 @@ def test_cuda_without_cuda_is_one_line():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(MoelabError, match="CUDA is not available"):
-        sc.check_device("cuda")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(MoelabError, match=f"--device {name}: CUDA is not available here"):
+            sc.check_device(name)
     sc.check_device("cpu") or sc.check_device(None)
 
 

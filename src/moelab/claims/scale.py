@@ -154,12 +154,15 @@ def check_device(name: str | None) -> None:
     """None, cpu, cuda or cuda:N that this machine has; anything else is one clear error."""
     if name is None:
         return
-    from moelab.train.loop import resolve_device
+    import torch
 
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
         raise MoelabError(f"--device {name!r} is unknown (allowed: cpu, cuda, cuda:N)")
-    resolve_device(name)  # cuda without CUDA: one line
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MoelabError(f"--device {name}: CUDA is not available here")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MoelabError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def device_name(device: str | None) -> str:
