@@ -92,21 +92,23 @@ def main(argv: list[str] | None = None) -> int:
 
                 torch.set_num_threads(args.threads)
             spaces: dict[str, Workspace] = {}  # one per row group: the gpu profile sizes each group alone
+            took: dict[str, float] = {}
             for spec in rows:
                 group = group_of(spec.fn.__module__)
                 if group not in spaces:
                     scale = dataclasses.replace(scale_for(args.scale, group, smoke=args.smoke), threads=args.threads)
                     spaces[group] = Workspace(args.cache, scale, fresh=args.fresh, device=args.device)
-                    print(f"[claims] {args.scale} scale, group {group}: {scale.describe()}", file=sys.stderr)
+                    print(f"[claims] {args.scale} scale, {plan_lines(args.scale, [group])[0]}", file=sys.stderr)
                 ws = spaces[group]
                 print(f"[claims] row {spec.name}", file=sys.stderr, flush=True)
                 result = run_row(spec, ws)
                 write_result(result, args.results)
+                took[group] = took.get(group, 0.0) + result.seconds
                 said = ("measured at smoke scale (no verdict)" if args.smoke
                         else f"{result.verdict} ({result.reason})")
                 print(f"[claims] {spec.name}: {said}; {result.seconds / 60:.1f} min", file=sys.stderr, flush=True)
             if gpu:
-                write_about(args.results, spaces, args.device)
+                write_about(args.results, spaces, args.device, took)
         results = read_results(args.results) if Path(args.results).is_dir() else {}
         gpu_results, gpu_about = ({}, "") if args.smoke else read_gpu(docs / "claims-gpu")
         if gpu:  # the table is the cpu scale's with this run's gpu results beside it

@@ -155,7 +155,8 @@ def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, mon
     trace = ws.trace(final(run), "t")
     assert json.loads((trace.parent / "claims-settings.json").read_text())["settings"]["device"] == "cpu"
     assert Workspace(tmp_path, s, log=lambda m: None).corpus() == corpus  # cached: same recipe and versions
-    about = json.loads(sc.write_about(tmp_path / "res", {"base": ws}, "cpu")[0].read_text())
+    about = json.loads(sc.write_about(tmp_path / "res", {"base": ws}, "cpu", {"base": 90.0})[0].read_text())
+    assert about["rows_wall_min"] == 1.5 and about["estimated_min"] > 0
     assert about["device"] == "CPU (cpu)" and about["corpus"]["fingerprint"] == cl.read_manifest(corpus)["fingerprint"]
     assert about["scale"]["corpus"] == "python-large" and about["plan"].startswith("base: 6 tiny runs")
 

@@ -177,9 +177,10 @@ def device_name(device: str | None) -> str:
 ABOUT = "about"  # a subfolder: read_results reads every *.json of the results folder as a row
 
 
-def write_about(folder: str | Path, spaces: dict, device: str | None) -> list[Path]:
+def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict | None = None) -> list[Path]:
     """about/GROUP.json beside the gpu results: the device, date, torch, sizes and the corpus (fingerprint,
-    versions, tokens) each group ran with; groups run on other days or machines keep their own file."""
+    versions, tokens) each group ran with, and its rows' wall time against the plan's estimate (what
+    corrects `ASSUMED`); groups run on other days or machines keep their own file."""
     import datetime
     import json
 
@@ -191,9 +192,12 @@ def write_about(folder: str | Path, spaces: dict, device: str | None) -> list[Pa
     for group, ws in spaces.items():
         s = ws.scale
         man = read_manifest(ws.corpus()) or {}
+        held = (man.get("tokens") or {}).get("heldout") or HELDOUT_TOKENS
         about = {"group": group, "device": device_name(device), "torch": torch.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "scale": dataclasses.asdict(s), "describe": s.describe(), "plan": plan_lines("gpu", [group])[0],
+                 "rows_wall_min": round(took[group] / 60, 2) if took and group in took else None,
+                 "estimated_min": round(estimate_seconds(workload(group, s, held))["total"] / 60, 2),
                  "corpus": {k: man.get(k) for k in ("fingerprint", "recipe", "versions", "num_files", "num_bytes",
                                                      "dropped", "tokens", "per_domain_tokens")}}
         path = Path(folder) / ABOUT / f"{group}.json"
