@@ -155,6 +155,10 @@ def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, mon
     trace = ws.trace(final(run), "t")
     assert json.loads((trace.parent / "claims-settings.json").read_text())["settings"]["device"] == "cpu"
     assert Workspace(tmp_path, s, log=lambda m: None).corpus() == corpus  # cached: same recipe and versions
+    other = ws.corpus("other", ["math:40"])  # a row's own corpus keeps its sources under the gpu profile
+    assert other.parent.name == "other" and cl.read_manifest(other) is None
+    with pytest.raises(MoelabError, match="scale.corpus='bogus' is unknown"):
+        Workspace(tmp_path, dataclasses.replace(s, corpus="bogus")).corpus()
     about = json.loads(sc.write_about(tmp_path / "res", {"base": ws}, "cpu", {"base": 90.0})[0].read_text())
     assert about["rows_wall_min"] == 1.5 and about["estimated_min"] > 0
     assert about["device"] == "CPU (cpu)" and about["corpus"]["fingerprint"] == cl.read_manifest(corpus)["fingerprint"]

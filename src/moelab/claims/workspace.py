@@ -100,10 +100,10 @@ class Workspace:
 
         s = self.scale
         vocab = vocab_size or s.vocab_size
-        if s.corpus == "python-large" and name == "main" and tuple(sources) == SOURCES:
-            return self._large_corpus(vocab)
-        if s.corpus != "main":
+        if s.corpus not in ("main", "python-large"):
             raise MoelabError(f"scale.corpus={s.corpus!r} is unknown (known: main, python-large)")
+        if s.corpus == "python-large" and name == "main" and tuple(sources) == SOURCES:
+            return self._large_corpus(vocab)  # the main corpus only: a row's own corpus keeps its sources
         settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source,
                     "code": code_version("data")}
 
