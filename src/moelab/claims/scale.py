@@ -69,7 +69,10 @@ def scale_for(profile: str, group: str = "base", *, smoke: bool = False) -> Scal
     if profile == "cpu":
         return Scale.smoke() if smoke else Scale()
     if smoke:
-        return dataclasses.replace(Scale.smoke(), corpus="python-large", corpus_bytes=300_000, corpus_math=300)
+        # The whole held-out split is traced (a few thousand tokens here): a 2048-token prefix can hold one
+        # source file and so one domain, which the domain rows cannot measure.
+        return dataclasses.replace(Scale.smoke(), corpus="python-large", corpus_bytes=300_000, corpus_math=300,
+                                   trace_tokens=0)
     return Scale(steps=GPU_STEPS[group], **_GPU_COMMON)
 
 

@@ -291,13 +291,14 @@ def build_large_corpus(out_dir: str | Path, recipe: Recipe = Recipe(), *, stdlib
     work.mkdir(parents=True)
     try:
         docs = work / "docs.jsonl"
+        records = [*_all_documents(kept, workers or os.cpu_count() or 1), *extra_documents(recipe)]
+        # In content-hash order (a file's documents together): any prefix of a split, such as a trace's or an
+        # evaluation's first N tokens, is a sample spread over packages and domains, not the stdlib's code.
+        records.sort(key=lambda r: r["group"] or hashlib.blake2b(r["text"].encode(), digest_size=16).hexdigest())
         with open(docs, "w", encoding="utf-8") as fh:
-            # Files in content-hash order: any prefix of a split (a trace's or an evaluation's first N
-            # tokens) is a sample spread over packages, not the stdlib's first files.
-            for rec in _all_documents(sorted(kept, key=lambda f: f.sha256), workers or os.cpu_count() or 1):
+            for rec in records:
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            for rec in extra_documents(recipe):
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        del records
         tok = train_tokenizer(_sample(docs, recipe.tokenizer_sample_bytes), recipe.vocab_size,
                               out_path=work / "tokenizer.json")
         tok.source = (f"trained by corpus_large (bpe, vocab_size={recipe.vocab_size}, on a "
