@@ -17,8 +17,8 @@ of distributions' .py files, the docstrings inside them, pydoc's topics, and gen
 - **Held-out split by file.** A file's two documents carry the file's content hash as their group, and the
   split is drawn per group (`build.assign_heldout` on the group's hash): the code and docstrings of one file
   are never on two sides. Equal files are one file, so none is on both.
-- **Fingerprint.** A hash of the recipe and of every kept file's (origin, relative path, sha256) and of
-  pydoc's topics: two machines build the same corpus exactly when their fingerprints agree. Installed
+- **Fingerprint.** A hash of the builder's format, the recipe, every kept file's (origin, relative path,
+  sha256) and pydoc's topics: two machines build the same corpus exactly when their fingerprints agree. Installed
   versions differ between machines (this CPU machine: Python 3.11, torch 2.13; the GPU machines: Python
   3.12, torch 2.11), so `sources.json` records each origin's version and `compare_manifests` says which
   differ; a build never pretends to be another machine's corpus.
@@ -53,7 +53,7 @@ SKIP_PARTS = {"tests", "test", "testing", "idle_test", "__pycache__", "site-pack
 MAX_FILE_BYTES = 400_000  # above this a .py file is a generated table or a benchmark blob, not code
 MIN_DOCSTRINGS_CHARS = 40  # a file whose docstrings are shorter gives no prose document
 MANIFEST = "sources.json"
-FORMAT = 1
+FORMAT = 2  # the builder's output layout; part of the fingerprint (2: documents in content-hash order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ def extra_documents(recipe: Recipe) -> Iterator[dict]:
 def fingerprint(recipe: Recipe, files: Sequence[SourceFile]) -> str:
     from pydoc_data.topics import topics
 
-    h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **recipe.to_dict()}, sort_keys=True).encode())
     h.update(json.dumps(topics, sort_keys=True).encode())
     for f in files:
         h.update(f"{f.origin}\0{f.path}\0{f.sha256}\n".encode())
