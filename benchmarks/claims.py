@@ -5,6 +5,8 @@
     python benchmarks/claims.py --write-docs     # into docs/claims/ and docs/CLAIMS.md (the committed numbers)
     python benchmarks/claims.py --list           # the rows
     python benchmarks/claims.py --table-only --write-docs  # re-decide and re-render docs/CLAIMS.md
+    python benchmarks/claims.py --scale gpu --plan  # the gpu profile: tokens and estimated minutes per group
+    python benchmarks/claims.py --scale gpu --only GROUP --device cuda --write-docs  # into docs/claims-gpu/
 
 A rerun writes to a scratch folder unless --write-docs: another machine's numbers are not bit-identical,
 and must not silently replace the committed ones.
@@ -25,8 +27,10 @@ from pathlib import Path
 
 from moelab.claims.record import read_results, write_result
 from moelab.claims.registry import all_rows, run_row, select
+from moelab.claims.scale import (check_device, expand_groups, group_of, plan_lines, read_gpu, scale_for,
+                                 write_about)
 from moelab.claims.table import render
-from moelab.claims.workspace import Scale, Workspace
+from moelab.claims.workspace import Workspace
 from moelab.config import MoelabError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,13 +52,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="folder of a second full run's results, compared in the table when present")
     ap.add_argument("--smoke", action="store_true", help="toy scale into a temporary folder (pipeline check)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--scale", default="cpu", help="cpu (default) or gpu: tens of millions of tokens per model, "
+                    "sized per row group (--only base|rmoe8|upcycle) for one H200; results in docs/claims-gpu")
+    ap.add_argument("--device", default=None, help="train and trace on this device (cpu, cuda, cuda:N); "
+                    "default: training's auto (cuda when present), tracing on the CPU")
+    ap.add_argument("--plan", action="store_true", help="print each row group's tokens and estimated time, exit")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        rows = select([n for n in args.only.split(",") if n] or None)
+        scale_for(args.scale)  # an unknown profile fails before any work
+        check_device(args.device)
+        if args.plan:
+            print("\n".join(plan_lines(args.scale)))
+            return 0
+        rows = select(expand_groups([n for n in args.only.split(",") if n]) or None)
         if args.list:
             print("\n".join(f"{r.name:32s} {r.paper}" for r in rows))
             return 0
@@ -65,30 +79,46 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tempfile.mkdtemp(prefix="claims_smoke_"))
             args.results, args.table, args.cache = str(tmp / "results"), str(tmp / "CLAIMS.md"), str(tmp / "cache")
         docs, scratch = ROOT / "docs", Path("claims-scratch")
+        gpu = args.scale == "gpu" and not args.smoke  # its results go beside the cpu ones, never over them
         if not args.results:
-            args.results = str(docs / "claims" if args.write_docs or args.table_only else scratch / "results")
+            args.results = str(docs / ("claims-gpu" if gpu else "claims") if args.write_docs or args.table_only
+                               else scratch / ("gpu/results" if gpu else "results"))
         if not args.table:
-            args.table = str(docs / "CLAIMS.md" if args.write_docs else scratch / "CLAIMS.md")
+            args.table = str(docs / "CLAIMS.md" if args.write_docs
+                             else scratch / ("gpu/CLAIMS.md" if gpu else "CLAIMS.md"))
         if not args.table_only:
             if args.threads:  # tracing, analyses and interventions too, not only training
                 import torch
 
                 torch.set_num_threads(args.threads)
-            scale = dataclasses.replace(Scale.smoke() if args.smoke else Scale(), threads=args.threads)
-            ws = Workspace(args.cache, scale, fresh=args.fresh)
+            spaces: dict[str, Workspace] = {}  # one per row group: the gpu profile sizes each group alone
+            took: dict[str, float] = {}
             for spec in rows:
+                group = group_of(spec.fn.__module__)
+                if group not in spaces:
+                    scale = dataclasses.replace(scale_for(args.scale, group, smoke=args.smoke), threads=args.threads)
+                    spaces[group] = Workspace(args.cache, scale, fresh=args.fresh, device=args.device)
+                    print(f"[claims] {args.scale} scale, {plan_lines(args.scale, [group])[0]}", file=sys.stderr)
+                ws = spaces[group]
                 print(f"[claims] row {spec.name}", file=sys.stderr, flush=True)
                 result = run_row(spec, ws)
                 write_result(result, args.results)
+                took[group] = took.get(group, 0.0) + result.seconds
                 said = ("measured at smoke scale (no verdict)" if args.smoke
                         else f"{result.verdict} ({result.reason})")
                 print(f"[claims] {spec.name}: {said}; {result.seconds / 60:.1f} min", file=sys.stderr, flush=True)
+            if gpu:
+                write_about(args.results, spaces, args.device, took)
         results = read_results(args.results) if Path(args.results).is_dir() else {}
+        gpu_results, gpu_about = ({}, "") if args.smoke else read_gpu(docs / "claims-gpu")
+        if gpu:  # the table is the cpu scale's with this run's gpu results beside it
+            gpu_results, gpu_about = read_gpu(args.results)
+            results = read_results(docs / "claims") if (docs / "claims").is_dir() else {}
         replica, about = {}, ""
         if not args.smoke and (Path(args.replica) / "ABOUT.txt").is_file():
             replica, about = read_results(args.replica), (Path(args.replica) / "ABOUT.txt").read_text().strip()
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(render(results, list(all_rows()), replica, about))
+        Path(args.table).write_text(render(results, list(all_rows()), replica, about, gpu_results, gpu_about))
         print(f"[claims] wrote {args.table} ({len(results)} rows)", file=sys.stderr)
         return 0
     except MoelabError as e:

@@ -97,10 +97,45 @@ def changed_section(rows: Sequence[ClaimResult]) -> list[str]:
     return out + [""]
 
 
+GPU_COMMAND = "python benchmarks/claims.py --scale gpu --only GROUP --device cuda --write-docs"
+GPU_WAITING = ("**GPU scale: waits for a GPU.** The `gpu` profile trains every model on 5-19x the tokens above "
+               "(15.7M per tiny model) from `python-large`, a corpus of about 55M tokens built offline from the "
+               "installed stdlib and 18 named packages (deduplicated, docstrings as prose, held-out split by file, "
+               "a content fingerprint); method, measured sizes and the time plan in `docs/claims-gpu/README.md`. "
+               f"When a GPU is lent, one row group per run: `{GPU_COMMAND}` (GROUP: base, rmoe8 or upcycle).\n")
+
+
+def _value(r: ClaimResult) -> str:
+    m = r.measure
+    return f"{fmt(m.value)} [{fmt(m.ci_low)}, {fmt(m.ci_high)}]{r.unit}"
+
+
+def gpu_section(rows: Sequence[ClaimResult], gpu: Mapping[str, ClaimResult], about: str) -> list[str]:
+    """The two scales side by side: each row's CPU-scale and GPU-scale value and verdict."""
+    names = [r.row for r in rows] + sorted(set(gpu) - {r.row for r in rows})
+    cpu = {r.row: r for r in rows}
+    out = ["## Both scales", "", f"{about} Each scale's verdict follows from its own per-seed values by the same "
+           "rule; a verdict that differs between the scales is in bold. GPU rows' setups are in "
+           "`docs/claims-gpu/` (each result's `setup`).", "",
+           "| row | CPU scale: value [95% CI] | verdict | GPU scale: value [95% CI] | verdict | GPU seeds |",
+           "|---|---|---|---|---|---|"]
+    for n in names:
+        a, b = cpu.get(n), gpu.get(n)
+        moved = a is not None and b is not None and a.verdict != b.verdict
+        mark = "**" if moved else ""
+        out.append(f"| {n} | {_value(a) if a else 'not run'} | {a.verdict if a else '-'} | "
+                   f"{_value(b) if b else 'not run'} | {mark}{b.verdict if b else '-'}{mark} | "
+                   f"{b.seeds if b else '-'} |")
+    return out + [""]
+
+
 def render(results: Mapping[str, ClaimResult], order: Sequence[str],
-           replica: Mapping[str, ClaimResult] | None = None, replica_about: str = "") -> str:
+           replica: Mapping[str, ClaimResult] | None = None, replica_about: str = "",
+           gpu: Mapping[str, ClaimResult] | None = None, gpu_about: str = "") -> str:
     """Rows in registry order, then any result whose row is no longer registered (marked as such);
-    with `replica` (the same rows from a second full run) a section comparing the two runs' verdicts."""
+    with `replica` (the same rows from a second full run) a section comparing the two runs' verdicts;
+    with `gpu` (the rows at the gpu scale) the two scales side by side, without it one line saying the
+    GPU scale waits for a GPU."""
     rows = [results[n] for n in order if n in results]
     rows += [r for n, r in sorted(results.items()) if n not in order]
     missing = [n for n in order if n not in results]
@@ -108,6 +143,8 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str],
     counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
     out.append(f"{len(rows)} rows: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."
                + (f" Not yet run: {', '.join(missing)}." if missing else "") + "\n")
+    if not gpu:
+        out.append(GPU_WAITING)
     for paper in PAPERS + tuple(sorted({r.paper for r in rows} - set(PAPERS))):
         group = [r for r in rows if r.paper == paper]
         if not group:
@@ -117,6 +154,8 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str],
                 "|---|---|---|---|---|---|---|---|"]
         out += [summary_line(r) for r in group] + [""]
     out += changed_section(rows)
+    if gpu:
+        out += gpu_section(rows, gpu, gpu_about)
     if replica:
         out += replica_section(rows, replica, replica_about)
     out += ["## Rows in detail", ""] + [details(r) for r in rows]

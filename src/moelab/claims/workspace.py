@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from moelab.claims.fingerprint import code_version, preset_contents, tree_hash
+from moelab.config import MoelabError
 from moelab.lockfile import locked
 
 STAMP = "claims-settings.json"
@@ -37,6 +38,11 @@ class Scale:
     trace_tokens: int = 0  # 0: the whole held-out split
     seeds: int = 3
     threads: int = 0
+    # "main": SOURCES, each capped at max_bytes_per_source; "python-large": data/corpus_large.py (the gpu
+    # profile, claims/scale.py), at most corpus_bytes of .py text (0: all) and corpus_math problems.
+    corpus: str = "main"
+    corpus_bytes: int = 0
+    corpus_math: int = 200_000
 
     @classmethod
     def smoke(cls) -> "Scale":
@@ -58,8 +64,10 @@ def say(msg: str) -> None:
 
 class Workspace:
     def __init__(self, root: str | Path, scale: Scale = Scale(), *, fresh: bool = False,
-                 log: Callable[[str], None] = say):
-        self.root, self.scale, self.fresh, self.log = Path(root), scale, fresh, log
+                 log: Callable[[str], None] = say, device: str | None = None):
+        # device None: training takes train.device's default (auto: cuda when present), tracing the CPU;
+        # a name (cpu, cuda, cuda:N) puts both there and enters the runs' and traces' keys.
+        self.root, self.scale, self.fresh, self.log, self.device = Path(root), scale, fresh, log, device
         self._fresh_done: set[Path] = set()
 
     # ---- the cache mechanism --------------------------------------------------------------------------
@@ -92,6 +100,10 @@ class Workspace:
 
         s = self.scale
         vocab = vocab_size or s.vocab_size
+        if s.corpus not in ("main", "python-large"):
+            raise MoelabError(f"scale.corpus={s.corpus!r} is unknown (known: main, python-large)")
+        if s.corpus == "python-large" and name == "main" and tuple(sources) == SOURCES:
+            return self._large_corpus(vocab)  # the main corpus only: a row's own corpus keeps its sources
         settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source,
                     "code": code_version("data")}
 
@@ -101,6 +113,29 @@ class Workspace:
                          max_bytes_per_source=s.max_bytes_per_source, seed=0)
 
         return self._cached(self.root / "corpora" / name, settings, make) / "corpus"
+
+    def large_recipe(self, vocab_size: int | None = None):
+        from moelab.data.corpus_large import Recipe
+
+        s = self.scale
+        return Recipe(vocab_size=vocab_size or s.vocab_size, math_count=s.corpus_math,
+                      max_bytes=s.corpus_bytes or None, seed=0)
+
+    def _large_corpus(self, vocab: int) -> Path:
+        """The main corpus of the gpu profile: tens of millions of tokens of installed Python text."""
+        from moelab.data.corpus_large import build_large_corpus, installed_versions
+
+        recipe = self.large_recipe(vocab)
+        # Versions, not the files' hashes, key the cache (hashing 150 MB on every row costs seconds); the
+        # built corpus's sources.json holds the content fingerprint that results quote.
+        settings = {"recipe": recipe.to_dict(), "versions": installed_versions(recipe),
+                    "code": code_version("data")}
+
+        def make(folder: Path) -> None:
+            self.log(f"[claims] corpus python-large: the stdlib and {len(recipe.packages)} installed packages")
+            build_large_corpus(folder / "corpus", recipe)
+
+        return self._cached(self.root / "corpora" / "python-large", settings, make) / "corpus"
 
     # ---- training ---------------------------------------------------------------------------------------
     def run(self, name: str, preset: str, overrides: Sequence[str] = (), *, corpus: Path | None = None,
@@ -119,7 +154,8 @@ class Workspace:
                 f"model.vocab_size={_corpus_vocab(corpus)}", f"train.seed={seed}", "train.log_every=10",
                 f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_tokens={s.eval_tokens}",
                 "train.tensorboard=false", f"train.threads={s.threads}",
-                f"train.save_every={max(1, steps // (snapshots + 1)) if snapshots else steps}", *overrides]
+                f"train.save_every={max(1, steps // (snapshots + 1)) if snapshots else steps}",
+                *([f"train.device={self.device}"] if self.device else []), *overrides]
         settings = {"preset": preset, "preset_contents": preset_contents(preset), "sets": sets,
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus),
                     "init_from": str(init_from or ""), "init_content": tree_hash(init_from) if init_from else "",
@@ -143,10 +179,11 @@ class Workspace:
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus), "all_experts": all_experts,
                     "code": code_version("model", "trace", "data"),
                     "tokens": tokens, "capacity": capacity, "seq_len": self.scale.seq_len,
-                    "batch_size": self.scale.batch_size}
+                    "batch_size": self.scale.batch_size, **({"device": self.device} if self.device else {})}
 
         def make(folder: Path) -> None:
-            _write_trace(checkpoint, corpus, folder / "trace.parquet", self.scale, all_experts, tokens, capacity)
+            _write_trace(checkpoint, corpus, folder / "trace.parquet", self.scale, all_experts, tokens, capacity,
+                         self.device or "cpu")
 
         return self._cached(self.root / "traces" / name, settings, make) / "trace.parquet"
 
@@ -182,14 +219,14 @@ def _run_corpus(checkpoint: Path) -> Path:
 
 
 def _write_trace(checkpoint: Path, corpus: Path, out: Path, s: Scale, all_experts: bool, tokens: int,
-                 capacity: str) -> None:
+                 capacity: str, device: str = "cpu") -> None:
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.trace.build import trace_batches, trace_meta
     from moelab.train.checkpoint import checkpoint_step, load_model
 
     c = load_corpus(corpus)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, device)
     cf = model.config.moe.capacity_factor_train if capacity == "trained" else None
     meta = trace_meta(model, cf, checkpoint_step(checkpoint), str(corpus / "tokenizer.json"), "moelab",
                       c.domains, c.langs)

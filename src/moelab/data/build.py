@@ -93,7 +93,7 @@ def _stage(sources, path: Path, max_bytes, max_docs, progress) -> tuple[list[dic
                 if not doc.text.strip():
                     continue
                 record = {"text": doc.text, "domain": doc.domain, "lang": doc.lang, "turns": doc.turns,
-                          "name": doc.name, "source": spec}
+                          "name": doc.name, "source": spec, "group": doc.group}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 n, nbytes = n + 1, nbytes + doc.num_bytes
                 has_turns = has_turns or doc.turns is not None
@@ -128,10 +128,11 @@ def _write_arrays(folder: Path, tok: Tokenizer, has_turns: bool, heldout_fractio
             writer.add(ids, turns)
             kept.append({"domain": rec["domain"], "lang": rec["lang"], "name": rec["name"],
                          "source": rec["source"], "num_bytes": len(rec["text"].encode("utf-8")),
-                         "u": _unit_hash(rec["text"], seed)})
+                         "u": _unit_hash(rec.get("group") or rec["text"], seed), "group": rec.get("group") or ""})
     domains = sorted({r["domain"] for r in kept})
     domain_ids = np.array([domains.index(r["domain"]) for r in kept])
     held = assign_heldout(np.array([r["u"] for r in kept]), domain_ids, heldout_fraction)
+    held = _whole_groups(held, [r["group"] for r in kept])
     order = np.concatenate([np.flatnonzero(~held), np.flatnonzero(held)])
     starts = writer.write_tokens(order, tok.eos_id)
     rows = [kept[i] for i in order]
@@ -180,7 +181,8 @@ def _encode(batch: list[dict], tok: Tokenizer):
 
 
 def _unit_hash(text: str, seed: int) -> float:
-    """A number in [0, 1) fixed by (text, seed): equal texts always land in the same split."""
+    """A number in [0, 1) fixed by (text, seed): equal texts always land in the same split (and the
+    documents of one group, hashed by their group's name, land together)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
@@ -202,6 +204,13 @@ def assign_heldout(u: np.ndarray, domain_ids: np.ndarray, fraction: float) -> np
         if held[idx].all():
             held[idx[np.argmax(u[idx])]] = False
     return held
+
+
+def _whole_groups(held: np.ndarray, groups: list[str]) -> np.ndarray:
+    """A group is held out when any of its documents is: members share their hash, so they differ only
+    where assign_heldout moved one document to give a domain a held-out document."""
+    named = {g for g, h in zip(groups, held) if g and h}
+    return held | np.array([g in named for g in groups], dtype=bool)
 
 
 # ---- summary ---------------------------------------------------------------------------------

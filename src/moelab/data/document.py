@@ -15,6 +15,7 @@ class Document:
     lang: str
     turns: list[str] | None = None
     name: str = ""  # where it came from (a path, a topic), for people reading traces
+    group: str = ""  # documents of one group share a split (the code and docstrings of one file); "": itself
 
     @property
     def num_bytes(self) -> int:

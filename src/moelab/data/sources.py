@@ -192,7 +192,10 @@ def _jsonl_document(line: str, path: Path, n: int) -> Document:
         return conversation(turns, domain=domain, lang=lang, name=f"{path.name}:{n}")
     if not isinstance(rec.get("text"), str):
         raise MoelabError(f"{where}: needs a string 'text' or a list of strings 'turns'")
-    return Document(text=rec["text"], domain=domain, lang=lang, name=f"{path.name}:{n}")
+    name, group = rec.get("name", f"{path.name}:{n}"), rec.get("group", "")
+    if not isinstance(name, str) or not isinstance(group, str):
+        raise MoelabError(f"{where}: 'name' and 'group' must be strings")
+    return Document(text=rec["text"], domain=domain, lang=lang, name=name, group=group)
 
 
 def _hugging_face(arg: str) -> Iterator[Document]:
