@@ -5,6 +5,7 @@
     python benchmarks/claims.py --write-docs     # into docs/claims/ and docs/CLAIMS.md (the committed numbers)
     python benchmarks/claims.py --list           # the rows
     python benchmarks/claims.py --table-only --write-docs  # re-decide and re-render docs/CLAIMS.md
+    python benchmarks/claims.py --hf PATH [PATH...]  # the one-model rows on your model (checkpoints in order)
 
 A rerun writes to a scratch folder unless --write-docs: another machine's numbers are not bit-identical,
 and must not silently replace the committed ones.
@@ -48,12 +49,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="folder of a second full run's results, compared in the table when present")
     ap.add_argument("--smoke", action="store_true", help="toy scale into a temporary folder (pipeline check)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--hf", nargs="+", default=None, metavar="PATH", help="run the one-model rows on these transformers "
+                    "MoE models (folders or hub names) or moelab checkpoints: checkpoints of one run in training "
+                    "order, the last final; into claims-scratch/hf/<model>/ (or --results)")
+    ap.add_argument("--revision", nargs="+", default=[], metavar="REV", help="--hf: hub revisions (OLMoE's "
+                    "checkpoints are branches), or a local folder's subfolders; one model at several, or one each")
+    ap.add_argument("--tokens", type=int, default=0, help="--hf: held-out tokens to trace (0: the whole split)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        if args.hf is not None:
+            from moelab.claims.byo_run import main_hf
+
+            return main_hf(args)
         rows = select([n for n in args.only.split(",") if n] or None)
         if args.list:
             print("\n".join(f"{r.name:32s} {r.paper}" for r in rows))

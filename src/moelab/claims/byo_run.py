@@ -1,0 +1,111 @@
+"""`benchmarks/claims.py --hf PATH [PATH...]`: the one-model rows on brought models, into a scratch folder.
+
+Results (one JSON per row, as the table's) and a CLAIMS.md naming the models and their fingerprints go to
+`out` (default claims-scratch/hf/<final model>/): never docs/, whose numbers are the table's own models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+from moelab.claims.byo import Brought, check_together, corpus_for, pairs, resolve, seq_len_for, tokenizer_of, trace_of
+from moelab.claims.record import ClaimResult, write_result
+from moelab.claims.workspace import Workspace
+
+ROWS = ("openmoe-context-independent", "olmoe-vocab-specialisation", "olmoe-domain-specialisation",
+        "closer-norm-preference", "olmoe-saturation", "openmoe-early-routing")
+ONE_CHECKPOINT = "one checkpoint given: saturation compares earlier checkpoints with the final one (give several)"
+
+
+def describe(models: Sequence[Brought], tok, tokens: int, seq_len: int) -> str:
+    ckpts = "" if len(models) == 1 else f"{len(models)} checkpoints in the order given, the last final; "
+    f = models[-1]
+    return (f"{ckpts}final model {f.label} ({f.kind}, fingerprint {f.fingerprint}; "
+            f"{len(f.experts)} MoE layers, top-{f.top_k} of {max(f.experts)} experts). The claims corpus's held-out "
+            f"split tokenized by the model's own tokenizer ({tok.source}, fingerprint {tok.fingerprint()}), "
+            f"{tokens:,} tokens traced in sequences of {seq_len}.")
+
+
+def run_byo(paths: Sequence[str], ws: Workspace, out: str | Path | None = None, *, revisions: Sequence[str] = (),
+            tokens: int = 0, command: str = "") -> tuple[Path, list[ClaimResult], dict[str, str]]:
+    """Run the one-model rows; returns (the results folder, the results, the rows not measured and why)."""
+    from moelab.claims.byo_norms import norms_refusal
+    from moelab.claims.byo_rows import norm_row, saturation_rows, specialisation_rows
+    from moelab.claims.rows_closer import ALL_EXPERT_TOKENS
+    from moelab.claims.routing import min_count
+    from moelab.hf.families import read_hf_config
+    from moelab.trace.io import open_trace
+
+    models = [resolve(p, r) for p, r in pairs(paths, revisions)]  # every refusal before any work
+    toks = [tokenizer_of(m) for m in models]
+    check_together(models, toks)
+    final = models[-1]
+    out = Path(out) if out else Path("claims-scratch") / "hf" / final.slug
+    corpus = corpus_for(ws, toks[-1])
+    traces = [trace_of(ws, m, corpus, tokens=tokens) for m in models]
+    name = final.slug
+    key = hashlib.sha256("".join(m.fingerprint for m in models).encode()).hexdigest()[:12]
+    metrics = ws.analyze(f"byo-{name}-{key}", [traces[-1]], names=[name],
+                         early={name: traces} if len(traces) > 1 else None, options={"min_count": min_count(ws)})
+    m = metrics["models"][name]
+    t = open_trace(traces[-1])
+    traced = t.num_rows // (len(t.meta.num_experts) * t.meta.top_k)  # one row per (token, layer, rank)
+    setup = describe(models, toks[-1], traced, seq_len_for(ws, final))
+    command = command or f"python benchmarks/claims.py --hf {' '.join(paths)}"
+    results = specialisation_rows(m, setup, command)
+    skipped: dict[str, str] = {}
+    why = norms_refusal(read_hf_config(final.folder).get("model_type") or "") if final.kind == "hf" else None
+    if why:
+        skipped["closer-norm-preference"] = f"the all-experts pass cannot run on this family: {why}"
+    else:
+        n = min(tokens or ws.scale.trace_tokens or ALL_EXPERT_TOKENS, ALL_EXPERT_TOKENS)
+        results.append(norm_row(trace_of(ws, final, corpus, tokens=n, all_experts=True), setup, command))
+    if len(models) > 1:
+        results += saturation_rows(traces, [mo.label for mo in models], m["early"]["result"], setup, command)
+    else:
+        skipped["olmoe-saturation"] = skipped["openmoe-early-routing"] = ONE_CHECKPOINT
+    write(out, models, results, skipped)
+    return out, results, skipped
+
+
+def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], skipped: dict[str, str]) -> None:
+    from moelab.claims.byo_table import render_byo
+
+    for r in results:
+        write_result(r, out / "results")
+    (out / "models.json").write_text(json.dumps(
+        [{"label": m.label, "kind": m.kind, "folder": str(m.folder), "fingerprint": m.fingerprint,
+          "experts": list(m.experts), "top_k": m.top_k} for m in models], indent=1) + "\n")
+    (out / "CLAIMS.md").write_text(render_byo(models, results, skipped))
+
+
+def main_hf(args) -> int:
+    """benchmarks/claims.py's --hf: the parsed arguments in, the results folder printed out."""
+    import dataclasses
+    import sys
+
+    from moelab.claims.workspace import Scale
+    from moelab.config import MoelabError
+
+    if args.write_docs or args.table_only or args.only:
+        raise MoelabError("--hf runs its own rows into a scratch folder: drop --write-docs, --table-only and --only")
+    if args.tokens < 0:
+        raise MoelabError(f"--tokens {args.tokens} must be >= 0 (0: the whole held-out split)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    scale = dataclasses.replace(Scale.smoke() if args.smoke else Scale(), threads=args.threads)
+    out, results, skipped = run_byo(args.hf, Workspace(args.cache, scale), args.results or None,
+                                    revisions=args.revision, tokens=args.tokens)
+    for r in results:
+        print(f"[claims] {r.row}: {r.measure.value:.4g} [{r.measure.ci_low:.4g}, {r.measure.ci_high:.4g}] vs null "
+              f"{r.measure.null:.4g}; this model: {r.details['this_model']['reading']}; verdict {r.verdict}",
+              file=sys.stderr)
+    for row, why in skipped.items():
+        print(f"[claims] {row}: not measured ({why})", file=sys.stderr)
+    print(f"[claims] wrote {out / 'CLAIMS.md'}", file=sys.stderr)
+    return 0
