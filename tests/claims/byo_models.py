@@ -59,7 +59,7 @@ def blind_router(model) -> None:
             p.zero_()
 
 
-def save_moelab(folder: Path, tok, router: str = "hash", num_experts: int = 4, seed: int = 0) -> Path:
+def save_moelab(folder: Path, tok, router: str = "hash", num_experts: int = 4, seed: int = 0, step: int = 10) -> Path:
     """A tiny moelab checkpoint whose run config names `tok` as its corpus's tokenizer."""
     from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
     from moelab.model.transformer import build_model
@@ -70,4 +70,4 @@ def save_moelab(folder: Path, tok, router: str = "hash", num_experts: int = 4, s
     model = build_model(cfg, seed=seed).eval()
     tok_file = tok.save(folder.parent / f"{folder.name}-tokenizer.json")
     return save_checkpoint(folder, model, {"model": cfg.to_dict(), "tokenizer": {
-        "file": str(tok_file), "fingerprint": tok.fingerprint()}}, step=10)
+        "file": str(tok_file), "fingerprint": tok.fingerprint()}}, step=step)

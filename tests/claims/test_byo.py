@@ -86,7 +86,10 @@ def test_saturation_of_a_checkpoint_with_itself_is_one_and_of_another_model_at_n
     twin = tmp_path / "a-copy"
     shutil.copytree(models["a"], twin)
     _, same, _ = run_byo([str(models["a"]), str(twin)], ws, tmp_path / "same", tokens=TOKENS)
-    _, other, _ = run_byo([str(models["b"]), str(models["a"])], ws, tmp_path / "other", tokens=TOKENS)
+    repo = tmp_path / "repo"  # a local mirror of a hub repo's checkpoints: one subfolder per revision
+    shutil.copytree(models["b"], repo / "step1")
+    shutil.copytree(models["a"], repo / "step2")
+    _, other, _ = run_byo([str(repo)], ws, tmp_path / "other", revisions=["step1", "step2"], tokens=TOKENS)
     s, o = rows(same), rows(other)
     for row in ("olmoe-saturation", "openmoe-early-routing"):
         sane(s[row]), sane(o[row])
@@ -95,7 +98,7 @@ def test_saturation_of_a_checkpoint_with_itself_is_one_and_of_another_model_at_n
         # two independent random models: their choices agree only as two unrelated loads would
         assert o[row].measure.value < 0.5 and abs(o[row].measure.value - o[row].measure.null) < 0.05
         assert o[row].details["this_model"]["reading"] == "short of the margin"
-        assert [c["checkpoint"] for c in o[row].details["per_checkpoint"]] == [str(models["b"])]
+        assert [c["checkpoint"] for c in o[row].details["per_checkpoint"]] == [f"{repo}@step1"]
         assert o[row].precondition is None or not o[row].precondition.met  # no loss curve comes with a folder
     # the single-model rows read the final checkpoint: the same numbers as the final model alone
     _, alone, _ = run_byo([str(models["a"])], ws, tmp_path / "alone", tokens=TOKENS)
@@ -220,3 +223,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, tok, models):
     assert "not checkpoints of one model" in _one_line(capsys, "--hf", str(four), str(six))
     assert "scratch folder" in _one_line(capsys, "--hf", str(models["a"]), "--write-docs")
     assert "revisions" in _one_line(capsys, "--hf", str(models["a"]), str(models["b"]), "--revision", "x", "y", "z")
+    assert "no step9/config.json" in _one_line(capsys, "--hf", str(models["a"]), "--revision", "step9")
+    late = save_moelab(tmp_path / "late", tok, router="linear", num_experts=4, step=20)
+    assert "training order" in _one_line(capsys, "--hf", str(late), str(four))
+    assert "mix" in _one_line(capsys, "--hf", str(models["a"]), str(four))

@@ -158,6 +158,8 @@ def tokenizer_of(model: Brought):
 def check_together(models: Sequence[Brought], toks: Sequence) -> None:
     """Checkpoints of one run: one tokenizer (the same token ids) and the same experts per layer."""
     first = models[0]
+    if len({m.kind for m in models}) > 1:
+        raise MoelabError("the models mix transformers folders and moelab checkpoints: not checkpoints of one run")
     for m, t in zip(models[1:], toks[1:]):
         if t.fingerprint() != toks[0].fingerprint():
             raise MoelabError(f"{m.label} and {first.label} tokenize differently: checkpoints of one run share "
@@ -165,6 +167,12 @@ def check_together(models: Sequence[Brought], toks: Sequence) -> None:
         if m.experts != first.experts:
             raise MoelabError(f"{m.label} has {list(m.experts)} experts per MoE layer, {first.label} "
                               f"{list(first.experts)}: not checkpoints of one model")
+    if first.kind == "moelab":
+        from moelab.train.checkpoint import checkpoint_step
+
+        steps = [checkpoint_step(m.folder) for m in models]
+        if steps != sorted(set(steps)) and len(models) > 1:
+            raise MoelabError(f"moelab checkpoints at steps {steps}: give them in training order, each step once")
 
 
 def corpus_for(ws: Workspace, tok) -> Path:
