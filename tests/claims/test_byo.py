@@ -144,6 +144,16 @@ def test_all_experts_pass_is_each_expert_computed_by_hand(family):
     u = torch.nn.functional.normalize(y_ETD, dim=-1)
     torch.testing.assert_close(cos_TP[:, 0], (u[0] * u[1]).sum(-1))
     torch.testing.assert_close(cos_TP[:, -1], (u[-2] * u[-1]).sum(-1))
+    chunked = expert_outputs(experts, x_TD, experts.num_experts, chunk=2)  # 5 tokens in 3 chunks
+    torch.testing.assert_close(chunked[0], norms_TE) and torch.testing.assert_close(chunked[1], cos_TP)
+
+
+def test_families_whose_experts_cannot_run_alone_are_named():
+    from moelab.claims.byo_norms import norms_refusal
+
+    assert norms_refusal("mixtral") is None and norms_refusal("olmoe") is None
+    assert "router_scores" in norms_refusal("llama4_text")  # a dense score matrix, the weight on the input
+    assert "router_output" in norms_refusal("longcat_flash")  # the block rewrites zero-expert choices
 
 
 def test_other_families_and_a_transformers_tokenizer(ws, tok, tmp_path):
@@ -227,3 +237,6 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, tok, models):
     late = save_moelab(tmp_path / "late", tok, router="linear", num_experts=4, step=20)
     assert "training order" in _one_line(capsys, "--hf", str(late), str(four))
     assert "mix" in _one_line(capsys, "--hf", str(models["a"]), str(four))
+    (tmp_path / "four-tokenizer.json").unlink()
+    assert "no usable tokenizer" in _one_line(capsys, "--hf", str(four))
+    assert "scratch folder" in _one_line(capsys, "--hf", str(models["a"]), "--results", str(ROOT / "docs" / "x"))

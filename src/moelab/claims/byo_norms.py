@@ -58,16 +58,22 @@ class ExpertInputs:
 
 
 @torch.no_grad()
-def expert_outputs(experts: torch.nn.Module, x_TD: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norms_TE, cos_TP): each expert's unweighted output norm, and the pairwise cosines of the outputs."""
+def expert_outputs(experts: torch.nn.Module, x_TD: torch.Tensor, E: int,
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norms_TE, cos_TP): each expert's unweighted output norm, and the pairwise cosines of the outputs.
+    Tokens go `chunk` at a time: the outputs of all E experts ([chunk, E, D]) are held at once."""
     x_TD = x_TD.reshape(-1, x_TD.shape[-1])
-    T = x_TD.shape[0]
-    ones_T1 = torch.ones(T, 1, dtype=x_TD.dtype, device=x_TD.device)
-    y_TED = torch.stack([experts(x_TD, torch.full((T, 1), e, dtype=torch.long, device=x_TD.device), ones_T1)
-                         for e in range(E)], dim=1).float()
     iu, ju = torch.triu_indices(E, E, offset=1, device=x_TD.device)
-    unit = F.normalize(y_TED, dim=-1)
-    return y_TED.norm(dim=-1), (unit[:, iu] * unit[:, ju]).sum(-1)
+    norms, coss = [], []
+    for x in x_TD.split(chunk):
+        T = x.shape[0]
+        ones_T1 = torch.ones(T, 1, dtype=x.dtype, device=x.device)
+        y_TED = torch.stack([experts(x, torch.full((T, 1), e, dtype=torch.long, device=x.device), ones_T1)
+                             for e in range(E)], dim=1).float()
+        unit = F.normalize(y_TED, dim=-1)
+        norms.append(y_TED.norm(dim=-1))
+        coss.append((unit[:, iu] * unit[:, ju]).sum(-1))
+    return torch.cat(norms), torch.cat(coss)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from moelab.claims.fingerprint import SRC
 from moelab.claims.byo import Brought, check_together, corpus_for, pairs, resolve, seq_len_for, tokenizer_of, trace_of
 from moelab.claims.record import ClaimResult, write_result
 from moelab.claims.workspace import Workspace
@@ -92,6 +93,9 @@ def main_hf(args) -> int:
 
     if args.write_docs or args.table_only or args.only:
         raise MoelabError("--hf runs its own rows into a scratch folder: drop --write-docs, --table-only and --only")
+    docs = SRC.parents[1] / "docs"
+    if args.results and Path(args.results).resolve().is_relative_to(docs.resolve()):
+        raise MoelabError(f"--results {args.results}: --hf results go to a scratch folder, never under {docs}")
     if args.tokens < 0:
         raise MoelabError(f"--tokens {args.tokens} must be >= 0 (0: the whole held-out split)")
     if args.threads:
