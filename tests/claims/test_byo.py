@@ -240,3 +240,16 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, tok, models):
     (tmp_path / "four-tokenizer.json").unlink()
     assert "no usable tokenizer" in _one_line(capsys, "--hf", str(four))
     assert "scratch folder" in _one_line(capsys, "--hf", str(models["a"]), "--results", str(ROOT / "docs" / "x"))
+
+
+def test_rows_without_a_number_say_why():
+    from moelab.claims.byo_rows import unmeasurable
+
+    # a prefix of the held-out split: one domain, no token ID seen min_count times
+    m = {"headline": {"std_position": {}}, "analyses": {"domain_specialisation:domain": {"names": [["code"], ["code"]]}}}
+    why = unmeasurable(m, 128)
+    assert set(why) == {"openmoe-context-independent", "olmoe-vocab-specialisation", "olmoe-domain-specialisation"}
+    assert "128 times" in why["olmoe-vocab-specialisation"] and "1 domain(s) (code)" in why["olmoe-domain-specialisation"]
+    full = {"headline": dict.fromkeys(["std_token", "std_position", "vocab_specialisation", "max_share:domain"], {}),
+            "analyses": {}}
+    assert unmeasurable(full, 128) == {}

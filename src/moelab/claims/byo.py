@@ -22,7 +22,7 @@ from typing import Sequence
 
 from moelab.claims.fingerprint import code_version, tree_hash
 from moelab.claims.workspace import SOURCES, Workspace
-from moelab.config import MoelabError
+from moelab.config import ConfigError, MoelabError
 
 # Files that hold a transformers tokenizer (one is enough for AutoTokenizer to try).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -97,9 +97,7 @@ def _moelab(label: str, ckpt: Path) -> Brought:
 
     try:
         cfg = ModelConfig.from_dict(read_checkpoint_config(ckpt)["model"], path="model")
-    except MoelabError:
-        raise
-    except Exception as e:  # a config the schema refuses
+    except ConfigError as e:
         raise MoelabError(f"checkpoint {ckpt} has an invalid model config: {e}") from None
     if not cfg.moe_layer_ids():
         raise MoelabError(f"{ckpt} is a dense model: it has no routing to read")
@@ -115,10 +113,8 @@ def _hf(label: str, folder: Path) -> Brought:
 
     raw = read_hf_config(folder)
     model = preflight(folder, raw.get("model_type"))  # weightless: refuses a dense or unservable model
-    with HFRoutingRecorder(model, raw.get("model_type")) as rec:
-        blocks = rec.blocks
     experts = []
-    for b in blocks:
+    for b in HFRoutingRecorder(model, raw.get("model_type")).blocks:  # found, not hooked
         n = getattr(b.experts, "num_experts", None) or getattr(b.router, "num_experts", None)
         if n is None and isinstance(b.experts, torch.nn.ModuleList):
             n = len(b.experts)

@@ -35,44 +35,86 @@ def _result(row: str, paper: str, claim: str, measured: str, measure: Measure, t
     return r
 
 
-def specialisation_rows(m: dict[str, Any], setup: str, command: str) -> list[ClaimResult]:
+def unmeasurable(m: dict[str, Any], min_count: int) -> dict[str, str]:
+    """The specialisation rows the traced tokens cannot give a number for, and why."""
+    heads, out = m["headline"], {}
+    few = (f"no token ID is seen {min_count} times in the traced tokens: trace more of the held-out split "
+           "(--tokens; 0 is all of it)")
+    if "std_token" not in heads or "std_position" not in heads:
+        out["openmoe-context-independent"] = few
+    if "vocab_specialisation" not in heads:
+        out["olmoe-vocab-specialisation"] = few
+    if "max_share:domain" not in heads:
+        names = sorted({n for layer in m["analyses"].get("domain_specialisation:domain", {}).get("names", [])
+                        for n in layer})
+        out["olmoe-domain-specialisation"] = (
+            f"the traced tokens hold {len(names)} domain(s) ({', '.join(names) or 'none'}); the held-out split is "
+            "in corpus order, so trace all of it (--tokens 0) to reach every domain")
+    return out
+
+
+def specialisation_rows(m: dict[str, Any], setup: str, command: str, skip: Sequence[str] = ()) -> list[ClaimResult]:
     """Context independence (token vs position), vocabulary and domain specialisation of the final model,
-    from its metrics.json entry (the analyses the table's rows read)."""
+    from its metrics.json entry (the analyses the table's rows read); the rows in `skip` are left out."""
+    heads, analyses = m["headline"], m["analyses"]
+    interval = "95% interval: bootstrap over held-out sequences."
+    out = []
+    if "openmoe-context-independent" not in skip:
+        out.append(_context(heads, analyses, interval, setup, command))
+    if "olmoe-vocab-specialisation" not in skip:
+        out.append(_vocab(heads, analyses, interval, setup, command))
+    if "olmoe-domain-specialisation" not in skip:
+        out.append(_domain(heads, analyses, interval, setup, command))
+    return out
+
+
+def _context(heads, analyses, interval: str, setup: str, command: str) -> ClaimResult:
     from moelab.claims.routing import measure_of
-    from moelab.claims.rows_olmoe import DOMAIN_MARGIN, VOCAB_MARGIN
     from moelab.claims.rows_openmoe import CONTEXT_MARGIN
     from moelab.claims.stats import excess_gap
 
-    heads, analyses = m["headline"], m["analyses"]
     tok, pos = measure_of(heads["std_token"]["estimate"]), measure_of(heads["std_position"]["estimate"])
     ceiling = float(np.nanmean(analyses["std_token"]["deterministic"]))
     gap = excess_gap(tok, pos, scale=ceiling)
-    vocab, dom = measure_of(heads["vocab_specialisation"]["estimate"]), measure_of(heads["max_share:domain"]["estimate"])
-    d = analyses["domain_specialisation:domain"]
-    interval = "95% interval: bootstrap over held-out sequences."
-    return [
+    return (
         _result("openmoe-context-independent", "OpenMoE",
                 "Routing is context-independent: experts specialise on token IDs well above positions.",
                 "OpenMoE's std score, token IDs minus positions, each as its excess over its own label-shuffled "
                 f"null, over the ceiling of a router that always picks the same k experts (ceiling {ceiling:.3g}); "
                 f"null 0. {interval}", gap, Claim("greater", margin=CONTEXT_MARGIN), setup, command,
                 {"token_std": dataclasses.asdict(tok), "position_std": dataclasses.asdict(pos), "ceiling": ceiling},
-                f"Margin {CONTEXT_MARGIN} of the ceiling, as the table's row."),
+                f"Margin {CONTEXT_MARGIN} of the ceiling, as the table's row."))
+
+
+def _vocab(heads, analyses, interval: str, setup: str, command: str) -> ClaimResult:
+    from moelab.claims.routing import measure_of
+    from moelab.claims.rows_olmoe import VOCAB_MARGIN
+
+    vocab = measure_of(heads["vocab_specialisation"]["estimate"])
+    return (
         _result("olmoe-vocab-specialisation", "OLMoE",
                 "Experts specialise on the vocabulary: each token ID goes mostly to the same expert.",
                 "OLMoE's vocabulary specialisation, rescaled (p - k/E) / (1 - k/E), mean over MoE layers; null: "
                 f"token IDs shuffled across a layer's tokens (keeps expert load and each ID's count). {interval}",
                 vocab, Claim("greater", margin=VOCAB_MARGIN), setup, command,
                 {"per_layer": [e["value"] for e in analyses["vocab"]["estimates"]]},
-                f"Margin {VOCAB_MARGIN} (rescaled), as the table's row."),
+                f"Margin {VOCAB_MARGIN} (rescaled), as the table's row."))
+
+
+def _domain(heads, analyses, interval: str, setup: str, command: str) -> ClaimResult:
+    from moelab.claims.routing import measure_of
+    from moelab.claims.rows_olmoe import DOMAIN_MARGIN
+
+    dom = measure_of(heads["max_share:domain"]["estimate"])
+    d = analyses["domain_specialisation:domain"]
+    return (
         _result("olmoe-domain-specialisation", "OLMoE",
                 "Experts specialise on domains: a domain's tokens go to some experts far more than k/E.",
                 "Per domain the largest share of its tokens any expert has in its top-k, mean over domains and "
                 f"MoE layers; null: the domain label shuffled across a layer's tokens. {interval}",
                 dom, Claim("greater", margin=DOMAIN_MARGIN), setup, command,
                 {"domains": d["names"][0], "uniform_k_over_E": d["uniform"]},
-                f"Margin {DOMAIN_MARGIN}, as the table's row."),
-    ]
+                f"Margin {DOMAIN_MARGIN}, as the table's row."))
 
 
 def saturation_rows(traces: Sequence[Path], labels: Sequence[str], early: dict[str, Any], setup: str,

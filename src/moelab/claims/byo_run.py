@@ -34,7 +34,7 @@ def run_byo(paths: Sequence[str], ws: Workspace, out: str | Path | None = None, 
             tokens: int = 0, command: str = "") -> tuple[Path, list[ClaimResult], dict[str, str]]:
     """Run the one-model rows; returns (the results folder, the results, the rows not measured and why)."""
     from moelab.claims.byo_norms import norms_refusal
-    from moelab.claims.byo_rows import norm_row, saturation_rows, specialisation_rows
+    from moelab.claims.byo_rows import norm_row, saturation_rows, specialisation_rows, unmeasurable
     from moelab.claims.rows_closer import ALL_EXPERT_TOKENS
     from moelab.claims.routing import min_count
     from moelab.hf.families import read_hf_config
@@ -56,8 +56,8 @@ def run_byo(paths: Sequence[str], ws: Workspace, out: str | Path | None = None, 
     traced = t.num_rows // (len(t.meta.num_experts) * t.meta.top_k)  # one row per (token, layer, rank)
     setup = describe(models, toks[-1], traced, seq_len_for(ws, final))
     command = command or f"python benchmarks/claims.py --hf {' '.join(paths)}"
-    results = specialisation_rows(m, setup, command)
-    skipped: dict[str, str] = {}
+    skipped = unmeasurable(m, min_count(ws))
+    results = specialisation_rows(m, setup, command, skip=list(skipped))
     why = norms_refusal(read_hf_config(final.folder).get("model_type") or "") if final.kind == "hf" else None
     if why:
         skipped["closer-norm-preference"] = f"the all-experts pass cannot run on this family: {why}"
