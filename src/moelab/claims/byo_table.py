@@ -36,7 +36,8 @@ def models_table(models: Sequence[Brought]) -> list[str]:
 def summary_line(r: ClaimResult) -> str:
     m = r.measure
     null = fmt(m.null) + (f" ± {fmt(m.null_sd)}" if m.null_sd is not None and math.isfinite(m.null_sd) else "")
-    need = f"{'>' if r.test.direction == 'greater' else '<'} null" + (f" by {fmt(r.test.margin)}" if r.test.margin else "")
+    sign = ">" if r.test.direction == "greater" else "<"
+    need = f"{sign} null" + (f" by {fmt(r.test.margin)}" if r.test.margin else "")
     return (f"| [{r.row}](#{r.row}) | {cell(r.claim)} | {fmt(m.value)} [{fmt(m.ci_low)}, {fmt(m.ci_high)}] | {null} | "
             f"{need} | {r.details['this_model']['reading']} | **{r.verdict}** |")
 
@@ -50,5 +51,6 @@ def render_byo(models: Sequence[Brought], results: Sequence[ClaimResult], skippe
         out += ["Not measured:", ""] + [f"- {row}: {why}" for row, why in skipped.items()] + [""]
     out += ["## Rows in detail", ""]
     for r in results:
-        out += [details(r), f"This model: {r.details['this_model']['reading']} ({r.details['this_model']['reason']}).", ""]
+        this = r.details["this_model"]
+        out += [details(r), f"This model: {this['reading']} ({this['reason']}).", ""]
     return "\n".join(out).rstrip() + "\n"
