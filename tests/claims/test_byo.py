@@ -201,6 +201,7 @@ def test_runner_writes_scratch_table_with_fingerprints(models, tmp_path, capsys,
     assert len(list((folder / "results").glob("*.json"))) == 6
     assert json.loads((folder / "models.json").read_text())[-1]["label"] == str(models["a"])
     assert "reproduced" not in table.replace("not reproduced", "")  # the words never appear as a reading
+    assert f"Re-run: `python benchmarks/claims.py --hf {models['b']} {models['a']} --tokens {TOKENS} --smoke`" in table
     assert (docs.read_bytes() if docs.is_file() else None) == before
     capsys.readouterr()
 

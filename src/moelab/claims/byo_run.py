@@ -103,8 +103,15 @@ def main_hf(args) -> int:
 
         torch.set_num_threads(args.threads)
     scale = dataclasses.replace(Scale.smoke() if args.smoke else Scale(), threads=args.threads)
+    parts = ["python benchmarks/claims.py --hf", *args.hf]
+    if args.revision:
+        parts += ["--revision", *args.revision]
+    if args.tokens:
+        parts += ["--tokens", str(args.tokens)]
+    if args.smoke:
+        parts.append("--smoke")
     out, results, skipped = run_byo(args.hf, Workspace(args.cache, scale), args.results or None,
-                                    revisions=args.revision, tokens=args.tokens)
+                                    revisions=args.revision, tokens=args.tokens, command=" ".join(parts))
     for r in results:
         print(f"[claims] {r.row}: {r.measure.value:.4g} [{r.measure.ci_low:.4g}, {r.measure.ci_high:.4g}] vs null "
               f"{r.measure.null:.4g}; this model: {r.details['this_model']['reading']}; verdict {r.verdict}",
