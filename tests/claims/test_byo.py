@@ -254,3 +254,22 @@ def test_rows_without_a_number_say_why():
     full = {"headline": dict.fromkeys(["std_token", "std_position", "vocab_specialisation", "max_share:domain"], {}),
             "analyses": {}}
     assert unmeasurable(full, 128) == {}
+
+
+def test_hub_names_and_revisions_reach_the_download(models, monkeypatch):
+    import huggingface_hub
+
+    from moelab.claims.byo import pairs, resolve
+
+    calls = []
+
+    def fake_snapshot_download(name, **kw):
+        calls.append((name, kw["revision"]))
+        return str(models["b"] if kw["revision"] == "step1000" else models["a"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    got = [resolve(p, r) for p, r in pairs(["org/model"], ["step1000", "main"])]
+    assert calls == [("org/model", "step1000"), ("org/model", "main")]
+    assert [g.label for g in got] == ["org/model@step1000", "org/model@main"]
+    assert [g.folder for g in got] == [models["b"], models["a"]] and got[0].fingerprint != got[1].fingerprint
+    assert pairs(["x", "y"], ["r"]) == [("x", "r"), ("y", "r")] and pairs(["x", "y"], []) == [("x", None), ("y", None)]
