@@ -273,3 +273,23 @@ def test_hub_names_and_revisions_reach_the_download(models, monkeypatch):
     assert [g.label for g in got] == ["org/model@step1000", "org/model@main"]
     assert [g.folder for g in got] == [models["b"], models["a"]] and got[0].fingerprint != got[1].fingerprint
     assert pairs(["x", "y"], ["r"]) == [("x", "r"), ("y", "r")] and pairs(["x", "y"], []) == [("x", None), ("y", None)]
+
+
+def test_seeds_take_the_tables_rule_over_models(ws, models, tmp_path):
+    root = tmp_path / "m"
+    token = [models["token"], save_hf(root / "t5", "mixtral", 5, tokenizer(), edit=token_only),
+             save_hf(root / "t6", "mixtral", 6, tokenizer(), edit=token_only)]
+    _, results, skipped = run_byo([str(m) for m in token], ws, tmp_path / "token", tokens=TOKENS, seeds=True)
+    vocab = rows(results)["olmoe-vocab-specialisation"]
+    # three runs, each exactly 1 (a token-only router): the t-interval over them is [1, 1], far beyond the null
+    assert vocab.seeds == 3 and vocab.seed_values == pytest.approx([1.0] * 3) and vocab.verdict == "reproduced"
+    assert [p["model"] for p in vocab.details["per_seed"]] == [str(m) for m in token]
+    assert vocab.details["this_model"]["reading"] == "3 of 3 beyond the null by the margin"
+    assert vocab.measure.null == pytest.approx(np.mean([p["null"] for p in vocab.details["per_seed"]]))
+    assert skipped["olmoe-saturation"].startswith("--seeds")
+    blind = [models["blind"], save_hf(root / "b7", "mixtral", 7, tokenizer(), edit=blind_router),
+             save_hf(root / "b8", "mixtral", 8, tokenizer(), edit=blind_router)]
+    _, results, _ = run_byo([str(m) for m in blind], ws, tmp_path / "blind", tokens=TOKENS, seeds=True)
+    assert rows(results)["olmoe-vocab-specialisation"].verdict == "not reproduced"  # value 1 = its null 1
+    _, two, _ = run_byo([str(m) for m in blind[:2]], ws, tmp_path / "two", tokens=TOKENS, seeds=True)
+    assert {r.verdict for r in two} == {"too few seeds"}

@@ -151,9 +151,12 @@ def tokenizer_of(model: Brought):
     return tok
 
 
-def check_together(models: Sequence[Brought], toks: Sequence) -> None:
-    """Checkpoints of one run: one tokenizer (the same token ids) and the same experts per layer."""
+def check_together(models: Sequence[Brought], toks: Sequence, seeds: bool = False) -> None:
+    """Checkpoints of one run (or, `seeds`, runs of one recipe): one tokenizer (the same token ids) and the
+    same experts per layer; moelab checkpoints in step order."""
     first = models[0]
+    if seeds and len(models) < 2:
+        raise MoelabError("--seeds compares independently trained models: give two or more (3 sign a verdict)")
     if len({m.kind for m in models}) > 1:
         raise MoelabError("the models mix transformers folders and moelab checkpoints: not checkpoints of one run")
     for m, t in zip(models[1:], toks[1:]):
@@ -163,7 +166,7 @@ def check_together(models: Sequence[Brought], toks: Sequence) -> None:
         if m.experts != first.experts:
             raise MoelabError(f"{m.label} has {list(m.experts)} experts per MoE layer, {first.label} "
                               f"{list(first.experts)}: not checkpoints of one model")
-    if first.kind == "moelab":
+    if first.kind == "moelab" and not seeds:
         from moelab.train.checkpoint import checkpoint_step
 
         steps = [checkpoint_step(m.folder) for m in models]

@@ -176,3 +176,31 @@ def norm_row(trace: Path, setup: str, command: str) -> ClaimResult:
         {"share_per_layer": share_L.tolist(), "null_per_layer": null_L.tolist(), "tokens": int(counts_S.sum()),
          "rank_table": (table / table.sum(axis=1, keepdims=True)).round(4).tolist()},
         f"Margin 1/E = {1 / E:.4f}, as the table's row.")
+
+
+def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str], setup: str,
+               command: str) -> list[ClaimResult]:
+    """Each row over independently trained models: the table's rule (a t-interval over the per-model values,
+    3 or more to sign a verdict, `record.ClaimResult`) against the models' mean null; each model's own
+    held-out-text interval and reading in details."""
+    out = []
+    for r0 in per_model[0]:
+        rs = [next((r for r in rows if r.row == r0.row), None) for rows in per_model]
+        if any(r is None for r in rs):
+            continue  # a row some model could not give a number for: named in the skipped list
+        per_seed = [{"model": lab, **dataclasses.asdict(r.measure), "reading": r.details["this_model"]["reading"]}
+                    for lab, r in zip(labels, rs)]
+        null = float(np.mean([r.measure.null for r in rs]))
+        res = ClaimResult(
+            row=r0.row, paper=r0.paper, claim=r0.claim, paper_number=r0.paper_number,
+            measured=r0.measured.replace("95% interval: bootstrap over held-out sequences.",
+                                         "Null: mean over the models. 95% interval: t over the models (seeds); each "
+                                         "model's bootstrap over held-out sequences in details."),
+            measure=dataclasses.replace(r0.measure, null=null), test=r0.test, setup=setup, seeds=len(rs),
+            details={"per_seed": per_seed}, note=r0.note, command=command, seed_values=[r.measure.value for r in rs],
+            precondition=r0.precondition)
+        beyond = sum(p["reading"] == READING[REPRODUCED] for p in per_seed)
+        res.details["this_model"] = {"reading": f"{beyond} of {len(rs)} beyond the null by the margin",
+                                     "reason": "each model's own held-out-text interval read alone"}
+        out.append(res)
+    return out

@@ -21,58 +21,88 @@ ROWS = ("openmoe-context-independent", "olmoe-vocab-specialisation", "olmoe-doma
 ONE_CHECKPOINT = "one checkpoint given: saturation compares earlier checkpoints with the final one (give several)"
 
 
-def describe(models: Sequence[Brought], tok, tokens: int, seq_len: int) -> str:
-    ckpts = "" if len(models) == 1 else f"{len(models)} checkpoints in the order given, the last final; "
+SEEDS_NOT_CHECKPOINTS = "--seeds: the models are separate training runs, not checkpoints of one run"
+
+
+def describe(models: Sequence[Brought], tok, tokens: int, seq_len: int, seeds: bool = False) -> str:
     f = models[-1]
-    return (f"{ckpts}final model {f.label} ({f.kind}, fingerprint {f.fingerprint}; "
-            f"{len(f.experts)} MoE layers, top-{f.top_k} of {max(f.experts)} experts). The claims corpus's held-out "
-            f"split tokenized by the model's own tokenizer ({tok.source}, fingerprint {tok.fingerprint()}), "
+    if seeds:
+        which = f"{len(models)} independently trained models (seeds): " + "; ".join(
+            f"{m.label} ({m.kind}, fingerprint {m.fingerprint})" for m in models)
+    else:
+        ckpts = "" if len(models) == 1 else f"{len(models)} checkpoints in the order given, the last final; "
+        which = f"{ckpts}final model {f.label} ({f.kind}, fingerprint {f.fingerprint})"
+    return (f"{which}; {len(f.experts)} MoE layers, top-{f.top_k} of {max(f.experts)} experts. The claims corpus's "
+            f"held-out split tokenized by the model's own tokenizer ({tok.source}, fingerprint {tok.fingerprint()}), "
             f"{tokens:,} tokens traced in sequences of {seq_len}.")
 
 
 def run_byo(paths: Sequence[str], ws: Workspace, out: str | Path | None = None, *, revisions: Sequence[str] = (),
-            tokens: int = 0, command: str = "") -> tuple[Path, list[ClaimResult], dict[str, str]]:
-    """Run the one-model rows; returns (the results folder, the results, the rows not measured and why)."""
-    from moelab.claims.byo_norms import norms_refusal
-    from moelab.claims.byo_rows import norm_row, saturation_rows, specialisation_rows, unmeasurable
-    from moelab.claims.rows_closer import ALL_EXPERT_TOKENS
-    from moelab.claims.routing import min_count
-    from moelab.hf.families import read_hf_config
-    from moelab.trace.io import open_trace
+            tokens: int = 0, command: str = "", seeds: bool = False) -> tuple[Path, list[ClaimResult], dict[str, str]]:
+    """Run the one-model rows; returns (the results folder, the results, the rows not measured and why).
+
+    `seeds`: the models are independent training runs of one recipe, not checkpoints: the single-model
+    rows run on each and take the table's interval over seeds (3 or more sign a verdict)."""
+    from moelab.claims.byo_rows import over_seeds, saturation_rows
 
     models = [resolve(p, r) for p, r in pairs(paths, revisions)]  # every refusal before any work
     toks = [tokenizer_of(m) for m in models]
-    check_together(models, toks)
-    final = models[-1]
-    out = Path(out) if out else Path("claims-scratch") / "hf" / final.slug
+    check_together(models, toks, seeds=seeds)
+    out = Path(out) if out else Path("claims-scratch") / "hf" / models[-1].slug
     corpus = corpus_for(ws, toks[-1])
     traces = [trace_of(ws, m, corpus, tokens=tokens) for m in models]
-    name = final.slug
-    key = hashlib.sha256("".join(m.fingerprint for m in models).encode()).hexdigest()[:12]
-    metrics = ws.analyze(f"byo-{name}-{key}", [traces[-1]], names=[name],
-                         early={name: traces} if len(traces) > 1 else None, options={"min_count": min_count(ws)})
-    m = metrics["models"][name]
-    t = open_trace(traces[-1])
-    traced = t.num_rows // (len(t.meta.num_experts) * t.meta.top_k)  # one row per (token, layer, rank)
-    setup = describe(models, toks[-1], traced, seq_len_for(ws, final))
     command = command or f"python benchmarks/claims.py --hf {' '.join(paths)}"
+    setup = describe(models, toks[-1], _tokens_in(traces[-1]), seq_len_for(ws, models[-1]), seeds)
+    if seeds:
+        each = [single_model(ws, m, traces[i:i + 1], corpus, tokens, setup, command) for i, m in enumerate(models)]
+        results = over_seeds([r for r, _, _ in each], [m.label for m in models], setup, command)
+        skipped = {k: v for _, s, _ in each for k, v in s.items()}
+        skipped["olmoe-saturation"] = skipped["openmoe-early-routing"] = SEEDS_NOT_CHECKPOINTS
+    else:
+        results, skipped, m = single_model(ws, models[-1], traces, corpus, tokens, setup, command)
+        if len(models) > 1:
+            results += saturation_rows(traces, [mo.label for mo in models], m["early"]["result"], setup, command)
+        else:
+            skipped["olmoe-saturation"] = skipped["openmoe-early-routing"] = ONE_CHECKPOINT
+    write(out, models, results, skipped, seeds)
+    return out, results, skipped
+
+
+def _tokens_in(trace: Path) -> int:
+    from moelab.trace.io import open_trace
+
+    t = open_trace(trace)
+    return t.num_rows // (len(t.meta.num_experts) * t.meta.top_k)  # one row per (token, layer, rank)
+
+
+def single_model(ws: Workspace, model: Brought, traces: Sequence[Path], corpus: Path, tokens: int, setup: str,
+                 command: str) -> tuple[list[ClaimResult], dict[str, str], dict]:
+    """The single-model rows on the last of `traces` (the earlier ones, its checkpoints, join its analysis
+    as the early-routing series): (results, rows not measured and why, its metrics.json entry)."""
+    from moelab.claims.byo_norms import norms_refusal
+    from moelab.claims.byo_rows import norm_row, specialisation_rows, unmeasurable
+    from moelab.claims.rows_closer import ALL_EXPERT_TOKENS
+    from moelab.claims.routing import min_count
+    from moelab.hf.families import read_hf_config
+
+    key = hashlib.sha256("".join(str(t) for t in traces).encode()).hexdigest()[:12]
+    metrics = ws.analyze(f"byo-{model.slug}-{key}", [traces[-1]], names=[model.slug],
+                         early={model.slug: list(traces)} if len(traces) > 1 else None,
+                         options={"min_count": min_count(ws)})
+    m = metrics["models"][model.slug]
     skipped = unmeasurable(m, min_count(ws))
     results = specialisation_rows(m, setup, command, skip=list(skipped))
-    why = norms_refusal(read_hf_config(final.folder).get("model_type") or "") if final.kind == "hf" else None
+    why = norms_refusal(read_hf_config(model.folder).get("model_type") or "") if model.kind == "hf" else None
     if why:
         skipped["closer-norm-preference"] = f"the all-experts pass cannot run on this family: {why}"
     else:
         n = min(tokens or ws.scale.trace_tokens or ALL_EXPERT_TOKENS, ALL_EXPERT_TOKENS)
-        results.append(norm_row(trace_of(ws, final, corpus, tokens=n, all_experts=True), setup, command))
-    if len(models) > 1:
-        results += saturation_rows(traces, [mo.label for mo in models], m["early"]["result"], setup, command)
-    else:
-        skipped["olmoe-saturation"] = skipped["openmoe-early-routing"] = ONE_CHECKPOINT
-    write(out, models, results, skipped)
-    return out, results, skipped
+        results.append(norm_row(trace_of(ws, model, corpus, tokens=n, all_experts=True), setup, command))
+    return results, skipped, m
 
 
-def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], skipped: dict[str, str]) -> None:
+def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], skipped: dict[str, str],
+          seeds: bool = False) -> None:
     from moelab.claims.byo_table import render_byo
 
     for r in results:
@@ -80,7 +110,7 @@ def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], 
     (out / "models.json").write_text(json.dumps(
         [{"label": m.label, "kind": m.kind, "folder": str(m.folder), "fingerprint": m.fingerprint,
           "experts": list(m.experts), "top_k": m.top_k} for m in models], indent=1) + "\n")
-    (out / "CLAIMS.md").write_text(render_byo(models, results, skipped))
+    (out / "CLAIMS.md").write_text(render_byo(models, results, skipped, seeds))
 
 
 def main_hf(args) -> int:
@@ -110,11 +140,15 @@ def main_hf(args) -> int:
         parts += ["--tokens", str(args.tokens)]
     if args.smoke:
         parts.append("--smoke")
+    if args.seeds:
+        parts.append("--seeds")
     out, results, skipped = run_byo(args.hf, Workspace(args.cache, scale), args.results or None,
-                                    revisions=args.revision, tokens=args.tokens, command=" ".join(parts))
+                                    revisions=args.revision, tokens=args.tokens, command=" ".join(parts),
+                                    seeds=args.seeds)
     for r in results:
         print(f"[claims] {r.row}: {r.measure.value:.4g} [{r.measure.ci_low:.4g}, {r.measure.ci_high:.4g}] vs null "
-              f"{r.measure.null:.4g}; this model: {r.details['this_model']['reading']}; verdict {r.verdict}",
+              f"{r.measure.null:.4g}; {'each model' if args.seeds else 'this model'}: "
+              f"{r.details['this_model']['reading']}; verdict {r.verdict}",
               file=sys.stderr)
     for row, why in skipped.items():
         print(f"[claims] {row}: not measured ({why})", file=sys.stderr)

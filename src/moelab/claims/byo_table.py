@@ -18,16 +18,22 @@ below instead of moelab's tiny models; the interval is a 95% bootstrap over held
 What one model can show: whether *this model*, on this text, lies beyond the null by the claim's margin
 (column "this model": the table's interval rule read on the held-out-text interval). What it cannot show:
 that the paper's claim holds for a way of training models, which needs several independently trained
-ones; so the verdict is the table's rule at one seed, **too few seeds**, whatever the value. A second
-training run of the same recipe can land elsewhere than this interval.
+ones; so one model's verdict is the table's rule at one seed, **too few seeds**, whatever the value. A
+second training run of the same recipe can land elsewhere than this interval.
 """
 
 
-def models_table(models: Sequence[Brought]) -> list[str]:
+SEEDS = """With `--seeds` the models are independently trained runs of one recipe: each row is the table's
+rule over them (a t-interval over the per-model values; 3 or more sign a verdict), and the column "each
+model" counts the models whose own held-out-text interval lies beyond the null by the margin.
+"""
+
+
+def models_table(models: Sequence[Brought], seeds: bool = False) -> list[str]:
     out = ["| # | model | kind | fingerprint (sha256 of its files) | MoE layers | experts | top-k |",
            "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(models):
-        role = "final" if i == len(models) - 1 else "checkpoint"
+        role = "seed" if seeds else "final" if i == len(models) - 1 else "checkpoint"
         out.append(f"| {i} ({role}) | {cell(m.label)} | {m.kind} | `{m.fingerprint}` | {len(m.experts)} | "
                    f"{max(m.experts)} | {m.top_k or 'n/a'} |")
     return out + [""]
@@ -42,15 +48,17 @@ def summary_line(r: ClaimResult) -> str:
             f"{need} | {r.details['this_model']['reading']} | **{r.verdict}** |")
 
 
-def render_byo(models: Sequence[Brought], results: Sequence[ClaimResult], skipped: Mapping[str, str]) -> str:
-    out = [HEADER, "## Models", ""] + models_table(models)
-    out += ["## Rows", "", "| row | claim | value [95% CI, held-out text] | null | needs | this model | verdict |",
-            "|---|---|---|---|---|---|---|"]
+def render_byo(models: Sequence[Brought], results: Sequence[ClaimResult], skipped: Mapping[str, str],
+               seeds: bool = False) -> str:
+    out = [HEADER] + ([SEEDS] if seeds else []) + ["## Models", ""] + models_table(models, seeds)
+    head = "value [95% CI over seeds] | null | needs | each model" if seeds else \
+        "value [95% CI, held-out text] | null | needs | this model"
+    out += ["## Rows", "", f"| row | claim | {head} | verdict |", "|---|---|---|---|---|---|---|"]
     out += [summary_line(r) for r in results] + [""]
     if skipped:
         out += ["Not measured:", ""] + [f"- {row}: {why}" for row, why in skipped.items()] + [""]
     out += ["## Rows in detail", ""]
     for r in results:
         this = r.details["this_model"]
-        out += [details(r), f"This model: {this['reading']} ({this['reason']}).", ""]
+        out += [details(r), f"{'Each model' if seeds else 'This model'}: {this['reading']} ({this['reason']}).", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -38,8 +38,9 @@ own tokenizer. Results go to claims-scratch/hf/<model>/ (never docs/), naming ea
 files. One model is one seed: its verdict is **too few seeds**, because its interval covers held-out text,
 not training runs. A separate column, "this model", reads the same rule on that interval (beyond the null
 by the margin, short of the margin, undecided): a property of that model on this text, which is what the
-papers' own one-model figures show, not evidence about a way of training. A brought checkpoint carries no
-loss curve, so early routing's precondition is unmeasured there.
+papers' own one-model figures show, not evidence about a way of training. With `--seeds` the PATHs are
+independently trained runs of one recipe and each row takes this table's rule over them (3 or more sign a
+verdict). A brought checkpoint carries no loss curve, so early routing's precondition is unmeasured there.
 """
 
 
