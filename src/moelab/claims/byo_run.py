@@ -16,8 +16,6 @@ from moelab.claims.byo import Brought, check_together, corpus_for, pairs, resolv
 from moelab.claims.record import ClaimResult, write_result
 from moelab.claims.workspace import Workspace
 
-ROWS = ("openmoe-context-independent", "olmoe-vocab-specialisation", "olmoe-domain-specialisation",
-        "closer-norm-preference", "olmoe-saturation", "openmoe-early-routing")
 ONE_CHECKPOINT = "one checkpoint given: saturation compares earlier checkpoints with the final one (give several)"
 
 
