@@ -7,6 +7,7 @@
     python benchmarks/claims.py --table-only --write-docs  # re-decide and re-render docs/CLAIMS.md
     python benchmarks/claims.py --scale gpu --plan  # the gpu profile: tokens and estimated minutes per group
     python benchmarks/claims.py --scale gpu --only GROUP --device cuda --write-docs  # into docs/claims-gpu/
+    python benchmarks/claims.py --hf PATH [PATH...]  # the one-model rows on your model (checkpoints in order)
 
 A rerun writes to a scratch folder unless --write-docs: another machine's numbers are not bit-identical,
 and must not silently replace the committed ones.
@@ -57,12 +58,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="train and trace on this device (cpu, cuda, cuda:N); "
                     "default: training's auto (cuda when present), tracing on the CPU")
     ap.add_argument("--plan", action="store_true", help="print each row group's tokens and estimated time, exit")
+    ap.add_argument("--hf", nargs="+", default=None, metavar="PATH", help="run the one-model rows on these transformers "
+                    "MoE models (folders or hub names) or moelab checkpoints: checkpoints of one run in training "
+                    "order, the last final; into claims-scratch/hf/<model>/ (or --results)")
+    ap.add_argument("--revision", nargs="+", default=[], metavar="REV", help="--hf: hub revisions (OLMoE's "
+                    "checkpoints are branches), or a local folder's subfolders; one model at several, or one each")
+    ap.add_argument("--tokens", type=int, default=0, help="--hf: held-out tokens to trace (0: the whole split)")
+    ap.add_argument("--seeds", action="store_true", help="--hf: the models are independently trained runs of one "
+                    "recipe, not checkpoints: each row over them by the table's rule (3 or more sign a verdict)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        if args.hf is not None:
+            from moelab.claims.byo_run import main_hf
+
+            return main_hf(args)
         scale_for(args.scale)  # an unknown profile fails before any work
         check_device(args.device)
         if args.plan:

@@ -38,19 +38,26 @@ def _setup(ws: Workspace, n: int, tokens: float | None = None) -> str:
             f"{ws.scale.describe()}.{traced}")
 
 
-@row("closer-norm-preference", "A Closer Look")
-def norm_preference(ws: Workspace) -> ClaimResult:
+def norm_preference_of(seq_T: np.ndarray, seqs_S: np.ndarray, cols: dict) -> tuple[np.ndarray, ...]:
+    """One model's all-experts trace: (per-sequence count of (token, layer) whose top-1 expert has the
+    largest output norm, the null per layer, the share per layer, the score-rank x norm-rank table)."""
     from moelab.analysis.dynamic import rank_table
 
+    same_LT, null_L = top1_largest_norm(cols["probs"], cols["expert_norms"])
+    table = sum(rank_table(p, q) for p, q in zip(cols["probs"], cols["expert_norms"]))
+    return per_sequence(same_LT.sum(axis=0).astype(float), seq_T, seqs_S), null_L, same_LT.mean(axis=1), table
+
+
+@row("closer-norm-preference", "A Closer Look")
+def norm_preference(ws: Workspace) -> ClaimResult:
     n = seeds(ws, "linear")
     sums, nulls, per_layer, table = [], [], [], None
     for seed in range(n):
         seq_T, seqs_S, counts_S, cols = _all_expert_trace(ws, seed, ("probs", "expert_norms"))
-        same_LT, null_L = top1_largest_norm(cols["probs"], cols["expert_norms"])
-        sums.append(per_sequence(same_LT.sum(axis=0).astype(float), seq_T, seqs_S))
+        s, null_L, share_L, t = norm_preference_of(seq_T, seqs_S, cols)
+        sums.append(s)
         nulls.append(null_L)
-        per_layer.append(same_LT.mean(axis=1))
-        t = sum(rank_table(p, q) for p, q in zip(cols["probs"], cols["expert_norms"]))
+        per_layer.append(share_L)
         table = t if table is None else table + t
     L, E = cols["probs"].shape[0], cols["probs"].shape[2]
     value, lo, hi = two_level_bootstrap(np.array(sums), counts_S * L)

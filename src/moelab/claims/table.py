@@ -28,6 +28,19 @@ of training on 2 CPU cores), so a verdict is about this scale; each row's note s
 Written by `python benchmarks/claims.py --table-only --write-docs` from the JSON results in `docs/claims/`
 (the verdicts are recomputed from the stored per-seed values on every render); re-run one row with the
 command in its detail (results go to a scratch folder unless `--write-docs`).
+
+Your own model: `python benchmarks/claims.py --hf PATH [PATH...]` (`moelab.claims.byo_run.run_byo`) runs
+the rows that read one model's routing (openmoe-context-independent, olmoe-vocab-specialisation,
+olmoe-domain-specialisation, closer-norm-preference; given several checkpoints of one run in training
+order, also olmoe-saturation and openmoe-early-routing) on a transformers MoE model or a moelab
+checkpoint, with these rows' statistics, nulls and margins, on the claims corpus tokenized by the model's
+own tokenizer. Results go to claims-scratch/hf/<model>/ (never docs/), naming each model by a hash of its
+files. One model is one seed: its verdict is **too few seeds**, because its interval covers held-out text,
+not training runs. A separate column, "this model", reads the same rule on that interval (beyond the null
+by the margin, short of the margin, undecided): a property of that model on this text, which is what the
+papers' own one-model figures show, not evidence about a way of training. With `--seeds` the PATHs are
+independently trained runs of one recipe and each row takes this table's rule over them (3 or more sign a
+verdict). A brought checkpoint carries no loss curve, so early routing's precondition is unmeasured there.
 """
 
 

@@ -94,8 +94,15 @@ class Workspace:
         self._fresh_done.add(folder)
         return folder
 
+    def cached(self, kind: str, name: str, settings: dict[str, Any], make: Callable[[Path], None]) -> Path:
+        """An artefact of another module (e.g. a brought model's trace) under root/kind/name, by the same rule."""
+        return self._cached(self.root / kind / name, settings, make)
+
     # ---- corpora ----------------------------------------------------------------------------------------
-    def corpus(self, name: str = "main", sources: Sequence[str] = SOURCES, vocab_size: int | None = None) -> Path:
+    def corpus(self, name: str = "main", sources: Sequence[str] = SOURCES, vocab_size: int | None = None,
+               tokenizer: Path | None = None, tokenizer_content: str = "") -> Path:
+        """The corpus, with a tokenizer trained on it, or tokenized by `tokenizer` (a file or a model folder,
+        whose tokenizer files hash to `tokenizer_content`): a brought model's own."""
         from moelab.data.build import build_corpus
 
         s = self.scale
@@ -106,10 +113,12 @@ class Workspace:
             return self._large_corpus(vocab)  # the main corpus only: a row's own corpus keeps its sources
         settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source,
                     "code": code_version("data")}
+        if tokenizer is not None:  # only then: the trained-tokenizer corpora keep their key
+            settings["tokenizer_content"] = tokenizer_content
 
         def make(folder: Path) -> None:
             self.log(f"[claims] corpus {name}: {', '.join(sources)}")
-            build_corpus(folder / "corpus", list(sources), vocab_size=vocab,
+            build_corpus(folder / "corpus", list(sources), tokenizer=tokenizer, vocab_size=vocab,
                          max_bytes_per_source=s.max_bytes_per_source, seed=0)
 
         return self._cached(self.root / "corpora" / name, settings, make) / "corpus"
