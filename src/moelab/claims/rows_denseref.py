@@ -165,7 +165,8 @@ def dense_reference(ws: Workspace) -> ClaimResult:
     return ClaimResult(
         row="closer-dense-reference", paper="A Closer Look",
         claim="Against the dense reference: the experts' outputs move further from the dense FFN's output with "
-              "depth (finding 3's rising diversity), except at the last layer.",
+              "depth (finding 3's rising diversity); the last layer, the paper's exception, is left out of the "
+              "trend and its change is in the details.",
         paper_number="Mixtral 8x7B read beside Mistral 7B, its dense reference; finding (3): expert output similarity "
                      "falls with depth, then rises at the last layer (figures; the reference notes give no number "
                      "for the dense comparison).",
