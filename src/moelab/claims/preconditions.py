@@ -22,6 +22,11 @@ DECLARED = {
     "openmoe-early-routing": "the snapshot's training loss has made >= 90% of the run's drop",
     "openmoe-drop-towards-end": "sequences of >= 2048 tokens (the paper's rise starts near position 750)",
     "intervene-one-expert-suffices": "the loss cost of removing every routed expert (shared kept) beyond its null",
+    "openmoe-chat-vs-pretraining-drops": "sequences of >= 2048 tokens (the paper's rise starts near position 750)",
+    "rmoe-depth-scan": "the training-loss gap settled at every depth (last-20% slope interval holding 0)",
+    "olmoe-layer-specialisation": ">= 4 MoE layers and vocabulary specialisation beyond its null",
+    "closer-dense-reference": ">= 4 MoE layers and the upcycled MoE's training loss settled (last-20% slope interval holding 0)",
+    "olmoe-coactivation": "vocabulary specialisation beyond its null (a router that learned nothing passes trivially)",
 }
 
 

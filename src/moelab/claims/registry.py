@@ -11,7 +11,8 @@ from moelab.claims.workspace import Workspace
 from moelab.config import MoelabError
 
 # Modules holding rows, in table order; each registers its rows with @row when imported.
-MODULES = ("rows_openmoe", "rows_turns", "rows_rmoe", "rows_closer", "rows_olmoe", "rows_upcycle", "rows_intervene")
+MODULES = ("rows_openmoe", "rows_turns", "rows_chatdrop", "rows_rmoe", "rows_depth", "rows_closer", "rows_denseref",
+           "rows_olmoe", "rows_layers", "rows_upcycle", "rows_intervene")
 
 
 @dataclasses.dataclass(frozen=True)
