@@ -121,9 +121,10 @@ def main_hf(args) -> int:
 
     if args.write_docs or args.table_only or args.only:
         raise MoelabError("--hf runs its own rows into a scratch folder: drop --write-docs, --table-only and --only")
-    docs = SRC.parents[1] / "docs"
-    if args.results and Path(args.results).resolve().is_relative_to(docs.resolve()):
-        raise MoelabError(f"--results {args.results}: --hf results go to a scratch folder, never under {docs}")
+    # the checkout's docs/ and the working folder's (an installed package's source may live elsewhere)
+    for docs in dict.fromkeys([SRC.parents[1] / "docs", Path.cwd() / "docs"]):
+        if args.results and Path(args.results).resolve().is_relative_to(docs.resolve()):
+            raise MoelabError(f"--results {args.results}: --hf results go to a scratch folder, never under {docs}")
     if args.tokens < 0:
         raise MoelabError(f"--tokens {args.tokens} must be >= 0 (0: the whole held-out split)")
     if args.threads:
