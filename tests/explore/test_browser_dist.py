@@ -49,11 +49,13 @@ def write(path, kind: str):
         cols["probs"] = np.array([dist(t, l) for t in range(T) for l in range(L)], np.float32)  # rank-0 rows
     with TraceWriter(path, TraceMeta(num_experts=[E] * L, top_k=K, source="moelab")) as w:
         w.write(cols)
-    if kind in ("half", "topn"):
+    if kind in ("full", "half", "topn"):
         table = pq.read_table(path)
-        if kind == "half":
+        if kind in ("full", "half"):  # the writer stores float16; "full" stands for an older float32 file
             i = table.schema.get_field_index("probs")
-            table = table.set_column(i, "probs", table["probs"].cast(pa.list_(pa.float16())))
+            width = pa.float32() if kind == "full" else pa.float16()
+            exact = pa.array([dist(t, l) if k == 0 else None for t, l, k in rows], pa.list_(pa.float32()))
+            table = table.set_column(i, "probs", exact.cast(pa.list_(width)))
         else:  # what `--probs top:3` writes: the top 3 experts and probabilities on rank-0 rows
             rank0 = [k == 0 for _, _, k in rows]
             ex = [top[(t, l)][:3] if r else None for (t, l, _), r in zip(rows, rank0)]
