@@ -3,7 +3,6 @@ planted answers (a router that reads only the token id; a router that ignores it
 compared with itself), the all-experts pass against a hand-computed expert, and the refusals."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
@@ -17,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
+from runner_loader import runner  # noqa: E402
 from byo_models import blind_router, save_hf, save_moelab, token_only, tokenizer  # noqa: E402
 from moelab.claims.byo_run import run_byo  # noqa: E402
 from moelab.claims.workspace import Scale, Workspace  # noqa: E402
@@ -178,13 +178,6 @@ def test_moelab_hash_checkpoint(ws, tok, tmp_path):
 
 
 # ---- the runner: results in a scratch folder, bad input one line ------------------------------------------
-def runner():
-    spec = importlib.util.spec_from_file_location("claims_runner", ROOT / "benchmarks" / "claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_runner_writes_scratch_table_with_fingerprints(models, tmp_path, capsys, monkeypatch, one_torch_thread):
     from moelab.claims.fingerprint import tree_hash
 

@@ -1,18 +1,12 @@
 """The runner end to end at toy scale: trains, measures, writes a result and a table; bad input is one line."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
+from runner_loader import runner
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def runner():
-    spec = importlib.util.spec_from_file_location("claims_runner", ROOT / "benchmarks" / "claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_smoke_row_writes_result_and_table(tmp_path, monkeypatch, capsys):

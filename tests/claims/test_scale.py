@@ -2,24 +2,17 @@
 --scale / --device / --plan, and the two scales side by side in the table."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from runner_loader import runner
 from moelab.claims import scale as sc
 from moelab.claims.workspace import Scale
 from moelab.config import MoelabError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def runner():
-    spec = importlib.util.spec_from_file_location("claims_runner", ROOT / "benchmarks" / "claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_cpu_profile_is_todays_default():
