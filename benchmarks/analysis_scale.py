@@ -94,30 +94,34 @@ def main() -> None:
           f"{est.n_bootstrap} bootstrap replicates)")
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc), 0 for one that is gone."""
+def tree_rss_bytes(pid: int, field: str = "Rss") -> int:
+    """Resident memory of a process and all its descendants (Linux /proc), 0 for one that is gone.
+    field "Pss" shares each page among the processes mapping it (forked workers share their parent's
+    pages until written), so its sum is the tree's physical memory; "Rss" counts a shared page in each."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             kids = [int(k) for k in f.read().split()]
     except (OSError, StopIteration):
         return 0
-    return rss + sum(tree_rss_bytes(k) for k in kids)
+    return rss + sum(tree_rss_bytes(k, field) for k in kids)
 
 
 def analyse_once(path: Path, workers: int) -> None:
     """One analysis in this process at `workers`: JSON with wall, CPU (this process and its reaped
-    workers) and the peak of the summed RSS of this process and its workers (sampled every 0.1 s)."""
+    workers) and the peaks of the summed RSS and PSS of this process and its workers (sampled every 0.1 s;
+    the RSS sum counts pages a forked worker shares with its parent twice, the PSS sum does not)."""
     import json
     import os
     import threading
 
-    peak, done = [0], threading.Event()
+    peak, peak_pss, done = [0], [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
+            peak_pss[0] = max(peak_pss[0], tree_rss_bytes(os.getpid(), "Pss"))
             done.wait(0.1)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -129,7 +133,8 @@ def analyse_once(path: Path, workers: int) -> None:
     done.set()
     cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
     print(json.dumps({"workers": workers, "rows": trace.num_rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                      "peak_gib": round(max(peak[0], 1) / 2**30, 3), "load_avg": os.getloadavg()[0]}))
+                      "peak_gib": round(max(peak[0], 1) / 2**30, 3),
+                      "peak_pss_gib": round(max(peak_pss[0], 1) / 2**30, 3), "load_avg": os.getloadavg()[0]}))
 
 
 def compare_workers(args: argparse.Namespace) -> None:

@@ -200,6 +200,47 @@ def test_dense_and_sparse_counting_agree(monkeypatch):
     assert all(np.allclose(a, b) for a, b in zip(dense[1], sparse[1])) and len(dense[1]) == 8
 
 
+def test_replicates_by_matrix_product_equal_the_bincount_loop_bit_for_bit(monkeypatch):
+    """The bootstrap's dense path (per-fold table times the weights) against the per-replicate bincount
+    it replaces: whole-number weights give the same floats exactly; other weights take the loop."""
+    from moelab.analysis import tables as S
+    from moelab.analysis.common import consume
+
+    batches = list(planted_batches(rule="skewed", seed=3, **dict(ARGS, num_seqs=48)))
+    acc = S.ShareAccumulator("pos", [E] * L, K)
+    consume(batches, [acc])
+    t = acc.result()
+    keep = t.tokens(1) >= 1
+    keep[::3] = False  # a kept subset, so the group index is not the identity
+    for w in (replicate_weights(32, 70, seed=1), replicate_weights(32, 70, seed=1) * 0.5):
+        fast = list(t.replicate_tables(1, w, keep))
+        monkeypatch.setattr(S, "REPLICATE_DENSE_CELLS", 0)
+        slow = list(t.replicate_tables(1, w, keep))
+        monkeypatch.setattr(S, "REPLICATE_DENSE_CELLS", 40 * E)  # a few replicates per product: chunked
+        chunked = list(t.replicate_tables(1, w, keep))
+        monkeypatch.undo()
+        assert len(fast) == len(slow) == len(chunked) == 70
+        assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(fast, slow, chunked))
+    # a hand-made case: two folds, weights (2, 0) and (1, 3)
+    t2 = S.ShareTables(group="pos", ranks="all", num_experts=[2], top_k=1, groups=[np.array([0, 1])],
+                       counts=[np.array([[3, 1], [0, 2]])])
+    t2.folds, t2.sampled = 2, [np.ones(2, bool)]
+    t2.fold_entries = [(np.array([0, 1, 1, 0]), np.array([0, 0, 1, 0]), np.array([0, 0, 1, 1]),
+                        np.array([2, 1, 2, 1]))]  # fold, group, expert, count
+    reps = list(t2.replicate_tables(0, np.array([[2.0, 0.0], [1.0, 3.0]]), np.ones(2, bool)))
+    assert np.array_equal(reps[0], [[4, 2], [0, 0]]) and np.array_equal(reps[1], [[5, 1], [0, 6]])
+
+
+def test_compact_unique_is_numpys_unique():
+    from moelab.analysis.tables import compact_unique
+
+    rng = np.random.default_rng(0)
+    for v in (rng.integers(0, 50, 999), rng.integers(0, 1 << 40, 500), np.zeros(0, np.int64),
+              np.array([7, 7, 7]), rng.integers(0, 3000, 10).astype(np.int32)):
+        want, got = np.unique(v, return_inverse=True), compact_unique(v)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
+
+
 def test_queue_baseline_by_turn():
     def with_turns(batch):  # four turns of 32 positions per sequence
         return dict(batch, turn=(batch["pos"] // 32).astype(np.int16))

@@ -196,3 +196,22 @@ def test_a_worker_error_is_the_one_worker_error(write_trace):
             analyze_all(trace, workers=n, n_permutations=2)
         messages.add(str(err.value))
     assert len(messages) == 1 and "order" in messages.pop()
+
+
+def test_finalisation_jobs_run_in_workers_keep_their_order_and_raise_their_errors():
+    import os
+
+    from moelab.analysis.parallel import run_jobs
+    from moelab.config import MoelabError
+
+    jobs = {f"j{i}": (lambda i=i: (i * i, os.getpid())) for i in range(6)}
+    serial, forked = run_jobs(jobs, 1), run_jobs(jobs, 3)
+    assert list(serial) == list(forked) == [f"j{i}" for i in range(6)]
+    assert [v[0] for v in forked.values()] == [v[0] for v in serial.values()] == [0, 1, 4, 9, 16, 25]
+    assert {v[1] for v in serial.values()} == {os.getpid()} and os.getpid() not in {v[1] for v in forked.values()}
+
+    def bad():
+        raise MoelabError("job two failed")
+
+    with pytest.raises(MoelabError, match="job two failed"):
+        run_jobs({"ok": lambda: 1, "bad": bad}, 2)

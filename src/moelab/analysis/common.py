@@ -114,30 +114,41 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return out
 
 
-def _concat_lists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if a.ndim == b.ndim == 2 and a.shape[1] == b.shape[1]:
-        return np.concatenate([a, b])
-    as_objects = [np.empty(len(x), dtype=object) for x in (a, b)]
-    for dst, src in zip(as_objects, (a, b)):
+def _concat_lists(parts: list[np.ndarray]) -> np.ndarray:
+    if all(p.ndim == 2 for p in parts) and len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate(parts)
+    as_objects = [np.empty(len(x), dtype=object) for x in parts]
+    for dst, src in zip(as_objects, parts):
         dst[:] = list(src)
     return np.concatenate(as_objects)
 
 
-def concat_batches(a: Batch, b: Batch) -> Batch:
-    """a's rows then b's rows; label names are b's (a superset: codes are stable over an iteration)."""
-    n_a = len(next(v for k, v in a.items() if not k.endswith(SUFFIXES) and not _is_list_column(a, k)))
+def concat_many(parts: Sequence[Batch]) -> Batch:
+    """The parts' rows in order, each column copied once; label names are the last part's (a superset:
+    codes are stable over an iteration). One part comes back as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    sizes = [len(next(v for k, v in p.items() if not k.endswith(SUFFIXES) and not _is_list_column(p, k)))
+             for p in parts]
+    starts = np.cumsum([0] + sizes[:-1])
     out: Batch = {}
-    for name, value in b.items():
+    for name, value in last.items():
         if name.endswith(SUFFIXES):
             continue
-        if _is_list_column(b, name):
-            out[name] = _concat_lists(a[name], value)
-            out[f"{name}.rows"] = np.concatenate([a[f"{name}.rows"], b[f"{name}.rows"] + n_a])
+        if _is_list_column(last, name):
+            out[name] = _concat_lists([p[name] for p in parts])
+            out[f"{name}.rows"] = np.concatenate([p[f"{name}.rows"] + s for p, s in zip(parts, starts)])
         else:
-            out[name] = np.concatenate([a[name], value])
-        if f"{name}.names" in b:
-            out[f"{name}.names"] = b[f"{name}.names"]
+            out[name] = np.concatenate([p[name] for p in parts])
+        if f"{name}.names" in last:
+            out[f"{name}.names"] = last[f"{name}.names"]
     return out
+
+
+def concat_batches(a: Batch, b: Batch) -> Batch:
+    """a's rows then b's rows; label names are b's (a superset: codes are stable over an iteration)."""
+    return concat_many([a, b])
 
 
 def token_key(batch: Batch) -> np.ndarray:
@@ -155,7 +166,7 @@ def regroup(batches: Iterable[Batch], key: Callable[[Batch], np.ndarray]) -> Ite
     next batch; the rest of each batch passes through as views, never copied. Keys must not decrease:
     the trace's (seq, pos, layer, rank) row order guarantees it, and a violation is reported.
     """
-    carry: Batch | None = None
+    carry: list[Batch] = []  # the pieces of the key that ended the last batch, joined once it is complete
     carry_key = None
     for batch in batches:
         k = key(batch)
@@ -163,20 +174,20 @@ def regroup(batches: Iterable[Batch], key: Callable[[Batch], np.ndarray]) -> Ite
             continue
         if np.any(k[1:] < k[:-1]) or (carry_key is not None and k[0] < carry_key):
             raise MoelabError("trace rows are not in (seq, pos, layer, rank) order")
-        if carry is not None:
+        if carry:
             j = int(np.searchsorted(k, carry_key, side="right"))  # rows continuing the carried key
             if j:
-                carry = concat_batches(carry, slice_batch(batch, 0, j))
+                carry.append(slice_batch(batch, 0, j))
             if j == len(k):
                 continue
-            yield carry
+            yield concat_many(carry)
             batch, k = slice_batch(batch, j, len(k)), k[j:]
         cut = int(np.searchsorted(k, k[-1], side="left"))
         if cut:
             yield slice_batch(batch, 0, cut)
-        carry, carry_key = slice_batch(batch, cut, len(k)), k[-1]
-    if carry is not None:
-        yield carry
+        carry, carry_key = [slice_batch(batch, cut, len(k))], k[-1]
+    if carry:
+        yield concat_many(carry)
 
 
 # ---- per-layer views -------------------------------------------------------------------------------

@@ -195,3 +195,28 @@ def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
             raise filled
         acc[name].merge(filled)
         del filled, msg
+
+
+# ---- finalisation ----------------------------------------------------------------------------------
+_JOBS: dict[str, Callable[[], Any]] = {}
+
+
+def _run_job(name: str) -> tuple[str, Any]:
+    return name, _JOBS[name]()
+
+
+def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]:
+    """name -> job() for independent, deterministic jobs, over `workers` forked processes (each job's
+    result is sent back; the jobs themselves are inherited by the fork, never pickled). In dict order,
+    largest first, so the pool balances them; serially here for one worker or where fork is unavailable.
+    The results are those of the serial loop: each job seeds its own draws."""
+    if workers <= 1 or len(jobs) < 2 or "fork" not in mp.get_all_start_methods():
+        return {name: job() for name, job in jobs.items()}
+    _JOBS.clear()
+    _JOBS.update(jobs)
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            out = dict(pool.imap_unordered(_run_job, list(jobs), chunksize=1))
+    finally:
+        _JOBS.clear()
+    return {name: out[name] for name in jobs}

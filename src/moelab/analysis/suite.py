@@ -7,6 +7,7 @@ Batches are sized so that the per-(token, layer) list columns stay near 64 MiB a
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -106,7 +107,7 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                                 f"sequences needs at least {MIN_INTERVAL_SEQUENCES}; values and nulls only.")
     weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 and "intervals" not in skipped else None
     out = _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
-                                      n_permutations=n_permutations, seed=seed, weights=weights))
+                                      n_permutations=n_permutations, seed=seed, weights=weights), workers)
     if not ranked:
         drop_top1_parts(out)
     if skipped:
@@ -200,31 +201,45 @@ def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], l
     return acc
 
 
-def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+    """Every result from the filled accumulators. The count tables come first (here); the scores, nulls
+    and intervals built on them, and the other analyses' results, are independent jobs (`run_jobs`,
+    over `workers` processes)."""
+    from moelab.analysis.parallel import run_jobs
+
     tables = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables:")}
     top1 = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()
+    for layer in range(len(pool.sets)):
+        pool.layer(layer)  # sorted once here rather than in every job
     seed, weights, n_perm = opts["seed"], opts["weights"], opts["n_permutations"]
-    for name, a in acc.items():
-        if not name.startswith("tables"):
-            out[name] = a.result(weights=weights, pool=pool, n_permutations=n_perm)
+    kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
+    jobs: dict[str, Any] = {}
+    if tables:  # the largest jobs first: the pool hands them out in this order
+        jobs["std_position"] = partial(std_score, tables["pos"], min_count=1, **kw)
+        if "token" in tables:
+            jobs["vocab"] = partial(vocab_specialisation, tables["token"], min_count=opts["vocab_min_count"], **kw)
+    jobs.update({name: partial(a.result, weights=weights, pool=pool, n_permutations=n_perm)
+                 for name, a in acc.items() if not name.startswith("tables")})
+    if tables:
+        if "token" in tables:
+            jobs["std_token"] = partial(std_score, tables["token"], min_count=opts["min_count"], **kw)
+            jobs["top_tokens"] = partial(top_tokens, tables["token"], min_count=opts["vocab_min_count"])
+        for group in labels:
+            jobs[f"domain_specialisation:{group}"] = partial(domain_specialisation, tables[group], **kw)
+            jobs[f"mi:{group}"] = partial(expert_label_mi, top1.get(group, tables[group]), n_permutations=n_perm,
+                                          seed=seed, weights_RF=weights)
+    done = run_jobs(jobs, workers)
+    out: dict[str, Any] = {name: done[name] for name in acc if not name.startswith("tables")}
     for name, observed in (("queue:trained", "drops"), ("queue:simulated", "drops_simulated")):
         queue = out.get("drops_queue" if observed == "drops" else "drops_simulated_queue")
         if queue is not None and observed in out:
             out[name] = queue_comparison(out[observed], queue)
     if tables:
-        kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
         out["tables"] = tables
-        out["std_position"] = std_score(tables["pos"], min_count=1, **kw)
-        if "token" in tables:
-            out["std_token"] = std_score(tables["token"], min_count=opts["min_count"], **kw)
-            out["vocab"] = vocab_specialisation(tables["token"], min_count=opts["vocab_min_count"], **kw)
-            out["top_tokens"] = top_tokens(tables["token"], min_count=opts["vocab_min_count"])
-        for group in labels:
-            out[f"domain_specialisation:{group}"] = domain_specialisation(tables[group], **kw)
-            mi_tables = top1.get(group, tables[group])
-            out[f"mi:{group}"] = expert_label_mi(mi_tables, n_permutations=n_perm, seed=seed, weights_RF=weights)
+        order = ["std_position", "std_token", "vocab", "top_tokens"]
+        order += [f"{kind}:{group}" for group in labels for kind in ("domain_specialisation", "mi")]
+        out.update({name: done[name] for name in order if name in done})
     return out
 
 

@@ -24,6 +24,37 @@ INT_GROUPS = ("token", "pos", "doc_pos", "turn", "doc", "seq")
 GROUPS = LABEL_GROUPS + INT_GROUPS + ("pos_bucket",)
 DENSE_GROUPS = 1 << 17  # group values below this may count in a dense table ...
 DENSE_BUDGET = 1 << 26  # ... of at most this many cells (256 MiB of int32)
+REPLICATE_DENSE_CELLS = 1 << 23  # fold x group x expert cells the bootstrap may hold at once (64 MiB)
+
+
+def _integral(weights_RF: np.ndarray) -> bool:
+    """Bootstrap weights that are whole numbers (`resample.replicate_weights`: how often each fold is drawn)."""
+    w = np.asarray(weights_RF)
+    return bool(np.all(np.isfinite(w)) and np.all(w == np.round(w)) and np.abs(w).max(initial=0) < 1 << 20)
+
+
+def add_counts(flat: np.ndarray, cells_N: np.ndarray) -> None:
+    """flat[c] += (how often c occurs in cells_N): a bincount over the cells' range where that range is
+    compact, else an unbuffered add (no sort; measured 2-3x faster than np.unique's on trace batches)."""
+    if len(cells_N) == 0:
+        return
+    lo, hi = int(cells_N.min()), int(cells_N.max())
+    if hi - lo < max(4 * len(cells_N), 1 << 20):
+        flat[lo:hi + 1] += np.bincount(cells_N - lo, minlength=hi - lo + 1).astype(flat.dtype)
+    else:
+        np.add.at(flat, cells_N, 1)
+
+
+def compact_unique(values_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(values_N, return_inverse=True) for non-negative ints, without a sort when their range is
+    compact (a presence map and its running count): the same two arrays."""
+    values_N = np.asarray(values_N)
+    if len(values_N) == 0 or values_N.min() < 0 or values_N.max() >= max(4 * len(values_N), 1 << 20):
+        return np.unique(values_N, return_inverse=True)
+    present = np.zeros(int(values_N.max()) + 1, bool)
+    present[values_N] = True
+    rank = np.cumsum(present) - 1
+    return np.flatnonzero(present).astype(values_N.dtype), rank[values_N]
 
 
 @dataclasses.dataclass
@@ -66,6 +97,17 @@ class ShareTables(Result):
         m = index_G[g] >= 0
         E, G = self.num_experts[layer], int(np.sum(keep_G))
         key, fold, c = index_G[g[m]] * E + e[m], fold[m], c[m].astype(np.float64)
+        F = len(weights_RF[0]) if len(weights_RF) else 0
+        if F * G * E <= REPLICATE_DENSE_CELLS and _integral(weights_RF):
+            # One F x (G E) table of per-fold counts, then every replicate as one matrix product: integer
+            # weights times integer counts sum exactly in float64 (< 2^53), so this equals the bincounts
+            # below bit for bit, in any order of summation.
+            per_fold = np.bincount(fold.astype(np.int64) * (G * E) + key, weights=c, minlength=F * G * E)
+            W_RF, step = np.asarray(weights_RF, np.float64), max(1, REPLICATE_DENSE_CELLS // max(G * E, 1))
+            for lo in range(0, len(W_RF), step):
+                for r_N in W_RF[lo:lo + step] @ per_fold.reshape(F, G * E):
+                    yield r_N.reshape(G, E)
+            return
         for w_F in weights_RF:
             yield np.bincount(key, weights=w_F[fold] * c, minlength=G * E).reshape(G, E)
 
@@ -151,8 +193,7 @@ class ShareAccumulator:
         self.dense_rows += len(slot)
         if self.dense_rows >= 1 << 31 and table.dtype != np.int64:
             table = self.dense[name] = table.astype(np.int64)
-        cells, counts = np.unique((slot * table.shape[1] + values) * E + expert, return_counts=True)
-        table.reshape(-1)[cells] += counts.astype(table.dtype)  # cells are distinct: no lost updates
+        add_counts(table.reshape(-1), (slot * table.shape[1] + values) * E + expert)
         return True
 
     def merge(self, other: "ShareAccumulator") -> None:
@@ -211,7 +252,7 @@ class ShareAccumulator:
         groups, tables, entries = [], [], []
         for l, E in enumerate(self.num_experts):
             fold_N, value_N, expert_N, count_N = self._layer_entries(l, sparse)
-            g, inv = np.unique(value_N, return_inverse=True)
+            g, inv = compact_unique(value_N)
             flat = np.bincount(inv * E + expert_N, weights=count_N, minlength=len(g) * E)
             groups.append(g)
             tables.append(flat.astype(np.int64).reshape(len(g), E))
