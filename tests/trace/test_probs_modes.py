@@ -20,7 +20,7 @@ from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
 from moelab.model.transformer import build_model
 from moelab.trace.build import trace_batches, trace_meta
 from moelab.trace.io import TraceWriter, open_trace
-from moelab.trace.schema import TraceMeta, check_probs, parse_probs
+from moelab.trace.schema import META_KEY, TraceMeta, check_probs, parse_probs
 
 L, E, K, S, B = 2, 8, 2, 8, 4
 
@@ -144,6 +144,7 @@ def test_a_float32_probs_file_of_an_older_writer_still_reads_exactly(tmp_path):
     meta = TraceMeta.from_json((tmp_path / "t.parquet.json").read_text())
     meta.probs_mode = None  # written before the record existed
     (tmp_path / "t.parquet.json").write_text(meta.to_json())
+    table = table.replace_schema_metadata({META_KEY: meta.to_json()})  # the file's own copy, as it was written
     pq.write_table(table, tmp_path / "t.parquet")
     again = open_trace(tmp_path / "t.parquet")
     assert again.probs_mode == "full"

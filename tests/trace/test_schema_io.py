@@ -113,6 +113,40 @@ def test_writer_publishes_only_on_clean_close(tmp_path):
     assert not bad.exists() and not (tmp_path / "bad.parquet.tmp").exists()
 
 
+def test_an_overwrite_interrupted_between_the_renames_is_reported_not_misread(tmp_path, monkeypatch):
+    """The trace is renamed before its sidecar; a crash between the two leaves the old sidecar beside the
+    new file, and the reader, which trusts the file's own metadata, names the disagreement in one line."""
+    import os
+
+    from moelab.trace import io as trace_io
+
+    path = tmp_path / "t.parquet"
+    write(path, planted(num_seqs=2))
+    other = TraceMeta(num_experts=[8, 8], top_k=2, source="moelab", checkpoint_step=999)
+    calls, real = [], os.replace
+
+    def crash_on_the_sidecar(src, dst):
+        calls.append(str(dst))
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt  # the process stops after the trace's rename
+        real(src, dst)
+
+    monkeypatch.setattr(trace_io.os, "replace", crash_on_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        write(path, planted(num_seqs=2), meta=other)
+    monkeypatch.undo()
+    assert calls == [str(path), str(sidecar_path(path))]  # the trace first
+    one_line_error(lambda: open_trace(path), "sidecar t.parquet.json disagrees with the metadata inside the file")
+    sidecar_path(path).unlink()
+    assert open_trace(path).meta.checkpoint_step == 999  # the file's own record
+
+
+def test_a_sidecar_beside_a_file_without_metadata_is_the_record(tmp_path):
+    p = tmp_path / "r.parquet"
+    write_raw(p, good_table(), dict(META.to_dict(), checkpoint_step=7))  # plain pyarrow: no moelab metadata
+    assert open_trace(p).meta.checkpoint_step == 7
+
+
 def test_writer_errors(tmp_path):
     row = {"seq": [0], "pos": [0], "token": [1], "layer": [0], "rank": [0], "expert": [1], "weight": 1.0, "prob": 1.0}
     one_line_error(lambda: write(tmp_path / "a.parquet", [dict(row, expert=[40000])]), "'expert' cannot be stored")

@@ -63,18 +63,22 @@ def proven_in_range(file: pq.ParquetFile, meta: TraceMeta) -> frozenset[str]:
 
 
 def read_meta(path: Path, file: pq.ParquetFile) -> TraceMeta:
-    """The sidecar if there is one, else the file's own key-value metadata, else inferred from the rows."""
+    """The file's own key-value metadata (moelab writes it into every trace), else the sidecar (a trace
+    written by another tool), else inferred from the rows. A sidecar that disagrees with the file's own
+    record is an error: an interrupted overwrite, or an edit that the file would silently contradict."""
     side = sidecar_path(path)
-    if side.is_file():
-        return TraceMeta.from_json(side.read_text(encoding="utf-8"))
     kv = file.schema_arrow.metadata or {}
-    if META_KEY in kv:
-        try:
-            text = kv[META_KEY].decode("utf-8")
-        except UnicodeDecodeError:
-            raise MoelabError(f"trace {path} metadata {META_KEY.decode()!r} is not UTF-8 text") from None
-        return TraceMeta.from_json(text)
-    return infer_meta(path, file)
+    if META_KEY not in kv:
+        return TraceMeta.from_json(side.read_text(encoding="utf-8")) if side.is_file() else infer_meta(path, file)
+    try:
+        text = kv[META_KEY].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MoelabError(f"trace {path} metadata {META_KEY.decode()!r} is not UTF-8 text") from None
+    meta = TraceMeta.from_json(text)
+    if side.is_file() and TraceMeta.from_json(side.read_text(encoding="utf-8")).to_json() != meta.to_json():
+        raise MoelabError(f"trace {path}: its sidecar {side.name} disagrees with the metadata inside the file (an "
+                          f"interrupted write or an edited sidecar); delete {side.name} to use the file's own")
+    return meta
 
 
 def infer_meta(path: Path, file: pq.ParquetFile) -> TraceMeta:

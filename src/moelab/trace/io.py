@@ -202,8 +202,10 @@ class TraceWriter:
         self._writer.close()
         tmp_meta = Path(str(sidecar_path(self.path)) + ".tmp")
         tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
-        os.replace(tmp_meta, sidecar_path(self.path))
+        # The trace first: it carries its metadata, which the reader trusts over the sidecar, and a crash
+        # between the two renames leaves an old sidecar that the reader reports as disagreeing.
         os.replace(self.tmp, self.path)
+        os.replace(tmp_meta, sidecar_path(self.path))
 
     def abort(self) -> None:
         """Drop everything written so far: no partial trace is ever left at `path`."""
