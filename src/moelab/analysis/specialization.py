@@ -82,25 +82,38 @@ def std_score(tables: ShareTables, *, min_count: int = 128, null_seed: int = 0, 
     """OpenMoE's context-independent specialisation: 0 for uniform routing, about 0.12 for top-2 of 32.
 
     Its null shuffles the group label across a layer's tokens (`pool` holds their chosen sets): a skewed
-    but context-free router sits at it, while uniform routing (`uniform_mean`) would not be its chance level."""
-    k = tables.choices_per_token
-    groups, stds, means, uniform, ceilings, boots, nulls = [], [], [], [], [], [], []
-    for l, E in enumerate(tables.num_experts):
-        n_G = tables.tokens(l)
-        keep = n_G >= min_count
-        std_G = tables.share(l)[keep].std(axis=1)
-        sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
-        groups.append(tables.groups[l][keep])
-        stds.append(std_G)
-        means.append(float(std_G.mean()) if keep.any() else float("nan"))
-        uniform.append(float(_std_G(sim, n_G).mean()) if keep.any() else float("nan"))
-        ceilings.append(float(np.sqrt(1.0 / (k * E) - 1.0 / E**2)) if E > 1 else 0.0)
-        b, n = _resampled(tables, l, keep, _std_G, weights_RF, pool, n_permutations, null_seed + 101 * l)
-        boots.append(b)
-        nulls.append(n)
-    per, overall = layer_estimates(means, _stack(boots), _stack(nulls), null=PERM_NULL, interval=BOOT)
-    return StdScore(group=tables.group, min_count=min_count, groups=groups, std=stds, mean=means,
-                    null_mean=[e.null_mean for e in per], uniform_mean=uniform, deterministic=ceilings,
+    but context-free router sits at it, while uniform routing (`uniform_mean`) would not be its chance level.
+    Layer by layer (`std_layer`, each seeded on its own) and then combined (`std_combine`), so the layers
+    can be computed apart (analysis/suite.py hands them to the workers)."""
+    kw = dict(min_count=min_count, null_seed=null_seed, pool=pool, n_permutations=n_permutations,
+              weights_RF=weights_RF)
+    return std_combine(tables, min_count, [std_layer(tables, l, **kw) for l in range(len(tables.num_experts))])
+
+
+def std_layer(tables: ShareTables, l: int, *, min_count: int = 128, null_seed: int = 0, pool: SetPool | None = None,
+              n_permutations: int = 16, weights_RF: np.ndarray | None = None) -> dict:
+    """One layer's part of `std_score`: its groups, std per group, mean, uniform reference, ceiling,
+    bootstrap replicates and null draws."""
+    k, E = tables.choices_per_token, tables.num_experts[l]
+    n_G = tables.tokens(l)
+    keep = n_G >= min_count
+    std_G = tables.share(l)[keep].std(axis=1)
+    sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
+    boot, null = _resampled(tables, l, keep, _std_G, weights_RF, pool, n_permutations, null_seed + 101 * l)
+    return {"groups": tables.groups[l][keep], "std": std_G,
+            "mean": float(std_G.mean()) if keep.any() else float("nan"),
+            "uniform": float(_std_G(sim, n_G).mean()) if keep.any() else float("nan"),
+            "ceiling": float(np.sqrt(1.0 / (k * E) - 1.0 / E**2)) if E > 1 else 0.0, "boot": boot, "null": null}
+
+
+def std_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> StdScore:
+    """`std_score` from its layers' parts (`std_layer`, in layer order)."""
+    means = [p["mean"] for p in layers]
+    per, overall = layer_estimates(means, _stack([p["boot"] for p in layers]), _stack([p["null"] for p in layers]),
+                                   null=PERM_NULL, interval=BOOT)
+    return StdScore(group=tables.group, min_count=min_count, groups=[p["groups"] for p in layers],
+                    std=[p["std"] for p in layers], mean=means, null_mean=[e.null_mean for e in per],
+                    uniform_mean=[p["uniform"] for p in layers], deterministic=[p["ceiling"] for p in layers],
                     mean_over_layers=_nanmean(means), null_over_layers=overall.null_mean, estimates=per,
                     overall=overall)
 
