@@ -126,13 +126,14 @@ def analyse_once(path: Path, workers: int) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     trace = open_trace(path)
-    t0, c0 = time.perf_counter(), os.times()
+    t0, c0, phases = time.perf_counter(), os.times(), {}
     analyze_all(trace, workers=workers, simulate=dict(capacity_factor=1.0, batch_seqs=32),
-                queue=dict(capacity_factor=1.25, batch_seqs=32))
+                queue=dict(capacity_factor=1.25, batch_seqs=32), timings=phases)
     wall, c1 = time.perf_counter() - t0, os.times()
     done.set()
     cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
-    print(json.dumps({"workers": workers, "rows": trace.num_rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+    print(json.dumps({"workers": workers, "rows": trace.num_rows, "wall_s": round(wall, 2),
+                      **{k: round(v, 2) for k, v in phases.items()}, "cpu_s": round(cpu, 2),
                       "peak_gib": round(max(peak[0], 1) / 2**30, 3),
                       "peak_pss_gib": round(max(peak_pss[0], 1) / 2**30, 3), "load_avg": os.getloadavg()[0]}))
 

@@ -51,11 +51,11 @@ def analysis_once(trace_path: str, workers: int) -> dict:
 
     torch.set_num_threads(1)
     trace = open_trace(trace_path)
-    t0 = time.perf_counter()
-    analyze_all(trace, workers=workers)
+    t0, phases = time.perf_counter(), {}
+    analyze_all(trace, workers=workers, timings=phases)
     wall = time.perf_counter() - t0
     return {"workers": workers, "rows": trace.num_rows, "wall_s": wall, "rows_per_s": trace.num_rows / wall,
-            "peak_gib": _peak_gib()}
+            "peak_gib": _peak_gib(), **phases}
 
 
 def analysis_rows(trace_path: str, workers: list[int]) -> list[dict]:
@@ -74,7 +74,8 @@ def print_analysis(rows: list[dict]) -> None:
     base = rows[0]["rows_per_s"]
     for r in rows:
         print(f"analysis  {r['workers']:2d} worker(s): {r['rows']:,} rows in {r['wall_s']:.1f} s = "
-              f"{r['rows_per_s']:,.0f} rows/s ({r['rows_per_s'] / base:.2f}x 1 worker), peak {r['peak_gib']:.2f} GiB")
+              f"{r['rows_per_s']:,.0f} rows/s ({r['rows_per_s'] / base:.2f}x 1 worker; streaming {r['stream_s']:.1f} s, "
+              f"finalisation {r['finalise_s']:.1f} s), peak {r['peak_gib']:.2f} GiB")
 
 
 def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):

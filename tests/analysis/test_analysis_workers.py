@@ -122,7 +122,9 @@ def test_workers_give_the_one_worker_results_bit_for_bit(planted, simulate):
     if simulate:
         assert one["drops_simulated"] is not None and one["queue:trained"] is not None
     for n in (2, 3, 5, 64):  # 64: more workers than units
-        _same(to_json_dict(analyze_all(planted, workers=n, **kw)), one)
+        phases = {}
+        _same(to_json_dict(analyze_all(planted, workers=n, timings=phases, **kw)), one)
+        assert set(phases) == {"stream_s", "finalise_s"} and min(phases.values()) > 0
 
 
 def test_one_worker_matches_a_plain_stream_of_the_same_rows(planted):

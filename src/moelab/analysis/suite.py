@@ -7,6 +7,7 @@ Batches are sized so that the per-(token, layer) list columns stay near 64 MiB a
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any, Sequence
 
@@ -62,7 +63,8 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
                 min_count: int = 128, vocab_min_count: int = 10, pos_bucket: int = 256,
                 mi_ranks: str = "top1", n_permutations: int = 16, simulate: dict[str, Any] | None = None,
                 queue: dict[str, Any] | None = None, n_bootstrap: int = REPLICATES, folds: int = FOLDS,
-                seed: int = 0, batch_rows: int | None = None, workers: int = 1) -> dict[str, Any]:
+                seed: int = 0, batch_rows: int | None = None, workers: int = 1,
+                timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Run the chosen analyses in one pass; returns name -> result (each with `to_dict()`; see `to_json_dict`).
 
     `simulate` (capacity_factor, formula, policy, group_size, batch_seqs) adds a re-simulated drop profile
@@ -71,7 +73,9 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     Analyses whose columns the trace lacks (probs, the all-experts columns) report None for those parts.
     A trace file is read unit by unit (its row groups cut at sequence starts); `workers` > 1 splits the
     units over that many processes and merges their accumulators (`parallel.py`): the results are bit
-    for bit those of one worker.
+    for bit those of one worker, and so are the finalisation's jobs (scores, nulls, intervals), which run
+    over the same workers. `timings`, when given, receives the wall seconds of the streaming pass
+    (`stream_s`) and of the finalisation (`finalise_s`).
     """
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
@@ -95,6 +99,7 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
         raise MoelabError(f"drop re-simulations need one batch_seqs, got {blocks}")
     key = seq_block_key(blocks[0]) if blocks else token_key
     sequences = SequenceCounter()
+    t0 = time.perf_counter()
     if getattr(trace_like, "path", None) is not None and hasattr(trace_like, "iter_batches"):
         from moelab.analysis.parallel import consume_parallel
 
@@ -107,8 +112,11 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
         skipped["intervals"] = (f"No intervals: the trace holds {sequences.count} sequence(s), and a bootstrap over "
                                 f"sequences needs at least {MIN_INTERVAL_SEQUENCES}; values and nulls only.")
     weights = replicate_weights(folds, n_bootstrap, seed) if folds > 1 and "intervals" not in skipped else None
+    t1 = time.perf_counter()
     out = _finalise(acc, labels, dict(min_count=min_count, vocab_min_count=vocab_min_count,
                                       n_permutations=n_permutations, seed=seed, weights=weights), workers)
+    if timings is not None:
+        timings.update(stream_s=t1 - t0, finalise_s=time.perf_counter() - t1)
     if not ranked:
         drop_top1_parts(out)
     if skipped:
