@@ -244,8 +244,8 @@ def _list_to_numpy(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     elif flat.dtype.kind in "iu" and flat.dtype != np.int16:
         flat = fit_dtype(flat, "expert", "trace list column")  # ids, range-checked into int16
     lengths = pc.list_value_length(arr).drop_null().to_numpy(zero_copy_only=False)
-    if not len(lengths):
-        return np.zeros((0, 0), np.float32), rows
+    if not len(lengths):  # no rank-0 row in this batch: still the column's dtype (int16 ids stay integers)
+        return np.zeros((0, 0), flat.dtype), rows
     if np.all(lengths == lengths[0]):
         return flat.reshape(len(lengths), int(lengths[0])), rows
     out = np.empty(len(lengths), dtype=object)
