@@ -77,3 +77,16 @@ def test_probs_mode_is_stored_in_its_canonical_form_and_checked_as_such(tmp_path
     assert meta.probs_mode == "top:3"
     assert BatchValidator(meta, "t").N == 3
     assert TraceMeta.from_json(meta.to_json()).probs_mode == "top:3"
+
+
+def test_a_failure_while_closing_leaves_no_temporary_files(tmp_path, monkeypatch):
+    # the last flush happens in close(): a full disk there must not leave <path>.tmp (nor the sidecar's)
+    import pyarrow.parquet as pq
+
+    def full_disk(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_topn_trace(tmp_path / "t.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -195,13 +195,18 @@ class TraceWriter:
         """Flush, then publish the trace and its sidecar. An empty trace is an error, not a file."""
         if self._closed:
             return
-        self._flush()
-        self._closed = True
-        if self._writer is None:
-            raise MoelabError(f"trace {self.path} would be empty: no rows were written")
-        self._writer.close()
         tmp_meta = Path(str(sidecar_path(self.path)) + ".tmp")
-        tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
+        try:
+            self._flush()
+            if self._writer is None:
+                raise MoelabError(f"trace {self.path} would be empty: no rows were written")
+            self._writer.close()
+            tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
+        except BaseException:  # the last flush (a full disk): the exit will not abort for us
+            self.abort()
+            tmp_meta.unlink(missing_ok=True)
+            raise
+        self._closed = True
         # The trace first: it carries its metadata, which the reader trusts over the sidecar, and a crash
         # between the two renames leaves an old sidecar that the reader reports as disagreeing.
         os.replace(self.tmp, self.path)
@@ -211,7 +216,11 @@ class TraceWriter:
         """Drop everything written so far: no partial trace is ever left at `path`."""
         self._closed = True
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:  # closing writes the footer: on a full disk that fails too; the file goes anyway
+                pass
+            self._writer = None
         self.tmp.unlink(missing_ok=True)
 
 
