@@ -133,7 +133,9 @@ class ExpertSummary:
         except Exception as e:  # shown to the page by the expert view, which cannot answer without it
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, MoelabError) else str(e)
         finally:
-            self.index.ready.set()  # also when the document index failed: nobody waits for nothing
+            if not self.index.ready.is_set():  # the document index failed first: no view may count from it
+                self.index.error = f"not built ({self.error})"
+            self.index.ready.set()  # nobody waits for nothing
             self.ready.set()
 
     def wait(self, timeout: float | None = None) -> bool:
