@@ -80,8 +80,8 @@ def pair_counts(path: Path, num_experts: list[int], top_k: int, progress=None) -
 
 
 def build_tables(cur, src: str, tables: dict[str, str], progress=None) -> None:
-    """The summary tables (labels, tokens, clusters, cluster_totals) over `src`: the whole trace for the
-    background pass, one layer's rows for the direct expert view (expert.direct_view), by the same SQL."""
+    """The summary tables (labels, tokens, clusters, cluster_totals) over the whole trace `src`, for the
+    background pass (the direct expert view, expert.direct, counts one layer by its own query)."""
     cur.execute(f"""CREATE OR REPLACE TABLE {tables['labels']} AS
                     SELECT layer, expert, domain, lang, {BUCKET_SQL} AS bucket, count(*) AS n
                     FROM {src} GROUP BY ALL""")
