@@ -90,3 +90,19 @@ def test_a_failure_while_closing_leaves_no_temporary_files(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         write_topn_trace(tmp_path / "t.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_list_columns_given_as_arrow_arrays_refuse_bad_ids_in_one_line(tmp_path):
+    # an importer handing pyarrow lists: ids past int16 (or negative) are the same one-line refusal as numpy's
+    import pyarrow as pa
+
+    from moelab.config import MoelabError
+
+    meta = TraceMeta(num_experts=[6], top_k=1, probs_mode="top:2")
+    for bad in ([[70000, 1]], [[-1, 1]]):
+        with pytest.raises(MoelabError, match="topn_experts"):
+            with TraceWriter(tmp_path / "t.parquet", meta) as w:
+                w.write({"seq": [0], "pos": [0], "token": [1], "layer": [0], "rank": [0], "expert": [0],
+                         "weight": 1.0, "prob": 0.5, "topn_experts": pa.array(bad, pa.list_(pa.int64())),
+                         "topn_probs": pa.array([[0.5, 0.2]], pa.list_(pa.float32()))})
+    assert not list(tmp_path.iterdir())

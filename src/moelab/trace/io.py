@@ -52,9 +52,15 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     be an object array of 1-D arrays when their lengths differ (layers with different E). Values are
     stored in the column's width: `probs` rounds to float16 here (schema.PROBS_TYPE)."""
     typ = field_type(name)
-    if isinstance(value, (pa.Array, pa.ChunkedArray)):
-        return value.cast(typ, safe=not pa.types.is_floating(typ.value_type))
     dtype = np.dtype(typ.value_type.to_pandas_dtype())
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        if dtype.kind == "i":  # ids: the same range rule as for numpy input, not Arrow's error
+            flat = pc.list_flatten(value)
+            lo, hi = pc.min_max(flat).values() if len(flat) else (None, None)
+            if not pa.types.is_integer(flat.type) or (lo is not None and not 0 <= lo.as_py() <= hi.as_py()
+                                                      <= np.iinfo(dtype).max):
+                raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
+        return value.cast(typ, safe=not pa.types.is_floating(typ.value_type))
     if rows is not None:
         rank0_R = np.zeros(len(rank0_R), dtype=bool)
         rank0_R[np.asarray(rows)] = True
