@@ -106,3 +106,19 @@ def test_list_columns_given_as_arrow_arrays_refuse_bad_ids_in_one_line(tmp_path)
                          "weight": 1.0, "prob": 0.5, "topn_experts": pa.array(bad, pa.list_(pa.int64())),
                          "topn_probs": pa.array([[0.5, 0.2]], pa.list_(pa.float32()))})
     assert not list(tmp_path.iterdir())
+
+
+def test_per_row_lists_of_ids_refuse_values_past_int16(tmp_path):
+    # the object-array form (lists of different lengths, as iter_batches yields them): 70000 wrapped to 4464
+    from moelab.config import MoelabError
+
+    meta = TraceMeta(num_experts=[6], top_k=1)
+    ids = np.empty(2, dtype=object)
+    ids[:] = [np.array([70000, 1]), np.array([2, 3, 4])]
+    probs = np.empty(2, dtype=object)
+    probs[:] = [np.array([0.5, 0.2]), np.array([0.3, 0.2, 0.1])]
+    with pytest.raises(MoelabError, match="'topn_experts' holds expert ids"):
+        with TraceWriter(tmp_path / "t.parquet", meta) as w:
+            w.write({"seq": [0, 1], "pos": [0, 0], "token": [1, 1], "layer": [0, 0], "rank": [0, 0],
+                     "expert": [0, 0], "weight": 1.0, "prob": 0.5, "topn_experts": ids, "topn_probs": probs,
+                     "topn_experts.rows": [0, 1], "topn_probs.rows": [0, 1]})

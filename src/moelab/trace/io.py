@@ -67,12 +67,13 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     n_rank0 = int(rank0_R.sum())
     if isinstance(value, np.ndarray) and value.dtype == object and len(value) == n_rank0:
         lengths_P = np.fromiter(map(len, value), dtype=np.int64, count=len(value))
-        flat = np.concatenate(list(value)).astype(dtype) if len(value) else np.zeros(0, dtype)
+        flat = np.concatenate(list(value)) if len(value) else np.zeros(0, dtype)
+        _check_ids(flat, dtype, name)
+        with np.errstate(over="ignore"):
+            flat = flat.astype(dtype, copy=False)
     else:
         mat = np.asarray(value)
-        if dtype.kind == "i" and (mat.dtype.kind not in "iu" or mat.size and not 0 <= mat.min() <= mat.max()
-                                  <= np.iinfo(dtype).max):
-            raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
+        _check_ids(mat, dtype, name)
         with np.errstate(over="ignore"):  # a float16 overflow becomes inf, which no probability reaches
             mat = mat.astype(dtype, copy=False)
         if mat.ndim != 2 or mat.shape[0] not in (len(rank0_R), n_rank0):
@@ -84,6 +85,13 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     lengths[rank0_R] = lengths_P
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~rank0_R))
+
+
+def _check_ids(values: np.ndarray, dtype: np.dtype, name: str) -> None:
+    """An integer list column (expert ids) takes integers in 0..max of its type, never wrapped."""
+    if dtype.kind == "i" and (values.dtype.kind not in "iu" or values.size and not 0 <= values.min()
+                              <= values.max() <= np.iinfo(dtype).max):
+        raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
 
 
 def _plain_array(value: Any, n: int, name: str) -> pa.Array:
