@@ -21,7 +21,19 @@ from moelab.trace.io import open_trace
 
 TOKEN_COLUMNS = ("seq", "pos", "token", "domain", "lang", "doc", "doc_pos")
 MAX_BYTES = 1 << 30  # past this estimate of the index's memory the summaries alone serve the expert view
-TOKEN_BYTES = 40  # per token: (seq, pos) key 8, doc 8, doc_pos 4, token 4, labels 2 x 4, bucket 1, seq id 4
+# per token: (seq, pos) key 8, doc 8, doc_pos 4, token 4, labels 2 x 4, bucket 1, seq id 4, 3 (seq, label) pairs 12
+TOKEN_BYTES = 52
+
+
+def _pairs(seq_T: np.ndarray, g_T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(each token's (sequence, group) pair, each pair's group, where each group's pairs start): the pairs
+    sorted by (group, sequence), so that a group's pairs are one run."""
+    g_T = g_T.astype(np.int64)
+    key_T = g_T * (int(seq_T.max()) + 1 if len(seq_T) else 1) + seq_T
+    uniq_U, inv_T = np.unique(key_T, return_inverse=True)
+    g_U = uniq_U // (int(seq_T.max()) + 1 if len(seq_T) else 1)
+    run_G = np.flatnonzero(np.r_[True, g_U[1:] != g_U[:-1]]) if len(g_U) else np.zeros(0, np.int64)
+    return inv_T.astype(np.int32), g_U, run_G
 
 
 class RoutingIndex:
@@ -91,6 +103,10 @@ class RoutingIndex:
         # as summary.BUCKET_SQL: floor(log2(doc_pos + 1) / 2)
         self.bucket_T = np.floor(np.log2(tok["doc_pos"].astype(np.float64) + 1) / 2).astype(np.int8)
         self.token_T = tok.get("token")
+        # The (sequence, label) pairs of each grouping, found once: a view then sums over the pairs present,
+        # not over a dense sequences x labels table (100k sequences x 100 languages: 320 MB a request).
+        self.clusters = {dim: _pairs(self.seq_T, g_T) for dim, g_T in
+                         (("domain", self.domain_T), ("lang", self.lang_T), ("bucket", self.bucket_T))}
 
     def counts(self, layer: int, expert: int) -> LayerCounts:
         """The expert view's counts at one layer (rows = K per token: all ranks, before dropping)."""
@@ -108,18 +124,14 @@ class RoutingIndex:
             g, bk = divmod(rest, nb)
             cells[(self.domain_names[d], self.lang_names[g], bk)] = (int(n_c[c]), int(k_c[c]))
         sums = {}
-        S = int(self.seq_T.max()) + 1 if T else 0
-        for dim, g_T, label in (("domain", self.domain_T, self.domain_names), ("lang", self.lang_T, self.lang_names),
-                                ("bucket", self.bucket_T, None)):
-            G = int(g_T.max()) + 1 if T else 0
-            at = self.seq_T.astype(np.int64) * G + g_T
-            n_s, k_s = (np.bincount(at, weights=w, minlength=S * G).reshape(S, G).astype(np.int64) for w in (n_T, k_T))
-            out = {}
-            for g in np.flatnonzero(n_s.sum(0)):
-                ns, ks = n_s[:, g], k_s[:, g]
-                out[int(g) if label is None else label[g]] = (int((ks * ks).sum()), int((ks * ns).sum()),
-                                                              int((ns * ns).sum()), int((ns > 0).sum()))
-            sums[dim] = out
+        for dim, label in (("domain", self.domain_names), ("lang", self.lang_names), ("bucket", None)):
+            inv_T, g_U, run_G = self.clusters[dim]
+            # per (sequence, group) pair present: its rows and the expert's, summed per group in int64
+            n_U, k_U = (np.bincount(inv_T, weights=w, minlength=len(g_U)).astype(np.int64) for w in (n_T, k_T))
+            kk, kn, nn = (np.add.reduceat(v, run_G) if len(v) else v for v in (k_U * k_U, k_U * n_U, n_U * n_U))
+            seqs = np.diff(run_G, append=len(g_U))
+            sums[dim] = {int(g) if label is None else label[g]: (int(a), int(b), int(c), int(s))
+                         for g, a, b, c, s in zip(g_U[run_G], kk, kn, nn, seqs)}
         tokens, token_rows = {}, 0
         if self.token_T is not None:
             hit_T = k_T > 0

@@ -80,8 +80,8 @@ def pair_counts(path: Path, num_experts: list[int], top_k: int, progress=None) -
 
 
 def build_tables(cur, src: str, tables: dict[str, str], progress=None) -> None:
-    """The summary tables (labels, tokens, clusters, cluster_totals) over `src`: the whole trace for the
-    background pass, one layer's rows for the direct expert view (expert.direct_view), by the same SQL."""
+    """The summary tables (labels, tokens, clusters, cluster_totals) over the whole trace `src`, for the
+    background pass (the direct expert view, expert.direct, counts one layer by its own query)."""
     cur.execute(f"""CREATE OR REPLACE TABLE {tables['labels']} AS
                     SELECT layer, expert, domain, lang, {BUCKET_SQL} AS bucket, count(*) AS n
                     FROM {src} GROUP BY ALL""")
@@ -133,7 +133,9 @@ class ExpertSummary:
         except Exception as e:  # shown to the page by the expert view, which cannot answer without it
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, MoelabError) else str(e)
         finally:
-            self.index.ready.set()  # also when the document index failed: nobody waits for nothing
+            if not self.index.ready.is_set():  # the document index failed first: no view may count from it
+                self.index.error = f"not built ({self.error})"
+            self.index.ready.set()  # nobody waits for nothing
             self.ready.set()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -84,13 +84,16 @@ def compiled_plan(backend: str):
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
-    """Hooks on the router (an intervention, a probe) run only through its __call__: such a call stays
-    eager, outside the compiled function."""
+    """Hooks on the router or inside it (an intervention, a probe) run only through eager module calls:
+    such a call stays eager, outside the compiled function, whose graph was traced without them. Inside
+    includes RMoE's shared recurrent core, which a router holds outside its children (`core`)."""
     m = torch.nn.modules.module
     local = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     glob = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")
-    return any(getattr(module, a, None) for a in local) or any(getattr(m, a, None) for a in glob)
+    core = getattr(module, "core", None)
+    parts = [*module.modules(), *(core.modules() if isinstance(core, torch.nn.Module) else ())]
+    return any(getattr(p, a, None) for p in parts for a in local) or any(getattr(m, a, None) for a in glob)
 
 
 def device_key(device: torch.device) -> str:

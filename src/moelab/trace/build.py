@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from moelab.config import MoelabError
+from moelab.model.routers import top_k_stable
 from moelab.trace.capture import CapturedLayer, RoutingRecorder
 from moelab.trace.io import TraceWriter
 from moelab.trace.schema import TraceMeta, check_probs, parse_probs, probs_topn
@@ -37,12 +38,14 @@ def keep_probs(captured: list[CapturedLayer], mode: str) -> list[CapturedLayer]:
     out = []
     for c in captured:
         r = c.routing
-        top = torch.topk(r.probs_TE, n, dim=1, sorted=True) if n else None
+        # Ties go to the lower expert, the router's own rule: torch.topk orders them arbitrarily (a uniform
+        # row came out as experts 44, 41, 42, ...), and float16/bf16 probabilities tie often.
+        top_TN = top_k_stable(r.probs_TE, n) if n else None
         out.append(dataclasses.replace(
             c, routing=r._replace(probs_TE=r.probs_TE.half() if mode == "full" else None, logits_TE=None),
             prob_TK=r.probs_TE.gather(1, r.expert_ids_TK).float(),
-            topn_ids_TN=None if top is None else top.indices.short(),
-            topn_probs_TN=None if top is None else top.values.float()))
+            topn_ids_TN=None if top_TN is None else top_TN.short(),
+            topn_probs_TN=None if top_TN is None else r.probs_TE.gather(1, top_TN).float()))
     return out
 
 

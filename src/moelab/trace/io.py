@@ -52,21 +52,28 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     be an object array of 1-D arrays when their lengths differ (layers with different E). Values are
     stored in the column's width: `probs` rounds to float16 here (schema.PROBS_TYPE)."""
     typ = field_type(name)
-    if isinstance(value, (pa.Array, pa.ChunkedArray)):
-        return value.cast(typ, safe=not pa.types.is_floating(typ.value_type))
     dtype = np.dtype(typ.value_type.to_pandas_dtype())
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        if dtype.kind == "i":  # ids: the same range rule as for numpy input, not Arrow's error
+            flat = pc.list_flatten(value)
+            lo, hi = pc.min_max(flat).values() if len(flat) else (None, None)
+            if not pa.types.is_integer(flat.type) or (lo is not None and not 0 <= lo.as_py() <= hi.as_py()
+                                                      <= np.iinfo(dtype).max):
+                raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
+        return value.cast(typ, safe=not pa.types.is_floating(typ.value_type))
     if rows is not None:
         rank0_R = np.zeros(len(rank0_R), dtype=bool)
         rank0_R[np.asarray(rows)] = True
     n_rank0 = int(rank0_R.sum())
     if isinstance(value, np.ndarray) and value.dtype == object and len(value) == n_rank0:
         lengths_P = np.fromiter(map(len, value), dtype=np.int64, count=len(value))
-        flat = np.concatenate(list(value)).astype(dtype) if len(value) else np.zeros(0, dtype)
+        flat = np.concatenate(list(value)) if len(value) else np.zeros(0, dtype)
+        _check_ids(flat, dtype, name)
+        with np.errstate(over="ignore"):
+            flat = flat.astype(dtype, copy=False)
     else:
         mat = np.asarray(value)
-        if dtype.kind == "i" and (mat.dtype.kind not in "iu" or mat.size and not 0 <= mat.min() <= mat.max()
-                                  <= np.iinfo(dtype).max):
-            raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
+        _check_ids(mat, dtype, name)
         with np.errstate(over="ignore"):  # a float16 overflow becomes inf, which no probability reaches
             mat = mat.astype(dtype, copy=False)
         if mat.ndim != 2 or mat.shape[0] not in (len(rank0_R), n_rank0):
@@ -78,6 +85,13 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     lengths[rank0_R] = lengths_P
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~rank0_R))
+
+
+def _check_ids(values: np.ndarray, dtype: np.dtype, name: str) -> None:
+    """An integer list column (expert ids) takes integers in 0..max of its type, never wrapped."""
+    if dtype.kind == "i" and (values.dtype.kind not in "iu" or values.size and not 0 <= values.min()
+                              <= values.max() <= np.iinfo(dtype).max):
+        raise MoelabError(f"trace column {name!r} holds expert ids (integers in 0..{np.iinfo(dtype).max})")
 
 
 def _plain_array(value: Any, n: int, name: str) -> pa.Array:
@@ -195,13 +209,18 @@ class TraceWriter:
         """Flush, then publish the trace and its sidecar. An empty trace is an error, not a file."""
         if self._closed:
             return
-        self._flush()
-        self._closed = True
-        if self._writer is None:
-            raise MoelabError(f"trace {self.path} would be empty: no rows were written")
-        self._writer.close()
         tmp_meta = Path(str(sidecar_path(self.path)) + ".tmp")
-        tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
+        try:
+            self._flush()
+            if self._writer is None:
+                raise MoelabError(f"trace {self.path} would be empty: no rows were written")
+            self._writer.close()
+            tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
+        except BaseException:  # the last flush (a full disk): the exit will not abort for us
+            self.abort()
+            tmp_meta.unlink(missing_ok=True)
+            raise
+        self._closed = True
         # The trace first: it carries its metadata, which the reader trusts over the sidecar, and a crash
         # between the two renames leaves an old sidecar that the reader reports as disagreeing.
         os.replace(self.tmp, self.path)
@@ -211,7 +230,11 @@ class TraceWriter:
         """Drop everything written so far: no partial trace is ever left at `path`."""
         self._closed = True
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:  # closing writes the footer: on a full disk that fails too; the file goes anyway
+                pass
+            self._writer = None
         self.tmp.unlink(missing_ok=True)
 
 
@@ -244,8 +267,8 @@ def _list_to_numpy(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     elif flat.dtype.kind in "iu" and flat.dtype != np.int16:
         flat = fit_dtype(flat, "expert", "trace list column")  # ids, range-checked into int16
     lengths = pc.list_value_length(arr).drop_null().to_numpy(zero_copy_only=False)
-    if not len(lengths):
-        return np.zeros((0, 0), np.float32), rows
+    if not len(lengths):  # no rank-0 row in this batch: still the column's dtype (int16 ids stay integers)
+        return np.zeros((0, 0), flat.dtype), rows
     if np.all(lengths == lengths[0]):
         return flat.reshape(len(lengths), int(lengths[0])), rows
     out = np.empty(len(lengths), dtype=object)

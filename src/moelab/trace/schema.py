@@ -212,6 +212,7 @@ class TraceMeta:
                 mode = parse_probs(self.probs_mode)
             except MoelabError:
                 raise MoelabError(f"trace meta probs_mode={self.probs_mode!r} is not {PROBS_MODES}") from None
+            self.probs_mode = mode  # canonical: validate.py and the explorer read "top:N" as written
             if (probs_topn(mode) or 0) > min(self.num_experts):
                 raise MoelabError(f"trace meta probs_mode={mode!r} keeps more than the {min(self.num_experts)} "
                                   f"experts of a layer")

@@ -208,9 +208,12 @@ function distributionHTML(d, t, layer) {
     if (x.probs) {
       body = bars(x.probs, x.probs.map((_, e) => e), chosen, Math.max(1, Math.min(6, Math.floor(300 / E))));
       label = `H = ${num(x.entropy, 3)} nats`;
-    } else {
+    } else if (x.topn) {
       body = bars(x.topn.probs, x.topn.experts, chosen, 8);
       label = `top ${x.topn.probs.length} of ${E}`;
+    } else {  // another writer may leave a layer's list null: that layer alone has nothing to draw
+      body = "";
+      label = "not stored at this layer";
     }
     return `<div class="dist${x.layer === layer ? " cur" : ""}" data-layer="${esc(x.layer)}"><span class="dl">layer ${esc(x.layer)} · ` +
       `<span class="h" data-entropy="${x.entropy ?? ""}">${label}</span></span><span class="bars">${body}</span></div>`;
