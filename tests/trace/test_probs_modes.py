@@ -240,3 +240,13 @@ def test_a_damaged_probs_page_is_a_one_line_error(tmp_path):
     with pytest.raises(MoelabError, match="row group 0 is unreadable: .*CRC") as e:
         list(open_trace(tmp_path / "bad.parquet").iter_batches(columns=["probs"]))
     assert "\n" not in str(e.value)
+
+
+def test_a_top_n_trace_without_the_record_reads_its_n_from_the_rows(tmp_path):
+    t = write_topn(tmp_path / "t.parquet", [[0, 1], [1, 0]], [[0.5, 0.2], [0.6, 0.1]])
+    meta = TraceMeta.from_json(t.meta.to_json())
+    meta.probs_mode = None  # another writer: top-N columns, no record of N
+    table = pq.read_table(t.path).replace_schema_metadata({META_KEY: meta.to_json()})
+    pq.write_table(table, t.path)
+    (tmp_path / "t.parquet.json").write_text(meta.to_json())
+    assert open_trace(t.path).probs_mode == "top:2"

@@ -305,8 +305,11 @@ class Trace:
         else what the columns show (a trace written before the record existed: "full" or "none")."""
         if self.meta.probs_mode is not None:
             return self.meta.probs_mode
-        if "topn_probs" in self.optional:
-            return "top:N"  # another writer's top-N columns without the record: N is only in the rows
+        if "topn_probs" in self.optional:  # another writer's top-N columns without the record: N from the rows
+            for rb in self._file.iter_batches(batch_size=4096, columns=["topn_probs"]):
+                lengths = pc.drop_null(pc.list_value_length(rb.column(0)))
+                if len(lengths):
+                    return f"top:{int(pc.max(lengths).as_py())}"
         return "full" if "probs" in self.optional else "none"
 
     def _plan(self, columns: list[str]) -> list[str]:

@@ -373,7 +373,7 @@ function showPage(doc, start, tokens, truncated, focusPos, scroll = true) {
 async function openPlace(doc, docPos, layer) {
   selectView("text");
   S.layer = layer;
-  const page = S.pageSize || 4096;
+  const page = S.pageSize || S.info.page_tokens;  // the server's page, before any text was opened
   await openDoc(doc, docPos - (docPos % page), docPos);
 }
 
