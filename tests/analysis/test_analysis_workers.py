@@ -217,3 +217,5 @@ def test_finalisation_jobs_run_in_workers_keep_their_order_and_raise_their_error
 
     with pytest.raises(MoelabError, match="job two failed"):
         run_jobs({"ok": lambda: 1, "bad": bad}, 2)
+    with pytest.raises(MoelabError, match="stopped while finalising 'dies'.*fewer --workers"):  # not a hang
+        run_jobs({"ok": lambda: 1, "dies": lambda: os._exit(9)}, 2)

@@ -207,16 +207,27 @@ def _run_job(name: str) -> tuple[str, Any]:
 
 def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]:
     """name -> job() for independent, deterministic jobs, over `workers` forked processes (each job's
-    result is sent back; the jobs themselves are inherited by the fork, never pickled). In dict order,
-    largest first, so the pool balances them; serially here for one worker or where fork is unavailable.
-    The results are those of the serial loop: each job seeds its own draws."""
+    result is sent back; the jobs themselves are inherited by the fork, never pickled). Handed out in dict
+    order, so put the largest first; serially here for one worker or where fork is unavailable. The
+    results are those of the serial loop: each job seeds its own draws. A worker that dies (out of
+    memory) is an error naming the job, not a hang."""
     if workers <= 1 or len(jobs) < 2 or "fork" not in mp.get_all_start_methods():
         return {name: job() for name, job in jobs.items()}
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     _JOBS.clear()
     _JOBS.update(jobs)
+    out: dict[str, Any] = {}
     try:
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            out = dict(pool.imap_unordered(_run_job, list(jobs), chunksize=1))
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+            futures = {name: pool.submit(_run_job, name) for name in jobs}
+            for name, future in futures.items():
+                try:
+                    out[name] = future.result()[1]
+                except BrokenProcessPool:
+                    raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? try "
+                                      "fewer --workers)") from None
     finally:
         _JOBS.clear()
-    return {name: out[name] for name in jobs}
+    return out
