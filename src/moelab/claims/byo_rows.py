@@ -199,8 +199,10 @@ def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str]
         res = ClaimResult(
             row=r0.row, paper=r0.paper, claim=r0.claim, paper_number=r0.paper_number,
             measured=r0.measured.replace("95% interval: bootstrap over held-out sequences.",
-                                         "Null: mean over the models. 95% interval: t over the models (seeds); each "
-                                         "model's bootstrap over held-out sequences in details."),
+                                         "Null: mean over the models. Per model, its value minus its own null plus "
+                                         "that mean (each model paired with its own null). 95% interval: t over the "
+                                         "models (seeds); each model's value, null and bootstrap over held-out "
+                                         "sequences in details."),
             measure=dataclasses.replace(r0.measure, null=null), test=r0.test, setup=setup, seeds=len(rs),
             details={"per_seed": per_seed}, note=r0.note, command=command,
             seed_values=[r.measure.value - r.measure.null + null for r in rs],
