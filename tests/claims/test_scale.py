@@ -149,6 +149,10 @@ def test_gpu_results_and_about_read_back(tmp_path):
     results, caption = sc.read_gpu(tmp_path)
     assert set(results) == {"b-row"} and "NVIDIA H200, 2026-12-05 10:00 UTC" in caption and "abc" in caption
     assert sc.read_gpu(tmp_path / "none") == ({}, "")
+    for damaged in ('{"group": "base", "dev', '{"group": "base"}', '[1]'):  # cut short, a key missing, a list
+        (tmp_path / sc.ABOUT / "base.json").write_text(damaged)
+        with pytest.raises(MoelabError, match="base.json is not a gpu group's about file"):
+            sc.read_gpu(tmp_path)
 
 
 def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, monkeypatch, one_torch_thread):

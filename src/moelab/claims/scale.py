@@ -226,7 +226,9 @@ def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict
                                                      "dropped", "tokens", "per_domain_tokens")}}
         path = Path(folder) / ABOUT / f"{group}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(about, indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")  # never half a file: read_gpu reads every about/*.json
+        tmp.write_text(json.dumps(about, indent=1) + "\n")
+        tmp.replace(path)
         out.append(path)
     return out
 
@@ -240,7 +242,17 @@ def read_gpu(folder: str | Path) -> tuple[dict, str]:
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.glob("*.json")):
         return {}, ""
-    abouts = [json.loads(p.read_text()) for p in sorted((folder / ABOUT).glob("*.json"))]
-    said = "; ".join(f"{a['group']}: {a['device']}, {a['date']}, torch {a['torch']}, {a['describe']}, corpus "
-                     f"python-large {a['corpus']['fingerprint']}" for a in abouts)
+    said = "; ".join(_about_line(p) for p in sorted((folder / ABOUT).glob("*.json")))
     return read_results(folder), f"GPU scale ({said or 'no about/ files: device and date unknown'})."
+
+
+def _about_line(path: Path) -> str:
+    """One group's provenance from its about/GROUP.json; a damaged file is one clear error."""
+    import json
+
+    try:
+        a = json.loads(path.read_text())
+        return (f"{a['group']}: {a['device']}, {a['date']}, torch {a['torch']}, {a['describe']}, corpus "
+                f"python-large {a['corpus']['fingerprint']}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MoelabError(f"{path} is not a gpu group's about file ({type(e).__name__}: {e})") from None
