@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moelab.claims.fingerprint import code_version, preset_contents
 from moelab.claims.layerwise import depth_trend
 from moelab.claims.models import final
-from moelab.claims.preconditions import late_slope
+from moelab.claims.preconditions import mean_curve, settled
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.rmoe8 import MODEL, describe
@@ -147,15 +147,9 @@ def measure_seed(ws: Workspace, pair: dict[str, Path], tokens: int) -> tuple[np.
 def converged(curves: list[np.ndarray], layers: int) -> Precondition:
     """Mixtral's regime: a trained model, not one still moving. The upcycled MoE's training loss (mean
     over seeds) has a last-20% slope whose interval holds 0, and there are layers to order."""
-    steps = sorted(set.intersection(*[set(c[:, 0]) for c in curves]))
-    mean = np.array([np.mean([dict(map(tuple, c))[s] for c in curves]) for s in steps])
-    slope, lo, hi = late_slope(np.column_stack([steps, mean]))
-    flat = bool(math.isfinite(lo) and lo <= 0 <= hi)
-    return Precondition(
-        needs=f">= {MIN_LAYERS} MoE layers and the upcycled MoE's training loss settled (last-20% slope interval "
-              "holding 0)",
-        measured=f"{layers} MoE layers; slope {slope:+.3f} nats per 1000 steps [{lo:+.3f}, {hi:+.3f}]",
-        met=flat and layers >= MIN_LAYERS)
+    flat = settled(mean_curve(curves), "the upcycled MoE's training loss (mean over seeds)")
+    return Precondition(needs=f">= {MIN_LAYERS} MoE layers and {flat.needs}",
+                        measured=f"{layers} MoE layers; {flat.measured}", met=flat.met and layers >= MIN_LAYERS)
 
 
 @row("closer-dense-reference", "A Closer Look")
