@@ -235,8 +235,6 @@ def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict
 
 def read_gpu(folder: str | Path) -> tuple[dict, str]:
     """(the gpu results, a caption naming each group's device, date and corpus), or ({}, "") when none."""
-    import json
-
     from moelab.claims.record import read_results
 
     folder = Path(folder)
