@@ -2,12 +2,18 @@
 
 import dataclasses
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moelab.claims.verdict import VERDICTS
 from moelab.claims.workspace import Scale, Workspace
+
+# The helpers beside the tests (runner_loader, byo_models): --import-mode=importlib puts no test folder on
+# sys.path, so a module importing them worked only after test_byo.py had inserted it (run alone, it failed).
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="module")

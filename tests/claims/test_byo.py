@@ -274,8 +274,11 @@ def test_seeds_take_the_tables_rule_over_models(ws, models, tmp_path):
              save_hf(root / "t6", "mixtral", 6, tokenizer(), edit=token_only)]
     _, results, skipped = run_byo([str(m) for m in token], ws, tmp_path / "token", tokens=TOKENS, seeds=True)
     vocab = rows(results)["olmoe-vocab-specialisation"]
-    # three runs, each exactly 1 (a token-only router): the t-interval over them is [1, 1], far beyond the null
-    assert vocab.seeds == 3 and vocab.seed_values == pytest.approx([1.0] * 3) and vocab.verdict == "reproduced"
+    # three runs, each exactly 1 (a token-only router), each paired with its own null: far beyond the null
+    each = vocab.details["per_seed"]
+    assert [p["value"] for p in each] == pytest.approx([1.0] * 3) and vocab.verdict == "reproduced"
+    mean_null = np.mean([p["null"] for p in each])
+    assert vocab.seeds == 3 and vocab.seed_values == pytest.approx([1.0 - p["null"] + mean_null for p in each])
     assert [p["model"] for p in vocab.details["per_seed"]] == [str(m) for m in token]
     assert vocab.details["this_model"]["reading"] == "3 of 3 beyond the null by the margin"
     assert vocab.measure.null == pytest.approx(np.mean([p["null"] for p in vocab.details["per_seed"]]))
@@ -286,3 +289,47 @@ def test_seeds_take_the_tables_rule_over_models(ws, models, tmp_path):
     assert rows(results)["olmoe-vocab-specialisation"].verdict == "not reproduced"  # value 1 = its null 1
     _, two, _ = run_byo([str(m) for m in blind[:2]], ws, tmp_path / "two", tokens=TOKENS, seeds=True)
     assert {r.verdict for r in two} == {"too few seeds"}
+
+
+def test_seeds_pair_each_model_with_its_own_null():
+    """Planted: three models whose values sit 0.1 above their own, different, nulls are beyond the null by
+    the margin; three that sit at their own nulls are not. A t-interval over the raw values against the
+    mean null read both as undecided (the nulls' spread counted as the effect's)."""
+    from moelab.claims.byo_rows import _result, over_seeds
+    from moelab.claims.verdict import Claim, Measure
+
+    def models(values, nulls):
+        return [[_result("olmoe-vocab-specialisation", "OLMoE", "c", "m. 95% interval: bootstrap over held-out "
+                         "sequences.", Measure(v, v - 0.01, v + 0.01, n), Claim("greater", 0.05), "s", "cmd", {}, "")]
+                for v, n in zip(values, nulls)]
+
+    nulls = [0.5, 0.1, 0.3]
+    (above,) = over_seeds(models([0.6, 0.21, 0.39], nulls), ["a", "b", "c"], "s", "cmd")
+    assert above.measure.null == pytest.approx(0.3) and above.seed_values == pytest.approx([0.4, 0.41, 0.39])
+    assert above.verdict == "reproduced"
+    (at_null,) = over_seeds(models([0.5, 0.11, 0.29], nulls), ["a", "b", "c"], "s", "cmd")
+    assert at_null.verdict == "not reproduced" and at_null.measure.ci_high - 0.3 < 0.05
+    assert [p["value"] for p in at_null.details["per_seed"]] == [0.5, 0.11, 0.29]  # the raw values kept
+
+
+def test_write_with_no_row_measured_and_no_stale_rows(tmp_path):
+    """No row with a number (a family whose experts cannot run alone, too few tokens) still writes the table
+    saying why (it raised FileNotFoundError: only a result created the folder); a row this run skipped
+    loses the result an earlier run left in the same folder."""
+    from moelab.claims.byo import Brought
+    from moelab.claims.byo_rows import _result
+    from moelab.claims.byo_run import write
+    from moelab.claims.verdict import Claim, Measure
+
+    m = Brought("some/model", tmp_path, "hf", "f" * 20, (4, 4), 2)
+    out = tmp_path / "fresh" / "out"
+    write(out, [m], [], {"olmoe-vocab-specialisation": "no token ID is seen 8 times"})
+    assert "no token ID is seen 8 times" in (out / "CLAIMS.md").read_text()
+    assert json.loads((out / "models.json").read_text())[0]["fingerprint"] == "f" * 20
+    old = _result("olmoe-saturation", "OLMoE", "c", "m", Measure(0.9, 0.8, 1.0, 0.2), Claim("greater", 0.4), "s",
+                  "cmd", {}, "")
+    write(out, [m, m], [old], {})
+    assert (out / "results" / "olmoe-saturation.json").is_file()
+    write(out, [m], [], {"olmoe-saturation": "one checkpoint given"})
+    assert not (out / "results" / "olmoe-saturation.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["CLAIMS.md", "models.json", "results"]

@@ -51,3 +51,18 @@ def test_snapshot_and_null_preconditions_with_hand_numbers():
     assert snapshot_near_final(4.5, 4.41, 8.3).met
     assert beyond_null(Measure(0.3, 0.25, 0.35, 0.2), "routing").met
     assert not beyond_null(Measure(0.21, 0.19, 0.23, 0.2), "routing").met
+
+
+def test_dense_reference_regime_by_the_same_rule():
+    """closer-dense-reference's precondition: the upcycled MoE's mean training curve settled (the rule of the
+    loss rows, on one curve) and enough layers; a curve still falling, or too few layers, is unmet."""
+    from moelab.claims.rows_denseref import MIN_LAYERS, converged
+
+    rng = np.random.default_rng(3)
+    falling = [_curve(rng, 4.4, 3.0, 400) for _ in range(3)]
+    done = [_curve(rng, 4.4, 3.0, 30) for _ in range(3)]
+    ref = late_slope(np.column_stack([STEPS, np.mean([c[:, 1] for c in falling], axis=0)]))
+    pre = converged(falling, 8)
+    assert not pre.met and f"[{ref[1]:+.3f}, {ref[2]:+.3f}]" in pre.measured and "8 MoE layers" in pre.measured
+    assert converged(done, 8).met and not converged(done, MIN_LAYERS - 1).met
+    assert converged(done, 8).needs.startswith(f">= {MIN_LAYERS} MoE layers and the upcycled MoE's training loss")

@@ -91,3 +91,36 @@ def test_the_same_push_at_every_layer_has_no_trend():
 
 def test_registered():
     assert all_rows()["closer-dense-reference"].paper == "A Closer Look"
+
+
+def test_upcycled_init_rebuilds_when_the_moe_preset_changes_and_tokens_are_cut(ws, monkeypatch):
+    """The upcycled checkpoint's cache key held the dense run's key and the preset's name only: an edited
+    tiny-moe preset (or upcycling code) served the old checkpoint. And the caption's token count is the
+    count averaged: a batch that passes it is cut, not averaged whole."""
+    import json
+
+    from moelab.claims import rows_denseref as rd
+    from moelab.claims.workspace import STAMP
+
+    p = rd.upcycled_pair(ws, 0)
+    init = ws.root / "upcycled" / "denseref8-init-s0"
+    key = json.loads((init / STAMP).read_text())["key"]
+    real = getattr(rd, "preset_contents", lambda name: {})
+    monkeypatch.setattr(rd, "preset_contents", lambda name: {**real(name), "edited": name == "tiny-moe"},
+                        raising=False)
+    rd.upcycled_pair(ws, 0)
+    assert json.loads((init / STAMP).read_text())["key"] != key
+    monkeypatch.undo()
+
+    from moelab.data.objectives import iter_sequential
+    from moelab.data.shards import load_corpus
+    from moelab.train.checkpoint import load_model
+
+    moe, dense = load_model(rd.final(p["moe"])).eval(), load_model(rd.final(p["dense"])).eval()
+    batch = next(iter(iter_sequential(load_corpus(ws.corpus()), seq_len=ws.scale.seq_len,
+                                      batch_size=ws.scale.batch_size, split="heldout")))
+    n = batch["input_ids"].numel() - 7  # inside the first batch
+    to_dense, between = dense_reference_similarity(moe, dense, batch["input_ids"])
+    got = rd.measure_seed(ws, p, n)
+    assert np.allclose(got[0], to_dense[:, :n].mean(1)) and np.allclose(got[1], between[:, :n].mean(1))
+    assert not np.allclose(got[0], to_dense.mean(1))  # the whole batch is another number

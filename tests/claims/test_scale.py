@@ -61,10 +61,32 @@ def test_groups_cover_rows_by_module():
     rows = all_rows()
     expanded = sc.expand_groups(["upcycle", "rmoe8"])
     assert expanded[0] == "upcycle-specialises-less"
-    rmoe8 = {n for n, r in rows.items() if r.fn.__module__.endswith(("rows_rmoe", "rows_closer"))}
+    rmoe8 = {n for n, r in rows.items() if r.fn.__module__.endswith(("rows_rmoe", "rows_closer", "rows_layers"))}
     assert set(expanded[1:]) == rmoe8
     assert set(sc.expand_groups(list(sc.GROUPS))) == set(rows)  # every row is in one group
     assert sc.expand_groups(["openmoe-moe-beats-dense"]) == ["openmoe-moe-beats-dense"]
+
+
+def test_every_row_module_is_named_and_rows_sharing_runs_share_a_scale():
+    """A module in no group used to fall back to "base": at the gpu scale the OLMoE per-layer rows and the
+    depth scan trained the rmoe8 runs at the base group's 480 steps (the rmoe8 group's are 120), at the same
+    folders, so each group retrained the other's models and the per-layer rows read other models than
+    the RMoE rows they say they share."""
+    from moelab.claims.registry import MODULES
+
+    named = [m for ms in sc.GROUPS.values() for m in ms]
+    assert sorted(named) == sorted(MODULES) and len(set(named)) == len(named)
+    rmoe8_rows = sc.group_of("moelab.claims.rows_rmoe")
+    for module in ("rows_layers", "rows_depth"):  # they read rmoe8_run's models (depth 8: the same runs)
+        g = sc.group_of(f"moelab.claims.{module}")
+        for profile in sc.PROFILES:
+            assert sc.scale_for(profile, g) == sc.scale_for(profile, rmoe8_rows)
+    assert sc.group_of("moelab.claims.rows_chatdrop") == "base"  # the base tiny-moe runs
+    with pytest.raises(MoelabError, match="rows_unnamed"):
+        sc.group_of("moelab.claims.rows_unnamed")
+    w = sc.workload("depth", sc.scale_for("gpu", "depth"))
+    assert w["runs"] == {"rmoe2": 6, "rmoe4": 6, "rmoe8": 6}  # 3 depths x linear, GRU x 3 seeds
+    assert sc.workload("denseref", sc.scale_for("gpu", "denseref"))["runs"] == {"rmoe8": 3}
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -127,6 +149,10 @@ def test_gpu_results_and_about_read_back(tmp_path):
     results, caption = sc.read_gpu(tmp_path)
     assert set(results) == {"b-row"} and "NVIDIA H200, 2026-12-05 10:00 UTC" in caption and "abc" in caption
     assert sc.read_gpu(tmp_path / "none") == ({}, "")
+    for damaged in ('{"group": "base", "dev', '{"group": "base"}', '[1]'):  # cut short, a key missing, a list
+        (tmp_path / sc.ABOUT / "base.json").write_text(damaged)
+        with pytest.raises(MoelabError, match="base.json is not a gpu group's about file"):
+            sc.read_gpu(tmp_path)
 
 
 def test_gpu_profile_at_smoke_size_trains_and_traces_on_the_device(tmp_path, monkeypatch, one_torch_thread):

@@ -182,7 +182,12 @@ def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str]
                command: str) -> list[ClaimResult]:
     """Each row over independently trained models: the table's rule (a t-interval over the per-model values,
     3 or more to sign a verdict, `record.ClaimResult`) against the models' mean null; each model's own
-    held-out-text interval and reading in details."""
+    held-out-text interval and reading in details.
+
+    Each model has its own null (its own load), so a model's value is paired with it: the per-model value
+    is its excess over its own null, shifted by the mean null (value_i - null_i + mean null) so that it
+    reads in the value's units. A t-interval over raw values against the mean null counts the spread of
+    the nulls as if it were none, and reads models that all sit at their own nulls as undecided."""
     out = []
     for r0 in per_model[0]:
         rs = [next((r for r in rows if r.row == r0.row), None) for rows in per_model]
@@ -194,10 +199,13 @@ def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str]
         res = ClaimResult(
             row=r0.row, paper=r0.paper, claim=r0.claim, paper_number=r0.paper_number,
             measured=r0.measured.replace("95% interval: bootstrap over held-out sequences.",
-                                         "Null: mean over the models. 95% interval: t over the models (seeds); each "
-                                         "model's bootstrap over held-out sequences in details."),
+                                         "Null: mean over the models. Per model, its value minus its own null plus "
+                                         "that mean (each model paired with its own null). 95% interval: t over the "
+                                         "models (seeds); each model's value, null and bootstrap over held-out "
+                                         "sequences in details."),
             measure=dataclasses.replace(r0.measure, null=null), test=r0.test, setup=setup, seeds=len(rs),
-            details={"per_seed": per_seed}, note=r0.note, command=command, seed_values=[r.measure.value for r in rs],
+            details={"per_seed": per_seed}, note=r0.note, command=command,
+            seed_values=[r.measure.value - r.measure.null + null for r in rs],
             precondition=r0.precondition)
         beyond = sum(p["reading"] == READING[REPRODUCED] for p in per_seed)
         res.details["this_model"] = {"reading": f"{beyond} of {len(rs)} beyond the null by the margin",

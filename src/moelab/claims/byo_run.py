@@ -103,12 +103,25 @@ def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], 
           seeds: bool = False) -> None:
     from moelab.claims.byo_table import render_byo
 
+    res = out / "results"
+    res.mkdir(parents=True, exist_ok=True)  # also when no row gave a number: the table says why
     for r in results:
-        write_result(r, out / "results")
-    (out / "models.json").write_text(json.dumps(
+        write_result(r, res)
+    for row in skipped:  # an earlier run's result of a row this run did not measure is not this model's
+        (res / f"{row}.json").unlink(missing_ok=True)
+    _write_text(out / "models.json", json.dumps(
         [{"label": m.label, "kind": m.kind, "folder": str(m.folder), "fingerprint": m.fingerprint,
           "experts": list(m.experts), "top_k": m.top_k} for m in models], indent=1) + "\n")
-    (out / "CLAIMS.md").write_text(render_byo(models, results, skipped, seeds))
+    _write_text(out / "CLAIMS.md", render_byo(models, results, skipped, seeds))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a failed write leaves the previous file, never half of one."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main_hf(args) -> int:

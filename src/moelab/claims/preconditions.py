@@ -60,21 +60,41 @@ def late_slope(curve_T2: np.ndarray, frac: float = 0.2, level: float = 0.95) -> 
     return slope, slope - half, slope + half
 
 
-def gap_settled(worse: Sequence[np.ndarray], better: Sequence[np.ndarray], frac: float = 0.2) -> Precondition:
-    """The compared models' training-loss gap (worse minus better, per step, mean over seeds) has a slope
-    over the last `frac` of training whose interval holds 0: the comparison is not still moving."""
-    steps = sorted(set.intersection(*[set(c[:, 0]) for c in (*worse, *better)]))
-    gap = np.array([np.mean([dict(map(tuple, w))[s] - dict(map(tuple, b))[s] for w, b in zip(worse, better)])
-                    for s in steps])
-    slope, lo, hi = late_slope(np.column_stack([steps, gap]), frac)
-    met = bool(math.isfinite(lo) and lo <= 0 <= hi)
+def _common_steps(curves: Sequence[np.ndarray]) -> np.ndarray:
+    return np.array(sorted(set.intersection(*[set(c[:, 0]) for c in curves])), np.float64)
+
+
+def _values(curve_T2: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    at = dict(map(tuple, curve_T2))
+    return np.array([at[s] for s in steps], np.float64)
+
+
+def mean_curve(curves: Sequence[np.ndarray]) -> np.ndarray:
+    """(step, mean value over the curves) on the steps every curve logged."""
+    steps = _common_steps(curves)
+    return np.column_stack([steps, np.mean([_values(c, steps) for c in curves], axis=0)])
+
+
+def settled(curve_T2: np.ndarray, what: str, frac: float = 0.2) -> Precondition:
+    """`what`, a (step, value) curve, has a slope over the last `frac` of its steps whose 95% interval
+    holds 0: it is not still moving. One rule for every row that asks for a settled run."""
+    slope, lo, hi = late_slope(curve_T2, frac)
+    steps = curve_T2[:, 0]
     return Precondition(
-        needs=f"a training-loss gap that has stopped moving (slope over the last {frac:.0%} of steps with a 95% "
-              "interval holding 0)",
+        needs=f"{what} that has stopped moving (slope over the last {frac:.0%} of steps with a 95% interval "
+              "holding 0)",
         measured=(f"slope {slope:+.3f} nats per 1000 steps [{lo:+.3f}, {hi:+.3f}] over steps >= "
                   f"{steps[-1] - frac * (steps[-1] - steps[0]):.0f}" if math.isfinite(slope)
                   else "too few logged steps to fit a slope"),
-        met=met)
+        met=bool(math.isfinite(lo) and lo <= 0 <= hi))
+
+
+def gap_settled(worse: Sequence[np.ndarray], better: Sequence[np.ndarray], frac: float = 0.2) -> Precondition:
+    """The compared models' training-loss gap (worse minus better, per step, mean over seeds) has a slope
+    over the last `frac` of training whose interval holds 0: the comparison is not still moving."""
+    steps = _common_steps([*worse, *better])
+    gap = np.mean([_values(w, steps) - _values(b, steps) for w, b in zip(worse, better)], axis=0)
+    return settled(np.column_stack([steps, gap]), "a training-loss gap", frac)
 
 
 def snapshot_near_final(snap_loss: float, final_loss: float, first_loss: float, share: float = 0.9) -> Precondition:

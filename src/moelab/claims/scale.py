@@ -2,8 +2,12 @@
 
 A row group is the rows that share trained models (`GROUPS`, by the module the row lives in): the base
 runs (3 seeds of tiny-moe and tiny-dense), the 8-layer RMoE models (4 router variants x 3 seeds, which
-the Closer Look rows reuse), and upcycling. On a GPU each group is meant as one run of at most 8 minutes
-on one H200, corpus build included (a fresh machine has no cache).
+the Closer Look and OLMoE per-layer rows reuse), RMoE's depth scan (2 and 4 blocks beside the 8-block
+runs, at the rmoe8 group's steps so that depth 8 is the same cache entry), the dense-reference upcycling
+at 8 blocks, and upcycling. Every row module is named: a row sized by another group's scale would train
+its shared runs at other steps (another cache key at the same folder: the runs are retrained, and the
+rows that share them no longer read one model). On a GPU each group is meant as one run of at most 8
+minutes on one H200, corpus build included (a fresh machine has no cache).
 
 The GPU sizes rest on ASSUMED speeds (`ASSUMED`), not measured ones: no GPU was lent when they were
 set. They are deliberately slow guesses. The tiny models are launch-bound on a GPU (d_model 128: a step's
@@ -26,15 +30,19 @@ from moelab.config import MoelabError
 PROFILES = ("cpu", "gpu")
 # group -> the row modules whose rows it holds
 GROUPS = {
-    "base": ("rows_openmoe", "rows_turns", "rows_olmoe", "rows_intervene"),
-    "rmoe8": ("rows_rmoe", "rows_closer"),
+    "base": ("rows_openmoe", "rows_turns", "rows_chatdrop", "rows_olmoe", "rows_intervene"),
+    "rmoe8": ("rows_rmoe", "rows_closer", "rows_layers"),
+    "depth": ("rows_depth",),
+    "denseref": ("rows_denseref",),
     "upcycle": ("rows_upcycle",),
 }
 GPU_BUDGET_MIN = 8.0
 
 # One H200, bf16 autocast (train.dtype=auto on CUDA). ASSUMED, not measured (see the module docstring).
 ASSUMED = {
-    "step_s": {"tiny": 0.060, "rmoe8": 0.100},  # s per optimizer step at 128 x 256 tokens
+    # s per optimizer step at 128 x 256 tokens; launch-bound, so by blocks: the 2- and 4-block RMoE of the
+    # depth scan at about the 4-block tiny models' time and two thirds of it
+    "step_s": {"tiny": 0.060, "rmoe8": 0.100, "rmoe4": 0.060, "rmoe2": 0.040},
     "corpus_build_s": 150.0,  # python-large: read, split docstrings, train BPE, tokenize (16 cores)
     "per_run_s": 4.0,  # model build, end-of-run evaluation, checkpoints
     "device_tokens_per_s": 1_000_000,  # tracing forward (fp32) + Parquet writing
@@ -47,7 +55,7 @@ HELDOUT_TOKENS = 110_000
 
 _GPU_COMMON = dict(seq_len=256, batch_size=128, vocab_size=4096, eval_tokens=32768, trace_tokens=0, seeds=3,
                    corpus="python-large", corpus_bytes=0, corpus_math=200_000)
-GPU_STEPS = {"base": 480, "rmoe8": 120, "upcycle": 480}
+GPU_STEPS = {"base": 480, "rmoe8": 120, "depth": 120, "denseref": 480, "upcycle": 480}  # depth: rmoe8's
 
 
 def group_of(module: str) -> str:
@@ -56,7 +64,8 @@ def group_of(module: str) -> str:
     for group, modules in GROUPS.items():
         if short in modules:
             return group
-    return "base"  # a row module added later shares the base runs unless it is named here
+    # No default: a silent "base" sized the 8-layer rows by the base runs' steps at the gpu scale.
+    raise MoelabError(f"row module {short!r} is in no row group of claims/scale.py (GROUPS)")
 
 
 def scale_for(profile: str, group: str = "base", *, smoke: bool = False) -> Scale:
@@ -105,7 +114,19 @@ def workload(group: str, s: Scale, heldout: int = HELDOUT_TOKENS) -> dict:
         runs = {"rmoe8": 4 * s.seeds}
         traced = 2 * s.seeds * held + s.seeds * 16384
         cpu = {"rmoe8": 3 * 2 * s.seeds * heldout}
-        rows = traced * 8 * 2
+        rows = traced * 8 * 2 + s.seeds * held * 8 * 2  # + the OLMoE per-layer rows' analysis of linear
+    elif group == "depth":  # linear and GRU at each depth x seeds (depth 8: the rmoe8 runs); held-out losses
+        from moelab.claims.rows_depth import DEPTHS
+
+        runs = {f"rmoe{d}": 2 * s.seeds for d in DEPTHS}
+        traced, rows = 0, 0
+        cpu = {"rmoe8": len(DEPTHS) * 2 * s.seeds * heldout}  # every depth costed as 8 blocks
+    elif group == "denseref":  # per seed: 8-block dense half + upcycled MoE half = 1 run of steps; every expert
+        from moelab.claims.rows_denseref import TOKENS  # and the dense FFN on TOKENS held-out tokens
+
+        runs = {"rmoe8": s.seeds}
+        traced, rows = 0, 0
+        cpu = {"rmoe8": s.seeds * min(s.trace_tokens or TOKENS, TOKENS) * 9}  # 16 experts of 2 active: ~8x
     elif group == "upcycle":  # per seed: dense half + upcycled half + scratch whole = 2 runs of steps
         runs = {"tiny": 2 * s.seeds}
         traced = 2 * s.seeds * held
@@ -205,21 +226,31 @@ def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict
                                                      "dropped", "tokens", "per_domain_tokens")}}
         path = Path(folder) / ABOUT / f"{group}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(about, indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")  # never half a file: read_gpu reads every about/*.json
+        tmp.write_text(json.dumps(about, indent=1) + "\n")
+        tmp.replace(path)
         out.append(path)
     return out
 
 
 def read_gpu(folder: str | Path) -> tuple[dict, str]:
     """(the gpu results, a caption naming each group's device, date and corpus), or ({}, "") when none."""
-    import json
-
     from moelab.claims.record import read_results
 
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.glob("*.json")):
         return {}, ""
-    abouts = [json.loads(p.read_text()) for p in sorted((folder / ABOUT).glob("*.json"))]
-    said = "; ".join(f"{a['group']}: {a['device']}, {a['date']}, torch {a['torch']}, {a['describe']}, corpus "
-                     f"python-large {a['corpus']['fingerprint']}" for a in abouts)
+    said = "; ".join(_about_line(p) for p in sorted((folder / ABOUT).glob("*.json")))
     return read_results(folder), f"GPU scale ({said or 'no about/ files: device and date unknown'})."
+
+
+def _about_line(path: Path) -> str:
+    """One group's provenance from its about/GROUP.json; a damaged file is one clear error."""
+    import json
+
+    try:
+        a = json.loads(path.read_text())
+        return (f"{a['group']}: {a['device']}, {a['date']}, torch {a['torch']}, {a['describe']}, corpus "
+                f"python-large {a['corpus']['fingerprint']}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MoelabError(f"{path} is not a gpu group's about file ({type(e).__name__}: {e})") from None

@@ -6,6 +6,7 @@ import math
 from typing import Mapping, Sequence
 
 from moelab.claims.record import ClaimResult
+from moelab.claims.scale import GROUPS
 from moelab.claims.verdict import VERDICTS
 
 PAPERS = ("OpenMoE", "RMoE", "A Closer Look", "OLMoE", "Sparse upcycling", "Interventions")
@@ -115,7 +116,7 @@ GPU_WAITING = ("**GPU scale: waits for a GPU.** The `gpu` profile trains every m
                "(15.7M per tiny model) from `python-large`, a corpus of about 55M tokens built offline from the "
                "installed stdlib and 18 named packages (deduplicated, docstrings as prose, held-out split by file, "
                "a content fingerprint); method, measured sizes and the time plan in `docs/claims-gpu/README.md`. "
-               f"When a GPU is lent, one row group per run: `{GPU_COMMAND}` (GROUP: base, rmoe8 or upcycle).\n")
+               f"When a GPU is lent, one row group per run: `{GPU_COMMAND}` (GROUP: {', '.join(GROUPS)}).\n")
 
 
 def _value(r: ClaimResult) -> str:

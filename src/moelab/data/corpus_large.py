@@ -18,7 +18,9 @@ of distributions' .py files, the docstrings inside them, pydoc's topics, and gen
   split is drawn per group (`build.assign_heldout` on the group's hash): the code and docstrings of one file
   are never on two sides. Equal files are one file, so none is on both.
 - **Fingerprint.** A hash of the builder's format, the recipe, every kept file's (origin, relative path,
-  sha256) and pydoc's topics: two machines build the same corpus exactly when their fingerprints agree. Installed
+  sha256) and pydoc's topics: the inputs that differ between machines. Two machines with the same
+  fingerprint read the same text; they build the same tokens only with the same moelab (the math
+  generator, the split) and the same `tokenizers` (the BPE merges), which the fingerprint does not hash. Installed
   versions differ between machines (this CPU machine: Python 3.11, torch 2.13; the GPU machines: Python
   3.12, torch 2.11), so `sources.json` records each origin's version and `compare_manifests` says which
   differ; a build never pretends to be another machine's corpus.
