@@ -5,6 +5,7 @@ import json
 import pytest
 
 from moelab.cli import main
+from moelab.config import MoelabError
 
 
 def test_intervene_and_diff_results_join_the_report(tiny_run, tmp_path):
@@ -38,3 +39,23 @@ def test_a_bad_results_file_is_one_line_before_any_analysis(tmp_path, capsys, co
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_reading_a_results_file_leaves_no_file_open(tmp_path):
+    """A report reads every --interventions file; each must be closed when read (was left to the GC)."""
+    import gc
+    import warnings
+
+    from moelab.report.intervene_section import read_intervention
+
+    good = tmp_path / "d.json"
+    good.write_text(json.dumps({"layers": [], "any_layer_differs": 0.0}))
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert read_intervention(str(good))[0] == "diff"
+        with pytest.raises(MoelabError, match="not a JSON file"):
+            read_intervention(str(bad))
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -82,7 +82,8 @@ def decoder_moe_families() -> dict[str, str]:
         own = next((t for t in (mod, f"{mod}_text") if t in CONFIG_MAPPING_NAMES), model_type)
         if model_type != own:
             continue  # the family's own model_type (or its text model's) comes up in its turn
-        src = open(path).read()
+        with open(path, encoding="utf-8") as f:  # a few hundred files: one ResourceWarning each when left to the GC
+            src = f.read()
         if re.search(r"^class \w+Experts\(|^class \w+(MoE|Moe|CDMoE)\(", src, re.M):
             out[mod] = model_type
     return out

@@ -156,3 +156,7 @@ def test_bf16_params_need_autocast(tiny_run, tmp_path, train_args, capsys):
                "--set", "train.dtype=fp32"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "needs bf16 autocast" in err and "\n" not in err, err
+    # nothing half-written: the corrected command may use the same --out
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    assert main(["train", "--preset", str(tiny_run / "tiny.toml"), "--data", str(tiny_run / "corpus"),
+                 "--out", str(tmp_path / "r"), *train_args(steps=1)]) == 0

@@ -139,7 +139,10 @@ def parallelize(model: nn.Module, par: Parallel, dp_mode: str = "ddp") -> tuple[
         broadcast_replicated(model, par)
         return model, True
     if dp_mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5 has FSDP2 only under its private path (public from 2.6)
+            from torch.distributed._composable.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block, mesh=par.mesh["dp"])

@@ -91,7 +91,8 @@ def read_intervention(path: str) -> tuple[str, dict]:
     from moelab.config import MoelabError
 
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        with open(path, encoding="utf-8") as f:  # closed at once: a report reads many of these
+            data = json.loads(f.read())
     except FileNotFoundError:
         raise MoelabError(f"intervention results not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

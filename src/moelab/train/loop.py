@@ -235,13 +235,15 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     if replay is not None and t.activation_checkpointing:  # the recompute runs after the replay's hooks are gone
         raise MoelabError("--replay and train.activation_checkpointing=true exclude each other (the backward's "
                           "recompute would route without the replayed routing)")
+    # Refusals of the step options come before the folder is touched: a refused run leaves nothing behind
+    # (it left config.json and metrics.jsonl, so the corrected command was refused as a non-empty --out).
+    amp = autocast_for(device, t.dtype)
+    mw = maybe_master_weights(model, t.param_dtype, not isinstance(amp, contextlib.nullcontext))
+    apply_step_options(model, t.compile, t.activation_checkpointing)
     lock = _prepare_out(out, run, overwrite, start, resume_from) if pr.main else None  # only rank 0 writes
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     if change is not None and logger:
         logger.log(0, change, "upcycle")
-    amp = autocast_for(device, t.dtype)
-    mw = maybe_master_weights(model, t.param_dtype, not isinstance(amp, contextlib.nullcontext))
-    apply_step_options(model, t.compile, t.activation_checkpointing)
     result = TrainResult(out, out)
     tokens_per_step = run.data.batch_size * run.data.seq_len * t.grad_accum
     bar = Progress(t.steps - start, label) if show_progress and pr.main else None
