@@ -91,3 +91,18 @@ def test_committed_per_seed_values_give_the_audits_interval():
                                           {"np": 4.934028077387638, "gru": 4.960494960518745}]})
     assert r.measure.ci_low == pytest.approx(-0.298, abs=0.001) and r.measure.ci_high == pytest.approx(0.206, abs=0.001)
     assert r.verdict == "too few seeds" and r.details["sequence_level_measure"]["ci_low"] == -0.07
+
+
+def test_rows_resting_on_the_stopped_moving_check_are_named_in_a_caution():
+    from moelab.claims.preconditions import settled
+
+    steps = np.arange(0, 401, 10.0)
+    flat = settled(np.column_stack([steps, 2.0 + 0.01 * np.sin(steps)]), "a training-loss gap")
+    moving = settled(np.column_stack([steps, 2.0 - steps / 100]), "a training-loss gap")
+    assert flat.met and not moving.met
+    passed, failed, plain = result("passed"), result("failed"), result("plain")
+    passed.precondition, failed.precondition = flat, moving
+    text = render({r.row: r for r in (passed, failed, plain)}, ["passed", "failed", "plain"])
+    caution = next(line for line in text.splitlines() if line.startswith("**Caution"))
+    assert "Rows that passed it: passed;" in caution and "failed" not in caution and "plain" not in caution
+    assert "Caution" not in render({"plain": plain}, ["plain"])
