@@ -15,22 +15,23 @@ import torch
 
 @torch.no_grad()
 def seq_losses(checkpoint: Path, corpus: Path, seq_len: int, batch_size: int,
-               max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of next-token losses, number of predicted tokens) per held-out sequence, in corpus order."""
+               max_tokens: int = 0, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(sum of next-token losses, number of predicted tokens) per held-out sequence, in corpus order, with
+    the model on `device` (the workspace's: a GPU run evaluates on the GPU)."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.train.checkpoint import load_model
 
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, device).eval()
     sums, counts, seen = [], [], 0
     for batch in iter_sequential(load_corpus(corpus), seq_len=seq_len, batch_size=batch_size, split="heldout"):
-        logits_BSV = model(batch["input_ids"]).logits.float()
-        tgt_BS = batch["labels"][:, 1:]
+        logits_BSV = model(batch["input_ids"].to(device)).logits.float()
+        tgt_BS = batch["labels"][:, 1:].to(device)
         nll_BS = torch.nn.functional.cross_entropy(logits_BSV[:, :-1].transpose(1, 2), tgt_BS,
                                                    ignore_index=-100, reduction="none")
         valid_BS = tgt_BS != -100
-        sums.append((nll_BS * valid_BS).sum(1).double().numpy())
-        counts.append(valid_BS.sum(1).double().numpy())
+        sums.append((nll_BS * valid_BS).sum(1).double().cpu().numpy())
+        counts.append(valid_BS.sum(1).double().cpu().numpy())
         seen += int(valid_BS.sum())
         if max_tokens and seen >= max_tokens:
             break

@@ -77,8 +77,10 @@ def depth_scan(ws: Workspace) -> ClaimResult:
     gaps_ND, losses, checks = np.zeros((n, len(DEPTHS))), {}, {}
     for j, depth in enumerate(DEPTHS):
         for seed in range(n):
-            lin_S, counts_S = seq_losses(final(depth_run(ws, "linear", seed, depth)), corpus, s.seq_len, s.batch_size)
-            gru_S, _ = seq_losses(final(depth_run(ws, "gru", seed, depth)), corpus, s.seq_len, s.batch_size)
+            lin_S, counts_S = seq_losses(final(depth_run(ws, "linear", seed, depth)), corpus, s.seq_len, s.batch_size,
+                                  device=ws.eval_device)
+            gru_S, _ = seq_losses(final(depth_run(ws, "gru", seed, depth)), corpus, s.seq_len, s.batch_size,
+                                  device=ws.eval_device)
             gaps_ND[seed, j] = gap_nats(lin_S, gru_S, counts_S)
             losses.setdefault(depth, []).append({"seed": seed, "linear": float(lin_S.sum() / counts_S.sum()),
                                                  "gru": float(gru_S.sum() / counts_S.sum())})

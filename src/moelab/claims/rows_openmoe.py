@@ -20,7 +20,8 @@ def moe_beats_dense(ws: Workspace) -> ClaimResult:
     sums = {"tiny-dense": [], "tiny-moe": []}
     for seed in range(s.seeds):
         for preset in sums:
-            total_S, counts_S = seq_losses(final(base_run(ws, preset, seed)), corpus, s.seq_len, s.batch_size)
+            total_S, counts_S = seq_losses(final(base_run(ws, preset, seed)), corpus, s.seq_len, s.batch_size,
+                                  device=ws.eval_device)
             sums[preset].append(total_S)
     dense_NS, moe_NS = np.array(sums["tiny-dense"]), np.array(sums["tiny-moe"])
     value, lo, hi = two_level_bootstrap(dense_NS - moe_NS, counts_S)

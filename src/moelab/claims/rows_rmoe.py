@@ -32,7 +32,8 @@ def _losses(ws: Workspace, variant: str, n: int) -> tuple[np.ndarray, np.ndarray
     s, corpus = ws.scale, ws.corpus()
     sums = []
     for seed in range(n):
-        total_S, counts_S = seq_losses(final(rmoe8_run(ws, variant, seed)), corpus, s.seq_len, s.batch_size)
+        total_S, counts_S = seq_losses(final(rmoe8_run(ws, variant, seed)), corpus, s.seq_len, s.batch_size,
+                                  device=ws.eval_device)
         sums.append(total_S)
     return np.array(sums), counts_S
 

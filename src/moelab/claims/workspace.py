@@ -99,6 +99,11 @@ class Workspace:
         return self._cached(self.root / kind / name, settings, make)
 
     # ---- corpora ----------------------------------------------------------------------------------------
+    @property
+    def eval_device(self) -> str:
+        """Where rows evaluate models (held-out losses): the device asked for, else the CPU."""
+        return self.device or "cpu"
+
     def corpus(self, name: str = "main", sources: Sequence[str] = SOURCES, vocab_size: int | None = None,
                tokenizer: Path | None = None, tokenizer_content: str = "") -> Path:
         """The corpus, with a tokenizer trained on it, or tokenized by `tokenizer` (a file or a model folder,
