@@ -13,7 +13,7 @@ from typing import Sequence
 
 from moelab.claims.fingerprint import SRC
 from moelab.claims.byo import Brought, check_together, corpus_for, pairs, resolve, seq_len_for, tokenizer_of, trace_of
-from moelab.claims.record import ClaimResult, write_result
+from moelab.claims.record import ClaimResult, write_result, write_text_atomic
 from moelab.claims.workspace import Workspace
 
 ONE_CHECKPOINT = "one checkpoint given: saturation compares earlier checkpoints with the final one (give several)"
@@ -109,19 +109,10 @@ def write(out: Path, models: Sequence[Brought], results: Sequence[ClaimResult], 
         write_result(r, res)
     for row in skipped:  # an earlier run's result of a row this run did not measure is not this model's
         (res / f"{row}.json").unlink(missing_ok=True)
-    _write_text(out / "models.json", json.dumps(
+    write_text_atomic(out / "models.json", json.dumps(
         [{"label": m.label, "kind": m.kind, "folder": str(m.folder), "fingerprint": m.fingerprint,
           "experts": list(m.experts), "top_k": m.top_k} for m in models], indent=1) + "\n")
-    _write_text(out / "CLAIMS.md", render_byo(models, results, skipped, seeds))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically: a failed write leaves the previous file, never half of one."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(out / "CLAIMS.md", render_byo(models, results, skipped, seeds))
 
 
 def main_hf(args) -> int:

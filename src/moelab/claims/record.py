@@ -106,14 +106,19 @@ def from_json(d: dict[str, Any], where: str = "result") -> ClaimResult:
         raise MoelabError(f"{where} is not a claims result ({type(e).__name__}: {e})") from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`: a failure leaves the previous file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_result(result: ClaimResult, folder: str | Path) -> Path:
     """Write atomically: a row that fails half-way leaves the previous result in place."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{result.row}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
     return path
 
 

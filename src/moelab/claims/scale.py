@@ -210,6 +210,7 @@ def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict
 
     import torch
 
+    from moelab.claims.record import write_text_atomic
     from moelab.data.corpus_large import read_manifest
 
     out = []
@@ -226,9 +227,7 @@ def write_about(folder: str | Path, spaces: dict, device: str | None, took: dict
                                                      "dropped", "tokens", "per_domain_tokens")}}
         path = Path(folder) / ABOUT / f"{group}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")  # never half a file: read_gpu reads every about/*.json
-        tmp.write_text(json.dumps(about, indent=1) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(about, indent=1) + "\n")  # read_gpu reads every about/*.json
         out.append(path)
     return out
 
