@@ -274,12 +274,17 @@ def layer_entropy(batch: Batch, layer: int, num_layers: int, top_k: int) -> np.n
 
 
 # ---- counting --------------------------------------------------------------------------------------
+def compact_range(lo: int, hi: int, n: int) -> bool:
+    """Whether n integers in lo..hi are better counted in a table over that range than by a sort."""
+    return hi - lo < max(4 * n, 1 << 20)
+
+
 def count_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique keys and their counts; a bincount when the key range is compact (much faster than a sort)."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     lo, hi = int(keys.min()), int(keys.max())
-    if hi - lo < max(4 * len(keys), 1 << 20):
+    if compact_range(lo, hi, len(keys)):
         counts = np.bincount(keys - lo, minlength=hi - lo + 1)
         nz = np.flatnonzero(counts)
         return nz.astype(np.int64) + lo, counts[nz].astype(np.int64)

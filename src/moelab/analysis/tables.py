@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    KeyCounter, LabelIndex, Result, check_experts, consume, iter_input, require_columns,
+    KeyCounter, LabelIndex, Result, check_experts, compact_range, consume, iter_input, require_columns,
 )
 from moelab.analysis.resample import FOLDS, fold_of, mix64
 from moelab.config import MoelabError
@@ -39,7 +39,7 @@ def add_counts(flat: np.ndarray, cells_N: np.ndarray) -> None:
     if len(cells_N) == 0:
         return
     lo, hi = int(cells_N.min()), int(cells_N.max())
-    if hi - lo < max(4 * len(cells_N), 1 << 20):
+    if compact_range(lo, hi, len(cells_N)):
         flat[lo:hi + 1] += np.bincount(cells_N - lo, minlength=hi - lo + 1).astype(flat.dtype)
     else:
         np.add.at(flat, cells_N, 1)
@@ -49,7 +49,7 @@ def compact_unique(values_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.unique(values_N, return_inverse=True) for non-negative ints, without a sort when their range is
     compact (a presence map and its running count): the same two arrays."""
     values_N = np.asarray(values_N)
-    if len(values_N) == 0 or values_N.min() < 0 or values_N.max() >= max(4 * len(values_N), 1 << 20):
+    if len(values_N) == 0 or values_N.min() < 0 or not compact_range(0, int(values_N.max()), len(values_N)):
         return np.unique(values_N, return_inverse=True)
     present = np.zeros(int(values_N.max()) + 1, bool)
     present[values_N] = True
