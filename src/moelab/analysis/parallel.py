@@ -201,8 +201,8 @@ def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
 _JOBS: dict[str, Callable[[], Any]] = {}
 
 
-def _run_job(name: str) -> tuple[str, Any]:
-    return name, _JOBS[name]()
+def _run_job(name: str) -> Any:
+    return _JOBS[name]()
 
 
 def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]:
@@ -224,7 +224,7 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
             futures = {name: pool.submit(_run_job, name) for name in jobs}
             for name, future in futures.items():
                 try:
-                    out[name] = future.result()[1]
+                    out[name] = future.result()
                 except BrokenProcessPool:
                     raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? try "
                                       "fewer --workers)") from None

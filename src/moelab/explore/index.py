@@ -28,10 +28,9 @@ TOKEN_BYTES = 52
 def _pairs(seq_T: np.ndarray, g_T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(each token's (sequence, group) pair, each pair's group, where each group's pairs start): the pairs
     sorted by (group, sequence), so that a group's pairs are one run."""
-    g_T = g_T.astype(np.int64)
-    key_T = g_T * (int(seq_T.max()) + 1 if len(seq_T) else 1) + seq_T
-    uniq_U, inv_T = np.unique(key_T, return_inverse=True)
-    g_U = uniq_U // (int(seq_T.max()) + 1 if len(seq_T) else 1)
+    S = int(seq_T.max()) + 1 if len(seq_T) else 1
+    uniq_U, inv_T = np.unique(g_T.astype(np.int64) * S + seq_T, return_inverse=True)
+    g_U = uniq_U // S
     run_G = np.flatnonzero(np.r_[True, g_U[1:] != g_U[:-1]]) if len(g_U) else np.zeros(0, np.int64)
     return inv_T.astype(np.int32), g_U, run_G
 
