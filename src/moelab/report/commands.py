@@ -41,8 +41,9 @@ def register(sub) -> None:
                    help="`moelab intervene` (intervene.json) or `moelab diff` result files: one report section each")
     p.add_argument("--title", default=None)
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes for the streaming pass, each reading its own share of the trace's row "
-                        "groups (default: the cores available); results are identical whatever N")
+                   help="processes for the streaming pass (each reads its own share of the trace's row "
+                        "groups) and for the scores, nulls and intervals after it (default: the cores "
+                        "available); results are identical whatever N")
     p.set_defaults(func=run_analyze)
 
 
