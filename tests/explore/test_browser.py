@@ -619,8 +619,8 @@ def test_contexts_open_their_place_in_the_text_view(page, browser, traces):
         links.nth(i).click()
         doc, at = places[i]
         page.wait_for_selector(f"#doc-list button.current[data-doc='{doc}']")
-        page.wait_for_function(f"+(document.activeElement && document.activeElement.dataset.i) === {at}",
-                               timeout=10_000)
+        page.wait_for_function("at => +(document.activeElement && document.activeElement.dataset.i) === at",
+                               arg=at, timeout=10_000)  # a function, not an expression: the page's CSP forbids eval
         assert page.is_visible("#view-text") and page.inner_text("#layer-label") == "1"
         assert page.evaluate("+document.activeElement.dataset.i") == at  # one page: index = doc_pos
         panel = page.inner_text("#path-panel")
@@ -631,8 +631,8 @@ def test_contexts_open_their_place_in_the_text_view(page, browser, traces):
         fresh.goto(page.url)
         fresh.wait_for_selector(f"#doc-list button.current[data-doc='{places[1][0]}']")
         # the document list can mark the document before its text is painted and the token focused
-        fresh.wait_for_function(f"+(document.activeElement && document.activeElement.dataset.i) === {places[1][1]}",
-                                timeout=10_000)
+        fresh.wait_for_function("at => +(document.activeElement && document.activeElement.dataset.i) === at",
+                                arg=places[1][1], timeout=10_000)
         assert fresh.evaluate("+document.activeElement.dataset.i") == places[1][1]
         assert f"pos {places[1][1]} " in fresh.inner_text("#path-panel")
     finally:
