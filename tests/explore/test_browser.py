@@ -409,6 +409,8 @@ def test_url_state_round_trip(page, browser, traces):
         fresh.goto(text_url)
         fresh.wait_for_selector("#doc-list button.current[data-doc='2']")
         assert fresh.inner_text("#layer-label") == "2"
+        # The document list and the text are asked for together: either may come first.
+        fresh.wait_for_function("n => document.querySelectorAll('#token-area .tok').length === n", arg=24)
         top1 = fresh.eval_on_selector_all("#token-area .tok", "els => els.map(e => +e.dataset.expert)")
         assert top1 == [ref[(p, 2, 0)]["expert"] for p in range(24)]
         fresh.goto("about:blank")

@@ -710,6 +710,9 @@ async function restoreState() {
     if (st.trace !== null && st.trace < S.info.traces.length) { S.trace = st.trace; $("trace-select").value = st.trace; }
     fillLabels();
     if (st.layer !== null) S.layer = Math.min(st.layer, traceInfo().layers - 1);
+    // The controls show the bookmarked layer before the text arrives, which paints it.
+    $("layer-slider").value = S.layer;
+    $("layer-label").textContent = S.layer;
     // The first page of text is asked for at once, beside the document list (whose index takes a scan
     // of the trace): the first paint does not wait for it.
     const doc = st.doc ?? traceInfo().first_doc;
