@@ -165,7 +165,7 @@ class Workspace:
         corpus = corpus or self.corpus()
         steps = steps or s.steps
         sets = [f"train.steps={steps}", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
-                f"model.vocab_size={_corpus_vocab(corpus)}", f"train.seed={seed}", "train.log_every=10",
+                f"model.vocab_size={_corpus_vocab(corpus)}", f"train.seed={seed}", "train.log_every=1",
                 f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_tokens={s.eval_tokens}",
                 "train.tensorboard=false", f"train.threads={s.threads}",
                 f"train.save_every={max(1, steps // (snapshots + 1)) if snapshots else steps}",
