@@ -93,16 +93,25 @@ def test_committed_per_seed_values_give_the_audits_interval():
     assert r.verdict == "too few seeds" and r.details["sequence_level_measure"]["ci_low"] == -0.07
 
 
-def test_rows_resting_on_the_stopped_moving_check_are_named_in_a_caution():
-    from moelab.claims.preconditions import settled
+def test_a_settled_check_decided_by_the_older_rule_counts_as_unmet(tmp_path):
+    """A stored result whose "stopped moving" precondition passed the older rule (a late-slope interval holding
+    0, which a moving curve passes) is re-decided as not testable, named in the changed-verdicts section."""
+    from moelab.claims.verdict import Precondition
 
-    steps = np.arange(0, 401, 10.0)
-    flat = settled(np.column_stack([steps, 2.0 + 0.01 * np.sin(steps)]), "a training-loss gap")
-    moving = settled(np.column_stack([steps, 2.0 - steps / 100]), "a training-loss gap")
-    assert flat.met and not moving.met
-    passed, failed, plain = result("passed"), result("failed"), result("plain")
-    passed.precondition, failed.precondition = flat, moving
-    text = render({r.row: r for r in (passed, failed, plain)}, ["passed", "failed", "plain"])
-    caution = next(line for line in text.splitlines() if line.startswith("**Caution"))
-    assert "Rows that passed it: passed;" in caution and "failed" not in caution and "plain" not in caution
-    assert "Caution" not in render({"plain": plain}, ["plain"])
+    r = result("old-rule")
+    r.precondition = Precondition("a training-loss gap that has stopped moving (slope over the last 20% of steps "
+                                  "with a 95% interval holding 0)", "slope +0.121 nats per 1000 steps [-0.497, "
+                                  "+0.739] over steps >= 322", True)
+    write_result(r, tmp_path)
+    d = json.loads((tmp_path / "old-rule.json").read_text())
+    d["precondition"]["met"], d["verdict"] = True, "reproduced"  # as the older code stored it
+    (tmp_path / "old-rule.json").write_text(json.dumps(d))
+    back = read_results(tmp_path)["old-rule"]
+    assert back.verdict == "not testable here" and "older rule" in back.reason and "[-0.497, +0.739]" in back.reason
+    changed = render({"old-rule": back}, ["old-rule"]).split("## Verdicts changed by the current rule")[1]
+    assert "| old-rule | reproduced | **not testable here** |" in changed
+    fresh = result("new-rule")  # the equivalence rule's wording is kept as measured
+    fresh.precondition = Precondition("a training-loss gap that has stopped moving: over the last 20% of steps it "
+                                      "moved by less than 0.0261 nats either way", "moved +0.001", True)
+    write_result(fresh, tmp_path)
+    assert read_results(tmp_path)["new-rule"].verdict == "reproduced"

@@ -94,22 +94,25 @@ def test_registered():
 
 
 def test_upcycled_init_rebuilds_when_the_moe_preset_changes_and_tokens_are_cut(ws, monkeypatch):
-    """The upcycled checkpoint's cache key held the dense run's key and the preset's name only: an edited
-    tiny-moe preset (or upcycling code) served the old checkpoint. And the caption's token count is the
+    """The upcycled checkpoints' cache keys (this row's and the upcycle row's) held the dense run's key and the
+    preset's name only: an edited tiny-moe preset (or upcycling code) served the old checkpoint. And the caption's token count is the
     count averaged: a batch that passes it is cut, not averaged whole."""
     import json
 
     from moelab.claims import rows_denseref as rd
-    from moelab.claims.workspace import STAMP
+    from moelab.claims import rows_upcycle as ru
+    from moelab.claims import workspace as wsm
 
     p = rd.upcycled_pair(ws, 0)
-    init = ws.root / "upcycled" / "denseref8-init-s0"
-    key = json.loads((init / STAMP).read_text())["key"]
-    real = getattr(rd, "preset_contents", lambda name: {})
-    monkeypatch.setattr(rd, "preset_contents", lambda name: {**real(name), "edited": name == "tiny-moe"},
-                        raising=False)
+    up_dense = ws.run("up-dense-s0", ru.DENSE_PRESET, seed=0, steps=2)
+    ru.upcycled_init(ws, up_dense, 0)  # the upcycle row's checkpoint, by the same rule
+    inits = [ws.root / "upcycled" / "denseref8-init-s0", ws.root / "upcycled" / "up-init-s0"]
+    keys = [json.loads((i / wsm.STAMP).read_text())["key"] for i in inits]
+    real = wsm.preset_contents
+    monkeypatch.setattr(wsm, "preset_contents", lambda name: {**real(name), "edited": name == "tiny-moe"})
     rd.upcycled_pair(ws, 0)
-    assert json.loads((init / STAMP).read_text())["key"] != key
+    ru.upcycled_init(ws, up_dense, 0)
+    assert all(json.loads((i / wsm.STAMP).read_text())["key"] != k for i, k in zip(inits, keys))
     monkeypatch.undo()
 
     from moelab.data.objectives import iter_sequential

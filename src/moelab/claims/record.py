@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moelab.claims.preconditions import unmeasured
+from moelab.claims.preconditions import superseded, unmeasured
 from moelab.claims.seeds import t_interval
 from moelab.claims.seedvals import seed_values
 from moelab.claims.verdict import MIN_SEEDS, Claim, Measure, Precondition, decide
@@ -47,8 +47,7 @@ class ClaimResult:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if self.precondition is None:
-            self.precondition = unmeasured(self.row)
+        self.precondition = unmeasured(self.row) if self.precondition is None else superseded(self.precondition)
         if not self.seed_values:
             self.seed_values = seed_values(self.row, self.details, self.seeds, self.measure.value)
         finite = [v for v in self.seed_values if math.isfinite(v)]

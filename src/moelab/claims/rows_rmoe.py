@@ -38,12 +38,13 @@ def _losses(ws: Workspace, variant: str, n: int) -> tuple[np.ndarray, np.ndarray
     return np.array(sums), counts_S
 
 
-def _settled(ws: Workspace, worse: str, better: str, n: int):
-    """The regime the loss claims need: the compared runs' training-loss gap no longer moving."""
+def _settled(ws: Workspace, worse: str, better: str, n: int, margin: float):
+    """The regime the loss claims need: the compared runs' training-loss gap no longer moving by as much as
+    the row's margin (a gap still moving by the effect counted could end on either side of it)."""
     from moelab.claims.preconditions import gap_settled
 
     return gap_settled([_train_curve(rmoe8_run(ws, worse, i)) for i in range(n)],
-                       [_train_curve(rmoe8_run(ws, better, i)) for i in range(n)])
+                       [_train_curve(rmoe8_run(ws, better, i)) for i in range(n)], margin)
 
 
 def _gap(ws: Workspace, worse: str, better: str) -> tuple[Measure, dict, float, int]:
@@ -105,7 +106,7 @@ def rmoe_beats_linear(ws: Workspace) -> ClaimResult:
         measured=LOSS_MEASURED.format(a="the linear-router model", b="the GRU-router model")
         + " Positive: RMoE better.",
         measure=m, test=Claim("greater", margin=margin), unit=" nats", seeds=n,
-        setup=_setup(ws, ("linear", "gru")), details=details, precondition=_settled(ws, "linear", "gru", n),
+        setup=_setup(ws, ("linear", "gru")), details=details, precondition=_settled(ws, "linear", "gru", n, margin),
         note=f"Margin {margin:.4f} nats: half the paper's {rel:.1%} relative gain at the GRU model's held-out "
              f"loss {gru_loss:.3f} (the paper's gap is one run per model, so half of it is what it can vouch for). "
              f"Measured relative gap {details['relative_gap']:+.2%}. Training-loss gap (linear minus GRU, mean "
@@ -124,7 +125,7 @@ def _ablation(ws: Workspace, variant: str, name: str, what: str) -> ClaimResult:
                      f"{rel:.1%} relative; the linear router: {PAPER_BPC['linear']}.",
         measured=LOSS_MEASURED.format(a=LABEL[variant], b="the full RMoE") + " Positive: the ablation is worse.",
         measure=m, test=Claim("greater", margin=margin), unit=" nats", seeds=n,
-        setup=_setup(ws, (variant, "gru")), details=details, precondition=_settled(ws, variant, "gru", n),
+        setup=_setup(ws, (variant, "gru")), details=details, precondition=_settled(ws, variant, "gru", n, margin),
         note=f"{n} seeds each, paired with the GRU runs of the same seeds. Margin {margin:.4f} nats: half the "
              f"paper's {rel:.1%} relative gap at the GRU model's held-out loss {gru_loss:.3f}. Measured relative "
              f"gap {details['relative_gap']:+.2%}; training-loss gap ({variant} minus GRU): {_curve_text(details)}.")

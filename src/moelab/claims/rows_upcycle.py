@@ -20,7 +20,7 @@ from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.seeds import SeedValue, minus, t_interval
 from moelab.claims.verdict import Claim, Measure
-from moelab.claims.workspace import STAMP, Workspace
+from moelab.claims.workspace import Workspace
 
 DENSE_PRESET, MOE_PRESET = "tiny-dense", "tiny-moe"
 MOE_DATA_SEED = 1000  # the MoE phase's data seed offset: its batches are not the dense phase's again
@@ -29,20 +29,9 @@ STATS = {"vocab_specialisation": "vocabulary specialisation (rescaled)", "std_to
 
 
 def upcycled_init(ws: Workspace, dense_run: Path, seed: int) -> Path:
-    """The upcycled checkpoint of a dense run, made once (a changed dense run makes it again)."""
-    from moelab.train.upcycle import upcycle_checkpoint
-
-    dense = final(dense_run)
-    sets = [f"upcycle.seed={seed}"]
-    dense_key = json.loads((dense_run / STAMP).read_text())["key"]
-    settings = {"dense": str(dense), "dense_key": dense_key, "preset": MOE_PRESET, "sets": sets}
-
-    def make(folder: Path) -> None:
-        ws.log(f"[claims] upcycling {dense} into {MOE_PRESET}'s MoE")
-        upcycle_checkpoint(dense, MOE_PRESET, folder / "checkpoint", sets)
-
-    # The workspace's cache (stamp + lock) for an artefact it has no method for.
-    return ws._cached(ws.root / "upcycled" / f"up-init-s{seed}", settings, make) / "checkpoint"
+    """The upcycled checkpoint of a dense run, made once (a changed dense run, MoE preset or upcycling code
+    makes it again)."""
+    return ws.upcycled(f"up-init-s{seed}", dense_run, MOE_PRESET, [f"upcycle.seed={seed}"])
 
 
 def trained_pair(ws: Workspace, seed: int) -> dict[str, Path]:

@@ -183,6 +183,23 @@ class Workspace:
 
         return self._cached(self.root / "runs" / name, settings, make)
 
+    def upcycled(self, name: str, dense_run: Path, preset: str, sets: Sequence[str]) -> Path:
+        """`dense_run`'s final checkpoint upcycled into `preset`'s MoE (+ `sets`), made once. The key holds
+        the dense run's key, the preset's contents and the upcycling code: a name and a path are not
+        contents, and an edited preset or upcycling rule must rebuild it."""
+        from moelab.train.upcycle import upcycle_checkpoint
+
+        dense = _final_checkpoint(dense_run)
+        settings = {"dense": str(dense), "dense_key": json.loads((dense_run / STAMP).read_text())["key"],
+                    "preset": preset, "preset_contents": preset_contents(preset), "sets": list(sets),
+                    "code": code_version("model", "train")}
+
+        def make(folder: Path) -> None:
+            self.log(f"[claims] upcycling {dense} into {preset}'s MoE")
+            upcycle_checkpoint(dense, preset, folder / "checkpoint", list(sets))
+
+        return self._cached(self.root / "upcycled" / name, settings, make) / "checkpoint"
+
     # ---- tracing and analysis ---------------------------------------------------------------------------
     def trace(self, checkpoint: Path, name: str, *, corpus: Path | None = None, all_experts: bool = False,
               tokens: int | None = None, capacity: str = "trained") -> Path:
@@ -220,6 +237,12 @@ class Workspace:
 
         folder = self._cached(self.root / "reports" / name, settings, make)
         return json.loads((folder / "metrics.json").read_text())
+
+
+def _final_checkpoint(run: Path) -> Path:
+    from moelab.train.rundir import list_checkpoints
+
+    return list_checkpoints(run)[-1]
 
 
 def _corpus_vocab(corpus: Path) -> int:
