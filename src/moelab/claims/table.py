@@ -20,7 +20,10 @@ Every claim here is about trained models, so the interval is a Student t interva
 (one value per independently trained model; `seeds.t_interval`, whose coverage is simulated in
 tests/claims/test_seed_coverage.py): a row with fewer than 3 seeds says **too few seeds** and signs
 nothing (one run's interval covers held-out text, not training runs). A row whose declared precondition
-(the regime its claim is about) is measured and unmet says **not testable here**, with the numbers.
+(the regime its claim is about) is measured and unmet says **not testable here**, with the numbers. A
+"stopped moving" precondition is an equivalence test (`preconditions.settled`): the 90% interval of the
+late learning curve's slope, times the last 20% of training, must lie inside a stated tolerance (a loss
+gap's: the row's margin), so a curve too noisy to show it has stopped fails it.
 Otherwise: **reproduced** when the whole interval lies beyond the null in the claimed direction and the
 value clears the margin, **not reproduced** when the interval rules out an effect of the margin's size (or
 lies on the wrong side), **inconclusive** otherwise. The models are tiny (a few million parameters, minutes
