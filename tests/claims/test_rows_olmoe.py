@@ -20,8 +20,11 @@ def test_vocab_and_domain(ws, sane):
     v = run_row(all_rows()["olmoe-vocab-specialisation"], ws)
     sane(v, "olmoe-vocab-specialisation", "OLMoE")
     assert len(v.details["per_layer"]) == 2 and v.measure.value <= 1
-    # Every seed's final checkpoint: the per-seed values are the seeds' own estimates; 2 smoke seeds decide nothing.
-    assert v.seed_values == [e["value"] for e in v.details["per_seed"]] and len(v.seed_values) == 2
+    # Every seed's final checkpoint: the per-seed values are the seeds' own estimates, each paired with its own
+    # null (value - null + mean null); 2 smoke seeds decide nothing.
+    mean_null = sum(e["null"] for e in v.details["per_seed"]) / 2
+    assert v.seed_values == pytest.approx([e["value"] - e["null"] + mean_null for e in v.details["per_seed"]])
+    assert len(v.seed_values) == 2 and v.measure.null == pytest.approx(mean_null)
     assert v.verdict == "too few seeds" and v.measure.value == pytest.approx(sum(v.seed_values) / 2)
     d = run_row(all_rows()["olmoe-domain-specialisation"], ws)
     sane(d, "olmoe-domain-specialisation", "OLMoE")

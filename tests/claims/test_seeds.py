@@ -45,3 +45,39 @@ def test_seeds_without_a_value_are_left_out():
     nan = float("nan")
     assert seed_bootstrap([SeedValue(nan, nan, nan), SeedValue(0.2, 0.2, 0.2)]) == (0.2, 0.2, 0.2)
     assert all(math.isnan(x) for x in seed_bootstrap([SeedValue(nan, nan, nan)]))
+
+
+def test_null_paired_by_hand_and_a_routing_at_its_own_null_is_decided():
+    """Each seed's value minus its own null plus the mean null: by hand, then the planted "nothing": three
+    models each sitting exactly at its own (different) null. Raw values against the mean null leave the
+    question open; paired, the interval sits on the null and rules the margin out."""
+    from moelab.claims.record import ClaimResult
+    from moelab.claims.seeds import null_paired
+    from moelab.claims.verdict import Claim, Measure
+
+    paired, null = null_paired([0.9, 0.8, 0.85], [0.3, 0.1, 0.2])
+    assert null == pytest.approx(0.2) and paired == pytest.approx([0.8, 0.9, 0.85])
+    nulls = [0.10, 0.20, 0.30]
+    stored = {"per_seed": [{"value": n, "null": n, "ci_low": n - 0.01, "ci_high": n + 0.01} for n in nulls]}
+
+    def result(details):
+        return ClaimResult(row="olmoe-vocab-specialisation", paper="OLMoE", claim="c", paper_number="p",
+                           measured="m", measure=Measure(0.1, 0.09, 0.11, 0.2), test=Claim("greater", 0.05),
+                           setup="s", seeds=3, details=details, seed_values=list(nulls))
+
+    raw = result({})  # no per-seed nulls stored: nothing to pair with
+    assert raw.verdict == "inconclusive"
+    at_null = result(dict(stored))
+    assert at_null.seed_values == pytest.approx([0.2, 0.2, 0.2]) and at_null.verdict == "not reproduced"
+    again = result(at_null.details)  # read back with the paired values: recomputed, not paired twice
+    again.seed_values = at_null.seed_values
+    assert ClaimResult(**{**again.__dict__, "verdict": "", "reason": ""}).seed_values == pytest.approx([0.2] * 3)
+
+
+def test_norm_preference_seed_values_pair_the_stored_per_seed_nulls():
+    from moelab.claims.seedvals import seed_values
+
+    d = {"per_seed_per_layer": [[0.5, 0.7], [0.4, 0.4]]}  # seed means 0.6, 0.4
+    assert seed_values("closer-norm-preference", d, 2, 0.5) == pytest.approx([0.6, 0.4])  # stored before: raw
+    d["null_per_seed_per_layer"] = [[0.3, 0.3], [0.1, 0.1]]  # nulls 0.3, 0.1: mean 0.2
+    assert seed_values("closer-norm-preference", d, 2, 0.5) == pytest.approx([0.5, 0.5])

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.claims.record import ClaimResult
+from moelab.claims.seeds import null_paired
 from moelab.claims.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, Measure, Precondition, verdict
 
 READING = {REPRODUCED: "beyond the null by the margin", NOT_REPRODUCED: "short of the margin",
@@ -195,7 +196,7 @@ def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str]
             continue  # a row some model could not give a number for: named in the skipped list
         per_seed = [{"model": lab, **dataclasses.asdict(r.measure), "reading": r.details["this_model"]["reading"]}
                     for lab, r in zip(labels, rs)]
-        null = float(np.mean([r.measure.null for r in rs]))
+        paired, null = null_paired([r.measure.value for r in rs], [r.measure.null for r in rs])
         res = ClaimResult(
             row=r0.row, paper=r0.paper, claim=r0.claim, paper_number=r0.paper_number,
             measured=r0.measured.replace("95% interval: bootstrap over held-out sequences.",
@@ -205,7 +206,7 @@ def over_seeds(per_model: Sequence[Sequence[ClaimResult]], labels: Sequence[str]
                                          "sequences in details."),
             measure=dataclasses.replace(r0.measure, null=null), test=r0.test, setup=setup, seeds=len(rs),
             details={"per_seed": per_seed}, note=r0.note, command=command,
-            seed_values=[r.measure.value - r.measure.null + null for r in rs],
+            seed_values=paired,
             precondition=r0.precondition)
         beyond = sum(p["reading"] == READING[REPRODUCED] for p in per_seed)
         res.details["this_model"] = {"reading": f"{beyond} of {len(rs)} beyond the null by the margin",

@@ -87,9 +87,12 @@ def final_models(ws: Workspace, preset: str = "tiny-moe") -> list[dict[str, Any]
 
 
 def over_seeds(models: list[dict[str, Any]], key: str) -> tuple[Measure, list[float], list[dict]]:
-    """(seed 0's measure with the nulls' mean over seeds, the per-seed values, per-seed estimates)."""
+    """(seed 0's measure with the nulls' mean over seeds, the per-seed values each paired with its own null
+    (`seeds.null_paired`), per-seed estimates)."""
     import dataclasses
 
+    from moelab.claims.seeds import null_paired
+
     each = [measure_of(m["headline"][key]["estimate"]) for m in models]
-    null = sum(m.null for m in each) / len(each)
-    return (dataclasses.replace(each[0], null=null), [m.value for m in each], [dataclasses.asdict(m) for m in each])
+    paired, null = null_paired([m.value for m in each], [m.null for m in each])
+    return dataclasses.replace(each[0], null=null), paired, [dataclasses.asdict(m) for m in each]

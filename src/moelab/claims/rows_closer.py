@@ -71,12 +71,14 @@ def norm_preference(ws: Workspace) -> ClaimResult:
         measured="Share of (token, layer) whose top-1 expert (router probability) also has the largest unweighted "
                  "output norm among all E experts run on the token; null: the top-1 choice shuffled across tokens, "
                  "sum_e P(top-1 = e) P(largest norm = e) per layer (it keeps each expert's load; 1/E when loads are "
-                 "even); 95% interval from a two-level bootstrap over seeds and sequences.",
+                 "even), mean over seeds. Per seed, the share paired with its own null (share - null + mean null); "
+                 "95% interval: t over seeds (the two-level bootstrap over seeds and sequences in details).",
         measure=Measure(value, lo, hi, null, null_sd), test=Claim("greater", margin=1.0 / E), seeds=n,
         setup=_setup(ws, n, counts_S.sum()),
         details={"chance_1_over_E": 1.0 / E, "null_per_layer": np.mean(nulls, axis=0).tolist(),
                  "share_per_layer": np.mean(per_layer, axis=0).tolist(),
                  "per_seed_per_layer": [p.tolist() for p in per_layer],
+                 "null_per_seed_per_layer": [np.asarray(nl).tolist() for nl in nulls],
                  "rank_table": (table / table.sum(axis=1, keepdims=True)).round(4).tolist(),
                  "rank_table_note": "row: router score rank (0 = top), column: output norm rank; rows sum to 1, "
                                     "summed over layers and seeds; independence puts 1/E in every cell"},

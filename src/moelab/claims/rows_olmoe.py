@@ -70,8 +70,9 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
         measured="Vocabulary specialisation, OLMoE's definition: per token ID seen >= 10 times, max_e count(v, e) / "
                  "n(v) over its top-k choices, averaged over token IDs, rescaled (p - k/E) / (1 - k/E) so 0 is "
                  "random and 1 perfect; mean over MoE layers. Null: token IDs shuffled across a layer's tokens "
-                 "(keeps expert load and each ID's count), mean over seeds. 95% interval: t over seeds (each "
-                 "seed's bootstrap over sequences in details).",
+                 "(keeps expert load and each ID's count), mean over seeds; each seed's value paired with its own null "
+                 "(value - null + mean null). 95% interval: t over seeds (each seed's bootstrap over sequences in "
+                 "details).",
         measure=vocab, test=Claim("greater", margin=VOCAB_MARGIN), seed_values=vocab_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; every held-out token of each final checkpoint traced at "
               "the trained capacity.",
@@ -98,8 +99,8 @@ def domain_specialisation(ws: Workspace) -> ClaimResult:
         measured="Domain specialisation, OLMoE's definition: per domain and expert the share of the domain's tokens "
                  "with the expert in their top-k; value: per domain the largest share over experts, averaged over "
                  "domains and MoE layers. Null: the domain label shuffled across a layer's tokens (keeps expert "
-                 "load and domain sizes), mean over seeds. 95% interval: t over seeds (each seed's bootstrap over "
-                 "sequences in details). The expert-domain mutual information is in details (seed 0).",
+                 "load and domain sizes), mean over seeds; each seed's value paired with its own null (value - null + "
+                 "mean null). 95% interval: t over seeds (each seed's bootstrap over sequences in details). The expert-domain mutual information is in details (seed 0).",
         measure=dom, test=Claim("greater", margin=DOMAIN_MARGIN), seed_values=dom_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; domains {', '.join(names)}; every held-out token of each "
               "final checkpoint.",

@@ -85,3 +85,11 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
         return mean, float("nan"), float("nan")
     half = float(student_t.ppf(0.5 + level / 2, len(v_N) - 1) * v_N.std(ddof=1) / math.sqrt(len(v_N)))
     return mean, mean - half, mean + half
+
+
+def null_paired(values: Sequence[float], nulls: Sequence[float]) -> tuple[list[float], float]:
+    """(each seed's value paired with its own null: value_i - null_i + mean null, the mean null). Each trained
+    model has its own load-keeping null; a t-interval over raw values against the mean null counts the
+    spread of the nulls as if it were none. The paired values keep the value's units and mean."""
+    null = float(np.mean(nulls))
+    return [float(v) - float(n) + null for v, n in zip(values, nulls)], null

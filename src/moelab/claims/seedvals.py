@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from moelab.claims.seeds import null_paired
+
 
 def _loss_gap(worse: str, better: str) -> Callable[[Mapping[str, Any]], list[float]]:
     return lambda d: [s[worse] - s[better] for s in d["per_seed"]]
@@ -20,6 +22,15 @@ def _loss_gap(worse: str, better: str) -> Callable[[Mapping[str, Any]], list[flo
 
 def _mean_rows(key: str) -> Callable[[Mapping[str, Any]], list[float]]:
     return lambda d: [float(np.mean(r)) for r in d[key]]
+
+
+def norm_preference(d: Mapping[str, Any]) -> list[float]:
+    """Each seed's share, paired with its own null when the result stores the per-seed nulls (results
+    stored before kept their mean only)."""
+    shares = _mean_rows("per_seed_per_layer")(d)
+    if "null_per_seed_per_layer" not in d:
+        return shares
+    return null_paired(shares, _mean_rows("null_per_seed_per_layer")(d))[0]
 
 
 def mi_relative(d: Mapping[str, Any]) -> list[float]:
@@ -41,7 +52,7 @@ EXTRACT: dict[str, Callable[[Mapping[str, Any]], list[float]]] = {
     "openmoe-drop-towards-end": lambda d: [s["excess"]["value"] for s in d["per_seed"]],
     "closer-diversity-depth": lambda d: list(d["per_seed_trend"]),
     "closer-neurons-fine-grained": _mean_rows("gate_r2_per_seed_per_layer"),
-    "closer-norm-preference": _mean_rows("per_seed_per_layer"),
+    "closer-norm-preference": norm_preference,
     "intervene-observational-vs-causal": lambda d: [float(np.nanmean(r))
                                                     for r in d["scores"][d["best_score"]]["per_seed_layer"]],
     "upcycle-specialises-less": lambda d: [s["vocab_specialisation"]["difference"]["value"]
@@ -57,3 +68,20 @@ def seed_values(row: str, details: Mapping[str, Any], seeds: int, value: float) 
         except (KeyError, TypeError, ValueError, IndexError):
             return []
     return [float(value)] if seeds == 1 else []
+
+
+# Rows whose per-seed values are each paired with that seed's own null (`seeds.null_paired`), from the
+# per-seed estimates in details["per_seed"]; results stored before the pairing hold raw values there too.
+NULL_PAIRED = ("olmoe-vocab-specialisation", "olmoe-domain-specialisation")
+
+
+def pair_stored(row: str, details: Mapping[str, Any], values: list[float]) -> list[float]:
+    """The row's per-seed values paired with their nulls, recomputed from details["per_seed"] (so a fresh
+    and a stored result agree, and one stored raw is re-decided); other rows' `values` unchanged."""
+    if row not in NULL_PAIRED:
+        return values
+    try:
+        per = details["per_seed"]
+        return null_paired([p["value"] for p in per], [p["null"] for p in per])[0]
+    except (KeyError, TypeError):
+        return values
