@@ -196,7 +196,10 @@ def test_runner_writes_scratch_table_with_fingerprints(models, tmp_path, capsys,
     assert "reproduced" not in table.replace("not reproduced", "")  # the words never appear as a reading
     assert f"Re-run: `python benchmarks/claims.py --hf {models['b']} {models['a']} --tokens {TOKENS} --smoke`" in table
     assert (docs.read_bytes() if docs.is_file() else None) == before
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    said = (printed.out + printed.err).lower()  # a smoke run prints no verdict word, no reading
+    assert "no verdict" in said and not any(w in said for w in ("reproduced", "inconclusive", "too few seeds",
+                                                                 "not testable", "beyond the null"))
 
 
 def _one_line(capsys, *args) -> str:

@@ -57,11 +57,13 @@ def test_two_level_bootstrap_planted_effect_and_nothing():
 
 
 def test_render_compares_a_second_run_and_names_moved_verdicts():
-    first = {"a": result("a", 0.3), "b": result("b", 0.3)}
-    second = {"a": result("a", 0.31), "b": result("b", 0.0)}  # b: reproduced -> inconclusive
-    md = render(first, ["a", "b"], second, "Re-run at 2 threads.")
-    assert "Re-run at 2 threads. 1 of 2 verdicts held; these moved: b." in md
+    first = {"a": result("a", 0.3), "b": result("b", 0.3), "c": result("c", 0.3)}
+    second = {"a": result("a", 0.31), "b": result("b", 0.0), "c": result("c", 0.0)}  # b: reproduced -> inconclusive
+    second["c"].seed_values = [0.0, 0.1]  # c's second run has fewer seeds: named, not compared
+    md = render(first, ["a", "b", "c"], second, "Re-run at 2 threads.")
+    assert "Re-run at 2 threads. 1 of 2 comparable verdicts held; these moved: b." in md
     assert "| b | reproduced | 0.3 [0.176, 0.424] | **inconclusive** |" in md
+    assert "Not compared (1;" in md and "): c." in md and "| c |" not in md.split("## A second run")[1].split("##")[0]
     assert "## A second run" not in render(first, ["a", "b"])
 
 

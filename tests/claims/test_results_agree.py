@@ -23,3 +23,9 @@ def test_results_headlines_agree_with_the_claims_results():
     assert f"{mean:+.4f} nats, t-interval over seeds [{lo:.3f}, {hi:.3f}]" in text
     linear = results["rmoe-beats-linear"]
     assert f"rmoe-beats-linear: **{linear.verdict}**, {len(linear.seed_values)} seeds" in text
+    mean, lo, hi = t_interval(linear.seed_values)
+    assert f"linear minus GRU {mean:.2f} nats, t-interval over seeds [{lo:.3f}, {hi:.3f}]" in text
+    # Every "claims row NAME: **VERDICT**" in RESULTS.md says the table's verdict.
+    quoted = re.findall(r"claims row ([a-z0-9-]+): \*\*([a-z ]+)\*\*", text)
+    assert {"rmoe-beats-linear", "openmoe-drop-towards-end", "rmoe-cross-layer-mi"} <= {r for r, _ in quoted}
+    assert all(results[r].verdict == v for r, v in quoted), [(r, v, results[r].verdict) for r, v in quoted]

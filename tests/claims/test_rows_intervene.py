@@ -40,7 +40,7 @@ def test_one_expert_negative_control(ws):
     import torch
 
     from moelab.claims.record import ClaimResult
-    from moelab.claims.rows_intervene import _held_out, control_losses, no_routed_experts, one_expert_decision
+    from moelab.claims.rows_intervene import _held_out, control_losses, one_expert_decision
     from moelab.claims.verdict import Claim, Measure
     from moelab.intervene.edit import moe_blocks
 

@@ -9,11 +9,17 @@ def test_saturation(ws, sane):
     r = run_row(all_rows()["olmoe-saturation"], ws)
     sane(r, "olmoe-saturation", "OLMoE")
     d = r.details
-    first = d["curve"][0]
+    first = d["curve_seed0"][0]
     assert d["step"] == first["step"]  # the earliest snapshot is the one nearest 10% at smoke scale
-    assert r.measure.value == pytest.approx(first["topk_overlap_mean"])
-    assert d["rise_first_to_last_snapshot"] == pytest.approx(d["curve"][-1]["topk_overlap_mean"]
-                                                             - first["topk_overlap_mean"])
+    assert d["per_seed"][0]["overlap"]["value"] == pytest.approx(first["topk_overlap_mean"])
+    assert d["rise_first_to_last_snapshot_seed0"] == pytest.approx(d["curve_seed0"][-1]["topk_overlap_mean"]
+                                                                   - first["topk_overlap_mean"])
+    # Every seed's snapshot against its own final checkpoint, paired with its own null.
+    per = [p["overlap"] for p in d["per_seed"]]
+    mean_null = sum(p["null"] for p in per) / len(per)
+    assert len(per) == 2 and r.measure.null == pytest.approx(mean_null)
+    assert r.seed_values == pytest.approx([p["value"] - p["null"] + mean_null for p in per])
+    assert r.measure.value == pytest.approx(sum(r.seed_values) / 2) and r.verdict == "too few seeds"
 
 
 def test_vocab_and_domain(ws, sane):

@@ -24,16 +24,20 @@ def test_early_routing(ws, sane):
     r = run_row(all_rows()["openmoe-early-routing"], ws)
     sane(r, "openmoe-early-routing", "OpenMoE")
     d = r.details
-    assert set(d["at"]) == {"10%", "20%"}
-    steps = [c["step"] for c in d["curve"]]
+    assert set(d["per_seed"]) == {"10%", "20%"} and all(len(v) == 2 for v in d["per_seed"].values())
+    steps = [c["step"] for c in d["curve_seed0"]]
     assert steps == sorted(steps) and len(steps) == Scale.smoke().steps - 1  # a snapshot each step, final apart
-    at20 = d["at"]["20%"]
-    curve = {c["step"]: c for c in d["curve"]}[at20["step"]]
+    at20 = d["per_seed"]["20%"][0]
+    curve = {c["step"]: c for c in d["curve_seed0"]}[at20["step"]]
     # The pairwise analysis and the whole series agree on the same checkpoint.
-    assert r.measure.value == pytest.approx(curve["top1_agreement_mean"])
-    assert r.measure.null == pytest.approx(curve["null_top1_mean"], rel=1e-6)
+    assert at20["top1"]["value"] == pytest.approx(curve["top1_agreement_mean"])
+    assert at20["top1"]["null"] == pytest.approx(curve["null_top1_mean"], rel=1e-6)
+    per = [p["top1"] for p in d["per_seed"]["20%"]]
+    mean_null = sum(p["null"] for p in per) / 2
+    assert r.seed_values == pytest.approx([p["value"] - p["null"] + mean_null for p in per])
+    assert r.measure.null == pytest.approx(mean_null) and r.verdict == "too few seeds"
     assert r.precondition is not None and "drop" in r.precondition.measured  # the snapshot's regime, measured
-    assert all(0 <= v <= 1 for c in d["curve"] for v in c["top1_agreement"] + c["topk_overlap"])
+    assert all(0 <= v <= 1 for c in d["curve_seed0"] for v in c["top1_agreement"] + c["topk_overlap"])
     assert r.test.margin == pytest.approx((1 - r.measure.null) / 2)
 
 

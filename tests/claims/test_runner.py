@@ -23,6 +23,8 @@ def test_smoke_row_writes_result_and_table(tmp_path, monkeypatch, capsys):
     d = json.loads((tmp_path / "results" / "openmoe-moe-beats-dense.json").read_text())
     assert d["seeds"] == 2 and d["verdict"] == "too few seeds"  # smoke trains 2 seeds
     assert len(d["details"]["per_seed"]) == 2
+    assert "training-loss gap" in d["precondition"]["needs"]  # 6 steps: too few in the window to fit a slope
+    assert d["precondition"]["measured"] == "too few logged steps to fit a slope" and not d["precondition"]["met"]
     assert "openmoe-moe-beats-dense" in (tmp_path / "CLAIMS.md").read_text()
     printed = capsys.readouterr()
     said = (printed.out + printed.err).lower()  # 6 steps decide nothing: no verdict word is printed
@@ -47,7 +49,10 @@ def test_rerun_without_write_docs_leaves_docs_untouched(tmp_path, monkeypatch):
     from moelab.claims.record import read_results
 
     committed = read_results(ROOT / "docs" / "claims")["openmoe-moe-beats-dense"]
-    fake = dataclasses.replace(committed, seed_values=[0.5, 0.6, 0.7], details={}, previous_verdict="")
+    from moelab.claims.verdict import Precondition
+
+    fake = dataclasses.replace(committed, seed_values=[0.5, 0.6, 0.7], details={}, previous_verdict="",
+                               precondition=Precondition("a settled gap", "moved +0.001", True))
     monkeypatch.setattr(mod, "run_row", lambda spec, ws: fake)  # a different machine's numbers for the row
     monkeypatch.chdir(tmp_path)
     before = _docs_state()

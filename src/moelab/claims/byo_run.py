@@ -148,11 +148,12 @@ def main_hf(args) -> int:
     out, results, skipped = run_byo(args.hf, Workspace(args.cache, scale), args.results or None,
                                     revisions=args.revision, tokens=args.tokens, command=" ".join(parts),
                                     seeds=args.seeds)
-    for r in results:
+    for r in results:  # a smoke run is a pipeline check: it reads nothing into its numbers
+        said = ("measured at smoke scale (no verdict)" if args.smoke else
+                f"{'each model' if args.seeds else 'this model'}: {r.details['this_model']['reading']}; "
+                f"verdict {r.verdict}")
         print(f"[claims] {r.row}: {r.measure.value:.4g} [{r.measure.ci_low:.4g}, {r.measure.ci_high:.4g}] vs null "
-              f"{r.measure.null:.4g}; {'each model' if args.seeds else 'this model'}: "
-              f"{r.details['this_model']['reading']}; verdict {r.verdict}",
-              file=sys.stderr)
+              f"{r.measure.null:.4g}; {said}", file=sys.stderr)
     for row, why in skipped.items():
         print(f"[claims] {row}: not measured ({why})", file=sys.stderr)
     print(f"[claims] wrote {out / 'CLAIMS.md'}", file=sys.stderr)

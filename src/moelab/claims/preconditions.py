@@ -16,6 +16,7 @@ from moelab.claims.verdict import Measure, Precondition
 
 # Rows that measure a precondition, and what it is; a stored result without one predates the check.
 DECLARED = {
+    "openmoe-moe-beats-dense": "the training-loss gap settled (moved less than the margin over the last 20%)",
     "rmoe-beats-linear": "the training-loss gap settled (moved less than the margin over the last 20%)",
     "rmoe-np-ablation": "the training-loss gap settled (moved less than the margin over the last 20%)",
     "rmoe-detach-ablation": "the training-loss gap settled (moved less than the margin over the last 20%)",

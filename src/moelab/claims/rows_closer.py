@@ -115,8 +115,8 @@ def neurons_fine_grained(ws: Workspace) -> ClaimResult:
                      "(up 0.06, down 0.07); DeepSeekMoE gate 0.40 (up and down 0.00).",
         measured="Per layer, R^2 of the E(E-1)/2 pairwise cosines of the router's rows on those of the experts' "
                  "averaged W_gate neurons, mean over layers and seeds; null: the same R^2 with the router's experts "
-                 "relabelled (a Mantel permutation, 200 draws, which keeps both similarity structures); 95% interval "
-                 "from a two-level bootstrap over seeds and layers.",
+                 "relabelled (a Mantel permutation, 200 draws, which keeps both similarity structures). 95% interval: "
+                 "t over seeds (the two-level bootstrap over seeds and layers in details).",
         measure=Measure(value, lo, hi, float(null_NL.mean()), float(np.sqrt((sd_NL ** 2).mean() / sd_NL.size))),
         test=Claim("greater", margin=0.1), seeds=n, setup=_setup(ws, n),
         details={"gate_r2_per_seed_per_layer": r2_NL.round(4).tolist(), "null_per_layer": null_NL.mean(0).tolist(),
@@ -147,7 +147,8 @@ def diversity_depth(ws: Workspace) -> ClaimResult:
         measured=f"Diversity per layer = 1 - mean angular similarity 1 - arccos(cos)/pi of all expert pairs' outputs "
                  f"on the same token; Spearman correlation of diversity with depth over layers 0..{L - 2} (the last "
                  f"layer excluded as the paper's exception); null 0 (no trend; ± the sd of Spearman over a random "
-                 f"order of {L - 1} layers); 95% interval from a two-level bootstrap over seeds and sequences.",
+                 f"order of {L - 1} layers). 95% interval: t over seeds (the two-level bootstrap over seeds and "
+                 "sequences in details).",
         measure=Measure(value, lo, hi, 0.0, 1 / np.sqrt(L - 2)), test=Claim("greater", margin=0.5), seeds=n,
         setup=_setup(ws, n, counts_S.sum()),
         details={"diversity_per_layer": div_NL.mean(0).tolist(), "per_seed_per_layer": div_NL.round(5).tolist(),

@@ -197,8 +197,8 @@ def observational_vs_causal(ws: Workspace) -> ClaimResult:
         measured="Per MoE block, Spearman's rho over its experts between the held-out loss change from removing "
                  "each expert alone (causal) and each observational score over the same tokens; mean over blocks "
                  "and seeds. Value: the best of the four scores (its selection favours finding a predictor, "
-                 "against the claim). 95% interval: two-level bootstrap over seeds and sequences, both sides "
-                 f"recomputed per draw. Null column: the bound {RHO_BOUND} that a usable predictor would exceed "
+                 "against the claim). 95% interval: t over seeds (the two-level bootstrap over seeds and sequences, "
+                 f"both sides recomputed per draw, in details). Null column: the bound {RHO_BOUND} that a usable predictor would exceed "
                  "(chance is 0).",
         measure=Measure(b["rho"], b["ci_low"], b["ci_high"], RHO_BOUND), test=Claim("less", margin=0.0),
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; every expert of the {L} MoE blocks {blocks} removed alone "

@@ -11,7 +11,7 @@ from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.routing import (checkpoint_traces, describe_run, final_models, measure_of, over_seeds,
                                    routing_metrics)
-from moelab.claims.rows_openmoe import agreement_at, early_curve, halfway_step, halfway_text, nearest_snapshot
+from moelab.claims.rows_openmoe import agreement_over_seeds, early_curve, halfway_step, halfway_text
 from moelab.claims.verdict import Claim
 from moelab.claims.workspace import Workspace
 
@@ -23,12 +23,12 @@ DOMAIN_MARGIN = 0.05  # share of a domain's tokens: 5 points beyond the shuffled
 def saturation(ws: Workspace) -> ClaimResult:
     m = routing_metrics(ws)
     traces = checkpoint_traces(ws)
-    snap, step = nearest_snapshot(ws, traces, 0.1)
-    at = agreement_at(traces, snap)
-    overlap = at["overlap"]
+    overlap, values, per_seed = agreement_over_seeds(ws, 0.1, "overlap")
+    step = per_seed[0]["step"]
     curve = early_curve(m["early"]["result"])
     margin = (1 - overlap.null) / 2
     k = m["meta"]["top_k"]
+    n = ws.scale.seeds
     return ClaimResult(
         row="olmoe-saturation", paper="OLMoE",
         claim="Router saturation: early in training a token's top-k experts are already largely those of the "
@@ -36,22 +36,24 @@ def saturation(ws: Workspace) -> ClaimResult:
         paper_number="OLMoE-1B-7B (top-8 of 64): about 60% saturation at 1% of pretraining, rising over training.",
         measured=f"Saturation = mean over held-out tokens of |TopK_t & TopK_final| / k (k = {k}) between the "
                  f"earliest snapshot (step {step}, {step / ws.scale.steps:.0%} of training) and the final "
-                 "checkpoint, mean over MoE layers. Null: unrelated checkpoints with their own loads (token "
-                 "identity shuffled between the two). 95% interval: bootstrap over sequences. Details: the curve "
-                 "over all snapshots (per layer, with nulls) and the rise from the first to the last snapshot.",
-        measure=overlap, test=Claim("greater", margin=margin),
-        setup=f"{describe_run(ws)}; {len(traces) - 1} snapshots and the final checkpoint traced over the same "
-              "held-out tokens.",
-        seeds=1,
-        details={"step": step, "top1": dataclasses.asdict(at["top1"]), "curve": curve,
-                 "rise_first_to_last_snapshot": curve[-1]["topk_overlap_mean"] - curve[0]["topk_overlap_mean"],
-                 "rises_every_snapshot": bool(np.all(np.diff([c["topk_overlap_mean"] for c in curve]) > 0)),
-                 "halfway_step": halfway_step(curve, "topk_overlap")},
+                 "checkpoint, mean over MoE layers, per seed. Null: unrelated checkpoints with their own loads "
+                 "(token identity shuffled between the two), mean over seeds; each seed's value paired with its "
+                 "own null (value - null + mean null). 95% interval: t over seeds (each seed's bootstrap over "
+                 "sequences in details). Details: seed 0's curve over all snapshots (per layer, with nulls) and "
+                 "its rise from the first to the last snapshot.",
+        measure=overlap, test=Claim("greater", margin=margin), seed_values=values,
+        setup=f"{describe_run(ws, seeds=n)}; {len(traces) - 1} snapshots and the final checkpoint traced over the "
+              "same held-out tokens.",
+        seeds=n,
+        details={"step": step, "per_seed": per_seed, "curve_seed0": curve,
+                 "rise_first_to_last_snapshot_seed0": curve[-1]["topk_overlap_mean"] - curve[0]["topk_overlap_mean"],
+                 "rises_every_snapshot_seed0": bool(np.all(np.diff([c["topk_overlap_mean"] for c in curve]) > 0)),
+                 "halfway_step_seed0": halfway_step(curve, "topk_overlap")},
         note=f"Margin (1 - null) / 2 = {margin:.3f}: OLMoE's 60% with top-8 of 64 (chance 12.5%) is about half of "
              f"the way from chance to the final routing, so the claim needs half the way here. Our earliest "
              f"snapshot is {step / ws.scale.steps:.0%} of a {ws.scale.steps}-step run, not 1% of trillions of "
              "tokens: at this scale the row asks whether routing settles within the first tenth of training; "
-             f"{halfway_text(halfway_step(curve, 'topk_overlap'), ws.scale.steps)}.")
+             f"for seed 0, {halfway_text(halfway_step(curve, 'topk_overlap'), ws.scale.steps)}.")
 
 
 @row("olmoe-vocab-specialisation", "OLMoE")

@@ -48,8 +48,10 @@ EXTRACT: dict[str, Callable[[Mapping[str, Any]], list[float]]] = {
     "rmoe-np-ablation": _loss_gap("np", "gru"),
     "rmoe-detach-ablation": _loss_gap("detach", "gru"),
     "rmoe-cross-layer-mi": lambda d: mi_relative(d),
-    "intervene-one-expert-suffices": _loss_gap("loss_k1", "loss_own_k"),
-    "openmoe-drop-towards-end": lambda d: [s["excess"]["value"] for s in d["per_seed"]],
+    # the k=1 cost as a share of the all-routed-experts-removed control's (results before the control: none)
+    "intervene-one-expert-suffices": lambda d: [s["k1_share_of_control"] for s in d["per_seed"]],
+    # the raw late-position rise (results that stored only the excess over the queue's rise: none)
+    "openmoe-drop-towards-end": lambda d: [s["rise"]["value"] for s in d["per_seed"]],
     "closer-diversity-depth": lambda d: list(d["per_seed_trend"]),
     "closer-neurons-fine-grained": _mean_rows("gate_r2_per_seed_per_layer"),
     "closer-norm-preference": norm_preference,

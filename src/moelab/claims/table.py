@@ -84,16 +84,22 @@ def details(r: ClaimResult) -> str:
 
 
 def replica_section(rows: Sequence[ClaimResult], replica: Mapping[str, ClaimResult], about: str) -> list[str]:
-    """A second full run beside the first: which verdicts held, which moved (seed and thread sensitivity)."""
+    """A second full run beside the first: which verdicts held, which moved (seed and thread sensitivity).
+    Only rows whose two runs have per-seed values over as many seeds are compared; the others (the second
+    run had fewer seeds, or stored a statistic the row no longer reads) are named, not counted."""
     both = [r for r in rows if r.row in replica]
-    moved = [r for r in both if replica[r.row].verdict != r.verdict]
-    out = ["## A second run", "", f"{about} {len(both) - len(moved)} of {len(both)} verdicts held"
+    same = [r for r in both if replica[r.row].seed_values and len(replica[r.row].seed_values) == len(r.seed_values)]
+    apart = [r for r in both if r not in same]
+    moved = [r for r in same if replica[r.row].verdict != r.verdict]
+    out = ["## A second run", "", f"{about} {len(same) - len(moved)} of {len(same)} comparable verdicts held"
            + (f"; these moved: {', '.join(r.row for r in moved)}." if moved else ".")
-           + " A verdict that moves rests on an interval too close to its null or margin for this many seeds.", "",
+           + " A verdict that moves rests on an interval too close to its null or margin for this many seeds."
+           + (f" Not compared ({len(apart)}; the second run has fewer seeds than this one, or no per-seed values of "
+              f"the statistic the row reads now): {', '.join(r.row for r in apart)}." if apart else ""), "",
            "| row | verdict | value [95% CI] | second run: verdict | value [95% CI] |", "|---|---|---|---|---|"]
-    for r in both:
+    for r in same:
         a, b = r.measure, replica[r.row].measure
-        flag = "**" if r.row in {m.row for m in moved} else ""
+        flag = "**" if r in moved else ""
         out.append(f"| {r.row} | {r.verdict} | {fmt(a.value)} [{fmt(a.ci_low)}, {fmt(a.ci_high)}] | "
                    f"{flag}{replica[r.row].verdict}{flag} | {fmt(b.value)} [{fmt(b.ci_low)}, {fmt(b.ci_high)}] |")
     return out + [""]
