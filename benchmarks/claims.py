@@ -30,7 +30,7 @@ from moelab.claims.record import read_results, write_result
 from moelab.claims.registry import all_rows, run_row, select
 from moelab.claims.scale import (check_device, expand_groups, group_of, plan_lines, read_gpu, scale_for,
                                  write_about)
-from moelab.claims.table import render
+from moelab.claims.table import read_audit, render
 from moelab.claims.workspace import Workspace
 from moelab.config import MoelabError
 
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.smoke and (Path(args.replica) / "ABOUT.txt").is_file():
             replica, about = read_results(args.replica), (Path(args.replica) / "ABOUT.txt").read_text().strip()
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(render(results, list(all_rows()), replica, about, gpu_results, gpu_about))
+        audit = {} if args.smoke else read_audit(docs / "claims-audit-verdicts.json")
+        Path(args.table).write_text(render(results, list(all_rows()), replica, about, gpu_results, gpu_about,
+                                           audit=audit))
         print(f"[claims] wrote {args.table} ({len(results)} rows)", file=sys.stderr)
         return 0
     except MoelabError as e:

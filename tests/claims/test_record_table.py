@@ -117,3 +117,21 @@ def test_a_settled_check_decided_by_the_older_rule_counts_as_unmet(tmp_path):
                                       "moved by less than 0.0261 nats either way", "moved +0.001", True)
     write_result(fresh, tmp_path)
     assert read_results(tmp_path)["new-rule"].verdict == "reproduced"
+
+
+def test_audit_section_names_every_changed_verdict_and_added_row(tmp_path):
+    from moelab.claims.table import read_audit
+
+    audit_file = tmp_path / "audit.json"
+    audit_file.write_text(json.dumps({"commit": "abc1234", "about": "the audited table",
+                                      "verdicts": {"a": "reproduced", "b": "not reproduced"}}))
+    audit = read_audit(audit_file)
+    rows = {"a": result("a", 0.3), "b": result("b", 0.3), "c": result("c", 0.3)}  # all reproduced now
+    md = render(rows, ["a", "b", "c"], audit=audit).split("## Since the audit")[1].split("\n## ")[0]
+    assert "1 of 2 verdicts changed, 1 rows added" in md and "(commit abc1234)" in md
+    assert "| b | not reproduced | **reproduced** |" in md and "| c | (new row) | **reproduced** |" in md
+    assert "| a |" not in md
+    assert read_audit(tmp_path / "absent.json") == {}
+    audit_file.write_text("{not json")
+    with pytest.raises(MoelabError, match="audit.json: not an audit verdicts file"):
+        read_audit(audit_file)

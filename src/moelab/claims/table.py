@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from moelab.claims.record import ClaimResult
 from moelab.claims.scale import GROUPS
@@ -153,9 +154,45 @@ def gpu_section(rows: Sequence[ClaimResult], gpu: Mapping[str, ClaimResult], abo
     return out + [""]
 
 
+def audit_section(rows: Sequence[ClaimResult], audit: Mapping[str, Any]) -> list[str]:
+    """Every row whose verdict differs from the table an audit read (`audit`: {"commit", "about",
+    "verdicts": {row: verdict}}), old -> new, and the rows added since."""
+    then = audit.get("verdicts", {})
+    moved = [r for r in rows if r.row in then and then[r.row] != r.verdict]
+    added = [r for r in rows if r.row not in then]
+    if not moved and not added:
+        return []
+    out = ["## Since the audit", "",
+           f"Against {audit.get('about', 'the audited table')} (commit {audit.get('commit', '?')}): "
+           f"{len(moved)} of {sum(r.row in then for r in rows)} verdicts changed, {len(added)} rows added.", "",
+           "| row | at the audit | now |", "|---|---|---|"]
+    out += [f"| {r.row} | {then[r.row]} | **{r.verdict}** |" for r in moved]
+    out += [f"| {r.row} | (new row) | **{r.verdict}** |" for r in added]
+    return out + [""]
+
+
+def read_audit(path: str | Path) -> dict[str, Any]:
+    """The audited verdicts file ({} when absent); a damaged one is one line naming it."""
+    import json
+
+    from moelab.config import MoelabError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d.get("verdicts"), dict):
+            raise ValueError("no verdicts table")
+        return d
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise MoelabError(f"{path}: not an audit verdicts file ({e})") from None
+
+
 def render(results: Mapping[str, ClaimResult], order: Sequence[str],
            replica: Mapping[str, ClaimResult] | None = None, replica_about: str = "",
-           gpu: Mapping[str, ClaimResult] | None = None, gpu_about: str = "") -> str:
+           gpu: Mapping[str, ClaimResult] | None = None, gpu_about: str = "",
+           audit: Mapping[str, Any] | None = None) -> str:
     """Rows in registry order, then any result whose row is no longer registered (marked as such);
     with `replica` (the same rows from a second full run) a section comparing the two runs' verdicts;
     with `gpu` (the rows at the gpu scale) the two scales side by side, without it one line saying the
@@ -178,6 +215,8 @@ def render(results: Mapping[str, ClaimResult], order: Sequence[str],
                 "|---|---|---|---|---|---|---|---|"]
         out += [summary_line(r) for r in group] + [""]
     out += changed_section(rows)
+    if audit:
+        out += audit_section(rows, audit)
     if gpu:
         out += gpu_section(rows, gpu, gpu_about)
     if replica:
