@@ -81,7 +81,8 @@ def test_every_row_module_is_named_and_rows_sharing_runs_share_a_scale():
         g = sc.group_of(f"moelab.claims.{module}")
         for profile in sc.PROFILES:
             assert sc.scale_for(profile, g) == sc.scale_for(profile, rmoe8_rows)
-    assert sc.group_of("moelab.claims.rows_chatdrop") == "base"  # the base tiny-moe runs
+    assert sc.group_of("moelab.claims.rows_chatdrop") == "long"  # the drop rows' 2048-token runs
+    assert sc.group_of("moelab.claims.rows_turns") == "long"
     with pytest.raises(MoelabError, match="rows_unnamed"):
         sc.group_of("moelab.claims.rows_unnamed")
     w = sc.workload("depth", sc.scale_for("gpu", "depth"))

@@ -2,9 +2,11 @@
 
 OpenMoE's figure shows two curves for one model: on pretraining-like data about 2-3% of routed choices are
 dropped at every position; on multi-turn chat (MT-Bench) the share rises late in the sequence. The claim is
-the contrast. Here each base tiny-moe seed reads two texts at its trained capacity (factor, formula, queue,
+the contrast. Here each long-context tiny-moe seed (rows_turns.long_run: 2048-token sequences, the
+parameter-for-parameter base model) reads two texts at its trained capacity (factor, formula, queue,
 the training batch as capacity group): the held-out split of its own main corpus (pretraining-like) and
-the `turns:doctest` conversations of the drop row (rows_turns.py; same traces, same cache). Per seed the
+the `turns:doctest` conversations of the drop row (rows_turns.py; same traces, same cache), both in
+2048-token rows. Per seed the
 statistic is a difference of rises: (chat's last-quarter minus first-quarter dropped share) minus the same
 for the pretraining-like text. The overall drop level of each text (which follows from the load that text
 puts on the experts) cancels, so a text that only loads the experts more unevenly, at every position,
@@ -17,10 +19,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moelab.claims.models import base_run, final
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
-from moelab.claims.rows_turns import HELDOUT, MIN_SEQ_LEN, _per_seed, reach, turns_corpus
+from moelab.claims.rows_turns import (HELDOUT, LONG_SEQ, MIN_SEQ_LEN, _per_seed, describe_long, long_trace, longest_row,
+                                     reach,
+                                     turns_corpus)
 from moelab.claims.verdict import Claim, Measure
 from moelab.claims.workspace import Workspace
 
@@ -62,13 +65,12 @@ MEASURED = ("Per seed, (chat's dropped share in the last quarter of positions mi
 def chat_vs_pretraining(ws: Workspace) -> ClaimResult:
     s = ws.scale
     chat_corpus = turns_corpus(ws)
-    runs = [base_run(ws, "tiny-moe", seed) for seed in range(s.seeds)]
     names = [f"seed{seed}" for seed in range(s.seeds)]
     # The chat traces and analysis are the drop row's (same names and settings: one cache entry).
-    chat = [ws.trace(final(run), f"turns-doctest-tiny-moe-s{seed}", corpus=chat_corpus) for seed, run in enumerate(runs)]
-    pre = [ws.trace(final(run), f"final-tiny-moe-s{seed}") for seed, run in enumerate(runs)]
-    chat_m = ws.analyze("turns-drops-tiny-moe", chat, names=names, options={"analyses": ["drops"]})
-    pre_m = ws.analyze("main-drops-tiny-moe", pre, names=names, options={"analyses": ["drops"]})
+    chat = [long_trace(ws, seed, f"turns-doctest-long-tiny-moe-s{seed}", chat_corpus) for seed in range(s.seeds)]
+    pre = [long_trace(ws, seed, f"main-long-tiny-moe-s{seed}") for seed in range(s.seeds)]
+    chat_m = ws.analyze("turns-drops-long-tiny-moe", chat, names=names, options={"analyses": ["drops"]})
+    pre_m = ws.analyze("main-drops-long-tiny-moe", pre, names=names, options={"analyses": ["drops"]})
     per_seed = []
     for n in names:
         c, p = _per_seed(chat_m["models"][n]), _per_seed(pre_m["models"][n])
@@ -79,10 +81,10 @@ def chat_vs_pretraining(ws: Workspace) -> ClaimResult:
     return ClaimResult(
         row="openmoe-chat-vs-pretraining-drops", paper="OpenMoE", claim=CLAIM, paper_number=PAPER_NUMBER,
         measured=MEASURED, measure=Measure(float(np.nanmean(gaps)), float("nan"), float("nan"), 0.0),
-        test=Claim("greater", margin=MARGIN), unit="", seed_values=gaps, seeds=s.seeds, precondition=reach(s.seq_len),
-        setup=(f"base tiny-moe seeds 0-{s.seeds - 1}, {s.describe()} on the main corpus; each final checkpoint traced "
-               f"at its trained capacity on the main corpus's held-out split and on the turns:doctest conversations "
-               f"(held-out {HELDOUT:.0%}, the main tokenizer), both packed into {s.seq_len}-token rows."),
+        test=Claim("greater", margin=MARGIN), unit="", seed_values=gaps, seeds=s.seeds, precondition=reach(longest_row(chat + pre)),
+        setup=(f"{describe_long(ws)}, seeds 0-{s.seeds - 1}; each final checkpoint traced at its trained capacity "
+               f"on the main corpus's held-out split and on the turns:doctest conversations (held-out "
+               f"{HELDOUT:.0%}, the main tokenizer), both packed into {LONG_SEQ}-token rows."),
         details={"per_seed": per_seed, "min_seq_len": MIN_SEQ_LEN},
         note=f"Margin {MARGIN}: 2 points of dropped share, a tenth of the paper's late excess. The precondition is the "
              "drop row's: OpenMoE's rise starts near position 750, so rows shorter than that cannot show it. Part of "

@@ -1,7 +1,7 @@
 """Scale profiles for the claims table: `cpu` (today's default) and `gpu`, sized per row group.
 
 A row group is the rows that share trained models (`GROUPS`, by the module the row lives in): the base
-runs (3 seeds of tiny-moe and tiny-dense), the 8-layer RMoE models (4 router variants x 3 seeds, which
+runs (3 seeds of tiny-moe and tiny-dense), the drop rows' tiny-moe at 2048 tokens per sequence, the 8-layer RMoE models (4 router variants x 3 seeds, which
 the Closer Look and OLMoE per-layer rows reuse), RMoE's depth scan (2 and 4 blocks beside the 8-block
 runs, at the rmoe8 group's steps so that depth 8 is the same cache entry), the dense-reference upcycling
 at 8 blocks, and upcycling. Every row module is named: a row sized by another group's scale would train
@@ -30,7 +30,8 @@ from moelab.config import MoelabError
 PROFILES = ("cpu", "gpu")
 # group -> the row modules whose rows it holds
 GROUPS = {
-    "base": ("rows_openmoe", "rows_turns", "rows_chatdrop", "rows_olmoe", "rows_intervene"),
+    "base": ("rows_openmoe", "rows_olmoe", "rows_intervene"),
+    "long": ("rows_turns", "rows_chatdrop"),
     "rmoe8": ("rows_rmoe", "rows_closer", "rows_layers"),
     "depth": ("rows_depth",),
     "denseref": ("rows_denseref",),
@@ -42,7 +43,10 @@ GPU_BUDGET_MIN = 8.0
 ASSUMED = {
     # s per optimizer step at 128 x 256 tokens; launch-bound, so by blocks: the 2- and 4-block RMoE of the
     # depth scan at about the 4-block tiny models' time and two thirds of it
-    "step_s": {"tiny": 0.060, "rmoe8": 0.100, "rmoe4": 0.060, "rmoe2": 0.040},
+    "step_s": {"tiny": 0.060, "rmoe8": 0.100, "rmoe4": 0.060, "rmoe2": 0.040,
+               # the drop rows' tiny-moe at 2048 tokens per sequence, 16 x 2048 per step: attention over 8x
+               # longer rows, no longer launch-bound
+               "long": 0.120},
     "corpus_build_s": 150.0,  # python-large: read, split docstrings, train BPE, tokenize (16 cores)
     "per_run_s": 4.0,  # model build, end-of-run evaluation, checkpoints
     "device_tokens_per_s": 1_000_000,  # tracing forward (fp32) + Parquet writing
@@ -55,7 +59,7 @@ HELDOUT_TOKENS = 110_000
 
 _GPU_COMMON = dict(seq_len=256, batch_size=128, vocab_size=4096, eval_tokens=32768, trace_tokens=0, seeds=3,
                    corpus="python-large", corpus_bytes=0, corpus_math=200_000)
-GPU_STEPS = {"base": 480, "rmoe8": 120, "depth": 120, "denseref": 480, "upcycle": 480}  # depth: rmoe8's
+GPU_STEPS = {"base": 480, "long": 480, "rmoe8": 120, "depth": 120, "denseref": 480, "upcycle": 480}  # depth: rmoe8's
 
 
 def group_of(module: str) -> str:
@@ -105,11 +109,16 @@ def workload(group: str, s: Scale, heldout: int = HELDOUT_TOKENS) -> dict:
     kind, traced tokens (tracing runs on the device), held-out tokens evaluated on the CPU, trace rows."""
     per_run = s.steps * s.batch_size * s.seq_len
     held = s.trace_tokens or heldout
-    if group == "base":  # 3+3 runs; seed 0's 10 checkpoints and seeds 1.. final traced; turns traces
+    if group == "base":  # 3+3 runs; seed 0's 10 checkpoints, seeds 1.. final and early snapshots traced
         runs = {"tiny": 2 * s.seeds}
-        traced = (10 + s.seeds - 1) * held + s.seeds * min(held, 200_000)
+        traced = (10 + 3 * (s.seeds - 1)) * held
         cpu = {"tiny": 2 * s.seeds * heldout + 2 * s.seeds * 18 * s.eval_tokens}  # losses; expert ablations
         rows = traced * 2 * 2  # 2 MoE blocks, top-2
+    elif group == "long":  # a 2048-token tiny-moe per seed; its final traced on the main and turns held-out
+        runs = {"long": s.seeds}
+        traced = s.seeds * (held + min(held, 200_000))
+        cpu = {"tiny": 0}
+        rows = traced * 2 * 2
     elif group == "rmoe8":  # 4 router variants x seeds; 3 loss rows of 2 variants; MI traces; all-expert traces
         runs = {"rmoe8": 4 * s.seeds}
         traced = 2 * s.seeds * held + s.seeds * 16384
@@ -134,7 +143,12 @@ def workload(group: str, s: Scale, heldout: int = HELDOUT_TOKENS) -> dict:
         rows = traced * 2 * 2
     else:
         raise MoelabError(f"unknown row group {group!r} (known: {', '.join(GROUPS)})")
-    return {"runs": runs, "steps": s.steps, "tokens_per_run": per_run,
+    shape = (s.batch_size, s.seq_len)
+    if group == "long":
+        from moelab.claims.rows_turns import LONG_SEQ, long_batch
+
+        shape = (long_batch(s), LONG_SEQ)
+    return {"runs": runs, "steps": s.steps, "tokens_per_run": per_run, "shape": shape,
             "train_tokens": sum(runs.values()) * per_run, "traced_tokens": traced, "cpu_tokens": cpu,
             "trace_rows": rows}
 
@@ -161,7 +175,7 @@ def plan_lines(profile: str, groups: list[str] | None = None) -> list[str]:
         s = scale_for(profile, g)
         w = workload(g, s)
         runs = ", ".join(f"{n} {k}" for k, n in w["runs"].items())
-        line = (f"{g}: {runs} runs x {w['steps']} steps x {s.batch_size} x {s.seq_len} = "
+        line = (f"{g}: {runs} runs x {w['steps']} steps x {w['shape'][0]} x {w['shape'][1]} = "
                 f"{w['tokens_per_run'] / 1e6:.1f}M tokens per run, {w['train_tokens'] / 1e6:.0f}M in all")
         if profile == "gpu":
             line += f"; {w['traced_tokens'] / 1e6:.1f}M tokens traced"

@@ -202,19 +202,22 @@ class Workspace:
 
     # ---- tracing and analysis ---------------------------------------------------------------------------
     def trace(self, checkpoint: Path, name: str, *, corpus: Path | None = None, all_experts: bool = False,
-              tokens: int | None = None, capacity: str = "trained") -> Path:
-        """A trace of the held-out split at the trained capacity ("trained") or dropless ("none")."""
+              tokens: int | None = None, capacity: str = "trained", seq_len: int | None = None,
+              batch_size: int | None = None) -> Path:
+        """A trace of the held-out split at the trained capacity ("trained") or dropless ("none"), in rows of
+        `seq_len` tokens and capacity batches of `batch_size` rows (default: the scale's)."""
         corpus = corpus or _run_corpus(checkpoint)
         tokens = tokens or self.scale.trace_tokens
+        seq_len, batch_size = seq_len or self.scale.seq_len, batch_size or self.scale.batch_size
         settings = {"checkpoint": str(checkpoint), "checkpoint_content": tree_hash(checkpoint),
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus), "all_experts": all_experts,
                     "code": code_version("model", "trace", "data"),
-                    "tokens": tokens, "capacity": capacity, "seq_len": self.scale.seq_len,
-                    "batch_size": self.scale.batch_size, **({"device": self.device} if self.device else {})}
+                    "tokens": tokens, "capacity": capacity, "seq_len": seq_len,
+                    "batch_size": batch_size, **({"device": self.device} if self.device else {})}
 
         def make(folder: Path) -> None:
-            _write_trace(checkpoint, corpus, folder / "trace.parquet", self.scale, all_experts, tokens, capacity,
-                         self.device or "cpu")
+            _write_trace(checkpoint, corpus, folder / "trace.parquet", seq_len, batch_size, all_experts, tokens,
+                         capacity, self.device or "cpu")
 
         return self._cached(self.root / "traces" / name, settings, make) / "trace.parquet"
 
@@ -255,8 +258,8 @@ def _run_corpus(checkpoint: Path) -> Path:
     return Path(read_checkpoint_config(checkpoint)["data"]["path"])
 
 
-def _write_trace(checkpoint: Path, corpus: Path, out: Path, s: Scale, all_experts: bool, tokens: int,
-                 capacity: str, device: str = "cpu") -> None:
+def _write_trace(checkpoint: Path, corpus: Path, out: Path, seq_len: int, batch_size: int, all_experts: bool,
+                 tokens: int, capacity: str, device: str = "cpu") -> None:
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.trace.build import trace_batches, trace_meta
@@ -267,7 +270,7 @@ def _write_trace(checkpoint: Path, corpus: Path, out: Path, s: Scale, all_expert
     cf = model.config.moe.capacity_factor_train if capacity == "trained" else None
     meta = trace_meta(model, cf, checkpoint_step(checkpoint), str(corpus / "tokenizer.json"), "moelab",
                       c.domains, c.langs)
-    meta.extra["batch_seqs"] = s.batch_size  # the capacity batch, for the queue-only drop baseline
-    batches = iter_sequential(c, seq_len=s.seq_len, batch_size=s.batch_size, split="heldout")
+    meta.extra["batch_seqs"] = batch_size  # the capacity batch, for the queue-only drop baseline
+    batches = iter_sequential(c, seq_len=seq_len, batch_size=batch_size, split="heldout")
     trace_batches(model, batches, out, meta, max_tokens=tokens or c.info["splits"]["heldout"]["tokens"],
                   capacity_factor=cf, all_experts=all_experts)
