@@ -102,3 +102,24 @@ def test_dense_reference_regime_by_the_same_rule():
     assert not pre.met and pre.measured == f"8 MoE layers; {ref.measured}" and f"tolerance {0.01 * final:.4f}" in ref.measured
     assert converged(done, 8).met and not converged(done, MIN_LAYERS - 1).met
     assert converged(done, 8).needs.startswith(f">= {MIN_LAYERS} MoE layers and the upcycled MoE's training loss")
+
+
+def test_every_row_declares_its_regime_or_says_why_it_needs_none():
+    from moelab.claims.preconditions import DECLARED, NONE_NEEDED
+    from moelab.claims.registry import all_rows
+
+    rows = set(all_rows())
+    assert not set(DECLARED) & set(NONE_NEEDED)
+    assert set(DECLARED) | set(NONE_NEEDED) == rows, rows ^ (set(DECLARED) | set(NONE_NEEDED))
+
+
+def test_upcycle_regime_is_the_scratch_models_specialisation_beyond_its_null():
+    from moelab.claims.rows_upcycle import scratch_specialises
+
+    def seed(value, null):
+        return {"vocab_specialisation": {"scratch": {"value": value, "null_mean": null}}}
+
+    learned = scratch_specialises([seed(0.5, 0.2), seed(0.51, 0.21), seed(0.49, 0.19)])  # paired: 0.5 each
+    assert learned.met and "0.5 [0.5, 0.5] against null 0.2" in learned.measured
+    nothing = scratch_specialises([seed(0.2, 0.2), seed(0.25, 0.25), seed(0.15, 0.15)])  # each at its own null
+    assert not nothing.met

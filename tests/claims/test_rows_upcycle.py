@@ -22,6 +22,7 @@ def test_row_runs_and_reports_its_parts(result):
     assert result.verdict in VERDICTS and result.test.direction == "less" and result.seeds == 2
     assert "768 training tokens" in result.setup and "3 dense + 3 MoE steps" in result.setup
     assert len(result.details["per_seed"]) == 2
+    assert result.precondition.needs.startswith("the from-scratch MoE's vocabulary specialisation")
     for seed in result.details["per_seed"]:
         d = seed["vocab_specialisation"]
         assert d["difference"]["ci_low"] <= d["difference"]["value"] <= d["difference"]["ci_high"]

@@ -29,6 +29,29 @@ DECLARED = {
     "closer-dense-reference": ">= 4 MoE layers and the upcycled MoE's training loss settled (moved less than 1% over "
                               "the last 20%)",
     "olmoe-coactivation": "vocabulary specialisation beyond its null (a router that learned nothing passes trivially)",
+    "upcycle-specialises-less": "the from-scratch MoE's vocabulary specialisation beyond its null",
+}
+
+# Rows that declare no precondition, and why none is needed: each row is in DECLARED or here (a test checks).
+NONE_NEEDED = {
+    "openmoe-context-independent": "the claim compares two specialisations of one trained model, each against its "
+                                   "own load-keeping null; a model that learned nothing sits at both nulls and "
+                                   "reads 0, short of the margin",
+    "olmoe-saturation": "OLMoE measures it at 1% of pretraining, long before the loss settles: the claim is about "
+                        "early training itself",
+    "olmoe-vocab-specialisation": "a property of the final model against its load-keeping null; no comparison "
+                                  "between runs that could still move",
+    "olmoe-domain-specialisation": "a property of the final model against its load-keeping null; no comparison "
+                                   "between runs that could still move",
+    "rmoe-cross-layer-mi": "the paper's statistic compares the binned MI of two routers trained alike at the end of "
+                           "training; whether their losses settled is the loss rows' precondition",
+    "closer-norm-preference": "a property of the final model (top-1 choice vs largest output norm) against a "
+                              "load-keeping null",
+    "closer-neurons-fine-grained": "a property of the final weights (router rows vs gate neurons) against a "
+                                   "permutation null",
+    "closer-diversity-depth": "a trend over the layers of the final model against a random order of the layers",
+    "intervene-observational-vs-causal": "a property of the final model: observational scores against the causal "
+                                         "effect of removing each expert, on the same tokens",
 }
 
 

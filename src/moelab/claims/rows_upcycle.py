@@ -151,6 +151,18 @@ def describe(ws: Workspace, pair: dict[str, Path]) -> str:
             f"{s.steps - half} MoE steps), main corpus; specialisation on its held-out split.")
 
 
+def scratch_specialises(per_seed: list[dict]):
+    """The regime: the from-scratch MoE's vocabulary specialisation beyond its null over the seeds (each seed
+    paired with its own null; t-interval). A router that learned nothing cannot specialise less."""
+    from moelab.claims.preconditions import beyond_null
+    from moelab.claims.seeds import null_paired
+
+    sc = [p["vocab_specialisation"]["scratch"] for p in per_seed if "vocab_specialisation" in p]
+    paired, null = null_paired([v["value"] for v in sc], [v["null_mean"] for v in sc])
+    mean, lo, hi = t_interval(paired) if len(paired) >= 2 else (paired[0], float("nan"), float("nan"))
+    return beyond_null(Measure(mean, lo, hi, null), "the from-scratch MoE's vocabulary specialisation (t over seeds)")
+
+
 @row("upcycle-specialises-less", "Sparse upcycling")
 def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
     seeds = ws.scale.seeds  # the scale's (3 at full scale): fewer cannot be decided (claims/verdict.py)
@@ -170,6 +182,7 @@ def upcycle_specialises_less(ws: Workspace) -> ClaimResult:
         measured=MEASURED, measure=Measure(main["value"], main["ci_low"], main["ci_high"], 0.0),
         seed_values=[p["vocab_specialisation"]["difference"]["value"] for p in per_seed],
         test=Claim("less", margin=0.02), setup=describe(ws, pairs[0]), seeds=seeds,
+        precondition=scratch_specialises(per_seed),
         details={"per_seed": per_seed, "combined": combined, "expert_cosine": cosine, "final_loss": losses,
                  "step0_change": {f"upcycled-s{i}": step0_change(p["upcycled"]) for i, p in enumerate(pairs)}},
         note=NOTE)

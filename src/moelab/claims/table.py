@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from moelab.claims.preconditions import NONE_NEEDED
 from moelab.claims.record import ClaimResult
 from moelab.claims.scale import GROUPS
 from moelab.claims.verdict import VERDICTS
@@ -77,7 +78,8 @@ def details(r: ClaimResult) -> str:
     lines = [f"### {r.row}", "", f"**Claim ({r.paper}).** {r.claim} Paper: {r.paper_number}", "",
              f"**Measured.** {r.measured}", "", f"**Setup.** {r.setup} Seeds: {r.seeds}.{secs}", "",
              *([f"**Precondition.** Needs {r.precondition.needs}; measured {r.precondition.measured} "
-                f"({'met' if r.precondition.met else 'unmet'}).", ""] if r.precondition else []),
+                f"({'met' if r.precondition.met else 'unmet'}).", ""] if r.precondition else
+               [f"**Precondition.** None: {NONE_NEEDED[r.row]}.", ""] if r.row in NONE_NEEDED else []),
              f"**Per-seed values.** {', '.join(fmt(v) for v in r.seed_values) or 'none stored'}.", "",
              f"**Verdict: {r.verdict}**: {r.reason}." + (f" {r.note}" if r.note else ""), "",
              f"Re-run: `{r.command}`", ""]
