@@ -50,11 +50,24 @@ def test_keys_follow_content_preset_and_code(tmp_path, monkeypatch):
     (f / "model.safetensors").write_bytes(b"abd")  # same size, other bytes
     assert fingerprint.tree_hash(f) != h
     assert fingerprint.preset_contents("tiny-moe")["model"] != fingerprint.preset_contents("tiny-dense")["model"]
-    code = fingerprint.code_version("analysis")
+    code = fingerprint.code_closure("moelab.analysis")
+    # A planted package: a imports b inside a function (the claims code's habit) and c relatively; d is
+    # imported by no one. Editing b or c changes a's key, editing d does not.
     src = tmp_path / "src"
-    (src / "analysis").mkdir(parents=True)
-    (src / "analysis" / "a.py").write_text("x = 1\n")
+    (src / "sub").mkdir(parents=True)
+    (src / "__init__.py").write_text("")
+    (src / "sub" / "__init__.py").write_text("")
+    (src / "sub" / "a.py").write_text("def f():\n    from moelab.b import g\n    return g\n\nfrom . import c\n")
+    for name in ("b", "sub/c", "d"):
+        (src / f"{name}.py").write_text("x = 1\n")
     monkeypatch.setattr(fingerprint, "SRC", src)
-    one = fingerprint.code_version("analysis")
-    (src / "analysis" / "a.py").write_text("x = 2\n")
-    assert fingerprint.code_version("analysis") != one and one != code
+    files = [str(f.relative_to(src)) for f in fingerprint.closure_files("moelab.sub.a")]
+    assert files == ["__init__.py", "b.py", "sub/__init__.py", "sub/a.py", "sub/c.py"]
+    one = fingerprint.code_closure("moelab.sub.a")
+    (src / "d.py").write_text("x = 2\n")
+    assert fingerprint.code_closure("moelab.sub.a") == one and one != code
+    for name in ("b", "sub/c"):
+        (src / f"{name}.py").write_text(f"x = '{name}'\n")
+        fingerprint._closure.cache_clear()  # a process sees one source tree; the test edits it
+        assert fingerprint.code_closure("moelab.sub.a") != one
+        one = fingerprint.code_closure("moelab.sub.a")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from moelab.claims.fingerprint import code_version, tree_hash
+from moelab.claims.fingerprint import code_closure, tree_hash
 from moelab.claims.workspace import SOURCES, Workspace
 from moelab.config import ConfigError, MoelabError
 
@@ -212,7 +212,7 @@ def trace_of(ws: Workspace, model: Brought, corpus: Path, *, tokens: int = 0, al
                         corpus=corpus, all_experts=all_experts, tokens=tokens)
     settings = {"model_content": model.fingerprint, "corpus_content": tree_hash(corpus), "tokens": tokens,
                 "seq_len": seq_len, "batch_size": ws.scale.batch_size, "all_experts": all_experts,
-                "code": code_version("trace", "hf", "data", "claims/byo_norms")}
+                "code": code_closure("moelab.trace.hf", "moelab.claims.byo_norms", "moelab.data.shards")}
 
     def make(folder: Path) -> None:
         ws.log(f"[claims] tracing {model.label}{' (all experts)' if all_experts else ''}")

@@ -2,12 +2,15 @@
 
 The claims cache keyed on paths and preset names: after a run was retrained with other settings at the
 same path, the trace of the old model was served. A key here is a hash of what the result depends on:
-a checkpoint's or corpus's files, the preset's resolved contents, and the source of the moelab packages
-that compute it (a changed analysis rebuilds its reports; a changed docstring elsewhere does not).
+a checkpoint's or corpus's files, the preset's resolved contents, and the source of the moelab modules
+that compute it: `code_closure` follows the moelab imports of the entry modules (function-level imports
+included) to every module they can reach, so a dependency no one listed by hand still rebuilds what it
+feeds (a changed analysis rebuilds its reports; a changed docstring in an unrelated module does not).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -31,17 +34,67 @@ def tree_hash(path: str | Path, skip: tuple[str, ...] = ("claims-settings.json",
     return h.hexdigest()[:20]
 
 
-def code_version(*packages: str) -> dict[str, str]:
-    """The hash of each moelab package's source (.py files) that a cached result depends on."""
-    out = {}
-    for pkg in packages:
-        where = SRC / pkg
-        files = [where.with_suffix(".py")] if not where.is_dir() else sorted(where.rglob("*.py"))
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-        out[pkg] = h.hexdigest()[:16]
+def _module_file(name: str) -> Path | None:
+    """src/moelab/a/b.py or src/moelab/a/b/__init__.py for "moelab.a.b"; None when neither exists."""
+    parts = name.split(".")[1:]
+    base = SRC.joinpath(*parts) if parts else SRC
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _moelab_imports(path: Path, name: str) -> set[str]:
+    """The moelab modules `path` (module `name`) imports anywhere in its body, relative imports resolved."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "moelab"}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")
+                up = up[:len(up) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            if base.split(".")[0] != "moelab":
+                continue
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import module` names a module
     return out
+
+
+def code_closure(*modules: str) -> str:
+    """A hash of the source of `modules` and of every moelab module they import, transitively (parents'
+    __init__ files too), each by its path: what a cached artefact made by those modules depends on."""
+    h = hashlib.sha256()
+    for f in closure_files(*modules):
+        h.update(str(f.relative_to(SRC)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def closure_files(*modules: str) -> list[Path]:
+    """The source files `code_closure` hashes, sorted (parsed once per process and source folder)."""
+    return list(_closure(tuple(sorted(modules)), str(SRC)))
+
+
+@functools.lru_cache(maxsize=None)
+def _closure(modules: tuple[str, ...], src: str) -> tuple[Path, ...]:
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        f = _module_file(name)
+        if f is None:
+            continue  # a name imported from a module (a function), not a module
+        seen[name] = f
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += parents + sorted(_moelab_imports(f, name))
+    return tuple(sorted(set(seen.values())))
 
 
 def preset_contents(preset: str) -> dict:

@@ -16,10 +16,12 @@ filling up late in a batch is the mechanism OpenMoE describes.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
 
+from moelab.claims.fingerprint import code_closure
 from moelab.claims.models import final, millions, param_counts
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
@@ -41,7 +43,8 @@ def turns_corpus(ws: Workspace) -> Path:
     # The fingerprint, not only the path: a rebuilt main corpus must rebuild this one too.
     fingerprint = json.loads((main / "corpus.json").read_text())["tokenizer"]["fingerprint"]
     settings = {"sources": list(TURN_SOURCES), "tokenizer": str(main / "tokenizer.json"),
-                "fingerprint": fingerprint, "heldout": HELDOUT}
+                "fingerprint": fingerprint, "heldout": HELDOUT, "python": platform.python_version(),
+                "code": code_closure("moelab.data.build")}
 
     def make(folder: Path) -> None:
         ws.log(f"[claims] corpus turns-doctest: {', '.join(TURN_SOURCES)} with the main tokenizer")

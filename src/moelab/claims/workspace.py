@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import platform
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from moelab.claims.fingerprint import code_version, preset_contents, tree_hash
+from moelab.claims.fingerprint import code_closure, preset_contents, tree_hash
 from moelab.config import MoelabError
 from moelab.lockfile import locked
 
@@ -116,8 +117,10 @@ class Workspace:
             raise MoelabError(f"scale.corpus={s.corpus!r} is unknown (known: main, python-large)")
         if s.corpus == "python-large" and name == "main" and tuple(sources) == SOURCES:
             return self._large_corpus(vocab)  # the main corpus only: a row's own corpus keeps its sources
+        # The sources are installed text (the stdlib, pydoc's topics, gettext catalogs): the Python version
+        # stands for the stdlib's; the runs key on the built corpus's content, whatever it holds.
         settings = {"sources": list(sources), "vocab_size": vocab, "max_bytes": s.max_bytes_per_source,
-                    "code": code_version("data")}
+                    "python": platform.python_version(), "code": code_closure("moelab.data.build")}
         if tokenizer is not None:  # only then: the trained-tokenizer corpora keep their key
             settings["tokenizer_content"] = tokenizer_content
 
@@ -143,7 +146,7 @@ class Workspace:
         # Versions, not the files' hashes, key the cache (hashing 150 MB on every row costs seconds); the
         # built corpus's sources.json holds the content fingerprint that results quote.
         settings = {"recipe": recipe.to_dict(), "versions": installed_versions(recipe),
-                    "code": code_version("data")}
+                    "python": platform.python_version(), "code": code_closure("moelab.data.corpus_large")}
 
         def make(folder: Path) -> None:
             self.log(f"[claims] corpus python-large: the stdlib and {len(recipe.packages)} installed packages")
@@ -173,7 +176,7 @@ class Workspace:
         settings = {"preset": preset, "preset_contents": preset_contents(preset), "sets": sets,
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus),
                     "init_from": str(init_from or ""), "init_content": tree_hash(init_from) if init_from else "",
-                    "model": model, "code": code_version("model", "train", "data")}
+                    "model": model, "code": code_closure("moelab.train.loop", "moelab.train.commands")}
 
         def make(folder: Path) -> None:
             run = build_run_config(preset, str(corpus), sets, model=model)
@@ -192,7 +195,7 @@ class Workspace:
         dense = _final_checkpoint(dense_run)
         settings = {"dense": str(dense), "dense_key": json.loads((dense_run / STAMP).read_text())["key"],
                     "preset": preset, "preset_contents": preset_contents(preset), "sets": list(sets),
-                    "code": code_version("model", "train")}
+                    "code": code_closure("moelab.train.upcycle")}
 
         def make(folder: Path) -> None:
             self.log(f"[claims] upcycling {dense} into {preset}'s MoE")
@@ -211,7 +214,8 @@ class Workspace:
         seq_len, batch_size = seq_len or self.scale.seq_len, batch_size or self.scale.batch_size
         settings = {"checkpoint": str(checkpoint), "checkpoint_content": tree_hash(checkpoint),
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus), "all_experts": all_experts,
-                    "code": code_version("model", "trace", "data"),
+                    "code": code_closure("moelab.trace.build", "moelab.train.checkpoint", "moelab.data.objectives",
+                                         "moelab.data.shards"),
                     "tokens": tokens, "capacity": capacity, "seq_len": seq_len,
                     "batch_size": batch_size, **({"device": self.device} if self.device else {})}
 
@@ -231,7 +235,7 @@ class Workspace:
                     "trace_contents": [tree_hash(t) for t in traces],
                     "weights": [str(w) for w in weights or []], "weight_contents": [tree_hash(w) for w in weights or []],
                     "early_contents": {k: [tree_hash(p) for p in v] for k, v in (early or {}).items()},
-                    "code": code_version("analysis", "report", "trace"),
+                    "code": code_closure("moelab.report.build"),
                     "early": {k: [str(p) for p in v] for k, v in (early or {}).items()}, "options": options}
 
         def make(folder: Path) -> None:
