@@ -6,7 +6,10 @@ early-routing and saturation rows; the snapshots cost a little disk and nothing 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
 
 from moelab.claims.workspace import Workspace
 
@@ -39,3 +42,9 @@ def param_counts(run: Path) -> tuple[int, int]:
 
 def millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
+
+
+def train_curve(run: Path) -> np.ndarray:
+    """(step, training loss) rows of a run's metrics log."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return np.array([(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"], np.float64)

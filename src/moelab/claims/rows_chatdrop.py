@@ -2,15 +2,15 @@
 
 OpenMoE's figure shows two curves for one model: on pretraining-like data about 2-3% of routed choices are
 dropped at every position; on multi-turn chat (MT-Bench) the share rises late in the sequence. The claim is
-the contrast. Here each long-context tiny-moe seed (rows_turns.long_run: 2048-token sequences, the
-parameter-for-parameter base model) reads two texts at its trained capacity (factor, formula, queue,
+the contrast. Here each long-context tiny-moe seed (rows_turns.long_run: the base tiny-moe's config and
+tokens per step, in 2048-token sequences) reads two texts at its trained capacity (factor, formula, queue,
 the training batch as capacity group): the held-out split of its own main corpus (pretraining-like) and
 the `turns:doctest` conversations of the drop row (rows_turns.py; same traces, same cache), both in
-2048-token rows. Per seed the
-statistic is a difference of rises: (chat's last-quarter minus first-quarter dropped share) minus the same
-for the pretraining-like text. The overall drop level of each text (which follows from the load that text
-puts on the experts) cancels, so a text that only loads the experts more unevenly, at every position,
-sits at the null: only a late-position excess of chat over pretraining text counts.
+2048-token rows. Per seed the statistic is a difference of rises: (chat's last-quarter minus first-quarter
+dropped share) minus the same for the pretraining-like text. The overall drop level of each text (which
+follows from the load that text puts on the experts) cancels, so a text that only loads the experts more
+unevenly, at every position, sits at the null: only a late-position excess of chat over pretraining text
+counts.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import numpy as np
 
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
-from moelab.claims.rows_turns import (HELDOUT, LONG_SEQ, MIN_SEQ_LEN, _per_seed, describe_long, long_trace, longest_row,
-                                     reach,
-                                     turns_corpus)
+from moelab.claims.rows_turns import (HELDOUT, LONG_SEQ, MIN_SEQ_LEN, _per_seed, describe_long, long_trace,
+                                     longest_row, reach, turns_corpus)
 from moelab.claims.verdict import Claim, Measure
 from moelab.claims.workspace import Workspace
 
@@ -81,7 +80,8 @@ def chat_vs_pretraining(ws: Workspace) -> ClaimResult:
     return ClaimResult(
         row="openmoe-chat-vs-pretraining-drops", paper="OpenMoE", claim=CLAIM, paper_number=PAPER_NUMBER,
         measured=MEASURED, measure=Measure(float(np.nanmean(gaps)), float("nan"), float("nan"), 0.0),
-        test=Claim("greater", margin=MARGIN), unit="", seed_values=gaps, seeds=s.seeds, precondition=reach(longest_row(chat + pre)),
+        test=Claim("greater", margin=MARGIN), unit="", seed_values=gaps, seeds=s.seeds,
+        precondition=reach(longest_row(chat + pre)),
         setup=(f"{describe_long(ws)}, seeds 0-{s.seeds - 1}; each final checkpoint traced at its trained capacity "
                f"on the main corpus's held-out split and on the turns:doctest conversations (held-out "
                f"{HELDOUT:.0%}, the main tokenizer), both packed into {LONG_SEQ}-token rows."),

@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from moelab.claims.layerwise import depth_trend
-from moelab.claims.models import final
+from moelab.claims.models import final, train_curve
 from moelab.claims.preconditions import loss_near, mean_curve, settled
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.rmoe8 import MODEL, describe
-from moelab.claims.rows_rmoe import _train_curve
 from moelab.claims.seeds import t_interval
 from moelab.claims.verdict import Claim, Measure, Precondition
 from moelab.claims.workspace import Workspace
@@ -172,7 +171,7 @@ def dense_reference(ws: Workspace) -> ClaimResult:
                  "t over seeds. Details: per-layer similarity to the dense FFN and between experts, per seed.",
         measure=Measure(float(np.nanmean(trends)), float("nan"), float("nan"), 0.0, 1 / np.sqrt(max(L - 2, 1))),
         test=Claim("greater", margin=MARGIN), unit="", seed_values=trends, seeds=n,
-        precondition=converged([_train_curve(p["moe"]) for p in pairs], L),
+        precondition=converged([train_curve(p["moe"]) for p in pairs], L),
         setup=(f"Per seed: tiny-dense at 8 blocks, D 64, FFN hidden 64, {max(1, ws.scale.steps // 2)} steps; upcycled "
                f"(plain copies, router N(0, 0.02)) into {describe(pairs[0]['moe'])}, trained "
                f"{ws.scale.steps - max(1, ws.scale.steps // 2)} more steps on other batches. {ws.scale.describe()} "

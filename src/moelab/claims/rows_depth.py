@@ -17,12 +17,12 @@ from typing import Sequence
 import numpy as np
 
 from moelab.claims.heldout import seq_losses
-from moelab.claims.models import final
+from moelab.claims.models import final, train_curve
 from moelab.claims.preconditions import gap_settled
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.rmoe8 import MODEL, VARIANTS, describe, rmoe8_run
-from moelab.claims.rows_rmoe import PAPER_BPC, _train_curve
+from moelab.claims.rows_rmoe import PAPER_BPC
 from moelab.claims.verdict import Claim, Measure, Precondition
 from moelab.claims.workspace import Workspace
 
@@ -88,8 +88,8 @@ def depth_scan(ws: Workspace) -> ClaimResult:
     gru_loss = float(np.mean([p["gru"] for p in losses[max(DEPTHS)]]))
     margin = margin_of(gru_loss, DEPTHS)
     for depth in DEPTHS:  # each depth's gap moved less than the change per doubling the row counts
-        checks[depth] = gap_settled([_train_curve(depth_run(ws, "linear", i, depth)) for i in range(n)],
-                                    [_train_curve(depth_run(ws, "gru", i, depth)) for i in range(n)], margin)
+        checks[depth] = gap_settled([train_curve(depth_run(ws, "linear", i, depth)) for i in range(n)],
+                                    [train_curve(depth_run(ws, "gru", i, depth)) for i in range(n)], margin)
     return ClaimResult(
         row="rmoe-depth-scan", paper="RMoE",
         claim="RMoE's advantage over the linear router grows with depth (more layers to share routing "

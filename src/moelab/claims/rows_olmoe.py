@@ -12,6 +12,7 @@ from moelab.claims.registry import row
 from moelab.claims.routing import (checkpoint_traces, describe_run, final_models, measure_of, over_seeds,
                                    routing_metrics)
 from moelab.claims.rows_openmoe import agreement_over_seeds, early_curve, halfway_step, halfway_text
+from moelab.claims.seeds import PAIRED_T
 from moelab.claims.verdict import Claim
 from moelab.claims.workspace import Workspace
 
@@ -37,9 +38,7 @@ def saturation(ws: Workspace) -> ClaimResult:
         measured=f"Saturation = mean over held-out tokens of |TopK_t & TopK_final| / k (k = {k}) between the "
                  f"earliest snapshot (step {step}, {step / ws.scale.steps:.0%} of training) and the final "
                  "checkpoint, mean over MoE layers, per seed. Null: unrelated checkpoints with their own loads "
-                 "(token identity shuffled between the two), mean over seeds; each seed's value paired with its "
-                 "own null (value - null + mean null). 95% interval: t over seeds (each seed's bootstrap over "
-                 "sequences in details). Details: seed 0's curve over all snapshots (per layer, with nulls) and "
+                 f"(token identity shuffled between the two), {PAIRED_T} Details: seed 0's curve over all snapshots (per layer, with nulls) and "
                  "its rise from the first to the last snapshot.",
         measure=overlap, test=Claim("greater", margin=margin), seed_values=values,
         setup=f"{describe_run(ws, seeds=n)}; {len(traces) - 1} snapshots and the final checkpoint traced over the "
@@ -72,9 +71,7 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
         measured="Vocabulary specialisation, OLMoE's definition: per token ID seen >= 10 times, max_e count(v, e) / "
                  "n(v) over its top-k choices, averaged over token IDs, rescaled (p - k/E) / (1 - k/E) so 0 is "
                  "random and 1 perfect; mean over MoE layers. Null: token IDs shuffled across a layer's tokens "
-                 "(keeps expert load and each ID's count), mean over seeds; each seed's value paired with its own null "
-                 "(value - null + mean null). 95% interval: t over seeds (each seed's bootstrap over sequences in "
-                 "details).",
+                 f"(keeps expert load and each ID's count), {PAIRED_T}",
         measure=vocab, test=Claim("greater", margin=VOCAB_MARGIN), seed_values=vocab_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; every held-out token of each final checkpoint traced at "
               "the trained capacity.",
@@ -101,8 +98,7 @@ def domain_specialisation(ws: Workspace) -> ClaimResult:
         measured="Domain specialisation, OLMoE's definition: per domain and expert the share of the domain's tokens "
                  "with the expert in their top-k; value: per domain the largest share over experts, averaged over "
                  "domains and MoE layers. Null: the domain label shuffled across a layer's tokens (keeps expert "
-                 "load and domain sizes), mean over seeds; each seed's value paired with its own null (value - null + "
-                 "mean null). 95% interval: t over seeds (each seed's bootstrap over sequences in details). The expert-domain mutual information is in details (seed 0).",
+                 f"load and domain sizes), {PAIRED_T} The expert-domain mutual information is in details (seed 0).",
         measure=dom, test=Claim("greater", margin=DOMAIN_MARGIN), seed_values=dom_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; domains {', '.join(names)}; every held-out token of each "
               "final checkpoint.",

@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 
 from moelab.claims.heldout import seq_losses, two_level_bootstrap
-from moelab.claims.models import base_run, final, millions, param_counts
+from moelab.claims.models import base_run, final, millions, param_counts, train_curve
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
+from moelab.claims.seeds import PAIRED_T
 from moelab.claims.verdict import Claim, Measure
 from moelab.claims.workspace import Workspace
 
@@ -53,11 +54,10 @@ def moe_beats_dense(ws: Workspace) -> ClaimResult:
 def loss_gap_settled(ws: Workspace, margin: float):
     """The base runs' training-loss gap, dense minus MoE, settled to within the margin (`gap_settled`)."""
     from moelab.claims.preconditions import gap_settled
-    from moelab.claims.rows_rmoe import _train_curve
 
     n = ws.scale.seeds
-    return gap_settled([_train_curve(base_run(ws, "tiny-dense", i)) for i in range(n)],
-                       [_train_curve(base_run(ws, "tiny-moe", i)) for i in range(n)], margin)
+    return gap_settled([train_curve(base_run(ws, "tiny-dense", i)) for i in range(n)],
+                       [train_curve(base_run(ws, "tiny-moe", i)) for i in range(n)], margin)
 
 
 # ---- routing of the trained tiny-moe: context-independent specialisation, early routing ------------------
@@ -150,9 +150,8 @@ def agreement_over_seeds(ws: Workspace, fraction: float, key: str) -> tuple[Meas
 def regime_over_seeds(ws: Workspace, step: int):
     """`snapshot_regime` on the base runs' mean training-loss curve over the seeds."""
     from moelab.claims.preconditions import mean_curve, snapshot_regime
-    from moelab.claims.rows_rmoe import _train_curve
 
-    curves = [_train_curve(base_run(ws, "tiny-moe", seed)) for seed in range(ws.scale.seeds)]
+    curves = [train_curve(base_run(ws, "tiny-moe", seed)) for seed in range(ws.scale.seeds)]
     return snapshot_regime(mean_curve(curves), step, ws.scale.steps)
 
 
@@ -205,9 +204,8 @@ def early_routing_row(ws: Workspace) -> ClaimResult:
         measured=f"Top-1 agreement (share of held-out tokens whose first expert is the same) between the "
                  f"checkpoint at step {step} ({EARLY_FRACTIONS[-1]:.0%} of training) and the final one, mean over "
                  "MoE layers, per seed. Null: unrelated checkpoints with their own loads (token identity shuffled "
-                 "between the two: sum_e a_e b_e), mean over seeds; each seed's value paired with its own null "
-                 "(value - null + mean null). 95% interval: t over seeds (each seed's bootstrap over sequences in "
-                 "details). Details: the same at 10%, top-k overlap, and seed 0's curve over the snapshots.",
+                 f"between the two: sum_e a_e b_e), {PAIRED_T} Details: the same at 10%, top-k overlap, and seed 0's "
+                 "curve over the snapshots.",
         measure=top1, test=Claim("greater", margin=margin), seed_values=values,
         setup=f"{describe_run(ws, seeds=n)}; {len(traces) - 1} snapshots every {ws.scale.steps // (len(traces))} "
               "steps and the final checkpoint, each traced over the same held-out tokens.",

@@ -9,12 +9,11 @@ paper reports one run per model, so its own gap carries run-to-run noise of abou
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from moelab.claims.heldout import seq_losses, two_level_bootstrap
-from moelab.claims.models import final
+from moelab.claims.models import final, train_curve
 from moelab.claims.record import ClaimResult
 from moelab.claims.registry import row
 from moelab.claims.rmoe8 import LABEL, describe, rmoe8_run, seeds, trace_arrays
@@ -44,8 +43,8 @@ def _settled(ws: Workspace, worse: str, better: str, n: int, margin: float):
     the row's margin (a gap still moving by the effect counted could end on either side of it)."""
     from moelab.claims.preconditions import gap_settled
 
-    return gap_settled([_train_curve(rmoe8_run(ws, worse, i)) for i in range(n)],
-                       [_train_curve(rmoe8_run(ws, better, i)) for i in range(n)], margin)
+    return gap_settled([train_curve(rmoe8_run(ws, worse, i)) for i in range(n)],
+                       [train_curve(rmoe8_run(ws, better, i)) for i in range(n)], margin)
 
 
 def _gap(ws: Workspace, worse: str, better: str) -> tuple[Measure, dict, float, int]:
@@ -64,12 +63,6 @@ def _gap(ws: Workspace, worse: str, better: str) -> tuple[Measure, dict, float, 
     return Measure(value, lo, hi, 0.0), details, base, n
 
 
-def _train_curve(run) -> np.ndarray:
-    """(step, training loss) rows of a run's metrics log."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return np.array([(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"], np.float64)
-
-
 def _window_mean(curve: np.ndarray, end: float, width: float) -> float:
     sel = (curve[:, 0] > end - width) & (curve[:, 0] <= end)
     return float(curve[sel, 1].mean()) if sel.any() else float("nan")
@@ -78,7 +71,7 @@ def _window_mean(curve: np.ndarray, end: float, width: float) -> float:
 def train_curve_gap(ws: Workspace, worse: str, better: str, n: int, points: int = 4) -> list[dict]:
     """Training loss of `worse` minus `better` (mean over seeds) at `points` evenly spaced stages, each a
     mean over the last 10% of steps before it: whether a gap closes or opens as training goes on."""
-    pairs = [(_train_curve(rmoe8_run(ws, worse, i)), _train_curve(rmoe8_run(ws, better, i))) for i in range(n)]
+    pairs = [(train_curve(rmoe8_run(ws, worse, i)), train_curve(rmoe8_run(ws, better, i))) for i in range(n)]
     steps = ws.scale.steps
     ends = [steps * q / points for q in range(1, points + 1)]
     return [{"step": int(e), "gap": float(np.mean([_window_mean(w, e, steps / 10) - _window_mean(b, e, steps / 10)

@@ -87,6 +87,11 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return mean, mean - half, mean + half
 
 
+# How a row whose per-seed values come from `null_paired` states its null and interval (after the null).
+PAIRED_T = ("mean over seeds; each seed's value paired with its own null (value - null + mean null). 95% interval: "
+            "t over seeds (each seed's bootstrap over sequences in details).")
+
+
 def null_paired(values: Sequence[float], nulls: Sequence[float]) -> tuple[list[float], float]:
     """(each seed's value paired with its own null: value_i - null_i + mean null, the mean null). Each trained
     model has its own load-keeping null; a t-interval over raw values against the mean null counts the

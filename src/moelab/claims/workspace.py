@@ -190,9 +190,10 @@ class Workspace:
         """`dense_run`'s final checkpoint upcycled into `preset`'s MoE (+ `sets`), made once. The key holds
         the dense run's key, the preset's contents and the upcycling code: a name and a path are not
         contents, and an edited preset or upcycling rule must rebuild it."""
+        from moelab.claims.models import final  # models imports this module: a call-time import
         from moelab.train.upcycle import upcycle_checkpoint
 
-        dense = _final_checkpoint(dense_run)
+        dense = final(dense_run)
         settings = {"dense": str(dense), "dense_key": json.loads((dense_run / STAMP).read_text())["key"],
                     "preset": preset, "preset_contents": preset_contents(preset), "sets": list(sets),
                     "code": code_closure("moelab.train.upcycle")}
@@ -244,12 +245,6 @@ class Workspace:
 
         folder = self._cached(self.root / "reports" / name, settings, make)
         return json.loads((folder / "metrics.json").read_text())
-
-
-def _final_checkpoint(run: Path) -> Path:
-    from moelab.train.rundir import list_checkpoints
-
-    return list_checkpoints(run)[-1]
 
 
 def _corpus_vocab(corpus: Path) -> int:
