@@ -1,5 +1,6 @@
 """The seed-level interval: hand-worked spreads, the one-seed case, a naive bootstrap, and "no effect"."""
 
+import json
 import math
 
 import numpy as np
@@ -51,27 +52,31 @@ def test_null_paired_by_hand_and_a_routing_at_its_own_null_is_decided():
     """Each seed's value minus its own null plus the mean null: by hand, then the planted "nothing": three
     models each sitting exactly at its own (different) null. Raw values against the mean null leave the
     question open; paired, the interval sits on the null and rules the margin out."""
-    from moelab.claims.record import ClaimResult
+    from moelab.claims.record import ClaimResult, from_json
+    from moelab.claims.routing import over_seeds
     from moelab.claims.seeds import null_paired
-    from moelab.claims.verdict import Claim, Measure
+    from moelab.claims.verdict import Claim
 
     paired, null = null_paired([0.9, 0.8, 0.85], [0.3, 0.1, 0.2])
     assert null == pytest.approx(0.2) and paired == pytest.approx([0.8, 0.9, 0.85])
     nulls = [0.10, 0.20, 0.30]
-    stored = {"per_seed": [{"value": n, "null": n, "ci_low": n - 0.01, "ci_high": n + 0.01} for n in nulls]}
+    # Three models' metrics.json headlines, each at its own null; the row pairs them (routing.over_seeds).
+    models = [{"headline": {"vocab": {"estimate": {"value": n, "ci_low": n - 0.01, "ci_high": n + 0.01,
+                                                   "null_mean": n, "null_sd": 0.001}}}} for n in nulls]
+    first, paired, per_seed = over_seeds(models, "vocab")
+    assert paired == pytest.approx([0.2, 0.2, 0.2]) and first.null == pytest.approx(0.2)
+    assert [p["null"] for p in per_seed] == pytest.approx(nulls)
 
-    def result(details):
+    def result(values):
         return ClaimResult(row="olmoe-vocab-specialisation", paper="OLMoE", claim="c", paper_number="p",
-                           measured="m", measure=Measure(0.1, 0.09, 0.11, 0.2), test=Claim("greater", 0.05),
-                           setup="s", seeds=3, details=details, seed_values=list(nulls))
+                           measured="m", measure=first, test=Claim("greater", 0.05),
+                           setup="s", seeds=3, details={"per_seed": per_seed}, seed_values=list(values))
 
-    raw = result({})  # no per-seed nulls stored: nothing to pair with
-    assert raw.verdict == "inconclusive"
-    at_null = result(dict(stored))
-    assert at_null.seed_values == pytest.approx([0.2, 0.2, 0.2]) and at_null.verdict == "not reproduced"
-    again = result(at_null.details)  # read back with the paired values: recomputed, not paired twice
-    again.seed_values = at_null.seed_values
-    assert ClaimResult(**{**again.__dict__, "verdict": "", "reason": ""}).seed_values == pytest.approx([0.2] * 3)
+    assert result(nulls).verdict == "inconclusive"  # raw values against the mean null: the question stays open
+    at_null = result(paired)
+    assert at_null.verdict == "not reproduced"
+    back = from_json(json.loads(json.dumps(at_null.to_json())))
+    assert back.seed_values == pytest.approx([0.2] * 3) and back.verdict == "not reproduced"  # read back as is
 
 
 def test_norm_preference_seed_values_pair_the_stored_per_seed_nulls():

@@ -17,7 +17,7 @@ from typing import Any
 
 from moelab.claims.preconditions import superseded, unmeasured
 from moelab.claims.seeds import t_interval
-from moelab.claims.seedvals import pair_stored, seed_values
+from moelab.claims.seedvals import seed_values
 from moelab.claims.verdict import MIN_SEEDS, Claim, Measure, Precondition, decide
 from moelab.config import MoelabError
 
@@ -50,7 +50,6 @@ class ClaimResult:
         self.precondition = unmeasured(self.row) if self.precondition is None else superseded(self.precondition)
         if not self.seed_values:
             self.seed_values = seed_values(self.row, self.details, self.seeds, self.measure.value)
-        self.seed_values = pair_stored(self.row, self.details, self.seed_values)
         finite = [v for v in self.seed_values if math.isfinite(v)]
         if len(finite) >= 2:
             own = self.details.get("sequence_level_measure") or dataclasses.asdict(self.measure)

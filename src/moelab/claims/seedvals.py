@@ -70,20 +70,3 @@ def seed_values(row: str, details: Mapping[str, Any], seeds: int, value: float) 
         except (KeyError, TypeError, ValueError, IndexError):
             return []
     return [float(value)] if seeds == 1 else []
-
-
-# Rows whose per-seed values are each paired with that seed's own null (`seeds.null_paired`), from the
-# per-seed estimates in details["per_seed"]; results stored before the pairing hold raw values there too.
-NULL_PAIRED = ("olmoe-vocab-specialisation", "olmoe-domain-specialisation")
-
-
-def pair_stored(row: str, details: Mapping[str, Any], values: list[float]) -> list[float]:
-    """The row's per-seed values paired with their nulls, recomputed from details["per_seed"] (so a fresh
-    and a stored result agree, and one stored raw is re-decided); other rows' `values` unchanged."""
-    if row not in NULL_PAIRED:
-        return values
-    try:
-        per = details["per_seed"]
-        return null_paired([p["value"] for p in per], [p["null"] for p in per])[0]
-    except (KeyError, TypeError):
-        return values
