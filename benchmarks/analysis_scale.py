@@ -51,10 +51,16 @@ def main() -> None:
                     help="with --keep: analyse the trace at each worker count, each in a fresh process, "
                          "interleaved over --rounds; prints wall, CPU and peak RSS of parent + workers")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seqs-per-batch", type=int, default=32,
+                    help="sequences per written batch; the writer cuts a row group at >= 1M rows, so this sets "
+                         "the row groups, which bound how finely --workers can split the trace (%(default)s)")
+    ap.add_argument("--batch-seqs", type=int, default=32,
+                    help="sequences per capacity batch of the drop re-simulation and queue baseline; the "
+                         "workers' units never cut one (%(default)s; `moelab analyze` defaults to 8)")
     ap.add_argument("--analyse-once", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.analyse_once is not None:
-        return analyse_once(Path(args.keep), args.analyse_once)
+        return analyse_once(Path(args.keep), args.analyse_once, args.batch_seqs)
     if args.workers is not None:
         return compare_workers(args)
     rows_per_seq = args.seq_len * args.layers * args.top_k
@@ -74,7 +80,7 @@ def main() -> None:
         trace = open_trace(path)
         rss_after_write = peak_rss_gib()
         t0, c0 = time.perf_counter(), time.process_time()
-        results = analyse(trace, args.profile)
+        results = analyse(trace, args.profile, args.batch_seqs)
         analyse_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         size_mib = path.stat().st_size / 2**20
     peak = peak_rss_gib()
@@ -108,7 +114,7 @@ def tree_rss_bytes(pid: int, field: str = "Rss") -> int:
     return rss + sum(tree_rss_bytes(k, field) for k in kids)
 
 
-def analyse_once(path: Path, workers: int) -> None:
+def analyse_once(path: Path, workers: int, batch_seqs: int = 32) -> None:
     """One analysis in this process at `workers`: JSON with wall, CPU (this process and its reaped
     workers) and the peaks of the summed RSS and PSS of this process and its workers (sampled every 0.1 s;
     the RSS sum counts pages a forked worker shares with its parent twice, the PSS sum does not)."""
@@ -127,8 +133,7 @@ def analyse_once(path: Path, workers: int) -> None:
     threading.Thread(target=sample, daemon=True).start()
     trace = open_trace(path)
     t0, c0, phases = time.perf_counter(), os.times(), {}
-    analyze_all(trace, workers=workers, simulate=dict(capacity_factor=1.0, batch_seqs=32),
-                queue=dict(capacity_factor=1.25, batch_seqs=32), timings=phases)
+    analyze_all(trace, workers=workers, timings=phases, **report_settings(batch_seqs))
     wall, c1 = time.perf_counter() - t0, os.times()
     done.set()
     cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
@@ -148,7 +153,8 @@ def compare_workers(args: argparse.Namespace) -> None:
     rows: dict[int, list[dict]] = {n: [] for n in counts}
     for _ in range(args.rounds):
         for n in counts:
-            cmd = [sys.executable, __file__, "--keep", args.keep, "--analyse-once", str(n)]
+            cmd = [sys.executable, __file__, "--keep", args.keep, "--analyse-once", str(n),
+                   "--batch-seqs", str(args.batch_seqs)]
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if res.returncode:
                 raise SystemExit(f"{n} worker(s) failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -165,17 +171,22 @@ def write(path: Path, meta: TraceMeta, args: argparse.Namespace, num_seqs: int) 
     with TraceWriter(path, meta) as writer:
         for batch in planted_batches(num_seqs=num_seqs, seq_len=args.seq_len, num_layers=args.layers,
                                      num_experts=args.experts, top_k=args.top_k, rule="uniform",
-                                     vocab=args.vocab, seqs_per_batch=32, capacity_factor=1.25,
+                                     vocab=args.vocab, seqs_per_batch=args.seqs_per_batch, capacity_factor=1.25,
                                      all_experts=args.all_experts):
             if args.no_probs:
                 batch = {k: v for k, v in batch.items() if not k.startswith("probs")}
             writer.write(batch)
 
 
-def analyse(trace, profile: bool) -> dict:
+def report_settings(batch_seqs: int = 32) -> dict:
     """The report's analysis: every routing analysis, the trained drops' queue-only baseline, a
     re-simulation and its baseline, nulls and intervals at their defaults."""
-    kw = dict(simulate=dict(capacity_factor=1.0, batch_seqs=32), queue=dict(capacity_factor=1.25, batch_seqs=32))
+    return dict(simulate=dict(capacity_factor=1.0, batch_seqs=batch_seqs),
+                queue=dict(capacity_factor=1.25, batch_seqs=batch_seqs))
+
+
+def analyse(trace, profile: bool, batch_seqs: int = 32) -> dict:
+    kw = report_settings(batch_seqs)
     if not profile:
         return analyze_all(trace, **kw)
     import cProfile

@@ -118,33 +118,34 @@ class CoactivationAccumulator:
         for mine, theirs in zip(self.co + self.trans, other.co + other.trans):
             mine += theirs
 
-    def _strongest(self, weights: np.ndarray | None, pool: SetPool | None,
-                   n_permutations: int) -> tuple[list, list[np.ndarray], np.ndarray, np.ndarray]:
-        values, null_mean, boots, nulls = [], [], [], []
-        for l, E in enumerate(self.num_experts):
-            co = self.co[l].sum(axis=0)
-            pairs = E > 1 and self.top_k > 1  # else P(j | i) = 0 off the diagonal by construction, not a finding
-            values.append(strongest_pair(conditional_coactivation(co)) if pairs else float("nan"))
-            resample = weights is not None and self.folds > 1 and pairs
-            reps = np.einsum("rf,fij->rij", weights, self.co[l]) if resample else []
-            boots.append(np.array([strongest_pair(conditional_coactivation(c)) for c in reps]))
-            if n_permutations == 0 or not pairs or not np.diag(co).any():
-                null_mean.append(np.full((E, E), np.nan))
-                nulls.append(np.full(n_permutations, np.nan))
-                continue
-            tokens = int(np.diag(co).sum() // self.top_k)
-            draws = null_coactivation(np.diag(co), self.top_k, tokens, n_permutations, l)
-            null_mean.append(np.mean(draws, axis=0) if draws else np.full((E, E), np.nan))
-            nulls.append(subset_scale(np.array([strongest_pair(d) for d in draws]), min(tokens, NULL_TOKENS), tokens))
+    def strongest_layer(self, l: int, weights: np.ndarray | None = None, pool: SetPool | None = None,
+                        n_permutations: int = 16) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """One layer's strongest pair: (value, the null's mean P(j | i), bootstrap replicates, null draws)."""
+        E = self.num_experts[l]
+        co = self.co[l].sum(axis=0)
+        pairs = E > 1 and self.top_k > 1  # else P(j | i) = 0 off the diagonal by construction, not a finding
+        value = strongest_pair(conditional_coactivation(co)) if pairs else float("nan")
+        resample = weights is not None and self.folds > 1 and pairs
+        reps = np.einsum("rf,fij->rij", weights, self.co[l]) if resample else []
+        boot = np.array([strongest_pair(conditional_coactivation(c)) for c in reps])
+        if n_permutations == 0 or not pairs or not np.diag(co).any():
+            return value, np.full((E, E), np.nan), boot, np.full(n_permutations, np.nan)
+        tokens = int(np.diag(co).sum() // self.top_k)
+        draws = null_coactivation(np.diag(co), self.top_k, tokens, n_permutations, l)
+        null_mean = np.mean(draws, axis=0) if draws else np.full((E, E), np.nan)
+        return value, null_mean, boot, subset_scale(np.array([strongest_pair(d) for d in draws]),
+                                                    min(tokens, NULL_TOKENS), tokens)
+
+    def result(self, weights: np.ndarray | None = None, pool: SetPool | None = None, n_permutations: int = 16,
+               layers: list[tuple] | None = None, **_: Any) -> Coactivation:
+        """`layers`: the parts `strongest_layer` returned, in layer order, where they were computed apart."""
+        if layers is None:
+            layers = [self.strongest_layer(l, weights, pool, n_permutations) for l in range(len(self.num_experts))]
+        values, null_mean, boots, nulls = (list(x) for x in zip(*layers)) if layers else ([], [], [], [])
         width = max([len(b) for b in boots] + [0])
         boot = np.array([b if len(b) == width else np.full(width, np.nan) for b in boots]) if width else None
         width = max([len(n) for n in nulls] + [0])
         null = np.array([n if len(n) == width else np.full(width, np.nan) for n in nulls]) if width else None
-        return values, null_mean, boot, null
-
-    def result(self, weights: np.ndarray | None = None, pool: SetPool | None = None, n_permutations: int = 16,
-               **_: Any) -> Coactivation:
-        values, null_mean, boot, null = self._strongest(weights, pool, n_permutations)
         per, overall = layer_estimates(values, boot, null, interval="95% bootstrap over sequences",
                                        null="k distinct experts per token drawn independently, weights fitted "
                                             "to the layer's load")

@@ -149,32 +149,50 @@ class VocabSpecialisation(Result):
 def vocab_specialisation(tables: ShareTables, *, min_count: int = 10, null_seed: int = 0,
                          pool: SetPool | None = None, n_permutations: int = 16,
                          weights_RF: np.ndarray | None = None) -> VocabSpecialisation:
-    """OLMoE: count(v, e) = rows of token v with e in its top-k, n(v) = rows of v; mean of max_e ratio."""
+    """OLMoE: count(v, e) = rows of token v with e in its top-k, n(v) = rows of v; mean of max_e ratio.
+    Layer by layer (`vocab_layer`, each seeded on its own), then combined (`vocab_combine`)."""
+    kw = dict(min_count=min_count, null_seed=null_seed, pool=pool, n_permutations=n_permutations,
+              weights_RF=weights_RF)
+    return vocab_combine(tables, min_count, [vocab_layer(tables, l, **kw) for l in range(len(tables.num_experts))])
+
+
+def vocab_layer(tables: ShareTables, l: int, *, min_count: int = 10, null_seed: int = 0,
+                pool: SetPool | None = None, n_permutations: int = 16,
+                weights_RF: np.ndarray | None = None) -> dict:
+    """One layer's part of `vocab_specialisation`: its tokens, per-token max share, uniform reference,
+    rescaled bootstrap replicates and null draws."""
     if tables.group != "token":
         raise MoelabError(f"vocabulary specialisation needs tables grouped by token, not {tables.group}")
-    k = tables.choices_per_token
-    toks, per, means, unif, boots, nulls = [], [], [], [], [], []
-    for l, E in enumerate(tables.num_experts):
-        n_G = tables.tokens(l)
-        keep = n_G >= min_count
-        p_G = tables.counts[l][keep].max(axis=1) / np.maximum(n_G[keep], 1)
-        sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
-        unif.append(float((sim.max(axis=1) / np.maximum(sim.sum(axis=1) // k, 1)).mean()) if keep.any() else np.nan)
-        toks.append(tables.groups[l][keep])
-        per.append(p_G)
-        means.append(float(p_G.mean()) if keep.any() else float("nan"))
-        b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool, n_permutations, null_seed + 103 * l)
-        boots.append(_rescale(b, k / E))
-        nulls.append(_rescale(n, k / E))
-    resc = [float(_rescale(np.asarray(m), k / E)) for m, E in zip(means, tables.num_experts)]
-    est, overall = layer_estimates(resc, _stack(boots), _stack(nulls), null=PERM_NULL, interval=BOOT)
+    k, E = tables.choices_per_token, tables.num_experts[l]
+    n_G = tables.tokens(l)
+    keep = n_G >= min_count
+    p_G = tables.counts[l][keep].max(axis=1) / np.maximum(n_G[keep], 1)
+    sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
+    b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool, n_permutations, null_seed + 103 * l)
+    return {"tokens": tables.groups[l][keep], "per": p_G, "mean": float(p_G.mean()) if keep.any() else float("nan"),
+            "uniform": float((sim.max(axis=1) / np.maximum(sim.sum(axis=1) // k, 1)).mean()) if keep.any()
+            else np.nan, "boot": _rescale(b, k / E), "null": _rescale(n, k / E)}
+
+
+def vocab_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> VocabSpecialisation:
+    """`vocab_specialisation` from its layers' parts (`vocab_layer`, in layer order)."""
+    means, unif = [p["mean"] for p in layers], [p["uniform"] for p in layers]
+    resc = [float(_rescale(np.asarray(m), k_E)) for m, k_E in zip(means, _base(tables))]
+    est, overall = layer_estimates(resc, _stack([p["boot"] for p in layers]), _stack([p["null"] for p in layers]),
+                                   null=PERM_NULL, interval=BOOT)
     return VocabSpecialisation(
-        min_count=min_count, tokens=toks, per_token=per, mean=means, rescaled=resc,
+        min_count=min_count, tokens=[p["tokens"] for p in layers], per_token=[p["per"] for p in layers],
+        mean=means, rescaled=resc,
         null_mean=[float(np.nanmean(n)) if np.isfinite(n).any() else np.nan for n in
-                   [_rescale_back(e.null_mean, k / E) for e, E in zip(est, tables.num_experts)]],
+                   [_rescale_back(e.null_mean, k_E) for e, k_E in zip(est, _base(tables))]],
         null_rescaled=[e.null_mean for e in est], uniform_mean=unif,
-        uniform_rescaled=[float(_rescale(np.asarray(u), k / E)) for u, E in zip(unif, tables.num_experts)],
+        uniform_rescaled=[float(_rescale(np.asarray(u), k_E)) for u, k_E in zip(unif, _base(tables))],
         estimates=est, overall=overall)
+
+
+def _base(tables: ShareTables) -> list[float]:
+    """k/E per layer: the share any expert gets under uniform routing."""
+    return [tables.choices_per_token / E for E in tables.num_experts]
 
 
 def _rescale(p: np.ndarray, base: float) -> np.ndarray:
@@ -200,20 +218,31 @@ class DomainSpecialisation(Result):
 
 def domain_specialisation(tables: ShareTables, *, pool: SetPool | None = None, n_permutations: int = 16,
                           weights_RF: np.ndarray | None = None, null_seed: int = 0) -> DomainSpecialisation:
-    """OLMoE: for each group (domain) and expert, the share of the group's tokens routed to the expert."""
+    """OLMoE: for each group (domain) and expert, the share of the group's tokens routed to the expert.
+    Layer by layer (`domain_layer`), then combined (`domain_combine`)."""
+    kw = dict(pool=pool, n_permutations=n_permutations, weights_RF=weights_RF, null_seed=null_seed)
+    return domain_combine(tables, [domain_layer(tables, l, **kw) for l in range(len(tables.num_experts))])
+
+
+def domain_layer(tables: ShareTables, l: int, *, pool: SetPool | None = None, n_permutations: int = 16,
+                 weights_RF: np.ndarray | None = None, null_seed: int = 0) -> dict:
+    """One layer's part of `domain_specialisation`: its value, bootstrap replicates and null draws."""
+    share = tables.share(l) * tables.choices_per_token
+    keep = tables.tokens(l) > 0
+    b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool if len(keep) > 1 else None,
+                      n_permutations, null_seed + 107 * l)
+    return {"value": float(share.max(axis=1).mean()) if keep.any() and len(keep) > 1 else float("nan"),
+            "boot": b, "null": n}
+
+
+def domain_combine(tables: ShareTables, layers: list[dict]) -> DomainSpecialisation:
+    """`domain_specialisation` from its layers' parts (`domain_layer`, in layer order)."""
     k = tables.choices_per_token
     L = len(tables.num_experts)
     shares = [tables.share(l) * k for l in range(L)]
     load = [tables.counts[l].sum(axis=0) / max(tables.counts[l].sum(), 1) * k for l in range(L)]
-    values, boots, nulls = [], [], []
-    for l in range(L):
-        keep = tables.tokens(l) > 0
-        values.append(float(shares[l].max(axis=1).mean()) if keep.any() and len(keep) > 1 else float("nan"))
-        b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool if len(keep) > 1 else None,
-                          n_permutations, null_seed + 107 * l)
-        boots.append(b)
-        nulls.append(n)
-    est, overall = layer_estimates(values, _stack(boots), _stack(nulls), null=PERM_NULL, interval=BOOT)
+    est, overall = layer_estimates([p["value"] for p in layers], _stack([p["boot"] for p in layers]),
+                                   _stack([p["null"] for p in layers]), null=PERM_NULL, interval=BOOT)
     return DomainSpecialisation(group=tables.group, names=[tables.group_names(l) for l in range(L)],
                                 share=shares, uniform=[k / E for E in tables.num_experts], null_share=load,
                                 max_share=[s.max(axis=1) if s.size else np.zeros(0) for s in shares],
@@ -271,21 +300,29 @@ class TopTokens(Result):
 
 
 def top_tokens(tables: ShareTables, *, n: int = 10, min_count: int = 10) -> TopTokens:
-    """Each expert's most frequent tokens and the tokens most over-represented in it (null lift = 1)."""
+    """Each expert's most frequent tokens and the tokens most over-represented in it (null lift = 1).
+    Layer by layer (`top_tokens_layer`), so the layers can be computed apart."""
+    return top_tokens_combine([top_tokens_layer(tables, l, n=n, min_count=min_count)
+                               for l in range(len(tables.num_experts))])
+
+
+def top_tokens_layer(tables: ShareTables, l: int, *, n: int = 10, min_count: int = 10) -> tuple:
+    """One layer's (ids by count, counts, ids by lift, lifts)."""
     if tables.group != "token":
         raise MoelabError(f"top tokens need tables grouped by token, not {tables.group}")
-    ids_c, cnt, ids_l, lifts = [], [], [], []
-    for l in range(len(tables.num_experts)):
-        c_GE, g = tables.counts[l].astype(np.float64), tables.groups[l]
-        top = np.argsort(-c_GE, axis=0, kind="stable")[:n].T
-        ids_c.append(g[top])
-        cnt.append(np.take_along_axis(c_GE.T, top, axis=1).astype(np.int64))
-        rate_G = c_GE.sum(axis=1) / max(c_GE.sum(), 1)
-        lift_GE = c_GE / np.maximum(c_GE.sum(axis=0), 1) / np.maximum(rate_G, 1e-300)[:, None]
-        lift_GE[tables.tokens(l) < min_count] = -np.inf
-        best = np.argsort(-lift_GE, axis=0, kind="stable")[:n].T
-        lift_EN = np.take_along_axis(lift_GE.T, best, axis=1)
-        ok = np.isfinite(lift_EN)
-        ids_l.append(np.where(ok, g[best], -1))
-        lifts.append(np.where(ok, lift_EN, np.nan))
-    return TopTokens(by_count=ids_c, counts=cnt, by_lift=ids_l, lift=lifts)
+    c_GE, g = tables.counts[l].astype(np.float64), tables.groups[l]
+    top = np.argsort(-c_GE, axis=0, kind="stable")[:n].T
+    rate_G = c_GE.sum(axis=1) / max(c_GE.sum(), 1)
+    lift_GE = c_GE / np.maximum(c_GE.sum(axis=0), 1) / np.maximum(rate_G, 1e-300)[:, None]
+    lift_GE[tables.tokens(l) < min_count] = -np.inf
+    best = np.argsort(-lift_GE, axis=0, kind="stable")[:n].T
+    lift_EN = np.take_along_axis(lift_GE.T, best, axis=1)
+    ok = np.isfinite(lift_EN)
+    return (g[top], np.take_along_axis(c_GE.T, top, axis=1).astype(np.int64), np.where(ok, g[best], -1),
+            np.where(ok, lift_EN, np.nan))
+
+
+def top_tokens_combine(layers: list[tuple]) -> TopTokens:
+    """`top_tokens` from its layers' parts (`top_tokens_layer`, in layer order)."""
+    return TopTokens(by_count=[p[0] for p in layers], counts=[p[1] for p in layers],
+                     by_lift=[p[2] for p in layers], lift=[p[3] for p in layers])

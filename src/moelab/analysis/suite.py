@@ -22,8 +22,8 @@ from moelab.analysis.load import LoadAccumulator
 from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranked_note
 from moelab.analysis.resample import FOLDS, REPLICATES, SetPoolAccumulator, replicate_weights
 from moelab.analysis.specialization import (
-    ShareAccumulator, domain_specialisation, expert_label_mi, std_combine, std_layer, std_score, top_tokens,
-    vocab_specialisation,
+    ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
+    top_tokens_combine, top_tokens_layer, vocab_combine, vocab_layer,
 )
 from moelab.config import MoelabError
 
@@ -224,22 +224,40 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
     seed, weights, n_perm = opts["seed"], opts["weights"], opts["n_permutations"]
     kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
     jobs: dict[str, Any] = {}
-    # Roughly largest first (measured on a 128M-row trace): the pool hands jobs out in this order.
+    L = len(pool.sets)
+    # The large analyses go layer by layer (one job a layer, combined below), so the finalisation spreads
+    # over many workers; roughly largest first (measured on 33.5M- and 128M-row traces), the pool hands
+    # jobs out in this order.
     if "token" in tables:
-        jobs["vocab"] = partial(vocab_specialisation, tables["token"], min_count=opts["vocab_min_count"], **kw)
+        for l in range(L):
+            jobs[f"vocab@{l}"] = partial(vocab_layer, tables["token"], l, min_count=opts["vocab_min_count"], **kw)
+    for group in labels if tables else ():
+        for l in range(L):
+            jobs[f"domain_specialisation:{group}@{l}"] = partial(domain_layer, tables[group], l, **kw)
+    coact = acc.get("coactivation")
+    for l in range(L if coact is not None else 0):
+        jobs[f"coactivation@{l}"] = partial(coact.strongest_layer, l, weights, pool, n_perm)
+    if "token" in tables:
+        for l in range(L):
+            jobs[f"top_tokens@{l}"] = partial(top_tokens_layer, tables["token"], l, min_count=opts["vocab_min_count"])
+    if tables:  # the position score layer by layer: its uniform reference simulates every token
+        for l in range(L):
+            jobs[f"std_position@{l}"] = partial(std_layer, tables["pos"], l, min_count=1, **kw)
     jobs.update({name: partial(a.result, weights=weights, pool=pool, n_permutations=n_perm)
-                 for name, a in acc.items() if not name.startswith("tables")})
+                 for name, a in acc.items() if not name.startswith("tables") and name != "coactivation"})
     if "token" in tables:
-        jobs["top_tokens"] = partial(top_tokens, tables["token"], min_count=opts["vocab_min_count"])
         jobs["std_token"] = partial(std_score, tables["token"], min_count=opts["min_count"], **kw)
     for group in labels if tables else ():
-        jobs[f"domain_specialisation:{group}"] = partial(domain_specialisation, tables[group], **kw)
         jobs[f"mi:{group}"] = partial(expert_label_mi, top1.get(group, tables[group]), n_permutations=n_perm,
                                       seed=seed, weights_RF=weights)
-    if tables:  # the position score layer by layer: its uniform reference simulates every token
-        for layer in range(len(tables["pos"].num_experts)):
-            jobs[f"std_position@{layer}"] = partial(std_layer, tables["pos"], layer, min_count=1, **kw)
     done = run_jobs(jobs, workers)
+
+    def layers(name: str) -> list[Any]:
+        return [done.pop(f"{name}@{l}") for l in range(L)]
+
+    if coact is not None:
+        done["coactivation"] = coact.result(weights=weights, pool=pool, n_permutations=n_perm,
+                                            layers=layers("coactivation"))
     out: dict[str, Any] = {name: done[name] for name in acc if not name.startswith("tables")}
     for name, observed in (("queue:trained", "drops"), ("queue:simulated", "drops_simulated")):
         queue = out.get("drops_queue" if observed == "drops" else "drops_simulated_queue")
@@ -247,8 +265,13 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             out[name] = queue_comparison(out[observed], queue)
     if tables:
         out["tables"] = tables
-        done["std_position"] = std_combine(tables["pos"], 1, [done[f"std_position@{layer}"]
-                                                              for layer in range(len(tables["pos"].num_experts))])
+        done["std_position"] = std_combine(tables["pos"], 1, layers("std_position"))
+        if "token" in tables:
+            done["vocab"] = vocab_combine(tables["token"], opts["vocab_min_count"], layers("vocab"))
+            done["top_tokens"] = top_tokens_combine(layers("top_tokens"))
+        for group in labels:
+            done[f"domain_specialisation:{group}"] = domain_combine(tables[group],
+                                                                    layers(f"domain_specialisation:{group}"))
         order = ["std_position", "std_token", "vocab", "top_tokens"]
         order += [f"{kind}:{group}" for group in labels for kind in ("domain_specialisation", "mi")]
         out.update({name: done[name] for name in order if name in done})
