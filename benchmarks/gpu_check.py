@@ -119,16 +119,22 @@ STEP_VARIANTS = [
 def train_step(dev: torch.device, tiny: bool, peak_tflops: float | None, out_json: Path) -> list[dict]:
     preset, seq = ("tiny-moe", 64) if tiny else ("openmoe-base-16e", 2048)
     peak = peak_tflops or parts.peak_bf16_tflops(dev)
-    rows, profiled = [], False
+    rows, profiled, flops = [], False, None
     for label, opts, batches, steps in STEP_VARIANTS:
         if tiny:  # a CPU has no C++-free inductor: aot_eager still runs dynamo and AOT autograd
             batches, steps = [4, 2], 2
             if "compile_backend" in opts:
                 opts = {**opts, "compile_backend": "aot_eager"}
         info = {}
-        cfg, batch, seconds, steps = parts.fitting_train_step(preset, seq, dev, batches, steps=steps, info=info,
-                                                              **opts)
-        flops_tok, formula = parts.flops_per_token(cfg, seq)
+        try:
+            cfg, batch, seconds, steps = parts.fitting_train_step(preset, seq, dev, batches, steps=steps, info=info,
+                                                                  **opts)
+        except Exception as e:  # noqa: BLE001 - one variant failing (a compile error) keeps the others' rows
+            why = (str(e).strip().splitlines() or [""])[0][:300]
+            rows.append(parts.row("train-step", f"{preset}, seq {seq}, {label}", "failed", None, False,
+                                  f"{type(e).__name__}: {why}"))
+            continue
+        flops = flops_tok, formula = parts.flops_per_token(cfg, seq)
         tok_s = batch * seq * steps / seconds
         mfu = flops_tok * tok_s / (peak * 1e12) if peak else None
         mem = ", ".join(f"batch {b}: {v if v == 'OOM' else f'{v} GiB'}" for b, v in info["peak_gib"].items())
@@ -147,7 +153,8 @@ def train_step(dev: torch.device, tiny: bool, peak_tflops: float | None, out_jso
                                   f"top self time: {op} ({share:.0%})"))
             profiled = True
         del info
-    rows.insert(1, parts.row("train-step", "model FLOPs per token (fwd+bwd)", flops_tok, None, True, formula))
+    if flops is not None:
+        rows.insert(1, parts.row("train-step", "model FLOPs per token (fwd+bwd)", flops[0], None, True, flops[1]))
     return rows
 
 

@@ -161,3 +161,25 @@ def test_record_keeps_the_other_devices_entries(tmp_path):
     routing.record("NVIDIA H200", {"torch": "2.11", "compile": False}, path)
     assert json.loads(path.read_text()) == {"about": "x", "devices": {
         "NVIDIA H200": {"torch": "2.11", "compile": False}, "cpu": {"torch": "2.13", "compile": False}}}
+
+
+def test_a_failing_step_variant_is_one_failed_row_and_the_others_stay(monkeypatch, tmp_path):
+    """A variant that cannot run (torch.compile failing on an older torch) must not take the other
+    variants' tokens/s, MFU and memory rows with it."""
+    gpu_check = _import_script()
+    parts = _import_parts()
+    real = parts.fitting_train_step
+
+    def compile_fails(*a, compile_backend=None, **k):
+        if compile_backend is not None:
+            raise RuntimeError("train.compile=true: torch.compile failed on this machine (planted)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(parts, "fitting_train_step", compile_fails)
+    monkeypatch.setattr(parts, "profile_ops", lambda *a, **k: ("aten::mm", 0.5))
+    rows = gpu_check.train_step(__import__("torch").device("cpu"), True, None, tmp_path / "x.json")
+    failed = [r for r in rows if not r["ok"]]
+    assert len(failed) == 1 and "compile (blocks)" in failed[0]["what"] and "planted" in failed[0]["note"]
+    tokens = [r for r in rows if r["what"].endswith("tokens/s")]
+    assert len(tokens) == len(gpu_check.STEP_VARIANTS) - 1 and all(r["ok"] for r in tokens)
+    assert rows[1]["what"] == "model FLOPs per token (fwd+bwd)"

@@ -211,13 +211,15 @@ def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], l
 
 
 def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], workers: int = 1) -> dict[str, Any]:
-    """Every result from the filled accumulators. The count tables come first (here); the scores, nulls
-    and intervals built on them, and the other analyses' results, are independent jobs (`run_jobs`,
-    over `workers` processes)."""
+    """Every result from the filled accumulators. The count tables come first (one job each); the scores,
+    nulls and intervals built on them, and the other analyses' results, are independent jobs (`run_jobs`,
+    over `workers` processes, which inherit the tables)."""
     from moelab.analysis.parallel import run_jobs
 
-    tables = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables:")}
-    top1 = {name.split(":", 1)[1]: a.result() for name, a in acc.items() if name.startswith("tables_top1:")}
+    # The count tables first, each its own job (a third of the serial time was building them one by one).
+    built = run_jobs({name: a.result for name, a in acc.items() if name.startswith("tables")}, workers)
+    tables = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables:")}
+    top1 = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()
     for layer in range(len(pool.sets)):
         pool.layer(layer)  # sorted once here rather than in every job

@@ -97,8 +97,18 @@ def _grouped_mm_ok(device_type: str, dtype: torch.dtype, compiling: bool) -> boo
     return _grouped_mm_works(device_type, dtype) and (not compiling or _grouped_mm_traceable(dtype))
 
 
-def _contiguous_grad(g: torch.Tensor) -> torch.Tensor:
-    return g.contiguous()
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: torch._grouped_mm's backward rejects the
+    expanded (stride-0) gradient of, say, a sum. A Function rather than a tensor hook: dynamo in torch 2.11
+    lost a symbolic size when it traced the hook inside a compiled block."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
 
 
 def _kernel_ok(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
@@ -121,9 +131,7 @@ def _grouped(x_NA, w_EAB, offs_E, counts_list):
     """The kernel with int32 group ends offs_E, or (counts_list given) the loop over per-expert slices."""
     if counts_list is None:
         out = torch._grouped_mm(x_NA, w_EAB, offs=offs_E)
-        if out.requires_grad:
-            out.register_hook(_contiguous_grad)  # its backward rejects expanded gradients
-        return out
+        return _ContiguousGrad.apply(out) if out.requires_grad else out
     # unbind, not w[e]: each w[e] would backpropagate a full-size zero gradient of all E experts
     # (this alone made the loop 2.4x faster at 64 experts).
     w_B = w_EAB.unbind(0)
