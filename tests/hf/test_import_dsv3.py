@@ -41,7 +41,16 @@ def _hf(family, **kw):
 def test_logits_and_routing_match_transformers(family, kw, tmp_path):
     hf = _hf(family, **kw)
     hf.save_pretrained(tmp_path / "hf")
-    ours = load_model(import_hf(tmp_path / "hf", tmp_path / "ours"))
+    try:
+        ours = load_model(import_hf(tmp_path / "hf", tmp_path / "ours"))
+    except MoelabError as e:  # an older release's defaults (GLM-4.5's partial rotary in 5.17): refused in one line
+        from moelab.trace.adapters import CHECKED_TRANSFORMERS
+
+        older = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < tuple(
+            int(v) for v in CHECKED_TRANSFORMERS.split("."))
+        if older and "\n" not in str(e):
+            pytest.skip(f"transformers {transformers.__version__}'s {family} defaults: {e}")
+        raise
     cfg = json.loads((tmp_path / "ours" / "config.json").read_text())["model"]
     assert cfg["moe"]["router"]["score"] == "sigmoid" and cfg["moe"]["dense_layers"] == [0]
     ids = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(1))

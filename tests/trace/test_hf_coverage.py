@@ -25,9 +25,13 @@ from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model, unshrunk_fi
 
 from moelab.config import MoelabError  # noqa: E402
 from moelab.trace.adapters import family_entry, find_moe_blocks, router_of  # noqa: E402
-from moelab.trace.adapters import HFRoutingRecorder  # noqa: E402
+from moelab.trace.adapters import CHECKED_TRANSFORMERS, HFRoutingRecorder  # noqa: E402
 
 FAMILIES = decoder_moe_families()
+# Older than the release the family table was checked on: a family may be implemented differently there, so
+# moelab may refuse it (in one line, never a wrong trace), and this test's own fixtures may not apply.
+OLDER = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < tuple(
+    int(v) for v in CHECKED_TRANSFORMERS.split("."))
 SUMS = {True: "yes", False: "no", None: "if renormalised"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "HF_SUPPORT.md"
 
@@ -147,6 +151,9 @@ def _tiny_or_fail(module: str, model_type: str, ids: torch.Tensor):
             return model, _output(model(input_ids=ids, use_cache=False))
     except Exception as e:  # noqa: BLE001 - any error of the build is the same finding
         said = " ".join(str(e).split())  # a validator's reason is on its error's second line
+        if OLDER:
+            pytest.skip(f"{module}: the tiny model's sizes are written for transformers {CHECKED_TRANSFORMERS} "
+                        f"({type(e).__name__}: {said[:160]})")
         pytest.fail(f"{module} ({model_type}): the tiny model cannot be built or run ({type(e).__name__}: "
                     f"{said[:240]}); fields left at full size: {', '.join(unshrunk_fields(model_type)) or 'none'}"
                     f"; add the family's sizes to FAMILY_OVERRIDES in tests/trace/hf_tiny.py", pytrace=False)
@@ -188,6 +195,16 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
             with HFRoutingRecorder(model) as rec:
                 traced = _output(model(input_ids=ids, use_cache=False))
                 layers = rec.pop()
+        except MoelabError as e:
+            if OLDER and "cannot trace" in str(e) and "\n" not in str(e):
+                return  # refused in one line on a release the table was not checked on
+            raise
+        except Exception as e:  # noqa: BLE001 - the test's own readers of a family's internals
+            if OLDER and "moelab" not in "".join(f.filename for f in __import__("traceback").extract_tb(
+                    e.__traceback__)[-1:]):
+                pytest.skip(f"{module}: this test reads the family's internals as of transformers "
+                            f"{CHECKED_TRANSFORMERS} ({type(e).__name__}: {str(e)[:160]})")
+            raise
         finally:
             for h in handles:
                 h.remove()
@@ -230,9 +247,14 @@ def test_longcat_zero_experts_are_the_routers_own_choice():
             b.router.e_score_correction_bias.copy_(torch.linspace(-0.1, 0.3, b.router.n_routed_experts))
         b.router.register_forward_pre_hook(lambda m, a, block=b.block: inputs.__setitem__(block, a[0]))
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), HFRoutingRecorder(model) as rec:
-        model(input_ids=ids, use_cache=False)
-        layers = rec.pop()
+    try:
+        with torch.no_grad(), HFRoutingRecorder(model) as rec:
+            model(input_ids=ids, use_cache=False)
+            layers = rec.pop()
+    except MoelabError as e:
+        if OLDER and "cannot trace" in str(e):
+            pytest.skip(f"refused in one line on transformers {transformers.__version__}: {e}")
+        raise
     zero_seen = False
     for cap, b in zip(layers, blocks):
         r, router = cap.routing, b.router
@@ -286,6 +308,7 @@ def test_a_family_the_builder_cannot_shrink_fails_in_one_line(monkeypatch):
 
     ids = torch.zeros(1, 8, dtype=torch.long)
     monkeypatch.setitem(globals(), "tiny_model", lambda t: (_ for _ in ()).throw(RuntimeError("boom\ndeep")))
+    monkeypatch.setitem(globals(), "OLDER", False)  # the failure itself, whatever transformers is installed
     with pytest.raises(pytest.fail.Exception) as err:
         _tiny_or_fail("mixtral", "mixtral", ids)
     assert "mixtral (mixtral)" in str(err.value) and "RuntimeError: boom" in str(err.value)
@@ -443,3 +466,25 @@ def test_support_table_in_docs_is_current():
 if __name__ == "__main__" and "--write" in sys.argv:
     DOC.write_text(support_table())
     print(f"wrote {DOC}")
+
+
+def test_a_router_output_of_another_form_is_refused_not_traced():
+    """Planted: Mixtral's router output narrowed to 2 of its 8 experts' logits, as a transformers release that
+    returns the top-k logits instead of all of them would give. The ids then reach past the scores: one
+    line naming the family, the router and both transformers versions, and no routing comes back."""
+    if "mixtral" not in FAMILIES.values():
+        pytest.skip("this transformers has no Mixtral")
+    from hf_tiny import tiny_model
+
+    model = tiny_model("mixtral")
+    for b in find_moe_blocks(model):
+        router_of(model, b).register_forward_hook(
+            lambda m, a, out: (out[0][..., :2], *out[1:]) if isinstance(out, tuple) else out[..., :2])
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(MoelabError, match="cannot trace 'mixtral'") as err:
+        with torch.no_grad(), HFRoutingRecorder(model) as rec:
+            model(input_ids=ids, use_cache=False)
+            rec.pop()
+    said = str(err.value)
+    assert "\n" not in said and "TopKRouter's output is not in the form moelab reads" in said
+    assert f"transformers {transformers.__version__}" in said and CHECKED_TRANSFORMERS in said

@@ -149,6 +149,10 @@ FAMILIES: dict[str, Family] = {
                "class, top-k of probs + balancing bias; skip choices are marked dropped",
                sums_to_one=False, skip_zero=True),
 }
+# The transformers release the family table was last checked on (tests/trace/test_hf_coverage.py, every
+# family traced and its routing verified); an older release may implement a family's routing differently.
+CHECKED_TRANSFORMERS = "5.25"
+
 # Used for a family transformers adds later: the decision is still read from the experts' arguments.
 UNLISTED = Family("softmax", "not in moelab's family table: the probs column is softmax(logits)",
                   sums_to_one=False)
@@ -273,23 +277,39 @@ class HFRoutingRecorder:
 
     def _on_experts(self, block: int):
         def hook(module, args, kwargs):
-            _, ids, weights = _experts_args(module, args, kwargs)
+            try:
+                _, ids, weights = _experts_args(module, args, kwargs)
+                ids, weights = ids.detach(), weights.detach()
+            except (TypeError, ValueError, IndexError, AttributeError, MoelabError) as e:
+                raise self._unreadable(module, "call", e) from None
             seen = self._seen.setdefault(block, {})
             seen["calls"] = seen.get("calls", 0) + 1
-            seen.update(ids=ids.detach(), weights=weights.detach())
+            seen.update(ids=ids, weights=weights)
         return hook
 
     def _on_router(self, block: int):
         def hook(module, args, out):
             seen = self._seen.setdefault(block, {})
-            if self.entry.decision == "router_scores":  # Llama 4: (dense scores_TE, logits_TE)
-                seen["dense"], seen["first"] = out[0].detach(), out[1].detach()
-            elif self.entry.decision == "router_output":  # (logits, weights, ids), before the block edits them
-                seen["first"], seen["weights"], seen["ids"] = (t.detach() for t in out[:3])
-                seen["calls"] = seen.get("calls", 0) + 1
-            else:
-                seen["first"] = _first_tensor(out).detach()
+            try:
+                if self.entry.decision == "router_scores":  # Llama 4: (dense scores_TE, logits_TE)
+                    seen["dense"], seen["first"] = out[0].detach(), out[1].detach()
+                elif self.entry.decision == "router_output":  # (logits, weights, ids), before the block edits them
+                    seen["first"], seen["weights"], seen["ids"] = (t.detach() for t in out[:3])
+                    seen["calls"] = seen.get("calls", 0) + 1
+                else:
+                    seen["first"] = _first_tensor(out).detach()
+            except (TypeError, ValueError, IndexError, AttributeError) as e:
+                raise self._unreadable(module, "output", e) from None
         return hook
+
+    def _unreadable(self, module: torch.nn.Module, what: str, why: object) -> MoelabError:
+        """One line: this family's module does not have the form moelab's table reads, as happens when the
+        installed transformers implements the family differently from the version the table was checked on."""
+        import transformers
+
+        return MoelabError(f"cannot trace {self.family!r} with transformers {transformers.__version__}: "
+                           f"{type(module).__name__}'s {what} is not in the form moelab reads ({why}); its "
+                           f"family table was checked on transformers {CHECKED_TRANSFORMERS}")
 
     def __enter__(self) -> "HFRoutingRecorder":
         try:
@@ -330,6 +350,11 @@ class HFRoutingRecorder:
         else:
             K = seen["ids"].shape[-1]
             ids_TK, weights_TK = seen["ids"].reshape(-1, K).long(), seen["weights"].reshape(-1, K).float()
+        lo, hi = (int(ids_TK.min()), int(ids_TK.max())) if ids_TK.numel() else (0, -1)
+        if ids_TK.shape[0] != probs_TE.shape[0] or lo < 0 or hi >= probs_TE.shape[-1]:
+            # a router output read in the wrong form: refused, never written as a trace
+            raise self._unreadable(b.router, "output", f"{ids_TK.shape[0]} tokens' expert ids in [{lo}, {hi}] "
+                                   f"against scores of shape {tuple(probs_TE.shape)}")
         # Rank 0 = the largest combine weight: several families take an unsorted top-k (sorted=False).
         order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
         ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
