@@ -5,7 +5,7 @@
 #   bash benchmarks/device_session.sh gpu       # gpu_check.py: every CUDA row (budget 6 min, then the JSON)
 #   bash benchmarks/device_session.sh workers   # the analysis at 1 and at every core on a real-shape trace
 #
-# Results go under $OUT (the device tool's folder), else ./device-out. A third argument --tiny runs the same
+# Results go under $OUT (the device tool's folder), else ./device-out. --tiny after the part runs the same
 # part at toy sizes on the CPU (the test suite's smoke); further arguments go to gpu_check.py.
 #
 # `workers`: a synthetic trace of OLMoE-1B-7B's routing shape (16 layers, top-8 of 64, sequences of 2048),
@@ -13,14 +13,18 @@
 # the writer cuts 32 row groups of 1M rows and the drop re-simulation's capacity batches (4 sequences) never
 # span two, and the workers have 32 units to share. Then the report's analysis (every analysis, nulls,
 # intervals, a re-simulation and the queue baseline) at 1 worker and at `nproc` workers, each in a fresh
-# process, interleaved over two rounds. About 1 minute to write and 1-2 minutes per 1-worker analysis on
-# a 2-core machine; the 16-worker runs should take seconds.
+# process, one after the other. About 30 s to write and 1-1.5 minutes for the 1-worker analysis on
+# a 2-core machine (measured); the 16-worker run should take seconds (estimated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
 tiny=
 [ $# -gt 0 ] && shift
 if [ "${1:-}" = --tiny ]; then tiny=--tiny; shift; fi
+if [ "$part" != gpu ] && [ "$part" != workers ]; then
+    echo "device_session.sh: say which part: gpu or workers (then --tiny for the CPU smoke)" >&2
+    exit 2
+fi
 out=${OUT:-device-out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,7 +41,7 @@ workers)
     if [ "$tiny" = --tiny ]; then
         shape=(--rows 65536 --layers 2 --experts 8 --top-k 2 --seq-len 256); counts=1,2; rounds=1
     else
-        shape=(--rows 33554432 --layers 16 --experts 64 --top-k 8 --seq-len 2048); counts=1,$(nproc); rounds=2
+        shape=(--rows 33554432 --layers 16 --experts 64 --top-k 8 --seq-len 2048); counts=1,$(nproc); rounds=1
     fi
     trace=$(mktemp -d)/trace.parquet
     python benchmarks/analysis_scale.py "${shape[@]}" --no-probs --seqs-per-batch 4 --keep "$trace" --write-only \
@@ -45,9 +49,5 @@ workers)
     python benchmarks/analysis_scale.py --keep "$trace" --batch-seqs 4 --workers "$counts" --rounds "$rounds" \
         2>&1 | tee -a "$out/workers.log"
     rm -rf "$(dirname "$trace")"
-    ;;
-*)
-    echo "device_session.sh: say which part: gpu or workers (then --tiny for the CPU smoke)" >&2
-    exit 2
     ;;
 esac

@@ -1,0 +1,45 @@
+"""benchmarks/device_session.sh, the GPU session's prepared calls, run at toy sizes on the CPU so they cannot
+rot between sessions that have a GPU."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "device_session.sh"
+
+
+def _run(*args, out: Path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    env = {**os.environ, "OUT": str(out)}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_workers_part_writes_a_trace_and_times_one_and_two_workers(tmp_path):
+    done = _run("workers", "--tiny", out=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "workers.log").read_text().splitlines()
+    timed = [json.loads(line) for line in log if line.startswith("{")]
+    assert [r["workers"] for r in timed] == [1, 2] and all(r["rows"] == 65536 and r["wall_s"] > 0 for r in timed)
+    assert any(line.startswith("2 workers vs 1: wall ratio") for line in log)
+    machine = (tmp_path / "machine.txt").read_text()
+    assert "torch" in machine and "UTC" in machine
+
+
+def test_gpu_part_runs_gpu_check_and_passes_its_arguments_on(tmp_path):
+    done = _run("gpu", "--tiny", "--only", "experts-bf16", out=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert rows and {r["check"] for r in rows} == {"experts-bf16"} and all(r["ok"] for r in rows)
+    assert "experts-bf16" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_no_part_named_is_one_line_and_status_2(tmp_path):
+    for args in ([], ["train"]):
+        done = _run(*args, out=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "gpu or workers" in done.stderr
