@@ -39,14 +39,14 @@ gpu)
     ;;
 workers)
     if [ "$tiny" = --tiny ]; then
-        shape=(--rows 65536 --layers 2 --experts 8 --top-k 2 --seq-len 256); counts=1,2; rounds=1
+        shape=(--rows 65536 --layers 2 --experts 8 --top-k 2 --seq-len 256); counts=1,2
     else
-        shape=(--rows 33554432 --layers 16 --experts 64 --top-k 8 --seq-len 2048); counts=1,$(nproc); rounds=1
+        shape=(--rows 33554432 --layers 16 --experts 64 --top-k 8 --seq-len 2048); counts=1,$(nproc)
     fi
     trace=$(mktemp -d)/trace.parquet
     python benchmarks/analysis_scale.py "${shape[@]}" --no-probs --seqs-per-batch 4 --keep "$trace" --write-only \
         2>&1 | tee "$out/workers.log"
-    python benchmarks/analysis_scale.py --keep "$trace" --batch-seqs 4 --workers "$counts" --rounds "$rounds" \
+    python benchmarks/analysis_scale.py --keep "$trace" --batch-seqs 4 --workers "$counts" \
         2>&1 | tee -a "$out/workers.log"
     rm -rf "$(dirname "$trace")"
     ;;

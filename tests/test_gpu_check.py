@@ -166,6 +166,8 @@ def test_record_keeps_the_other_devices_entries(tmp_path):
 def test_a_failing_step_variant_is_one_failed_row_and_the_others_stay(monkeypatch, tmp_path):
     """A variant that cannot run (torch.compile failing on an older torch) must not take the other
     variants' tokens/s, MFU and memory rows with it."""
+    import torch
+
     gpu_check = _import_script()
     parts = _import_parts()
     real = parts.fitting_train_step
@@ -177,7 +179,7 @@ def test_a_failing_step_variant_is_one_failed_row_and_the_others_stay(monkeypatc
 
     monkeypatch.setattr(parts, "fitting_train_step", compile_fails)
     monkeypatch.setattr(parts, "profile_ops", lambda *a, **k: ("aten::mm", 0.5))
-    rows = gpu_check.train_step(__import__("torch").device("cpu"), True, None, tmp_path / "x.json")
+    rows = gpu_check.train_step(torch.device("cpu"), True, None, tmp_path / "x.json")
     failed = [r for r in rows if not r["ok"]]
     assert len(failed) == 1 and "compile (blocks)" in failed[0]["what"] and "planted" in failed[0]["note"]
     tokens = [r for r in rows if r["what"].endswith("tokens/s")]

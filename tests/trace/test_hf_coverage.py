@@ -12,6 +12,7 @@ stacked layout, straight from the weight matrices). Tracing must leave the logit
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_tiny import HIDDEN, VOCAB, decoder_moe_families, tiny_model, unshrunk_fields  # noqa: E402
 
+import moelab  # noqa: E402
 from moelab.config import MoelabError  # noqa: E402
 from moelab.trace.adapters import family_entry, find_moe_blocks, router_of  # noqa: E402
 from moelab.trace.adapters import CHECKED_TRANSFORMERS, HFRoutingRecorder  # noqa: E402
+from moelab.trace.adapters import transformers_older_than_checked  # noqa: E402
 
 FAMILIES = decoder_moe_families()
 # Older than the release the family table was checked on: a family may be implemented differently there, so
 # moelab may refuse it (in one line, never a wrong trace), and this test's own fixtures may not apply.
-OLDER = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < tuple(
-    int(v) for v in CHECKED_TRANSFORMERS.split("."))
+OLDER = transformers_older_than_checked()
+MOELAB_SRC = str(Path(moelab.__file__).parent)  # where moelab's own code runs from
 SUMS = {True: "yes", False: "no", None: "if renormalised"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "HF_SUPPORT.md"
 
@@ -200,8 +203,8 @@ def test_family_traced_and_verified_or_refused(module, tmp_path):
                 return  # refused in one line on a release the table was not checked on
             raise
         except Exception as e:  # noqa: BLE001 - the test's own readers of a family's internals
-            if OLDER and "moelab" not in "".join(f.filename for f in __import__("traceback").extract_tb(
-                    e.__traceback__)[-1:]):
+            raised_in = traceback.extract_tb(e.__traceback__)[-1].filename
+            if OLDER and not raised_in.startswith(MOELAB_SRC):  # not moelab's own code
                 pytest.skip(f"{module}: this test reads the family's internals as of transformers "
                             f"{CHECKED_TRANSFORMERS} ({type(e).__name__}: {str(e)[:160]})")
             raise
@@ -463,11 +466,6 @@ def test_support_table_in_docs_is_current():
         "docs/HF_SUPPORT.md is stale: run python tests/trace/test_hf_coverage.py --write"
 
 
-if __name__ == "__main__" and "--write" in sys.argv:
-    DOC.write_text(support_table())
-    print(f"wrote {DOC}")
-
-
 def test_a_router_output_of_another_form_is_refused_not_traced():
     """Planted: Mixtral's router output narrowed to 2 of its 8 experts' logits, as a transformers release that
     returns the top-k logits instead of all of them would give. The ids then reach past the scores: one
@@ -488,3 +486,9 @@ def test_a_router_output_of_another_form_is_refused_not_traced():
     said = str(err.value)
     assert "\n" not in said and "TopKRouter's output is not in the form moelab reads" in said
     assert f"transformers {transformers.__version__}" in said and CHECKED_TRANSFORMERS in said
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    DOC.write_text(support_table())
+    print(f"wrote {DOC}")
+

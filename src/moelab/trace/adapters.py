@@ -153,6 +153,16 @@ FAMILIES: dict[str, Family] = {
 # family traced and its routing verified); an older release may implement a family's routing differently.
 CHECKED_TRANSFORMERS = "5.25"
 
+
+def transformers_older_than_checked() -> bool:
+    """Whether the installed transformers predates CHECKED_TRANSFORMERS (major.minor)."""
+    import transformers
+
+    def minor(version: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in version.split(".")[:2])
+
+    return minor(transformers.__version__) < minor(CHECKED_TRANSFORMERS)
+
 # Used for a family transformers adds later: the decision is still read from the experts' arguments.
 UNLISTED = Family("softmax", "not in moelab's family table: the probs column is softmax(logits)",
                   sums_to_one=False)
