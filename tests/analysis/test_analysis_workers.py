@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -125,6 +126,34 @@ def test_workers_give_the_one_worker_results_bit_for_bit(planted, simulate):
         phases = {}
         _same(to_json_dict(analyze_all(planted, workers=n, timings=phases, **kw)), one)
         assert set(phases) == {"stream_s", "finalise_s"} and min(phases.values()) > 0
+
+
+@pytest.mark.parametrize("handover", ["shared memory", "pipe", "full folder"])
+def test_parts_reach_the_parent_the_same_by_file_or_pipe_and_leave_no_file(planted, monkeypatch, tmp_path, handover):
+    """Workers write their parts to a folder (shared memory where there is one) or, with no folder or one
+    that cannot be written (a full /dev/shm: here a folder that is gone), send them down the pipe."""
+    from moelab.analysis import parallel
+
+    kw = dict(min_count=5, n_permutations=4, batch_rows=97)
+    one = to_json_dict(analyze_all(planted, workers=1, **kw))
+    folders = []
+    if handover == "shared memory":
+        real = parallel._spill_folder
+        monkeypatch.setattr(parallel, "_spill_folder", lambda: folders.append(real()) or folders[-1])
+    elif handover == "pipe":
+        monkeypatch.setattr(parallel, "_spill_folder", lambda: None)
+    else:
+        gone = tmp_path / "gone"
+        monkeypatch.setattr(parallel, "_spill_folder", lambda: str(gone))
+    read = []  # the parent reads the files: counted here, in this process
+    real_read = parallel._read_spilled
+    monkeypatch.setattr(parallel, "_read_spilled", lambda *a: read.append(a[0]) or real_read(*a))
+    _same(to_json_dict(analyze_all(planted, workers=3, **kw)), one)
+    assert len(read) == (3 if handover == "shared memory" and folders[0] is not None else 0)
+    if handover == "shared memory" and folders[0] is not None:
+        assert not os.path.exists(folders[0])  # files unlinked as read, the folder removed
+    if handover == "full folder":
+        assert not (tmp_path / "gone").exists()
 
 
 def test_one_worker_matches_a_plain_stream_of_the_same_rows(planted):

@@ -22,11 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    Batch, Result, check_experts, consume, iter_input, layer_choices, regroup, require_columns, token_key,
+    Batch, PackedCounts, Result, check_experts, consume, iter_input, layer_choices, regroup, require_columns,
+    token_key,
 )
 from moelab.analysis.null import mutual_information
 from moelab.analysis.resample import (
-    Estimate, SetPool, draw_sets, fit_load_weights, fold_of, layer_estimates, subset_scale,
+    Estimate, draw_sets, fit_load_weights, fold_of, layer_estimates, stack_ragged, subset_scale,
 )
 from moelab.config import MoelabError
 
@@ -116,9 +117,18 @@ class CoactivationAccumulator:
 
     def merge(self, other: "CoactivationAccumulator") -> None:
         for mine, theirs in zip(self.co + self.trans, other.co + other.trans):
-            mine += theirs
+            if isinstance(theirs, PackedCounts):
+                theirs.add_into(mine)
+            else:
+                mine += theirs
 
-    def strongest_layer(self, l: int, weights: np.ndarray | None = None, pool: SetPool | None = None,
+    def for_transfer(self) -> "CoactivationAccumulator":
+        """This part with its fold tables packed (a part's sequences fill a few of the folds), to be sent
+        to the parent and merged there (`parallel.py`); after this it can only be merged."""
+        self.co = [PackedCounts(c) if PackedCounts.worth(c) else c for c in self.co]
+        return self
+
+    def strongest_layer(self, l: int, weights: np.ndarray | None = None,
                         n_permutations: int = 16) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         """One layer's strongest pair: (value, the null's mean P(j | i), bootstrap replicates, null draws)."""
         E = self.num_experts[l]
@@ -136,17 +146,14 @@ class CoactivationAccumulator:
         return value, null_mean, boot, subset_scale(np.array([strongest_pair(d) for d in draws]),
                                                     min(tokens, NULL_TOKENS), tokens)
 
-    def result(self, weights: np.ndarray | None = None, pool: SetPool | None = None, n_permutations: int = 16,
+    def result(self, weights: np.ndarray | None = None, n_permutations: int = 16,
                layers: list[tuple] | None = None, **_: Any) -> Coactivation:
         """`layers`: the parts `strongest_layer` returned, in layer order, where they were computed apart."""
         if layers is None:
-            layers = [self.strongest_layer(l, weights, pool, n_permutations) for l in range(len(self.num_experts))]
+            layers = [self.strongest_layer(l, weights, n_permutations) for l in range(len(self.num_experts))]
         values, null_mean, boots, nulls = (list(x) for x in zip(*layers)) if layers else ([], [], [], [])
-        width = max([len(b) for b in boots] + [0])
-        boot = np.array([b if len(b) == width else np.full(width, np.nan) for b in boots]) if width else None
-        width = max([len(n) for n in nulls] + [0])
-        null = np.array([n if len(n) == width else np.full(width, np.nan) for n in nulls]) if width else None
-        per, overall = layer_estimates(values, boot, null, interval="95% bootstrap over sequences",
+        per, overall = layer_estimates(values, stack_ragged(boots), stack_ragged(nulls),
+                                       interval="95% bootstrap over sequences",
                                        null="k distinct experts per token drawn independently, weights fitted "
                                             "to the layer's load")
         co = [c.sum(axis=0) for c in self.co]

@@ -12,6 +12,12 @@ unit order (part 0, 1, ...) and `analyze_all` finalises once. Counts add exactly
 same per-unit partials in the same order, label codes are renumbered in stream order, and the seeded
 draws depend on the batch's tokens, not on the stream's history: the results are bit for bit those of
 one worker (tests/analysis/test_analysis_workers.py).
+
+The parent's merge is serial, so what a part costs there bounds many workers. A worker packs its mostly
+empty count tables (`for_transfer`), pickles every accumulator before its first send, and writes the
+pickles to a file in shared memory (`/dev/shm`, read back at 2-3x a pipe's speed here) or, where there
+is none or it is full, sends them down its pipe. At 16 parts of a 33.5M-row trace the parent's receiving
+and merging went from 25.0 s (8.3 GB of dense tables down the pipes) to 3 s.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import copy
 import itertools
 import multiprocessing as mp
 import os
+import pickle
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -130,8 +139,11 @@ def consume_units(trace: Any, columns: list[str], batch_rows: int, key: Callable
 
 # ---- workers ---------------------------------------------------------------------------------------
 def _run_part(index: int, conn: Any) -> None:
-    """A forked worker: fill fresh accumulators from its units, then send them one by one (so no process
-    ever holds a pickled copy of all of them), then None; or ("error", exception)."""
+    """A forked worker: fill fresh accumulators from its units, pack and pickle them all, then hand them
+    over (a file in shared memory, else the pipe) and send None; or ("error", exception). Pickled before
+    the first send, so a worker is ready when the parent, which merges the parts in order, comes to it."""
+    from multiprocessing.reduction import ForkingPickler
+
     from moelab.trace.io import open_trace
 
     st = _FORK_STATE
@@ -140,13 +152,59 @@ def _run_part(index: int, conn: Any) -> None:
         accs = copy.deepcopy(st["acc"])  # empty here; deep-copied so nothing is shared with the parent's
         trace = open_trace(st["path"])  # each worker opens the file rather than share the parent's reader
         consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
+        ready = []
         for name in list(accs):
-            conn.send((name, accs.pop(name)))
+            part = accs.pop(name)
+            ready.append(ForkingPickler.dumps((name, part.for_transfer() if hasattr(part, "for_transfer") else part)))
+            del part
+        spilled = _spill(st.get("spill"), index, ready)
+        if spilled is not None:
+            conn.send(("spilled", spilled))
+        else:
+            for message in ready:
+                conn.send_bytes(message)
         conn.send(None)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", e))
     finally:
         conn.close()
+
+
+def _spill(folder: str | None, index: int, messages: list[Any]) -> tuple[str, list[int]] | None:
+    """The messages written one after another to a file in `folder`: (its path, their lengths); None
+    (nothing left behind) where there is no folder or it is full, and the pipe carries them."""
+    if folder is None:
+        return None
+    path = os.path.join(folder, f"part-{index}")
+    try:
+        with open(path, "wb") as f:
+            for m in messages:
+                f.write(m)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    return path, [len(m) for m in messages]
+
+
+def _read_spilled(path: str, lengths: list[int]) -> Iterator[Any]:
+    """The messages `_spill` wrote, one at a time; the file is unlinked as soon as it is open."""
+    with open(path, "rb") as f:
+        os.unlink(path)
+        for n in lengths:
+            yield pickle.loads(f.read(n))
+
+
+def _spill_folder() -> str | None:
+    """A fresh folder in shared memory (tmpfs) for the workers' parts, or None where there is none."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    try:
+        return tempfile.mkdtemp(prefix="moelab-analysis-", dir="/dev/shm")
+    except OSError:
+        return None
 
 
 def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_rows: int,
@@ -158,8 +216,9 @@ def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_
     if len(parts) < 2 or "fork" not in mp.get_all_start_methods():
         consume_units(trace, columns, batch_rows, key, bounds, 0, len(bounds) - 1, list(acc.values()))
         return
+    spill = _spill_folder()
     _FORK_STATE.update(acc=acc, path=trace.path, columns=columns, batch_rows=batch_rows, key=key,
-                       bounds=bounds, parts=parts)
+                       bounds=bounds, parts=parts, spill=spill)
     ctx = mp.get_context("fork")
     procs, conns = [], []
     try:
@@ -178,6 +237,8 @@ def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_
             if proc.is_alive():
                 proc.terminate()
             proc.join()
+        if spill is not None:  # what a failed run left (read files are already unlinked)
+            shutil.rmtree(spill, ignore_errors=True)
 
 
 def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
@@ -193,8 +254,11 @@ def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
         name, filled = msg
         if name == "error":
             raise filled
-        acc[name].merge(filled)
+        parts = _read_spilled(*filled) if name == "spilled" else [(name, filled)]
         del filled, msg
+        for name, part in parts:
+            acc[name].merge(part)
+            del part
 
 
 # ---- finalisation ----------------------------------------------------------------------------------

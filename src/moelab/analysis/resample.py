@@ -109,6 +109,15 @@ def estimate(value: float, boot_R: np.ndarray | None = None, null_P: np.ndarray 
                     n_permutations=int(n.size), n_bootstrap=int(b.size), bias=bias, null=null, interval=interval)
 
 
+def stack_ragged(parts: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Per-layer replicate or null arrays as one (layers, width) array, a layer with fewer (none: no
+    interval or no null there) padded with NaN; None when no layer has any."""
+    width = max((len(p) for p in parts), default=0)
+    if width == 0:
+        return None
+    return np.stack([p if len(p) == width else np.full(width, np.nan) for p in parts])
+
+
 def layer_estimates(values_L: Sequence[float], boot_LR: np.ndarray | None, null_LP: np.ndarray | None,
                     **kw) -> tuple[list[Estimate], Estimate]:
     """Per-layer estimates and the mean over layers (layers without a value left out, per replicate too)."""

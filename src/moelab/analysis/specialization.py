@@ -16,7 +16,7 @@ import numpy as np
 
 from moelab.analysis.common import Result
 from moelab.analysis.null import mutual_information as mi_of, normalised_mi, permutation_mi, random_topk_counts
-from moelab.analysis.resample import Estimate, SetPool, group_null, layer_estimates
+from moelab.analysis.resample import Estimate, SetPool, group_null, layer_estimates, stack_ragged
 from moelab.analysis.tables import (  # noqa: F401 - re-exported: the tables' public home stays importable here
     GROUPS, INT_GROUPS, LABEL_GROUPS, ShareAccumulator, ShareTables, share_tables,
 )
@@ -109,20 +109,14 @@ def std_layer(tables: ShareTables, l: int, *, min_count: int = 128, null_seed: i
 def std_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> StdScore:
     """`std_score` from its layers' parts (`std_layer`, in layer order)."""
     means = [p["mean"] for p in layers]
-    per, overall = layer_estimates(means, _stack([p["boot"] for p in layers]), _stack([p["null"] for p in layers]),
+    per, overall = layer_estimates(means, stack_ragged([p["boot"] for p in layers]),
+                                   stack_ragged([p["null"] for p in layers]),
                                    null=PERM_NULL, interval=BOOT)
     return StdScore(group=tables.group, min_count=min_count, groups=[p["groups"] for p in layers],
                     std=[p["std"] for p in layers], mean=means, null_mean=[e.null_mean for e in per],
                     uniform_mean=[p["uniform"] for p in layers], deterministic=[p["ceiling"] for p in layers],
                     mean_over_layers=_nanmean(means), null_over_layers=overall.null_mean, estimates=per,
                     overall=overall)
-
-
-def _stack(parts: list[np.ndarray]) -> np.ndarray | None:
-    width = max((len(p) for p in parts), default=0)
-    if width == 0:
-        return None
-    return np.stack([p if len(p) == width else np.full(width, np.nan) for p in parts])
 
 
 def _nanmean(values: list[float]) -> float:
@@ -178,7 +172,8 @@ def vocab_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> Vo
     """`vocab_specialisation` from its layers' parts (`vocab_layer`, in layer order)."""
     means, unif = [p["mean"] for p in layers], [p["uniform"] for p in layers]
     resc = [float(_rescale(np.asarray(m), k_E)) for m, k_E in zip(means, _base(tables))]
-    est, overall = layer_estimates(resc, _stack([p["boot"] for p in layers]), _stack([p["null"] for p in layers]),
+    est, overall = layer_estimates(resc, stack_ragged([p["boot"] for p in layers]),
+                                   stack_ragged([p["null"] for p in layers]),
                                    null=PERM_NULL, interval=BOOT)
     return VocabSpecialisation(
         min_count=min_count, tokens=[p["tokens"] for p in layers], per_token=[p["per"] for p in layers],
@@ -241,8 +236,8 @@ def domain_combine(tables: ShareTables, layers: list[dict]) -> DomainSpecialisat
     L = len(tables.num_experts)
     shares = [tables.share(l) * k for l in range(L)]
     load = [tables.counts[l].sum(axis=0) / max(tables.counts[l].sum(), 1) * k for l in range(L)]
-    est, overall = layer_estimates([p["value"] for p in layers], _stack([p["boot"] for p in layers]),
-                                   _stack([p["null"] for p in layers]), null=PERM_NULL, interval=BOOT)
+    est, overall = layer_estimates([p["value"] for p in layers], stack_ragged([p["boot"] for p in layers]),
+                                   stack_ragged([p["null"] for p in layers]), null=PERM_NULL, interval=BOOT)
     return DomainSpecialisation(group=tables.group, names=[tables.group_names(l) for l in range(L)],
                                 share=shares, uniform=[k / E for E in tables.num_experts], null_share=load,
                                 max_share=[s.max(axis=1) if s.size else np.zeros(0) for s in shares],
@@ -282,7 +277,7 @@ def expert_label_mi(tables: ShareTables, *, n_permutations: int = 16, seed: int 
         nulls.append(np.array([normalised_mi(float(p), c) for p in perm]) if c.size else np.zeros(0))
         keep = np.ones(len(c), bool)
         boots.append(np.array([normalised_mi(mi_of(t), t) for t in tables.replicate_tables(l, weights_RF, keep)]))
-    est, overall = layer_estimates(nmi, _stack(boots), _stack(nulls),
+    est, overall = layer_estimates(nmi, stack_ragged(boots), stack_ragged(nulls),
                                    null="labels shuffled over the choices (keeps both margins)", interval=BOOT)
     return ExpertLabelMI(group=tables.group, ranks=tables.ranks, mi=mi, normalised=nmi, null_mean=null_m,
                          null_std=null_s, null_normalised=null_n, n_permutations=n_permutations,

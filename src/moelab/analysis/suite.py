@@ -238,7 +238,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             jobs[f"domain_specialisation:{group}@{l}"] = partial(domain_layer, tables[group], l, **kw)
     coact = acc.get("coactivation")
     for l in range(L if coact is not None else 0):
-        jobs[f"coactivation@{l}"] = partial(coact.strongest_layer, l, weights, pool, n_perm)
+        jobs[f"coactivation@{l}"] = partial(coact.strongest_layer, l, weights, n_perm)
     if "token" in tables:
         for l in range(L):
             jobs[f"top_tokens@{l}"] = partial(top_tokens_layer, tables["token"], l, min_count=opts["vocab_min_count"])
@@ -258,7 +258,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
         return [done.pop(f"{name}@{l}") for l in range(L)]
 
     if coact is not None:
-        done["coactivation"] = coact.result(weights=weights, pool=pool, n_permutations=n_perm,
+        done["coactivation"] = coact.result(weights=weights, n_permutations=n_perm,
                                             layers=layers("coactivation"))
     out: dict[str, Any] = {name: done[name] for name in acc if not name.startswith("tables")}
     for name, observed in (("queue:trained", "drops"), ("queue:simulated", "drops_simulated")):

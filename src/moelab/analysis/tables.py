@@ -14,7 +14,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from moelab.analysis.common import (
-    KeyCounter, LabelIndex, Result, check_experts, compact_range, consume, iter_input, require_columns,
+    KeyCounter, LabelIndex, PackedCounts, Result, check_experts, compact_range, consume, iter_input,
+    require_columns,
 )
 from moelab.analysis.resample import FOLDS, fold_of, mix64
 from moelab.config import MoelabError
@@ -208,6 +209,8 @@ class ShareAccumulator:
         self.counter.merge(other.counter, remap if lut is not None else None)
         self.dense_rows += other.dense_rows
         for name, table in other.dense.items():
+            if isinstance(table, PackedCounts) and lut is not None:
+                table = table.dense()  # label tables: a handful of group values, small
             if lut is not None:
                 used = min(table.shape[1], len(lut))
                 table, width = table[:, :used], int(lut[:used].max()) + 1 if used else 0
@@ -224,9 +227,20 @@ class ShareAccumulator:
                     grown[:, :mine.shape[1]] = mine
             if lut is not None:
                 grown[:, lut[:table.shape[1]]] += table  # lut is one to one: no index repeats
+            elif isinstance(table, PackedCounts):
+                table.add_into(grown)
             else:
                 grown[:, :table.shape[1]] += table
             self.dense[name] = grown
+
+    def for_transfer(self) -> "ShareAccumulator":
+        """This part, its large and mostly empty dense tables packed, to be sent to the parent and merged
+        there (`parallel.py`); after this it can only be merged. Its sparse counts are merged into one
+        sorted chunk here, in the worker, rather than in the parent."""
+        self.counter.result()
+        self.dense = {name: PackedCounts(t) if t.size >= 1 << 16 and PackedCounts.worth(t) else t
+                      for name, t in self.dense.items()}
+        return self
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
