@@ -135,3 +135,20 @@ def test_key_counter_matches_a_counter_over_batches_and_merged_parts():
         k, c = kc.result()
         assert k.tolist() == sorted(oracle) and c.tolist() == [oracle[x] for x in sorted(oracle)], trial
         assert k.dtype == np.int64 and c.dtype == np.int64
+
+
+def test_key_counter_select_is_the_result_restricted_and_leaves_the_counter_whole():
+    from moelab.analysis.common import KeyCounter
+
+    rng = np.random.default_rng(4)
+    kc = KeyCounter()
+    for _ in range(5):
+        kc.add((rng.integers(0, 6, 200) << 48) | rng.integers(0, 40, 200))
+    chunks = len(kc._chunks)
+    keys, counts = kc.select(lambda k: (k >> 48) % 3 == 1)
+    assert len(kc._chunks) == chunks  # nothing merged in place
+    all_keys, all_counts = kc.result()
+    keep = (all_keys >> 48) % 3 == 1
+    assert np.array_equal(keys, all_keys[keep]) and np.array_equal(counts, all_counts[keep])
+    none = kc.select(lambda k: k < 0)
+    assert len(none[0]) == 0 and none[0].dtype == np.int64

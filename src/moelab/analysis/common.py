@@ -323,6 +323,13 @@ class KeyCounter:
         self._merge()
         return self._chunks[0]
 
+    def select(self, keep: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """`result()` restricted to the keys where keep(keys) is True, without merging the rest (one
+        layer's keys: the layers' merges then run as separate jobs). Leaves this counter as it was."""
+        part = KeyCounter()
+        part._chunks = [(k[m], c[m]) for k, c in self._chunks for m in [keep(k)]]
+        return part.result()
+
     def merge(self, other: "KeyCounter", remap: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """Add another counter's counts (its keys passed through `remap` first)."""
         for k, c in other._chunks:

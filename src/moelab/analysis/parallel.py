@@ -289,8 +289,11 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
             for name, future in futures.items():
                 try:
                     out[name] = future.result()
-                except BrokenProcessPool:
-                    raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? try "
+                except BrokenProcessPool:  # every unfinished job fails with it: name them, not just this one
+                    lost = [n for n, f in futures.items() if n not in out and (not f.done() or f.exception())]
+                    named = ", ".join(repr(n) for n in lost[:4])
+                    named += f" and {len(lost) - 4} more" if len(lost) > 4 else ""
+                    raise MoelabError(f"an analysis worker stopped while finalising {named} (out of memory? try "
                                       "fewer --workers)") from None
     finally:
         _JOBS.clear()

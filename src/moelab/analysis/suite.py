@@ -211,13 +211,19 @@ def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], l
 
 
 def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], workers: int = 1) -> dict[str, Any]:
-    """Every result from the filled accumulators. The count tables come first (one job each); the scores,
+    """Every result from the filled accumulators. The count tables come first (a job per table and layer); the scores,
     nulls and intervals built on them, and the other analyses' results, are independent jobs (`run_jobs`,
     over `workers` processes, which inherit the tables)."""
     from moelab.analysis.parallel import run_jobs
 
-    # The count tables first, each its own job (a third of the serial time was building them one by one).
-    built = run_jobs({name: a.result for name, a in acc.items() if name.startswith("tables")}, workers)
+    # The count tables first, a job per table and layer (a third of the serial time was building them one by
+    # one; then the vocabulary table alone, 3.5 s of a 16-worker run's 10.7 s at 33.5M rows).
+    share = {name: a for name, a in acc.items() if name.startswith("tables")}
+    first = sorted(share, key=lambda name: name != "tables:token")  # the largest: handed out first
+    parts = run_jobs({f"{name}@{l}": partial(share[name].layer_result, l) for name in first
+                      for l in range(len(share[name].num_experts))}, workers)
+    built = {name: a.result(layers=[parts.pop(f"{name}@{l}") for l in range(len(a.num_experts))])
+             for name, a in share.items()}
     tables = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables:")}
     top1 = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()

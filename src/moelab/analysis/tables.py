@@ -263,27 +263,34 @@ class ShareAccumulator:
                 parts.append((np.full(len(v), self.folds if self.folds > 1 else 0), v, e, table[layer][v, e]))
         return tuple(np.concatenate([p[i].astype(np.int64) for p in parts]) for i in range(4))
 
-    def result(self) -> ShareTables:
-        keys, counts = self.counter.result()
+    def layer_result(self, l: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+        """One layer of `result()`: (group values, group x expert counts, fold entries, sampled groups).
+        Layers are independent, so `analyze --workers` builds them as separate jobs."""
+        L, E = len(self.num_experts), self.num_experts[l]
+        keys, counts = self.counter.select(lambda k: (k >> 48) % L == l)
         sparse = (keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF, counts)
-        groups, tables, entries = [], [], []
-        for l, E in enumerate(self.num_experts):
-            fold_N, value_N, expert_N, count_N = self._layer_entries(l, sparse)
-            g, inv = compact_unique(value_N)
-            flat = np.bincount(inv * E + expert_N, weights=count_N, minlength=len(g) * E)
-            groups.append(g)
-            tables.append(flat.astype(np.int64).reshape(len(g), E))
-            split = fold_N < self.folds if self.folds > 1 else np.zeros(len(fold_N), bool)
-            # Narrow types: these stay alive for the bootstrap (folds < 2^15 and expert ids < 2^16 by construction).
-            wide = len(g) >= 1 << 31 or (len(count_N) and count_N.max() >= 1 << 31)
-            entries.append((fold_N[split].astype(np.int16), inv[split].astype(np.int64 if wide else np.int32),
-                            expert_N[split].astype(np.int32), count_N[split].astype(np.int64 if wide else np.int32)))
-            del fold_N, value_N, expert_N, count_N, inv, split
+        fold_N, value_N, expert_N, count_N = self._layer_entries(l, sparse)
+        g, inv = compact_unique(value_N)
+        flat = np.bincount(inv * E + expert_N, weights=count_N, minlength=len(g) * E)
+        split = fold_N < self.folds if self.folds > 1 else np.zeros(len(fold_N), bool)
+        # Narrow types: these stay alive for the bootstrap (folds < 2^15 and expert ids < 2^16 by construction).
+        wide = len(g) >= 1 << 31 or (len(count_N) and count_N.max() >= 1 << 31)
+        entries = (fold_N[split].astype(np.int16), inv[split].astype(np.int64 if wide else np.int32),
+                   expert_N[split].astype(np.int32), count_N[split].astype(np.int64 if wide else np.int32))
+        sampled = self._sampled(g) if self.fold_sample > 1 else np.ones(len(g), bool)
+        return g, flat.astype(np.int64).reshape(len(g), E), entries, sampled
+
+    def result(self, layers: list[tuple] | None = None) -> ShareTables:
+        """The tables; `layers`: what `layer_result` returned for each layer, in order, where it was
+        computed apart."""
+        if layers is None:
+            layers = [self.layer_result(l) for l in range(len(self.num_experts))]
         names = self.labels.names if self.labels is not None else None
         out = ShareTables(group=self.group, ranks=self.ranks, num_experts=self.num_experts,
-                          top_k=self.top_k, groups=groups, counts=tables, names=names)
-        out.fold_entries, out.folds = entries, self.folds  # not fields: they stay out of metrics.json
-        out.sampled = [self._sampled(g) if self.fold_sample > 1 else np.ones(len(g), bool) for g in groups]
+                          top_k=self.top_k, groups=[p[0] for p in layers], counts=[p[1] for p in layers],
+                          names=names)
+        out.fold_entries, out.folds = [p[2] for p in layers], self.folds  # not fields: kept out of metrics.json
+        out.sampled = [p[3] for p in layers]
         return out
 
 

@@ -1,0 +1,160 @@
+"""What `analyze --workers N` would take on a machine with N free cores, from its pieces timed here.
+
+A 2-core machine cannot run 16 workers side by side, but it can time every piece of the 16-worker run one
+after another, in one process, on one thread: each worker's part of the streaming pass (its units, then
+packing, pickling and writing its part), the parent's reading and merging of the parts in order, every
+finalisation job with the pickling of its result, the parent's own finalisation work between the jobs,
+and a fork of this process as it stands at each hand-over. The estimate puts them on N cores the way the
+code does: parts side by side (the slowest bounds), the merge after, each round of jobs handed out in
+order to the first free worker (the pool's rule), results read by the parent one by one.
+
+It leaves out what only a machine with N cores shows: memory bandwidth shared by N workers, the file
+read by N readers at once, a busy core's turbo. So it is a lower bound in spirit, and a measurement
+(`device_session.sh workers`) replaces it. Check it where it can be checked: `--check 2` runs the real
+2-worker analysis beside the 2-worker estimate.
+
+    python benchmarks/analysis_critical_path.py TRACE --workers 16 [--check 2] [--batch-seqs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import heapq
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from analysis_scale import report_settings  # noqa: E402
+
+from moelab.analysis import analyze_all, parallel  # noqa: E402
+from moelab.trace.io import open_trace  # noqa: E402
+
+
+def fork_seconds() -> float:
+    """One fork of this process as it is now (its page tables are copied), and the child's exit."""
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return time.perf_counter() - t
+
+
+def makespan(durations: list[float], workers: int) -> float:
+    """Jobs handed out in order, each to the first worker free (ProcessPoolExecutor's order)."""
+    free = [0.0] * min(workers, max(len(durations), 1))
+    end = 0.0
+    for d in durations:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + d)
+        end = max(end, start + d)
+    return end
+
+
+def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
+    """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
+    from multiprocessing.reduction import ForkingPickler
+
+    pieces: dict[str, Any] = {"parts_s": [], "merge_s": 0.0, "rounds": [], "forks_s": []}
+
+    def consume(acc, trace, columns, batch_rows, key, block, n):
+        bounds = parallel.plan_units(trace.path, block)
+        parts = parallel.split_units(bounds, workers)
+        pieces["forks_s"].append(fork_seconds() * len(parts))
+        folder = parallel._spill_folder()
+        spilled = []
+        for i, (lo, hi) in enumerate(parts):
+            t = time.perf_counter()
+            accs = copy.deepcopy(acc)
+            parallel.consume_units(open_trace(trace.path), columns, batch_rows, key, bounds, lo, hi,
+                                   list(accs.values()))
+            ready = [ForkingPickler.dumps((name, a.for_transfer() if hasattr(a, "for_transfer") else a))
+                     for name, a in accs.items()]
+            del accs
+            spilled.append(parallel._spill(folder, i, ready) or ready)
+            pieces["parts_s"].append(time.perf_counter() - t)
+            del ready
+        t = time.perf_counter()
+        for s in spilled:
+            msgs = parallel._read_spilled(*s) if isinstance(s, tuple) else (pickle.loads(m) for m in s)
+            for name, part in msgs:
+                acc[name].merge(part)
+        pieces["merge_s"] = time.perf_counter() - t
+        if folder:
+            os.rmdir(folder)
+
+    def run_jobs(jobs, n):
+        pieces["forks_s"].append(fork_seconds() * min(workers, len(jobs)))
+        out, rows = {}, []
+        for name, job in jobs.items():
+            t = time.perf_counter()
+            result = job()
+            blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            t1 = time.perf_counter()
+            out[name] = pickle.loads(blob)
+            rows.append((name, t1 - t, time.perf_counter() - t1))
+        pieces["rounds"].append(rows)
+        return out
+
+    real = parallel.consume_parallel, parallel.run_jobs
+    parallel.consume_parallel, parallel.run_jobs = consume, run_jobs
+    try:
+        phases: dict[str, float] = {}
+        t = time.perf_counter()
+        analyze_all(trace, workers=workers, timings=phases, **report_settings(batch_seqs))
+        pieces["total_s"] = time.perf_counter() - t
+    finally:
+        parallel.consume_parallel, parallel.run_jobs = real
+    jobs_s = sum(j + r for rows in pieces["rounds"] for _, j, r in rows)
+    pieces["stream_s"], pieces["finalise_s"] = phases["stream_s"], phases["finalise_s"]
+    pieces["parent_finalise_s"] = phases["finalise_s"] - jobs_s  # between and around the rounds
+    return pieces
+
+
+def estimate(p: dict[str, Any], workers: int) -> dict[str, float]:
+    stream = (max(p["parts_s"]) if p["parts_s"] else p["stream_s"]) + p["merge_s"]
+    rounds = [makespan([j for _, j, _ in rows], workers) + sum(r for _, _, r in rows) for rows in p["rounds"]]
+    forks = sum(p["forks_s"])
+    wall = stream + sum(rounds) + p["parent_finalise_s"] + forks
+    return dict(estimate_s=round(wall, 2), slowest_part_s=round(max(p["parts_s"], default=0), 2),
+                merge_s=round(p["merge_s"], 2), rounds_s=[round(r, 2) for r in rounds],
+                largest_job_s=round(max((j for rows in p["rounds"] for _, j, _ in rows), default=0), 2),
+                parent_finalise_s=round(p["parent_finalise_s"], 2), forks_s=round(forks, 2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--check", type=int, default=None, metavar="N",
+                    help="also run the real N-worker analysis and the N-worker estimate")
+    ap.add_argument("--batch-seqs", type=int, default=4)
+    args = ap.parse_args()
+    trace = open_trace(args.trace)
+
+    def measured(n: int) -> float:
+        t = time.perf_counter()
+        analyze_all(trace, workers=n, **report_settings(args.batch_seqs))
+        return round(time.perf_counter() - t, 2)
+
+    one = measured(1)
+    rows: dict[str, Any] = {"1 worker, measured (s)": one}
+    for n in [args.workers] + ([args.check] if args.check else []):
+        est = rows[f"{n} workers, estimate"] = estimate(timed_pieces(trace, n, args.batch_seqs), n)
+        est["speed-up vs 1 measured"] = round(one / est["estimate_s"], 2)
+    if args.check:
+        rows[f"{args.check} workers, measured (s)"] = measured(args.check)
+    rows["cores here"], rows["load average"] = os.cpu_count(), os.getloadavg()[0]
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
