@@ -114,10 +114,26 @@ def tree_rss_bytes(pid: int, field: str = "Rss") -> int:
     return rss + sum(tree_rss_bytes(k, field) for k in kids)
 
 
+def spill_bytes() -> int:
+    """Bytes of the workers' parts waiting in shared memory (`analysis/parallel.py`: files in tmpfs are
+    memory, but no process's RSS or PSS). Every analysis's folder counts: run nothing else beside it."""
+    import glob
+    import os
+
+    total = 0
+    for f in glob.glob("/dev/shm/moelab-analysis-*/*"):
+        try:
+            total += os.stat(f).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
 def analyse_once(path: Path, workers: int, batch_seqs: int = 32) -> None:
     """One analysis in this process at `workers`: JSON with wall, CPU (this process and its reaped
     workers) and the peaks of the summed RSS and PSS of this process and its workers (sampled every 0.1 s;
-    the RSS sum counts pages a forked worker shares with its parent twice, the PSS sum does not)."""
+    the RSS sum counts pages a forked worker shares with its parent twice, the PSS sum does not), each
+    with the parts waiting in shared memory added (`spill_bytes`)."""
     import json
     import os
     import threading
@@ -126,8 +142,9 @@ def analyse_once(path: Path, workers: int, batch_seqs: int = 32) -> None:
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
-            peak_pss[0] = max(peak_pss[0], tree_rss_bytes(os.getpid(), "Pss"))
+            spilled = spill_bytes()
+            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()) + spilled)
+            peak_pss[0] = max(peak_pss[0], tree_rss_bytes(os.getpid(), "Pss") + spilled)
             done.wait(0.1)
 
     threading.Thread(target=sample, daemon=True).start()
