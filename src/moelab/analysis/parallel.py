@@ -198,7 +198,9 @@ def _read_spilled(path: str, lengths: list[int]) -> Iterator[Any]:
 
 
 def _spill_folder() -> str | None:
-    """A fresh folder in shared memory (tmpfs) for the workers' parts, or None where there is none."""
+    """A fresh folder in shared memory (tmpfs) for the workers' parts, or None where there is none.
+    mkdtemp makes it mode 0700: the pickles read back from it are this run's own workers', written
+    moments before, never a file another user could have put there (as the pipe they replace)."""
     if not os.path.isdir("/dev/shm"):
         return None
     try:
