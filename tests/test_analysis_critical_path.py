@@ -1,0 +1,42 @@
+"""benchmarks/analysis_critical_path.py: its schedule by hand, and a run at toy size so it cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from analysis_critical_path import estimate, makespan  # noqa: E402
+
+
+def test_makespan_hands_jobs_out_in_order_to_the_first_free_worker():
+    assert makespan([3, 1, 1, 1], 2) == 3  # 3 | 1 1 1
+    assert makespan([1, 1, 3], 2) == 4  # 1 then 3 | 1: in order, not longest first
+    assert makespan([2, 2, 2], 8) == 2 and makespan([], 4) == 0
+    assert makespan([1, 2, 3], 1) == 6
+
+
+def test_estimate_adds_the_slowest_part_the_merge_the_rounds_and_the_parent():
+    pieces = {"parts_s": [1.0, 3.0], "merge_s": 0.5, "rounds": [[("a", 2.0, 0.1), ("b", 1.0, 0.1)]],
+              "forks_s": [0.2], "parent_finalise_s": 0.3, "stream_s": 4.0}
+    est = estimate(pieces, 2)
+    assert est["estimate_s"] == 3.0 + 0.5 + (2.0 + 0.2) + 0.3 + 0.2
+    assert est["largest_job_s"] == 2.0 and est["rounds_s"] == [2.2]
+
+
+def test_a_toy_run_estimates_and_checks_two_workers(tmp_path):
+    trace = tmp_path / "t.parquet"
+    bench = ROOT / "benchmarks"
+    write = [sys.executable, str(bench / "analysis_scale.py"), "--rows", "65536", "--layers", "2", "--experts", "8",
+             "--top-k", "2", "--seq-len", "64", "--seqs-per-batch", "8", "--keep", str(trace), "--write-only"]
+    assert subprocess.run(write, capture_output=True, text=True, timeout=300).returncode == 0
+    done = subprocess.run([sys.executable, str(bench / "analysis_critical_path.py"), str(trace), "--workers", "3",
+                           "--check", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    for n in (3, 2):
+        est = rows[f"{n} workers, estimate"]
+        assert est["estimate_s"] > 0 and est["merge_s"] >= 0 and len(est["rounds_s"]) == 2
+    assert rows["1 worker, measured (s)"] > 0 and rows["2 workers, measured (s)"] > 0
