@@ -30,6 +30,8 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 { date -u '+%Y-%m-%d %H:%M UTC'; nproc; grep -m1 'model name' /proc/cpuinfo || true
   python -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
+  # the analysis workers hand their parts over through /dev/shm, or their pipes where it is missing or small
+  echo "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -1 || echo missing)"
 } > "$out/machine.txt"
 
 case "$part" in
