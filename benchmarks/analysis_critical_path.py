@@ -76,12 +76,11 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
             accs = copy.deepcopy(acc)
             parallel.consume_units(open_trace(trace.path), columns, batch_rows, key, bounds, lo, hi,
                                    list(accs.values()))
-            ready = [ForkingPickler.dumps((name, a.for_transfer() if hasattr(a, "for_transfer") else a))
-                     for name, a in accs.items()]
-            del accs
-            spilled.append(parallel._spill(folder, i, ready) or ready)
+            ready = parallel.packed_parts(accs)
+            handed = parallel._spill(folder, i, ready)  # as the worker: else the whole part down the pipe
+            spilled.append(handed if handed is not None else [ForkingPickler.dumps(part) for part in ready])
             pieces["parts_s"].append(time.perf_counter() - t)
-            del ready
+            del ready, accs
         t = time.perf_counter()
         for s in spilled:
             msgs = parallel._read_spilled(*s) if isinstance(s, tuple) else (pickle.loads(m) for m in s)

@@ -250,3 +250,31 @@ def test_finalisation_jobs_run_in_workers_keep_their_order_and_raise_their_error
     # worker died before 'ok' was read back)
     with pytest.raises(MoelabError, match="stopped while finalising ('ok', )?'dies' .*fewer --workers"):
         run_jobs({"ok": lambda: 1, "dies": lambda: os._exit(9)}, 2)
+
+
+def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
+    """The pickles go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
+    import pickle
+
+    from moelab.analysis import parallel
+
+    arrays = {"a": np.arange(6, dtype=np.int64), "b": np.ones((2, 3), np.float32)}
+    handed = parallel._spill(str(tmp_path), 0, [("x", arrays), ("y", [7, "z"])])
+    path = handed[0]
+    assert open(path, "rb").read() == arrays["a"].tobytes() + arrays["b"].tobytes()
+    back = list(parallel._read_spilled(*handed))
+    assert back[1] == ("y", [7, "z"]) and not os.path.exists(path)
+    assert all(np.array_equal(back[0][1][k], arrays[k]) for k in arrays)
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(tmp_path / 'marker')!r}, 'w').write('pwned')",)
+
+    handed = parallel._spill(str(tmp_path), 1, [("x", arrays)])
+    planted = pickle.dumps(Payload())
+    size = os.path.getsize(handed[0])
+    with open(handed[0], "wb") as f:  # the file replaced by a live pickle of the same length
+        f.write((planted * (size // len(planted) + 1))[:size])
+    (name, got), = parallel._read_spilled(*handed)
+    assert name == "x" and got["a"].dtype == np.int64 and got["a"].shape == (6,)
+    assert not (tmp_path / "marker").exists()
