@@ -125,7 +125,7 @@ class CoactivationAccumulator:
     def for_transfer(self) -> "CoactivationAccumulator":
         """This part with its fold tables packed (a part's sequences fill a few of the folds), to be sent
         to the parent and merged there (`parallel.py`); after this it can only be merged."""
-        self.co = [PackedCounts(c) if PackedCounts.worth(c) else c for c in self.co]
+        self.co = [PackedCounts.pack(c) for c in self.co]
         return self
 
     def strongest_layer(self, l: int, weights: np.ndarray | None = None,

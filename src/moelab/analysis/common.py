@@ -385,6 +385,11 @@ class PackedCounts:
         """Smaller packed: an int32 index and the count per nonzero cell, against every cell."""
         return np.count_nonzero(table) * (4 + table.itemsize) < table.nbytes // 2
 
+    @classmethod
+    def pack(cls, table: np.ndarray, min_cells: int = 0) -> "PackedCounts | np.ndarray":
+        """The table packed where that is worth it (and it has at least `min_cells` cells), else itself."""
+        return cls(table) if table.size >= min_cells and cls.worth(table) else table
+
     def add_into(self, out: np.ndarray) -> None:
         """out[:, :width] += the table (out's second axis may be wider). np.add.at on aligned arrays: 2.5x
         faster than a fancy-index add for 2M sorted cells of a 2^26-cell table (numpy 2.4)."""

@@ -238,21 +238,20 @@ class ShareAccumulator:
         there (`parallel.py`); after this it can only be merged. Its sparse counts are merged into one
         sorted chunk here, in the worker, rather than in the parent."""
         self.counter.result()
-        self.dense = {name: PackedCounts(t) if t.size >= 1 << 16 and PackedCounts.worth(t) else t
-                      for name, t in self.dense.items()}
+        self.dense = {name: PackedCounts.pack(t, min_cells=1 << 16) for name, t in self.dense.items()}
         return self
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
 
     def _layer_entries(self, layer: int, sparse: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """(fold, group value, expert, count) of one layer's nonzero cells, sparse and dense counts together.
-        One layer at a time: the entries of every layer's dense cells at once (a position table split by
-        fold has 2^26 cells) took more memory than the whole pass."""
+        """(fold, group value, expert, count) of one layer's nonzero cells, sparse and dense counts together;
+        `sparse`: the sparse counter's entries of this layer (slot, value, expert, count). One layer at a
+        time: the entries of every layer's dense cells at once (a position table split by fold has 2^26
+        cells) took more memory than the whole pass."""
         L = len(self.num_experts)
         slot_N, value_N, expert_N, count_N = sparse
-        sel = slot_N % L == layer
-        parts = [(slot_N[sel] // L, value_N[sel], expert_N[sel], count_N[sel])]
+        parts = [(slot_N // L, value_N, expert_N, count_N)]
         for name, table in self.dense.items():
             if name == "split":  # slot = layer + L * fold
                 t = table.reshape(self.folds, L, table.shape[1], table.shape[2])[:, layer]
@@ -267,7 +266,7 @@ class ShareAccumulator:
         """One layer of `result()`: (group values, group x expert counts, fold entries, sampled groups).
         Layers are independent, so `analyze --workers` builds them as separate jobs."""
         L, E = len(self.num_experts), self.num_experts[l]
-        keys, counts = self.counter.select(lambda k: (k >> 48) % L == l)
+        keys, counts = self.counter.select(lambda k: (k >> 48) % L == l)  # slot = layer + L * fold
         sparse = (keys >> 48, (keys >> 16) & 0xFFFFFFFF, keys & 0xFFFF, counts)
         fold_N, value_N, expert_N, count_N = self._layer_entries(l, sparse)
         g, inv = compact_unique(value_N)
