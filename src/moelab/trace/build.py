@@ -20,7 +20,8 @@ from moelab.config import MoelabError
 from moelab.model.routers import top_k_stable
 from moelab.trace.capture import CapturedLayer, RoutingRecorder
 from moelab.trace.io import TraceWriter
-from moelab.trace.schema import TraceMeta, check_probs, parse_probs, probs_topn
+from moelab.trace.schema import LABEL_COLUMNS, TraceMeta, check_probs, field_type, parse_probs, probs_topn
+from moelab.trace.validate import fit_dtype
 
 PROBS_COLUMNS = ("probs", "topn_experts", "topn_probs")
 
@@ -37,6 +38,9 @@ def keep_probs(captured: list[CapturedLayer], mode: str) -> list[CapturedLayer]:
     n = probs_topn(mode)
     out = []
     for c in captured:
+        if c.prob_TK is not None:  # reduced already
+            out.append(c)
+            continue
         r = c.routing
         # Ties go to the lower expert, the router's own rule: torch.topk orders them arbitrarily (a uniform
         # row came out as experts 44, 41, 42, ...), and float16/bf16 probabilities tie often.
@@ -47,6 +51,16 @@ def keep_probs(captured: list[CapturedLayer], mode: str) -> list[CapturedLayer]:
             topn_ids_TN=None if top_TN is None else top_TN.short(),
             topn_probs_TN=None if top_TN is None else r.probs_TE.gather(1, top_TN).float()))
     return out
+
+
+def _stored_dtype(name: str) -> np.dtype:
+    """The numpy dtype a trace column is stored in (a label column: its int32 codes)."""
+    return np.dtype(np.int32) if name in LABEL_COLUMNS else np.dtype(field_type(name).to_pandas_dtype())
+
+
+def _stored(values: np.ndarray, name: str) -> np.ndarray:
+    """Values in their stored dtype; an integer that does not fit is a one-line error, never wrapped."""
+    return values.astype(np.int32) if name in LABEL_COLUMNS else fit_dtype(values, name, "trace batch")
 
 
 def _per_layer_lists(mats: list[np.ndarray], valid_T: np.ndarray, K: int) -> Any:
@@ -82,30 +96,41 @@ def batch_rows(batch: dict[str, torch.Tensor], captured: list[CapturedLayer], se
     L = len(captured)
     K = captured[0].routing.expert_ids_TK.shape[1]
     valid_T = (batch["doc"].reshape(-1) >= 0).numpy()
+    every = bool(valid_T.all())  # the usual batch: no padding, so no row is selected out
+    n_tok = len(valid_T) if every else int(valid_T.sum())
 
-    def per_row(a_T):  # token-level column -> one value per (token, layer, rank) row
-        return np.repeat(np.asarray(a_T)[valid_T], L * K)
+    # Columns are built in the types the file stores (schema.REQUIRED_FIELDS), so the writer converts
+    # nothing: at a 7B model's forward speed the host side of tracing is the bound (docs/PERFORMANCE.md).
+    def per_row(a_T, name):  # token-level column -> one value per (token, layer, rank) row
+        a_T = np.asarray(a_T)
+        return np.repeat(_stored(a_T if every else a_T[valid_T], name), L * K)
 
-    def stack(get):  # (T, K) per layer -> rows
-        return np.stack([get(c).cpu().numpy() for c in captured], axis=1)[valid_T].reshape(-1)
+    def stack(get, name):  # (T, K) per layer -> rows
+        out_TLK = np.empty((n_tok, L, K), _stored_dtype(name))
+        for l, c in enumerate(captured):
+            v_TK = get(c).cpu().numpy()
+            out_TLK[:, l] = _stored(v_TK if every else v_TK[valid_T], name)
+        return out_TLK.reshape(-1)
 
-    n_tok = int(valid_T.sum())
+    def pattern(values, name):  # the same L * K values for every token
+        return np.tile(_stored(np.asarray(values), name), n_tok)
+
     cols: dict[str, Any] = {
-        "seq": per_row(seq_offset + np.repeat(np.arange(B), S)),
-        "pos": per_row(np.tile(np.arange(S), B)),
-        "doc_pos": per_row(batch["pos"].reshape(-1).numpy()),
-        "token": per_row(batch["input_ids"].reshape(-1).numpy()),
-        "doc": per_row(batch["doc"].reshape(-1).numpy()),
-        "domain": per_row(batch["domain_id"].reshape(-1).numpy()), "domain.names": domains,
-        "lang": per_row(batch["lang_id"].reshape(-1).numpy()), "lang.names": langs,
-        "turn": per_row(batch["turn"].reshape(-1).numpy()),
-        "layer": np.tile(np.repeat(np.arange(L), K), n_tok),
-        "block": np.tile(np.repeat(np.array(blocks), K), n_tok),
-        "rank": np.tile(np.arange(K), n_tok * L),
-        "expert": stack(lambda c: c.routing.expert_ids_TK),
-        "weight": stack(lambda c: c.routing.weights_TK.float()),
-        "prob": stack(lambda c: c.prob_TK),
-        "dropped": stack(lambda c: c.routing.dropped_TK),
+        "seq": per_row(seq_offset + np.repeat(np.arange(B), S), "seq"),
+        "pos": per_row(np.tile(np.arange(S), B), "pos"),
+        "doc_pos": per_row(batch["pos"].reshape(-1).numpy(), "doc_pos"),
+        "token": per_row(batch["input_ids"].reshape(-1).numpy(), "token"),
+        "doc": per_row(batch["doc"].reshape(-1).numpy(), "doc"),
+        "domain": per_row(batch["domain_id"].reshape(-1).numpy(), "domain"), "domain.names": domains,
+        "lang": per_row(batch["lang_id"].reshape(-1).numpy(), "lang"), "lang.names": langs,
+        "turn": per_row(batch["turn"].reshape(-1).numpy(), "turn"),
+        "layer": pattern(np.repeat(np.arange(L), K), "layer"),
+        "block": pattern(np.repeat(np.array(blocks), K), "block"),
+        "rank": pattern(np.tile(np.arange(K), L), "rank"),
+        "expert": stack(lambda c: c.routing.expert_ids_TK, "expert"),
+        "weight": stack(lambda c: c.routing.weights_TK.float(), "weight"),
+        "prob": stack(lambda c: c.prob_TK, "prob"),
+        "dropped": stack(lambda c: c.routing.dropped_TK, "dropped"),
     }
     if captured[0].routing.probs_TE is not None:  # float16 already: stored as is (schema.PROBS_TYPE)
         cols["probs"] = _per_layer_lists([c.routing.probs_TE.cpu().numpy() for c in captured], valid_T, K)
@@ -178,8 +203,9 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
 
     `probs`: "full", "none" or "top:N" (`full_probs` is the older switch between the first two); its
     columns join `optional`, and the sidecar records it (TraceMeta.probs_mode).
-    `overlap`: rows of batch n are built and written on a worker thread while batch n+1 runs forward (one
-    batch in flight, so memory stays at two batches); the file is the one the synchronous loop writes."""
+    `overlap`: a pipeline of three threads: batch n+2 runs forward while the rows of batch n+1 are built
+    and those of batch n are encoded into Parquet (`TraceWriter(background=True)`); one batch in each
+    stage, so memory stays at about three batches. The file is the one the synchronous loop writes."""
     mode = check_probs(parse_probs(probs or ("full" if full_probs else "none")), meta.num_experts, meta.top_k)
     meta.probs_mode = mode
     optional = [c for c in optional if c not in PROBS_COLUMNS] + probs_columns(mode)
@@ -191,7 +217,8 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
             event.synchronize()
         writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, probs=mode))
 
-    with TraceWriter(out_path, meta, optional=optional) as writer, ThreadPoolExecutor(1) as pool:
+    with TraceWriter(out_path, meta, optional=optional, background=overlap) as writer, \
+            ThreadPoolExecutor(1) as pool:
         pending = None
         for batch in batches:
             batch = _clip_to(batch, max_tokens - seen)
