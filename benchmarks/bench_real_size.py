@@ -91,13 +91,16 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def probs_widths(path: Path, probs_TLE) -> dict:
-    """The full trace re-encoded from memory with the writer's compression and row groups, `probs` as float16
-    (the file's own values) and as float32 (the router's values `probs_TLE`, [T, L, E]), both with the writer's
-    encoding, and float32 as the writer before issue 22 encoded it (`f32_before`: dictionary attempted, plain
-    floats): file sizes and Parquet write seconds. The float16 column must be the float32 one rounded."""
+    """The full trace re-encoded from memory with the writer's row groups, `probs` as float16 (the file's own
+    values) and as float32 (the router's values `probs_TLE`, [T, L, E]), both with the writer's options
+    (`io.parquet_options`), and float32 as the writer before issue 22 encoded it (`f32_before`: zstd,
+    dictionary attempted, plain floats): file sizes and Parquet write seconds. The float16 column must be
+    the float32 one rounded."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from moelab.trace.io import parquet_options
 
     file = pq.ParquetFile(path)
     table = file.read()
@@ -111,14 +114,12 @@ def probs_widths(path: Path, probs_TLE) -> dict:
         raise SystemExit("the full trace's probs are not the router's float32 values rounded to float16")
     out = {}
     rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-    plain = [c for c in table.column_names if c != "probs"]
-    ours = dict(use_dictionary=plain)  # TraceWriter's encoding; float32 lists get byte-stream-split too
-    split = dict(ours, use_byte_stream_split=["probs.list.element"])
-    for name, column, opts in (("f16", stored, ours), ("f32", wide, split), ("f32_before", wide, {})):
+    for name, column in (("f16", stored), ("f32", wide), ("f32_before", wide)):
         t = table.set_column(table.schema.get_field_index("probs"), pa.field("probs", column.type), column)
+        opts = dict(compression="zstd") if name == "f32_before" else parquet_options(t.schema)
         dest = path.with_suffix(f".{name}.parquet")
         t0 = time.perf_counter()
-        with pq.ParquetWriter(dest, t.schema, compression="zstd", **opts) as w:
+        with pq.ParquetWriter(dest, t.schema, **opts) as w:
             start = 0
             for r in rows:
                 w.write_table(t.slice(start, r), row_group_size=r)

@@ -14,7 +14,8 @@
 # span two, and the workers have 32 units to share. Then the report's analysis (every analysis, nulls,
 # intervals, a re-simulation and the queue baseline) at 1 worker and at `nproc` workers, each in a fresh
 # process, one after the other. About 30 s to write and 1-1.5 minutes for the 1-worker analysis on
-# a 2-core machine (measured); the 16-worker run should take seconds (estimated).
+# a 2-core machine (measured); the 16-worker run should take seconds (estimated). Then the host side of
+# tracing (bench_trace_host.py, OLMoE-1B-7B's shape, about 1 minute on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
@@ -51,5 +52,7 @@ workers)
     python benchmarks/analysis_scale.py --keep "$trace" --batch-seqs 4 --workers "$counts" \
         2>&1 | tee -a "$out/workers.log"
     rm -rf "$(dirname "$trace")"
+    # The host side of tracing on this machine's cores: the ceiling it puts on trace / forward (issue 22)
+    python benchmarks/bench_trace_host.py ${tiny:+--tiny} --json "$out/trace_host.json" 2>&1 | tee "$out/trace_host.log"
     ;;
 esac

@@ -29,6 +29,9 @@ def test_workers_part_writes_a_trace_and_times_one_and_two_workers(tmp_path):
     assert any(line.startswith("2 workers vs 1: wall ratio") for line in log)
     machine = (tmp_path / "machine.txt").read_text()
     assert "torch" in machine and "UTC" in machine and "/dev/shm: " in machine
+    host = json.loads((tmp_path / "trace_host.json").read_text())
+    assert [r["probs"] for r in host["rows"]] == ["none", "top:8", "full"]
+    assert all(r["pipeline_tokens_s"] > 0 and r["sync_tokens_s"] > 0 for r in host["rows"])
 
 
 def test_gpu_part_runs_gpu_check_and_passes_its_arguments_on(tmp_path):
