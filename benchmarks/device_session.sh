@@ -53,6 +53,6 @@ workers)
         2>&1 | tee -a "$out/workers.log"
     rm -rf "$(dirname "$trace")"
     # The host side of tracing on this machine's cores: the ceiling it puts on trace / forward (issue 22)
-    python benchmarks/bench_trace_host.py ${tiny:+--tiny} --json "$out/trace_host.json" 2>&1 | tee "$out/trace_host.log"
+    python benchmarks/bench_trace_host.py ${tiny:+--tiny} --encoders 1,2,4 --json "$out/trace_host.json" 2>&1 | tee "$out/trace_host.log"
     ;;
 esac

@@ -30,7 +30,8 @@ def test_workers_part_writes_a_trace_and_times_one_and_two_workers(tmp_path):
     machine = (tmp_path / "machine.txt").read_text()
     assert "torch" in machine and "UTC" in machine and "/dev/shm: " in machine
     host = json.loads((tmp_path / "trace_host.json").read_text())
-    assert [r["probs"] for r in host["rows"]] == ["none", "top:8", "full"]
+    assert [(r["probs"], r["encoders"]) for r in host["rows"]] == [
+        (mode, n) for mode in ("none", "top:8", "full") for n in (1, 2, 4)]
     assert all(r["pipeline_tokens_s"] > 0 and r["sync_tokens_s"] > 0 for r in host["rows"])
 
 

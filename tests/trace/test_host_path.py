@@ -133,15 +133,16 @@ def test_the_pipelined_loop_writes_the_synchronous_file(tmp_path, monkeypatch, g
 
     monkeypatch.setattr(build, "TraceWriter", functools.partial(TraceWriter, row_group_rows=group_rows))
     files = []
-    for overlap in (False, True):
+    # The synchronous loop (one pq.ParquetWriter) is the reference; then one encoder and three at once.
+    for i, (overlap, encoders) in enumerate([(False, None), (True, 1), (True, 3)]):
         calls = iter([routing(i) for i in range(4)])
         meta = TraceMeta(num_experts=WIDTHS, top_k=K, labels={"domain": DOMAINS, "lang": LANGS})
-        path = tmp_path / f"t{int(overlap)}.parquet"
+        path = tmp_path / f"t{i}.parquet"
         write_trace([batch(i) for i in range(4)], path, meta, lambda b: next(calls), optional=[], blocks=BLOCKS,
-                    max_tokens=10**6, probs="full", overlap=overlap)
+                    max_tokens=10**6, probs="full", overlap=overlap, encoders=encoders)
         files.append(path.read_bytes())
-    assert pq.ParquetFile(tmp_path / "t1.parquet").metadata.num_row_groups == groups
-    assert files[0] == files[1]
+    assert pq.ParquetFile(tmp_path / "t2.parquet").metadata.num_row_groups == groups
+    assert files[0] == files[1] == files[2]
 
 
 def test_stored_types_refuse_values_that_do_not_fit():
@@ -157,15 +158,22 @@ def test_keep_probs_leaves_reduced_layers_as_they_are():
     assert keep_probs(once, "top:2") == once
 
 
-def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("encoders", [1, 3])
+@pytest.mark.parametrize("where", ["encoding", "appending"])
+def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch, where, encoders):
+    import moelab.trace.io as tio
+
     meta = TraceMeta(num_experts=[4], top_k=1, labels={"domain": ["x"], "lang": ["y"]})
     path = tmp_path / "t.parquet"
 
-    def broken(self, batches):
+    def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(TraceWriter, "_write_group", broken)
-    w = TraceWriter(path, meta, row_group_rows=2, background=True)
+    if where == "encoding":
+        monkeypatch.setattr(tio, "encode_group", broken)
+    else:
+        monkeypatch.setattr(tio.JoinedParquet, "append", broken)
+    w = TraceWriter(path, meta, row_group_rows=2, background=True, encoders=encoders)
     w.write({"seq": [0, 0], "pos": [0, 1], "layer": 0, "rank": 0, "expert": [1, 2], "token": [5, 6],
              "weight": [1.0, 1.0], "prob": [0.5, 0.5]})  # the write of this row group fails on the thread
     with pytest.raises(OSError, match="disk full"):

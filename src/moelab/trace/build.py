@@ -24,6 +24,11 @@ from moelab.trace.schema import LABEL_COLUMNS, TraceMeta, check_probs, field_typ
 from moelab.trace.validate import fit_dtype
 
 PROBS_COLUMNS = ("probs", "topn_experts", "topn_probs")
+# Row groups encoded at once by a pipelined trace. Each encoder holds one row group (about 130 MB with full
+# probabilities at OLMoE's shape). 2 beat 1 even on 2 cores (1.3-1.6x), and one encoder alone is 2-6x
+# slower than the rows thread that feeds it, so 4 keep up with it (docs/PERFORMANCE.md, "The host side
+# of tracing").
+MIN_ENCODERS, MAX_ENCODERS = 2, 4
 
 
 def probs_columns(mode: str) -> list[str]:
@@ -198,14 +203,17 @@ def _host_copy(captured: list[CapturedLayer]) -> tuple[list[CapturedLayer], Any]
 def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
                 capture: Callable[[dict[str, torch.Tensor]], list[CapturedLayer]], *, optional: list[str],
                 blocks: list[int], max_tokens: int, full_probs: bool = True, probs: str | None = None,
-                progress=None, overlap: bool = True) -> dict[str, int]:
+                progress=None, overlap: bool = True, encoders: int | None = None) -> dict[str, int]:
     """The loop every trace writer shares: clip to `max_tokens`, capture one batch's routing, write its rows.
 
     `probs`: "full", "none" or "top:N" (`full_probs` is the older switch between the first two); its
     columns join `optional`, and the sidecar records it (TraceMeta.probs_mode).
     `overlap`: a pipeline of three threads: batch n+2 runs forward while the rows of batch n+1 are built
-    and those of batch n are encoded into Parquet (`TraceWriter(background=True)`); one batch in each
-    stage, so memory stays at about three batches. The file is the one the synchronous loop writes."""
+    and those of batch n are encoded into Parquet (`TraceWriter(background=True)`): one batch in the first
+    two stages and up to `encoders` row groups in the third, so memory stays bounded. The file is the one
+    the synchronous loop writes, byte for byte.
+    `encoders`: row groups encoded at once (`TraceWriter(encoders=)`); None takes the cores left beside the
+    forward and the rows, from `MIN_ENCODERS` to `MAX_ENCODERS`."""
     mode = check_probs(parse_probs(probs or ("full" if full_probs else "none")), meta.num_experts, meta.top_k)
     meta.probs_mode = mode
     optional = [c for c in optional if c not in PROBS_COLUMNS] + probs_columns(mode)
@@ -217,7 +225,9 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
             event.synchronize()
         writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, probs=mode))
 
-    with TraceWriter(out_path, meta, optional=optional, background=overlap) as writer, \
+    if encoders is None:
+        encoders = default_encoders() if overlap else 1
+    with TraceWriter(out_path, meta, optional=optional, background=overlap, encoders=encoders) as writer, \
             ThreadPoolExecutor(1) as pool:
         pending = None
         for batch in batches:
@@ -240,6 +250,13 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
         if seen == 0:
             raise MoelabError("no tokens to trace: the data gave no batches")
     return {"tokens": seen, "sequences": seqs, "rows": writer.num_rows}
+
+
+def default_encoders() -> int:
+    """Row groups encoded at once when a trace is pipelined: the cores left beside the forward and the rows."""
+    from moelab.analysis.parallel import available_cores  # analysis imports trace: not at module level
+
+    return min(MAX_ENCODERS, max(MIN_ENCODERS, available_cores() - 2))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ as dicts of numpy arrays and never reads the whole file. docs/TRACE.md describes
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from moelab.trace.schema import (
     field_type, trace_schema, validate_schema,
 )
 from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
+from moelab.trace.stitch import JoinedParquet, check_joined, encode_group
 from moelab.trace.validate import BatchValidator, fit_dtype
 
 ROW_GROUP_ROWS = 1 << 20
@@ -151,14 +153,18 @@ class TraceWriter:
     List columns take a 2-D array over all rows or over the rank-0 rows only. The optional columns of
     the file are those of the first batch unless `optional` names them.
 
-    `background=True` encodes and writes each row group on a thread of its own while the caller goes on
-    building the next: Parquet encoding is the slowest step of tracing a fast model and releases the GIL.
-    One row group at most is in flight (memory stays bounded); the file is the one written without it, and
-    an error there surfaces at the next flush or at close, which then leaves no file.
+    `background=True` encodes each row group on a thread of its own while the caller goes on building the
+    next: Parquet encoding is the slowest step of tracing a fast model and releases the GIL. `encoders=N`
+    encodes up to N row groups at once, each into a one-group file in memory, and joins them in order
+    (`trace.stitch`): Arrow's encoder is single-threaded, so this is how a trace uses more than one core
+    for it. At most N row groups are in flight (memory stays bounded); the file is byte for byte the one
+    written without them, and an error there surfaces at the next flush or at close, which then leaves
+    no file.
     """
 
     def __init__(self, path: str | Path, meta: TraceMeta, *, optional: list[str] | None = None,
-                 row_group_rows: int = ROW_GROUP_ROWS, buffer_bytes: int = BUFFER_BYTES, background: bool = False):
+                 row_group_rows: int = ROW_GROUP_ROWS, buffer_bytes: int = BUFFER_BYTES, background: bool = False,
+                 encoders: int = 1):
         self.path = Path(path)
         self.tmp = Path(str(path) + ".tmp")
         self.meta = meta
@@ -171,8 +177,13 @@ class TraceWriter:
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self._closed = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="trace-writer") if background else None
-        self._pending: Future | None = None
+        self.encoders = max(1, int(encoders))
+        background = background or self.encoders > 1
+        self._pool = ThreadPoolExecutor(self.encoders, thread_name_prefix="trace-writer") if background else None
+        self._pending: deque[Future] = deque()  # encoded row groups, in file order
+        self._file = None
+        self._joined: JoinedParquet | None = None
+        self._groups = 0
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -237,13 +248,20 @@ class TraceWriter:
         if self._pool is None:
             self._write_group(batches)
         else:
-            self._wait()  # the previous row group first: one in flight, and its error surfaces here
-            self._pending = self._pool.submit(self._write_group, batches)
+            self._drain(self.encoders - 1)  # an earlier group's error surfaces here
+            self._pending.append(self._pool.submit(encode_group, batches, self._schema,
+                                                   parquet_options(self._schema)))
 
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def _drain(self, keep: int) -> None:
+        """Append encoded row groups in order until at most `keep` are in flight (and those done too)."""
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            part = self._pending.popleft().result()
+            if self._joined is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.tmp, "wb")
+                self._joined = JoinedParquet(self._file)
+            self._joined.append(part)
+            self._groups += 1
 
     def _write_group(self, batches: list[pa.RecordBatch]) -> None:
         if self._writer is None:
@@ -259,11 +277,16 @@ class TraceWriter:
         tmp_meta = Path(str(sidecar_path(self.path)) + ".tmp")
         try:
             self._flush()
-            self._wait()
+            self._drain(0)
             self._stop()
-            if self._writer is None:
+            if self._joined is not None:
+                self._joined.finish()
+                self._file.close()
+                check_joined(self.tmp, self.num_rows, self._groups)
+            elif self._writer is None:
                 raise MoelabError(f"trace {self.path} would be empty: no rows were written")
-            self._writer.close()
+            else:
+                self._writer.close()
             tmp_meta.write_text(self.meta.to_json(), encoding="utf-8")
         except BaseException:  # the last flush (a full disk): the exit will not abort for us
             self.abort()
@@ -283,11 +306,17 @@ class TraceWriter:
     def abort(self) -> None:
         """Drop everything written so far: no partial trace is ever left at `path`."""
         self._closed = True
-        try:
-            self._wait()
-        except BaseException:  # the error being handled is the caller's; this one goes with the file
-            pass
+        for pending in self._pending:
+            pending.cancel()
+        for pending in self._pending:
+            try:
+                pending.result()
+            except BaseException:  # the error being handled is the caller's; this one goes with the file
+                pass
+        self._pending.clear()
         self._stop()
+        if self._file is not None:
+            self._file.close()
         if self._writer is not None:
             try:
                 self._writer.close()
