@@ -14,7 +14,7 @@ from moelab.analysis.suite import analyze_all
 from moelab.analysis.synthetic import planted_batches
 from moelab.config import MoelabError
 from moelab.trace.io import TraceWriter, open_trace, sidecar_path
-from moelab.trace.schema import META_KEY, TraceMeta
+from moelab.trace.schema import META_KEY, TraceMeta, numpy_dtype
 
 CORE = ("seq", "pos", "token", "layer", "rank", "expert", "weight", "prob")
 
@@ -40,7 +40,7 @@ def pandas_like(batch, widths):
     """A table as pandas or DuckDB would write it: the given Arrow types, plain strings, no sidecar."""
     cols = {name: pa.array(np.asarray(batch[name])).cast(typ) for name, typ in widths.items()}
     cols["domain"] = pa.array(batch["domain.names"][batch["domain"]].astype(str))  # plain string
-    cols["lang"] = pa.array(batch["lang.names"][batch["lang"]].astype(str), pa.large_string())
+    cols["lang"] = pa.array(batch["lang.names"][batch["lang"]].astype(str).tolist(), pa.large_string())
     table = pa.table(cols)
     return table.replace_schema_metadata({b"pandas": b'{"index_columns": []}'})
 
@@ -92,7 +92,7 @@ def test_values_that_do_not_fit_are_refused_not_wrapped(tmp_path):
                                     ("rank", pa.uint64(), 300, "holds 300, which does not fit int8"),
                                     ("prob", pa.float64(), 1e300, "beyond float32's range")):
         widths = dict(WIDE, **{name: typ})
-        bad = dict(batch, **{name: np.asarray(batch[name]).astype(typ.to_pandas_dtype())})
+        bad = dict(batch, **{name: np.asarray(batch[name]).astype(numpy_dtype(typ))})
         bad[name][5] = value
         path = tmp_path / f"{name}.parquet"
         pq.write_table(pandas_like(bad, widths), path)

@@ -158,8 +158,7 @@ def test_keep_probs_leaves_reduced_layers_as_they_are():
     assert keep_probs(once, "top:2") == once
 
 
-@pytest.mark.parametrize("encoders", [1, 3])
-@pytest.mark.parametrize("where", ["encoding", "appending"])
+@pytest.mark.parametrize("where, encoders", [("writing", 1), ("encoding", 3), ("appending", 3)])
 def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch, where, encoders):
     import moelab.trace.io as tio
 
@@ -169,7 +168,9 @@ def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path, monkeyp
     def broken(*args):
         raise OSError("disk full")
 
-    if where == "encoding":
+    if where == "writing":  # one encoder: pq.ParquetWriter on the writer's thread
+        monkeypatch.setattr(TraceWriter, "_write_group", broken)
+    elif where == "encoding":
         monkeypatch.setattr(tio, "encode_group", broken)
     else:
         monkeypatch.setattr(tio.JoinedParquet, "append", broken)

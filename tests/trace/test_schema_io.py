@@ -12,7 +12,7 @@ import pytest
 from moelab.analysis.synthetic import planted_batches
 from moelab.config import MoelabError
 from moelab.trace.io import TraceWriter, open_trace, sidecar_path
-from moelab.trace.schema import SCHEMA_VERSION, TraceMeta, trace_schema
+from moelab.trace.schema import SCHEMA_VERSION, TraceMeta, numpy_dtype, trace_schema
 
 META = TraceMeta(num_experts=[8, 8], top_k=2, capacity_factor=1.25, capacity_formula="topk",
                  drop_policy="openmoe", checkpoint_step=100, tokenizer="umt5", source="moelab",
@@ -47,7 +47,7 @@ def test_round_trip_streams_the_same_rows(tmp_path):
     assert max(len(b["expert"]) for b in got) <= 97
     for col in ("seq", "pos", "token", "layer", "rank", "expert", "prob", "dropped", "turn"):
         np.testing.assert_array_equal(np.concatenate([b[col] for b in got]), np.concatenate([b[col] for b in batches]))
-        assert got[0][col].dtype == trace_schema().field(col).type.to_pandas_dtype()
+        assert got[0][col].dtype == numpy_dtype(trace_schema().field(col).type)
     names = got[-1]["domain.names"]
     decoded = np.concatenate([b["domain.names"][b["domain"]] for b in got])
     assert decoded.tolist() == np.concatenate([b["domain.names"][b["domain"]] for b in batches]).tolist()
@@ -200,3 +200,9 @@ def test_meta_json_round_trip_and_validation():
     one_line_error(lambda: TraceMeta.from_dict({"schema_version": 1, "top_k": 1}), "lacks the key 'num_experts'")
     one_line_error(lambda: TraceMeta.from_json("{"), "not valid JSON")
     one_line_error(lambda: TraceMeta(num_experts=[4], top_k=1, drop_policy="random"), "drop_policy")
+
+
+def test_numpy_dtype_of_the_stored_types():
+    assert [numpy_dtype(t) for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.float16(), pa.float32(),
+                                     pa.bool_())] == [np.int8, np.int16, np.int32, np.int64, np.float16, np.float32,
+                                                      np.bool_]

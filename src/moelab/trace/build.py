@@ -20,7 +20,9 @@ from moelab.config import MoelabError
 from moelab.model.routers import top_k_stable
 from moelab.trace.capture import CapturedLayer, RoutingRecorder
 from moelab.trace.io import TraceWriter
-from moelab.trace.schema import LABEL_COLUMNS, TraceMeta, check_probs, field_type, parse_probs, probs_topn
+from moelab.trace.schema import (
+    LABEL_COLUMNS, TraceMeta, check_probs, field_type, numpy_dtype, parse_probs, probs_topn,
+)
 from moelab.trace.validate import fit_dtype
 
 PROBS_COLUMNS = ("probs", "topn_experts", "topn_probs")
@@ -60,7 +62,7 @@ def keep_probs(captured: list[CapturedLayer], mode: str) -> list[CapturedLayer]:
 
 def _stored_dtype(name: str) -> np.dtype:
     """The numpy dtype a trace column is stored in (a label column: its int32 codes)."""
-    return np.dtype(np.int32) if name in LABEL_COLUMNS else np.dtype(field_type(name).to_pandas_dtype())
+    return np.dtype(np.int32) if name in LABEL_COLUMNS else numpy_dtype(field_type(name))
 
 
 def _stored(values: np.ndarray, name: str) -> np.ndarray:

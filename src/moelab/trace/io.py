@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 from moelab.config import MoelabError
 from moelab.trace.schema import (
     DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta,
-    field_type, trace_schema, validate_schema,
+    field_type, numpy_dtype, trace_schema, validate_schema,
 )
 from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
-from moelab.trace.stitch import JoinedParquet, check_joined, encode_group
+from moelab.trace.stitch import JoinedParquet, check_joined, encode_group, joinable
 from moelab.trace.validate import BatchValidator, fit_dtype
 
 ROW_GROUP_ROWS = 1 << 20
@@ -54,10 +54,12 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
       statistics: the readers use those of seq, pos, layer, rank, expert and the nullable columns.
     - `PLAIN_RUNS` are plain encoded (15% less encoding time, files the same size).
     - Page checksums: a damaged float page decodes to plausible numbers, so the reader checks the CRC.
+    - No page index (nor bloom filters, Arrow's default): a writer with several encoders joins row groups
+      encoded apart (`trace.stitch`), and those live after all row groups.
     """
     floats = [f.name for f in schema if pa.types.is_floating(_value_type(f.type))]
     split = [_leaf(f) for f in schema if f.name in floats and _value_type(f.type) == pa.float32()]
-    return dict(compression="lz4", use_byte_stream_split=split, write_page_checksum=True,
+    return dict(compression="lz4", use_byte_stream_split=split, write_page_checksum=True, write_page_index=False,
                 use_dictionary=[_leaf(f) for f in schema if f.name not in floats and f.name not in PLAIN_RUNS],
                 write_statistics=[_leaf(f) for f in schema if not (f.name in floats and f.name in LIST_COLUMNS)])
 
@@ -91,7 +93,7 @@ def _list_array(value: Any, rank0_R: np.ndarray, name: str, rows: Any = None) ->
     be an object array of 1-D arrays when their lengths differ (layers with different E). Values are
     stored in the column's width: `probs` rounds to float16 here (schema.PROBS_TYPE)."""
     typ = field_type(name)
-    dtype = np.dtype(typ.value_type.to_pandas_dtype())
+    dtype = numpy_dtype(typ.value_type)
     if isinstance(value, (pa.Array, pa.ChunkedArray)):
         if dtype.kind == "i":  # ids: the same range rule as for numpy input, not Arrow's error
             flat = pc.list_flatten(value)
@@ -157,7 +159,8 @@ class TraceWriter:
     next: Parquet encoding is the slowest step of tracing a fast model and releases the GIL. `encoders=N`
     encodes up to N row groups at once, each into a one-group file in memory, and joins them in order
     (`trace.stitch`): Arrow's encoder is single-threaded, so this is how a trace uses more than one core
-    for it. At most N row groups are in flight (memory stays bounded); the file is byte for byte the one
+    for it (with pyarrow >= 16; an older one encodes on one thread, `stitch.joinable`). At most N row
+    groups are in flight (memory stays bounded); the file is byte for byte the one
     written without them, and an error there surfaces at the next flush or at close, which then leaves
     no file.
     """
@@ -179,8 +182,10 @@ class TraceWriter:
         self._closed = False
         self.encoders = max(1, int(encoders))
         background = background or self.encoders > 1
-        self._pool = ThreadPoolExecutor(self.encoders, thread_name_prefix="trace-writer") if background else None
-        self._pending: deque[Future] = deque()  # encoded row groups, in file order
+        self._join = background and self.encoders > 1 and joinable()
+        self._in_flight = self.encoders if self._join else 1
+        self._pool = ThreadPoolExecutor(self._in_flight, thread_name_prefix="trace-writer") if background else None
+        self._pending: deque[Future] = deque()  # row groups being encoded, in file order
         self._file = None
         self._joined: JoinedParquet | None = None
         self._groups = 0
@@ -248,14 +253,20 @@ class TraceWriter:
         if self._pool is None:
             self._write_group(batches)
         else:
-            self._drain(self.encoders - 1)  # an earlier group's error surfaces here
-            self._pending.append(self._pool.submit(encode_group, batches, self._schema,
-                                                   parquet_options(self._schema)))
+            self._drain(self._in_flight - 1)  # an earlier group's error surfaces here
+            if self._join:
+                job = self._pool.submit(encode_group, batches, self._schema, parquet_options(self._schema))
+            else:
+                job = self._pool.submit(self._write_group, batches)
+            self._pending.append(job)
 
     def _drain(self, keep: int) -> None:
-        """Append encoded row groups in order until at most `keep` are in flight (and those done too)."""
+        """Finish row groups in order until at most `keep` are in flight (and those done too); encoded
+        parts are appended to the joined file."""
         while self._pending and (len(self._pending) > keep or self._pending[0].done()):
             part = self._pending.popleft().result()
+            if not self._join:
+                continue
             if self._joined is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.tmp, "wb")
@@ -461,12 +472,12 @@ class Trace:
         for name in (c for c in columns if c in self.defaulted):
             dtype = field_type(name)
             if name in COPIED_DEFAULTS:
-                out[name] = out[COPIED_DEFAULTS[name]].astype(dtype.to_pandas_dtype())
+                out[name] = out[COPIED_DEFAULTS[name]].astype(numpy_dtype(dtype))
             elif name in LABEL_COLUMNS:
                 out[name] = np.zeros(n, np.int32)
                 out[f"{name}.names"] = np.array([CONSTANT_DEFAULTS[name]], dtype=object)
             else:
-                out[name] = np.full(n, CONSTANT_DEFAULTS[name], dtype=dtype.to_pandas_dtype())
+                out[name] = np.full(n, CONSTANT_DEFAULTS[name], dtype=numpy_dtype(dtype))
 
 
 def _checked(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:

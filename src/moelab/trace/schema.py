@@ -9,9 +9,11 @@ decide whether the analyses can read it, and say why not in one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from moelab.config import MoelabError
@@ -67,6 +69,12 @@ def trace_schema(optional: tuple[str, ...] | list[str] = ()) -> pa.Schema:
         raise MoelabError(f"unknown optional trace column {unknown[0]!r} (known: {', '.join(OPTIONAL)})")
     chosen = [f for f in OPTIONAL_FIELDS if f.name in optional]
     return pa.schema(list(REQUIRED_FIELDS) + chosen)
+
+
+@functools.lru_cache(maxsize=None)
+def numpy_dtype(typ: pa.DataType) -> np.dtype:
+    """The numpy dtype of a primitive Arrow type (`DataType.to_pandas_dtype` imports pandas on older pyarrow)."""
+    return pa.array([], typ).to_numpy(zero_copy_only=False).dtype
 
 
 def field_type(name: str) -> pa.DataType:

@@ -7,7 +7,9 @@ GIL), and `JoinedParquet` appends their bytes to one file in order and writes on
 
 A column chunk's pages hold no file offsets: only the footer does. So a group's bytes move unchanged, and
 the footer of the joined file is the first part's, with the row groups of every part, their offsets moved
-by where their bytes now start, their ordinals renumbered and the row counts summed. The footer is Thrift
+by where their bytes now start, their ordinals renumbered and the row counts summed. Arrow before 16
+also wrote a copy of each chunk's metadata, offsets included, after its pages: such parts cannot move
+unchanged, so they are refused, and `joinable()` tells the writer to encode on one thread instead. The footer is Thrift
 compact protocol; `_Compact` reads it into a tree that writes back byte for byte, and only the fields named
 in `_OFFSETS` change. The result is the file one `pq.ParquetWriter` writes with the same row groups, byte
 for byte (tests/trace/test_stitch.py).
@@ -15,6 +17,7 @@ for byte (tests/trace/test_stitch.py).
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +45,17 @@ _META_OFFSETS = (9, 10, 11)  # data_page, index_page, dictionary_page offsets
 
 class FooterError(MoelabError):
     """A footer this module cannot join (encrypted, referring to other files, not Thrift compact)."""
+
+
+@functools.lru_cache(maxsize=None)
+def joinable() -> bool:
+    """Whether this pyarrow's one-group files can be joined (no chunk metadata after the pages)."""
+    table = pa.table({"x": pa.array([1], pa.int32())})
+    try:
+        JoinedParquet(pa.BufferOutputStream()).append(encode_group(table.to_batches(), table.schema, {}))
+    except FooterError:
+        return False
+    return True
 
 
 def encode_group(batches: list[pa.RecordBatch], schema: pa.Schema, options: dict[str, Any]) -> pa.Buffer:
@@ -106,7 +120,9 @@ def _shift_group(group: list, shift: int, ordinal: int) -> None:
             for fid, what in after.items():
                 if _has(fields, fid):
                     raise FooterError(f"a part holds {what}, which a joined file cannot place")
-        _add(chunk, CHUNK_FILE_OFFSET, shift)
+        if _has(chunk, CHUNK_FILE_OFFSET) and _field(chunk, CHUNK_FILE_OFFSET, I64) != 0:
+            raise FooterError("a part holds column metadata after its pages (written by pyarrow < 16), "
+                              "whose offsets a joined file cannot move")
         for fid in _META_OFFSETS:
             _add(meta, fid, shift)
     _add(group, GROUP_FILE_OFFSET, shift)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from moelab.config import MoelabError
-from moelab.trace.schema import TraceMeta, field_type, probs_topn
+from moelab.trace.schema import TraceMeta, field_type, numpy_dtype, probs_topn
 
 
 def fit_dtype(values: np.ndarray, name: str, where: str) -> np.ndarray:
     """Values of any integer / float width -> the column's canonical dtype, refusing what does not fit."""
-    dtype = np.dtype(field_type(name).to_pandas_dtype())
+    dtype = numpy_dtype(field_type(name))
     if values.dtype == dtype:
         return values
     if values.dtype.kind in "iu" and dtype.kind == "i" and len(values):
