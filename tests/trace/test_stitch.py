@@ -135,8 +135,8 @@ def test_shift_moves_every_offset_and_renumbers_the_ordinal():
 def test_a_part_with_chunk_metadata_after_its_pages_is_refused():
     from moelab.trace.stitch import _shift_group, joinable
 
-    # pyarrow < 16 wrote ColumnChunk.file_offset > 0: a copy of the metadata after the pages, offsets in it.
+    # pyarrow < 18 wrote ColumnChunk.file_offset > 0: a copy of the metadata after the pages, offsets in it.
     group = [[1, 9, (12, [[[2, 6, 77], [3, 12, [[9, 6, 4]]]]])], [5, 6, 4]]
-    with pytest.raises(FooterError, match="pyarrow < 16"):
+    with pytest.raises(FooterError, match="pyarrow < 18"):
         _shift_group(group, 1000, 0)
-    assert joinable() == (int(pa.__version__.split(".")[0]) >= 16)
+    assert joinable() == (int(pa.__version__.split(".")[0]) >= 18)

@@ -159,7 +159,7 @@ class TraceWriter:
     next: Parquet encoding is the slowest step of tracing a fast model and releases the GIL. `encoders=N`
     encodes up to N row groups at once, each into a one-group file in memory, and joins them in order
     (`trace.stitch`): Arrow's encoder is single-threaded, so this is how a trace uses more than one core
-    for it (with pyarrow >= 16; an older one encodes on one thread, `stitch.joinable`). At most N row
+    for it (with pyarrow >= 18; an older one encodes on one thread, `stitch.joinable`). At most N row
     groups are in flight (memory stays bounded); the file is byte for byte the one
     written without them, and an error there surfaces at the next flush or at close, which then leaves
     no file.

@@ -7,7 +7,7 @@ GIL), and `JoinedParquet` appends their bytes to one file in order and writes on
 
 A column chunk's pages hold no file offsets: only the footer does. So a group's bytes move unchanged, and
 the footer of the joined file is the first part's, with the row groups of every part, their offsets moved
-by where their bytes now start, their ordinals renumbered and the row counts summed. Arrow before 16
+by where their bytes now start, their ordinals renumbered and the row counts summed. Arrow before 18
 also wrote a copy of each chunk's metadata, offsets included, after its pages: such parts cannot move
 unchanged, so they are refused, and `joinable()` tells the writer to encode on one thread instead. The footer is Thrift
 compact protocol; `_Compact` reads it into a tree that writes back byte for byte, and only the fields named
@@ -121,7 +121,7 @@ def _shift_group(group: list, shift: int, ordinal: int) -> None:
                 if _has(fields, fid):
                     raise FooterError(f"a part holds {what}, which a joined file cannot place")
         if _has(chunk, CHUNK_FILE_OFFSET) and _field(chunk, CHUNK_FILE_OFFSET, I64) != 0:
-            raise FooterError("a part holds column metadata after its pages (written by pyarrow < 16), "
+            raise FooterError("a part holds column metadata after its pages (written by pyarrow < 18), "
                               "whose offsets a joined file cannot move")
         for fid in _META_OFFSETS:
             _add(meta, fid, shift)
