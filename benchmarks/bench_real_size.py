@@ -235,15 +235,16 @@ def model_rows(args, tmp: Path) -> dict:
                          extra={"moe_blocks": list(range(len(widths)))})
         write_trace(_batches(1, batch, seq, shape["vocab_size"]), tmp / "warm.parquet", warm, capture, optional=[],
                     blocks=warm.extra["moe_blocks"], max_tokens=batch * seq, probs="full")  # first-use costs
-        # full_sync: no writer thread (the loop before issue 22)
-        for name in ("none", f"top:{top_n}", "full", "full_sync"):
+        # full: the encoders write_trace picks here; full_1enc: one encoder; full_sync: no writer thread (the
+        # loop before issue 22)
+        for name in ("none", f"top:{top_n}", "full", "full_1enc", "full_sync"):
             meta = TraceMeta(num_experts=widths, top_k=top_k, labels={"domain": ["d"], "lang": ["l"]},
                              extra={"moe_blocks": list(range(len(widths)))})
             path = tmp / f"trace_{name.replace(':', '')}.parquet"
             t0 = time.perf_counter()
             stats = write_trace(_batches(n, batch, seq, shape["vocab_size"]), path, meta, capture, optional=[],
                                 blocks=meta.extra["moe_blocks"], max_tokens=tokens, probs=name.split("_")[0],
-                                overlap=name != "full_sync")
+                                overlap=name != "full_sync", encoders=1 if name == "full_1enc" else None)
             _sync(args.device)
             rate = stats["tokens"] / (time.perf_counter() - t0)
             out["trace"][name] = {"tok_s": rate, "ratio": rate / out["forward_tok_s"], "rows": stats["rows"],

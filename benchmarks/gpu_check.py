@@ -206,6 +206,9 @@ def distributed(dev: torch.device, tiny: bool) -> list[dict]:
             for name, err in out["errors"].items()]
 
 
+TRACE_VARIANTS = {"sync": " (no writer thread)", "1enc": " (one encoder)"}
+
+
 def real_size(dev: torch.device, tiny: bool) -> list[dict]:
     import tempfile
     from types import SimpleNamespace
@@ -219,7 +222,7 @@ def real_size(dev: torch.device, tiny: bool) -> list[dict]:
     shape = "tiny OLMoE" if tiny else "OLMoE-1B-7B shape, bf16"
     targets = {"none": 0.8, "full": 0.5}
     rows = [parts.row("real-size", f"{shape}: trace --probs {name.split('_')[0]}"
-                      f"{' (no writer thread)' if name.endswith('_sync') else ''} / plain forward", r["ratio"],
+                      f"{TRACE_VARIANTS.get(name.partition('_')[2], '')} / plain forward", r["ratio"],
                       targets.get(name), True, f"{r['tok_s']:,.0f} tok/s, {r['mib']:.1f} MiB; forward "
                       f"{out['forward_tok_s']:,.0f} tok/s, {out['tokens']:,} tokens"
                       f"{'; a target, not a verdict' if name in targets else ''}")

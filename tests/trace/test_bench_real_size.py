@@ -25,7 +25,7 @@ def test_bench_real_size_tiny(tmp_path):
     r = json.loads(out.read_text())
     rows = r["tokens"] * 2 * 2  # --tiny: 2 MoE layers, top-2
     assert {k: v["rows"] for k, v in r["trace"].items()} == {"none": rows, "top:4": rows, "full": rows,
-                                                              "full_sync": rows}  # --tiny: top:4 of 8
+                                                              "full_1enc": rows, "full_sync": rows}  # top:4 of 8
     t = r["trace"]
     # 8 float16 probabilities, or 4 float32 ones and their int16 ids, more per (token, layer)
     assert min(t["full"]["mib"], t["top:4"]["mib"]) > t["none"]["mib"]

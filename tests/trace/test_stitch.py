@@ -93,7 +93,9 @@ def test_the_compact_codec_on_a_hand_encoded_struct():
 @pytest.mark.parametrize("bad, message", [
     (b"not a parquet file at all", "not a Parquet file"),
     (b"PAR1" + b"\x00" * 4 + (999).to_bytes(4, "little") + b"PAR1", "runs past"),
-    (b"PAR1" + b"\x19" + (1).to_bytes(4, "little") + b"PAR1", "ends inside"),
+    (b"PAR1" + b"\x19" + (1).to_bytes(4, "little") + b"PAR1", "ends inside"),  # a list, then nothing
+    (b"PAR1" + b"\x17\x00" + (2).to_bytes(4, "little") + b"PAR1", "ends inside"),  # a double of 1 byte
+    (b"PAR1" + b"\x18\x05ab" + (4).to_bytes(4, "little") + b"PAR1", "ends inside"),  # a string of 2 of 5
 ])
 def test_a_broken_part_is_one_error(bad, message):
     with pytest.raises(FooterError, match=message) as e:
@@ -140,3 +142,25 @@ def test_a_part_with_chunk_metadata_after_its_pages_is_refused():
     with pytest.raises(FooterError, match="pyarrow < 18"):
         _shift_group(group, 1000, 0)
     assert joinable() == (int(pa.__version__.split(".")[0]) >= 18)
+
+
+def test_a_damaged_footer_is_a_footer_error_never_another_exception():
+    b = table_batch(40, 0)
+    part = bytearray(encode_group([b], b.schema, parquet_options(b.schema)).to_pybytes())
+    footer_len = int.from_bytes(part[-8:-4], "little")
+    start = len(part) - 8 - footer_len
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(300):
+        bad = bytearray(part)
+        for at in rng.integers(start, start + footer_len, rng.integers(1, 4)):
+            bad[at] = int(rng.integers(0, 256))
+        try:
+            JoinedParquet(io.BytesIO()).append(bytes(bad))
+            outcomes.add("joined")
+        except FooterError:
+            outcomes.add("refused")
+    assert "refused" in outcomes
+    deep = b"PAR1" + b"\x1c" * 200 + (200).to_bytes(4, "little") + b"PAR1"  # struct in struct in struct ...
+    with pytest.raises(FooterError, match="nests deeper"):
+        JoinedParquet(io.BytesIO()).append(deep)

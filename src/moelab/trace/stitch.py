@@ -164,14 +164,19 @@ def _add(fields: list, fid: int, shift: int) -> None:
 class _Compact:
     """Reads Thrift compact protocol into [field id, type, value] lists; containers as (element type, items)."""
 
+    MAX_DEPTH = 64  # Parquet's footer nests a few levels; a damaged one must not exhaust Python's stack
+
     def __init__(self, data: bytes):
-        self.data, self.i = data, 0
+        self.data, self.i, self.depth = data, 0, 0
+
+    def take(self, n: int) -> bytes:
+        if self.i + n > len(self.data):
+            raise FooterError("footer ends inside a value")
+        self.i += n
+        return self.data[self.i - n:self.i]
 
     def byte(self) -> int:
-        if self.i >= len(self.data):
-            raise FooterError("footer ends inside a value")
-        self.i += 1
-        return self.data[self.i - 1]
+        return self.take(1)[0]
 
     def varint(self) -> int:
         out = shift = 0
@@ -194,14 +199,9 @@ class _Compact:
         if ttype == BYTE:
             return self.byte()
         if ttype == DOUBLE:
-            self.i += 8
-            return self.data[self.i - 8:self.i]
+            return self.take(8)
         if ttype == BINARY:
-            n = self.varint()
-            self.i += n
-            if self.i > len(self.data):
-                raise FooterError("footer ends inside a string")
-            return self.data[self.i - n:self.i]
+            return self.take(self.varint())
         if ttype in (LIST, SET):
             head = self.byte()
             size = head >> 4 if head >> 4 != 15 else self.varint()
@@ -216,11 +216,15 @@ class _Compact:
         raise FooterError(f"unknown Thrift type {ttype}")
 
     def read_struct(self) -> list:
+        self.depth += 1
+        if self.depth > self.MAX_DEPTH:
+            raise FooterError("footer nests deeper than any Parquet footer")
         fields, last = [], 0
         while True:
             head = self.byte()
             ttype = head & 0x0F
             if ttype == STOP:
+                self.depth -= 1
                 return fields
             fid = last + (head >> 4) if head >> 4 else self.zigzag()
             value = ttype == TRUE if ttype in (TRUE, FALSE) else self.value(ttype)
