@@ -15,7 +15,7 @@
 # intervals, a re-simulation and the queue baseline) at 1 worker and at `nproc` workers, each in a fresh
 # process, one after the other. About 30 s to write and 1-1.5 minutes for the 1-worker analysis on
 # a 2-core machine (measured); the 16-worker run should take seconds (estimated). Then the host side of
-# tracing (bench_trace_host.py, OLMoE-1B-7B's shape, about 1 minute on 2 cores).
+# tracing (bench_trace_host.py, OLMoE-1B-7B's shape, 1, 2 and 4 encoders: 87 s on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
@@ -53,6 +53,6 @@ workers)
         2>&1 | tee -a "$out/workers.log"
     rm -rf "$(dirname "$trace")"
     # The host side of tracing on this machine's cores: the ceiling it puts on trace / forward (issue 22)
-    python benchmarks/bench_trace_host.py ${tiny:+--tiny} --encoders 1,2,4 --json "$out/trace_host.json" 2>&1 | tee "$out/trace_host.log"
+    python benchmarks/bench_trace_host.py ${tiny:+--tiny} --encoders 1,2,4 --batches 8 --rounds 2 --json "$out/trace_host.json" 2>&1 | tee "$out/trace_host.log"
     ;;
 esac
