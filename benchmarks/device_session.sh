@@ -33,6 +33,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   python -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
   # the analysis workers hand their parts over through /dev/shm, or their pipes where it is missing or small
   echo "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -1 || echo missing)"
+  # a trace encodes row groups on several threads only where pyarrow (>= 18) allows joining them
+  python -c 'import pyarrow; from moelab.trace.stitch import joinable; print("pyarrow", pyarrow.__version__, "joinable", joinable())'
 } > "$out/machine.txt"
 
 case "$part" in

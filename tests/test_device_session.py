@@ -28,7 +28,7 @@ def test_workers_part_writes_a_trace_and_times_one_and_two_workers(tmp_path):
     assert [r["workers"] for r in timed] == [1, 2] and all(r["rows"] == 65536 and r["wall_s"] > 0 for r in timed)
     assert any(line.startswith("2 workers vs 1: wall ratio") for line in log)
     machine = (tmp_path / "machine.txt").read_text()
-    assert "torch" in machine and "UTC" in machine and "/dev/shm: " in machine
+    assert "torch" in machine and "UTC" in machine and "/dev/shm: " in machine and "joinable True" in machine
     host = json.loads((tmp_path / "trace_host.json").read_text())
     assert [(r["probs"], r["encoders"]) for r in host["rows"]] == [
         (mode, n) for mode in ("none", "top:8", "full") for n in (1, 2, 4)]
