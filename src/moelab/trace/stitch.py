@@ -7,12 +7,13 @@ GIL), and `JoinedParquet` appends their bytes to one file in order and writes on
 
 A column chunk's pages hold no file offsets: only the footer does. So a group's bytes move unchanged, and
 the footer of the joined file is the first part's, with the row groups of every part, their offsets moved
-by where their bytes now start, their ordinals renumbered and the row counts summed. Arrow before 18
-also wrote a copy of each chunk's metadata, offsets included, after its pages: such parts cannot move
-unchanged, so they are refused, and `joinable()` tells the writer to encode on one thread instead. The footer is Thrift
-compact protocol; `_Compact` reads it into a tree that writes back byte for byte, and only the fields named
-in `_OFFSETS` change. The result is the file one `pq.ParquetWriter` writes with the same row groups, byte
-for byte (tests/trace/test_stitch.py).
+by where their bytes now start, their ordinals renumbered and the row counts summed. The footer is Thrift
+compact protocol; `_Compact` reads it into a tree that writes back byte for byte, and only those fields
+change. The result is the file one `pq.ParquetWriter` writes with the same row groups, byte for byte
+(tests/trace/test_stitch.py).
+
+Arrow before 18 also wrote a copy of each chunk's metadata, offsets included, after its pages. Such parts
+cannot move unchanged, so they are refused, and `joinable()` tells the writer to encode on one thread.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def joinable() -> bool:
     """Whether this pyarrow's one-group files can be joined (no chunk metadata after the pages)."""
     table = pa.table({"x": pa.array([1], pa.int32())})
     try:
-        JoinedParquet(pa.BufferOutputStream()).append(encode_group(table.to_batches(), table.schema, {}))
+        part = encode_group(table.to_batches(), table.schema, {"write_page_index": False})
+        JoinedParquet(pa.BufferOutputStream()).append(part)
     except FooterError:
         return False
     return True
