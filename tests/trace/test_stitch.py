@@ -40,7 +40,7 @@ def joined(batches, options) -> bytes:
     sink = io.BytesIO()
     j = JoinedParquet(sink)
     for b in batches:
-        j.append(encode_group([b], b.schema, options))
+        j.append(encode_group(pa.Table.from_batches([b]), options))
     size = j.finish()
     assert size == len(sink.getvalue())
     return sink.getvalue()
@@ -71,7 +71,8 @@ def test_joined_groups_are_the_sequential_writers_file_byte_for_byte(name):
 def test_one_group_is_encode_groups_own_file():
     b = table_batch(100, 0)
     options = parquet_options(b.schema)
-    assert joined([b], options) == encode_group([b], b.schema, options).to_pybytes() == sequential([b], options)
+    assert joined([b], options) == encode_group(pa.Table.from_batches([b]), options).to_pybytes() \
+        == sequential([b], options)
 
 
 def test_the_compact_codec_on_a_hand_encoded_struct():
@@ -109,7 +110,7 @@ def test_a_broken_part_is_one_error(bad, message):
 def test_parts_with_indexes_after_the_groups_are_refused(extra, what):
     b = table_batch(50, 0)
     try:
-        part = encode_group([b], b.schema, {**parquet_options(b.schema), **extra})
+        part = encode_group(pa.Table.from_batches([b]), {**parquet_options(b.schema), **extra})
     except TypeError:  # a pyarrow without bloom filter writing
         pytest.skip("this pyarrow writes no bloom filters")
     with pytest.raises(FooterError, match=what):
@@ -146,7 +147,7 @@ def test_a_part_with_chunk_metadata_after_its_pages_is_refused():
 
 def test_a_damaged_footer_is_a_footer_error_never_another_exception():
     b = table_batch(40, 0)
-    part = bytearray(encode_group([b], b.schema, parquet_options(b.schema)).to_pybytes())
+    part = bytearray(encode_group(pa.Table.from_batches([b]), parquet_options(b.schema)).to_pybytes())
     footer_len = int.from_bytes(part[-8:-4], "little")
     start = len(part) - 8 - footer_len
     rng = np.random.default_rng(0)

@@ -26,10 +26,10 @@ from moelab.trace.schema import (
 from moelab.trace.validate import fit_dtype
 
 PROBS_COLUMNS = ("probs", "topn_experts", "topn_probs")
-# Row groups encoded at once by a pipelined trace. Each encoder holds one row group (154 MB of Arrow data with full
-# probabilities at OLMoE's shape). 2 beat 1 even on 2 cores (1.0-1.6x, median 1.35x in 7 runs). One encoder alone runs 28k
-# (full probabilities) to 74k (none) tokens/s at OLMoE's shape on a 2.6 GHz core, so 4 of them would
-# outrun a GPU forward of 86k (docs/PERFORMANCE.md, "The host side of tracing").
+# Row groups encoded at once by a pipelined trace. Each encoder holds one row group (154 MB of Arrow data
+# with full probabilities at OLMoE's shape). 2 beat 1 even on 2 cores (1.0-1.6x, median 1.35x in 7 runs).
+# One encoder alone runs 28k (full probabilities) to 74k (none) tokens/s at OLMoE's shape on a 2.6 GHz
+# core, so 4 of them would outrun a GPU forward of 86k (docs/PERFORMANCE.md, "The host side of tracing").
 MIN_ENCODERS, MAX_ENCODERS = 2, 4
 
 

@@ -188,7 +188,6 @@ class TraceWriter:
         self._pending: deque[Future] = deque()  # row groups being encoded, in file order
         self._file = None
         self._joined: JoinedParquet | None = None
-        self._groups = 0
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -255,7 +254,7 @@ class TraceWriter:
         else:
             self._drain(self._in_flight - 1)  # an earlier group's error surfaces here
             if self._join:
-                job = self._pool.submit(encode_group, batches, self._schema, parquet_options(self._schema))
+                job = self._pool.submit(self._encode_group, batches)
             else:
                 job = self._pool.submit(self._write_group, batches)
             self._pending.append(job)
@@ -272,13 +271,19 @@ class TraceWriter:
                 self._file = open(self.tmp, "wb")
                 self._joined = JoinedParquet(self._file)
             self._joined.append(part)
-            self._groups += 1
+
+    def _encode_group(self, batches: list[pa.RecordBatch]) -> pa.Buffer:
+        return encode_group(self._group_table(batches), parquet_options(self._schema))
+
+    def _group_table(self, batches: list[pa.RecordBatch]) -> pa.Table:
+        """One row group's batches as one table, label dictionaries unified across them."""
+        return pa.Table.from_batches(batches, self._schema).unify_dictionaries().combine_chunks()
 
     def _write_group(self, batches: list[pa.RecordBatch]) -> None:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.tmp, self._schema, **parquet_options(self._schema))
-        table = pa.Table.from_batches(batches, self._schema).unify_dictionaries().combine_chunks()
+        table = self._group_table(batches)
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def close(self) -> None:
@@ -293,7 +298,7 @@ class TraceWriter:
             if self._joined is not None:
                 self._joined.finish()
                 self._file.close()
-                check_joined(self.tmp, self.num_rows, self._groups)
+                check_joined(self.tmp, self.num_rows, len(self._joined.groups))
             elif self._writer is None:
                 raise MoelabError(f"trace {self.path} would be empty: no rows were written")
             else:

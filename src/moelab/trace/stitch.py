@@ -53,18 +53,17 @@ def joinable() -> bool:
     """Whether this pyarrow's one-group files can be joined (no chunk metadata after the pages)."""
     table = pa.table({"x": pa.array([1], pa.int32())})
     try:
-        part = encode_group(table.to_batches(), table.schema, {"write_page_index": False})
+        part = encode_group(table, {"write_page_index": False})
         JoinedParquet(pa.BufferOutputStream()).append(part)
     except FooterError:
         return False
     return True
 
 
-def encode_group(batches: list[pa.RecordBatch], schema: pa.Schema, options: dict[str, Any]) -> pa.Buffer:
-    """`batches` as a complete Parquet file of one row group, in memory."""
-    table = pa.Table.from_batches(batches, schema).unify_dictionaries().combine_chunks()
+def encode_group(table: pa.Table, options: dict[str, Any]) -> pa.Buffer:
+    """`table` as a complete Parquet file of one row group, in memory."""
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, schema, **options) as writer:
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
         writer.write_table(table, row_group_size=max(table.num_rows, 1))
     return sink.getvalue()
 
