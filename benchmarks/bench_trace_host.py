@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench_real_size import _batches  # beside this file: the token batches its traces take
 from moelab.model.moe import LayerRouting
 from moelab.trace.build import default_encoders, keep_probs, write_trace
 from moelab.trace.capture import CapturedLayer
@@ -55,21 +56,12 @@ def routing(shape: dict, mode: str, seed: int) -> list[CapturedLayer]:
     return keep_probs(out, mode)
 
 
-def batch_of(shape: dict, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    B, S = shape["batch"], shape["seq"]
-    zeros = torch.zeros(B, S, dtype=torch.long)
-    return {"input_ids": torch.randint(0, shape["vocab"], (B, S), generator=g),
-            "doc": torch.arange(B).unsqueeze(1).expand(B, S).contiguous(),
-            "pos": torch.arange(S).expand(B, S).contiguous(), "domain_id": zeros, "lang_id": zeros, "turn": zeros - 1}
-
-
 def time_loop(shape: dict, mode: str, captured: list, batches: int, overlap: bool, folder: Path,
               encoders: int | None = None) -> float:
     """Wall seconds of one trace of `batches` batches (the routing of batch i is captured[i % 2])."""
     meta = TraceMeta(num_experts=[shape["experts"]] * shape["layers"], top_k=shape["top_k"],
                      labels={"domain": ["web"], "lang": ["en"]})
-    data = [batch_of(shape, i) for i in range(batches)]
+    data = list(_batches(batches, shape["batch"], shape["seq"], shape["vocab"]))
     T = shape["batch"] * shape["seq"]
     calls = iter(range(batches))
 
