@@ -2,8 +2,8 @@
 
 A 2-core machine cannot run 16 workers side by side, but it can time every piece of the 16-worker run one
 after another, in one process, on one thread: each worker's part of the streaming pass (its units, then
-packing, pickling and writing its part), the parent's reading and merging of the parts in order, every
-finalisation job with the pickling of its result, the parent's own finalisation work between the jobs,
+packing, encoding and writing its part), the parent's reading and merging of the parts in order, every
+finalisation job with the encoding of its result, the parent's own finalisation work between the jobs,
 and a fork of this process as it stands at each hand-over. The estimate puts them on N cores the way the
 code does: parts side by side (the slowest bounds), the merge after, each round of jobs handed out in
 order to the first free worker (the pool's rule), results read by the parent one by one.
@@ -23,7 +23,6 @@ import copy
 import heapq
 import json
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from analysis_scale import report_settings  # noqa: E402
 
-from moelab.analysis import analyze_all, parallel  # noqa: E402
+from moelab.analysis import analyze_all, parallel, transfer  # noqa: E402
 from moelab.trace.io import open_trace  # noqa: E402
 
 
@@ -48,8 +47,20 @@ def fork_seconds() -> float:
     return time.perf_counter() - t
 
 
+class Pipe:
+    """Buffers as a pipe delivers them to the parent (`transfer.read_pipe`), from memory."""
+
+    def __init__(self, messages: list[bytes]):
+        self.messages = messages[::-1]
+
+    def recv_bytes_into(self, buf: bytearray) -> int:
+        data = self.messages.pop()
+        buf[:len(data)] = data
+        return len(data)
+
+
 def makespan(durations: list[float], workers: int) -> float:
-    """Jobs handed out in order, each to the first worker free (ProcessPoolExecutor's order)."""
+    """Jobs handed out in order, each to the first worker free (run_jobs' rule)."""
     free = [0.0] * min(workers, max(len(durations), 1))
     end = 0.0
     for d in durations:
@@ -61,8 +72,6 @@ def makespan(durations: list[float], workers: int) -> float:
 
 def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
     """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
-    from multiprocessing.reduction import ForkingPickler
-
     pieces: dict[str, Any] = {"parts_s": [], "merge_s": 0.0, "rounds": [], "forks_s": []}
 
     def consume(acc, trace, columns, batch_rows, key, block, n):
@@ -76,15 +85,15 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
             accs = copy.deepcopy(acc)
             parallel.consume_units(open_trace(trace.path), columns, batch_rows, key, bounds, lo, hi,
                                    list(accs.values()))
-            ready = parallel.packed_parts(accs)
-            handed = parallel._spill(folder, i, ready)  # as the worker: else the whole part down the pipe
-            spilled.append(handed if handed is not None else [ForkingPickler.dumps(part) for part in ready])
+            header, buffers = parallel.prepare_parts(accs, folder, i)  # as the worker does
+            header = transfer.dumps(header)
+            # without a file the buffers go down the pipe: a copy each, as the pipe makes
+            spilled.append((header, Pipe([bytes(b) for b in buffers if b.nbytes] if folder is None else [])))
             pieces["parts_s"].append(time.perf_counter() - t)
-            del ready, accs
+            del buffers, accs
         t = time.perf_counter()
-        for s in spilled:
-            msgs = parallel._read_spilled(*s) if isinstance(s, tuple) else (pickle.loads(m) for m in s)
-            for name, part in msgs:
+        for header, pipe in spilled:
+            for name, part in parallel._received_parts(transfer.loads(header), pipe):
                 acc[name].merge(part)
         pieces["merge_s"] = time.perf_counter() - t
         if folder:
@@ -96,9 +105,10 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
         for name, job in jobs.items():
             t = time.perf_counter()
             result = job()
-            blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            tree, buffers = transfer.encode(result)
+            header, blobs = transfer.dumps(tree), [bytes(b) for b in buffers]  # what the worker sends
             t1 = time.perf_counter()
-            out[name] = pickle.loads(blob)
+            out[name] = transfer.decode(transfer.loads(header), [bytearray(b) for b in blobs])
             rows.append((name, t1 - t, time.perf_counter() - t1))
         pieces["rounds"].append(rows)
         return out

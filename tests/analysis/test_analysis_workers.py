@@ -14,6 +14,7 @@ from moelab.analysis.common import OrderedSum, concat_batches, slice_batch
 from moelab.analysis.parallel import plan_units, split_units
 from moelab.analysis.synthetic import planted_batches
 from moelab.cli import main
+from moelab.config import MoelabError
 
 E, K, L = 6, 2, 3
 ARGS = dict(num_seqs=20, seq_len=24, num_layers=L, num_experts=E, top_k=K, vocab=30, seqs_per_batch=4)
@@ -146,8 +147,10 @@ def test_parts_reach_the_parent_the_same_by_file_or_pipe_and_leave_no_file(plant
         gone = tmp_path / "gone"
         monkeypatch.setattr(parallel, "_spill_folder", lambda: str(gone))
     read = []  # the parent reads the files: counted here, in this process
-    real_read = parallel._read_spilled
-    monkeypatch.setattr(parallel, "_read_spilled", lambda *a: read.append(a[0]) or real_read(*a))
+    real_read = parallel._received_parts
+    monkeypatch.setattr(parallel, "_received_parts",
+                        lambda header, conn: read.extend([header["file"]] * (header["file"] is not None))
+                        or real_read(header, conn))
     _same(to_json_dict(analyze_all(planted, workers=3, **kw)), one)
     assert len(read) == (3 if handover == "shared memory" and folders[0] is not None else 0)
     if handover == "shared memory" and folders[0] is not None:
@@ -215,8 +218,6 @@ def test_bad_workers_is_one_line(write_trace, capsys):
 def test_a_worker_error_is_the_one_worker_error(write_trace):
     """A fault in a late row group (a sequence that comes back): each worker count reports the same one
     error, raised in the parent, not a traceback from a child or a hang."""
-    from moelab.config import MoelabError
-
     batches = list(planted_batches(rule="token", **dict(ARGS, seqs_per_batch=2)))
     batches[-1]["seq"] = batches[-1]["seq"] - 2  # repeats the sequences of the batch before it
     trace = write_trace(batches, [E] * L, K, row_group_rows=200)  # one row group per batch
@@ -253,16 +254,20 @@ def test_finalisation_jobs_run_in_workers_keep_their_order_and_raise_their_error
 
 
 def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
-    """The pickles go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
+    """The JSON trees go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
     import pickle
 
-    from moelab.analysis import parallel
+    from moelab.analysis import parallel, transfer
 
     arrays = {"a": np.arange(6, dtype=np.int64), "b": np.ones((2, 3), np.float32)}
-    handed = parallel._spill(str(tmp_path), 0, [("x", arrays), ("y", [7, "z"])])
-    path = handed[0]
+
+    def handed(index, parts):
+        return parallel.prepare_parts(dict(parts), str(tmp_path), index)[0]
+
+    header = handed(0, [("x", arrays), ("y", [7, "z"])])
+    path = header["file"]
     assert open(path, "rb").read() == arrays["a"].tobytes() + arrays["b"].tobytes()
-    back = list(parallel._read_spilled(*handed))
+    back = list(parallel._received_parts(transfer.loads(transfer.dumps(header)), None))
     assert back[1] == ("y", [7, "z"]) and not os.path.exists(path)
     assert all(np.array_equal(back[0][1][k], arrays[k]) for k in arrays)
 
@@ -270,11 +275,32 @@ def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs
         def __reduce__(self):
             return exec, (f"open({str(tmp_path / 'marker')!r}, 'w').write('pwned')",)
 
-    handed = parallel._spill(str(tmp_path), 1, [("x", arrays)])
+    header = handed(1, [("x", arrays)])
     planted = pickle.dumps(Payload())
-    size = os.path.getsize(handed[0])
-    with open(handed[0], "wb") as f:  # the file replaced by a live pickle of the same length
+    size = os.path.getsize(header["file"])
+    with open(header["file"], "wb") as f:  # the file replaced by a live pickle of the same length
         f.write((planted * (size // len(planted) + 1))[:size])
-    (name, got), = parallel._read_spilled(*handed)
+    (name, got), = parallel._received_parts(header, None)
     assert name == "x" and got["a"].dtype == np.int64 and got["a"].shape == (6,)
     assert not (tmp_path / "marker").exists()
+    header = handed(2, [("x", arrays)])
+    os.truncate(header["file"], 10)
+    with pytest.raises(MoelabError, match="shorter than it wrote"):
+        list(parallel._received_parts(header, None))
+
+
+def test_no_pickle_crosses_between_the_analysis_processes(planted, monkeypatch):
+    """Neither the parts nor the finalisation results are pickled on their way (pickle's loaders are
+    made to fail for the run), and the results are still the one-worker results."""
+    import pickle
+
+    kw = dict(min_count=5, n_permutations=4, batch_rows=97)
+    one = to_json_dict(analyze_all(planted, workers=1, **kw))
+
+    def refuse(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr("multiprocessing.connection._ForkingPickler.loads", refuse)
+    _same(to_json_dict(analyze_all(planted, workers=3, **kw)), one)

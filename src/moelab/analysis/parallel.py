@@ -14,20 +14,22 @@ draws depend on the batch's tokens, not on the stream's history: the results are
 one worker (tests/analysis/test_analysis_workers.py).
 
 The parent's merge is serial, so what a part costs there bounds many workers. A worker packs its mostly
-empty count tables (`for_transfer`) and prepares every accumulator before its first send: the arrays'
-raw bytes go to a file in shared memory (`/dev/shm`, read back at 2-3x a pipe's speed here), the
-pickles that hold them (structure only, arrays out of band) down the pipe; where there is no shared
-memory or it is full, everything goes down the pipe. At 16 parts of a 33.5M-row trace the parent's receiving
-and merging went from 25.0 s (8.3 GB of dense tables down the pipes) to about 1.3 s.
+empty count tables (`for_transfer`) and encodes every accumulator before its first send (`transfer.py`:
+a JSON tree and the arrays' raw bytes, no pickle either way): the arrays' bytes go to a file in shared
+memory (`/dev/shm`, read back at 2-3x a pipe's speed here), the trees down the pipe; where there is no
+shared memory or it is full, the bytes follow the trees down the pipe. At 16 parts of a 33.5M-row trace
+the parent's receiving and merging went from 25.0 s (8.3 GB of dense tables down the pipes) to about 1.3 s.
+
+The finalisation's jobs run on forked workers too (`run_jobs`); their results come back the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import multiprocessing as mp
 import os
-import pickle
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from moelab.analysis import transfer
 from moelab.analysis.common import Batch, regroup, seal, slice_batch
 from moelab.config import MoelabError
 
@@ -140,10 +143,12 @@ def consume_units(trace: Any, columns: list[str], batch_rows: int, key: Callable
 
 # ---- workers ---------------------------------------------------------------------------------------
 def _run_part(index: int, conn: Any) -> None:
-    """A forked worker: fill fresh accumulators from its units, pack them, then hand them over (their
-    arrays' bytes through a file in shared memory, else everything down the pipe) and send None; or
-    ("error", exception). Prepared before the first send, so a worker is ready when the parent, which
-    merges the parts in order, comes to it."""
+    """A forked worker: fill fresh accumulators from its units, pack them, then hand them over as JSON
+    trees and raw array buffers (`transfer.py`): the trees down the pipe, the buffers through a file in
+    shared memory, else down the pipe after the trees; or an error. Prepared before the first send, so a
+    worker is ready when the parent, which merges the parts in order, comes to it."""
+    import traceback
+
     from moelab.trace.io import open_trace
 
     st = _FORK_STATE
@@ -152,18 +157,17 @@ def _run_part(index: int, conn: Any) -> None:
         accs = copy.deepcopy(st["acc"])  # empty here; deep-copied so nothing is shared with the parent's
         trace = open_trace(st["path"])  # each worker opens the file rather than share the parent's reader
         consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
-        parts = packed_parts(accs)
-        handed = _spill(st.get("spill"), index, parts)
-        if handed is not None:
-            conn.send(("spilled", handed))
-        else:
-            from multiprocessing.reduction import ForkingPickler
-
-            for message in [ForkingPickler.dumps(part) for part in parts]:
-                conn.send_bytes(message)
-        conn.send(None)
+        header, buffers = prepare_parts(accs, st.get("spill"), index)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", e))
+        conn.send_bytes(transfer.dumps({"error": transfer.encode_error(e, traceback.format_exc())}))
+        conn.close()
+        return
+    try:
+        conn.send_bytes(transfer.dumps(header))
+        if header["file"] is None:
+            for b in buffers:
+                if b.nbytes:
+                    conn.send_bytes(b)
     finally:
         conn.close()
 
@@ -176,48 +180,55 @@ def packed_parts(accs: dict[str, Any]) -> list[tuple[str, Any]]:
     return parts
 
 
-def _spill(folder: str | None, index: int, parts: list[tuple[str, Any]]) -> tuple[Any, ...] | None:
-    """Hand `parts` over through a file in `folder`: pickled with their arrays out of band (protocol 5),
-    the arrays' raw bytes written one after another to the file, the pickles returned to go down the
-    pipe; so the file holds numbers only and reading it back runs nothing. Returns (path, the pickles
-    with how many buffers each takes, the buffers' sizes); None (nothing left behind) where there is no
-    folder or it is full, and the pipe carries everything."""
+def prepare_parts(accs: dict[str, Any], folder: str | None, index: int) -> tuple[dict[str, Any], list[memoryview]]:
+    """A worker's filled accumulators, packed and encoded (empties `accs`): the header the parent reads
+    first (each part's name, JSON tree and buffer count; the buffers' sizes; the file in `folder` that
+    holds the buffers, or None) and the buffers, which then follow down the pipe where there is no file."""
+    encoded = [(name, *transfer.encode(part)) for name, part in packed_parts(accs)]
+    buffers = [b for _, _, bs in encoded for b in bs]
+    header = {"parts": [[name, tree, len(bs)] for name, tree, bs in encoded],
+              "sizes": [b.nbytes for b in buffers], "file": _spill(folder, index, buffers)}
+    return header, buffers
+
+
+def _spill(folder: str | None, index: int, buffers: list[memoryview]) -> str | None:
+    """Write the parts' array buffers one after another to a file in `folder`; its path, or None
+    (nothing left behind) where there is no folder or it is full, and the pipe carries them."""
     if folder is None:
         return None
     path = os.path.join(folder, f"part-{index}")
-    pickles, sizes = [], []
     try:
         with open(path, "wb") as f:
-            for part in parts:
-                buffers: list[pickle.PickleBuffer] = []
-                pickles.append((pickle.dumps(part, protocol=5, buffer_callback=buffers.append), len(buffers)))
-                for b in buffers:
-                    raw = b.raw()
-                    f.write(raw)
-                    sizes.append(raw.nbytes)
+            for b in buffers:
+                f.write(b)
     except OSError:
         try:
             os.unlink(path)
         except OSError:
             pass
         return None
-    return path, pickles, sizes
+    return path
 
 
-def _read_spilled(path: str, pickles: list[tuple[bytes, int]], sizes: list[int]) -> Iterator[Any]:
-    """The parts `_spill` handed over, one at a time: each pickle (it came down the pipe) loaded with its
-    arrays' bytes read from the file into fresh buffers; the file is unlinked as soon as it is open."""
-    sizes_left = iter(sizes)
-    with open(path, "rb") as f:
-        os.unlink(path)
-        for stream, count in pickles:
-            buffers = []
-            for _ in range(count):
-                buf = bytearray(next(sizes_left))
-                if f.readinto(buf) != len(buf):
-                    raise MoelabError(f"an analysis worker's part in {path} is shorter than it wrote")
-                buffers.append(buf)
-            yield pickle.loads(stream, buffers=buffers)
+def _received_parts(header: dict[str, Any], conn: Any) -> Iterator[tuple[str, Any]]:
+    """The parts a worker's header announces, one at a time: each tree decoded with its buffers, read
+    from the worker's file (unlinked as soon as it is open) or from the pipe, each into a fresh buffer."""
+    sizes = iter(int(n) for n in header["sizes"])
+    path = header["file"]
+    with (open(path, "rb") if path is not None else contextlib.nullcontext()) as f:
+        if path is not None:
+            os.unlink(path)
+        for name, tree, count in header["parts"]:
+            buffers = [_read_file(f, path, next(sizes)) if path is not None else transfer.read_pipe(conn, next(sizes))
+                       for _ in range(count)]
+            yield name, transfer.decode(tree, buffers)
+
+
+def _read_file(f: Any, path: str, size: int) -> bytearray:
+    buf = bytearray(size)
+    if f.readinto(buf) != size:
+        raise MoelabError(f"an analysis worker's part in {path} is shorter than it wrote")
+    return buf
 
 
 def _spill_folder() -> str | None:
@@ -266,59 +277,99 @@ def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_
 
 
 def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            proc.join()
-            raise MoelabError(f"analysis worker {index} stopped without its results (exit code {proc.exitcode}; "
-                              "out of memory? try fewer --workers)") from None
-        if msg is None:
-            return
-        name, filled = msg
-        if name == "error":
-            raise filled
-        parts = _read_spilled(*filled) if name == "spilled" else [(name, filled)]
-        del filled, msg
-        for name, part in parts:
+    try:
+        header = transfer.loads(conn.recv_bytes())
+        if "error" in header:
+            raise transfer.decode_error(header["error"])
+        for name, part in _received_parts(header, conn):
             acc[name].merge(part)
             del part
+    except EOFError:
+        proc.join()
+        raise MoelabError(f"analysis worker {index} stopped without its results (exit code {proc.exitcode}; "
+                          "out of memory? try fewer --workers)") from None
 
 
 # ---- finalisation ----------------------------------------------------------------------------------
 _JOBS: dict[str, Callable[[], Any]] = {}
 
 
-def _run_job(name: str) -> Any:
-    return _JOBS[name]()
+def _job_worker(conn: Any) -> None:
+    """A forked finaliser: run each job the parent names, send back its result (`transfer.send`) or its
+    error; stop at an empty name or when the parent is gone."""
+    import traceback
+
+    try:
+        while True:
+            message = conn.recv_bytes()
+            if not message:
+                return
+            name = message[1:].decode()
+            try:
+                encoded = transfer.encode(_JOBS[name]())  # a result that cannot travel is this job's error
+            except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+                conn.send_bytes(transfer.dumps({"error": transfer.encode_error(e, traceback.format_exc())}))
+                continue
+            transfer.send_encoded(conn, *encoded)
+            del encoded
+    except (EOFError, OSError):
+        return
+    finally:
+        conn.close()
 
 
 def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]:
-    """name -> job() for independent, deterministic jobs, over `workers` forked processes (each job's
-    result is sent back; the jobs themselves are inherited by the fork, never pickled). Handed out in dict
-    order, so put the largest first; serially here for one worker or where fork is unavailable. The
-    results are those of the serial loop: each job seeds its own draws. A worker that dies (out of
-    memory) is an error naming the job, not a hang."""
+    """name -> job() for independent, deterministic jobs, over `workers` forked processes (the jobs are
+    inherited by the fork; each result comes back as JSON and raw buffers, `transfer.py`). Handed out in
+    dict order, each to the first worker free, so put the largest first; serially here for one worker
+    or where fork is unavailable. The results are those of the serial loop: each job seeds its own draws.
+    A worker that dies (out of memory) is an error naming its job, not a hang."""
     if workers <= 1 or len(jobs) < 2 or "fork" not in mp.get_all_start_methods():
         return {name: job() for name, job in jobs.items()}
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import wait
 
     _JOBS.clear()
     _JOBS.update(jobs)
-    out: dict[str, Any] = {}
+    ctx = mp.get_context("fork")
+    todo = iter(jobs)
+    procs, running, results = [], {}, {}  # running: connection -> the job it works on
     try:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
-            futures = {name: pool.submit(_run_job, name) for name in jobs}
-            for name, future in futures.items():
+        for _ in range(min(workers, len(jobs))):
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_job_worker, args=(child,), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            running[parent] = None
+        idle = list(running)
+        while idle or any(job is not None for job in running.values()):
+            for conn in idle:
+                name = running[conn] = next(todo, None)
                 try:
-                    out[name] = future.result()
-                except BrokenProcessPool:  # every unfinished job fails with it: name them, not just this one
-                    lost = [n for n, f in futures.items() if n not in out and (not f.done() or f.exception())]
-                    named = ", ".join(repr(n) for n in lost[:4])
-                    named += f" and {len(lost) - 4} more" if len(lost) > 4 else ""
-                    raise MoelabError(f"an analysis worker stopped while finalising {named} (out of memory? try "
-                                      "fewer --workers)") from None
+                    conn.send_bytes(b"" if name is None else b"J" + name.encode())  # b"": stop
+                except OSError:
+                    raise MoelabError(f"an analysis worker stopped before finalising {name!r} (out of memory? "
+                                      "try fewer --workers)") from None
+            idle = []
+            busy = [c for c, job in running.items() if job is not None]
+            for conn in wait(busy) if busy else []:
+                name = running[conn]
+                try:
+                    header = transfer.loads(conn.recv_bytes())
+                    if "error" in header:
+                        raise transfer.decode_error(header["error"])
+                    results[name] = transfer.receive(conn, header)
+                except EOFError:
+                    raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? "
+                                      "try fewer --workers)") from None
+                idle.append(conn)
     finally:
         _JOBS.clear()
-    return out
+        for conn in running:
+            conn.close()
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    return {name: results[name] for name in jobs}
