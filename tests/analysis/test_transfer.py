@@ -90,6 +90,22 @@ def test_every_kind_of_value_round_trips_exactly():
     assert back["moelab"][3].dense()[3, 4, 5] == 9
 
 
+def test_named_tuples_and_dataclasses_of_moelab_round_trip():
+    from moelab.analysis.load import LoadResult
+    from moelab.model.capacity import DropRule
+
+    rule = DropRule(capacity=5, policy="openmoe", group_size=None)
+    back = _round_trip([rule])[0]
+    assert type(back) is DropRule and back == rule and back.capacity == 5
+    result = LoadResult(num_experts=[4], top_k=2, tokens=[10], routed=[np.arange(4)], kept=[np.arange(4)],
+                        share=[np.full(4, 0.25)], max_over_mean=[1.2], null_max_over_mean=[1.1],
+                        dead_experts=[[]], dropped_share=[0.0], router_entropy=None,
+                        null_router_entropy=[math.log(4)], uniform_share=[0.25])
+    _same(_round_trip(result), result)
+    with pytest.raises(TransferError):  # an exception is not a value: it travels by encode_error
+        encode(WorkerError("x"))
+
+
 def test_the_same_as_a_pickle_round_trip_of_the_same_objects():
     """An independent reference: pickle's own round trip (of objects made here, not read from anywhere)."""
     values = _planted_values()
