@@ -75,7 +75,8 @@ def variants(case: dict, device: str, backward: bool) -> dict:
     out = {"moe": run(moe_fn), "dense": run(lambda: dense(x))}
     if backward and case["loop"]:
         out["loop"] = run(lambda: _forced("loop", moe_fn))
-    if not backward and _inference_strategy(case, moe, x) == "onednn":
+    if not backward and x.device.type == "cpu" and experts_mod._onednn_works():
+        out["onednn"] = run(lambda: _forced("onednn", moe_fn))
         out["matmul"] = run(lambda: _forced("grouped" if experts_mod._kernel_ok(x, moe.experts.w_in_EDX)
                                             else "loop", moe_fn))
         out["dense-onednn"] = run(lambda: _onednn_ffn(dense, x))
@@ -95,11 +96,13 @@ def _combine(mode: str, moe: MoELayer, fn):
         moe.experts.combine = "auto"
 
 
-def _inference_strategy(case: dict, moe: MoELayer, x: torch.Tensor) -> str:
-    """What the experts' first matmul picks in this case's forward (dropless row count)."""
-    with torch.no_grad():
-        rows = x.new_empty(case["tokens"] * case["K"], x.shape[1])
-        return experts_mod.choose_strategy(rows, moe.experts.w_in_EDX)
+def _inference_strategy(case: dict) -> str:
+    """Which kernel each expert matmul of the case's inference forward chose (after one call of it):
+    the measured choices for its expert count and row class, in the order [A, B] = w_in's then w_out's."""
+    cls = experts_mod.row_class(case["tokens"] * case["K"] / case["E"])
+    picks = {key[1:3]: v for key, v in experts_mod._CPU_CHOICE.items() if key[0] == case["E"] and key[3] == cls}
+    names = [f"{a}x{b} {'oneDNN' if v else 'torch matmul'}" for (a, b), v in sorted(picks.items(), key=lambda kv: -kv[0][1])]
+    return ", ".join(names) if names else "not measured"
 
 
 def _forced(strategy: str, fn):
@@ -129,8 +132,13 @@ def run_case(key: str, device: str, reps: int) -> list[bc.Row]:
     reps = case.get("reps", reps)
     name = f"{case['label']}, {case['tokens']} tokens"
     rows = []
+    chosen = None
     for backward in (False, True):
-        t = bc.interleaved(variants(case, device, backward), reps=reps, device=device)
+        fns = variants(case, device, backward)
+        if "matmul" in fns:  # the measured choice, made at the first forward of the MoELayer variant
+            fns["moe"]()
+            chosen = _inference_strategy(case)
+        t = bc.interleaved(fns, reps=reps, device=device)
         kind = "fwd+bwd" if backward else "fwd"
         rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dense", "MoELayer",
                           "dense FFN (same FLOPs)",
@@ -139,8 +147,8 @@ def run_case(key: str, device: str, reps: int) -> list[bc.Row]:
             rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "loop", "torch._grouped_mm",
                               "per-expert loop", note="kernel choice", device=device))
         if "matmul" in t:
-            rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "matmul", "MoELayer (oneDNN)",
-                              "MoELayer (torch matmul)", note="strategy choice", device=device))
+            rows.append(t.row("moe-layer", f"{name}, {kind}", "onednn", "matmul", "MoELayer (oneDNN)",
+                              "MoELayer (torch matmul)", note=f"strategy choice: {chosen}", device=device))
             rows.append(t.row("moe-layer", f"{name}, {kind}", "moe", "dense-onednn", "MoELayer",
                               "dense FFN (oneDNN)", note="floor on the experts' kernel", device=device))
         if "gather" in t:

@@ -66,15 +66,79 @@ def test_every_strategy_matches_the_naive_loop_in_inference(monkeypatch, strateg
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_onednn_is_chosen_only_where_no_gradient_is_needed():
+def test_onednn_is_chosen_only_where_no_gradient_is_needed(monkeypatch):
     ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
     x_grad = x.clone().requires_grad_()
+    monkeypatch.setenv(experts_mod.CPU_EXPERTS_ENV, "onednn")
     assert experts_mod.choose_strategy(x_grad, ex.w_in_EDX) in ("grouped", "loop")
     with torch.no_grad():
         inference = experts_mod.choose_strategy(x_grad, ex.w_in_EDX)
         assert inference == ("onednn" if experts_mod._onednn_works() else "grouped")
         # bf16 (or any non-fp32) operands stay on torch's own kernels
         assert experts_mod.choose_strategy(x.bfloat16(), ex.w_in_EDX.bfloat16()) != "onednn"
+        monkeypatch.setenv(experts_mod.CPU_EXPERTS_ENV, "matmul")
+        assert experts_mod.choose_strategy(x_grad, ex.w_in_EDX) == "grouped"
+
+
+def _slowed(fn, seconds):
+    def slow(*a, **k):
+        import time
+
+        time.sleep(seconds)
+        return fn(*a, **k)
+    return slow
+
+
+@pytest.mark.parametrize("slow", ["onednn", "matmul", None])
+def test_the_cpu_inference_kernel_is_the_one_measured_faster_once_per_shape_and_row_class(monkeypatch, slow):
+    """A planted answer: the strategy made 20 ms slower per call loses; with neither slowed, whichever
+    wins is kept for that (E, A, B, row class), and a later call of the same class measures nothing."""
+    if not experts_mod._onednn_works():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(experts_mod, "_CPU_CHOICE", {})
+    monkeypatch.delenv(experts_mod.CPU_EXPERTS_ENV, raising=False)
+    if slow == "onednn":
+        monkeypatch.setattr(experts_mod, "_onednn_loop", _slowed(experts_mod._onednn_loop, 0.02))
+    elif slow == "matmul":
+        monkeypatch.setattr(experts_mod, "_grouped", _slowed(experts_mod._grouped, 0.02))
+    ex, x, ids, w, keep = _setup(8, 2, T=64, D=32, Fh=48)
+    rows = x.repeat(2, 1)  # 128 rows over 8 experts: row class 16
+    with torch.no_grad():
+        chosen = experts_mod.choose_strategy(rows, ex.w_in_EDX)
+        if slow is not None:
+            assert chosen == ("grouped" if slow == "onednn" else "onednn")
+        assert list(experts_mod._CPU_CHOICE) == [(8, 32, 96, 16)]
+        assert experts_mod._CPU_CHOICE[(8, 32, 96, 16)] == (chosen == "onednn")
+        # the probe's packed weights are not left on a parameter that will not use them
+        assert hasattr(ex.w_in_EDX, "_onednn_packed") == (chosen == "onednn" and experts_mod._packing_pays(32, 96))
+        # the layer's output is the naive loop's whichever kernel won (its second matmul measures its own)
+        torch.testing.assert_close(ex(x, ids, w, keep), naive_experts_forward(ex, x, ids, w, keep),
+                                   atol=1e-5, rtol=1e-5)
+        assert set(experts_mod._CPU_CHOICE) == {(8, 32, 96, 16), (8, 48, 32, 16)}
+        monkeypatch.setattr(experts_mod, "onednn_measured_faster", lambda *a: pytest.fail("measured twice"))
+        assert experts_mod.choose_strategy(rows[:100], ex.w_in_EDX) == chosen  # 12.5 rows: still class 16
+
+
+def test_row_classes_and_a_bad_kernel_setting():
+    from moelab.config import MoelabError
+
+    assert [experts_mod.row_class(m) for m in (0, 1, 1.4, 1.5, 16, 22, 23, 384, 5000)] == \
+        [1, 1, 1, 2, 16, 16, 32, 512, 4096]  # nearest in log2: 16 * sqrt(2) = 22.6
+    ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv(experts_mod.CPU_EXPERTS_ENV, "mkl")
+        if experts_mod._onednn_works():
+            with pytest.raises(MoelabError, match="MOELAB_CPU_EXPERTS='mkl' is not one of auto, onednn, matmul"):
+                experts_mod.choose_strategy(x, ex.w_in_EDX)
+
+
+def test_no_timing_while_dynamo_traces(monkeypatch):
+    monkeypatch.setattr(experts_mod, "_CPU_CHOICE", {})
+    monkeypatch.delenv(experts_mod.CPU_EXPERTS_ENV, raising=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(experts_mod, "onednn_measured_faster", lambda *a: pytest.fail("timed while tracing"))
+    ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
+    assert experts_mod._cpu_prefers_onednn(x, ex.w_in_EDX) and experts_mod._CPU_CHOICE == {}
 
 
 def test_row_buckets_bound_padding_and_the_number_of_distinct_counts():

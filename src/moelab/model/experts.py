@@ -173,16 +173,83 @@ def _onednn_works() -> bool:
         return False
 
 
+CPU_EXPERTS_ENV = "MOELAB_CPU_EXPERTS"  # auto (measured), onednn or matmul: CPU fp32 inference's kernel
+CPU_EXPERTS_CHOICES = ("auto", "onednn", "matmul")
+
+
 def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
 
-    oneDNN for inference on CPU in fp32 (it has no backward here): this torch's fp32 `mm` calls MKL, which
-    took 1.2-1.8x oneDNN's time on the AMD EPYC of docs/PERFORMANCE.md, decode batches included."""
+    For inference on CPU in fp32 (oneDNN has no backward here), oneDNN or torch's matmul, whichever
+    measured faster on this machine for this weight shape and about this many rows per expert
+    (`onednn_measured_faster`): oneDNN took 0.55-0.85x MKL's time on an AMD EPYC, but 1.16-1.27x on an
+    Intel Xeon at 384-1024 rows per expert while still 0.75x at decode sizes (docs/PERFORMANCE.md).
+    `MOELAB_CPU_EXPERTS=onednn|matmul` fixes the choice (their sums round differently); `auto`, the
+    default, measures once per weight shape and row class in a process."""
     needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
     if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
-            and _onednn_works()):
+            and _onednn_works() and _cpu_prefers_onednn(x_NA, w_EAB)):
         return "onednn"
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
+
+
+_CPU_CHOICE: dict[tuple[int, int, int, int], bool] = {}  # (E, A, B, row class) -> oneDNN measured faster
+
+
+def _cpu_prefers_onednn(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
+    import os
+
+    from moelab.config import MoelabError
+
+    mode = os.environ.get(CPU_EXPERTS_ENV, "auto").strip().lower() or "auto"
+    if mode not in CPU_EXPERTS_CHOICES:
+        raise MoelabError(f"{CPU_EXPERTS_ENV}={mode!r} is not one of {', '.join(CPU_EXPERTS_CHOICES)}")
+    if mode != "auto":
+        return mode == "onednn"
+    E, A, B = w_EAB.shape
+    key = (E, A, B, row_class(x_NA.shape[0] / max(E, 1)))
+    if key not in _CPU_CHOICE:
+        if torch.compiler.is_compiling():  # no timing while dynamo traces: oneDNN, as before measuring
+            return True
+        _CPU_CHOICE[key] = onednn_measured_faster(x_NA, w_EAB)
+    return _CPU_CHOICE[key]
+
+
+def row_class(mean_rows: float) -> int:
+    """Rows per expert as the choice's key: the nearest power of two (the kernels' order changes
+    between a few rows and a few hundred, not within a factor of 1.4)."""
+    return 1 << max(0, round(math.log2(max(mean_rows, 1.0))))
+
+
+def onednn_measured_faster(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
+    """Whether the `onednn` strategy beats the one torch's matmul gives (`grouped`, else `loop`) on these
+    very operands, the rows split evenly over the experts, each strategy as the layer runs it (oneDNN's
+    windows, packed weights and cat included; all E experts' weights, so the caches hold what they will
+    hold). Interleaved, one warm-up and the median of three each. oneDNN must be 5% faster: a tie goes
+    to torch's own kernel, which every other path uses, and a noisy machine rarely flips a choice. On an
+    Intel Xeon oneDNN took 0.66-0.75x the time at decode sizes on wide weights and 1.1-1.7x on narrow
+    ones from 32 rows on; on an AMD EPYC it tied at 384-1024 rows (docs/PERFORMANCE.md)."""
+    try:
+        E, N = w_EAB.shape[0], x_NA.shape[0]
+        counts = [N // E + (e < N % E) for e in range(E)]
+        offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+        kernel = _kernel_ok(x_NA, w_EAB)
+        calls = {"onednn": lambda: _onednn_loop(x_NA, w_EAB, counts),
+                 "matmul": lambda: _grouped(x_NA, w_EAB, offs, None) if kernel else _grouped(x_NA, w_EAB, None, counts)}
+        runs: dict[str, list[float]] = {"onednn": [], "matmul": []}
+        with torch.no_grad():
+            for _ in range(4):
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    call()
+                    runs[name].append(time.perf_counter() - t0)
+        onednn, matmul = (sorted(runs[k][1:])[1] for k in ("onednn", "matmul"))
+        faster = onednn < 0.95 * matmul
+    except (AttributeError, RuntimeError, NotImplementedError):
+        faster = False
+    if not faster and hasattr(w_EAB, "_onednn_packed"):  # the probe's packed copy: not kept unused
+        del w_EAB._onednn_packed
+    return faster
 
 
 def row_bucket(m: int) -> int:
