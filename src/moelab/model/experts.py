@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from functools import lru_cache
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moelab.config import MoelabError
 from moelab.model.config import FFN_IN_PROJECTIONS
 from moelab.model.dispatch import Dispatch, combine, permutation
 
@@ -182,8 +184,8 @@ def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
 
     For inference on CPU in fp32 (oneDNN has no backward here), oneDNN or torch's matmul, whichever
     measured faster on this machine for this weight shape and about this many rows per expert
-    (`onednn_measured_faster`): oneDNN took 0.55-0.85x MKL's time on an AMD EPYC, but 1.16-1.27x on an
-    Intel Xeon at 384-1024 rows per expert while still 0.75x at decode sizes (docs/PERFORMANCE.md).
+    (`onednn_measured_faster`): oneDNN took 0.55-1.01x torch matmul's time on an AMD EPYC, but 1.09-1.27x
+    on an Intel Xeon at 384-1024 rows per expert while still 0.75x at decode sizes (docs/PERFORMANCE.md).
     `MOELAB_CPU_EXPERTS=onednn|matmul` fixes the choice (their sums round differently); `auto`, the
     default, measures once per weight shape and row class in a process."""
     needs_grad = torch.is_grad_enabled() and (x_NA.requires_grad or w_EAB.requires_grad)
@@ -197,10 +199,6 @@ _CPU_CHOICE: dict[tuple[int, int, int, int], bool] = {}  # (E, A, B, row class) 
 
 
 def _cpu_prefers_onednn(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
-    import os
-
-    from moelab.config import MoelabError
-
     mode = os.environ.get(CPU_EXPERTS_ENV, "auto").strip().lower() or "auto"
     if mode not in CPU_EXPERTS_CHOICES:
         raise MoelabError(f"{CPU_EXPERTS_ENV}={mode!r} is not one of {', '.join(CPU_EXPERTS_CHOICES)}")
