@@ -90,6 +90,25 @@ def test_every_kind_of_value_round_trips_exactly():
     assert back["moelab"][3].dense()[3, 4, 5] == 9
 
 
+def test_an_object_met_twice_comes_back_as_one_object_as_pickle_keeps_it():
+    table = np.zeros(4)
+    total = OrderedSum(3)
+    loop = [1]
+    loop.append(loop)  # a list that holds itself
+    value = {"a": table, "b": [table, {"t": total}], "c": total, "loop": loop, "same_key": {(1, 2): table}}
+    back = _round_trip(value)
+    for got in (back, pickle.loads(pickle.dumps(value))):
+        assert got["a"] is got["b"][0] is got["same_key"][(1, 2)] and got["c"] is got["b"][1]["t"]
+        assert got["loop"][1] is got["loop"] and got["loop"][0] == 1
+    back["a"][0] = 5.0  # a change through one name shows through the other, as in the worker
+    assert back["b"][0][0] == 5.0
+    equal_not_same = {"x": np.zeros(2), "y": np.zeros(2)}
+    back = _round_trip(equal_not_same)
+    assert back["x"] is not back["y"]
+    with pytest.raises(TransferError, match="refers to object 3 before it was sent"):
+        decode([1, {"$": "ref", "i": 3}], [])
+
+
 def test_named_tuples_and_dataclasses_of_moelab_round_trip():
     from moelab.analysis.load import LoadResult
     from moelab.model.capacity import DropRule

@@ -65,8 +65,17 @@ def _state(obj: Any) -> dict[str, Any]:
 
 
 def encode(value: Any) -> tuple[Any, list[memoryview]]:
-    """(JSON-ready tree, the arrays' buffers in the order the tree refers to them)."""
+    """(JSON-ready tree, the arrays' buffers in the order the tree refers to them). A list, dict, array or
+    moelab object met twice travels once and comes back as one object met twice, as pickle keeps it:
+    each gets a number in the order the tree is walked, and a second meeting is a reference to it."""
     buffers: list[memoryview] = []
+    seen: dict[int, int] = {}  # id of an object of the value (alive throughout) -> its number
+
+    def first(o: Any) -> dict[str, Any] | None:
+        if id(o) in seen:
+            return {TAG: "ref", "i": seen[id(o)]}
+        seen[id(o)] = len(seen)
+        return None
 
     def array(a: np.ndarray, where: str) -> dict[str, Any]:
         if a.dtype.hasobject:
@@ -82,6 +91,10 @@ def encode(value: Any) -> tuple[Any, list[memoryview]]:
         t = type(o)
         if o is None or t in (bool, int, float, str):
             return o
+        if t in (list, dict, np.ndarray) or (t.__module__.startswith(OWN) and not isinstance(o, tuple)):
+            ref = first(o)
+            if ref is not None:
+                return ref
         if t is list:
             return [node(x, f"{where}[{i}]") for i, x in enumerate(o)]
         if t is tuple:
@@ -101,9 +114,9 @@ def encode(value: Any) -> tuple[Any, list[memoryview]]:
             _own_class(_class_name(t))  # a class the parent can find by its name (not a local one)
             if isinstance(o, tuple):  # a named tuple: its fields
                 return {TAG: "object", "cls": _class_name(t), "tuple": node(tuple(o), where)}
-            return {TAG: "object", "cls": _class_name(t),
-                    "d": {TAG: "dict", "k": list(_state(o)),
-                          "v": [node(v, f"{where}.{k}") for k, v in _state(o).items()]}}
+            state = _state(o)
+            return {TAG: "object", "cls": _class_name(t), "k": list(state),
+                    "v": [node(v, f"{where}.{k}") for k, v in state.items()]}
         raise TransferError(f"{where} is a {t.__module__}.{t.__qualname__}, which cannot be sent between "
                             "processes without pickle")
 
@@ -114,27 +127,44 @@ def decode(tree: Any, buffers: list[Any]) -> Any:
     """The value `encode` made the tree and buffers of. Arrays are views of the buffers where those are
     writable (a bytearray each, aligned), else copies: accumulators add into them."""
 
+    numbered: list[Any] = []  # the lists, dicts, arrays and objects in the order encode numbered them
+
     def node(n: Any) -> Any:
         if n is None or type(n) in (bool, int, float, str):
             return n
         if type(n) is list:
-            return [node(x) for x in n]
+            out: list[Any] = []
+            numbered.append(out)  # before its items, as encode numbered it
+            out.extend(node(x) for x in n)
+            return out
         if type(n) is not dict or TAG not in n:
             raise TransferError(f"a worker's message holds an untagged {type(n).__name__}")
         tag = n[TAG]
+        if tag == "ref":
+            i = n.get("i")
+            if type(i) is not int or not 0 <= i < len(numbered):
+                raise TransferError(f"a worker's message refers to object {i!r} before it was sent")
+            return numbered[i]
         if tag == "tuple":
             return tuple(node(x) for x in n["v"])
         if tag in ("set", "frozenset"):
             return (set if tag == "set" else frozenset)(node(x) for x in n["v"])
         if tag == "dict":
-            return dict(zip((node(k) for k in n["k"]), (node(v) for v in n["v"]), strict=True))
+            d: dict[Any, Any] = {}
+            numbered.append(d)
+            keys = [node(k) for k in n["k"]]  # all keys, then all values: the order encode numbered them
+            d.update(zip(keys, [node(v) for v in n["v"]], strict=True))
+            return d
         if tag == "array":
-            return array(n)
+            numbered.append(array(n))
+            return numbered[-1]
         if tag == "objects":
-            out = np.empty(len(n["v"]), dtype=object)
-            for i, x in enumerate(n["v"]):  # one by one: numpy would broadcast a list of sequences
-                out[i] = node(x)
-            return out.reshape(n["shape"])
+            objects = np.empty(len(n["v"]), dtype=object).reshape(n["shape"])
+            numbered.append(objects)
+            flat = objects.reshape(-1)  # a view: filled one by one, as numpy would broadcast a list of sequences
+            for i, x in enumerate(n["v"]):
+                flat[i] = node(x)
+            return objects
         if tag == "scalar":
             return array(n["a"])[()]
         if tag == "dtype":
@@ -144,8 +174,9 @@ def decode(tree: Any, buffers: list[Any]) -> Any:
             if "tuple" in n:
                 return tuple.__new__(cls, node(n["tuple"]))
             obj = object.__new__(cls)
-            for k, v in node(n["d"]).items():
-                object.__setattr__(obj, k, v)
+            numbered.append(obj)
+            for k, v in zip(n["k"], n["v"], strict=True):
+                object.__setattr__(obj, str(k), node(v))
             return obj
         raise TransferError(f"a worker's message holds an unknown node {tag!r}")
 
