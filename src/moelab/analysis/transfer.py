@@ -6,6 +6,7 @@ workers send. A value travels here as a JSON tree plus raw array buffers:
 - None, bool, int, float (NaN and infinities too) and str are JSON's own; a list is a JSON array;
 - tuples, sets, dicts (keys of any kind below), numpy dtypes, scalars and arrays are tagged nodes; an array's
   bytes are a buffer, sent apart (down the pipe or through a file in shared memory, `parallel.py`);
+  a list, dict, array or object met a second time is a reference to the first;
 - an object of one of moelab's classes is its class's name and its attributes. Decoding looks the class
   up in a module already imported (never imports one), makes the instance without calling its
   constructor and sets the attributes: no code of the sender's choosing runs;
