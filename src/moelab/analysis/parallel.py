@@ -147,8 +147,6 @@ def _run_part(index: int, conn: Any) -> None:
     trees and raw array buffers (`transfer.py`): the trees down the pipe, the buffers through a file in
     shared memory, else down the pipe after the trees; or an error. Prepared before the first send, so a
     worker is ready when the parent, which merges the parts in order, comes to it."""
-    import traceback
-
     from moelab.trace.io import open_trace
 
     st = _FORK_STATE
@@ -159,15 +157,13 @@ def _run_part(index: int, conn: Any) -> None:
         consume_units(trace, st["columns"], st["batch_rows"], st["key"], st["bounds"], lo, hi, list(accs.values()))
         header, buffers = prepare_parts(accs, st.get("spill"), index)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send_bytes(transfer.dumps({"error": transfer.encode_error(e, traceback.format_exc())}))
+        transfer.send_error(conn, e)
         conn.close()
         return
     try:
         conn.send_bytes(transfer.dumps(header))
         if header["file"] is None:
-            for b in buffers:
-                if b.nbytes:
-                    conn.send_bytes(b)
+            transfer.send_buffers(conn, buffers)
     finally:
         conn.close()
 
@@ -278,10 +274,7 @@ def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_
 
 def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
     try:
-        header = transfer.loads(conn.recv_bytes())
-        if "error" in header:
-            raise transfer.decode_error(header["error"])
-        for name, part in _received_parts(header, conn):
+        for name, part in _received_parts(transfer.read_header(conn), conn):
             acc[name].merge(part)
             del part
     except EOFError:
@@ -296,9 +289,7 @@ _JOBS: dict[str, Callable[[], Any]] = {}
 
 def _job_worker(conn: Any) -> None:
     """A forked finaliser: run each job the parent names, send back its result (`transfer.send`) or its
-    error; stop at an empty name or when the parent is gone."""
-    import traceback
-
+    error; stop at an empty message or when the parent is gone."""
     try:
         while True:
             message = conn.recv_bytes()
@@ -308,7 +299,7 @@ def _job_worker(conn: Any) -> None:
             try:
                 encoded = transfer.encode(_JOBS[name]())  # a result that cannot travel is this job's error
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-                conn.send_bytes(transfer.dumps({"error": transfer.encode_error(e, traceback.format_exc())}))
+                transfer.send_error(conn, e)
                 continue
             transfer.send_encoded(conn, *encoded)
             del encoded
@@ -355,10 +346,7 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
             for conn in wait(busy) if busy else []:
                 name = running[conn]
                 try:
-                    header = transfer.loads(conn.recv_bytes())
-                    if "error" in header:
-                        raise transfer.decode_error(header["error"])
-                    results[name] = transfer.receive(conn, header)
+                    results[name] = transfer.receive(conn)
                 except EOFError:
                     raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? "
                                       "try fewer --workers)") from None

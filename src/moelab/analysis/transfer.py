@@ -55,16 +55,6 @@ def _own_class(name: str) -> type:
     return found
 
 
-def _state(obj: Any) -> dict[str, Any]:
-    state = dict(getattr(obj, "__dict__", {}))
-    for cls in type(obj).__mro__:
-        slots = cls.__dict__.get("__slots__", ())
-        for slot in [slots] if isinstance(slots, str) else slots:
-            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
-                state[slot] = getattr(obj, slot)
-    return state
-
-
 def encode(value: Any) -> tuple[Any, list[memoryview]]:
     """(JSON-ready tree, the arrays' buffers in the order the tree refers to them). A list, dict, array or
     moelab object met twice travels once and comes back as one object met twice, as pickle keeps it:
@@ -92,7 +82,8 @@ def encode(value: Any) -> tuple[Any, list[memoryview]]:
         t = type(o)
         if o is None or t in (bool, int, float, str):
             return o
-        if t in (list, dict, np.ndarray) or (t.__module__.startswith(OWN) and not isinstance(o, tuple)):
+        own = t.__module__.startswith(OWN)
+        if t in (list, dict, np.ndarray) or (own and not isinstance(o, tuple)):
             ref = first(o)
             if ref is not None:
                 return ref
@@ -111,13 +102,13 @@ def encode(value: Any) -> tuple[Any, list[memoryview]]:
             return {TAG: "scalar", "a": array(np.asarray(o), where)}
         if isinstance(o, np.dtype) and o.fields is None:
             return {TAG: "dtype", "v": o.str}
-        if t.__module__.startswith(OWN) and not isinstance(o, BaseException) and not callable(o):
+        if own and not isinstance(o, BaseException) and not callable(o):
             _own_class(_class_name(t))  # a class the parent can find by its name (not a local one)
             if isinstance(o, tuple):  # a named tuple: its fields
                 return {TAG: "object", "cls": _class_name(t), "tuple": node(tuple(o), where)}
-            state = _state(o)
-            return {TAG: "object", "cls": _class_name(t), "k": list(state),
-                    "v": [node(v, f"{where}.{k}") for k, v in state.items()]}
+            if hasattr(o, "__dict__"):  # moelab's classes keep their state there (none has __slots__)
+                return {TAG: "object", "cls": _class_name(t), "k": list(vars(o)),
+                        "v": [node(v, f"{where}.{k}") for k, v in vars(o).items()]}
         raise TransferError(f"{where} is a {t.__module__}.{t.__qualname__}, which cannot be sent between "
                             "processes without pickle")
 
@@ -254,15 +245,34 @@ def send(conn: Any, value: Any) -> None:
 
 def send_encoded(conn: Any, tree: Any, buffers: list[memoryview]) -> None:
     conn.send_bytes(dumps({"tree": tree, "sizes": [b.nbytes for b in buffers]}))
+    send_buffers(conn, buffers)
+
+
+def send_buffers(conn: Any, buffers: list[memoryview]) -> None:
+    """The buffers after their header, one message each; an empty one sends nothing (`read_pipe`)."""
     for b in buffers:
         if b.nbytes:
             conn.send_bytes(b)
 
 
-def receive(conn: Any, header: dict[str, Any] | None = None) -> Any:
-    """The value `send` sent (EOFError where the sender is gone); `header`: its first message, where
-    the caller has read it already."""
-    header = loads(conn.recv_bytes()) if header is None else header
+def send_error(conn: Any, error: BaseException) -> None:
+    """`error` (being handled) as the one message in place of a header, with its traceback."""
+    import traceback
+
+    conn.send_bytes(dumps({"error": encode_error(error, traceback.format_exc())}))
+
+
+def read_header(conn: Any) -> dict[str, Any]:
+    """The next header from a Connection; a worker's error sent in its place is raised here."""
+    header = loads(conn.recv_bytes())
+    if "error" in header:
+        raise decode_error(header["error"])
+    return header
+
+
+def receive(conn: Any) -> Any:
+    """The value `send` sent (EOFError where the sender is gone; the worker's error where it sent one)."""
+    header = read_header(conn)
     return decode(header["tree"], [read_pipe(conn, int(n)) for n in header["sizes"]])
 
 
