@@ -77,8 +77,7 @@ def variants(case: dict, device: str, backward: bool) -> dict:
         out["loop"] = run(lambda: _forced("loop", moe_fn))
     if not backward and x.device.type == "cpu" and experts_mod._onednn_works():
         out["onednn"] = run(lambda: _forced("onednn", moe_fn))
-        out["matmul"] = run(lambda: _forced("grouped" if experts_mod._kernel_ok(x, moe.experts.w_in_EDX)
-                                            else "loop", moe_fn))
+        out["matmul"] = run(lambda: _forced(experts_mod.matmul_strategy(x, moe.experts.w_in_EDX), moe_fn))
         out["dense-onednn"] = run(lambda: _onednn_ffn(dense, x))
     if case.get("dropless"):
         out["dropless"] = run(lambda: _dropless(moe, shared, x))

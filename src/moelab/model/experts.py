@@ -192,6 +192,11 @@ def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     if (not needs_grad and x_NA.device.type == "cpu" and x_NA.dtype == w_EAB.dtype == torch.float32
             and _onednn_works() and _cpu_prefers_onednn(x_NA, w_EAB)):
         return "onednn"
+    return matmul_strategy(x_NA, w_EAB)
+
+
+def matmul_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
+    """The strategy on torch's own matmul: the grouped kernel where it takes the operands, else the loop."""
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
 
 
@@ -231,9 +236,9 @@ def onednn_measured_faster(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
         E, N = w_EAB.shape[0], x_NA.shape[0]
         counts = [N // E + (e < N % E) for e in range(E)]
         offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-        kernel = _kernel_ok(x_NA, w_EAB)
-        calls = {"onednn": lambda: _onednn_loop(x_NA, w_EAB, counts),
-                 "matmul": lambda: _grouped(x_NA, w_EAB, offs, None) if kernel else _grouped(x_NA, w_EAB, None, counts)}
+        matmul = matmul_strategy(x_NA, w_EAB)
+        calls = {"onednn": lambda: run_strategy("onednn", x_NA, w_EAB, offs, counts),
+                 "matmul": lambda: run_strategy(matmul, x_NA, w_EAB, offs, counts)}
         runs: dict[str, list[float]] = {"onednn": [], "matmul": []}
         with torch.no_grad():
             for _ in range(4):
@@ -320,17 +325,22 @@ def _onednn_loop(x_NA: torch.Tensor, w_EAB: torch.Tensor, counts_list: list[int]
     return torch.cat(pieces) if pieces else x_NA.new_zeros(0, w_EAB.shape[2])
 
 
+def run_strategy(strategy: str, x_NA, w_EAB, offs_E, counts_list: list[int] | None):
+    """One strategy's product: `grouped` takes the int32 group ends, `onednn` and `loop` the counts."""
+    if strategy == "grouped":
+        return _grouped(x_NA, w_EAB, offs_E, None)
+    if strategy == "onednn":
+        return _onednn_loop(x_NA, w_EAB, counts_list)
+    return _grouped(x_NA, w_EAB, None, counts_list)
+
+
 def _expert_mm(x_NA, w_EAB, offs_E, counts: list[list[int]]):
     """The chosen strategy, with per-expert counts fetched once a layer (never for the kernel)."""
     strategy = choose_strategy(x_NA, w_EAB)
-    if strategy == "grouped":
-        return _grouped(x_NA, w_EAB, offs_E, None)
-    if not counts:
+    if strategy != "grouped" and not counts:
         ends = offs_E.tolist()
         counts.append([b - a for a, b in zip([0] + ends[:-1], ends)])
-    if strategy == "onednn":
-        return _onednn_loop(x_NA, w_EAB, counts[0])
-    return _grouped(x_NA, w_EAB, None, counts[0])
+    return run_strategy(strategy, x_NA, w_EAB, offs_E, counts[0] if counts else None)
 
 
 class GroupedExperts(nn.Module):
