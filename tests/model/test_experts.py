@@ -132,6 +132,24 @@ def test_row_classes_and_a_bad_kernel_setting():
                 experts_mod.choose_strategy(x, ex.w_in_EDX)
 
 
+def test_interleaved_medians_run_in_turn_after_a_warm_up_and_take_the_median(monkeypatch):
+    order = []
+    # A fake clock: each call's time is what the variant planted for that round, so the median is known.
+    planted = {"a": [99, 5, 1, 3], "b": [99, 2, 8, 4]}  # round 0 is the warm-up and is not counted
+    now = [0.0]
+
+    def call(name):
+        def go():
+            order.append(name)
+            now[0] += planted[name][len([n for n in order if n == name]) - 1]
+        return go
+
+    monkeypatch.setattr(experts_mod.time, "perf_counter", lambda: now[0])
+    took = experts_mod.interleaved_medians({"a": call("a"), "b": call("b")}, rounds=3)
+    assert order == ["a", "b"] * 4
+    assert took == {"a": 3, "b": 4}
+
+
 def test_no_timing_while_dynamo_traces(monkeypatch):
     monkeypatch.setattr(experts_mod, "_CPU_CHOICE", {})
     monkeypatch.delenv(experts_mod.CPU_EXPERTS_ENV, raising=False)

@@ -239,20 +239,27 @@ def onednn_measured_faster(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
         matmul = matmul_strategy(x_NA, w_EAB)
         calls = {"onednn": lambda: run_strategy("onednn", x_NA, w_EAB, offs, counts),
                  "matmul": lambda: run_strategy(matmul, x_NA, w_EAB, offs, counts)}
-        runs: dict[str, list[float]] = {"onednn": [], "matmul": []}
         with torch.no_grad():
-            for _ in range(4):
-                for name, call in calls.items():
-                    t0 = time.perf_counter()
-                    call()
-                    runs[name].append(time.perf_counter() - t0)
-        onednn, matmul = (sorted(runs[k][1:])[1] for k in ("onednn", "matmul"))
-        faster = onednn < 0.95 * matmul
+            took = interleaved_medians(calls, rounds=3)
+        faster = took["onednn"] < 0.95 * took["matmul"]
     except (AttributeError, RuntimeError, NotImplementedError):
         faster = False
     if not faster and hasattr(w_EAB, "_onednn_packed"):  # the probe's packed copy: not kept unused
         del w_EAB._onednn_packed
     return faster
+
+
+def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
+    """Seconds per call of each variant: one warm-up round, then `rounds` rounds that run every variant
+    once in turn, so a load that comes and goes on a shared machine slows all of them alike; the median."""
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds + 1):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            if r:
+                runs[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in runs.items()}
 
 
 def row_bucket(m: int) -> int:
@@ -279,14 +286,9 @@ def _packing_pays(A: int, B: int) -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 16)
         if not torch.allclose(linear(x, packed, None, "none", [], ""), x @ w, rtol=1e-4, atol=1e-3):
             return False
-        times = {}
-        for name, wt in (("packed", packed), ("view", w.t())):
-            runs = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                linear(x, wt, None, "none", [], "")
-                runs.append(time.perf_counter() - t0)
-            times[name] = sorted(runs)[3]
+        view = w.t()
+        times = interleaved_medians({"packed": lambda: linear(x, packed, None, "none", [], ""),
+                                     "view": lambda: linear(x, view, None, "none", [], "")}, rounds=7)
         return times["packed"] < 0.9 * times["view"]
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
