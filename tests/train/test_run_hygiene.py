@@ -44,6 +44,37 @@ def test_a_non_empty_run_folder_is_refused_unless_overwrite(tiny_run, run_copy, 
     assert {json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()} == {1}
 
 
+def test_overwrite_never_deletes_what_the_run_reads_nor_files_no_run_wrote(tiny_run, run_copy, tmp_path,
+                                                                            train_args, capsys):
+    def tree(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    # the corpus inside --out: --overwrite would have emptied the folder, corpus and all, then failed
+    nest = tmp_path / "nest"
+    shutil.copytree(tiny_run / "corpus", nest / "corpus")
+    before = tree(nest)
+    argv = ["train", "--preset", str(tiny_run / "tiny.toml"), "--data", str(nest / "corpus"), "--out", str(nest),
+            *train_args(steps=1), "--overwrite"]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "--overwrite would delete" in err[0] and "--data" in err[0], err
+    assert tree(nest) == before
+    # an --init checkpoint among the run's own checkpoints (a run folder's only files, yet read by the run)
+    init = run_copy / "checkpoints" / "step_000001"
+    before = tree(run_copy)
+    assert main(_train_argv(tiny_run, run_copy, train_args, 1, "--init", str(init), "--overwrite")) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "--init" in err[0] and "lies inside" in err[0], err
+    assert tree(run_copy) == before
+    # a file no run writes: the folder is not (only) a run folder, so it is not emptied
+    (run_copy / "notes.txt").write_text("mine")
+    before = tree(run_copy)
+    assert main(_train_argv(tiny_run, run_copy, train_args, 1, "--overwrite")) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "notes.txt" in err[0] and "empties only a run folder" in err[0], err
+    assert tree(run_copy) == before and (run_copy / "notes.txt").read_text() == "mine"
+
+
 def ck_list(run):
     from moelab.train.rundir import list_checkpoints
 

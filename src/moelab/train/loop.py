@@ -135,13 +135,14 @@ def _resume_step(resume_from: str | Path | None, steps: int) -> int:
     return start
 
 
-def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int, resume_from):
+def _prepare_out(out: Path, run: RunConfig, overwrite: bool, start: int, resume_from, inputs: dict):
     """Rank 0, before it writes: lock the folder (another run writing it is refused) and check it again
     under the lock, empty it when told to, drop crash leftovers and the metric rows of steps the resumed
     run will redo, then write the run config. Returns the lock, held until the run ends."""
     lock = lock_run_dir(out)
     try:  # a run that finished since the first check has filled the folder
-        check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, locked=True)
+        check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, locked=True,
+                      inputs=inputs)
     except MoelabError:
         lock.release()
         raise
@@ -204,7 +205,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         raise MoelabError("--init and --resume exclude each other (--resume continues a run, --init starts one)")
     out = Path(out_dir)
     start = _resume_step(resume_from, t.steps)
-    check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start)
+    inputs = {"--data": run.data.path, "--init": init_from, "--replay": replay}
+    check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, inputs=inputs)
     device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -240,7 +242,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     amp = autocast_for(device, t.dtype)
     mw = maybe_master_weights(model, t.param_dtype, not isinstance(amp, contextlib.nullcontext))
     apply_step_options(model, t.compile, t.activation_checkpointing)
-    lock = _prepare_out(out, run, overwrite, start, resume_from) if pr.main else None  # only rank 0 writes
+    lock = _prepare_out(out, run, overwrite, start, resume_from, inputs) if pr.main else None  # only rank 0 writes
     logger = RunLogger(out, tensorboard=t.tensorboard) if pr.main else None
     if change is not None and logger:
         logger.log(0, change, "upcycle")

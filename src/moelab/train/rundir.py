@@ -19,6 +19,9 @@ from moelab.outpath import check_writable_dir
 
 STEP_NAME = re.compile(r"step_(\d+)")
 LOCK_NAME = ".moelab.lock"  # held by the run writing the folder (lockfile.HeldLock); not part of the run
+# What a run writes into its folder (train/loop.py, train/log.py; the demo adds result.json): --overwrite
+# empties a folder that holds only these, never one that holds anything else.
+RUN_ENTRIES = frozenset({"config.json", "metrics.jsonl", "eval.json", "checkpoints", "tensorboard", "result.json"})
 
 
 def fsync_path(path: Path) -> None:
@@ -84,10 +87,12 @@ def remove_leftovers(run_dir: Path) -> None:
 
 
 def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None, resume_step: int,
-                  locked: bool = False) -> None:
+                  locked: bool = False, inputs: dict[str, str | Path | None] | None = None) -> None:
     """Refuse to mix two runs in one folder. A fresh run needs an empty (or absent) folder unless
     `overwrite`; a resumed run may continue its folder but not past checkpoints it would contradict; a
-    folder another run holds (`lock_run_dir`) is refused whatever it holds. `locked`: we hold it."""
+    folder another run holds (`lock_run_dir`) is refused whatever it holds. `locked`: we hold it.
+    `overwrite` empties only a run's own files (`RUN_ENTRIES`), and never a folder holding one of the
+    run's `inputs` ({flag: path}, e.g. the corpus or the --init checkpoint): it would delete what it reads."""
     from moelab.lockfile import holder
 
     check_writable_dir(out, "--out")
@@ -100,6 +105,15 @@ def check_run_dir(out: Path, *, overwrite: bool, resume_from: str | Path | None,
         if resume_from is not None and _inside(Path(resume_from), out):
             raise MoelabError(f"--overwrite would delete {out}, which holds the checkpoint --resume "
                               f"{resume_from} continues from")
+        for flag, path in (inputs or {}).items():
+            if path is not None and _inside(Path(path), out):
+                raise MoelabError(f"--overwrite would delete {path}, which {flag} reads and which lies inside "
+                                  f"{out}: choose another --out")
+        foreign = sorted(p.name for p in _contents(out) if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise MoelabError(f"--overwrite empties only a run folder, and {out} also holds "
+                              f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}, which no run "
+                              "writes: move them away, or choose another --out")
         return
     if resume_from is None:
         held = ", ".join(sorted(p.name for p in _contents(out))[:4])
