@@ -206,3 +206,16 @@ def test_numpy_dtype_of_the_stored_types():
     assert [numpy_dtype(t) for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.float16(), pa.float32(),
                                      pa.bool_())] == [np.int8, np.int16, np.int32, np.int64, np.float16, np.float32,
                                                       np.bool_]
+
+
+def test_a_sidecar_that_is_not_utf8_is_one_line(tmp_path):
+    """Beside a plain-pyarrow file (the sidecar is the record) and beside a moelab file (checked against it)."""
+    p = tmp_path / "r.parquet"
+    write_raw(p, good_table())
+    sidecar_path(p).write_bytes(b"\xff\xfe{}")
+    one_line_error(lambda: open_trace(p), f"trace sidecar {sidecar_path(p)} is not UTF-8 text")
+    q = tmp_path / "m.parquet"
+    with TraceWriter(q, META) as writer:
+        writer.write(planted(num_seqs=2)[0])
+    sidecar_path(q).write_bytes(b"\xff\xfe{}")
+    one_line_error(lambda: open_trace(q), "is not UTF-8 text")

@@ -69,16 +69,25 @@ def read_meta(path: Path, file: pq.ParquetFile) -> TraceMeta:
     side = sidecar_path(path)
     kv = file.schema_arrow.metadata or {}
     if META_KEY not in kv:
-        return TraceMeta.from_json(side.read_text(encoding="utf-8")) if side.is_file() else infer_meta(path, file)
+        return TraceMeta.from_json(_sidecar_text(side)) if side.is_file() else infer_meta(path, file)
     try:
         text = kv[META_KEY].decode("utf-8")
     except UnicodeDecodeError:
         raise MoelabError(f"trace {path} metadata {META_KEY.decode()!r} is not UTF-8 text") from None
     meta = TraceMeta.from_json(text)
-    if side.is_file() and TraceMeta.from_json(side.read_text(encoding="utf-8")).to_json() != meta.to_json():
+    if side.is_file() and TraceMeta.from_json(_sidecar_text(side)).to_json() != meta.to_json():
         raise MoelabError(f"trace {path}: its sidecar {side.name} disagrees with the metadata inside the file (an "
                           f"interrupted write or an edited sidecar); delete {side.name} to use the file's own")
     return meta
+
+
+def _sidecar_text(side: Path) -> str:
+    try:
+        return side.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MoelabError(f"trace sidecar {side} is not UTF-8 text (a JSON file moelab writes is)") from None
+    except OSError as e:
+        raise MoelabError(f"trace sidecar {side} cannot be read: {e.strerror or e}") from None
 
 
 def infer_meta(path: Path, file: pq.ParquetFile) -> TraceMeta:
