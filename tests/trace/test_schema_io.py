@@ -219,3 +219,23 @@ def test_a_sidecar_that_is_not_utf8_is_one_line(tmp_path):
         writer.write(planted(num_seqs=2)[0])
     sidecar_path(q).write_bytes(b"\xff\xfe{}")
     one_line_error(lambda: open_trace(q), "is not UTF-8 text")
+
+
+def test_a_new_trace_may_not_take_a_sidecars_or_unfinished_files_name(tmp_path, capsys):
+    from moelab.cli import main
+    from moelab.trace.filemeta import check_trace_out
+
+    p = tmp_path / "r.parquet"
+    write_raw(p, good_table())
+    side = sidecar_path(p)
+    before = side.read_bytes()
+    for name in (side, tmp_path / "x.parquet.tmp", tmp_path / "X.JSON"):
+        one_line_error(lambda: check_trace_out(name), "a trace is a Parquet file")
+    check_trace_out(tmp_path / "new.parquet")
+    check_trace_out(tmp_path / "routing")  # no suffix: a name, not a sidecar's
+    # through the CLI: trace import and trace both check before reading anything
+    assert main(["trace", "import", "replay", str(tmp_path / "missing.npy"), "--out", str(side)]) == 2
+    assert "a trace is a Parquet file" in capsys.readouterr().err
+    assert main(["trace", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(side)]) == 2
+    assert "a trace is a Parquet file" in capsys.readouterr().err
+    assert side.read_bytes() == before

@@ -149,9 +149,9 @@ def parse_capacity(text: str, model_cfg) -> float | None:
 
 
 def run_trace(args) -> int:
-    from moelab.outpath import check_out_file
+    from moelab.trace.filemeta import check_trace_out
 
-    check_out_file(args.out)  # before any model loads: an existing folder or an unwritable place
+    check_trace_out(args.out)  # before any model loads: an existing folder, an unwritable place, a sidecar's name
     if args.hf:
         from moelab.trace.hf import trace_hf
 

@@ -21,6 +21,18 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
+def check_trace_out(path: str | Path, flag: str = "--out") -> None:
+    """A place a new trace may be written: a writable file path whose name is not one a trace writes
+    beside itself (X.json, its sidecar; X.tmp, the file while it is written), which would replace another
+    trace's sidecar or be taken for one."""
+    from moelab.outpath import check_out_file
+
+    check_out_file(path, flag)
+    if Path(path).suffix.lower() in (".json", ".tmp"):
+        raise MoelabError(f"{flag} {path}: a trace is a Parquet file and {Path(path).suffix} names a trace's "
+                          "sidecar or unfinished file: give a name such as routing.parquet")
+
+
 def all_null(file: pq.ParquetFile, name: str) -> bool:
     """Whether the file's statistics say every value of column `name` is null (False when unknown)."""
     schema = file.schema_arrow
