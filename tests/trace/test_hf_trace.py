@@ -202,3 +202,30 @@ def test_device_map_auto_traces_the_same_routing(corpus_dir, tmp_path):
                    for n in ("plain", "auto"))
     assert np.array_equal(plain["expert"], auto["expert"])
     assert np.allclose(plain["weight"], auto["weight"], atol=1e-6)
+
+
+def test_a_checkpoint_missing_a_router_weight_is_refused_not_filled_at_random(corpus_dir, tmp_path, capsys):
+    """transformers initialises a missing tensor at random and only logs it: traced or ablated, the folder
+    would give a random router's routing as if it were the model's."""
+    from safetensors.torch import load_file, save_file
+
+    from moelab.cli import main
+
+    folder = tmp_path / "hf"
+    _model("mixtral").save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    gate = next(k for k in tensors if k.startswith("model.layers.1.") and k.endswith("gate.weight"))
+    save_file({k: v for k, v in tensors.items() if k != gate}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    capsys.readouterr()
+    out = tmp_path / "t.parquet"
+    assert main(["trace", "--hf", str(folder), "--data", str(corpus_dir), "--tokens", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "lacks the weight model.layers.1." in err[-1] and "gate.weight" in err[-1], err
+    assert not out.exists() and not list(tmp_path.glob("t.parquet*"))
+    iv = tmp_path / "iv"
+    assert main(["intervene", "--hf", str(folder), "--data", str(corpus_dir), "--tokens", "8", "--ablate", "0:0",
+                 "--out", str(iv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "lacks the weight model.layers.1." in err[-1], err
+    assert not iv.exists() or not any(iv.iterdir())

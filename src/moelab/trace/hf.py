@@ -53,13 +53,25 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     kw = {key: _dtype(dtype), **({"device_map": device_map} if device_map else {})}
     try:
         cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
-        model = cls.from_pretrained(str(folder), **kw)
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kw)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise MoelabError(f"transformers could not load {folder}: {text[0] if text else type(e).__name__}") from None
+    check_loaded(folder, info)
     if device_map is None:
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval()
+
+
+def check_loaded(folder: Path, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights the model needs. transformers fills a missing tensor with a
+    fresh random initialisation and only logs it, so a folder without, say, one router's weight would be
+    traced or ablated with a random router and look like a result."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MoelabError(f"{folder} lacks the weight {missing[0]}{more}, which transformers would initialise at "
+                          "random: not a complete checkpoint of this model")
 
 
 def preflight(folder: Path, model_type: str | None):
