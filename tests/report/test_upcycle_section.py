@@ -56,12 +56,12 @@ def moe_run(tmp_path):
     assert set(logged) == {"moe0/expert_cosine", "moe1/expert_cosine"}
     planted = {3: {k: 0.9 - 0.1 * i for i, k in enumerate(sorted(logged))}, 6: logged}
     write_rows(run / "metrics.jsonl", [{"kind": "eval", "step": s, "all/loss": 1.0, **v} for s, v in planted.items()])
-    return ckpt, planted
+    return ckpt, planted, cfg.to_dict()
 
 
 def test_report_plots_the_runs_cosine(moe_run, tmp_path):
-    ckpt, planted = moe_run
-    trace = write_planted(tmp_path / "t.parquet")
+    ckpt, planted, config = moe_run
+    trace = write_planted(tmp_path / "t.parquet", config=config)  # a trace of the checkpoint's model
     metrics = build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
     got = next(iter(metrics["models"].values()))["expert_cosine"]
     assert got["steps"] == [3, 6]
@@ -73,18 +73,40 @@ def test_report_plots_the_runs_cosine(moe_run, tmp_path):
 
 
 def test_no_section_without_logged_cosine(moe_run, tmp_path):
-    ckpt, _ = moe_run
+    ckpt, _, config = moe_run
     write_rows(ckpt.parent.parent / "metrics.jsonl", [{"kind": "eval", "step": 6, "all/loss": 1.0}])
-    trace = write_planted(tmp_path / "t.parquet")
+    trace = write_planted(tmp_path / "t.parquet", config=config)
     metrics = build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
     assert next(iter(metrics["models"].values()))["expert_cosine"] is None
     assert "Expert symmetry over training" not in html_sections((tmp_path / "out" / "report.html").read_text())
 
 
 def test_corrupt_run_metrics_fail_before_anything_is_written(moe_run, tmp_path):
-    ckpt, _ = moe_run
+    ckpt, _, config = moe_run
     (ckpt.parent.parent / "metrics.jsonl").write_text('{"step": 3, "moe0/expert_cosine": 0.\n')
-    trace = write_planted(tmp_path / "t.parquet")
+    trace = write_planted(tmp_path / "t.parquet", config=config)
     with pytest.raises(MoelabError, match="metrics.jsonl: line 1"):
         build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_any_analysis(moe_run, tmp_path):
+    """Its weight section would describe another model beside this trace's routing."""
+    ckpt, _, config = moe_run
+    other = dict(config, d_model=32)
+    trace = write_planted(tmp_path / "t.parquet", config=other)
+    with pytest.raises(MoelabError, match=r"another model than the one trace .* model.d_model \(16 vs 32\)"):
+        build_report([trace], tmp_path / "out", weights=[ckpt], options={"analyses": ("load",)})
+    assert not (tmp_path / "out").exists()
+    # The layers' own check (any trace, transformers' too), run after loading, before the routing passes:
+    # the trace has 2 MoE layers of E experts each.
+    from moelab.trace.io import open_trace
+    from moelab.report.build import check_weights_fit
+
+    meta = open_trace(trace).meta
+    layers = [{"w_up_EFD": np.zeros((E + 1, 2, 3)), "block": 0}, {"w_up_EFD": np.zeros((E, 2, 3)), "block": 1}]
+    with pytest.raises(MoelabError, match=rf"does not fit trace .* have \[{E + 1}, {E}\] experts"):
+        check_weights_fit(layers, meta, "ck", str(trace))
+    check_weights_fit([dict(l, w_up_EFD=np.zeros((E, 2, 3))) for l in layers], meta, "ck", str(trace))
+    with pytest.raises(MoelabError, match="does not fit"):
+        check_weights_fit(layers[:1], meta, "ck", str(trace))

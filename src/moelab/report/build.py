@@ -136,6 +136,7 @@ def plan_models(paths: Sequence[str], names: Sequence[str] | None, weights: Sequ
                               f"{len(weights)} checkpoint(s))")
         for m, w in zip(models, weights):
             m.weights = str(w)
+            check_same_model_config(m.weights, m.trace.meta, m.path)
     for key, early_paths in _early_items(early, models):
         match = [m for m in models if m.name == key]
         if not match and len(models) == 1 and names is None:
@@ -214,6 +215,8 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
     """Every analysis of one model: routing of its trace, early routing, weights."""
     opts = analysis_options(options, m.trace)
     cosine = checkpoint_expert_cosine(m.weights) if m.weights else None  # first: a corrupt file fails fast
+    # Before the routing passes: a checkpoint of another model fails in seconds, not after them.
+    weights = _weights(m.weights, m.trace.meta, m.path) if m.weights else None
     queue = queue_setting(m.trace.meta, simulate)
     if simulate is not None and queue is not None and queue["batch_seqs"] != simulate.get("batch_seqs", 8):
         queue["batch_seqs"] = simulate.get("batch_seqs", 8)  # one pass regroups rows by one batch size
@@ -230,8 +233,8 @@ def analyse_model(m: ModelInput, labels: Sequence[str], simulate: dict[str, Any]
                                          n_permutations=opts.get("n_permutations", 16),
                                          n_bootstrap=opts.get("n_bootstrap", REPLICATES))
         out["headlines"] += early_headlines(out["early"], m.trace.meta.top_k)
-    if m.weights:
-        out["weights"], out["note"] = _weights(m.weights)
+    if weights is not None:
+        out["weights"], out["note"] = weights
         out["headlines"] += weight_headlines(out["weights"], out["note"]) + weight_definition_headlines(out["weights"])
     return out
 
@@ -247,10 +250,48 @@ def _unreadable_as_error(what: str) -> Iterator[None]:
         raise MoelabError(f"trace {what} is unreadable (corrupt file?): {text}") from None
 
 
-def _weights(path: str) -> tuple[Any, str]:
+def check_same_model_config(weights: str, meta: Any, trace_path: str) -> None:
+    """--weights of a moelab checkpoint beside a moelab trace: the trace's recorded model must be the
+    checkpoint's (a checkpoint of another step of the same model is fine). Read from config.json only."""
+    from moelab.model.config import ModelConfig
+    from moelab.train.checkpoint import first_difference, read_checkpoint_config
+    from moelab.trace.weights import is_transformers_folder
+
+    if not meta.model_config or meta.source != "moelab" or is_transformers_folder(Path(weights)):
+        return
+    from moelab.train.commands import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(weights)
+    mine = ModelConfig.from_dict(read_checkpoint_config(ckpt)["model"], path="model").to_dict()
+    theirs = ModelConfig.from_dict(meta.model_config, path="model").to_dict()
+    diff = first_difference(mine, theirs)
+    if diff:
+        raise MoelabError(f"--weights {weights} is a checkpoint of another model than the one trace {trace_path} "
+                          f"was written by: {diff} (checkpoint vs trace)")
+
+
+def check_weights_fit(layers: list[dict[str, Any]], meta: Any, weights: str, trace_path: str) -> None:
+    """The checkpoint's MoE layers must be the trace's: the same blocks with the same expert counts (a
+    transformers family's router may score more classes than it has FFN experts, zero-computation ones, so
+    there the trace's count is an upper bound)."""
+    blocks = meta.extra.get("moe_blocks")
+    got_E = [int(l["w_up_EFD"].shape[0]) for l in layers]
+    got_blocks = [int(l["block"]) for l in layers if "block" in l]
+    want_E = list(meta.num_experts)
+    exact = meta.source == "moelab"
+    fits_E = len(got_E) == len(want_E) and all(g == w if exact else g <= w for g, w in zip(got_E, want_E))
+    if not fits_E or (blocks and len(got_blocks) == len(layers) and got_blocks != list(blocks)):
+        where = f"blocks {got_blocks}" if got_blocks else f"{len(layers)} MoE layers"
+        raise MoelabError(f"--weights {weights} does not fit trace {trace_path}: its MoE layers ({where}) have "
+                          f"{got_E} experts, the trace's ({'blocks ' + str(list(blocks)) if blocks else 'layers'}) "
+                          f"{list(meta.num_experts)}: give the checkpoint of the model that wrote the trace")
+
+
+def _weights(path: str, meta: Any, trace_path: str) -> tuple[Any, str]:
     from moelab.trace.weights import checkpoint_weight_layers
 
     layers = checkpoint_weight_layers(path)
+    check_weights_fit(layers, meta, path, trace_path)
     E, F = layers[0]["w_up_EFD"].shape[:2]
     pairs = reorder_pairs_within(E, F) if F <= REORDER_MAX_HIDDEN else []
     return weight_analysis(layers, reorder_pairs=pairs), layers[0].get("router_note", "")

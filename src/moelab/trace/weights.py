@@ -91,7 +91,7 @@ def dense_reference(model: Any, block: int, F: int) -> dict[str, Any]:
     return {**_ffn_parts(blocks[i].ffn), "ref_name": f"dense FFN of block {i}"}
 
 
-def _is_transformers_folder(path: Path) -> bool:
+def is_transformers_folder(path: Path) -> bool:
     import json
 
     cfg = path / "config.json"
@@ -107,7 +107,7 @@ def checkpoint_weight_layers(path: str | Path) -> list[dict[str, Any]]:
     from moelab.train.checkpoint import load_model
     from moelab.train.commands import resolve_checkpoint
 
-    if _is_transformers_folder(Path(path)):
+    if is_transformers_folder(Path(path)):
         from moelab.hf.weights import hf_weight_layers
 
         return hf_weight_layers(path)
