@@ -239,3 +239,19 @@ def test_a_new_trace_may_not_take_a_sidecars_or_unfinished_files_name(tmp_path, 
     assert main(["trace", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(side)]) == 2
     assert "a trace is a Parquet file" in capsys.readouterr().err
     assert side.read_bytes() == before
+
+
+def test_a_trace_names_its_tokenizer_by_an_absolute_path(tiny_run, tmp_path, monkeypatch):
+    """Traced with a relative --data, the report still quotes token text when built from another folder."""
+    from moelab.cli import main
+    from moelab.report.build import token_decoder
+    from moelab.trace.io import open_trace
+
+    monkeypatch.chdir(tiny_run)
+    out = tmp_path / "t.parquet"
+    assert main(["trace", "run", "--data", "corpus", "--tokens", "16", "--seq-len", "16", "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    meta = open_trace(out).meta
+    assert meta.tokenizer == str((tiny_run / "corpus" / "tokenizer.json").resolve())
+    decode = token_decoder(meta)
+    assert decode is not None and isinstance(decode(5), str)

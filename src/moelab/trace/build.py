@@ -155,6 +155,8 @@ def trace_meta(model, capacity_factor, step, tokenizer: str | None, source: str,
                domains: list[str], langs: list[str]) -> TraceMeta:
     cfg = model.config
     m = cfg.moe
+    if tokenizer and Path(tokenizer).exists():  # absolute: a report built from another folder finds it too
+        tokenizer = str(Path(tokenizer).resolve())
     return TraceMeta(
         num_experts=cfg.experts_per_layer(), top_k=m.top_k, model_config=cfg.to_dict(),
         capacity_factor=capacity_factor,

@@ -116,7 +116,7 @@ def check_tokenizer(folder: Path, data_dir: Path, corpus, model_vocab: int) -> s
     from moelab.data.tokenizer import check_vocab_fits, load_tokenizer
 
     check_vocab_fits(corpus.vocab_size, model_vocab)
-    corpus_tok = data_dir / corpus.info["tokenizer"]["file"]
+    corpus_tok = (data_dir / corpus.info["tokenizer"]["file"]).resolve()  # absolute: readable from anywhere
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         if load_tokenizer(folder).backend.get_vocab() != load_tokenizer(corpus_tok).backend.get_vocab():
             raise MoelabError(f"corpus {data_dir} was tokenized with another tokenizer than {folder}'s: "
