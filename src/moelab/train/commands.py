@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="corpus folder")
     p.add_argument("--out", default=None, help="run folder (default runs/PRESET)")
     p.add_argument("--steps", type=int, default=None, help="shorthand for --set train.steps=N")
-    p.add_argument("--save-every", type=int, default=None, help="keep a checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=None, help="keep a checkpoint every N steps (0: only the final one)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint folder (into --out, which "
                    "may then hold the run being continued)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
