@@ -89,8 +89,19 @@ def _slowed(fn, seconds):
     return slow
 
 
+@pytest.fixture
+def one_thread():
+    """With two threads a tiny oneDNN call took ~8 ms while other work held the second core (its threads
+    wait for each other): more than a planted 20 ms slowdown can outweigh. One thread times the kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("slow", ["onednn", "matmul", None])
-def test_the_cpu_inference_kernel_is_the_one_measured_faster_once_per_shape_and_row_class(monkeypatch, slow):
+def test_the_cpu_inference_kernel_is_the_one_measured_faster_once_per_shape_and_row_class(monkeypatch, slow,
+                                                                                          one_thread):
     """A planted answer: the strategy made 20 ms slower per call loses; with neither slowed, whichever
     wins is kept for that (E, A, B, row class), and a later call of the same class measures nothing."""
     if not experts_mod._onednn_works():
