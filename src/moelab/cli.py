@@ -12,6 +12,7 @@ import sys
 
 from moelab import __version__
 from moelab.config import MoelabError
+from moelab.model.cpu_experts import cpu_experts_mode
 
 # Modules whose `register(subparsers)` adds verbs, in the order `moelab --help` lists them.
 COMMAND_MODULES = [
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        cpu_experts_mode()  # a bad MOELAB_CPU_EXPERTS, refused before any verb writes (else: at the first MoE forward)
         return int(args.func(args) or 0)
     except MoelabError as e:
         print(f"moelab {args.verb}: error: {e}", file=sys.stderr)

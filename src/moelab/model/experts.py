@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from functools import lru_cache
 
@@ -24,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelab.config import MoelabError
 from moelab.model.config import FFN_IN_PROJECTIONS
+from moelab.model import cpu_experts
+from moelab.model.cpu_experts import cpu_experts_mode
 from moelab.model.dispatch import Dispatch, combine, permutation
 
 
@@ -175,10 +175,6 @@ def _onednn_works() -> bool:
         return False
 
 
-CPU_EXPERTS_ENV = "MOELAB_CPU_EXPERTS"  # auto (measured), onednn or matmul: CPU fp32 inference's kernel
-CPU_EXPERTS_CHOICES = ("auto", "onednn", "matmul")
-
-
 def choose_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     """`onednn`, `grouped` or `loop` for rows x sorted by expert times stacked weights w.
 
@@ -200,13 +196,13 @@ def matmul_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
 
 
+CPU_EXPERTS_ENV, CPU_EXPERTS_CHOICES = cpu_experts.CPU_EXPERTS_ENV, cpu_experts.CPU_EXPERTS_CHOICES  # torch-free home
+
 _CPU_CHOICE: dict[tuple[int, int, int, int], bool] = {}  # (E, A, B, row class) -> oneDNN measured faster
 
 
 def _cpu_prefers_onednn(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
-    mode = os.environ.get(CPU_EXPERTS_ENV, "auto").strip().lower() or "auto"
-    if mode not in CPU_EXPERTS_CHOICES:
-        raise MoelabError(f"{CPU_EXPERTS_ENV}={mode!r} is not one of {', '.join(CPU_EXPERTS_CHOICES)}")
+    mode = cpu_experts_mode()
     if mode != "auto":
         return mode == "onednn"
     E, A, B = w_EAB.shape
