@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from moelab.demo import MODELS, DemoSettings, run_demo
 
 
@@ -58,3 +60,36 @@ def test_demo_names_the_corpus_it_reuses(tiny_run, tmp_path, capsys):
     assert build_demo_corpus(s) == s.out / "corpus"
     err = capsys.readouterr().err
     assert "reusing" in err and "fingerprint" in err and "512 tokens" in err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--quick", "--steps", "-5"], "--steps -5 must be >= 1"),
+    (["--quick", "--steps", "0"], "--steps 0 must be >= 1"),
+    (["--quick", "--max-bytes-per-source", "0"], "--max-bytes-per-source 0 must be >= 1"),
+    (["--trace-tokens", "-1"], "--trace-tokens -1 must be >= 0"),
+    (["--quick", "--steps", "1"], "--quick sets its own tiny settings and would ignore --steps: drop"),
+    (["--quick", "--trace-tokens", "5", "--max-bytes-per-source", "9"],
+     "would ignore --max-bytes-per-source, --trace-tokens: drop --quick or drop them"),
+])
+def test_demo_flags_are_checked_and_never_silently_dropped_by_quick(tmp_path, capsys, monkeypatch, flags, needle):
+    """`--quick` used to rebuild the settings before the checks: `--quick --steps -5` ran 20 steps, exit 0."""
+    import moelab.demo as demo
+    from moelab.cli import main
+
+    monkeypatch.setattr(demo, "run_demo", lambda s: pytest.fail("the demo ran"))
+    assert main(["demo", *flags, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_flags_reach_the_settings(tmp_path, monkeypatch):
+    import moelab.demo as demo
+    from moelab.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda s: seen.append(s) or 0)
+    assert main(["demo", "--steps", "7", "--trace-tokens", "5", "--out", str(tmp_path / "d")]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
+    assert (seen[0].steps, seen[0].trace_tokens, seen[0].max_bytes_per_source) == (7, 5, 1_000_000)
+    assert (seen[1].steps, seen[1].max_bytes_per_source) == (20, 120_000)

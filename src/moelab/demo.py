@@ -196,24 +196,37 @@ def run_demo(s: DemoSettings) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="corpus -> dense, MoE and RMoE tiny models -> routing report (~15 min)")
     p.add_argument("--out", default="moelab-demo", help="output folder (default ./moelab-demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
-    p.add_argument("--max-bytes-per-source", type=int, default=1_000_000)
-    p.add_argument("--trace-tokens", type=int, default=0, help="tokens to trace (default: all held-out)")
-    p.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny settings")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 300)")
+    p.add_argument("--max-bytes-per-source", type=int, default=None,
+                   help="bytes read from each corpus source (default 1000000)")
+    p.add_argument("--trace-tokens", type=int, default=None, help="tokens to trace (default: all held-out)")
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute smoke run with tiny settings of its own (so it refuses --steps, "
+                        "--max-bytes-per-source and --trace-tokens)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo's runs, traces and report in --out (its corpus is reused "
                         "when built with the same settings, else rebuilt)")
     p.set_defaults(func=_run)
 
 
+QUICK_OWNS = ("steps", "max_bytes_per_source", "trace_tokens")  # flags --quick sets itself
+
+
 def _run(args) -> int:
-    s = DemoSettings(out=Path(args.out), steps=args.steps, max_bytes_per_source=args.max_bytes_per_source,
-                     trace_tokens=args.trace_tokens, overwrite=args.overwrite)
+    if args.steps is not None and args.steps < 1:
+        raise MoelabError(f"--steps {args.steps} must be >= 1")
+    if args.max_bytes_per_source is not None and args.max_bytes_per_source < 1:
+        raise MoelabError(f"--max-bytes-per-source {args.max_bytes_per_source} must be >= 1")
+    if args.trace_tokens is not None and args.trace_tokens < 0:
+        raise MoelabError(f"--trace-tokens {args.trace_tokens} must be >= 0 (0: all held-out tokens)")
+    given = [f"--{k.replace('_', '-')}" for k in QUICK_OWNS if getattr(args, k) is not None]
     if args.quick:
+        if given:
+            raise MoelabError(f"--quick sets its own tiny settings and would ignore {', '.join(given)}: "
+                              "drop --quick or drop " + ("it" if len(given) == 1 else "them"))
         s = DemoSettings(out=Path(args.out), steps=20, seq_len=64, batch_size=8, max_bytes_per_source=120_000,
                          vocab_size=1024, snapshots=2, overwrite=args.overwrite)
-    if s.steps < 1:
-        raise MoelabError(f"--steps {s.steps} must be >= 1")
-    if s.max_bytes_per_source < 1 or s.trace_tokens < 0:
-        raise MoelabError("--max-bytes-per-source must be >= 1 and --trace-tokens >= 0")
+    else:
+        s = DemoSettings(out=Path(args.out), overwrite=args.overwrite,
+                         **{k: getattr(args, k) for k in QUICK_OWNS if getattr(args, k) is not None})
     return run_demo(s)
