@@ -136,12 +136,17 @@ def run_eval(args) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_model(ckpt)
     corpus = load_corpus(args.data)
+    if not len(corpus.doc_ids(args.split)):  # else an empty table and {}, exit 0
+        raise MoelabError(f"corpus {args.data} has no documents in split {args.split!r}"
+                          + (" (built with --heldout-fraction 0?)" if args.split == "heldout" else ""))
     check_vocab_fits(corpus.vocab_size, model.config.vocab_size)
     check_same_tokenizer(ckpt, corpus)
     seq = args.seq_len or checkpoint_data(ckpt).get("seq_len", 256)
     if seq > model.config.max_seq_len:
         raise MoelabError(f"--seq-len {seq} exceeds the model's max_seq_len={model.config.max_seq_len}")
     ev = evaluate(model, args.data, seq, args.batch_size, args.tokens, split=args.split)
+    if not ev:
+        raise MoelabError(f"corpus {args.data} has no tokens to score in split {args.split!r}")
     print(format_eval(ev))
     print(json.dumps(ev))
     return 0

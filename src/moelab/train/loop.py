@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,9 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
     pr, opt = ParallelRun.start(run.parallel, model, opt, lambda m: build_optimizer(m, t), device)
     model = pr.core
+    if pr.main and not len(corpus.doc_ids("heldout")):  # training without held-out text is legitimate
+        print(f"moelab: warning: corpus {run.data.path} has no documents in split 'heldout': nothing to "
+              "evaluate, eval.json will be empty", file=sys.stderr)
     if replay is not None and pr.par.world > 1:
         raise MoelabError("--replay trains in one process: its forced routing is not sharded across ranks")
     if replay is not None and t.activation_checkpointing:  # the recompute runs after the replay's hooks are gone
