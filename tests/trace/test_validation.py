@@ -145,3 +145,17 @@ def test_statistics_spare_only_what_they_prove(tmp_path):
     nostats = open_trace(tmp_path / "nostats.parquet")
     assert proven_in_range(pq.ParquetFile(nostats.path), META) == frozenset()
     one_line_error(lambda: drain(nostats), "holds expert 9")
+
+
+@pytest.mark.parametrize("verb", ["analyze", "analyze --workers 2", "diff"])
+def test_a_nan_weight_is_refused_by_analyze_and_diff(tmp_path, capsys, verb):
+    """Neither verb uses `weight`, so neither read it, and a trace explore --full-check refuses passed."""
+    good = write(tmp_path / "good.parquet", planted())
+    bad = write(tmp_path / "bad.parquet", at(planted(), "weight", 5, np.nan))
+    out = tmp_path / "out"
+    argv = {"analyze": ["analyze", str(bad.path), "--out", str(out), "--permutations", "2", "--bootstrap", "0"],
+            "diff": ["diff", str(good.path), str(bad.path), "--out", str(out)]}[verb.split()[0]] + verb.split()[1:]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"trace {bad.path} column 'weight' holds NaN" in err[0], err
+    assert not out.exists()

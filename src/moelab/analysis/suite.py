@@ -103,7 +103,8 @@ def analyze_all(trace_like: Any, *, num_experts: Sequence[int] | None = None, to
     if getattr(trace_like, "path", None) is not None and hasattr(trace_like, "iter_batches"):
         from moelab.analysis.parallel import consume_parallel
 
-        read = sorted(present | {"seq"})
+        # `weight` is read only to be checked (a NaN there is a corrupt trace, as explore --full-check says)
+        read = sorted(present | {"seq"} | ({"weight"} & (have or set())))
         consume_parallel(dict(acc, __sequences__=sequences), trace_like, read, rows, key,
                          blocks[0] if blocks else 1, workers)
     else:

@@ -27,7 +27,8 @@ def read_routes(path) -> dict:
     cols = ["seq", "pos", "layer", "rank", "expert", "domain"] + [c for c in ("token", "probs") if c in trace.columns]
     parts: dict[str, list] = {c: [] for c in cols}
     names = None
-    for batch in trace.iter_batches(columns=cols):
+    checked = [c for c in ("weight",) if c in trace.columns]  # read only to be validated (no NaN)
+    for batch in trace.iter_batches(columns=cols + checked):
         for c in cols:
             parts[c].append(batch[c])
         names = batch["domain.names"]
