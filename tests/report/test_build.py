@@ -129,3 +129,40 @@ def test_bad_input_leaves_no_report(tmp_path):
     with pytest.raises(MoelabError, match="capacity_factor"):
         build_report([good], out, simulate={"batch_seqs": 8}, options={"analyses": ("drops",)})
     assert list(out.iterdir()) == []
+
+
+def test_one_early_trace_that_cannot_precede_the_final_names_why(tmp_path):
+    """It always said "needs at least two checkpoint traces of one model", whatever the cause."""
+    final = write_planted(tmp_path / "final.parquet", step=300, all_experts=False)
+    cases = {
+        "other": (dict(step=100, config={"max_seq_len": 32, "moe": {"router": {"kind": "rmoe"}}}),
+                  "other.parquet and the final trace .*final.parquet are different models "
+                  r"\(model.moe.router.kind \('rmoe' vs 'linear'\)\)"),
+        "short": (dict(step=100, num_seqs=16), "short.parquet holds 2,048 rows and the final trace .* 3,072: "
+                                                "checkpoint traces must cover the same tokens"),
+        "same": (dict(step=300), r"same.parquet is from step 300, the same as the final trace .* \(step 300\)"),
+        "later": (dict(step=400), r"later.parquet is from step 400, after the final trace"),
+        "nostep": (dict(), "nostep.parquet records no checkpoint_step"),
+    }
+    for name, (kw, match) in cases.items():
+        early = write_planted(tmp_path / f"{name}.parquet", all_experts=False, **kw)
+        with pytest.raises(MoelabError, match="early routing needs at least two checkpoint traces of one model: .*"
+                                              + match):
+            build_report([final], tmp_path / "out", early={"m": [early]}, options={"analyses": ("load",)})
+    with pytest.raises(MoelabError, match="final.parquet is the final trace itself"):
+        build_report([final], tmp_path / "out", early={"m": [final]}, options={"analyses": ("load",)})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_early_trace_is_named_as_corrupt(tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    final = write_planted(tmp_path / "final.parquet", step=300, all_experts=False)
+    early = write_planted(tmp_path / "early.parquet", step=300, all_experts=False)
+    table = pq.read_table(early)  # the file's own metadata travels with its schema
+    i = table.schema.get_field_index("expert")
+    table = table.set_column(i, table.schema.field(i), pc.add(table.column(i), 99).cast(table.column(i).type))
+    pq.write_table(table, early)
+    with pytest.raises(MoelabError, match="early.parquet declares num_experts=4 but holds expert 10[0-2]"):
+        build_report([final], tmp_path / "out", early={"m": [early]}, options={"analyses": ("load",)})

@@ -145,19 +145,52 @@ def plan_models(paths: Sequence[str], names: Sequence[str] | None, weights: Sequ
             raise MoelabError(f"early routing for {key!r}: no model of that name (models: "
                               f"{', '.join(m.name for m in models)})")
         series = [(str(p), open_trace(p)) for p in early_paths]
-        match[0].checkpoints = order_checkpoints(series + _final_if_later(match[0], series))
+        final = _final_if_later(match[0], series)
+        if len(series) == 1 and not final:  # else "needs at least two" would hide why the final one is left out
+            _refuse_unpaired(match[0], *series[0])
+        match[0].checkpoints = order_checkpoints(series + final)
     return mode, models
 
 
 def _final_if_later(m: ModelInput, series: Sequence[tuple[str, Trace]]) -> list[tuple[str, Trace]]:
     """The model's own trace closes its early series when it is a later checkpoint of the same model
     over the same tokens: "every checkpoint against the final one" then means the model analysed."""
-    steps = [t.meta.checkpoint_step for _, t in series]
-    step = m.trace.meta.checkpoint_step
-    later = step is not None and all(s is not None and s < step for s in steps)
-    same = all(t.meta.model_config == m.trace.meta.model_config and t.num_rows == m.trace.num_rows
-               for _, t in series)
-    return [(m.path, m.trace)] if later and same and m.path not in [p for p, _ in series] else []
+    return [(m.path, m.trace)] if all(_unpaired(m, p, t) is None for p, t in series) else []
+
+
+def _unpaired(m: ModelInput, path: str, t: Trace) -> str | None:
+    """Why the early trace `t` cannot come before the model's own trace in one series (None: it can)."""
+    final, fm = m.path, m.trace.meta
+    if Path(path).resolve() == Path(final).resolve():
+        return f"--early {path} is the final trace itself"
+    if t.meta.model_config != fm.model_config or t.meta.num_experts != fm.num_experts or t.meta.top_k != fm.top_k:
+        if t.meta.model_config is None or fm.model_config is None:
+            none = path if t.meta.model_config is None else final
+            return f"{none} records no model config, so {path} and {final} cannot be shown to be one model"
+        from moelab.train.checkpoint import first_difference
+
+        diff = first_difference(t.meta.model_config, fm.model_config) or (
+            f"num_experts {t.meta.num_experts} vs {fm.num_experts}, top_k {t.meta.top_k} vs {fm.top_k}")
+        return f"{path} and the final trace {final} are different models ({diff})"
+    if t.num_rows != m.trace.num_rows:
+        return (f"{path} holds {t.num_rows:,} rows and the final trace {final} {m.trace.num_rows:,}: checkpoint "
+                f"traces must cover the same tokens (trace each with the same --data, --split and --tokens)")
+    step, final_step = t.meta.checkpoint_step, fm.checkpoint_step
+    if step is None or final_step is None:
+        return f"{path if step is None else final} records no checkpoint_step, so their order is unknown"
+    if step >= final_step:
+        return (f"{path} is from step {step}, {'the same as' if step == final_step else 'after'} the final "
+                f"trace {final} (step {final_step}): give checkpoints from before it")
+    return None
+
+
+def _refuse_unpaired(m: ModelInput, path: str, t: Trace) -> None:
+    """One early trace the model's own cannot follow: a corrupt file says so (its rows, checked here only on
+    this failure path), else the first reason it cannot pair."""
+    if not {"layer", "rank", "expert"} <= t._proven:  # the statistics do not vouch for the ids: read them
+        for _ in t.iter_batches(columns=["layer", "rank", "expert"]):
+            pass
+    raise MoelabError(f"early routing needs at least two checkpoint traces of one model: {_unpaired(m, path, t)}")
 
 
 def _early_items(early: Any, models: Sequence[ModelInput]) -> list[tuple[str, list[str]]]:
