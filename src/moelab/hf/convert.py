@@ -53,6 +53,9 @@ def check_tensors(reader: TensorReader, expected: dict[str, tuple[int, ...]], op
 
 
 def _staging(out: Path) -> Path:
+    from moelab.outpath import check_writable_dir
+
+    check_writable_dir(out)  # names the user's --out, not the staging folder beside it
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoelabError(f"output folder {out} already exists and is not empty; remove it or choose another")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")

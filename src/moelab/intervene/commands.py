@@ -366,6 +366,7 @@ def run_diff(args) -> int:
     result = diff_traces(args.trace_a, args.trace_b)
     print(format_diff(result))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as the other verbs' --out
         _write_json(Path(args.out), result)
         print(f"-> {args.out}")
     return 0

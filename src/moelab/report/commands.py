@@ -72,6 +72,12 @@ def run_analyze(args) -> int:
     from moelab.report.build import build_report
 
     labels = tuple(s.strip() for s in args.labels.split(",") if s.strip())
+    if not labels:
+        raise MoelabError(f"--labels {args.labels!r} names no label column (e.g. --labels domain,lang)")
+    if args.names is not None and not all(n.strip() for n in args.names):
+        raise MoelabError(f"--names {' '.join(map(repr, args.names))}: a model name must not be empty")
+    if args.min_count is not None and args.min_count < 1:
+        raise MoelabError(f"--min-count must be >= 1, got {args.min_count}")
     options = {key: value for key, value in (("min_count", args.min_count), ("n_permutations", args.permutations),
                                              ("n_bootstrap", args.bootstrap)) if value is not None}
     for flag, value in (("--permutations", args.permutations), ("--bootstrap", args.bootstrap)):
@@ -85,6 +91,9 @@ def run_analyze(args) -> int:
 
         args.workers = available_cores()
     options["workers"] = args.workers
+    from moelab.outpath import check_writable_dir
+
+    check_writable_dir(args.out)  # before the analysis, not after it (and not as raw errno text)
     try:
         metrics = build_report(args.traces, args.out, weights=args.weights, labels=labels,
                                simulate=simulate_settings(args), title=args.title, names=args.names,

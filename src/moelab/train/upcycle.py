@@ -57,6 +57,9 @@ def upcycle_checkpoint(dense_path: str | Path, preset: str, out: str | Path,
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoelabError(f"--out {out} already exists and is not an empty folder: choose another")
+    from moelab.outpath import check_writable_dir
+
+    check_writable_dir(out)  # before the work, and without save_checkpoint's "earlier checkpoints" wording
     moe_table, opts = _options(preset, list(overrides))
     dense = load_model(dense_path)
     cfg = upcycled_config(dense.config, moe_table, opts)

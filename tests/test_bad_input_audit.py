@@ -1,0 +1,96 @@
+"""Bad input from the README walkthrough audit (items 15, 16 and 18): one line on stderr naming the user's
+own path or value (never an internal temporary name or raw errno text), exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moelab.cli import main
+
+
+def _one_line(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def trace(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tr") / "t.parquet"
+    assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "64",
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def dropless(tiny_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "run" / "checkpoints" / "step_000001", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model"]["moe"].update(capacity_factor_train=None, capacity_factor_eval=None)  # exportable
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+def _no_proc():
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a file system nobody may write")
+
+
+def test_convert_names_the_users_out_not_its_staging_folder(dropless, tmp_path, capsys):
+    _no_proc()
+    assert main(["convert", "--to-hf", str(dropless), "--out", "/proc/moelab-nope"]) == 2
+    line = _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+    assert ".partial" not in line
+    assert main(["convert", "--to-hf", str(dropless), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", "/proc/moelab-nope"]) == 2
+    _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+
+
+def test_upcycle_refuses_an_unwritable_out_before_the_work(tiny_run, capsys):
+    _no_proc()
+    assert main(["upcycle", str(tiny_run / "run"), "--preset", str(tiny_run / "tiny.toml"),
+                 "--out", "/proc/moelab-nope"]) == 2
+    line = _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+    assert "earlier checkpoints" not in line
+
+
+def test_diff_creates_the_folders_of_its_out(trace, tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "d.json"
+    assert main(["diff", str(trace), str(trace), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) and sorted(p.name for p in out.parent.iterdir()) == ["d.json"]
+
+
+@pytest.mark.parametrize("where, needle", [("proc", "--out /proc/moelab-nope: /proc is not writable"),
+                                           ("file", "is a file, not a folder")])
+def test_analyze_checks_its_out_before_analysing(trace, tmp_path, capsys, monkeypatch, where, needle):
+    import moelab.report.build as build
+
+    if where == "proc":
+        _no_proc()
+        out = "/proc/moelab-nope"
+    else:
+        out = str(tmp_path / "a_file")
+        Path(out).write_text("x")
+    monkeypatch.setattr(build, "build_report", lambda *a, **k: pytest.fail("the analysis ran"))
+    assert main(["analyze", str(trace), "--out", out]) == 2
+    line = _one_line(capsys, needle)
+    assert "Errno" not in line
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--min-count", "-5"], "--min-count must be >= 1, got -5"),
+    (["--min-count", "0"], "--min-count must be >= 1, got 0"),
+    (["--labels", ""], "--labels '' names no label column"),
+    (["--labels", " , "], "--labels ' , ' names no label column"),
+    (["--names", ""], "--names '': a model name must not be empty"),
+])
+def test_analyze_flags_that_were_silently_accepted(trace, tmp_path, capsys, flags, needle):
+    assert main(["analyze", str(trace), "--out", str(tmp_path / "r"), *flags]) == 2
+    _one_line(capsys, needle)
+    assert not (tmp_path / "r").exists()
