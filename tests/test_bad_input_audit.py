@@ -94,3 +94,48 @@ def test_analyze_flags_that_were_silently_accepted(trace, tmp_path, capsys, flag
     assert main(["analyze", str(trace), "--out", str(tmp_path / "r"), *flags]) == 2
     _one_line(capsys, needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_probs_names_the_bad_value(tiny_run, tmp_path, capsys):
+    assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--probs", "top:abc",
+                 "--out", str(tmp_path / "t.parquet")]) == 2
+    _one_line(capsys, "argument --probs: 'top:abc' is not full, none or top:N")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "is not valid JSON"),
+    ("{}", "has schema_version=None: missing or not an integer"),
+    ('{"schema_version": 99}', "has schema_version 99, newer than this moelab supports"),
+])
+def test_sidecar_errors_name_the_trace_and_its_sidecar(trace, tmp_path, capsys, text, needle):
+    bad = tmp_path / "bad.parquet"
+    shutil.copy(trace, bad)
+    Path(f"{bad}.json").write_text(text)
+    assert main(["analyze", str(bad), "--out", str(tmp_path / "r")]) == 2
+    _one_line(capsys, f"trace {bad}: its sidecar {bad}.json {needle}")
+
+
+def test_data_info_on_a_file_says_it_is_not_a_corpus_folder(tiny_run, capsys):
+    assert main(["data", "info", str(tiny_run / "corpus" / "tokens.npy")]) == 2
+    _one_line(capsys, "tokens.npy is a file, not a corpus folder")
+
+
+@pytest.mark.parametrize("arg, needle", [("/no/such/preset.toml", "preset file /no/such/preset.toml does not exist"),
+                                         ("missing.toml", "preset file missing.toml does not exist"),
+                                         ("nope", "unknown preset 'nope'")])
+def test_params_says_a_preset_file_does_not_exist(capsys, arg, needle):
+    assert main(["params", arg]) == 2
+    _one_line(capsys, needle)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"input_ids": [1]}', "line 1 is not an OLMoE routing line: it lacks the key(s) exp_ids (it has: input_ids)"),
+    ("[1, 2]", "line 1 is not an OLMoE routing line: it holds a JSON array, not an object with the key(s) exp_ids"),
+])
+def test_olmoe_import_says_what_a_wrong_record_lacks(tmp_path, capsys, line, needle):
+    src = tmp_path / "r.jsonl"
+    src.write_text(line + "\n")
+    assert main(["trace", "import", "olmoe", str(src), "--out", str(tmp_path / "t.parquet")]) == 2
+    err = _one_line(capsys, needle)
+    assert "(needs" not in err
+    assert not (tmp_path / "t.parquet").exists()

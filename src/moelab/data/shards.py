@@ -183,6 +183,8 @@ def load_corpus(path: str | Path) -> Corpus:
     import pyarrow.parquet as pq
 
     path = Path(path).expanduser()
+    if path.is_file():
+        raise MoelabError(f"{path} is a file, not a corpus folder (give the folder `moelab data build` wrote)")
     if not path.is_dir():
         raise MoelabError(f"corpus folder {path} does not exist (build one with `moelab data build`)")
     if not any(path.iterdir()):

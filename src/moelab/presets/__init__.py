@@ -21,6 +21,10 @@ def preset_path(name: str) -> Path:
     if p.suffix == ".toml" and p.is_file():
         return p
     path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file() and (p.suffix == ".toml" or len(p.parts) > 1):  # a path, not a preset name
+        what = ("is not a .toml file" if p.is_file() else "is a folder, not a .toml file" if p.exists()
+                else "does not exist")
+        raise ConfigError(f"preset file {name} {what} (or give a bundled preset: {', '.join(list_presets())})")
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
     return path

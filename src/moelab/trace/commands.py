@@ -63,7 +63,7 @@ def probs_arg(text: str) -> str:
     try:
         return parse_probs(text)
     except MoelabError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--probs {text!r} ")) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--probs ")) from None  # keeps the bad value
 
 
 def probs_mode(args) -> str:

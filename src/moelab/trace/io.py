@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from moelab.config import MoelabError
 from moelab.trace.schema import (
-    DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, TraceMeta,
+    DEFAULTED, LABEL_COLUMNS, LIST_COLUMNS, META_KEY, NULLABLE, OPTIONAL, REQUIRED, SidecarError, TraceMeta,
     field_type, numpy_dtype, trace_schema, validate_schema,
 )
 from moelab.trace.filemeta import all_null, proven_in_range, read_meta, sidecar_path
@@ -509,4 +509,10 @@ def open_trace(path: str | Path) -> Trace:
     optional = validate_schema(file.schema_arrow, where=f"trace {path}")
     if file.metadata.num_rows == 0:
         raise MoelabError(f"trace {path} is empty (0 rows)")
-    return Trace(path, read_meta(path, file), file, optional)
+    try:
+        meta = read_meta(path, file)
+    except SidecarError as e:  # name the file the bad record came from
+        side = sidecar_path(path)
+        where = f"its sidecar {side}" if side.is_file() else "its metadata"
+        raise MoelabError(f"trace {path}: {where} {e.problem}") from None
+    return Trace(path, meta, file, optional)

@@ -134,6 +134,15 @@ def validate_schema(schema: pa.Schema, where: str = "trace") -> list[str]:
 PROBS_MODES = "full, none or top:N (N >= 1)"
 
 
+class SidecarError(MoelabError):
+    """A trace's metadata record (its sidecar, or the copy inside the file) that cannot be read: `problem`
+    says what is wrong, and open_trace names the file it came from."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"trace sidecar {problem}")
+        self.problem = problem
+
+
 def parse_probs(text: str) -> str:
     """`--probs` -> its canonical form: "full", "none" or "top:N". MoelabError names a bad value."""
     value = str(text).strip().lower()
@@ -239,24 +248,23 @@ class TraceMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TraceMeta":
         if not isinstance(d, dict):
-            raise MoelabError("trace sidecar is not a JSON object")
+            raise SidecarError("is not a JSON object")
         version = d.get("schema_version", None)
         if not isinstance(version, int):
-            raise MoelabError(f"trace sidecar schema_version={version!r} is missing or not an integer")
+            raise SidecarError(f"has schema_version={version!r}: missing or not an integer")
         if version > SCHEMA_VERSION:  # checked first: a newer file may lack the keys this version needs
-            raise MoelabError(
-                f"trace schema_version {version} is newer than this moelab supports ({SCHEMA_VERSION}): upgrade moelab"
-            )
+            raise SidecarError(f"has schema_version {version}, newer than this moelab supports ({SCHEMA_VERSION}): "
+                               "upgrade moelab")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         for key in ("num_experts", "top_k"):
             if key not in d:
-                raise MoelabError(f"trace sidecar lacks the key {key!r}")
+                raise SidecarError(f"lacks the key {key!r}")
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         try:
             return cls(**kwargs, extra=extra)
         except TypeError as e:
-            raise MoelabError(f"trace sidecar is malformed: {e}") from None
+            raise SidecarError(f"is malformed: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -266,5 +274,5 @@ class TraceMeta:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise MoelabError(f"trace sidecar is not valid JSON: {e}") from None
+            raise SidecarError(f"is not valid JSON: {e}") from None
         return cls.from_dict(d)

@@ -23,7 +23,7 @@ def read_olmoe(path: str | Path) -> Iterator[Routed]:
     path = Path(path)
     if not path.is_file():
         raise MoelabError(f"OLMoE routing file not found: {path}")
-    for where, rec in jsonl_records(path, ("exp_ids",), "an OLMoE routing line (it holds input_ids and exp_ids)"):
+    for where, rec in jsonl_records(path, ("exp_ids",), "an OLMoE routing line"):
         ids_TKL = int_array(rec["exp_ids"], 3, where, "exp_ids (tokens, top_k, layers)", 0, MAX_EXPERTS - 1)
         tokens = None if rec.get("input_ids") is None else int_array(rec["input_ids"], 1, where, "input_ids",
                                                                       0, MAX_TOKEN)

@@ -219,6 +219,10 @@ def _add_labels(cols: dict, extra: dict, tokens: CorpusTokens, rep: int) -> None
     cols["lang"], cols["lang.names"] = np.repeat(extra["lang_id"][at_T], rep), tokens.corpus.langs
 
 
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
 def jsonl_records(path: Path, required: Sequence[str], what: str) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of a JSONL file: one line naming the file and line when a
     line is not JSON or not an object holding every `required` key (`what` says what such a record is)."""
@@ -233,6 +237,11 @@ def jsonl_records(path: Path, required: Sequence[str], what: str) -> Iterator[tu
                 raise MoelabError(f"{where} is not valid JSON: {e.msg}") from None
             except RecursionError:
                 raise MoelabError(f"{where} nests arrays or objects too deeply to be {what}") from None
-            if not isinstance(rec, dict) or any(k not in rec for k in required):
-                raise MoelabError(f"{where} is not {what} (needs {', '.join(required)})")
+            if not isinstance(rec, dict):
+                raise MoelabError(f"{where} is not {what}: it holds a JSON {_json_kind(rec)}, not an object "
+                                  f"with the key(s) {', '.join(required)}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise MoelabError(f"{where} is not {what}: it lacks the key(s) {', '.join(missing)} (it has: "
+                                  f"{', '.join(map(str, list(rec)[:8])) or 'no keys'})")
             yield where, rec
