@@ -139,3 +139,49 @@ def test_olmoe_import_says_what_a_wrong_record_lacks(tmp_path, capsys, line, nee
     err = _one_line(capsys, needle)
     assert "(needs" not in err
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_ablate_refuses_an_expert_named_twice():
+    from moelab.config import MoelabError
+    from moelab.intervene.commands import parse_ablate
+
+    assert parse_ablate(["1:0,2"], {1: 4}) == [(1, (0, 2))]
+    with pytest.raises(MoelabError, match=r"--ablate '1:0,0': expert 0 is named twice"):
+        parse_ablate(["1:0,0"], {1: 4})
+
+
+def test_trace_refuses_an_existing_out_unless_overwrite(tiny_run, tmp_path, capsys):
+    out = tmp_path / "t.parquet"
+    argv = ["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "16", "--out", str(out)]
+    assert main(argv) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main([*argv[:-2], "--tokens", "32", "--out", str(out)]) == 2
+    _one_line(capsys, f"--out {out} already exists: pass --overwrite to replace it")
+    assert out.read_bytes() == before
+    assert main([*argv[:-2], "--tokens", "32", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != before
+
+
+def test_trace_import_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
+    import numpy as np
+
+    src, out = tmp_path / "r.npy", tmp_path / "t.parquet"
+    np.save(src, np.array([[[0, 1]], [[2, 3]]], np.int32))
+    out.write_text("precious")
+    assert main(["trace", "import", "replay", str(src), "--out", str(out)]) == 2
+    _one_line(capsys, "already exists: pass --overwrite")
+    assert out.read_text() == "precious"
+    assert main(["trace", "import", "replay", str(src), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_a_refused_pickle_drops_torchs_unsafe_advice():
+    from moelab.trace.hf import _load_error
+
+    torch_says = RuntimeError("Weights only load failed. In PyTorch 2.6, we changed the default value of the "
+                              "`weights_only` argument in `torch.load` from `False` to `True`. Re-running "
+                              "`torch.load` with `weights_only` set to `False` will likely succeed, but it can "
+                              "result in arbitrary code execution.\nPlease file an issue ...")
+    text = _load_error(torch_says)
+    assert "Weights only load failed" in text and "weights_only" not in text and "\n" not in text
+    assert _load_error(OSError("no file named model.safetensors\nmore")) == "no file named model.safetensors"

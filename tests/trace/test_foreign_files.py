@@ -112,7 +112,8 @@ def test_metadata_lives_in_the_file(tmp_path):
     assert alone.meta == meta and alone.notes == []
     table = pq.read_table(path).replace_schema_metadata({META_KEY: b"{not json"})
     pq.write_table(table, tmp_path / "bad.parquet")
-    one_line_error(lambda: open_trace(tmp_path / "bad.parquet"), "sidecar is not valid JSON")
+    one_line_error(lambda: open_trace(tmp_path / "bad.parquet"),  # names where the bad record lives
+                   "bad.parquet: its metadata 'moelab.trace' is not valid JSON")
 
 
 def test_inference_finds_what_the_rows_show_and_says_when_it_cannot(tmp_path):

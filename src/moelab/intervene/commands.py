@@ -96,6 +96,9 @@ def parse_ablate(specs: list[str], num_experts: dict[int, int]) -> list[tuple[in
         if bad:
             raise MoelabError(f"--ablate {spec!r}: expert {bad[0]} is out of range (block {block} has "
                               f"experts 0..{E - 1})")
+        twice = [e for i, e in enumerate(experts or ()) if e in experts[:i]]
+        if twice:
+            raise MoelabError(f"--ablate {spec!r}: expert {twice[0]} is named twice")
         targets += [(block, (e,)) for e in range(E)] if experts is None else [(block, experts)]
     return sorted(targets, key=lambda t: t[0])
 

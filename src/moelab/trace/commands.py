@@ -53,6 +53,7 @@ def register(sub) -> None:
                         "experts' `prob`)")
     p.add_argument("--no-probs", action="store_true", help="the same as --probs none")
     p.add_argument("--out", required=True, help="trace file to write (.parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out trace")
     p.set_defaults(func=run_trace)
 
 
@@ -84,6 +85,7 @@ def _import_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("format", choices=FORMATS)
     p.add_argument("src", help="the file (or, for megatron, folder) to import")
     p.add_argument("--out", required=True, help="trace file to write (.parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out trace")
     p.add_argument("--num-experts", type=int, default=None,
                    help="experts per layer; default: inferred from the ids (largest + 1), with a note")
     p.add_argument("--corpus", default=None,
@@ -111,6 +113,7 @@ def _export_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.Argum
 def run_import(args) -> int:
     from moelab.trace.formats import import_trace
 
+    _check_no_trace(args)
     stats = import_trace(args.format, args.src, args.out, num_experts=args.num_experts, corpus=args.corpus,
                          split=args.split, micro_batch=args.micro_batch)
     print(f"imported {stats['tokens']:,} tokens ({stats['rows']:,} rows, {stats['sequences']:,} sequences) "
@@ -148,10 +151,17 @@ def parse_capacity(text: str, model_cfg) -> float | None:
     return cf
 
 
+def _check_no_trace(args) -> None:
+    """The rule of train, upcycle, convert and intervene: an earlier result is never replaced silently."""
+    if Path(args.out).is_file() and not args.overwrite:  # a folder is refused by check_out_file
+        raise MoelabError(f"--out {args.out} already exists: pass --overwrite to replace it, or choose another")
+
+
 def run_trace(args) -> int:
     from moelab.trace.filemeta import check_trace_out
 
     check_trace_out(args.out)  # before any model loads: an existing folder, an unwritable place, a sidecar's name
+    _check_no_trace(args)
     if args.hf:
         from moelab.trace.hf import trace_hf
 

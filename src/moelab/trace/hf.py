@@ -35,6 +35,17 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
+def _load_error(e: Exception) -> str:
+    """The first line of a loading error, without torch's advice to retry a refused pickle with
+    `weights_only=False` (unsafe, and not something moelab offers)."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    if "Weights only load failed" in first:
+        return ("Weights only load failed: its .bin weights are a pickle holding more than tensors, which moelab "
+                "never unpickles (convert them to .safetensors from a trusted copy)")
+    return first
+
+
 def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dtype: str = "auto",
                   device_map: str | None = None):
     """The checkpoint as transformers builds it, as the class `moelab.hf.model_class` picks (its causal LM,
@@ -55,8 +66,7 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
         cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
         model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kw)
     except Exception as e:
-        text = str(e).strip().splitlines()
-        raise MoelabError(f"transformers could not load {folder}: {text[0] if text else type(e).__name__}") from None
+        raise MoelabError(f"transformers could not load {folder}: {_load_error(e)}") from None
     check_loaded(folder, info)
     if device_map is None:
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -513,6 +513,6 @@ def open_trace(path: str | Path) -> Trace:
         meta = read_meta(path, file)
     except SidecarError as e:  # name the file the bad record came from
         side = sidecar_path(path)
-        where = f"its sidecar {side}" if side.is_file() else "its metadata"
+        where = f"its sidecar {side}" if side.is_file() else f"its metadata {META_KEY.decode()!r}"
         raise MoelabError(f"trace {path}: {where} {e.problem}") from None
     return Trace(path, meta, file, optional)
