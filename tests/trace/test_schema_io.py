@@ -233,10 +233,10 @@ def test_a_new_trace_may_not_take_a_sidecars_or_unfinished_files_name(tmp_path, 
         one_line_error(lambda: check_trace_out(name), "a trace is a Parquet file")
     check_trace_out(tmp_path / "new.parquet")
     check_trace_out(tmp_path / "routing")  # no suffix: a name, not a sidecar's
-    # through the CLI: trace import and trace both check before reading anything
-    assert main(["trace", "import", "replay", str(tmp_path / "missing.npy"), "--out", str(side)]) == 2
+    # through the CLI, even with --overwrite: trace import and trace both check before reading anything
+    assert main(["trace", "import", "replay", str(tmp_path / "missing.npy"), "--out", str(side), "--overwrite"]) == 2
     assert "a trace is a Parquet file" in capsys.readouterr().err
-    assert main(["trace", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(side)]) == 2
+    assert main(["trace", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(side), "--overwrite"]) == 2
     assert "a trace is a Parquet file" in capsys.readouterr().err
     assert side.read_bytes() == before
 
