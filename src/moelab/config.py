@@ -87,6 +87,9 @@ def _coerce(value: Any, tp, path: str) -> Any:
                 errors.append(str(e))
         if len(errors) == 1:  # one real type (X | None): its own message says more
             raise ConfigError(errors[0])
+        ranged = [e for e in errors if "out of range" in e]  # the right type, the wrong size: say so
+        if ranged:
+            raise ConfigError(ranged[0])
         raise ConfigError(f"{path}={value!r} has the wrong type (expected {_type_name(tp)})")
     if origin is typing.Literal:
         if value not in args:
@@ -112,9 +115,11 @@ def _coerce_scalar(value: Any, tp, path: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # 1e40 is no count
                 return int(value)
             raise ConfigError(f"{path}={value!r} should be an integer")
+        if not -2**63 <= value < 2**63:  # torch and numpy take 64-bit integers: larger ones fail deep inside
+            raise ConfigError(f"{path}={value} is out of range (an integer setting must fit in 64 bits)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -243,6 +248,61 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 2**64 - 1, numpy's generators no negative seed
+
+
+def check_seed(value: int, name: str) -> None:
+    """Refuse a seed torch or numpy cannot take (ConfigError naming `name`, a field or a flag)."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name}={value} must be in 0..2**63-1 (a seed torch and numpy both accept)")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type for --seed: an integer in 0..2**63-1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} must be in 0..2**63-1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type for a real number: nan and inf pass every range check and fail later, so refuse them."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for factors and sizes: a finite number > 0."""
+    import argparse
+
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type for a finite number >= 0 (e.g. a temperature, where 0 means greedy)."""
+    import argparse
+
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value
 
 

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     build = verbs.add_parser("build", help="read sources, train a tokenizer, write a token corpus")
     build.add_argument("--out", required=True, help="the corpus folder to create")
     build.add_argument("--source", action="append", required=True, metavar="SPEC", help=_SOURCE_HELP)
-    build.add_argument("--vocab-size", type=positive_int, default=4096, help="of the tokenizer trained (default 4096)")
+    build.add_argument("--vocab-size", type=vocab_size_arg, default=4096, help="of the tokenizer trained (default 4096)")
     build.add_argument("--tokenizer-kind", choices=("bpe", "unigram"), default="bpe")
     build.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer (tokenizer.json, folder or "
                        "Hugging Face name) instead of training one")
@@ -42,12 +42,24 @@ def register(subparsers) -> None:
     tverbs = tokenizer.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)
     train = tverbs.add_parser("train", help="train a byte-level BPE or unigram tokenizer on sources")
     train.add_argument("--data-source", action="append", required=True, metavar="SPEC", help=_SOURCE_HELP)
-    train.add_argument("--vocab-size", type=positive_int, required=True)
+    train.add_argument("--vocab-size", type=vocab_size_arg, required=True)
     train.add_argument("--kind", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--out", required=True, help="the tokenizer.json to write")
     train.add_argument("--max-bytes-per-source", type=positive_int, metavar="N")
     train.add_argument("--seed", type=int, default=0, help="seed of generated sources (math)")
     train.set_defaults(func=run_tokenizer_train)
+
+
+def vocab_size_arg(text: str) -> int:
+    """argparse type for --vocab-size: 1..MAX_VOCAB_SIZE, so a huge value is refused before any source is read."""
+    from moelab.data.tokenizer import MAX_VOCAB_SIZE
+
+    value = positive_int(text)
+    if value > MAX_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is too large: moelab trains tokenizers of at most "
+                                         f"{MAX_VOCAB_SIZE:,} tokens (the trainer allocates vocab-sized tables "
+                                         "up front)")
+    return value
 
 
 class ProgressLine:

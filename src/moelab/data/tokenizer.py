@@ -24,6 +24,9 @@ MODE_TOKENS = ("[S2S]", "[NLU]", "[NLG]")
 SENTINELS = tuple(f"<extra_id_{i}>" for i in range(100))
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, *MODE_TOKENS, *SENTINELS)
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials plus one token per byte
+# The tokenizers trainer allocates vocab-sized tables up front (2**28 aborts the process on an out-of-memory
+# panic); real tokenizers stay under 300k tokens, and 2**20 ids still fit the corpus's uint32 token array.
+MAX_VOCAB_SIZE = 1 << 20
 KINDS = ("bpe", "unigram")
 # Names other tokenizer families give the same roles, tried in order.
 _EOS_NAMES = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>")
@@ -132,6 +135,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "bpe",
     if vocab_size < MIN_VOCAB_SIZE:
         raise MoelabError(f"vocab_size {vocab_size} is too small: the special tokens and 256 bytes "
                           f"need at least {MIN_VOCAB_SIZE}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise MoelabError(f"vocab_size {vocab_size} is too large: moelab trains tokenizers of at most "
+                          f"{MAX_VOCAB_SIZE:,} tokens (the trainer allocates vocab-sized tables up front)")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if kind == "bpe":
         backend = FastTokenizer(models.BPE())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moelab.config import MoelabError
+from moelab.config import MoelabError, positive_float
 from moelab.hf.families import FAMILIES
 
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--revision", default=None, metavar="REV", help="--from-hf: a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
     p.add_argument("--family", choices=FAMILIES, default=None,
                    help="with --to-hf: the transformers family to write (default: the first that fits)")
-    p.add_argument("--max-shard-gb", type=float, default=2.0,
+    p.add_argument("--max-shard-gb", type=positive_float, default=2.0,
                    help="with --to-hf: largest safetensors shard, in GiB")
     p.set_defaults(func=run_convert)
 
@@ -26,8 +26,6 @@ def register(sub) -> None:
 def run_convert(args) -> int:
     from moelab.hf.convert import export_hf, import_hf
 
-    if args.max_shard_gb <= 0:
-        raise MoelabError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
     if args.from_hf:
         if args.family:
             raise MoelabError("--family applies to --to-hf; --from-hf reads the family from config.json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from moelab.config import Config, ConfigError, require
+from moelab.config import Config, ConfigError, check_seed, require
 
 ROUTER_KINDS = ("linear", "rmoe", "mlp", "cosine", "random", "hash")
 FFN_KINDS = ("swiglu", "geglu", "openmoe")
@@ -61,6 +61,7 @@ class RouterConfig(Config):
                 f"model.moe.router.topk_group={self.topk_group} must be in 1..n_group ({self.n_group})")
         require(self.routed_scaling_factor > 0,
                 f"model.moe.router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+        check_seed(self.seed, "model.moe.router.seed")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moelab.config import Config, ConfigError, require
+from moelab.config import Config, ConfigError, check_seed, require
 from moelab.model.config import FFN_IN_PROJECTIONS, ModelConfig
 
 # Router kinds whose weights are fixed tables (hash, frozen random): their seeded values are kept.
@@ -48,6 +48,7 @@ class UpcycleConfig(Config):
         require(self.router_init in ("normal", "zero"),
                 f"upcycle.router_init={self.router_init!r} is unknown (allowed: normal, zero)")
         require(self.router_std >= 0, f"upcycle.router_std={self.router_std} must be >= 0")
+        check_seed(self.seed, "upcycle.seed")
 
 
 def upcycled_config(dense: ModelConfig, moe_table: dict, opts: UpcycleConfig) -> ModelConfig:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from moelab.config import ConfigError, MoelabError, positive_int
+from moelab.config import ConfigError, MoelabError, positive_int, seed_int
 from moelab.presets import list_presets, load_preset_dict
 # Lives below train, upcycle and every verb that reads checkpoints (no import circle through this file);
 # kept importable from here, where other verbs have always found it.
@@ -59,7 +59,7 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (>= 1)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json (or folder) to use; default: the one of the corpus the model trained on")
     g.set_defaults(func=run_generate)

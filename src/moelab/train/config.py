@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from moelab.config import Config, require
+from moelab.config import Config, check_seed, require
 from moelab.data.config import DataConfig
 from moelab.model.config import ModelConfig
 
@@ -53,6 +53,8 @@ class TrainConfig(Config):
         require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0")
         require(self.inverse_sqrt_floor >= 1, f"train.inverse_sqrt_floor={self.inverse_sqrt_floor} must be >= 1")
+        check_seed(self.seed, "train.seed")
+        require(self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0 leaves torch's default)")
         from moelab.train.phases import parse_phases
 
         parse_phases(self.phases)
