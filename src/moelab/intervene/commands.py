@@ -220,6 +220,9 @@ def run_intervene(args) -> int:
     check_writable_dir(args.out)
     _check_out_empty(Path(args.out), args.overwrite)
     _check_capacity_text(args.capacity_factor)
+    from moelab.trace.commands import check_device_flags
+
+    check_device_flags(args)  # before any model loads (--hf's load comes after every other check)
     if not (args.ablate or args.topk_sweep or args.capacity_sweep or args.replay):
         raise MoelabError("nothing to do: give --ablate, --replay, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []

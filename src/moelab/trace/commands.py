@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from moelab.config import MoelabError, positive_int
@@ -34,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
                    help="trace a Hugging Face MoE model instead (the families of docs/HF_SUPPORT.md)")
     p.add_argument("--revision", default=None, metavar="REV", help="--hf: a hub branch, tag or commit (OLMoE's checkpoints are branches); for a local folder, its subfolder of that name")
-    p.add_argument("--device", default=None, help="--hf: device to run on (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="device to run on (default: --hf: cuda if available, else cpu; a checkpoint: cpu)")
     p.add_argument("--dtype", default="auto", help="--hf: auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--device-map", default=None, choices=["auto"],
                    help="--hf: spread a model larger than one device over all devices (needs accelerate)")
@@ -146,8 +148,8 @@ def parse_capacity(text: str, model_cfg) -> float | None:
         cf = float(text)
     except ValueError:
         raise MoelabError(f"--capacity-factor {text!r} is not eval, train, none or a number") from None
-    if cf <= 0:
-        raise MoelabError(f"--capacity-factor {cf} must be > 0")
+    if not math.isfinite(cf) or cf <= 0:  # nan passes `<= 0`; inf is dropless spelled wrong: say none
+        raise MoelabError(f"--capacity-factor {text!r} must be a finite number > 0 (or none for dropless)")
     return cf
 
 
@@ -157,11 +159,24 @@ def _check_no_trace(args) -> None:
         raise MoelabError(f"--out {args.out} already exists: pass --overwrite to replace it, or choose another")
 
 
+def check_device_flags(args) -> None:
+    """--device and --dtype of trace and intervene, refused in one line before any model loads."""
+    from moelab.device import resolve_device
+    from moelab.trace.hf import _dtype
+
+    _dtype(args.dtype)
+    if args.device is not None:
+        resolve_device(args.device, "--device")
+    if not args.hf and args.dtype not in ("auto", "float32", "fp32"):
+        raise MoelabError(f"--dtype {args.dtype} applies to --hf models (a moelab checkpoint runs in float32)")
+
+
 def run_trace(args) -> int:
     from moelab.trace.filemeta import check_trace_out
 
     check_trace_out(args.out)  # before any model loads: an existing folder, an unwritable place, a sidecar's name
     _check_no_trace(args)
+    check_device_flags(args)
     if args.hf:
         from moelab.trace.hf import trace_hf
 
@@ -194,8 +209,10 @@ def trace_checkpoint(args) -> dict:
     from moelab.train.log import Progress
     from moelab.trace.build import trace_batches, trace_meta
 
+    from moelab.device import resolve_device
+
     ckpt = resolve_checkpoint(args.model)
-    model = load_model(ckpt)
+    model = load_model(ckpt, resolve_device(args.device, "--device") if args.device else "cpu")
     if not model.moe_layers():
         raise MoelabError(f"{ckpt} is a dense model: it has no routing to trace")
     if args.all_experts and any(layer.experts is None for layer in model.moe_layers()):

@@ -21,6 +21,7 @@ from moelab.config import MoelabError
 from moelab.data.objectives import iter_sequential
 from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
+from moelab.device import resolve_device
 from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
@@ -37,7 +38,7 @@ from moelab.train.precision import maybe_master_weights
 from moelab.train.replay import ReplaySampler, replay_routing
 from moelab.train.rundir import check_run_dir, clear_run_dir, lock_run_dir, remove_leftovers
 from moelab.train.step_options import apply_step_options
-from moelab.train.upcycle import step0_change
+from moelab.train.upcycle import available_memory, step0_change
 
 
 @dataclass
@@ -50,13 +51,27 @@ class TrainResult:
     tokens_per_second: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MoelabError(f"train.device={name!r} but CUDA is not available here")
-    return dev
+def train_bytes(run: RunConfig) -> int:
+    """A floor on one process's training memory: fp32 weights and gradients, plus AdamW's two moments
+    (adafactor's factored state counted as nothing), the model split evenly over the dp x ep ranks.
+    Activations and the data come on top."""
+    per_param = 16 if run.train.optimizer == "adamw" else 8
+    return per_param * run.model.num_params() // (run.parallel.dp * run.parallel.ep)
+
+
+def check_train_fits(run: RunConfig, device: torch.device, available: int | None = None) -> None:
+    """Refuse in one line, before a weight is allocated, a model that cannot fit (upcycle's check, for train)."""
+    if available is None:
+        try:
+            available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                         else available_memory() if device.type == "cpu" else None)
+        except RuntimeError:
+            available = None
+    need = train_bytes(run)
+    if available is not None and need > available:
+        raise MoelabError(f"training {run.model.num_params():,} parameters needs at least {need / 2**30:,.1f} GiB "
+                          f"(fp32 weights, gradients and optimizer state), but {available / 2**30:,.1f} GiB is "
+                          f"available on {device}: choose a smaller model (model.d_model, n_layers, num_experts)")
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -209,6 +224,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     inputs = {"--data": run.data.path, "--init": init_from, "--replay": replay}
     check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, inputs=inputs)
     device = resolve_device(t.device)
+    check_train_fits(run, device)
     if t.threads:
         torch.set_num_threads(t.threads)
     corpus = load_corpus(run.data.path)
