@@ -118,3 +118,24 @@ def test_defaults_are_transformers_config_defaults(family):
             assert getattr(theirs, key) == value, key
     _, cfg = moelab_config({"model_type": family})  # an all-defaults config converts
     assert cfg.d_model == theirs.hidden_size
+
+
+def test_a_tensor_of_the_wrong_shape_is_one_quiet_line(hf_dirs, tmp_path, capfd):
+    """transformers prints a load report with a Python traceback for a tensor it cannot convert; the loader
+    keeps that to itself and names the tensor and the cause in its one line (audit item 9)."""
+    from transformers.utils import logging as hf_logging
+
+    from moelab.trace.hf import load_hf_model
+
+    name = "model.layers.0.mlp.experts.0.w1.weight"
+    bad = _copy(hf_dirs["mixtral"], tmp_path / "m", edit_tensors=lambda t: t.update({name: torch.zeros(5, 5)}))
+    level = hf_logging.get_verbosity()
+    capfd.readouterr()
+    with pytest.raises(MoelabError) as err:
+        load_hf_model(bad, "cpu")
+    msg = str(err.value)
+    assert "\n" not in msg and "could not load" in msg and "model.layers.0.mlp.experts" in msg, msg
+    assert "above report" not in msg, msg
+    out, errtext = capfd.readouterr()
+    assert not out and not errtext, errtext[:2000]
+    assert hf_logging.get_verbosity() == level  # transformers' logging is restored after the load

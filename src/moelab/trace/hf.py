@@ -12,12 +12,15 @@ and scoring function, and whether the combine weights sum to one, so analyses ca
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
 
 from moelab.config import MoelabError
+from moelab.device import resolve_device
 from moelab.hf.families import read_hf_config
 from moelab.hf.hub import resolve_hf
 from moelab.hf.model_class import build, model_class
@@ -35,15 +38,54 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def _load_error(e: Exception) -> str:
-    """The first line of a loading error, without torch's advice to retry a refused pickle with
-    `weights_only=False` (unsafe, and not something moelab offers)."""
+@contextlib.contextmanager
+def quiet_transformers():
+    """Inside, transformers' log (its load report, with the traceback of a failed weight conversion) is kept in
+    the yielded list instead of printed, Python warnings and progress bars are off; all restored after. A
+    refused load stays moelab's one line."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger("transformers")
+    saved, bars = (root.handlers[:], root.level, root.propagate), hf_logging.is_progress_bar_enabled()
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    root.handlers, root.propagate = [Keep(logging.WARNING)], False
+    root.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield kept
+    finally:
+        root.handlers, root.propagate = saved[0], saved[2]
+        root.setLevel(saved[1])
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_error(e: Exception, log: list[str]) -> str:
+    """The first line of transformers' error; where that points at its (now unprinted) report, the report's
+    own cause: the tensor whose conversion failed and the exception that stopped it."""
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__
-    if "Weights only load failed" in first:
+    if "Weights only load failed" in first:  # not torch's advice to retry with weights_only=False (unsafe)
         return ("Weights only load failed: its .bin weights are a pickle holding more than tensors, which moelab "
                 "never unpickles (convert them to .safetensors from a trusted copy)")
-    return first
+    if "report" not in first:
+        return first
+    lines = [line.strip() for entry in log for line in entry.splitlines()]
+    cause = next((line for line in reversed(lines) if re.match(r"\w+Error: ", line)), None)
+    target = next((m.group(1) for line in lines if (m := re.search(r"destined for (\S+?)\.?(?:\s|$)", line))), None)
+    if not cause:
+        return first
+    return f"converting its weights failed{f' at {target}' if target else ''}: {cause}"
 
 
 def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dtype: str = "auto",
@@ -62,14 +104,17 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     # transformers 4 spells the dtype keyword torch_dtype (and would upcast to fp32 unless asked).
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kw = {key: _dtype(dtype), **({"device_map": device_map} if device_map else {})}
+    target = resolve_device(device, "--device") if device_map is None else None  # refused before the load
+    log: list[str] = []
     try:
-        cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
-        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kw)
+        with quiet_transformers() as log:
+            cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
+            model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kw)
     except Exception as e:
-        raise MoelabError(f"transformers could not load {folder}: {_load_error(e)}") from None
+        raise MoelabError(f"transformers could not load {folder}: {_load_error(e, log)}") from None
     check_loaded(folder, info)
     if device_map is None:
-        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = model.to(target)
     return model.eval()
 
 
