@@ -182,6 +182,6 @@ def test_a_refused_pickle_drops_torchs_unsafe_advice():
                               "`weights_only` argument in `torch.load` from `False` to `True`. Re-running "
                               "`torch.load` with `weights_only` set to `False` will likely succeed, but it can "
                               "result in arbitrary code execution.\nPlease file an issue ...")
-    text = _load_error(torch_says)
+    text = _load_error(torch_says, [])
     assert "Weights only load failed" in text and "weights_only" not in text and "\n" not in text
-    assert _load_error(OSError("no file named model.safetensors\nmore")) == "no file named model.safetensors"
+    assert _load_error(OSError("no file named model.safetensors\nmore"), []) == "no file named model.safetensors"
