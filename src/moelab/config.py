@@ -296,16 +296,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def nonnegative_float(text: str) -> float:
-    """An argparse type for a finite number >= 0 (e.g. a temperature, where 0 means greedy)."""
-    import argparse
-
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
 def require(cond: bool, message: str) -> None:
     """Validation helper: raise ConfigError(message) unless cond."""
     if not cond:
