@@ -194,7 +194,7 @@ def run_demo(s: DemoSettings) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="corpus -> dense, MoE and RMoE tiny models -> routing report (~15 min)")
+    p = sub.add_parser("demo", help="corpus -> dense, MoE and RMoE tiny models -> routing report (~5 min on 2 cores)")
     p.add_argument("--out", default="moelab-demo", help="output folder (default ./moelab-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 300)")
     p.add_argument("--max-bytes-per-source", type=int, default=None,
