@@ -63,6 +63,15 @@ def test_trace_of_a_checkpoint_honours_device(tiny_run, tmp_path, capsys, monkey
     assert [str(d) for d in seen] == ["cpu"] and (tmp_path / "o" / "t.parquet").is_file()
 
 
+def test_intervene_on_a_checkpoint_refuses_a_device_it_would_ignore(tiny_run, tmp_path, capsys, monkeypatch):
+    """It runs a moelab checkpoint on the CPU; --device cuda there used to be accepted and ignored."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(_argv([*INTERVENE, "--device", "cuda"], tiny_run, tmp_path)) == 2
+    _one_line(capsys, "--device cuda applies to --hf models")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     ([*TRACE, "--capacity-factor", "nan"], "--capacity-factor 'nan' must be a finite number > 0"),
     ([*TRACE, "--capacity-factor", "inf"], "--capacity-factor 'inf' must be a finite number > 0"),
