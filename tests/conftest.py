@@ -73,6 +73,16 @@ def tiny_run(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def one_line(capsys):
+    """one_line(needle) -> the stderr of a refused command, which must be one line holding needle and no traceback."""
+    def check(needle: str) -> str:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+        return err[0]
+    return check
+
+
 @pytest.fixture(scope="session")
 def train_args():
     """`train` flags that keep a tiny run to a second: train_args(steps) -> argv list."""

@@ -12,11 +12,6 @@ import pytest
 from moelab.cli import main
 
 
-def _one_line(capsys, needle: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
-
-
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
@@ -31,10 +26,10 @@ def copies(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("file, needle", [("tokens.npy", "cannot read"), ("docs.parquet", "cannot read"),
                                           ("corpus.json", "not valid JSON")])
-def test_truncated_corpus_files(copies, capsys, file, needle):
+def test_truncated_corpus_files(copies, file, needle, one_line):
     _truncate(copies / "corpus" / file)
     assert main(["eval", str(copies / "ckpt"), "--data", str(copies / "corpus"), "--tokens", "16"]) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -43,24 +38,24 @@ def test_truncated_corpus_files(copies, capsys, file, needle):
     (lambda c: _truncate(c / "rng.safetensors", 0.9), "cannot read"),
     (lambda c: (c / "state.json").write_text('{"step": "three"}'), "state.json is corrupt"),
 ])
-def test_damaged_resume_state(tiny_run, copies, capsys, train_args, damage, needle):
+def test_damaged_resume_state(tiny_run, copies, train_args, damage, needle, one_line):
     damage(copies / "ckpt")
     out = copies / "r"
     assert main(["train", "--preset", str(tiny_run / "tiny.toml"), "--data", str(copies / "corpus"), "--out",
                  str(out), "--resume", str(copies / "ckpt"), *train_args(steps=3)]) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("where", ["ckpt/config.json", "corpus/corpus.json"])
 @pytest.mark.parametrize("value", [[1, 2], "text", 3])
-def test_json_config_of_the_wrong_type(copies, capsys, where, value):
+def test_json_config_of_the_wrong_type(copies, where, value, one_line):
     (copies / where).write_text(json.dumps(value))
     assert main(["eval", str(copies / "ckpt"), "--data", str(copies / "corpus"), "--tokens", "16"]) == 2
-    _one_line(capsys, "not a")
+    one_line("not a")
 
 
-def test_convert_from_a_truncated_safetensors_file(copies, capsys):
+def test_convert_from_a_truncated_safetensors_file(copies, capsys, one_line):
     hf = copies / "hf"
     cfg = json.loads((copies / "ckpt" / "config.json").read_text())
     cfg["model"]["moe"].update(capacity_factor_train=None, capacity_factor_eval=None)  # exportable: dropless
@@ -70,7 +65,7 @@ def test_convert_from_a_truncated_safetensors_file(copies, capsys):
     weights = sorted(hf.glob("*.safetensors"))[0]
     _truncate(weights, 0.7)
     assert main(["convert", "--from-hf", str(hf), "--out", str(copies / "back")]) == 2
-    _one_line(capsys, "not a complete safetensors file")
+    one_line("not a complete safetensors file")
     assert not (copies / "back").exists()
 
 
@@ -87,28 +82,28 @@ def _out_cases(tiny_run, blocker: Path):
 
 
 @pytest.mark.parametrize("verb", ["trace", "train", "data build", "tokenizer train"])
-def test_out_under_a_regular_file(tiny_run, tmp_path, capsys, verb):
+def test_out_under_a_regular_file(tiny_run, tmp_path, verb, one_line):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert main(_out_cases(tiny_run, blocker)[verb]) == 2
-    _one_line(capsys, "is a file, not a folder")
+    one_line("is a file, not a folder")
     assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("verb", ["trace", "train", "data build", "tokenizer train"])
-def test_out_in_an_unwritable_place(tiny_run, tmp_path, capsys, verb):
+def test_out_in_an_unwritable_place(tiny_run, tmp_path, verb, one_line):
     if not Path("/proc/self").is_dir():
         pytest.skip("needs /proc, a file system nobody may write")
     assert main(_out_cases(tiny_run, Path("/proc/moelab-nope"))[verb]) == 2
-    _one_line(capsys, "/proc is not writable")
+    one_line("/proc is not writable")
 
 
-def test_trace_out_an_existing_folder_writes_nothing(tiny_run, tmp_path, capsys):
+def test_trace_out_an_existing_folder_writes_nothing(tiny_run, tmp_path, one_line):
     out = tmp_path / "x"
     out.mkdir()
     assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "16",
                  "--out", str(out)]) == 2
-    _one_line(capsys, "is a folder")
+    one_line("is a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and not any(out.iterdir())
 
 
@@ -117,9 +112,9 @@ def test_trace_out_an_existing_folder_writes_nothing(tiny_run, tmp_path, capsys)
     (["--temperature", "nan"], "--temperature nan must be"), (["--temperature", "-1"], "--temperature -1.0"),
     (["--max-new-tokens", "-3"], "--max-new-tokens: -3 must be >= 1"),
 ])
-def test_generate_arguments(tiny_run, capsys, flags, needle):
+def test_generate_arguments(tiny_run, flags, needle, one_line):
     assert main(["generate", str(tiny_run / "run"), "--prompt", "def", *flags]) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -137,10 +132,10 @@ def test_generate_arguments(tiny_run, capsys, flags, needle):
     (["train", "--preset", "TINY", "--data", "CORPUS", "--out", "OUT/r", "--set", "parallel.ep=3",
       "--set", "data.batch_size=6"], "parallel.ep=3 must divide the expert count"),
 ])
-def test_silent_acceptance_is_refused(tiny_run, tmp_path, capsys, argv, needle):
+def test_silent_acceptance_is_refused(tiny_run, tmp_path, argv, needle, one_line):
     subst = {"RUN": str(tiny_run / "run"), "CORPUS": str(tiny_run / "corpus"), "TINY": str(tiny_run / "tiny.toml"),
              "OUT": str(tmp_path / "o"), "T.parquet": str(tmp_path / "t.parquet")}
     argv = [subst.get(a, a).replace("OUT", str(tmp_path / "o")) for a in argv]
     assert main(argv) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not (tmp_path / "o").exists()

@@ -12,12 +12,6 @@ import pytest
 from moelab.cli import main
 
 
-def _one_line(capsys, needle: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
-    return err[0]
-
-
 @pytest.fixture(scope="module")
 def trace(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tr") / "t.parquet"
@@ -41,22 +35,22 @@ def _no_proc():
         pytest.skip("needs /proc, a file system nobody may write")
 
 
-def test_convert_names_the_users_out_not_its_staging_folder(dropless, tmp_path, capsys):
+def test_convert_names_the_users_out_not_its_staging_folder(dropless, tmp_path, capsys, one_line):
     _no_proc()
     assert main(["convert", "--to-hf", str(dropless), "--out", "/proc/moelab-nope"]) == 2
-    line = _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+    line = one_line("--out /proc/moelab-nope: /proc is not writable")
     assert ".partial" not in line
     assert main(["convert", "--to-hf", str(dropless), "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", "/proc/moelab-nope"]) == 2
-    _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+    one_line("--out /proc/moelab-nope: /proc is not writable")
 
 
-def test_upcycle_refuses_an_unwritable_out_before_the_work(tiny_run, capsys):
+def test_upcycle_refuses_an_unwritable_out_before_the_work(tiny_run, one_line):
     _no_proc()
     assert main(["upcycle", str(tiny_run / "run"), "--preset", str(tiny_run / "tiny.toml"),
                  "--out", "/proc/moelab-nope"]) == 2
-    line = _one_line(capsys, "--out /proc/moelab-nope: /proc is not writable")
+    line = one_line("--out /proc/moelab-nope: /proc is not writable")
     assert "earlier checkpoints" not in line
 
 
@@ -68,7 +62,7 @@ def test_diff_creates_the_folders_of_its_out(trace, tmp_path, capsys):
 
 @pytest.mark.parametrize("where, needle", [("proc", "--out /proc/moelab-nope: /proc is not writable"),
                                            ("file", "is a file, not a folder")])
-def test_analyze_checks_its_out_before_analysing(trace, tmp_path, capsys, monkeypatch, where, needle):
+def test_analyze_checks_its_out_before_analysing(trace, tmp_path, monkeypatch, where, needle, one_line):
     import moelab.report.build as build
 
     if where == "proc":
@@ -79,7 +73,7 @@ def test_analyze_checks_its_out_before_analysing(trace, tmp_path, capsys, monkey
         Path(out).write_text("x")
     monkeypatch.setattr(build, "build_report", lambda *a, **k: pytest.fail("the analysis ran"))
     assert main(["analyze", str(trace), "--out", out]) == 2
-    line = _one_line(capsys, needle)
+    line = one_line(needle)
     assert "Errno" not in line
 
 
@@ -90,16 +84,16 @@ def test_analyze_checks_its_out_before_analysing(trace, tmp_path, capsys, monkey
     (["--labels", " , "], "--labels ' , ' names no label column"),
     (["--names", ""], "--names '': a model name must not be empty"),
 ])
-def test_analyze_flags_that_were_silently_accepted(trace, tmp_path, capsys, flags, needle):
+def test_analyze_flags_that_were_silently_accepted(trace, tmp_path, flags, needle, one_line):
     assert main(["analyze", str(trace), "--out", str(tmp_path / "r"), *flags]) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not (tmp_path / "r").exists()
 
 
-def test_probs_names_the_bad_value(tiny_run, tmp_path, capsys):
+def test_probs_names_the_bad_value(tiny_run, tmp_path, one_line):
     assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--probs", "top:abc",
                  "--out", str(tmp_path / "t.parquet")]) == 2
-    _one_line(capsys, "argument --probs: 'top:abc' is not full, none or top:N")
+    one_line("argument --probs: 'top:abc' is not full, none or top:N")
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -107,36 +101,36 @@ def test_probs_names_the_bad_value(tiny_run, tmp_path, capsys):
     ("{}", "has schema_version=None: missing or not an integer"),
     ('{"schema_version": 99}', "has schema_version 99, newer than this moelab supports"),
 ])
-def test_sidecar_errors_name_the_trace_and_its_sidecar(trace, tmp_path, capsys, text, needle):
+def test_sidecar_errors_name_the_trace_and_its_sidecar(trace, tmp_path, text, needle, one_line):
     bad = tmp_path / "bad.parquet"
     shutil.copy(trace, bad)
     Path(f"{bad}.json").write_text(text)
     assert main(["analyze", str(bad), "--out", str(tmp_path / "r")]) == 2
-    _one_line(capsys, f"trace {bad}: its sidecar {bad}.json {needle}")
+    one_line(f"trace {bad}: its sidecar {bad}.json {needle}")
 
 
-def test_data_info_on_a_file_says_it_is_not_a_corpus_folder(tiny_run, capsys):
+def test_data_info_on_a_file_says_it_is_not_a_corpus_folder(tiny_run, one_line):
     assert main(["data", "info", str(tiny_run / "corpus" / "tokens.npy")]) == 2
-    _one_line(capsys, "tokens.npy is a file, not a corpus folder")
+    one_line("tokens.npy is a file, not a corpus folder")
 
 
 @pytest.mark.parametrize("arg, needle", [("/no/such/preset.toml", "preset file /no/such/preset.toml does not exist"),
                                          ("missing.toml", "preset file missing.toml does not exist"),
                                          ("nope", "unknown preset 'nope'")])
-def test_params_says_a_preset_file_does_not_exist(capsys, arg, needle):
+def test_params_says_a_preset_file_does_not_exist(arg, needle, one_line):
     assert main(["params", arg]) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
 
 
 @pytest.mark.parametrize("line, needle", [
     ('{"input_ids": [1]}', "line 1 is not an OLMoE routing line: it lacks the key(s) exp_ids (it has: input_ids)"),
     ("[1, 2]", "line 1 is not an OLMoE routing line: it holds a JSON array, not an object with the key(s) exp_ids"),
 ])
-def test_olmoe_import_says_what_a_wrong_record_lacks(tmp_path, capsys, line, needle):
+def test_olmoe_import_says_what_a_wrong_record_lacks(tmp_path, line, needle, one_line):
     src = tmp_path / "r.jsonl"
     src.write_text(line + "\n")
     assert main(["trace", "import", "olmoe", str(src), "--out", str(tmp_path / "t.parquet")]) == 2
-    err = _one_line(capsys, needle)
+    err = one_line(needle)
     assert "(needs" not in err
     assert not (tmp_path / "t.parquet").exists()
 
@@ -150,27 +144,27 @@ def test_ablate_refuses_an_expert_named_twice():
         parse_ablate(["1:0,0"], {1: 4})
 
 
-def test_trace_refuses_an_existing_out_unless_overwrite(tiny_run, tmp_path, capsys):
+def test_trace_refuses_an_existing_out_unless_overwrite(tiny_run, tmp_path, capsys, one_line):
     out = tmp_path / "t.parquet"
     argv = ["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "16", "--out", str(out)]
     assert main(argv) == 0
     before = out.read_bytes()
     capsys.readouterr()
     assert main([*argv[:-2], "--tokens", "32", "--out", str(out)]) == 2
-    _one_line(capsys, f"--out {out} already exists: pass --overwrite to replace it")
+    one_line(f"--out {out} already exists: pass --overwrite to replace it")
     assert out.read_bytes() == before
     assert main([*argv[:-2], "--tokens", "32", "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes() != before
 
 
-def test_trace_import_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
+def test_trace_import_refuses_an_existing_out_unless_overwrite(tmp_path, one_line):
     import numpy as np
 
     src, out = tmp_path / "r.npy", tmp_path / "t.parquet"
     np.save(src, np.array([[[0, 1]], [[2, 3]]], np.int32))
     out.write_text("precious")
     assert main(["trace", "import", "replay", str(src), "--out", str(out)]) == 2
-    _one_line(capsys, "already exists: pass --overwrite")
+    one_line("already exists: pass --overwrite")
     assert out.read_text() == "precious"
     assert main(["trace", "import", "replay", str(src), "--out", str(out), "--overwrite"]) == 0
 

@@ -10,11 +10,6 @@ import torch
 from moelab.cli import main
 
 
-def _one_line(capsys, needle: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
-
-
 def _argv(argv, tiny_run, tmp_path):
     subst = {"RUN": str(tiny_run / "run"), "CORPUS": str(tiny_run / "corpus"), "TINY": str(tiny_run / "tiny.toml"),
              "HF": str(tmp_path / "no_hf_model")}
@@ -34,23 +29,23 @@ INTERVENE = ["intervene", "RUN", "--data", "CORPUS", "--out", "OUT", "--ablate",
     ("cuda", "--device 'cuda' but CUDA is not available here"),
     ("cuda:7", "--device 'cuda:7' but CUDA is not available here"),
 ])
-def test_device_is_checked_before_any_model_loads(tiny_run, tmp_path, capsys, monkeypatch, base, device, needle):
+def test_device_is_checked_before_any_model_loads(tiny_run, tmp_path, monkeypatch, base, device, needle, one_line):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(_argv([*base, "--device", device], tiny_run, tmp_path)) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("base", [TRACE, TRACE_HF, INTERVENE_HF])
-def test_dtype_is_checked(tiny_run, tmp_path, capsys, base):
+def test_dtype_is_checked(tiny_run, tmp_path, base, one_line):
     assert main(_argv([*base, "--dtype", "bogus"], tiny_run, tmp_path)) == 2
-    _one_line(capsys, "--dtype 'bogus' is not one of")
+    one_line("--dtype 'bogus' is not one of")
     assert not (tmp_path / "o").exists()
 
 
-def test_trace_of_a_checkpoint_refuses_a_dtype_it_cannot_honour(tiny_run, tmp_path, capsys):
+def test_trace_of_a_checkpoint_refuses_a_dtype_it_cannot_honour(tiny_run, tmp_path, one_line):
     assert main(_argv([*TRACE, "--dtype", "bf16"], tiny_run, tmp_path)) == 2
-    _one_line(capsys, "--dtype bf16 applies to --hf models")
+    one_line("--dtype bf16 applies to --hf models")
 
 
 def test_trace_of_a_checkpoint_honours_device(tiny_run, tmp_path, capsys, monkeypatch):
@@ -63,12 +58,12 @@ def test_trace_of_a_checkpoint_honours_device(tiny_run, tmp_path, capsys, monkey
     assert [str(d) for d in seen] == ["cpu"] and (tmp_path / "o" / "t.parquet").is_file()
 
 
-def test_intervene_on_a_checkpoint_refuses_a_device_it_would_ignore(tiny_run, tmp_path, capsys, monkeypatch):
+def test_intervene_on_a_checkpoint_refuses_a_device_it_would_ignore(tiny_run, tmp_path, monkeypatch, one_line):
     """It runs a moelab checkpoint on the CPU; --device cuda there used to be accepted and ignored."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(_argv([*INTERVENE, "--device", "cuda"], tiny_run, tmp_path)) == 2
-    _one_line(capsys, "--device cuda applies to --hf models")
+    one_line("--device cuda applies to --hf models")
     assert not (tmp_path / "o").exists()
 
 
@@ -80,9 +75,9 @@ def test_intervene_on_a_checkpoint_refuses_a_device_it_would_ignore(tiny_run, tm
     (["convert", "--to-hf", "RUN", "--out", "OUT", "--max-shard-gb", "0"], "--max-shard-gb: '0' must be > 0"),
     (["convert", "--to-hf", "RUN", "--out", "OUT", "--max-shard-gb", "x"], "--max-shard-gb: 'x' is not a number"),
 ])
-def test_nan_and_inf_flags(tiny_run, tmp_path, capsys, argv, needle):
+def test_nan_and_inf_flags(tiny_run, tmp_path, argv, needle, one_line):
     assert main(_argv(argv, tiny_run, tmp_path)) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not (tmp_path / "o").exists()
 
 
@@ -114,9 +109,9 @@ HUGE = "99999999999999999999999"
     (["data", "build", "--out", "OUT", "--source", "math:10", "--vocab-size", "99999999999999999999"],
      "--vocab-size: 99999999999999999999 is too large"),
 ])
-def test_integers_out_of_range(tiny_run, tmp_path, capsys, argv, needle):
+def test_integers_out_of_range(tiny_run, tmp_path, argv, needle, one_line):
     assert main(_argv(argv, tiny_run, tmp_path)) == 2
-    _one_line(capsys, needle)
+    one_line(needle)
     assert not (tmp_path / "o").exists()
 
 
@@ -131,18 +126,18 @@ def _no_build(monkeypatch):
     return loop
 
 
-def test_a_model_too_large_to_train_is_refused_before_allocating(tiny_run, tmp_path, capsys, monkeypatch):
+def test_a_model_too_large_to_train_is_refused_before_allocating(tiny_run, tmp_path, monkeypatch, one_line):
     loop = _no_build(monkeypatch)
     monkeypatch.setattr(loop, "available_memory", lambda: 1000)  # bytes: far below the tiny model's weights
     assert main(_argv([*TRAIN, "--set", "train.device=cpu"], tiny_run, tmp_path)) == 2
-    _one_line(capsys, "GiB (fp32 weights, gradients and optimizer state), but 0.0 GiB is available on cpu")
+    one_line("GiB (fp32 weights, gradients and optimizer state), but 0.0 GiB is available on cpu")
     assert not (tmp_path / "o").exists()
 
 
-def test_an_absurd_model_dimension_is_refused_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+def test_an_absurd_model_dimension_is_refused_in_one_line(tiny_run, tmp_path, monkeypatch, one_line):
     _no_build(monkeypatch)  # d_model=65536: about 550 GB to train
     assert main(_argv([*TRAIN, "--set", "model.d_model=65536", "--set", "model.n_heads=2"], tiny_run, tmp_path)) == 2
-    _one_line(capsys, "choose a smaller model")
+    one_line("choose a smaller model")
     assert not (tmp_path / "o").exists()
 
 
