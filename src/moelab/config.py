@@ -238,17 +238,22 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts and sizes: an integer >= 1 (0 never stands for "the default")."""
+def _int_arg(text: str, low: int, high: int | None, bounds: str) -> int:
+    """An argparse type's integer in low..high, refused as argparse expects (`bounds` says the range)."""
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{value} must be {bounds}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: an integer >= 1 (0 never stands for "the default")."""
+    return _int_arg(text, 1, None, ">= 1")
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 2**64 - 1, numpy's generators no negative seed
@@ -262,15 +267,7 @@ def check_seed(value: int, name: str) -> None:
 
 def seed_int(text: str) -> int:
     """An argparse type for --seed: an integer in 0..2**63-1."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} must be in 0..2**63-1")
-    return value
+    return _int_arg(text, 0, MAX_SEED, "in 0..2**63-1")
 
 
 def finite_float(text: str) -> float:
