@@ -169,13 +169,26 @@ def test_trace_import_refuses_an_existing_out_unless_overwrite(tmp_path, one_lin
     assert main(["trace", "import", "replay", str(src), "--out", str(out), "--overwrite"]) == 0
 
 
-def test_a_refused_pickle_drops_torchs_unsafe_advice():
-    from moelab.trace.hf import _load_error
+def test_a_transformers_folder_of_pickled_weights_is_refused_unopened(tiny_run, tmp_path, one_line):
+    """Its pytorch_model.bin is never handed to torch.load, not even the restricted unpickler: one line says
+    what to do, without torch's advice to retry with weights_only=False."""
+    import torch
 
-    torch_says = RuntimeError("Weights only load failed. In PyTorch 2.6, we changed the default value of the "
-                              "`weights_only` argument in `torch.load` from `False` to `True`. Re-running "
-                              "`torch.load` with `weights_only` set to `False` will likely succeed, but it can "
-                              "result in arbitrary code execution.\nPlease file an issue ...")
-    text = _load_error(torch_says, [])
-    assert "Weights only load failed" in text and "weights_only" not in text and "\n" not in text
-    assert _load_error(OSError("no file named model.safetensors\nmore"), []) == "no file named model.safetensors"
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('pwned')",)
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="mixtral", vocab_size=512, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)))
+    torch.save({"model.embed_tokens.weight": Payload()}, hf / "pytorch_model.bin")
+    out = tmp_path / "t.parquet"
+    assert main(["trace", "--hf", str(hf), "--data", str(tiny_run / "corpus"), "--tokens", "8",
+                 "--out", str(out)]) == 2
+    line = one_line("holds no .safetensors weights (found pytorch_model.bin: convert it to safetensors first)")
+    assert "weights_only" not in line
+    assert not marker.exists() and not out.exists()

@@ -64,12 +64,7 @@ class TensorReader:
             return files
         if (self.path / "model.safetensors").is_file():  # other .safetensors (e.g. Mistral's
             return [self.path / "model.safetensors"]      # consolidated.safetensors) are other layouts
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            found = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
-            extra = f" (found {found[0]}: convert it to safetensors first)" if found else ""
-            raise MoelabError(f"{self.path} holds no .safetensors weights{extra}")
-        return files
+        return safetensors_files(self.path)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -187,3 +182,14 @@ def write_sharded(folder: str | Path, entries: list[Entry], max_shard_bytes: int
 def one(t: Callable[[], torch.Tensor]) -> Callable[[], Iterator[torch.Tensor]]:
     """A producer of a single chunk, computed only when the writer reaches it."""
     return lambda: iter([t()])
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's .safetensors files; none is one line naming the .bin or .pt found instead (a pickle,
+    which moelab never loads, not even through torch's restricted unpickler)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        found = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        extra = f" (found {found[0]}: convert it to safetensors first)" if found else ""
+        raise MoelabError(f"{folder} holds no .safetensors weights{extra}")
+    return files

@@ -23,6 +23,7 @@ from moelab.config import MoelabError
 from moelab.device import resolve_device
 from moelab.hf.families import read_hf_config
 from moelab.hf.hub import resolve_hf
+from moelab.hf.io import safetensors_files
 from moelab.hf.model_class import build, model_class
 from moelab.trace.adapters import HFRoutingRecorder, scoring_name
 from moelab.trace.build import write_trace
@@ -75,9 +76,6 @@ def _load_error(e: Exception, log: list[str]) -> str:
     own cause: the tensor whose conversion failed and the exception that stopped it."""
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__
-    if "Weights only load failed" in first:  # not torch's advice to retry with weights_only=False (unsafe)
-        return ("Weights only load failed: its .bin weights are a pickle holding more than tensors, which moelab "
-                "never unpickles (convert them to .safetensors from a trusted copy)")
     if "report" not in first:
         return first
     lines = [line.strip() for entry in log for line in entry.splitlines()]
@@ -105,11 +103,12 @@ def load_hf_model(folder: Path, device: str | torch.device | None = None, *, dty
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kw = {key: _dtype(dtype), **({"device_map": device_map} if device_map else {})}
     target = resolve_device(device, "--device") if device_map is None else None  # refused before the load
+    safetensors_files(Path(folder))  # weights only from .safetensors: a .bin is a pickle, never opened
     log: list[str] = []
     try:
         with quiet_transformers() as log:
             cls = model_class(folder, transformers.AutoConfig.from_pretrained(str(folder)))
-            model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kw)
+            model, info = cls.from_pretrained(str(folder), output_loading_info=True, use_safetensors=True, **kw)
     except Exception as e:
         raise MoelabError(f"transformers could not load {folder}: {_load_error(e, log)}") from None
     check_loaded(folder, info)
