@@ -3,6 +3,7 @@ import torch
 
 import moelab.model.experts as experts_mod
 from moelab.model.capacity import drop_mask
+from moelab.model.cpu_experts import CPU_EXPERTS_ENV
 from moelab.model.experts import GatedFFN, GroupedExperts, gated_activation, naive_experts_forward
 
 
@@ -69,14 +70,14 @@ def test_every_strategy_matches_the_naive_loop_in_inference(monkeypatch, strateg
 def test_onednn_is_chosen_only_where_no_gradient_is_needed(monkeypatch):
     ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
     x_grad = x.clone().requires_grad_()
-    monkeypatch.setenv(experts_mod.CPU_EXPERTS_ENV, "onednn")
+    monkeypatch.setenv(CPU_EXPERTS_ENV, "onednn")
     assert experts_mod.choose_strategy(x_grad, ex.w_in_EDX) in ("grouped", "loop")
     with torch.no_grad():
         inference = experts_mod.choose_strategy(x_grad, ex.w_in_EDX)
         assert inference == ("onednn" if experts_mod._onednn_works() else "grouped")
         # bf16 (or any non-fp32) operands stay on torch's own kernels
         assert experts_mod.choose_strategy(x.bfloat16(), ex.w_in_EDX.bfloat16()) != "onednn"
-        monkeypatch.setenv(experts_mod.CPU_EXPERTS_ENV, "matmul")
+        monkeypatch.setenv(CPU_EXPERTS_ENV, "matmul")
         assert experts_mod.choose_strategy(x_grad, ex.w_in_EDX) == "grouped"
 
 
@@ -107,7 +108,7 @@ def test_the_cpu_inference_kernel_is_the_one_measured_faster_once_per_shape_and_
     if not experts_mod._onednn_works():
         pytest.skip("this torch has no oneDNN linear")
     monkeypatch.setattr(experts_mod, "_CPU_CHOICE", {})
-    monkeypatch.delenv(experts_mod.CPU_EXPERTS_ENV, raising=False)
+    monkeypatch.delenv(CPU_EXPERTS_ENV, raising=False)
     if slow == "onednn":
         monkeypatch.setattr(experts_mod, "_onednn_loop", _slowed(experts_mod._onednn_loop, 0.02))
     elif slow == "matmul":
@@ -137,7 +138,7 @@ def test_row_classes_and_a_bad_kernel_setting():
         [1, 1, 1, 2, 16, 16, 32, 512, 4096]  # nearest in log2: 16 * sqrt(2) = 22.6
     ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setenv(experts_mod.CPU_EXPERTS_ENV, "mkl")
+        mp.setenv(CPU_EXPERTS_ENV, "mkl")
         if experts_mod._onednn_works():
             with pytest.raises(MoelabError, match="MOELAB_CPU_EXPERTS='mkl' is not one of auto, onednn, matmul"):
                 experts_mod.choose_strategy(x, ex.w_in_EDX)
@@ -163,7 +164,7 @@ def test_interleaved_medians_run_in_turn_after_a_warm_up_and_take_the_median(mon
 
 def test_no_timing_while_dynamo_traces(monkeypatch):
     monkeypatch.setattr(experts_mod, "_CPU_CHOICE", {})
-    monkeypatch.delenv(experts_mod.CPU_EXPERTS_ENV, raising=False)
+    monkeypatch.delenv(CPU_EXPERTS_ENV, raising=False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(experts_mod, "onednn_measured_faster", lambda *a: pytest.fail("timed while tracing"))
     ex, x, ids, w, keep = _setup(8, 2, D=32, Fh=48)

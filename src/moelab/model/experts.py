@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.model.config import FFN_IN_PROJECTIONS
-from moelab.model import cpu_experts
 from moelab.model.cpu_experts import cpu_experts_mode
 from moelab.model.dispatch import Dispatch, combine, permutation
 
@@ -195,8 +194,6 @@ def matmul_strategy(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> str:
     """The strategy on torch's own matmul: the grouped kernel where it takes the operands, else the loop."""
     return "grouped" if _kernel_ok(x_NA, w_EAB) else "loop"
 
-
-CPU_EXPERTS_ENV, CPU_EXPERTS_CHOICES = cpu_experts.CPU_EXPERTS_ENV, cpu_experts.CPU_EXPERTS_CHOICES  # torch-free home
 
 _CPU_CHOICE: dict[tuple[int, int, int, int], bool] = {}  # (E, A, B, row class) -> oneDNN measured faster
 
