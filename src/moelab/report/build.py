@@ -185,11 +185,10 @@ def _unpaired(m: ModelInput, path: str, t: Trace) -> str | None:
 
 
 def _refuse_unpaired(m: ModelInput, path: str, t: Trace) -> None:
-    """One early trace the model's own cannot follow: a corrupt file says so (its rows, checked here only on
-    this failure path), else the first reason it cannot pair."""
-    if not {"layer", "rank", "expert"} <= t._proven:  # the statistics do not vouch for the ids: read them
-        for _ in t.iter_batches(columns=["layer", "rank", "expert"]):
-            pass
+    """One early trace the model's own cannot follow: a corrupt file says so (its ids, read and checked here
+    only on this failure path), else the first reason it cannot pair."""
+    for _ in t.iter_batches(columns=["layer", "rank", "expert"]):
+        pass
     raise MoelabError(f"early routing needs at least two checkpoint traces of one model: {_unpaired(m, path, t)}")
 
 
