@@ -52,13 +52,12 @@ def register(subparsers) -> None:
 
 def vocab_size_arg(text: str) -> int:
     """argparse type for --vocab-size: 1..MAX_VOCAB_SIZE, so a huge value is refused before any source is read."""
-    from moelab.data.tokenizer import MAX_VOCAB_SIZE
+    from moelab.data.tokenizer import vocab_bound_problem
 
     value = positive_int(text)
-    if value > MAX_VOCAB_SIZE:
-        raise argparse.ArgumentTypeError(f"{value} is too large: moelab trains tokenizers of at most "
-                                         f"{MAX_VOCAB_SIZE:,} tokens (the trainer allocates vocab-sized tables "
-                                         "up front)")
+    too_large = vocab_bound_problem(value)
+    if too_large:
+        raise argparse.ArgumentTypeError(too_large)
     return value
 
 

@@ -124,6 +124,15 @@ def _first_id(vocab: dict[str, int], names: tuple[str, ...], fallback: int | Non
 
 
 # ---- training --------------------------------------------------------------------------------
+def vocab_bound_problem(vocab_size: int) -> str | None:
+    """What is wrong with a vocabulary beyond MAX_VOCAB_SIZE (the trainer would allocate its tables first and
+    abort), as the tail of a message naming it; None when within the bound."""
+    if vocab_size <= MAX_VOCAB_SIZE:
+        return None
+    return (f"{vocab_size} is too large: moelab trains tokenizers of at most {MAX_VOCAB_SIZE:,} tokens (the "
+            "trainer allocates vocab-sized tables up front)")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "bpe",
                     out_path: str | Path | None = None) -> Tokenizer:
     """Train a byte-level tokenizer (any UTF-8 text round-trips, nothing maps to <unk>)."""
@@ -135,9 +144,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "bpe",
     if vocab_size < MIN_VOCAB_SIZE:
         raise MoelabError(f"vocab_size {vocab_size} is too small: the special tokens and 256 bytes "
                           f"need at least {MIN_VOCAB_SIZE}")
-    if vocab_size > MAX_VOCAB_SIZE:
-        raise MoelabError(f"vocab_size {vocab_size} is too large: moelab trains tokenizers of at most "
-                          f"{MAX_VOCAB_SIZE:,} tokens (the trainer allocates vocab-sized tables up front)")
+    too_large = vocab_bound_problem(vocab_size)
+    if too_large:
+        raise MoelabError(f"vocab_size {too_large}")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if kind == "bpe":
         backend = FastTokenizer(models.BPE())
