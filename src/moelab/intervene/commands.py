@@ -222,13 +222,10 @@ def run_intervene(args) -> int:
     _check_capacity_text(args.capacity_factor)
     from moelab.trace.commands import check_device_flags
 
-    check_device_flags(args)  # before any model loads (--hf's load comes after every other check)
-    if not args.hf and args.device is not None:
-        from moelab.device import resolve_device
-
-        if resolve_device(args.device, "--device").type != "cpu":  # not silently ignored
-            raise MoelabError(f"--device {args.device} applies to --hf models: intervene runs a moelab checkpoint "
-                              "on the CPU")
+    device = check_device_flags(args)  # before any model loads (--hf's load comes after every other check)
+    if not args.hf and device is not None and device.type != "cpu":  # not silently ignored
+        raise MoelabError(f"--device {args.device} applies to --hf models: intervene runs a moelab checkpoint "
+                          "on the CPU")
     if not (args.ablate or args.topk_sweep or args.capacity_sweep or args.replay):
         raise MoelabError("nothing to do: give --ablate, --replay, --topk-sweep and/or --capacity-sweep")
     factors = parse_factors(args.capacity_sweep) if args.capacity_sweep else []

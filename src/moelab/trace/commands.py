@@ -115,9 +115,8 @@ def _export_parser(parser_cls: type = argparse.ArgumentParser) -> argparse.Argum
 def run_import(args) -> int:
     from moelab.trace.formats import import_trace
 
-    _check_no_trace(args)
     stats = import_trace(args.format, args.src, args.out, num_experts=args.num_experts, corpus=args.corpus,
-                         split=args.split, micro_batch=args.micro_batch)
+                         split=args.split, micro_batch=args.micro_batch, overwrite=args.overwrite)
     print(f"imported {stats['tokens']:,} tokens ({stats['rows']:,} rows, {stats['sequences']:,} sequences) "
           f"-> {args.out}")
     for name, why in stats["meta"].null_columns.items():
@@ -153,29 +152,24 @@ def parse_capacity(text: str, model_cfg) -> float | None:
     return cf
 
 
-def _check_no_trace(args) -> None:
-    """The rule of train, upcycle, convert and intervene: an earlier result is never replaced silently."""
-    if Path(args.out).is_file() and not args.overwrite:  # a folder is refused by check_out_file
-        raise MoelabError(f"--out {args.out} already exists: pass --overwrite to replace it, or choose another")
-
-
-def check_device_flags(args) -> None:
-    """--device and --dtype of trace and intervene, refused in one line before any model loads."""
+def check_device_flags(args):
+    """--device and --dtype of trace and intervene, refused in one line before any model loads; returns the
+    torch.device --device names (None where it is not given)."""
     from moelab.device import resolve_device
     from moelab.trace.hf import _dtype
 
     _dtype(args.dtype)
-    if args.device is not None:
-        resolve_device(args.device, "--device")
+    device = resolve_device(args.device, "--device") if args.device is not None else None
     if not args.hf and args.dtype not in ("auto", "float32", "fp32"):
         raise MoelabError(f"--dtype {args.dtype} applies to --hf models (a moelab checkpoint runs in float32)")
+    return device
 
 
 def run_trace(args) -> int:
     from moelab.trace.filemeta import check_trace_out
 
-    check_trace_out(args.out)  # before any model loads: an existing folder, an unwritable place, a sidecar's name
-    _check_no_trace(args)
+    # before any model loads: an existing folder or trace, an unwritable place, a sidecar's name
+    check_trace_out(args.out, overwrite=args.overwrite)
     check_device_flags(args)
     if args.hf:
         from moelab.trace.hf import trace_hf

@@ -21,16 +21,19 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
-def check_trace_out(path: str | Path, flag: str = "--out") -> None:
+def check_trace_out(path: str | Path, flag: str = "--out", overwrite: bool = True) -> None:
     """A place a new trace may be written: a writable file path whose name is not one a trace writes
     beside itself (X.json, its sidecar; X.tmp, the file while it is written), which would replace another
-    trace's sidecar or be taken for one."""
+    trace's sidecar or be taken for one; an existing file only with `overwrite` (the rule of train,
+    upcycle, convert and intervene: an earlier result is never replaced silently)."""
     from moelab.outpath import check_out_file
 
     check_out_file(path, flag)
     if Path(path).suffix.lower() in (".json", ".tmp"):
         raise MoelabError(f"{flag} {path}: a trace is a Parquet file and {Path(path).suffix} names a trace's "
                           "sidecar or unfinished file: give a name such as routing.parquet")
+    if not overwrite and Path(path).is_file():  # a folder is refused by check_out_file
+        raise MoelabError(f"{flag} {path} already exists: pass --overwrite to replace it, or choose another")
 
 
 def all_null(file: pq.ParquetFile, name: str) -> bool:

@@ -11,14 +11,16 @@ FORMATS = ("megatron", "replay", "olmoe")
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, num_experts: int | None = None,
-                 corpus: str | Path | None = None, split: str = "heldout", micro_batch: int = 1) -> dict:
-    """Read `src` in format `fmt` and write a moelab trace at `out`; returns counts and the notes."""
+                 corpus: str | Path | None = None, split: str = "heldout", micro_batch: int = 1,
+                 overwrite: bool = True) -> dict:
+    """Read `src` in format `fmt` and write a moelab trace at `out` (an existing one only with `overwrite`);
+    returns counts and the notes."""
     from moelab.trace.filemeta import check_trace_out
     from moelab.trace.formats import megatron, olmoe, replay
     from moelab.trace.formats.routed import write_routed
     from moelab.trace.formats.values import MAX_COUNT, MAX_EXPERTS, check_count
 
-    check_trace_out(out)  # before reading anything: an existing folder would leave X.tmp and X.json behind
+    check_trace_out(out, overwrite=overwrite)  # before reading anything: an existing folder would leave X.tmp and X.json behind
     check_count(micro_batch, "--micro-batch", 1, MAX_COUNT)
     check_count(num_experts, "--num-experts", 1, MAX_EXPERTS)
 
