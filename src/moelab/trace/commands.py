@@ -170,7 +170,7 @@ def run_trace(args) -> int:
 
     # before any model loads: an existing folder or trace, an unwritable place, a sidecar's name
     check_trace_out(args.out, overwrite=args.overwrite)
-    check_device_flags(args)
+    device = check_device_flags(args)
     if args.hf:
         from moelab.trace.hf import trace_hf
 
@@ -189,12 +189,12 @@ def run_trace(args) -> int:
             raise MoelabError("--revision applies to --hf models")
         if not args.model:
             raise MoelabError("give a checkpoint (or --hf NAME) to trace")
-        stats = trace_checkpoint(args)
+        stats = trace_checkpoint(args, device or "cpu")
     print(f"traced {stats['tokens']:,} tokens ({stats['rows']:,} rows) -> {args.out}")
     return 0
 
 
-def trace_checkpoint(args) -> dict:
+def trace_checkpoint(args, device) -> dict:
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.data.tokenizer import check_vocab_fits
@@ -203,10 +203,8 @@ def trace_checkpoint(args) -> dict:
     from moelab.train.log import Progress
     from moelab.trace.build import trace_batches, trace_meta
 
-    from moelab.device import resolve_device
-
     ckpt = resolve_checkpoint(args.model)
-    model = load_model(ckpt, resolve_device(args.device, "--device") if args.device else "cpu")
+    model = load_model(ckpt, device)
     if not model.moe_layers():
         raise MoelabError(f"{ckpt} is a dense model: it has no routing to trace")
     if args.all_experts and any(layer.experts is None for layer in model.moe_layers()):
