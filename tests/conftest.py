@@ -84,6 +84,18 @@ def one_line(capsys):
 
 
 @pytest.fixture(scope="session")
+def tiny_trace(tiny_run, tmp_path_factory):
+    """The tiny run's checkpoint traced over 96 held-out tokens (its own routing, seq_len 16). Read-only:
+    a test that damages a trace copies it first."""
+    from moelab.cli import main
+
+    trace = tmp_path_factory.mktemp("tiny_trace") / "own.parquet"
+    assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "96",
+                 "--out", str(trace)]) == 0
+    return trace
+
+
+@pytest.fixture(scope="session")
 def train_args():
     """`train` flags that keep a tiny run to a second: train_args(steps) -> argv list."""
     return tiny_train_args

@@ -12,14 +12,6 @@ import pytest
 from moelab.cli import main
 
 
-@pytest.fixture(scope="module")
-def trace(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tr") / "t.parquet"
-    assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "64",
-                 "--out", str(out)]) == 0
-    return out
-
-
 @pytest.fixture
 def dropless(tiny_run, tmp_path):
     ckpt = tmp_path / "ckpt"
@@ -54,15 +46,15 @@ def test_upcycle_refuses_an_unwritable_out_before_the_work(tiny_run, one_line):
     assert "earlier checkpoints" not in line
 
 
-def test_diff_creates_the_folders_of_its_out(trace, tmp_path, capsys):
+def test_diff_creates_the_folders_of_its_out(tiny_trace, tmp_path, capsys):
     out = tmp_path / "no" / "such" / "d.json"
-    assert main(["diff", str(trace), str(trace), "--out", str(out)]) == 0
+    assert main(["diff", str(tiny_trace), str(tiny_trace), "--out", str(out)]) == 0
     assert json.loads(out.read_text()) and sorted(p.name for p in out.parent.iterdir()) == ["d.json"]
 
 
 @pytest.mark.parametrize("where, needle", [("proc", "--out /proc/moelab-nope: /proc is not writable"),
                                            ("file", "is a file, not a folder")])
-def test_analyze_checks_its_out_before_analysing(trace, tmp_path, monkeypatch, where, needle, one_line):
+def test_analyze_checks_its_out_before_analysing(tiny_trace, tmp_path, monkeypatch, where, needle, one_line):
     import moelab.report.build as build
 
     if where == "proc":
@@ -72,7 +64,7 @@ def test_analyze_checks_its_out_before_analysing(trace, tmp_path, monkeypatch, w
         out = str(tmp_path / "a_file")
         Path(out).write_text("x")
     monkeypatch.setattr(build, "build_report", lambda *a, **k: pytest.fail("the analysis ran"))
-    assert main(["analyze", str(trace), "--out", out]) == 2
+    assert main(["analyze", str(tiny_trace), "--out", out]) == 2
     line = one_line(needle)
     assert "Errno" not in line
 
@@ -84,8 +76,8 @@ def test_analyze_checks_its_out_before_analysing(trace, tmp_path, monkeypatch, w
     (["--labels", " , "], "--labels ' , ' names no label column"),
     (["--names", ""], "--names '': a model name must not be empty"),
 ])
-def test_analyze_flags_that_were_silently_accepted(trace, tmp_path, flags, needle, one_line):
-    assert main(["analyze", str(trace), "--out", str(tmp_path / "r"), *flags]) == 2
+def test_analyze_flags_that_were_silently_accepted(tiny_trace, tmp_path, flags, needle, one_line):
+    assert main(["analyze", str(tiny_trace), "--out", str(tmp_path / "r"), *flags]) == 2
     one_line(needle)
     assert not (tmp_path / "r").exists()
 
@@ -101,9 +93,9 @@ def test_probs_names_the_bad_value(tiny_run, tmp_path, one_line):
     ("{}", "has schema_version=None: missing or not an integer"),
     ('{"schema_version": 99}', "has schema_version 99, newer than this moelab supports"),
 ])
-def test_sidecar_errors_name_the_trace_and_its_sidecar(trace, tmp_path, text, needle, one_line):
+def test_sidecar_errors_name_the_trace_and_its_sidecar(tiny_trace, tmp_path, text, needle, one_line):
     bad = tmp_path / "bad.parquet"
-    shutil.copy(trace, bad)
+    shutil.copy(tiny_trace, bad)
     Path(f"{bad}.json").write_text(text)
     assert main(["analyze", str(bad), "--out", str(tmp_path / "r")]) == 2
     one_line(f"trace {bad}: its sidecar {bad}.json {needle}")

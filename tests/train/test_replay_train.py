@@ -12,15 +12,6 @@ from moelab.train.commands import resolve_checkpoint
 from moelab.train.replay import ReplaySampler, replay_routing
 
 
-@pytest.fixture(scope="module")
-def traced(tiny_run, tmp_path_factory):
-    """The tiny run's checkpoint traced over 96 held-out tokens (its own routing, seq_len 16)."""
-    trace = tmp_path_factory.mktemp("replay_train") / "own.parquet"
-    assert main(["trace", str(tiny_run / "run"), "--data", str(tiny_run / "corpus"), "--tokens", "96",
-                 "--out", str(trace)]) == 0
-    return trace
-
-
 def _step(model, batch, ctx):
     """One training micro-step as the loop runs it: (loss, {name: grad})."""
     model.zero_grad(set_to_none=True)
@@ -30,10 +21,10 @@ def _step(model, batch, ctx):
     return float(o.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_own_routing_replayed_is_the_unreplayed_step_and_other_routing_trains_the_router(tiny_run, traced):
+def test_own_routing_replayed_is_the_unreplayed_step_and_other_routing_trains_the_router(tiny_run, tiny_trace):
     model = load_model(resolve_checkpoint(tiny_run / "run")).train()
     sampler = ReplaySampler(load_corpus(tiny_run / "corpus"), seq_len=16, batch_size=4, split="heldout",
-                            path=traced, model=model)
+                            path=tiny_trace, model=model)
     batch = sampler.batch(1)
     assert batch["replay_rows"].tolist() == [4, 5, 0, 1]  # 6 sequences in order, then from the start
     loss, grads = _step(model, batch, replay_routing(model, None, batch))  # no replay: the plain step
@@ -50,17 +41,17 @@ def test_own_routing_replayed_is_the_unreplayed_step_and_other_routing_trains_th
     assert routers and all(grads_x[n].abs().sum() > 0 for n in routers)
 
 
-def test_train_replay_trains_on_the_replayed_rows(tiny_run, traced, tmp_path, train_args):
+def test_train_replay_trains_on_the_replayed_rows(tiny_run, tiny_trace, tmp_path, train_args):
     from moelab.train.commands import build_run_config
     from moelab.train.loop import train
 
     run = build_run_config(str(tiny_run / "tiny.toml"), str(tiny_run / "corpus"),
                            ["train.steps=1", "data.seq_len=16", "data.batch_size=2", "train.tensorboard=false",
                             "train.eval_tokens=16", "train.warmup_steps=0"])
-    res = train(run, tmp_path / "r", show_progress=False, init_from=resolve_checkpoint(tiny_run / "run"), replay=traced)
+    res = train(run, tmp_path / "r", show_progress=False, init_from=resolve_checkpoint(tiny_run / "run"), replay=tiny_trace)
     model = load_model(resolve_checkpoint(tiny_run / "run")).train()
     sampler = ReplaySampler(load_corpus(tiny_run / "corpus"), seq_len=16, batch_size=2, split="heldout",
-                            path=traced, model=model)
+                            path=tiny_trace, model=model)
     expected, _ = _step(model, sampler.batch(0), replay_routing(model, None, None))
     assert res.losses[0] == pytest.approx(expected, abs=1e-5)  # the trace's first rows, its own routing
 
@@ -72,9 +63,9 @@ def test_train_replay_trains_on_the_replayed_rows(tiny_run, traced, tmp_path, tr
     (["--set", "data.seq_len=12"], "other tokens than the corpus row"),
     (["--set", "train.activation_checkpointing=true"], "exclude each other"),
 ])
-def test_bad_replay_is_one_line_and_exit_2(tiny_run, traced, tmp_path, capsys, train_args, extra, msg):
+def test_bad_replay_is_one_line_and_exit_2(tiny_run, tiny_trace, tmp_path, capsys, train_args, extra, msg):
     rc = main(["train", "--preset", str(tiny_run / "tiny.toml"), "--data", str(tiny_run / "corpus"), "--out",
-               str(tmp_path / "r"), *train_args(1), "--replay", str(traced), *extra])
+               str(tmp_path / "r"), *train_args(1), "--replay", str(tiny_trace), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and "\n" not in err, err
     assert not (tmp_path / "r").exists()
