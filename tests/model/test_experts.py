@@ -253,3 +253,33 @@ def test_grouped_kernel_takes_an_expanded_gradient(compiled):
     torch.cat([xs @ wr[e] for e, xs in enumerate(xr.split(counts.tolist()))]).sum().backward()
     torch.testing.assert_close(x.grad.float(), xr.grad, atol=0.1, rtol=2e-2)
     torch.testing.assert_close(w.grad.float(), wr.grad, atol=0.2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "loop"])
+def test_fp32_weights_under_bf16_autocast_run_the_experts_in_bf16(monkeypatch, strategy):
+    """Autocast has no rule for torch._grouped_mm, so fp32 expert weights under bf16 autocast ran both expert
+    products in fp32 (on CUDA, the kernel's per-expert fallback). They now run in the autocast dtype, as
+    autocast runs a matmul, and equal the naive loop under the same autocast to bf16 tolerance; the fp32
+    weights still get fp32 gradients."""
+    if strategy == "grouped" and not experts_mod._kernel_ok(torch.zeros(8, 16, dtype=torch.bfloat16),
+                                                              torch.zeros(2, 16, 16, dtype=torch.bfloat16)):
+        pytest.skip("torch._grouped_mm does not run in bf16 here")
+    monkeypatch.setattr(experts_mod, "choose_strategy", lambda *a: strategy)
+    seen = []
+    real = experts_mod.run_strategy
+
+    def spy(name, x_NA, w_EAB, *rest):
+        seen.append((x_NA.dtype, w_EAB.dtype))
+        return real(name, x_NA, w_EAB, *rest)
+
+    monkeypatch.setattr(experts_mod, "run_strategy", spy)
+    ex, x, ids, w, keep = _setup(8, 2, T=64, D=16, Fh=32, drop=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ex(x, ids, w, keep)
+        ref = naive_experts_forward(ex, x, ids, w, keep)
+        y.float().square().sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert y.dtype == x.dtype and ex.w_in_EDX.grad.dtype == ex.w_out_EFD.grad.dtype == torch.float32
+    torch.testing.assert_close(y, ref.float(), atol=2e-2 * ref.abs().max().item(), rtol=0)
+    with torch.no_grad():  # and not fp32: the fp32 output is further from it than bf16 rounding allows
+        assert (ex(x, ids, w, keep) - y).abs().max() > 1e-4

@@ -329,8 +329,20 @@ def run_strategy(strategy: str, x_NA, w_EAB, offs_E, counts_list: list[int] | No
     return _grouped(x_NA, w_EAB, None, counts_list)
 
 
+def _autocast_operands(x_NA: torch.Tensor, w_EAB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both operands in the autocast dtype where autocast is on, as autocast casts a matmul's. Autocast has
+    no rule for torch._grouped_mm (torch 2.11-2.13), so fp32 weights under bf16 autocast would otherwise
+    run the experts in fp32: on CUDA through its per-expert fallback instead of the bf16 grouped kernel."""
+    device = x_NA.device.type
+    if not torch.is_autocast_enabled(device) or not x_NA.is_floating_point():
+        return x_NA, w_EAB
+    dtype = torch.get_autocast_dtype(device)
+    return x_NA.to(dtype), w_EAB.to(dtype)
+
+
 def _expert_mm(x_NA, w_EAB, offs_E, counts: list[list[int]]):
     """The chosen strategy, with per-expert counts fetched once a layer (never for the kernel)."""
+    x_NA, w_EAB = _autocast_operands(x_NA, w_EAB)
     strategy = choose_strategy(x_NA, w_EAB)
     if strategy != "grouped" and not counts:
         ends = offs_E.tolist()
