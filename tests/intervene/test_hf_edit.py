@@ -194,3 +194,20 @@ def test_a_rule_that_misreads_the_router_is_caught_not_used():
             model(input_ids=IDS)
     blk = moe.blocks[0]
     assert not blk.router._forward_hooks and not blk.experts._forward_pre_hooks  # removed after the error
+
+
+def test_the_runner_s_block_cache_lets_the_model_go():
+    """hf_runner finds a model's blocks once and keeps them while the model lives, but never keeps the
+    model itself: an lru_cache did, holding a 7B model's GPU memory after its last user let it go."""
+    import gc
+    import weakref
+
+    from moelab.intervene import hf_runner
+
+    model = build("mixtral")
+    assert hf_runner._moe(model) is hf_runner._moe(model)  # found once
+    assert hf_runner.layout(model) == {b: (6, 2) for b in range(2)}
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -10,7 +10,7 @@ dropless: the dropped share is 0 and the capacity argument `cf` is unused.
 
 from __future__ import annotations
 
-import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,15 @@ from moelab.intervene.runner import token_loss
 from moelab.trace.adapters import _experts_args, _first_tensor
 
 
-@functools.lru_cache(maxsize=4)
+# Weak keys: a cache that held the model (an lru_cache did) kept a 7B model's GPU memory alive after its
+# last user let go of it. The blocks found hold submodules, never the model, so the entry dies with it.
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _moe(model) -> HFMoE:
-    return hf_moe(model)
+    if model not in _FOUND:
+        _FOUND[model] = hf_moe(model)
+    return _FOUND[model]
 
 
 def layout(model) -> dict[int, tuple[int, int]]:
