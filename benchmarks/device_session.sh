@@ -35,12 +35,17 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   echo "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -1 || echo missing)"
   # a trace encodes row groups on several threads only where pyarrow (>= 18) allows joining them
   python -c 'import pyarrow; from moelab.trace.stitch import joinable; print("pyarrow", pyarrow.__version__, "joinable", joinable())'
+  # inductor on CUDA builds Triton's launcher with the C compiler and Python's headers on first use
+  echo "cc: $(cc --version 2>/dev/null | head -1 || echo missing)"
+  python -c 'import os, sysconfig; h = os.path.join(sysconfig.get_paths()["include"], "Python.h"); print("Python.h:", h if os.path.exists(h) else "missing")'
 } > "$out/machine.txt"
 
 case "$part" in
 gpu)
     if [ "$tiny" = --tiny ]; then device=(--device cpu --tiny); else device=(--device cuda); fi
-    python benchmarks/gpu_check.py "${device[@]}" --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
+    # Stopped before the device's 600 s a call: the JSON is saved after every check, so what finished stays.
+    timeout --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-560}" \
+        python benchmarks/gpu_check.py "${device[@]}" --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
     ;;
 workers)
     if [ "$tiny" = --tiny ]; then

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -217,8 +219,12 @@ def real_size(dev: torch.device, tiny: bool) -> list[dict]:
 
     args = SimpleNamespace(config="OlmoeConfig", device=dev.type, tiny=tiny, narrow=False, batches=2 if tiny else 4,
                            top_n=None, ablations=2 if tiny else 8)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = brs.model_rows(args, Path(tmp))
+    threads = torch.get_num_threads()  # model_rows times at one thread; train-step builds its model after
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = brs.model_rows(args, Path(tmp))
+    finally:
+        torch.set_num_threads(threads)
     shape = "tiny OLMoE" if tiny else "OLMoE-1B-7B shape, bf16"
     targets = {"none": 0.8, "full": 0.5}
     rows = [parts.row("real-size", f"{shape}: trace --probs {name.split('_')[0]}"
@@ -240,10 +246,19 @@ CHECKS = {"experts-bf16": experts_bf16, "hf-trace": hf_trace, "distributed": dis
           "real-size": real_size, "train-step": train_step}
 
 
+def free_memory(dev: torch.device) -> None:
+    """What a finished check left unreferenced, collected, so it does not count in the next one's memory."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: list[str],
-               out_json: Path = Path("gpu_check.json"), budget_s: float = float("inf")) -> list[dict]:
+               out_json: Path = Path("gpu_check.json"), budget_s: float = float("inf"),
+               save=None) -> list[dict]:
     """Each check in order; one that would start after `budget_s` seconds is a failed row saying so,
-    so a slow machine still ends in time with the table of what ran."""
+    so a slow machine still ends in time with the table of what ran. `save(rows)` after each check: a run
+    killed at the device's time limit still leaves the rows of the checks that finished."""
     rows, start = [], time.perf_counter()
     for name, check in CHECKS.items():
         if only and name not in only:
@@ -265,6 +280,9 @@ def run_checks(dev: torch.device, tiny: bool, peak_tflops: float | None, only: l
         for r in got:
             r["seconds"] = round(time.perf_counter() - t0, 2)
         rows += got
+        free_memory(dev)
+        if save is not None:
+            save(rows)
         print(f"{name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -317,10 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bc.setup(threads=1 if dev.type == "cpu" else torch.get_num_threads())
     RECORDS.clear()
-    rows = run_checks(dev, args.tiny, args.peak_tflops, only, Path(args.json), args.budget_s)
     info = device_info(dev)
+
+    def save(rows: list[dict], complete: bool = False) -> None:
+        tmp = Path(args.json + ".tmp")  # replaced whole: a kill mid-write leaves the previous save
+        tmp.write_text(json.dumps({**info, "tiny": args.tiny, "complete": complete, "rows": rows, **RECORDS},
+                                  indent=1))
+        os.replace(tmp, args.json)
+
+    rows = run_checks(dev, args.tiny, args.peak_tflops, only, Path(args.json), args.budget_s, save)
     print(parts.table(rows, info))
-    Path(args.json).write_text(json.dumps({**info, "tiny": args.tiny, "rows": rows, **RECORDS}, indent=1))
+    save(rows, complete=True)
     print(f"wrote {args.json}")
     if args.record and "routing_compile" in RECORDS:
         rec = dict(RECORDS["routing_compile"])

@@ -191,8 +191,10 @@ def fitting_train_step(preset: str, seq: int, dev, batches: list[int], steps: in
             if not _is_oom(e) or batch == batches[-1]:
                 raise
             peaks[batch] = "OOM"
-        # Out here the exception and the activations its traceback held are gone.
+        # Out here the exception and the activations its traceback held are gone. With bf16 parameters the
+        # optimizer holds the fp32 masters, so the model's own bf16 gradients are cleared apart.
         opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     raise AssertionError("unreachable")

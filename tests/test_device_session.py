@@ -41,6 +41,19 @@ def test_gpu_part_runs_gpu_check_and_passes_its_arguments_on(tmp_path):
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert rows and {r["check"] for r in rows} == {"experts-bf16"} and all(r["ok"] for r in rows)
     assert "experts-bf16" in (tmp_path / "gpu_check.log").read_text()
+    machine = (tmp_path / "machine.txt").read_text()
+    assert "\ncc: " in machine and "\nPython.h: " in machine  # what inductor needs on the GPU machine
+
+
+def test_gpu_part_is_stopped_before_the_device_s_call_limit(tmp_path):
+    """`timeout` ends gpu_check before the device tool would kill the whole call (its status, 124, comes back);
+    here a limit of 1 s stands for the 560 s one."""
+    if shutil.which("timeout") is None:
+        pytest.skip("no timeout(1)")
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_TIMEOUT_S": "1"}
+    done = subprocess.run(["bash", str(SCRIPT), "gpu", "--tiny"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 124, done.stdout + done.stderr
 
 
 def test_no_part_named_is_one_line_and_status_2(tmp_path):

@@ -134,6 +134,59 @@ def test_train_step_falls_back_to_the_batch_that_fits(monkeypatch):
         parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [8, 4], 1)
 
 
+def test_an_oom_after_the_backward_leaves_no_gradient_behind():
+    """With bf16 parameters an OOM can strike after the backward filled the model's bf16 gradients (the
+    optimizer holds only the fp32 masters): the smaller batch's first step must start from none, or its
+    gradient would add the failed try's and its peak memory count them."""
+    import torch
+
+    from moelab.model.transformer import MoETransformer
+    from moelab.train.precision import MasterWeights
+
+    parts = _import_parts()
+    real_fwd, real_move = MoETransformer.forward, MasterWeights.grads_to_master
+    leftover = []
+
+    def forward(self, ids, *a, **k):
+        leftover.append(any(p.grad is not None for p in self.parameters()))
+        return real_fwd(self, ids, *a, **k)
+
+    def grads_to_master(self):
+        if len(leftover) == 1:  # the first try's first step, after its backward
+            raise torch.OutOfMemoryError("CUDA out of memory (planted, after the backward)")
+        return real_move(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MoETransformer, "forward", forward)
+        mp.setattr(MasterWeights, "grads_to_master", grads_to_master)
+        cfg, batch, seconds, steps = parts.fitting_train_step("tiny-moe", 16, torch.device("cpu"), [4, 2], 1,
+                                                              bf16_params=True)
+    assert batch == 2 and len(leftover) == 3 and not any(leftover)
+
+
+def test_a_killed_run_keeps_the_rows_of_the_checks_that_finished(tmp_path, monkeypatch):
+    """The JSON is saved after every check, replaced whole: a run stopped at the device's time limit (here a
+    planted SystemExit in the second check) still leaves the first check's rows, marked incomplete."""
+    gpu_check = _import_script()
+    parts = _import_parts()
+    out = tmp_path / "o.json"
+
+    def killed(dev, tiny):
+        assert json.loads(out.read_text())["rows"][0]["what"] == "first"  # saved before the next check began
+        raise SystemExit(124)
+
+    monkeypatch.setattr(gpu_check, "CHECKS", {"a": lambda dev, tiny: [parts.row("a", "first", 1.0, None, True)],
+                                              "b": killed})
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and [r["what"] for r in saved["rows"]] == ["first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]
+    monkeypatch.setattr(gpu_check, "CHECKS", {"a": lambda dev, tiny: [parts.row("a", "first", 1.0, None, True)]})
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def _import_parts():
     _import_script()
     import gpu_check_parts
