@@ -229,3 +229,29 @@ def test_a_checkpoint_missing_a_router_weight_is_refused_not_filled_at_random(co
     err = capsys.readouterr().err.strip().splitlines()
     assert "lacks the weight model.layers.1." in err[-1], err
     assert not iv.exists() or not any(iv.iterdir())
+
+
+def test_pop_reads_the_device_once_for_every_block():
+    """The ids' range check of all blocks is one read back to the host a forward, not two a block (each a
+    GPU stall): counted here as the tensor-to-Python reads pop makes. The refusal it feeds is
+    test_hf_coverage's planted router of another form."""
+    from moelab.trace.adapters import HFRoutingRecorder
+
+    model = _model("mixtral")
+    reads = []
+    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__int__", "__bool__", "numpy")}
+
+    def counted(name):
+        def read(self, *a, **k):
+            reads.append(name)
+            return real[name](self, *a, **k)
+        return read
+
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), HFRoutingRecorder(model) as rec:
+        model(input_ids=ids, use_cache=False)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in real:
+                mp.setattr(torch.Tensor, name, counted(name))
+            layers = rec.pop()
+    assert len(layers) == 4 and reads == ["tolist"]

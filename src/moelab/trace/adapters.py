@@ -339,11 +339,32 @@ class HFRoutingRecorder:
         self._handles = []
 
     def pop(self) -> list[CapturedLayer]:
-        out = [self._layer(b) for b in self.blocks]
+        built = [self._layer(b) for b in self.blocks]
         self._seen = {}
-        return out
+        self._check_ids(built)
+        return [layer for layer, _ in built]
 
-    def _layer(self, b: MoEBlock) -> CapturedLayer:
+    def _check_ids(self, built: list[tuple[CapturedLayer, torch.Tensor | None]]) -> None:
+        """Every block's expert ids lie inside its scores, read back in one device sync for all blocks (one
+        per block, two reads each, stalled the GPU 2 L times a batch). Checked before any row is built: on
+        CUDA an id past the scores would end the process in a device-side assert at the first gather."""
+        ranged = [(b, layer, lohi) for b, (layer, lohi) in zip(self.blocks, built) if lohi is not None]
+        if not ranged:
+            return
+        where = ranged[0][2].device  # blocks placed on several devices (device_map) meet on the first's
+        values = torch.stack([lohi.to(where) for *_, lohi in ranged]).tolist()
+        for (b, layer, _), (lo, hi) in zip(ranged, values):
+            width = layer.routing.probs_TE.shape[-1]
+            if lo < 0 or hi >= width:
+                raise self._id_problem(b, layer.routing.expert_ids_TK.shape[0], lo, hi, layer.routing.probs_TE)
+
+    def _id_problem(self, b: MoEBlock, tokens: int, lo: int, hi: int, probs_TE: torch.Tensor) -> MoelabError:
+        # a router output read in the wrong form: refused, never written as a trace
+        return self._unreadable(b.router, "output", f"{tokens} tokens' expert ids in [{lo}, {hi}] "
+                                f"against scores of shape {tuple(probs_TE.shape)}")
+
+    def _layer(self, b: MoEBlock) -> tuple[CapturedLayer, torch.Tensor | None]:
+        """The block's routing, and its ids' [min, max] on the device (None when no token routed)."""
         seen = self._seen.get(b.block, {})
         if "first" not in seen or ("ids" not in seen and "dense" not in seen):
             raise MoelabError(f"MoE block {b.name} did not route in this forward (router or experts not called)")
@@ -360,11 +381,10 @@ class HFRoutingRecorder:
         else:
             K = seen["ids"].shape[-1]
             ids_TK, weights_TK = seen["ids"].reshape(-1, K).long(), seen["weights"].reshape(-1, K).float()
-        lo, hi = (int(ids_TK.min()), int(ids_TK.max())) if ids_TK.numel() else (0, -1)
-        if ids_TK.shape[0] != probs_TE.shape[0] or lo < 0 or hi >= probs_TE.shape[-1]:
-            # a router output read in the wrong form: refused, never written as a trace
-            raise self._unreadable(b.router, "output", f"{ids_TK.shape[0]} tokens' expert ids in [{lo}, {hi}] "
-                                   f"against scores of shape {tuple(probs_TE.shape)}")
+        lohi_2 = torch.stack([ids_TK.min(), ids_TK.max()]) if ids_TK.numel() else None
+        if ids_TK.shape[0] != probs_TE.shape[0]:
+            lo, hi = lohi_2.tolist() if lohi_2 is not None else (0, -1)
+            raise self._id_problem(b, ids_TK.shape[0], lo, hi, probs_TE)
         # Rank 0 = the largest combine weight: several families take an unsorted top-k (sorted=False).
         order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
         ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
@@ -372,4 +392,4 @@ class HFRoutingRecorder:
         if self.entry.skip_zero:  # Zaya: the skip class is the router's last class
             dropped_TK = weights_TK == 0
             ids_TK = torch.where(dropped_TK, torch.full_like(ids_TK, probs_TE.shape[-1] - 1), ids_TK)
-        return CapturedLayer(LayerRouting(b.block, ids_TK, weights_TK, probs_TE, dropped_TK, logits_TE))
+        return CapturedLayer(LayerRouting(b.block, ids_TK, weights_TK, probs_TE, dropped_TK, logits_TE)), lohi_2
