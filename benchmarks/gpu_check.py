@@ -32,7 +32,9 @@ Seven check groups, each a group of rows (`ok` is a correctness verdict; speed r
    beside issue 22's targets (0.8x without probabilities, 0.5x with full), and intervene s per ablation.
 They run cheap verdicts first (experts-bf16, hf-trace, distributed), then the speed rows, the training step
 last; no check starts after --budget-s seconds (360: the script's six minutes), one that would is a failed
-"not run" row. `--record` files routing-compile's decision where `model.compile_routing=auto` reads it.
+"not run" row. The JSON is saved after every check ("complete": false until the last has run), so a run
+stopped at a time limit keeps what finished. `--record` files routing-compile's decision where
+`model.compile_routing=auto` reads it.
 Exit status: 0 when every row is ok, 1 when a check failed, 2 on bad arguments (no CUDA for --device cuda).
 """
 
