@@ -57,3 +57,52 @@ def test_an_error_on_the_writer_thread_surfaces_and_leaves_no_file(tmp_path, mon
     with pytest.raises(MoelabError, match="row building failed"):
         trace_batches(model, _batches(3), tmp_path / "t.parquet", meta, max_tokens=40, capacity_factor=1.0)
     assert not (tmp_path / "t.parquet").exists()
+
+
+class _OnGPU(torch.Tensor):
+    """A CPU tensor that says it lives on a CUDA device, standing for a capture's tensors on that GPU."""
+
+    index = 0
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.index)
+
+
+def _on_gpu(t: torch.Tensor, index: int) -> torch.Tensor:
+    out = t.as_subclass(_OnGPU)
+    out.index = index
+    return out
+
+
+def test_host_copies_wait_for_every_source_device_s_stream(monkeypatch):
+    """A non-blocking copy runs on its source device's stream: with blocks on cuda:0 and cuda:1 (device_map)
+    or a model on cuda:1 alone, the writer must wait on an event recorded on each of those streams. One
+    event on the current device's stream returned while cuda:1's copies were still queued."""
+    import moelab.trace.build as build
+    from moelab.trace.capture import CapturedLayer
+    from moelab.model.moe import LayerRouting
+
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(build, "_pinned_like", lambda t: torch.empty(t.shape, dtype=t.dtype))
+
+    def layer(block, index):
+        ids = torch.tensor([[0, 1], [2, 3]])
+        return CapturedLayer(LayerRouting(block, _on_gpu(ids, index), _on_gpu(torch.rand(2, 2), index),
+                                          _on_gpu(torch.rand(2, 4), index), _on_gpu(ids < 0, index), None))
+
+    out, events = build._host_copy([layer(0, 1)])  # the whole model on cuda:1
+    assert len(events) == 1 and recorded == ["stream of cuda:1"]
+    recorded.clear()
+    out, events = build._host_copy([layer(0, 0), layer(1, 1), layer(2, 1)])  # spread over two GPUs
+    assert len(events) == 2 and recorded == ["stream of cuda:0", "stream of cuda:1"]
+    assert all(type(c.routing.expert_ids_TK) is torch.Tensor for c in out)  # host copies, not the GPU tensors
+    torch.testing.assert_close(out[1].routing.expert_ids_TK, torch.tensor([[0, 1], [2, 3]]))
+    assert build._host_copy([CapturedLayer(LayerRouting(0, *[torch.zeros(1)] * 4, None))])[1] == []  # CPU

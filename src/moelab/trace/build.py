@@ -179,29 +179,36 @@ def _clip_to(batch: dict[str, torch.Tensor], remaining: int) -> dict[str, torch.
     return {**batch, "doc": torch.where(keep.view_as(doc), doc, torch.full_like(doc, -1))}
 
 
-def _host_copy(captured: list[CapturedLayer]) -> tuple[list[CapturedLayer], Any]:
+def _host_copy(captured: list[CapturedLayer]) -> tuple[list[CapturedLayer], list]:
     """Start every captured tensor's copy into pinned host memory without waiting; returns the host copies
-    and a CUDA event marking their end (None off CUDA, where the tensors already are on the host or the
-    copy is synchronous). The forward of the next batch is queued behind the copies, not behind a sync."""
-    event = None
+    and one CUDA event per source device marking the end of its copies (none off CUDA, where the tensors
+    already are on the host or the copy is synchronous). A copy runs on its source device's stream, so an
+    event recorded on the current device's alone would not wait for a model on cuda:1 or spread over
+    several GPUs (device_map). The forward of the next batch is queued behind the copies, not a sync."""
+    streams: dict = {}
 
     def host(t):
-        nonlocal event
         if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
             return t
         if t.device.type != "cuda":
             return t.cpu()
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf = _pinned_like(t)
         buf.copy_(t, non_blocking=True)
-        event = event or torch.cuda.Event()
+        streams.setdefault(t.device, torch.cuda.current_stream(t.device))
         return buf
 
     out = [dataclasses.replace(c, routing=c.routing._replace(**{k: host(v) for k, v in c.routing._asdict().items()}),
                                **{f.name: host(getattr(c, f.name)) for f in dataclasses.fields(c) if f.name != "routing"})
            for c in captured]
-    if event is not None:
-        event.record()  # one sync per batch, waited on by the writer thread
-    return out, event
+    events = []
+    for stream in streams.values():  # one sync per device and batch, waited on by the writer thread
+        events.append(torch.cuda.Event())
+        events[-1].record(stream)
+    return out, events
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
 
 
 def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path, meta: TraceMeta,
@@ -224,8 +231,8 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
     domains, langs = meta.labels["domain"], meta.labels["lang"]
     seen = seqs = 0
 
-    def write_one(batch, captured, event, offset):
-        if event is not None:
+    def write_one(batch, captured, events, offset):
+        for event in events:
             event.synchronize()
         writer.write(batch_rows(batch, captured, offset, domains, langs, blocks, probs=mode))
 
@@ -236,13 +243,13 @@ def write_trace(batches: Iterable[dict[str, torch.Tensor]], out_path: str | Path
         pending = None
         for batch in batches:
             batch = _clip_to(batch, max_tokens - seen)
-            captured, event = _host_copy(keep_probs(capture(batch), mode))
+            captured, events = _host_copy(keep_probs(capture(batch), mode))
             if pending is not None:
                 pending.result()  # also re-raises the worker's error here
             if overlap:
-                pending = pool.submit(write_one, batch, captured, event, seqs)
+                pending = pool.submit(write_one, batch, captured, events, seqs)
             else:
-                write_one(batch, captured, event, seqs)
+                write_one(batch, captured, events, seqs)
             seqs += batch["input_ids"].shape[0]
             seen += int((batch["doc"] >= 0).sum())
             if progress:
