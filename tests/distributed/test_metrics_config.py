@@ -53,3 +53,49 @@ def test_dcp_checkpoint_reshards_from_2_to_4_and_1_processes(tmp_path):
             assert r["ok"], r["error"] + r.get("trace", "")
         for r in loaded:
             assert r["weights"] == saved[0]["weights"] and r["exp_avg"] == saved[0]["exp_avg"]
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    """`train.device=auto|cuda` under torchrun: rank r's model, memory check and allocations go on GPU
+    LOCAL_RANK, made current before anything is built (resolving plain "cuda" put every rank on GPU 0)."""
+    import torch
+
+    from moelab.distributed.mesh import rank_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 3) and current == [torch.device("cuda", 3)]
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # named by the user: kept
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher left each process one GPU
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MoelabError, match="LOCAL_RANK 3 has no GPU: this machine shows 2"):
+        rank_device(torch.device("cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    current.clear()
+    assert rank_device(torch.device("cuda")) == torch.device("cuda") and current == []  # one process: as named
+
+
+def test_the_loss_mean_is_reduced_on_the_mesh_s_device(monkeypatch):
+    """NCCL, the group on GPUs, has no backend for CPU tensors: the per-step loss mean must be built on the
+    mesh's device (here "meta" stands for cuda), as reduce_metrics' tensors are."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from moelab.distributed.mesh import Parallel
+    from moelab.distributed.trainer import ParallelRun
+
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: seen.append(t.device))
+    run = ParallelRun.__new__(ParallelRun)
+    run.par = Parallel(dp=2, ep=1, rank=0, mesh=SimpleNamespace(device_type="meta"))
+    try:
+        run.mean(1.5)
+    except (RuntimeError, NotImplementedError):
+        pass  # a meta tensor has no value to read back; where it was reduced is what counts
+    assert [d.type for d in seen] == ["meta"]

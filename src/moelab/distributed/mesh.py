@@ -63,9 +63,27 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device under torchrun: a CUDA device named without an index is the GPU of its
+    LOCAL_RANK (the only one when the launcher left each process one visible GPU), made current at once so
+    the model, the memory check and every later allocation land there and not all on GPU 0. A single
+    process, another device kind or an explicit index is kept as named."""
+    _, local_rank, world = env_world()
+    if device.type != "cuda" or world == 1:
+        return device
+    if device.index is None:
+        count = torch.cuda.device_count()
+        if count > 1 and local_rank >= count:
+            raise MoelabError(f"LOCAL_RANK {local_rank} has no GPU: this machine shows {count} CUDA devices "
+                              "(launch at most one process per GPU)")
+        device = torch.device("cuda", local_rank if count > 1 else 0)
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_parallel(dp: int, ep: int, timeout_s: float, device: torch.device | None = None) -> Parallel:
     """Join the process group torchrun described and build the (dp, ep) mesh; SINGLE when world is 1."""
-    rank, local_rank, world = env_world()
+    rank, _, world = env_world()
     if dp * ep != world:
         raise MoelabError(f"parallel.dp={dp} x parallel.ep={ep} = {dp * ep} must equal the "
                           f"{world} processes launched (WORLD_SIZE)")
@@ -73,7 +91,7 @@ def init_parallel(dp: int, ep: int, timeout_s: float, device: torch.device | Non
         return SINGLE
     device = device or torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank)  # one GPU per process, chosen by torchrun's LOCAL_RANK
+        device = rank_device(device)  # one GPU per process, chosen by torchrun's LOCAL_RANK
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))

@@ -90,7 +90,8 @@ class ParallelRun:
         """The mean over ranks of a per-rank mean (equal shards): the global batch's mean."""
         if self.par.world == 1:
             return x
-        t = torch.tensor(x, dtype=torch.float64)
+        # On the mesh's device: NCCL, the group on GPUs, has no backend for a CPU tensor.
+        t = torch.tensor(x, dtype=torch.float64, device=self.par.mesh.device_type)
         with collective("loss mean"):
             dist.all_reduce(t)
         return float(t) / self.par.world

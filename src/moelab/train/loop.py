@@ -22,6 +22,7 @@ from moelab.data.objectives import iter_sequential
 from moelab.data.shards import load_corpus
 from moelab.data.tokenizer import check_vocab_fits
 from moelab.device import resolve_device
+from moelab.distributed.mesh import rank_device
 from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
@@ -223,7 +224,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     start = _resume_step(resume_from, t.steps)
     inputs = {"--data": run.data.path, "--init": init_from, "--replay": replay}
     check_run_dir(out, overwrite=overwrite, resume_from=resume_from, resume_step=start, inputs=inputs)
-    device = resolve_device(t.device)
+    device = rank_device(resolve_device(t.device))  # under torchrun, this rank's own GPU
     check_train_fits(run, device)
     if t.threads:
         torch.set_num_threads(t.threads)
