@@ -83,3 +83,32 @@ def test_legacy_pickles_are_named_not_read(tmp_path):
     (tmp_path / "optimizer.pt").write_bytes(b"\x80\x04 not even read")
     with pytest.raises(MoelabError, match="older moelab .*no longer unpickles"):
         state_io.refuse_legacy(tmp_path)
+
+
+def test_cuda_rng_states_of_more_gpus_than_here_restore_the_ones_here(tmp_path, monkeypatch):
+    """A checkpoint written where 2 GPUs were visible, resumed where 1 is: GPU 0's state is restored and
+    the other is left (set_rng_state_all indexed past the devices here: a raw IndexError). Only torch.cuda's
+    device list and setter are stood in for; the file is written and read as shipped."""
+    two = [torch.Generator().manual_seed(i).get_state() for i in range(2)]  # stand-ins for 2 GPUs' states
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: two)
+    state_io.save_rng_state(tmp_path / "rng.safetensors")
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [restored.setdefault(i, s)
+                                                                           for i, s in enumerate(states)])
+
+    size = two[0].numel()
+
+    def set_one(state, device):
+        if state.numel() != size:
+            raise RuntimeError("RNG state is wrong size")
+        restored[device] = state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    state_io.load_rng_state(tmp_path / "rng.safetensors")
+    assert list(restored) == [0] and torch.equal(restored[0], two[0])
+    two[0] = torch.zeros(3, dtype=torch.uint8)  # a malformed state: one line naming the file
+    state_io.save_rng_state(tmp_path / "bad.safetensors")
+    with pytest.raises(MoelabError, match="bad.safetensors: malformed CUDA RNG state 0"):
+        state_io.load_rng_state(tmp_path / "bad.safetensors")

@@ -138,7 +138,13 @@ def load_rng_state(path: Path) -> None:
     random.setstate(python_state)
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+        # Saved for each GPU the writer saw; a machine with fewer restores those it has (set_rng_state_all
+        # indexed past them).
+        for i, state in enumerate(cuda[:torch.cuda.device_count()]):
+            try:
+                torch.cuda.set_rng_state(state, i)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise MoelabError(f"cannot read {path}: malformed CUDA RNG state {i} ({_first_line(e)})") from None
 
 
 def refuse_legacy(folder: Path) -> None:
