@@ -59,6 +59,31 @@ def test_all_experts_pass_matches_each_expert_run_alone():
     assert ((dens >= 0) & (dens <= 1)).all()
 
 
+
+def test_all_experts_pass_never_builds_a_tensor_per_expert_pair_and_dimension():
+    """The pairwise cosines come from each token's E x E Gram matrix: no intermediate is larger than the
+    experts' stacked outputs [T, E, D] (pairing rows first built [T, E(E-1)/2, D] tensors, 94 GiB a layer
+    for 64 experts at d 2048 over 2048 tokens). Every tensor an op returns is measured."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moelab.trace.capture import all_experts_pass
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    model = build_model(model_cfg(num_experts=8), seed=0).eval()
+    x = torch.randn(64, 16)
+    with Largest():
+        norms, cos, _ = all_experts_pass(model.moe_layers()[0], x)
+    assert cos.shape == (64, 28) and Largest.numel <= 64 * 8 * 16
+
 @pytest.mark.parametrize("experts", [4, [4, 6]])
 def test_trace_rows_follow_the_schema_and_the_model(tmp_path, experts):
     model = build_model(model_cfg(num_experts=experts), seed=0).eval()

@@ -52,7 +52,9 @@ def all_experts_pass(layer: MoELayer, x_TD: torch.Tensor, chunk: int = 4096):
         y_TED = torch.stack(outs, dim=1).float()
         norms.append(y_TED.norm(dim=-1))
         unit = F.normalize(y_TED, dim=-1)
-        coss.append((unit[:, iu] * unit[:, ju]).sum(-1))
+        # Each token's E x E Gram matrix, then its upper triangle: pairing the rows first built three
+        # [T, E(E-1)/2, D] tensors (94 GiB a layer for 64 experts at d 2048 and 2048 tokens).
+        coss.append(torch.bmm(unit, unit.transpose(1, 2))[:, iu, ju])
         dens.append(torch.stack(density, dim=1))
     return torch.cat(norms), torch.cat(coss), torch.cat(dens)
 
