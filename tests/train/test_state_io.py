@@ -112,3 +112,27 @@ def test_cuda_rng_states_of_more_gpus_than_here_restore_the_ones_here(tmp_path, 
     state_io.save_rng_state(tmp_path / "bad.safetensors")
     with pytest.raises(MoelabError, match="bad.safetensors: malformed CUDA RNG state 0"):
         state_io.load_rng_state(tmp_path / "bad.safetensors")
+
+
+def test_a_resumed_optimizer_runs_the_kernels_this_machine_chose(tmp_path):
+    """A checkpoint of a run whose AdamW was not fused, resumed where build_optimizer picks fused AdamW (CUDA):
+    torch's load_state_dict keeps the writer's flags, so the resumed run stayed unfused. Its hyperparameters
+    and moments still come from the checkpoint, and the next step equals the unfused run's."""
+    from moelab.train.checkpoint import this_machine_s_kernels
+
+    p = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    written = torch.optim.AdamW([p], lr=1e-2, fused=None)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        written.step()
+    state_io.save_optimizer_state(written.state_dict(), tmp_path / "opt.safetensors")
+    osd = state_io.load_optimizer_state(tmp_path / "opt.safetensors")
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = torch.optim.AdamW([q], lr=1e-3, fused=True)
+    resumed.load_state_dict(this_machine_s_kernels(osd, resumed))
+    group = resumed.param_groups[0]
+    assert group["fused"] is True and group["lr"] == 1e-2
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    written.step()
+    resumed.step()
+    torch.testing.assert_close(q, p)

@@ -188,6 +188,20 @@ def first_difference(a: Any, b: Any, prefix: str = "model") -> str | None:
     return None if a == b else f"{prefix} ({a!r} vs {b!r})"
 
 
+# How the optimizer runs, not what it computes: chosen by build_optimizer for this machine (fused AdamW on
+# CUDA), where torch's load_state_dict would take the writer's (a CPU run's checkpoint resumed unfused).
+KERNEL_FLAGS = ("fused", "foreach", "capturable")
+
+
+def this_machine_s_kernels(osd: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved state with each group's kernel flags replaced by the resuming optimizer's, before loading, so
+    torch places the step counters where those kernels want them."""
+    saved = list(osd.get("param_groups", []))
+    groups = [{**old, **{k: now[k] for k in KERNEL_FLAGS if k in now}}
+              for old, now in zip(saved, optimizer.param_groups)]
+    return {**osd, "param_groups": groups + saved[len(groups):]}  # a count that differs: load_state_dict refuses
+
+
 def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
            model_config: dict[str, Any]) -> int:
     """Load weights, optimizer and RNG from a checkpoint of the same architecture; returns its step."""
@@ -210,7 +224,7 @@ def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     state_io.check_fits(osd, [p for g in optimizer.param_groups for p in g["params"]],
                         path / state_io.OPTIMIZER_FILE)
     try:
-        optimizer.load_state_dict(osd)
+        optimizer.load_state_dict(this_machine_s_kernels(osd, optimizer))
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise MoelabError(f"--resume {path}: the optimizer state does not fit this run: {e}") from None
     state_io.load_rng_state(path / state_io.RNG_FILE)
