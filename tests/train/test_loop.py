@@ -127,3 +127,22 @@ def test_vocab_that_does_not_fit(corpus_dir, tmp_path):
     cfg.model = tiny_model().replace(vocab_size=100)
     with pytest.raises(MoelabError, match="tokenizer has 512 tokens"):
         train(cfg, tmp_path / "v", show_progress=False)
+
+
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_units(monkeypatch):
+    """train.dtype=auto on CUDA: bf16 autocast on Ampere and later, fp32 on a T4 or V100, where torch's
+    is_bf16_supported() says yes because bf16 can be emulated there (and slowly). Asked of the run's own
+    device, not the current one. The card is stood in for; the rule is the shipped one."""
+    from types import SimpleNamespace
+
+    from moelab.train.loop import autocast_for
+
+    majors = {0: 7, 1: 8}  # cuda:0 a V100, cuda:1 an A100
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=majors[d.index]))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert not isinstance(autocast_for(torch.device("cuda", 0), "auto"), torch.autocast)
+    monkeypatch.setattr(torch, "autocast", lambda **k: k)  # no CUDA here to build a real CUDA autocast on
+    assert autocast_for(torch.device("cuda", 1), "auto") == {"device_type": "cuda", "dtype": torch.bfloat16}
+    assert autocast_for(torch.device("cuda", 0), "bf16") == {"device_type": "cuda", "dtype": torch.bfloat16}
+    assert not isinstance(autocast_for(torch.device("cpu"), "auto"), dict)

@@ -75,10 +75,17 @@ def check_train_fits(run: RunConfig, device: torch.device, available: int | None
                           f"available on {device}: choose a smaller model (model.d_model, n_layers, num_experts)")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU has bf16 units (Ampere and later; any ROCm GPU). torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (a T4, a V100), and asks about the current device, not this."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast where the device has bf16 units; fp32 on CPU (bf16 matmul is ~100x slower there)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda"
-                                   and torch.cuda.is_bf16_supported())
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and native_bf16(device))
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
