@@ -61,6 +61,36 @@ def test_evaluate_matches_model_loss(corpus_dir, tmp_path):
     assert ev == res.eval or ev["all"]["tokens"] >= res.eval["all"]["tokens"]
 
 
+def test_evaluate_equals_cross_entropy_over_full_logits_without_building_them(corpus_dir, monkeypatch):
+    """Per domain: the token-weighted mean of -log p(next token), as F.cross_entropy over the whole logits
+    gives it, batch by batch as evaluate reads them. evaluate asks the model for the chunked loss only, so
+    the (B, S, V) logits (67 GB for a 256k vocabulary at batch 8 x 2048) are never built."""
+    from moelab.data.objectives import iter_sequential
+    from moelab.data.shards import load_corpus
+    from moelab.model.transformer import MoETransformer, build_model
+
+    model = build_model(tiny_model(kind="linear"), seed=3).eval()
+    corpus = load_corpus(corpus_dir)
+    want = {}
+    with torch.no_grad():
+        for domain in corpus.domains:
+            nll = n = 0
+            for batch in iter_sequential(corpus, seq_len=32, batch_size=4, split="heldout", domain=domain):
+                logits = model(batch["input_ids"]).logits
+                tgt = batch["labels"][:, 1:].reshape(-1)
+                nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt,
+                                                               ignore_index=-100, reduction="sum"))
+                n += int((tgt != -100).sum())
+            want[domain] = (nll / n, n)
+    real = MoETransformer.forward
+    asked = []
+    monkeypatch.setattr(MoETransformer, "forward", lambda self, *a, **k: asked.append(
+        k.get("return_logits", True)) or real(self, *a, **k))
+    got = evaluate(model, str(corpus_dir), 32, 4, 10**9)
+    assert asked and not any(asked)
+    for domain, (loss, n) in want.items():
+        assert got[domain]["tokens"] == n and got[domain]["loss"] == pytest.approx(loss, rel=1e-6)
+
 def test_freeze_routers_after_step(corpus_dir, tmp_path):
     res = train(run_cfg(corpus_dir, steps=4, router={"kind": "linear"}, freeze_router_after=2),
                 tmp_path / "f", show_progress=False, )
