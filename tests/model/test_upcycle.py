@@ -107,3 +107,15 @@ def test_expert_cosine_against_a_naive_loop():
 def test_refuses_an_moe_source():
     with pytest.raises(ConfigError, match="already an MoE"):
         upcycled_config(ModelConfig(moe=MoEConfig(num_experts=4)), MOE_TABLE, UpcycleConfig())
+
+
+def test_expert_gram_in_column_blocks_equals_the_whole_product():
+    """expert_cosine's Gram matrix summed over blocks of columns (no fp64 copy of a layer's experts) equals
+    the fp64 product of the flattened weights, whatever the block size, a block of one column included."""
+    from moelab.model.upcycle import _gram
+
+    g = torch.Generator().manual_seed(0)
+    w_in, w_out = torch.randn(4, 6, 10, generator=g), torch.randn(4, 5, 6, generator=g)
+    flat = torch.cat([w_in.reshape(4, -1), w_out.reshape(4, -1)], 1).double()
+    for chunk in (1, 7, 40, 1 << 22):
+        torch.testing.assert_close(_gram([w_in, w_out], 4, chunk=chunk), flat @ flat.t(), rtol=1e-12, atol=1e-12)

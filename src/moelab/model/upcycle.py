@@ -20,7 +20,6 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from moelab.config import Config, ConfigError, check_seed, require
 from moelab.model.config import FFN_IN_PROJECTIONS, ModelConfig
@@ -186,9 +185,20 @@ def expert_cosine(model) -> dict[str, float]:
         E = ex.num_experts
         if E < 2:
             continue
-        flat_EW = torch.cat([ex.w_in_EDX.detach().reshape(E, -1), ex.w_out_EFD.detach().reshape(E, -1)], 1)
-        unit_EW = F.normalize(flat_EW.double(), dim=1)
-        cos_EE = unit_EW @ unit_EW.t()
+        gram_EE = _gram([ex.w_in_EDX, ex.w_out_EFD], E)
+        norm_E = gram_EE.diagonal().sqrt().clamp_min(1e-300)
+        cos_EE = gram_EE / norm_E[:, None] / norm_E[None, :]
         off = cos_EE.sum() - cos_EE.diagonal().sum()
         out[f"moe{i}/expert_cosine"] = float(off / (E * (E - 1)))
     return out
+
+
+def _gram(weights: list[torch.Tensor], E: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """[E, E] dot products of the experts' flattened weights, summed in fp64 over column blocks of about
+    `chunk` values: a whole fp64 copy of a layer's experts (12 GiB for openmoe-8b-32e) never exists."""
+    gram_EE = torch.zeros(E, E, dtype=torch.float64, device=weights[0].device)
+    for w in weights:
+        for block in w.detach().reshape(E, -1).split(max(1, chunk // E), dim=1):
+            b64 = block.double()
+            gram_EE += b64 @ b64.t()
+    return gram_EE
