@@ -139,3 +139,25 @@ def test_silent_acceptance_is_refused(tiny_run, tmp_path, argv, needle, one_line
     assert main(argv) == 2
     one_line(needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "generate"])
+def test_eval_and_generate_run_on_the_device_named(tiny_run, verb, capsys, one_line):
+    """--device: cpu (the default) and auto give the same output here; a device this machine lacks, or no
+    device at all, is one line before any model loads."""
+    import torch
+
+    args = ([verb, str(tiny_run / "run")]
+            + (["--data", str(tiny_run / "corpus"), "--tokens", "64"] if verb == "eval"
+               else ["--prompt", "def", "--max-new-tokens", "4", "--temperature", "0"]))
+    capsys.readouterr()
+    outs = []
+    for device in ([], ["--device", "cpu"], ["--device", "auto"]):
+        assert main(args + device) == 0
+        outs.append(capsys.readouterr().out)
+    if not torch.cuda.is_available():
+        assert outs[0] == outs[1] == outs[2]
+        assert main(args + ["--device", "cuda"]) == 2
+        one_line("--device 'cuda' but CUDA is not available here")
+    assert main(args + ["--device", "gpu0"]) == 2
+    one_line("--device 'gpu0' is unknown")

@@ -51,6 +51,9 @@ def register(sub) -> None:
     e.add_argument("--split", default="heldout", choices=["heldout", "train"])
     e.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's training seq_len")
     e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, cuda:N or auto; on a GPU with bf16 units under bf16 autocast, "
+                        "as train's own evaluation there (train.dtype=auto)")
     e.set_defaults(func=run_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -62,6 +65,8 @@ def register(sub) -> None:
     g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json (or folder) to use; default: the one of the corpus the model trained on")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a seed samples other "
+                                                   "tokens on a GPU than on the CPU: their generators differ)")
     g.set_defaults(func=run_generate)
 
 
@@ -130,9 +135,11 @@ def format_eval(ev: dict) -> str:
 def run_eval(args) -> int:
     from moelab.data.shards import load_corpus
     from moelab.data.tokenizer import check_vocab_fits
+    from moelab.device import resolve_device
     from moelab.train.checkpoint import check_same_tokenizer, checkpoint_data, load_model
-    from moelab.train.loop import evaluate
+    from moelab.train.loop import autocast_for, evaluate
 
+    device = resolve_device(args.device, "--device")
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_model(ckpt)
     corpus = load_corpus(args.data)
@@ -144,7 +151,8 @@ def run_eval(args) -> int:
     seq = args.seq_len or checkpoint_data(ckpt).get("seq_len", 256)
     if seq > model.config.max_seq_len:
         raise MoelabError(f"--seq-len {seq} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    ev = evaluate(model, args.data, seq, args.batch_size, args.tokens, split=args.split)
+    ev = evaluate(model.to(device), args.data, seq, args.batch_size, args.tokens, split=args.split,
+                  amp=autocast_for(device, "auto"))
     if not ev:
         raise MoelabError(f"corpus {args.data} has no tokens to score in split {args.split!r}")
     print(format_eval(ev))
@@ -173,22 +181,24 @@ def generation_tokenizer(ckpt: Path, given: str | None):
 def run_generate(args) -> int:
     import torch  # here, not at the top: every `moelab` verb imports this module to build its parser
 
+    from moelab.device import resolve_device
     from moelab.train.checkpoint import load_model
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise MoelabError(f"--temperature {args.temperature} must be a finite number >= 0 (0: greedy)")
     if args.top_k < 1:
         raise MoelabError(f"--top-k {args.top_k} must be >= 1")
+    device = resolve_device(args.device, "--device")
     ckpt = resolve_checkpoint(args.checkpoint)
-    model = load_model(ckpt)
+    model = load_model(ckpt).to(device)
     tok = generation_tokenizer(ckpt, args.tokenizer)
     ids = torch.tensor(tok.encode(args.prompt), dtype=torch.long)
     if ids.numel() == 0:
         raise MoelabError("the prompt encodes to no tokens")
     if int(ids.max()) >= model.config.vocab_size:
         raise MoelabError(f"the tokenizer gives ids up to {int(ids.max())}, beyond the model's vocab_size")
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(ids.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          generator=g)
     print(tok.decode(out.tolist()))
     return 0
