@@ -15,7 +15,8 @@ import torch
 
 from moelab.intervene.edit import RoutingEdit
 from moelab.intervene import runner
-from moelab.intervene.stats import bootstrap_mean, flips_for_family, holm, seq_totals, sign_flip_p
+from moelab.intervene.stats import (bootstrap_mean, flips_for_family, holm, seq_totals, sign_flip_p,
+                                    sign_flip_p_many)
 
 
 @dataclasses.dataclass
@@ -118,8 +119,15 @@ def ablation_results(tokens, deltas_MN, targets, names, n_boot=1000, seed=0, fli
     """Per target: effect_summary, with Holm over all targets. `flips` None: sized for the family
     (flips_for_family), so the Holm floor M/(flips+1) never hides an effect."""
     flips = flips or flips_for_family(len(targets))
-    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed, flips=flips)}
+    rows = [{"block": b, "experts": list(e), **effect_summary(tokens, d, names, n_boot, seed, test=False)}
             for (b, e), d in zip(targets, deltas_MN)]
+    # Every target's test in one pass over the same flips (effect_summary's test, column by column).
+    totals = [seq_totals(tokens.seq, d, tokens.num_seqs) for d in deltas_MN]
+    if totals:
+        has_S = totals[0][1] > 0  # the same tokens for every target
+        p_M = sign_flip_p_many(np.stack([sums[has_S] for sums, _ in totals], 1), n_perm=flips, seed=seed)
+        for r, p in zip(rows, p_M):
+            r["all"]["p"] = float(p)
     adjusted = holm(np.array([r["all"]["p"] for r in rows]))
     for r, p in zip(rows, adjusted):
         r["all"]["p_holm"] = float(p)
