@@ -15,9 +15,19 @@ from moelab.train.checkpoint import load_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hf_weight_layers_equal_the_converted_models(family, hf_dirs, converted):
+def test_hf_weight_layers_equal_the_converted_models(family, hf_dirs, converted, monkeypatch):
+    from moelab.hf.io import TensorReader
+    from moelab.trace.weights import layer_shapes
+
+    reads = []
+    for name in ("get", "row"):
+        real = getattr(TensorReader, name)
+        monkeypatch.setattr(TensorReader, name, lambda self, *a, _real=real, **k: reads.append(a) or _real(self, *a, **k))
     ours = hf_weight_layers(hf_dirs[family])
     layers = load_model(converted[family]).moe_layers()
+    assert not reads  # the shapes come from names and headers: each layer is read when analysed
+    assert layer_shapes(ours) == [{"block": m.layer, "experts": m.experts.num_experts, "hidden": m.experts.hidden}
+                                  for m in layers]
     assert len(ours) == len(layers)
     for a, layer in zip(ours, layers):
         b = {k: v.numpy() for k, v in layer.experts.matrices().items()}

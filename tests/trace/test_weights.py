@@ -117,3 +117,34 @@ def test_reference_prefers_the_shared_expert_and_needs_the_same_width():
     np.testing.assert_array_equal(layers[0]["ref_w_down_DF"], model.blocks[1].shared.w_out_FD.detach().numpy().T)
     narrow = build_model(cfg(), seed=0)  # experts of width 12, no dense block: nothing to compare with
     assert all("ref_name" not in lay for lay in model_weight_layers(narrow))
+
+
+def test_layers_are_read_one_at_a_time_and_let_go(monkeypatch):
+    """A 7B model's experts in fp32 are 24 GiB: the weight analysis asks for one layer at a time, and the
+    layers it is done with are garbage by the time the next is analysed. The shapes a fit check needs are
+    known before any weight is read."""
+    import gc
+    import weakref
+
+    import moelab.analysis.weights as aw
+    from moelab.trace.weights import layer_shapes
+
+    model = build_model(ModelConfig.from_dict({**cfg().to_dict(), "n_layers": 3}), seed=0)
+    layers = model_weight_layers(model)
+    loaded = []
+    load = layers._load
+    layers._load = lambda i: loaded.append(i) or load(i)
+    assert layer_shapes(layers) == [{"block": b, "experts": E, "hidden": FH} for b in range(3)] and not loaded
+    alive = []
+    real = aw.analyse_layer
+
+    def analyse(layer, *a, **k):
+        gc.collect()
+        assert not any(ref() is not None for ref in alive), "an earlier layer is still held"
+        alive.append(weakref.ref(layer["w_up_EFD"]))
+        return real(layer, *a, **k)
+
+    monkeypatch.setattr(aw, "analyse_layer", analyse)
+    assert len(aw.weight_analysis(layers).layers) == 3 and loaded == [0, 1, 2]
+    listed = [layers[i] for i in range(3)]  # a plain list of the same layers: the same shapes, read off them
+    assert layer_shapes(listed) == layer_shapes(layers)

@@ -222,14 +222,18 @@ class WeightAnalysis(Result):
     rmoe_null_mean: float                 # mean over layers of 3/E
 
 
+def _analyse(layer: Mapping[str, Any], reorder_pairs: Sequence[tuple[int, int]], null_seed: int | None):
+    E = layer["w_up_EFD"].shape[0] if "w_up_EFD" in layer else 0
+    return analyse_layer(layer, [(a, b) for a, b in reorder_pairs if max(a, b) < E], null_seed)
+
+
 def weight_analysis(layers: Sequence[Mapping[str, Any]], *, reorder_pairs: Sequence[tuple[int, int]] = (),
                     null_seed: int | None = 0) -> WeightAnalysis:
     """All static analyses, layer by layer; `w_router_ED` may be absent (no router regression then).
     `reorder_pairs` are the expert pairs matched by both neuron reorderings (each layer that has them)."""
     out = []
-    for layer in layers:
-        E = layer["w_up_EFD"].shape[0] if "w_up_EFD" in layer else 0
-        out.append(analyse_layer(layer, [(a, b) for a, b in reorder_pairs if max(a, b) < E], null_seed))
+    for i in range(len(layers)):  # by index: a lazily read layer (trace.weights.WeightLayers) dies after its turn
+        out.append(_analyse(layers[i], reorder_pairs, null_seed))
     r2_mean = {p: float(np.nanmean([lay.router_r2[p] for lay in out])) for p in PARTS
                if out and all(p in lay.router_r2 for lay in out)}
 

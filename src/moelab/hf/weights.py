@@ -24,6 +24,7 @@ import torch
 from moelab.config import MoelabError
 from moelab.hf.hub import resolve_hf
 from moelab.hf.io import TensorReader
+from moelab.trace.weights import WeightLayers
 
 _LAYER = r"^(?P<p>(?:.*\.)?(?:layers|blocks|h)\.(?P<b>\d+)\.(?:.*\.)?)experts\."
 STACKED = re.compile(_LAYER + r"gate_up_proj$")
@@ -85,24 +86,42 @@ def _per_expert(reader: TensorReader, prefix: str, keys: set[str]) -> tuple[np.n
                  for r in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _layer(reader: TensorReader, block: int, prefix: str, layout: str, keys: set[str]) -> dict[str, Any]:
-    gate, up, down = _stacked(reader, prefix) if layout == "stacked" else _per_expert(reader, prefix, keys)
-    out: dict[str, Any] = {"w_up_EFD": up, "w_gate_EFD": gate, "w_down_EDF": down, "block": block,
-                           "router_kind": "linear"}
-    E, _, D = up.shape
+def _shape(reader: TensorReader, block: int, prefix: str, layout: str, keys: set[str]) -> dict[str, Any]:
+    """The layer's block, expert count, hidden width and router, from tensor names and shapes only."""
+    if layout == "stacked":
+        E, X, D = reader.shape(prefix + "experts.gate_up_proj")
+        F = X // 2
+    else:
+        ups = [k for k in keys if (m := PER_EXPERT.match(k)) is not None and m["p"] == prefix
+               and _ROLE.get(m["w"], m["w"]) == "up_proj"]
+        E = 1 + max(int(PER_EXPERT.match(k)["e"]) for k in ups) if ups else 0
+        F, D = reader.shape(ups[0]) if ups else (0, 0)
+    shape: dict[str, Any] = {"block": block, "experts": int(E), "hidden": int(F)}
     router = next((prefix + r for r in ROUTER_NAMES if prefix + r in keys), None)
     if router is not None and reader.shape(router) == (E, D):
-        out["w_router_ED"] = _float(reader, router).numpy()
+        shape["router"] = router
+    else:
+        shape["router_note"] = (f"no [E, D] router matrix next to {prefix}experts, so router rows cannot be "
+                                "compared with the experts' weights")
+    return shape
+
+
+def _layer(reader: TensorReader, shape: dict[str, Any], prefix: str, layout: str, keys: set[str]) -> dict[str, Any]:
+    gate, up, down = _stacked(reader, prefix) if layout == "stacked" else _per_expert(reader, prefix, keys)
+    out: dict[str, Any] = {"w_up_EFD": up, "w_gate_EFD": gate, "w_down_EDF": down, "block": shape["block"],
+                           "router_kind": "linear"}
+    if "router" in shape:
+        out["w_router_ED"] = _float(reader, shape["router"]).numpy()
     else:
         out["router_kind"] = "unknown"
-        out["router_note"] = (f"no [E, D] router matrix next to {prefix}experts, so router rows cannot be "
-                              "compared with the experts' weights")
+        out["router_note"] = shape["router_note"]
     return out
 
 
-def hf_weight_layers(name_or_path: str | Path, *, layers: Sequence[int] | None = None) -> list[dict[str, Any]]:
+def hf_weight_layers(name_or_path: str | Path, *, layers: Sequence[int] | None = None) -> WeightLayers:
     """Expert and router weights of each MoE layer (or of the MoE layers numbered in `layers`, 0-based
-    among MoE layers) of a transformers checkpoint of any family with matrix experts, as float32 arrays."""
+    among MoE layers) of a transformers checkpoint of any family with matrix experts, as float32 arrays,
+    each layer read from the files when asked for (WeightLayers: OLMoE-1B-7B's experts are 24 GiB in fp32)."""
     folder = resolve_hf(name_or_path)
     reader = TensorReader(folder)
     keys = set(reader.keys())
@@ -114,4 +133,6 @@ def hf_weight_layers(name_or_path: str | Path, *, layers: Sequence[int] | None =
     bad = [i for i in chosen if not 0 <= i < len(found)]
     if bad:
         raise MoelabError(f"MoE layer {bad[0]} does not exist: the model has {len(found)} (0..{len(found) - 1})")
-    return [_layer(reader, *found[i], keys) for i in chosen]
+    shapes = [_shape(reader, *found[i], keys) for i in chosen]
+    return WeightLayers([{k: v for k, v in sh.items() if k != "router"} for sh in shapes],
+                        lambda j: _layer(reader, shapes[j], *found[chosen[j]][1:], keys))

@@ -309,9 +309,12 @@ def check_weights_fit(layers: list[dict[str, Any]], meta: Any, weights: str, tra
     """The checkpoint's MoE layers must be the trace's: the same blocks with the same expert counts (a
     transformers family's router may score more classes than it has FFN experts, zero-computation ones, so
     there the trace's count is an upper bound)."""
+    from moelab.trace.weights import layer_shapes
+
     blocks = meta.extra.get("moe_blocks")
-    got_E = [int(l["w_up_EFD"].shape[0]) for l in layers]
-    got_blocks = [int(l["block"]) for l in layers if "block" in l]
+    shapes = layer_shapes(layers)  # no weight read: a 7B checkpoint's are read one layer at a time later
+    got_E = [sh["experts"] for sh in shapes]
+    got_blocks = [int(sh["block"]) for sh in shapes if sh.get("block") is not None]
     want_E = list(meta.num_experts)
     exact = meta.source == "moelab"
     fits_E = len(got_E) == len(want_E) and all(g == w if exact else g <= w for g, w in zip(got_E, want_E))
@@ -323,13 +326,14 @@ def check_weights_fit(layers: list[dict[str, Any]], meta: Any, weights: str, tra
 
 
 def _weights(path: str, meta: Any, trace_path: str) -> tuple[Any, str]:
-    from moelab.trace.weights import checkpoint_weight_layers
+    from moelab.trace.weights import checkpoint_weight_layers, layer_shapes
 
     layers = checkpoint_weight_layers(path)
     check_weights_fit(layers, meta, path, trace_path)
-    E, F = layers[0]["w_up_EFD"].shape[:2]
+    first = layer_shapes(layers)[0]
+    E, F = first["experts"], first["hidden"]
     pairs = reorder_pairs_within(E, F) if F <= REORDER_MAX_HIDDEN else []
-    return weight_analysis(layers, reorder_pairs=pairs), layers[0].get("router_note", "")
+    return weight_analysis(layers, reorder_pairs=pairs), first.get("router_note", "")
 
 
 def model_sections(m: ModelInput, a: dict[str, Any], labels: Sequence[str], level: int) -> list[Section]:

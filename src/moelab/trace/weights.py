@@ -16,6 +16,7 @@ nearest dense block of width F (the earlier one on a tie). None of the same widt
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,34 @@ import numpy as np
 from moelab.config import MoelabError
 
 ROW_ROUTERS = ("linear", "random")  # routers whose logits are x W_r with W_r: E x D
+
+
+class WeightLayers(Sequence):
+    """The MoE layers' weight dicts, each read when asked for and not kept: a 7B model's experts in fp32
+    are 24 GiB, one OLMoE layer's 1.5 GiB, and the analyses need one layer at a time. `shapes[i]` says
+    what a check needs without reading a weight: `block`, `experts`, `hidden` and any `router_note`."""
+
+    def __init__(self, shapes: list[dict[str, Any]], load: Callable[[int], dict[str, Any]]):
+        self.shapes, self._load = shapes, load
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"MoE layer {i} of {len(self)}")
+        return self._load(i % len(self))
+
+
+def layer_shapes(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """WeightLayers.shapes, or the same read off a list of loaded layers."""
+    if isinstance(layers, WeightLayers):
+        return layers.shapes
+    return [{"block": lay.get("block"), "experts": int(lay["w_up_EFD"].shape[0]),
+             "hidden": int(lay["w_up_EFD"].shape[1]), **({"router_note": lay["router_note"]}
+                                                          if "router_note" in lay else {})} for lay in layers]
 
 
 def _numpy(t: Any) -> np.ndarray:
@@ -35,32 +64,40 @@ def _router_kind(model: Any) -> str:
     return cfg.moe.router.kind if cfg is not None else "unknown"
 
 
-def model_weight_layers(model: Any) -> list[dict[str, Any]]:
-    """Per MoE layer of a built moelab model: expert matrices (and router rows where they exist) as float32."""
+def model_weight_layers(model: Any) -> WeightLayers:
+    """Per MoE layer of a built moelab model: expert matrices (and router rows where they exist) as float32,
+    copied out of the model one layer at a time as asked for (WeightLayers)."""
     from moelab.model.moe import MoELayer
 
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise MoelabError("the model is dense: it has no MoE layers whose weights could be analysed")
     kind = _router_kind(model)
-    out = []
+    shapes = []
     for layer in layers:
         if layer.experts is None:
             raise MoelabError(f"MoE layer in block {layer.layer} has no stacked expert weights to analyse")
-        mats = layer.experts.matrices()
+        shape = {"block": int(layer.layer), "experts": int(layer.experts.num_experts),
+                 "hidden": int(layer.experts.hidden)}
+        if kind not in ROW_ROUTERS or getattr(layer.router, "weight_ED", None) is None:
+            shape["router_note"] = (f"the {kind} router has no D-dimensional row per expert, so its rows "
+                                    "cannot be compared with the experts' weights")
+        shapes.append(shape)
+
+    def load(i: int) -> dict[str, Any]:
+        layer, shape = layers[i], shapes[i]
         # w_gate2_EFD: the third projection of OpenMoE's released unit (a * silu(gate) * up); the
         # analyses read up / gate / down only, but the neuron is not complete without it.
-        entry: dict[str, Any] = {name: _numpy(m) for name, m in mats.items()}
-        entry.update(block=int(layer.layer), router_kind=kind)
-        weight = getattr(layer.router, "weight_ED", None)
-        if kind in ROW_ROUTERS and weight is not None:
-            entry["w_router_ED"] = _numpy(weight)
+        entry: dict[str, Any] = {name: _numpy(m) for name, m in layer.experts.matrices().items()}
+        entry.update(block=shape["block"], router_kind=kind)
+        if "router_note" in shape:
+            entry["router_note"] = shape["router_note"]
         else:
-            entry["router_note"] = (f"the {kind} router has no D-dimensional row per expert, so its rows "
-                                    "cannot be compared with the experts' weights")
-        entry.update(dense_reference(model, int(layer.layer), int(mats["w_up_EFD"].shape[1])))
-        out.append(entry)
-    return out
+            entry["w_router_ED"] = _numpy(layer.router.weight_ED)
+        entry.update(dense_reference(model, shape["block"], shape["hidden"]))
+        return entry
+
+    return WeightLayers(shapes, load)
 
 
 def _ffn_parts(ffn: Any) -> dict[str, np.ndarray]:
