@@ -44,8 +44,15 @@ def as_array(w: Any) -> np.ndarray:
 def neurons(w_up_EFD: Any, w_gate_EFD: Any, w_down_EDF: Any) -> dict[str, np.ndarray]:
     """Each part as E x F x D: row f of expert e is neuron f's vector in that matrix (contiguous copies,
     so that the many matrix products of a layer's matchings run on plain memory)."""
-    return {"up": as_array(w_up_EFD), "gate": as_array(w_gate_EFD),
-            "down": np.ascontiguousarray(np.swapaxes(as_array(w_down_EDF), 1, 2))}
+    return {"up": part_neurons(w_up_EFD, "up"), "gate": part_neurons(w_gate_EFD, "gate"),
+            "down": part_neurons(w_down_EDF, "down")}
+
+
+def part_neurons(w: Any, part: str) -> np.ndarray:
+    """One part of `neurons`: up and gate as given (E x F x D), down (E x D x F) transposed, in float64."""
+    if part != "down":
+        return as_array(w)
+    return np.ascontiguousarray(np.swapaxes(as_array(w), 1, 2))
 
 
 def layer_neurons(layer: Mapping[str, Any]) -> dict[str, np.ndarray]:

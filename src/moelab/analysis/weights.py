@@ -35,7 +35,7 @@ from moelab.analysis.common import Result
 from moelab.analysis.pca import Projection, pca_explained_variance, project
 from moelab.analysis.reorder import (  # noqa: F401 - count_inversions, kendall_tau: read from here too
     PARTS, JointMatch, as_array, count_inversions, joint_reordering, kendall_tau, kendall_tau_null_sd,
-    layer_neurons, neurons, paper_reordering, reorder_null,
+    neurons, paper_reordering, part_neurons, reorder_null,
 )
 from moelab.config import MoelabError
 
@@ -180,21 +180,41 @@ def _reference_cos(stack_EX: np.ndarray, ref_X: np.ndarray) -> np.ndarray:
     return cosine_matrix(np.vstack([stack_EX, ref_X[None]]))[-1, :-1]
 
 
+class _ExpertRows(dict):
+    """expert -> its F x D neuron rows of one part, for the experts the reorderings match; `shape` is the
+    whole part's E x F x D, as the reorderings read it."""
+
+    def __init__(self, rows: dict[int, np.ndarray], shape: tuple[int, int, int]):
+        super().__init__(rows)
+        self.shape = shape
+
+
 def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], null_seed: int | None) -> WeightLayer:
     missing = [k for k in ("w_up_EFD", "w_gate_EFD", "w_down_EDF") if k not in layer]
     if missing:
         raise MoelabError(f"weight analysis needs {missing[0]} for every layer")
-    n = layer_neurons(layer)  # part -> E x F x D
-    E, F, D = n["up"].shape
-    avg = {p: w.mean(axis=1) for p, w in n.items()}
+    E, F, D = np.shape(layer["w_up_EFD"])
+    ref = reference_parts(layer, F, D)
+    matched = sorted({e for pair in pairs for e in pair})
+    matrix_cos, avg, matrix_ref_cos, pca, n = {}, {}, {}, {}, {}
+    # One part in float64 at a time, keeping of it only the means and the matched experts' rows: all three
+    # parts with their working copies took 2.7-3.3x the layer's float32 size (4-5 GiB an OLMoE layer).
+    for p, key in (("up", "w_up_EFD"), ("gate", "w_gate_EFD"), ("down", "w_down_EDF")):
+        w_EFD = part_neurons(layer[key], p)
+        flat = w_EFD.reshape(E, -1)  # down flattened as F x D: a reordering, same cosine
+        matrix_cos[p] = cosine_matrix(flat)
+        avg[p] = w_EFD.mean(axis=1)
+        if ref is not None:
+            matrix_ref_cos[p] = _reference_cos(flat, ref[p].reshape(-1))
+        pca[p] = project(flat if ref is None else np.vstack([flat, ref[p].reshape(1, -1)]))
+        n[p] = _ExpertRows({e: w_EFD[e].copy() for e in matched}, (E, F, D))
+        del w_EFD, flat
     avg_cos = {p: cosine_matrix(a) for p, a in avg.items()}
     router = cosine_matrix(layer["w_router_ED"]) if "w_router_ED" in layer else None
-    ref = reference_parts(layer, F, D)
-    flat = {p: w.reshape(E, -1) for p, w in n.items()}  # down flattened as F x D: a reordering, same cosine
     pairs_n = E * (E - 1) // 2
     rn, rsd = rmoe_null(E, D) if pairs_n else (float("nan"), float("nan"))  # one expert: nothing to compare
     return WeightLayer(
-        matrix_cos={p: cosine_matrix(x) for p, x in flat.items()}, averaged_cos=avg_cos,
+        matrix_cos=matrix_cos, averaged_cos=avg_cos,
         matrix_null_sd=1 / np.sqrt(F * D), averaged_null_sd=1 / np.sqrt(D), router_cos=router,
         router_r2={p: r_squared(upper(router), upper(c)) for p, c in avg_cos.items()} if router is not None else {},
         null_r2=1.0 / (pairs_n - 1) if pairs_n > 1 else float("nan"),
@@ -204,9 +224,9 @@ def analyse_layer(layer: Mapping[str, Any], pairs: Sequence[tuple[int, int]], nu
         gram_offdiag_null_sd=1 / np.sqrt(D * pairs_n) if pairs_n else float("nan"),
         rmoe_similarity=rmoe_similarity(avg) if pairs_n else float("nan"), rmoe_null=rn, rmoe_null_sd=rsd,
         reference=str(layer.get("ref_name", "dense reference FFN")) if ref is not None else "",
-        matrix_ref_cos={p: _reference_cos(flat[p], ref[p].reshape(-1)) for p in PARTS} if ref is not None else {},
+        matrix_ref_cos=matrix_ref_cos,
         averaged_ref_cos={p: _reference_cos(avg[p], ref[p].mean(axis=0)) for p in PARTS} if ref is not None else {},
-        pca={p: project(flat[p] if ref is None else np.vstack([flat[p], ref[p].reshape(1, -1)])) for p in PARTS},
+        pca=pca,
         paper_reorder=paper_reorder_layer(n, pairs, null_seed or 0) if pairs else None,
         joint_reorder={f"{a}-{b}": joint_reordering(n, a, b, null_seed=null_seed) for a, b in pairs},
     )
