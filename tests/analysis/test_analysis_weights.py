@@ -75,9 +75,9 @@ def test_a_layer_is_analysed_one_part_at_a_time_in_float64(monkeypatch):
 
     import moelab.analysis.weights as aw
 
-    rng = np.random.default_rng(0)
-    layer = {"w_up_EFD": rng.standard_normal((6, 8, 12)), "w_gate_EFD": rng.standard_normal((6, 8, 12)),
-             "w_down_EDF": rng.standard_normal((6, 12, 8)), "w_router_ED": rng.standard_normal((6, 12))}
+    rng = np.random.default_rng(0)  # float32, as checkpoints give them: float64 is the analysis' own copy
+    layer = {k: rng.standard_normal(shape, dtype=np.float32) for k, shape in (
+        ("w_up_EFD", (6, 8, 12)), ("w_gate_EFD", (6, 8, 12)), ("w_down_EDF", (6, 12, 8)), ("w_router_ED", (6, 12)))}
     alive, real = [], aw.part_neurons
 
     def part(w, name):
