@@ -109,3 +109,22 @@ def test_flips_vs_margin_figure_draws_one_line_per_layer(tmp_path):
     assert len(lines) == L and all(set(line.get_ydata()) == {0.0} for line in lines)
     no_probs = write(tmp_path / "b.parquet", ids)
     assert flips_vs_margin(diff_traces(no_probs, no_probs)) is None
+
+
+@pytest.mark.parametrize("batch_rows", [5, 7, 64])
+def test_tokens_split_by_batch_boundaries_read_as_one_pass_reads_them(tmp_path, monkeypatch, batch_rows):
+    """read_routes streams the trace, cutting each batch to whole tokens (L x K rows) and carrying the rest,
+    probability rows with their rank-0 rows: batches of 5 and 7 rows split tokens and layers anywhere, and
+    the diff equals the one read in a single batch."""
+    from moelab.trace.io import Trace
+
+    rng = np.random.default_rng(4)
+    ids_a, probs_a = random_routes(rng, 96)
+    ids_b, _ = random_routes(rng, 96)
+    a, b = write(tmp_path / "a.parquet", ids_a, probs_a), write(tmp_path / "b.parquet", ids_b)
+    whole = diff_traces(a, b)
+    real = Trace.iter_batches
+    monkeypatch.setattr(Trace, "iter_batches", lambda self, columns=None, batch_rows_=batch_rows, **k:
+                        real(self, columns, batch_rows=batch_rows_, **k))
+    assert diff_traces(a, b) == whole
+    assert whole["layers"][0]["flips_by_margin"]

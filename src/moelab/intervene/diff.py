@@ -21,31 +21,55 @@ POS_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 62
 
 
 def read_routes(path) -> dict:
-    """A trace's routing per token: ids [N, L, K], (seq, pos), domain codes and names, tokens, probs."""
+    """A trace's routing per token: ids [N, L, K], (seq, pos), domain codes and names, tokens, and A's router
+    margin p_k - p_{k+1} per layer [N, L] where the trace holds probabilities. Streamed: each batch is cut
+    down to per-token arrays as it is read (a token split by a batch boundary waits for the next), so the
+    row columns and the [N, L, E] probabilities are never held whole (20 GiB for a 100M-row trace)."""
     trace = open_trace(path)
-    L, K = trace.meta.num_layers, trace.meta.top_k
-    cols = ["seq", "pos", "layer", "rank", "expert", "domain"] + [c for c in ("token", "probs") if c in trace.columns]
-    parts: dict[str, list] = {c: [] for c in cols}
-    names = None
+    L, K, E = trace.meta.num_layers, trace.meta.top_k, trace.meta.num_experts
+    LK = L * K
+    with_probs = "probs" in trace.columns and len({*E}) == 1
+    cols = ["seq", "pos", "layer", "rank", "expert", "domain"] + [c for c in ("token",) if c in trace.columns]
     checked = [c for c in ("weight",) if c in trace.columns]  # read only to be validated (no NaN)
-    for batch in trace.iter_batches(columns=cols + checked):
-        for c in cols:
-            parts[c].append(batch[c])
-        names = batch["domain.names"]
-    data = {c: np.concatenate(v) for c, v in parts.items()}
-    n = len(data["seq"])
-    if n % (L * K) or not np.array_equal(data["layer"], np.tile(np.repeat(np.arange(L), K), n // (L * K))):
-        raise MoelabError(f"trace {path} does not hold every layer for every token in (seq, pos, layer, rank) "
-                          f"order: it cannot be diffed")
-    first = slice(None, None, L * K)
-    out = {"path": str(path), "L": L, "K": K, "E": trace.meta.num_experts, "names": list(names),
-           "ids": data["expert"].reshape(-1, L, K).astype(np.int64), "seq": data["seq"][first],
-           "pos": data["pos"][first], "domain": data["domain"][first],
-           "token": data["token"][first] if "token" in data else None, "probs": None,
-           "ranked": rank_order_known(trace.meta)}
-    if "probs" in data and len({*out["E"]}) == 1:
-        out["probs"] = data["probs"].reshape(-1, L, out["E"][0])
-    return out
+    ids_dtype = np.int16 if max(E) <= np.iinfo(np.int16).max else np.int32
+    parts: dict[str, list] = {k: [] for k in ("ids", "seq", "pos", "domain", "token", "margin")}
+    carry: dict[str, np.ndarray] | None = None
+    names: list = []
+    layer_LK = np.repeat(np.arange(L), K)
+    for batch in trace.iter_batches(columns=cols + checked + (["probs"] if with_probs else [])):
+        names = list(batch["domain.names"])
+        rows = {c: batch[c] for c in cols}
+        if with_probs:  # one probability row per (token, layer): its rank-0 row's
+            rows["probs"] = batch["probs"]
+        if carry is not None:
+            rows = {c: np.concatenate([carry[c], rows[c]]) for c in rows}
+        n = len(rows["seq"]) // LK
+        done, carry = ({c: v[: n * LK] for c, v in rows.items()}, {c: v[n * LK:] for c, v in rows.items()})
+        if with_probs:
+            done["probs"], carry["probs"] = rows["probs"][: n * L], rows["probs"][n * L:]
+        if not np.array_equal(done["layer"], np.tile(layer_LK, n)) or (with_probs and len(done["probs"]) < n * L):
+            raise _not_diffable(path)
+        first = slice(None, None, LK)
+        parts["ids"].append(done["expert"].reshape(n, L, K).astype(ids_dtype))
+        for c in ("seq", "pos", "domain", "token"):
+            if c in done:
+                parts[c].append(done[c][first])
+        if with_probs:
+            probs_NLE = done["probs"].reshape(n, L, E[0])
+            parts["margin"].append(np.stack([margin_kk1(probs_NLE[:, l], K) for l in range(L)], axis=1))
+    if carry is not None and (len(carry["seq"]) or len(carry.get("probs", ()))):
+        raise _not_diffable(path)
+    joined = {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    if joined["ids"] is None:
+        joined.update(ids=np.zeros((0, L, K), ids_dtype), **{c: np.zeros(0, np.int64) for c in ("seq", "pos", "domain")})
+    return {"path": str(path), "L": L, "K": K, "E": E, "names": names, "ids": joined["ids"], "seq": joined["seq"],
+            "pos": joined["pos"], "domain": joined["domain"], "token": joined["token"], "margin": joined["margin"],
+            "ranked": rank_order_known(trace.meta)}
+
+
+def _not_diffable(path) -> MoelabError:
+    return MoelabError(f"trace {path} does not hold every layer for every token in (seq, pos, layer, rank) "
+                       f"order: it cannot be diffed")
 
 
 def check_same(a: dict, b: dict) -> None:
@@ -114,8 +138,8 @@ def diff_routes(a: dict, b: dict, seed: int = 0) -> dict:
                "jaccard_chance": chance_jaccard(K, E) if a["K"] == b["K"] else None,
                "jaccard_permuted": float(perm_inter.sum() / perm_union.sum()),
                "set_differs": float(flips.mean())}
-        if a["probs"] is not None and K < E:
-            bucket = np.digitize(margin_kk1(a["probs"][:, l], a["K"]), MARGIN_EDGES[1:-1])
+        if a["margin"] is not None and K < E:
+            bucket = np.digitize(a["margin"][:, l], MARGIN_EDGES[1:-1])
             row["flips_by_margin"] = _rates(bucket, flips, _bucket_labels(MARGIN_EDGES))
         layers.append(row)
     flips_NL = np.stack(differs_NL, axis=1)
@@ -125,7 +149,7 @@ def diff_routes(a: dict, b: dict, seed: int = 0) -> dict:
             "any_layer_differs": float(any_N.mean()),
             "by_domain": _rates(a["domain"], flips_NL.mean(1), a["names"]),
             "by_position": _rates(pos_bucket, flips_NL.mean(1), _bucket_labels(POS_EDGES)),
-            "margin_note": None if a["probs"] is not None else "trace A has no router probabilities: no margins",
+            "margin_note": None if a["margin"] is not None else "trace A has no router probabilities: no margins",
             "rank_note": None if a.get("ranked", True) and b.get("ranked", True) else f"top-1 agreement left out: a trace's {WHY[4:]}"}
 
 
