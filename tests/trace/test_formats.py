@@ -223,3 +223,26 @@ def test_replay_padded_batch_with_token_ids(tmp_path):
     save_file({"routed_experts": ids, "input_ids": tokens[:, :3]}, str(tmp_path / "c.safetensors"))
     with pytest.raises(MoelabError, match="do not match routed_experts"):
         import_trace("replay", tmp_path / "c.safetensors", tmp_path / "c.parquet")
+
+
+@pytest.mark.parametrize("batch_rows", [3, 11, 10**6])
+def test_replay_from_a_trace_streams_a_sequence_at_a_time(tmp_path, monkeypatch, batch_rows):
+    """trace_to_replay reads batch by batch, the last sequence of each waiting for the next: batches of 3
+    and 11 rows cut sequences, tokens and layers anywhere and give what one batch gives, checked against
+    the trace's rows scattered by hand."""
+    from moelab.trace.io import Trace
+
+    trace = planted_trace(tmp_path / "t.parquet")
+    cols = read(trace, ["seq", "pos", "layer", "rank", "expert", "token"])
+    real = Trace.iter_batches
+    monkeypatch.setattr(Trace, "iter_batches", lambda self, columns=None, **k: real(self, columns, batch_rows=batch_rows))
+    rep = trace_to_replay(trace.path)
+    seqs = np.unique(cols["seq"])
+    assert len(rep["ids"]) == len(seqs) == len(rep["tokens"])
+    for s, ids, tok in zip(seqs, rep["ids"], rep["tokens"]):
+        m = cols["seq"] == s
+        want = np.full(ids.shape, -1, np.int32)
+        for p, l, r, e in zip(cols["pos"][m], cols["layer"][m], cols["rank"][m], cols["expert"][m]):
+            want[p, l, r] = e
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(tok[cols["pos"][m]], cols["token"][m])

@@ -106,32 +106,43 @@ def read_replay(path: str | Path) -> Iterator[Routed]:
 
 
 def trace_to_replay(trace_path: str | Path, *, drop_last: bool = False) -> dict[str, list[np.ndarray]]:
-    """Per sequence: ids (T, L, K) int32 with -1 where the trace has no row, and token ids when it has them."""
+    """Per sequence: ids (T, L, K) int32 with -1 where the trace has no row, and token ids when it has them.
+    Streamed a sequence at a time (the last sequence of a batch waits for the next batch), so the trace's
+    row columns are never held whole (10 GiB for a 1M-token trace of OLMoE's shape)."""
     trace = open_trace(trace_path)
     L, K = trace.meta.num_layers, trace.meta.top_k
     cols = ["seq", "pos", "layer", "block", "rank", "expert"] + (["token"] if "token" in trace.columns else [])
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
-    for batch in trace.iter_batches(columns=cols):
-        for c in cols:
-            parts[c].append(batch[c])
-    data = {c: np.concatenate(v) for c, v in parts.items()}
-    seqs, starts = np.unique(data["seq"], return_index=True)
-    if not np.all(np.diff(data["seq"]) >= 0):
-        raise MoelabError(f"trace {trace.path} is not in seq order: rows must come in (seq, pos, layer, rank) order")
     blocks = np.zeros(L, np.int64)
-    blocks[data["layer"]] = data["block"]
     out: dict[str, list[np.ndarray]] = {"ids": [], "tokens": [], "blocks": [blocks]}
-    for a, b in zip(starts, list(starts[1:]) + [len(data["seq"])]):
-        pos = data["pos"][a:b].astype(np.int64)
+    carry: dict[str, np.ndarray] | None = None
+    for batch in trace.iter_batches(columns=cols):
+        rows = {c: batch[c] if carry is None else np.concatenate([carry[c], batch[c]]) for c in cols}
+        if not np.all(np.diff(rows["seq"]) >= 0):
+            raise MoelabError(f"trace {trace.path} is not in seq order: rows must come in (seq, pos, layer, rank) order")
+        blocks[rows["layer"]] = rows["block"]
+        last = int(np.searchsorted(rows["seq"], rows["seq"][-1])) if len(rows["seq"]) else 0
+        _sequences({c: v[:last] for c, v in rows.items()}, L, K, drop_last, out)
+        carry = {c: v[last:] for c, v in rows.items()}
+    if carry is not None:
+        _sequences(carry, L, K, drop_last, out)
+    return out
+
+
+def _sequences(rows: dict[str, np.ndarray], L: int, K: int, drop_last: bool, out: dict) -> None:
+    """The whole sequences in `rows` (in seq order) appended to `out` as trace_to_replay returns them."""
+    if not len(rows["seq"]):
+        return
+    _, starts = np.unique(rows["seq"], return_index=True)
+    for a, b in zip(starts, list(starts[1:]) + [len(rows["seq"])]):
+        pos = rows["pos"][a:b].astype(np.int64)
         T = int(pos.max()) + 1
         ids = np.full((T, L, K), -1, np.int32)
-        ids[pos, data["layer"][a:b], data["rank"][a:b]] = data["expert"][a:b]
+        ids[pos, rows["layer"][a:b], rows["rank"][a:b]] = rows["expert"][a:b]
         out["ids"].append(ids[: T - 1] if drop_last else ids)
-        if "token" in data:
+        if "token" in rows:
             tok = np.full(T, -1, np.int32)
-            tok[pos] = data["token"][a:b]
+            tok[pos] = rows["token"][a:b]
             out["tokens"].append(tok)
-    return out
 
 
 def export_replay(trace_path: str | Path, out: str | Path, *, drop_last: bool = False) -> dict:
