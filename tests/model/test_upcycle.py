@@ -119,3 +119,28 @@ def test_expert_gram_in_column_blocks_equals_the_whole_product():
     flat = torch.cat([w_in.reshape(4, -1), w_out.reshape(4, -1)], 1).double()
     for chunk in (1, 7, 40, 1 << 22):
         torch.testing.assert_close(_gram([w_in, w_out], 4, chunk=chunk), flat @ flat.t(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts, kind, table", [
+    (UpcycleConfig(), "swiglu", MOE_TABLE),
+    (UpcycleConfig(granularity=2, noise_std=0.1, noise_share=0.5, reinit_ratio=0.25, shared_expert=True, seed=7),
+     "openmoe", MOE_TABLE),
+    (UpcycleConfig(router_init="zero", noise_std=0.05), "geglu",
+     {**MOE_TABLE, "router": {"kind": "random"}}),
+])
+def test_upcycling_in_place_writes_the_state_dict_s_values(opts, kind, table):
+    """upcycle_into (what `moelab upcycle` runs) writes into the built model, expert by expert, exactly what
+    upcycle_state_dict builds whole and load_state_dict copies in: the same random draws in the same order,
+    granularity, noise, Drop-Upcycling, a shared expert and a fixed router included."""
+    from moelab.model.upcycle import upcycle_into
+
+    dense_cfg = ModelConfig.from_dict({**DENSE.to_dict(), "ffn_kind": kind})
+    dense = build_model(dense_cfg, seed=1)
+    cfg = upcycled_config(dense_cfg, table, opts)
+    whole, in_place = build_model(cfg, seed=2), build_model(cfg, seed=2)
+    whole.load_state_dict(upcycle_state_dict(dense.state_dict(), dense_cfg, cfg, opts, whole.state_dict()))
+    upcycle_into(in_place, dense.state_dict(), cfg, opts)
+    a, b = whole.state_dict(), in_place.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(b["blocks.0.moe.experts.w_in_EDX"], build_model(cfg, seed=2).state_dict()[
+        "blocks.0.moe.experts.w_in_EDX"])  # written, not left as built

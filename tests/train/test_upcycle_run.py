@@ -130,9 +130,11 @@ def test_an_upcycle_that_cannot_fit_in_memory_is_refused_before_allocating(dense
 
 
 def test_the_memory_check_counts_what_upcycling_holds(dense_ckpt):
-    """The estimate is 4 bytes x (dense + 2.5 x MoE parameters) (2.35 x measured: upcycle_bytes), the MoE
-    count being the built model's own (numel summed, not the analytic formula); one byte less available
-    is refused, exactly that is not."""
+    """The estimate is 4 bytes x (dense + 1.5 x MoE parameters) (1.1 x measured: upcycle_bytes; 2.5 x with a
+    safetensors that copies to bytes on save), the MoE count being the built model's own (numel summed,
+    not the analytic formula); one byte less available is refused, exactly that is not."""
+    import safetensors.torch
+
     from moelab.config import MoelabError
     from moelab.model.transformer import build_model
     from moelab.model.upcycle import UpcycleConfig, upcycled_config
@@ -142,7 +144,7 @@ def test_the_memory_check_counts_what_upcycling_holds(dense_ckpt):
     cfg = upcycled_config(dense.config, {"num_experts": 8, "top_k": 2}, UpcycleConfig())
     moe_n = sum(p.numel() for p in build_model(cfg).parameters())
     dense_n = sum(p.numel() for p in dense.parameters())
-    need = 4 * dense_n + 10 * moe_n
+    need = 4 * dense_n + (6 if hasattr(safetensors.torch, "_flatten_as_ptr") else 10) * moe_n
     check_fits_in_memory(cfg, dense.config.num_params(), available=need)
     with pytest.raises(MoelabError, match=f"upcycling into {moe_n:,} parameters \\(8 experts\\)"):
         check_fits_in_memory(cfg, dense.config.num_params(), available=need - 1)
