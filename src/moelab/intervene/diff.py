@@ -44,9 +44,8 @@ def read_routes(path) -> dict:
         if carry is not None:
             rows = {c: np.concatenate([carry[c], rows[c]]) for c in rows}
         n = len(rows["seq"]) // LK
-        done, carry = ({c: v[: n * LK] for c, v in rows.items()}, {c: v[n * LK:] for c, v in rows.items()})
-        if with_probs:
-            done["probs"], carry["probs"] = rows["probs"][: n * L], rows["probs"][n * L:]
+        cut = {c: n * L if c == "probs" else n * LK for c in rows}  # the whole tokens; the rest waits
+        done, carry = {c: v[: cut[c]] for c, v in rows.items()}, {c: v[cut[c]:] for c, v in rows.items()}
         if not np.array_equal(done["layer"], np.tile(layer_LK, n)) or (with_probs and len(done["probs"]) < n * L):
             raise _not_diffable(path)
         first = slice(None, None, LK)
@@ -59,9 +58,7 @@ def read_routes(path) -> dict:
             parts["margin"].append(np.stack([margin_kk1(probs_NLE[:, l], K) for l in range(L)], axis=1))
     if carry is not None and (len(carry["seq"]) or len(carry.get("probs", ()))):
         raise _not_diffable(path)
-    joined = {k: np.concatenate(v) if v else None for k, v in parts.items()}
-    if joined["ids"] is None:
-        joined.update(ids=np.zeros((0, L, K), ids_dtype), **{c: np.zeros(0, np.int64) for c in ("seq", "pos", "domain")})
+    joined = {k: np.concatenate(v) if v else None for k, v in parts.items()}  # open_trace refuses 0 rows
     return {"path": str(path), "L": L, "K": K, "E": E, "names": names, "ids": joined["ids"], "seq": joined["seq"],
             "pos": joined["pos"], "domain": joined["domain"], "token": joined["token"], "margin": joined["margin"],
             "ranked": rank_order_known(trace.meta)}
