@@ -305,7 +305,7 @@ def check_same_model_config(weights: str, meta: Any, trace_path: str) -> None:
                           f"was written by: {diff} (checkpoint vs trace)")
 
 
-def check_weights_fit(layers: list[dict[str, Any]], meta: Any, weights: str, trace_path: str) -> None:
+def check_weights_fit(layers: Sequence[dict[str, Any]], meta: Any, weights: str, trace_path: str) -> None:
     """The checkpoint's MoE layers must be the trace's: the same blocks with the same expert counts (a
     transformers family's router may score more classes than it has FFN experts, zero-computation ones, so
     there the trace's count is an upper bound)."""

@@ -138,7 +138,7 @@ def is_transformers_folder(path: Path) -> bool:
         return False
 
 
-def checkpoint_weight_layers(path: str | Path) -> list[dict[str, Any]]:
+def checkpoint_weight_layers(path: str | Path) -> Sequence[dict[str, Any]]:
     """`model_weight_layers` of a moelab checkpoint folder (or a run folder: its last checkpoint); a
     transformers checkpoint folder is read tensor by tensor instead (`moelab.hf.weights`)."""
     from moelab.train.checkpoint import load_model
