@@ -234,3 +234,18 @@ def build_model(cfg: ModelConfig | str, *, device=None, dtype=None, seed: int | 
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model
+
+
+def restore_transient_buffers(model: MoETransformer) -> None:
+    """Recompute the buffers a state dict does not hold (the RoPE tables, a selection bias that is not
+    trained) after the model was built on the meta device and its weights assigned from a file."""
+    from moelab.model.routers import Router
+
+    cfg = model.config
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_base)
+    for m in model.modules():
+        if isinstance(m, Router) and m.selection_bias_E.is_meta:
+            m.selection_bias_E = torch.zeros(m.num_experts)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a new buffer outside the state dict must be recomputed here
+        raise RuntimeError(f"restore_transient_buffers: {left[0]} is still on the meta device")

@@ -142,13 +142,16 @@ def checkpoint_step(path: str | Path) -> int:
     return step
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy a checkpoint's weights into a model, naming any missing, extra or mis-shaped tensor."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
-        weights = load_file(str(Path(path) / "model.safetensors"))
+        return load_file(str(Path(path) / "model.safetensors"))
     except Exception as e:  # safetensors raises several types for a corrupt file
         raise MoelabError(f"cannot read {Path(path) / 'model.safetensors'}: {e}") from None
-    own = model.state_dict()
+
+
+def check_state_fits(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Name any missing, extra, mis-shaped or non-finite tensor of a checkpoint against a model's state dict
+    (which may live on the meta device: only names and shapes are read from it)."""
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
     if missing or extra:
@@ -160,20 +163,37 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
                               f"the model expects {tuple(own[name].shape)}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise MoelabError(f"checkpoint {path}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy a checkpoint's weights into a model, naming any missing, extra or mis-shaped tensor."""
+    weights = read_weights(path)
+    check_state_fits(model.state_dict(), weights, path)
     model.load_state_dict(weights)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A model rebuilt from a checkpoint directory's config and weights, in eval mode."""
-    from moelab.model.transformer import build_model
+    """A model rebuilt from a checkpoint directory's config and weights, in eval mode.
+
+    The model is built on the meta device and the file's tensors become its parameters: a 7B model's random
+    initialisation (about a minute) is never drawn, and the weights are held once, not twice. The global RNG
+    is left as it was."""
+    from moelab.model.transformer import build_model, restore_transient_buffers
 
     cfg = read_checkpoint_config(path)
     try:
         model_cfg = ModelConfig.from_dict(cfg["model"], path="model")
     except ConfigError as e:
         raise MoelabError(f"checkpoint {path} has an invalid model config: {e}") from None
-    model = build_model(model_cfg)
-    load_weights(model, path)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    own = model.state_dict()
+    weights = read_weights(path)
+    check_state_fits(own, weights, path)
+    # the file's dtype may differ from the model's (a bf16 file): cast as load_state_dict's copy would
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, assign=True)
+    del weights
+    restore_transient_buffers(model)
     return model.to(device).eval()
 
 
