@@ -148,3 +148,99 @@ def test_layers_are_read_one_at_a_time_and_let_go(monkeypatch):
     assert len(aw.weight_analysis(layers).layers) == 3 and loaded == [0, 1, 2]
     listed = [layers[i] for i in range(3)]  # a plain list of the same layers: the same shapes, read off them
     assert layer_shapes(listed) == layer_shapes(layers)
+
+
+LAZY_CONFIGS = {
+    "linear": lambda: cfg(),
+    "rmoe": lambda: cfg(router="rmoe"),
+    "random": lambda: cfg(router="random"),
+    "hash": lambda: cfg(router="hash"),
+    "openmoe-ffn": lambda: cfg(ffn_kind="openmoe"),
+    "dense-reference": lambda: ModelConfig(
+        vocab_size=50, d_model=D, n_layers=4, n_heads=2, ffn_hidden=32, max_seq_len=16,
+        moe=MoEConfig(num_experts=[4, 6, 3], top_k=2, dense_layers=[0], expert_hidden=32)),
+    "shared-reference": lambda: ModelConfig(
+        vocab_size=50, d_model=D, n_layers=3, n_heads=2, ffn_hidden=32, max_seq_len=16,
+        moe=MoEConfig(num_experts=E, top_k=2, dense_layers=[0], expert_hidden=32, num_shared_experts=1,
+                      router=RouterConfig(bias_balance=True))),
+}
+
+
+def _reads(monkeypatch):
+    from moelab.hf.io import TensorReader
+
+    read, real = [], TensorReader.get
+    monkeypatch.setattr(TensorReader, "get", lambda self, name: read.append(name) or real(self, name))
+    return read
+
+
+@pytest.mark.parametrize("name", list(LAZY_CONFIGS))
+def test_checkpoint_layers_read_one_layer_s_tensors_and_equal_the_built_model_s(tmp_path, monkeypatch, name):
+    """A moelab checkpoint's layers come from a model on the meta device: layer i reads its MoE layer's
+    tensors and its reference FFN's, nothing else (no attention, no embedding, no other layer), and gives
+    exactly what the loaded model gives."""
+    model = build_model(LAZY_CONFIGS[name](), seed=4)
+    path = save_checkpoint(tmp_path / "ckpt", model, {"model": model.config.to_dict()}, step=1)
+    want = model_weight_layers(model)
+    read = _reads(monkeypatch)
+    got = checkpoint_weight_layers(path)
+    assert got.shapes == want.shapes and not read
+    prefix = {m: n for n, m in model.named_modules()}
+    for i, moe in enumerate(model.moe_layers()):
+        read.clear()
+        a, b = got[i], want[i]
+        assert sorted(a) == sorted(b)
+        for key in a:
+            if isinstance(a[key], np.ndarray):
+                assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), (i, key)
+            else:
+                assert a[key] == b[key], (i, key)
+        allowed = {f"{prefix[moe]}.{n}" for n in moe.state_dict()}
+        if "ref_name" in a:
+            owner = model.blocks[int(a["ref_name"].rsplit(" ", 1)[1])]
+            ref = owner.shared if a["ref_name"].startswith("shared") else owner.ffn
+            allowed |= {f"{prefix[ref]}.{n}" for n in ref.state_dict()}
+        assert read and set(read) <= allowed and any(".experts." in r for r in read), (i, read)
+
+
+def test_checkpoint_layers_let_the_tensors_go(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from moelab.hf.io import TensorReader
+
+    model = build_model(cfg(), seed=0)
+    path = save_checkpoint(tmp_path / "ckpt", model, {"model": model.config.to_dict()}, step=1)
+    refs, real = [], TensorReader.get
+
+    def get(self, name):
+        t = real(self, name)
+        refs.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(TensorReader, "get", get)
+    layers = checkpoint_weight_layers(path)
+    entry = layers[1]
+    assert entry["w_up_EFD"].shape == (E, FH, D) and refs
+    del entry
+    gc.collect()
+    assert all(r() is None for r in refs)  # nothing kept by the meta model once the layer's arrays are gone
+
+
+def test_checkpoint_layers_name_a_bad_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(cfg(), seed=0)
+    path = save_checkpoint(tmp_path / "ckpt", model, {"model": model.config.to_dict()}, step=1)
+    weights = load_file(str(path / "model.safetensors"))
+    name = next(k for k in weights if k.startswith("blocks.1.") and "experts" in k)
+    weights[name][0, 0, 0] = float("nan")
+    save_file(weights, str(path / "model.safetensors"))
+    layers = checkpoint_weight_layers(path)
+    assert layers[0]["block"] == 0
+    with pytest.raises(MoelabError, match=f"{name} holds NaN"):
+        layers[1]
+    del weights[name]
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(MoelabError, match=f"does not fit this model: missing \\['{name}'\\]"):
+        checkpoint_weight_layers(path)

@@ -113,19 +113,26 @@ def _ffn_parts(ffn: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def dense_reference(model: Any, block: int, F: int) -> dict[str, Any]:
-    """The reference FFN of width F for the MoE layer in `block` (see the module docstring), or {}."""
+def reference_ffn(model: Any, block: int, F: int) -> tuple[Any, str] | None:
+    """(module, name) of the reference FFN of width F for the MoE layer in `block` (see the module docstring),
+    or None; chosen from shapes alone, so it works on a model built on the meta device."""
     blocks = list(getattr(model, "blocks", []))
     if not 0 <= block < len(blocks):
-        return {}
+        return None
     shared = getattr(blocks[block], "shared", None)
     if shared is not None and shared.w_out_FD.shape[0] == F:
-        return {**_ffn_parts(shared), "ref_name": f"shared expert of block {block}"}
+        return shared, f"shared expert of block {block}"
     dense = [i for i, b in enumerate(blocks) if getattr(b, "ffn", None) is not None and b.ffn.w_out_FD.shape[0] == F]
     if not dense:
-        return {}
+        return None
     i = min(dense, key=lambda j: (abs(j - block), j))
-    return {**_ffn_parts(blocks[i].ffn), "ref_name": f"dense FFN of block {i}"}
+    return blocks[i].ffn, f"dense FFN of block {i}"
+
+
+def dense_reference(model: Any, block: int, F: int) -> dict[str, Any]:
+    """The reference FFN's matrices for the MoE layer in `block`, or {}."""
+    ref = reference_ffn(model, block, F)
+    return {} if ref is None else {**_ffn_parts(ref[0]), "ref_name": ref[1]}
 
 
 def is_transformers_folder(path: Path) -> bool:
@@ -141,7 +148,6 @@ def is_transformers_folder(path: Path) -> bool:
 def checkpoint_weight_layers(path: str | Path) -> Sequence[dict[str, Any]]:
     """`model_weight_layers` of a moelab checkpoint folder (or a run folder: its last checkpoint); a
     transformers checkpoint folder is read tensor by tensor instead (`moelab.hf.weights`)."""
-    from moelab.train.checkpoint import load_model
     from moelab.train.commands import resolve_checkpoint
 
     if is_transformers_folder(Path(path)):
@@ -149,9 +155,55 @@ def checkpoint_weight_layers(path: str | Path) -> Sequence[dict[str, Any]]:
 
         return hf_weight_layers(path)
 
-    ckpt = resolve_checkpoint(path)
-    model = load_model(ckpt)
+    return _lazy_checkpoint_layers(resolve_checkpoint(path))
+
+
+def _lazy_checkpoint_layers(ckpt: Path) -> WeightLayers:
+    """The model is built on the meta device; asking for layer i reads from the file only the tensors of its
+    MoE layer and of its reference FFN, and puts them back on the meta device once copied out, so a 7B
+    checkpoint costs one layer's experts at a time (not the whole model, twice, with a random init)."""
+    import torch
+
+    from moelab.hf.io import TensorReader
+    from moelab.model.moe import MoELayer
+    from moelab.train.checkpoint import meta_model
+
+    model = meta_model(ckpt)
+    reader = TensorReader(ckpt / "model.safetensors")
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(reader.keys())), sorted(set(reader.keys()) - set(own))
+    if missing or extra:
+        raise MoelabError(f"checkpoint {ckpt} does not fit this model: {'missing' if missing else 'unexpected'} "
+                          f"{(missing or extra)[:3]}")
+    for name, t in own.items():
+        if reader.shape(name) != tuple(t.shape):
+            raise MoelabError(f"checkpoint {ckpt}: tensor {name} has shape {reader.shape(name)}, "
+                              f"the model expects {tuple(t.shape)}")
     try:
-        return model_weight_layers(model)
+        layers = model_weight_layers(model)
     except MoelabError as e:
         raise MoelabError(f"checkpoint {ckpt}: {e}") from None
+    prefix = {m: name for name, m in model.named_modules()}
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]  # model_weight_layers' order
+
+    def names(i: int) -> list[str]:
+        parts = [moe[i]]
+        ref = reference_ffn(model, layers.shapes[i]["block"], layers.shapes[i]["hidden"])
+        parts += [ref[0]] if ref is not None else []
+        return [f"{prefix[m]}.{n}" for m in parts for n in m.state_dict()]
+
+    def load(i: int) -> dict[str, Any]:
+        wanted = names(i)
+        values = {}
+        for name in wanted:
+            t = reader.get(name)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MoelabError(f"checkpoint {ckpt}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
+            values[name] = t.to(own[name].dtype)
+        model.load_state_dict(values, strict=False, assign=True)
+        try:
+            return layers[i]  # arrays copied (or viewed) out of the tensors just assigned
+        finally:
+            model.load_state_dict({n: own[n] for n in wanted}, strict=False, assign=True)  # back to meta
+
+    return WeightLayers(layers.shapes, load)

@@ -172,13 +172,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(weights)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A model rebuilt from a checkpoint directory's config and weights, in eval mode.
-
-    The model is built on the meta device and the file's tensors become its parameters: a 7B model's random
-    initialisation (about a minute) is never drawn, and the weights are held once, not twice. The global RNG
-    is left as it was."""
-    from moelab.model.transformer import build_model, restore_transient_buffers
+def meta_model(path: str | Path) -> torch.nn.Module:
+    """The model a checkpoint's config describes, built on the meta device: shapes, no values."""
+    from moelab.model.transformer import build_model
 
     cfg = read_checkpoint_config(path)
     try:
@@ -186,7 +182,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     except ConfigError as e:
         raise MoelabError(f"checkpoint {path} has an invalid model config: {e}") from None
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        return build_model(model_cfg).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model rebuilt from a checkpoint directory's config and weights, in eval mode.
+
+    The model is built on the meta device and the file's tensors become its parameters: a 7B model's random
+    initialisation (about a minute) is never drawn, and the weights are held once, not twice. The global RNG
+    is left as it was."""
+    from moelab.model.transformer import restore_transient_buffers
+
+    model = meta_model(path)
     own = model.state_dict()
     weights = read_weights(path)
     check_state_fits(own, weights, path)
