@@ -93,3 +93,22 @@ def test_a_bf16_file_loads_into_the_fp32_model_as_a_copy_would(tmp_path):
     model = ck.load_model(path)
     for k, t in reference.state_dict().items():
         assert model.state_dict()[k].dtype == t.dtype and torch.equal(model.state_dict()[k], t), k
+
+
+def test_bench_checkpoint_load_tiny(tmp_path):
+    """benchmarks/bench_checkpoint_load.py --tiny runs every variant in its own process and writes its rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(root / "benchmarks/bench_checkpoint_load.py"), "--tiny", "--reps", "1",
+                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["a"], r["b"]) for r in rows] == [("meta", "copy"), ("lazy", "whole")]
+    assert all(r["a_s"] > 0 and r["b_s"] > 0 and set(r["extra"]["peak_gib"]) == {r["a"], r["b"]} for r in rows)
