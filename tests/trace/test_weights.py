@@ -1,6 +1,8 @@
 """Weights for the static analyses: shapes, neurons that reproduce the experts, router rows only where
 they exist, and clear errors for models without experts."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -232,15 +234,21 @@ def test_checkpoint_layers_name_a_bad_tensor(tmp_path):
 
     model = build_model(cfg(), seed=0)
     path = save_checkpoint(tmp_path / "ckpt", model, {"model": model.config.to_dict()}, step=1)
-    weights = load_file(str(path / "model.safetensors"))
+    file = path / "model.safetensors"
+
+    def rewrite(weights):  # a new file, not the mapped one truncated under the tensors read from it
+        save_file(weights, str(tmp_path / "new.safetensors"))
+        os.replace(tmp_path / "new.safetensors", file)
+
+    weights = load_file(str(file))
     name = next(k for k in weights if k.startswith("blocks.1.") and "experts" in k)
     weights[name][0, 0, 0] = float("nan")
-    save_file(weights, str(path / "model.safetensors"))
+    rewrite(weights)
     layers = checkpoint_weight_layers(path)
     assert layers[0]["block"] == 0
     with pytest.raises(MoelabError, match=f"{name} holds NaN"):
         layers[1]
     del weights[name]
-    save_file(weights, str(path / "model.safetensors"))
+    rewrite(weights)
     with pytest.raises(MoelabError, match=f"does not fit this model: missing \\['{name}'\\]"):
         checkpoint_weight_layers(path)

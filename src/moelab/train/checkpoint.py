@@ -190,7 +190,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
 
     The model is built on the meta device and the file's tensors become its parameters: a 7B model's random
     initialisation (about a minute) is never drawn, and the weights are held once, not twice. The global RNG
-    is left as it was."""
+    is left as it was. On CPU the parameters are the file's pages mapped copy-on-write (PyTorch's own
+    meta + mmap + assign recipe): writing a parameter copies its page, but a file overwritten in place (cp
+    onto it; moelab and safetensors write a new file and rename it) would change the model under it."""
     from moelab.model.transformer import restore_transient_buffers
 
     model = meta_model(path)
