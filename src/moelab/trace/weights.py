@@ -162,23 +162,14 @@ def _lazy_checkpoint_layers(ckpt: Path) -> WeightLayers:
     """The model is built on the meta device; asking for layer i reads from the file only the tensors of its
     MoE layer and of its reference FFN, and puts them back on the meta device once copied out, so a 7B
     checkpoint costs one layer's experts at a time (not the whole model, twice, with a random init)."""
-    import torch
-
     from moelab.hf.io import TensorReader
     from moelab.model.moe import MoELayer
-    from moelab.train.checkpoint import meta_model
+    from moelab.train.checkpoint import check_finite, check_shapes_fit, meta_model
 
     model = meta_model(ckpt)
     reader = TensorReader(ckpt / "model.safetensors")
     own = model.state_dict()
-    missing, extra = sorted(set(own) - set(reader.keys())), sorted(set(reader.keys()) - set(own))
-    if missing or extra:
-        raise MoelabError(f"checkpoint {ckpt} does not fit this model: {'missing' if missing else 'unexpected'} "
-                          f"{(missing or extra)[:3]}")
-    for name, t in own.items():
-        if reader.shape(name) != tuple(t.shape):
-            raise MoelabError(f"checkpoint {ckpt}: tensor {name} has shape {reader.shape(name)}, "
-                              f"the model expects {tuple(t.shape)}")
+    check_shapes_fit(own, {name: reader.shape(name) for name in reader.keys()}, ckpt)
     try:
         layers = model_weight_layers(model)
     except MoelabError as e:
@@ -197,8 +188,7 @@ def _lazy_checkpoint_layers(ckpt: Path) -> WeightLayers:
         values = {}
         for name in wanted:
             t = reader.get(name)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise MoelabError(f"checkpoint {ckpt}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
+            check_finite(name, t, ckpt)
             values[name] = t.to(own[name].dtype)
         model.load_state_dict(values, strict=False, assign=True)
         try:

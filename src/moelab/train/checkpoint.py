@@ -149,20 +149,29 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise MoelabError(f"cannot read {Path(path) / 'model.safetensors'}: {e}") from None
 
 
-def check_state_fits(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Name any missing, extra, mis-shaped or non-finite tensor of a checkpoint against a model's state dict
-    (which may live on the meta device: only names and shapes are read from it)."""
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
+def check_shapes_fit(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """Name any missing, extra or mis-shaped tensor of a checkpoint (its names and shapes) against a model's
+    state dict, which may live on the meta device."""
+    missing = sorted(set(own) - set(shapes))
+    extra = sorted(set(shapes) - set(own))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise MoelabError(f"checkpoint {path} does not fit this model: {what}")
-    for name, tensor in weights.items():
-        if tensor.shape != own[name].shape:
-            raise MoelabError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, "
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(own[name].shape):
+            raise MoelabError(f"checkpoint {path}: tensor {name} has shape {tuple(shape)}, "
                               f"the model expects {tuple(own[name].shape)}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise MoelabError(f"checkpoint {path}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
+
+
+def check_finite(name: str, tensor: torch.Tensor, path: str | Path) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MoelabError(f"checkpoint {path}: tensor {name} holds NaN or inf (a corrupt or diverged file)")
+
+
+def check_state_fits(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    check_shapes_fit(own, {k: tuple(v.shape) for k, v in weights.items()}, path)
+    for name, tensor in weights.items():
+        check_finite(name, tensor, path)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
