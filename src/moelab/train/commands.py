@@ -190,7 +190,7 @@ def run_generate(args) -> int:
         raise MoelabError(f"--top-k {args.top_k} must be >= 1")
     device = resolve_device(args.device, "--device")
     ckpt = resolve_checkpoint(args.checkpoint)
-    model = load_model(ckpt).to(device)
+    model = load_model(ckpt, device)
     tok = generation_tokenizer(ckpt, args.tokenizer)
     ids = torch.tensor(tok.encode(args.prompt), dtype=torch.long)
     if ids.numel() == 0:
