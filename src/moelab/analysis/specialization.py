@@ -4,7 +4,9 @@ specialisation, expert-label mutual information, and the top tokens of each expe
 The tables come from `tables.ShareAccumulator` (E_i(g) counts per layer, group and expert). Every score
 below is a pure function of them and comes with its null (the group label shuffled across the layer's
 tokens, which keeps expert load and group sizes; uniform routing stays beside it as a named reference)
-and a bootstrap interval over sequences (`resample`).
+and a bootstrap interval over sequences (`resample`). A document's label (domain, language) is shuffled
+across whole documents instead (`units.py`), given the documents' counts: its tokens are routed alike,
+and a token shuffle would read that likeness as specialisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from moelab.analysis.resample import Estimate, SetPool, group_null, layer_estima
 from moelab.analysis.tables import (  # noqa: F401 - re-exported: the tables' public home stays importable here
     GROUPS, INT_GROUPS, LABEL_GROUPS, ShareAccumulator, ShareTables, share_tables,
 )
+from moelab.analysis.units import NULL, UnitTable, unit_null
 from moelab.config import MoelabError
 
 # ---- OpenMoE: std over experts of E_i(g) ----------------------------------------------------------
@@ -205,7 +208,7 @@ class DomainSpecialisation(Result):
     share: list[np.ndarray]   # per layer G x E: share of g's tokens with e in their top-k
     uniform: list[float]      # reference: k/E, the share every expert gets under uniform routing
     null_share: list[np.ndarray]  # per layer, per expert: the layer's load share x k, every group's
-    #                               expected share when the label is shuffled across tokens
+    #                               expected share when the label is shuffled (across tokens or documents)
     max_share: list[np.ndarray]   # per layer: max over experts, per group
     estimates: list[Estimate]     # per layer: mean over groups of max_share, interval and permutation null
     overall: Estimate
@@ -220,24 +223,33 @@ def domain_specialisation(tables: ShareTables, *, pool: SetPool | None = None, n
 
 
 def domain_layer(tables: ShareTables, l: int, *, pool: SetPool | None = None, n_permutations: int = 16,
-                 weights_RF: np.ndarray | None = None, null_seed: int = 0) -> dict:
-    """One layer's part of `domain_specialisation`: its value, bootstrap replicates and null draws."""
+                 weights_RF: np.ndarray | None = None, null_seed: int = 0, units: UnitTable | None = None) -> dict:
+    """One layer's part of `domain_specialisation`: its value, bootstrap replicates and null draws.
+    With `units` (the label's documents, `units.py`) the null shuffles the label over whole documents
+    (the same draws in every layer); without, over single tokens from `pool`."""
     share = tables.share(l) * tables.choices_per_token
     keep = tables.tokens(l) > 0
-    b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool if len(keep) > 1 else None,
+    several = len(keep) > 1
+    b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool if several and units is None else None,
                       n_permutations, null_seed + 107 * l)
-    return {"value": float(share.max(axis=1).mean()) if keep.any() and len(keep) > 1 else float("nan"),
+    if units is not None:
+        k = tables.choices_per_token
+        n = (unit_null(units, l, tables.num_experts[l], tables.ranks,
+                       lambda t: float(np.mean(_max_share_G(t, t.sum(axis=1) / k))), n_permutations, null_seed + 107,
+                       total_E=tables.counts[l].sum(axis=0)) if several else np.full(n_permutations, np.nan))
+    return {"value": float(share.max(axis=1).mean()) if keep.any() and several else float("nan"),
             "boot": b, "null": n}
 
 
-def domain_combine(tables: ShareTables, layers: list[dict]) -> DomainSpecialisation:
-    """`domain_specialisation` from its layers' parts (`domain_layer`, in layer order)."""
+def domain_combine(tables: ShareTables, layers: list[dict], null: str = PERM_NULL) -> DomainSpecialisation:
+    """`domain_specialisation` from its layers' parts (`domain_layer`, in layer order); `null` says which
+    shuffle drew their nulls (`units.NULL` for whole documents)."""
     k = tables.choices_per_token
     L = len(tables.num_experts)
     shares = [tables.share(l) * k for l in range(L)]
     load = [tables.counts[l].sum(axis=0) / max(tables.counts[l].sum(), 1) * k for l in range(L)]
     est, overall = layer_estimates([p["value"] for p in layers], stack_ragged([p["boot"] for p in layers]),
-                                   stack_ragged([p["null"] for p in layers]), null=PERM_NULL, interval=BOOT)
+                                   stack_ragged([p["null"] for p in layers]), null=null, interval=BOOT)
     return DomainSpecialisation(group=tables.group, names=[tables.group_names(l) for l in range(L)],
                                 share=shares, uniform=[k / E for E in tables.num_experts], null_share=load,
                                 max_share=[s.max(axis=1) if s.size else np.zeros(0) for s in shares],
@@ -260,25 +272,36 @@ class ExpertLabelMI(Result):
 
 
 def expert_label_mi(tables: ShareTables, *, n_permutations: int = 16, seed: int = 0,
-                    weights_RF: np.ndarray | None = None) -> ExpertLabelMI:
-    """MI between the expert of a choice and its group label, per layer, with a permutation null (the
-    labels shuffled over the choices: the joint table is rebuilt from its margins, which it keeps)."""
+                    weights_RF: np.ndarray | None = None, units: UnitTable | None = None) -> ExpertLabelMI:
+    """MI between the expert of a choice and its group label, per layer, with a permutation null: with
+    `units` (the label's documents, `units.py`) the labels shuffled over whole documents, the same draws
+    in every layer; without, over the choices (the joint table is rebuilt from its margins, which it keeps)."""
     mi, nmi, null_m, null_s, null_n, boots, nulls = [], [], [], [], [], [], []
     for l in range(len(tables.num_experts)):
         c = tables.counts[l]
         value = mi_of(c) if c.size else float("nan")
-        perm = permutation_mi(c, n_permutations, seed + l) if c.size else np.full(1, np.nan)
+        if units is not None and c.size:
+            E = tables.num_experts[l]
+            total = c.sum(axis=0)
+            perm = unit_null(units, l, E, tables.ranks, mi_of, n_permutations, seed + 0x3F, total)
+            perm_n = unit_null(units, l, E, tables.ranks, lambda t: normalised_mi(mi_of(t), t), n_permutations,
+                               seed + 0x3F, total)
+        else:
+            perm = permutation_mi(c, n_permutations, seed + l) if c.size else np.full(1, np.nan)
+            perm_n = np.array([normalised_mi(float(p), c) for p in perm]) if c.size else np.zeros(0)
         mi.append(value)
         nmi.append(normalised_mi(value, c) if c.size else float("nan"))
         perm_mean = float(perm.mean()) if perm.size else float("nan")
         null_m.append(perm_mean)
         null_s.append(float(perm.std()) if perm.size else float("nan"))
-        null_n.append(normalised_mi(perm_mean, c) if c.size else float("nan"))
-        nulls.append(np.array([normalised_mi(float(p), c) for p in perm]) if c.size else np.zeros(0))
+        null_n.append(float(perm_n.mean()) if units is not None and perm_n.size else
+                      normalised_mi(perm_mean, c) if c.size else float("nan"))
+        nulls.append(perm_n)
         keep = np.ones(len(c), bool)
         boots.append(np.array([normalised_mi(mi_of(t), t) for t in tables.replicate_tables(l, weights_RF, keep)]))
     est, overall = layer_estimates(nmi, stack_ragged(boots), stack_ragged(nulls),
-                                   null="labels shuffled over the choices (keeps both margins)", interval=BOOT)
+                                   null=NULL if units is not None else
+                                   "labels shuffled over the choices (keeps both margins)", interval=BOOT)
     return ExpertLabelMI(group=tables.group, ranks=tables.ranks, mi=mi, normalised=nmi, null_mean=null_m,
                          null_std=null_s, null_normalised=null_n, n_permutations=n_permutations,
                          estimates=est, overall=overall)

@@ -22,9 +22,10 @@ from moelab.analysis.load import LoadAccumulator
 from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranked_note
 from moelab.analysis.resample import FOLDS, REPLICATES, SetPoolAccumulator, replicate_weights
 from moelab.analysis.specialization import (
-    ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
+    PERM_NULL, ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
     top_tokens_combine, top_tokens_layer, vocab_combine, vocab_layer,
 )
+from moelab.analysis.units import NULL as UNIT_NULL, UnitAccumulator
 from moelab.config import MoelabError
 
 ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
@@ -195,6 +196,8 @@ def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], l
                                                       fold_sample=sample if group == "token" else 1)
         for group in labels if mi_ranks == "top1" else ():
             acc[f"tables_top1:{group}"] = ShareAccumulator(group, num_experts, top_k, ranks="top1", folds=folds)
+        for group in labels:  # the labels' nulls shuffle whole documents (units.py)
+            acc[f"units:{group}"] = UnitAccumulator(group, num_experts, top_k, seed=seed)
     if "coactivation" in analyses:
         acc["coactivation"] = CoactivationAccumulator(num_experts, top_k, folds=folds)
     if "gates" in analyses:
@@ -228,6 +231,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
     tables = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables:")}
     top1 = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()
+    units = {name.split(":", 1)[1]: acc.pop(name).result() for name in [n for n in acc if n.startswith("units:")]}
     for layer in range(len(pool.sets)):
         pool.layer(layer)  # sorted once here rather than in every job
     seed, weights, n_perm = opts["seed"], opts["weights"], opts["n_permutations"]
@@ -242,7 +246,8 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             jobs[f"vocab@{l}"] = partial(vocab_layer, tables["token"], l, min_count=opts["vocab_min_count"], **kw)
     for group in labels if tables else ():
         for l in range(L):
-            jobs[f"domain_specialisation:{group}@{l}"] = partial(domain_layer, tables[group], l, **kw)
+            jobs[f"domain_specialisation:{group}@{l}"] = partial(domain_layer, tables[group], l, units=units.get(group),
+                                                                 **kw)
     coact = acc.get("coactivation")
     for l in range(L if coact is not None else 0):
         jobs[f"coactivation@{l}"] = partial(coact.strongest_layer, l, weights, n_perm)
@@ -258,7 +263,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
         jobs["std_token"] = partial(std_score, tables["token"], min_count=opts["min_count"], **kw)
     for group in labels if tables else ():
         jobs[f"mi:{group}"] = partial(expert_label_mi, top1.get(group, tables[group]), n_permutations=n_perm,
-                                      seed=seed, weights_RF=weights)
+                                      seed=seed, weights_RF=weights, units=units.get(group))
     done = run_jobs(jobs, workers)
 
     def layers(name: str) -> list[Any]:
@@ -280,7 +285,8 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             done["top_tokens"] = top_tokens_combine(layers("top_tokens"))
         for group in labels:
             done[f"domain_specialisation:{group}"] = domain_combine(tables[group],
-                                                                    layers(f"domain_specialisation:{group}"))
+                                                                    layers(f"domain_specialisation:{group}"),
+                                                                    null=UNIT_NULL if group in units else PERM_NULL)
         order = ["std_position", "std_token", "vocab", "top_tokens"]
         order += [f"{kind}:{group}" for group in labels for kind in ("domain_specialisation", "mi")]
         out.update({name: done[name] for name in order if name in done})

@@ -112,7 +112,7 @@ def _domain(heads, analyses, interval: str, setup: str, command: str) -> ClaimRe
         _result("olmoe-domain-specialisation", "OLMoE",
                 "Experts specialise on domains: a domain's tokens go to some experts far more than k/E.",
                 "Per domain the largest share of its tokens any expert has in its top-k, mean over domains and "
-                f"MoE layers; null: the domain label shuffled across a layer's tokens. {interval}",
+                f"MoE layers; null: the domain label shuffled across documents (each document's routing kept whole). {interval}",
                 dom, Claim("greater", margin=DOMAIN_MARGIN), setup, command,
                 {"domains": d["names"][0], "uniform_k_over_E": d["uniform"]},
                 f"Margin {DOMAIN_MARGIN}, as the table's row."))

@@ -4,8 +4,9 @@ domain) specialisation by depth, and co-activation of expert pairs.
 The base tiny-moe has 2 MoE layers, too few for a trend, so both rows read the 8-layer linear-router
 (SMoE) models of the RMoE rows (rmoe8.py: every block MoE, top-2 of 16, 3 seeds), traced on the main
 corpus's held-out split (the trace the RMoE cross-layer MI row makes: one cache entry). Every number is
-an excess over the analyses' load-keeping null: token IDs or domain labels shuffled across a layer's
-tokens (keeps each expert's load and each group's size), and for co-activation k distinct experts per
+an excess over the analyses' load-keeping null: token IDs shuffled across a layer's tokens (keeps each
+expert's load and each ID's count), domain labels across documents (keeps each document's routing whole),
+and for co-activation k distinct experts per
 token drawn independently with weights fitted to the layer's load.
 """
 

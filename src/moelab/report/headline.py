@@ -92,9 +92,9 @@ def specialisation_headlines(results: dict[str, Any], labels: Sequence[str]) -> 
         if mi is None or dom is None or max((len(n) for n in dom.names), default=0) < 2:
             continue  # a label with a single value carries no information
         e, d = mi.overall, dom.overall
-        text = (f"expert-{label} mutual information {fmt_estimate(e)} normalised (null: shuffled labels); "
-                f"a {label}'s most used expert takes {fmt_estimate(d, '.2f')} of its tokens (null: {label} "
-                "shuffled across tokens)")
+        text = (f"expert-{label} mutual information {fmt_estimate(e)} normalised; "
+                f"a {label}'s most used expert takes {fmt_estimate(d, '.2f')} of its tokens (nulls: the {label} "
+                "shuffled across documents, each document's routing kept whole)")
         out.append(Headline(f"mi:{label}", f"expert-{label} MI (normalised)", _value(e), _finite(e.null_mean), text, e))
         out.append(Headline(f"max_share:{label}", f"{label}: top expert's share", _value(d), _finite(d.null_mean),
                             "", d))
