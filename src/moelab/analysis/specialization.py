@@ -22,6 +22,7 @@ from moelab.analysis.resample import Estimate, SetPool, group_null, layer_estima
 from moelab.analysis.tables import (  # noqa: F401 - re-exported: the tables' public home stays importable here
     GROUPS, INT_GROUPS, LABEL_GROUPS, ShareAccumulator, ShareTables, share_tables,
 )
+from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePool, group_values, within_sequence_null
 from moelab.analysis.units import NULL, UnitTable, unit_null
 from moelab.config import MoelabError
 
@@ -59,9 +60,34 @@ def _resampled(tables: ShareTables, l: int, keep: np.ndarray, stat_G: Callable, 
         boot = [value + (b - value_sub) for b in boot]
     if pool is None or not keep.any():
         return np.asarray(boot), np.full(n_permutations if pool is not None else 0, np.nan)
+    values = within_sequence_values(pool, l, tables)
+    if values is not None:
+        return np.asarray(boot), within_sequence_null(pool, l, values, tables.groups[l][keep], tables.num_experts[l],
+                                                      stat_G, n_permutations, seed)
     sets, complete = pool.layer(l)
     sets = sets[:, :tables.choices_per_token]
     return np.asarray(boot), group_null(n_G, (sets, complete), tables.num_experts[l], stat_G, n_permutations, seed)
+
+
+def within_sequence_values(pool: SetPool | SequencePool | None, l: int, tables: ShareTables) -> np.ndarray | None:
+    """The pooled tokens' group values where layer l's null can shuffle within sequences (a token-level
+    grouping, every token of the layer in the pool), else None (the token shuffle, `group_null`)."""
+    if not isinstance(pool, SequencePool) or not pool.within_sequence(l) or tables.ranks != "all":
+        return None
+    return group_values(pool, l, tables.group, getattr(tables, "pos_bucket", 256))
+
+
+def null_text(pool: SetPool | SequencePool | None, l: int, tables: ShareTables) -> str:
+    """What layer l's null of a token-level grouping shuffles."""
+    if not isinstance(pool, SequencePool) or tables.ranks != "all" or group_values(pool, l, tables.group) is None:
+        return PERM_NULL  # a grouping the pool holds no values of (turn, doc_pos): the token shuffle
+    return SEQ_NULL if pool.within_sequence(l) else FALLBACK_NULL
+
+
+def _combined_null(layers: list[dict]) -> str:
+    """The layers' null, said once: where layers differ, the token shuffle some fell back to."""
+    texts = {p.get("null_text", PERM_NULL) for p in layers}
+    return texts.pop() if len(texts) == 1 else FALLBACK_NULL
 
 
 @dataclasses.dataclass
@@ -103,7 +129,7 @@ def std_layer(tables: ShareTables, l: int, *, min_count: int = 128, null_seed: i
     std_G = tables.share(l)[keep].std(axis=1)
     sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
     boot, null = _resampled(tables, l, keep, _std_G, weights_RF, pool, n_permutations, null_seed + 101 * l)
-    return {"groups": tables.groups[l][keep], "std": std_G,
+    return {"groups": tables.groups[l][keep], "std": std_G, "null_text": null_text(pool, l, tables),
             "mean": float(std_G.mean()) if keep.any() else float("nan"),
             "uniform": float(_std_G(sim, n_G).mean()) if keep.any() else float("nan"),
             "ceiling": float(np.sqrt(1.0 / (k * E) - 1.0 / E**2)) if E > 1 else 0.0, "boot": boot, "null": null}
@@ -114,7 +140,7 @@ def std_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> StdS
     means = [p["mean"] for p in layers]
     per, overall = layer_estimates(means, stack_ragged([p["boot"] for p in layers]),
                                    stack_ragged([p["null"] for p in layers]),
-                                   null=PERM_NULL, interval=BOOT)
+                                   null=_combined_null(layers), interval=BOOT)
     return StdScore(group=tables.group, min_count=min_count, groups=[p["groups"] for p in layers],
                     std=[p["std"] for p in layers], mean=means, null_mean=[e.null_mean for e in per],
                     uniform_mean=[p["uniform"] for p in layers], deterministic=[p["ceiling"] for p in layers],
@@ -166,7 +192,7 @@ def vocab_layer(tables: ShareTables, l: int, *, min_count: int = 10, null_seed: 
     p_G = tables.counts[l][keep].max(axis=1) / np.maximum(n_G[keep], 1)
     sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
     b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool, n_permutations, null_seed + 103 * l)
-    return {"tokens": tables.groups[l][keep], "per": p_G, "mean": float(p_G.mean()) if keep.any() else float("nan"),
+    return {"tokens": tables.groups[l][keep], "per": p_G, "null_text": null_text(pool, l, tables), "mean": float(p_G.mean()) if keep.any() else float("nan"),
             "uniform": float((sim.max(axis=1) / np.maximum(sim.sum(axis=1) // k, 1)).mean()) if keep.any()
             else np.nan, "boot": _rescale(b, k / E), "null": _rescale(n, k / E)}
 
@@ -177,7 +203,7 @@ def vocab_combine(tables: ShareTables, min_count: int, layers: list[dict]) -> Vo
     resc = [float(_rescale(np.asarray(m), k_E)) for m, k_E in zip(means, _base(tables))]
     est, overall = layer_estimates(resc, stack_ragged([p["boot"] for p in layers]),
                                    stack_ragged([p["null"] for p in layers]),
-                                   null=PERM_NULL, interval=BOOT)
+                                   null=_combined_null(layers), interval=BOOT)
     return VocabSpecialisation(
         min_count=min_count, tokens=[p["tokens"] for p in layers], per_token=[p["per"] for p in layers],
         mean=means, rescaled=resc,

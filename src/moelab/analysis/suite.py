@@ -20,7 +20,8 @@ from moelab.analysis.dynamic import DynamicAccumulator
 from moelab.analysis.gates import GateStatsAccumulator
 from moelab.analysis.load import LoadAccumulator
 from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranked_note
-from moelab.analysis.resample import FOLDS, REPLICATES, SetPoolAccumulator, replicate_weights
+from moelab.analysis.resample import FOLDS, REPLICATES, replicate_weights
+from moelab.analysis.seqpool import SequencePoolAccumulator
 from moelab.analysis.specialization import (
     PERM_NULL, ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
     top_tokens_combine, top_tokens_layer, vocab_combine, vocab_layer,
@@ -186,7 +187,7 @@ def _accumulators(num_experts: list[int], top_k: int, analyses: Sequence[str], l
                   pos_bucket: int, mi_ranks: str, simulate: dict[str, Any] | None, queue: dict[str, Any] | None,
                   folds: int, seed: int, sample: int, with_tokens: bool = True) -> dict[str, Any]:
     """One accumulator per analysis (and the pool of chosen sets every permutation null draws from)."""
-    acc: dict[str, Any] = {"pool": SetPoolAccumulator(num_experts, top_k, seed=seed)}
+    acc: dict[str, Any] = {"pool": SequencePoolAccumulator(num_experts, top_k, seed=seed)}
     if "load" in analyses:
         acc["load"] = LoadAccumulator(num_experts, top_k, null_seed=seed, folds=folds)
     if "specialisation" in analyses:

@@ -290,6 +290,7 @@ class ShareAccumulator:
                           names=names)
         out.fold_entries, out.folds = [p[2] for p in layers], self.folds  # not fields: kept out of metrics.json
         out.sampled = [p[3] for p in layers]
+        out.pos_bucket = self.pos_bucket
         return out
 
 

@@ -1,0 +1,163 @@
+"""Whole sequences' chosen sets, for a token-level label's null: the label shuffled within each sequence.
+
+The token ID and position nulls shuffle the label across a layer's tokens. That ignores how a sequence
+routes its tokens alike (one topic, one style): a token ID seen mostly in one document inherits that
+document's routing, and the token shuffle reads it as the ID's own. On planted bursty text (each sequence
+drawing its tokens from 40 IDs of 2,000) routed by a per-sequence topic alone, vocabulary specialisation
+and the token-ID std score came out significant (p <= 0.05) in every run (tests/analysis/test_seqpool.py).
+Shuffling the labels among the tokens of each sequence keeps each sequence's routing and its labels
+together and breaks only the link between a token's label and its own routing: the question "does the
+label predict the routing beyond the sequence it sits in". It keeps the expert load and every group's
+size exactly (each sequence keeps its multiset of labels).
+
+`SequencePool` holds every token of whole sequences per layer (sequence, position, token ID, chosen
+set): all of them while a layer has at most `size` tokens, else the sequences of smallest hash up to
+`size` tokens. The within-sequence null needs every sequence; past `size` the null falls back to the
+token shuffle, drawing sets from this pool as `resample.SetPool`'s callers do, and says so
+(`within_sequence` is False for that layer).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from moelab.analysis.resample import POOL_SIZE, mix64
+
+SEQ_NULL = ("group label shuffled among the tokens of each sequence (keeps each sequence's routing and its "
+            "labels, the expert load and group sizes)")
+FALLBACK_NULL = ("group label shuffled across the layer's tokens (keeps expert load and group sizes; the trace has "
+                 "more tokens than the within-sequence null holds, so it ignores how a sequence routes its tokens "
+                 "alike)")
+
+
+class SequencePool:
+    """Per layer: seq, pos, token (-1 where the trace has none) and the chosen set of each kept token, in
+    (hash of seq, seq, pos) order, so each sequence's tokens are contiguous."""
+
+    def __init__(self, num_layers: int, top_k: int, size: int = POOL_SIZE, seed: int = 0):
+        self.size, self.seed, self.top_k = size, seed, top_k
+        self.seq = [np.zeros(0, np.int64) for _ in range(num_layers)]
+        self.pos = [np.zeros(0, np.int32) for _ in range(num_layers)]
+        self.token = [np.zeros(0, np.int64) for _ in range(num_layers)]
+        self.sets = [np.zeros((0, top_k), np.int16) for _ in range(num_layers)]  # expert ids < 2^15
+        self.seen = np.zeros(num_layers, np.int64)
+        self.threshold = [np.iinfo(np.uint64).max] * num_layers  # a sequence hashed above it stays out
+
+    def _prio(self, seq: np.ndarray) -> np.ndarray:
+        return mix64(seq, self.seed + 0x5E9)
+
+    def add(self, layer: int, seq: np.ndarray, pos: np.ndarray, token: np.ndarray, sets_TK: np.ndarray) -> None:
+        self.seen[layer] += len(seq)
+        ok = self._prio(seq) <= self.threshold[layer]
+        self._put(layer, seq[ok], pos[ok], token[ok], np.asarray(sets_TK, np.int16)[ok])
+
+    def _put(self, layer: int, seq, pos, token, sets) -> None:
+        self.seq[layer] = np.concatenate([self.seq[layer], np.asarray(seq, np.int64)])
+        self.pos[layer] = np.concatenate([self.pos[layer], np.asarray(pos, np.int32)])
+        self.token[layer] = np.concatenate([self.token[layer], np.asarray(token, np.int64)])
+        self.sets[layer] = np.concatenate([self.sets[layer], sets])
+        if len(self.seq[layer]) > self.size + self.size // 2:
+            self._trim(layer)
+
+    def _trim(self, layer: int) -> None:
+        """Order by (hash of seq, seq, pos); past `size` tokens keep the whole sequences of smallest hash
+        that fit (at least one), and keep out every sequence hashed above the last one kept."""
+        seq = self.seq[layer]
+        prio = self._prio(seq)
+        order = np.lexsort((self.pos[layer], seq, prio))
+        seq, prio = seq[order], prio[order]
+        n = len(seq)
+        if n > self.size:
+            starts = np.flatnonzero(np.concatenate(([True], seq[1:] != seq[:-1])))
+            ends = np.append(starts[1:], n)
+            fits = np.flatnonzero(ends <= self.size)
+            n = int(ends[fits[-1]] if len(fits) else ends[0])
+            self.threshold[layer] = min(self.threshold[layer], prio[n - 1])
+            order = order[:n]
+        self.seq[layer], self.pos[layer] = self.seq[layer][order], self.pos[layer][order]
+        self.token[layer], self.sets[layer] = self.token[layer][order], self.sets[layer][order]
+
+    def merge(self, other: "SequencePool") -> None:
+        """Take in another part of the stream: the sequences of smallest hash of the union are one pass's."""
+        for l in range(len(self.seq)):
+            self.seen[l] += other.seen[l]
+            self.threshold[l] = min(self.threshold[l], other.threshold[l])
+            self._put(l, other.seq[l], other.pos[l], other.token[l], other.sets[l])
+            keep = self._prio(self.seq[l]) <= self.threshold[l]
+            if not keep.all():
+                self.seq[l], self.pos[l] = self.seq[l][keep], self.pos[l][keep]
+                self.token[l], self.sets[l] = self.token[l][keep], self.sets[l][keep]
+
+    def layer(self, layer: int) -> tuple[np.ndarray, bool]:
+        """(sets, complete), as `resample.SetPool.layer`: complete when every token of the layer is here."""
+        self._trim(layer)
+        return self.sets[layer], self.within_sequence(layer)
+
+    def within_sequence(self, layer: int) -> bool:
+        return bool(self.seen[layer] == len(self.seq[layer]))
+
+
+class SequencePoolAccumulator:
+    """Fills a `SequencePool` from token-complete batches."""
+
+    columns = ("seq", "pos", "layer", "rank", "expert")
+
+    def __init__(self, num_experts: Sequence[int], top_k: int, *, size: int = POOL_SIZE, seed: int = 0):
+        self.num_experts, self.top_k = list(num_experts), top_k
+        self.pool = SequencePool(len(self.num_experts), top_k, size, seed)
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        from moelab.analysis.common import layer_choices
+
+        names = ("expert", "seq", "pos") + (("token",) if "token" in batch else ())
+        for l in range(len(self.num_experts)):
+            tk = layer_choices(batch, l, self.top_k, names, len(self.num_experts))
+            if len(tk["expert"]):
+                token = tk["token"][:, 0] if "token" in tk else np.full(len(tk["seq"]), -1)
+                self.pool.add(l, tk["seq"][:, 0].astype(np.int64), tk["pos"][:, 0].astype(np.int64),
+                              np.asarray(token, np.int64), tk["expert"])
+
+    def merge(self, other: "SequencePoolAccumulator") -> None:
+        self.pool.merge(other.pool)
+
+    def result(self) -> SequencePool:
+        return self.pool
+
+
+def group_values(pool: SequencePool, layer: int, group: str, pos_bucket: int = 256) -> np.ndarray | None:
+    """Each pooled token's value of a token-level grouping, or None where the pool cannot give it."""
+    if group == "token":
+        return pool.token[layer]
+    if group == "pos":
+        return pool.pos[layer].astype(np.int64)
+    if group == "pos_bucket":
+        return pool.pos[layer].astype(np.int64) // pos_bucket
+    return None
+
+
+def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, groups_G: np.ndarray,
+                         num_experts: int, stat_G: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                         n_permutations: int, seed: int) -> np.ndarray:
+    """Null draws of mean over `groups_G` of stat_G(counts_GE, n_G), the group values permuted among the
+    tokens of each sequence (a complete layer: every token of the stream is in the pool)."""
+    seq, sets = pool.seq[layer], pool.sets[layer].astype(np.int64)
+    groups_G = np.asarray(groups_G)
+    by_value = np.argsort(groups_G, kind="stable")
+    where = np.minimum(np.searchsorted(groups_G[by_value], values_T), max(len(groups_G) - 1, 0))
+    member = (groups_G[by_value][where] == values_T) if len(groups_G) else np.zeros(len(values_T), bool)
+    index_T = np.where(member, by_value[where] if len(groups_G) else -1, -1)
+    n_G = np.bincount(index_T[member], minlength=len(groups_G)).astype(np.float64)
+    block = np.cumsum(np.concatenate(([0], seq[1:] != seq[:-1])))  # sequences are contiguous in the pool
+    G, E = len(groups_G), num_experts
+    draws = np.empty(n_permutations)
+    for p in range(n_permutations):
+        rng = np.random.default_rng([seed, 0x5E9, p])
+        order = np.argsort(block + rng.random(len(seq)))  # a shuffle within each sequence (blocks < 2^52)
+        g = index_T[order]  # token t now carries the label of token order[t], of its own sequence
+        use = g >= 0
+        cells = (g[use, None] * E + sets[use]).reshape(-1)
+        counts = np.bincount(cells, minlength=G * E).reshape(G, E)
+        draws[p] = float(np.mean(stat_G(counts, n_G))) if G else np.nan
+    return draws

@@ -1,0 +1,163 @@
+"""The within-sequence null of the token-level groupings (analysis/seqpool.py), on planted bursty text.
+
+Bursty text: each sequence draws its tokens from its own 40 of 2,000 token IDs, as a document repeats its
+words. The routing follows a per-sequence topic plus noise and ignores the token ID, so a null that keeps
+sequences whole must find no token-ID specialisation; the token shuffle finds it every time.
+"""
+
+import numpy as np
+import pytest
+
+from moelab.analysis.resample import SetPoolAccumulator
+from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePoolAccumulator, within_sequence_null
+from moelab.analysis.specialization import _max_share_G, vocab_layer
+from moelab.analysis.suite import analyze_all
+from moelab.analysis.synthetic import _rows
+from moelab.analysis.tables import ShareAccumulator
+
+E, K = 8, 2
+
+
+def bursty_trace(seed: int, *, seqs: int = 64, seq_len: int = 128, layers: int = 1, token_effect: float = 0.0,
+                 per_seq: int = 40, vocab: int = 2000, noise: float = 0.8) -> dict:
+    rng = np.random.default_rng(seed)
+    fixed = np.random.default_rng(12345)  # the population: the same in every trace
+    topic_ZLE = fixed.normal(0.0, 1.5, (4, layers, E))
+    token_VLE = fixed.normal(0.0, 1.5, (vocab, layers, E))
+    z_S = rng.integers(0, 4, seqs)
+    own_SV = np.stack([rng.choice(vocab, per_seq, replace=False) for _ in range(seqs)])
+    tokens = own_SV[np.arange(seqs)[:, None], rng.integers(0, per_seq, (seqs, seq_len))]
+    logits = (topic_ZLE[z_S][:, None] + token_effect * token_VLE[tokens]
+              + noise * rng.standard_normal((seqs, seq_len, layers, E)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]
+    return _rows(0, tokens, np.zeros(seqs, int), ("web", "code"), ids, np.take_along_axis(probs, ids, axis=3),
+                 np.zeros(ids.shape, bool), probs, False, rng)
+
+
+def token_results(batch: dict, layers: int = 1) -> dict:
+    return analyze_all([batch], num_experts=[E] * layers, top_k=K, analyses=("specialisation",), labels=(),
+                       min_count=5, vocab_min_count=5, n_permutations=64, n_bootstrap=0)
+
+
+def test_token_ids_the_routing_ignores_sit_at_their_null_in_bursty_text():
+    p = []
+    for s in range(30):
+        r = token_results(bursty_trace(s))
+        p.append([r["vocab"].overall.p, r["std_token"].overall.p])
+        assert r["vocab"].overall.null == SEQ_NULL and r["std_token"].overall.null == SEQ_NULL
+    p = np.array(p)
+    rejected = (p <= 0.05).sum(axis=0)
+    assert (rejected <= 5).all(), f"within-sequence null rejected {rejected} of 30 at 5% (expected about 1.5)"
+    assert (p > 0.5).sum(axis=0).min() >= 9, "p-values piled up low: the null is too narrow"
+
+
+def test_the_token_shuffle_finds_specialisation_in_the_same_text():
+    """The null this module replaces, on the same traces: what the planted test above would catch."""
+    rejected = 0
+    for s in range(10):
+        b = bursty_trace(s)
+        tables = _tables(b)
+        pool = SetPoolAccumulator([E], K)
+        pool.update(b)
+        part = vocab_layer(tables, 0, min_count=5, pool=pool.result(), n_permutations=64)
+        rejected += np.mean(part["null"] >= _value(part)) <= 0.05
+    assert rejected >= 8
+
+
+def _tables(batch, group="token", layers=1):
+    acc = ShareAccumulator(group, [E] * layers, K, folds=1)
+    acc.update(batch)
+    return acc.result()
+
+
+def _value(part):
+    return (part["mean"] - K / E) / (1 - K / E)
+
+
+def test_token_ids_the_routing_follows_are_found():
+    for s in range(5):
+        r = token_results(bursty_trace(s, token_effect=1.0, per_seq=200, vocab=300))
+        assert r["vocab"].overall.p <= 1 / 65 + 1e-12 and r["std_token"].overall.p <= 1 / 65 + 1e-12
+
+
+def _pool(batch, layers=1, **kw):
+    acc = SequencePoolAccumulator([E] * layers, K, **kw)
+    acc.update(batch)
+    return acc.result()
+
+
+def test_a_routing_set_by_the_sequence_alone_leaves_the_null_exactly_at_the_value():
+    """Every token of a sequence gets the same experts: moving labels within a sequence moves nothing."""
+    b = bursty_trace(1, noise=0.0)
+    tables, pool = _tables(b), _pool(b)
+    assert pool.within_sequence(0)
+    keep = tables.tokens(0) >= 5
+    value = float(np.mean(_max_share_G(tables.counts[0][keep], tables.tokens(0)[keep])))
+    values = pool.token[0]
+    draws = within_sequence_null(pool, 0, values, tables.groups[0][keep], E, _max_share_G, 8, seed=0)
+    np.testing.assert_allclose(draws, value, rtol=0, atol=1e-12)
+
+
+def test_a_within_sequence_permutation_keeps_each_group_size_and_the_load():
+    b = bursty_trace(2, layers=2)
+    tables, pool = _tables(b, layers=2), _pool(b, layers=2)
+    for l in range(2):
+        seen = {}
+
+        def stat(counts, n_G):
+            seen.setdefault("n", []).append(n_G.copy())
+            seen.setdefault("load", []).append(counts.sum(axis=0))
+            return np.zeros(len(n_G))
+
+        within_sequence_null(pool, l, pool.token[l], tables.groups[l], E, stat, 4, seed=3)
+        for n, load in zip(seen["n"], seen["load"]):
+            np.testing.assert_array_equal(n, tables.tokens(l))
+            np.testing.assert_array_equal(load, tables.counts[l].sum(axis=0))
+
+
+def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts_and_says_it_falls_back():
+    b = bursty_trace(3, seqs=40, seq_len=32)
+    one = _pool(b, size=300)
+    assert not one.within_sequence(0)
+    sets, complete = one.layer(0)
+    assert not complete and 0 < len(sets) <= 300
+    assert len(np.unique(one.seq[0])) * 32 == len(sets)  # whole sequences only
+    n = len(b["seq"])
+    cut = 13 * 32 * K  # a sequence start
+    parts = [_pool({k: (v[lo:hi] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in b.items()},
+                   size=300) for lo, hi in ((0, cut), (cut, n))]
+    parts[0].merge(parts[1])
+    parts[0].layer(0)
+    for name in ("seq", "pos", "token", "sets"):
+        np.testing.assert_array_equal(getattr(parts[0], name)[0], getattr(one, name)[0])
+    r = analyze_all([b], num_experts=[E], top_k=K, analyses=("specialisation",), labels=(), min_count=5,
+                    vocab_min_count=5, n_permutations=8, n_bootstrap=0, batch_rows=512)
+    assert r["vocab"].overall.null == SEQ_NULL  # the suite's pool holds this trace whole
+
+
+@pytest.mark.parametrize("group", ["pos", "pos_bucket"])
+def test_positions_shuffle_within_sequences_too(group):
+    b = bursty_trace(4)
+    acc = ShareAccumulator(group, [E], K, folds=1, pos_bucket=16)
+    acc.update(b)
+    tables = acc.result()
+    pool = _pool(b)
+    from moelab.analysis.specialization import within_sequence_values
+
+    values = within_sequence_values(pool, 0, tables)
+    assert values is not None
+    np.testing.assert_array_equal(np.unique(values), tables.groups[0])
+    assert FALLBACK_NULL != SEQ_NULL
+
+
+def test_a_grouping_the_pool_has_no_values_of_keeps_the_token_shuffle_and_says_so():
+    from moelab.analysis.specialization import PERM_NULL, std_score
+
+    b = bursty_trace(5)
+    b["turn"] = (b["pos"] // 32).astype(np.int16)
+    acc = ShareAccumulator("turn", [E], K, folds=1)
+    acc.update(b)
+    score = std_score(acc.result(), min_count=5, pool=_pool(b), n_permutations=8)
+    assert score.overall.null == PERM_NULL and np.isfinite(score.overall.null_mean)
