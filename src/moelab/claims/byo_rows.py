@@ -96,7 +96,7 @@ def _vocab(heads, analyses, interval: str, setup: str, command: str) -> ClaimRes
         _result("olmoe-vocab-specialisation", "OLMoE",
                 "Experts specialise on the vocabulary: each token ID goes mostly to the same expert.",
                 "OLMoE's vocabulary specialisation, rescaled (p - k/E) / (1 - k/E), mean over MoE layers; null: "
-                f"token IDs shuffled across a layer's tokens (keeps expert load and each ID's count). {interval}",
+                f"{heads['vocab_specialisation']['estimate'].get('null') or 'token IDs shuffled'}. {interval}",
                 vocab, Claim("greater", margin=VOCAB_MARGIN), setup, command,
                 {"per_layer": [e["value"] for e in analyses["vocab"]["estimates"]]},
                 f"Margin {VOCAB_MARGIN} (rescaled), as the table's row."))

@@ -4,8 +4,8 @@ domain) specialisation by depth, and co-activation of expert pairs.
 The base tiny-moe has 2 MoE layers, too few for a trend, so both rows read the 8-layer linear-router
 (SMoE) models of the RMoE rows (rmoe8.py: every block MoE, top-2 of 16, 3 seeds), traced on the main
 corpus's held-out split (the trace the RMoE cross-layer MI row makes: one cache entry). Every number is
-an excess over the analyses' load-keeping null: token IDs shuffled across a layer's tokens (keeps each
-expert's load and each ID's count), domain labels across documents (keeps each document's routing whole),
+an excess over the analyses' load-keeping null: token IDs shuffled among the tokens of each sequence
+(keeps each expert's load and each ID's count), domain labels across documents (keeps each document's routing whole),
 and for co-activation k distinct experts per
 token drawn independently with weights fitted to the layer's load.
 """
@@ -117,8 +117,8 @@ def layer_specialisation(ws: Workspace) -> ClaimResult:
                      "reference notes give the definition, no per-layer number).",
         measured="Per seed, Spearman correlation over the MoE layers of layer index with the layer's vocabulary "
                  "specialisation (OLMoE's: per token ID seen >= 10 times, max_e count(v, e) / n(v) over its top-k, "
-                 "averaged over IDs, rescaled (p - k/E) / (1 - k/E)) minus its null (token IDs shuffled across the "
-                 "layer's tokens: keeps expert load and each ID's count). Null 0 (no trend; ± the sd of Spearman "
+                 "averaged over IDs, rescaled (p - k/E) / (1 - k/E)) minus its null (token IDs shuffled among the "
+                 "tokens of each sequence: keeps expert load and each ID's count). Null 0 (no trend; ± the sd of Spearman "
                  "over a random order of the layers). 95% interval: t over seeds. Details: the per-layer excesses, "
                  "and the same trend for domain specialisation (largest share of a domain's tokens over experts).",
         measure=Measure(float(np.nanmean(trends)), float("nan"), float("nan"), 0.0, 1 / np.sqrt(max(L - 1, 1))),

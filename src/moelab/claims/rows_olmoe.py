@@ -70,8 +70,8 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
                      "definition, no single number.",
         measured="Vocabulary specialisation, OLMoE's definition: per token ID seen >= 10 times, max_e count(v, e) / "
                  "n(v) over its top-k choices, averaged over token IDs, rescaled (p - k/E) / (1 - k/E) so 0 is "
-                 "random and 1 perfect; mean over MoE layers. Null: token IDs shuffled across a layer's tokens "
-                 f"(keeps expert load and each ID's count), {PAIRED_T}",
+                 "random and 1 perfect; mean over MoE layers. Null: token IDs shuffled among the tokens of "
+                 f"each sequence (keeps each sequence's routing, expert load and each ID's count), {PAIRED_T}",
         measure=vocab, test=Claim("greater", margin=VOCAB_MARGIN), seed_values=vocab_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; every held-out token of each final checkpoint traced at "
               "the trained capacity.",

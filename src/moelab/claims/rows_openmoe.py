@@ -93,7 +93,7 @@ def context_independent(ws: Workspace) -> ClaimResult:
         measured="OpenMoE's std score (std over experts of a group's routing shares; token IDs seen >= "
                  f"{min_count(ws)} times, all positions), mean over MoE layers. Value: the token-ID score's "
                  "excess over its load-keeping null minus the position score's excess over its own null (the "
-                 "label shuffled across a layer's tokens), divided by the ceiling of a router that always picks "
+                 "label shuffled among the tokens of each sequence), divided by the ceiling of a router that always picks "
                  "the same k experts, so 1 is the whole way from chance to deterministic. Null 0: token IDs no "
                  "more specialised than positions. Per seed (each final checkpoint); 95% interval: t over seeds "
                  "(each seed's sequence-bootstrap interval, combined in quadrature with the nulls' spread, in details).",

@@ -114,7 +114,7 @@ PAPER_NUMBER = ("OpenMoE (its discussion of Mixtral, upcycled from Mistral, vs D
                 "upcycled model's routing is less specialised; the paper gives no number.")
 MEASURED = ("Vocabulary specialisation (OLMoE's, rescaled: 0 random, 1 each token ID always to one expert) of the "
             "upcycled MoE minus that of the from-scratch MoE, each as its excess over its permutation null (token "
-            "IDs shuffled across tokens, load kept); null 0. Interval: t over the seeds' differences "
+            "IDs shuffled among the tokens of each sequence, load kept); null 0. Interval: t over the seeds' differences "
             "(claims/seeds.py); each seed's own interval over held-out sequences in details. Token-ID std score and "
             "expert-domain MI in details.")
 NOTE = ("Margin 0.02 on the 0-1 scale: about the width of one model's interval, so a smaller gap would not be told "

@@ -39,6 +39,14 @@ def fmt_estimate(est: Any, spec: str = ".3f", null: bool = True) -> str:
     return out
 
 
+def shuffled_where(est: Any) -> str:
+    """Where a token-level null moved its labels, in a few words (the estimate's `null` says it whole)."""
+    from moelab.analysis.seqpool import SEQ_NULL
+
+    null = est.get("null", "") if isinstance(est, dict) else getattr(est, "null", "")
+    return "within each sequence" if null == SEQ_NULL else "across tokens"
+
+
 def _value(est: Any) -> float | None:
     return _finite(est.value) if est is not None else None
 
@@ -62,7 +70,7 @@ def specialisation_headlines(results: dict[str, Any], labels: Sequence[str]) -> 
     if vocab is not None:
         e = vocab.overall
         text = (f"vocabulary specialisation {fmt_estimate(e, '.2f')} (0 = random, 1 = perfect; null: token IDs "
-                f"shuffled across tokens; uniform routing would give {fmt(layer_mean(vocab.uniform_rescaled))})"
+                f"shuffled {shuffled_where(e)}; uniform routing would give {fmt(layer_mean(vocab.uniform_rescaled))})"
                 if _value(e) is not None else
                 f"vocabulary specialisation: no token ID was seen {vocab.min_count} times")
         out.append(Headline("vocab_specialisation", "vocabulary specialisation", _value(e), _finite(e.null_mean),
@@ -78,14 +86,14 @@ def specialisation_headlines(results: dict[str, Any], labels: Sequence[str]) -> 
                     f"{fmt_estimate(p)} (always the same experts {fmt(ceiling, '.3f')})")
         else:
             text = (f"context-independent std {fmt_estimate(t)} for token IDs (seen >= {tok.min_count} times) vs "
-                    f"{fmt_estimate(p)} for positions (nulls: the label shuffled across tokens; {refs}; "
+                    f"{fmt_estimate(p)} for positions (nulls: the label shuffled {shuffled_where(t)}; {refs}; "
                     f"always the same experts {fmt(ceiling, '.3f')})")
         out.append(Headline("std_token", "std score, token IDs", _value(t), _finite(t.null_mean), text, t))
         out.append(Headline("std_position", "std score, positions", _value(p), _finite(p.null_mean), "", p))
     elif pos is not None:  # a trace without token ids: positions alone
         p = pos.overall
         out.append(Headline("std_position", "std score, positions", _value(p), _finite(p.null_mean),
-                            f"std score for positions {fmt_estimate(p)} (null: positions shuffled across tokens; "
+                            f"std score for positions {fmt_estimate(p)} (null: positions shuffled {shuffled_where(p)}; "
                             "no token ids in this trace)", p))
     for label in labels:
         mi, dom = results.get(f"mi:{label}"), results.get(f"domain_specialisation:{label}")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moelab.report import figures as F
-from moelab.report.headline import Headline, fmt, fmt_estimate
+from moelab.report.headline import Headline, fmt, fmt_estimate, shuffled_where
 from moelab.report.html import FigureBlock, Note, Section, Table
 
 LABEL_WORDS = {"domain": "domain", "lang": "language", "turn": "turn"}
@@ -71,8 +71,9 @@ def estimates_table(results: dict[str, Any]) -> Table:
             rows.append([name, l, fmt_estimate(e), fmt(e.p, ".3f"), fmt(e.z, ".1f")])
         rows.append([name, "mean", fmt_estimate(r.overall), fmt(r.overall.p, ".3f"), fmt(r.overall.z, ".1f")])
     return Table(["number", "layer", "value [95% interval] (null mean ± sd)", "p (one-sided)", "z"], rows,
-                 "Intervals: bootstrap over sequences; nulls: the label, token ID or position shuffled across "
-                 "each layer's tokens (MI: over the choices); p = (1 + permutations at or above the value) / "
+                 "Intervals: bootstrap over sequences; nulls: the token ID or position shuffled among the tokens "
+                 "of each sequence, a domain or language across documents (each number's `null` in metrics.json "
+                 "says which); p = (1 + permutations at or above the value) / "
                  "(1 + permutations).")
 
 
@@ -95,7 +96,7 @@ def _scores_block(results: dict[str, Any]) -> Any:
         "expert); right, OpenMoE's std over experts of E_i(g) for token IDs and positions (dashed: always the "
         "same experts). Error bars: 95% bootstrap intervals over sequences "
         f"({_n(results['vocab'].estimates, 'n_bootstrap')} replicates). Black ticks: the null, the token ID or "
-        "position shuffled across each layer's tokens (keeps expert load and group sizes; "
+        f"position shuffled {shuffled_where(results['vocab'].overall)} (keeps expert load and group sizes; "
         f"{_n(results['vocab'].estimates, 'n_permutations')} permutations). Grey ticks: uniform routing, a "
         "reference only: unequal load alone lifts every bar above it.")
 
