@@ -12,7 +12,7 @@ from moelab.analysis.resample import SetPoolAccumulator
 from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePoolAccumulator, within_sequence_null
 from moelab.analysis.specialization import _max_share_G, vocab_layer
 from moelab.analysis.suite import analyze_all
-from moelab.analysis.synthetic import _rows
+from moelab.analysis.synthetic import clustered_batch
 from moelab.analysis.tables import ShareAccumulator
 
 E, K = 8, 2
@@ -20,20 +20,8 @@ E, K = 8, 2
 
 def bursty_trace(seed: int, *, seqs: int = 64, seq_len: int = 128, layers: int = 1, token_effect: float = 0.0,
                  per_seq: int = 40, vocab: int = 2000, noise: float = 0.8) -> dict:
-    rng = np.random.default_rng(seed)
-    fixed = np.random.default_rng(12345)  # the population: the same in every trace
-    topic_ZLE = fixed.normal(0.0, 1.5, (4, layers, E))
-    token_VLE = fixed.normal(0.0, 1.5, (vocab, layers, E))
-    z_S = rng.integers(0, 4, seqs)
-    own_SV = np.stack([rng.choice(vocab, per_seq, replace=False) for _ in range(seqs)])
-    tokens = own_SV[np.arange(seqs)[:, None], rng.integers(0, per_seq, (seqs, seq_len))]
-    logits = (topic_ZLE[z_S][:, None] + token_effect * token_VLE[tokens]
-              + noise * rng.standard_normal((seqs, seq_len, layers, E)))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]
-    return _rows(0, tokens, np.zeros(seqs, int), ("web", "code"), ids, np.take_along_axis(probs, ids, axis=3),
-                 np.zeros(ids.shape, bool), probs, False, rng)
+    return clustered_batch(seed, num_seqs=seqs, seq_len=seq_len, num_layers=layers, num_experts=E, top_k=K,
+                           vocab=vocab, ids_per_seq=per_seq, token_sd=1.5 * token_effect, noise_sd=noise)
 
 
 def token_results(batch: dict, layers: int = 1) -> dict:

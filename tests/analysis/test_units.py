@@ -11,7 +11,7 @@ import pytest
 
 from moelab.analysis.specialization import domain_layer, expert_label_mi
 from moelab.analysis.suite import analyze_all
-from moelab.analysis.synthetic import _rows
+from moelab.analysis.synthetic import clustered_batch
 from moelab.analysis.tables import ShareAccumulator
 from moelab.analysis.units import UnitAccumulator, assignments, unit_capacity
 
@@ -20,27 +20,10 @@ E, K, V, TOPICS = 8, 2, 50, 4
 
 def topic_trace(seed: int, *, seqs: int = 64, seq_len: int = 128, layers: int = 1, domain_effect: float = 0.0,
                 docs_per_seq: int = 1) -> dict:
-    """One batch of rows (the trace's column layout). Routing: top-k of topic[z_s] + token[v] (+ the
-    domain's own preference times `domain_effect`); the domain of each document drawn at random."""
-    rng = np.random.default_rng(seed)
-    fixed = np.random.default_rng(12345)  # the population: the same in every trace
-    topic_ZLE = fixed.normal(0.0, 1.5, (TOPICS, layers, E))
-    token_VLE = fixed.normal(0.0, 1.0, (V, layers, E))
-    domain_DLE = fixed.normal(0.0, 1.0, (2, layers, E))
-    z_S = rng.integers(0, TOPICS, seqs)
-    doc_SP = np.minimum(np.arange(seq_len) // (seq_len // docs_per_seq), docs_per_seq - 1)[None].repeat(seqs, 0)
-    dom_SP = rng.integers(0, 2, (seqs, docs_per_seq))[np.arange(seqs)[:, None], doc_SP]
-    tokens = rng.integers(0, V, (seqs, seq_len))
-    logits = topic_ZLE[z_S][:, None] + token_VLE[tokens] + domain_effect * domain_DLE[dom_SP]
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]
-    batch = _rows(0, tokens, np.zeros(seqs, int), ("web", "code"), ids, np.take_along_axis(probs, ids, axis=3),
-                  np.zeros(ids.shape, bool), probs, False, rng)
-    per_row = (seqs, seq_len, layers, K)
-    batch["domain"] = np.broadcast_to(dom_SP[:, :, None, None], per_row).reshape(-1).astype(np.int32)
-    batch["doc"] = (batch["seq"] * docs_per_seq + np.broadcast_to(doc_SP[:, :, None, None], per_row).reshape(-1))
-    return batch
+    """Routing: top-k of topic[z_s] + token[v] (+ the domain's own preference times `domain_effect`); the
+    domain of each document drawn at random (`synthetic.clustered_batch`)."""
+    return clustered_batch(seed, num_seqs=seqs, seq_len=seq_len, num_layers=layers, num_experts=E, top_k=K,
+                           topics=TOPICS, vocab=V, token_sd=1.0, domain_sd=domain_effect, docs_per_seq=docs_per_seq)
 
 
 def label_p_values(batch: dict, layers: int = 1) -> dict[str, float]:

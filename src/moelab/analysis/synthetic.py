@@ -120,3 +120,45 @@ def _rows(s0: int, tokens_SP: np.ndarray, domain_S: np.ndarray, domains: Sequenc
         if name in batch:
             batch[f"{name}.rows"] = rows0
     return batch
+
+
+def clustered_batch(seed: int, *, num_seqs: int = 64, seq_len: int = 128, num_layers: int = 1, num_experts: int = 8,
+                    top_k: int = 2, topics: int = 4, topic_sd: float = 1.5, vocab: int = 50,
+                    ids_per_seq: int | None = None, token_sd: float = 0.0, domain_sd: float = 0.0,
+                    noise_sd: float = 0.0, docs_per_seq: int = 1, population_seed: int = 12345) -> dict:
+    """One batch of a trace whose tokens are routed alike within a sequence, as a language model routes a
+    document: logits = topic[z_s] (one of `topics` per sequence) + token_sd * token[v] + domain_sd *
+    domain[d] + noise_sd * N(0, 1), then top-k. The topic, token and domain tables are the population
+    (`population_seed`: the same in every trace); the sequence's topic, its documents' domains (two,
+    drawn at random per document, apart from the topic) and its tokens are this trace's draws.
+
+    `ids_per_seq`: bursty text, each sequence drawing its tokens from its own that many IDs of `vocab`
+    (a document repeats its words); else every token uniform over `vocab`. With token_sd = domain_sd = 0
+    the routing ignores token IDs and domains, and a null that keeps sequences whole must find nothing.
+    `doc` numbers the documents (`docs_per_seq` equal runs a sequence), `domain` is per document."""
+    rng = np.random.default_rng(seed)
+    fixed = np.random.default_rng(population_seed)
+    L, E, K, S, P = num_layers, num_experts, top_k, num_seqs, seq_len
+    topic_ZLE = fixed.normal(0.0, topic_sd, (topics, L, E))
+    token_VLE = fixed.normal(0.0, 1.0, (vocab, L, E))
+    domain_DLE = fixed.normal(0.0, 1.0, (2, L, E))
+    z_S = rng.integers(0, topics, S)
+    doc_SP = np.minimum(np.arange(P) // max(1, P // docs_per_seq), docs_per_seq - 1)[None].repeat(S, 0)
+    dom_SP = rng.integers(0, 2, (S, docs_per_seq))[np.arange(S)[:, None], doc_SP]
+    if ids_per_seq:
+        own_SV = np.stack([rng.choice(vocab, ids_per_seq, replace=False) for _ in range(S)])
+        tokens = own_SV[np.arange(S)[:, None], rng.integers(0, ids_per_seq, (S, P))]
+    else:
+        tokens = rng.integers(0, vocab, (S, P))
+    logits = topic_ZLE[z_S][:, None] + token_sd * token_VLE[tokens] + domain_sd * domain_DLE[dom_SP]
+    if noise_sd:
+        logits = logits + noise_sd * rng.standard_normal((S, P, L, E))
+    probs = np.exp(logits - logits.max(axis=3, keepdims=True))
+    probs /= probs.sum(axis=3, keepdims=True)
+    ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]
+    batch = _rows(0, tokens, np.zeros(S, np.int64), ("web", "code"), ids, np.take_along_axis(probs, ids, axis=3),
+                  np.zeros(ids.shape, bool), probs, False, rng)
+    per_row = (S, P, L, K)
+    batch["domain"] = np.broadcast_to(dom_SP[:, :, None, None], per_row).reshape(-1).astype(np.int32)
+    batch["doc"] = batch["seq"] * docs_per_seq + np.broadcast_to(doc_SP[:, :, None, None], per_row).reshape(-1)
+    return batch
