@@ -159,3 +159,11 @@ def test_a_batch_without_a_needed_column_is_one_clear_error(missing):
     del b[missing]
     with pytest.raises(MoelabError, match=missing):
         _units(b)
+
+
+def test_document_counts_stay_int32_through_merges():
+    parts = [_units(topic_trace(s, seqs=8)) for s in (10, 11)]
+    parts[1].seq = parts[1].seq + 100  # other sequences
+    parts[0].merge(parts[1])
+    units = parts[0].result()
+    assert units.all_ULE.dtype == np.int32 and units.top_ULE.dtype == np.int32

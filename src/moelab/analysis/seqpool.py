@@ -123,6 +123,8 @@ class SequencePoolAccumulator:
         self.pool.merge(other.pool)
 
     def result(self) -> SequencePool:
+        for l in range(len(self.num_experts)):  # the canonical order (hash of seq, seq, pos), whatever the parts
+            self.pool.layer(l)
         return self.pool
 
 

@@ -91,8 +91,8 @@ class UnitAccumulator:
         self._count_seen(keys)
         L, E, R = len(self.num_experts), max(self.num_experts), len(starts)
         cell = (run * L + batch["layer"].astype(np.int64)) * E + batch["expert"].astype(np.int64)
-        all_RLE = np.bincount(cell, minlength=R * L * E).reshape(R, L, E)
-        top_RLE = np.bincount(cell[batch["rank"] == 0], minlength=R * L * E).reshape(R, L, E)
+        all_RLE = np.bincount(cell, minlength=R * L * E).reshape(R, L, E).astype(np.int32)
+        top_RLE = np.bincount(cell[batch["rank"] == 0], minlength=R * L * E).reshape(R, L, E).astype(np.int32)
         prio = self._prio(keys[0], keys[1])
         ok = prio <= self.threshold
         self._absorb(keys[0][ok], keys[1][ok], keys[2][ok], prio[ok], all_RLE[ok], top_RLE[ok])
