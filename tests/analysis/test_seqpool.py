@@ -149,3 +149,20 @@ def test_a_grouping_the_pool_has_no_values_of_keeps_the_token_shuffle_and_says_s
     acc.update(b)
     score = std_score(acc.result(), min_count=5, pool=_pool(b), n_permutations=8)
     assert score.overall.null == PERM_NULL and np.isfinite(score.overall.null_mean)
+
+
+def test_checkpoints_that_agree_on_context_only_show_no_early_token_routing():
+    """Both route bursty text by the sequence's topic, with independent noise: their token tables agree
+    through the sequences, so the JSD must sit at the within-sequence null, not below it."""
+    from moelab.analysis.early import early_routing
+
+    p = []
+    for s in range(6):
+        final = bursty_trace(s)
+        ckpt = clustered_batch(s, num_experts=E, top_k=K, vocab=2000, ids_per_seq=40, noise_sd=0.8, noise_seed=1)
+        np.testing.assert_array_equal(ckpt["token"], final["token"])
+        res = early_routing([[ckpt], [final]], num_experts=[E], top_k=K, min_count=5, steps=[1], n_permutations=32,
+                            n_bootstrap=0)
+        assert "each sequence" in res.first["jsd"].null
+        p.append(res.first["jsd"].p)
+    assert sum(v > 0.05 for v in p) >= 5, p

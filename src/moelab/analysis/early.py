@@ -6,9 +6,10 @@ distributions E_i(token).
 Nulls: unrelated checkpoints with their own loads, i.e. the token identity shuffled between the
 checkpoint and the final one. Agreement then has mean sum_e a_e b_e (a, b: the two rank-0 load shares)
 and overlap sum_e a_e b_e / k (a, b: share of tokens with e in their top-k), with the variance from each
-checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null gives each token ID of the
-checkpoint n(v) chosen sets drawn from the checkpoint's own pool (permutation, like the specialisation
-nulls). Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a reference:
+checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null shuffles the checkpoint's token IDs among the tokens of
+each sequence (`seqpool.py`, like the specialisation nulls): two checkpoints that route by context alike
+share their token tables through the sequences, not through the IDs. Past the pool's 2^18 tokens a layer,
+each token ID gets n(v) chosen sets drawn from the checkpoint's pool. Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a reference:
 it is the noise floor of identical routers, not the chance level of unrelated ones. Intervals: bootstrap
 over sequences.
 """
@@ -27,9 +28,10 @@ from moelab.analysis.coactivation import coactivation_counts
 from moelab.analysis.null import random_topk_counts
 from moelab.analysis.rankorder import require_rank_order
 from moelab.analysis.resample import (
-    FOLDS, REPLICATES, Estimate, SetPool, estimate_from_moments, fold_of, layer_estimates,
+    FOLDS, REPLICATES, Estimate, estimate_from_moments, fold_of, layer_estimates,
     permuted_tables, replicate_weights, subset_scale,
 )
+from moelab.analysis.seqpool import SequencePool, within_sequence_null
 from moelab.analysis.specialization import ShareAccumulator
 from moelab.config import MoelabError
 
@@ -98,13 +100,14 @@ class EarlyRoutingAccumulator:
         self.top1_CLE = [np.zeros((self.C + 1, E), np.int64) for E in self.num_experts]  # index C: final
         self.pairs_CLEE = [np.zeros((self.C + 1, E, E), np.int64) for E in self.num_experts]
         self.tables = [ShareAccumulator("token", num_experts, top_k, folds=folds) for _ in range(self.C + 1)]
-        self.pools = [SetPool(L, top_k) for _ in range(self.C)]
+        self.pools = [SequencePool(L, top_k) for _ in range(self.C)]
 
     def update(self, batch: Batch) -> None:
         check_experts(batch, self.num_experts)
         names = [f"expert@{c}" for c in range(self.C)] + ["expert"]
         for l, E in enumerate(self.num_experts):
-            tk = layer_choices(batch, l, self.top_k, names + ["seq", "pos"], len(self.num_experts))
+            tk = layer_choices(batch, l, self.top_k, names + ["seq", "pos"] + ["token"] * ("token" in batch),
+                               len(self.num_experts))
             final, seq_T = tk["expert"], tk["seq"][:, 0].astype(np.int64)
             fold_T = fold_of(seq_T, self.folds)
             self.tokens_FL[:, l] += np.bincount(fold_T, minlength=self.folds)
@@ -117,7 +120,8 @@ class EarlyRoutingAccumulator:
                                                        minlength=self.folds).astype(np.int64)
                 self.overlap_CFL[c, :, l] += np.bincount(fold_T, weights=topk_overlap_T(tk[name], final),
                                                          minlength=self.folds)
-                self.pools[c].add(l, (seq_T << 32) | tk["pos"][:, 0].astype(np.int64), tk[name])
+                token_T = tk["token"][:, 0].astype(np.int64) if "token" in tk else np.full(len(seq_T), -1)
+                self.pools[c].add(l, seq_T, tk["pos"][:, 0].astype(np.int64), token_T, tk[name])
         self.tables[-1].update(batch)
         for c, name in enumerate(names[:-1]):
             self.tables[c].update(dict(batch, expert=batch[name]))
@@ -143,7 +147,8 @@ class EarlyRoutingAccumulator:
                 if not keep.any():
                     continue
                 jsd[c, l] = jensen_shannon(tab.counts[l][keep], final.counts[l][keep]).mean()
-                draws = self._jsd_null(c, l, n_G, final.counts[l][keep], n_permutations, null_seed)
+                draws = self._jsd_null(c, l, n_G, final.counts[l][keep], n_permutations, null_seed,
+                                       final.groups[l][keep])
                 null_jsd[c, l] = np.nanmean(draws) if np.isfinite(draws).any() else np.nan
                 if c == 0:
                     jsd_null_draws[l] = draws
@@ -178,13 +183,24 @@ class EarlyRoutingAccumulator:
         return q1, float(np.sqrt(q1 * (1 - q1) / T)), mean_x / k, float(np.sqrt(var_x / T)) / k
 
     def _jsd_null(self, c: int, l: int, n_G: np.ndarray, final_GE: np.ndarray, n_permutations: int,
-                  seed: int) -> np.ndarray:
-        sets, complete = self.pools[c].layer(l)
+                  seed: int, groups_G: np.ndarray) -> np.ndarray:
+        pool = self.pools[c]
+        sets, complete = pool.layer(l)
         if not len(sets) or n_permutations == 0:
             return np.full(n_permutations, np.nan)
+        if pool.within_sequence(l):  # the token IDs shuffled within each sequence (seqpool.py)
+            return within_sequence_null(pool, l, pool.token[l], groups_G, self.num_experts[l],
+                                        lambda counts, _: jensen_shannon(counts, final_GE), n_permutations,
+                                        seed + 11 * l + c)
         used, _, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed + 11 * l + c)
         draws = np.array([jensen_shannon(t, final_GE[used]).mean() for t in tables])
         return subset_scale(draws, len(used), len(n_G))
+
+    def _jsd_null_text(self) -> str:
+        within = all(p.within_sequence(l) for p in self.pools for l in range(len(self.num_experts)))
+        return ("the checkpoint's token IDs shuffled among the tokens of each sequence (keeps its load and each "
+                "sequence's routing)" if within else "the checkpoint's token IDs shuffled across its tokens (keeps "
+                "its load; the trace has more tokens than the within-sequence null holds)")
 
     def _first(self, top1_L, overlap_L, jsd_L, boot, m_top1, m_overlap, jsd_null_LP) -> dict[str, Estimate]:
         out = {}
@@ -198,7 +214,7 @@ class EarlyRoutingAccumulator:
                                               interval="95% bootstrap over sequences")
         _, out["jsd"] = layer_estimates(jsd_L, boot["jsd"] if boot["jsd"].shape[1] else None, jsd_null_LP,
                                         alternative="less", interval="95% bootstrap over sequences",
-                                        null="the checkpoint's token IDs shuffled across its tokens (keeps its load)")
+                                        null=self._jsd_null_text())
         return out
 
 

@@ -125,7 +125,8 @@ def _rows(s0: int, tokens_SP: np.ndarray, domain_S: np.ndarray, domains: Sequenc
 def clustered_batch(seed: int, *, num_seqs: int = 64, seq_len: int = 128, num_layers: int = 1, num_experts: int = 8,
                     top_k: int = 2, topics: int = 4, topic_sd: float = 1.5, vocab: int = 50,
                     ids_per_seq: int | None = None, token_sd: float = 0.0, domain_sd: float = 0.0,
-                    noise_sd: float = 0.0, docs_per_seq: int = 1, population_seed: int = 12345) -> dict:
+                    noise_sd: float = 0.0, docs_per_seq: int = 1, population_seed: int = 12345,
+                    noise_seed: int | None = None) -> dict:
     """One batch of a trace whose tokens are routed alike within a sequence, as a language model routes a
     document: logits = topic[z_s] (one of `topics` per sequence) + token_sd * token[v] + domain_sd *
     domain[d] + noise_sd * N(0, 1), then top-k. The topic, token and domain tables are the population
@@ -135,6 +136,8 @@ def clustered_batch(seed: int, *, num_seqs: int = 64, seq_len: int = 128, num_la
     `ids_per_seq`: bursty text, each sequence drawing its tokens from its own that many IDs of `vocab`
     (a document repeats its words); else every token uniform over `vocab`. With token_sd = domain_sd = 0
     the routing ignores token IDs and domains, and a null that keeps sequences whole must find nothing.
+    `noise_seed` draws the noise apart from the rest: two calls that differ only in it route the same
+    tokens by the same rule with independent noise (two checkpoints that agree on context, not on tokens).
     `doc` numbers the documents (`docs_per_seq` equal runs a sequence), `domain` is per document."""
     rng = np.random.default_rng(seed)
     fixed = np.random.default_rng(population_seed)
@@ -152,7 +155,8 @@ def clustered_batch(seed: int, *, num_seqs: int = 64, seq_len: int = 128, num_la
         tokens = rng.integers(0, vocab, (S, P))
     logits = topic_ZLE[z_S][:, None] + token_sd * token_VLE[tokens] + domain_sd * domain_DLE[dom_SP]
     if noise_sd:
-        logits = logits + noise_sd * rng.standard_normal((S, P, L, E))
+        noise_rng = rng if noise_seed is None else np.random.default_rng([seed, noise_seed])
+        logits = logits + noise_sd * noise_rng.standard_normal((S, P, L, E))
     probs = np.exp(logits - logits.max(axis=3, keepdims=True))
     probs /= probs.sum(axis=3, keepdims=True)
     ids = np.argsort(-probs, axis=3, kind="stable")[..., :K]
