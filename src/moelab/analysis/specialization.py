@@ -23,7 +23,7 @@ from moelab.analysis.tables import (  # noqa: F401 - re-exported: the tables' pu
     GROUPS, INT_GROUPS, LABEL_GROUPS, ShareAccumulator, ShareTables, share_tables,
 )
 from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePool, group_values, within_sequence_null
-from moelab.analysis.units import NULL, UnitTable, unit_null
+from moelab.analysis.units import NULL, UnitTable, unit_null, unit_tables
 from moelab.config import MoelabError
 
 # ---- OpenMoE: std over experts of E_i(g) ----------------------------------------------------------
@@ -307,11 +307,10 @@ def expert_label_mi(tables: ShareTables, *, n_permutations: int = 16, seed: int 
         c = tables.counts[l]
         value = mi_of(c) if c.size else float("nan")
         if units is not None and c.size:
-            E = tables.num_experts[l]
-            total = c.sum(axis=0)
-            perm = unit_null(units, l, E, tables.ranks, mi_of, n_permutations, seed + 0x3F, total)
-            perm_n = unit_null(units, l, E, tables.ranks, lambda t: normalised_mi(mi_of(t), t), n_permutations,
-                               seed + 0x3F, total)
+            shuffled = unit_tables(units, l, tables.num_experts[l], tables.ranks, n_permutations, seed + 0x3F,
+                                   c.sum(axis=0))
+            perm = np.array([mi_of(t) for t in shuffled])
+            perm_n = np.array([normalised_mi(p, t) for p, t in zip(perm, shuffled)])
         else:
             perm = permutation_mi(c, n_permutations, seed + l) if c.size else np.full(1, np.nan)
             perm_n = np.array([normalised_mi(float(p), c) for p in perm]) if c.size else np.zeros(0)

@@ -205,7 +205,15 @@ def unit_null(units: UnitTable, layer: int, num_experts: int, ranks: str,
               stat: Callable[[np.ndarray], float], n_permutations: int, seed: int,
               total_E: np.ndarray | None = None) -> np.ndarray:
     """Null draws of `stat` (a function of one layer's G x E count table, labels that have documents as
-    its rows) under the document shuffle; ranks "all" counts every choice, "top1" rank 0 only.
+    its rows) under the document shuffle (`unit_tables`)."""
+    return np.asarray([stat(t) for t in unit_tables(units, layer, num_experts, ranks, n_permutations, seed,
+                                                    total_E)], np.float64)
+
+
+def unit_tables(units: UnitTable, layer: int, num_experts: int, ranks: str, n_permutations: int, seed: int,
+                total_E: np.ndarray | None = None) -> list[np.ndarray]:
+    """One layer's G x E count table per permutation of the document shuffle, labels that have documents
+    as its rows; ranks "all" counts every choice, "top1" rank 0 only.
 
     `total_E`, the layer's counts over the whole stream, re-centres a sample: each sampled document's
     counts are shifted by (total / N - the sample's mean document), so the copies add up to the stream's
@@ -215,8 +223,8 @@ def unit_null(units: UnitTable, layer: int, num_experts: int, ranks: str,
     if not units.complete and total_E is not None and len(table):
         table = table + (np.asarray(total_E, np.float64)[:num_experts] / max(int(units.seen_G.sum()), 1)
                          - table.mean(axis=0))
-    draws = []
+    out = []
     for w_GU in assignments(units, n_permutations, seed):
         t_GE = np.maximum(w_GU @ table, 0.0)
-        draws.append(stat(t_GE[t_GE.sum(axis=1) > 0]))
-    return np.asarray(draws, np.float64)
+        out.append(t_GE[t_GE.sum(axis=1) > 0])
+    return out
