@@ -264,18 +264,18 @@ def domain_layer(tables: ShareTables, l: int, *, pool: SetPool | None = None, n_
                        lambda t: float(np.mean(_max_share_G(t, t.sum(axis=1) / k))), n_permutations, null_seed + 107,
                        total_E=tables.counts[l].sum(axis=0)) if several else np.full(n_permutations, np.nan))
     return {"value": float(share.max(axis=1).mean()) if keep.any() and several else float("nan"),
-            "boot": b, "null": n}
+            "boot": b, "null": n, "null_text": NULL if units is not None else PERM_NULL}
 
 
-def domain_combine(tables: ShareTables, layers: list[dict], null: str = PERM_NULL) -> DomainSpecialisation:
-    """`domain_specialisation` from its layers' parts (`domain_layer`, in layer order); `null` says which
-    shuffle drew their nulls (`units.NULL` for whole documents)."""
+def domain_combine(tables: ShareTables, layers: list[dict]) -> DomainSpecialisation:
+    """`domain_specialisation` from its layers' parts (`domain_layer`, in layer order)."""
     k = tables.choices_per_token
     L = len(tables.num_experts)
     shares = [tables.share(l) * k for l in range(L)]
     load = [tables.counts[l].sum(axis=0) / max(tables.counts[l].sum(), 1) * k for l in range(L)]
     est, overall = layer_estimates([p["value"] for p in layers], stack_ragged([p["boot"] for p in layers]),
-                                   stack_ragged([p["null"] for p in layers]), null=null, interval=BOOT)
+                                   stack_ragged([p["null"] for p in layers]), null=_combined_null(layers),
+                                   interval=BOOT)
     return DomainSpecialisation(group=tables.group, names=[tables.group_names(l) for l in range(L)],
                                 share=shares, uniform=[k / E for E in tables.num_experts], null_share=load,
                                 max_share=[s.max(axis=1) if s.size else np.zeros(0) for s in shares],

@@ -23,10 +23,10 @@ from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranke
 from moelab.analysis.resample import FOLDS, REPLICATES, replicate_weights
 from moelab.analysis.seqpool import SequencePoolAccumulator
 from moelab.analysis.specialization import (
-    PERM_NULL, ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
+    ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
     top_tokens_combine, top_tokens_layer, vocab_combine, vocab_layer,
 )
-from moelab.analysis.units import NULL as UNIT_NULL, UnitAccumulator
+from moelab.analysis.units import UnitAccumulator
 from moelab.config import MoelabError
 
 ANALYSES = ("load", "specialisation", "coactivation", "gates", "drops", "dynamic")
@@ -286,8 +286,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             done["top_tokens"] = top_tokens_combine(layers("top_tokens"))
         for group in labels:
             done[f"domain_specialisation:{group}"] = domain_combine(tables[group],
-                                                                    layers(f"domain_specialisation:{group}"),
-                                                                    null=UNIT_NULL if group in units else PERM_NULL)
+                                                                    layers(f"domain_specialisation:{group}"))
         order = ["std_position", "std_token", "vocab", "top_tokens"]
         order += [f"{kind}:{group}" for group in labels for kind in ("domain_specialisation", "mi")]
         out.update({name: done[name] for name in order if name in done})
