@@ -44,6 +44,7 @@ class SequencePool:
         self.sets = [np.zeros((0, top_k), np.int16) for _ in range(num_layers)]  # expert ids < 2^15
         self.seen = np.zeros(num_layers, np.int64)
         self.threshold = [np.iinfo(np.uint64).max] * num_layers  # a sequence hashed above it stays out
+        self.ordered = [True] * num_layers  # in (hash of seq, seq, pos) order: nothing added since the last sort
 
     def _prio(self, seq: np.ndarray) -> np.ndarray:
         return mix64(seq, self.seed + 0x5E9)
@@ -58,6 +59,7 @@ class SequencePool:
         self.pos[layer] = np.concatenate([self.pos[layer], np.asarray(pos, np.int32)])
         self.token[layer] = np.concatenate([self.token[layer], np.asarray(token, np.int64)])
         self.sets[layer] = np.concatenate([self.sets[layer], sets])
+        self.ordered[layer] = False
         if len(self.seq[layer]) > self.size + self.size // 2:
             self._trim(layer)
 
@@ -78,6 +80,7 @@ class SequencePool:
             order = order[:n]
         self.seq[layer], self.pos[layer] = self.seq[layer][order], self.pos[layer][order]
         self.token[layer], self.sets[layer] = self.token[layer][order], self.sets[layer][order]
+        self.ordered[layer] = True
 
     def merge(self, other: "SequencePool") -> None:
         """Take in another part of the stream: the sequences of smallest hash of the union are one pass's."""
@@ -91,12 +94,15 @@ class SequencePool:
                 self.token[l], self.sets[l] = self.token[l][keep], self.sets[l][keep]
 
     def layer(self, layer: int) -> tuple[np.ndarray, bool]:
-        """(sets, complete), as `resample.SetPool.layer`: complete when every token of the layer is here."""
-        self._trim(layer)
-        return self.sets[layer], self.within_sequence(layer)
+        """(sets, complete), as `resample.SetPool.layer`: complete when every token of the layer is here.
+        Sorted once after the last addition, not at every call (each finalisation job asks)."""
+        if not self.ordered[layer]:
+            self._trim(layer)
+        return self.sets[layer], bool(self.seen[layer] == len(self.seq[layer]))
 
     def within_sequence(self, layer: int) -> bool:
-        return bool(self.seen[layer] == len(self.seq[layer]))
+        """Every token of the layer in the pool (after the pending trim: past `size`, whole sequences only)."""
+        return bool(self.layer(layer)[1])
 
 
 class SequencePoolAccumulator:
@@ -144,6 +150,7 @@ def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, g
                          n_permutations: int, seed: int) -> np.ndarray:
     """Null draws of mean over `groups_G` of stat_G(counts_GE, n_G), the group values permuted among the
     tokens of each sequence (a complete layer: every token of the stream is in the pool)."""
+    pool.layer(layer)  # its sequences contiguous, in the canonical order
     seq, sets = pool.seq[layer], pool.sets[layer].astype(np.int64)
     groups_G = np.asarray(groups_G)
     by_value = np.argsort(groups_G, kind="stable")

@@ -233,8 +233,6 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
     top1 = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()
     units = {name.split(":", 1)[1]: acc.pop(name).result() for name in [n for n in acc if n.startswith("units:")]}
-    for layer in range(len(pool.sets)):
-        pool.layer(layer)  # sorted once here rather than in every job
     seed, weights, n_perm = opts["seed"], opts["weights"], opts["n_permutations"]
     kw = dict(null_seed=seed, pool=pool, n_permutations=n_perm, weights_RF=weights)
     jobs: dict[str, Any] = {}
