@@ -6,12 +6,13 @@ distributions E_i(token).
 Nulls: unrelated checkpoints with their own loads, i.e. the token identity shuffled between the
 checkpoint and the final one. Agreement then has mean sum_e a_e b_e (a, b: the two rank-0 load shares)
 and overlap sum_e a_e b_e / k (a, b: share of tokens with e in their top-k), with the variance from each
-checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null shuffles the checkpoint's token IDs among the tokens of
-each sequence (`seqpool.py`, like the specialisation nulls): two checkpoints that route by context alike
-share their token tables through the sequences, not through the IDs. Past the pool's 2^18 tokens a layer,
-each token ID gets n(v) chosen sets drawn from the checkpoint's pool. Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a reference:
-it is the noise floor of identical routers, not the chance level of unrelated ones. Intervals: bootstrap
-over sequences.
+checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null shuffles the checkpoint's
+token IDs among the tokens of each sequence (`seqpool.py`, like the specialisation nulls): two
+checkpoints that route by context alike share their token tables through the sequences, not through the
+IDs. Past the pool's 2^18 tokens a layer, each token ID gets n(v) chosen sets drawn from the
+checkpoint's pool. Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a
+reference: it is the noise floor of identical routers, not the chance level of unrelated ones.
+Intervals: bootstrap over sequences.
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def vocab_layer(tables: ShareTables, l: int, *, min_count: int = 10, null_seed: 
     p_G = tables.counts[l][keep].max(axis=1) / np.maximum(n_G[keep], 1)
     sim = random_topk_counts(n_G[keep], E, k, null_seed + l)
     b, n = _resampled(tables, l, keep, _max_share_G, weights_RF, pool, n_permutations, null_seed + 103 * l)
-    return {"tokens": tables.groups[l][keep], "per": p_G, "null_text": null_text(pool, l, tables), "mean": float(p_G.mean()) if keep.any() else float("nan"),
+    return {"tokens": tables.groups[l][keep], "per": p_G, "null_text": null_text(pool, l, tables),
+            "mean": float(p_G.mean()) if keep.any() else float("nan"),
             "uniform": float((sim.max(axis=1) / np.maximum(sim.sum(axis=1) // k, 1)).mean()) if keep.any()
             else np.nan, "boot": _rescale(b, k / E), "null": _rescale(n, k / E)}
 
