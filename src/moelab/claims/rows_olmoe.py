@@ -98,7 +98,8 @@ def domain_specialisation(ws: Workspace) -> ClaimResult:
         measured="Domain specialisation, OLMoE's definition: per domain and expert the share of the domain's tokens "
                  "with the expert in their top-k; value: per domain the largest share over experts, averaged over "
                  "domains and MoE layers. Null: the domain label shuffled across documents (keeps each "
-                 f"document's routing whole, the expert load and each domain's number of documents), {PAIRED_T} The expert-domain mutual information is in details (seed 0).",
+                 f"document's routing whole, the expert load and each domain's number of documents), {PAIRED_T} "
+                 "The expert-domain mutual information is in details (seed 0).",
         measure=dom, test=Claim("greater", margin=DOMAIN_MARGIN), seed_values=dom_seeds,
         setup=f"{describe_run(ws, seeds=ws.scale.seeds)}; domains {', '.join(names)}; every held-out token of each "
               "final checkpoint.",
