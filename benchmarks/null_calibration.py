@@ -9,6 +9,10 @@ follows it, and the test should reject nearly always. Each run is tested twice: 
 across single tokens, n(g) sets drawn from the layer's pool; MI: labels over the choices). 64 permutations,
 so p >= 1/65. Interval: Wilson's 95% for a binomial rate.
 
+The "past the pool" scenarios hold a pool of 2,048 of the trace's 8,192 tokens, as a real trace holds
+2^18 of its millions: the token-ID nulls then test a hash sample of whole sequences (seqpool.py), where
+they fell back to the token shuffle before (n(g) sets drawn from the same-sized pool).
+
     python benchmarks/null_calibration.py [--runs 200] [--json out.json]
 """
 
@@ -22,7 +26,8 @@ import time
 
 import numpy as np
 
-from moelab.analysis.resample import SetPoolAccumulator
+from moelab.analysis.resample import POOL_SIZE, SetPoolAccumulator
+from moelab.analysis.seqpool import SequencePoolAccumulator
 from moelab.analysis.specialization import domain_layer, expert_label_mi, std_layer, vocab_layer
 from moelab.analysis.suite import analyze_all
 from moelab.analysis.synthetic import clustered_batch
@@ -34,7 +39,10 @@ SCENARIOS = {  # name -> (clustered_batch options, the statistics it tests, whet
     "domain effect": (dict(token_sd=1.0, domain_sd=1.0), ("domain", "mi"), True),
     "bursty text, IDs ignored": (dict(vocab=2000, ids_per_seq=40, noise_sd=0.8), ("vocab", "std"), False),
     "bursty text, ID effect": (dict(vocab=300, ids_per_seq=200, token_sd=1.5, noise_sd=0.8), ("vocab", "std"), True),
+    "past the pool, IDs ignored": (dict(vocab=2000, ids_per_seq=40, noise_sd=0.8), ("vocab", "std"), False),
+    "past the pool, ID effect": (dict(vocab=300, ids_per_seq=200, token_sd=1.5, noise_sd=0.8), ("vocab", "std"), True),
 }
+SMALL_POOL = 2048  # tokens a layer, in the "past the pool" scenarios
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -49,9 +57,9 @@ def p_of(value: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= value)) / (1 + len(null)))
 
 
-def token_shuffle_p(batch: dict, stats: tuple[str, ...], seed: int) -> dict[str, float]:
+def token_shuffle_p(batch: dict, stats: tuple[str, ...], seed: int, pool_size: int = POOL_SIZE) -> dict[str, float]:
     """The nulls analyze_all used before: labels across a layer's tokens (MI: over the choices)."""
-    pool_acc = SetPoolAccumulator([E], K, seed=seed)
+    pool_acc = SetPoolAccumulator([E], K, seed=seed, size=pool_size)
     pool_acc.update(batch)
     pool, out = pool_acc.result(), {}
     if "domain" in stats:
@@ -82,6 +90,27 @@ def suite_p(batch: dict, seed: int) -> dict[str, float]:
             "vocab": r["vocab"].overall.p, "std": r["std_token"].overall.p}
 
 
+def sample_test_p(batch: dict, seed: int, pool_size: int, excess: dict | None = None) -> dict[str, float]:
+    """analyze_all's token-ID nulls where the pool holds a hash sample of the sequences: its own parts
+    (vocab_layer, std_layer) over a `pool_size` SequencePool, as the suite calls them. `excess` collects
+    each statistic's value less its null mean: the sample's, and the exact test's (the whole trace pooled)."""
+    t, out = _tables(batch, "token"), {}
+    for size in (pool_size, POOL_SIZE):
+        acc = SequencePoolAccumulator([E], K, size=size, seed=seed)
+        acc.update(batch)
+        pool = acc.result()
+        assert pool.within_sequence(0) == (size == POOL_SIZE)
+        part = vocab_layer(t, 0, min_count=5, pool=pool, n_permutations=PERMS, null_seed=seed)
+        std = std_layer(t, 0, min_count=5, pool=pool, n_permutations=PERMS, null_seed=seed)
+        values = {"vocab": ((part["mean"] - K / E) / (1 - K / E), part["null"]), "std": (std["mean"], std["null"])}
+        for name, (value, null) in values.items():
+            if size == pool_size:
+                out[name] = p_of(value, null)
+            if excess is not None:
+                excess.setdefault((name, size == pool_size), []).append(value - float(np.mean(null)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=200, help="independent traces per scenario (%(default)s)")
@@ -90,17 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         print("null_calibration: --runs must be at least 1", file=sys.stderr)
         return 2
-    rows, t0 = [], time.perf_counter()
+    rows, shrink, t0 = [], [], time.perf_counter()
     for name, (opts, stats, effect) in SCENARIOS.items():
+        excess: dict = {}
         p_new = {s: [] for s in stats}
         p_old = {s: [] for s in stats}
         for run in range(args.runs):
             batch = clustered_batch(1000 * run + 7, num_experts=E, top_k=K, **opts)
-            new, old = suite_p(batch, run), token_shuffle_p(batch, stats, run)
+            if name.startswith("past the pool"):
+                new = sample_test_p(batch, run, SMALL_POOL, excess if effect else None)
+                old = token_shuffle_p(batch, stats, run, SMALL_POOL)
+            else:
+                new, old = suite_p(batch, run), token_shuffle_p(batch, stats, run)
             for s in stats:
                 p_new[s].append(new[s])
                 p_old[s].append(old[s])
         for s in stats:
+            if (s, True) in excess:
+                shrink.append(dict(scenario=name, statistic=s, sample=float(np.mean(excess[s, True])),
+                                   whole=float(np.mean(excess[s, False])), runs=args.runs))
             for which, ps in (("analyze_all (sequences / documents kept whole)", p_new[s]),
                               ("token shuffle (before)", p_old[s])):
                 k = int(np.sum(np.asarray(ps) <= LEVEL))
@@ -112,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['scenario']} | {r['statistic']} | {r['null']} | {r['rejected']} / {r['runs']} | "
               f"{r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
+    print("\n| scenario | statistic | mean excess over the null: sample test | exact test (whole trace) | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for r in shrink:
+        print(f"| {r['scenario']} | {r['statistic']} | {r['sample']:.4f} | {r['whole']:.4f} | "
+              f"{r['sample'] / r['whole']:.2f} |")
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rates": rows, "excess": shrink}, f, indent=1)
     return 0
 
 

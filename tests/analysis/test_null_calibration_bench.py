@@ -18,8 +18,12 @@ def test_null_calibration_runs_and_writes_every_row(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "rows.json"
     assert bench.main(["--runs", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    got = json.loads(out.read_text())
+    rows = got["rates"]
     assert len(rows) == 2 * sum(len(stats) for _, stats, _ in bench.SCENARIOS.values())
+    assert {(r["scenario"], r["statistic"]) for r in got["excess"]} == {("past the pool, ID effect", "vocab"),
+                                                                        ("past the pool, ID effect", "std")}
+    assert all(r["sample"] > 0 and r["whole"] > 0 for r in got["excess"])
     assert all(0 <= r["ci_low"] <= r["rate"] <= r["ci_high"] <= 1 for r in rows)
     assert "| scenario |" in capsys.readouterr().out
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moelab.analysis.resample import SetPoolAccumulator
-from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePoolAccumulator, within_sequence_null
+from moelab.analysis.seqpool import SAMPLE_NULL, SEQ_NULL, SequencePoolAccumulator, within_sequence_null
 from moelab.analysis.specialization import _max_share_G, vocab_layer
 from moelab.analysis.suite import analyze_all
 from moelab.analysis.synthetic import clustered_batch
@@ -105,7 +105,7 @@ def test_a_within_sequence_permutation_keeps_each_group_size_and_the_load():
             np.testing.assert_array_equal(load, tables.counts[l].sum(axis=0))
 
 
-def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts_and_says_it_falls_back():
+def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts():
     b = bursty_trace(3, seqs=40, seq_len=32)
     one = _pool(b, size=300)
     assert not one.within_sequence(0)
@@ -137,7 +137,7 @@ def test_positions_shuffle_within_sequences_too(group):
     values = within_sequence_values(pool, 0, tables)
     assert values is not None
     np.testing.assert_array_equal(np.unique(values), tables.groups[0])
-    assert FALLBACK_NULL != SEQ_NULL
+    assert SAMPLE_NULL != SEQ_NULL
 
 
 def test_a_grouping_the_pool_has_no_values_of_keeps_the_token_shuffle_and_says_so():
@@ -166,3 +166,110 @@ def test_checkpoints_that_agree_on_context_only_show_no_early_token_routing():
         assert "each sequence" in res.first["jsd"].null
         p.append(res.first["jsd"].p)
     assert sum(v > 0.05 for v in p) >= 5, p
+
+
+# ---- past the pool's size: the test on a hash sample of whole sequences ----------------------------------
+def _p(value, draws):
+    return (1 + np.sum(np.asarray(draws) >= value - 1e-12)) / (1 + len(draws))
+
+
+def _sampled_parts(b, size, min_count=5):
+    from moelab.analysis.specialization import null_text, std_layer
+
+    tables, pool = _tables(b), _pool(b, size=size)
+    assert not pool.within_sequence(0)
+    v = vocab_layer(tables, 0, min_count=min_count, pool=pool, n_permutations=64)
+    s = std_layer(tables, 0, min_count=min_count, pool=pool, n_permutations=64)
+    assert null_text(pool, 0, tables) == SAMPLE_NULL
+    return _p(_value(v), v["null"]), _p(s["mean"], s["null"])
+
+
+def test_past_its_size_token_ids_the_routing_ignores_sit_at_the_sample_tests_null():
+    """8,192 tokens of bursty text, the pool holding a quarter of the sequences: the sample test rejects at
+    its level, where the token shuffle it replaces rejected every time (the test above)."""
+    p = np.array([_sampled_parts(bursty_trace(100 + s), size=2048) for s in range(30)])
+    rejected = (p <= 0.05).sum(axis=0)
+    assert (rejected <= 5).all(), f"sample test rejected {rejected} of 30 at 5% (expected about 1.5)"
+    assert (p > 0.5).sum(axis=0).min() >= 9, "p-values piled up low: the null is too narrow"
+
+
+def test_past_its_size_token_ids_the_routing_follows_are_found_on_the_sample():
+    for s in range(3):
+        p = _sampled_parts(bursty_trace(s, token_effect=1.0, per_seq=200, vocab=300), size=2048)
+        assert max(p) <= 1 / 65 + 1e-12, p
+
+
+def test_the_sample_test_is_the_complete_test_of_the_sampled_sequences_shifted_to_the_full_value():
+    """Reference: the trace cut down to the pool's sequences by their rows, its own tables (no pool code),
+    the complete within-sequence null on it; the sample test's draws are the full value less that
+    sub-trace's excess over each draw, group for group."""
+    b = bursty_trace(7, seqs=48, seq_len=64, vocab=120)
+    tables, pool = _tables(b), _pool(b, size=1000)
+    kept_seqs = np.unique(pool.seq[0])
+    assert 0 < len(kept_seqs) * 64 <= 1000
+    rows = np.isin(b["seq"], kept_seqs)
+    n = len(b["seq"])
+    sub = {k: (v[rows] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in b.items()}
+    sub_tables, sub_pool = _tables(sub), _pool(sub)
+    assert sub_pool.within_sequence(0)
+    np.testing.assert_array_equal(sub_pool.seq[0], pool.seq[0])  # the same canonical order, the same shuffles
+
+    min_count = 20
+    keep = tables.tokens(0) >= min_count
+    full = float(np.mean(_max_share_G(tables.counts[0][keep], tables.tokens(0)[keep])))
+    frac = len(pool.seq[0]) / n * K
+    sub_n = dict(zip(sub_tables.groups[0], sub_tables.tokens(0)))
+    used = np.array([g for g in tables.groups[0][keep] if sub_n.get(g, 0) >= max(2, np.ceil(min_count * frac))])
+    assert 5 < len(used) < keep.sum()
+    at = np.searchsorted(sub_tables.groups[0], used)
+    sub_value = float(np.mean(_max_share_G(sub_tables.counts[0][at], sub_tables.tokens(0)[at])))
+    sub_draws = within_sequence_null(sub_pool, 0, sub_pool.token[0], used, E, _max_share_G, 16, seed=5)
+    draws = within_sequence_null(pool, 0, pool.token[0], tables.groups[0][keep], E, _max_share_G, 16, seed=5,
+                                 value=full, min_count=min_count)
+    np.testing.assert_allclose(draws, full - (sub_value - sub_draws), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="full value"):
+        within_sequence_null(pool, 0, pool.token[0], tables.groups[0][keep], E, _max_share_G, 4, seed=5)
+
+
+def test_the_suite_says_which_layers_ran_the_sample_test(monkeypatch):
+    import functools
+
+    import moelab.analysis.suite as suite
+
+    monkeypatch.setattr(suite, "SequencePoolAccumulator", functools.partial(SequencePoolAccumulator, size=2048))
+    r = token_results(bursty_trace(11, layers=2), layers=2)
+    assert r["vocab"].overall.null == SAMPLE_NULL and r["std_token"].overall.null == SAMPLE_NULL
+    assert all(e.null == SAMPLE_NULL for e in r["vocab"].estimates)
+    assert np.isfinite(r["vocab"].overall.null_mean) and 0 < r["vocab"].overall.p <= 1
+    from moelab.report.headline import shuffled_where
+
+    assert shuffled_where(r["vocab"].overall) == "within each sequence of a sample of whole sequences"
+
+
+def _early_p(monkeypatch, final, ckpt, size):
+    import functools
+
+    import moelab.analysis.early as early
+    from moelab.analysis.seqpool import SequencePool
+
+    monkeypatch.setattr(early, "SequencePool", functools.partial(SequencePool, size=size))
+    res = early.early_routing([[ckpt], [final]], num_experts=[E], top_k=K, min_count=5, steps=[1], n_permutations=32,
+                              n_bootstrap=0)
+    assert "hash sample of whole sequences" in res.first["jsd"].null
+    return res.first["jsd"].p
+
+
+def test_past_its_size_checkpoints_that_agree_on_context_only_show_no_early_token_routing(monkeypatch):
+    p = []
+    for s in range(6):
+        final = bursty_trace(s)
+        ckpt = clustered_batch(s, num_experts=E, top_k=K, vocab=2000, ids_per_seq=40, noise_sd=0.8, noise_seed=1)
+        p.append(_early_p(monkeypatch, final, ckpt, size=2048))
+    assert sum(v > 0.05 for v in p) >= 5, p
+
+
+def test_past_its_size_checkpoints_that_agree_on_token_routing_are_found(monkeypatch):
+    kw = dict(num_experts=E, top_k=K, vocab=300, ids_per_seq=200, token_sd=1.5, noise_sd=0.8)
+    for s in range(3):
+        p = _early_p(monkeypatch, clustered_batch(s, **kw), clustered_batch(s, noise_seed=1, **kw), size=2048)
+        assert p <= 1 / 33 + 1e-12, p

@@ -9,9 +9,11 @@ and overlap sum_e a_e b_e / k (a, b: share of tokens with e in their top-k), wit
 checkpoint's pair co-occurrence (closed form, normal p-value). The JSD null shuffles the checkpoint's
 token IDs among the tokens of each sequence (`seqpool.py`, like the specialisation nulls): two
 checkpoints that route by context alike share their token tables through the sequences, not through the
-IDs. Past the pool's 2^18 tokens a layer, each token ID gets n(v) chosen sets drawn from the
-checkpoint's pool. Independent uniform routing (1/E, k/E, the JSD of two uniform routings) stays as a
-reference: it is the noise floor of identical routers, not the chance level of unrelated ones.
+IDs. Past the pool's 2^18 tokens a layer the test runs on a hash sample of whole sequences (the final
+trace's sets of the same tokens pooled beside the checkpoint's), and the null beside the full JSD is
+that JSD less the sample's departure from its own shuffle. Independent uniform routing (1/E, k/E, the
+JSD of two uniform routings) stays as a reference: it is the noise floor of identical routers, not the
+chance level of unrelated ones.
 Intervals: bootstrap over sequences.
 """
 
@@ -32,7 +34,7 @@ from moelab.analysis.resample import (
     FOLDS, REPLICATES, Estimate, estimate_from_moments, fold_of, layer_estimates,
     permuted_tables, replicate_weights, subset_scale,
 )
-from moelab.analysis.seqpool import SequencePool, within_sequence_null
+from moelab.analysis.seqpool import SequencePool, group_index, pooled_counts, sample_groups, within_sequence_null
 from moelab.analysis.specialization import ShareAccumulator
 from moelab.config import MoelabError
 
@@ -101,7 +103,7 @@ class EarlyRoutingAccumulator:
         self.top1_CLE = [np.zeros((self.C + 1, E), np.int64) for E in self.num_experts]  # index C: final
         self.pairs_CLEE = [np.zeros((self.C + 1, E, E), np.int64) for E in self.num_experts]
         self.tables = [ShareAccumulator("token", num_experts, top_k, folds=folds) for _ in range(self.C + 1)]
-        self.pools = [SequencePool(L, top_k) for _ in range(self.C)]
+        self.pools = [SequencePool(L, top_k) for _ in range(self.C + 1)]  # index C: final, the sample test's
 
     def update(self, batch: Batch) -> None:
         check_experts(batch, self.num_experts)
@@ -112,17 +114,17 @@ class EarlyRoutingAccumulator:
             final, seq_T = tk["expert"], tk["seq"][:, 0].astype(np.int64)
             fold_T = fold_of(seq_T, self.folds)
             self.tokens_FL[:, l] += np.bincount(fold_T, minlength=self.folds)
+            token_T = tk["token"][:, 0].astype(np.int64) if "token" in tk else np.full(len(seq_T), -1)
             for c, name in enumerate(names):
                 self.top1_CLE[l][c] += np.bincount(tk[name][:, 0], minlength=E)
                 self.pairs_CLEE[l][c] += coactivation_counts(tk[name], E)
+                self.pools[c].add(l, seq_T, tk["pos"][:, 0].astype(np.int64), token_T, tk[name])
                 if c == self.C:
                     continue
                 self.agree_CFL[c, :, l] += np.bincount(fold_T, weights=tk[name][:, 0] == final[:, 0],
                                                        minlength=self.folds).astype(np.int64)
                 self.overlap_CFL[c, :, l] += np.bincount(fold_T, weights=topk_overlap_T(tk[name], final),
                                                          minlength=self.folds)
-                token_T = tk["token"][:, 0].astype(np.int64) if "token" in tk else np.full(len(seq_T), -1)
-                self.pools[c].add(l, seq_T, tk["pos"][:, 0].astype(np.int64), token_T, tk[name])
         self.tables[-1].update(batch)
         for c, name in enumerate(names[:-1]):
             self.tables[c].update(dict(batch, expert=batch[name]))
@@ -149,7 +151,7 @@ class EarlyRoutingAccumulator:
                     continue
                 jsd[c, l] = jensen_shannon(tab.counts[l][keep], final.counts[l][keep]).mean()
                 draws = self._jsd_null(c, l, n_G, final.counts[l][keep], n_permutations, null_seed,
-                                       final.groups[l][keep])
+                                       final.groups[l][keep], jsd[c, l], min_count)
                 null_jsd[c, l] = np.nanmean(draws) if np.isfinite(draws).any() else np.nan
                 if c == 0:
                     jsd_null_draws[l] = draws
@@ -184,24 +186,40 @@ class EarlyRoutingAccumulator:
         return q1, float(np.sqrt(q1 * (1 - q1) / T)), mean_x / k, float(np.sqrt(var_x / T)) / k
 
     def _jsd_null(self, c: int, l: int, n_G: np.ndarray, final_GE: np.ndarray, n_permutations: int,
-                  seed: int, groups_G: np.ndarray) -> np.ndarray:
+                  seed: int, groups_G: np.ndarray, value: float, min_count: int) -> np.ndarray:
         pool = self.pools[c]
         sets, complete = pool.layer(l)
         if not len(sets) or n_permutations == 0:
             return np.full(n_permutations, np.nan)
+        seed = seed + 11 * l + c
         if pool.within_sequence(l):  # the token IDs shuffled within each sequence (seqpool.py)
             return within_sequence_null(pool, l, pool.token[l], groups_G, self.num_experts[l],
-                                        lambda counts, _: jensen_shannon(counts, final_GE), n_permutations,
-                                        seed + 11 * l + c)
-        used, _, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed + 11 * l + c)
+                                        lambda counts, _: jensen_shannon(counts, final_GE), n_permutations, seed)
+        if (pool.token[l] >= 0).any():  # a sample of whole sequences: both tables on the sample's tokens
+            final = self.pools[self.C]
+            final.layer(l)
+            if not np.array_equal(final.seq[l], pool.seq[l]) or not np.array_equal(final.pos[l], pool.pos[l]):
+                raise MoelabError("early routing: the checkpoint's and the final trace's pools hold different tokens")
+            used = sample_groups(pool, l, pool.token[l], groups_G, min_count)
+            final_UE = pooled_counts(final, l, group_index(pool.token[l], groups_G[used]), int(used.sum()),
+                                     self.num_experts[l])[0]
+            return within_sequence_null(pool, l, pool.token[l], groups_G[used], self.num_experts[l],
+                                        lambda counts, _: jensen_shannon(counts, final_UE), n_permutations, seed,
+                                        value=value, min_count=0)
+        used, _, tables = permuted_tables(n_G, sets, complete, self.num_experts[l], n_permutations, seed)
         draws = np.array([jensen_shannon(t, final_GE[used]).mean() for t in tables])
         return subset_scale(draws, len(used), len(n_G))
 
     def _jsd_null_text(self) -> str:
-        within = all(p.within_sequence(l) for p in self.pools for l in range(len(self.num_experts)))
-        return ("the checkpoint's token IDs shuffled among the tokens of each sequence (keeps its load and each "
-                "sequence's routing)" if within else "the checkpoint's token IDs shuffled across its tokens (keeps "
-                "its load; the trace has more tokens than the within-sequence null holds)")
+        L = len(self.num_experts)
+        if all(p.within_sequence(l) for p in self.pools for l in range(L)):
+            return "the checkpoint's token IDs shuffled among the tokens of each sequence (keeps its load and each "\
+                "sequence's routing)"
+        if all((p.token[l] >= 0).any() or not len(p.token[l]) for p in self.pools for l in range(L)):
+            return ("the checkpoint's token IDs shuffled among the tokens of each sequence, on a hash sample of whole "
+                    "sequences (the trace has more tokens than the null holds): the null is the JSD less the "
+                    "sample's departure from its own shuffle; p and z are the sample's")
+        return "the checkpoint's token IDs shuffled across its tokens (keeps its load; the trace holds no token IDs)"
 
     def _first(self, top1_L, overlap_L, jsd_L, boot, m_top1, m_overlap, jsd_null_LP) -> dict[str, Estimate]:
         out = {}

@@ -12,9 +12,12 @@ size exactly (each sequence keeps its multiset of labels).
 
 `SequencePool` holds every token of whole sequences per layer (sequence, position, token ID, chosen
 set): all of them while a layer has at most `size` tokens, else the sequences of smallest hash up to
-`size` tokens. The within-sequence null needs every sequence; past `size` the null falls back to the
-token shuffle, drawing sets from this pool as `resample.SetPool`'s callers do, and says so
-(`within_sequence` is False for that layer).
+`size` tokens. Past `size` the test runs on that sample of whole sequences (`within_sequence_null`
+with `value`): the statistic is recomputed on the sample and compared with the labels shuffled within
+each sampled sequence, so the p-value is an exact permutation test on the sample (which sequences are in
+it depends on their hash, not their labels or routing). The null reported beside the full stream's
+value is that value less the sample's excess over its own shuffle. A token shuffle instead would read a
+sequence's likeness as the label's (what this module replaces).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from moelab.analysis.resample import POOL_SIZE, mix64
 
 SEQ_NULL = ("group label shuffled among the tokens of each sequence (keeps each sequence's routing and its "
             "labels, the expert load and group sizes)")
-FALLBACK_NULL = ("group label shuffled across the layer's tokens (keeps expert load and group sizes; the trace has "
-                 "more tokens than the within-sequence null holds, so it ignores how a sequence routes its tokens "
-                 "alike)")
+SAMPLE_NULL = ("group label shuffled among the tokens of each sequence, on a hash sample of whole sequences (the "
+               "trace has more tokens than the null holds): the null is the value less the sample's excess over "
+               "its own shuffle; p and z are the sample's")
 
 
 class SequencePool:
@@ -101,7 +104,8 @@ class SequencePool:
         return self.sets[layer], bool(self.seen[layer] == len(self.seq[layer]))
 
     def within_sequence(self, layer: int) -> bool:
-        """Every token of the layer in the pool (after the pending trim: past `size`, whole sequences only)."""
+        """Every token of the layer in the pool (after the pending trim: past `size`, whole sequences only):
+        the exact within-sequence null; else `within_sequence_null` needs the full value (the sample test)."""
         return bool(self.layer(layer)[1])
 
 
@@ -145,21 +149,62 @@ def group_values(pool: SequencePool, layer: int, group: str, pos_bucket: int = 2
     return None
 
 
+def group_index(values_T: np.ndarray, groups_G: np.ndarray) -> np.ndarray:
+    """Each token's index into `groups_G` (any order), -1 where its value is not one of them."""
+    groups_G = np.asarray(groups_G)
+    if not len(groups_G):
+        return np.full(len(values_T), -1, np.int64)
+    by_value = np.argsort(groups_G, kind="stable")
+    where = np.minimum(np.searchsorted(groups_G[by_value], values_T), len(groups_G) - 1)
+    return np.where(groups_G[by_value][where] == values_T, by_value[where], -1).astype(np.int64)
+
+
+def pooled_counts(pool: SequencePool, layer: int, index_T: np.ndarray, num_groups: int, num_experts: int,
+                  sets_TK: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(counts_GE, n_G) of the pooled tokens (`sets_TK`: other sets aligned with them, e.g. another
+    checkpoint's), grouped by `index_T` (-1: in no group)."""
+    sets = (pool.sets[layer] if sets_TK is None else sets_TK).astype(np.int64)
+    use = index_T >= 0
+    n_G = np.bincount(index_T[use], minlength=num_groups).astype(np.float64)
+    cells = (index_T[use, None] * num_experts + sets[use]).reshape(-1)
+    return np.bincount(cells, minlength=num_groups * num_experts).reshape(num_groups, num_experts), n_G
+
+
+def sample_groups(pool: SequencePool, layer: int, values_T: np.ndarray, groups_G: np.ndarray,
+                  min_count: int) -> np.ndarray:
+    """Which of `groups_G` the sample test uses: those with at least min_count x (the sample's share of the
+    layer's tokens) tokens in the pool, and at least 2 (one token cannot move within its sequence)."""
+    pool.layer(layer)
+    frac = len(pool.seq[layer]) / max(int(pool.seen[layer]), 1)
+    index_T = group_index(values_T, groups_G)
+    n_G = np.bincount(index_T[index_T >= 0], minlength=len(groups_G))
+    return n_G >= max(2.0, np.ceil(min_count * frac))
+
+
 def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, groups_G: np.ndarray,
                          num_experts: int, stat_G: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                         n_permutations: int, seed: int) -> np.ndarray:
+                         n_permutations: int, seed: int, *, value: float | None = None,
+                         min_count: int = 2) -> np.ndarray:
     """Null draws of mean over `groups_G` of stat_G(counts_GE, n_G), the group values permuted among the
-    tokens of each sequence (a complete layer: every token of the stream is in the pool)."""
+    tokens of each sequence.
+
+    A complete layer (every token of the stream in the pool) gives the draws themselves. Otherwise the
+    pool is a hash sample of whole sequences and `value` (the statistic on the full stream) is needed:
+    the groups with enough tokens in the sample (`sample_groups`) are tested there, and each draw is
+    returned as value - (the sample's statistic - the sample's draw)."""
     pool.layer(layer)  # its sequences contiguous, in the canonical order
+    complete = pool.within_sequence(layer)
+    if not complete:
+        if value is None:
+            raise ValueError("the pool holds a sample of the layer's sequences: the sample test needs the full value")
+        groups_G = np.asarray(groups_G)[sample_groups(pool, layer, values_T, groups_G, min_count)]
     seq, sets = pool.seq[layer], pool.sets[layer].astype(np.int64)
-    groups_G = np.asarray(groups_G)
-    by_value = np.argsort(groups_G, kind="stable")
-    where = np.minimum(np.searchsorted(groups_G[by_value], values_T), max(len(groups_G) - 1, 0))
-    member = (groups_G[by_value][where] == values_T) if len(groups_G) else np.zeros(len(values_T), bool)
-    index_T = np.where(member, by_value[where] if len(groups_G) else -1, -1)
-    n_G = np.bincount(index_T[member], minlength=len(groups_G)).astype(np.float64)
-    block = np.cumsum(np.concatenate(([0], seq[1:] != seq[:-1])))  # sequences are contiguous in the pool
+    index_T = group_index(values_T, groups_G)
     G, E = len(groups_G), num_experts
+    counts, n_G = pooled_counts(pool, layer, index_T, G, E)
+    if not G:
+        return np.full(n_permutations, np.nan)
+    block = np.cumsum(np.concatenate(([0], seq[1:] != seq[:-1])))  # sequences are contiguous in the pool
     draws = np.empty(n_permutations)
     for p in range(n_permutations):
         rng = np.random.default_rng([seed, 0x5E9, p])
@@ -167,6 +212,7 @@ def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, g
         g = index_T[order]  # token t now carries the label of token order[t], of its own sequence
         use = g >= 0
         cells = (g[use, None] * E + sets[use]).reshape(-1)
-        counts = np.bincount(cells, minlength=G * E).reshape(G, E)
-        draws[p] = float(np.mean(stat_G(counts, n_G))) if G else np.nan
-    return draws
+        draws[p] = float(np.mean(stat_G(np.bincount(cells, minlength=G * E).reshape(G, E), n_G)))
+    if complete:
+        return draws
+    return value - (float(np.mean(stat_G(counts, n_G))) - draws)

@@ -22,7 +22,7 @@ from moelab.analysis.resample import Estimate, SetPool, group_null, layer_estima
 from moelab.analysis.tables import (  # noqa: F401 - re-exported: the tables' public home stays importable here
     GROUPS, INT_GROUPS, LABEL_GROUPS, ShareAccumulator, ShareTables, share_tables,
 )
-from moelab.analysis.seqpool import FALLBACK_NULL, SEQ_NULL, SequencePool, group_values, within_sequence_null
+from moelab.analysis.seqpool import SAMPLE_NULL, SEQ_NULL, SequencePool, group_values, within_sequence_null
 from moelab.analysis.units import NULL, UnitTable, unit_null, unit_tables
 from moelab.config import MoelabError
 
@@ -62,8 +62,10 @@ def _resampled(tables: ShareTables, l: int, keep: np.ndarray, stat_G: Callable, 
         return np.asarray(boot), np.full(n_permutations if pool is not None else 0, np.nan)
     values = within_sequence_values(pool, l, tables)
     if values is not None:
+        full = float(np.mean(stat_G(tables.counts[l][keep], n_G)))  # the sample test's anchor (seqpool.py)
         return np.asarray(boot), within_sequence_null(pool, l, values, tables.groups[l][keep], tables.num_experts[l],
-                                                      stat_G, n_permutations, seed)
+                                                      stat_G, n_permutations, seed, value=full,
+                                                      min_count=int(n_G.min()))
     sets, complete = pool.layer(l)
     sets = sets[:, :tables.choices_per_token]
     return np.asarray(boot), group_null(n_G, (sets, complete), tables.num_experts[l], stat_G, n_permutations, seed)
@@ -71,8 +73,9 @@ def _resampled(tables: ShareTables, l: int, keep: np.ndarray, stat_G: Callable, 
 
 def within_sequence_values(pool: SetPool | SequencePool | None, l: int, tables: ShareTables) -> np.ndarray | None:
     """The pooled tokens' group values where layer l's null can shuffle within sequences (a token-level
-    grouping, every token of the layer in the pool), else None (the token shuffle, `group_null`)."""
-    if not isinstance(pool, SequencePool) or not pool.within_sequence(l) or tables.ranks != "all":
+    grouping over all ranks; every token of the layer in the pool, or a sample of whole sequences), else
+    None (the token shuffle, `group_null`)."""
+    if not isinstance(pool, SequencePool) or tables.ranks != "all":
         return None
     return group_values(pool, l, tables.group, getattr(tables, "pos_bucket", 256))
 
@@ -81,13 +84,13 @@ def null_text(pool: SetPool | SequencePool | None, l: int, tables: ShareTables) 
     """What layer l's null of a token-level grouping shuffles."""
     if not isinstance(pool, SequencePool) or tables.ranks != "all" or group_values(pool, l, tables.group) is None:
         return PERM_NULL  # a grouping the pool holds no values of (turn, doc_pos): the token shuffle
-    return SEQ_NULL if pool.within_sequence(l) else FALLBACK_NULL
+    return SEQ_NULL if pool.within_sequence(l) else SAMPLE_NULL
 
 
 def _combined_null(layers: list[dict]) -> str:
-    """The layers' null, said once: where layers differ, the token shuffle some fell back to."""
+    """The layers' null, said once: where layers differ, the sample test some of them ran."""
     texts = {p.get("null_text", PERM_NULL) for p in layers}
-    return texts.pop() if len(texts) == 1 else FALLBACK_NULL
+    return texts.pop() if len(texts) == 1 else SAMPLE_NULL
 
 
 @dataclasses.dataclass

@@ -41,9 +41,11 @@ def fmt_estimate(est: Any, spec: str = ".3f", null: bool = True) -> str:
 
 def shuffled_where(est: Any) -> str:
     """Where a token-level null moved its labels, in a few words (the estimate's `null` says it whole)."""
-    from moelab.analysis.seqpool import SEQ_NULL
+    from moelab.analysis.seqpool import SAMPLE_NULL, SEQ_NULL
 
     null = est.get("null", "") if isinstance(est, dict) else getattr(est, "null", "")
+    if null == SAMPLE_NULL:
+        return "within each sequence of a sample of whole sequences"
     return "within each sequence" if null == SEQ_NULL else "across tokens"
 
 
