@@ -201,18 +201,18 @@ def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, g
     seq, sets = pool.seq[layer], pool.sets[layer].astype(np.int64)
     index_T = group_index(values_T, groups_G)
     G, E = len(groups_G), num_experts
-    counts, n_G = pooled_counts(pool, layer, index_T, G, E)
     if not G:
         return np.full(n_permutations, np.nan)
+    n_G = np.bincount(index_T[index_T >= 0], minlength=G).astype(np.float64)
+    row_T = np.where(index_T >= 0, index_T, G) * E  # each label's first cell; row G: tokens in no group
     block = np.cumsum(np.concatenate(([0], seq[1:] != seq[:-1])))  # sequences are contiguous in the pool
     draws = np.empty(n_permutations)
     for p in range(n_permutations):
         rng = np.random.default_rng([seed, 0x5E9, p])
         order = np.argsort(block + rng.random(len(seq)))  # a shuffle within each sequence (blocks < 2^52)
-        g = index_T[order]  # token t now carries the label of token order[t], of its own sequence
-        use = g >= 0
-        cells = (g[use, None] * E + sets[use]).reshape(-1)
-        draws[p] = float(np.mean(stat_G(np.bincount(cells, minlength=G * E).reshape(G, E), n_G)))
+        cells = (row_T[order][:, None] + sets).reshape(-1)  # token t carries the label of token order[t]
+        table = np.bincount(cells, minlength=(G + 1) * E)[:G * E].reshape(G, E)
+        draws[p] = float(np.mean(stat_G(table, n_G)))
     if complete:
         return draws
-    return value - (float(np.mean(stat_G(counts, n_G))) - draws)
+    return value - (float(np.mean(stat_G(pooled_counts(pool, layer, index_T, G, E)[0], n_G))) - draws)
