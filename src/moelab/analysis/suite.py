@@ -23,7 +23,7 @@ from moelab.analysis.rankorder import drop_top1_parts, rank_order_known, unranke
 from moelab.analysis.resample import FOLDS, REPLICATES, replicate_weights
 from moelab.analysis.seqpool import SequencePoolAccumulator
 from moelab.analysis.specialization import (
-    ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer, std_score,
+    ShareAccumulator, domain_combine, domain_layer, expert_label_mi, std_combine, std_layer,
     top_tokens_combine, top_tokens_layer, vocab_combine, vocab_layer,
 )
 from moelab.analysis.units import UnitAccumulator
@@ -243,6 +243,8 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
     if "token" in tables:
         for l in range(L):
             jobs[f"vocab@{l}"] = partial(vocab_layer, tables["token"], l, min_count=opts["vocab_min_count"], **kw)
+        for l in range(L):  # the within-sequence null costs the token score as much as vocab's: not one tail job
+            jobs[f"std_token@{l}"] = partial(std_layer, tables["token"], l, min_count=opts["min_count"], **kw)
     for group in labels if tables else ():
         for l in range(L):
             jobs[f"domain_specialisation:{group}@{l}"] = partial(domain_layer, tables[group], l, units=units.get(group),
@@ -258,8 +260,6 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
             jobs[f"std_position@{l}"] = partial(std_layer, tables["pos"], l, min_count=1, **kw)
     jobs.update({name: partial(a.result, weights=weights, pool=pool, n_permutations=n_perm)
                  for name, a in acc.items() if not name.startswith("tables") and name != "coactivation"})
-    if "token" in tables:
-        jobs["std_token"] = partial(std_score, tables["token"], min_count=opts["min_count"], **kw)
     for group in labels if tables else ():
         jobs[f"mi:{group}"] = partial(expert_label_mi, top1.get(group, tables[group]), n_permutations=n_perm,
                                       seed=seed, weights_RF=weights, units=units.get(group))
@@ -280,6 +280,7 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
         out["tables"] = tables
         done["std_position"] = std_combine(tables["pos"], 1, layers("std_position"))
         if "token" in tables:
+            done["std_token"] = std_combine(tables["token"], opts["min_count"], layers("std_token"))
             done["vocab"] = vocab_combine(tables["token"], opts["vocab_min_count"], layers("vocab"))
             done["top_tokens"] = top_tokens_combine(layers("top_tokens"))
         for group in labels:
