@@ -202,7 +202,7 @@ class EarlyRoutingAccumulator:
                 raise MoelabError("early routing: the checkpoint's and the final trace's pools hold different tokens")
             used = sample_groups(pool, l, pool.token[l], groups_G, min_count)
             final_UE = pooled_counts(final, l, group_index(pool.token[l], groups_G[used]), int(used.sum()),
-                                     self.num_experts[l])[0]
+                                     self.num_experts[l])
             return within_sequence_null(pool, l, pool.token[l], groups_G[used], self.num_experts[l],
                                         lambda counts, _: jensen_shannon(counts, final_UE), n_permutations, seed,
                                         value=value, min_count=0)

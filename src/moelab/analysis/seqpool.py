@@ -159,15 +159,23 @@ def group_index(values_T: np.ndarray, groups_G: np.ndarray) -> np.ndarray:
     return np.where(groups_G[by_value][where] == values_T, by_value[where], -1).astype(np.int64)
 
 
-def pooled_counts(pool: SequencePool, layer: int, index_T: np.ndarray, num_groups: int, num_experts: int,
-                  sets_TK: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(counts_GE, n_G) of the pooled tokens (`sets_TK`: other sets aligned with them, e.g. another
-    checkpoint's), grouped by `index_T` (-1: in no group)."""
-    sets = (pool.sets[layer] if sets_TK is None else sets_TK).astype(np.int64)
-    use = index_T >= 0
-    n_G = np.bincount(index_T[use], minlength=num_groups).astype(np.float64)
-    cells = (index_T[use, None] * num_experts + sets[use]).reshape(-1)
-    return np.bincount(cells, minlength=num_groups * num_experts).reshape(num_groups, num_experts), n_G
+def _group_rows(index_T: np.ndarray, num_groups: int, num_experts: int) -> np.ndarray:
+    """Each token's first cell in a (G + 1) x E table: its group's row, or row G for tokens in no group."""
+    return np.where(index_T >= 0, index_T, num_groups) * num_experts
+
+
+def _count(row_T: np.ndarray, sets_TK: np.ndarray, num_groups: int, num_experts: int) -> np.ndarray:
+    """counts_GE of the tokens' chosen sets, each token counted in the row `row_T` gives (`_group_rows`)."""
+    cells = (row_T[:, None] + sets_TK).reshape(-1)
+    table = np.bincount(cells, minlength=(num_groups + 1) * num_experts)[:num_groups * num_experts]
+    return table.reshape(num_groups, num_experts)
+
+
+def pooled_counts(pool: SequencePool, layer: int, index_T: np.ndarray, num_groups: int,
+                  num_experts: int) -> np.ndarray:
+    """counts_GE of the pooled tokens' chosen sets, grouped by `index_T` (-1: in no group)."""
+    return _count(_group_rows(index_T, num_groups, num_experts), pool.sets[layer].astype(np.int64), num_groups,
+                  num_experts)
 
 
 def sample_groups(pool: SequencePool, layer: int, values_T: np.ndarray, groups_G: np.ndarray,
@@ -204,15 +212,14 @@ def within_sequence_null(pool: SequencePool, layer: int, values_T: np.ndarray, g
     if not G:
         return np.full(n_permutations, np.nan)
     n_G = np.bincount(index_T[index_T >= 0], minlength=G).astype(np.float64)
-    row_T = np.where(index_T >= 0, index_T, G) * E  # each label's first cell; row G: tokens in no group
+    row_T = _group_rows(index_T, G, E)
     block = np.cumsum(np.concatenate(([0], seq[1:] != seq[:-1])))  # sequences are contiguous in the pool
     draws = np.empty(n_permutations)
     for p in range(n_permutations):
         rng = np.random.default_rng([seed, 0x5E9, p])
         order = np.argsort(block + rng.random(len(seq)))  # a shuffle within each sequence (blocks < 2^52)
-        cells = (row_T[order][:, None] + sets).reshape(-1)  # token t carries the label of token order[t]
-        table = np.bincount(cells, minlength=(G + 1) * E)[:G * E].reshape(G, E)
+        table = _count(row_T[order], sets, G, E)  # token t carries the label of token order[t]
         draws[p] = float(np.mean(stat_G(table, n_G)))
     if complete:
         return draws
-    return value - (float(np.mean(stat_G(pooled_counts(pool, layer, index_T, G, E)[0], n_G))) - draws)
+    return value - (float(np.mean(stat_G(_count(row_T, sets, G, E), n_G))) - draws)
