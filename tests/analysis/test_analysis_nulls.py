@@ -241,6 +241,19 @@ def test_compact_unique_is_numpys_unique():
         assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
 
 
+def test_add_counts_is_a_bincount_on_both_paths():
+    from moelab.analysis.tables import add_counts
+
+    rng = np.random.default_rng(1)
+    for dtype in (np.int32, np.int64):
+        for cells in (rng.integers(0, 300, 5000), rng.integers(0, 1 << 24, 300), np.array([5, 5, 9]),
+                      np.zeros(0, np.int64)):  # compact (bincount), sparse (np.add.at), repeats, empty
+            flat = np.full(1 << 24, 3, dtype)
+            add_counts(flat, cells)
+            want = np.full(1 << 24, 3, np.int64) + np.bincount(cells, minlength=1 << 24)
+            assert flat.dtype == dtype and np.array_equal(flat, want)
+
+
 def test_queue_baseline_by_turn():
     def with_turns(batch):  # four turns of 32 positions per sequence
         return dict(batch, turn=(batch["pos"] // 32).astype(np.int16))

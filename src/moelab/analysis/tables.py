@@ -36,14 +36,16 @@ def _integral(weights_RF: np.ndarray) -> bool:
 
 def add_counts(flat: np.ndarray, cells_N: np.ndarray) -> None:
     """flat[c] += (how often c occurs in cells_N): a bincount over the cells' range where that range is
-    compact, else an unbuffered add (no sort; measured 2-3x faster than np.unique's on trace batches)."""
+    compact, else an unbuffered add (no sort; measured 2-3x faster than np.unique's on trace batches). The
+    added 1 has the table's own dtype: a Python int sends np.add.at down its casting path, 14x slower
+    (208 vs 15 ms for 1M cells of a 2^26-cell int32 table, numpy 2.4)."""
     if len(cells_N) == 0:
         return
     lo, hi = int(cells_N.min()), int(cells_N.max())
     if compact_range(lo, hi, len(cells_N)):
         flat[lo:hi + 1] += np.bincount(cells_N - lo, minlength=hi - lo + 1).astype(flat.dtype)
     else:
-        np.add.at(flat, cells_N, 1)
+        np.add.at(flat, cells_N, flat.dtype.type(1))
 
 
 def compact_unique(values_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
