@@ -108,7 +108,7 @@ def test_routing_dropped_cases(vectors):
 def test_simulate_drops_matches_naive_loop(policy, formula):
     rng = np.random.default_rng(7)
     for trial in range(20):
-        T, E, K = int(rng.integers(1, 60)), int(rng.integers(2, 9)), int(rng.integers(1, 3))
+        T, E, K = int(rng.integers(1, 60)), int(rng.integers(2, 9)), int(rng.integers(1, 5))
         K = min(K, E)
         ids = np.argsort(rng.random((T, E)), axis=1)[:, :K]
         probs = np.round(rng.random((T, K)), 1)  # coarse: plenty of ties to order
@@ -117,3 +117,16 @@ def test_simulate_drops_matches_naive_loop(policy, formula):
         cap = expert_capacity(T, E, K, cf, formula=formula, group_size=G)
         want = naive_drops(ids, probs, E, cap, G if formula == "group" else T, policy)
         np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+
+
+def test_simulate_drops_past_16_bit_buckets_matches_naive_loop():
+    """70,400 (group, expert) buckets: the queue order leaves the 16-bit radix sort for the general one."""
+    rng = np.random.default_rng(3)
+    T, E, K, G = 1100, 64, 2, 1
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :K]
+    ids[:, 1] = ids[:, 0]  # a token's two ranks on one expert of capacity 1: the second must drop
+    probs = rng.random((T, K))
+    got = simulate_drops(ids, probs, E, 1.0, formula="group", group_size=G, min_capacity=1)
+    cap = expert_capacity(T, E, K, 1.0, formula="group", group_size=G, min_capacity=1)
+    assert cap == 1 and got[:, 1].all() and not got[:, 0].any()
+    np.testing.assert_array_equal(got, naive_drops(ids, probs, E, cap, G, "openmoe"))
