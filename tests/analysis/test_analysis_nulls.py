@@ -134,6 +134,18 @@ def test_folds_depend_on_the_sequence_only():
     assert w.shape == (10, 32) and (w.sum(axis=1) == 32).all()
 
 
+def test_folds_by_runs_equal_the_hash_of_every_row():
+    from moelab.analysis.resample import mix64
+
+    rng = np.random.default_rng(4)
+    for seq in (np.repeat([7, 3, 3, 9, 7], [500, 1, 300, 1000, 200]),  # runs, a value back after another
+                rng.integers(0, 50, 3000), np.arange(100), np.repeat([5], 65), np.zeros(0, np.int64)):
+        for folds, seed in ((32, 0), (5, 11)):
+            want = (mix64(seq, seed) % np.uint64(folds)).astype(np.int64)
+            got = fold_of(seq.astype(np.int32), folds, seed)
+            assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
 def test_permutation_mi_matches_shuffling_the_labels_by_hand():
     from moelab.analysis.null import mutual_information, permutation_mi
 

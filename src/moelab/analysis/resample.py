@@ -49,7 +49,14 @@ def fold_of(seq: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
     same batch column in turn: the last answer is kept (the array itself, so its identity stays valid)."""
     if _FOLD_CACHE[0] is seq and _FOLD_CACHE[1] == (folds, seed):
         return _FOLD_CACHE[2]
-    out = (mix64(seq, seed) % np.uint64(folds)).astype(np.int64)
+    seq_N = np.asarray(seq)
+    starts = np.flatnonzero(seq_N[1:] != seq_N[:-1]) + 1 if seq_N.ndim == 1 and len(seq_N) > 64 else None
+    if starts is not None and len(starts) < len(seq_N) // 8:  # rows come in runs of a sequence: hash each once
+        starts = np.r_[0, starts]
+        fold_S = (mix64(seq_N[starts], seed) % np.uint64(folds)).astype(np.int64)
+        out = np.repeat(fold_S, np.diff(np.r_[starts, len(seq_N)]))
+    else:
+        out = (mix64(seq_N, seed) % np.uint64(folds)).astype(np.int64)
     _FOLD_CACHE[:] = [seq, (folds, seed), out]
     return out
 
