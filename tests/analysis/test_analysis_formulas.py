@@ -140,3 +140,20 @@ def test_kendall_tau_and_inversions():
         a = rng.integers(0, 10, n)
         brute = sum(a[i] > a[j] for i, j in itertools.combinations(range(n), 2))
         assert count_inversions(a) == brute
+
+
+def test_stable_top_is_the_stable_argsort():
+    from moelab.analysis.specialization import stable_top
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):  # few distinct values: ties at the n-th place in most columns
+        G, E, n = int(rng.integers(1, 60)), int(rng.integers(1, 5)), int(rng.integers(1, 12))
+        v = rng.integers(0, 4, (G, E)).astype(float)
+        if trial % 3 == 0:
+            v[rng.random((G, E)) < 0.3] = -np.inf  # lifts of tokens under min_count
+        if trial % 7 == 0:
+            v[rng.random((G, E)) < 0.2] = np.inf
+        if trial % 11 == 0:
+            v[0, 0] = np.nan
+        want = np.argsort(-v, axis=0, kind="stable")[:n].T
+        assert np.array_equal(stable_top(v, n), want), trial
