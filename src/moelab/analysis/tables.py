@@ -144,6 +144,7 @@ class ShareAccumulator:
         self.dense_rows = 0
         self.labels = LabelIndex() if group in LABEL_GROUPS else None
         self.columns = ("seq", "layer", "rank", "expert", "pos" if group == "pos_bucket" else group)
+        self._sample_table: np.ndarray | None = None  # `_sampled` of 0..n-1 (`_sampled_rows`)
 
     def _values(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         if self.labels is not None:
@@ -161,21 +162,36 @@ class ShareAccumulator:
             keep &= batch["rank"] == 0
         if values.size and values.max() >= 1 << 32:
             raise MoelabError(f"group {self.group} value {int(values.max())} is too large to count")
-        layer, values, expert = batch["layer"][keep].astype(np.int64), values[keep], batch["expert"][keep]
+        layer, expert = batch["layer"], batch["expert"]
+        every = bool(keep.all())  # the common case: no row to leave out, so no copies to take
+        if not every:
+            layer, values, expert = layer[keep], values[keep], expert[keep]
+        if not len(layer):
+            return
+        layer = layer.astype(np.int64)
         fold = np.zeros(len(layer), np.int64)
         if self.folds > 1:
-            fold = fold_of(batch["seq"], self.folds, self.seed)[keep]
+            fold = fold_of(batch["seq"], self.folds, self.seed)
+            fold = fold.copy() if every else fold[keep]  # fold_of's answer is cached: never written into
             if self.fold_sample > 1:
-                fold[~self._sampled(values)] = self.folds
+                fold[~self._sampled_rows(values)] = self.folds
         slot = layer + len(self.num_experts) * fold
-        sparse = np.ones(len(layer), bool)
-        for name, rows in (("unsplit", fold >= self.folds if self.folds > 1 else np.ones(len(layer), bool)),
-                           ("split", fold < self.folds if self.folds > 1 else np.zeros(len(layer), bool))):
-            rows = rows & (values < DENSE_GROUPS)
-            if rows.any() and self._add_dense(name, slot[rows] if name == "split" else layer[rows], values[rows],
-                                              expert[rows]):
-                sparse &= ~rows
-        self.counter.add((slot[sparse] << 48) | (values[sparse] << 16) | expert[sparse])
+        small = None if values.max() < DENSE_GROUPS else values < DENSE_GROUPS
+        taken = np.zeros(len(layer), bool)  # rows a dense table counted; the others go to the sparse counter
+        for name, rows in (("unsplit", fold >= self.folds if self.folds > 1 else True),
+                           ("split", fold < self.folds if self.folds > 1 else False)):
+            if small is not None:
+                rows = rows & small
+            if rows is False or (rows is not True and not rows.any()):
+                continue
+            picked = (slot if name == "split" else layer, values, expert)
+            if rows is not True and not rows.all():
+                picked = tuple(a[rows] for a in picked)
+            if self._add_dense(name, *picked):
+                taken |= rows
+        if not taken.all():
+            sparse = ~taken
+            self.counter.add((slot[sparse] << 48) | (values[sparse] << 16) | expert[sparse])
 
     def _add_dense(self, name: str, slot: np.ndarray, values: np.ndarray, expert: np.ndarray) -> bool:
         """Count rows in a dense slot x group value x expert table; False (nothing counted) when the table
@@ -240,11 +256,23 @@ class ShareAccumulator:
         there (`parallel.py`); after this it can only be merged. Its sparse counts are merged into one
         sorted chunk here, in the worker, rather than in the parent."""
         self.counter.result()
+        self._sample_table = None  # a cache: not worth the pipe
         self.dense = {name: PackedCounts.pack(t, min_cells=1 << 16) for name, t in self.dense.items()}
         return self
 
     def _sampled(self, values: np.ndarray) -> np.ndarray:
         return mix64(values, self.seed + 0x5A) % np.uint64(self.fold_sample) == 0
+
+    def _sampled_rows(self, values: np.ndarray) -> np.ndarray:
+        """`_sampled` of every row, read from a table over the group values (a vocabulary) where they are
+        small: one lookup a row instead of a 64-bit hash."""
+        top = int(values.max()) + 1
+        if top > DENSE_GROUPS:
+            return self._sampled(values)
+        table = self._sample_table
+        if table is None or len(table) < top:
+            table = self._sample_table = self._sampled(np.arange(max(top, 2 * (0 if table is None else len(table)))))
+        return table[values]
 
     def _layer_entries(self, layer: int, sparse: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         """(fold, group value, expert, count) of one layer's nonzero cells, sparse and dense counts together;
