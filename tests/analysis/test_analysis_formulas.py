@@ -132,6 +132,22 @@ def test_random_topk_counts_is_uniform_and_distinct():
     assert np.abs(counts[0] / 1000 - 0.5).max() < 0.06
 
 
+@pytest.mark.parametrize("E,k", [(5, 3), (6, 2), (4, 1), (4, 4), (7, 6)])
+def test_uniform_sets_draw_every_k_subset_equally_often(E, k):
+    from itertools import combinations
+
+    from scipy.stats import chisquare
+
+    from moelab.analysis.null import uniform_sets
+
+    picks = uniform_sets(60_000, E, k, np.random.default_rng(E * 10 + k))
+    subsets = [tuple(sorted(r)) for r in picks.tolist()]
+    assert all(len(set(s)) == k and 0 <= s[0] and s[-1] < E for s in subsets)
+    seen = np.array([subsets.count(c) for c in combinations(range(E), k)])
+    assert seen.sum() == len(subsets)  # every draw is one of the C(E, k) subsets
+    assert len(seen) == 1 or chisquare(seen).pvalue > 1e-3
+
+
 def test_kendall_tau_and_inversions():
     assert kendall_tau(np.arange(5)) == 1.0 and kendall_tau(np.arange(5)[::-1]) == -1.0
     assert kendall_tau(np.array([1, 0, 2])) == pytest.approx(1 / 3)  # one discordant pair of three

@@ -62,6 +62,17 @@ def permutation_mi(counts_GE: np.ndarray, n_permutations: int, seed: int) -> np.
     return out
 
 
+def uniform_sets(n: int, num_experts: int, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """n x k experts, each row a uniformly random k-subset of 0..E-1 (Floyd's algorithm: for j = E-k..E-1,
+    draw t in 0..j and take j instead where t is already chosen). k draws a token instead of the E uniforms
+    and the partition that the k smallest of E uniforms cost (8x faster at top-8 of 64)."""
+    picks = np.empty((n, top_k), np.int64)
+    for i, j in enumerate(range(num_experts - top_k, num_experts)):
+        t = rng.integers(0, j + 1, n)
+        picks[:, i] = np.where((picks[:, :i] == t[:, None]).any(axis=1), j, t)
+    return picks
+
+
 def random_topk_counts(n_G: np.ndarray, num_experts: int, top_k: int, seed: int,
                        max_groups: int = 2000) -> np.ndarray:
     """Expert counts (G' x E) of groups of n_G tokens routed uniformly at random, k distinct experts each.
@@ -76,8 +87,7 @@ def random_topk_counts(n_G: np.ndarray, num_experts: int, top_k: int, seed: int,
     group_N = np.repeat(np.arange(len(n_G)), n_G)
     for start in range(0, len(group_N), CHUNK_TOKENS):
         g = group_N[start:start + CHUNK_TOKENS]
-        # k distinct uniform experts: the k smallest of E iid uniforms.
-        picks = np.argpartition(rng.random((len(g), num_experts)), top_k - 1, axis=1)[:, :top_k]
+        picks = uniform_sets(len(g), num_experts, top_k, rng)
         counts_GE += np.bincount((g[:, None] * num_experts + picks).reshape(-1),
                                  minlength=counts_GE.size).reshape(counts_GE.shape)
     return counts_GE
