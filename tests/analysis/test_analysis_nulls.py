@@ -280,3 +280,16 @@ def test_queue_baseline_by_turn():
     assert len(uniform.share_by_turn) == len(uniform.queue_share_by_turn) == 4
     assert np.abs(uniform.share_by_turn - uniform.queue_share_by_turn).max() < 0.01  # the queue explains every turn
     assert late.share_by_turn[3] > late.queue_share_by_turn[3] + 0.03  # the late shift lands in the last turn
+
+
+def test_smallest_k_is_argpartitions_set_row_for_row():
+    from moelab.analysis.resample import smallest_k
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):  # odd trials: few distinct values, so ties at the k-th value in most rows
+        N, E = int(rng.integers(0, 50)), int(rng.integers(1, 12))
+        k = int(rng.integers(1, E + 1))
+        v = (rng.integers(0, 4, (N, E)) if trial % 2 else rng.random((N, E))).astype(np.float32)
+        want = np.sort(np.argpartition(v, k - 1, axis=1)[:, :k], axis=1) if N else np.zeros((0, k), np.int64)
+        got = smallest_k(v, k)
+        assert got.shape == (N, k) and np.array_equal(np.sort(got, axis=1), want), trial

@@ -299,7 +299,28 @@ def draw_sets(logw_E: np.ndarray, top_k: int, n: int, rng: np.random.Generator) 
     for start in range(0, n, 1 << 16):
         m = min(n, start + (1 << 16)) - start
         race = rng.standard_exponential(size=(m, len(inv_w)), dtype=np.float32) * inv_w
-        out[start:start + m] = np.argpartition(race, top_k - 1, axis=1)[:, :top_k]
+        out[start:start + m] = smallest_k(race, top_k)
+    return out
+
+
+def smallest_k(values_NE: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k smallest entries' columns, in column order: the set np.argpartition(values, k-1)[:, :k]
+    gives, row for row (rows with a tie at the k-th value go to argpartition itself). The k-th value by
+    np.partition and a mask is 2x faster than argpartition at top-8 of 64."""
+    N, E = values_NE.shape
+    if k >= E or N == 0:
+        return np.argpartition(values_NE, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (N, 1))
+    kth_N1 = np.partition(values_NE, k - 1, axis=1)[:, k - 1:k]
+    mask_NE = values_NE <= kth_N1  # at least k a row: exactly k where no tie sits at the k-th value
+    if np.count_nonzero(mask_NE) == N * k:
+        return np.nonzero(mask_NE)[1].reshape(N, k)
+    tied = np.flatnonzero(mask_NE.sum(axis=1) != k)
+    mask_NE[tied] = False
+    out = np.empty((N, k), np.int64)
+    clean = np.ones(N, bool)
+    clean[tied] = False
+    out[clean] = np.nonzero(mask_NE)[1].reshape(-1, k)
+    out[tied] = np.argpartition(values_NE[tied], k - 1, axis=1)[:, :k]
     return out
 
 
