@@ -5,6 +5,9 @@ Rows (ratios of process CPU time, one thread, variants interleaved round by roun
   random and copying the file in (`build_model` + `load_weights`, what load_model did before stop 37).
 - weights: `checkpoint_weight_layers` (a layer's tensors read from the file when asked for) vs the weight
   layers of the whole loaded model, each followed by the same `weight_analysis`.
+- train: the model `train --init` / `--resume` starts from (`train.loop._build`: built on the meta device,
+  the file's tensors assigned, then copied into memory of its own on CPU) vs building it from train.seed
+  at random and copying the file in (what train did before).
 Peak memory, sampled every 2 ms less its value before the work (imports done), per variant (median over
 rounds): the child's anonymous RSS (its heap) and its whole RSS (heap plus mapped file pages). safetensors
 0.8 maps the file copy-on-write, so tensors read from it and never written stay file pages: clean page
@@ -35,7 +38,7 @@ DEFAULT = dict(vocab_size=32000, d_model=1024, n_layers=8, n_heads=8, ffn_hidden
                moe=dict(num_experts=16, top_k=2, moe_every=1, expert_hidden=1024))
 TINY = dict(vocab_size=500, d_model=64, n_layers=3, n_heads=4, ffn_hidden=128, max_seq_len=64,
             moe=dict(num_experts=4, top_k=2, moe_every=1, expert_hidden=64, num_shared_experts=1))
-VARIANTS = {"load": ("meta", "copy"), "weights": ("lazy", "whole")}
+VARIANTS = {"load": ("meta", "copy"), "weights": ("lazy", "whole"), "train": ("train-meta", "train-random")}
 
 
 def _rss_kib() -> tuple[int, int]:
@@ -57,15 +60,22 @@ def child(variant: str, ckpt: str) -> dict:
     from moelab.trace.weights import checkpoint_weight_layers, model_weight_layers
     from moelab.train.checkpoint import load_model, load_weights, read_checkpoint_config
 
+    from types import SimpleNamespace
+
+    from moelab.train.loop import _build
+
     torch.set_num_threads(1)
     cfg = ModelConfig.from_dict(read_checkpoint_config(ckpt)["model"], path="model")
+    run = SimpleNamespace(model=cfg, train=SimpleNamespace(seed=0))
     work = {
         "meta": lambda: load_model(ckpt),
         "copy": lambda: load_weights(build_model(cfg), ckpt),
         "lazy": lambda: weight_analysis(checkpoint_weight_layers(ckpt)),
         "whole": lambda: weight_analysis(model_weight_layers(load_model(ckpt))),
+        "train-meta": lambda: _build(run, ckpt, torch.device("cpu")),
+        "train-random": lambda: load_weights(build_model(cfg, seed=0), ckpt),
     }[variant]
-    for module in ("moelab.hf.io", "moelab.model.moe"):  # imported before the clock and the baseline
+    for module in ("moelab.hf.io", "moelab.model.moe", "moelab.train.loop"):  # imported before the clock and the baseline
         importlib.import_module(module)
 
     base = _rss_kib()

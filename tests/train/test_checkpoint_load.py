@@ -110,5 +110,5 @@ def test_bench_checkpoint_load_tiny(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [(r["a"], r["b"]) for r in rows] == [("meta", "copy"), ("lazy", "whole")]
+    assert [(r["a"], r["b"]) for r in rows] == [("meta", "copy"), ("lazy", "whole"), ("train-meta", "train-random")]
     assert all(r["a_s"] > 0 and r["b_s"] > 0 and set(r["extra"]["peak_gib"]) == {r["a"], r["b"]} for r in rows)

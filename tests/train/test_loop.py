@@ -176,3 +176,37 @@ def test_auto_precision_is_bf16_only_on_gpus_with_bf16_units(monkeypatch):
     assert autocast_for(torch.device("cuda", 1), "auto") == {"device_type": "cuda", "dtype": torch.bfloat16}
     assert autocast_for(torch.device("cuda", 0), "bf16") == {"device_type": "cuda", "dtype": torch.bfloat16}
     assert not isinstance(autocast_for(torch.device("cpu"), "auto"), dict)
+
+
+def test_init_and_resume_draw_no_initialisation(corpus_dir, tmp_path, monkeypatch):
+    """--init and --resume build the model on the meta device and take the checkpoint's tensors as its
+    parameters: no random initialisation is drawn only to be overwritten (a minute at 7B)."""
+    import moelab.train.loop as loop
+
+    built = []
+
+    def spy(cfg, **kw):
+        model = build_model(cfg, **kw)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    def snapshot(run, source, device):
+        model = build(run, source, device)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    from moelab.model.transformer import build_model
+    build, states = loop._build, []
+    monkeypatch.setattr(loop, "build_model", spy)
+    monkeypatch.setattr(loop, "_build", snapshot)
+    cfg = run_cfg(corpus_dir, steps=4, save_every=2)
+    first = train(cfg, tmp_path / "a", show_progress=False)
+    mid = tmp_path / "a" / "checkpoints" / "step_000002"
+    train(run_cfg(corpus_dir, steps=1), tmp_path / "b", init_from=mid, show_progress=False)
+    resumed = train(cfg, tmp_path / "c", resume_from=mid, show_progress=False)
+    assert built == ["cpu", "meta", "meta"]
+    saved = weights(mid)
+    for state in states[1:]:  # the model as built: mid's tensors, every one
+        assert state.keys() >= saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+        assert all(not v.is_meta for v in state.values())  # the buffers no state dict holds, recomputed
+    assert resumed.losses == first.losses[2:]  # bit for bit, the RNG restored from the checkpoint

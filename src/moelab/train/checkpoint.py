@@ -202,17 +202,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     is left as it was. On CPU the parameters are the file's pages mapped copy-on-write (PyTorch's own
     meta + mmap + assign recipe): writing a parameter copies its page, but a file overwritten in place (cp
     onto it; moelab and safetensors write a new file and rename it) would change the model under it."""
+    return assign_weights(meta_model(path), path).to(device).eval()
+
+
+def assign_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """A model built on the meta device, its parameters made the checkpoint's tensors (cast to the model's
+    dtypes, as load_state_dict's copy would cast them) and the buffers no state dict holds recomputed: no
+    random initialisation drawn, the weights held once (see `load_model`)."""
     from moelab.model.transformer import restore_transient_buffers
 
-    model = meta_model(path)
     own = model.state_dict()
     weights = read_weights(path)
     check_state_fits(own, weights, path)
-    # the file's dtype may differ from the model's (a bf16 file): cast as load_state_dict's copy would
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, assign=True)
     del weights
     restore_transient_buffers(model)
-    return model.to(device).eval()
+    return model
 
 
 def first_difference(a: Any, b: Any, prefix: str = "model") -> str | None:
@@ -240,9 +245,9 @@ def this_machine_s_kernels(osd: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**osd, "param_groups": groups + saved[len(groups):]}  # a count that differs: load_state_dict refuses
 
 
-def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           model_config: dict[str, Any]) -> int:
-    """Load weights, optimizer and RNG from a checkpoint of the same architecture; returns its step."""
+def check_resumable(path: str | Path, model_config: dict[str, Any]) -> Path:
+    """Refuse, with one line, a checkpoint a run of `model_config` cannot continue from: an invalid or
+    different model config, a legacy pickle, no optimizer state. Before anything is built or read."""
     path = Path(path)
     saved = read_checkpoint_config(path)
     try:  # normalise through the dataclass so keys added by newer versions compare by their defaults
@@ -256,8 +261,17 @@ def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     if not (path / state_io.OPTIMIZER_FILE).is_file():
         raise MoelabError(f"--resume {path}: no optimizer state saved there "
                           "(to start a run from its weights, use --init)")
+    return path
+
+
+def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           model_config: dict[str, Any], *, weights_loaded: bool = False) -> int:
+    """Load weights, optimizer and RNG from a checkpoint of the same architecture; returns its step.
+    `weights_loaded`: the model already holds the checkpoint's weights (`assign_weights`), not copied again."""
+    path = check_resumable(path, model_config)
     step = checkpoint_step(path)
-    load_weights(model, path)
+    if not weights_loaded:
+        load_weights(model, path)
     osd = state_io.load_optimizer_state(path / state_io.OPTIMIZER_FILE)
     state_io.check_fits(osd, [p for g in optimizer.param_groups for p in g["params"]],
                         path / state_io.OPTIMIZER_FILE)

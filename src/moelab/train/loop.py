@@ -27,7 +27,7 @@ from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
 from moelab.train.checkpoint import (
-    check_same_tokenizer, checkpoint_step, first_difference, load_weights, read_checkpoint_config,
+    assign_weights, check_resumable, check_same_tokenizer, checkpoint_step, first_difference, read_checkpoint_config,
 )
 from moelab.train.checkpoint import resume as resume_checkpoint
 from moelab.train.config import RunConfig
@@ -190,7 +190,7 @@ def _row_step(line: str) -> float:
         return float("inf")  # an unreadable row (a write cut short) goes
 
 
-def _init_weights(model: MoETransformer, init_from, model_config: dict) -> None:
+def _check_init(init_from, model_config: dict) -> None:
     """`--init`: another run's weights (an upcycled checkpoint, say) at step 0, with a fresh optimizer."""
     from moelab.model.config import ModelConfig
 
@@ -198,7 +198,25 @@ def _init_weights(model: MoETransformer, init_from, model_config: dict) -> None:
     diff = first_difference(ModelConfig.from_dict(saved["model"], path="model").to_dict(), model_config)
     if diff:
         raise MoelabError(f"--init {init_from}: checkpoint is a different architecture: {diff}")
-    load_weights(model, init_from)
+
+
+def _build(run: RunConfig, source, device: torch.device) -> MoETransformer:
+    """The run's model: drawn from train.seed, or, for --init and --resume, built on the meta device with the
+    checkpoint's tensors as its parameters (`checkpoint.assign_weights`): a 7B model's random initialisation
+    (about a minute) is not drawn only to be overwritten, nor held beside the weights. Nothing is drawn then,
+    so the global RNG stays at train.seed (--resume goes on to restore the checkpoint's): an --init run with
+    router jitter on CPU draws its noise from there, not from where an initialisation would have left it."""
+    if source is None:
+        return build_model(run.model, seed=run.train.seed).to(device)
+    with torch.device("meta"):
+        model = build_model(run.model)
+    model = assign_weights(model, source).to(device)
+    if device.type == "cpu":  # still the file's pages, mapped at whatever offset a tensor has in the file
+        for t in [*model.parameters(), *model.buffers()]:
+            # Into memory of its own, aligned as an allocation is: from the file (offsets 24 mod 64 seen),
+            # a resumed run's weights drifted from the unbroken run's in the last bit within 3 steps.
+            t.data = t.data.clone()
+    return model
 
 
 def _eval_row(model, ev: dict, world: int) -> dict:
@@ -242,17 +260,19 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         if ckpt is not None:
             check_same_tokenizer(ckpt, corpus)
     saved_config = {**run.to_dict(), "tokenizer": corpus_tokenizer(corpus)}
-    torch.manual_seed(t.seed)
-    model = build_model(run.model, seed=t.seed).to(device)
     if init_from is not None:
-        _init_weights(model, init_from, run.model.to_dict())
+        _check_init(init_from, run.model.to_dict())
+    if resume_from is not None:
+        check_resumable(resume_from, run.model.to_dict())
+    torch.manual_seed(t.seed)
+    model = _build(run, init_from or resume_from, device)
     model.train()
     sampler = _sampler(run, corpus, model, replay, replay_split)
     opt = build_optimizer(model, t)
     # Before any parallel wrapping, so the comparison runs on the whole model (the same on every rank).
     change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device)) if init_from else None
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
-        resume_checkpoint(resume_from, model, opt, run.model.to_dict())
+        resume_checkpoint(resume_from, model, opt, run.model.to_dict(), weights_loaded=True)
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
             _freeze_routers(model)
     # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
