@@ -229,6 +229,9 @@ def _finalise(acc: dict[str, Any], labels: Sequence[str], opts: dict[str, Any], 
                       for l in range(len(share[name].num_experts))}, workers)
     built = {name: a.result(layers=[parts.pop(f"{name}@{l}") for l in range(len(a.num_experts))])
              for name, a in share.items()}
+    for name in share:  # their streamed counts (a position table split by fold: 2^26 cells) are in the tables
+        acc[name] = None  # now: let them go before the next round forks a worker per core from this process
+    share.clear()
     tables = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables:")}
     top1 = {name.split(":", 1)[1]: t for name, t in built.items() if name.startswith("tables_top1:")}
     pool = acc.pop("pool").result()
