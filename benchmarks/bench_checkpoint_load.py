@@ -52,6 +52,8 @@ def _rss_kib() -> tuple[int, int]:
 
 def child(variant: str, ckpt: str) -> dict:
     """Run one variant once in this process; its CPU seconds and peak anonymous RSS growth."""
+    from types import SimpleNamespace
+
     import torch
 
     from moelab.analysis import weight_analysis
@@ -59,10 +61,6 @@ def child(variant: str, ckpt: str) -> dict:
     from moelab.model.transformer import build_model
     from moelab.trace.weights import checkpoint_weight_layers, model_weight_layers
     from moelab.train.checkpoint import load_model, load_weights, read_checkpoint_config
-
-    from types import SimpleNamespace
-
-    from moelab.train.loop import _build
 
     torch.set_num_threads(1)
     cfg = ModelConfig.from_dict(read_checkpoint_config(ckpt)["model"], path="model")
@@ -72,10 +70,12 @@ def child(variant: str, ckpt: str) -> dict:
         "copy": lambda: load_weights(build_model(cfg), ckpt),
         "lazy": lambda: weight_analysis(checkpoint_weight_layers(ckpt)),
         "whole": lambda: weight_analysis(model_weight_layers(load_model(ckpt))),
-        "train-meta": lambda: _build(run, ckpt, torch.device("cpu")),
+        "train-meta": lambda: importlib.import_module("moelab.train.loop")._build(run, ckpt, torch.device("cpu")),
         "train-random": lambda: load_weights(build_model(cfg, seed=0), ckpt),
     }[variant]
-    for module in ("moelab.hf.io", "moelab.model.moe", "moelab.train.loop"):  # imported before the clock and the baseline
+    # Imported before the clock and the baseline, each variant only what it uses (each child is a fresh process).
+    for module in {"lazy": ("moelab.hf.io",), "whole": ("moelab.hf.io",), "train-meta": ("moelab.train.loop",)}.get(
+            variant, ()) + ("moelab.model.moe",):
         importlib.import_module(module)
 
     base = _rss_kib()
