@@ -220,8 +220,8 @@ def _received_parts(header: dict[str, Any], conn: Any) -> Iterator[tuple[str, An
             yield name, transfer.decode(tree, buffers)
 
 
-def _read_file(f: Any, path: str, size: int) -> bytearray:
-    buf = bytearray(size)
+def _read_file(f: Any, path: str, size: int) -> np.ndarray:
+    buf = transfer.receive_buffer(size)
     if f.readinto(buf) != size:
         raise MoelabError(f"an analysis worker's part in {path} is shorter than it wrote")
     return buf

@@ -117,7 +117,7 @@ def encode(value: Any) -> tuple[Any, list[memoryview]]:
 
 def decode(tree: Any, buffers: list[Any]) -> Any:
     """The value `encode` made the tree and buffers of. Arrays are views of the buffers where those are
-    writable (a bytearray each, aligned), else copies: accumulators add into them."""
+    writable (`receive_buffer`'s, aligned), else copies: accumulators add into them."""
 
     numbered: list[Any] = []  # the lists, dicts, arrays and objects in the order encode numbered them
 
@@ -276,11 +276,17 @@ def receive(conn: Any) -> Any:
     return decode(header["tree"], [read_pipe(conn, int(n)) for n in header["sizes"]])
 
 
-def read_pipe(conn: Any, size: int) -> bytearray:
-    """One buffer of `size` bytes from a Connection, into a fresh (aligned, writable) bytearray."""
+def receive_buffer(size: int) -> np.ndarray:
+    """A fresh, aligned, writable buffer of `size` bytes for a worker's array, not zeroed first (a bytearray
+    is: that was 0.15 s of the parent's 2.5 s serial merge of 16 parts of a 33.5M-row trace)."""
+    return np.empty(size, np.uint8)
+
+
+def read_pipe(conn: Any, size: int) -> np.ndarray:
+    """One buffer of `size` bytes from a Connection, into a fresh buffer (`receive_buffer`)."""
     from multiprocessing import BufferTooShort
 
-    buf = bytearray(size)
+    buf = receive_buffer(size)
     try:
         got = conn.recv_bytes_into(buf) if size else 0
     except BufferTooShort:
