@@ -283,3 +283,23 @@ def test_fp32_weights_under_bf16_autocast_run_the_experts_in_bf16(monkeypatch, s
     torch.testing.assert_close(y, ref.float(), atol=2e-2 * ref.abs().max().item(), rtol=0)
     with torch.no_grad():  # and not fp32: the fp32 output is further from it than bf16 rounding allows
         assert (ex(x, ids, w, keep) - y).abs().max() > 1e-4
+
+
+def test_the_probes_carry_the_marker_torch_compilers_own_call_sets():
+    """experts._mark_constant stands in for torch.compiler.assume_constant_result at import (which would
+    import dynamo, 2 s at every start): it must set what the public call sets, nothing more or less."""
+    import subprocess
+    import sys
+
+    from moelab.model.experts import _mark_constant
+
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    assert vars(_mark_constant(a)) == vars(torch.compiler.assume_constant_result(b)) != {}
+    code = "import sys, moelab.model.transformer; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # building a model does not load dynamo

@@ -27,6 +27,9 @@ def compile_supported() -> str | None:
 
 def compiled(fn, backend: str, key: str, on: str, off: str, **compile_kwargs):
     """`fn` compiled; a failure to compile raises one line naming the setting `key=on` and `key=off`."""
+    from moelab.model.experts import mark_probes_for_compile
+
+    mark_probes_for_compile()
     compiled_fn = torch.compile(fn, backend=backend, **compile_kwargs)
     # Dynamo logs a failing fake-tensor call as a traceback before raising; the one line below says it.
     quiet = logging.getLogger("torch._subclasses.fake_tensor")

@@ -91,8 +91,23 @@ def _grouped_mm_traceable(dtype: torch.dtype) -> bool:
         return False
 
 
-# torch.compiler has had it since 2.1; the fallback keeps an unusual build importing (the probes then trace).
-@getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+def _mark_constant(fn):
+    """What torch.compiler.assume_constant_result does to `fn` (a marker dynamo reads), without importing
+    dynamo: that import cost every moelab process about 2 s at start. `mark_probes_for_compile` applies the
+    public call before moelab compiles anything; a test checks the marker is the one the public call sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def mark_probes_for_compile() -> None:
+    """Mark the probes with torch.compiler.assume_constant_result itself (compiling.compiled calls this)."""
+    global _grouped_mm_ok
+    mark = getattr(torch.compiler, "assume_constant_result", None)  # since 2.1; else the probes trace
+    if mark is not None:
+        _grouped_mm_ok = mark(_grouped_mm_ok)
+
+
+@_mark_constant
 def _grouped_mm_ok(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
     """The two probes, run eagerly even while dynamo traces the caller (a constant in the graph)."""
     return _grouped_mm_works(device_type, dtype) and (not compiling or _grouped_mm_traceable(dtype))
