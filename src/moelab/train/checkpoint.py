@@ -245,18 +245,25 @@ def this_machine_s_kernels(osd: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**osd, "param_groups": groups + saved[len(groups):]}  # a count that differs: load_state_dict refuses
 
 
-def check_resumable(path: str | Path, model_config: dict[str, Any]) -> Path:
-    """Refuse, with one line, a checkpoint a run of `model_config` cannot continue from: an invalid or
-    different model config, a legacy pickle, no optimizer state. Before anything is built or read."""
+def check_architecture(path: str | Path, model_config: dict[str, Any], flag: str) -> Path:
+    """Refuse, with one line naming `flag` (--init, --resume), a checkpoint whose model config is invalid or
+    is another architecture than `model_config`."""
     path = Path(path)
     saved = read_checkpoint_config(path)
     try:  # normalise through the dataclass so keys added by newer versions compare by their defaults
         saved_model = ModelConfig.from_dict(saved["model"], path="model").to_dict()
     except ConfigError as e:
-        raise MoelabError(f"--resume {path}: checkpoint has an invalid model config: {e}") from None
+        raise MoelabError(f"{flag} {path}: checkpoint has an invalid model config: {e}") from None
     diff = first_difference(saved_model, model_config)
     if diff:
-        raise MoelabError(f"--resume {path}: checkpoint is a different architecture: {diff}")
+        raise MoelabError(f"{flag} {path}: checkpoint is a different architecture: {diff}")
+    return path
+
+
+def check_resumable(path: str | Path, model_config: dict[str, Any]) -> Path:
+    """Refuse, with one line, a checkpoint a run of `model_config` cannot continue from: an invalid or
+    different model config, a legacy pickle, no optimizer state. Before anything is built or read."""
+    path = check_architecture(path, model_config, "--resume")
     state_io.refuse_legacy(path)
     if not (path / state_io.OPTIMIZER_FILE).is_file():
         raise MoelabError(f"--resume {path}: no optimizer state saved there "
@@ -264,14 +271,11 @@ def check_resumable(path: str | Path, model_config: dict[str, Any]) -> Path:
     return path
 
 
-def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           model_config: dict[str, Any], *, weights_loaded: bool = False) -> int:
-    """Load weights, optimizer and RNG from a checkpoint of the same architecture; returns its step.
-    `weights_loaded`: the model already holds the checkpoint's weights (`assign_weights`), not copied again."""
-    path = check_resumable(path, model_config)
+def resume(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the optimizer and RNG of a checkpoint `check_resumable` passed, into a run whose model already
+    holds its weights (`assign_weights`); returns its step."""
+    path = Path(path)
     step = checkpoint_step(path)
-    if not weights_loaded:
-        load_weights(model, path)
     osd = state_io.load_optimizer_state(path / state_io.OPTIMIZER_FILE)
     state_io.check_fits(osd, [p for g in optimizer.param_groups for p in g["params"]],
                         path / state_io.OPTIMIZER_FILE)

@@ -27,7 +27,7 @@ from moelab.distributed.trainer import ParallelRun
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
 from moelab.train.checkpoint import (
-    assign_weights, check_resumable, check_same_tokenizer, checkpoint_step, first_difference, read_checkpoint_config,
+    assign_weights, check_architecture, check_resumable, check_same_tokenizer, checkpoint_step, read_checkpoint_config,
 )
 from moelab.train.checkpoint import resume as resume_checkpoint
 from moelab.train.config import RunConfig
@@ -190,16 +190,6 @@ def _row_step(line: str) -> float:
         return float("inf")  # an unreadable row (a write cut short) goes
 
 
-def _check_init(init_from, model_config: dict) -> None:
-    """`--init`: another run's weights (an upcycled checkpoint, say) at step 0, with a fresh optimizer."""
-    from moelab.model.config import ModelConfig
-
-    saved = read_checkpoint_config(init_from)
-    diff = first_difference(ModelConfig.from_dict(saved["model"], path="model").to_dict(), model_config)
-    if diff:
-        raise MoelabError(f"--init {init_from}: checkpoint is a different architecture: {diff}")
-
-
 def _build(run: RunConfig, source, device: torch.device) -> MoETransformer:
     """The run's model: drawn from train.seed, or, for --init and --resume, built on the meta device with the
     checkpoint's tensors as its parameters (`checkpoint.assign_weights`): a 7B model's random initialisation
@@ -260,8 +250,8 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
         if ckpt is not None:
             check_same_tokenizer(ckpt, corpus)
     saved_config = {**run.to_dict(), "tokenizer": corpus_tokenizer(corpus)}
-    if init_from is not None:
-        _check_init(init_from, run.model.to_dict())
+    if init_from is not None:  # another run's weights (an upcycled checkpoint, say) at step 0, a fresh optimizer
+        check_architecture(init_from, run.model.to_dict(), "--init")
     if resume_from is not None:
         check_resumable(resume_from, run.model.to_dict())
     torch.manual_seed(t.seed)
@@ -272,7 +262,7 @@ def train(run: RunConfig, out_dir: str | Path, resume_from: str | Path | None = 
     # Before any parallel wrapping, so the comparison runs on the whole model (the same on every rank).
     change = step0_change(init_from, model, sampler.batch(0)["input_ids"][:4].to(device)) if init_from else None
     if resume_from is not None:  # the single-file checkpoint, whatever world size wrote it
-        resume_checkpoint(resume_from, model, opt, run.model.to_dict(), weights_loaded=True)
+        resume_checkpoint(resume_from, model, opt)
         if t.freeze_router_after is not None and start >= t.freeze_router_after:
             _freeze_routers(model)
     # Under torchrun: join the mesh, wrap the model, rebuild the optimizer over the wrapped parameters.
