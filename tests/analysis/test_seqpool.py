@@ -105,7 +105,10 @@ def test_a_within_sequence_permutation_keeps_each_group_size_and_the_load():
             np.testing.assert_array_equal(load, tables.counts[l].sum(axis=0))
 
 
-def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts():
+@pytest.mark.parametrize("cuts", [(13,), (2,), (30,), (3, 30), (5, 10, 20, 35)])
+def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts(cuts):
+    """Parts of every size (a short one is never trimmed: its threshold is the top, on either side of
+    the merge), merged in order: the pool of one pass."""
     b = bursty_trace(3, seqs=40, seq_len=32)
     one = _pool(b, size=300)
     assert not one.within_sequence(0)
@@ -113,10 +116,11 @@ def test_past_its_size_the_pool_keeps_whole_sequences_the_same_way_in_parts():
     assert not complete and 0 < len(sets) <= 300
     assert len(np.unique(one.seq[0])) * 32 == len(sets)  # whole sequences only
     n = len(b["seq"])
-    cut = 13 * 32 * K  # a sequence start
+    edges = [0] + [c * 32 * K for c in cuts] + [n]  # sequence starts
     parts = [_pool({k: (v[lo:hi] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in b.items()},
-                   size=300) for lo, hi in ((0, cut), (cut, n))]
-    parts[0].merge(parts[1])
+                   size=300) for lo, hi in zip(edges, edges[1:])]
+    for part in parts[1:]:
+        parts[0].merge(part)
     parts[0].layer(0)
     for name in ("seq", "pos", "token", "sets"):
         np.testing.assert_array_equal(getattr(parts[0], name)[0], getattr(one, name)[0])
@@ -273,3 +277,70 @@ def test_past_its_size_checkpoints_that_agree_on_token_routing_are_found(monkeyp
     for s in range(3):
         p = _early_p(monkeypatch, clustered_batch(s, **kw), clustered_batch(s, noise_seed=1, **kw), size=2048)
         assert p <= 1 / 33 + 1e-12, p
+
+
+def test_parts_of_sequences_of_any_length_merge_to_the_pool_of_one_pass():
+    """Sequences of 1-40 tokens: which sequences fit past the size depends on their lengths, so a part's
+    tokens hashed over the other side's threshold must be dropped at the merge, not left to the trim."""
+    from moelab.analysis.seqpool import SequencePool
+
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        lens, size = rng.integers(1, 41, 30), int(rng.integers(40, 300))
+        seq = np.repeat(np.arange(30), lens)
+        pos = np.concatenate([np.arange(n) for n in lens])
+        token, sets = rng.integers(0, 50, len(seq)), rng.integers(0, E, (len(seq), K))
+        starts = np.concatenate(([0], np.cumsum(lens)))
+        edges = [0, *sorted(rng.choice(starts[1:-1], int(rng.integers(1, 4)), replace=False)), len(seq)]
+
+        def pool(lo, hi):
+            p = SequencePool(1, K, size=size, seed=seed)
+            for a in range(lo, hi, 17):  # batches cut anywhere
+                b = min(a + 17, hi)
+                p.add(0, seq[a:b], pos[a:b], token[a:b], sets[a:b])
+            return p
+
+        one, parts = pool(0, len(seq)), [pool(lo, hi) for lo, hi in zip(edges, edges[1:])]
+        for part in parts[1:]:
+            parts[0].merge(part)
+        one.layer(0)
+        parts[0].layer(0)
+        for name in ("seq", "pos", "token", "sets"):
+            np.testing.assert_array_equal(getattr(parts[0], name)[0], getattr(one, name)[0], err_msg=f"seed {seed}")
+        assert parts[0].seen[0] == one.seen[0] == len(seq)
+
+
+def test_one_sequence_longer_than_the_pool_is_kept_whole():
+    from moelab.analysis.seqpool import SequencePool
+
+    p = SequencePool(1, K, size=10)
+    p.add(0, np.zeros(25, np.int64), np.arange(25), np.arange(25), np.zeros((25, K), np.int64))
+    sets, complete = p.layer(0)
+    assert len(sets) == 25 and complete and p.threshold[0] == np.iinfo(np.uint64).max
+
+
+def test_a_later_parts_bound_drops_an_earlier_parts_short_sequence_hashed_past_it():
+    """Hand-made: size 10; the later part holds A (8 tokens) and X (5), A hashed first, so it keeps A and
+    can never take X or anything hashed past X. The earlier part holds only S (2 tokens), hashed past X.
+    One pass orders A, X, S: A fits, A + X does not, so the pool is A alone; S must not slip in beside A."""
+    from moelab.analysis.seqpool import SequencePool
+
+    p = SequencePool(1, K, size=10)
+    ids = np.arange(200)
+    prio = p._prio(ids)
+    a, x, s = ids[np.argsort(prio)][[10, 11, 150]]  # prio(A) < prio(X) < prio(S)
+
+    def part(seqs, lens):
+        q = SequencePool(1, K, size=10)
+        seq = np.repeat(np.asarray(seqs, np.int64), lens)
+        pos = np.concatenate([np.arange(n) for n in lens])
+        q.add(0, seq, pos, np.zeros(len(seq), np.int64), np.zeros((len(seq), K), np.int64))
+        return q
+
+    one = part([s, a, x], [2, 8, 5])
+    earlier, later = part([s], [2]), part([a, x], [8, 5])
+    later.layer(0)  # past its size: keeps A, bounds out X and above
+    earlier.merge(later)
+    for q in (one, earlier):
+        q.layer(0)
+        assert set(q.seq[0].tolist()) == {int(a)} and len(q.seq[0]) == 8
