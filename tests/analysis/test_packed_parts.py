@@ -61,6 +61,9 @@ def test_a_packed_part_merges_to_the_dense_part_counts(first_longer):
     sent = pickle.loads(pickle.dumps(copy.deepcopy(parts[1]).for_transfer()))
     assert isinstance(sent.dense["split"], PackedCounts)
     packed.merge(sent)
+    assert plain.parts and packed.parts  # kept apart for the layers' jobs; added here
+    plain.settle()
+    packed.settle()
     assert plain.dense.keys() == packed.dense.keys()
     for name in plain.dense:
         assert plain.dense[name].dtype == packed.dense[name].dtype

@@ -62,3 +62,37 @@ def test_counts_equal_a_loop_over_the_rows(group, ranks, folds, fold_sample, big
             if c:
                 got[l_, folds if folds > 1 else 0, v, e] += c
     assert +got == +want and sum(want.values()) > 0
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+@pytest.mark.parametrize("group,folds", [("pos", FOLDS), ("pos", 1), ("token", FOLDS)])
+def test_parts_kept_apart_give_the_tables_of_one_pass(monkeypatch, group, folds, budget):
+    """Workers' parts (packed, dense of other widths, sparse chunks) merged as the parent does: kept apart
+    for the layers' jobs (the default) or added as they come (budget 0): the tables of one pass, bit for bit."""
+    from moelab.analysis import tables
+
+    if budget is not None:
+        monkeypatch.setattr(tables, "PARTS_BUDGET", budget)
+    rng = np.random.default_rng(3)
+    batches = []
+    for seed, n, width in ((1, 400, 9000), (2, 8000, 700), (3, 200, 20000)):
+        b = rows(seed, n_tokens=n, big=group == "token")
+        b["pos"] = rng.integers(0, width, n)[np.repeat(np.arange(n), L * K)].astype(np.int32)
+        b["seq"] = b["seq"] + 1000 * seed
+        batches.append(b)
+    one, merged, kinds = ShareAccumulator(group, [E] * L, K, folds=folds), ShareAccumulator(group, [E] * L, K, folds=folds), set()
+    for b in batches:
+        one.update(b)
+        part = ShareAccumulator(group, [E] * L, K, folds=folds)
+        part.update(b)
+        kinds |= {type(t).__name__ for t in part.for_transfer().dense.values()}
+        merged.merge(part)
+    if group == "pos":
+        assert kinds == {"PackedCounts", "ndarray"}  # both kinds of part
+    else:
+        assert merged.counter.nbytes > 0  # the sparse counter's chunks too
+    assert bool(merged.parts) == (budget is None)
+    for l in range(L):
+        want, got = one.layer_result(l), merged.layer_result(l)
+        for w, g in zip([want[0], want[1], *want[2], want[3]], [got[0], got[1], *got[2], got[3]]):
+            assert w.dtype == g.dtype and np.array_equal(w, g)

@@ -305,8 +305,7 @@ class KeyCounter:
         k, c = count_keys(np.asarray(keys, dtype=np.int64))
         self._chunks.append((k, c))
         self._pending += len(k)
-        if self._pending > max(2 * self._merged, 1 << 22):  # amortised: merge when pending dominates
-            self._merge()
+        self.settle()
 
     def _merge(self) -> None:
         """One sorted chunk of unique keys: the chunks' keys sorted together, equal keys' counts summed (an
@@ -332,13 +331,25 @@ class KeyCounter:
         part._chunks = [(k[m], c[m]) for k, c in self._chunks for m in [keep(k)]]
         return part.result()
 
-    def merge(self, other: "KeyCounter", remap: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        """Add another counter's counts (its keys passed through `remap` first)."""
+    def merge(self, other: "KeyCounter", remap: Callable[[np.ndarray], np.ndarray] | None = None,
+              settle: bool = True) -> None:
+        """Add another counter's counts (its keys passed through `remap` first). `settle=False` keeps its
+        chunks apart until `settle()`, `result()` or `select()` (a parent's merge of a worker's part: the
+        layers' jobs then merge their own keys, `ShareAccumulator`)."""
         for k, c in other._chunks:
             self._chunks.append((k if remap is None else remap(k), c))
             self._pending += len(k)
+        if settle:
+            self.settle()
+
+    def settle(self) -> None:
+        """Merge the chunks where those not yet merged dominate (bounds the memory, amortised)."""
         if self._pending > max(2 * self._merged, 1 << 22):
             self._merge()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + c.nbytes for k, c in self._chunks)
 
 
 class LabelIndex:
@@ -403,6 +414,15 @@ class PackedCounts:
             index = index.astype(np.int64)
             index += (index // (W * E)) * ((out.shape[1] - W) * E)
         np.add.at(out.reshape(-1), index, count)
+
+    def add_slot_into(self, out: np.ndarray, slot: int) -> None:
+        """out[:width] += the table's row `slot` (a group value x expert table; out's first axis may be
+        wider). The index is sorted (flatnonzero), so the row's cells are one run of it."""
+        _, W, E = self.shape
+        # bounds of the index's dtype: other bounds would have numpy cast the whole index for each search
+        lo, hi = np.searchsorted(self.index, np.array([slot * W * E, (slot + 1) * W * E], self.index.dtype))
+        # a cell (value v, expert e) sits at v * E + e in either table; cells of one part never repeat
+        out.reshape(-1)[self.index[lo:hi].astype(np.int64) - slot * W * E] += self.count[lo:hi]
 
     def dense(self) -> np.ndarray:
         out = np.zeros(self.shape, self.dtype)
