@@ -5,8 +5,9 @@ after another, in one process, on one thread: each worker's part of the streamin
 packing, encoding and writing its part), the parent's reading and merging of the parts in order, every
 finalisation job with the encoding of its result, the parent's own finalisation work between the jobs,
 and a fork of this process as it stands at each hand-over. The estimate puts them on N cores the way the
-code does: parts side by side (the slowest bounds), the merge after, each round of jobs handed out in
-order to the first free worker (the pool's rule), results read by the parent one by one.
+code does: parts side by side (the slowest bounds), the merge after, each round of jobs through the
+pool as `run_jobs` runs it (a job to a free worker, else a fork while fewer than N run, else a wait; the
+parent reads the results back one by one).
 
 It leaves out what only a machine with N cores shows: memory bandwidth shared by N workers, the file
 read by N readers at once, a busy core's turbo. So it is a lower bound in spirit, and a measurement
@@ -59,20 +60,31 @@ class Pipe:
         return len(data)
 
 
-def makespan(durations: list[float], workers: int) -> float:
-    """Jobs handed out in order, each to the first worker free (run_jobs' rule)."""
-    free = [0.0] * min(workers, max(len(durations), 1))
-    end = 0.0
-    for d in durations:
-        start = heapq.heappop(free)
-        heapq.heappush(free, start + d)
-        end = max(end, start + d)
-    return end
+def pool_seconds(jobs: list[tuple[float, float]], workers: int, fork_s: float) -> float:
+    """A round of (run, read back) jobs through `parallel.run_jobs`' pool: the parent hands the next job
+    to a free worker, else forks one while fewer than `workers` run (`fork_s` each), else waits; it
+    reads each result back itself, one after another."""
+    t, forked, idle, todo = 0.0, 0, 0, list(jobs)[::-1]
+    running: list[tuple[float, float]] = []  # (finish, read-back seconds), a heap
+    while todo or running:
+        if todo and idle:
+            run, read = todo.pop()
+            heapq.heappush(running, (t + run, read))
+            idle -= 1
+            continue
+        if todo and forked < workers and not (running and running[0][0] <= t):
+            t, forked, idle = t + fork_s, forked + 1, idle + 1
+            continue
+        t = max(t, running[0][0])  # wait: every result ready by then is read back
+        while running and running[0][0] <= t:
+            t += heapq.heappop(running)[1]
+            idle += 1
+    return t
 
 
 def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
     """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
-    pieces: dict[str, Any] = {"parts_s": [], "merge_s": 0.0, "rounds": [], "forks_s": []}
+    pieces: dict[str, Any] = {"parts_s": [], "merge_s": 0.0, "rounds": [], "forks_s": [], "fork_s": []}
 
     def consume(acc, trace, columns, batch_rows, key, block, n):
         bounds = parallel.plan_units(trace.path, block)
@@ -100,7 +112,7 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
             os.rmdir(folder)
 
     def run_jobs(jobs, n):
-        pieces["forks_s"].append(fork_seconds() * min(workers, len(jobs)))
+        pieces["fork_s"].append(fork_seconds())  # the pool forks as it goes: a fork of the parent as it is
         out, rows = {}, []
         for name, job in jobs.items():
             t = time.perf_counter()
@@ -130,13 +142,15 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
 
 def estimate(p: dict[str, Any], workers: int) -> dict[str, float]:
     stream = (max(p["parts_s"]) if p["parts_s"] else p["stream_s"]) + p["merge_s"]
-    rounds = [makespan([j for _, j, _ in rows], workers) + sum(r for _, _, r in rows) for rows in p["rounds"]]
-    forks = sum(p["forks_s"])
+    rounds = [pool_seconds([(j, r) for _, j, r in rows], workers, fork)
+              for rows, fork in zip(p["rounds"], p["fork_s"])]
+    forks = sum(p["forks_s"])  # the streaming pass's: every worker forked before the merge can end
     wall = stream + sum(rounds) + p["parent_finalise_s"] + forks
     return dict(estimate_s=round(wall, 2), slowest_part_s=round(max(p["parts_s"], default=0), 2),
                 merge_s=round(p["merge_s"], 2), rounds_s=[round(r, 2) for r in rounds],
                 largest_job_s=round(max((j for rows in p["rounds"] for _, j, _ in rows), default=0), 2),
-                parent_finalise_s=round(p["parent_finalise_s"], 2), forks_s=round(forks, 2))
+                parent_finalise_s=round(p["parent_finalise_s"], 2), forks_s=round(forks, 2),
+                fork_in_rounds_s=[round(f, 3) for f in p["fork_s"]])
 
 
 def main() -> None:

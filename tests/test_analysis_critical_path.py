@@ -8,22 +8,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from analysis_critical_path import estimate, makespan  # noqa: E402
+from analysis_critical_path import estimate, pool_seconds  # noqa: E402
 
 
-def test_makespan_hands_jobs_out_in_order_to_the_first_free_worker():
-    assert makespan([3, 1, 1, 1], 2) == 3  # 3 | 1 1 1
-    assert makespan([1, 1, 3], 2) == 4  # 1 then 3 | 1: in order, not longest first
-    assert makespan([2, 2, 2], 8) == 2 and makespan([], 4) == 0
-    assert makespan([1, 2, 3], 1) == 6
+def test_the_pool_hands_jobs_out_in_order_to_the_first_free_worker():
+    def jobs(*runs):
+        return [(r, 0.0) for r in runs]
+
+    assert pool_seconds(jobs(3, 1, 1, 1), 2, 0.0) == 3  # 3 | 1 1 1
+    assert pool_seconds(jobs(1, 1, 3), 2, 0.0) == 4  # 1 then 3 | 1: in order, not longest first
+    assert pool_seconds(jobs(2, 2, 2), 8, 0.0) == 2 and pool_seconds([], 4, 1.0) == 0
+    assert pool_seconds(jobs(1, 2, 3), 1, 0.0) == 6
+
+
+def test_the_pool_forks_as_it_goes_and_reads_results_back_one_by_one():
+    # fork (1), a runs to 4; fork (2), b runs to 3; b read back 3 -> 3.5; a read back 4 -> 4.5
+    assert pool_seconds([(3.0, 0.5), (1.0, 0.5)], 2, 1.0) == 4.5
+    # short jobs: the first worker is free again before a third fork would start, so it takes job 3:
+    # forks end at 1, 2 and 3 (not four), the last job runs 3 -> 3.1
+    assert abs(pool_seconds([(0.1, 0.0)] * 4, 8, 1.0) - 3.1) < 1e-12
 
 
 def test_estimate_adds_the_slowest_part_the_merge_the_rounds_and_the_parent():
     pieces = {"parts_s": [1.0, 3.0], "merge_s": 0.5, "rounds": [[("a", 2.0, 0.1), ("b", 1.0, 0.1)]],
-              "forks_s": [0.2], "parent_finalise_s": 0.3, "stream_s": 4.0}
+              "forks_s": [0.2], "fork_s": [0.2], "parent_finalise_s": 0.3, "stream_s": 4.0}
     est = estimate(pieces, 2)
-    assert est["estimate_s"] == 3.0 + 0.5 + (2.0 + 0.2) + 0.3 + 0.2
-    assert est["largest_job_s"] == 2.0 and est["rounds_s"] == [2.2]
+    # the round: fork to 0.2 (a to 2.2), fork to 0.4 (b to 1.4), b read back to 1.5, a read back to 2.3
+    assert abs(est["estimate_s"] - (3.0 + 0.5 + 2.3 + 0.3 + 0.2)) < 1e-9
+    assert est["largest_job_s"] == 2.0 and est["rounds_s"] == [2.3]
 
 
 def test_a_toy_run_estimates_and_checks_two_workers(tmp_path):

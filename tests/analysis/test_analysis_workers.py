@@ -253,6 +253,33 @@ def test_finalisation_jobs_run_in_workers_keep_their_order_and_raise_their_error
         run_jobs({"ok": lambda: 1, "dies": lambda: os._exit(9)}, 2)
 
 
+def test_finalisation_jobs_go_to_free_workers_while_a_long_first_job_runs(tmp_path):
+    """The first job waits for a file only the last job writes: the pool hands the other jobs to workers
+    forked (or freed) meanwhile instead of waiting for it, and never runs more workers than asked."""
+    import os
+    import time
+
+    from moelab.analysis.parallel import run_jobs
+
+    flag = tmp_path / "last-ran"
+
+    def first():
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert time.monotonic() < deadline, "the other jobs never ran"
+            time.sleep(0.01)
+        return os.getpid()
+
+    def last():
+        flag.write_text("x")
+        return os.getpid()
+
+    jobs = {"first": first, **{f"j{i}": os.getpid for i in range(20)}, "last": last}
+    got = run_jobs(jobs, 3)
+    assert list(got) == list(jobs) and len(set(got.values())) <= 3
+    assert got["first"] not in {got[f"j{i}"] for i in range(20)} | {got["last"]}
+
+
 def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
     """The JSON trees go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
     import pickle

@@ -310,11 +310,15 @@ def _job_worker(conn: Any) -> None:
 
 
 def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]:
-    """name -> job() for independent, deterministic jobs, over `workers` forked processes (the jobs are
-    inherited by the fork; each result comes back as JSON and raw buffers, `transfer.py`). Handed out in
-    dict order, each to the first worker free, so put the largest first; serially here for one worker
+    """name -> job() for independent, deterministic jobs, over up to `workers` forked processes (the jobs
+    are inherited by the fork; each result comes back as JSON and raw buffers, `transfer.py`). Handed out
+    in dict order, each to the first worker free, so put the largest first; serially here for one worker
     or where fork is unavailable. The results are those of the serial loop: each job seeds its own draws.
-    A worker that dies (out of memory) is an error naming its job, not a hang."""
+    A worker that dies (out of memory) is an error naming its job, not a hang.
+
+    A worker gets its first job as soon as it is forked, and another is forked only while none is free:
+    forking a parent of 1-2 GiB takes tens of milliseconds, so the first jobs run while the later workers
+    are forked, and a round of short jobs does not wait for `workers` forks it cannot use."""
     if workers <= 1 or len(jobs) < 2 or "fork" not in mp.get_all_start_methods():
         return {name: job() for name, job in jobs.items()}
     from multiprocessing.connection import wait
@@ -322,29 +326,35 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
     _JOBS.clear()
     _JOBS.update(jobs)
     ctx = mp.get_context("fork")
-    todo = iter(jobs)
-    procs, running, results = [], {}, {}  # running: connection -> the job it works on
+    todo = list(jobs)[::-1]  # popped from the end: dict order
+    procs, conns, idle, results = [], [], [], {}
+    running: dict[Any, str] = {}  # connection -> the job it works on
     try:
-        for _ in range(min(workers, len(jobs))):
-            parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_job_worker, args=(child,), daemon=True)
-            proc.start()
-            child.close()
-            procs.append(proc)
-            running[parent] = None
-        idle = list(running)
-        while idle or any(job is not None for job in running.values()):
-            for conn in idle:
-                name = running[conn] = next(todo, None)
+        while todo or running:
+            if todo and idle:
+                conn, name = idle.pop(), todo.pop()
                 try:
-                    conn.send_bytes(b"" if name is None else b"J" + name.encode())  # b"": stop
+                    conn.send_bytes(b"J" + name.encode())
                 except OSError:
                     raise MoelabError(f"an analysis worker stopped before finalising {name!r} (out of memory? "
                                       "try fewer --workers)") from None
-            idle = []
-            busy = [c for c, job in running.items() if job is not None]
-            for conn in wait(busy) if busy else []:
-                name = running[conn]
+                running[conn] = name
+                continue
+            if todo and len(procs) < workers:
+                done = wait(list(running), timeout=0) if running else []
+                if not done:  # every worker busy: one more
+                    parent, child = ctx.Pipe(duplex=True)
+                    proc = ctx.Process(target=_job_worker, args=(child,), daemon=True)
+                    proc.start()
+                    child.close()
+                    procs.append(proc)
+                    conns.append(parent)
+                    idle.append(parent)
+                    continue
+            else:
+                done = wait(list(running))
+            for conn in done:
+                name = running.pop(conn)
                 try:
                     results[name] = transfer.receive(conn)
                 except EOFError:
@@ -353,7 +363,9 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
                 idle.append(conn)
     finally:
         _JOBS.clear()
-        for conn in running:
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(b"")  # stop (a later fork holds a copy of this end: closing is not enough)
             conn.close()
         for proc in procs:
             proc.join(timeout=5)
