@@ -5,12 +5,13 @@ after another, in one process, on one thread: each worker's part of the streamin
 packing, encoding and writing its part), the parent's reading and merging of the parts in order, every
 finalisation job with the encoding of its result, the parent's own finalisation work between the jobs,
 and a fork of this process as it stands at each hand-over. The estimate puts them on N cores the way the
-code does: parts side by side (the slowest bounds), the merge after, each round of jobs through the
+code does: worker i starting after the parent's first i + 1 forks, the parent merging each part in order
+as soon as it is ready (the merges overlap the later parts), each round of jobs through the
 pool as `run_jobs` runs it (a job to a free worker, else a fork while fewer than N run, else a wait; the
 parent reads the results back one by one).
 
 It leaves out what only a machine with N cores shows: memory bandwidth shared by N workers, the file
-read by N readers at once, a busy core's turbo. So it is a lower bound in spirit, and a measurement
+read by N readers at once, a busy core's turbo, the parent merging beside N workers still streaming. So it is a lower bound in spirit, and a measurement
 (`device_session.sh workers`) replaces it. Check it where it can be checked: `--check 2` runs the real
 2-worker analysis beside the 2-worker estimate.
 
@@ -84,12 +85,12 @@ def pool_seconds(jobs: list[tuple[float, float]], workers: int, fork_s: float) -
 
 def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
     """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
-    pieces: dict[str, Any] = {"parts_s": [], "merge_s": 0.0, "rounds": [], "forks_s": [], "fork_s": []}
+    pieces: dict[str, Any] = {"parts_s": [], "merge_parts_s": [], "rounds": [], "fork_s": []}
 
     def consume(acc, trace, columns, batch_rows, key, block, n):
         bounds = parallel.plan_units(trace.path, block)
         parts = parallel.split_units(bounds, workers)
-        pieces["forks_s"].append(fork_seconds() * len(parts))
+        pieces["stream_fork_s"] = fork_seconds()
         folder = parallel._spill_folder()
         spilled = []
         for i, (lo, hi) in enumerate(parts):
@@ -103,11 +104,11 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
             spilled.append((header, Pipe([bytes(b) for b in buffers if b.nbytes] if folder is None else [])))
             pieces["parts_s"].append(time.perf_counter() - t)
             del buffers, accs
-        t = time.perf_counter()
         for header, pipe in spilled:
+            t = time.perf_counter()
             for name, part in parallel._received_parts(transfer.loads(header), pipe):
                 acc[name].merge(part)
-        pieces["merge_s"] = time.perf_counter() - t
+            pieces["merge_parts_s"].append(time.perf_counter() - t)
         if folder:
             os.rmdir(folder)
 
@@ -141,16 +142,22 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
 
 
 def estimate(p: dict[str, Any], workers: int) -> dict[str, float]:
-    stream = (max(p["parts_s"]) if p["parts_s"] else p["stream_s"]) + p["merge_s"]
+    # The streaming pass as consume_parallel runs it: worker i starts after the parent's i + 1 forks, and
+    # the parent merges part i as soon as it is ready and part i - 1 is merged.
+    stream = 0.0
+    for i, (part, merge) in enumerate(zip(p["parts_s"], p["merge_parts_s"])):
+        stream = max(stream, (i + 1) * p["stream_fork_s"] + part) + merge
+    if not p["parts_s"]:  # one unit: no workers
+        stream = p["stream_s"]
     rounds = [pool_seconds([(j, r) for _, j, r in rows], workers, fork)
               for rows, fork in zip(p["rounds"], p["fork_s"])]
-    forks = sum(p["forks_s"])  # the streaming pass's: every worker forked before the merge can end
-    wall = stream + sum(rounds) + p["parent_finalise_s"] + forks
-    return dict(estimate_s=round(wall, 2), slowest_part_s=round(max(p["parts_s"], default=0), 2),
-                merge_s=round(p["merge_s"], 2), rounds_s=[round(r, 2) for r in rounds],
+    wall = stream + sum(rounds) + p["parent_finalise_s"]
+    return dict(estimate_s=round(wall, 2), stream_s=round(stream, 2),
+                slowest_part_s=round(max(p["parts_s"], default=0), 2),
+                merge_s=round(sum(p["merge_parts_s"]), 2), rounds_s=[round(r, 2) for r in rounds],
                 largest_job_s=round(max((j for rows in p["rounds"] for _, j, _ in rows), default=0), 2),
-                parent_finalise_s=round(p["parent_finalise_s"], 2), forks_s=round(forks, 2),
-                fork_in_rounds_s=[round(f, 3) for f in p["fork_s"]])
+                parent_finalise_s=round(p["parent_finalise_s"], 2),
+                fork_s=[round(f, 3) for f in [p.get("stream_fork_s", 0.0)] + p["fork_s"]])
 
 
 def main() -> None:

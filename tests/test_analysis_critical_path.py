@@ -29,13 +29,18 @@ def test_the_pool_forks_as_it_goes_and_reads_results_back_one_by_one():
     assert abs(pool_seconds([(0.1, 0.0)] * 4, 8, 1.0) - 3.1) < 1e-12
 
 
-def test_estimate_adds_the_slowest_part_the_merge_the_rounds_and_the_parent():
-    pieces = {"parts_s": [1.0, 3.0], "merge_s": 0.5, "rounds": [[("a", 2.0, 0.1), ("b", 1.0, 0.1)]],
-              "forks_s": [0.2], "fork_s": [0.2], "parent_finalise_s": 0.3, "stream_s": 4.0}
+def test_estimate_merges_each_part_when_ready_then_adds_the_rounds_and_the_parent():
+    pieces = {"parts_s": [1.0, 3.0], "merge_parts_s": [0.2, 0.3], "stream_fork_s": 0.1,
+              "rounds": [[("a", 2.0, 0.1), ("b", 1.0, 0.1)]], "fork_s": [0.2], "parent_finalise_s": 0.3,
+              "stream_s": 4.0}
     est = estimate(pieces, 2)
+    # part 0 ready at 0.1 + 1.0, merged to 1.3; part 1 ready at 0.2 + 3.0, merged to 3.5
     # the round: fork to 0.2 (a to 2.2), fork to 0.4 (b to 1.4), b read back to 1.5, a read back to 2.3
-    assert abs(est["estimate_s"] - (3.0 + 0.5 + 2.3 + 0.3 + 0.2)) < 1e-9
-    assert est["largest_job_s"] == 2.0 and est["rounds_s"] == [2.3]
+    assert abs(est["stream_s"] - 3.5) < 1e-9 and abs(est["estimate_s"] - (3.5 + 2.3 + 0.3)) < 1e-9
+    assert est["largest_job_s"] == 2.0 and est["rounds_s"] == [2.3] and est["merge_s"] == 0.5
+    # merges slower than the parts arrive: they queue behind each other
+    slow = dict(pieces, parts_s=[1.0, 1.0], merge_parts_s=[2.0, 2.0])
+    assert abs(estimate(slow, 2)["stream_s"] - (1.1 + 2.0 + 2.0)) < 1e-9
 
 
 def test_a_toy_run_estimates_and_checks_two_workers(tmp_path):
