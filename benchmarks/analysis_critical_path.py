@@ -1,10 +1,14 @@
 """What `analyze --workers N` would take on a machine with N free cores, from its pieces timed here.
 
 A 2-core machine cannot run 16 workers side by side, but it can time every piece of the 16-worker run one
-after another, in one process, on one thread: each worker's part of the streaming pass (its units, then
-packing, encoding and writing its part), the parent's reading and merging of the parts in order, every
-finalisation job with the encoding of its result, the parent's own finalisation work between the jobs,
-and a fork of this process as it stands at each hand-over. The estimate puts them on N cores the way the
+after another, on one thread at a time: each worker's part of the streaming pass (its units, then packing,
+encoding and writing its part), the parent's reading and merging of the parts in order, every finalisation
+job with the encoding of its result and the parent's reading it back, the parent's own finalisation work
+between the jobs, and a fork of this process as it stands at each hand-over. The parts and the jobs run
+in forked children, one child at a time, as the workers would (a child per part; for a round, N children
+in turn, child w running jobs w, w + N, ...), so their times include what a fresh process pays: first
+touches of its memory and copies of the parent's pages it writes. Timed in this process instead, the
+pieces left 20-30% of the measured 2-worker run out. The estimate puts them on N cores the way the
 code does: worker i starting after the parent's first i + 1 forks, the parent merging each part in order
 as soon as it is ready (the merges overlap the later parts), each round of jobs through the
 pool as `run_jobs` runs it (a job to a free worker, else a fork while fewer than N run, else a wait; the
@@ -24,11 +28,14 @@ import argparse
 import copy
 import heapq
 import json
+import multiprocessing as mp
 import os
+import struct
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -49,16 +56,33 @@ def fork_seconds() -> float:
     return time.perf_counter() - t
 
 
-class Pipe:
-    """Buffers as a pipe delivers them to the parent (`transfer.read_pipe`), from memory."""
+def in_child(work: Callable[[Any], None]) -> tuple[int, Any]:
+    """A fork of this process as it is now running work(conn) and exiting: the pages a worker touches are
+    its own (first touches, copy-on-write copies of the parent's), as in `analyze --workers`. Returns the
+    child's pid and the connection its messages come on."""
+    recv, send = mp.Pipe(duplex=False)
+    pid = os.fork()
+    if pid == 0:
+        recv.close()
+        code = 0
+        try:
+            work(send)
+        except BaseException:  # noqa: BLE001 - shown, and the parent's read fails
+            traceback.print_exc()
+            code = 1
+        finally:
+            send.close()
+            os._exit(code)
+    send.close()
+    return pid, recv
 
-    def __init__(self, messages: list[bytes]):
-        self.messages = messages[::-1]
 
-    def recv_bytes_into(self, buf: bytearray) -> int:
-        data = self.messages.pop()
-        buf[:len(data)] = data
-        return len(data)
+def send_seconds(conn: Any, seconds: float) -> None:
+    conn.send_bytes(struct.pack("d", seconds))
+
+
+def recv_seconds(conn: Any) -> float:
+    return struct.unpack("d", conn.recv_bytes())[0]
 
 
 def pool_seconds(jobs: list[tuple[float, float]], workers: int, fork_s: float) -> float:
@@ -85,46 +109,70 @@ def pool_seconds(jobs: list[tuple[float, float]], workers: int, fork_s: float) -
 
 def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
     """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
-    pieces: dict[str, Any] = {"parts_s": [], "merge_parts_s": [], "rounds": [], "fork_s": []}
+    pieces: dict[str, Any] = {"parts_s": [], "merge_parts_s": [], "rounds": [], "fork_s": [], "rounds_wall_s": 0.0}
 
     def consume(acc, trace, columns, batch_rows, key, block, n):
         bounds = parallel.plan_units(trace.path, block)
         parts = parallel.split_units(bounds, workers)
         pieces["stream_fork_s"] = fork_seconds()
         folder = parallel._spill_folder()
-        spilled = []
-        for i, (lo, hi) in enumerate(parts):
+        blank = copy.deepcopy(acc)  # what every worker starts from: `acc` fills as the parts are merged
+        for i, (lo, hi) in enumerate(parts):  # one child at a time, each part merged once it is in
+
+            def work(conn, i=i, lo=lo, hi=hi):
+                t = time.perf_counter()
+                accs = copy.deepcopy(blank)
+                parallel.consume_units(open_trace(trace.path), columns, batch_rows, key, bounds, lo, hi,
+                                       list(accs.values()))
+                header, buffers = parallel.prepare_parts(accs, folder, i)  # as the worker does
+                send_seconds(conn, time.perf_counter() - t)
+                conn.send_bytes(transfer.dumps(header))
+                if header["file"] is None:
+                    transfer.send_buffers(conn, buffers)
+
+            pid, conn = in_child(work)
+            pieces["parts_s"].append(recv_seconds(conn))
             t = time.perf_counter()
-            accs = copy.deepcopy(acc)
-            parallel.consume_units(open_trace(trace.path), columns, batch_rows, key, bounds, lo, hi,
-                                   list(accs.values()))
-            header, buffers = parallel.prepare_parts(accs, folder, i)  # as the worker does
-            header = transfer.dumps(header)
-            # without a file the buffers go down the pipe: a copy each, as the pipe makes
-            spilled.append((header, Pipe([bytes(b) for b in buffers if b.nbytes] if folder is None else [])))
-            pieces["parts_s"].append(time.perf_counter() - t)
-            del buffers, accs
-        for header, pipe in spilled:
-            t = time.perf_counter()
-            for name, part in parallel._received_parts(transfer.loads(header), pipe):
+            for name, part in parallel._received_parts(transfer.read_header(conn), conn):
                 acc[name].merge(part)
             pieces["merge_parts_s"].append(time.perf_counter() - t)
+            conn.close()
+            os.waitpid(pid, 0)
         if folder:
             os.rmdir(folder)
 
     def run_jobs(jobs, n):
+        """The jobs in `workers` children one after another, child w running jobs w, w + N, ... (the pool
+        hands them out about so), each result read back by this process as it comes."""
         pieces["fork_s"].append(fork_seconds())  # the pool forks as it goes: a fork of the parent as it is
-        out, rows = {}, []
-        for name, job in jobs.items():
-            t = time.perf_counter()
-            result = job()
-            tree, buffers = transfer.encode(result)
-            header, blobs = transfer.dumps(tree), [bytes(b) for b in buffers]  # what the worker sends
-            t1 = time.perf_counter()
-            out[name] = transfer.decode(transfer.loads(header), [bytearray(b) for b in blobs])
-            rows.append((name, t1 - t, time.perf_counter() - t1))
-        pieces["rounds"].append(rows)
-        return out
+        start = time.perf_counter()
+        names, out, rows = list(jobs), {}, {}
+        folder = parallel._spill_folder()
+        for w in range(min(workers, len(names))):
+
+            def work(conn, mine=names[w::workers]):
+                for name in mine:  # as `parallel._job_worker` sends a result
+                    t = time.perf_counter()
+                    tree, buffers = transfer.encode(jobs[name]())
+                    path = parallel._write_result(folder, buffers)
+                    send_seconds(conn, time.perf_counter() - t)
+                    conn.send_bytes(transfer.dumps({"tree": tree, "sizes": [b.nbytes for b in buffers], "file": path}))
+                    if path is None:
+                        transfer.send_buffers(conn, buffers)
+
+            pid, conn = in_child(work)
+            for name in names[w::workers]:
+                run = recv_seconds(conn)
+                t = time.perf_counter()
+                out[name] = parallel._receive_result(conn)
+                rows[name] = (name, run, time.perf_counter() - t)
+            conn.close()
+            os.waitpid(pid, 0)
+        if folder:
+            os.rmdir(folder)
+        pieces["rounds"].append([rows[name] for name in names])
+        pieces["rounds_wall_s"] += time.perf_counter() - start
+        return {name: out[name] for name in names}
 
     real = parallel.consume_parallel, parallel.run_jobs
     parallel.consume_parallel, parallel.run_jobs = consume, run_jobs
@@ -135,9 +183,9 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
         pieces["total_s"] = time.perf_counter() - t
     finally:
         parallel.consume_parallel, parallel.run_jobs = real
-    jobs_s = sum(j + r for rows in pieces["rounds"] for _, j, r in rows)
     pieces["stream_s"], pieces["finalise_s"] = phases["stream_s"], phases["finalise_s"]
-    pieces["parent_finalise_s"] = phases["finalise_s"] - jobs_s  # between and around the rounds
+    # between and around the rounds (each round's wall here: its children, forks and reading back)
+    pieces["parent_finalise_s"] = phases["finalise_s"] - pieces["rounds_wall_s"]
     return pieces
 
 

@@ -280,6 +280,57 @@ def test_finalisation_jobs_go_to_free_workers_while_a_long_first_job_runs(tmp_pa
     assert got["first"] not in {got[f"j{i}"] for i in range(20)} | {got["last"]}
 
 
+def test_large_results_come_back_mapped_from_shared_memory_equal_and_private(monkeypatch):
+    """Results past MAPPED_RESULT_BYTES travel as a file in /dev/shm mapped copy-on-write: equal to the
+    serial results, writable, each array aligned; a fork writing into one leaves the parent's as it was;
+    nothing is left in /dev/shm."""
+    import glob
+    import mmap
+
+    from moelab.analysis import parallel
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    monkeypatch.setattr(parallel, "MAPPED_RESULT_BYTES", 1000)
+    before = set(glob.glob("/dev/shm/moelab-analysis-*"))
+    jobs = {f"j{i}": (lambda i=i: {"big": np.arange(300 + i, dtype=np.int64) * i, "odd": np.ones(3 + i, np.int8),
+                                   "f": np.linspace(0, 1, 200 + i, dtype=np.float32), "small": [i]}) for i in range(5)}
+    serial, forked = parallel.run_jobs(jobs, 1), parallel.run_jobs(jobs, 3)
+    for name in jobs:
+        for key in ("big", "odd", "f"):
+            a, b = serial[name][key], forked[name][key]
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+            assert b.flags.writeable and b.ctypes.data % parallel.ALIGN == 0
+        assert forked[name]["small"] == serial[name]["small"]
+    def owner(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    assert isinstance(owner(forked["j1"]["big"]), mmap.mmap)  # a view of the mapping, not a copy
+    assert not isinstance(owner(serial["j1"]["big"]), mmap.mmap)
+    big = forked["j2"]["big"]
+    pid = os.fork()
+    if pid == 0:
+        big[:] = -1
+        os._exit(0 if big[5] == -1 else 1)
+    assert os.waitpid(pid, 0)[1] == 0 and big[5] == 10
+    big[0] = 7  # and the parent may write into its own
+    assert big[0] == 7 and set(glob.glob("/dev/shm/moelab-analysis-*")) == before
+
+
+def test_a_mapped_result_shorter_than_its_header_says_is_an_error(tmp_path):
+    from moelab.analysis import parallel
+    from moelab.config import MoelabError
+
+    path = parallel._write_result(str(tmp_path), [memoryview(np.arange(1 << 18, dtype=np.int64))])
+    assert path is not None and os.path.getsize(path) == 8 << 18
+    os.truncate(path, 1000)
+    with pytest.raises(MoelabError, match="shorter than it wrote"):
+        parallel._mapped(path, [8 << 18])
+    assert not os.path.exists(path)
+
+
 def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
     """The JSON trees go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
     import pickle

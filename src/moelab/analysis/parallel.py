@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -285,11 +286,66 @@ def _merge_part(acc: dict[str, Any], conn: Any, proc: Any, index: int) -> None:
 
 # ---- finalisation ----------------------------------------------------------------------------------
 _JOBS: dict[str, Callable[[], Any]] = {}
+_RESULTS_FOLDER: list[str | None] = [None]  # where the job workers leave large results (inherited by the fork)
+MAPPED_RESULT_BYTES = 1 << 20  # results at least this large go through a file in shared memory
+ALIGN = 64
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+def _write_result(folder: str | None, buffers: list[memoryview]) -> str | None:
+    """A result's array buffers in a fresh file in `folder`, each at an offset aligned to ALIGN bytes;
+    its path, or None (nothing left behind) where there is no folder, the result is small, or the
+    folder is full: the buffers then go down the pipe."""
+    if folder is None or sum(b.nbytes for b in buffers) < MAPPED_RESULT_BYTES:
+        return None
+    fd, path = tempfile.mkstemp(prefix="result-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for b in buffers:
+                f.seek(_aligned(f.tell()))
+                f.write(b)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    return path
+
+
+def _mapped(path: str, sizes: list[int]) -> list[Any]:
+    """The buffers `_write_result` wrote, as views of the file mapped copy-on-write (MAP_PRIVATE: this
+    process and its forks may write into them without touching each other's), not read into a copy: a
+    layer of the token table is 32 MiB, and 16 of them read down pipes one by one held the round. The
+    file is unlinked at once; the mapping lives as long as an array viewing it."""
+    with open(path, "r+b") as f:
+        os.unlink(path)
+        ends = [0]
+        for n in sizes:
+            ends.append(_aligned(ends[-1]) + n)
+        if os.fstat(f.fileno()).st_size < ends[-1]:
+            raise MoelabError(f"an analysis worker's result in {path} is shorter than it wrote")
+        if ends[-1] == 0:
+            return [np.empty(0, np.uint8) for _ in sizes]
+        view = memoryview(mmap.mmap(f.fileno(), ends[-1], flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE))
+    return [view[_aligned(a):_aligned(a) + n] for a, n in zip(ends, sizes)]
+
+
+def _receive_result(conn: Any) -> Any:
+    """What `_job_worker` sent: a result, or its error raised here."""
+    header = transfer.read_header(conn)
+    sizes = [int(n) for n in header["sizes"]]
+    path = header.get("file")
+    buffers = _mapped(path, sizes) if path is not None else [transfer.read_pipe(conn, n) for n in sizes]
+    return transfer.decode(header["tree"], buffers)
 
 
 def _job_worker(conn: Any) -> None:
-    """A forked finaliser: run each job the parent names, send back its result (`transfer.send`) or its
-    error; stop at an empty message or when the parent is gone."""
+    """A forked finaliser: run each job the parent names, send back its result (a JSON tree, then its
+    arrays' bytes in a file in shared memory or down the pipe) or its error; stop at an empty message or
+    when the parent is gone."""
     try:
         while True:
             message = conn.recv_bytes()
@@ -297,12 +353,15 @@ def _job_worker(conn: Any) -> None:
                 return
             name = message[1:].decode()
             try:
-                encoded = transfer.encode(_JOBS[name]())  # a result that cannot travel is this job's error
+                tree, buffers = transfer.encode(_JOBS[name]())  # a result that cannot travel is this job's error
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
                 transfer.send_error(conn, e)
                 continue
-            transfer.send_encoded(conn, *encoded)
-            del encoded
+            path = _write_result(_RESULTS_FOLDER[0], buffers)
+            conn.send_bytes(transfer.dumps({"tree": tree, "sizes": [b.nbytes for b in buffers], "file": path}))
+            if path is None:
+                transfer.send_buffers(conn, buffers)
+            del tree, buffers
     except (EOFError, OSError):
         return
     finally:
@@ -325,6 +384,7 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
 
     _JOBS.clear()
     _JOBS.update(jobs)
+    _RESULTS_FOLDER[0] = _spill_folder()
     ctx = mp.get_context("fork")
     todo = list(jobs)[::-1]  # popped from the end: dict order
     procs, conns, idle, results = [], [], [], {}
@@ -356,7 +416,7 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
             for conn in done:
                 name = running.pop(conn)
                 try:
-                    results[name] = transfer.receive(conn)
+                    results[name] = _receive_result(conn)
                 except EOFError:
                     raise MoelabError(f"an analysis worker stopped while finalising {name!r} (out of memory? "
                                       "try fewer --workers)") from None
@@ -372,4 +432,7 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, Any]
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
+        if _RESULTS_FOLDER[0] is not None:  # what a failed run left (read files are already unlinked)
+            shutil.rmtree(_RESULTS_FOLDER[0], ignore_errors=True)
+            _RESULTS_FOLDER[0] = None
     return {name: results[name] for name in jobs}
