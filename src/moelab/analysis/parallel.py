@@ -20,7 +20,10 @@ memory (`/dev/shm`, read back at 2-3x a pipe's speed here), the trees down the p
 shared memory or it is full, the bytes follow the trees down the pipe. At 16 parts of a 33.5M-row trace
 the parent's receiving and merging went from 25.0 s (8.3 GB of dense tables down the pipes) to about 1.3 s.
 
-The finalisation's jobs run on forked workers too (`run_jobs`); their results come back the same way.
+The finalisation's jobs run on forked workers too (`run_jobs`), forked as the jobs need them. Their
+results come back as JSON trees down the pipe, and the arrays' bytes of a large result in a file in
+shared memory that the parent maps copy-on-write rather than reads (`_mapped`). The count tables' parts
+are not added in the parent at all: each layer's job adds its own rows of them (`tables.ShareAccumulator`).
 """
 
 from __future__ import annotations
