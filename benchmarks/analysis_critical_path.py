@@ -30,6 +30,7 @@ import heapq
 import json
 import multiprocessing as mp
 import os
+import shutil
 import struct
 import sys
 import time
@@ -109,6 +110,7 @@ def pool_seconds(jobs: list[tuple[float, float]], workers: int, fork_s: float) -
 
 def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
     """Run the analysis in this process with the parallel pieces replaced by serial, timed ones."""
+    folders: list[str | None] = []
     pieces: dict[str, Any] = {"parts_s": [], "merge_parts_s": [], "rounds": [], "fork_s": [], "rounds_wall_s": 0.0}
 
     def consume(acc, trace, columns, batch_rows, key, block, n):
@@ -116,6 +118,7 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
         parts = parallel.split_units(bounds, workers)
         pieces["stream_fork_s"] = fork_seconds()
         folder = parallel._spill_folder()
+        folders.append(folder)
         blank = copy.deepcopy(acc)  # what every worker starts from: `acc` fills as the parts are merged
         for i, (lo, hi) in enumerate(parts):  # one child at a time, each part merged once it is in
 
@@ -138,8 +141,6 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
             pieces["merge_parts_s"].append(time.perf_counter() - t)
             conn.close()
             os.waitpid(pid, 0)
-        if folder:
-            os.rmdir(folder)
 
     def run_jobs(jobs, n):
         """The jobs in `workers` children one after another, child w running jobs w, w + N, ... (the pool
@@ -148,6 +149,7 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
         start = time.perf_counter()
         names, out, rows = list(jobs), {}, {}
         folder = parallel._spill_folder()
+        folders.append(folder)
         for w in range(min(workers, len(names))):
 
             def work(conn, mine=names[w::workers]):
@@ -168,8 +170,6 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
                 rows[name] = (name, run, time.perf_counter() - t)
             conn.close()
             os.waitpid(pid, 0)
-        if folder:
-            os.rmdir(folder)
         pieces["rounds"].append([rows[name] for name in names])
         pieces["rounds_wall_s"] += time.perf_counter() - start
         return {name: out[name] for name in names}
@@ -183,6 +183,9 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
         pieces["total_s"] = time.perf_counter() - t
     finally:
         parallel.consume_parallel, parallel.run_jobs = real
+        for folder in folders:  # a failed child's part stays there otherwise
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
     pieces["stream_s"], pieces["finalise_s"] = phases["stream_s"], phases["finalise_s"]
     # between and around the rounds (each round's wall here: its children, forks and reading back)
     pieces["parent_finalise_s"] = phases["finalise_s"] - pieces["rounds_wall_s"]
