@@ -331,6 +331,29 @@ def test_a_mapped_result_shorter_than_its_header_says_is_an_error(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_run_removes_the_shared_memory_folders_a_killed_run_left(tmp_path, monkeypatch):
+    """A folder named for a process that is gone goes; one of a live process, and other names, stay."""
+    import subprocess
+    import sys
+
+    from moelab.analysis import parallel
+
+    monkeypatch.setattr(parallel, "SHM", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"moelab-analysis-{int(gone.stdout)}-abc123"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "part-0").write_bytes(b"x" * 100)
+    live = tmp_path / f"moelab-analysis-{os.getppid()}-def456"
+    others = [tmp_path / "moelab-analysis-notapid", tmp_path / "moelab-analysis-99999999"]  # no process id in it
+    for d in (live, *others):
+        d.mkdir()
+    made = parallel._spill_folder()
+    assert made is not None and os.path.basename(made).startswith(f"moelab-analysis-{os.getpid()}-")
+    assert not dead.exists() and live.exists() and all(d.exists() for d in others)
+    parallel._spill_folder()  # its own folder, of a live process, stays too
+    assert os.path.isdir(made)
+
+
 def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
     """The JSON trees go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
     import pickle

@@ -231,15 +231,35 @@ def _read_file(f: Any, path: str, size: int) -> np.ndarray:
     return buf
 
 
+SHM = "/dev/shm"
+
+
 def _spill_folder() -> str | None:
-    """A fresh folder in shared memory (tmpfs, mode 0700) for the workers' parts' array bytes, or None
-    where there is none."""
-    if not os.path.isdir("/dev/shm"):
+    """A fresh folder in shared memory (tmpfs, mode 0700) for the workers' array bytes, or None where there
+    is none. Its name carries this process's id, so a later run can remove what a run killed outright
+    (out of memory, SIGKILL) left behind: tmpfs holds it until the machine restarts."""
+    if not os.path.isdir(SHM):
         return None
+    _remove_orphans()
     try:
-        return tempfile.mkdtemp(prefix="moelab-analysis-", dir="/dev/shm")
+        return tempfile.mkdtemp(prefix=f"moelab-analysis-{os.getpid()}-", dir=SHM)
     except OSError:
         return None
+
+
+def _remove_orphans() -> None:
+    """Remove the shared-memory folders of analyses whose process is gone (another user's stay: their
+    process cannot be signalled, and their folders cannot be removed)."""
+    for name in os.listdir(SHM):
+        pid, dash, _ = name.removeprefix("moelab-analysis-").partition("-")
+        if not name.startswith("moelab-analysis-") or not dash or not pid.isdigit():
+            continue  # not ours, or named without a process id (an older moelab's)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(SHM, name), ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
 
 
 def consume_parallel(acc: dict[str, Any], trace: Any, columns: list[str], batch_rows: int,
