@@ -332,7 +332,8 @@ def test_a_mapped_result_shorter_than_its_header_says_is_an_error(tmp_path):
 
 
 def test_a_run_removes_the_shared_memory_folders_a_killed_run_left(tmp_path, monkeypatch):
-    """A folder named for a process that is gone goes; one of a live process, and other names, stay."""
+    """A folder named for a process of this machine that is gone goes; one of a live process, one of
+    another machine (a container sharing /dev/shm) and other names stay."""
     import subprocess
     import sys
 
@@ -340,15 +341,17 @@ def test_a_run_removes_the_shared_memory_folders_a_killed_run_left(tmp_path, mon
 
     monkeypatch.setattr(parallel, "SHM", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f"moelab-analysis-{int(gone.stdout)}-abc123"
+    host = parallel._host()
+    dead = tmp_path / f"moelab-analysis-{host}-{int(gone.stdout)}-abc123"
     (dead / "sub").mkdir(parents=True)
     (dead / "part-0").write_bytes(b"x" * 100)
-    live = tmp_path / f"moelab-analysis-{os.getppid()}-def456"
-    others = [tmp_path / "moelab-analysis-notapid", tmp_path / "moelab-analysis-99999999"]  # no process id in it
+    live = tmp_path / f"moelab-analysis-{host}-{os.getppid()}-def456"
+    others = [tmp_path / "moelab-analysis-notapid", tmp_path / "moelab-analysis-99999999",  # no process id
+              tmp_path / f"moelab-analysis-{host}x-{int(gone.stdout)}-abc123"]  # another machine's
     for d in (live, *others):
         d.mkdir()
     made = parallel._spill_folder()
-    assert made is not None and os.path.basename(made).startswith(f"moelab-analysis-{os.getpid()}-")
+    assert made is not None and os.path.basename(made).startswith(f"moelab-analysis-{host}-{os.getpid()}-")
     assert not dead.exists() and live.exists() and all(d.exists() for d in others)
     parallel._spill_folder()  # its own folder, of a live process, stays too
     assert os.path.isdir(made)

@@ -234,26 +234,35 @@ def _read_file(f: Any, path: str, size: int) -> np.ndarray:
 SHM = "/dev/shm"
 
 
+def _host() -> str:
+    """This machine's name as a folder-name token (letters and digits): containers that share /dev/shm
+    but not process ids usually differ in it."""
+    import socket
+
+    return "".join(c for c in socket.gethostname() if c.isascii() and c.isalnum())[:32] or "host"
+
+
 def _spill_folder() -> str | None:
     """A fresh folder in shared memory (tmpfs, mode 0700) for the workers' array bytes, or None where there
-    is none. Its name carries this process's id, so a later run can remove what a run killed outright
-    (out of memory, SIGKILL) left behind: tmpfs holds it until the machine restarts."""
+    is none. Its name carries this machine's name and this process's id, so a later run here can remove
+    what a run killed outright (out of memory, SIGKILL) left behind: tmpfs holds it until the machine
+    restarts."""
     if not os.path.isdir(SHM):
         return None
     _remove_orphans()
     try:
-        return tempfile.mkdtemp(prefix=f"moelab-analysis-{os.getpid()}-", dir=SHM)
+        return tempfile.mkdtemp(prefix=f"moelab-analysis-{_host()}-{os.getpid()}-", dir=SHM)
     except OSError:
         return None
 
 
 def _remove_orphans() -> None:
-    """Remove the shared-memory folders of analyses whose process is gone (another user's stay: their
-    process cannot be signalled, and their folders cannot be removed)."""
+    """Remove the shared-memory folders of analyses on this machine whose process is gone (another
+    user's stay: their process cannot be signalled, and their folders cannot be removed)."""
     for name in os.listdir(SHM):
-        pid, dash, _ = name.removeprefix("moelab-analysis-").partition("-")
-        if not name.startswith("moelab-analysis-") or not dash or not pid.isdigit():
-            continue  # not ours, or named without a process id (an older moelab's)
+        host, pid, rest = (name.removeprefix("moelab-analysis-").split("-", 2) + ["", ""])[:3]
+        if not name.startswith("moelab-analysis-") or host != _host() or not pid.isdigit() or not rest:
+            continue  # not ours, another machine's, or named without a process id (an older moelab's)
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
