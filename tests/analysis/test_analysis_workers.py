@@ -358,7 +358,8 @@ def test_a_run_removes_the_shared_memory_folders_a_killed_run_left(tmp_path, mon
 
 
 def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs_nothing(tmp_path):
-    """The JSON trees go down the pipe; the file carries the arrays' raw bytes, read into plain buffers."""
+    """The JSON trees go down the pipe; the file carries the arrays' raw bytes (each aligned), mapped as
+    plain buffers."""
     import pickle
 
     from moelab.analysis import parallel, transfer
@@ -370,7 +371,8 @@ def test_the_shared_memory_file_holds_array_bytes_only_and_a_planted_pickle_runs
 
     header = handed(0, [("x", arrays), ("y", [7, "z"])])
     path = header["file"]
-    assert open(path, "rb").read() == arrays["a"].tobytes() + arrays["b"].tobytes()
+    # a at 0 (48 bytes), b at the next 64-byte boundary, the gap zeros
+    assert open(path, "rb").read() == arrays["a"].tobytes() + bytes(16) + arrays["b"].tobytes()
     back = list(parallel._received_parts(transfer.loads(transfer.dumps(header)), None))
     assert back[1] == ("y", [7, "z"]) and not os.path.exists(path)
     assert all(np.array_equal(back[0][1][k], arrays[k]) for k in arrays)

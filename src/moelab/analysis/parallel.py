@@ -192,43 +192,24 @@ def prepare_parts(accs: dict[str, Any], folder: str | None, index: int) -> tuple
 
 
 def _spill(folder: str | None, index: int, buffers: list[memoryview]) -> str | None:
-    """Write the parts' array buffers one after another to a file in `folder`; its path, or None
-    (nothing left behind) where there is no folder or it is full, and the pipe carries them."""
+    """The parts' array buffers in a file in `folder` (`_write_aligned`); its path, or None (nothing left
+    behind) where there is no folder or it is full, and the pipe carries them."""
     if folder is None:
         return None
     path = os.path.join(folder, f"part-{index}")
-    try:
-        with open(path, "wb") as f:
-            for b in buffers:
-                f.write(b)
-    except OSError:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        return None
-    return path
+    return path if _write_aligned(path, buffers) else None
 
 
 def _received_parts(header: dict[str, Any], conn: Any) -> Iterator[tuple[str, Any]]:
-    """The parts a worker's header announces, one at a time: each tree decoded with its buffers, read
-    from the worker's file (unlinked as soon as it is open) or from the pipe, each into a fresh buffer."""
-    sizes = iter(int(n) for n in header["sizes"])
+    """The parts a worker's header announces, one at a time: each tree decoded with its buffers, views of
+    the worker's file mapped copy-on-write (`_mapped`: no copy, and the file is unlinked at once) or
+    read from the pipe into fresh buffers."""
+    sizes = [int(n) for n in header["sizes"]]
     path = header["file"]
-    with (open(path, "rb") if path is not None else contextlib.nullcontext()) as f:
-        if path is not None:
-            os.unlink(path)
-        for name, tree, count in header["parts"]:
-            buffers = [_read_file(f, path, next(sizes)) if path is not None else transfer.read_pipe(conn, next(sizes))
-                       for _ in range(count)]
-            yield name, transfer.decode(tree, buffers)
-
-
-def _read_file(f: Any, path: str, size: int) -> np.ndarray:
-    buf = transfer.receive_buffer(size)
-    if f.readinto(buf) != size:
-        raise MoelabError(f"an analysis worker's part in {path} is shorter than it wrote")
-    return buf
+    buffers = iter(_mapped(path, sizes) if path is not None else [])
+    for name, tree, count in header["parts"]:
+        got = [next(buffers) if path is not None else transfer.read_pipe(conn, sizes.pop(0)) for _ in range(count)]
+        yield name, transfer.decode(tree, got)
 
 
 SHM = "/dev/shm"
@@ -321,48 +302,55 @@ _JOBS: dict[str, Callable[[], Any]] = {}
 _RESULTS_FOLDER: list[str | None] = [None]  # where the job workers leave large results (inherited by the fork)
 MAPPED_RESULT_BYTES = 1 << 20  # results at least this large go through a file in shared memory
 ALIGN = 64
+_RESULT_NUMBERS = itertools.count()
 
 
 def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
-def _write_result(folder: str | None, buffers: list[memoryview]) -> str | None:
-    """A result's array buffers in a fresh file in `folder`, each at an offset aligned to ALIGN bytes;
-    its path, or None (nothing left behind) where there is no folder, the result is small, or the
-    folder is full: the buffers then go down the pipe."""
-    if folder is None or sum(b.nbytes for b in buffers) < MAPPED_RESULT_BYTES:
-        return None
-    fd, path = tempfile.mkstemp(prefix="result-", dir=folder)
+def _write_aligned(path: str, buffers: list[memoryview]) -> bool:
+    """The buffers one after another in a new file, each at an offset aligned to ALIGN bytes (`_mapped`
+    reads them back as aligned arrays); False (nothing left behind) where the file cannot be written."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(path, "xb") as f:
             for b in buffers:
                 f.seek(_aligned(f.tell()))
                 f.write(b)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        return False
+    return True
+
+
+def _write_result(folder: str | None, buffers: list[memoryview]) -> str | None:
+    """A result's array buffers in a fresh file in `folder` (`_write_aligned`); its path, or None where
+    there is no folder, the result is small, or the folder is full: the buffers then go down the pipe."""
+    if folder is None or sum(b.nbytes for b in buffers) < MAPPED_RESULT_BYTES:
         return None
-    return path
+    path = os.path.join(folder, f"result-{os.getpid()}-{next(_RESULT_NUMBERS)}")
+    return path if _write_aligned(path, buffers) else None
 
 
 def _mapped(path: str, sizes: list[int]) -> list[Any]:
-    """The buffers `_write_result` wrote, as views of the file mapped copy-on-write (MAP_PRIVATE: this
-    process and its forks may write into them without touching each other's), not read into a copy: a
-    layer of the token table is 32 MiB, and 16 of them read down pipes one by one held the round. The
-    file is unlinked at once; the mapping lives as long as an array viewing it."""
+    """The buffers `_write_aligned` wrote, as views of the file mapped copy-on-write (MAP_PRIVATE: this
+    process and its forks may write into them without touching each other's), not read into copies: a
+    layer of the token table is 32 MiB, and 16 of them read down pipes one by one held the first round
+    of jobs. The file is unlinked at once; the mapping lives as long as an array viewing it."""
     with open(path, "r+b") as f:
         os.unlink(path)
-        ends = [0]
+        starts, end = [], 0
         for n in sizes:
-            ends.append(_aligned(ends[-1]) + n)
-        if os.fstat(f.fileno()).st_size < ends[-1]:
-            raise MoelabError(f"an analysis worker's result in {path} is shorter than it wrote")
-        if ends[-1] == 0:
+            starts.append(_aligned(end))
+            end = starts[-1] + n
+        need = max((a + n for a, n in zip(starts, sizes) if n), default=0)  # an empty last buffer adds nothing
+        if os.fstat(f.fileno()).st_size < need:
+            raise MoelabError(f"an analysis worker's file {path} is shorter than it wrote")
+        if need == 0:
             return [np.empty(0, np.uint8) for _ in sizes]
-        view = memoryview(mmap.mmap(f.fileno(), ends[-1], flags=mmap.MAP_PRIVATE,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE))
-    return [view[_aligned(a):_aligned(a) + n] for a, n in zip(ends, sizes)]
+        view = memoryview(mmap.mmap(f.fileno(), need, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+    return [view[a:a + n] if n else np.empty(0, np.uint8) for a, n in zip(starts, sizes)]
 
 
 def _receive_result(conn: Any) -> Any:
