@@ -16,14 +16,15 @@ one worker (tests/analysis/test_analysis_workers.py).
 The parent's merge is serial, so what a part costs there bounds many workers. A worker packs its mostly
 empty count tables (`for_transfer`) and encodes every accumulator before its first send (`transfer.py`:
 a JSON tree and the arrays' raw bytes, no pickle either way): the arrays' bytes go to a file in shared
-memory (`/dev/shm`, read back at 2-3x a pipe's speed here), the trees down the pipe; where there is no
-shared memory or it is full, the bytes follow the trees down the pipe. At 16 parts of a 33.5M-row trace
-the parent's receiving and merging went from 25.0 s (8.3 GB of dense tables down the pipes) to about 1.3 s.
+memory (`/dev/shm`), which the parent maps copy-on-write rather than reads (`_mapped`), the trees down
+the pipe; where there is no shared memory or it is full, the bytes follow the trees down the pipe. The
+count tables' parts are not added in the parent at all: each layer's job adds its own rows of them
+(`tables.ShareAccumulator`). At 16 parts of a 33.5M-row trace the parent's receiving and merging went
+from 25.0 s (8.3 GB of dense tables down the pipes) to about 0.3 s.
 
 The finalisation's jobs run on forked workers too (`run_jobs`), forked as the jobs need them. Their
-results come back as JSON trees down the pipe, and the arrays' bytes of a large result in a file in
-shared memory that the parent maps copy-on-write rather than reads (`_mapped`). The count tables' parts
-are not added in the parent at all: each layer's job adds its own rows of them (`tables.ShareAccumulator`).
+results come back the same way (a large one mapped from a file in shared memory, a small one down the
+pipe).
 """
 
 from __future__ import annotations
