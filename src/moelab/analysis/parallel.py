@@ -241,9 +241,10 @@ def _spill_folder() -> str | None:
 def _remove_orphans() -> None:
     """Remove the shared-memory folders of analyses on this machine whose process is gone (another
     user's stay: their process cannot be signalled, and their folders cannot be removed)."""
+    here = _host()
     for name in os.listdir(SHM):
         host, pid, rest = (name.removeprefix("moelab-analysis-").split("-", 2) + ["", ""])[:3]
-        if not name.startswith("moelab-analysis-") or host != _host() or not pid.isdigit() or not rest:
+        if not name.startswith("moelab-analysis-") or host != here or not pid.isdigit() or not rest:
             continue  # not ours, another machine's, or named without a process id (an older moelab's)
         try:
             os.kill(int(pid), 0)
