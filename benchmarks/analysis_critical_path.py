@@ -15,8 +15,8 @@ pool as `run_jobs` runs it (a job to a free worker, else a fork while fewer than
 parent reads the results back one by one).
 
 It leaves out what only a machine with N cores shows: memory bandwidth shared by N workers, the file
-read by N readers at once, a busy core's turbo, the parent merging beside N workers still streaming. So it is a lower bound in spirit, and a measurement
-(`device_session.sh workers`) replaces it. Check it where it can be checked: `--check 2` runs the real
+read by N readers at once, a busy core's turbo, the parent merging beside N workers still streaming. So
+it is a lower bound in spirit, and a measurement (`device_session.sh workers`) replaces it. Check it where it can be checked: `--check 2` runs the real
 2-worker analysis beside the 2-worker estimate.
 
     python benchmarks/analysis_critical_path.py TRACE --workers 16 [--check 2] [--batch-seqs 4]
@@ -129,9 +129,7 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
                                        list(accs.values()))
                 header, buffers = parallel.prepare_parts(accs, folder, i)  # as the worker does
                 send_seconds(conn, time.perf_counter() - t)
-                conn.send_bytes(transfer.dumps(header))
-                if header["file"] is None:
-                    transfer.send_buffers(conn, buffers)
+                parallel._send(conn, header, buffers)
 
             pid, conn = in_child(work)
             pieces["parts_s"].append(recv_seconds(conn))
@@ -156,11 +154,9 @@ def timed_pieces(trace: Any, workers: int, batch_seqs: int) -> dict[str, Any]:
                 for name in mine:  # as `parallel._job_worker` sends a result
                     t = time.perf_counter()
                     tree, buffers = transfer.encode(jobs[name]())
-                    path = parallel._write_result(folder, buffers)
+                    header = parallel._result_header(tree, buffers, folder)
                     send_seconds(conn, time.perf_counter() - t)
-                    conn.send_bytes(transfer.dumps({"tree": tree, "sizes": [b.nbytes for b in buffers], "file": path}))
-                    if path is None:
-                        transfer.send_buffers(conn, buffers)
+                    parallel._send(conn, header, buffers)
 
             pid, conn = in_child(work)
             for name in names[w::workers]:

@@ -166,11 +166,25 @@ def _run_part(index: int, conn: Any) -> None:
         conn.close()
         return
     try:
-        conn.send_bytes(transfer.dumps(header))
-        if header["file"] is None:
-            transfer.send_buffers(conn, buffers)
+        _send(conn, header, buffers)
     finally:
         conn.close()
+
+
+def _send(conn: Any, header: dict[str, Any], buffers: list[memoryview]) -> None:
+    """A header down the pipe, then the buffers where it names no file holding them (`_incoming`)."""
+    conn.send_bytes(transfer.dumps(header))
+    if header["file"] is None:
+        transfer.send_buffers(conn, buffers)
+
+
+def _incoming(header: dict[str, Any], conn: Any) -> Iterator[Any]:
+    """The buffers a header announces, in order: views of its file mapped copy-on-write (`_mapped`), else
+    read from the pipe one at a time, as they are asked for."""
+    sizes = [int(n) for n in header["sizes"]]
+    if header["file"] is not None:
+        return iter(_mapped(header["file"], sizes))
+    return (transfer.read_pipe(conn, n) for n in sizes)
 
 
 def packed_parts(accs: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -205,12 +219,9 @@ def _received_parts(header: dict[str, Any], conn: Any) -> Iterator[tuple[str, An
     """The parts a worker's header announces, one at a time: each tree decoded with its buffers, views of
     the worker's file mapped copy-on-write (`_mapped`: no copy, and the file is unlinked at once) or
     read from the pipe into fresh buffers."""
-    sizes = [int(n) for n in header["sizes"]]
-    path = header["file"]
-    buffers = iter(_mapped(path, sizes) if path is not None else [])
+    buffers = _incoming(header, conn)
     for name, tree, count in header["parts"]:
-        got = [next(buffers) if path is not None else transfer.read_pipe(conn, sizes.pop(0)) for _ in range(count)]
-        yield name, transfer.decode(tree, got)
+        yield name, transfer.decode(tree, [next(buffers) for _ in range(count)])
 
 
 SHM = "/dev/shm"
@@ -355,13 +366,15 @@ def _mapped(path: str, sizes: list[int]) -> list[Any]:
     return [view[a:a + n] if n else np.empty(0, np.uint8) for a, n in zip(starts, sizes)]
 
 
+def _result_header(tree: Any, buffers: list[memoryview], folder: str | None) -> dict[str, Any]:
+    """An encoded result's header, its buffers written to a file in `folder` where they go that way."""
+    return {"tree": tree, "sizes": [b.nbytes for b in buffers], "file": _write_result(folder, buffers)}
+
+
 def _receive_result(conn: Any) -> Any:
     """What `_job_worker` sent: a result, or its error raised here."""
     header = transfer.read_header(conn)
-    sizes = [int(n) for n in header["sizes"]]
-    path = header.get("file")
-    buffers = _mapped(path, sizes) if path is not None else [transfer.read_pipe(conn, n) for n in sizes]
-    return transfer.decode(header["tree"], buffers)
+    return transfer.decode(header["tree"], list(_incoming(header, conn)))
 
 
 def _job_worker(conn: Any) -> None:
@@ -379,10 +392,7 @@ def _job_worker(conn: Any) -> None:
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
                 transfer.send_error(conn, e)
                 continue
-            path = _write_result(_RESULTS_FOLDER[0], buffers)
-            conn.send_bytes(transfer.dumps({"tree": tree, "sizes": [b.nbytes for b in buffers], "file": path}))
-            if path is None:
-                transfer.send_buffers(conn, buffers)
+            _send(conn, _result_header(tree, buffers, _RESULTS_FOLDER[0]), buffers)
             del tree, buffers
     except (EOFError, OSError):
         return

@@ -264,7 +264,7 @@ class ShareAccumulator:
         width = (int(lut.max()) + 1 if len(lut) else 0) if lut is not None else table.shape[1]
         mine = self.dense.get(name)
         wide = max(width, 0 if mine is None else mine.shape[1])
-        dtype = np.int64 if self.dense_rows >= 1 << 31 or table.dtype == np.int64 else np.int32
+        dtype = self._count_dtype([table])
         if mine is not None and mine.shape[1] == wide and mine.dtype == dtype:
             grown = mine  # added in place: a copy per merged part cost seconds at 16 parts (2^26 cells)
         else:
@@ -278,6 +278,11 @@ class ShareAccumulator:
         else:
             grown[:, :table.shape[1]] += table
         self.dense[name] = grown
+
+    def _count_dtype(self, tables: list[Any]) -> type:
+        """int32 for a dense table of counts, unless the rows counted or one of the tables added need int64."""
+        wide = self.dense_rows >= 1 << 31 or any(t is not None and t.dtype == np.int64 for t in tables)
+        return np.int64 if wide else np.int32
 
     def for_transfer(self) -> "ShareAccumulator":
         """This part, its large and mostly empty dense tables packed, to be sent to the parent and merged
@@ -330,8 +335,7 @@ class ShareAccumulator:
             return table[slots]
         width = max([t.shape[1] for t in parts] + ([table.shape[1]] if table is not None else []))
         rows = range(*slots.indices(parts[0].shape[0]))
-        wide = self.dense_rows >= 1 << 31 or any(t.dtype == np.int64 for t in parts + [table] if t is not None)
-        out = np.zeros((len(rows), width, parts[0].shape[2]), np.int64 if wide else np.int32)  # as `_add_table`
+        out = np.zeros((len(rows), width, parts[0].shape[2]), self._count_dtype(parts + [table]))
         if table is not None:
             out[:, :table.shape[1]] = table[slots]
         for t in parts:
