@@ -120,6 +120,7 @@ def test_given_tokenizer_is_used_and_saved(tmp_path, docs_tokenizer):
     assert c.info["tokenizer"]["fingerprint"] == docs_tokenizer.fingerprint()
     path = docs_tokenizer.save(tmp_path / "tok.json")
     d = build_corpus(tmp_path / "d", ["math:20"], str(path))  # a path works too
+    assert d.tokenizer().fingerprint() == docs_tokenizer.fingerprint()
     assert (tmp_path / "c" / "tokens.npy").read_bytes() == (tmp_path / "d" / "tokens.npy").read_bytes()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from moelab.explore.summary import ExpertSummary
 from moelab.trace.io import open_trace
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moelab.model.config import ModelConfig, MoEConfig, RouterConfig
 from moelab.model.losses import load_balance_loss, router_z_loss

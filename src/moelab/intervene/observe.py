@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moelab.intervene.edit import RoutingEdit, removal
+from moelab.intervene.edit import removal
 from moelab.intervene.stats import seq_totals, spearman
 
 SCORES = ("frequency", "gate_weighted", "activation_norm", "reap")

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from moelab.config import MoelabError
 from moelab.trace.formats.routed import Routed, jsonl_records
 from moelab.trace.formats.values import MAX_EXPERTS, MAX_TOKEN, int_array
