@@ -72,8 +72,8 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 @lru_cache(maxsize=None)
 def _grouped_mm_traceable(dtype: torch.dtype) -> bool:
     """Whether torch.compile can trace torch._grouped_mm in this dtype: its fake (meta) kernel, which
-    compiled graphs run instead of the real one, accepts only bf16 in torch 2.9-2.13 even where the real
-    CPU/CUDA kernel takes fp32, so an fp32 block would fail to compile."""
+    compiled graphs run instead of the real one, accepts only bf16 in torch 2.9-2.14 (fp32 too from 2.15)
+    even where the real CPU/CUDA kernel takes fp32, so an fp32 block would fail to compile."""
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
