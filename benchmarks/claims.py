@@ -63,7 +63,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     "order, the last final; into claims-scratch/hf/<model>/ (or --results)")
     ap.add_argument("--revision", nargs="+", default=[], metavar="REV", help="--hf: hub revisions (OLMoE's "
                     "checkpoints are branches), or a local folder's subfolders; one model at several, or one each")
-    ap.add_argument("--tokens", type=int, default=0, help="--hf: held-out tokens to trace (0: the whole split)")
+    ap.add_argument("--tokens", type=int, default=0, help="--hf: held-out tokens to trace, shared among the "
+                    "corpus's domains (0: the whole split)")
     ap.add_argument("--seeds", action="store_true", help="--hf: the models are independently trained runs of one "
                     "recipe, not checkpoints: each row over them by the table's rule (3 or more sign a verdict)")
     return ap.parse_args(argv)

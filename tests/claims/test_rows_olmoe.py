@@ -32,6 +32,7 @@ def test_vocab_and_domain(ws, sane):
     assert v.seed_values == pytest.approx([e["value"] - e["null"] + mean_null for e in v.details["per_seed"]])
     assert len(v.seed_values) == 2 and v.measure.null == pytest.approx(mean_null)
     assert v.verdict == "too few seeds" and v.measure.value == pytest.approx(sum(v.seed_values) / 2)
+    assert v.details["domain_max_share"]["value"] > 0  # the smoke trace's budget reaches every domain
     d = run_row(all_rows()["olmoe-domain-specialisation"], ws)
     sane(d, "olmoe-domain-specialisation", "OLMoE")
     shares = d.details["per_domain_max_share_by_layer"]
@@ -40,3 +41,19 @@ def test_vocab_and_domain(ws, sane):
     assert d.details["per_seed"][0]["value"] == pytest.approx(sum(sum(s) for s in shares.values()) / 6)
     assert d.details["vocab_specialisation"]["value"] == pytest.approx(v.details["per_seed"][0]["value"])
     assert len(d.seed_values) == 2 and d.verdict == "too few seeds"
+
+
+def test_the_vocabulary_row_goes_on_where_the_trace_holds_one_domain(ws, monkeypatch):
+    # One domain traced: no domain headline. The vocabulary row reports it in its details as missing instead
+    # of stopping with a KeyError (Python 3.12's stdlib once filled the whole smoke trace with code).
+    import moelab.claims.rows_olmoe as rows_olmoe
+
+    real = rows_olmoe.routing_metrics
+
+    def one_domain(w):
+        m = real(w)
+        return {**m, "headline": {k: v for k, v in m["headline"].items() if k != "max_share:domain"}}
+
+    monkeypatch.setattr(rows_olmoe, "routing_metrics", one_domain)
+    v = run_row(all_rows()["olmoe-vocab-specialisation"], ws)
+    assert v.details["domain_max_share"] is None and v.measure.value <= 1

@@ -5,7 +5,8 @@ import torch
 from moelab.config import ConfigError, MoelabError
 from moelab.data.build import build_corpus
 from moelab.data.config import DataConfig
-from moelab.data.objectives import IGNORE_INDEX, CorpusSampler, MixedSampler, build_sampler, iter_sequential
+from moelab.data.objectives import (IGNORE_INDEX, CorpusSampler, MixedSampler, balanced_spans, build_sampler,
+                                   iter_sequential)
 
 DTYPES = {"input_ids": torch.int64, "labels": torch.int64, "doc": torch.int64, "pos": torch.int64,
           "domain_id": torch.int16, "lang_id": torch.int16, "turn": torch.int16}
@@ -99,6 +100,47 @@ def test_sequential_pass_of_one_domain(small_corpus):
     assert any((b["turn"] >= 1).any() for b in batches)
     with pytest.raises(MoelabError, match="has no domain 'poetry'"):
         iter_sequential(c, seq_len=10, batch_size=2, domain="poetry")
+
+
+def test_balanced_spans_by_hand():
+    # domain 0: documents of 50 and 30 tokens; domain 1: 10 and 5; domain 2: 100.
+    domain_D, spans_D = np.array([0, 0, 1, 1, 2]), np.array([50, 30, 10, 5, 100])
+    # 60 tokens: domain 1 (15 in all) takes all it has, the other two share the 45 left: 22 and 23, the
+    # smaller total first (domain 0, 80 tokens, gets the floor)
+    assert balanced_spans(domain_D, spans_D, 60).tolist() == [22, 0, 10, 5, 23]
+    assert balanced_spans(domain_D, spans_D, 3).tolist() == [1, 0, 1, 0, 1]
+    assert balanced_spans(domain_D, spans_D, 96).tolist() == [40, 0, 10, 5, 41]
+    assert balanced_spans(domain_D, spans_D, 1000).tolist() == spans_D.tolist()  # all of it, never more
+    # one domain: its first tokens in order, as a plain prefix
+    assert balanced_spans(np.zeros(3, int), np.array([4, 4, 4]), 6).tolist() == [4, 2, 0]
+
+
+def test_a_budget_short_of_the_split_reaches_every_domain(small_corpus):
+    # The held-out split in corpus order: a prefix of it reaches the first domain only (the failure this
+    # guards against: on Python 3.12 one long stdlib module filled a 2,048-token smoke trace).
+    c = small_corpus
+    docs = c.doc_ids("heldout")
+    domains = np.unique(c.doc_domain[docs])
+    assert len(domains) >= 2
+    first = docs[c.doc_domain[docs] == c.doc_domain[docs[0]]]
+    budget = int((c.doc_length[first] + 1).sum()) // 2  # inside the first domain's text
+    prefix = list(iter_sequential(c, seq_len=8, batch_size=4, split="heldout"))
+    got = list(iter_sequential(c, seq_len=8, batch_size=4, split="heldout", balanced_tokens=budget))
+    dom = np.concatenate([b["domain_id"].reshape(-1).numpy() for b in got])
+    assert (dom >= 0).sum() == budget and set(np.unique(dom[dom >= 0])) == set(domains.tolist())
+    assert len(np.unique(np.concatenate([b["domain_id"].reshape(-1).numpy() for b in prefix])[:budget])) == 1
+    # each token is the corpus's own at its place: a leading run of each chosen document, in document order
+    pos = np.concatenate([flat_positions(c, b).reshape(-1) for b in got])
+    pos = pos[pos >= 0]
+    ids = np.concatenate([b["input_ids"].reshape(-1).numpy() for b in got])[: len(pos)]
+    assert ids.tolist() == c.tokens[pos].tolist() and (np.diff(pos) > 0).all()
+    doc_of = np.searchsorted(c.doc_start, pos, side="right") - 1
+    for d in np.unique(doc_of):
+        mine = pos[doc_of == d]
+        assert mine.tolist() == list(range(c.doc_start[d], c.doc_start[d] + len(mine)))
+    # a budget the split fits in changes nothing
+    whole = list(iter_sequential(c, seq_len=8, batch_size=4, split="heldout", balanced_tokens=10**9))
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(whole, prefix)) and len(whole) == len(prefix)
 
 
 def test_mixed_sampler_swaps_rows_for_the_first_steps(tmp_path, small_corpus):

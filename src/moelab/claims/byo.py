@@ -212,7 +212,8 @@ def trace_of(ws: Workspace, model: Brought, corpus: Path, *, tokens: int = 0, al
                         corpus=corpus, all_experts=all_experts, tokens=tokens)
     settings = {"model_content": model.fingerprint, "corpus_content": tree_hash(corpus), "tokens": tokens,
                 "seq_len": seq_len, "batch_size": ws.scale.batch_size, "all_experts": all_experts,
-                "code": code_closure("moelab.trace.hf", "moelab.claims.byo_norms", "moelab.data.shards")}
+                "code": code_closure("moelab.trace.hf", "moelab.claims.byo_norms", "moelab.data.shards",
+                                     "moelab.data.objectives")}
 
     def make(folder: Path) -> None:
         ws.log(f"[claims] tracing {model.label}{' (all experts)' if all_experts else ''}")
@@ -225,7 +226,7 @@ def trace_of(ws: Workspace, model: Brought, corpus: Path, *, tokens: int = 0, al
             from moelab.trace.hf import trace_hf
 
             trace_hf(model.folder, corpus, folder / "trace.parquet", tokens=tokens, seq_len=seq_len,
-                     batch_size=ws.scale.batch_size, progress=False)
+                     batch_size=ws.scale.batch_size, progress=False, balanced=True)
 
     name = f"{model.slug}-{model.fingerprint[:12]}{'-all' if all_experts else ''}"
     return ws.cached("byo-traces", name, settings, make) / "trace.parquet"

@@ -111,6 +111,6 @@ def trace_hf_all_experts(folder: Path, corpus_dir: Path, out: Path, *, tokens: i
             cap.expert_density_TE = torch.zeros_like(cap.expert_norms_TE)  # not a column of this trace
         return layers
 
-    batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split="heldout")
+    batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split="heldout", balanced_tokens=tokens)
     write_trace(batches, out, meta, capture, optional=["probs", "expert_norms", "expert_cos"],
                 blocks=meta.extra["moe_blocks"], max_tokens=tokens, full_probs=True)

@@ -49,8 +49,8 @@ def unmeasurable(m: dict[str, Any], min_count: int) -> dict[str, str]:
         names = sorted({n for layer in m["analyses"].get("domain_specialisation:domain", {}).get("names", [])
                         for n in layer})
         out["olmoe-domain-specialisation"] = (
-            f"the traced tokens hold {len(names)} domain(s) ({', '.join(names) or 'none'}); the held-out split is "
-            "in corpus order, so trace all of it (--tokens 0) to reach every domain")
+            f"the traced tokens hold {len(names)} domain(s) ({', '.join(names) or 'none'}): domain specialisation "
+            "needs the held-out text of two or more (a --tokens budget is shared among the split's domains)")
     return out
 
 

@@ -77,7 +77,9 @@ def vocab_specialisation(ws: Workspace) -> ClaimResult:
               "the trained capacity.",
         seeds=ws.scale.seeds,
         details={"per_layer": per_layer, "per_seed": vocab_each,
-                 "domain_max_share": dataclasses.asdict(measure_of(heads["max_share:domain"]["estimate"]))},
+                 # absent where the traced tokens hold one domain: the domain row says why, this one goes on
+                 "domain_max_share": (dataclasses.asdict(measure_of(heads["max_share:domain"]["estimate"]))
+                                      if "max_share:domain" in heads else None)},
         note=f"Margin {VOCAB_MARGIN} (rescaled): a tenth of the way from random to perfect beyond the null. The null "
              "sits above uniform routing because an ID seen few times shows a max share above k/E by chance.")
 

@@ -40,8 +40,8 @@ the rows that read one model's routing (openmoe-context-independent, olmoe-vocab
 olmoe-domain-specialisation, closer-norm-preference; given several checkpoints of one run in training
 order, also olmoe-saturation and openmoe-early-routing) on a transformers MoE model or a moelab
 checkpoint, with these rows' statistics, nulls and margins, on the claims corpus tokenized by the model's
-own tokenizer. Results go to claims-scratch/hf/<model>/ (never docs/), naming each model by a hash of its
-files. One model is one seed: its verdict is **too few seeds**, because its interval covers held-out text,
+own tokenizer (`--tokens N`: N held-out tokens shared among its domains, not the split's first N). Results
+go to claims-scratch/hf/<model>/ (never docs/), naming each model by a hash of its files. One model is one seed: its verdict is **too few seeds**, because its interval covers held-out text,
 not training runs. A separate column, "this model", reads the same rule on that interval (beyond the null
 by the margin, short of the margin, undecided): a property of that model on this text, which is what the
 papers' own one-model figures show, not evidence about a way of training. With `--seeds` the PATHs are

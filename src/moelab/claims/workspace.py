@@ -207,9 +207,10 @@ class Workspace:
     # ---- tracing and analysis ---------------------------------------------------------------------------
     def trace(self, checkpoint: Path, name: str, *, corpus: Path | None = None, all_experts: bool = False,
               tokens: int | None = None, capacity: str = "trained", seq_len: int | None = None,
-              batch_size: int | None = None) -> Path:
+              batch_size: int | None = None, balanced: bool = True) -> Path:
         """A trace of the held-out split at the trained capacity ("trained") or dropless ("none"), in rows of
-        `seq_len` tokens and capacity batches of `batch_size` rows (default: the scale's)."""
+        `seq_len` tokens and capacity batches of `batch_size` rows (default: the scale's). A budget of
+        `tokens` short of the split is shared among its domains (`balanced`), else its first tokens."""
         corpus = corpus or _run_corpus(checkpoint)
         tokens = tokens or self.scale.trace_tokens
         seq_len, batch_size = seq_len or self.scale.seq_len, batch_size or self.scale.batch_size
@@ -217,12 +218,12 @@ class Workspace:
                     "corpus": str(corpus), "corpus_content": tree_hash(corpus), "all_experts": all_experts,
                     "code": code_closure("moelab.trace.build", "moelab.train.checkpoint", "moelab.data.objectives",
                                          "moelab.data.shards"),
-                    "tokens": tokens, "capacity": capacity, "seq_len": seq_len,
+                    "tokens": tokens, "balanced": balanced, "capacity": capacity, "seq_len": seq_len,
                     "batch_size": batch_size, **({"device": self.device} if self.device else {})}
 
         def make(folder: Path) -> None:
             _write_trace(checkpoint, corpus, folder / "trace.parquet", seq_len, batch_size, all_experts, tokens,
-                         capacity, self.device or "cpu")
+                         capacity, self.device or "cpu", balanced)
 
         return self._cached(self.root / "traces" / name, settings, make) / "trace.parquet"
 
@@ -258,7 +259,7 @@ def _run_corpus(checkpoint: Path) -> Path:
 
 
 def _write_trace(checkpoint: Path, corpus: Path, out: Path, seq_len: int, batch_size: int, all_experts: bool,
-                 tokens: int, capacity: str, device: str = "cpu") -> None:
+                 tokens: int, capacity: str, device: str = "cpu", balanced: bool = True) -> None:
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.trace.build import trace_batches, trace_meta
@@ -270,6 +271,8 @@ def _write_trace(checkpoint: Path, corpus: Path, out: Path, seq_len: int, batch_
     meta = trace_meta(model, cf, checkpoint_step(checkpoint), str(corpus / "tokenizer.json"), "moelab",
                       c.domains, c.langs)
     meta.extra["batch_seqs"] = batch_size  # the capacity batch, for the queue-only drop baseline
-    batches = iter_sequential(c, seq_len=seq_len, batch_size=batch_size, split="heldout")
+    # a budget short of the split takes each domain's share (a prefix in corpus order may hold one domain)
+    batches = iter_sequential(c, seq_len=seq_len, batch_size=batch_size, split="heldout",
+                              balanced_tokens=(tokens or None) if balanced else None)
     trace_batches(model, batches, out, meta, max_tokens=tokens or c.info["splits"]["heldout"]["tokens"],
                   capacity_factor=cf, all_experts=all_experts)

@@ -70,24 +70,47 @@ class CorpusSampler:
 
 
 def iter_sequential(corpus: Corpus, *, seq_len: int, batch_size: int, split: str | None = "heldout",
-                    domain: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    domain: str | None = None, balanced_tokens: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Every token of the split (None: of the whole corpus), or of its documents of one domain,
     exactly once, in document order.
 
     The selected documents (each with its EOS) are concatenated and cut into rows of seq_len; the last
-    row is padded and the last batch may have fewer rows.
+    row is padded and the last batch may have fewer rows. With `balanced_tokens` smaller than the
+    selection, only that many tokens, shared among the domains (`balanced_spans`): a prefix of a split in
+    corpus order can hold one domain alone (one long module of the standard library).
     """
     check_shape(seq_len, batch_size)
     docs = corpus.doc_ids(split, domain)
     if not len(docs):
         what = f"split {split!r}" + (f", domain {domain!r}" if domain else "")
         raise MoelabError(f"corpus {corpus.path} has no documents in {what}")
-    return _sequential_batches(corpus, docs, seq_len, batch_size)  # checked now, produced lazily
-
-
-def _sequential_batches(corpus: Corpus, docs: np.ndarray, seq_len: int, batch_size: int):
-    starts = corpus.doc_start[docs]
     spans = corpus.doc_length[docs] + 1
+    if balanced_tokens is not None and balanced_tokens < int(spans.sum()):
+        spans = balanced_spans(corpus.doc_domain[docs], spans, balanced_tokens)
+        docs, spans = docs[spans > 0], spans[spans > 0]
+    return _sequential_batches(corpus, docs, spans, seq_len, batch_size)  # checked now, produced lazily
+
+
+def balanced_spans(domain_D: np.ndarray, spans_D: np.ndarray, tokens: int) -> np.ndarray:
+    """How many leading tokens of each document (in order) a budget of `tokens` takes, shared among the
+    domains: each domain's quota is an equal share of what is left, capped at what it has (the smallest
+    domains first, so what they cannot use goes to the others); within a domain its documents in order,
+    the last one cut where the quota ends. The quotas sum to min(tokens, total)."""
+    take_D = np.zeros_like(spans_D)
+    names = np.unique(domain_D)
+    totals = np.array([int(spans_D[domain_D == d].sum()) for d in names], np.int64)
+    left = min(int(tokens), int(totals.sum()))
+    for i, d in enumerate(np.argsort(totals, kind="stable")):
+        quota = min(int(totals[d]), left // (len(names) - i))
+        left -= quota
+        idx = np.flatnonzero(domain_D == names[d])
+        before = np.cumsum(spans_D[idx]) - spans_D[idx]  # tokens of the domain ahead of each document
+        take_D[idx] = np.clip(quota - before, 0, spans_D[idx])
+    return take_D
+
+
+def _sequential_batches(corpus: Corpus, docs: np.ndarray, spans: np.ndarray, seq_len: int, batch_size: int):
+    starts = corpus.doc_start[docs]
     offsets = np.cumsum(spans) - spans  # where each document begins in the concatenation
     total = int(spans.sum())
     per_batch = seq_len * batch_size

@@ -205,10 +205,13 @@ def routing_meta(rec: HFRoutingRecorder, widths: list[int], top_k: int, sums_to_
 def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Path, *, tokens: int,
              split: str = "heldout", seq_len: int = 256, batch_size: int = 8, full_probs: bool = True,
              device: str | torch.device | None = None, dtype: str = "auto", device_map: str | None = None,
-             progress: bool = True, revision: str | None = None, probs: str | None = None) -> dict[str, int]:
+             progress: bool = True, revision: str | None = None, probs: str | None = None,
+             balanced: bool = False) -> dict[str, int]:
     """Stream a transformers MoE model's routing of `tokens` corpus tokens into a trace (docs/TRACE.md).
 
-    `probs`: "full", "top:N" or "none" (`full_probs` is the older switch between full and none)."""
+    `probs`: "full", "top:N" or "none" (`full_probs` is the older switch between full and none).
+    `balanced`: `tokens` shared among the split's domains (`iter_sequential`'s balanced_tokens), not its
+    first tokens in corpus order."""
     from moelab.data.objectives import iter_sequential
     from moelab.data.shards import load_corpus
     from moelab.train.log import Progress
@@ -225,7 +228,8 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
         widths, top_k, sums_to_one = probe(model, rec)
         check_probs(mode, widths, top_k)  # N against the model's E and k, before a row is written
         meta = routing_meta(rec, widths, top_k, sums_to_one, raw, f"hf:{name_or_path}", tokenizer, corpus)
-        batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split)
+        batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split,
+                                  balanced_tokens=tokens if balanced else None)
         bar = Progress(tokens, "trace") if progress else None
         where = input_device(model)
 
