@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from moelab.analysis.pca import pca_explained_variance
 from moelab.analysis.reorder import joint_reordering, layer_neurons
+import moelab.analysis.weights as weights
 from moelab.analysis.weights import averaged_neurons, gram_mean, matrix_similarity, weight_analysis
 
 E, F, D = 6, 32, 16
@@ -93,3 +98,17 @@ def test_a_layer_is_analysed_one_part_at_a_time_in_float64(monkeypatch):
     want = joint_reordering(layer_neurons(layer), 2, 4)
     assert np.array_equal(got.joint_reorder["2-4"].perm, want.perm)
     assert got.joint_reorder["2-4"].mean_neuron_cos_after == pytest.approx(want.mean_neuron_cos_after, abs=1e-12)
+
+
+def test_a_part_no_layer_can_regress_averages_to_nan_without_a_warning(monkeypatch):
+    nan = float("nan")
+    layers = [SimpleNamespace(router_r2={p: (nan if i < 2 else 0.5) for p in weights.PARTS}, null_r2=nan,
+                              rmoe_similarity=0.25 * i, rmoe_null=nan) for i in range(3)]
+    monkeypatch.setattr(weights, "_analyse", lambda layer, pairs, seed: layers[layer["i"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's nanmean warned "Mean of empty slice" on all-nan parts
+        two = weights.weight_analysis([{"i": 0}, {"i": 1}])
+        three = weights.weight_analysis([{"i": 0}, {"i": 1}, {"i": 2}])
+    assert all(math.isnan(v) for v in two.router_r2_mean.values()) and math.isnan(two.null_r2)
+    assert all(v == 0.5 for v in three.router_r2_mean.values())  # the nan layers left out, not counted as 0
+    assert two.rmoe_similarity_mean == 0.125 and three.rmoe_similarity_mean == 0.25

@@ -254,13 +254,13 @@ def weight_analysis(layers: Sequence[Mapping[str, Any]], *, reorder_pairs: Seque
     out = []
     for i in range(len(layers)):  # by index: a lazily read layer (trace.weights.WeightLayers) dies after its turn
         out.append(_analyse(layers[i], reorder_pairs, null_seed))
-    r2_mean = {p: float(np.nanmean([lay.router_r2[p] for lay in out])) for p in PARTS
-               if out and all(p in lay.router_r2 for lay in out)}
 
-    def mean(values: list[float]) -> float:
+    def mean(values: list[float]) -> float:  # over the finite values; nan, without a warning, when none is
         finite = [v for v in values if np.isfinite(v)]
         return float(np.mean(finite)) if finite else float("nan")
 
+    r2_mean = {p: mean([lay.router_r2[p] for lay in out]) for p in PARTS
+               if out and all(p in lay.router_r2 for lay in out)}
     return WeightAnalysis(layers=out, router_r2_mean=r2_mean, null_r2=mean([lay.null_r2 for lay in out]),
                           null_cosine=0.0, rmoe_similarity_mean=mean([lay.rmoe_similarity for lay in out]),
                           rmoe_null_mean=mean([lay.rmoe_null for lay in out]))
