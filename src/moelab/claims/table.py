@@ -41,8 +41,9 @@ olmoe-domain-specialisation, closer-norm-preference; given several checkpoints o
 order, also olmoe-saturation and openmoe-early-routing) on a transformers MoE model or a moelab
 checkpoint, with these rows' statistics, nulls and margins, on the claims corpus tokenized by the model's
 own tokenizer (`--tokens N`: N held-out tokens shared among its domains, not the split's first N). Results
-go to claims-scratch/hf/<model>/ (never docs/), naming each model by a hash of its files. One model is one seed: its verdict is **too few seeds**, because its interval covers held-out text,
-not training runs. A separate column, "this model", reads the same rule on that interval (beyond the null
+go to claims-scratch/hf/<model>/ (never docs/), naming each model by a hash of its files. One model is one
+seed: its verdict is **too few seeds**, because its interval covers held-out text, not training runs.
+A separate column, "this model", reads the same rule on that interval (beyond the null
 by the margin, short of the margin, undecided): a property of that model on this text, which is what the
 papers' own one-model figures show, not evidence about a way of training. With `--seeds` the PATHs are
 independently trained runs of one recipe and each row takes this table's rule over them (3 or more sign a

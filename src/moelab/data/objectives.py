@@ -97,13 +97,13 @@ def balanced_spans(domain_D: np.ndarray, spans_D: np.ndarray, tokens: int) -> np
     domains first, so what they cannot use goes to the others); within a domain its documents in order,
     the last one cut where the quota ends. The quotas sum to min(tokens, total)."""
     take_D = np.zeros_like(spans_D)
-    names = np.unique(domain_D)
-    totals = np.array([int(spans_D[domain_D == d].sum()) for d in names], np.int64)
+    _, group_D = np.unique(domain_D, return_inverse=True)
+    totals = np.bincount(group_D, weights=spans_D).astype(np.int64)
     left = min(int(tokens), int(totals.sum()))
     for i, d in enumerate(np.argsort(totals, kind="stable")):
-        quota = min(int(totals[d]), left // (len(names) - i))
+        quota = min(int(totals[d]), left // (len(totals) - i))
         left -= quota
-        idx = np.flatnonzero(domain_D == names[d])
+        idx = np.flatnonzero(group_D == d)
         before = np.cumsum(spans_D[idx]) - spans_D[idx]  # tokens of the domain ahead of each document
         take_D[idx] = np.clip(quota - before, 0, spans_D[idx])
     return take_D
