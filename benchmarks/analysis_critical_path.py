@@ -16,8 +16,8 @@ parent reads the results back one by one).
 
 It leaves out what only a machine with N cores shows: memory bandwidth shared by N workers, the file
 read by N readers at once, a busy core's turbo, the parent merging beside N workers still streaming. So
-it is a lower bound in spirit, and a measurement (`device_session.sh workers`) replaces it. Check it where it can be checked: `--check 2` runs the real
-2-worker analysis beside the 2-worker estimate.
+it is a lower bound in spirit, and a measurement (`device_session.sh workers`) replaces it. Check it where
+it can be checked: `--check 2` runs the real 2-worker analysis beside the 2-worker estimate.
 
     python benchmarks/analysis_critical_path.py TRACE --workers 16 [--check 2] [--batch-seqs 4]
 """
