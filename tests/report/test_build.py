@@ -91,6 +91,24 @@ def test_early_series_for_a_named_model_ends_at_its_own_trace(tmp_path):
     assert model["early"]["result"]["steps"] == [100, 200]
 
 
+def test_early_series_without_steps_ends_at_the_analysed_trace(tmp_path):
+    """Traces of a hub model's revisions record no step: `analyze FINAL --early A B` is A, B, then FINAL in that
+    order. It used to leave FINAL out and measure A against B."""
+    final = write_planted(tmp_path / "final.parquet", all_experts=False)
+    series = [write_planted(tmp_path / f"r{i}.parquet", shift=f, all_experts=False) for i, f in ((1, 0.6), (2, 0.3))]
+    for i, given in enumerate((series, series + [final])):  # naming the final trace again changes nothing
+        metrics = build_report([final], tmp_path / f"out{i}", early={"m": given}, options={"analyses": ("load",)},
+                               dpi=60)
+        early = metrics["models"]["m"]["early"]
+        assert early["traces"] == [str(p) for p in series + [final]]
+        ref = early_routing([open_trace(p) for p in early["traces"]])
+        assert early["result"] == {**ref.to_dict(), "steps": ["checkpoint 1", "checkpoint 2"]}
+        assert np.all(np.diff(np.asarray(ref.topk_overlap), axis=0) > 0)  # closer to the final one in order
+    with pytest.raises(MoelabError, match="r1.parquet records no checkpoint_step, so their order is unknown"):
+        stepped = write_planted(tmp_path / "stepped.parquet", step=300, all_experts=False)
+        build_report([stepped], tmp_path / "out2", early={"m": series[:1]}, options={"analyses": ("load",)})
+
+
 def test_different_models_are_compared_side_by_side(tmp_path):
     a = write_planted(tmp_path / "a.parquet", "token", all_experts=False)
     b = write_planted(tmp_path / "b.parquet", "position", all_experts=False,

@@ -89,14 +89,23 @@ def test_local_revisions_are_subfolders_and_early_routing_runs_over_them(tmp_pat
     assert traces["step900"].column("expert").equals(traces["final"].column("expert"))
     assert not traces["step100"].column("expert").equals(traces["final"].column("expert"))
 
-    out = tmp_path / "report"
-    assert main(["analyze", str(tmp_path / "final.parquet"), "--early", *[str(tmp_path / f"{r}.parquet") for r in ("step100", "step900", "final")],
-                 "--out", str(out), "--permutations", "2", "--workers", "1"]) == 0
-    early = next(iter(json.loads((out / "metrics.json").read_text())["models"].values()))["early"]
-    top1 = np.asarray(early["result"]["top1_agreement"], float)  # [checkpoint, layer] against the final revision
-    assert top1.shape == (2, 2)
-    assert np.all(top1[1] == 1.0)  # same weights as the final revision: every token agrees
-    assert np.all(top1[0] < 1.0)  # other random weights: agreement near chance (1/6), not 1
+    for rev in traces:  # the sidecar says which checkpoint of the repo was traced
+        assert json.loads((tmp_path / f"{rev}.parquet.json").read_text())["revision"] == rev
+    assert "revision" not in json.loads((tmp_path / "direct.parquet.json").read_text())
+
+    # The final revision named again at the end of --early, or left to close the series: the same analysis.
+    for i, given in enumerate((("step100", "step900", "final"), ("step100", "step900"))):
+        out = tmp_path / f"report{i}"
+        assert main(["analyze", str(tmp_path / "final.parquet"), "--early", *[str(tmp_path / f"{r}.parquet") for r in given],
+                     "--out", str(out), "--permutations", "2", "--workers", "1"]) == 0
+        early = next(iter(json.loads((out / "metrics.json").read_text())["models"].values()))["early"]
+        assert early["traces"] == [str(tmp_path / f"{r}.parquet") for r in ("step100", "step900", "final")]
+        assert early["result"]["steps"] == ["revision step100", "revision step900"]
+        top1 = np.asarray(early["result"]["top1_agreement"], float)  # [checkpoint, layer] against the final revision
+        assert top1.shape == (2, 2)
+        assert np.all(top1[1] == 1.0)  # same weights as the final revision: every token agrees
+        assert np.all(top1[0] < 1.0)  # other random weights: agreement near chance (1/6), not 1
+        assert "revision step100" in (out / "report.html").read_text()
 
 
 def test_revision_on_a_local_folder_without_it_is_one_line(tmp_path, corpus_dir, capsys):

@@ -154,7 +154,9 @@ def plan_models(paths: Sequence[str], names: Sequence[str] | None, weights: Sequ
 
 def _final_if_later(m: ModelInput, series: Sequence[tuple[str, Trace]]) -> list[tuple[str, Trace]]:
     """The model's own trace closes its early series when it is a later checkpoint of the same model
-    over the same tokens: "every checkpoint against the final one" then means the model analysed."""
+    over the same tokens: "every checkpoint against the final one" then means the model analysed. Traces that
+    record no step (a hub model's revisions, `trace --hf --revision`) are in the order given, the model's own
+    trace last."""
     return [(m.path, m.trace)] if all(_unpaired(m, p, t) is None for p, t in series) else []
 
 
@@ -176,6 +178,8 @@ def _unpaired(m: ModelInput, path: str, t: Trace) -> str | None:
         return (f"{path} holds {t.num_rows:,} rows and the final trace {final} {m.trace.num_rows:,}: checkpoint "
                 f"traces must cover the same tokens (trace each with the same --data, --split and --tokens)")
     step, final_step = t.meta.checkpoint_step, fm.checkpoint_step
+    if step is None and final_step is None:
+        return None  # neither records a step (a hub model's revisions): the order given, the analysed trace last
     if step is None or final_step is None:
         return f"{path if step is None else final} records no checkpoint_step, so their order is unknown"
     if step >= final_step:
@@ -218,9 +222,13 @@ def token_decoder(meta: Any) -> Callable[[int], str] | None:
 
 
 def step_label(trace: Trace, index: int) -> Any:
-    """The checkpoint's step, or its place in the given order when the sidecar records no step."""
+    """The checkpoint's step; else the hub revision it was traced at (`trace --hf --revision`); else its place
+    in the given order."""
     step = trace.meta.checkpoint_step
-    return step if step is not None else f"checkpoint {index + 1}"
+    if step is not None:
+        return step
+    revision = (trace.meta.extra or {}).get("revision")
+    return f"revision {revision}" if isinstance(revision, str) and revision else f"checkpoint {index + 1}"
 
 
 def queue_setting(meta: Any, simulate: dict[str, Any] | None) -> dict[str, Any] | None:

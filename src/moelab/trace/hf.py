@@ -228,6 +228,8 @@ def trace_hf(name_or_path: str | Path, data_dir: str | Path, out_path: str | Pat
         widths, top_k, sums_to_one = probe(model, rec)
         check_probs(mode, widths, top_k)  # N against the model's E and k, before a row is written
         meta = routing_meta(rec, widths, top_k, sums_to_one, raw, f"hf:{name_or_path}", tokenizer, corpus)
+        if revision is not None:  # which checkpoint of the repo: the early-routing report labels it so
+            meta.extra["revision"] = revision
         batches = iter_sequential(corpus, seq_len=seq_len, batch_size=batch_size, split=split,
                                   balanced_tokens=tokens if balanced else None)
         bar = Progress(tokens, "trace") if progress else None
