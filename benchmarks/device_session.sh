@@ -5,6 +5,7 @@
 #   bash benchmarks/device_session.sh gpu       # gpu_check.py: every CUDA row (budget 6 min, then the JSON)
 #   bash benchmarks/device_session.sh workers   # the analysis at 1 and at every core on a real-shape trace
 #
+# Ask the device tool for kind nvidia-h200 (the issues' targets are an H200's; its default is now an H100).
 # Results go under $OUT (the device tool's folder), else ./device-out. --tiny after the part runs the same
 # part at toy sizes on the CPU (the test suite's smoke); further arguments go to gpu_check.py.
 #
