@@ -105,7 +105,9 @@ def test_local_revisions_are_subfolders_and_early_routing_runs_over_them(tmp_pat
         assert top1.shape == (2, 2)
         assert np.all(top1[1] == 1.0)  # same weights as the final revision: every token agrees
         assert np.all(top1[0] < 1.0)  # other random weights: agreement near chance (1/6), not 1
-        assert "revision step100" in (out / "report.html").read_text()
+        page = (out / "report.html").read_text()
+        assert "overlap with the final checkpoint already" in page and "at revision step100 (null" in page
+        assert "step revision" not in page
 
 
 def test_revision_on_a_local_folder_without_it_is_one_line(tmp_path, corpus_dir, capsys):

@@ -214,18 +214,23 @@ def _dynamic_headlines(dyn: Any) -> list[Headline]:
     return out
 
 
+def checkpoint_name(step: Any) -> str:
+    """"step 100"; a checkpoint that records no step is named by its label ("revision main", "checkpoint 1")."""
+    return step if isinstance(step, str) else f"step {step}"
+
+
 def early_headlines(early: Any, top_k: int) -> list[Headline]:
     """How close the earliest checkpoint's routing already is to the final one's."""
     e, j = early.first["overlap"], early.first["jsd"]
-    step = early.steps[0]
-    return [Headline("early_topk_overlap", f"top-{top_k} overlap, step {step} vs final", _value(e),
+    step = checkpoint_name(early.steps[0])
+    return [Headline("early_topk_overlap", f"top-{top_k} overlap, {step} vs final", _value(e),
                      _finite(e.null_mean),
-                     f"top-{top_k} overlap with the final checkpoint already {fmt_estimate(e, '.2f')} at step "
+                     f"top-{top_k} overlap with the final checkpoint already {fmt_estimate(e, '.2f')} at "
                      f"{step} (null: token identity shuffled between the checkpoints; independent uniform routing "
                      f"{fmt(layer_mean(early.uniform_overlap), '.2f')})", e),
-            Headline("early_top1", f"top-1 agreement, step {step} vs final", _value(early.first["top1"]),
+            Headline("early_top1", f"top-1 agreement, {step} vs final", _value(early.first["top1"]),
                      _finite(early.first["top1"].null_mean), "", early.first["top1"]),
-            Headline("early_jsd", f"JSD of E_i(token), step {step} vs final", _value(j), _finite(j.null_mean), "", j)]
+            Headline("early_jsd", f"JSD of E_i(token), {step} vs final", _value(j), _finite(j.null_mean), "", j)]
 
 
 def weight_headlines(weights: Any, note: str = "") -> list[Headline]:
