@@ -36,7 +36,9 @@ def test_bf16_params_track_the_autocast_step(corpus_dir, tmp_path):
     assert len(got.losses) == len(ref.losses) == 20
     assert got.losses[-1] < got.losses[0] - 0.5  # it learns
     for a, b in zip(ref.losses, got.losses):
-        assert abs(a - b) <= 5e-3 * abs(a), (ref.losses, got.losses)  # measured: 6.5e-4 at most
+        # measured at most: 5.6e-4 (torch 2.13, Python 3.11), 2.6e-3 (torch 2.11, Python 3.12; 7.3e-3 while the
+        # router weights were bf16, test_bf16_params_keep_the_routing_of_the_fp32_masters)
+        assert abs(a - b) <= 5e-3 * abs(a), (ref.losses, got.losses)
     wa, wb = load_file(str(ref.final_checkpoint / "model.safetensors")), load_file(
         str(got.final_checkpoint / "model.safetensors"))
     assert wa.keys() == wb.keys()
@@ -50,13 +52,18 @@ def test_master_weights_update_and_save_fp32():
     ref = copy.deepcopy(model)
     opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
     mw = MasterWeights(model)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert opt.param_groups[0]["params"][0].dtype == torch.float32  # the optimizer holds the masters
+    routing = {n for n, _ in model.named_parameters() if ".router." in n or n.startswith("router_core.")}
+    assert routing and all(p.dtype == (torch.float32 if n in routing else torch.bfloat16)
+                           for n, p in model.named_parameters())
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])  # the optimizer holds the masters
+    assert all(id(p) in held for n, p in model.named_parameters() if n in routing)  # the kept ones are their own
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids, labels=ids, return_logits=False).loss.backward()
     mw.grads_to_master()
-    assert all(p.grad is None for p in model.parameters())
+    for n, p in model.named_parameters():  # the bf16 grads moved to the masters; the kept ones are in place
+        assert (p.grad is not None and p.grad.dtype == torch.float32) if n in routing else p.grad is None, n
     opt.step()
     mw.master_to_model()
     with mw.fp32_in_model():
@@ -67,6 +74,28 @@ def test_master_weights_update_and_save_fp32():
     for k, v in model.state_dict().items():  # ... and the bf16 params are their rounding
         if v.is_floating_point() and v.dtype == torch.bfloat16:
             assert torch.equal(v, sd[k].to(torch.bfloat16)), k
+
+
+@pytest.mark.parametrize("router", [dict(kind="linear"), dict(kind="mlp"), dict(kind="cosine"),
+                                    dict(kind="rmoe"), dict(kind="rmoe", cell="lstm", head="cosine"),
+                                    dict(kind="linear", score="sigmoid", n_group=2, topk_group=1, bias_balance=True)])
+def test_bf16_params_keep_the_routing_of_the_fp32_masters(router):
+    """Every router (and RMoE's shared core) keeps fp32 parameters under train.param_dtype=bf16: given the same
+    input, a layer routes as the fp32 model does, bit for bit. With bf16-rounded router weights the logits
+    moved by bf16 rounding and flipped near ties; over 20 steps of tiny-moe that moved one step's loss by
+    0.7% (torch 2.11, Python 3.12)."""
+    ref = build_model(tiny_model(**router), seed=0)
+    model = copy.deepcopy(ref)
+    MasterWeights(model)
+    x, ids = torch.randn(48, 32, generator=torch.Generator().manual_seed(2)), torch.randint(0, 512, (48,))
+    state_ref = state = None
+    for a, b in zip(ref.moe_layers(), model.moe_layers()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = a.router(x, state_ref, ids), b.router(x, state, ids)
+        assert torch.equal(got.logits_TE, want.logits_TE) and torch.equal(got.expert_ids_TK, want.expert_ids_TK)
+        assert torch.equal(got.weights_TK, want.weights_TK)
+        state_ref, state = want.state, got.state  # RMoE: the next layer's router reads this one's state
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())  # the rest of the model is bf16
 
 
 def test_activation_checkpointing_same_loss_and_grads():

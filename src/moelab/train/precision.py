@@ -5,6 +5,11 @@ H200 the `aten::copy_` of those casts was 24% of the step's CUDA time, issue 20)
 copies, so autocast finds them already in bf16; the optimizer keeps updating the original fp32 Parameter
 objects (the masters), which is why an optimizer built or resumed before the switch needs no change.
 Checkpoints are written with the masters swapped back in, so they stay fp32.
+
+The routing's parameters (every router, and RMoE's shared recurrent core) stay fp32 and are their own
+masters: routers score in fp32 (model/routers.py), and bf16-rounded router weights would flip choices on
+near ties, as bf16 scores did (issue 20, item 4). They are a few E x D matrices a layer, so keeping them
+costs nothing, and the routing is the fp32 masters' routing of the same input.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ class MasterWeights:
     """Swaps each floating parameter of `model` for a `dtype` copy and keeps the original as its master."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        from moelab.model.routers import RecurrentCore, Router
+
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # (low-precision param, fp32 master)
         self.slots: list[tuple[nn.Module, str, int]] = []  # every place a parameter sits (ties too)
+        kept = {id(p): p for m in model.modules() if isinstance(m, (Router, RecurrentCore))
+                for p in m.parameters() if p.is_floating_point()}
+        self.kept: list[nn.Parameter] = list(kept.values())  # the routing's: fp32 in the model, no copy
         index: dict[int, int] = {}
         for module in model.modules():
             for name, p in list(module._parameters.items()):
-                if p is None or not p.is_floating_point():
+                if p is None or not p.is_floating_point() or id(p) in kept:
                     continue
                 if id(p) not in index:
                     index[id(p)] = len(self.pairs)
@@ -40,8 +50,9 @@ class MasterWeights:
             master.requires_grad_(low.requires_grad)
 
     def clip(self, max_norm: float) -> float:
-        """Clip the masters' fp32 grads; the global norm before clipping, as `clip_grad_norm_` returns."""
-        grads = [m for _, m in self.pairs if m.grad is not None]
+        """Clip the masters' fp32 grads (the kept routing parameters' too); the global norm before clipping, as
+        `clip_grad_norm_` returns."""
+        grads = [m for _, m in self.pairs if m.grad is not None] + [p for p in self.kept if p.grad is not None]
         if not grads:
             return 0.0
         return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
