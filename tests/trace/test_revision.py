@@ -96,7 +96,8 @@ def test_local_revisions_are_subfolders_and_early_routing_runs_over_them(tmp_pat
     # The final revision named again at the end of --early, or left to close the series: the same analysis.
     for i, given in enumerate((("step100", "step900", "final"), ("step100", "step900"))):
         out = tmp_path / f"report{i}"
-        assert main(["analyze", str(tmp_path / "final.parquet"), "--early", *[str(tmp_path / f"{r}.parquet") for r in given],
+        early_args = [str(tmp_path / f"{r}.parquet") for r in given]
+        assert main(["analyze", str(tmp_path / "final.parquet"), "--early", *early_args,
                      "--out", str(out), "--permutations", "2", "--workers", "1"]) == 0
         early = next(iter(json.loads((out / "metrics.json").read_text())["models"].values()))["early"]
         assert early["traces"] == [str(tmp_path / f"{r}.parquet") for r in ("step100", "step900", "final")]

@@ -56,7 +56,7 @@ def test_master_weights_update_and_save_fp32():
     assert routing and all(p.dtype == (torch.float32 if n in routing else torch.bfloat16)
                            for n, p in model.named_parameters())
     held = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])  # the optimizer holds the masters
+    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])  # it holds the masters
     assert all(id(p) in held for n, p in model.named_parameters() if n in routing)  # the kept ones are their own
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
