@@ -24,10 +24,10 @@ ALL_EXPERT_TOKENS = 16384
 
 def _all_expert_trace(ws: Workspace, seed: int, columns: tuple[str, ...]):
     tokens = min(ws.scale.trace_tokens or ALL_EXPERT_TOKENS, ALL_EXPERT_TOKENS)
-    # The first held-out tokens, as the table's published rows were traced (balancing them among the domains
-    # would change those numbers: it waits for a rerun of the rmoe8 group).
+    # Shared among the held-out split's domains: its first 16,384 tokens are mostly code (published until
+    # 2026-12-07 that way, with the same models).
     path = ws.trace(final(rmoe8_run(ws, "linear", seed)), f"rmoe8-linear-s{seed}-all", all_experts=True,
-                    tokens=tokens, balanced=False)
+                    tokens=tokens)
     seq_T, cols = trace_arrays(path, columns)
     seqs_S = np.unique(seq_T)
     counts_S = np.bincount(np.searchsorted(seqs_S, seq_T), minlength=len(seqs_S)).astype(float)
@@ -35,7 +35,8 @@ def _all_expert_trace(ws: Workspace, seed: int, columns: tuple[str, ...]):
 
 
 def _setup(ws: Workspace, n: int, tokens: float | None = None) -> str:
-    traced = f" All-experts traces of {int(tokens):,} held-out tokens per seed." if tokens else ""
+    traced = (f" All-experts traces of {int(tokens):,} held-out tokens per seed, shared among the split's domains."
+              if tokens else "")
     return (f"Linear-router (SMoE) models of the RMoE rows, seeds 0-{n - 1}: {describe(rmoe8_run(ws, 'linear', 0))}. "
             f"{ws.scale.describe()}.{traced}")
 
