@@ -428,7 +428,8 @@ def support_table() -> str:
             "gate or a routed scaling factor makes them not; gate entropy and balance then describe scores, "
             "not a distribution); a trace records what it measured on its first forward.", "",
             "A trace's sidecar (`extra`) records `family`, `routing_rule`, `scoring_function` (what its `probs` "
-            "column holds), `weights_sum_to_one` (measured) and `moe_blocks`. Flags of `moelab trace --hf`: "
+            "column holds), `weights_sum_to_one` (measured), `moe_blocks` and, when one was named, `revision`. "
+            "Flags of `moelab trace --hf`: `--revision` (a hub branch, tag or commit; a local folder's subfolder), "
             "`--device`, `--dtype` (auto, float32, bfloat16, float16) and `--device-map auto` (needs accelerate; "
             "without it the command says so in one line and exits 2). A refused family, a model without MoE "
             "layers or a router that cannot be found is reported in one line before any weight is loaded.", "",
