@@ -21,30 +21,72 @@ from moelab.train.precision import MasterWeights
 from .conftest import tiny_model
 
 
-def tiny_moe_run(corpus_dir, **train_kw):
+def tiny_moe_run(corpus_dir, capacity_factor_train="preset", **train_kw):
     model = dataclasses.replace(load_preset("tiny-moe"), vocab_size=512)  # the test corpus's vocabulary
+    if capacity_factor_train != "preset":
+        model = dataclasses.replace(model, moe=dataclasses.replace(model.moe,
+                                                                   capacity_factor_train=capacity_factor_train))
     return RunConfig(model=model, data=DataConfig(path=str(corpus_dir), seq_len=32, batch_size=4),
                      train=TrainConfig(steps=20, lr=3e-3, warmup_steps=2, log_every=5, eval_tokens=256,
                                        tensorboard=False, dtype="bf16", **train_kw))
 
 
 def test_bf16_params_track_the_autocast_step(corpus_dir, tmp_path):
-    """20 steps of tiny-moe: bf16 parameters + fp32 masters against fp32 parameters under bf16 autocast.
-    Both run their matmuls in bf16, so they differ by bf16 rounding of the weights only."""
-    ref = train(tiny_moe_run(corpus_dir), tmp_path / "autocast", show_progress=False)
-    got = train(tiny_moe_run(corpus_dir, param_dtype="bf16"), tmp_path / "bf16", show_progress=False)
+    """20 steps of tiny-moe (dropless): bf16 parameters + fp32 masters against fp32 parameters under bf16
+    autocast. Training is chaotic, so this is a coarse track (a lost update or gradient moves it by several
+    %); the gradients' own closeness is test_bf16_params_give_the_autocast_gradients.
+
+    Dropless, because with capacity drops one routing change near a full expert moved one step's loss by
+    4% (Python 3.13, whose standard library makes another corpus), then the next step was back within 0.2%."""
+    ref = train(tiny_moe_run(corpus_dir, None), tmp_path / "autocast", show_progress=False)
+    got = train(tiny_moe_run(corpus_dir, None, param_dtype="bf16"), tmp_path / "bf16", show_progress=False)
     assert len(got.losses) == len(ref.losses) == 20
     assert got.losses[-1] < got.losses[0] - 0.5  # it learns
-    for a, b in zip(ref.losses, got.losses):
-        # measured at most: 5.6e-4 (torch 2.13, Python 3.11), 2.6e-3 (torch 2.11, Python 3.12; 7.3e-3 while the
-        # router weights were bf16, test_bf16_params_keep_the_routing_of_the_fp32_masters)
-        assert abs(a - b) <= 5e-3 * abs(a), (ref.losses, got.losses)
+    rel = [abs(a - b) / abs(a) for a, b in zip(ref.losses, got.losses)]
+    # measured, largest step / mean: 7.6e-4 / 2.6e-4 (Python 3.11, torch 2.13), 3.8e-4 / 1.6e-4 (3.12, torch
+    # 2.11 and 2.15), 4.8e-3 / 1.7e-3 (3.13, torch 2.15)
+    assert max(rel) <= 2e-2 and sum(rel) / len(rel) <= 5e-3, (ref.losses, got.losses)
     wa, wb = load_file(str(ref.final_checkpoint / "model.safetensors")), load_file(
         str(got.final_checkpoint / "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(wb[k].dtype == torch.float32 for k in wb if wa[k].is_floating_point())  # the fp32 masters
     # (Weights are not compared: Adam's normalised steps turn bf16-sized gradient differences into
     # O(lr) weight differences within a few steps, so the losses are the meaningful track.)
+
+
+@pytest.mark.parametrize("capacity", ["preset", None])
+def test_bf16_params_give_the_autocast_gradients(capacity):
+    """One batch from the same weights: the fp32 masters' gradients under bf16 parameters against fp32
+    parameters under bf16 autocast, each parameter within 3% (relative L2; measured 1.4% at most, the
+    attention's query and key projections). The null: autocast itself against plain fp32 moves them up to
+    8% (measured); bf16 parameters must add less than that. A gradient lost, doubled or left on the bf16
+    copy reads 100%."""
+    cfg = dataclasses.replace(load_preset("tiny-moe"), vocab_size=512)
+    if capacity is None:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor_train=None))
+    ref, plain = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    model = copy.deepcopy(ref)
+    mw = MasterWeights(model)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    for m, amp in ((ref, True), (model, True), (plain, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(ids, labels=ids, return_logits=False, return_routing=True)
+            (out.loss + out.aux_loss).backward()
+    mw.grads_to_master()
+    masters = {id(low): master for low, master in mw.pairs}
+
+    def rel(g, want):
+        return float((g - want).norm() / want.norm())
+
+    got, null = {}, {}
+    for (name, p), (_, r), (_, q) in zip(model.named_parameters(), ref.named_parameters(), plain.named_parameters()):
+        g = masters[id(p)].grad if id(p) in masters else p.grad  # the kept routing parameters hold their own
+        assert g is not None and g.dtype == torch.float32, name
+        got[name], null[name] = rel(g, r.grad), rel(r.grad, q.grad)
+    worst = max(got, key=got.get)
+    assert got[worst] <= 3e-2, (worst, got[worst])
+    assert max(got.values()) < max(null.values()), (got, null)
+    assert 0 < sum(got.values())  # the two paths do differ: the check is not comparing one path with itself
 
 
 def test_master_weights_update_and_save_fp32():
