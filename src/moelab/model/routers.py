@@ -261,6 +261,12 @@ class RecurrentRouter(Router):
         return head(h_TP.float()), new_state
 
 
+def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that decide routing: every router's and RMoE's shared recurrent core's, each once."""
+    found = {id(p): p for m in model.modules() if isinstance(m, (Router, RecurrentCore)) for p in m.parameters()}
+    return list(found.values())
+
+
 def build_router(cfg: ModelConfig, num_experts: int, core: RecurrentCore | None = None) -> Router:
     r, k, D, std = cfg.moe.router, cfg.moe.top_k, cfg.d_model, cfg.init_std
     if r.kind == "linear":

@@ -82,7 +82,8 @@ def early_table(early: Any) -> Table:
             for name, e in (("top-1 agreement", early.first["top1"]), ("top-k overlap", early.first["overlap"]),
                             ("JSD of E_i(token)", early.first["jsd"]))]
     return Table([f"{checkpoint_name(early.steps[0])} vs final, mean over layers",
-                  "value [95% interval] (null mean ± sd)", "p", "z"], rows, "Agreement and overlap nulls are closed-form (normal p); the JSD null is "
+                  "value [95% interval] (null mean ± sd)", "p", "z"], rows,
+                 "Agreement and overlap nulls are closed-form (normal p); the JSD null is "
                  "a permutation (one-sided: a smaller divergence than unrelated checkpoints).")
 
 

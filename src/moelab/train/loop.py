@@ -24,6 +24,7 @@ from moelab.data.tokenizer import check_vocab_fits
 from moelab.device import resolve_device
 from moelab.distributed.mesh import rank_device
 from moelab.distributed.trainer import ParallelRun
+from moelab.model.routers import routing_parameters
 from moelab.model.transformer import MoETransformer, build_model
 from moelab.model.upcycle import expert_cosine
 from moelab.train.checkpoint import (
@@ -128,14 +129,9 @@ def evaluate(model: MoETransformer, data_path: str, seq_len: int, batch_size: in
 
 
 def _freeze_routers(model: MoETransformer) -> None:
-    for layer in model.moe_layers():
-        for p in layer.router.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-    if model.router_core is not None:
-        for p in model.router_core.parameters():
-            p.requires_grad_(False)
-            p.grad = None
+    for p in routing_parameters(model):
+        p.requires_grad_(False)
+        p.grad = None
 
 
 def _step_metrics(out, loss_sum, grad_norm, lr, tokens, seconds) -> dict:

@@ -24,13 +24,12 @@ class MasterWeights:
     """Swaps each floating parameter of `model` for a `dtype` copy and keeps the original as its master."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
-        from moelab.model.routers import RecurrentCore, Router
+        from moelab.model.routers import routing_parameters
 
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # (low-precision param, fp32 master)
         self.slots: list[tuple[nn.Module, str, int]] = []  # every place a parameter sits (ties too)
-        kept = {id(p): p for m in model.modules() if isinstance(m, (Router, RecurrentCore))
-                for p in m.parameters() if p.is_floating_point()}
-        self.kept: list[nn.Parameter] = list(kept.values())  # the routing's: fp32 in the model, no copy
+        self.kept = [p for p in routing_parameters(model) if p.is_floating_point()]  # fp32 in the model, no copy
+        kept = {id(p) for p in self.kept}
         index: dict[int, int] = {}
         for module in model.modules():
             for name, p in list(module._parameters.items()):
